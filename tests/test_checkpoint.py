@@ -1,0 +1,183 @@
+"""Checkpoint reading, adaptation and writing (spec §1.3, §2 resolution change, Q9, Q11)."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import vlmo_fast as vf
+from vlmo_fast.checkpoint import CheckpointError, adapt_state_dict, load_checkpoint, read_state_dict, save_checkpoint
+from vlmo_fast.config import loss_names
+from vlmo_fast.model import relpos
+
+
+def tiny(**kw):
+    m = vf.VLMo(vf.preset("vlmo_tiny_patch16", **kw))
+    with torch.no_grad():
+        if m.relative_position_bias_table is not None:
+            m.relative_position_bias_table.normal_()
+    return m
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(
+    "wrap,ext",
+    [(w, e) for w in ("raw", "state_dict", "module", "model") for e in (".pt", ".ckpt")] + [("raw", ".safetensors")],
+)
+def test_round_trips(tmp_path, wrap, ext):
+    src = tiny()
+    sd = src.state_dict()
+    path = str(tmp_path / f"m{ext}")
+    if ext == ".safetensors":
+        save_checkpoint(src, path)
+    else:
+        payload = {
+            "raw": sd,
+            "state_dict": {"state_dict": sd, "epoch": 3, "global_step": 10},
+            "module": {"module": {f"module.{k}": v for k, v in sd.items()}},
+            "model": {"model": sd, "args": {"lr": 1e-4}},
+        }[wrap]
+        torch.save(payload, path)
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    report = load_checkpoint(dst, path)
+    assert not report.missing_keys and not report.unexpected_keys
+    assert_same_weights(src, dst)
+
+
+def test_save_writes_official_layout_atomically(tmp_path):
+    m = tiny()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(m, path)
+    raw = torch.load(path, weights_only=True)
+    assert list(raw) == list(m.state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    # a failing write leaves the previous file intact and no temporary file
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint({"x": object()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    st = tmp_path / "ckpt.safetensors"
+    save_checkpoint(m, st)
+    assert vf.checkpoint.read_metadata(st)["vlmo_fast_config"]["model_arch"] == "vlmo_tiny_patch16"
+
+
+def test_legacy_index_tensors_are_ignored(tmp_path):
+    src = tiny()
+    sd = dict(src.state_dict())
+    sd["relative_position_index"] = src.relative_position_index.clone()
+    sd["text_relative_position_index"] = src.text_relative_position_index.clone()
+    sd["text_imag_relative_position_index"] = src.text_imag_relative_position_index.clone()
+    torch.save(sd, tmp_path / "legacy.pt")
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    report = load_checkpoint(dst, tmp_path / "legacy.pt")  # strict
+    assert sorted(report.ignored_keys) == sorted(
+        ["relative_position_index", "text_relative_position_index", "text_imag_relative_position_index"]
+    )
+    assert_same_weights(src, dst)
+
+
+def test_never_unpickles_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": Evil()}}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_state_dict(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_unexpected_and_mismatched_keys_are_reported():
+    src = tiny()
+    sd = dict(src.state_dict())
+    sd.pop("pooler.dense.bias")
+    sd["some.extra.weight"] = torch.zeros(3)
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(dst, sd)
+    msg = str(info.value)
+    assert "missing" in msg and "pooler.dense.bias" in msg and "unexpected" in msg and "some.extra.weight" in msg
+    report = load_checkpoint(dst, sd, strict=False)
+    assert report.missing_keys == ["pooler.dense.bias"] and report.unexpected_keys == ["some.extra.weight"]
+    assert torch.equal(dst.pooler.dense.weight, src.pooler.dense.weight)
+    bad = dict(src.state_dict())
+    bad["pooler.dense.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError, match="pooler.dense.weight: checkpoint \\(5, 5\\) vs model \\(64, 64\\)"):
+        load_checkpoint(dst, bad)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(dst, "/nonexistent/ckpt.pt")
+
+
+def test_resize_224_to_384_to_480_on_load():
+    kw = dict(loss_names=loss_names(irtr=1))
+    m224 = tiny(image_size=224, **kw)
+    m384 = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=384, **kw))
+    report = load_checkpoint(m384, m224.state_dict())
+    assert any("relative_position_bias_table" in a for a in report.adapted)
+    t224, t384 = m224.relative_position_bias_table, m384.relative_position_bias_table
+    assert t384.shape == (relpos.num_table_rows(24), 16)
+    expected = relpos.resize_table(t224.detach(), relpos.num_table_rows(24), 24)
+    assert torch.equal(t384.detach(), expected)
+    assert torch.equal(t384[-397:], t224[-397:])  # the non-patch rows are kept
+    # the centre of the grid (offset 0) keeps its value: the geometric grid maps 0 -> 0
+    centre_src, centre_dst = (27 * 27) // 2, (47 * 47) // 2
+    assert torch.allclose(t384[centre_dst], t224[centre_src], atol=1e-5)
+    m480 = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=480, **kw))
+    load_checkpoint(m480, m384.state_dict())
+    assert m480.relative_position_bias_table.shape == (relpos.num_table_rows(30), 16)
+    batch = {"image": [torch.randn(1, 3, 480, 480)]}
+    with torch.no_grad():
+        assert torch.isfinite(m480.eval().infer_image_ft(batch)["cls_feats"]).all()
+
+
+def test_text_positions_truncated_and_extended():
+    m196 = tiny(max_text_len=196, loss_names=loss_names(textmlm=1))
+    m40 = vf.VLMo(vf.preset("vlmo_tiny_patch16", max_text_len=40))
+    report = load_checkpoint(m40, m196.state_dict(), strict=False)
+    w = m40.text_embeddings.position_embeddings.weight
+    assert torch.equal(w, m196.text_embeddings.position_embeddings.weight[:40])
+    assert torch.equal(m40.text_embeddings.position_ids, torch.arange(40)[None])
+    assert all("mlp_vl" in k or "norm2_vl" in k or k.startswith(("itm_score", "itc_", "logit_")) for k in report.missing_keys)
+    m60 = vf.VLMo(vf.preset("vlmo_tiny_patch16", max_text_len=60))
+    init_tail = m60.text_embeddings.position_embeddings.weight[40:].clone()
+    load_checkpoint(m60, m40.state_dict())
+    assert torch.equal(m60.text_embeddings.position_embeddings.weight[:40], w)
+    assert torch.equal(m60.text_embeddings.position_embeddings.weight[40:], init_tail)
+
+
+def test_nlvr2_token_types_from_a_two_row_checkpoint():
+    src = tiny()
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(nlvr2=1)))
+    load_checkpoint(dst, src.state_dict(), strict=False)
+    w, s = dst.token_type_embeddings.weight, src.token_type_embeddings.weight
+    assert torch.equal(w[:2], s) and torch.equal(w[2], s[1])
+
+
+def test_base_plus_pos_embed_resized_bicubically():
+    cfg = dict(depth=2, vlffn_start_layer_index=1, embed_dim=32, num_heads=2, max_text_len=12)
+    src = vf.VLMo(vf.preset("vlmo_base_plus_patch16", image_size=64, **cfg))
+    dst = vf.VLMo(vf.preset("vlmo_base_plus_patch16", image_size=96, **cfg))
+    sd, report = adapt_state_dict(src.state_dict(), dst)
+    pos = sd["transformer.pos_embed"]
+    assert pos.shape == (1, 37, 32)
+    assert torch.equal(pos[:, 0], src.transformer.pos_embed[:, 0])
+    grid = src.transformer.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    assert torch.allclose(pos[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 36, 32))
+
+
+def test_different_architecture_is_rejected():
+    src = tiny()
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", depth=3, vlffn_start_layer_index=2))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(dst, src.state_dict())

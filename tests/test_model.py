@@ -1,0 +1,226 @@
+"""The model against the eager official math (vlmo_fast.reference) on every forward path, and its input checks."""
+
+import pytest
+import torch
+
+import vlmo_fast as vf
+from vlmo_fast.config import loss_names
+from vlmo_fast.reference import ReferenceVLMo
+
+PATHS = ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft", "infer_text_mlm")
+ALL_TASKS = loss_names(itm=1, itc=1, mlm=1)
+
+
+def make_pair(**kw):
+    cfg = vf.preset("vlmo_tiny_patch16", **kw)
+    fast = vf.VLMo(cfg)
+    with torch.no_grad():
+        for p in fast.parameters():  # move everything off its init so no term is trivially 0 or 1
+            p.add_(torch.randn_like(p) * 0.05)
+        if fast.relative_position_bias_table is not None:
+            fast.relative_position_bias_table.normal_(std=0.5)
+    ref = ReferenceVLMo(cfg)
+    ref.load_state_dict(fast.state_dict())
+    return cfg, fast, ref
+
+
+def make_batch(cfg, b=3, pad=True):
+    lt, s = cfg.max_text_len, cfg.image_size
+    ids = torch.randint(1000, 30000, (b, lt))
+    ids[:, 0] = 101
+    masks = torch.ones(b, lt, dtype=torch.long)
+    if pad:
+        for row, n in enumerate([lt, 5, 1][:b]):
+            masks[row, n:] = 0
+            ids[row, n:] = 0
+    mlm = ids.clone()
+    mlm[:, 2] = 103
+    return {
+        "text_ids": ids, "text_masks": masks, "text_ids_mlm": mlm,
+        "text_labels": torch.full_like(ids, -100), "text_labels_mlm": torch.full_like(ids, -100),
+        "image": [torch.randn(b, 3, s, s)],
+    }
+
+
+def assert_outputs_close(a, b, rtol=1e-5):
+    assert set(a) == set(b)
+    for key, va in a.items():
+        vb = b[key]
+        if isinstance(va, torch.Tensor) and va.is_floating_point():
+            scale = vb.abs().max().clamp_min(1e-6)
+            err = (va - vb).abs().max() / scale
+            assert err <= rtol, f"{key}: relative error {err:.2e}"
+            assert torch.isfinite(va).all(), key
+        else:
+            assert (va is None) == (vb is None), key
+
+
+@pytest.mark.parametrize("image_size,max_text_len", [(224, 40), (384, 40), (64, 12)])
+def test_every_path_matches_reference_eval(image_size, max_text_len):
+    cfg, fast, ref = make_pair(image_size=image_size, max_text_len=max_text_len, drop_path_rate=0.1)
+    fast.eval(), ref.eval()
+    batch = make_batch(cfg, b=2 if image_size == 384 else 3)
+    with torch.no_grad():
+        for name in PATHS:
+            assert_outputs_close(getattr(fast, name)(batch), getattr(ref, name)(batch))
+        assert_outputs_close(fast.infer(batch, mask_text=True), ref.infer(batch, mask_text=True))
+        # the plain-tensor API gives the same features
+        out = fast.infer_text_ft(batch)
+        assert torch.allclose(fast.text_embedding(batch["text_ids"], batch["text_masks"]), out["cls_feats"])
+        assert torch.allclose(fast.image_embedding(batch["image"][0]), fast.infer_image_ft(batch)["cls_feats"])
+        x = fast.fusion(batch["text_ids"], batch["text_masks"], batch["image"][0])
+        assert torch.allclose(x[:, : cfg.max_text_len], fast.infer(batch)["text_feats"])
+
+
+def test_output_keys_and_shapes():
+    cfg, fast, _ = make_pair()
+    batch = make_batch(cfg)
+    lt, n_img = cfg.max_text_len, cfg.num_image_tokens
+    out = fast.infer(batch)
+    assert set(out) == {"text_feats", "image_feats", "cls_feats", "raw_cls_feats", "image", "text_labels",
+                        "text_ids", "text_masks"}
+    assert out["text_feats"].shape == (3, lt, 64) and out["image_feats"].shape == (3, n_img, 64)
+    assert out["cls_feats"].shape == (3, 64) and torch.equal(out["raw_cls_feats"], out["text_feats"][:, 0])
+    t = fast.infer_text(batch)
+    assert set(t) == {"text_feats", "image_feats", "cls_feats", "cls_vlffn_feats", "raw_cls_feats", "image_masks",
+                      "text_labels", "text_ids", "text_masks"}
+    assert torch.allclose(t["cls_feats"].norm(dim=-1), torch.ones(3))
+    assert torch.allclose(t["cls_vlffn_feats"].norm(dim=-1), torch.ones(3))
+    i = fast.infer_image(batch)
+    assert i["image_masks"].shape == (3, n_img) and i["text_ids"] is None
+    assert fast.infer_image_ft(batch)["cls_vlffn_feats"] is None
+    assert fast(batch).keys() == out.keys()
+
+
+def test_training_mode_same_random_stream_and_gradients():
+    """DropPath (per-sample, separate text/image draws) and BERT dropout consume the RNG exactly as the official
+    model, so with the same seed the fast model and the reference give the same outputs and gradients."""
+    cfg, fast, ref = make_pair(drop_path_rate=0.5)
+    fast.train(), ref.train()
+    batch = make_batch(cfg, b=4)
+    results = []
+    for model in (fast, ref):
+        torch.manual_seed(1234)
+        out = model.infer(batch)
+        t = model.infer_text(batch)
+        i = model.infer_image(batch)
+        loss = out["cls_feats"].sum() + out["image_feats"].pow(2).mean() + t["cls_vlffn_feats"].sum() + i["cls_feats"].sum()
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-6)
+    assert set(g1) == set(g2)
+    for name in g1:
+        scale = g2[name].abs().max().clamp_min(1e-8)
+        assert ((g1[name] - g2[name]).abs().max() / scale) < 1e-4, name
+    assert g1["relative_position_bias_table"].abs().sum() > 0
+    # drop path really dropped something: a different seed changes the output
+    torch.manual_seed(99)
+    assert not torch.allclose(fast.infer(batch)["cls_feats"], fast.infer(batch)["cls_feats"])
+
+
+def test_eval_is_deterministic():
+    cfg, fast, _ = make_pair(drop_path_rate=0.5)
+    fast.eval()
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        assert torch.equal(fast.infer(batch)["cls_feats"], fast.infer(batch)["cls_feats"])
+
+
+def test_base_plus_structure_matches_reference():
+    cfg = vf.preset("vlmo_base_plus_patch16", depth=3, vlffn_start_layer_index=2, embed_dim=64, num_heads=4,
+                    image_size=64, max_text_len=12)
+    fast = vf.VLMo(cfg).eval()
+    ref = ReferenceVLMo(cfg).eval()
+    ref.load_state_dict(fast.state_dict())
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        for name in PATHS:
+            assert_outputs_close(getattr(fast, name)(batch), getattr(ref, name)(batch))
+        # absolute text positions allow shorter text outside fusion
+        short = {"text_ids": batch["text_ids"][:, :7], "text_masks": batch["text_masks"][:, :7]}
+        assert_outputs_close(fast.infer_text_ft(short), ref.infer_text_ft(short))
+
+
+def test_nlvr2_second_image_uses_type_2():
+    cfg, fast, ref = make_pair(loss_names=loss_names(nlvr2=1))
+    with torch.no_grad():
+        fast.token_type_embeddings.weight[2].normal_()
+    ref.load_state_dict(fast.state_dict())
+    fast.eval(), ref.eval()
+    batch = make_batch(cfg)
+    batch["image_0"] = [torch.randn_like(batch["image"][0])]
+    batch["image_1"] = [torch.randn_like(batch["image"][0])]
+    with torch.no_grad():
+        a1, a2 = fast.infer(batch, image_token_type_idx=1), fast.infer(batch, image_token_type_idx=2)
+        assert torch.equal(a1["image"], batch["image_0"][0]) and torch.equal(a2["image"], batch["image_1"][0])
+        assert_outputs_close(a2, ref.infer(batch, image_token_type_idx=2))
+        logits = fast.nlvr2_classifier(torch.cat([a1["cls_feats"], a2["cls_feats"]], dim=-1))
+        assert logits.shape == (3, 2)
+
+
+def test_padded_rows_are_finite_and_padding_is_ignored():
+    cfg, fast, _ = make_pair()
+    fast.eval()
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        out = fast.infer(batch)
+        assert torch.isfinite(out["text_feats"]).all() and torch.isfinite(out["cls_feats"]).all()
+        # changing ids under the mask does not change any unpadded output
+        other = dict(batch, text_ids=batch["text_ids"].clone())
+        other["text_ids"][1, 5:] = 2000
+        out2 = fast.infer(other)
+        assert torch.allclose(out["cls_feats"], out2["cls_feats"], atol=1e-6)
+        # a text with every token masked (text-only path) gives zeros from attention, never NaN
+        empty = dict(batch, text_masks=torch.zeros_like(batch["text_masks"]))
+        assert torch.isfinite(fast.infer_text(empty)["cls_feats"]).all()
+
+
+@pytest.mark.parametrize(
+    "mutate,err,match",
+    [
+        (lambda b, c: b.update(image=[torch.randn(3, 3, 32, 32)]), ValueError, r"image\'\]\[0\] must have shape"),
+        (lambda b, c: b.update(image=[torch.randn(3, 64, 64)]), ValueError, "must have shape"),
+        (lambda b, c: b.update(image=[torch.randint(0, 255, (3, 3, 64, 64))]), TypeError, "floating-point"),
+        (lambda b, c: b.update(image=torch.randn(3, 3, 64, 64)), TypeError, "list holding the image"),
+        (lambda b, c: b.update(text_ids=b["text_ids"][:, :-1], text_masks=b["text_masks"][:, :-1]), ValueError,
+         "exactly max_text_len"),
+        (lambda b, c: b.update(text_ids=torch.cat([b["text_ids"], b["text_ids"][:, :1]], 1),
+                               text_masks=torch.cat([b["text_masks"], b["text_masks"][:, :1]], 1)), ValueError,
+         "exactly max_text_len"),
+        (lambda b, c: b.update(image=[torch.randn(2, 3, 64, 64)]), ValueError, "image batch"),
+        (lambda b, c: b.update(text_masks=b["text_masks"][:2]), ValueError, "text_masks must have the shape"),
+        (lambda b, c: b.update(text_ids=b["text_ids"].float()), TypeError, "text_ids must be an integer"),
+        (lambda b, c: b.update(text_masks=b["text_masks"].float()), TypeError, "text_masks must be"),
+        (lambda b, c: b.update(text_ids=b["text_ids"] + 40000), ValueError, r"text_ids must lie in \[0, 30522\)"),
+        (lambda b, c: b.pop("text_ids"), ValueError, "missing the key 'text_ids'"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, err, match):
+    cfg, fast, _ = make_pair()
+    batch = make_batch(cfg)
+    mutate(batch, cfg)
+    with pytest.raises(err, match=match):
+        fast.infer(batch)
+
+
+def test_bad_token_type_and_backend():
+    cfg, fast, _ = make_pair()
+    batch = make_batch(cfg)
+    with pytest.raises(ValueError, match="image_token_type_idx"):
+        fast.infer(batch, image_token_type_idx=2)
+    with pytest.raises(ValueError, match="backend"):
+        fast.set_backend("fastest")
+    with pytest.raises(ValueError, match="exactly max_text_len"):
+        fast.infer_text({"text_ids": batch["text_ids"][:, :5], "text_masks": batch["text_masks"][:, :5]})
+
+
+def test_backend_torch_and_auto_agree():
+    cfg, fast, _ = make_pair()
+    fast.eval()
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        a = fast.set_backend("auto").infer(batch)["cls_feats"]
+        b = fast.set_backend("torch").infer(batch)["cls_feats"]
+    assert torch.allclose(a, b, atol=1e-6)

@@ -1,0 +1,198 @@
+"""The PyTorch paths of the ops seam against float64 references, and their argument checks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmo_fast import ops
+from vlmo_fast.model import relpos
+
+
+def reference_attention(q, k, v, bias=None, keep=None, scale=None):
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q * scale) @ k.transpose(-1, -2)
+    if bias is not None:
+        s = s + bias.double()
+    if keep is not None:
+        s = s.masked_fill(~keep.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows -> 0
+    return p @ v
+
+
+def padding(b, n):
+    keep = torch.ones(b, n, dtype=torch.bool)
+    if b > 1:
+        keep[1, n // 2 :] = False
+    if b > 2:
+        keep[2] = False  # a fully padded batch row
+    return keep
+
+
+@pytest.mark.parametrize("n", [1, 40, 237, 257])
+@pytest.mark.parametrize("form", ["table", "dense", "none"])
+def test_attention_matches_float64(n, form):
+    b, h, d = 3, 2, 16
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    full_table = torch.randn(50, h * 3, dtype=torch.float64)
+    table = full_table[:, h : 2 * h].clone().requires_grad_()  # a contiguous copy for a leaf with a grad
+    index = torch.randint(0, 50, (n, n))
+    dense = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
+    keep = padding(b, n)
+    kw = {"table": dict(bias_table=table, bias_index=index), "dense": dict(bias=dense), "none": {}}[form]
+    bias = {"table": table.t()[:, index] if form == "table" else None, "dense": dense, "none": None}[form]
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, **kw)
+    ref = reference_attention(q, k, v, bias, keep)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.all(out[2] == 0) if b > 2 else True
+    g = torch.randn_like(out)
+    leaves = [q, k, v] + ([table] if form == "table" else [dense] if form == "dense" else [])
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g)
+    for a, e in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, e, atol=1e-10)
+
+
+def test_attention_strided_table_slice_gets_gradient():
+    h, n = 4, 29
+    table = torch.randn(60, h * 3, requires_grad=True)
+    index = torch.randint(0, 60, (n, n))
+    q, k, v = (torch.randn(2, h, n, 8) for _ in range(3))
+    out = ops.rel_pos_attention(q, k, v, bias_table=table[:, h : 2 * h], bias_index=index)
+    ref = reference_attention(q, k, v, table[:, h : 2 * h].t()[:, index])
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    out.sum().backward()
+    assert table.grad[:, :h].abs().sum() == 0 and table.grad[:, 2 * h :].abs().sum() == 0
+    assert table.grad[:, h : 2 * h].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_low_precision_within_twice_eager_error(dtype):
+    b, h, n, d = 2, 3, 237, 32
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    table = torch.randn(1126, h)
+    index = relpos.fusion_relative_position_index(40, 14)
+    keep = padding(b, n)
+    ref = reference_attention(q, k, v, table.t()[:, index], keep)
+    out = ops.rel_pos_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias_table=table, bias_index=index,
+                                key_padding_mask=keep)
+    assert out.dtype == dtype
+    # eager official math in the same precision: low-precision QK^T, fp32 bias + softmax, low-precision PV
+    s = (q.to(dtype) * d**-0.5) @ k.to(dtype).transpose(-1, -2)
+    s = (s + table.t()[:, index]).masked_fill(~keep[:, None, None, :], float("-inf"))
+    eager = torch.softmax(s, -1).to(dtype) @ v.to(dtype)
+    assert (out.double() - ref).abs().max() <= 2 * (eager.double() - ref).abs().max() + 1e-6
+
+
+def test_masked_softmax_matches_float64():
+    b, h, n = 3, 2, 237
+    scores = torch.randn(b, h, n, n, requires_grad=True)
+    bias = torch.randn(h, n, n)
+    keep = padding(b, n)
+    p = ops.masked_softmax(scores, scale=0.3, bias=bias, key_padding_mask=keep)
+    s = (scores.double() * 0.3 + bias.double()).masked_fill(~keep[:, None, None, :], float("-inf"))
+    ref = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+    assert torch.allclose(p.double(), ref, atol=1e-6)
+    assert torch.all(p[2] == 0)
+    p.backward(torch.randn_like(p))
+    assert torch.isfinite(scores.grad).all()
+    assert ops.masked_softmax(scores.half(), out_dtype=torch.float32).dtype == torch.float32
+
+
+def test_multiway_layernorm_matches_torch():
+    x = torch.randn(2, 237, 48, dtype=torch.float64)
+    w = [torch.randn(48, dtype=torch.float64) for _ in range(2)]
+    bb = [torch.randn(48, dtype=torch.float64) for _ in range(2)]
+    out = ops.multiway_layernorm(x, w, bb, split=40, eps=1e-6)
+    ref = torch.cat([F.layer_norm(x[:, :40], (48,), w[0], bb[0], 1e-6), F.layer_norm(x[:, 40:], (48,), w[1], bb[1], 1e-6)], 1)
+    assert torch.allclose(out, ref)
+    assert torch.allclose(ops.multiway_layernorm(x, w[:1], bb[:1]), F.layer_norm(x, (48,), w[0], bb[0], 1e-6))
+
+
+def test_multiway_ffn_routes_rows():
+    d, hidden = 16, 64
+    x = torch.randn(2, 30, d, dtype=torch.float64)
+    experts = [ops.FFNExpert(*(torch.randn(*s, dtype=torch.float64) for s in [(d,), (d,), (hidden, d), (hidden,), (d, hidden), (d,)]))
+               for _ in range(2)]
+    gamma = torch.randn(d, dtype=torch.float64)
+
+    def one(xs, e):
+        hh = F.layer_norm(xs, (d,), e.norm_weight, e.norm_bias, 1e-6)
+        return xs + gamma * F.linear(F.gelu(F.linear(hh, e.fc1_weight, e.fc1_bias)), e.fc2_weight, e.fc2_bias)
+
+    out = ops.multiway_ffn(x, experts, split=10, gamma=gamma)
+    assert torch.allclose(out, torch.cat([one(x[:, :10], experts[0]), one(x[:, 10:], experts[1])], 1))
+    assert torch.allclose(ops.multiway_ffn(x, experts[1:], gamma=gamma), one(x, experts[1]))
+
+
+def test_rel_pos_bias_gather():
+    table = torch.randn(1126, 24, requires_grad=True)
+    index = relpos.fusion_relative_position_index(40, 14)
+    bias = ops.rel_pos_bias_gather(table[:, 12:], index)
+    assert bias.shape == (12, 237, 237) and bias.is_contiguous()
+    assert bias[3, 1, 50] == table[index[1, 50], 15]
+    bias.sum().backward()
+    counts = torch.bincount(index.flatten(), minlength=1126).float()
+    assert torch.allclose(table.grad[:, 12:], counts[:, None].expand(-1, 12))
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(q=torch.randn(2, 3, 5)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(2, 3, 6, 8)), ValueError, "same shape"),
+        (dict(v=torch.randn(2, 3, 5, 8, dtype=torch.float64)), TypeError, "same dtype"),
+        (dict(q=torch.randint(0, 3, (2, 3, 5, 8))), TypeError, "q must have dtype"),
+        (dict(bias_table=torch.randn(10, 3)), ValueError, "together"),
+        (dict(bias_table=torch.randn(10, 4), bias_index=torch.zeros(5, 5, dtype=torch.long)), ValueError, "H=3"),
+        (dict(bias_table=torch.randn(10, 3), bias_index=torch.full((5, 5), 10)), ValueError, r"\[0, 10\)"),
+        (dict(bias_table=torch.randn(10, 3), bias_index=torch.full((5, 5), -1)), ValueError, r"\[0, 10\)"),
+        (dict(bias_table=torch.randn(10, 3), bias_index=torch.zeros(4, 4, dtype=torch.long)), ValueError, "bias_index must have shape"),
+        (dict(bias_table=torch.randn(10, 3), bias_index=torch.zeros(5, 5)), TypeError, "bias_index must have dtype"),
+        (dict(bias=torch.randn(3, 5, 4)), ValueError, "bias must have shape"),
+        (dict(bias=torch.randn(3, 5, 5), bias_table=torch.randn(10, 3), bias_index=torch.zeros(5, 5, dtype=torch.long)), ValueError, "not both"),
+        (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
+        (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be bool or integer"),
+        (dict(backend="cudnn"), ValueError, "backend must be one of"),
+    ],
+)
+def test_attention_bad_inputs(kwargs, err, match):
+    args = dict(q=torch.randn(2, 3, 5, 8), k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8))
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    if q.shape != (2, 3, 5, 8) and "k" not in kwargs:
+        k = v = q
+    with pytest.raises(err, match=match):
+        ops.rel_pos_attention(q, k, v, **args)
+
+
+def test_index_is_rechecked_after_in_place_change():
+    q = k = v = torch.randn(1, 2, 4, 8)
+    table = torch.randn(6, 2)
+    index = torch.zeros(4, 4, dtype=torch.long)
+    ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index)
+    index[0, 0] = 6  # out of range now: the cached check must not let it through
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index)
+
+
+def test_layernorm_and_ffn_bad_inputs():
+    x = torch.randn(2, 10, 8)
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="split is required"):
+        ops.multiway_layernorm(x, [w, w], [w, w])
+    with pytest.raises(ValueError, match="split must be an int"):
+        ops.multiway_layernorm(x, [w, w], [w, w], split=11)
+    with pytest.raises(ValueError, match=r"weight\[1\] must have shape"):
+        ops.multiway_layernorm(x, [w, torch.ones(7)], [w, w], split=3)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        ops.multiway_layernorm(x[0], [w], [w])
+    e = ops.FFNExpert(w, w, torch.randn(32, 8), torch.randn(32), torch.randn(8, 32), torch.randn(8))
+    with pytest.raises(TypeError, match="FFNExpert"):
+        ops.multiway_ffn(x, [tuple(e)])
+    with pytest.raises(ValueError, match="fc2_weight"):
+        ops.multiway_ffn(x, [e._replace(fc2_weight=torch.randn(8, 31))])
+    with pytest.raises(ValueError, match="drop_path"):
+        ops.multiway_ffn(x, [e], drop_path=1.0)

@@ -1,0 +1,219 @@
+"""Reading and writing VLMo checkpoints in the official layout (spec §1.3, §2 "Resolution change", Q9, Q11).
+
+- Files: ``.safetensors``, or ``.pt``/``.pth``/``.ckpt`` read with ``torch.load(weights_only=True)``: no arbitrary
+  object is ever unpickled.
+- Nesting: the state dict may sit under ``state_dict`` (Lightning), ``module`` (DeepSpeed, ``module.`` prefix
+  stripped) or ``model``, tried in that order, else the file is the state dict.
+- Adaptation to the target model: the three legacy index tensors some released checkpoints carry are dropped; the
+  relative-position table is resampled to a new image size (BEiT geometric grid + bicubic spline, without SciPy);
+  base_plus absolute ``pos_embed`` is resized bicubically; text position embeddings are truncated or extended; a
+  2-row ``token_type_embeddings`` is extended to NLVR2's 3 rows (row 2 = row 1).
+- Writes are atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import relpos
+
+LEGACY_INDEX_KEYS = ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index")
+StateDict = Dict[str, torch.Tensor]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path: PathLike) -> StateDict:
+    """The tensors of a checkpoint file, unwrapped from ``state_dict``/``module``/``model`` nesting."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
+        raise CheckpointError(
+            f"cannot read {path} with torch.load(weights_only=True): {exc}. vlmo_fast never unpickles arbitrary "
+            f"objects; re-save the file as a plain state dict or as safetensors."
+        ) from exc
+    return unwrap_state_dict(obj, source=path)
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    for key in ("state_dict", "module", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            sd = dict(obj[key])
+            if key == "module":
+                sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+            break
+    else:
+        sd = dict(obj)
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: these entries are not tensors: {bad[:10]}")
+    return sd
+
+
+@dataclass
+class LoadReport:
+    missing_keys: List[str] = field(default_factory=list)
+    unexpected_keys: List[str] = field(default_factory=list)
+    ignored_keys: List[str] = field(default_factory=list)
+    adapted: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = []
+        for title, keys in (
+            ("missing (kept at their initial values)", self.missing_keys),
+            ("unexpected (not loaded)", self.unexpected_keys),
+            ("ignored (legacy index tensors)", self.ignored_keys),
+            ("adapted", self.adapted),
+        ):
+            if keys:
+                lines.append(f"{title}: {len(keys)}\n  " + "\n  ".join(keys))
+        return "\n".join(lines) if lines else "all keys matched"
+
+
+def _resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Bicubic resize of the patch part of an absolute (1, 1+P, D) position embedding; the CLS entry is kept."""
+    src = int(round((pos.shape[1] - 1) ** 0.5))
+    dst = int(round((num_tokens - 1) ** 0.5))
+    if src * src != pos.shape[1] - 1 or dst * dst != num_tokens - 1:
+        raise CheckpointError(f"transformer.pos_embed: cannot map {pos.shape[1]} positions to {num_tokens}")
+    grid = pos[:, 1:].reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)
+    return torch.cat([pos[:, :1], grid], dim=1)
+
+
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple:
+    """Make an official state dict fit ``model`` (image size, text length, task heads). Returns (dict, report)."""
+    sd = dict(state_dict)
+    target = model.state_dict()
+    report = LoadReport()
+    for key in LEGACY_INDEX_KEYS:
+        if key in sd and key not in target:
+            sd.pop(key)
+            report.ignored_keys.append(key)
+
+    key = "text_embeddings.position_embeddings.weight"
+    if key in sd and key in target and sd[key].shape[0] != target[key].shape[0]:
+        want = target[key].shape[0]
+        src = sd[key]
+        sd[key] = src[:want] if src.shape[0] >= want else torch.cat([src, target[key][src.shape[0] :].to(src)], 0)
+        sd["text_embeddings.position_ids"] = torch.arange(want).unsqueeze(0)
+        report.adapted.append(f"{key}: {src.shape[0]} -> {want} rows")
+
+    key = "transformer.pos_embed"
+    if key in sd and key in target and sd[key].shape != target[key].shape:
+        old = sd[key].shape
+        sd[key] = _resize_pos_embed(sd[key], target[key].shape[1])
+        report.adapted.append(f"{key}: {tuple(old)} -> {tuple(sd[key].shape)} (bicubic)")
+
+    key = "relative_position_bias_table"
+    if key in sd and key in target and sd[key].shape != target[key].shape:
+        src, want = sd[key], target[key]
+        if src.shape[1] != want.shape[1]:
+            raise CheckpointError(
+                f"{key}: the checkpoint has {src.shape[1]} columns (heads x layers), the model {want.shape[1]}: "
+                f"a different architecture"
+            )
+        window = model.config.window_size
+        try:
+            sd[key] = relpos.resize_table(src, want.shape[0], window)
+        except ValueError as exc:
+            raise CheckpointError(f"{key}: {exc}") from exc
+        report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid)")
+
+    key = "token_type_embeddings.weight"
+    if key in sd and key in target and sd[key].shape[0] == 2 and target[key].shape[0] == 3:
+        sd[key] = torch.cat([sd[key], sd[key][1:2]], dim=0)
+        report.adapted.append(f"{key}: 2 -> 3 rows (NLVR2: row 2 starts as row 1)")
+    return sd, report
+
+
+def load_checkpoint(
+    model: nn.Module, checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True
+) -> LoadReport:
+    """Load an official (or vlmo_fast) checkpoint into ``model``, adapting it as the official loader does.
+
+    With ``strict`` every model key must be present and every checkpoint key used (legacy index tensors aside);
+    otherwise missing and unexpected keys are reported in the returned ``LoadReport``. Shape mismatches that cannot
+    be adapted always raise a ``CheckpointError`` listing them.
+    """
+    sd = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
+    sd, report = adapt_state_dict(sd, model)
+    target = model.state_dict()
+    report.missing_keys = [k for k in target if k not in sd]
+    report.unexpected_keys = [k for k in sd if k not in target]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in sd
+        if k in target and sd[k].shape != target[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError("checkpoint does not fit the model; shape mismatches:\n  " + "\n  ".join(mismatched))
+    if strict and (report.missing_keys or report.unexpected_keys):
+        raise CheckpointError(f"checkpoint does not match the model (strict=True):\n{report}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    return report
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]],
+    path: PathLike,
+    metadata: Optional[Mapping[str, object]] = None,
+) -> None:
+    """Write the official state-dict layout atomically: safetensors for ``*.safetensors``, else a plain
+    ``torch.save`` dict of tensors that ``torch.load(weights_only=True)`` (and the official loader) reads."""
+    path = os.fspath(path)
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    if metadata is None and isinstance(model_or_state, nn.Module) and hasattr(model_or_state, "config"):
+        metadata = {"vlmo_fast_config": model_or_state.config.to_dict()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        tensors = {k: v.detach().cpu() for k, v in sd.items()}
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def read_metadata(path: PathLike) -> Dict[str, object]:
+    """Metadata stored by ``save_checkpoint`` in a safetensors file (e.g. the model config)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}

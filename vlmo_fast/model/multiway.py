@@ -1,0 +1,163 @@
+"""The Multiway Transformer backbone (spec §1.2, §3.2, §4): shared attention, per-modality FFN experts.
+
+Parameter names and shapes are the official ones. The math goes through ``vlmo_fast.ops`` so the same module runs on
+the PyTorch path or the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import VLMoConfig
+from .embeddings import PatchEmbed
+
+# (table column slice (R, H), index (N, N)) for one layer, or None when the model has no relative position bias
+RelPos = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+MODALITIES = ("text", "image", "vl")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a q and v bias but no k bias."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)  # rows ordered [q; k; v]
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], rel_pos: RelPos, backend: str) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        table, index = rel_pos if rel_pos is not None else (None, None)
+        out = ops.rel_pos_attention(
+            q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, scale=self.scale, backend=backend
+        )
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x += DropPath(γ1·Attn(LN1(x)))``, then the Multiway FFN of ``modality``."""
+
+    def __init__(self, config: VLMoConfig, drop_path: float, with_vlffn: bool):
+        super().__init__()
+        dim, eps = config.embed_dim, config.norm_eps
+        hidden = config.mlp_hidden_dim
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, config.num_heads)
+        self.norm2_text = nn.LayerNorm(dim, eps=eps)
+        self.norm2_imag = nn.LayerNorm(dim, eps=eps)
+        self.mlp_text = Mlp(dim, hidden)
+        self.mlp_imag = Mlp(dim, hidden)
+        self.mlp_vl = Mlp(dim, hidden) if with_vlffn else None
+        self.norm2_vl = nn.LayerNorm(dim, eps=eps) if with_vlffn else None
+        init = config.layer_scale_init_values
+        self.gamma_1 = nn.Parameter(init * torch.ones(dim)) if init is not None else None
+        self.gamma_2 = nn.Parameter(init * torch.ones(dim)) if init is not None else None
+        self.drop_path = drop_path
+        self.max_text_len = config.max_text_len
+        self.eps = eps
+        self.backend = "auto"
+
+    def expert(self, name: str) -> ops.FFNExpert:
+        norm, mlp = getattr(self, f"norm2_{name}"), getattr(self, f"mlp_{name}")
+        return ops.FFNExpert(norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str, rel_pos: RelPos) -> torch.Tensor:
+        y = self.attn(self.norm1(x), keep, rel_pos, self.backend)
+        if self.gamma_1 is not None:
+            y = self.gamma_1 * y
+        x = x + ops.drop_path(y, self.drop_path, self.training)
+        split = None
+        if modality == "text":
+            experts = [self.expert("text")]
+        elif modality == "image":
+            experts = [self.expert("imag")]
+        elif self.mlp_vl is not None:
+            experts = [self.expert("vl")]
+        else:  # fused sequence below the VL-FFN start: split at the configured text length (spec Q1)
+            experts, split = [self.expert("text"), self.expert("imag")], self.max_text_len
+        return ops.multiway_ffn(
+            x, experts, split=split, gamma=self.gamma_2, drop_path=self.drop_path, training=self.training,
+            eps=self.eps, backend=self.backend,
+        )
+
+
+class MultiWayTransformer(nn.Module):
+    """Patch embedding + CLS (+ absolute positions for base_plus), L Multiway blocks, the final norm."""
+
+    def __init__(self, config: VLMoConfig):
+        super().__init__()
+        d = config.embed_dim
+        self.num_heads = config.num_heads
+        self.vlffn_start_layer_index = config.vlffn_start
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_image_tokens, d)) if config.use_abs_pos_emb else None
+        # float32 linspace, as the official stochastic-depth rule (computed on the CPU even under a meta device)
+        dpr = [float(r) for r in torch.linspace(0, config.drop_path_rate, config.depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            Block(config, dpr[i], with_vlffn=i >= self.vlffn_start_layer_index) for i in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: trunc-normal(.02) for Linear weights, CLS and positions; zero biases; LayerNorm 1/0.
+        The patch projection keeps PyTorch's default conv init."""
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def visual_embed(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1+P, D): CLS first, then the patches in row-major order."""
+        x = self.patch_embed(image)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        modality: str,
+        rel_pos: List[RelPos],
+        layers: range,
+        keep_hidden: bool = False,
+    ):
+        """Run blocks ``layers`` in order; with ``keep_hidden`` also return every block's output."""
+        hidden = []
+        for i in layers:
+            x = self.blocks[i](x, keep, modality, rel_pos[i])
+            if keep_hidden:
+                hidden.append(x)
+        return (x, hidden) if keep_hidden else x

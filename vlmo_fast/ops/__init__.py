@@ -1,0 +1,25 @@
+"""The seam between the model and the kernels.
+
+Every fused op is a function here with a PyTorch implementation; kernel backends plug in through
+``vlmo_fast.ops.backend`` and are chosen by ``backend="auto" | "torch" | "triton" | "cuda"``.
+"""
+
+from .attention import rel_pos_attention
+from .backend import BACKENDS, available
+from .droppath import drop_path
+from .ffn import FFNExpert, multiway_ffn
+from .layernorm import multiway_layernorm
+from .softmax import masked_softmax
+from .relpos_gather import rel_pos_bias_gather
+
+__all__ = [
+    "BACKENDS",
+    "FFNExpert",
+    "available",
+    "drop_path",
+    "masked_softmax",
+    "multiway_ffn",
+    "multiway_layernorm",
+    "rel_pos_attention",
+    "rel_pos_bias_gather",
+]

@@ -1,0 +1,77 @@
+"""Argument checks shared by the public ops: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
+
+
+_CHECKED_INDEX: Dict[int, tuple] = {}
+
+
+def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.device) -> None:
+    """An out-of-range bias index is an error here, never a wild read in a kernel.
+
+    The range check needs the values (a device sync on GPU), so a tensor that passed is remembered (by identity,
+    through a weak reference) with its version counter and the table size, and is not re-read until it is modified
+    in place.
+    """
+    check_tensor("bias_index", index, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
+    key = (index._version, num_rows)
+    seen = _CHECKED_INDEX.get(id(index))
+    if seen is not None and seen[0]() is index and seen[1] == key:
+        return
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(
+                f"bias_index values must lie in [0, {num_rows}) (the rows of bias_table), got range [{lo}, {hi}]"
+            )
+    if len(_CHECKED_INDEX) > 256:
+        _CHECKED_INDEX.clear()
+    try:
+        _CHECKED_INDEX[id(index)] = (weakref.ref(index), key)
+    except TypeError:  # not weak-referenceable: simply re-checked next time
+        pass
+
+
+def key_padding_keep(key_padding_mask: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Validate a (B, N) key padding mask (True/1 = keep) and return it as bool."""
+    check_tensor("key_padding_mask", key_padding_mask, ndim=2, device=device)
+    check_shape("key_padding_mask", key_padding_mask, (batch, n), "(B, N), True/1 = keep")
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+        raise TypeError(f"key_padding_mask must be bool or integer (1 = keep), got {key_padding_mask.dtype}")
+    return key_padding_mask != 0

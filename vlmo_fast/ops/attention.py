@@ -1,0 +1,91 @@
+"""Attention with VLMo's learnable relative-position bias and a key padding mask (spec §4).
+
+    out[b, h] = softmax(scale · q[b, h] k[b, h]ᵀ + bias[h] + mask[b]) v[b, h]
+
+This module holds the public entry point, its argument checks and the PyTorch path. Kernel backends (the Triton
+flash-style kernel) register through ``vlmo_fast.ops.backend``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backend as _backend
+from ._checks import FLOAT_DTYPES, check_tensor
+from .softmax import check_bias_args, softmax_checked
+
+
+def attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    bias_table: Optional[torch.Tensor],
+    bias_index: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    softmax_backend: str = "auto",
+) -> torch.Tensor:
+    """Unfused attention: matmul, fused scale/bias/mask softmax, matmul.
+
+    As in the official code, q is scaled before the product. Under autocast QKᵀ runs in low precision, the bias add
+    and the softmax in fp32 (spec §4 "AMP detail"); P is cast to v's dtype for the second product.
+    """
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    # The product is ours, so the softmax may work in place on it (autograd keeps q and k, not the product).
+    p = softmax_checked(scores, 1.0, bias, bias_table, bias_index, keep, v.dtype, softmax_backend, inplace=True)
+    return torch.matmul(p, v)  # rows with no key have p == 0, hence zeros
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias_table: Optional[torch.Tensor] = None,
+    bias_index: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-head attention with an optional relative-position bias and key padding mask.
+
+    Args:
+        q, k, v: (B, H, N, D) in fp32, fp16 or bf16 (fp64 on the PyTorch path); same dtype and device.
+        bias_table: (R, H) bias table; may be a strided column slice of the official (R, H·L) table, so layer l
+            passes ``table[:, l*H:(l+1)*H]`` without a copy. Requires ``bias_index``.
+        bias_index: (N, N) integer index into the rows of ``bias_table``: ``bias[h, i, j] = bias_table[bias_index[i, j], h]``.
+        bias: dense (H, N, N) bias broadcast over the batch (the form official VLMo code passes), instead of the table.
+        key_padding_mask: (B, N) bool or integer, True/1 = keep. A batch row whose keys are all masked gives zeros.
+        scale: softmax scale; default ``D ** -0.5``.
+        backend: "auto" | "torch" | "triton" | "cuda".
+    Returns:
+        (B, H, N, D) in the dtype of v.
+
+    Gradients flow to q, k, v, the dense bias, and the table (summed over the batch and scattered into its rows).
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    b, h, n, d = q.shape
+    if d == 0:
+        raise ValueError("q, k, v: head dimension D must be at least 1")
+    bias, bias_table, bias_index, keep = check_bias_args(
+        b, h, n, n, q.device, bias, bias_table, bias_index, key_padding_mask
+    )
+    scale = d**-0.5 if scale is None else float(scale)
+    impl = _backend.select("attention", backend, q, k, v, bias, bias_table, bias_index, keep)
+    if impl is not None:
+        return impl(q, k, v, scale, bias, bias_table, bias_index, keep)
+    return attention_torch(q, k, v, scale, bias, bias_table, bias_index, keep, backend)

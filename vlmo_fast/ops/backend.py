@@ -1,0 +1,68 @@
+"""Backend selection for the fused ops.
+
+Every op has a pure-PyTorch implementation ("torch"). Kernel backends ("triton", "cuda": the native extension,
+which also carries the C++ CPU kernels) register themselves per op with a predicate saying which inputs they take.
+
+- ``"torch"``: always the PyTorch implementation.
+- ``"triton"`` / ``"cuda"``: that backend where the op has one; an op without such an implementation runs its
+  PyTorch path. If the op has the backend but cannot take these inputs, a ``ValueError`` says why (an explicit
+  request is never silently ignored).
+- ``"auto"``: the first registered backend, in priority order, that takes the inputs; else PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    # returns None when the inputs are supported, else a short reason
+    unsupported: Callable[..., Optional[str]]
+    priority: int
+
+
+_REGISTRY: Dict[str, Dict[str, _Impl]] = {}
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Optional[str]], priority: int) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op``; lower priority numbers win under "auto"."""
+    if backend not in BACKENDS[2:]:
+        raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority)
+
+
+def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
+    """The kernel implementation to run for these inputs, or None for the PyTorch path."""
+    check_backend(backend)
+    impls = _REGISTRY.get(op, {})
+    if backend == "torch":
+        return None
+    if backend == "auto":
+        for _, impl in sorted(impls.items(), key=lambda kv: kv[1].priority):
+            if impl.unsupported(*args, **kwargs) is None:
+                return impl.fn
+        return None
+    impl = impls.get(backend)
+    if impl is None:
+        return None
+    reason = impl.unsupported(*args, **kwargs)
+    if reason is not None:
+        raise ValueError(f"{op}: backend={backend!r} cannot run these inputs: {reason}")
+    return impl.fn
+
+
+def available(op: Optional[str] = None) -> Dict[str, List[str]]:
+    """Registered kernel backends per op (every op also has "torch")."""
+    ops = [op] if op is not None else sorted(_REGISTRY)
+    return {name: ["torch"] + sorted(_REGISTRY.get(name, {}), key=lambda b: _REGISTRY[name][b].priority) for name in ops}

@@ -1,0 +1,84 @@
+"""The Multiway FFN half of a block: ``x + DropPath(γ2 · fc2(GELU(fc1(LN_e(x)))))`` with expert e chosen per row.
+
+Below the VL-FFN start a fused sequence routes its text rows (before ``split``) to the text expert and its image rows
+to the image expert (spec §3.2); the top layers and unimodal calls use one expert for all rows. DropPath draws a
+separate per-sample mask for each row block, text first (spec Q16).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from ._checks import FLOAT_DTYPES, check_tensor
+from .droppath import drop_path as _drop_path
+from .layernorm import check_experts, segments
+
+
+class FFNExpert(NamedTuple):
+    """One expert's pre-norm and MLP parameters: LayerNorm (D,), fc1 (4D, D) + (4D,), fc2 (D, 4D) + (D,)."""
+
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+
+
+def multiway_ffn(
+    x: torch.Tensor,
+    experts: Sequence[FFNExpert],
+    *,
+    split: Optional[int] = None,
+    gamma: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Residual Multiway FFN.
+
+    Args:
+        x: (B, N, D) residual stream.
+        experts: one or two ``FFNExpert``; with two, rows [0, split) use expert 0 (text), [split, N) expert 1 (image).
+        gamma: (D,) LayerScale γ2, or None (base_plus: no layer scale).
+        drop_path: DropPath probability, applied per sample when ``training``.
+    Returns:
+        (B, N, D), the new residual stream.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    d = x.shape[-1]
+    if not experts or not all(isinstance(e, FFNExpert) for e in experts):
+        raise TypeError("experts must be a non-empty sequence of FFNExpert")
+    check_experts("experts.norm_weight", x, [e.norm_weight for e in experts], (d,), split)
+    check_experts("experts.norm_bias", x, [e.norm_bias for e in experts], (d,), split)
+    hidden = experts[0].fc1_weight.shape[0] if experts[0].fc1_weight.dim() == 2 else -1
+    check_experts("experts.fc1_weight", x, [e.fc1_weight for e in experts], (hidden, d), split)
+    check_experts("experts.fc1_bias", x, [e.fc1_bias for e in experts], (hidden,), split)
+    check_experts("experts.fc2_weight", x, [e.fc2_weight for e in experts], (d, hidden), split)
+    check_experts("experts.fc2_bias", x, [e.fc2_bias for e in experts], (d,), split)
+    if gamma is not None:
+        check_experts("gamma", x, [gamma], (d,), None)
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    impl = _backend.select("multiway_ffn", backend, x, experts, split, gamma, drop_path, training)
+    if impl is not None:
+        return impl(x, tuple(experts), split, gamma, float(drop_path), bool(training), float(eps))
+    return ffn_torch(x, experts, split, gamma, drop_path, training, eps)
+
+
+def ffn_torch(x, experts, split, gamma, drop_prob, training, eps):
+    parts = []
+    for e, lo, hi in segments(x.shape[1], len(experts), split):
+        xs = x if len(experts) == 1 else x[:, lo:hi]
+        w = experts[e]
+        h = F.layer_norm(xs, (x.shape[-1],), w.norm_weight, w.norm_bias, eps)
+        h = F.linear(F.gelu(F.linear(h, w.fc1_weight, w.fc1_bias)), w.fc2_weight, w.fc2_bias)
+        if gamma is not None:
+            h = gamma * h
+        parts.append(xs + _drop_path(h, drop_prob, training))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

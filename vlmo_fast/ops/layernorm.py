@@ -1,0 +1,76 @@
+"""Modality-split LayerNorm: rows before ``split`` use expert 0's weight and bias, rows from ``split`` on expert 1's.
+
+In a fused (text, image) sequence below the VL-FFN start, the text rows are normalised with ``norm2_text`` and the
+image rows with ``norm2_imag``, split at ``max_text_len`` (spec §3.2). With one expert it is a plain LayerNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from ._checks import FLOAT_DTYPES, check_shape, check_tensor
+
+
+def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int]):
+    """Shared checks for per-expert parameter lists: 1 or 2 experts, ``split`` iff 2, same device."""
+    if len(tensors) not in (1, 2):
+        raise ValueError(f"{name} must list 1 or 2 experts, got {len(tensors)}")
+    if len(tensors) == 2:
+        if split is None:
+            raise ValueError("split is required with two experts (the row where expert 1 starts)")
+        if not isinstance(split, int) or not 0 <= split <= x.shape[1]:
+            raise ValueError(f"split must be an int in [0, N={x.shape[1]}], got {split!r}")
+    elif split is not None:
+        raise ValueError("split must be None with a single expert")
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        check_tensor(f"{name}[{i}]", t, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape(f"{name}[{i}]", t, shape)
+
+
+def segments(n: int, num_experts: int, split: Optional[int]):
+    """(expert, start, stop) row ranges."""
+    if num_experts == 1:
+        return [(0, 0, n)]
+    return [(0, 0, split), (1, split, n)]
+
+
+def multiway_layernorm(
+    x: torch.Tensor,
+    weight: Sequence[torch.Tensor],
+    bias: Sequence[torch.Tensor],
+    *,
+    split: Optional[int] = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LayerNorm over the last dim of x (B, N, D) with a per-row-block expert.
+
+    Args:
+        x: (B, N, D).
+        weight, bias: sequences of one or two (D,) tensors: expert 0 (text), expert 1 (image).
+        split: with two experts, rows [0, split) use expert 0 and rows [split, N) expert 1.
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    d = x.shape[-1]
+    check_experts("weight", x, weight, (d,), split)
+    check_experts("bias", x, bias, (d,), split)
+    if len(weight) != len(bias):
+        raise ValueError(f"weight and bias must list the same number of experts, got {len(weight)} and {len(bias)}")
+    impl = _backend.select("multiway_layernorm", backend, x, weight, bias, split)
+    if impl is not None:
+        return impl(x, tuple(weight), tuple(bias), split, float(eps))
+    return layernorm_torch(x, weight, bias, split, eps)
+
+
+def layernorm_torch(x, weight, bias, split, eps):
+    parts = [
+        F.layer_norm(x[:, lo:hi], (x.shape[-1],), weight[e], bias[e], eps)
+        for e, lo, hi in segments(x.shape[1], len(weight), split)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
