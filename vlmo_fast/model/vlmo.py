@@ -93,6 +93,7 @@ class VLMo(nn.Module):
         if config.task_on("nlvr2"):  # the third type (second NLVR2 image) starts as a copy of the image type
             with torch.no_grad():
                 self.token_type_embeddings.weight[2] = self.token_type_embeddings.weight[1]
+        self.current_tasks: List[str] = []  # as the official module: forward() runs these objectives
         self.set_backend(backend)
 
     # ---- configuration -----------------------------------------------------------------------------------------
@@ -337,5 +338,10 @@ class VLMo(nn.Module):
         return self._image_out(batch, image_token_type_idx, False, "itc_image_proj", None)
 
     def forward(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
-        """The official module's forward with no current tasks: the fusion encoder."""
-        return self.infer(batch)
+        """As the official module: the fusion encoder when ``current_tasks`` is empty, else the objectives of
+        those tasks in the official order (their outputs, losses included; see ``vlmo_fast.objectives``)."""
+        if not self.current_tasks:
+            return self.infer(batch)
+        from ..objectives import compute_tasks
+
+        return compute_tasks(self, batch, self.current_tasks)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine (H100/H200, no network; torch, triton, nvcc, cmake, ninja, pybind11 preinstalled):
+#   1. install the project without network or build isolation, native extension for sm_90 only
+#   2. run the gpu-marked tests
+#   3. run the full benchmark (benchmarks/run.py) within a time budget
+#   4. print a short summary table last
+# Everything is written under $OUT when set (else benchmarks/results/). Usage:
+#   benchmarks/gpu_suite.sh            # on the GPU machine
+#   benchmarks/gpu_suite.sh --dry-run  # the same steps on CPU at tiny sizes (tested in CI)
+# Environment: OUT, VLMO_BENCH_BUDGET_S (benchmark budget, default 300), VLMO_FAST_CUDA_ARCHS (default 90-real).
+set -uo pipefail
+
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/benchmarks/results}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/gpu_suite.log"
+: > "$LOG"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+STATUS=0
+
+step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+run() {  # run a command, log it, remember a failure but keep going (the results of the other steps still count)
+  "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "!!! failed ($rc): $*" | tee -a "$LOG"; STATUS=1; fi
+  return 0
+}
+
+step "environment"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  dry_run=$DRY"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+} 2>&1 | tee "$OUT/environment.txt" | tee -a "$LOG"
+
+step "install (no network, no build isolation, native extension for ${VLMO_FAST_CUDA_ARCHS:-90-real})"
+SITE="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_site.XXXX")"
+export VLMO_FAST_CUDA_ARCHS="${VLMO_FAST_CUDA_ARCHS:-90-real}"
+if [ "$DRY" = 0 ]; then export VLMO_FAST_CUDA=1; fi
+run "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# -P: do not put the working directory first on sys.path, so the installed build (with _C) is what runs
+run "$PY" -P -c "import vlmo_fast, json; print(json.dumps(vlmo_fast.build_info()))"
+
+step "gpu-marked tests"
+cd "$ROOT"
+if [ "$DRY" = 1 ]; then
+  # No GPU here: the gpu tests must collect (and skip); the run below proves the suite's plumbing.
+  run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
+else
+  run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider -x --junitxml="$OUT/gpu_tests.xml"
+fi
+
+step "benchmarks"
+if [ "$DRY" = 1 ]; then
+  run "$PY" -P benchmarks/run.py --sizes tiny --device cpu --no-compile --out "$OUT"
+else
+  run "$PY" -P benchmarks/run.py --out "$OUT" --budget-s "${VLMO_BENCH_BUDGET_S:-300}"
+fi
+
+step "summary (exit status $STATUS)"
+"$PY" -P benchmarks/summary.py "$OUT" 2>&1 | tee "$OUT/summary.md"
+rm -rf "$SITE"
+exit $STATUS

@@ -1,0 +1,347 @@
+"""Timing, ceilings, FLOP accounting and result writers for ``benchmarks/run.py``.
+
+Every number in a result row comes from timing the callable registered under that row's implementation name, on
+the same device in the same process as its baseline.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+SCHEMA_VERSION = 1
+
+# Datasheet dense bf16 peaks (TFLOP/s) for MFU "vs datasheet"; MFU "vs measured" uses the run's own GEMM rate.
+DATASHEET_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5,
+            min_time_s: float = 0.0) -> Timing:
+    """Median wall time of ``fn``.
+
+    CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before every rep so each rep reads its inputs from HBM,
+    median) when Triton is available, else CUDA events. CPU: ``warmup`` untimed calls, then at least ``reps`` timed
+    calls (more until ``min_time_s`` has passed), median of the wall-clock times.
+    """
+    if device.type == "cuda":
+        try:
+            import triton.testing
+
+            ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), quantiles=[0.5, 0.2, 0.8])
+            return Timing(ms[0], ms[1], ms[2], reps)
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return _summary(times)
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    t_start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - t_start) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def _summary(times: List[float]) -> Timing:
+    s = sorted(times)
+    q = lambda f: s[min(len(s) - 1, max(0, int(round(f * (len(s) - 1)))))]  # noqa: E731
+    return Timing(statistics.median(s), q(0.2), q(0.8), len(s))
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
+    """Peak device memory allocated by one call beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---- ceilings ------------------------------------------------------------------------------------------------
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, float]:
+    """The device's copy bandwidth (GB/s, read + write) and GEMM rate (TFLOP/s; bf16 on GPU, fp32 on CPU)."""
+    if device.type == "cuda":
+        n_bytes, gemm_n, dtype = 2**30, 8192, torch.bfloat16
+    else:
+        n_bytes, gemm_n, dtype = (2**24 if quick else 2**27), (256 if quick else 1024), torch.float32
+    x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    t = time_fn(lambda: y.copy_(x), device, warmup=2, reps=5)
+    copy_gbs = 2 * n_bytes / (t.median_ms * 1e-3) / 1e9
+    del x, y
+    a = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
+    b = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=2, reps=5)
+    gemm_tflops = 2 * gemm_n**3 / (t.median_ms * 1e-3) / 1e12
+    return {"copy_gbs": copy_gbs, "gemm_tflops": gemm_tflops, "gemm_dtype": str(dtype).replace("torch.", ""),
+            "gemm_n": gemm_n, "copy_bytes": n_bytes}
+
+
+# ---- FLOP accounting (standard conventions, see notes/performance.md) -------------------------------------------
+
+
+def attention_flops(b: int, h: int, n: int, d: int, backward: bool = False) -> float:
+    """Forward 4·B·H·N²·D (QKᵀ and PV); backward 2.5x forward."""
+    fwd = 4.0 * b * h * n * n * d
+    return fwd * (3.5 if backward else 1.0)
+
+
+def layer_flops(tokens: int, seq: int, dim: int, hidden: int) -> float:
+    """Matmul FLOPs of one Multiway block forward over ``tokens`` = B·N rows in sequences of length ``seq``:
+    qkv (3D²), proj (D²), fc1 and fc2 (2·D·hidden), attention 4·N·D per token."""
+    linear = 2.0 * tokens * (4 * dim * dim + 2 * dim * hidden)
+    attn = 4.0 * tokens * seq * dim
+    return linear + attn
+
+
+def encoder_flops(config, batch: int, seq: int, layers: int) -> float:
+    return layers * layer_flops(batch * seq, seq, config.embed_dim, config.mlp_hidden_dim)
+
+
+def patch_embed_flops(config, batch: int) -> float:
+    return 2.0 * batch * config.num_patches * config.in_chans * config.patch_size**2 * config.embed_dim
+
+
+def forward_path_flops(config, batch: int, path: str) -> float:
+    """Matmul FLOPs of one forward path of the model (embeddings' gathers and norms not counted)."""
+    lt, ni, d = config.max_text_len, config.num_image_tokens, config.embed_dim
+    L, F = config.depth, config.vlffn_start
+    vl = L - F
+    if path == "infer":
+        return encoder_flops(config, batch, lt + ni, L) + patch_embed_flops(config, batch) + 2.0 * batch * d * d
+    if path == "infer_text":
+        return encoder_flops(config, batch, lt, L + vl) + 2 * 2.0 * batch * d * d
+    if path == "infer_image":
+        return encoder_flops(config, batch, ni, L + vl) + patch_embed_flops(config, batch) + 2 * 2.0 * batch * d * d
+    if path == "infer_text_ft":
+        return encoder_flops(config, batch, lt, L) + 2.0 * batch * d * d
+    if path == "infer_image_ft":
+        return encoder_flops(config, batch, ni, L) + patch_embed_flops(config, batch) + 2.0 * batch * d * d
+    raise ValueError(f"unknown path {path!r}")
+
+
+def pretrain_step_flops(config, batch: int) -> float:
+    """One MLM + ITC + ITM step: 4 fusion passes (1 MLM + 3 ITM), infer_text and infer_image (each with the
+    VL-FFN re-run), the MLM head on every text position, pooler/ITM heads; training = 3x forward."""
+    d, lt = config.embed_dim, config.max_text_len
+    fwd = 4 * forward_path_flops(config, batch, "infer")
+    fwd += forward_path_flops(config, batch, "infer_text") + forward_path_flops(config, batch, "infer_image")
+    fwd += 2.0 * batch * lt * (d * d + d * config.vocab_size)  # MLM transform + decoder
+    fwd += 2.0 * 3 * batch * d * 2  # ITM head
+    return 3.0 * fwd
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    mode: str  # "fwd", "fwd+bwd", "step", "copy"
+    case: Dict[str, Any]
+    dtype: str
+    ms: Optional[float] = None
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    baseline: Optional[str] = None
+    speedup: Optional[float] = None
+    flops: Optional[float] = None
+    tflops: Optional[float] = None
+    bytes: Optional[float] = None
+    gbs: Optional[float] = None
+    frac_ceiling: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    samples_per_s: Optional[float] = None
+    mfu_measured: Optional[float] = None
+    mfu_datasheet: Optional[float] = None
+    status: str = "ok"  # ok | oom | error: ... | skipped: ...
+    note: str = ""
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} cores)"
+
+
+def datasheet_peak(name: str) -> Optional[float]:
+    for key, value in DATASHEET_BF16_TFLOPS.items():
+        if all(part in name for part in key.split()):
+            return value
+    return None
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True)
+        commit = out.stdout.strip() or "unknown"
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def run_meta(device: torch.device, ceilings: Dict[str, float], sizes: str) -> Dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import vlmo_fast
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "vlmo_fast": vlmo_fast.__version__,
+        "build": {k: v for k, v in vlmo_fast.build_info().items() if k in ("native", "cuda", "cuda_archs", "openmp")},
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sizes": sizes,
+        "ceilings": ceilings,
+        "datasheet_bf16_tflops": datasheet_peak(device_name(device)),
+    }
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:48]
+
+
+def write_results(meta: Dict[str, Any], rows: List[Row], out_dir: str, plot: bool = True) -> Dict[str, str]:
+    """Write ``<date>_<device>.json`` and ``.md`` (and ``.png`` when matplotlib is present) under ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"{meta['date'][:19].replace(':', '').replace('-', '')}_{slug(meta['device'])}"
+    paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown_report(meta, rows))
+    if plot:
+        png = os.path.join(out_dir, stem + ".png")
+        if plot_speedups(meta, rows, png):
+            paths["png"] = png
+    return paths
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_table(rows: List[Row]) -> str:
+    head = ("| op | case | dtype | mode | impl | ms | speedup | TFLOP/s | GB/s | % ceiling | peak MB | samples/s | MFU | "
+            "status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        case = " ".join(f"{k}={v}" for k, v in r.case.items())
+        lines.append(
+            f"| {r.op} | {case} | {r.dtype} | {r.mode} | {r.impl} | {_fmt(r.ms, '.3f')} | "
+            f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup is not None else ''} | {_fmt(r.tflops, '.1f')} | "
+            f"{_fmt(r.gbs, '.0f')} | {_fmt(None if r.frac_ceiling is None else 100 * r.frac_ceiling, '.0f')} | "
+            f"{_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.samples_per_s, '.1f')} | "
+            f"{_fmt(None if r.mfu_measured is None else 100 * r.mfu_measured, '.1f')} | {r.status} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def markdown_report(meta: Dict[str, Any], rows: List[Row]) -> str:
+    c = meta["ceilings"]
+    text = [
+        f"# vlmo_fast benchmarks: {meta['device']}",
+        "",
+        f"- date {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
+        f"sizes `{meta['sizes']}`",
+        f"- measured ceilings: copy {c['copy_gbs']:.0f} GB/s (read+write), GEMM {c['gemm_tflops']:.1f} TFLOP/s "
+        f"({c['gemm_dtype']} {c['gemm_n']}^3)",
+        "- speedup is against the `baseline` implementation of the same op, case and mode (the official math); "
+        "MFU is against the measured GEMM rate",
+        "",
+        markdown_table(rows),
+    ]
+    return "\n".join(text)
+
+
+def plot_speedups(meta: Dict[str, Any], rows: List[Row], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pts = [r for r in rows if r.speedup is not None and r.status == "ok" and r.impl != r.baseline]
+    if not pts:
+        return False
+    labels = [f"{r.op} {r.mode} {r.impl} " + ",".join(f"{k}={v}" for k, v in r.case.items()) for r in pts]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(pts) + 1.5))
+    ax.barh(range(len(pts)), [r.speedup for r in pts], color=["tab:green" if r.speedup >= 1 else "tab:red" for r in pts])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(pts)))
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup vs the official math (log scale)")
+    ax.set_title(f"vlmo_fast on {meta['device']} ({meta['date'][:10]}, {meta['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

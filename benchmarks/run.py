@@ -1,0 +1,534 @@
+"""vlmo_fast benchmarks: every fused op and the whole model against the official math, on one device, in one run.
+
+    python benchmarks/run.py                      # everything, sizes chosen for the device (full on GPU, quick on CPU)
+    python benchmarks/run.py --ops attention,softmax --dtypes bf16
+    python benchmarks/run.py --sizes tiny --out /tmp/bench   # seconds; what the GPU suite's dry run uses
+
+Implementations compared (where the device allows):
+  official          the official math, eager (vlmo_fast.reference / the same expressions), under autocast on GPU
+  vlmo_fast         vlmo_fast.ops / vlmo_fast.VLMo with backend="auto" (the fastest available kernels)
+  vlmo_fast[torch]  the same with backend="torch" (the PyTorch path of the op seam)
+  sdpa              F.scaled_dot_product_attention with the gathered bias + padding as a float mask
+  flex              FlexAttention with the learnable table captured in score_mod (GPU)
+  compile(official) torch.compile of the official math (GPU)
+
+Timing: triton.testing.do_bench on GPU (warm-up, L2 flushed per rep, median), repeated wall-clock medians on CPU.
+Reported per row: ms, speedup vs the official math, TFLOP/s (attention fwd 4·B·H·N²·D, bwd 2.5x fwd) or GB/s and the
+fraction of the measured ceiling (copy bandwidth or GEMM rate, measured at the start of the run), peak memory (GPU),
+samples/s and MFU for the training step. Results go to --out as JSON, Markdown and a PNG plot, tagged with the
+device, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Row  # noqa: E402
+
+import vlmo_fast as vf  # noqa: E402
+from vlmo_fast import objectives, ops  # noqa: E402
+from vlmo_fast.model import relpos  # noqa: E402
+from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
+from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
+from vlmo_fast.reference import ReferenceVLMo  # noqa: E402
+
+ALL_OPS = ("attention", "softmax", "layernorm", "block", "model", "step")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Sizes per preset: VLMo-base shapes; "quick" keeps CPU runs to minutes, "tiny" to seconds (dry runs, tests).
+SIZES: Dict[str, Dict[str, Any]] = {
+    "full": dict(arch="vlmo_base_patch16", attention=[(32, 237), (128, 237), (32, 617), (16, 941)], softmax_bh=1536,
+                 ln_rows=128, block_batch=128, model_batch=128, step_batch=128, heads=12, head_dim=64, reps=20),
+    "quick": dict(arch="vlmo_base_patch16", attention=[(2, 237)], softmax_bh=24, ln_rows=8, block_batch=2,
+                  model_batch=2, step_batch=2, heads=12, head_dim=64, reps=3),
+    "tiny": dict(arch="vlmo_tiny_patch16", attention=[(2, 29)], softmax_bh=4, ln_rows=2, block_batch=2,
+                 model_batch=2, step_batch=4, heads=4, head_dim=16, reps=2),
+}
+
+
+class Bench:
+    """Collects rows; times every implementation of a case against its baseline in the same process."""
+
+    def __init__(self, device: torch.device, ceilings: Dict[str, float], reps: int, budget_s: float,
+                 compile_baselines: bool):
+        self.device = device
+        self.ceilings = ceilings
+        self.reps = reps
+        self.rows: List[Row] = []
+        self.deadline = time.time() + budget_s
+        self.compile_baselines = compile_baselines
+        peak = harness.datasheet_peak(harness.device_name(device))
+        self.datasheet = peak
+
+    def out_of_time(self) -> bool:
+        return time.time() > self.deadline
+
+    def measure(self, op: str, case: Dict[str, Any], dtype: str, mode: str, impls: Dict[str, Callable[[], Any]],
+                baseline: str = "official", flops: Optional[float] = None, bytes_: Optional[float] = None,
+                samples: Optional[int] = None) -> List[Row]:
+        rows: List[Row] = []
+        for name, fn in impls.items():
+            row = Row(op=op, impl=name, mode=mode, case=dict(case), dtype=dtype, baseline=baseline,
+                      flops=flops, bytes=bytes_)
+            if self.out_of_time():
+                row.status = "skipped: time budget"
+                rows.append(row)
+                continue
+            try:
+                t = harness.time_fn(fn, self.device, warmup=2 if self.device.type == "cpu" else 3, reps=self.reps)
+                row.ms, row.ms_p20, row.ms_p80 = t.median_ms, t.p20_ms, t.p80_ms
+                row.peak_mem_mb = harness.peak_memory_mb(fn, self.device)
+            except torch.cuda.OutOfMemoryError:
+                row.status = "oom"
+            except Exception as exc:  # recorded, never hidden: the row says what failed
+                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                if os.environ.get("VLMO_BENCH_DEBUG"):
+                    traceback.print_exc()
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if row.ms is not None:
+                secs = row.ms * 1e-3
+                if flops:
+                    row.tflops = flops / secs / 1e12
+                    row.frac_ceiling = row.tflops / self.ceilings["gemm_tflops"]
+                if bytes_:
+                    row.gbs = bytes_ / secs / 1e9
+                    row.frac_ceiling = row.gbs / self.ceilings["copy_gbs"]
+                if samples:
+                    row.samples_per_s = samples / secs
+                    if flops:
+                        row.mfu_measured = row.tflops / self.ceilings["gemm_tflops"]
+                        if self.datasheet:
+                            row.mfu_datasheet = row.tflops / self.datasheet
+            rows.append(row)
+        base = next((r for r in rows if r.impl == baseline and r.ms is not None), None)
+        for r in rows:
+            if base is not None and r.ms is not None:
+                r.speedup = base.ms / r.ms
+        self.rows.extend(rows)
+        for r in rows:
+            print(_row_line(r), flush=True)
+        return rows
+
+
+def _row_line(r: Row) -> str:
+    case = ",".join(f"{k}={v}" for k, v in r.case.items())
+    speed = f"{r.speedup:6.2f}x" if r.speedup is not None else "       "
+    ms = f"{r.ms:9.3f} ms" if r.ms is not None else "         -   "
+    extra = f" {r.tflops:7.1f} TFLOP/s" if r.tflops else (f" {r.gbs:7.0f} GB/s" if r.gbs else "")
+    return f"{r.op:<10} {r.mode:<8} {r.dtype:<5} {case:<28} {r.impl:<18} {ms} {speed}{extra}  {r.status}"
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Callable[[], Any]:
+    """A callable running forward and backward (gradients of every input, none accumulated)."""
+    grad_out: List[Optional[torch.Tensor]] = [None]
+
+    def run():
+        out = fn()
+        if grad_out[0] is None:
+            grad_out[0] = torch.randn_like(out)
+        return torch.autograd.grad(out, inputs, grad_out[0])
+
+    return run
+
+
+# ---- official-math expressions (the same as vlmo_fast.reference) ----------------------------------------------
+
+
+def official_attention(q, k, v, table, index, keep, scale):
+    bias = F.embedding(index, table).permute(2, 0, 1).contiguous()
+    attn = (q * scale).float() @ k.float().transpose(-2, -1)
+    attn = attn + bias.unsqueeze(0)
+    attn = attn.masked_fill(~keep[:, None, None, :], float("-inf"))
+    attn = attn.softmax(dim=-1).type_as(q)
+    return attn @ v
+
+
+def official_softmax(scores, scale, bias, keep):
+    s = scores * scale + bias.unsqueeze(0)
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return s.softmax(dim=-1).type_as(scores)
+
+
+def official_multiway_layernorm(x, split, text_norm, image_norm):
+    return torch.cat([text_norm(x[:, :split]), image_norm(x[:, split:])], dim=1)
+
+
+def padding_mask(b: int, n: int, text_len: int, device) -> torch.Tensor:
+    """Realistic padding: text rows padded to varying lengths, image keys all valid."""
+    keep = torch.ones(b, n, dtype=torch.bool, device=device)
+    for i in range(b):
+        real = 5 + (i * 7) % max(1, text_len - 5)
+        keep[i, real:text_len] = False
+    return keep
+
+
+# ---- suites ------------------------------------------------------------------------------------------------------
+
+
+def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) -> None:
+    dev = bench.device
+    h, d = sizes["heads"], sizes["head_dim"]
+    layers = 12
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for b, n in sizes["attention"]:
+            if bench.out_of_time():
+                return
+            lt = 40 if n > 40 else max(1, n // 3)
+            window = int(round(math.sqrt(n - lt - 1)))
+            if window * window + 1 + lt != n:
+                lt, window = n - 5, 2  # tiny sizes
+            index = relpos.fusion_relative_position_index(lt, window).to(dev)
+            rows = relpos.num_table_rows(window)
+            full_table = (torch.randn(rows, h * layers, device=dev) * 0.5).requires_grad_()
+            table = full_table[:, h : 2 * h]  # layer 1: a strided column slice
+            keep = padding_mask(b, n, lt, dev)
+            q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            scale = d**-0.5
+            case = dict(B=b, H=h, N=n, D=d)
+            ac = lambda: autocast(dev, dtype)  # noqa: E731
+
+            def official():
+                with ac():
+                    return official_attention(q, k, v, table, index, keep, scale)
+
+            def ours(backend="auto"):
+                return lambda: ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index,
+                                                     key_padding_mask=keep, scale=scale, backend=backend)
+
+            def sdpa():
+                mask = table.t()[:, index].unsqueeze(0).masked_fill(~keep[:, None, None, :], float("-inf"))
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype), scale=scale)
+
+            impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
+                                          "sdpa": sdpa}
+            if dev.type == "cuda":
+                flex = make_flex(q, k, v, table, index, keep, scale)
+                if flex is not None:
+                    impls["flex"] = flex
+                if bench.compile_baselines:
+                    compiled = torch.compile(official_attention)
+                    impls["compile(official)"] = lambda: _autocast_call(dev, dtype, compiled, q, k, v, table, index,
+                                                                        keep, scale)
+            bench.measure("attention", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
+                          flops=harness.attention_flops(b, h, n, d))
+            leaves = [q, k, v, full_table]
+            bench.measure("attention", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, leaves) for k_, f in impls.items()},
+                          flops=harness.attention_flops(b, h, n, d, backward=True))
+
+
+def _autocast_call(dev, dtype, fn, *args):
+    with autocast(dev, dtype):
+        return fn(*args)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def make_flex(q, k, v, table, index, keep, scale):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    b, _, n, _ = q.shape
+    flex = torch.compile(flex_attention)
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + table[index[qi, ki], hi]
+
+    def mask_mod(bi, hi, qi, ki):
+        return keep[bi, ki]
+
+    block_mask = create_block_mask(mask_mod, b, None, n, n, device=q.device)
+    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) -> None:
+    dev = bench.device
+    h = sizes["heads"]
+    b = max(1, sizes["softmax_bh"] // h)
+    n = sizes["attention"][0][1]
+    lt = 40 if n > 40 else n - 5
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if bench.out_of_time():
+            return
+        scores = torch.randn(b, h, n, n, device=dev, dtype=dtype, requires_grad=True)
+        bias = torch.randn(h, n, n, device=dev, requires_grad=True)
+        keep = padding_mask(b, n, lt, dev)
+        case = dict(BH=b * h, N=n)
+        impls = {
+            "official": lambda: official_softmax(scores, 0.125, bias, keep),
+            "vlmo_fast": lambda: ops.masked_softmax(scores, scale=0.125, bias=bias, key_padding_mask=keep),
+            "vlmo_fast[torch]": lambda: ops.masked_softmax(scores, scale=0.125, bias=bias, key_padding_mask=keep,
+                                                           backend="torch"),
+        }
+        if dev.type == "cuda" and bench.compile_baselines:
+            compiled = torch.compile(official_softmax)
+            impls["compile(official)"] = lambda: compiled(scores, 0.125, bias, keep)
+        elems = b * h * n * n * scores.element_size()
+        bench.measure("softmax", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
+                      bytes_=2 * elems)
+        bench.measure("softmax", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, [scores, bias]) for k_, f in impls.items()},
+                      bytes_=5 * elems)
+
+
+def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
+    dev = bench.device
+    b, n, d = sizes["ln_rows"], config.max_text_len + config.num_image_tokens, config.embed_dim
+    split = config.max_text_len
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if bench.out_of_time():
+            return
+        x = torch.randn(b, n, d, device=dev, dtype=dtype, requires_grad=True)
+        norms = [torch.nn.LayerNorm(d, eps=1e-6).to(dev, dtype) for _ in range(2)]
+        for m in norms:
+            with torch.no_grad():
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+        ws = [m.weight for m in norms]
+        bs = [m.bias for m in norms]
+        case = dict(rows=b * n, D=d, split=f"{split}/{n}")
+        impls = {
+            "official": lambda: official_multiway_layernorm(x, split, norms[0], norms[1]),
+            "vlmo_fast": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6),
+            "vlmo_fast[torch]": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6, backend="torch"),
+        }
+        if dev.type == "cuda" and bench.compile_baselines:
+            compiled = torch.compile(official_multiway_layernorm)
+            impls["compile(official)"] = lambda: compiled(x, split, norms[0], norms[1])
+        elems = b * n * d * x.element_size()
+        leaves = [x] + ws + bs
+        bench.measure("layernorm", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
+                      bytes_=2 * elems)
+        bench.measure("layernorm", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, leaves) for k_, f in impls.items()},
+                      bytes_=5 * elems)
+
+
+def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
+    """One Multiway block below the VL-FFN start on the fused sequence: attention + split FFN, forward+backward."""
+    dev = bench.device
+    b = sizes["block_batch"]
+    n = config.max_text_len + config.num_image_tokens
+    cfg = config.replace(drop_path_rate=0.0)
+    fast = FastBlock(cfg, drop_path=0.0, with_vlffn=False).to(dev)
+    official = OfficialBlock(cfg, drop_path=0.0, with_vlffn=False).to(dev)
+    official.load_state_dict(fast.state_dict())
+    h = cfg.num_heads
+    index = relpos.fusion_relative_position_index(cfg.max_text_len, cfg.window_size).to(dev)
+    table = (torch.randn(relpos.num_table_rows(cfg.window_size), h * cfg.depth, device=dev) * 0.5).requires_grad_()
+    keep = padding_mask(b, n, cfg.max_text_len, dev)
+    bias = lambda: F.embedding(index, table[:, :h]).permute(2, 0, 1).contiguous()  # noqa: E731
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if bench.out_of_time():
+            return
+        x = torch.randn(b, n, cfg.embed_dim, device=dev, requires_grad=True)
+
+        def run_official(block=official):
+            with autocast(dev, dtype):
+                return block(x, mask=keep.long(), modality_type="vl", relative_position_bias=bias())
+
+        def run_fast(backend="auto"):
+            def run():
+                fast.backend = backend
+                with autocast(dev, dtype):
+                    return fast(x, keep, "vl", (table[:, :h], index))
+            return run
+
+        impls = {"official": run_official, "vlmo_fast": run_fast(), "vlmo_fast[torch]": run_fast("torch")}
+        if dev.type == "cuda" and bench.compile_baselines:
+            compiled = torch.compile(official)
+            impls["compile(official)"] = lambda: run_official(compiled)
+        flops = harness.layer_flops(b * n, n, cfg.embed_dim, cfg.mlp_hidden_dim)
+        leaves = [x, table] + list(fast.parameters())
+        official_leaves = [x, table] + list(official.parameters())
+        fns = {}
+        for name, f in impls.items():
+            fns[name] = fwd_bwd(f, official_leaves if "official" in name else leaves)
+        bench.measure("block", dict(B=b, N=n, D=cfg.embed_dim), dtype_name, "fwd+bwd", fns, flops=3 * flops)
+
+
+def make_batch(config, b: int, dev: torch.device, with_mlm: bool = True) -> Dict[str, Any]:
+    lt, s = config.max_text_len, config.image_size
+    ids = torch.randint(1000, 30000, (b, lt), device=dev)
+    ids[:, 0] = 101
+    masks = torch.ones(b, lt, dtype=torch.long, device=dev)
+    for i in range(b):
+        real = 6 + (i * 7) % max(1, lt - 6)
+        masks[i, real:] = 0
+        ids[i, real:] = 0
+    batch = {"text_ids": ids, "text_masks": masks, "text_labels": torch.full_like(ids, -100),
+             "image": [torch.randn(b, 3, s, s, device=dev)]}
+    if with_mlm:
+        mlm_ids, labels = ids.clone(), torch.full_like(ids, -100)
+        labels[:, 1:4] = ids[:, 1:4]
+        mlm_ids[:, 1:4] = 103
+        batch.update(text_ids_mlm=mlm_ids, text_labels_mlm=labels)
+    return batch
+
+
+def bench_model(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
+    """Inference of every forward path, fast vs the official math (no gradients)."""
+    dev = bench.device
+    b = sizes["model_batch"]
+    cfg = config.replace(drop_path_rate=0.0)
+    fast = vf.VLMo(cfg).to(dev).eval()
+    ref = ReferenceVLMo(cfg).to(dev).eval()
+    ref.load_state_dict(fast.state_dict())
+    batch = make_batch(cfg, b, dev)
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for path in ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft"):
+            if bench.out_of_time():
+                return
+            impls = {
+                "official": lambda p=path: _infer(ref, p, batch, dev, dtype),
+                "vlmo_fast": lambda p=path: _infer(fast.set_backend("auto"), p, batch, dev, dtype),
+            }
+            if dev.type == "cuda" and bench.compile_baselines and path == "infer":
+                compiled = torch.compile(ref.infer)
+                impls["compile(official)"] = lambda: _infer_fn(compiled, batch, dev, dtype)
+            bench.measure("model", dict(path=path, B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")),
+                          dtype_name, "fwd", impls, flops=harness.forward_path_flops(cfg, b, path), samples=b)
+
+
+def _infer(model, path, batch, dev, dtype):
+    return _infer_fn(getattr(model, path), batch, dev, dtype)
+
+
+def _infer_fn(fn, batch, dev, dtype):
+    with torch.no_grad(), autocast(dev, dtype):
+        return fn(batch)
+
+
+def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
+    """The full pretraining step (MLM + ITC + ITM with hard negatives): forward, backward, AdamW."""
+    dev = bench.device
+    b = sizes["step_batch"]
+    cfg = config.replace(drop_path_rate=0.1)
+    batch = make_batch(cfg, b, dev)
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if bench.out_of_time():
+            return
+        impls = {}
+        for name, model in (("official", ReferenceVLMo(cfg)), ("vlmo_fast", vf.VLMo(cfg))):
+            impls[name] = make_step(model.to(dev).train(), batch, dev, dtype)
+        if dev.type == "cuda" and bench.compile_baselines:
+            ref = ReferenceVLMo(cfg).to(dev).train()
+            impls["compile(official)"] = make_step(torch.compile(ref), batch, dev, dtype, module=ref)
+        bench.measure("step", dict(B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", ""),
+                                   tasks="mlm+itc+itm"), dtype_name, "step", impls,
+                      flops=harness.pretrain_step_flops(cfg, b), samples=b)
+        del impls
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def make_step(model, batch, dev, dtype, module=None):
+    module = module if module is not None else model
+    module.current_tasks = ["mlm", "itc", "itm"]
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), fused=dev.type == "cuda")
+
+    def step():
+        with autocast(dev, dtype):
+            out = model(batch)
+            loss = objectives.total_loss(out)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(ALL_OPS),
+                   help=f"comma-separated subset of {','.join(ALL_OPS)} (default: all)")
+    p.add_argument("--sizes", default="auto", choices=["auto", "full", "quick", "tiny"],
+                   help="auto = full on GPU, quick on CPU; tiny = seconds (dry runs)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated subset of fp32,bf16,fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default per size)")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="wall-clock budget; cases past it are recorded as skipped")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (GPU)")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"),
+                   help="output folder (default: $OUT, else benchmarks/results)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size_name = args.sizes if args.sizes != "auto" else ("full" if dev.type == "cuda" else "quick")
+    sizes = SIZES[size_name]
+    dtypes = (args.dtypes or ("bf16" if dev.type == "cuda" else "fp32")).split(",")
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"--dtypes: unknown {bad}; expected a subset of {list(DTYPES)}")
+    selected = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in selected if o not in ALL_OPS]
+    if bad:
+        raise SystemExit(f"--ops: unknown {bad}; expected a subset of {list(ALL_OPS)}")
+    torch.manual_seed(0)
+    print(f"vlmo_fast benchmarks on {harness.device_name(dev)}: sizes={size_name} dtypes={dtypes} ops={selected}")
+    ceilings = harness.measure_ceilings(dev, quick=size_name == "tiny")
+    print(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s "
+          f"({ceilings['gemm_dtype']})")
+    bench = Bench(dev, ceilings, args.reps or sizes["reps"], args.budget_s, compile_baselines=not args.no_compile)
+    config = vf.preset(sizes["arch"])
+    runners = {
+        "attention": lambda: bench_attention(bench, sizes, dtypes),
+        "softmax": lambda: bench_softmax(bench, sizes, dtypes),
+        "layernorm": lambda: bench_layernorm(bench, sizes, dtypes, config),
+        "block": lambda: bench_block(bench, sizes, dtypes, config),
+        "model": lambda: bench_model(bench, sizes, dtypes, config),
+        "step": lambda: bench_step(bench, sizes, dtypes, config),
+    }
+    for op in selected:
+        runners[op]()
+    meta = harness.run_meta(dev, ceilings, size_name)
+    paths = harness.write_results(meta, bench.rows, args.out, plot=not args.no_plot)
+    print()
+    print(harness.markdown_table(bench.rows))
+    print("written: " + ", ".join(paths.values()))
+    return {"meta": meta, "rows": bench.rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

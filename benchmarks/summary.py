@@ -1,0 +1,131 @@
+"""Short summaries of benchmark results, and the README's performance table (generated from committed results only).
+
+    python benchmarks/summary.py benchmarks/results          # summary of the newest result file in the folder
+    python benchmarks/summary.py --readme README.md          # rewrite the README table from benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+
+
+def load(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        data = json.load(f)
+    if "meta" not in data or "rows" not in data:
+        raise ValueError(f"{path}: not a vlmo_fast benchmark result (no meta/rows)")
+    return data
+
+
+def newest(folder: str) -> Optional[str]:
+    files = sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: load(p)["meta"]["date"])
+    return files[-1] if files else None
+
+
+def _case(row: Dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in row["case"].items())
+
+
+def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One line per (op, case, dtype, mode): vlmo_fast against the official math and the best other alternative."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in data["rows"]:
+        groups.setdefault((r["op"], _case(r), r["dtype"], r["mode"]), []).append(r)
+    out = []
+    for (op, case, dtype, mode), rows in groups.items():
+        ours = next((r for r in rows if r["impl"] == "vlmo_fast"), None)
+        base = next((r for r in rows if r["impl"] == (ours or rows[0])["baseline"]), None)
+        if ours is None:
+            continue
+        others = [r for r in rows if r["impl"] not in ("vlmo_fast", "vlmo_fast[torch]") and r is not base
+                  and r["ms"] is not None]
+        best = min(others, key=lambda r: r["ms"]) if others else None
+        out.append({
+            "op": op, "case": case, "dtype": dtype, "mode": mode, "ms": ours["ms"], "status": ours["status"],
+            "vs_official": ours["speedup"],
+            "best_other": best["impl"] if best else None,
+            "vs_best_other": (best["ms"] / ours["ms"]) if best and ours["ms"] else None,
+            "rate": (f"{ours['tflops']:.1f} TFLOP/s" if ours.get("tflops") else
+                     f"{ours['gbs']:.0f} GB/s" if ours.get("gbs") else ""),
+            "frac": ours.get("frac_ceiling"),
+            "mfu": ours.get("mfu_measured"),
+            "samples": ours.get("samples_per_s"),
+        })
+    return out
+
+
+def _f(x, spec, suffix=""):
+    return "" if x is None else format(x, spec) + suffix
+
+
+def summary_markdown(data: Dict[str, Any]) -> str:
+    m = data["meta"]
+    lines = [
+        f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`, torch {m['torch']}, sizes `{m['sizes']}`",
+        "",
+        "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | MFU | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary_rows(data):
+        lines.append(
+            f"| {s['op']} | {s['case']} | {s['dtype']} | {s['mode']} | {_f(s['ms'], '.3f')} | "
+            f"{_f(s['vs_official'], '.2f', 'x')} | {s['best_other'] or ''} | {_f(s['vs_best_other'], '.2f', 'x')} | "
+            f"{s['rate']} | {_f(None if s['frac'] is None else 100 * s['frac'], '.0f')} | "
+            f"{_f(None if s['mfu'] is None else 100 * s['mfu'], '.1f', '%')} | {_f(s['samples'], '.1f')} |"
+            + ("" if s["status"] == "ok" else f" {s['status']}")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def readme_table(folder: str) -> str:
+    """The newest committed result per device, summarised."""
+    per_device: Dict[str, Dict[str, Any]] = {}
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        data = load(path)
+        dev = data["meta"]["device"]
+        if dev not in per_device or data["meta"]["date"] > per_device[dev]["meta"]["date"]:
+            per_device[dev] = data
+    if not per_device:
+        return "No committed benchmark results yet.\n"
+    parts = [summary_markdown(d) for _, d in sorted(per_device.items(), key=lambda kv: kv[1]["meta"]["device_type"])]
+    return "\n".join(parts)
+
+
+def update_readme(readme: str, folder: str) -> None:
+    with open(readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: markers {BEGIN} ... {END} not found")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme, "w") as f:
+        f.write(head + BEGIN + "\n" + readme_table(folder) + END + tail)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", nargs="?", default=os.path.join(HERE, "results"), help="a result JSON or a folder of them")
+    p.add_argument("--readme", default=None, help="rewrite the performance table in this README from the folder")
+    args = p.parse_args(argv)
+    if args.readme:
+        folder = args.path if os.path.isdir(args.path) else os.path.dirname(args.path)
+        update_readme(args.readme, folder)
+        return 0
+    path = newest(args.path) if os.path.isdir(args.path) else args.path
+    if path is None:
+        print(f"no result files in {args.path}")
+        return 1
+    print(summary_markdown(load(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The benchmark harness: rows come from timing the named implementation, FLOP counts are right, the JSON schema
+holds, and the GPU suite's dry run works end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import harness  # noqa: E402
+import run as bench_run  # noqa: E402
+
+import vlmo_fast as vf  # noqa: E402
+
+
+def test_attention_flops_by_hand():
+    assert harness.attention_flops(2, 3, 5, 7) == 4 * 2 * 3 * 25 * 7
+    assert harness.attention_flops(2, 3, 5, 7, backward=True) == 3.5 * 4 * 2 * 3 * 25 * 7
+    # VLMo-base fused attention at B=128: 4 * 128 * 12 * 237^2 * 64 = 2.2 GFLOP... per layer
+    assert harness.attention_flops(128, 12, 237, 64) == pytest.approx(22.09e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("path", ["infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft"])
+def test_forward_flops_match_a_counted_forward(path):
+    """The analytical matmul FLOPs of each path equal what torch's FLOP counter sees in the real forward."""
+    cfg = vf.preset("vlmo_tiny_patch16")
+    model = vf.VLMo(cfg).eval().set_backend("torch")
+    b = 3
+    batch = bench_run.make_batch(cfg, b, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker trips on views)
+        getattr(model, path)(batch)
+    assert harness.forward_path_flops(cfg, b, path) == counter.get_total_flops()
+
+
+def test_step_flops_is_three_forwards():
+    cfg = vf.preset("vlmo_base_patch16")
+    fwd = 4 * harness.forward_path_flops(cfg, 8, "infer") + harness.forward_path_flops(cfg, 8, "infer_text") \
+        + harness.forward_path_flops(cfg, 8, "infer_image") + 2.0 * 8 * 40 * (768 * 768 + 768 * 30522) + 2.0 * 24 * 768 * 2
+    assert harness.pretrain_step_flops(cfg, 8) == pytest.approx(3 * fwd)
+
+
+def _tiny_bench():
+    dev = torch.device("cpu")
+    ceilings = {"copy_gbs": 10.0, "gemm_tflops": 0.1, "gemm_dtype": "float32", "gemm_n": 64, "copy_bytes": 1}
+    return bench_run.Bench(dev, ceilings, reps=3, budget_s=1e9, compile_baselines=False)
+
+
+def _speedup(rows, impl, mode="fwd"):
+    return next(r.speedup for r in rows if r.impl == impl and r.mode == mode)
+
+
+def test_rows_come_from_timing_the_named_implementation(monkeypatch):
+    """Slow down one implementation and only its row (and ratios against it) move."""
+    sizes = bench_run.SIZES["tiny"]
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, sizes, ["fp32"])
+    normal = {r.impl: r.ms for r in bench.rows if r.mode == "fwd"}
+
+    real = bench_run.ops.masked_softmax
+
+    def slow_softmax(*a, **k):
+        time.sleep(0.03)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_run.ops, "masked_softmax", slow_softmax)
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, sizes, ["fp32"])
+    slowed = {r.impl: r for r in bench.rows if r.mode == "fwd"}
+    assert slowed["vlmo_fast"].ms >= 30 and slowed["vlmo_fast[torch]"].ms >= 30
+    assert slowed["official"].ms < 20  # the baseline was not slowed
+    assert slowed["vlmo_fast"].speedup < 0.5 * (normal["official"] / normal["vlmo_fast"])
+    monkeypatch.undo()
+
+    real_official = bench_run.official_softmax
+
+    def slow_official(*a, **k):
+        time.sleep(0.03)
+        return real_official(*a, **k)
+
+    monkeypatch.setattr(bench_run, "official_softmax", slow_official)
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, sizes, ["fp32"])
+    assert _speedup(bench.rows, "vlmo_fast") > 2 * (normal["official"] / normal["vlmo_fast"])
+    assert _speedup(bench.rows, "official") == 1.0
+
+
+def test_errors_are_recorded_not_hidden():
+    bench = _tiny_bench()
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    rows = bench.measure("x", {"n": 1}, "fp32", "fwd", {"official": lambda: torch.ones(3).sum(), "vlmo_fast": broken})
+    assert rows[1].status.startswith("error: RuntimeError: kernel exploded") and rows[1].ms is None
+    assert rows[0].status == "ok" and rows[0].speedup == 1.0
+
+
+def test_json_schema_and_outputs(tmp_path):
+    result = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm", "--out", str(tmp_path), "--no-plot"])
+    data = json.loads(open(result["paths"]["json"]).read())
+    meta = data["meta"]
+    for key in ("schema", "device", "torch", "triton", "commit", "date", "sizes", "ceilings", "build"):
+        assert key in meta, key
+    assert meta["ceilings"]["copy_gbs"] > 0 and meta["ceilings"]["gemm_tflops"] > 0
+    assert {r["op"] for r in data["rows"]} == {"softmax", "layernorm"}
+    required = {"op": str, "impl": str, "mode": str, "case": dict, "dtype": str, "status": str}
+    for row in data["rows"]:
+        for key, typ in required.items():
+            assert isinstance(row[key], typ), key
+        assert row["status"] == "ok" and row["ms"] > 0 and row["gbs"] > 0 and row["speedup"] > 0
+        assert row["baseline"] == "official"
+    md = open(result["paths"]["md"]).read()
+    assert meta["device"] in md and "| softmax |" in md
+    import summary
+
+    text = summary.summary_markdown(data)
+    assert "vs official" in text and "| layernorm |" in text
+
+
+def test_bad_options():
+    with pytest.raises(SystemExit):
+        bench_run.main(["--ops", "nonsense", "--sizes", "tiny"])
+    with pytest.raises(SystemExit):
+        bench_run.main(["--dtypes", "int8", "--sizes", "tiny"])
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = os.listdir(tmp_path)
+    assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
+    assert "vs official" in open(tmp_path / "summary.md").read()
+    assert '"native": true' in proc.stdout

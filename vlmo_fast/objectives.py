@@ -1,0 +1,207 @@
+"""The training objectives, exactly as official (spec §5): MLM, text-only MLM, ITC, ITM with global hard negatives,
+retrieval fine-tuning, VQA and NLVR2. Each returns a dictionary with the official keys; the training loss is the
+unweighted sum of every entry whose key contains "loss" (the weights are inside: 0.25 on MLM, ½ per ITC pair).
+
+Distributed behaviour follows the official code: features are all-gathered without gradient and concatenated local
+first, then the other ranks in rank order, so positives sit on the diagonal of the local rows; every rank computes
+the full global loss. ``gather_with_grad=True`` sends gradients through the gather instead (an option). Without an
+initialised process group everything is local.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+PRETRAIN_ORDER = ("mlm", "textmlm", "itc", "irtr", "itm", "vqa", "nlvr2")
+
+
+def _world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_local_first(t: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """All-gather ``t`` over the process group as ``cat([local, rank 0, ..., rank R-1 without self])``.
+
+    Without gradient (official) the gathered copies are constants and only the local block carries gradient.
+    """
+    world, rank = _world()
+    if world == 1:
+        return t
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+        parts = list(all_gather_with_grad(t))
+    else:
+        parts = [torch.zeros_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.detach().contiguous())
+    parts[rank] = t
+    return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1 :])
+
+
+def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, with_grad: bool):
+    all_image = gather_local_first(image, with_grad)
+    all_text = gather_local_first(text, with_grad)
+    logits_i2t = scale * all_image @ all_text.t()
+    logits_t2i = logits_i2t.t()
+    target = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+    loss = (F.cross_entropy(logits_i2t.float(), target) + F.cross_entropy(logits_t2i.float(), target)) / 2
+    return loss, logits_i2t, logits_t2i, target
+
+
+def compute_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Masked LM on the fusion encoder, cross-entropy over masked tokens, weight 0.25 (spec §5.2)."""
+    infer = model.infer(batch, mask_text=True)
+    logits = model.mlm_score(infer["text_feats"])
+    labels = infer["text_labels"]
+    if labels is None:
+        raise ValueError("batch is missing 'text_labels_mlm' (the MLM targets, -100 where unmasked)")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return {"mlm_loss": loss * 0.25, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
+
+
+def compute_textonly_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Text-only MLM of the language stage (spec §5.1), weight 1."""
+    infer = model.infer_text_mlm(batch, mask_text=True)
+    logits = model.mlm_score(infer["text_feats"])
+    labels = infer["text_labels"]
+    if labels is None:
+        raise ValueError("batch is missing 'text_labels_mlm' (the MLM targets, -100 where unmasked)")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return {"mlm_loss": loss, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
+
+
+def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:
+    """Image-text contrastive loss on the expert and the VL-FFN features, averaged (spec §5.3)."""
+    image = model.infer_image(batch)
+    text = model.infer_text(batch)
+    scale = model.logit_scale.exp()
+    vl_scale = model.logit_vl_scale.exp()
+    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad)
+    vl_loss, vl_i2t, vl_t2i, _ = _clip_loss(image["cls_vlffn_feats"], text["cls_vlffn_feats"], vl_scale,
+                                           gather_with_grad)
+    return {
+        "itc_loss": (loss + vl_loss) * 0.5,
+        "itc_i2t_logits": i2t,
+        "itc_t2i_logits": t2i,
+        "itc_labels": target,
+        "itc_logit_scale": scale,
+        "itc_logit_vl_scale": vl_scale,
+        "itc_vl_i2t_logits": vl_i2t,
+        "itc_vl_t2i_logits": vl_t2i,
+    }
+
+
+def sample_hard_negatives(sim: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One index per local row b, drawn from softmax(sim[b]) with the local positive (column b) zeroed (Q17)."""
+    with torch.no_grad():
+        weights = F.softmax(sim.float(), dim=1)
+        weights.fill_diagonal_(0)
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def compute_itm_hardneg(
+    model,
+    batch: Mapping[str, Any],
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """Image-text matching with one hard negative image per text and one hard negative text per image, sampled
+    from the temperature-scaled ITC logits of the local rows against the global batch (spec §5.4)."""
+    bsz = batch["text_ids"].shape[0]
+    pos = model.infer(batch)
+    with torch.no_grad():
+        all_ids = gather_local_first(pos["text_ids"])
+        all_masks = gather_local_first(pos["text_masks"])
+        all_images = gather_local_first(pos["image"])
+    neg_image_idx = sample_hard_negatives(sim_t2i[:bsz], generator)  # for each local text, an image
+    neg_text_idx = sample_hard_negatives(sim_i2t[:bsz], generator)  # for each local image, a text
+    neg_images = {"image": [all_images[neg_image_idx]], "text_ids": batch["text_ids"],
+                  "text_labels": batch.get("text_labels"), "text_masks": batch["text_masks"]}
+    neg_texts = {"image": batch["image"], "text_ids": all_ids[neg_text_idx],
+                 "text_labels": batch.get("text_labels"), "text_masks": all_masks[neg_text_idx]}
+    cls = torch.cat([pos["cls_feats"], model.infer(neg_images)["cls_feats"], model.infer(neg_texts)["cls_feats"]])
+    labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(cls.device)
+    logits = model.itm_score(cls)
+    return {"itm_loss": F.cross_entropy(logits.float(), labels), "itm_logits": logits, "itm_labels": labels}
+
+
+def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:
+    """Retrieval fine-tuning: the expert half of ITC on the ``_ft`` paths (spec §5.7)."""
+    image = model.infer_image_ft(batch)
+    text = model.infer_text_ft(batch)
+    scale = model.logit_scale.exp()
+    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad)
+    return {"irtr_loss": loss, "irtr_i2t_logits": i2t, "irtr_t2i_logits": t2i, "irtr_labels": target,
+            "irtr_logit_scale": scale}
+
+
+def vqa_targets(labels: Iterable[Iterable[int]], scores: Iterable[Iterable[float]], num_labels: int,
+                device: torch.device) -> torch.Tensor:
+    """Dense (B, num_labels) soft-score targets from per-question label and score lists."""
+    labels, scores = list(labels), list(scores)
+    target = torch.zeros(len(labels), num_labels, device=device)
+    for i, (ls, ss) in enumerate(zip(labels, scores)):
+        for label, score in zip(ls, ss):
+            target[i, int(label)] = float(score)
+    return target
+
+
+def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
+    """VQA: BCE-with-logits averaged over B x 3129, times 3129 (spec §5.5)."""
+    infer = model.infer(batch)
+    logits = model.vqa_classifier(infer["cls_feats"])
+    targets = vqa_targets(batch["vqa_labels"], batch["vqa_scores"], logits.shape[1], logits.device)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+    return {"vqa_loss": loss, "vqa_logits": logits, "vqa_targets": targets, "vqa_labels": batch["vqa_labels"],
+            "vqa_scores": batch["vqa_scores"]}
+
+
+def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """NLVR2: two fusion passes (image_0 with type 1, image_1 with type 2), classifier on the concatenated cls."""
+    cls1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
+    cls2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
+    logits = model.nlvr2_classifier(torch.cat([cls1, cls2], dim=-1))
+    labels = torch.as_tensor(batch["answers"], device=logits.device).long()
+    return {"nlvr2_loss": F.cross_entropy(logits.float(), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
+
+
+def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_with_grad: bool = False,
+                  generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    """Run ``tasks`` in the official order (mlm, textmlm, itc, irtr, itm, vqa, nlvr2); ITM uses the ITC logits."""
+    tasks = set(tasks)
+    unknown = tasks - set(PRETRAIN_ORDER)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; expected a subset of {list(PRETRAIN_ORDER)}")
+    if "itm" in tasks and "itc" not in tasks:
+        raise ValueError("itm samples its hard negatives from the ITC logits: enable itc with itm")
+    ret: Dict[str, Any] = {}
+    if "mlm" in tasks:
+        ret.update(compute_mlm(model, batch))
+    if "textmlm" in tasks:
+        ret.update(compute_textonly_mlm(model, batch))
+    if "itc" in tasks:
+        ret.update(compute_itc(model, batch, gather_with_grad))
+    if "irtr" in tasks:
+        ret.update(compute_irtr(model, batch, gather_with_grad))
+    if "itm" in tasks:
+        ret.update(compute_itm_hardneg(model, batch, ret["itc_i2t_logits"], ret["itc_t2i_logits"], generator))
+    if "vqa" in tasks:
+        ret.update(compute_vqa(model, batch))
+    if "nlvr2" in tasks:
+        ret.update(compute_nlvr2(model, batch))
+    return ret
+
+
+def total_loss(ret: Mapping[str, Any]) -> torch.Tensor:
+    """The official training loss: the unweighted sum of every entry whose key contains "loss"."""
+    losses = [v for k, v in ret.items() if "loss" in k]
+    if not losses:
+        raise ValueError("no loss in the objectives' output")
+    return torch.stack([l.float() for l in losses]).sum()
