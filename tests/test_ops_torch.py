@@ -7,27 +7,12 @@ import torch.nn.functional as F
 from vlmo_fast import ops
 from vlmo_fast.model import relpos
 
-
-def reference_attention(q, k, v, bias=None, keep=None, scale=None):
-    q, k, v = q.double(), k.double(), v.double()
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q * scale) @ k.transpose(-1, -2)
-    if bias is not None:
-        s = s + bias.double()
-    if keep is not None:
-        s = s.masked_fill(~keep.bool()[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, -1)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows -> 0
-    return p @ v
+from attn_ref import padding as attn_padding
+from attn_ref import reference_attention
 
 
 def padding(b, n):
-    keep = torch.ones(b, n, dtype=torch.bool)
-    if b > 1:
-        keep[1, n // 2 :] = False
-    if b > 2:
-        keep[2] = False  # a fully padded batch row
-    return keep
+    return attn_padding(b, n, full_row=2 if b > 2 else None)
 
 
 @pytest.mark.parametrize("n", [1, 40, 237, 257])

@@ -136,7 +136,7 @@ class VLMo(nn.Module):
         for name, t in (("text_ids", text_ids), ("text_masks", text_masks)):
             if t.device != self.device:
                 raise ValueError(f"{name} must be on the model's device {self.device}, got {t.device}")
-        if text_ids.numel():
+        if text_ids.numel() and not torch.compiler.is_compiling():  # value checks would break a compiled graph
             lo, hi = int(text_ids.min()), int(text_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"text_ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
@@ -216,7 +216,8 @@ class VLMo(nn.Module):
 
     def _text_hidden(self, text_ids, text_masks, vlffn: bool):
         keep = self._check_text(text_ids, text_masks, exact=self.config.use_rel_pos)
-        keep = None if bool(keep.all()) else keep  # no key masked: skip the masking work
+        if not torch.compiler.is_compiling() and bool(keep.all()):
+            keep = None  # no key masked: skip the masking work
         return self._unimodal(self.embed_text(text_ids), keep, "text", "text_relative_position_index", vlffn)
 
     def _image_hidden(self, image, image_token_type_idx: int, vlffn: bool):

@@ -23,3 +23,5 @@ __all__ = [
     "rel_pos_attention",
     "rel_pos_bias_gather",
 ]
+
+from . import triton_attention as _triton_attention  # noqa: E402,F401  (registers the Triton backend)

@@ -13,7 +13,9 @@ which also carries the C++ CPU kernels) register themselves per op with a predic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -24,6 +26,8 @@ class _Impl:
     # returns None when the inputs are supported, else a short reason
     unsupported: Callable[..., Optional[str]]
     priority: int
+    # device types on which "auto" may pick it (an explicit request may use it anywhere it is supported)
+    auto_devices: Tuple[str, ...]
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
@@ -35,11 +39,24 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Optional[str]], priority: int) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op``; lower priority numbers win under "auto"."""
+def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Optional[str]], priority: int,
+             auto_devices: Tuple[str, ...] = ("cuda", "cpu")) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op``; lower priority numbers win under "auto", which
+    only considers it for tensors on ``auto_devices`` (e.g. Triton's CPU interpreter is for tests, never "auto")."""
     if backend not in BACKENDS[2:]:
         raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority, tuple(auto_devices))
+
+
+def _device_type(args) -> Optional[str]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)):
+            found = _device_type(a)
+            if found is not None:
+                return found
+    return None
 
 
 def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
@@ -49,8 +66,9 @@ def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
     if backend == "torch":
         return None
     if backend == "auto":
+        device = _device_type(args)
         for _, impl in sorted(impls.items(), key=lambda kv: kv[1].priority):
-            if impl.unsupported(*args, **kwargs) is None:
+            if device in impl.auto_devices and impl.unsupported(*args, **kwargs) is None:
                 return impl.fn
         return None
     impl = impls.get(backend)

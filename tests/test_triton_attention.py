@@ -1,0 +1,267 @@
+"""The Triton rel-pos attention kernel: on CPU through Triton's interpreter (TRITON_INTERPRET=1, set in conftest)
+against float64 references; on GPU (marked `gpu`) against the flash-attention numerics rule and for determinism."""
+
+import pytest
+import torch
+
+import vlmo_fast as vf
+from vlmo_fast import ops
+from vlmo_fast.model import relpos
+from vlmo_fast.ops import backend as ops_backend
+from vlmo_fast.ops import triton_attention as ta
+from vlmo_fast.reference import ReferenceVLMo
+
+from attn_ref import eager_attention, padding, reference_attention
+
+on_gpu = torch.cuda.is_available()
+DEV = "cuda" if on_gpu else "cpu"
+
+
+def qkv_views(b, h, n, d, dtype=torch.float32, device=DEV):
+    """q, k, v as the model makes them: permuted views of one (B, N, 3, H, D) projection (strided, not contiguous)."""
+    qkv = torch.randn(b, n, 3, h, d, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+    return q, k, v
+
+
+def fusion_index(n):
+    """A real VLMo fusion index of length n when n = Lt + W² + 1 for a small W, else a random index."""
+    for w in (2, 3, 4, 14):
+        lt = n - (w * w + 1)
+        if 1 <= lt <= 196:
+            return relpos.fusion_relative_position_index(lt, w), relpos.num_table_rows(w)
+    return torch.randint(0, 50, (n, n)), 50
+
+
+def grads(out, leaves, g):
+    return torch.autograd.grad(out, leaves, g, retain_graph=True)
+
+
+def check_close(got, want, rtol=2e-5, name=""):
+    # relative to the tensor's magnitude, floored so that rounding noise on an exactly-zero gradient
+    # (e.g. dq with a single key) does not count as an error
+    scale = want.abs().max().clamp_min(1e-2)
+    err = (got.double() - want.double()).abs().max() / scale
+    assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "n,form,b",
+    [(1, "table", 2), (29, "table", 3), (45, "dense", 2), (45, "none", 2), (97, "table", 2), (237, "table", 2),
+     (257, "dense", 1)],
+)
+def test_fp32_matches_float64(n, form, b):
+    h, d = 2, 16
+    q, k, v = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    full = torch.randn(rows, 3 * h, requires_grad=True)
+    dense = torch.randn(h, n, n, requires_grad=True)
+    keep = padding(b, n, full_row=2 if b > 2 else None)
+    kw = {"table": dict(bias_table=full[:, h : 2 * h], bias_index=index), "dense": dict(bias=dense), "none": {}}[form]
+    bias = {"table": full[:, h : 2 * h].t()[:, index], "dense": dense, "none": None}[form]
+    leaves = [q, k, v] + ({"table": [full], "dense": [dense], "none": []}[form])
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, backend="triton", **kw)
+    ref = reference_attention(q, k, v, bias, keep)
+    eager = eager_attention(q, k, v, bias, keep)  # the official math in fp32: the yardstick for rounding noise
+    assert torch.isfinite(out).all()
+    check_close(out, ref, name="out")
+    if b > 2:
+        assert torch.all(out[2] == 0)  # fully padded batch row: zeros, not NaN
+    g = torch.randn_like(out)
+    got, want, base = grads(out, leaves, g), grads(ref, leaves, g.double()), grads(eager, leaves, g)
+    for name, a, e, r in zip(["dq", "dk", "dv", "dbias"], got, base, want):
+        assert torch.isfinite(a).all(), name
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"{name}: {err:.2e} vs eager {err_eager:.2e}"
+    if form == "table":  # only this layer's columns of the full table receive gradient
+        assert got[3][:, :h].abs().sum() == 0 and got[3][:, 2 * h :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_eager_error(dtype):
+    b, h, n, d = 2, 2, 45, 32
+    q32, k32, v32 = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, requires_grad=True)
+    keep = padding(b, n)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+    out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, backend="triton")
+    assert out.dtype == dtype
+    bias = table.t()[:, index]
+    ref = reference_attention(q, k, v, bias, keep)
+    eager = eager_attention(q, k, v, bias, keep)
+    g = torch.randn_like(out)
+    leaves = [q, k, v, table]
+    got, want, base = grads(out, leaves, g), grads(ref, leaves, g.double()), grads(eager, leaves, g)
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]  # the interpreter truncates to low precision
+    for name, a, e, r in zip(["out", "dq", "dk", "dv", "dtable"], (out,) + got, (eager,) + base, (ref,) + want):
+        err = (a.double() - r).abs().max()
+        err_eager = (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + ulp * r.abs().max() + 1e-6, f"{name}: {err:.3e} vs eager {err_eager:.3e}"
+
+
+def test_backward_is_deterministic_and_scale_is_honoured():
+    b, h, n, d = 2, 2, 29, 16
+    q, k, v = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, requires_grad=True)
+    keep = padding(b, n)
+    runs = []
+    for _ in range(2):
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, scale=0.3,
+                                    backend="triton")
+        runs.append(grads(out, [q, k, v, table], torch.ones_like(out)))
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+    ref = reference_attention(q, k, v, table.t()[:, index], keep, scale=0.3)
+    check_close(out, ref)
+
+
+def test_head_dim_padding_34():
+    """base_plus has head_dim 34: padded inside the kernel to the next power of two."""
+    b, h, n, d = 1, 2, 40, 34
+    q, k, v = qkv_views(b, h, n, d)
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=padding(b, n), backend="triton")
+    check_close(out, reference_attention(q, k, v, None, padding(b, n)))
+    dq = grads(out, [q], torch.ones_like(out))[0]
+    check_close(dq, grads(reference_attention(q, k, v, None, padding(b, n)), [q], torch.ones_like(out).double())[0],
+                rtol=5e-5)
+
+
+def test_unsupported_inputs_raise_with_explicit_backend():
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs: dtype"):
+        ops.rel_pos_attention(q, q, q, backend="triton")
+    big = torch.randn(1, 1, 4, 130)
+    with pytest.raises(ValueError, match="head dim 130"):
+        ops.rel_pos_attention(big, big, big, backend="triton")
+
+
+def test_auto_never_picks_the_interpreter_on_cpu():
+    q = torch.randn(1, 2, 8, 16)
+    assert ops_backend.select("attention", "auto", q, q, q, None, None, None, None) is not ta.attention_triton
+    assert ops_backend.select("attention", "triton", q, q, q, None, None, None, None) is ta.attention_triton
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    b, h, n, d = 2, 2, 29, 16
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, requires_grad=True)
+    keep = padding(b, n)
+
+    def fn(q, k, v, table):
+        return ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                     backend="triton").sum(-1)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    q, k, v = qkv_views(b, h, n, d)
+    out = compiled(q, k, v, table)
+    check_close(out, fn(q, k, v, table))
+    g1 = torch.autograd.grad(out.sum(), [q, table])
+    g2 = torch.autograd.grad(fn(q, k, v, table).sum(), [q, table])
+    for a, e in zip(g1, g2):
+        check_close(a, e)
+
+
+def test_model_with_triton_backend_matches_reference():
+    cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=6, depth=2, vlffn_start_layer_index=1,
+                    drop_path_rate=0.0)
+    fast = vf.VLMo(cfg, backend="triton")
+    with torch.no_grad():
+        fast.relative_position_bias_table.normal_()
+    ref = ReferenceVLMo(cfg)
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(1000, 2000, (2, 6))
+    masks = torch.ones(2, 6, dtype=torch.long)
+    masks[1, 3:] = 0
+    batch = {"text_ids": ids, "text_masks": masks, "image": [torch.randn(2, 3, 32, 32)]}
+    a, e = fast.infer(batch), ref.infer(batch)
+    check_close(a["text_feats"], e["text_feats"])
+    a["cls_feats"].sum().backward()
+    e["cls_feats"].sum().backward()
+    check_close(fast.relative_position_bias_table.grad, ref.relative_position_bias_table.grad, rtol=1e-4)
+    check_close(fast.transformer.blocks[0].attn.qkv.weight.grad, ref.transformer.blocks[0].attn.qkv.weight.grad,
+                rtol=1e-4)
+
+
+# ---- GPU (H100/H200): the flash-attention numerics rule at VLMo sizes ---------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,form", [(237, "table"), (237, "dense"), (617, "table"), (941, "table"), (40, "none")])
+def test_gpu_numerics_rule(dtype, n, form):
+    b, h, d = (8, 12, 64) if n == 237 else (2, 12, 64)
+    q32, k32, v32 = qkv_views(b, h, n, d, device="cuda")
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+    if n == 40:
+        index, rows = relpos.text_relative_position_index(40, 14).cuda(), relpos.num_table_rows(14)
+    else:
+        w = {237: 14, 617: 24, 941: 30}[n]
+        index, rows = relpos.fusion_relative_position_index(40, w).cuda(), relpos.num_table_rows(w)
+    full = (torch.randn(rows, 12 * h, device="cuda") * 0.5).requires_grad_()
+    dense = torch.randn(h, n, n, device="cuda", requires_grad=True)
+    keep = padding(b, n, full_row=b - 1).cuda()
+    kw = {"table": dict(bias_table=full[:, h : 2 * h], bias_index=index), "dense": dict(bias=dense), "none": {}}[form]
+    bias = {"table": full[:, h : 2 * h].t()[:, index], "dense": dense, "none": None}[form]
+    leaves = [q, k, v] + ({"table": [full], "dense": [dense], "none": []}[form])
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, backend="triton", **kw)
+    ref = reference_attention(q.float(), k.float(), v.float(), None if bias is None else bias.float(), keep)
+    eager = eager_attention(q, k, v, bias, keep)
+    g = torch.randn_like(out)
+    got, want, base = grads(out, leaves, g), grads(ref, leaves, g.double()), grads(eager, leaves, g)
+    for name, a, e, r in zip(["out", "dq", "dk", "dv", "dbias"], (out,) + got, (eager,) + base, (ref,) + want):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - r.double()).abs().max()
+        err_eager = (e.double() - r.double()).abs().max()
+        assert err <= 2 * err_eager + 1e-5 * r.abs().max(), f"{name}: {err:.3e} vs eager {err_eager:.3e}"
+    assert torch.all(out[b - 1] == 0)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bit_identical():
+    b, h, n, d = 16, 12, 237, 64
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv_views(b, h, n, d, device="cuda"))
+    index = relpos.fusion_relative_position_index(40, 14).cuda()
+    table = torch.randn(1126, h, device="cuda", requires_grad=True)
+    keep = padding(b, n).cuda()
+    runs = []
+    for _ in range(3):
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep)
+        runs.append((out,) + grads(out, [q, k, v, table], torch.ones_like(out)))
+    for other in runs[1:]:
+        for a, e in zip(runs[0], other):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_not_quadratic_in_batch():
+    b, h, n, d = 64, 12, 237, 64
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv_views(b, h, n, d, device="cuda"))
+    index = relpos.fusion_relative_position_index(40, 14).cuda()
+    table = torch.randn(1126, h, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index)
+    grads(out, [q, k, v, table], torch.ones_like(out))
+    peak = torch.cuda.max_memory_allocated() - base
+    scores_fp32 = b * h * n * n * 4
+    assert peak < 0.25 * scores_fp32, f"peak {peak / 2**20:.0f} MiB vs one fp32 score tensor {scores_fp32 / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_and_model_matches_reference():
+    cfg = vf.preset("vlmo_base_patch16", depth=2, vlffn_start_layer_index=1, drop_path_rate=0.0)
+    fast = vf.VLMo(cfg).cuda().eval()
+    ref = ReferenceVLMo(cfg).cuda().eval()
+    ref.load_state_dict(fast.state_dict())
+    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    assert ops_backend.select("attention", "auto", q, q, q, None, None, None, None) is ta.attention_triton
+    ids = torch.randint(1000, 2000, (4, 40), device="cuda")
+    masks = torch.ones(4, 40, dtype=torch.long, device="cuda")
+    masks[1:, 9:] = 0
+    batch = {"text_ids": ids, "text_masks": masks, "image": [torch.randn(4, 3, 224, 224, device="cuda")]}
+    with torch.no_grad():
+        a, e = fast.infer(batch), ref.infer(batch)
+    check_close(a["cls_feats"], e["cls_feats"], rtol=1e-4)
