@@ -69,10 +69,13 @@ def test_fp32_matches_float64(n, form, b):
         assert torch.all(out[2] == 0)  # fully padded batch row: zeros, not NaN
     g = torch.randn_like(out)
     got, want, base = grads(out, leaves, g), grads(ref, leaves, g.double()), grads(eager, leaves, g)
+    # fp32 rounding floor: a gradient that is exactly 0 in exact arithmetic (one key: dS = dP - delta = 0) still
+    # carries rounding noise of the size of the products it cancels, D·|dO|·|v|·eps
+    noise = 1e-6 * d * g.abs().max() * max(t.abs().max() for t in (q, k, v))
     for name, a, e, r in zip(["dq", "dk", "dv", "dbias"], got, base, want):
         assert torch.isfinite(a).all(), name
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"{name}: {err:.2e} vs eager {err_eager:.2e}"
+        assert err <= 2 * err_eager + 1e-6 * r.abs().max() + noise, f"{name}: {err:.2e} vs eager {err_eager:.2e}"
     if form == "table":  # only this layer's columns of the full table receive gradient
         assert got[3][:, :h].abs().sum() == 0 and got[3][:, 2 * h :].abs().sum() == 0
 
@@ -265,3 +268,27 @@ def test_gpu_auto_picks_triton_and_model_matches_reference():
     with torch.no_grad():
         a, e = fast.infer(batch), ref.infer(batch)
     check_close(a["cls_feats"], e["cls_feats"], rtol=1e-4)
+
+
+def test_official_indices_are_computed_in_kernel_and_agree_with_the_loaded_index(monkeypatch):
+    assert ta._structure(relpos.fusion_relative_position_index(12, 4), relpos.num_table_rows(4)) == (12, 4, 196)
+    assert ta._structure(relpos.image_relative_position_index(4), relpos.num_table_rows(4)) == (0, 4, 196)
+    assert ta._structure(relpos.text_relative_position_index(40, 14), relpos.num_table_rows(14)) == (40, 14, 196)
+    assert ta._structure(relpos.fusion_relative_position_index(40, 14), relpos.num_table_rows(14)) == (40, 14, 196)
+    assert ta._structure(torch.randint(0, 446, (29, 29)), 446) is None
+    b, h, d = 2, 2, 16
+    for index, rows in [(relpos.fusion_relative_position_index(12, 4), relpos.num_table_rows(4)),
+                        (relpos.image_relative_position_index(4), relpos.num_table_rows(4)),
+                        (relpos.text_relative_position_index(29, 4), relpos.num_table_rows(4))]:
+        n = index.shape[0]
+        q, k, v = qkv_views(b, h, n, d)
+        table = torch.randn(rows, h, requires_grad=True)
+        keep = padding(b, n)
+        results = []
+        for structured in (True, False):
+            monkeypatch.setattr(ta, "STRUCTURED_INDEX", structured)
+            out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                        backend="triton")
+            results.append((out,) + grads(out, [q, k, v, table], torch.ones_like(out)))
+        for a, e in zip(*results):
+            assert torch.equal(a, e)

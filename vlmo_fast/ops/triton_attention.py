@@ -52,13 +52,39 @@ def interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _vlmo_index(offs_m, offs_n, LT, W, L0):
+        """The official VLMo relative-position index (spec §2) computed from positions: text [0, LT), then the image
+        CLS and W·W patches. LT = 0 gives the image index, LT = N the text index, anything between the fusion one."""
+        W2 = 2 * W - 1
+        D_IMG = W2 * W2 + 3
+        R = D_IMG + 2 * L0 + 2
+        pi = offs_m - LT - 1  # patch number (row-major) of image query rows
+        pj = offs_n - LT - 1
+        img = (pi // W)[:, None] - (pj // W)[None, :] + W - 1
+        img = img * W2 + ((pi % W)[:, None] - (pj % W)[None, :] + W - 1)  # query minus key
+        txt = offs_n[None, :] - offs_m[:, None] + L0 + D_IMG  # key minus query
+        ti = offs_m[:, None] < LT
+        tj = offs_n[None, :] < LT
+        xi = offs_m[:, None] == 0
+        xj = offs_n[None, :] == 0
+        ci = offs_m[:, None] == LT
+        cj = offs_n[None, :] == LT
+        tt = tl.where(xi & xj, R - 1, tl.where(xi, R - 3, tl.where(xj, R - 2, txt)))
+        ii = tl.where(ci & cj, D_IMG - 1, tl.where(ci, D_IMG - 3, tl.where(cj, D_IMG - 2, img)))
+        return tl.where(ti, tl.where(tj, tt, D_IMG), tl.where(tj, D_IMG + 1, ii))
+
+    @triton.jit
     def _scores(q, k, offs_m, offs_n, N, h, scale_log2,
                 BIAS, sb_h, sb_m, sb_n,  # dense bias (H, N, N)
-                TABLE, st_r, st_h,  # (R, H) table, any strides
-                INDEX, si_m, si_n,  # (N, N) int32 index
+                TABLE, st_r, st_h,  # (H, R) per-head contiguous copy of the table slice
+                INDEX, si_m, si_n,  # (N, N) int32 index (BIAS_MODE 2)
+                LT, W, L0,  # the index's structure (BIAS_MODE 3)
                 KEEP_ROW, sk_n,  # (N,) uint8 keep flags of this batch row
                 BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) logits in base-2 units: (scale·q kᵀ + bias)·log2(e), -inf on masked/out-of-range keys."""
+        """(BLOCK_M, BLOCK_N) logits in base-2 units: (scale·q kᵀ + bias)·log2(e), -inf on masked/out-of-range keys.
+
+        BIAS_MODE 0: none; 1: dense; 2: gathered through a loaded index; 3: gathered through the official VLMo index
+        computed from the positions (no index traffic)."""
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -70,7 +96,11 @@ if triton is not None:
             s += bias.to(tl.float32) * 1.4426950408889634
         if BIAS_MODE == 2:
             idx = tl.load(INDEX + offs_m[:, None] * si_m + offs_n[None, :] * si_n, mask=in_range, other=0)
-            bias = tl.load(TABLE + idx.to(tl.int64) * st_r + h * st_h, mask=in_range, other=0.0)
+            bias = tl.load(TABLE + h * st_h + idx * st_r, mask=in_range, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        if BIAS_MODE == 3:
+            idx = _vlmo_index(offs_m, offs_n, LT, W, L0)
+            bias = tl.load(TABLE + h * st_h + idx * st_r, mask=in_range, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         key_ok = offs_n < N
         if HAS_MASK:
@@ -80,7 +110,7 @@ if triton is not None:
     @triton.jit
     def _fwd(Q, K, V, O, LSE, BIAS, TABLE, INDEX, KEEP,
              sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
-             sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, skp_b, skp_n,
+             sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
              H, N, D, scale_log2,
              BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -108,7 +138,7 @@ if triton is not None:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
-                        INDEX, si_m, si_n, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                        INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN from -inf - -inf
             p = tl.math.exp2(s - m_safe[:, None])
@@ -146,7 +176,7 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, TABLE, INDEX, KEEP,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
-                  sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, skp_b, skp_n,
+                  sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
                   H, N, D, scale, scale_log2,
                   BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -179,7 +209,7 @@ if triton is not None:
             lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
             delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
             s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
-                        INDEX, si_m, si_n, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                        INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             p = tl.math.exp2(s - lse[:, None])
             if IEEE:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
@@ -201,7 +231,7 @@ if triton is not None:
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DPART, BIAS, TABLE, INDEX, KEEP,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
-                sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, skp_b, skp_n,
+                sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
                 B, H, N, D, rows_per_group, scale, scale_log2,
                 BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -239,7 +269,7 @@ if triton is not None:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
                 s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
-                            INDEX, si_m, si_n, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                            INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                 p = tl.math.exp2(s - lse[:, None])
                 if IEEE:
                     dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -279,14 +309,62 @@ if triton is not None:
         tl.store(DTABLE + r * sdt_r + offs_h * sdt_h, acc, mask=h_ok)
 
 
+# ---- tuning -------------------------------------------------------------------------------------------------------
+
+
+def _config_list(shapes, reset=None):
+    """Autotuned configurations; a single one under the interpreter (no timing there)."""
+    if interpreting():
+        shapes = [(64, 64, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+if triton is not None:
+    _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
+    _fwd_tuned = triton.autotune(
+        _config_list([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]),
+        key=_TUNE_KEY)(_fwd)
+    _dkdv_tuned = triton.autotune(
+        _config_list([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2)]), key=_TUNE_KEY)(_bwd_dkdv)
+    _dq_tuned = triton.autotune(
+        _config_list([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]),
+        key=_TUNE_KEY + ["NEED_DBIAS"], reset_to_zero=["DPART"])(_bwd_dq)
+
+
 # ---- host side ---------------------------------------------------------------------------------------------------
 
 _INDEX_CACHE: Dict[int, tuple] = {}
 
 
-def _index_data(index: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int32 contiguous index and the CSR of its values (positions sorted by table row, row offsets), computed once
-    per index tensor (and table size) and reused until the tensor is modified in place."""
+def _structure(index: torch.Tensor, rows: int) -> Optional[Tuple[int, int, int]]:
+    """(LT, W, L0) when ``index`` is one of the official VLMo index matrices for a table of ``rows`` rows (then the
+    kernels compute it from positions instead of loading it), else None."""
+    from ..model import relpos
+
+    n = index.shape[0]
+    for w in range(1, 64):
+        d_img = relpos.num_image_distances(w)
+        if (rows - d_img - 2) % 2 or rows - d_img - 2 < 2:
+            continue
+        l0 = (rows - d_img - 2) // 2
+        candidates = []
+        if n == w * w + 1:
+            candidates.append((0, relpos.image_relative_position_index(w)))
+        if 1 <= n - (w * w + 1) <= l0:
+            lt = n - (w * w + 1)
+            candidates.append((lt, relpos.fusion_relative_position_index(lt, w, l0)))
+        if 2 <= n <= l0:
+            candidates.append((n, relpos.text_relative_position_index(n, w, l0)))
+        for lt, expected in candidates:
+            if torch.equal(index.cpu().long(), expected):
+                return lt, w, l0
+    return None
+
+
+def _index_data(index: torch.Tensor, rows: int):
+    """(int32 contiguous index, CSR order, CSR row offsets, structure) for an index tensor and a table size,
+    computed once and reused until the tensor is modified in place. The CSR (positions sorted by table row) drives
+    the deterministic reduction of the table gradient."""
     key = (index._version, rows, index.device)
     hit = _INDEX_CACHE.get(id(index))
     if hit is not None and hit[0]() is index and hit[1] == key:
@@ -296,7 +374,7 @@ def _index_data(index: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Ten
     counts = torch.bincount(flat, minlength=rows)
     offsets = torch.zeros(rows + 1, dtype=torch.int32, device=index.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    data = (index.to(torch.int32).contiguous(), order, offsets)
+    data = (index.to(torch.int32).contiguous(), order, offsets, _structure(index, rows))
     if len(_INDEX_CACHE) > 64:
         _INDEX_CACHE.clear()
     try:
@@ -306,23 +384,20 @@ def _index_data(index: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Ten
     return data
 
 
-def _blocks(d: int) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if interpreting():
-        return 64, 64, block_d, 4, 1
-    if block_d <= 64:
-        return 64, 64, block_d, 4, 3
-    return 64, 32, block_d, 4, 2
-
-
-def _bias_args(bias, table, index_i32):
-    """(mode, bias ptr + strides, table ptr + strides, index ptr + strides) with dummies for the unused forms."""
+def _bias_args(bias, table, index, structured: bool = True):
+    """Kernel arguments for the bias: (mode, dense bias + strides, (H, R) table + strides, index + strides,
+    (LT, W, L0)), dummies for the unused forms."""
+    none = (None, (0, 0, 0), None, (0, 0), None, (0, 0), (0, 1, 0))
     if bias is not None:
-        return 1, bias, bias.stride(), None, (0, 0), None, (0, 0)
-    if table is not None:
-        return 2, None, (0, 0, 0), table, table.stride(), index_i32, index_i32.stride()
-    return 0, None, (0, 0, 0), None, (0, 0), None, (0, 0)
+        return (1, bias, bias.stride()) + none[2:]
+    if table is None:
+        return (0,) + none
+    index_i32, _, _, struct = _index_data(index, table.shape[0])
+    # one contiguous row of R floats per head: the in-kernel gathers stay within a few cache lines
+    table_t = table.t().contiguous()
+    if struct is not None and structured:
+        return 3, None, (0, 0, 0), table_t, (1, table_t.stride(0)), None, (0, 0), struct
+    return 2, None, (0, 0, 0), table_t, (1, table_t.stride(0)), index_i32, index_i32.stride(), (0, 1, 0)
 
 
 def _flags(q: torch.Tensor) -> Tuple[bool, bool]:
@@ -332,15 +407,29 @@ def _flags(q: torch.Tensor) -> Tuple[bool, bool]:
     return upcast, q.dtype == torch.float32
 
 
-def _dummy(ref: torch.Tensor) -> torch.Tensor:
-    return torch.empty(1, dtype=torch.float32, device=ref.device)
-
-
 def _keep_args(keep: Optional[torch.Tensor], ref: torch.Tensor):
     if keep is None:
         return False, torch.empty(1, dtype=torch.uint8, device=ref.device), (0, 0)
     k = keep.view(torch.uint8) if keep.dtype == torch.bool else keep.to(torch.uint8)
     return True, k, k.stride()
+
+
+def _common(q, bias, table, index, keep, structured):
+    """Everything the three attention kernels share: pointers (dummies where unused), strides and flags."""
+    mode, bias_t, sb, table_t, st, index_t, si, struct = _bias_args(bias, table, index, structured)
+    has_mask, keep_t, skp = _keep_args(keep, q)
+    upcast, ieee = _flags(q)
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    ptrs = (bias_t if bias_t is not None else dummy, table_t if table_t is not None else dummy,
+            index_t if index_t is not None else torch.empty(1, dtype=torch.int32, device=q.device), keep_t)
+    strides = (*sb, *st, *si, *struct, *skp)
+    flags = dict(BIAS_MODE=mode, HAS_MASK=has_mask, UPCAST=upcast, IEEE=ieee,
+                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+    return ptrs, strides, flags
+
+
+# The structured (index computed in-kernel) path can be switched off to compare against the loaded-index path.
+STRUCTURED_INDEX = True
 
 
 def _forward(q, k, v, bias, table, index, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -350,31 +439,19 @@ def _forward(q, k, v, bias, table, index, keep, scale) -> Tuple[torch.Tensor, to
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     if n == 0 or b == 0:
         return out, lse
-    index_i32 = _index_data(index, table.shape[0])[0] if table is not None else None
-    mode, bias_t, sb, table_t, st, index_t, si = _bias_args(bias, table, index_i32)
-    has_mask, keep_t, skp = _keep_args(keep, q)
-    upcast, ieee = _flags(q)
-    bm, bn, bd, warps, stages = _blocks(d)
-    dummy = _dummy(q)
-    grid = (triton.cdiv(n, bm), b * h)
-    _fwd[grid](
-        q, k, v, out, lse, bias_t if bias_t is not None else dummy, table_t if table_t is not None else dummy,
-        index_t if index_t is not None else dummy, keep_t,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sb, *st, *si, *skp,
-        h, n, d, scale * LOG2E,
-        BIAS_MODE=mode, HAS_MASK=has_mask, UPCAST=upcast, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        num_warps=warps, num_stages=stages,
-    )
+    ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _fwd_tuned[grid](q, k, v, out, lse, *ptrs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *strides,
+                     h, n, d, scale * LOG2E, **flags)
     return out, lse
 
 
-def _group_count(b: int, h: int, n: int, block_m: int) -> int:
-    """Batch groups for the dQ/dbias kernel: enough programs to fill the GPU (about 4 per SM), at most B."""
+def _group_count(b: int, h: int, n: int) -> int:
+    """Batch groups of the dQ/dbias kernel: enough programs to fill the GPU (about 4 per SM at 64-row tiles)."""
     if interpreting():
         return min(b, 2)
-    programs = triton.cdiv(n, block_m) * h
-    target = 4 * 132
-    return max(1, min(b, triton.cdiv(target, programs)))
+    programs = triton.cdiv(n, 64) * h
+    return max(1, min(b, triton.cdiv(4 * 132, programs)))
 
 
 def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias):
@@ -382,53 +459,38 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
     dk = torch.empty(b, n, h, d, device=q.device, dtype=k.dtype).permute(0, 2, 1, 3)
     dv = torch.empty(b, n, h, d, device=q.device, dtype=v.dtype).permute(0, 2, 1, 3)
-    dbias = None
+    need_dbias = need_dbias and (bias is not None or table is not None)
     if n == 0 or b == 0:
-        if need_dbias:
-            dbias = torch.zeros_like(bias) if bias is not None else torch.zeros_like(table)
+        dbias = (torch.zeros_like(bias) if bias is not None else torch.zeros_like(table)) if need_dbias else None
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias
-    index_i32, order, offsets = _index_data(index, table.shape[0]) if table is not None else (None, None, None)
-    mode, bias_t, sb, table_t, st, index_t, si = _bias_args(bias, table, index_i32)
-    has_mask, keep_t, skp = _keep_args(keep, q)
-    upcast, ieee = _flags(q)
-    bm, bn, bd, warps, stages = _blocks(d)
-    dummy = _dummy(q)
-    bias_t = bias_t if bias_t is not None else dummy
-    table_t = table_t if table_t is not None else dummy
-    index_t = index_t if index_t is not None else dummy
+    ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    _bwd_delta[(triton.cdiv(n, bm), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, n, d, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps)
-    common = (*sb, *st, *si, *skp)
-    _bwd_dkdv[(triton.cdiv(n, bn), b * h)](
-        q, k, v, do, lse, delta, dk, dv, bias_t, table_t, index_t, keep_t,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *common,
-        h, n, d, scale, scale * LOG2E,
-        BIAS_MODE=mode, HAS_MASK=has_mask, UPCAST=upcast, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        num_warps=warps, num_stages=stages,
-    )
-    need_dbias = need_dbias and mode != 0
-    groups = _group_count(b, h, n, bm)
+    _bwd_delta[(triton.cdiv(n, 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, n, d,
+                                            BLOCK_M=64, BLOCK_D=flags["BLOCK_D"], num_warps=4)
+    grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+    _dkdv_tuned[grid_kv](q, k, v, do, lse, delta, dk, dv, *ptrs,
+                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
+                         h, n, d, scale, scale * LOG2E, **flags)
+    groups = _group_count(b, h, n)
     rows_per_group = triton.cdiv(b, groups)
     groups = triton.cdiv(b, rows_per_group)
-    dpart = torch.zeros(groups, h, n, n, device=q.device, dtype=torch.float32) if need_dbias else dummy
-    _bwd_dq[(triton.cdiv(n, bm), h, groups)](
-        q, k, v, do, lse, delta, dq, dpart, bias_t, table_t, index_t, keep_t,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *common,
-        b, h, n, d, rows_per_group, scale, scale * LOG2E,
-        BIAS_MODE=mode, HAS_MASK=has_mask, NEED_DBIAS=need_dbias, UPCAST=upcast, IEEE=ieee,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages,
-    )
-    if need_dbias:
-        if mode == 1:
-            dbias = dpart.sum(0).to(bias.dtype)
-        else:
-            rows = table.shape[0]
-            dtable = torch.empty(rows, h, device=q.device, dtype=torch.float32)
-            _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, n * n, *dtable.stride(),
-                                 BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
-            dbias = dtable.to(table.dtype)
+    dpart = (torch.zeros(groups, h, n, n, device=q.device, dtype=torch.float32) if need_dbias
+             else torch.empty(1, device=q.device, dtype=torch.float32))
+    grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), h, groups)  # noqa: E731
+    _dq_tuned[grid_q](q, k, v, do, lse, delta, dq, dpart, *ptrs,
+                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
+                      b, h, n, d, rows_per_group, scale, scale * LOG2E, NEED_DBIAS=need_dbias, **flags)
+    dbias = None
+    if need_dbias and bias is not None:
+        dbias = dpart.sum(0).to(bias.dtype)
+    elif need_dbias:
+        _, order, offsets, _ = _index_data(index, table.shape[0])
+        rows = table.shape[0]
+        dtable = torch.empty(rows, h, device=q.device, dtype=torch.float32)
+        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, n * n, *dtable.stride(),
+                             BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
+        dbias = dtable.to(table.dtype)
     return dq, dk, dv, dbias
 
 
