@@ -85,9 +85,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str, rel_pos: RelPos) -> torch.Tensor:
         y = self.attn(self.norm1(x), keep, rel_pos, self.backend)
-        if self.gamma_1 is not None:
-            y = self.gamma_1 * y
-        x = x + ops.drop_path(y, self.drop_path, self.training)
+        x = ops.scaled_residual(x, y, self.gamma_1, drop_path=self.drop_path, training=self.training,
+                                backend=self.backend)
         split = None
         if modality == "text":
             experts = [self.expert("text")]

@@ -11,6 +11,7 @@ from .ffn import FFNExpert, multiway_ffn
 from .layernorm import multiway_layernorm
 from .softmax import masked_softmax
 from .relpos_gather import rel_pos_bias_gather
+from .residual import scaled_residual
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +23,8 @@ __all__ = [
     "multiway_layernorm",
     "rel_pos_attention",
     "rel_pos_bias_gather",
+    "scaled_residual",
 ]
 
 from . import triton_attention as _triton_attention  # noqa: E402,F401  (registers the Triton backend)
+from . import triton_ffn as _triton_ffn  # noqa: E402,F401

@@ -1,0 +1,183 @@
+"""The fused Multiway FFN and LayerScale residual (Triton kernels around cuBLAS GEMMs): through Triton's interpreter
+on CPU against float64 references and the PyTorch path, with DropPath, autocast, checkpointing and compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import vlmo_fast as vf
+from vlmo_fast import ops
+from vlmo_fast.reference import Block as OfficialBlock
+from vlmo_fast.model.multiway import Block as FastBlock
+from vlmo_fast.model import relpos
+
+D, HID = 32, 128
+
+
+def expert(dtype=torch.float32):
+    parts = [1 + 0.1 * torch.randn(D), 0.1 * torch.randn(D), 0.05 * torch.randn(HID, D), 0.1 * torch.randn(HID),
+             0.05 * torch.randn(D, HID), 0.1 * torch.randn(D)]
+    return ops.FFNExpert(*(p.to(dtype).requires_grad_() for p in parts))
+
+
+def reference_ffn(x, experts, split, gamma, scales=None):
+    """float64 official math: slice, per-expert LN + MLP, γ, per-half DropPath factors (given), cat."""
+    x = x.double()
+    segs = [(0, split), (split, x.shape[1])] if len(experts) == 2 else [(0, x.shape[1])]
+    parts = []
+    for i, ((lo, hi), e) in enumerate(zip(segs, experts)):
+        e = [t.double() for t in e]
+        xs = x[:, lo:hi]
+        h = F.layer_norm(xs, (D,), e[0], e[1], 1e-6)
+        y = F.linear(F.gelu(F.linear(h, e[2], e[3])), e[4], e[5])
+        if gamma is not None:
+            y = gamma.double() * y
+        if scales is not None:
+            y = y * scales[i].double()[:, None, None]
+        parts.append(xs + y)
+    return torch.cat(parts, 1)
+
+
+def leaves_of(x, experts, gamma):
+    return [x] + ([gamma] if gamma is not None else []) + [t for e in experts for t in e]
+
+
+@pytest.mark.parametrize("n,split,two", [(237, 40, True), (40, None, False), (197, None, False), (13, 0, True),
+                                         (13, 13, True), (1, None, False)])
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_fp32_matches_float64(n, split, two, with_gamma):
+    x = torch.randn(2, n, D, requires_grad=True)
+    experts = [expert(), expert()] if two else [expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_() if with_gamma else None
+    out = ops.multiway_ffn(x, experts, split=split if two else None, gamma=gamma, backend="triton")
+    ref = reference_ffn(x, experts, split, gamma)
+    eager = ops.multiway_ffn(x, experts, split=split if two else None, gamma=gamma, backend="torch")
+    assert out.dtype == x.dtype and out.shape == x.shape
+    g = torch.randn_like(out)
+    leaves = leaves_of(x, experts, gamma)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    base = torch.autograd.grad(eager, leaves, g)
+    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+
+
+def test_droppath_draws_like_the_official_block_and_rescales():
+    x = torch.randn(6, 29, D, requires_grad=True)
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    results = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(7)
+        out = ops.multiway_ffn(x, experts, split=12, gamma=gamma, drop_path=0.5, training=True, backend=backend)
+        results.append((out,) + torch.autograd.grad(out, leaves_of(x, experts, gamma), torch.ones_like(out)))
+    for a, e in zip(*results):
+        assert torch.allclose(a, e, atol=2e-6, rtol=1e-5)
+    # the draws: per sample, separately for the text and image halves, rescaled by 1/keep
+    torch.manual_seed(7)
+    masks = [(0.5 + torch.rand(6, 1, 1)).floor_().reshape(-1) / 0.5 for _ in range(2)]
+    ref = reference_ffn(x, experts, 12, gamma, masks)
+    assert torch.allclose(results[0][0].double(), ref, atol=1e-5)
+    dropped = (masks[0] == 0) & (masks[1] != 0)
+    assert dropped.any() or ((masks[0] == 0) | (masks[1] == 0)).any()
+    # eval is deterministic: no draw at all
+    state = torch.get_rng_state()
+    ops.multiway_ffn(x, experts, split=12, gamma=gamma, drop_path=0.5, training=False, backend="triton")
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_autocast_bf16_within_twice_eager_error():
+    x = torch.randn(2, 45, D, requires_grad=True)
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    ref = reference_ffn(x, experts, 16, gamma)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.multiway_ffn(x, experts, split=16, gamma=gamma, backend="triton")
+        eager = ops.multiway_ffn(x, experts, split=16, gamma=gamma, backend="torch")
+    assert out.dtype == torch.float32  # the residual stream stays fp32 under autocast, as in the official block
+    g = torch.randn_like(out)
+    leaves = leaves_of(x, experts, gamma)
+    got = torch.autograd.grad(out, leaves, g)
+    base = torch.autograd.grad(eager, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    ulp = 2**-8
+    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + ulp * r.abs().max(), f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randn(3, 29, D, requires_grad=True)
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    leaves = leaves_of(x, experts, gamma)
+
+    def f(x_):
+        return ops.multiway_ffn(x_, experts, split=12, gamma=gamma, drop_path=0.3, training=True, backend="triton")
+
+    torch.manual_seed(11)
+    plain = torch.autograd.grad(f(x).sum(), leaves)
+    torch.manual_seed(11)
+    ckpt = torch.autograd.grad(checkpoint(f, x, use_reentrant=False).sum(), leaves)
+    for a, e in zip(plain, ckpt):
+        assert torch.equal(a, e)
+
+
+def test_compile_traces_the_fused_ffn():
+    x = torch.randn(2, 29, D, requires_grad=True)
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+
+    def f(x_):
+        return ops.multiway_ffn(x_, experts, split=12, gamma=gamma, backend="triton")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(out, f(x), atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(f(x).sum(), x)[0], atol=1e-6)
+
+
+def test_scaled_residual():
+    x = torch.randn(4, 29, D, requires_grad=True)
+    y = torch.randn(4, 29, D, requires_grad=True)
+    gamma = torch.randn(D, requires_grad=True)
+    for training in (False, True):
+        res = []
+        for backend in ("triton", "torch"):
+            torch.manual_seed(3)
+            out = ops.scaled_residual(x, y, gamma, drop_path=0.4, training=training, backend=backend)
+            res.append((out,) + torch.autograd.grad(out, [x, y, gamma], torch.randn(out.shape, generator=torch.Generator().manual_seed(0))))
+        for a, e in zip(*res):
+            assert torch.allclose(a, e, atol=1e-5)
+    out = ops.scaled_residual(x, y, None, backend="triton")
+    assert torch.allclose(out, x + y)
+    with pytest.raises(ValueError, match="y must have shape"):
+        ops.scaled_residual(x, y[:, :3], gamma)
+
+
+def test_block_with_triton_backend_matches_the_official_block():
+    cfg = vf.preset("vlmo_tiny_patch16", embed_dim=32, num_heads=2, image_size=32, max_text_len=8)
+    fast = FastBlock(cfg, drop_path=0.2, with_vlffn=False)
+    official = OfficialBlock(cfg, drop_path=0.2, with_vlffn=False)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    official.load_state_dict(fast.state_dict())
+    fast.backend = "triton"
+    n = 8 + 5
+    x = torch.randn(3, n, 32, requires_grad=True)
+    keep = torch.ones(3, n, dtype=torch.bool)
+    keep[1, 4:8] = False
+    table = torch.randn(relpos.num_table_rows(2), 2 * cfg.depth, requires_grad=True)
+    index = relpos.fusion_relative_position_index(8, 2)
+    outs = []
+    for block, call in ((fast, lambda: fast(x, keep, "vl", (table[:, :2], index))),
+                        (official, lambda: official(x, mask=keep.long(), modality_type="vl",
+                                                    relative_position_bias=table[:, :2].t()[:, index]))):
+        block.train()
+        torch.manual_seed(21)
+        out = call()
+        outs.append((out,) + torch.autograd.grad(out, [x, table] + list(block.parameters()), torch.ones_like(out)))
+    for a, e in zip(*outs):
+        assert torch.allclose(a, e, atol=2e-5, rtol=1e-4)

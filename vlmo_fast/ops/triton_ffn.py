@@ -1,0 +1,414 @@
+"""The Multiway FFN and the LayerScale residual, fused around cuBLAS GEMMs with Triton kernels (spec §3.2, Q16).
+
+    x ← x + DropPath(γ2 · fc2(GELU(fc1(LN_e(x)))))      expert e: text rows (n < split), image rows (n ≥ split)
+    x ← x + DropPath(γ1 · y)                             the attention half's epilogue (y = proj(attn))
+
+The official block slices the fused sequence at ``max_text_len``, runs each expert's LayerNorm and MLP on its half,
+applies γ and DropPath, and concatenates: LayerNorm, the autocast copy, γ, DropPath's divide and multiply, the
+residual add and the cat are each a pass through memory. Here:
+
+  _ln_fwd        one launch normalises every row with its expert's weights and writes the compute-dtype activations
+                 grouped by expert (text rows of all samples, then image rows), so each expert's GEMMs run on one
+                 contiguous block; row mean/rstd are kept for the backward.
+  GEMMs          fc1 (+bias), GELU, fc2 (+bias) per expert on its block: cuBLAS through torch.
+  _residual      out[r] = x[r] + γ · s[b, e] · y[g(r)]: LayerScale, per-sample DropPath scale, residual add and the
+                 un-grouping in one pass, straight into the output rows (no cat).
+  _residual_bwd  dy[g(r)] = go[r] · γ · s[b, e] and a two-stage (per-program partials, then a sum) dγ reduction.
+  _ln_bwd        dx[r] = go[r] + LN⁻¹(dh[g(r)]) with two-stage per-expert dweight/dbias reductions.
+
+The fc1 output is kept and GELU recomputed in the backward instead of storing its output too (less memory). Each
+kernel is a ``torch.library`` custom op (with a fake implementation), composed by an autograd Function, so
+``torch.compile`` traces it.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .triton_attention import interpreting, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _row_info(rows, N, SPLIT, B):
+        """For flat rows r = b·N + n: the batch index, whether the row is expert 0's (n < SPLIT), its index in the
+        expert-grouped layout and its segment (0: expert 0, 1: expert 1) for the DropPath scale."""
+        b = rows // N
+        n = rows % N
+        first = n < SPLIT
+        grouped = tl.where(first, b * SPLIT + n, B * SPLIT + b * (N - SPLIT) + (n - SPLIT))
+        return b, first, grouped
+
+    @triton.jit
+    def _ln_fwd(X, Y, MEAN, RSTD, W0, B0, W1, B1, R, N, SPLIT, B, D, eps,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < R
+        col_ok = cols < D
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+        _, first, grouped = _row_info(rows, N, SPLIT, B)
+        w = tl.where(first[:, None], tl.load(W0 + cols, mask=col_ok, other=0.0)[None, :],
+                     tl.load(W1 + cols, mask=col_ok, other=0.0)[None, :]).to(tl.float32)
+        bb = tl.where(first[:, None], tl.load(B0 + cols, mask=col_ok, other=0.0)[None, :],
+                      tl.load(B1 + cols, mask=col_ok, other=0.0)[None, :]).to(tl.float32)
+        y = xc * rstd[:, None] * w + bb
+        tl.store(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _ln_bwd(X, DH, GO, MEAN, RSTD, W0, W1, DX, DWP, DBP, R, N, SPLIT, B, D, rows_per_program,
+                HAS_GO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dx = go + rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat)), dxhat = dh·w_e; per-program partial dw, db
+        for each expert in DWP/DBP (P, 2, D)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        w0 = tl.load(W0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(W1 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw0 = tl.zeros([BLOCK_D], tl.float32)
+        dw1 = tl.zeros([BLOCK_D], tl.float32)
+        db0 = tl.zeros([BLOCK_D], tl.float32)
+        db1 = tl.zeros([BLOCK_D], tl.float32)
+        start = pid * rows_per_program
+        for r0 in range(start, start + rows_per_program, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_ok = (rows < R) & (rows < start + rows_per_program)
+            ok = row_ok[:, None] & col_ok[None, :]
+            _, first, grouped = _row_info(rows, N, SPLIT, B)
+            x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dh = tl.load(DH + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+            w = tl.where(first[:, None], w0[None, :], w1[None, :])
+            dxhat = dh * w
+            c1 = tl.sum(dxhat * xhat, 1) / D
+            c2 = tl.sum(dxhat, 1) / D
+            dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_GO:
+                dx += tl.load(GO + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None].to(tl.int64) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            e0 = first[:, None] & ok
+            e1 = (~first[:, None]) & ok
+            dw0 += tl.sum(tl.where(e0, dh * xhat, 0.0), 0)
+            dw1 += tl.sum(tl.where(e1, dh * xhat, 0.0), 0)
+            db0 += tl.sum(tl.where(e0, dh, 0.0), 0)
+            db1 += tl.sum(tl.where(e1, dh, 0.0), 0)
+        base = pid.to(tl.int64) * 2 * D
+        tl.store(DWP + base + cols, dw0, mask=col_ok)
+        tl.store(DWP + base + D + cols, dw1, mask=col_ok)
+        tl.store(DBP + base + cols, db0, mask=col_ok)
+        tl.store(DBP + base + D + cols, db1, mask=col_ok)
+
+    @triton.jit
+    def _residual(X, Y, OUT, GAMMA, SCALE, R, N, SPLIT, B, D,
+                  HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < R
+        col_ok = cols < D
+        ok = row_ok[:, None] & col_ok[None, :]
+        b, first, grouped = _row_info(rows, N, SPLIT, B)
+        y = tl.load(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            y = y * tl.load(GAMMA + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_SCALE:
+            s = tl.load(SCALE + b * 2 + tl.where(first, 0, 1), mask=row_ok, other=0.0)
+            y = y * s[:, None]
+        x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + rows[:, None].to(tl.int64) * D + cols[None, :], (x + y).to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _residual_bwd(GO, Y, GAMMA, SCALE, DY, DGP, R, N, SPLIT, B, D, rows_per_program,
+                      HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy[g(r)] = go[r]·γ·s; per-program partial dγ = Σ go·s·y in DGP (P, D)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        gamma = tl.load(GAMMA + cols, mask=col_ok, other=0.0).to(tl.float32)  # a dummy without HAS_GAMMA
+        dg = tl.zeros([BLOCK_D], tl.float32)
+        start = pid * rows_per_program
+        for r0 in range(start, start + rows_per_program, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_ok = (rows < R) & (rows < start + rows_per_program)
+            ok = row_ok[:, None] & col_ok[None, :]
+            b, first, grouped = _row_info(rows, N, SPLIT, B)
+            go = tl.load(GO + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                go = go * tl.load(SCALE + b * 2 + tl.where(first, 0, 1), mask=row_ok, other=0.0)[:, None]
+            if HAS_GAMMA:
+                y = tl.load(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                dg += tl.sum(go * y, 0)
+                go = go * gamma[None, :]
+            tl.store(DY + grouped[:, None].to(tl.int64) * D + cols[None, :], go.to(DY.dtype.element_ty), mask=ok)
+        if HAS_GAMMA:
+            tl.store(DGP + pid.to(tl.int64) * D + cols, dg, mask=col_ok)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _tile(d: int) -> Tuple[int, int]:
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, min(16, 4096 // block_d)) if not interpreting() else 4
+    return rows, block_d
+
+
+def _programs(r: int, rows: int) -> Tuple[int, int]:
+    """(programs, rows per program) for the reductions: about 4 programs per SM, whole ROWS tiles each."""
+    target = 8 if interpreting() else 4 * 132
+    per = max(rows, triton.cdiv(triton.cdiv(r, target), rows) * rows)
+    return triton.cdiv(r, per), per
+
+
+if triton is not None:
+
+    @torch.library.custom_op("vlmo_fast::multiway_ln_fwd", mutates_args=())
+    def multiway_ln_fwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                        split: int, eps: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) contiguous -> (expert-grouped (B·N, D) normalised rows, mean (B·N,), rstd (B·N,))."""
+        b, n, d = x.shape
+        r = b * n
+        y = torch.empty(r, d, device=x.device, dtype=out_dtype)
+        mean = torch.empty(r, device=x.device, dtype=torch.float32)
+        rstd = torch.empty(r, device=x.device, dtype=torch.float32)
+        if r:
+            rows, block_d = _tile(d)
+            _ln_fwd[(triton.cdiv(r, rows),)](x, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
+                                              ROWS=rows, BLOCK_D=block_d, num_warps=4)
+        return y, mean, rstd
+
+    @multiway_ln_fwd.register_fake
+    def _(x, w0, b0, w1, b1, split, eps, out_dtype):
+        r = x.shape[0] * x.shape[1]
+        return (x.new_empty(r, x.shape[2], dtype=out_dtype), x.new_empty(r, dtype=torch.float32),
+                x.new_empty(r, dtype=torch.float32))
+
+    @torch.library.custom_op("vlmo_fast::multiway_ln_bwd", mutates_args=())
+    def multiway_ln_bwd(x: torch.Tensor, dh: torch.Tensor, go: Optional[torch.Tensor], mean: torch.Tensor,
+                        rstd: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
+                        split: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dx (B, N, D) in x's dtype (go added when given), dweight (2, D), dbias (2, D)) in fp32."""
+        b, n, d = x.shape
+        r = b * n
+        dx = torch.empty_like(x)
+        rows, block_d = _tile(d)
+        programs, per = _programs(r, rows)
+        dwp = torch.empty(max(programs, 1), 2, d, device=x.device, dtype=torch.float32)
+        dbp = torch.empty_like(dwp)
+        if r:
+            _ln_bwd[(programs,)](x, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
+                                 r, n, split, b, d, per, HAS_GO=go is not None, ROWS=rows, BLOCK_D=block_d,
+                                 num_warps=4)
+        else:
+            dwp.zero_(), dbp.zero_()
+        return dx, dwp.sum(0), dbp.sum(0)
+
+    @multiway_ln_bwd.register_fake
+    def _(x, dh, go, mean, rstd, w0, w1, split):
+        d = x.shape[2]
+        return torch.empty_like(x), x.new_empty(2, d, dtype=torch.float32), x.new_empty(2, d, dtype=torch.float32)
+
+    @torch.library.custom_op("vlmo_fast::scaled_residual_fwd", mutates_args=())
+    def scaled_residual_fwd(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
+                            scale: Optional[torch.Tensor], split: int) -> torch.Tensor:
+        """out (B, N, D) = x + γ · s · y, with y expert-grouped (B·N, D) and s (B, 2) per row segment."""
+        b, n, d = x.shape
+        out = torch.empty_like(x)
+        if b * n:
+            rows, block_d = _tile(d)
+            _residual[(triton.cdiv(b * n, rows),)](
+                x, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
+                b * n, n, split, b, d, HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None,
+                ROWS=rows, BLOCK_D=block_d, num_warps=4)
+        return out
+
+    @scaled_residual_fwd.register_fake
+    def _(x, y, gamma, scale, split):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("vlmo_fast::scaled_residual_bwd", mutates_args=())
+    def scaled_residual_bwd(go: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
+                            scale: Optional[torch.Tensor], split: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (dy expert-grouped (B·N, D) in y's dtype, dγ (D,) fp32 (zeros without γ))."""
+        b, n, d = go.shape
+        r = b * n
+        dy = torch.empty(r, d, device=go.device, dtype=y.dtype)
+        rows, block_d = _tile(d)
+        programs, per = _programs(r, rows)
+        dgp = torch.zeros(max(programs, 1), d, device=go.device, dtype=torch.float32)
+        if r:
+            _residual_bwd[(programs,)](go, y, gamma if gamma is not None else go, scale if scale is not None else go,
+                                       dy, dgp, r, n, split, b, d, per, HAS_GAMMA=gamma is not None,
+                                       HAS_SCALE=scale is not None, ROWS=rows, BLOCK_D=block_d, num_warps=4)
+        return dy, dgp.sum(0)
+
+    @scaled_residual_bwd.register_fake
+    def _(go, y, gamma, scale, split):
+        r = go.shape[0] * go.shape[1]
+        return go.new_empty(r, go.shape[2], dtype=y.dtype), go.new_empty(go.shape[2], dtype=torch.float32)
+
+
+# ---- autograd -------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class ScaledResidual(torch.autograd.Function):
+    """out = x + γ · s[b] · y (the attention half's epilogue), y in the (B·N, D) flat layout."""
+
+    @staticmethod
+    def forward(ctx, x, y, gamma, scale):
+        b, n, d = x.shape
+        out = scaled_residual_fwd(x, y.reshape(b * n, d), gamma, scale, n)
+        ctx.save_for_backward(y, gamma, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        y, gamma, scale = ctx.saved_tensors
+        b, n, d = go.shape
+        dy, dgamma = scaled_residual_bwd(go.contiguous(), y.reshape(b * n, d), gamma, scale, n)
+        return go, dy.view_as(y), (dgamma.to(gamma.dtype) if gamma is not None else None), None
+
+
+class MultiwayFFN(torch.autograd.Function):
+    """x + s · γ · fc2(GELU(fc1(LN_e(x)))) for one or two experts; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, split, gamma, scale, eps, *params):
+        experts = [params[i : i + 6] for i in range(0, len(params), 6)]
+        b, n, d = x.shape
+        cdt = compute_dtype(x)
+        x = x.contiguous()
+        (w0, b0), (w1, b1) = experts[0][:2], experts[-1][:2]
+        h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, split, eps, cdt)
+        y = torch.empty(b * n, d, device=x.device, dtype=cdt)
+        bounds = [(0, b * split), (b * split, b * n)]
+        zs = []
+        for (lo, hi), (_, _, fc1_w, fc1_b, fc2_w, fc2_b) in zip(bounds, experts if len(experts) == 2 else
+                                                                 [experts[0], experts[0]]):
+            if hi == lo:
+                zs.append(h.new_empty(0, fc1_w.shape[0]))
+                continue
+            z = torch.addmm(fc1_b.to(cdt), h[lo:hi], fc1_w.to(cdt).t())
+            torch.addmm(fc2_b.to(cdt), F.gelu(z), fc2_w.to(cdt).t(), out=y[lo:hi])
+            zs.append(z)
+        out = scaled_residual_fwd(x, y, gamma, scale, split)
+        ctx.save_for_backward(x, h, mean, rstd, y, gamma, scale, *zs, *params)
+        ctx.split, ctx.n_experts, ctx.cdt = split, len(experts), cdt
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        x, h, mean, rstd, y, gamma, scale, z0, z1, *params = ctx.saved_tensors
+        experts = [params[i : i + 6] for i in range(0, len(params), 6)]
+        split, cdt = ctx.split, ctx.cdt
+        b, n, d = x.shape
+        go = go.contiguous()
+        dy, dgamma = scaled_residual_bwd(go, y, gamma, scale, split)
+        dh = torch.empty_like(h)
+        bounds = [(0, b * split), (b * split, b * n)]
+        grads: List[List[Optional[torch.Tensor]]] = [[None] * 6 for _ in experts]
+        for seg, ((lo, hi), z) in enumerate(zip(bounds, (z0, z1))):
+            e = seg if len(experts) == 2 else 0
+            _, _, fc1_w, fc1_b, fc2_w, fc2_b = experts[e]
+            if hi == lo:
+                continue
+            dy_e, h_e = dy[lo:hi], h[lo:hi]
+            a = F.gelu(z)  # recomputed instead of saved
+            g = grads[e]
+            acc = lambda i, t: t if g[i] is None else g[i] + t  # noqa: E731  (one expert serving both segments)
+            g[4] = acc(4, (dy_e.t() @ a).to(fc2_w.dtype))
+            g[5] = acc(5, dy_e.sum(0, dtype=torch.float32).to(fc2_b.dtype))
+            dz = torch.ops.aten.gelu_backward(dy_e @ fc2_w.to(cdt), z)
+            g[2] = acc(2, (dz.t() @ h_e).to(fc1_w.dtype))
+            g[3] = acc(3, dz.sum(0, dtype=torch.float32).to(fc1_b.dtype))
+            torch.mm(dz, fc1_w.to(cdt), out=dh[lo:hi])
+        (w0, _), (w1, _) = experts[0][:2], experts[-1][:2]
+        dx, dw, db = multiway_ln_bwd(x, dh, go, mean, rstd, w0, w1, split)
+        if len(experts) == 2:
+            grads[0][0], grads[0][1] = dw[0].to(w0.dtype), db[0].to(w0.dtype)
+            grads[1][0], grads[1][1] = dw[1].to(w1.dtype), db[1].to(w1.dtype)
+        else:
+            grads[0][0], grads[0][1] = dw.sum(0).to(w0.dtype), db.sum(0).to(w0.dtype)
+        for gs, ps in zip(grads, experts):  # an expert whose rows were all empty still gets (zero) gradients
+            for i, p in enumerate(ps):
+                if gs[i] is None:
+                    gs[i] = torch.zeros_like(p)
+        flat = [t for gs in grads for t in gs]
+        return (dx, None, dgamma.to(gamma.dtype) if gamma is not None else None, None, None, *flat)
+
+
+# ---- backend entry points ------------------------------------------------------------------------------------
+
+
+def _drop_scales(x: torch.Tensor, drop_prob: float, training: bool, segments: int) -> Optional[torch.Tensor]:
+    """(B, 2) DropPath factors mask/keep_prob, one draw per row segment in order (text, then image), consuming the
+    random stream exactly like the official per-half ``DropPath`` calls; None when inactive."""
+    if drop_prob == 0.0 or not training:
+        return None
+    from .droppath import drop_path_scale
+
+    keep = 1.0 - drop_prob
+    draws = [drop_path_scale(x[:, :1], drop_prob).reshape(-1) / keep for _ in range(segments)]
+    if segments == 1:
+        draws.append(draws[0])
+    return torch.stack(draws, dim=1).float().contiguous()
+
+
+def ffn_triton(x, experts, split, gamma, drop_prob, training, eps):
+    two = len(experts) == 2
+    split_rows = split if two else x.shape[1]
+    # two experts draw two masks even when a half is empty (the official DropPath on a 0-length slice still draws)
+    scale = _drop_scales(x, drop_prob, training, 2 if two else 1)
+    params = [t for e in experts for t in e]
+    return MultiwayFFN.apply(x, split_rows, gamma, scale, eps, *params)
+
+
+def residual_triton(x, y, gamma, drop_prob, training):
+    scale = _drop_scales(x, drop_prob, training, 1)
+    return ScaledResidual.apply(x, y, gamma, scale)
+
+
+def _unsupported_common(x: torch.Tensor) -> Optional[str]:
+    if triton is None:
+        return "triton is not installed"
+    if x.device.type == "cpu" and not interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"device {x.device.type} is not supported"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} is not supported (fp32, fp16, bf16)"
+    if x.shape[-1] > 8192:
+        return "hidden size > 8192"
+    return None
+
+
+def ffn_unsupported(x, experts, split, gamma, drop_prob, training) -> Optional[str]:
+    return _unsupported_common(x)
+
+
+def residual_unsupported(x, y, gamma, drop_prob, training) -> Optional[str]:
+    return _unsupported_common(x)
+
+
+_backend.register("multiway_ffn", "triton", ffn_triton, ffn_unsupported, priority=10, auto_devices=("cuda",))
+_backend.register("scaled_residual", "triton", residual_triton, residual_unsupported, priority=10,
+                  auto_devices=("cuda",))
