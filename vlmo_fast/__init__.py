@@ -2,6 +2,7 @@
 
 from .config import LOSS_NAMES, PRESETS, VLMoConfig, loss_names, preset
 from ._native import build_info
+from .accelerate import accelerate, deaccelerate, from_official
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import VLMo
 
@@ -12,7 +13,10 @@ __all__ = [
     "PRESETS",
     "VLMo",
     "VLMoConfig",
+    "accelerate",
     "build_info",
+    "deaccelerate",
+    "from_official",
     "load_checkpoint",
     "loss_names",
     "preset",

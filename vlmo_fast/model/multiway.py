@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import VLMoConfig
@@ -20,6 +21,48 @@ from .embeddings import PatchEmbed
 RelPos = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 MODALITIES = ("text", "image", "vl")
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], bias: dict,
+                      backend: str) -> torch.Tensor:
+    """The attention sublayer of any module with the official ``Attention`` attributes (qkv without bias, q_bias and
+    v_bias or None, proj, num_heads, scale): qkv projection, ``ops.rel_pos_attention`` with ``bias`` (keyword
+    arguments: ``bias_table`` + ``bias_index`` or a dense ``bias``), output projection."""
+    b, n, c = x.shape
+    qkv_bias = None
+    if attn.q_bias is not None:
+        qkv_bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias, requires_grad=False), attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, scale=attn.scale, backend=backend, **bias)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def _expert(blk: nn.Module, name: str) -> ops.FFNExpert:
+    norm, mlp = getattr(blk, f"norm2_{name}"), getattr(blk, f"mlp_{name}")
+    return ops.FFNExpert(norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str, bias: dict,
+                  drop_prob: float, gamma_1: Optional[torch.Tensor], gamma_2: Optional[torch.Tensor],
+                  backend: str) -> torch.Tensor:
+    """One Multiway block (spec §3.2) for any module with the official ``Block`` attributes (norm1, attn, norm2_text,
+    norm2_imag, mlp_text, mlp_imag, mlp_vl or None, norm2_vl, max_text_len):
+    ``x += DropPath(γ1·Attn(LN1(x)))``, then the Multiway FFN of ``modality``. The model's ``Block`` and
+    ``vlmo_fast.accelerate`` (official modules) both run through here."""
+    y = attention_forward(blk.attn, blk.norm1(x), keep, bias, backend)
+    x = ops.scaled_residual(x, y, gamma_1, drop_path=drop_prob, training=blk.training, backend=backend)
+    split = None
+    if modality == "text":
+        experts = [_expert(blk, "text")]
+    elif modality == "image":
+        experts = [_expert(blk, "imag")]
+    elif blk.mlp_vl is not None:
+        experts = [_expert(blk, "vl")]
+    else:  # fused sequence below the VL-FFN start: split at the configured text length (spec Q1)
+        experts, split = [_expert(blk, "text"), _expert(blk, "imag")], blk.max_text_len
+    return ops.multiway_ffn(x, experts, split=split, gamma=gamma_2, drop_path=drop_prob, training=blk.training,
+                            eps=blk.norm2_text.eps, backend=backend)
 
 
 class Attention(nn.Module):
@@ -35,15 +78,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], rel_pos: RelPos, backend: str) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        table, index = rel_pos if rel_pos is not None else (None, None)
-        out = ops.rel_pos_attention(
-            q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, scale=self.scale, backend=backend
-        )
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return attention_forward(self, x, keep, rel_pos_kwargs(rel_pos), backend)
+
+
+def rel_pos_kwargs(rel_pos: RelPos) -> dict:
+    return {} if rel_pos is None else {"bias_table": rel_pos[0], "bias_index": rel_pos[1]}
 
 
 class Mlp(nn.Module):
@@ -76,30 +115,11 @@ class Block(nn.Module):
         self.gamma_2 = nn.Parameter(init * torch.ones(dim)) if init is not None else None
         self.drop_path = drop_path
         self.max_text_len = config.max_text_len
-        self.eps = eps
         self.backend = "auto"
 
-    def expert(self, name: str) -> ops.FFNExpert:
-        norm, mlp = getattr(self, f"norm2_{name}"), getattr(self, f"mlp_{name}")
-        return ops.FFNExpert(norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str, rel_pos: RelPos) -> torch.Tensor:
-        y = self.attn(self.norm1(x), keep, rel_pos, self.backend)
-        x = ops.scaled_residual(x, y, self.gamma_1, drop_path=self.drop_path, training=self.training,
-                                backend=self.backend)
-        split = None
-        if modality == "text":
-            experts = [self.expert("text")]
-        elif modality == "image":
-            experts = [self.expert("imag")]
-        elif self.mlp_vl is not None:
-            experts = [self.expert("vl")]
-        else:  # fused sequence below the VL-FFN start: split at the configured text length (spec Q1)
-            experts, split = [self.expert("text"), self.expert("imag")], self.max_text_len
-        return ops.multiway_ffn(
-            x, experts, split=split, gamma=self.gamma_2, drop_path=self.drop_path, training=self.training,
-            eps=self.eps, backend=self.backend,
-        )
+        return block_forward(self, x, keep, modality, rel_pos_kwargs(rel_pos), self.drop_path, self.gamma_1,
+                             self.gamma_2, self.backend)
 
 
 class MultiWayTransformer(nn.Module):
@@ -119,6 +139,7 @@ class MultiWayTransformer(nn.Module):
             Block(config, dpr[i], with_vlffn=i >= self.vlffn_start_layer_index) for i in range(config.depth)
         )
         self.norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -155,8 +176,12 @@ class MultiWayTransformer(nn.Module):
     ):
         """Run blocks ``layers`` in order; with ``keep_hidden`` also return every block's output."""
         hidden = []
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i in layers:
-            x = self.blocks[i](x, keep, modality, rel_pos[i])
+            if recompute:  # activations recomputed in the backward; the RNG state is replayed (same DropPath masks)
+                x = checkpoint(self.blocks[i], x, keep, modality, rel_pos[i], use_reentrant=False)
+            else:
+                x = self.blocks[i](x, keep, modality, rel_pos[i])
             if keep_hidden:
                 hidden.append(x)
         return (x, hidden) if keep_hidden else x

@@ -1,0 +1,179 @@
+"""vlmo_fast.accelerate on a module tree that mirrors the official classes and attribute names
+(vlmo_fast.reference): outputs, gradients, parameter and state-dict identity, the report, the round trip, DDP."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import vlmo_fast as vf
+from vlmo_fast.config import loss_names
+from vlmo_fast.reference import ReferenceVLMo
+
+from dist_utils import run_distributed
+
+
+def official_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = vf.preset("vlmo_tiny_patch16", drop_path_rate=kw.pop("drop_path_rate", 0.2), **kw)
+    model = ReferenceVLMo(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def batch(cfg, b=3):
+    ids = torch.randint(1000, 2000, (b, cfg.max_text_len))
+    masks = torch.ones(b, cfg.max_text_len, dtype=torch.long)
+    masks[1, 4:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    mlm = ids.clone()
+    mlm[:, 2] = 103
+    return {"text_ids": ids, "text_masks": masks, "text_ids_mlm": mlm, "text_labels_mlm": labels,
+            "text_labels": torch.full_like(ids, -100),
+            "image": [torch.randn(b, 3, cfg.image_size, cfg.image_size)]}
+
+
+def run_paths(model, b, train, seed=5):
+    model.train(train)
+    torch.manual_seed(seed)
+    outs = [model.infer(b)["cls_feats"], model.infer_text(b)["cls_vlffn_feats"], model.infer_image(b)["cls_feats"],
+            model.infer_text_ft(b)["cls_feats"]]
+    loss = sum(o.sum() for o in outs)
+    model.zero_grad()
+    loss.backward()
+    return outs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_outputs_and_gradients_equal_the_original(gather, train):
+    model = official_model()
+    original = copy.deepcopy(model)
+    b = batch(model.config)
+    report = vf.accelerate(model, gather_bias_in_kernel=gather)
+    assert len(report.replaced) == 4 and not report.left_alone
+    outs, grads = run_paths(model, b, train)
+    ref_outs, ref_grads = run_paths(original, b, train)
+    for a, e in zip(outs, ref_outs):
+        assert torch.allclose(a, e, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        scale = ref_grads[name].abs().max().clamp_min(1e-6)
+        assert (grads[name] - ref_grads[name]).abs().max() / scale < 1e-4, name
+
+
+def test_parameters_state_dict_and_round_trip():
+    model = official_model()
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters())
+    vf.accelerate(model)
+    assert all(a is b for a, b in zip(params, model.parameters()))  # the same Parameter objects
+    assert list(model.state_dict()) == keys
+    assert opt.param_groups[0]["params"][0] is params[0]
+    b = batch(model.config)
+    model.eval()
+    with torch.no_grad():
+        fast = model.infer(b)["cls_feats"]
+    assert vf.deaccelerate(model) == 4
+    assert all("forward" not in blk.__dict__ for blk in model.transformer.blocks)
+    with torch.no_grad():
+        back = model.infer(b)["cls_feats"]
+    original = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(back, original.infer(b)["cls_feats"])  # exactly the official code path again
+    assert torch.allclose(fast, back, atol=1e-5)
+    # a second accelerate works, and a repeated one reports "already accelerated"
+    vf.accelerate(model)
+    again = vf.accelerate(model)
+    assert not again.replaced and all(why == "already accelerated" for _, why in again.left_alone)
+
+
+def test_transformer_and_single_block_and_unsupported_cases():
+    model = official_model()
+    report = vf.accelerate(model.transformer)
+    assert report.replaced == [f"blocks.{i}" for i in range(4)]
+    vf.deaccelerate(model.transformer)
+    blk = model.transformer.blocks[1]
+    assert vf.accelerate(blk).replaced == [""]
+    vf.deaccelerate(blk)
+    model.transformer.blocks[2].attn.attn_drop = nn.Dropout(0.1)
+    model.transformer.blocks[3].mlp_text.act = nn.ReLU()
+    report = vf.accelerate(model)
+    assert report.replaced == ["transformer.blocks.0", "transformer.blocks.1"]
+    reasons = dict(report.left_alone)
+    assert "attention dropout" in reasons["transformer.blocks.2"]
+    assert "ReLU" in reasons["transformer.blocks.3"]
+    assert "attention dropout" in str(report)
+    assert vf.accelerate(nn.Linear(3, 3)).left_alone[0][1].startswith("no official Block")
+    with pytest.raises(TypeError):
+        vf.accelerate("not a module")
+    plus = ReferenceVLMo(vf.preset("vlmo_base_plus_patch16", depth=2, vlffn_start_layer_index=1, embed_dim=32,
+                                   num_heads=2, image_size=32, max_text_len=8))
+    rep = vf.accelerate(plus, gather_bias_in_kernel=True)
+    assert len(rep.replaced) == 2 and rep.bias_gather.startswith("left alone")
+
+
+def test_under_autocast():
+    model = official_model(drop_path_rate=0.0)
+    original = copy.deepcopy(model)
+    vf.accelerate(model)
+    b = batch(model.config)
+    model.eval(), original.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model.infer(b)["cls_feats"].float()
+        e = original.infer(b)["cls_feats"].float()
+    ref = model.float().infer(b)["cls_feats"].detach()
+    assert (a - ref).abs().max() <= 2 * (e - ref).abs().max() + 2e-2
+
+
+def test_from_official():
+    src = official_model()
+    cfg = {"model_arch": "vlmo_tiny_patch16", "image_size": 64, "max_text_len": 12, "drop_path_rate": 0.2,
+           "loss_names": {"itm": 1, "itc": 1, "mlm": 1, "textmlm": 0, "vqa": 0, "nlvr2": 0, "irtr": 0}}
+    model = vf.from_official(src.state_dict(), cfg)
+    assert isinstance(model, vf.VLMo)
+    b = batch(src.config)
+    model.eval(), src.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.infer(b)["cls_feats"], src.infer(b)["cls_feats"], atol=1e-5)
+    with pytest.raises(ValueError, match="model_arch"):
+        vf.from_official(src.state_dict(), dict(cfg, model_arch="vit_base"))
+    with pytest.raises(TypeError):
+        vf.from_official(src.state_dict(), ["not", "a", "dict"])
+
+
+def _ddp_step(rank, world, accelerated):
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = official_model(seed=0, drop_path_rate=0.1, loss_names=loss_names(mlm=1, itc=1))
+    if accelerated:
+        vf.accelerate(model)
+    model.current_tasks = ["mlm", "itc"]
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # the pooler is unused
+    torch.manual_seed(100)
+    full = batch(model.config, b=4)
+    local = {k: (v[rank * 2 : rank * 2 + 2] if isinstance(v, torch.Tensor) else [v[0][rank * 2 : rank * 2 + 2]])
+             for k, v in full.items()}
+    torch.manual_seed(7 + rank)
+    out = ddp(local)
+    loss = vf.objectives.total_loss(out)
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_ddp_training_step_matches_the_original():
+    fast = run_distributed(_ddp_step, 2, True)
+    slow = run_distributed(_ddp_step, 2, False)
+    for (lf, gf), (ls, gs) in zip(fast, slow):
+        assert abs(lf - ls) < 1e-5
+        for name in gs:
+            scale = gs[name].abs().max().clamp_min(1e-6)
+            assert (gf[name] - gs[name]).abs().max() / scale < 1e-4, name
+    # DDP averaged the gradients: both ranks hold the same ones
+    for name in fast[0][1]:
+        assert torch.allclose(fast[0][1][name], fast[1][1][name])

@@ -1,0 +1,209 @@
+"""Drop-in acceleration of existing official VLMo modules, in place.
+
+    report = vlmo_fast.accelerate(pl_module)       # the official LightningModule, its .transformer, or one Block
+    ...                                             # train / evaluate exactly as before, faster
+    vlmo_fast.deaccelerate(pl_module)               # back to the original behaviour
+
+Modules are recognised by structure (attribute names and shapes of spec §1.2-1.3), never by importing the official
+package. For every recognised ``Block`` the instance's ``forward`` is replaced by vlmo_fast's fused block
+(``vlmo_fast.model.multiway.block_forward``: fused rel-pos attention, LayerScale residual and Multiway FFN) bound to the
+same submodules, so the Parameter objects, their order and the state-dict keys do not change: optimizer state, DDP
+buckets and hooks stay valid. The official forward paths pass a materialised (H, N, N) bias to every block; the
+dense-bias form of the attention kernel takes it. With ``gather_bias_in_kernel=True`` the top module's
+``get_rel_pos_bias`` is also replaced so blocks receive (table slice, index) instead and the bias is gathered inside
+the attention kernel (no (H·L, N, N) tensor per forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .model.multiway import block_forward
+
+_MARK = "_vlmo_fast_accelerated"
+
+
+@dataclass
+class TableBias:
+    """What an accelerated ``get_rel_pos_bias`` hands to a block instead of a dense (H, N, N) bias."""
+
+    table: torch.Tensor  # (R, H) column slice of relative_position_bias_table
+    index: torch.Tensor  # (N, N)
+
+
+@dataclass
+class AccelerationReport:
+    replaced: List[str] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+    bias_gather: Optional[str] = None
+
+    def __str__(self) -> str:
+        lines = [f"accelerated {len(self.replaced)} block(s)"]
+        if self.bias_gather:
+            lines.append(f"relative-position bias: {self.bias_gather}")
+        for path, why in self.left_alone:
+            lines.append(f"left alone: {path or '<root>'}: {why}")
+        return "\n".join(lines)
+
+
+def _dropout_p(m: Any) -> float:
+    return float(getattr(m, "p", 0.0)) if isinstance(m, nn.Dropout) else 0.0
+
+
+def _why_not_block(blk: nn.Module) -> Optional[str]:
+    """None when ``blk`` has the official Block structure vlmo_fast can run, else the reason."""
+    for name in ("norm1", "attn", "norm2_text", "norm2_imag", "mlp_text", "mlp_imag", "max_text_len", "drop_path"):
+        if not hasattr(blk, name):
+            return f"not an official Block (no attribute {name!r})"
+    attn = blk.attn
+    for name in ("qkv", "proj", "num_heads", "scale", "q_bias", "v_bias"):
+        if not hasattr(attn, name):
+            return f"attn is not an official Attention (no attribute {name!r})"
+    if attn.qkv.bias is not None:
+        return "attn.qkv has its own bias (the official layout has q_bias/v_bias only)"
+    if _dropout_p(getattr(attn, "attn_drop", None)) > 0:
+        return f"attention dropout {attn.attn_drop.p} > 0 is not supported by the fused attention"
+    if _dropout_p(getattr(attn, "proj_drop", None)) > 0:
+        return f"projection dropout {attn.proj_drop.p} > 0 is not supported"
+    experts = ["text", "imag"] + (["vl"] if getattr(blk, "mlp_vl", None) is not None else [])
+    for e in experts:
+        mlp, norm = getattr(blk, f"mlp_{e}"), getattr(blk, f"norm2_{e}", None)
+        if norm is None or not isinstance(norm, nn.LayerNorm):
+            return f"norm2_{e} is not a LayerNorm"
+        if not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
+            return f"mlp_{e} is not an official Mlp"
+        act = getattr(mlp, "act", nn.GELU())
+        if not isinstance(act, nn.GELU) or getattr(act, "approximate", "none") != "none":
+            return f"mlp_{e} activation is {type(act).__name__}, not exact GELU"
+        if _dropout_p(getattr(mlp, "drop", None)) > 0:
+            return f"mlp_{e} dropout > 0 is not supported"
+    if not isinstance(blk.norm1, nn.LayerNorm):
+        return "norm1 is not a LayerNorm"
+    dp = blk.drop_path
+    if not (isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob")):
+        return f"drop_path is {type(dp).__name__}, not DropPath or Identity"
+    return None
+
+
+def _gamma(g: Any) -> Optional[torch.Tensor]:
+    """The official blocks use ``1.0`` (a float) when layer scale is off."""
+    return g if isinstance(g, torch.Tensor) else None
+
+
+def _make_forward(blk: nn.Module, backend: str):
+    drop_prob = float(getattr(blk.drop_path, "drop_prob", 0.0) or 0.0)
+
+    def forward(x, mask=None, modality_type=None, relative_position_bias=None):
+        if isinstance(relative_position_bias, TableBias):
+            bias = {"bias_table": relative_position_bias.table, "bias_index": relative_position_bias.index}
+        elif relative_position_bias is not None:
+            bias = {"bias": relative_position_bias}
+        else:
+            bias = {}
+        modality = modality_type if modality_type in ("text", "image") else "vl"
+        return block_forward(blk, x, mask, modality, bias, drop_prob, _gamma(blk.gamma_1), _gamma(blk.gamma_2),
+                             backend)
+
+    return forward
+
+
+def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    if hasattr(module, "attn") and hasattr(module, "mlp_text"):
+        return [("", module)]
+    transformer = getattr(module, "transformer", module)
+    blocks = getattr(transformer, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        return []
+    prefix = "transformer.blocks" if transformer is not module else "blocks"
+    return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+
+
+def _make_get_rel_pos_bias(module: nn.Module):
+    def get_rel_pos_bias(relative_position_index):
+        table = module.relative_position_bias_table
+        h = table.shape[1] // module.num_layers
+        index = relative_position_index.to(table.device)
+        return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(module.num_layers)]
+
+    return get_rel_pos_bias
+
+
+def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: bool = False) -> AccelerationReport:
+    """Swap vlmo_fast's fused kernels into an official VLMo module tree, in place; see the module docstring."""
+    from .ops.backend import check_backend
+
+    check_backend(backend)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    report = AccelerationReport()
+    blocks = _find_blocks(module)
+    if not blocks:
+        report.left_alone.append(("", "no official Block / MultiWayTransformer / VLMo structure found"))
+        return report
+    for path, blk in blocks:
+        if getattr(blk, _MARK, False):
+            report.left_alone.append((path, "already accelerated"))
+            continue
+        why = _why_not_block(blk)
+        if why is not None:
+            report.left_alone.append((path, why))
+            continue
+        blk.forward = _make_forward(blk, backend)  # instance attribute: shadows the class forward
+        setattr(blk, _MARK, True)
+        report.replaced.append(path)
+    if gather_bias_in_kernel:
+        if getattr(module, "relative_position_bias_table", None) is None or not hasattr(module, "get_rel_pos_bias"):
+            report.bias_gather = "left alone: the module has no relative_position_bias_table/get_rel_pos_bias"
+        elif not hasattr(module, "num_layers"):
+            report.bias_gather = "left alone: the module has no num_layers"
+        else:
+            module.get_rel_pos_bias = _make_get_rel_pos_bias(module)
+            setattr(module, _MARK, True)
+            report.bias_gather = "gathered inside the attention kernel (get_rel_pos_bias replaced)"
+    return report
+
+
+def deaccelerate(module: nn.Module) -> int:
+    """Restore the original forwards (and ``get_rel_pos_bias``); returns the number of modules restored."""
+    restored = 0
+    for m in [module] + [b for _, b in _find_blocks(module)]:
+        if getattr(m, _MARK, False):
+            for attr in ("forward", "get_rel_pos_bias"):
+                if attr in m.__dict__:
+                    del m.__dict__[attr]
+            delattr(m, _MARK)
+            restored += 1
+    return restored
+
+
+def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "auto", strict: bool = True):
+    """A vlmo_fast ``VLMo`` from an official checkpoint (path or state dict) and an official (sacred) config dict:
+    ``model_arch``, ``image_size``, ``max_text_len``, ``loss_names``, ``drop_path_rate``, optionally
+    ``max_text_len_of_initckpt`` and ``vqav2_label_size``. The checkpoint is adapted as the official loader does
+    (table resize, text positions, nesting, legacy index tensors)."""
+    from .checkpoint import load_checkpoint
+    from .config import LOSS_NAMES, PRESETS, loss_names, preset
+    from .model import VLMo
+
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict of official config keys, got {type(config).__name__}")
+    arch = config.get("model_arch", "vlmo_base_patch16")
+    if arch == "vit_large_patch16_224":  # spec Q12: the official large pretraining config names a timm ViT
+        arch = "vlmo_large_patch16"
+    if arch not in PRESETS:
+        raise ValueError(f"config['model_arch']: unknown {arch!r}; expected one of {list(PRESETS)}")
+    names = dict(config.get("loss_names", {}))
+    unknown = set(names) - set(LOSS_NAMES)
+    if unknown:
+        raise ValueError(f"config['loss_names']: unknown task(s) {sorted(unknown)}")
+    overrides: Dict[str, Any] = {"loss_names": loss_names(**{k: int(v > 0) for k, v in names.items()})}
+    for key in ("image_size", "max_text_len", "drop_path_rate", "max_text_len_of_initckpt", "vqav2_label_size"):
+        if key in config:
+            overrides[key] = config[key]
+    model = VLMo(preset(arch, **overrides), backend=backend)
+    load_checkpoint(model, checkpoint, strict=strict)
+    return model
