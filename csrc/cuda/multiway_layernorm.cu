@@ -1,0 +1,318 @@
+// Modality-split LayerNorm, forward and backward (spec §3.2): one launch normalizes a fused (text, image) sequence,
+// rows at position < split with expert 0's weight/bias (norm2_text), the others with expert 1's (norm2_imag); one
+// expert (split < 0) for unimodal calls and the VL-FFN layers.
+//
+//   forward:  x̂ = (x - mean)·rstd, rstd = rsqrt(var + eps) (biased variance), y = x̂ ⊙ w_e + b_e
+//   backward: dx = rstd·(w_e⊙dy - mean_D(w_e⊙dy) - x̂·mean_D(w_e⊙dy⊙x̂)),  dw_e = Σ_rows(e) dy⊙x̂,  db_e = Σ_rows(e) dy
+//
+// Layout: x, y, dy, dx contiguous (rows = B·N, D); weights (E, D) fp32; mean/rstd (rows,) fp32.
+// One warp per row, E = ceil(D/32) values per lane in registers (D <= 1024), element j = k·32 + lane.
+// Weight gradient, two stages (no atomics, deterministic): stage 1 gives each block a contiguous range of ONE
+// expert's rows; each warp accumulates dw/db over its rows in its own shared-memory slice, then the block sums its
+// warps and writes one (2, D) partial. Stage 2 sums, per expert and column, that expert's block partials.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda_common.cuh"
+#include "launchers.h"
+
+namespace vlmo_fast {
+namespace cuda {
+namespace {
+
+constexpr int kFwdWarps = 4;
+constexpr int kBwdWarps = 4;
+
+struct Params {
+  const void* x;
+  void* y;
+  const void* dy;
+  void* dx;
+  float* mean;
+  float* rstd;
+  const float* weight;
+  const float* bias;
+  float* workspace;
+  int64_t rows, seq_len, dim, split;
+  float eps;
+  // backward plan: blocks [0, blocks0) take expert 0's rows, [blocks0, blocks0 + blocks1) expert 1's
+  int64_t blocks0, blocks1, rows_per_block0, rows_per_block1;
+};
+
+template <int DT, int E>
+__global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / 32;
+  if (row >= p.rows) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  using T = typename Elem<DT>::T;
+  const T* xr = static_cast<const T*>(p.x) + row * p.dim;
+  float x[E];
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int j = k * 32 + lane;
+    x[k] = j < p.dim ? Elem<DT>::load(xr + j) : 0.0f;
+    sum += x[k];
+  }
+  const float inv_d = 1.0f / static_cast<float>(p.dim);
+  const float mu = warp_sum(sum) * inv_d;
+  float sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int j = k * 32 + lane;
+    const float c = j < p.dim ? x[k] - mu : 0.0f;
+    sq += c * c;
+  }
+  const float rs = rsqrtf(warp_sum(sq) * inv_d + p.eps);
+  const int e = (p.split >= 0 && row % p.seq_len >= p.split) ? 1 : 0;
+  const float* w = p.weight + e * p.dim;
+  const float* b = p.bias + e * p.dim;
+  T* yr = static_cast<T*>(p.y) + row * p.dim;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int j = k * 32 + lane;
+    if (j < p.dim) Elem<DT>::store(yr + j, (x[k] - mu) * rs * __ldg(w + j) + __ldg(b + j));
+  }
+  if (lane == 0) {
+    p.mean[row] = mu;
+    p.rstd[row] = rs;
+  }
+}
+
+// Row of the t-th row of expert e.
+__device__ __forceinline__ int64_t expert_row(const Params& p, int e, int64_t t) {
+  if (p.split < 0) return t;
+  const int64_t len = e == 0 ? p.split : p.seq_len - p.split;
+  const int64_t start = e == 0 ? 0 : p.split;
+  return (t / len) * p.seq_len + start + t % len;
+}
+
+template <int DT, int E>
+__global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(Params p) {
+  // Per-warp dw/db accumulators live in shared memory, not registers: each lane only touches its own words (no bank
+  // conflicts), and the registers go to occupancy instead (x̂ and dy alone take 2·24 per lane at D = 768).
+  __shared__ float acc[2][kBwdWarps][E * 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const bool second = blockIdx.x >= p.blocks0;
+  const int e = second ? 1 : 0;
+  const int64_t blk = second ? blockIdx.x - p.blocks0 : blockIdx.x;
+  const int64_t rpb = second ? p.rows_per_block1 : p.rows_per_block0;
+  int64_t count = p.rows;
+  if (p.split >= 0) count = (p.rows / p.seq_len) * (second ? p.seq_len - p.split : p.split);
+  const int64_t t0 = blk * rpb, t1 = min(count, t0 + rpb);
+  using T = typename Elem<DT>::T;
+  const float inv_d = 1.0f / static_cast<float>(p.dim);
+  const float* w = p.weight + e * p.dim;
+  float* acc_w = acc[0][warp];
+  float* acc_b = acc[1][warp];
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    acc_w[k * 32 + lane] = 0.0f;
+    acc_b[k * 32 + lane] = 0.0f;
+  }
+  for (int64_t t = t0 + warp; t < t1; t += kBwdWarps) {
+    const int64_t row = expert_row(p, e, t);
+    const T* xr = static_cast<const T*>(p.x) + row * p.dim;
+    const T* gr = static_cast<const T*>(p.dy) + row * p.dim;
+    const float mu = __ldg(p.mean + row), rs = __ldg(p.rstd + row);
+    float xh[E], g[E];
+    float a = 0.0f, c = 0.0f;
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int j = k * 32 + lane;
+      const bool in = j < p.dim;
+      xh[k] = in ? (Elem<DT>::load(xr + j) - mu) * rs : 0.0f;
+      g[k] = in ? Elem<DT>::load(gr + j) : 0.0f;
+      const float wg = in ? __ldg(w + j) * g[k] : 0.0f;
+      a += wg;
+      c += wg * xh[k];
+    }
+    a = warp_sum(a) * inv_d;
+    c = warp_sum(c) * inv_d;
+    T* dxr = static_cast<T*>(p.dx) + row * p.dim;
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int j = k * 32 + lane;
+      if (j < p.dim) Elem<DT>::store(dxr + j, rs * (__ldg(w + j) * g[k] - a - xh[k] * c));
+      acc_w[k * 32 + lane] += g[k] * xh[k];
+      acc_b[k * 32 + lane] += g[k];
+    }
+  }
+  __syncthreads();
+  // block partial: the warps summed in a fixed order
+  float* out = p.workspace + static_cast<int64_t>(blockIdx.x) * 2 * p.dim;
+  for (int j = threadIdx.x; j < p.dim; j += kBwdWarps * 32) {
+    float sw = 0.0f, sb = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kBwdWarps; ++q) {
+      sw += acc[0][q][j];
+      sb += acc[1][q][j];
+    }
+    out[j] = sw;
+    out[p.dim + j] = sb;
+  }
+}
+
+// dweight[e, j] / dbias[e, j] = Σ over expert e's stage-1 blocks, in block order.
+__global__ void layernorm_backward_stage2(Params p, float* dweight, float* dbias) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= p.dim) return;
+  const int e = blockIdx.y;
+  const int64_t k0 = e == 0 ? 0 : p.blocks0;
+  const int64_t k1 = e == 0 ? p.blocks0 : p.blocks0 + p.blocks1;
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t k = k0; k < k1; ++k) {
+    sw += p.workspace[(2 * k) * p.dim + j];
+    sb += p.workspace[(2 * k + 1) * p.dim + j];
+  }
+  if (dweight) dweight[e * p.dim + j] = sw;
+  if (dbias) dbias[e * p.dim + j] = sb;
+}
+
+int lanes_tier(int64_t dim) {
+  const int64_t per_lane = ceil_div(dim, 32);
+  for (int e : {1, 2, 4, 8, 12, 16, 24, 32})
+    if (per_lane <= e) return e;
+  return 0;
+}
+
+// Stage-1 blocks per expert, in proportion to its rows, about four per SM in all.
+void plan_backward(Params& p, int sms) {
+  const int64_t batch = p.seq_len > 0 ? p.rows / p.seq_len : 0;
+  const int64_t rows0 = p.split < 0 ? p.rows : batch * p.split;
+  const int64_t rows1 = p.split < 0 ? 0 : batch * (p.seq_len - p.split);
+  const int64_t total = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(sms) * 4,
+                                                               ceil_div(p.rows, kBwdWarps * 4)));
+  auto blocks_for = [&](int64_t n, int64_t* rpb) -> int64_t {
+    if (n == 0) {
+      *rpb = 1;
+      return 0;
+    }
+    int64_t nb = std::max<int64_t>(1, (total * n + p.rows / 2) / std::max<int64_t>(p.rows, 1));
+    *rpb = ceil_div(n, nb);
+    return ceil_div(n, *rpb);
+  };
+  p.blocks0 = blocks_for(rows0, &p.rows_per_block0);
+  p.blocks1 = blocks_for(rows1, &p.rows_per_block1);
+}
+
+template <int DT>
+void launch_forward(int tier, dim3 grid, cudaStream_t st, const Params& p) {
+  constexpr int kThreads = kFwdWarps * 32;
+  switch (tier) {
+    case 1: layernorm_forward<DT, 1><<<grid, kThreads, 0, st>>>(p); break;
+    case 2: layernorm_forward<DT, 2><<<grid, kThreads, 0, st>>>(p); break;
+    case 4: layernorm_forward<DT, 4><<<grid, kThreads, 0, st>>>(p); break;
+    case 8: layernorm_forward<DT, 8><<<grid, kThreads, 0, st>>>(p); break;
+    case 12: layernorm_forward<DT, 12><<<grid, kThreads, 0, st>>>(p); break;
+    case 16: layernorm_forward<DT, 16><<<grid, kThreads, 0, st>>>(p); break;
+    case 24: layernorm_forward<DT, 24><<<grid, kThreads, 0, st>>>(p); break;
+    default: layernorm_forward<DT, 32><<<grid, kThreads, 0, st>>>(p);
+  }
+}
+
+template <int DT>
+void launch_backward(int tier, dim3 grid, cudaStream_t st, const Params& p) {
+  constexpr int kThreads = kBwdWarps * 32;
+  switch (tier) {
+    case 1: layernorm_backward_stage1<DT, 1><<<grid, kThreads, 0, st>>>(p); break;
+    case 2: layernorm_backward_stage1<DT, 2><<<grid, kThreads, 0, st>>>(p); break;
+    case 4: layernorm_backward_stage1<DT, 4><<<grid, kThreads, 0, st>>>(p); break;
+    case 8: layernorm_backward_stage1<DT, 8><<<grid, kThreads, 0, st>>>(p); break;
+    case 12: layernorm_backward_stage1<DT, 12><<<grid, kThreads, 0, st>>>(p); break;
+    case 16: layernorm_backward_stage1<DT, 16><<<grid, kThreads, 0, st>>>(p); break;
+    case 24: layernorm_backward_stage1<DT, 24><<<grid, kThreads, 0, st>>>(p); break;
+    default: layernorm_backward_stage1<DT, 32><<<grid, kThreads, 0, st>>>(p);
+  }
+}
+
+std::string check_common(int dtype, int64_t rows, int64_t seq_len, int64_t dim, int64_t split) {
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) return "unsupported dtype code";
+  if (dim <= 0 || dim > kLayerNormMaxDim) return "dim must be in [1, 1024] for the CUDA LayerNorm";
+  if (seq_len <= 0 || rows % seq_len != 0) return "rows must be a multiple of seq_len";
+  if (split > seq_len) return "split must be <= seq_len";
+  return "";
+}
+
+}  // namespace
+
+std::string multiway_layernorm_forward(const void* x, int dtype, void* y, float* mean, float* rstd, int64_t rows,
+                                       int64_t seq_len, int64_t dim, int64_t split, const float* weight,
+                                       const float* bias, float eps, int device, uintptr_t stream) {
+  if (rows == 0) return "";
+  std::string err = check_common(dtype, rows, seq_len, dim, split);
+  if (!err.empty()) return err;
+  if (prepare_device(device, &err) < 0) return err;
+  Params p{};
+  p.x = x;
+  p.y = y;
+  p.mean = mean;
+  p.rstd = rstd;
+  p.weight = weight;
+  p.bias = bias;
+  p.rows = rows;
+  p.seq_len = seq_len;
+  p.dim = dim;
+  p.split = split;
+  p.eps = eps;
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kFwdWarps)));
+  const int tier = lanes_tier(dim);
+  cudaStream_t st = as_stream(stream);
+  if (dtype == kF32) launch_forward<kF32>(tier, grid, st, p);
+  else if (dtype == kF16) launch_forward<kF16>(tier, grid, st, p);
+  else launch_forward<kBF16>(tier, grid, st, p);
+  return launch_status("multiway_layernorm forward");
+}
+
+int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int device) {
+  std::string err;
+  const int sms = prepare_device(device, &err);
+  if (sms < 0 || seq_len <= 0 || dim <= 0) return -1;
+  Params p{};
+  p.rows = rows;
+  p.seq_len = seq_len;
+  p.dim = dim;
+  p.split = split;
+  plan_backward(p, sms);
+  return std::max<int64_t>(1, (p.blocks0 + p.blocks1) * 2 * dim);
+}
+
+std::string multiway_layernorm_backward(const void* dy, const void* x, int dtype, const float* mean, const float* rstd,
+                                        void* dx, int64_t rows, int64_t seq_len, int64_t dim, int64_t split,
+                                        const float* weight, float* dweight, float* dbias, int num_experts,
+                                        float* workspace, int device, uintptr_t stream) {
+  if (num_experts != 1 && num_experts != 2) return "num_experts must be 1 or 2";
+  if ((split >= 0) != (num_experts == 2)) return "split must be given exactly with two experts";
+  std::string err = check_common(dtype, rows, seq_len, dim, split);
+  if (!err.empty()) return err;
+  const int sms = prepare_device(device, &err);
+  if (sms < 0) return err;
+  Params p{};
+  p.x = x;
+  p.dy = dy;
+  p.dx = dx;
+  p.mean = const_cast<float*>(mean);
+  p.rstd = const_cast<float*>(rstd);
+  p.weight = weight;
+  p.workspace = workspace;
+  p.rows = rows;
+  p.seq_len = seq_len;
+  p.dim = dim;
+  p.split = split;
+  plan_backward(p, sms);
+  cudaStream_t st = as_stream(stream);
+  const int64_t blocks = p.blocks0 + p.blocks1;
+  if (blocks > 0) {
+    const int tier = lanes_tier(dim);
+    if (dtype == kF32) launch_backward<kF32>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
+    else if (dtype == kF16) launch_backward<kF16>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
+    else launch_backward<kBF16>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
+  }
+  const dim3 grid2(static_cast<unsigned>(ceil_div(dim, 256)), static_cast<unsigned>(num_experts));
+  layernorm_backward_stage2<<<grid2, 256, 0, st>>>(p, dweight, dbias);
+  return launch_status("multiway_layernorm backward");
+}
+
+}  // namespace cuda
+}  // namespace vlmo_fast
