@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch  # noqa: F401  (loaded first, so the extension shares PyTorch's OpenMP runtime instead of loading a second)
+
 try:
     from . import _C  # type: ignore[attr-defined]
 
@@ -24,8 +26,6 @@ def cuda_kernels_compiled() -> bool:
 def build_info() -> Dict[str, Any]:
     """What was compiled and what is usable here: the native extension (C++ CPU kernels; CUDA kernels and their
     architectures when nvcc was found at build time), Triton, and the PyTorch build."""
-    import torch
-
     info: Dict[str, Any] = {"native": _C is not None}
     if _C is None:
         info["native_error"] = _IMPORT_ERROR

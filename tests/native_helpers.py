@@ -1,0 +1,47 @@
+"""Shared pieces of the native-kernel tests (tests/test_native_*.py).
+
+The numerics rule (house style): compute the reference in float64 from the very inputs the kernel saw, run the eager
+PyTorch implementation in the same precision as the kernel, and require
+``err(kernel) <= 2 * err(eager) + atol`` for the output and every gradient, with a tiny atol.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmo_fast import _native
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert torch.isfinite(got).all(), "non-finite values in the kernel result"
+    return (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
+
+
+def assert_rule(name: str, got: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    """err(kernel) <= 2 * err(eager) + atol, with atol relative to the reference's magnitude."""
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    e_kernel, e_eager = max_err(got, ref), max_err(eager, ref)
+    assert e_kernel <= 2 * e_eager + atol * scale, f"{name}: kernel error {e_kernel:.3e} vs eager {e_eager:.3e}"
+
+
+def cuda_kernels_ready() -> bool:
+    return torch.cuda.is_available() and _native.cuda_kernels_compiled()
+
+
+def devices():
+    """CPU always; CUDA as a gpu-marked parameter (skipped without a device)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def padding(b: int, n: int, device="cpu") -> torch.Tensor:
+    """(B, N) keep mask: batch row 1 pads its second half, batch row 2 is fully padded."""
+    keep = torch.ones(b, n, dtype=torch.bool, device=device)
+    if b > 1:
+        keep[1, max(1, n // 2):] = False
+    if b > 2:
+        keep[2] = False
+    return keep

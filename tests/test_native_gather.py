@@ -1,0 +1,157 @@
+"""The native relative-position bias gather and its contention-heavy backward (backend="cuda": C++ on CPU tensors,
+CUDA on CUDA tensors) against float64 references, its argument checks, and tracing."""
+
+import pytest
+import torch
+
+from native_helpers import devices, max_err
+from vlmo_fast import _native, ops
+from vlmo_fast.model import relpos
+from vlmo_fast.ops import native
+
+
+def reference_backward(grad, index, rows):
+    """float64 dtable[r, c] = Σ_{index[i, j] == r} grad[c, i, j]."""
+    c = grad.shape[0]
+    out = torch.zeros(rows, c, dtype=torch.float64, device=grad.device)
+    out.index_add_(0, index.reshape(-1).long(), grad.double().reshape(c, -1).t())
+    return out
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n", [1, 40, 237, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_float64(device, n, dtype):
+    heads, rows = 3, 300
+    full = torch.randn(rows, 4 * heads, device=device).to(dtype).requires_grad_()
+    table = full[:, heads : 2 * heads]  # strided column slice
+    index = torch.randint(0, rows, (n, n), device=device)
+    out = ops.rel_pos_bias_gather(table, index, backend="cuda")
+    assert out.shape == (heads, n, n) and out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, table.detach().t()[:, index])  # a gather is exact
+    grad = torch.randn(heads, n, n, device=device).to(dtype)
+    out.backward(grad)
+    want = reference_backward(grad, index, rows)
+    assert full.grad.dtype == dtype
+    # fp32 accumulation, one rounding to the table dtype
+    tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert max_err(full.grad[:, heads : 2 * heads], want) <= tol * max(1.0, want.abs().max().item())
+    assert full.grad[:, :heads].abs().sum() == 0 and full.grad[:, 2 * heads :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("heads", [1, 12])
+def test_vlmo_fusion_index_contention(device, heads):
+    """The real index: 40·197 text→image pairs per head share one table row (and image→text another)."""
+    index = relpos.fusion_relative_position_index(40, 14).to(device)
+    table = torch.randn(1126, heads, device=device, requires_grad=True)
+    out = ops.rel_pos_bias_gather(table, index, backend="cuda")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want = reference_backward(grad, index, 1126)
+    assert max_err(table.grad, want) <= 1e-5 * want.abs().max().item()
+    counts = torch.bincount(index.flatten().cpu(), minlength=1126)
+    assert counts.max() == 40 * 197  # the hot rows really are hot
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_index_dtypes_and_layouts(index_dtype):
+    table = torch.randn(5, 200)  # (R, C) with R < C, and a transposed (column-major) view below
+    index = torch.randint(0, 5, (17, 17)).to(index_dtype)
+    for t in (table, table.t().contiguous().t()):
+        out = ops.rel_pos_bias_gather(t, index.t(), backend="cuda")
+        assert torch.equal(out, t.t()[:, index.t().long()])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_every_output_element_is_written(device):
+    n, rows, cols = 61, 50, 5
+    table = torch.randn(rows, cols, device=device)
+    index = torch.randint(0, rows, (n, n), device=device, dtype=torch.int32)
+    out = torch.full((cols, n, n), float("nan"), device=device)
+    extra = native._launch_args(table.device)
+    native._launcher("rel_pos_gather_forward", table.device)(
+        table=table.data_ptr(), dtype=0, s0=cols, s1=1, rows=rows, cols=cols, index=index.data_ptr(), n=n,
+        out=out.data_ptr(), **extra)
+    assert not out.isnan().any()
+    if device == "cpu":  # the CPU backward overwrites its output (CUDA accumulates into zeros)
+        dtable = torch.full((rows, cols), float("nan"))
+        native._launcher("rel_pos_gather_backward", table.device)(
+            grad=out.data_ptr(), dtype=0, index=index.data_ptr(), n=n, rows=rows, cols=cols,
+            dtable=dtable.data_ptr(), **extra)
+        assert not dtable.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "table,index,err,match",
+    [
+        (torch.randn(10, 3), torch.full((4, 4), 10), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        (torch.randn(10, 3), torch.full((4, 4), -3), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        (torch.randn(10, 3), torch.zeros(4, 5, dtype=torch.long), ValueError, "must have shape"),
+        (torch.randn(10, 3), torch.zeros(4, 4), TypeError, "must have dtype"),
+        (torch.randn(10, 3, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.long), TypeError, "table must have dtype"),
+        (torch.randn(10), torch.zeros(4, 4, dtype=torch.long), ValueError, "table must be a 2-D"),
+        (torch.randn(0, 3), torch.zeros(4, 4, dtype=torch.long), ValueError, "at least one row"),
+    ],
+)
+def test_op_rejects_bad_inputs(table, index, err, match):
+    with pytest.raises(err, match=match):
+        torch.ops.vlmo_fast.rel_pos_bias_gather(table, index)
+
+
+def test_backward_op_rejects_bad_inputs():
+    grad = torch.randn(3, 4, 4)
+    with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 5\)"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather_backward(grad, torch.full((4, 4), 5), 5)
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather_backward(grad.transpose(1, 2), torch.zeros(4, 4, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather_backward(torch.randn(3, 4, 5), torch.zeros(4, 4, dtype=torch.long), 5)
+
+
+def test_public_op_checks_and_backend_reasons():
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        ops.rel_pos_bias_gather(torch.randn(10, 3), torch.full((4, 4), 11), backend="cuda")
+    t64 = torch.randn(10, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        ops.rel_pos_bias_gather(t64, torch.zeros(4, 4, dtype=torch.long), backend="cuda")
+    assert ops.rel_pos_bias_gather(t64, torch.zeros(4, 4, dtype=torch.long)).dtype == torch.float64
+
+
+def test_index_is_rechecked_after_in_place_change():
+    table = torch.randn(6, 2)
+    index = torch.zeros(4, 4, dtype=torch.long)
+    ops.rel_pos_bias_gather(table, index, backend="cuda")
+    index[0, 0] = 6  # out of range now: neither the cached check nor the cached int32 copy may let it through
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather(table, index)
+    index[0, 0] = 5
+    assert torch.equal(ops.rel_pos_bias_gather(table, index, backend="cuda"), table.t()[:, index])
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    table = torch.randn(30, 8, requires_grad=True)
+    index = torch.randint(0, 30, (7, 7))
+
+    def f(t):
+        return native.rel_pos_bias_gather_native(t[:, 2:6], index) * 2
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(table)
+    got.sum().backward()
+    g = table.grad.clone()
+    table.grad = None
+    want = f(table)
+    want.sum().backward()
+    assert torch.equal(got, want) and torch.allclose(g, table.grad)
+
+
+def test_cpu_auto_policy():
+    """"auto" takes the CPU kernel only where it was measured faster than PyTorch (csrc/README.md)."""
+    from vlmo_fast.ops import backend
+
+    declines = native.AUTO_DECLINES["rel_pos_bias_gather"]
+    index = relpos.fusion_relative_position_index(40, 14)
+    assert "PyTorch" in declines(torch.randn(10, 3), torch.zeros(4, 4, dtype=torch.long))
+    assert declines(torch.randn(1126, 12), index) is None
+    impl = backend.select("rel_pos_bias_gather", "auto", torch.randn(1126, 12), index)
+    assert impl is native.rel_pos_bias_gather_native if _native.native_available() else impl is None

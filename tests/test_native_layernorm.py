@@ -1,0 +1,195 @@
+"""The native modality-split LayerNorm (backend="cuda": C++ on CPU tensors, CUDA on CUDA tensors) against float64
+references for the output and every gradient (dx, and dγ/dβ of every expert), its argument checks, and tracing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from native_helpers import assert_rule, devices, max_err
+from vlmo_fast import _native, ops
+from vlmo_fast.ops import native
+
+
+def run(x, weights, biases, split, backend, eps=1e-6, gy=None):
+    """Output and gradients of the public op on fresh leaves."""
+    xl = x.detach().clone().requires_grad_()
+    wl = [None if w is None else w.detach().clone().requires_grad_() for w in weights]
+    bl = [None if b is None else b.detach().clone().requires_grad_() for b in biases]
+    y = ops.multiway_layernorm(xl, wl, bl, split=split, eps=eps, backend=backend)
+    if gy is None:
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device, y.dtype)
+    y.backward(gy)
+    return y, [xl.grad] + [t.grad for t in wl + bl if t is not None], gy
+
+
+def reference(x, weights, biases, split, gy, eps=1e-6):
+    """float64: LayerNorm of each row block with its expert, then cat (the official slice + cat)."""
+    xd = x.detach().double().requires_grad_()
+    wd = [None if w is None else w.detach().double().requires_grad_() for w in weights]
+    bd = [None if b is None else b.detach().double().requires_grad_() for b in biases]
+    d = x.shape[-1]
+    if len(weights) == 1:
+        y = F.layer_norm(xd, (d,), wd[0], bd[0], eps)
+    else:
+        y = torch.cat([F.layer_norm(xd[:, :split], (d,), wd[0], bd[0], eps),
+                       F.layer_norm(xd[:, split:], (d,), wd[1], bd[1], eps)], 1)
+    y.backward(gy.double())
+    return y, [xd.grad] + [t.grad for t in wd + bd if t is not None]
+
+
+def params(experts, d, device, dtype=torch.float32):
+    w = [(1 + 0.5 * torch.randn(d, device=device)).to(dtype) for _ in range(experts)]
+    b = [(0.5 * torch.randn(d, device=device)).to(dtype) for _ in range(experts)]
+    return w, b
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n,d", [(1, 48), (40, 1), (237, 768), (257, 97), (40, 1024)])
+@pytest.mark.parametrize("split", ["one", 0, "mid", "end"])
+def test_fp32_matches_float64(device, n, d, split):
+    b = 3
+    x = torch.randn(b, n, d, device=device) * 2 + 0.5
+    experts = 1 if split == "one" else 2
+    split = {"one": None, 0: 0, "mid": min(40, n) // 2 + (n > 1), "end": n}[split] if experts == 2 else None
+    w, bb = params(experts, d, device)
+    y, grads, gy = run(x, w, bb, split, "cuda")
+    ye, grads_e, _ = run(x, w, bb, split, "torch", gy=gy)
+    yr, grads_r = reference(x, w, bb, split, gy)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_rule("y", y, ye, yr, 1e-6)
+    for name, got, eager, ref in zip(["dx", "dw0", "dw1", "db0", "db1"] if experts == 2 else ["dx", "dw0", "db0"],
+                                     grads, grads_e, grads_r):
+        assert_rule(name, got, eager, ref, 1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", ["same", torch.float32])
+def test_low_precision_within_twice_eager_error(device, dtype, param_dtype):
+    b, n, d, split = 4, 237, 768, 40
+    x = (torch.randn(b, n, d, device=device) * 2 + 0.5).to(dtype)
+    w, bb = params(2, d, device, dtype if param_dtype == "same" else param_dtype)
+    y, grads, gy = run(x, w, bb, split, "cuda")
+    ye, grads_e, _ = run(x, w, bb, split, "torch", gy=gy)
+    yr, grads_r = reference(x, w, bb, split, gy)
+    assert y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == w[0].dtype
+    assert_rule("y", y, ye, yr, 1e-6)
+    for name, got, eager, ref in zip(["dx", "dw0", "dw1", "db0", "db1"], grads, grads_e, grads_r):
+        assert_rule(name, got, eager, ref, 1e-6)
+
+
+def test_non_contiguous_x_and_missing_affine():
+    x = torch.randn(30, 3, 64).transpose(0, 1)  # (3, 30, 64), not contiguous
+    w, b0 = torch.randn(64), torch.randn(64)
+    y = ops.multiway_layernorm(x, [None, w], [b0, None], split=11, backend="cuda")
+    ref = torch.cat([F.layer_norm(x[:, :11].double(), (64,), None, b0.double(), 1e-6),
+                     F.layer_norm(x[:, 11:].double(), (64,), w.double(), None, 1e-6)], 1)
+    assert max_err(y, ref) < 1e-5
+
+
+def test_weight_gradient_goes_to_each_expert():
+    """Rows before split only feed expert 0's dγ/dβ, the others only expert 1's."""
+    b, n, d, split = 2, 10, 16, 4
+    x = torch.randn(b, n, d)
+    w = [torch.ones(d, requires_grad=True) for _ in range(2)]
+    bb = [torch.zeros(d, requires_grad=True) for _ in range(2)]
+    gy = torch.zeros(b, n, d)
+    gy[:, :split] = 1.0  # gradient only on expert 0's rows
+    ops.multiway_layernorm(x, w, bb, split=split, backend="cuda").backward(gy)
+    assert torch.all(bb[0].grad == b * split) and torch.all(bb[1].grad == 0) and torch.all(w[1].grad == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_every_output_element_is_written(device):
+    b, n, d, split = 3, 29, 80, 7
+    x = torch.randn(b, n, d, device=device)
+    w = torch.randn(2, d, device=device)
+    bias = torch.randn(2, d, device=device)
+    y = torch.full_like(x, float("nan"))
+    mean = torch.full((b * n,), float("nan"), device=device)
+    rstd = torch.full_like(mean, float("nan"))
+    extra = native._launch_args(x.device)
+    native._launcher("multiway_layernorm_forward", x.device)(
+        x=x.data_ptr(), dtype=0, y=y.data_ptr(), mean=mean.data_ptr(), rstd=rstd.data_ptr(), rows=b * n,
+        seq_len=n, dim=d, split=split, weight=w.data_ptr(), bias=bias.data_ptr(), eps=1e-6, **extra)
+    dx = torch.full_like(x, float("nan"))
+    dw = torch.full((2, d), float("nan"), device=device)
+    db = torch.full_like(dw, float("nan"))
+    ws = {}
+    if device == "cuda":
+        size = native._C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
+                                                                    device=x.device.index)
+        ws["workspace"] = torch.full((size,), float("nan"), device=device).data_ptr()
+    native._launcher("multiway_layernorm_backward", x.device)(
+        dy=torch.randn_like(x).data_ptr(), x=x.data_ptr(), dtype=0, mean=mean.data_ptr(), rstd=rstd.data_ptr(),
+        dx=dx.data_ptr(), rows=b * n, seq_len=n, dim=d, split=split, weight=w.data_ptr(), dweight=dw.data_ptr(),
+        dbias=db.data_ptr(), num_experts=2, **ws, **extra)
+    for t in (y, mean, rstd, dx, dw, db):
+        assert not t.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "over,err,match",
+    [
+        (dict(x=torch.randn(2, 5, 8).transpose(0, 1)), ValueError, "x must be contiguous"),
+        (dict(x=torch.randn(5, 8)), ValueError, "x must be a 3-D"),
+        (dict(x=torch.randn(2, 5, 8, dtype=torch.float64)), TypeError, "x must have dtype"),
+        (dict(x=torch.randn(2, 5, 0)), ValueError, "D must be at least 1"),
+        (dict(weight=torch.randn(2, 7)), ValueError, r"weight must have shape \(E, D=8\)"),
+        (dict(weight=torch.randn(3, 8)), ValueError, r"weight must have shape \(E, D=8\)"),
+        (dict(weight=torch.randn(2, 8, dtype=torch.float16)), TypeError, "weight must have dtype"),
+        (dict(bias=torch.randn(1, 8)), ValueError, "bias must have shape"),
+        (dict(split=6), ValueError, r"split must lie in \[0, N=5\]"),
+        (dict(split=-1), ValueError, r"split must lie in \[0, N=5\]"),
+        (dict(weight=torch.randn(1, 8), bias=torch.randn(1, 8), split=2), ValueError, "split must be -1"),
+    ],
+)
+def test_op_rejects_bad_inputs(over, err, match):
+    args = dict(x=torch.randn(2, 5, 8), weight=torch.randn(2, 8), bias=torch.randn(2, 8), split=2, eps=1e-6)
+    args.update(over)
+    with pytest.raises(err, match=match):
+        torch.ops.vlmo_fast.multiway_layernorm(**args)
+
+
+def test_backend_reports_unsupported_inputs():
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    w = torch.ones(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        ops.multiway_layernorm(x, [w], [w], backend="cuda")
+    assert ops.multiway_layernorm(x, [w], [w], backend="auto").dtype == torch.float64
+    with pytest.raises(ValueError, match="split is required"):  # the public checks still run first
+        ops.multiway_layernorm(x.float(), [w.float(), w.float()], [w.float(), w.float()], backend="cuda")
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    w = [torch.randn(16, requires_grad=True) for _ in range(2)]
+    bb = [torch.randn(16, requires_grad=True) for _ in range(2)]
+
+    def f(x, w0, w1, b0, b1):
+        return native.multiway_layernorm_native(x, (w0, w1), (b0, b1), 4, 1e-6)
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, *w, *bb)
+    got.sum().backward()
+    grads = [t.grad.clone() for t in [x] + w + bb]
+    for t in [x] + w + bb:
+        t.grad = None
+    want = f(x, *w, *bb)
+    want.sum().backward()
+    assert torch.equal(got, want)
+    for g, t in zip(grads, [x] + w + bb):
+        assert torch.allclose(g, t.grad)
+
+
+def test_cpu_auto_policy():
+    """"auto" takes the CPU kernel only where it was measured faster than PyTorch (csrc/README.md)."""
+    from vlmo_fast.ops import backend
+
+    declines = native.AUTO_DECLINES["multiway_layernorm"]
+    w = torch.ones(768)
+    small, big = torch.randn(2, 5, 768), torch.randn(8, 237, 768)
+    assert "PyTorch" in declines(small, (w, w), (w, w), 2)
+    assert "PyTorch" in declines(torch.randn(2, 237, 768), (w,), (w,), None)  # one expert: PyTorch up to ~1M
+    assert declines(big, (w, w), (w, w), 40) is None and declines(big, (w,), (w,), None) is None
+    impl = backend.select("multiway_layernorm", "auto", big, (w, w), (w, w), 40)
+    assert impl is native.multiway_layernorm_native if _native.native_available() else impl is None

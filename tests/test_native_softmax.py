@@ -1,0 +1,273 @@
+"""The native fused scale + bias + key-mask + softmax (backend="cuda": C++ on CPU tensors, CUDA on CUDA tensors)
+against float64 references, for the output and every gradient, plus its argument checks and torch.compile tracing."""
+
+import pytest
+import torch
+
+from native_helpers import assert_rule, devices, max_err, padding
+from vlmo_fast import _native, ops
+from vlmo_fast.model import relpos
+from vlmo_fast.ops import native
+from vlmo_fast.ops.softmax import softmax_torch
+
+
+def reference(scores, scale, bias, keep):
+    """float64 reference: fully masked batch rows give zeros."""
+    s = scores.double() * scale
+    if bias is not None:
+        s = s + bias.double()
+    if keep is not None:
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+
+
+def make_inputs(b, h, n, form, device, dtype=torch.float32, table_dtype=torch.float32):
+    scores = (torch.randn(b, h, n, n, device=device) * 3).to(dtype)
+    full_table = torch.randn(60, 3 * h, device=device, dtype=table_dtype)
+    index = torch.randint(0, 60, (n, n), device=device)
+    dense = torch.randn(h, n, n, device=device)
+    keep = padding(b, n, device)
+    return scores, full_table, index, dense, keep
+
+
+def run(scores, scale, form, full_table, index, dense, keep, h, backend, out_dtype=None):
+    """Output and gradients (scores, bias) of the public op; leaves are fresh copies of the given tensors."""
+    s = scores.detach().clone().requires_grad_()
+    kw = {}
+    leaf = None
+    if form == "table":
+        leaf = full_table.detach().clone().requires_grad_()
+        kw = dict(bias_table=leaf[:, h : 2 * h], bias_index=index)  # a strided column slice, as the model passes
+    elif form == "dense":
+        leaf = dense.detach().clone().requires_grad_()
+        kw = dict(bias=leaf)
+    p = ops.masked_softmax(s, scale=scale, key_padding_mask=keep, out_dtype=out_dtype, backend=backend, **kw)
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(7)).to(p.device, p.dtype)
+    p.backward(g)
+    return p, s.grad, (None if leaf is None else leaf.grad), g
+
+
+def float64_reference(scores, scale, form, full_table, index, dense, keep, h, g):
+    s = scores.detach().double().requires_grad_()
+    leaf, bias = None, None
+    if form == "table":
+        leaf = full_table.detach().double().requires_grad_()
+        bias = leaf[:, h : 2 * h].t()[:, index]
+    elif form == "dense":
+        leaf = dense.detach().double().requires_grad_()
+        bias = leaf
+    p = reference(s, scale, bias, keep)
+    p.backward(g.double())
+    return p, s.grad, (None if leaf is None else leaf.grad)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n", [1, 40, 237, 257])
+@pytest.mark.parametrize("form", ["table", "dense", "none"])
+def test_fp32_matches_float64(device, n, form):
+    b, h, scale = 3, 2, 0.37
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, device)
+    p, ds, dbias, g = run(scores, scale, form, full_table, index, dense, keep, h, "cuda")
+    ref_p, ref_ds, ref_dbias = float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
+    assert p.dtype == torch.float32 and p.shape == scores.shape
+    assert max_err(p, ref_p) < 2e-6
+    assert torch.all(p[2] == 0) and torch.all(ds[2] == 0)  # the fully padded batch row
+    assert max_err(ds, ref_ds) < 1e-5 * max(1.0, ref_ds.abs().max().item())
+    if dbias is not None:
+        assert max_err(dbias, ref_dbias) < 1e-5 * max(1.0, ref_dbias.abs().max().item())
+        if form == "table":  # only the slice's columns of the big table receive gradient
+            assert dbias[:, :h].abs().sum() == 0 and dbias[:, 2 * h :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_low_precision_within_twice_eager_error(device, dtype, out_dtype, form):
+    b, h, n, scale = 3, 2, 237, 0.125
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, device, dtype)
+    p, ds, dbias, g = run(scores, scale, form, full_table, index, dense, keep, h, "cuda", out_dtype)
+    pe, dse, dbe, _ = run(scores, scale, form, full_table, index, dense, keep, h, "torch", out_dtype)
+    ref_p, ref_ds, ref_dbias = float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
+    assert p.dtype == (out_dtype or dtype) and ds.dtype == dtype
+    assert_rule("p", p, pe, ref_p, 1e-6)
+    assert_rule("dscores", ds, dse, ref_ds, 1e-6)
+    assert_rule("dbias", dbias, dbe, ref_dbias, 1e-6)
+
+
+def test_vlmo_fusion_index_table_gradient():
+    """The real index: every text→image pair of a head lands on one table row (the contention case)."""
+    b, h, n = 2, 3, 237
+    scores = torch.randn(b, h, n, n)
+    table = torch.randn(1126, 4 * h)
+    index = relpos.fusion_relative_position_index(40, 14)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, 25:40] = False
+    p, ds, dt, g = run(scores, 0.125, "table", table, index, None, keep, h, "cuda")
+    ref_p, ref_ds, ref_dt = float64_reference(scores, 0.125, "table", table, index, None, keep, h, g)
+    assert max_err(p, ref_p) < 2e-6
+    assert max_err(dt, ref_dt) < 1e-5 * max(1.0, ref_dt.abs().max().item())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_index_dtypes_and_non_contiguous_inputs(index_dtype):
+    b, h, n = 2, 3, 37
+    base = torch.randn(b, n, h, n)
+    scores = base.permute(0, 2, 1, 3)  # non-contiguous (B, H, N, N)
+    table = torch.randn(200, 2 * h)[:, h:]
+    index = torch.randint(0, 200, (n, n)).to(index_dtype)
+    index_t = index.t()  # non-contiguous index
+    keep = torch.rand(b, n) > 0.3
+    keep[:, 0] = True
+    got = ops.masked_softmax(scores, scale=0.5, bias_table=table, bias_index=index_t, key_padding_mask=keep.int(),
+                             backend="cuda")
+    want = reference(scores, 0.5, table.t()[:, index_t.long()], keep)
+    assert max_err(got, want) < 2e-6
+
+
+def test_out_dtype_variants():
+    scores = torch.randn(2, 2, 19, 19)
+    for out_dtype in (torch.float16, torch.bfloat16):
+        got = ops.masked_softmax(scores, out_dtype=out_dtype, backend="cuda")
+        assert got.dtype == out_dtype
+        # fp32 math, one rounding to out_dtype: within one ulp of the correctly rounded float64 result
+        assert max_err(got, reference(scores, 1.0, None, None).to(out_dtype)) <= torch.finfo(out_dtype).eps
+
+
+def test_empty_batch_and_single_key():
+    p = ops.masked_softmax(torch.randn(0, 2, 5, 5, requires_grad=True), backend="cuda")
+    assert p.shape == (0, 2, 5, 5)
+    s = torch.randn(2, 1, 3, 1, requires_grad=True)
+    p = ops.masked_softmax(s, bias=torch.randn(1, 3, 1), backend="cuda")
+    assert torch.all(p == 1)
+    p.sum().backward()
+    assert torch.all(s.grad == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_every_output_element_is_written(device):
+    """Poison the outputs, call the launchers directly, and check that nothing was left unwritten."""
+    b, h, n = 3, 2, 45
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, "table", device)
+    table = full_table[:, h : 2 * h]
+    index32 = index.to(torch.int32)
+    out = torch.full_like(scores, float("nan"))
+    lse = torch.full((b, h, n), float("nan"), device=device)
+    kw = dict(table=table.data_ptr(), table_s0=table.stride(0), table_s1=table.stride(1), table_rows=60,
+              index=index32.data_ptr(), keep=keep.data_ptr(), bias=0)
+    extra = native._launch_args(scores.device)
+    launcher = native._launcher("masked_softmax_forward", scores.device)
+    launcher(scores=scores.data_ptr(), scores_dtype=0, out=out.data_ptr(), out_dtype=0, lse=lse.data_ptr(),
+             batch=b, heads=h, n_q=n, n_k=n, scale=1.0, **kw, **extra)
+    assert not out.isnan().any() and not lse.isnan().any()
+    ds = torch.full_like(scores, float("nan"))
+    dtable = torch.zeros(60, h, device=device)  # CUDA accumulates into zeros; CPU overwrites
+    native._launcher("masked_softmax_backward", scores.device)(
+        dp=torch.randn_like(scores).data_ptr(), dp_dtype=0, scores=scores.data_ptr(), scores_dtype=0,
+        lse=lse.data_ptr(), dscores=ds.data_ptr(), batch=b, heads=h, n_q=n, n_k=n, scale=1.0, dbias=0,
+        dtable=dtable.data_ptr(), **kw, **extra)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert not ds.isnan().any()
+
+
+def test_backend_reports_unsupported_inputs():
+    s = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        ops.masked_softmax(s, backend="cuda")
+    # auto quietly takes the PyTorch path for what the kernels do not take
+    assert ops.masked_softmax(s, backend="auto").dtype == torch.float64
+    assert native._softmax_unsupported(torch.randn(1, 1, 4, 4), None, None, None, None, torch.float32) is None
+    assert "bias" in native._softmax_unsupported(torch.randn(1, 1, 4, 4), torch.randn(1, 4, 4, dtype=torch.float64),
+                                                 None, None, None, torch.float32)
+
+
+def _op_args(**over):
+    b, h, n = 2, 2, 6
+    args = dict(scores=torch.randn(b, h, n, n), scale=1.0, bias=None, bias_table=torch.randn(10, h),
+                bias_index=torch.randint(0, 10, (n, n)), keep=torch.ones(b, n, dtype=torch.bool),
+                out_dtype=torch.float32)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,err,match",
+    [
+        (dict(scores=torch.randn(2, 2, 6, 6).transpose(2, 3)), ValueError, "scores must be contiguous"),
+        (dict(scores=torch.randn(2, 6, 6)), ValueError, "scores must be a 4-D"),
+        (dict(scores=torch.randint(0, 3, (2, 2, 6, 6))), TypeError, "scores must have dtype"),
+        (dict(bias_table=torch.randn(10, 3)), ValueError, r"bias_table must have shape \(R, H=2\)"),
+        (dict(bias_table=torch.randn(10, 2, dtype=torch.float16)), TypeError, "bias_table must have dtype"),
+        (dict(bias_index=torch.full((6, 6), 10)), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        (dict(bias_index=torch.full((6, 6), -1)), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        (dict(bias_index=torch.zeros(5, 6, dtype=torch.long)), ValueError, "bias_index must have shape"),
+        (dict(bias_index=torch.zeros(6, 6)), TypeError, "bias_index must have dtype"),
+        (dict(bias_index=None), ValueError, "together"),
+        (dict(bias=torch.randn(2, 6, 6)), ValueError, "not both"),
+        (dict(bias=torch.randn(2, 6, 5), bias_table=None, bias_index=None), ValueError, "bias must have shape"),
+        (dict(keep=torch.ones(2, 5, dtype=torch.bool)), ValueError, "keep must have shape"),
+        (dict(keep=torch.ones(2, 6)), TypeError, "keep must have dtype"),
+        (dict(out_dtype=torch.float64), TypeError, "out_dtype"),
+    ],
+)
+def test_op_rejects_bad_inputs(over, err, match):
+    """The custom op itself (reachable as torch.ops.vlmo_fast.masked_softmax) checks everything it hands a kernel."""
+    with pytest.raises(err, match=match):
+        torch.ops.vlmo_fast.masked_softmax(**_op_args(**over))
+
+
+def test_public_op_rejects_bad_inputs():
+    s = torch.randn(2, 2, 6, 6)
+    with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 10\)"):
+        ops.masked_softmax(s, bias_table=torch.randn(10, 2), bias_index=torch.full((6, 6), 10), backend="cuda")
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        ops.masked_softmax(s, key_padding_mask=torch.ones(2, 5, dtype=torch.bool), backend="cuda")
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    b, h, n = 2, 2, 9
+    scores = torch.randn(b, h, n, n, requires_grad=True)
+    table = torch.randn(12, 2 * h, requires_grad=True)
+    index = torch.randint(0, 12, (n, n))
+    keep = padding(b, n)
+
+    def f(s, t):
+        return native.masked_softmax_native(s, 0.5, None, t[:, h:], index, keep, torch.float32)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(scores, table)
+    got.sum().backward()
+    g_s, g_t = scores.grad.clone(), table.grad.clone()
+    scores.grad = table.grad = None
+    want = f(scores, table)
+    want.sum().backward()
+    assert torch.equal(got, want)
+    assert torch.allclose(g_s, scores.grad) and torch.allclose(g_t, table.grad)
+
+
+def test_fake_tensor_shapes_match_the_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _op_args()
+    p, lse = torch.ops.vlmo_fast.masked_softmax(**args)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        fp, flse = torch.ops.vlmo_fast.masked_softmax(**fake)
+    assert fp.shape == p.shape and fp.dtype == p.dtype and flse.shape == lse.shape and flse.dtype == lse.dtype
+
+
+def test_cpu_auto_picks_the_native_kernel():
+    """CPU policy: the fused kernel beats the 4-5 op PyTorch path at every size measured, so "auto" takes it."""
+    from vlmo_fast.ops import backend
+
+    assert native.AUTO_DECLINES["masked_softmax"](torch.randn(1, 1, 2, 2), None, None, None, None, torch.float32) is None
+    s = torch.randn(2, 2, 8, 8)
+    impl = backend.select("masked_softmax", "auto", s, None, None, None, None, torch.float32)
+    assert impl is native.masked_softmax_native if _native.native_available() else impl is None
+
+
+def test_softmax_torch_is_the_eager_comparison():
+    """The eager comparison in the numerics tests is the package's own PyTorch path."""
+    s = torch.randn(2, 2, 7, 7)
+    assert max_err(softmax_torch(s, 1.0, None, None, torch.float32), reference(s, 1.0, None, None)) < 1e-6

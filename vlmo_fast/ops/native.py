@@ -1,0 +1,661 @@
+"""The native backend ("cuda"): the kernels of ``vlmo_fast._C``, CUDA on CUDA tensors and C++ on CPU tensors.
+
+Each op is a ``torch.library.custom_op`` (with ``register_fake`` and ``register_autograd``, so ``torch.compile``
+traces it as one node) whose implementation checks every tensor it hands to a kernel (device, dtype, shape,
+contiguity or stride extent, index range) and then calls a launcher with raw pointers. The kernels are described in
+``csrc/README.md``.
+
+    vlmo_fast::masked_softmax              (scores, scale, bias?, table?, index?, keep?, out_dtype) -> (p, lse)
+    vlmo_fast::masked_softmax_backward     (dp, scores, lse, scale, bias?, table?, index?, keep?, bias_grad) -> (ds, dbias)
+    vlmo_fast::multiway_layernorm          (x, weight (E, D), bias (E, D), split, eps) -> (y, mean, rstd)
+    vlmo_fast::multiway_layernorm_backward (dy, x, mean, rstd, weight, split) -> (dx, dweight, dbias)
+    vlmo_fast::rel_pos_bias_gather         (table, index) -> (C, N, N)
+    vlmo_fast::rel_pos_bias_gather_backward(grad, index, rows) -> (R, C) fp32
+
+The backend registrations at the bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these.
+This module imports without ``vlmo_fast._C``; the backend then reports itself unsupported and the PyTorch paths run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _native
+from . import backend as _backend
+from ._checks import check_bias_index
+
+_C = _native._C
+_CUDA_COMPILED = _native.cuda_kernels_compiled()
+
+# Element type codes of csrc/cpu/cpu_common.h and csrc/cuda/cuda_common.cuh.
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ---- argument safety: nothing reaches a kernel that it could read past -----------------------------------------------
+
+
+def _check(
+    name: str,
+    t: object,
+    device: torch.device,
+    dtypes: Sequence[torch.dtype],
+    shape: Optional[Tuple[int, ...]] = None,
+    contiguous: bool = True,
+) -> torch.Tensor:
+    """Type, device, dtype, shape, and either contiguity or (for strided operands) the storage extent.
+
+    Messages are built only on failure: these checks run on every call, so they have to be cheap.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous:
+        # PyTorch keeps every view inside its storage, so a contiguous tensor spans exactly [ptr, ptr + numel)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    else:
+        _check_extent(name, t)
+    return t
+
+
+def _check_extent(name: str, t: torch.Tensor) -> None:
+    """Every element a strided kernel may address lies inside the tensor's storage."""
+    if t.numel() == 0:
+        return
+    if any(s < 0 for s in t.stride()):
+        raise ValueError(f"{name} must not have negative strides")
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    if (last + 1) * t.element_size() > t.untyped_storage().nbytes():
+        raise ValueError(f"{name} addresses memory past its storage")
+
+
+def _addr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+_INDEX32: Dict[int, tuple] = {}
+
+
+def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -> torch.Tensor:
+    """The (n, n) bias index, range-checked against ``rows`` and as contiguous int32 (what the kernels read).
+
+    The range check is cached by ``check_bias_index`` (identity + version counter); the int32 copy likewise, so a
+    model's fixed index costs one conversion, not one per layer and step.
+    """
+    check_bias_index(index, rows, n, device)
+    if index.dtype == torch.int32 and index.is_contiguous():
+        return index
+    key = id(index)
+    hit = _INDEX32.get(key)
+    if hit is not None and hit[0]() is index and hit[1] == index._version:
+        return hit[2]
+    converted = index.to(torch.int32).contiguous()
+    if len(_INDEX32) > 64:
+        _INDEX32.clear()
+    try:
+        _INDEX32[key] = (weakref.ref(index), index._version, converted)
+    except TypeError:
+        pass
+    return converted
+
+
+def _native_missing(device: torch.device) -> Optional[str]:
+    if _C is None:
+        return f"the native extension vlmo_fast._C is not built ({_native._IMPORT_ERROR})"
+    if device.type == "cuda":
+        if not _CUDA_COMPILED:
+            return "vlmo_fast._C was built without its CUDA kernels (no nvcc at build time)"
+    elif device.type != "cpu":
+        return f"no native kernels for device type {device.type!r} (cpu and cuda only)"
+    return None
+
+
+def _launch_args(device: torch.device) -> dict:
+    err = _native_missing(device)
+    if err is not None:
+        raise RuntimeError(err)
+    if device.type == "cuda":
+        return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
+    return {"num_threads": torch.get_num_threads()}
+
+
+def _launcher(name: str, device: torch.device):
+    return getattr(_C, f"{name}_{'cuda' if device.type == 'cuda' else 'cpu'}")
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_TYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+# ---- masked softmax -------------------------------------------------------------------------------------------------
+
+
+def _softmax_operands(scores, bias, table, index, keep):
+    """Validate the softmax operands; returns ((B, H, Nq, Nk), the launcher's bias/mask arguments)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
+        raise ValueError("scores must be a 4-D tensor (B, H, Nq, Nk)")
+    dev = scores.device
+    _check("scores", scores, dev, _FLOATS)
+    b, h, nq, nk = scores.shape
+    if bias is not None and table is not None:
+        raise ValueError("give either bias or bias_table, not both")
+    if (table is None) != (index is None):
+        raise ValueError("bias_table and bias_index must be given together")
+    if bias is not None:
+        _check("bias", bias, dev, (torch.float32,), (h, nq, nk))
+    index32, rows, s0, s1 = None, 0, 0, 0
+    if table is not None:
+        if nq != nk:
+            raise ValueError("bias_table needs square attention (Nq == Nk)")
+        _check("bias_table", table, dev, (torch.float32,), contiguous=False)
+        if table.dim() != 2 or table.shape[1] != h:
+            raise ValueError(f"bias_table must have shape (R, H={h}), got {tuple(table.shape)}")
+        if table.shape[0] == 0:
+            raise ValueError("bias_table must have at least one row")
+        _check("bias_index", index, dev, _INDEX_TYPES, (nq, nk), contiguous=False)
+        rows, (s0, s1) = table.shape[0], table.stride()
+        index32 = _index_int32(index, rows, nq, dev)
+        _check("bias_index (int32)", index32, dev, (torch.int32,), (nq, nk))
+    if keep is not None:
+        _check("keep", keep, dev, (torch.bool,), (b, nk))
+    kw = dict(bias=_addr(bias), table=_addr(table), table_s0=s0, table_s1=s1, table_rows=rows,
+              index=_addr(index32), keep=_addr(keep))
+    return (b, h, nq, nk), kw
+
+
+def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtype):
+    shape, kw = _softmax_operands(scores, bias, bias_table, bias_index, keep)
+    if out_dtype not in _DTYPE_CODE:
+        raise TypeError(f"out_dtype must be one of {list(_DTYPE_CODE)}, got {out_dtype}")
+    dev = scores.device
+    p = torch.empty(scores.shape, dtype=out_dtype, device=dev)
+    lse = torch.empty(shape[:3], dtype=torch.float32, device=dev)
+    _launcher("masked_softmax_forward", dev)(
+        scores=_addr(scores), scores_dtype=_DTYPE_CODE[scores.dtype], out=_addr(p), out_dtype=_DTYPE_CODE[out_dtype],
+        lse=_addr(lse), batch=shape[0], heads=shape[1], n_q=shape[2], n_k=shape[3], scale=float(scale),
+        **kw, **_launch_args(dev),
+    )
+    return p, lse
+
+
+def _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep, bias_grad):
+    shape, kw = _softmax_operands(scores, bias, bias_table, bias_index, keep)
+    dev = scores.device
+    _check("dp", dp, dev, _FLOATS, scores.shape)
+    _check("lse", lse, dev, (torch.float32,), shape[:3])
+    ds = torch.empty_like(scores)
+    alloc = torch.zeros if dev.type == "cuda" else torch.empty  # CUDA accumulates with atomics; CPU overwrites
+    dbias = dtable = None
+    if bias_grad and bias is not None:
+        dbias = alloc(bias.shape, dtype=torch.float32, device=dev)
+    elif bias_grad and bias_table is not None:
+        dtable = alloc(bias_table.shape, dtype=torch.float32, device=dev)
+    _launcher("masked_softmax_backward", dev)(
+        dp=_addr(dp), dp_dtype=_DTYPE_CODE[dp.dtype], scores=_addr(scores), scores_dtype=_DTYPE_CODE[scores.dtype],
+        lse=_addr(lse), dscores=_addr(ds), batch=shape[0], heads=shape[1], n_q=shape[2], n_k=shape[3],
+        scale=float(scale), dbias=_addr(dbias), dtable=_addr(dtable), **kw, **_launch_args(dev),
+    )
+    grad = dbias if dbias is not None else dtable
+    return ds, grad if grad is not None else scores.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("vlmo_fast::masked_softmax", mutates_args=())
+def masked_softmax_op(
+    scores: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    bias_table: Optional[torch.Tensor],
+    bias_index: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(scale·scores + bias + mask) in out_dtype and lse = log Σ exp (B, H, Nq) fp32, for the backward.
+
+    scores (B, H, Nq, Nk) contiguous fp32/fp16/bf16; bias (H, Nq, Nk) fp32 contiguous, or bias_table (R, H) fp32
+    (any non-negative strides) + bias_index (Nq, Nk) integer in [0, R); keep (B, Nk) bool contiguous, True = keep.
+    """
+    return _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtype)
+
+
+@masked_softmax_op.register_fake
+def _(scores, scale, bias, bias_table, bias_index, keep, out_dtype):
+    return scores.new_empty(scores.shape, dtype=out_dtype), scores.new_empty(scores.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vlmo_fast::masked_softmax_backward", mutates_args=())
+def masked_softmax_backward_op(
+    dp: torch.Tensor,
+    scores: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor],
+    bias_table: Optional[torch.Tensor],
+    bias_index: Optional[torch.Tensor],
+    keep: Optional[torch.Tensor],
+    bias_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dscores, dbias): dbias is (H, Nq, Nk) fp32 for a dense bias, (R, H) fp32 for a table, summed over the batch
+    (and scattered into the table rows); an empty tensor when ``bias_grad`` is False or there is no bias."""
+    return _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep, bias_grad)
+
+
+@masked_softmax_backward_op.register_fake
+def _(dp, scores, lse, scale, bias, bias_table, bias_index, keep, bias_grad):
+    if bias_grad and bias is not None:
+        shape = bias.shape
+    elif bias_grad and bias_table is not None:
+        shape = bias_table.shape
+    else:
+        shape = (0,)
+    return torch.empty_like(scores), scores.new_empty(shape, dtype=torch.float32)
+
+
+def _softmax_grads(ctx, dp, backward):
+    scores, lse, bias, bias_table, bias_index, keep = ctx.saved_tensors
+    want_bias = bias is not None and ctx.needs_input_grad[2]
+    want_table = bias_table is not None and ctx.needs_input_grad[3]
+    ds, dbias = backward(dp.contiguous(), scores, lse, ctx.scale, bias, bias_table, bias_index, keep,
+                         want_bias or want_table)
+    return (
+        ds if ctx.needs_input_grad[0] else None,
+        None,
+        dbias.to(bias.dtype) if want_bias else None,
+        dbias.to(bias_table.dtype) if want_table else None,
+        None,
+        None,
+        None,
+    )
+
+
+def _softmax_setup(ctx, inputs, output):
+    scores, scale, bias, bias_table, bias_index, keep, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(scores, output[1], bias, bias_table, bias_index, keep)
+    ctx.scale = scale
+
+
+masked_softmax_op.register_autograd(lambda ctx, dp, _dlse: _softmax_grads(ctx, dp, masked_softmax_backward_op),
+                                    setup_context=_softmax_setup)
+
+
+class MaskedSoftmaxFunction(torch.autograd.Function):
+    """Eager autograd around the same kernels as the custom op, without the custom-op dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, scores, scale, bias, bias_table, bias_index, keep, out_dtype):
+        p, lse = _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtype)
+        ctx.save_for_backward(scores, lse, bias, bias_table, bias_index, keep)
+        ctx.scale = scale
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):
+        return _softmax_grads(ctx, dp, _softmax_backward)
+
+
+def masked_softmax_native(scores, scale, bias, bias_table, bias_index, keep, out_dtype):
+    """The registered "cuda" implementation of ``masked_softmax`` (arguments validated by the public function).
+
+    Eager calls go through ``MaskedSoftmaxFunction``; under ``torch.compile`` the custom op is traced instead.
+    """
+    scores = scores.contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    if bias_table is not None and bias_table.dtype != torch.float32:
+        bias_table = bias_table.to(torch.float32)
+    if keep is not None:
+        keep = keep.contiguous()
+    # CUDA compiles the (input, output) dtype pairs (x, x) and (x, fp32); other outputs go through fp32.
+    kernel_out = out_dtype
+    if scores.device.type == "cuda" and out_dtype not in (scores.dtype, torch.float32):
+        kernel_out = torch.float32
+    args = (scores, float(scale), bias, bias_table, bias_index, keep, kernel_out)
+    if torch.compiler.is_compiling():
+        p, _ = masked_softmax_op(*args)
+    else:
+        p = MaskedSoftmaxFunction.apply(*args)
+    return p if kernel_out == out_dtype else p.to(out_dtype)
+
+
+def _softmax_unsupported(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
+    reason = _native_missing(scores.device)
+    if reason is not None:
+        return reason
+    for name, dt in (("scores", scores.dtype), ("out_dtype", out_dtype),
+                     ("bias", None if bias is None else bias.dtype),
+                     ("bias_table", None if bias_table is None else bias_table.dtype)):
+        if dt is not None and dt not in _DTYPE_CODE:
+            return f"{name} is {dt}; the native kernels take float32, float16 and bfloat16"
+    return None
+
+
+# ---- modality-split LayerNorm ---------------------------------------------------------------------------------------
+
+
+def _layernorm_operands(x, weight, bias, split):
+    """Validate x, the stacked expert parameters (bias may be None: the backward does not read it) and split."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError("x must be a 3-D tensor (B, N, D)")
+    dev = x.device
+    _check("x", x, dev, _FLOATS)
+    b, n, d = x.shape
+    if d == 0:
+        raise ValueError("x: the normalized dimension D must be at least 1")
+    _check("weight", weight, dev, (torch.float32,))
+    if weight.dim() != 2 or weight.shape[0] not in (1, 2) or weight.shape[1] != d:
+        raise ValueError(f"weight must have shape (E, D={d}) with E in (1, 2), got {tuple(weight.shape)}")
+    experts = weight.shape[0]
+    if bias is not None:
+        _check("bias", bias, dev, (torch.float32,), weight.shape)
+    if experts == 2 and not 0 <= split <= n:
+        raise ValueError(f"split must lie in [0, N={n}] with two experts, got {split}")
+    if experts == 1 and split != -1:
+        raise ValueError(f"split must be -1 with one expert, got {split}")
+    if dev.type == "cuda" and d > _C.LAYERNORM_CUDA_MAX_DIM:
+        raise ValueError(f"x: D={d} exceeds the CUDA LayerNorm limit {_C.LAYERNORM_CUDA_MAX_DIM}")
+    return b, n, d, experts
+
+
+def _layernorm_forward(x, weight, bias, split, eps):
+    if bias is None:
+        raise ValueError("bias must be given (stack zeros for an expert without one)")
+    b, n, d, _ = _layernorm_operands(x, weight, bias, split)
+    dev = x.device
+    y = torch.empty_like(x)
+    mean = torch.empty(b * n, dtype=torch.float32, device=dev)
+    rstd = torch.empty(b * n, dtype=torch.float32, device=dev)
+    _launcher("multiway_layernorm_forward", dev)(
+        x=_addr(x), dtype=_DTYPE_CODE[x.dtype], y=_addr(y), mean=_addr(mean), rstd=_addr(rstd), rows=b * n,
+        seq_len=n, dim=d, split=split, weight=_addr(weight), bias=_addr(bias), eps=float(eps), **_launch_args(dev),
+    )
+    return y, mean, rstd
+
+
+def _layernorm_backward(dy, x, mean, rstd, weight, split):
+    b, n, d, experts = _layernorm_operands(x, weight, None, split)
+    dev = x.device
+    _check("dy", dy, dev, (x.dtype,), x.shape)
+    _check("mean", mean, dev, (torch.float32,), (b * n,))
+    _check("rstd", rstd, dev, (torch.float32,), (b * n,))
+    dx = torch.empty_like(x)
+    dweight = torch.empty((experts, d), dtype=torch.float32, device=dev)
+    dbias = torch.empty((experts, d), dtype=torch.float32, device=dev)
+    extra = {}
+    if dev.type == "cuda":
+        size = _C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
+                                                             device=dev.index)
+        workspace = torch.empty(size, dtype=torch.float32, device=dev)
+        extra["workspace"] = _addr(workspace)
+    _launcher("multiway_layernorm_backward", dev)(
+        dy=_addr(dy), x=_addr(x), dtype=_DTYPE_CODE[x.dtype], mean=_addr(mean), rstd=_addr(rstd), dx=_addr(dx),
+        rows=b * n, seq_len=n, dim=d, split=split, weight=_addr(weight), dweight=_addr(dweight), dbias=_addr(dbias),
+        num_experts=experts, **extra, **_launch_args(dev),
+    )
+    return dx, dweight, dbias
+
+
+@torch.library.custom_op("vlmo_fast::multiway_layernorm", mutates_args=())
+def multiway_layernorm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, split: int, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): x (B, N, D) contiguous; weight, bias (E, D) fp32 stacked experts; rows at position < split
+    use expert 0, the rest expert 1 (split = -1 with one expert). mean, rstd: (B·N,) fp32."""
+    return _layernorm_forward(x, weight, bias, split, eps)
+
+
+@multiway_layernorm_op.register_fake
+def _(x, weight, bias, split, eps):
+    rows = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("vlmo_fast::multiway_layernorm_backward", mutates_args=())
+def multiway_layernorm_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, split: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dweight and dbias are (E, D) fp32, each expert summed over its own rows."""
+    return _layernorm_backward(dy, x, mean, rstd, weight, split)
+
+
+@multiway_layernorm_backward_op.register_fake
+def _(dy, x, mean, rstd, weight, split):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layernorm_setup(ctx, inputs, output):
+    x, weight, _, split, _ = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.split = split
+
+
+def _layernorm_grads(ctx, dy, backward):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = backward(dy.contiguous(), x, mean, rstd, weight, ctx.split)
+    return dx, dweight, dbias, None, None
+
+
+multiway_layernorm_op.register_autograd(
+    lambda ctx, dy, _dmean, _drstd: _layernorm_grads(ctx, dy, multiway_layernorm_backward_op),
+    setup_context=_layernorm_setup,
+)
+
+
+class MultiwayLayerNormFunction(torch.autograd.Function):
+    """Eager autograd around the same kernels as the custom op, without the custom-op dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, split, eps):
+        y, mean, rstd = _layernorm_forward(x, weight, bias, split, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.split = split
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _layernorm_grads(ctx, dy, _layernorm_backward)
+
+
+def multiway_layernorm_native(x, weights, biases, split, eps):
+    """The registered "cuda" implementation of ``multiway_layernorm``: stacks the experts' parameters (autograd sends
+    each expert's slice of the gradient back to its own weight and bias, in its own dtype)."""
+    d = x.shape[-1]
+
+    def stacked(ts, fill):
+        ts = [torch.full((d,), fill, device=x.device) if t is None else t.to(torch.float32) for t in ts]
+        return ts[0].reshape(1, d) if len(ts) == 1 else torch.stack(ts)  # one expert: a view, no copy
+
+    args = (x.contiguous(), stacked(weights, 1.0), stacked(biases, 0.0), -1 if split is None else int(split),
+            float(eps))
+    if torch.compiler.is_compiling():
+        return multiway_layernorm_op(*args)[0]
+    return MultiwayLayerNormFunction.apply(*args)
+
+
+def _layernorm_unsupported(x, weight, bias, split) -> Optional[str]:
+    reason = _native_missing(x.device)
+    if reason is not None:
+        return reason
+    for name, ts in (("x", [x]), ("weight", weight), ("bias", bias)):
+        for t in ts:
+            if t is not None and t.dtype not in _DTYPE_CODE:
+                return f"{name} is {t.dtype}; the native kernels take float32, float16 and bfloat16"
+    d = x.shape[-1]
+    if d == 0:
+        return "the normalized dimension is empty"
+    if x.device.type == "cuda" and d > _C.LAYERNORM_CUDA_MAX_DIM:
+        return f"D={d} exceeds the CUDA LayerNorm limit {_C.LAYERNORM_CUDA_MAX_DIM}"
+    return None
+
+
+# ---- relative-position bias gather ---------------------------------------------------------------------------------
+
+
+def _gather_forward(table, index):
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError("table must be a 2-D tensor (R, C)")
+    dev = table.device
+    _check("table", table, dev, _FLOATS, contiguous=False)
+    if table.shape[0] == 0:
+        raise ValueError("table must have at least one row")
+    if not isinstance(index, torch.Tensor) or index.dim() != 2:
+        raise ValueError("index must be a 2-D tensor (N, N)")
+    n = index.shape[0]
+    _check("index", index, dev, _INDEX_TYPES, (n, n), contiguous=False)
+    index32 = _index_int32(index, table.shape[0], n, dev)
+    _check("index (int32)", index32, dev, (torch.int32,), (n, n))
+    rows, cols = table.shape
+    out = torch.empty((cols, n, n), dtype=table.dtype, device=dev)
+    _launcher("rel_pos_gather_forward", dev)(
+        table=_addr(table), dtype=_DTYPE_CODE[table.dtype], s0=table.stride(0), s1=table.stride(1), rows=rows,
+        cols=cols, index=_addr(index32), n=n, out=_addr(out), **_launch_args(dev),
+    )
+    return out
+
+
+def _gather_backward(grad, index, rows):
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 3:
+        raise ValueError("grad must be a 3-D tensor (C, N, N)")
+    dev = grad.device
+    cols, n = grad.shape[0], grad.shape[1]
+    _check("grad", grad, dev, _FLOATS, (cols, n, n))
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    _check("index", index, dev, _INDEX_TYPES, (n, n), contiguous=False)
+    index32 = _index_int32(index, rows, n, dev)
+    _check("index (int32)", index32, dev, (torch.int32,), (n, n))
+    dtable = (torch.zeros if dev.type == "cuda" else torch.empty)((rows, cols), dtype=torch.float32, device=dev)
+    _launcher("rel_pos_gather_backward", dev)(
+        grad=_addr(grad), dtype=_DTYPE_CODE[grad.dtype], index=_addr(index32), n=n, rows=rows, cols=cols,
+        dtable=_addr(dtable), **_launch_args(dev),
+    )
+    return dtable
+
+
+@torch.library.custom_op("vlmo_fast::rel_pos_bias_gather", mutates_args=())
+def rel_pos_bias_gather_op(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[c, i, j] = table[index[i, j], c]: table (R, C) fp32/fp16/bf16 with any non-negative strides, index (N, N)
+    integer in [0, R); out (C, N, N) contiguous in the table's dtype."""
+    return _gather_forward(table, index)
+
+
+@rel_pos_bias_gather_op.register_fake
+def _(table, index):
+    return table.new_empty((table.shape[1], index.shape[0], index.shape[0]))
+
+
+@torch.library.custom_op("vlmo_fast::rel_pos_bias_gather_backward", mutates_args=())
+def rel_pos_bias_gather_backward_op(grad: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """dtable (rows, C) fp32: dtable[r, c] = Σ over (i, j) with index[i, j] == r of grad[c, i, j]."""
+    return _gather_backward(grad, index, rows)
+
+
+@rel_pos_bias_gather_backward_op.register_fake
+def _(grad, index, rows):
+    return grad.new_empty((rows, grad.shape[0]), dtype=torch.float32)
+
+
+def _gather_setup(ctx, inputs, output):
+    table, index = inputs
+    ctx.save_for_backward(index)
+    ctx.rows = table.shape[0]
+    ctx.table_dtype = table.dtype
+
+
+def _gather_grads(ctx, grad, backward):
+    (index,) = ctx.saved_tensors
+    return backward(grad.contiguous(), index, ctx.rows).to(ctx.table_dtype), None
+
+
+rel_pos_bias_gather_op.register_autograd(
+    lambda ctx, grad: _gather_grads(ctx, grad, rel_pos_bias_gather_backward_op), setup_context=_gather_setup
+)
+
+
+class RelPosBiasGatherFunction(torch.autograd.Function):
+    """Eager autograd around the same kernels as the custom op, without the custom-op dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, table, index):
+        out = _gather_forward(table, index)
+        _gather_setup(ctx, (table, index), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_grads(ctx, grad, _gather_backward)
+
+
+def rel_pos_bias_gather_native(table, index):
+    """The registered "cuda" implementation of ``rel_pos_bias_gather``."""
+    if torch.compiler.is_compiling():
+        return rel_pos_bias_gather_op(table, index)
+    return RelPosBiasGatherFunction.apply(table, index)
+
+
+def _gather_unsupported(table, index) -> Optional[str]:
+    reason = _native_missing(table.device)
+    if reason is not None:
+        return reason
+    if table.dtype not in _DTYPE_CODE:
+        return f"table is {table.dtype}; the native kernels take float32, float16 and bfloat16"
+    return None
+
+
+# ---- CPU policy for "auto" ------------------------------------------------------------------------------------------
+# "auto" must never pick a CPU kernel slower than the PyTorch path it replaces. Measured on the 2-core CI machine
+# (torch 2.13, 2 threads; see csrc/README.md): the fused softmax wins at every size (the PyTorch path is 4-5 ops);
+# the LayerNorm and the gather carry ~15-20 µs more fixed Python cost than one fused PyTorch op, so below these
+# sizes PyTorch is as fast or faster. Explicit backend="cuda" requests still run the kernels at any size.
+CPU_AUTO_MIN_ELEMENTS = {
+    "multiway_layernorm_split": 1 << 15,  # two experts: PyTorch pays two LayerNorms + slices + cat
+    "multiway_layernorm_single": 1 << 20,  # one expert: one PyTorch LayerNorm, as fast up to ~1M elements
+    "rel_pos_bias_gather": 1 << 15,
+}
+
+
+def _softmax_auto_declines(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
+    return None
+
+
+def _layernorm_auto_declines(x, weight, bias, split) -> Optional[str]:
+    if x.device.type != "cpu":
+        return None
+    key = "multiway_layernorm_split" if len(weight) == 2 else "multiway_layernorm_single"
+    if x.numel() < CPU_AUTO_MIN_ELEMENTS[key]:
+        return f"on CPU below {CPU_AUTO_MIN_ELEMENTS[key]} elements PyTorch's LayerNorm is as fast"
+    return None
+
+
+def _gather_auto_declines(table, index) -> Optional[str]:
+    if table.device.type != "cpu":
+        return None
+    if table.shape[1] * index.numel() < CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]:
+        return f"on CPU below {CPU_AUTO_MIN_ELEMENTS['rel_pos_bias_gather']} output elements PyTorch's gather is as fast"
+    return None
+
+
+def _register(op, fn, unsupported, auto_declines):
+    """Register with the backend registry. ``auto_declines`` applies to "auto" only (an explicit backend="cuda"
+    request must still run the kernel), which needs the registry's ``auto_unsupported`` hook; without it the
+    predicate is kept in ``AUTO_DECLINES`` for the registry to consult."""
+    AUTO_DECLINES[op] = auto_declines
+    if "auto_unsupported" in inspect.signature(_backend.register).parameters:
+        _backend.register(op, "cuda", fn, unsupported, priority=20, auto_unsupported=auto_declines)
+    else:
+        _backend.register(op, "cuda", fn, unsupported, priority=20)
+
+
+AUTO_DECLINES: Dict[str, object] = {}
+_register("masked_softmax", masked_softmax_native, _softmax_unsupported, _softmax_auto_declines)
+_register("multiway_layernorm", multiway_layernorm_native, _layernorm_unsupported, _layernorm_auto_declines)
+_register("rel_pos_bias_gather", rel_pos_bias_gather_native, _gather_unsupported, _gather_auto_declines)
