@@ -1,0 +1,437 @@
+"""The official ViLT-style arrow datasets (spec §7), readers and writers.
+
+Files: one Arrow IPC *file* per table (``pyarrow.RecordBatchFileWriter``), named ``<data_root>/<name>.arrow``, read
+memory-mapped (``pa.ipc.RecordBatchFileReader(pa.memory_map(path))``) and concatenated with type promotion. Image
+columns hold encoded bytes (JPEG/PNG); the text column holds a list of strings per row.
+
+| key    | train files                                   | val                  | test                 | text column |
+|--------|-----------------------------------------------|----------------------|----------------------|-------------|
+| coco   | coco_caption_karpathy_{train,restval}         | ..._val              | ..._test             | caption     |
+| f30k   | f30k_caption_karpathy_train                   | ..._val              | ..._test             | caption     |
+| gcc    | conceptual_caption_train_{0..29}              | conceptual_caption_val_0 (test = val)       | caption     |
+| sbu    | sbu_{0..8}                                    | none                 | none                 | caption     |
+| vg     | vg (region phrases, paired with the whole image) | none              | none                 | caption     |
+| wikibk | wikibk_train_{0..49} (image column "None")    | wikibk_val_0 (test = val)                   | caption     |
+| vqa    | vqav2_train, vqav2_trainable_val              | vqav2_rest_val       | vqav2_test           | questions   |
+| nlvr2  | nlvr2_train                                   | nlvr2_dev, nlvr2_test1 (val and test)       | questions   |
+
+Indexing: one sample per caption/question, ``index_mapper[j] = (row, caption_idx)`` in row order; with
+``image_only=True`` (retrieval evaluation) one sample per row. Caption datasets drop duplicate captions of a row
+(official ``remove_duplicate=True``; VQA and NLVR2 keep them). Multi-dataset training is a plain ``ConcatDataset``,
+so datasets are drawn in proportion to their caption counts.
+
+Items (``__getitem__``, so decoding runs in the DataLoader workers): "image" (3, S, S) float in [-1, 1] (NLVR2:
+"image_0", "image_1"; wikibk none), "text", "text_ids", "text_masks", "special_tokens_mask" (1-D int64, exactly
+``max_text_len``, truncated if longer), "img_index" (row), "cap_index", "raw_index", "replica" (cap_index > 0) and
+the task extras: VQA "vqa_answer", "vqa_labels", "vqa_scores", "qid"; NLVR2 "answers" (1 for "True", 0 for
+"False") and "table_name".
+
+Decisions that differ from the official code:
+- A missing data root or file raises FileNotFoundError naming the path (official: missing files are silently
+  skipped, which hides a wrong data_root until the dataset turns out empty). A file without a column the dataset
+  reads raises ValueError naming the file and the column, at construction.
+- An unreadable image does not stop the run. ``on_error="drop"`` (default) returns None for that item; the collate
+  drops it and reports the count as ``batch["bad_samples"]``. ``on_error="resample"`` is the official behaviour
+  (retry with a random other sample) and still counts the failures in the item's "bad_samples".
+- Duplicate captions are removed keeping their first-seen order (official: ``list(set(...))``, whose order changes
+  with Python's hash seed, so caption indices were not reproducible across runs).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from .sample import BadSampleLog, decode_image, encode_text
+from .transforms import build_transform
+
+SPLITS = ("train", "val", "test")
+ON_ERROR = ("drop", "resample")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the official dataset class of one key reads."""
+
+    files: Mapping[str, Tuple[str, ...]]  # split -> file stems under data_root
+    text_column: str
+    image_keys: Tuple[str, ...]
+    remove_duplicate: bool = True
+    extra_columns: Tuple[str, ...] = ()  # read on every split
+    label_columns: Tuple[str, ...] = ()  # read except on the test split (VQA test has no answers)
+    kind: str = "caption"  # caption | text | vqa | nlvr2
+
+
+def _files(train, val, test) -> Dict[str, Tuple[str, ...]]:
+    return {"train": tuple(train), "val": tuple(val), "test": tuple(test)}
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    "coco": DatasetSpec(_files(["coco_caption_karpathy_train", "coco_caption_karpathy_restval"],
+                               ["coco_caption_karpathy_val"], ["coco_caption_karpathy_test"]), "caption", ("image",)),
+    "f30k": DatasetSpec(_files(["f30k_caption_karpathy_train"], ["f30k_caption_karpathy_val"],
+                               ["f30k_caption_karpathy_test"]), "caption", ("image",)),
+    "gcc": DatasetSpec(_files([f"conceptual_caption_train_{i}" for i in range(30)], ["conceptual_caption_val_0"],
+                              ["conceptual_caption_val_0"]), "caption", ("image",)),
+    "sbu": DatasetSpec(_files([f"sbu_{i}" for i in range(9)], [], []), "caption", ("image",)),
+    "vg": DatasetSpec(_files(["vg"], [], []), "caption", ("image",)),
+    "wikibk": DatasetSpec(_files([f"wikibk_train_{i}" for i in range(50)], ["wikibk_val_0"], ["wikibk_val_0"]),
+                          "caption", (), kind="text"),
+    "vqa": DatasetSpec(_files(["vqav2_train", "vqav2_trainable_val"], ["vqav2_rest_val"], ["vqav2_test"]),
+                       "questions", ("image",), remove_duplicate=False, extra_columns=("question_id",),
+                       label_columns=("answers", "answer_labels", "answer_scores"), kind="vqa"),
+    "nlvr2": DatasetSpec(_files(["nlvr2_train"], ["nlvr2_dev", "nlvr2_test1"], ["nlvr2_dev", "nlvr2_test1"]),
+                         "questions", ("image_0", "image_1"), remove_duplicate=False, extra_columns=("answers",),
+                         kind="nlvr2"),
+}
+
+
+def dataset_files(name: str, split: str) -> List[str]:
+    """The official file stems (without ".arrow") of dataset ``name`` for ``split``."""
+    return list(_spec(name).files[_split(split)])
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+    return DATASETS[name]
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+
+
+def read_arrow(path: str) -> pa.Table:
+    """The table of one arrow file, memory-mapped (no copy of the image bytes)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"arrow file not found: {path}")
+    return pa.ipc.RecordBatchFileReader(pa.memory_map(path, "r")).read_all()
+
+
+def _concat(tables: Sequence[pa.Table]) -> pa.Table:
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except TypeError:  # pyarrow < 14
+        return pa.concat_tables(tables, promote=True)
+
+
+def _unique(texts: Sequence[str]) -> List[str]:
+    return list(dict.fromkeys(texts))
+
+
+class ArrowDataset(Dataset):
+    """Map-style dataset over arrow files ``<data_root>/<name>.arrow`` for ``name`` in ``names``.
+
+    Prefer ``make_dataset`` / ``build_dataset``, which fill ``names`` and the columns from the official table.
+
+    transform: a callable ``PIL.Image -> (3, S, S) tensor``; default the official train or eval transform at
+    ``image_size`` (``train`` selects which). tokenizer: a ``vlmo_fast.tokenizer.BertTokenizer`` (default: a new one).
+    image_only: one sample per row, image only (retrieval evaluation). text_only: one sample per caption without
+    decoding the image (the text side of retrieval evaluation; not official, which decodes it and drops it).
+    """
+
+    def __init__(self, data_root: str, names: Sequence[str], image_size: int = 224, max_text_len: int = 40,
+                 train: bool = False, tokenizer=None, text_column: str = "caption",
+                 image_keys: Sequence[str] = ("image",), image_only: bool = False, text_only: bool = False,
+                 remove_duplicate: bool = True,
+                 required_columns: Sequence[str] = (), transform: Optional[Callable] = None, on_error: str = "drop",
+                 dataset_name: str = "arrow", split: str = "train", kind: str = "caption"):
+        if not os.path.isdir(data_root):
+            raise FileNotFoundError(f"data root not found (not a directory): {data_root}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if not isinstance(max_text_len, int) or max_text_len < 2:
+            raise ValueError(f"max_text_len must be an int >= 2, got {max_text_len!r}")
+        if image_only and not image_keys:
+            raise ValueError(f"{dataset_name} has no image column: image_only=True is not possible")
+        if image_only and text_only:
+            raise ValueError("image_only and text_only exclude each other")
+        self.data_root, self.names = data_root, list(names)
+        self.paths = [os.path.join(data_root, f"{n}.arrow") for n in self.names]
+        self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
+        self.text_column, self.image_only, self.text_only = text_column, image_only, text_only
+        self.image_keys = () if text_only else tuple(image_keys)
+        self.dataset_name, self.split, self.kind, self.on_error = dataset_name, split, kind, on_error
+        self.transform = transform if transform is not None else (
+            build_transform(image_size, train) if self.image_keys else None)
+        if tokenizer is None and not image_only:
+            from ..tokenizer import BertTokenizer
+
+            tokenizer = BertTokenizer()
+        self.tokenizer = tokenizer
+        self._log = BadSampleLog(f"{dataset_name}/{split}")
+
+        columns = list(dict.fromkeys(list(image_keys) + [text_column] + list(required_columns)))
+        tables = []
+        for path in self.paths:
+            table = read_arrow(path)
+            for col in columns:
+                if col not in table.schema.names:
+                    raise ValueError(f"{path}: missing column {col!r} (the {dataset_name} dataset reads "
+                                     f"{columns}; the file has {table.schema.names})")
+            tables.append(table)
+        self._table: Optional[pa.Table] = _concat(tables) if tables else None
+        self.table_index = np.concatenate(
+            [np.full(len(t), i, dtype=np.int32) for i, t in enumerate(tables)]) if tables else np.zeros(0, np.int32)
+        texts = self._table.column(text_column).to_pylist() if self._table is not None else []
+        for row, t in enumerate(texts):
+            if isinstance(t, str):  # tolerate a bare string where the format has a list of one
+                texts[row] = [t]
+        self.all_texts: List[List[str]] = [_unique(t or []) for t in texts] if remove_duplicate else \
+            [list(t or []) for t in texts]
+        if image_only:
+            n_rows = len(self.all_texts)
+            self.rows = np.arange(n_rows, dtype=np.int64)
+            self.caps = np.full(n_rows, -1, dtype=np.int64)
+        else:
+            counts = np.array([len(t) for t in self.all_texts], dtype=np.int64)
+            self.rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+            starts = np.cumsum(counts) - counts
+            self.caps = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+
+    # A DataLoader using "spawn" pickles the dataset: reopen the memory maps instead of copying the tables.
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_table"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.paths:
+            self._table = _concat([read_arrow(p) for p in self.paths])
+
+    @property
+    def table(self) -> Optional[pa.Table]:
+        return self._table
+
+    @property
+    def index_mapper(self) -> List[Tuple[int, Optional[int]]]:
+        """``index_mapper[j] = (row, caption_idx)`` as official (caption_idx None in image_only mode)."""
+        return [(int(r), None if c < 0 else int(c)) for r, c in zip(self.rows, self.caps)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def num_rows(self) -> int:
+        return len(self.all_texts)
+
+    def cell(self, column: str, row: int) -> Any:
+        return self._table.column(column)[row].as_py()
+
+    def get_raw_image(self, row: int, image_key: str = "image"):
+        """The decoded RGB PIL image of ``row``."""
+        return decode_image(self.cell(image_key, row))
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.dataset_name}/{self.split}: index {index} out of range (len {len(self)})")
+        failures = 0
+        while True:
+            try:
+                item = self._item(index)
+                if failures:
+                    item["bad_samples"] = failures
+                return item
+            except Exception as exc:  # noqa: BLE001 - any unreadable sample is skipped and counted (as official)
+                row = int(self.rows[index])
+                self._log(f"{index} (row {row} of {self.paths[self.table_index[row]]})", exc)
+                failures += 1
+                if self.on_error == "drop" or failures >= 100:
+                    return None
+                index = int(torch.randint(len(self), (1,)).item())
+
+    def _item(self, index: int) -> Dict[str, Any]:
+        row, cap = int(self.rows[index]), int(self.caps[index])
+        item: Dict[str, Any] = {}
+        for key in self.image_keys:
+            item[key] = self.transform(self.get_raw_image(row, key))
+        if not self.image_only:
+            text = self.all_texts[row][cap]
+            if not isinstance(text, str):
+                raise TypeError(f"caption {cap} of row {row} is {type(text).__name__}, not str")
+            item.update(encode_text(self.tokenizer, text, self.max_text_len))
+        item.update({"img_index": row, "cap_index": None if cap < 0 else cap, "raw_index": index})
+        if not self.image_only:
+            item["replica"] = cap > 0
+        self._extras(item, row, cap)
+        return item
+
+    def _extras(self, item: Dict[str, Any], row: int, cap: int) -> None:
+        if self.kind == "vqa":
+            item["qid"] = self.cell("question_id", row)[cap]
+            if self.split != "test":
+                item["vqa_answer"] = self.cell("answers", row)[cap]
+                item["vqa_labels"] = self.cell("answer_labels", row)[cap]
+                item["vqa_scores"] = self.cell("answer_scores", row)[cap]
+            else:
+                item["vqa_answer"], item["vqa_labels"], item["vqa_scores"] = [], [], []
+        elif self.kind == "nlvr2":
+            answer = self.cell("answers", row)[cap]
+            if answer not in ("True", "False"):
+                raise ValueError(f"NLVR2 answer must be 'True' or 'False', got {answer!r}")
+            item["answers"] = int(answer == "True")
+            item["table_name"] = self.names[self.table_index[row]]
+
+    def __repr__(self) -> str:
+        return (f"ArrowDataset({self.dataset_name}/{self.split}, files={self.names}, rows={self.num_rows()}, "
+                f"samples={len(self)}, image_only={self.image_only})")
+
+
+def make_dataset(name: str, data_root: str, split: str, image_size: int = 224, max_text_len: int = 40,
+                 train: Optional[bool] = None, tokenizer=None, image_only: bool = False, text_only: bool = False,
+                 transform: Optional[Callable] = None, on_error: str = "drop",
+                 names: Optional[Sequence[str]] = None) -> ArrowDataset:
+    """The official dataset ``name`` ("coco", "f30k", "gcc", "sbu", "vg", "wikibk", "vqa", "nlvr2") for ``split``.
+
+    train: which transform (default: ``split == "train"``). names: other file stems than the official ones (e.g.
+    fewer GCC shards). Splits without official files (sbu/vg val and test) give an empty dataset.
+    """
+    spec = _spec(name)
+    split = _split(split)
+    required = list(spec.extra_columns) + (list(spec.label_columns) if split != "test" else [])
+    return ArrowDataset(
+        data_root, list(names) if names is not None else list(spec.files[split]), image_size=image_size,
+        max_text_len=max_text_len, train=(split == "train") if train is None else train, tokenizer=tokenizer,
+        text_column=spec.text_column, image_keys=spec.image_keys, image_only=image_only, text_only=text_only,
+        remove_duplicate=spec.remove_duplicate, required_columns=required, transform=transform, on_error=on_error,
+        dataset_name=name, split=split, kind=spec.kind)
+
+
+def build_dataset(data_root: str, names: Union[str, Sequence[str]], split: str, image_size: int = 224,
+                  max_text_len: int = 40, train: Optional[bool] = None, tokenizer=None, image_only: bool = False,
+                  text_only: bool = False, on_error: str = "drop") -> Dataset:
+    """The (multi-)dataset of an official config: ``ConcatDataset`` of ``make_dataset(name, ...)`` for each name
+    (sampling proportional to caption counts), or the single dataset when one name is given. Datasets without files
+    for ``split`` are left out; none at all is a ValueError."""
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise ValueError("build_dataset: names is empty; expected dataset keys such as ['coco']")
+    if tokenizer is None and not image_only:
+        from ..tokenizer import BertTokenizer
+
+        tokenizer = BertTokenizer()
+    parts = [make_dataset(n, data_root, split, image_size, max_text_len, train, tokenizer, image_only, text_only,
+                          on_error=on_error) for n in names]
+    parts = [p for p in parts if p.names]
+    if not parts:
+        raise ValueError(f"build_dataset: none of {list(names)} has files for split {split!r}")
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+
+
+def write_arrow(path: str, data: Union[pa.Table, Sequence[Mapping[str, Any]], Mapping[str, Sequence[Any]]],
+                schema: Optional[pa.Schema] = None) -> str:
+    """Write ``data`` (rows as dicts, columns as a dict of lists, or a Table) as one Arrow IPC file, atomically
+    (a temporary file in the same folder, then a rename). Returns ``path``."""
+    if isinstance(data, pa.Table):
+        table = data if schema is None else data.cast(schema)
+    elif isinstance(data, Mapping):
+        table = pa.table(dict(data), schema=schema)
+    else:
+        rows = list(data)
+        if not rows and schema is None:
+            raise ValueError(f"write_arrow({path!r}): no rows and no schema; pass schema= to write an empty file")
+        table = pa.Table.from_pylist(rows, schema=schema)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with pa.OSFile(tmp, "wb") as sink:
+            with pa.RecordBatchFileWriter(sink, table.schema) as writer:
+                writer.write_table(table)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+CAPTION_SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.list_(pa.string())), ("image_id", pa.string()),
+                            ("split", pa.string())])
+
+
+def make_caption_arrow(path: str, images: Sequence[bytes], captions: Sequence[Sequence[str]],
+                       image_ids: Optional[Sequence[str]] = None, split: str = "train",
+                       extra: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
+    """A coco/f30k/gcc/sbu-like file: columns image (bytes), caption (list of str), image_id, split (+ extra)."""
+    if len(images) != len(captions):
+        raise ValueError(f"make_caption_arrow: {len(images)} images but {len(captions)} caption lists")
+    ids = list(image_ids) if image_ids is not None else [f"{i}" for i in range(len(images))]
+    columns: Dict[str, Any] = {
+        "image": pa.array([bytes(b) for b in images], pa.binary()),
+        "caption": pa.array([list(c) for c in captions], pa.list_(pa.string())),
+        "image_id": pa.array([str(i) for i in ids], pa.string()),
+        "split": pa.array([split] * len(images), pa.string()),
+    }
+    for key, values in (extra or {}).items():
+        if len(values) != len(images):
+            raise ValueError(f"make_caption_arrow: extra column {key!r} has {len(values)} values for "
+                             f"{len(images)} rows")
+        columns[key] = pa.array(list(values))
+    return write_arrow(path, pa.table(columns))
+
+
+def make_caption_dataset(root: str, name: str, split: str, images: Sequence[bytes],
+                         captions: Sequence[Sequence[str]], image_ids: Optional[Sequence[str]] = None,
+                         extra: Optional[Mapping[str, Sequence[Any]]] = None) -> List[str]:
+    """Write the official files of caption dataset ``name`` (coco, f30k, gcc, sbu, vg, wikibk) for ``split`` under
+    ``root``, spreading the rows over the split's files in order (coco train: train then restval). Returns the
+    paths. For wikibk pass ``images=None``: the image column holds the string "None" as official."""
+    spec = _spec(name)
+    if spec.kind not in ("caption", "text"):
+        raise ValueError(f"make_caption_dataset: {name!r} is not a caption dataset")
+    stems = dataset_files(name, split)
+    if not stems:
+        raise ValueError(f"make_caption_dataset: {name} has no {split} files")
+    n = len(captions)
+    ids = list(image_ids) if image_ids is not None else [f"{name}_{split}_{i}" for i in range(n)]
+    paths = []
+    for stem, part in zip(stems, np.array_split(np.arange(n), len(stems))):
+        path = os.path.join(root, f"{stem}.arrow")
+        sel = part.tolist()
+        part_extra = {k: [v[i] for i in sel] for k, v in (extra or {}).items()}
+        if spec.kind == "text":
+            table = pa.table({"image": pa.array(["None"] * len(sel), pa.string()),
+                              "caption": pa.array([list(captions[i]) for i in sel], pa.list_(pa.string())),
+                              "source": pa.array([name] * len(sel), pa.string()),
+                              "split": pa.array([split] * len(sel), pa.string()), **part_extra})
+            paths.append(write_arrow(path, table))
+        else:
+            paths.append(make_caption_arrow(path, [images[i] for i in sel], [captions[i] for i in sel],
+                                            [ids[i] for i in sel], split, part_extra))
+    return paths
+
+
+def encode_image(img, format: str = "PNG", quality: int = 95) -> bytes:
+    """A PIL image or uint8 (H, W, 3) array as encoded bytes (PNG lossless by default, or JPEG)."""
+    import io
+
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    buf = io.BytesIO()
+    if format.upper() in ("JPEG", "JPG"):
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format=format.upper())
+    return buf.getvalue()

@@ -1,0 +1,52 @@
+"""One sample: decode encoded image bytes, tokenise a caption to exactly ``max_text_len`` (spec §7).
+
+Shared by the arrow datasets and the WebDataset reader so both produce the same item dictionary.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Dict
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger("vlmo_fast.data")
+
+# Text keys of one item; the collate stacks them (special_tokens_mask only feeds the plain MLM collator).
+TEXT_KEYS = ("text_ids", "text_masks", "special_tokens_mask")
+
+
+def decode_image(data) -> Image.Image:
+    """Encoded bytes (JPEG/PNG/...) -> RGB PIL image, fully decoded (so a truncated file raises here)."""
+    if isinstance(data, str):
+        raise ValueError(f"expected encoded image bytes, got the string {data[:20]!r}")
+    img = Image.open(io.BytesIO(bytes(data)))
+    img.load()
+    return img.convert("RGB")
+
+
+def encode_text(tokenizer, text: str, max_text_len: int) -> Dict[str, torch.Tensor]:
+    """``[CLS] text [SEP] [PAD]...`` of exactly ``max_text_len`` tokens (truncated if longer), each 1-D int64."""
+    enc = tokenizer(text, max_length=max_text_len)
+    return {
+        "text": text,
+        "text_ids": enc["input_ids"][0],
+        "text_masks": enc["attention_mask"][0],
+        "special_tokens_mask": enc["special_tokens_mask"][0],
+    }
+
+
+class BadSampleLog:
+    """Logs the first few unreadable samples of a dataset (per process), then stays quiet."""
+
+    def __init__(self, name: str, first: int = 5):
+        self.name, self.first, self.count = name, first, 0
+
+    def __call__(self, where: str, exc: BaseException) -> None:
+        self.count += 1
+        if self.count <= self.first:
+            more = " (further ones are not logged)" if self.count == self.first else ""
+            logger.warning("%s: skipping unreadable sample %s: %s: %s%s", self.name, where, type(exc).__name__, exc,
+                           more)

@@ -1,0 +1,296 @@
+"""WebDataset-style tar shards for web-scale image-text sets, read with ``tarfile`` (no ``webdataset`` dependency).
+
+Format (the WebDataset convention): each shard is a plain tar; the members of one sample are consecutive and share
+a key, the member path up to the first "." of its file name (``000123.jpg``, ``000123.txt``). A sample needs one
+image member (jpg, jpeg, png, webp, bmp) and a caption: ``<key>.txt`` (UTF-8) or ``<key>.json`` with a "caption"
+string (a list of strings is allowed: one is drawn per pass when training, the first is used otherwise). Other
+members are ignored.
+
+``WebDataset`` is an ``IterableDataset``:
+
+- shards are split across distributed ranks and DataLoader workers (global worker ``rank * workers + worker_id``
+  takes every ``world * workers``-th shard of the epoch's shard order, shuffled identically everywhere when
+  training); with fewer shards than global workers every worker reads all shards and keeps every
+  ``world * workers``-th sample instead, so no sample is lost or repeated;
+- samples are shuffled within a buffer (``shuffle_buffer``) when training;
+- items are the same dictionaries as the arrow datasets ("image", "text", "text_ids", "text_masks",
+  "special_tokens_mask") plus "key" and "url"; the official transforms and tokenisation apply;
+- a sample whose image does not decode, has no caption, or a shard that is truncated, yields None, which the
+  collate drops and counts in ``batch["bad_samples"]``.
+
+Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
+does not keep persistent workers); a worker also counts its own passes, so persistent workers reshuffle every pass.
+``repeat=True`` loops forever (step-based training; every rank then yields batches indefinitely, which keeps
+data-parallel ranks in step even when shards hold different numbers of samples).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .sample import BadSampleLog, decode_image, encode_text
+from .transforms import build_transform
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
+    """Shard paths from a list, a directory (its *.tar), a glob, or a brace range ``shard-{000..012}.tar``."""
+    if not isinstance(urls, str):
+        out: List[str] = []
+        for u in urls:
+            out.extend(expand_urls(u))
+        return out
+    if os.path.isdir(urls):
+        found = sorted(glob.glob(os.path.join(urls, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in {urls}")
+        return found
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", urls)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        width = len(lo)
+        return [p for i in range(int(lo), int(hi) + 1)
+                for p in expand_urls(urls[: match.start()] + str(i).zfill(width) + urls[match.end():])]
+    if any(ch in urls for ch in "*?["):
+        found = sorted(glob.glob(urls))
+        if not found:
+            raise FileNotFoundError(f"no shards match {urls}")
+        return found
+    if not os.path.isfile(urls):
+        raise FileNotFoundError(f"shard not found: {urls}")
+    return [urls]
+
+
+def split_key(name: str) -> Tuple[str, str]:
+    """``dir/000123.seg.jpg`` -> (``dir/000123``, ``seg.jpg``): the key ends at the first "." of the file name."""
+    folder, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), ext.lower()
+
+
+def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
+    """Raw samples of one shard in order: {"__key__": key, "__url__": path, <ext>: bytes, ...}. A truncated or
+    unreadable tar raises (``tarfile.TarError`` or ``OSError``/``EOFError``) at the point of damage."""
+    current: Dict[str, Any] = {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_key(member.name)
+            if current and key != current["__key__"]:
+                yield current
+                current = {}
+            if not current:
+                current = {"__key__": key, "__url__": path}
+            fobj = tar.extractfile(member)
+            current[ext] = fobj.read() if fobj is not None else b""
+    if current:
+        yield current
+
+
+def _caption(raw: Dict[str, Any], rng: Optional[np.random.Generator]) -> str:
+    if "txt" in raw:
+        return raw["txt"].decode("utf-8").strip()
+    if "json" in raw:
+        caption = json.loads(raw["json"].decode("utf-8")).get("caption")
+        if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
+            return caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
+        if isinstance(caption, str):
+            return caption
+        raise ValueError(f"{raw['__key__']}.json has no 'caption' string (got {type(caption).__name__})")
+    raise ValueError(f"sample {raw['__key__']} has no caption (.txt or .json)")
+
+
+def _image_bytes(raw: Dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in raw:
+            return raw[ext]
+    raise ValueError(f"sample {raw['__key__']} has no image ({'/'.join(IMAGE_EXTS)})")
+
+
+def _world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class WebDataset(IterableDataset):
+    """Image-text samples streamed from tar shards (see the module docstring)."""
+
+    def __init__(self, urls: Union[str, Sequence[str]], image_size: int = 224, max_text_len: int = 40,
+                 train: bool = True, tokenizer=None, transform: Optional[Callable] = None, shuffle_buffer: int = 1000,
+                 seed: int = 0, repeat: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise FileNotFoundError(f"no shards in {urls!r}")
+        self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
+        self.transform = transform if transform is not None else build_transform(image_size, train)
+        if tokenizer is None:
+            from ..tokenizer import BertTokenizer
+
+            tokenizer = BertTokenizer()
+        self.tokenizer = tokenizer
+        self.shuffle_buffer = int(shuffle_buffer) if train else 0
+        self.seed, self.repeat, self.rank, self.world_size = int(seed), bool(repeat), rank, world_size
+        self.epoch = 0
+        self._passes = 0
+        self._log = BadSampleLog("webdataset")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def assignment(self, epoch: int, rank: int, world_size: int, worker_id: int, num_workers: int
+                   ) -> Tuple[List[str], int, int]:
+        """(shards, sample stride, sample offset) that global worker ``rank * num_workers + worker_id`` reads."""
+        shards = list(self.urls)
+        if self.train:
+            np.random.default_rng([self.seed, epoch]).shuffle(shards)
+        total = world_size * num_workers
+        gid = rank * num_workers + worker_id
+        if len(shards) >= total:
+            return shards[gid::total], 1, 0
+        return shards, total, gid
+
+    def _raw_stream(self, shards: Sequence[str], stride: int, offset: int) -> Iterator[Optional[Dict[str, Any]]]:
+        index = 0
+        for url in shards:
+            try:
+                for raw in iter_tar(url):
+                    if index % stride == offset:
+                        yield raw
+                    index += 1
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                self._log(f"in shard {url} after {index} samples", exc)
+                if index % stride == offset:
+                    yield None  # one bad sample per damaged shard, counted once across workers
+                index += 1
+
+    def _decode(self, raw: Optional[Dict[str, Any]], rng: np.random.Generator) -> Optional[Dict[str, Any]]:
+        if raw is None:
+            return None
+        try:
+            text = _caption(raw, rng if self.train else None)
+            image = self.transform(decode_image(_image_bytes(raw)))
+        except Exception as exc:  # noqa: BLE001 - an unreadable sample is skipped and counted
+            self._log(f"{raw.get('__key__')} in {raw.get('__url__')}", exc)
+            return None
+        item = {"image": image}
+        item.update(encode_text(self.tokenizer, text, self.max_text_len))
+        item.update({"key": raw["__key__"], "url": raw["__url__"]})
+        return item
+
+    def __iter__(self) -> Iterator[Optional[Dict[str, Any]]]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world_size = _world(self.rank, self.world_size)
+        if len(self.urls) < world_size * num_workers and self._passes == 0 and worker_id == 0:
+            warnings.warn(f"WebDataset: {len(self.urls)} shards for {world_size * num_workers} readers "
+                          f"(ranks x workers): every reader scans all shards; use more shards for speed")
+        while True:
+            epoch = self.epoch + self._passes
+            self._passes += 1
+            shards, stride, offset = self.assignment(epoch, rank, world_size, worker_id, num_workers)
+            rng = np.random.default_rng([self.seed, epoch, rank * num_workers + worker_id, 1])
+            yield from self._shuffled(self._raw_stream(shards, stride, offset), rng)
+            if not self.repeat:
+                return
+
+    def _shuffled(self, stream: Iterable[Optional[Dict[str, Any]]], rng: np.random.Generator
+                  ) -> Iterator[Optional[Dict[str, Any]]]:
+        if self.shuffle_buffer <= 1:
+            for raw in stream:
+                yield self._decode(raw, rng)
+            return
+        buf: List[Optional[Dict[str, Any]]] = []
+        for raw in stream:
+            buf.append(raw)
+            if len(buf) >= self.shuffle_buffer:
+                j = int(rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield self._decode(buf.pop(), rng)
+        rng.shuffle(buf)
+        for raw in buf:
+            yield self._decode(raw, rng)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(out_dir: str, samples: Iterable[Tuple[str, bytes, Union[str, Sequence[str]]]],
+                 samples_per_shard: int = 1000, prefix: str = "shard", image_ext: str = "png",
+                 caption_format: str = "txt") -> List[str]:
+    """Write (key, encoded image, caption) samples as ``<out_dir>/<prefix>-000000.tar``, ... (each shard written to
+    a temporary file, then renamed). ``caption_format``: "txt" or "json" ({"caption": ...}). Returns the paths."""
+    if caption_format not in ("txt", "json"):
+        raise ValueError(f"caption_format must be 'txt' or 'json', got {caption_format!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths: List[str] = []
+    tar, tmp, count = None, None, 0
+
+    def close():
+        tar.close()
+        path = os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar")
+        os.replace(tmp, path)
+        paths.append(path)
+
+    try:
+        for key, image, caption in samples:
+            if tar is None:
+                fd, tmp = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".tar.tmp", dir=out_dir)
+                os.close(fd)
+                tar = tarfile.open(tmp, "w")
+            _add(tar, f"{key}.{image_ext}", bytes(image))
+            if caption_format == "txt":
+                if not isinstance(caption, str):
+                    raise TypeError(f"caption of {key} must be a str for caption_format='txt'")
+                _add(tar, f"{key}.txt", caption.encode("utf-8"))
+            else:
+                _add(tar, f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
+            count += 1
+            if count == samples_per_shard:
+                close()
+                tar, tmp, count = None, None, 0
+        if tar is not None:
+            close()
+            tar = None
+    finally:
+        if tar is not None:
+            tar.close()
+            os.unlink(tmp)
+    return paths
+
+
+def write_synthetic_shards(out_dir: str, n: int = 1000, samples_per_shard: int = 100, image_size: int = 64,
+                           seed: int = 0, caption_format: str = "json") -> List[str]:
+    """The synthetic scenes (``vlmo_fast.data.synthetic``) as tar shards, one caption per image (a paraphrase drawn
+    at random, as web data has one caption per image)."""
+    from .synthetic import generate
+
+    images, captions, _ = generate(n, image_size, seed=seed)
+    rng = np.random.default_rng([seed, 7])
+    samples = ((f"{i:08d}", images[i], captions[i][int(rng.integers(len(captions[i])))]) for i in range(n))
+    return write_shards(out_dir, samples, samples_per_shard, prefix="synthetic", image_ext="png",
+                        caption_format=caption_format)
