@@ -111,7 +111,8 @@ void bind_cpu(py::module_& m) {
       [](uptr scores, int sdt, uptr out, int odt, uptr lse, int64_t b, int64_t h, int64_t nq, int64_t nk, float scale,
          uptr bias, uptr table, int64_t s0, int64_t s1, int64_t rows, uptr index, uptr keep, int threads) {
         check(k::masked_softmax_forward(ptr<const void>(scores), sdt, ptr<void>(out), odt, ptr<float>(lse),
-                                        softmax_shape(b, h, nq, nk), scale, softmax_bias(bias, table, s0, s1, rows, index),
+                                        softmax_shape(b, h, nq, nk), scale,
+                                        softmax_bias(bias, table, s0, s1, rows, index),
                                         ptr<const uint8_t>(keep), threads));
       },
       VLMO_SOFTMAX_FWD_ARGS, py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
@@ -170,7 +171,8 @@ void bind_cuda(py::module_& m) {
       [](uptr scores, int sdt, uptr out, int odt, uptr lse, int64_t b, int64_t h, int64_t nq, int64_t nk, float scale,
          uptr bias, uptr table, int64_t s0, int64_t s1, int64_t rows, uptr index, uptr keep, int device, uptr stream) {
         check(k::masked_softmax_forward(ptr<const void>(scores), sdt, ptr<void>(out), odt, ptr<float>(lse),
-                                        softmax_shape(b, h, nq, nk), scale, softmax_bias(bias, table, s0, s1, rows, index),
+                                        softmax_shape(b, h, nq, nk), scale,
+                                        softmax_bias(bias, table, s0, s1, rows, index),
                                         ptr<const uint8_t>(keep), device, stream));
       },
       VLMO_SOFTMAX_FWD_ARGS, py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());

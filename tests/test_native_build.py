@@ -24,3 +24,15 @@ def test_cuda_kernels_compiled_when_nvcc_present():
     assert info["cuda_runtime_version"] > 0
     if not __import__("torch").cuda.is_available():
         assert info["cuda_device_count"] == 0
+
+
+def test_launchers_are_bound():
+    """Every op has its CPU launchers, and its CUDA launchers whenever the CUDA kernels were compiled."""
+    from vlmo_fast import _native
+
+    ops = ("masked_softmax", "multiway_layernorm", "rel_pos_gather")
+    names = [f"{op}_{d}" for op in ops for d in ("forward", "backward")]
+    assert all(hasattr(_native._C, f"{n}_cpu") for n in names)
+    if _native.cuda_kernels_compiled():
+        assert all(hasattr(_native._C, f"{n}_cuda") for n in names)
+        assert hasattr(_native._C, "multiway_layernorm_backward_workspace_cuda")

@@ -193,3 +193,12 @@ def test_cpu_auto_policy():
     assert declines(big, (w, w), (w, w), 40) is None and declines(big, (w,), (w,), None) is None
     impl = backend.select("multiway_layernorm", "auto", big, (w, w), (w, w), 40)
     assert impl is native.multiway_layernorm_native if _native.native_available() else impl is None
+
+
+@pytest.mark.gpu
+def test_cuda_rows_longer_than_the_register_limit_are_declined():
+    x = torch.randn(2, 3, 1100, device="cuda")
+    w = torch.ones(1100, device="cuda")
+    with pytest.raises(ValueError, match="1024"):
+        ops.multiway_layernorm(x, [w], [w], backend="cuda")
+    assert ops.multiway_layernorm(x, [w], [w], backend="auto").shape == x.shape  # PyTorch path

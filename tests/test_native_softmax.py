@@ -261,7 +261,8 @@ def test_cpu_auto_picks_the_native_kernel():
     """CPU policy: the fused kernel beats the 4-5 op PyTorch path at every size measured, so "auto" takes it."""
     from vlmo_fast.ops import backend
 
-    assert native.AUTO_DECLINES["masked_softmax"](torch.randn(1, 1, 2, 2), None, None, None, None, torch.float32) is None
+    declines = native.AUTO_DECLINES["masked_softmax"]
+    assert declines(torch.randn(1, 1, 2, 2), None, None, None, None, torch.float32) is None
     s = torch.randn(2, 2, 8, 8)
     impl = backend.select("masked_softmax", "auto", s, None, None, None, None, torch.float32)
     assert impl is native.masked_softmax_native if _native.native_available() else impl is None
@@ -271,3 +272,30 @@ def test_softmax_torch_is_the_eager_comparison():
     """The eager comparison in the numerics tests is the package's own PyTorch path."""
     s = torch.randn(2, 2, 7, 7)
     assert max_err(softmax_torch(s, 1.0, None, None, torch.float32), reference(s, 1.0, None, None)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_cuda_long_rows_take_the_loop_kernel(form):
+    """Nk > 1024 runs the two-pass loop kernels instead of the register-resident ones."""
+    b, h, n, scale = 2, 1, 1030, 0.2
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, "cuda")
+    p, ds, dbias, g = run(scores, scale, form, full_table, index, dense, keep, h, "cuda")
+    ref_p, ref_ds, ref_dbias = float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
+    assert max_err(p, ref_p) < 2e-6
+    assert max_err(ds, ref_ds) < 1e-5 * max(1.0, ref_ds.abs().max().item())
+    assert max_err(dbias, ref_dbias) < 1e-5 * max(1.0, ref_dbias.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream():
+    b, h, n = 4, 3, 237
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, "table", "cuda")
+    want = reference(scores, 0.1, full_table[:, h : 2 * h].t()[:, index], keep)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ops.masked_softmax(scores, scale=0.1, bias_table=full_table[:, h : 2 * h], bias_index=index,
+                                 key_padding_mask=keep, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert max_err(got, want) < 2e-6

@@ -6,7 +6,8 @@ contiguity or stride extent, index range) and then calls a launcher with raw poi
 ``csrc/README.md``.
 
     vlmo_fast::masked_softmax              (scores, scale, bias?, table?, index?, keep?, out_dtype) -> (p, lse)
-    vlmo_fast::masked_softmax_backward     (dp, scores, lse, scale, bias?, table?, index?, keep?, bias_grad) -> (ds, dbias)
+    vlmo_fast::masked_softmax_backward     (dp, scores, lse, scale, bias?, table?, index?, keep?, bias_grad)
+                                           -> (ds, dbias)
     vlmo_fast::multiway_layernorm          (x, weight (E, D), bias (E, D), split, eps) -> (y, mean, rstd)
     vlmo_fast::multiway_layernorm_backward (dy, x, mean, rstd, weight, split) -> (dx, dweight, dbias)
     vlmo_fast::rel_pos_bias_gather         (table, index) -> (C, N, N)
@@ -30,6 +31,8 @@ from ._checks import check_bias_index
 
 _C = _native._C
 _CUDA_COMPILED = _native.cuda_kernels_compiled()
+# Largest row the register-resident CUDA LayerNorm takes (csrc/cuda/launchers.h).
+_CUDA_LN_MAX_DIM = int(getattr(_C, "LAYERNORM_CUDA_MAX_DIM", 1024))
 
 # Element type codes of csrc/cpu/cpu_common.h and csrc/cuda/cuda_common.cuh.
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -360,8 +363,8 @@ def _layernorm_operands(x, weight, bias, split):
         raise ValueError(f"split must lie in [0, N={n}] with two experts, got {split}")
     if experts == 1 and split != -1:
         raise ValueError(f"split must be -1 with one expert, got {split}")
-    if dev.type == "cuda" and d > _C.LAYERNORM_CUDA_MAX_DIM:
-        raise ValueError(f"x: D={d} exceeds the CUDA LayerNorm limit {_C.LAYERNORM_CUDA_MAX_DIM}")
+    if dev.type == "cuda" and d > _CUDA_LN_MAX_DIM:
+        raise ValueError(f"x: D={d} exceeds the CUDA LayerNorm limit {_CUDA_LN_MAX_DIM}")
     return b, n, d, experts
 
 
@@ -492,8 +495,8 @@ def _layernorm_unsupported(x, weight, bias, split) -> Optional[str]:
     d = x.shape[-1]
     if d == 0:
         return "the normalized dimension is empty"
-    if x.device.type == "cuda" and d > _C.LAYERNORM_CUDA_MAX_DIM:
-        return f"D={d} exceeds the CUDA LayerNorm limit {_C.LAYERNORM_CUDA_MAX_DIM}"
+    if x.device.type == "cuda" and d > _CUDA_LN_MAX_DIM:
+        return f"D={d} exceeds the CUDA LayerNorm limit {_CUDA_LN_MAX_DIM}"
     return None
 
 
@@ -640,7 +643,8 @@ def _gather_auto_declines(table, index) -> Optional[str]:
     if table.device.type != "cpu":
         return None
     if table.shape[1] * index.numel() < CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]:
-        return f"on CPU below {CPU_AUTO_MIN_ELEMENTS['rel_pos_bias_gather']} output elements PyTorch's gather is as fast"
+        limit = CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]
+        return f"on CPU below {limit} output elements PyTorch's gather is as fast"
     return None
 
 
