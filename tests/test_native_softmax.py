@@ -299,3 +299,11 @@ def test_cuda_runs_on_the_current_stream():
                                  key_padding_mask=keep, backend="cuda")
     torch.cuda.current_stream().wait_stream(side)
     assert max_err(got, want) < 2e-6
+
+
+def test_double_backward_is_refused_not_wrong():
+    s = torch.randn(1, 1, 3, 3, requires_grad=True)
+    p = ops.masked_softmax(s, backend="cuda")
+    (g,) = torch.autograd.grad((p * torch.randn_like(p)).sum(), s, create_graph=True)
+    with pytest.raises(RuntimeError):  # the gradient is not differentiable: an error, never a silent zero
+        g.sum().backward()

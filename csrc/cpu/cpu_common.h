@@ -1,16 +1,16 @@
-// Shared helpers of the C++ CPU kernels: dtype codes, branch-free fp16/bf16 <-> fp32 conversion, a vectorizable
-// expf, and the function-multiversioning attribute.
+// Shared helpers of the C++ CPU kernels: dtype codes, branch-free fp16/bf16 <-> fp32 conversion (scalar and 16-lane),
+// 16-lane row reductions and exp written with GCC/Clang vector extensions, and the function-multiversioning attribute.
 //
-// The loops are written so that GCC/Clang auto-vectorize them (no calls, no branches, only selects). Hot functions
-// carry VLMO_CPU_CLONES: the compiler emits an AVX-512 (x86-64-v4), an AVX2+FMA (x86-64-v3) and a baseline copy and
-// the loader picks one per machine, so one build runs everywhere and still uses wide vectors where they exist.
+// The vector-extension code compiles to straight SIMD for whatever ISA the enclosing function targets. Hot functions
+// carry VLMO_CPU_CLONES: GCC emits an AVX-512 (x86-64-v4), an AVX2+FMA (x86-64-v3) and a baseline copy and the loader
+// picks one per machine, so one build runs everywhere and still uses wide vectors where they exist.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(VLMO_FAST_NO_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && !defined(VLMO_FAST_NO_CLONES)
 #define VLMO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VLMO_CPU_CLONES

@@ -24,6 +24,7 @@ import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _native
 from . import backend as _backend
@@ -301,6 +302,7 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
         return p
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dp):
         return _softmax_grads(ctx, dp, _softmax_backward)
 
@@ -464,6 +466,7 @@ class MultiwayLayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         return _layernorm_grads(ctx, dy, _layernorm_backward)
 
@@ -594,6 +597,7 @@ class RelPosBiasGatherFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return _gather_grads(ctx, grad, _gather_backward)
 
