@@ -36,3 +36,38 @@ def test_launchers_are_bound():
     if _native.cuda_kernels_compiled():
         assert all(hasattr(_native._C, f"{n}_cuda") for n in names)
         assert hasattr(_native._C, "multiway_layernorm_backward_workspace_cuda")
+
+
+def test_ops_import_and_fall_back_without_the_extension():
+    """With vlmo_fast._C missing, vlmo_fast.ops still imports, the native backend says why it cannot run, and "auto"
+    takes the PyTorch paths."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "vlmo_fast._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from vlmo_fast import ops
+        from vlmo_fast.ops import native
+        s = torch.randn(1, 2, 5, 5)
+        reason = native._softmax_unsupported(s, None, None, None, None, torch.float32)
+        assert "not built" in reason, reason
+        assert ops.masked_softmax(s).shape == s.shape
+        try:
+            ops.masked_softmax(s, backend="cuda")
+        except ValueError as e:
+            assert "not built" in str(e)
+        else:
+            raise AssertionError("backend='cuda' should refuse without the extension")
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr

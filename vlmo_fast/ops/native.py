@@ -13,8 +13,10 @@ contiguity or stride extent, index range) and then calls a launcher with raw poi
     vlmo_fast::rel_pos_bias_gather         (table, index) -> (C, N, N)
     vlmo_fast::rel_pos_bias_gather_backward(grad, index, rows) -> (R, C) fp32
 
-The backend registrations at the bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these.
-This module imports without ``vlmo_fast._C``; the backend then reports itself unsupported and the PyTorch paths run.
+Eager calls take ``autograd.Function`` wrappers around the same validated kernel calls (half the per-call overhead
+of the custom-op dispatch); under ``torch.compile`` the custom ops are traced. The backend registrations at the
+bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This module imports without
+``vlmo_fast._C``; the backend then reports itself unsupported and the PyTorch paths run.
 """
 
 from __future__ import annotations
