@@ -217,3 +217,45 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
 
     with safe_open(os.fspath(path), framework="pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+# ---- BEiT (vision-only) checkpoints for the text-only stage (spec §5.1 "Language stage") -------------------------
+
+
+def looks_like_beit(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A BEiT/ViT state dict: block keys at the top level (no ``transformer.`` prefix)."""
+    return any(k.startswith("blocks.") for k in state_dict) and not any(k.startswith("transformer.") for k in state_dict)
+
+
+def convert_beit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+    """Remap a BEiT checkpoint to VLMo names as the official ``convert_to_textpt_ckpt`` does: every key gets the
+    ``transformer.`` prefix, ``mlp`` becomes ``mlp_imag`` and ``norm2`` ``norm2_imag``; the per-layer tables
+    ``blocks.{l}.attn.relative_position_bias_table`` (D_img, H) are concatenated along columns in layer order and
+    written into the image rows of (a copy of) the model's table, whose text rows stay as they are (zeros at init).
+    Other BEiT keys (fc_norm, head, per-layer relative_position_index) come out as unexpected keys."""
+    out: StateDict = {}
+    tables: Dict[int, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if "relative_position_bias_table" in key:
+            if ".attn." not in key:
+                raise CheckpointError(f"{key}: only per-layer BEiT tables (blocks.<l>.attn.…) can be converted")
+            tables[int(key.split(".attn.")[0].split(".")[-1])] = value
+            continue
+        if "mlp" in key:
+            key = key.replace("mlp", "mlp_imag")
+        elif "norm2" in key:
+            key = key.replace("norm2", "norm2_imag")
+        out["transformer." + key] = value
+    if tables:
+        table = model.relative_position_bias_table
+        if table is None:
+            raise CheckpointError("the BEiT checkpoint has relative position tables but the model has none")
+        merged = torch.cat([tables[i] for i in sorted(tables)], dim=1)
+        if merged.shape[1] != table.shape[1] or merged.shape[0] > table.shape[0]:
+            raise CheckpointError(
+                f"BEiT tables give a ({merged.shape[0]}, {merged.shape[1]}) block; the model table is "
+                f"{tuple(table.shape)}")
+        full = table.detach().clone().cpu()
+        full[: merged.shape[0]] = merged.to(full.dtype)
+        out["relative_position_bias_table"] = full
+    return out

@@ -10,6 +10,7 @@ initialised process group everything is local.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
@@ -19,8 +20,22 @@ import torch.nn.functional as F
 PRETRAIN_ORDER = ("mlm", "textmlm", "itc", "irtr", "itm", "vqa", "nlvr2")
 
 
+_LOCAL_ONLY = [False]
+
+
+@contextlib.contextmanager
+def local_only():
+    """Compute the objectives on this process's batch only (no all-gather), e.g. for evaluation on one rank."""
+    previous = _LOCAL_ONLY[0]
+    _LOCAL_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] = previous
+
+
 def _world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
+    if not _LOCAL_ONLY[0] and dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
 

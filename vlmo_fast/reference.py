@@ -164,7 +164,8 @@ class ReferenceVLMo(VLMo):
     def __init__(self, config: VLMoConfig):
         super().__init__(config, backend="torch")
         fast_backbone = self.transformer
-        self.transformer = MultiWayTransformer(config)
+        with torch.random.fork_rng(devices=[]):  # the same random stream afterwards as building vlmo_fast.VLMo
+            self.transformer = MultiWayTransformer(config)
         self.transformer.load_state_dict(fast_backbone.state_dict())  # the same initial values
 
     def set_backend(self, backend: str) -> "ReferenceVLMo":

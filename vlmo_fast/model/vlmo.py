@@ -94,6 +94,7 @@ class VLMo(nn.Module):
             with torch.no_grad():
                 self.token_type_embeddings.weight[2] = self.token_type_embeddings.weight[1]
         self.current_tasks: List[str] = []  # as the official module: forward() runs these objectives
+        self.gather_with_grad = False  # ITC/IRTR all-gather with gradient (official: without)
         self.set_backend(backend)
 
     # ---- configuration -----------------------------------------------------------------------------------------
@@ -102,6 +103,11 @@ class VLMo(nn.Module):
         self.backend = check_backend(backend)
         for blk in self.transformer.blocks:
             blk.backend = backend
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "VLMo":
+        """Recompute every block's activations in the backward (less memory, about one more forward of compute)."""
+        self.transformer.grad_checkpointing = bool(enable)
         return self
 
     @property
@@ -345,4 +351,4 @@ class VLMo(nn.Module):
             return self.infer(batch)
         from ..objectives import compute_tasks
 
-        return compute_tasks(self, batch, self.current_tasks)
+        return compute_tasks(self, batch, self.current_tasks, gather_with_grad=self.gather_with_grad)

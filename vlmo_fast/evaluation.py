@@ -1,0 +1,218 @@
+"""Evaluation: dual-encoder retrieval recall as official (spec §5.7, Q20), and classification accuracies.
+
+Retrieval: encode every image once and every caption once (``infer_image_ft`` / ``infer_text_ft`` features,
+L2-normalised projected CLS), score by plain dot products, and report for each image whether any of its captions is
+in its top K (TR@K) and for each caption whether its image is in its top K (IR@K), K in (1, 5, 10), with
+``torch.topk`` as the official code. Scores are computed in blocks so large sets fit in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+
+
+@torch.no_grad()
+def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_ids: torch.Tensor,
+                image_ids: Optional[torch.Tensor] = None, ks: Sequence[int] = (1, 5, 10),
+                block: int = 4096) -> Dict[str, float]:
+    """TR@K and IR@K (in [0, 1]) for (I, D) image and (T, D) text features; ``text_image_ids[t]`` is the image id of
+    caption t and ``image_ids[i]`` the id of image i (default: 0..I-1)."""
+    if image_feats.dim() != 2 or text_feats.dim() != 2 or image_feats.shape[1] != text_feats.shape[1]:
+        raise ValueError(f"image_feats (I, D) and text_feats (T, D) must share D, got {tuple(image_feats.shape)} "
+                         f"and {tuple(text_feats.shape)}")
+    if text_image_ids.shape != (text_feats.shape[0],):
+        raise ValueError(f"text_image_ids must have shape ({text_feats.shape[0]},), got {tuple(text_image_ids.shape)}")
+    n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
+    image_ids = torch.arange(n_img, device=image_feats.device) if image_ids is None else image_ids.to(image_feats.device)
+    text_image_ids = text_image_ids.to(image_feats.device)
+    kmax = max(ks)
+    # image -> text
+    tr_hits = {k: 0 for k in ks}
+    for s in range(0, n_img, block):
+        scores = image_feats[s : s + block] @ text_feats.t()
+        top = scores.topk(min(kmax, n_txt), dim=1).indices  # (b, K) caption indices
+        match = text_image_ids[top] == image_ids[s : s + block, None]
+        for k in ks:
+            tr_hits[k] += int(match[:, :k].any(dim=1).sum())
+    # text -> image
+    ir_hits = {k: 0 for k in ks}
+    for s in range(0, n_txt, block):
+        scores = text_feats[s : s + block] @ image_feats.t()
+        top = scores.topk(min(kmax, n_img), dim=1).indices
+        match = image_ids[top] == text_image_ids[s : s + block, None]
+        for k in ks:
+            ir_hits[k] += int(match[:, :k].any(dim=1).sum())
+    out = {f"tr_r{k}": tr_hits[k] / n_img for k in ks}
+    out.update({f"ir_r{k}": ir_hits[k] / n_txt for k in ks})
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if labels.numel() else 0.0
+
+
+@torch.no_grad()
+def encode(model, batches: Iterable[dict], device: torch.device, kind: str, autocast_dtype=None):
+    """Features of every batch: ``kind`` is "image" (infer_image_ft) or "text" (infer_text_ft); returns (feats, ids)
+    where ids are the batches' ``img_index`` entries (the image each sample belongs to)."""
+    feats, ids = [], []
+    fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
+    for batch in batches:
+        batch = to_device(batch, device)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            f = fn(batch)["cls_feats"]
+        feats.append(f.float())
+        ids.append(torch.as_tensor(batch["img_index"]).reshape(-1))
+    return torch.cat(feats), torch.cat(ids).to(device)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor) and k.startswith("image"):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+# ---- ITM re-ranking of the dual-encoder top K (the official code has it but never calls it, spec Q20) ---------------
+
+
+@torch.no_grad()
+def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_ids: torch.Tensor,
+                  image_ids: torch.Tensor, image_dataset, text_dataset, k: int = 32, device=None, autocast_dtype=None,
+                  batch_size: int = 64, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Recall after re-ranking each query's top ``k`` dual-encoder candidates by the ITM head's match logit.
+
+    Needs a model with ``itm_score`` (a pretraining checkpoint) and map-style datasets giving one item per image
+    (``image``) and per caption (``text_ids``, ``text_masks``), aligned with the feature rows."""
+    if not hasattr(model, "itm_score"):
+        raise ValueError("ITM re-ranking needs a model with the ITM head (itm_score); retrieval fine-tuning has none")
+    device = device or image_feats.device
+    k_img, k_txt = min(k, text_feats.shape[0]), min(k, image_feats.shape[0])
+
+    def itm_scores(pairs):  # list of (image row, text row) -> ITM match logits
+        out = []
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s : s + batch_size]
+            images = torch.stack([image_dataset[i]["image"] for i, _ in chunk]).to(device)
+            ids = torch.stack([text_dataset[t]["text_ids"] for _, t in chunk]).to(device)
+            masks = torch.stack([text_dataset[t]["text_masks"] for _, t in chunk]).to(device)
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+            with ctx:
+                cls = model.infer({"text_ids": ids, "text_masks": masks, "image": [images]})["cls_feats"]
+                out.append(model.itm_score(cls)[:, 1].float())
+        return torch.cat(out)
+
+    kmax = max(ks)
+    tr = {kk: 0 for kk in ks}
+    for i in range(image_feats.shape[0]):
+        cand = (image_feats[i] @ text_feats.t()).topk(k_img).indices
+        order = cand[itm_scores([(i, int(t)) for t in cand]).argsort(descending=True)][:kmax]
+        hit = text_image_ids[order] == image_ids[i]
+        for kk in ks:
+            tr[kk] += int(hit[:kk].any())
+    ir = {kk: 0 for kk in ks}
+    for t in range(text_feats.shape[0]):
+        cand = (text_feats[t] @ image_feats.t()).topk(k_txt).indices
+        order = cand[itm_scores([(int(i), t) for i in cand]).argsort(descending=True)][:kmax]
+        hit = image_ids[order] == text_image_ids[t]
+        for kk in ks:
+            ir[kk] += int(hit[:kk].any())
+    out = {f"tr_r{kk}": tr[kk] / image_feats.shape[0] for kk in ks}
+    out.update({f"ir_r{kk}": ir[kk] / text_feats.shape[0] for kk in ks})
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+# ---- VQA and NLVR2 (spec §5.5, §5.6) ------------------------------------------------------------------------------
+
+
+def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The official VQAScore: the soft target score of the argmax answer, averaged over questions."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have the same shape")
+    picked = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+    return float(picked.float().mean()) if picked.numel() else 0.0
+
+
+@torch.no_grad()
+def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None) -> Dict[str, object]:
+    """VQA score over the batches (when they carry targets) and the argmax label per question id."""
+    from .objectives import vqa_targets
+
+    total, n, predictions = 0.0, 0, []
+    for batch in batches:
+        batch = to_device(batch, device)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            logits = model.vqa_classifier(model.infer(batch)["cls_feats"]).float()
+        predictions += list(zip([int(q) for q in batch["qid"]], logits.argmax(1).tolist()))
+        labels = batch.get("vqa_labels")
+        if labels is not None and any(len(x) for x in labels):
+            targets = vqa_targets(labels, batch["vqa_scores"], logits.shape[1], logits.device)
+            total += vqa_score(logits, targets) * logits.shape[0]
+            n += logits.shape[0]
+    return {"vqa_score": total / n if n else None, "predictions": predictions}
+
+
+def build_id2answer(tables) -> Dict[int, str]:
+    """label -> answer string from VQA arrow tables (their parallel "answers" / "answer_labels" columns)."""
+    id2answer: Dict[int, str] = {}
+    for table in tables:
+        for answers, labels in zip(table.column("answers").to_pylist(), table.column("answer_labels").to_pylist()):
+            for per_q_answers, per_q_labels in zip(answers or [], labels or []):
+                for a, l in zip(per_q_answers or [], per_q_labels or []):
+                    id2answer.setdefault(int(l), a)
+    return id2answer
+
+
+def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
+    """Write the test-set submission JSON ``[{"question_id": ..., "answer": ...}]`` atomically."""
+    import json
+
+    from .checkpoint import _atomic_write
+
+    rows = [{"question_id": qid, "answer": id2answer.get(label, "")} for qid, label in predictions]
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(rows, f)
+
+    _atomic_write(path, write)
+    return path
+
+
+@torch.no_grad()
+def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None) -> Dict[str, float]:
+    """NLVR2 accuracy, separately for dev and test rows (``table_name`` containing "dev" or not), as official."""
+    correct = {"dev": 0, "test": 0}
+    count = {"dev": 0, "test": 0}
+    for batch in batches:
+        batch = to_device(batch, device)
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            c1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
+            c2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
+            pred = model.nlvr2_classifier(torch.cat([c1, c2], -1)).argmax(-1).cpu()
+        labels = torch.as_tensor(batch["answers"]).long()
+        for name, p, y in zip(batch["table_name"], pred.tolist(), labels.tolist()):
+            part = "dev" if "dev" in name else "test"
+            correct[part] += int(p == y)
+            count[part] += 1
+    return {f"{part}_acc": correct[part] / count[part] for part in count if count[part]}

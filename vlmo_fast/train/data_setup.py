@@ -1,0 +1,239 @@
+"""The trainer's view of the data layer: datasets from the config, a resumable batch stream, evaluation loaders.
+
+Exact resume: every sample's randomness (augmentation) and every batch's (MLM masking) is seeded from
+(seed, epoch, sample index), not from a worker's running RNG, and the sampler's permutation is a function of
+(seed, epoch); so a run resumed from a checkpoint sees the very batches the uninterrupted run would have seen, with
+any number of workers. Per-sample seeding uses a forked RNG, so it never disturbs the main process's random stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .. import data as vdata
+from ..config import VLMoConfig
+from .config import TrainConfig
+from .distributed import DistInfo, barrier
+
+_MIX = 1000003  # mixing constants for per-sample seeds
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * _MIX * _MIX + epoch * _MIX + index) % (2**62)
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset: item ``(epoch, index)`` is ``dataset[index]`` computed under a torch RNG seeded
+    from (seed, epoch, index), with the seed kept for the batch's MLM masking."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        s = _sample_seed(self.seed, epoch, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            item = self.dataset[index]
+        if item is not None:
+            item = dict(item)
+            item["_seed"] = s
+        return item
+
+
+class SeededCollate:
+    """The data layer's collate under a torch RNG seeded from the batch's first sample (deterministic masking)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        seeds = [it.pop("_seed") for it in items if it is not None and "_seed" in it]
+        with torch.random.fork_rng(devices=[]):
+            if seeds:
+                torch.manual_seed(seeds[0])
+            return self.collate(items)
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) for this rank: a (seed, epoch) permutation (or the identity), padded or truncated to a
+    multiple of the world size and strided by rank like DistributedSampler, starting at ``start``."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int, drop_last: bool = True):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.per_rank = n // world if drop_last else -(-n // world)
+        self.drop_last = drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world
+        order = order[:total] if self.drop_last else (order + order[: total - self.n])
+        mine = order[self.rank : total : self.world]
+        for index in mine[self.start :]:
+            yield self.epoch, index
+
+
+class TrainStream:
+    """Endless iterator of training batches over epochs, with a resumable position (epoch, batches consumed)."""
+
+    def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo):
+        if len(dataset) < batch_size * info.world_size:
+            raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
+                             f"({batch_size} x {info.world_size})")
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(dataset), seed, True, info.rank, info.world_size)
+        kwargs: Dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs.update(persistent_workers=True, worker_init_fn=vdata.seed_worker, prefetch_factor=4)
+        # its own generator: creating an iterator (at start, after resume) must not draw from the global stream
+        self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
+                                 collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=True,
+                                 pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+                                 **kwargs)
+        self.batches_per_epoch = self.sampler.per_rank // batch_size
+        self.epoch, self.batch = 0, 0
+        self._it: Optional[Iterator] = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        while True:
+            if self._it is None:
+                self.sampler.set_position(self.epoch, self.batch * self.batch_size)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch, self.batch = self.epoch + 1, 0
+                continue
+            self.batch += 1
+            if vdata.is_empty_batch(batch):  # every sample of the batch was unreadable: counted, skipped
+                continue
+            return batch
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def restore(self, state: Dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._it = None
+
+
+class IterableStream:
+    """Web-scale tar shards: an endless stream (resume restarts the current epoch's shards)."""
+
+    def __init__(self, dataset, collate, batch_size: int, num_workers: int):
+        self.dataset = dataset
+        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                                 drop_last=True, generator=torch.Generator().manual_seed(0))
+        self.batches_per_epoch = 0
+        self.epoch = 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self.dataset.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.epoch = None, self.epoch + 1
+                continue
+            if not vdata.is_empty_batch(batch):
+                return batch
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batch": 0}
+
+    def restore(self, state: Dict[str, int]) -> None:
+        self.epoch, self._it = int(state["epoch"]), None
+
+
+def data_root(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo) -> str:
+    """The configured data root, or the built-in synthetic dataset (generated once, by rank 0)."""
+    if cfg.data_root is not None:
+        return cfg.data_root
+    root = os.path.join(cfg.out_dir, "synthetic")
+    if info.is_main:
+        vdata.write_synthetic(root, image_size=64, seed=0)
+    barrier()
+    return root
+
+
+def _is_shards(name: str) -> bool:
+    return name.endswith(".tar") or any(c in name for c in "*{")
+
+
+def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
+    text_only = cfg.tasks == ["textmlm"]
+    collate = vdata.build_collate(whole_word_masking=cfg.whole_word_masking, mlm_prob=cfg.mlm_prob,
+                                  mlm=bool({"mlm", "textmlm"} & set(cfg.tasks)))
+    shards = [d for d in cfg.datasets if _is_shards(d)]
+    if shards:
+        if len(shards) != len(cfg.datasets):
+            raise ValueError("datasets: mix either arrow dataset keys or tar shard globs, not both")
+        urls: List[str] = []
+        for pattern in shards:
+            urls += sorted(glob.glob(pattern)) if "*" in pattern else [pattern]
+        ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
+                              train=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+        return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers)
+    ds = vdata.build_dataset(data_root(cfg, model_config, info), cfg.datasets, "train",
+                             image_size=model_config.image_size, max_text_len=model_config.max_text_len, train=True,
+                             text_only=text_only)
+    return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info)
+
+
+def _eval_loader(ds: Dataset, batch_size: int, collate) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0, shuffle=False)
+
+
+def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: Optional[int] = None,
+                      split: str = "val"):
+    """(image batches, caption batches) of the split, for dual-encoder recall: one item per image, one per caption."""
+    root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
+    names = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
+    kw = dict(image_size=model_config.image_size, max_text_len=model_config.max_text_len, train=False)
+    images = vdata.build_dataset(root, names[:1], split, image_only=True, **kw)
+    texts = vdata.build_dataset(root, names[:1], split, text_only=True, **kw)
+    collate = vdata.build_collate(mlm=False)
+    bs = cfg.per_device_batch_size
+    return _limit(_eval_loader(images, bs, collate), max_batches), _limit(_eval_loader(texts, bs, collate), None)
+
+
+def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val"):
+    root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
+    names = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
+    ds = vdata.build_dataset(root, names[:1], split, image_size=model_config.image_size,
+                             max_text_len=model_config.max_text_len, train=False)
+    return _eval_loader(ds, cfg.per_device_batch_size, vdata.build_collate(mlm=False))
+
+
+def _limit(loader, max_batches: Optional[int]):
+    if max_batches is None:
+        return loader
+    return (b for i, b in enumerate(loader) if i < max_batches)

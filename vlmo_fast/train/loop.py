@@ -1,0 +1,406 @@
+"""The training loop: plain, readable, and fast by default (spec §5, §6.3; issue "pretraining").
+
+    cfg = TrainConfig(...)            # or vlmo-fast pretrain --help
+    summary = train(cfg)
+
+One optimizer step = ``batch_size / (per_device_batch_size · world_size)`` micro-batches, each
+``model(batch)`` running the official objectives of ``cfg.tasks`` (in the official order) under autocast, the
+unweighted sum of their "loss" entries backpropagated. Then clipping (optional), AdamW, the lr schedule. A non-finite
+loss on any rank skips the update everywhere; ``max_bad_steps`` in a row save a checkpoint and stop. SIGTERM/SIGINT
+save a checkpoint before exit. Checkpoints are atomic and resumable (same trajectory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import objectives
+from ..checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from ..config import loss_names, preset
+from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
+from ..flops import pretrain_step_flops
+from ..model import VLMo
+from . import data_setup
+from .config import TrainConfig
+from .distributed import DistInfo, any_rank, barrier, cleanup, full_state_dict, init_distributed, mean_over_ranks, \
+    unwrap, wrap_model
+from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
+from .state import latest_checkpoint, load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+
+
+def needs_unused_parameter_search(tasks) -> bool:
+    """Only MLM + ITC + ITM together use every parameter (the fusion passes skip the top layers' modality experts,
+    the retrieval paths the VL-FFN, and only ITM uses the pooler): DDP must look for unused parameters otherwise."""
+    return not {"mlm", "itc", "itm"} <= set(tasks) or bool({"vqa", "nlvr2", "irtr", "textmlm"} & set(tasks))
+
+
+class StopTraining(Exception):
+    pass
+
+
+def build_model(cfg: TrainConfig) -> VLMo:
+    overrides: Dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate,
+                                 "loss_names": loss_names(**{t: 1 for t in cfg.tasks})}
+    if cfg.image_size is not None:
+        overrides["image_size"] = cfg.image_size
+    if cfg.max_text_len is not None:
+        overrides["max_text_len"] = cfg.max_text_len
+    config = preset(cfg.arch, **overrides)
+    if cfg.model_impl == "reference":
+        from ..reference import ReferenceVLMo
+
+        return ReferenceVLMo(config)
+    return VLMo(config, backend=cfg.backend)
+
+
+def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
+    """Load an official/vlmo_fast checkpoint (or a BEiT one for the text-only stage) as the starting point."""
+    from ..checkpoint import convert_beit_checkpoint, looks_like_beit
+
+    sd = read_state_dict(path)
+    if "textmlm" in tasks and looks_like_beit(sd):
+        sd = convert_beit_checkpoint(sd, model)
+    report = load_checkpoint(model, sd, strict=False)
+    return str(report)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32."""
+    p = cfg.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+
+class Logger:
+    """Progress bar, CSV and TensorBoard on rank 0; a no-op elsewhere."""
+
+    def __init__(self, out_dir: str, enabled: bool, total: int, start: int, tensorboard: bool):
+        self.enabled = enabled
+        self.rows: List[Dict[str, Any]] = []
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.csv_path = os.path.join(out_dir, "log.csv")
+        self._csv = open(self.csv_path, "a", newline="")
+        self._writer = None
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed: CSV only
+                self._tb = None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+
+    def log(self, step: int, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **values}
+        self.rows.append(row)
+        if self._writer is None:
+            self._writer = csv.DictWriter(self._csv, fieldnames=list(row), extrasaction="ignore")
+            if self._csv.tell() == 0:
+                self._writer.writeheader()
+        self._writer.writerow(row)
+        self._csv.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k.replace(".", "/"), v, step)
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
+                 if k in ("loss", "lr", "samples_per_s", "mfu") or k.endswith("_loss")}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self._csv.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+@torch.no_grad()
+def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    """Retrieval recall (dual encoder, official) on the val split when the model has the ITC heads, plus ITC/ITM
+    accuracies on val batches for pretraining tasks."""
+    was_training = model.training
+    model.eval()
+    metrics: Dict[str, float] = {}
+    has_itc = hasattr(model, "itc_image_proj")
+    if has_itc and info.is_main:
+        images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches)
+        img_feats, img_ids = encode(model, images, info.device, "image", amp)
+        txt_feats, txt_img_ids = encode(model, texts, info.device, "text", amp)
+        keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of the images it encoded
+        metrics.update({f"val/{k}": v for k, v in
+                        recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
+    if "vqa" in cfg.tasks and info.is_main:
+        score = evaluate_vqa(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device,
+                             amp)["vqa_score"]
+        if score is not None:
+            metrics["val/vqa_score"] = score
+    if "nlvr2" in cfg.tasks and info.is_main:
+        accs = evaluate_nlvr2(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device, amp)
+        metrics.update({f"val/{k}": v for k, v in accs.items()})
+    if "itc" in cfg.tasks and info.is_main:
+        accs = []
+        for i, batch in enumerate(data_setup.val_batches(cfg, model.config)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = to_device(batch, info.device)
+            with _autocast(info.device, amp), objectives.local_only():
+                out = objectives.compute_itc(model, batch)
+            accs.append(accuracy(out["itc_i2t_logits"], out["itc_labels"]))
+        if accs:
+            metrics["val/itc_i2t_acc"] = sum(accs) / len(accs)
+    model.train(was_training)
+    return metrics
+
+
+def _first(batches, n: Optional[int]):
+    for i, batch in enumerate(batches):
+        if n is not None and i >= n:
+            return
+        yield batch
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _install_signal_handlers(flag: Dict[str, Any]):
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train as configured; returns a summary (steps, losses, metrics, timings, the last checkpoint)."""
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    amp = resolve_precision(cfg, info.device)
+    model = build_model(cfg)
+    init_report = initialise_from(model, cfg.load_path, cfg.tasks) if cfg.load_path else None
+    if "textmlm" in cfg.tasks:
+        freeze_for_textmlm(model)
+    model.to(info.device)
+    model.current_tasks = list(cfg.tasks)
+    model.gather_with_grad = cfg.gather_with_grad
+    if cfg.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.compile:
+        model.compile()
+    wrapped = wrap_model(model, info, fsdp=cfg.fsdp, find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
+
+    per_step = cfg.per_device_batch_size * info.world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of per_device_batch_size x world size "
+                         f"({cfg.per_device_batch_size} x {info.world_size})")
+    accum = cfg.batch_size // per_step
+    stream = data_setup.train_stream(cfg, model.config, info)
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
+    warmup = resolve_warmup(cfg.warmup_steps, max_steps)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult)
+    scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
+
+    step = 0
+    resume_path = None
+    if cfg.resume == "auto":
+        resume_path = latest_checkpoint(cfg.out_dir)
+    elif cfg.resume not in ("none", "", None):
+        resume_path = cfg.resume
+    if resume_path:
+        state = load_training_checkpoint(resume_path)
+        unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        stream.restore(state["data"])
+        set_rng_state(state["rng"])
+
+    logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
+    if info.is_main:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"train": cfg.to_dict(), "model": model.config.to_dict()}, f, indent=1)
+        if init_report:
+            logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
+        if resume_path:
+            logger.write(f"resumed from {resume_path} at step {step}")
+    flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
+    peak_tflops = _peak_tflops(info.device)
+
+    def save(tag: str) -> Optional[str]:
+        payload = {
+            "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
+        }
+        path = None
+        if info.is_main:
+            path = save_training_checkpoint(cfg.out_dir, step, payload, cfg.keep_last)
+        barrier()
+        return path
+
+    flag: Dict[str, Any] = {}
+    previous = _install_signal_handlers(flag)
+    bad_in_a_row, skipped, bad_samples = 0, 0, 0
+    last_ckpt = None
+    history: List[Dict[str, float]] = []
+    t_start = t_last = time.time()
+    samples_since = 0
+    stop_reason = "max_steps"
+    model.train()
+    try:
+        while step < max_steps:
+            parts: Dict[str, float] = {}
+            finite = True
+            for micro in range(accum):
+                batch = next(stream)
+                bad_samples += int(batch.pop("bad_samples", 0) or 0)
+                batch = to_device(batch, info.device)
+                sync = contextlib.nullcontext()
+                if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                    sync = wrapped.no_sync()
+                with sync:
+                    with _autocast(info.device, amp):
+                        out = wrapped(batch)
+                        loss = objectives.total_loss(out)
+                    finite = finite and bool(torch.isfinite(loss))
+                    scaler.scale(loss / accum).backward()
+                for k, v in out.items():
+                    if "loss" in k:
+                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
+                samples_since += cfg.per_device_batch_size * info.world_size
+            if any_rank(not finite, info.device):
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                skipped += 1
+                logger.write(f"step {step}: non-finite loss ({parts}); update skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    stop_reason = f"{bad_in_a_row} non-finite losses in a row"
+                    raise StopTraining(stop_reason)
+            else:
+                bad_in_a_row = 0
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            logger.advance()
+            if step % cfg.log_every == 0 or step == max_steps:
+                now = time.time()
+                rate = samples_since / max(now - t_last, 1e-9)
+                t_last, samples_since = now, 0
+                values = {k: float(mean_over_ranks(torch.tensor(v, device=info.device))) for k, v in parts.items()}
+                values["loss"] = sum(values.values())
+                values["lr"] = optimizer.param_groups[0]["lr"]
+                values["samples_per_s"] = rate
+                if flops_per_sample and peak_tflops:
+                    values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
+                values["bad_samples"] = bad_samples
+                values["skipped_steps"] = skipped
+                history.append(values)
+                logger.log(step, values)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
+                metrics = evaluate(model, cfg, info, amp, cfg.eval_batches)
+                if metrics:
+                    logger.log(step, metrics)
+                    logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if step % cfg.save_every == 0 and step < max_steps:
+                last_ckpt = save("periodic")
+            if any_rank("signal" in flag, info.device):
+                stop_reason = f"signal {flag.get('signal', 'on another rank')}"
+                raise StopTraining(stop_reason)
+    except StopTraining:
+        last_ckpt = save(stop_reason)
+    finally:
+        _restore_signal_handlers(previous)
+    if step >= max_steps:
+        last_ckpt = save("final")
+    metrics = evaluate(model, cfg, info, amp, None) if stop_reason == "max_steps" and cfg.final_eval else {}
+    elapsed = time.time() - t_start
+    summary = {
+        "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
+        "bad_samples": bad_samples, "last_checkpoint": last_ckpt, "final": history[-1] if history else {},
+        "metrics": metrics, "history": history,
+    }
+    if info.is_main:
+        logger.log(step, metrics)
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=1)
+        final = summary["final"]
+        logger.write(
+            f"done: {step} steps in {elapsed:.1f}s ({stop_reason}); loss {final.get('loss', float('nan')):.4f}; "
+            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            + f"; skipped steps {skipped}, bad samples {bad_samples}; checkpoint {last_ckpt}")
+    logger.close()
+    return summary
+
+
+def _peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+        if key in name:
+            return value
+    return None
+
+
+def _fsdp_load(model, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def export(checkpoint_path: str, out_path: str) -> None:
+    """Write the model of a training checkpoint in the official layout (``.pt``) or as safetensors."""
+    state = load_training_checkpoint(checkpoint_path)
+    save_checkpoint(state["model"], out_path)

@@ -1,0 +1,77 @@
+"""Training checkpoints: atomic writes, keep-last-K, exact resume (spec-independent; issue "pretraining").
+
+A training checkpoint is a plain dict of tensors, numbers, strings and lists (readable with
+``torch.load(weights_only=True)``: nothing is unpickled beyond that): the model state in the official layout, the
+optimizer, scheduler and grad-scaler states, the step, the data position, the RNG states, and the config.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import _atomic_write
+
+CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": list(random.getstate()[1]) + [random.getstate()[0], str(random.getstate()[2])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    version, gauss = py[-2], py[-1]
+    random.setstate((version, tuple(int(v) for v in py[:-2]), None if gauss == "None" else float(gauss)))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"step_{step:08d}.pt")
+
+
+def list_checkpoints(out_dir: str) -> List[str]:
+    files = glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt"))
+    return sorted(files, key=lambda p: int(CKPT_RE.search(p).group(1)))
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    files = list_checkpoints(out_dir)
+    return files[-1] if files else None
+
+
+def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], keep_last: int) -> str:
+    """Write ``step_<step>.pt`` atomically, then delete all but the newest ``keep_last`` checkpoints."""
+    path = checkpoint_path(out_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if keep_last > 0:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            os.unlink(old)
+    return path
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
