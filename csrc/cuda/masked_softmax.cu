@@ -12,6 +12,7 @@
 // the chunk; in the backward the warp sums g over its batch rows in registers, so the dense bias gradient gets one
 // atomic per element per chunk and the table gradient one warp-aggregated atomic per distinct table row per chunk
 // (warp_scatter_add). Longer rows (Nk > 1024) take a loop kernel, one warp per (b, h, i) row.
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -328,14 +329,14 @@ int lanes_tier(int64_t n_k) {
   return 0;  // loop kernel
 }
 
+using Kernel = void (*)(Params);
+
 template <int IN, int OUT, bool BACKWARD>
-void launch(int tier, dim3 grid, cudaStream_t stream, const Params& p) {
-  constexpr int kThreads = kWarps * 32;
-#define VLMO_SOFTMAX_TIER(E)                                                          \
-  case E:                                                                             \
-    if constexpr (BACKWARD) softmax_backward_rows<IN, OUT, E><<<grid, kThreads, 0, stream>>>(p); \
-    else softmax_forward_rows<IN, OUT, E><<<grid, kThreads, 0, stream>>>(p);         \
-    break;
+Kernel pick_kernel(int tier) {
+#define VLMO_SOFTMAX_TIER(E)                                   \
+  case E:                                                      \
+    if constexpr (BACKWARD) return softmax_backward_rows<IN, OUT, E>; \
+    else return softmax_forward_rows<IN, OUT, E>;
   switch (tier) {
     VLMO_SOFTMAX_TIER(1)
     VLMO_SOFTMAX_TIER(2)
@@ -344,20 +345,49 @@ void launch(int tier, dim3 grid, cudaStream_t stream, const Params& p) {
     VLMO_SOFTMAX_TIER(16)
     VLMO_SOFTMAX_TIER(32)
     default:
-      if constexpr (BACKWARD) softmax_backward_long<IN, OUT><<<grid, kThreads, 0, stream>>>(p);
-      else softmax_forward_long<IN, OUT><<<grid, kThreads, 0, stream>>>(p);
+      if constexpr (BACKWARD) return softmax_backward_long<IN, OUT>;
+      else return softmax_forward_long<IN, OUT>;
   }
 #undef VLMO_SOFTMAX_TIER
 }
 
 // Compiled pairs: (fp32, fp32), (fp16, fp16), (bf16, bf16), (fp16, fp32), (bf16, fp32); Python runs other output
-// dtypes through fp32 (each pair costs 14 kernels of compile time).
-bool compiled_pair(int in_dtype, int second) { return second == in_dtype || second == kF32; }
-
+// dtypes through fp32 (each pair costs 14 kernels of compile time). nullptr for a pair that is not compiled.
 template <bool BACKWARD, int IN>
-void launch_second(int second, int tier, dim3 grid, cudaStream_t stream, const Params& p) {
-  if (second == kF32) launch<IN, kF32, BACKWARD>(tier, grid, stream, p);
-  else if constexpr (IN != kF32) launch<IN, IN, BACKWARD>(tier, grid, stream, p);
+Kernel pick_second(int second, int tier) {
+  if (second == kF32) return pick_kernel<IN, kF32, BACKWARD>(tier);
+  if constexpr (IN != kF32) {
+    if (second == IN) return pick_kernel<IN, IN, BACKWARD>(tier);
+  }
+  return nullptr;
+}
+
+// Batch chunks per query row for the register kernels. Each warp loops over its chunk's batch rows, so fewer chunks
+// mean more bias reuse and fewer gradient atomics, but the warps are long-lived: the grid must also fill the GPU in
+// (close to) whole waves, or the last partial wave idles most SMs. Takes the fewest chunks whose last wave is at
+// least 85% full, from the kernel's measured occupancy; else the best-filled count.
+int64_t choose_chunks(Kernel kernel, int sms, int64_t units, int64_t batch) {
+  int blocks_per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kWarps * 32, 0) != cudaSuccess ||
+      blocks_per_sm <= 0) {
+    cudaGetLastError();
+    blocks_per_sm = 4;
+  }
+  const double resident = static_cast<double>(sms) * blocks_per_sm * kWarps;
+  int64_t best = batch;
+  double best_fill = -1.0;
+  for (int64_t c = 1; c <= batch; ++c) {
+    const int64_t chunks = ceil_div(batch, ceil_div(batch, c));  // the count the rounding to whole rows gives
+    if (chunks != c) continue;
+    const double waves = static_cast<double>(units * chunks) / resident;
+    const double fill = waves < 1.0 ? waves : waves / std::ceil(waves);
+    if (fill >= 0.85) return chunks;
+    if (fill > best_fill) {
+      best_fill = fill;
+      best = chunks;
+    }
+  }
+  return best;
 }
 
 // `second` is the output dtype (forward) or the incoming gradient's dtype (backward).
@@ -366,8 +396,12 @@ std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxB
                 Params p, int device, uintptr_t stream) {
   auto valid = [](int dt) { return dt == kF32 || dt == kF16 || dt == kBF16; };
   if (!valid(in_dtype) || !valid(second)) return "unsupported dtype code";
-  if (!compiled_pair(in_dtype, second)) return "dtype pair not compiled (use fp32 or the input dtype)";
   if (bias.table && !bias.index) return "bias table without index";
+  const int tier = lanes_tier(sh.n_k);
+  Kernel kernel = in_dtype == kF32   ? pick_second<BACKWARD, kF32>(second, tier)
+                  : in_dtype == kF16 ? pick_second<BACKWARD, kF16>(second, tier)
+                                     : pick_second<BACKWARD, kBF16>(second, tier);
+  if (kernel == nullptr) return "dtype pair not compiled (use fp32 or the input dtype)";
   std::string err;
   const int sms = prepare_device(device, &err);
   if (sms < 0) return err;
@@ -384,14 +418,10 @@ std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxB
   p.index = bias.index;
   p.keep = keep;
   p.units = sh.heads * sh.n_q;
-  const int tier = lanes_tier(sh.n_k);
   int64_t warps;
   if (tier > 0) {
-    // Enough warps to fill the GPU about twice over; the rest of the batch loops inside a warp (bias reuse, fewer
-    // gradient atomics).
-    const int64_t target = static_cast<int64_t>(sms) * 64;
-    int64_t chunks = std::min<int64_t>(sh.batch, std::max<int64_t>(1, ceil_div(target, p.units)));
-    p.batch_per_chunk = ceil_div(sh.batch, chunks);
+    p.chunks = choose_chunks(kernel, sms, p.units, sh.batch);
+    p.batch_per_chunk = ceil_div(sh.batch, p.chunks);
     p.chunks = ceil_div(sh.batch, p.batch_per_chunk);
     warps = p.units * p.chunks;
   } else {
@@ -401,11 +431,7 @@ std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxB
   }
   const int64_t blocks = ceil_div(warps, kWarps);
   if (blocks > 0x7fffffffLL) return "masked_softmax: problem too large for one launch";
-  const dim3 grid(static_cast<unsigned>(blocks));
-  cudaStream_t st = as_stream(stream);
-  if (in_dtype == kF32) launch_second<BACKWARD, kF32>(second, tier, grid, st, p);
-  else if (in_dtype == kF16) launch_second<BACKWARD, kF16>(second, tier, grid, st, p);
-  else launch_second<BACKWARD, kBF16>(second, tier, grid, st, p);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), kWarps * 32, 0, as_stream(stream)>>>(p);
   return launch_status(BACKWARD ? "masked_softmax backward" : "masked_softmax forward");
 }
 
