@@ -198,12 +198,12 @@ void bind_cuda(py::module_& m) {
       VLMO_LN_FWD_ARGS, py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "multiway_layernorm_backward_workspace_cuda",
-      [](int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int device) {
-        const int64_t n = k::multiway_layernorm_backward_workspace(rows, seq_len, dim, split, device);
+      [](int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int dtype, int device) {
+        const int64_t n = k::multiway_layernorm_backward_workspace(rows, seq_len, dim, split, dtype, device);
         if (n < 0) throw std::runtime_error("vlmo_fast._C: cannot plan the LayerNorm backward on this device");
         return n;
       },
-      py::arg("rows"), py::arg("seq_len"), py::arg("dim"), py::arg("split"), py::arg("device"),
+      py::arg("rows"), py::arg("seq_len"), py::arg("dim"), py::arg("split"), py::arg("dtype"), py::arg("device"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "multiway_layernorm_backward_cuda",

@@ -118,7 +118,7 @@ def test_every_output_element_is_written(device):
     ws = {}
     if device == "cuda":
         size = native._C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
-                                                                    device=x.device.index)
+                                                                    dtype=0, device=x.device.index)
         ws["workspace"] = torch.full((size,), float("nan"), device=device).data_ptr()
     native._launcher("multiway_layernorm_backward", x.device)(
         dy=torch.randn_like(x).data_ptr(), x=x.data_ptr(), dtype=0, mean=mean.data_ptr(), rstd=rstd.data_ptr(),

@@ -37,7 +37,8 @@ std::string multiway_layernorm_forward(const void* x, int dtype, void* y, float*
                                        const float* bias, float eps, int device, uintptr_t stream);
 
 // Floats of fp32 scratch the backward needs (per-block partial weight gradients of stage 1), or -1 on error.
-int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int device);
+int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int dtype,
+                                              int device);
 
 // dweight, dbias: (E, D) fp32, overwritten. workspace: as many floats as the function above said.
 std::string multiway_layernorm_backward(const void* dy, const void* x, int dtype, const float* mean, const float* rstd,

@@ -177,13 +177,15 @@ int lanes_tier(int64_t dim) {
   return 0;
 }
 
-// Stage-1 blocks per expert, in proportion to its rows, about four per SM in all.
-void plan_backward(Params& p, int sms) {
+using Kernel = void (*)(Params);
+
+// Stage-1 blocks per expert, in proportion to its rows, and in all as many as fit on the GPU at once (one full wave:
+// each block loops over its rows, so a second, partial wave would only add a tail).
+void plan_backward(Params& p, int resident_blocks) {
   const int64_t batch = p.seq_len > 0 ? p.rows / p.seq_len : 0;
   const int64_t rows0 = p.split < 0 ? p.rows : batch * p.split;
   const int64_t rows1 = p.split < 0 ? 0 : batch * (p.seq_len - p.split);
-  const int64_t total = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(sms) * 4,
-                                                               ceil_div(p.rows, kBwdWarps * 4)));
+  const int64_t total = std::max<int64_t>(1, std::min<int64_t>(resident_blocks, ceil_div(p.rows, kBwdWarps)));
   auto blocks_for = [&](int64_t n, int64_t* rpb) -> int64_t {
     if (n == 0) {
       *rpb = 1;
@@ -213,18 +215,32 @@ void launch_forward(int tier, dim3 grid, cudaStream_t st, const Params& p) {
 }
 
 template <int DT>
-void launch_backward(int tier, dim3 grid, cudaStream_t st, const Params& p) {
-  constexpr int kThreads = kBwdWarps * 32;
+Kernel backward_kernel(int tier) {
   switch (tier) {
-    case 1: layernorm_backward_stage1<DT, 1><<<grid, kThreads, 0, st>>>(p); break;
-    case 2: layernorm_backward_stage1<DT, 2><<<grid, kThreads, 0, st>>>(p); break;
-    case 4: layernorm_backward_stage1<DT, 4><<<grid, kThreads, 0, st>>>(p); break;
-    case 8: layernorm_backward_stage1<DT, 8><<<grid, kThreads, 0, st>>>(p); break;
-    case 12: layernorm_backward_stage1<DT, 12><<<grid, kThreads, 0, st>>>(p); break;
-    case 16: layernorm_backward_stage1<DT, 16><<<grid, kThreads, 0, st>>>(p); break;
-    case 24: layernorm_backward_stage1<DT, 24><<<grid, kThreads, 0, st>>>(p); break;
-    default: layernorm_backward_stage1<DT, 32><<<grid, kThreads, 0, st>>>(p);
+    case 1: return layernorm_backward_stage1<DT, 1>;
+    case 2: return layernorm_backward_stage1<DT, 2>;
+    case 4: return layernorm_backward_stage1<DT, 4>;
+    case 8: return layernorm_backward_stage1<DT, 8>;
+    case 12: return layernorm_backward_stage1<DT, 12>;
+    case 16: return layernorm_backward_stage1<DT, 16>;
+    case 24: return layernorm_backward_stage1<DT, 24>;
+    default: return layernorm_backward_stage1<DT, 32>;
   }
+}
+
+// The stage-1 kernel for this dtype and D, and how many of its blocks fit on the GPU at once.
+Kernel plan_stage1(int dtype, int64_t dim, int sms, int* resident_blocks) {
+  const int tier = lanes_tier(dim);
+  Kernel k = dtype == kF32 ? backward_kernel<kF32>(tier)
+             : dtype == kF16 ? backward_kernel<kF16>(tier)
+                             : backward_kernel<kBF16>(tier);
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kBwdWarps * 32, 0) != cudaSuccess || per_sm <= 0) {
+    cudaGetLastError();
+    per_sm = 2;
+  }
+  *resident_blocks = sms * per_sm;
+  return k;
 }
 
 std::string check_common(int dtype, int64_t rows, int64_t seq_len, int64_t dim, int64_t split) {
@@ -265,16 +281,20 @@ std::string multiway_layernorm_forward(const void* x, int dtype, void* y, float*
   return launch_status("multiway_layernorm forward");
 }
 
-int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int device) {
+int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int64_t dim, int64_t split, int dtype,
+                                              int device) {
+  if (!check_common(dtype, rows, seq_len, dim, split).empty()) return -1;
   std::string err;
   const int sms = prepare_device(device, &err);
-  if (sms < 0 || seq_len <= 0 || dim <= 0) return -1;
+  if (sms < 0) return -1;
+  int resident = 0;
+  plan_stage1(dtype, dim, sms, &resident);
   Params p{};
   p.rows = rows;
   p.seq_len = seq_len;
   p.dim = dim;
   p.split = split;
-  plan_backward(p, sms);
+  plan_backward(p, resident);
   return std::max<int64_t>(1, (p.blocks0 + p.blocks1) * 2 * dim);
 }
 
@@ -300,15 +320,12 @@ std::string multiway_layernorm_backward(const void* dy, const void* x, int dtype
   p.seq_len = seq_len;
   p.dim = dim;
   p.split = split;
-  plan_backward(p, sms);
+  int resident = 0;
+  Kernel stage1 = plan_stage1(dtype, dim, sms, &resident);
+  plan_backward(p, resident);
   cudaStream_t st = as_stream(stream);
   const int64_t blocks = p.blocks0 + p.blocks1;
-  if (blocks > 0) {
-    const int tier = lanes_tier(dim);
-    if (dtype == kF32) launch_backward<kF32>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
-    else if (dtype == kF16) launch_backward<kF16>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
-    else launch_backward<kBF16>(tier, dim3(static_cast<unsigned>(blocks)), st, p);
-  }
+  if (blocks > 0) stage1<<<dim3(static_cast<unsigned>(blocks)), kBwdWarps * 32, 0, st>>>(p);
   const dim3 grid2(static_cast<unsigned>(ceil_div(dim, 256)), static_cast<unsigned>(num_experts));
   layernorm_backward_stage2<<<grid2, 256, 0, st>>>(p, dweight, dbias);
   return launch_status("multiway_layernorm backward");

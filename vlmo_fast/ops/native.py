@@ -399,7 +399,7 @@ def _layernorm_backward(dy, x, mean, rstd, weight, split):
     extra = {}
     if dev.type == "cuda":
         size = _C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
-                                                             device=dev.index)
+                                                             dtype=_DTYPE_CODE[x.dtype], device=dev.index)
         workspace = torch.empty(size, dtype=torch.float32, device=dev)
         extra["workspace"] = _addr(workspace)
     _launcher("multiway_layernorm_backward", dev)(
