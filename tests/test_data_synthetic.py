@@ -103,6 +103,8 @@ def test_deterministic_reused_and_regenerated(tmp_path):
     assert read_arrow(paths["test"][0]).num_rows == 3
     with open(os.path.join(root, "synthetic.json")) as f:
         assert json.load(f)["n_test"] == 3
+    with pytest.raises(ValueError, match="image_size"):
+        write_synthetic(root, n_train=4, n_val=1, n_test=1, image_size=48)
 
 
 def test_generation_is_fast():
