@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate, get_worker_info
 
 from .masking import continuation_table, plain_mask, whole_word_mask
 
@@ -39,6 +40,9 @@ def _stack_images(key: str, values: Sequence[torch.Tensor]) -> List[torch.Tensor
                              f"{tuple(getattr(v, 'shape', ()))}; expected a (3, H, W) tensor")
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) == 1:
+        if get_worker_info() is not None:
+            # in a worker: default_collate stacks straight into shared memory (no extra copy to send the batch)
+            return [default_collate(list(values))]
         if all(v.device.type == "cpu" and not v.requires_grad for v in values):
             # numpy copies on one thread; torch.stack's parallel copy stalls when the cores are busy (the main
             # process of a num_workers=0 loader shares them with training): 35 ms vs 700 ms for 64 x 224 px
