@@ -1,0 +1,168 @@
+"""Data-only benchmark: how many samples per second the official training input pipeline delivers.
+
+Pipeline measured (vlmo_fast.data): arrow read -> image decode -> official train transform (RandomResizedCrop,
+flip, RandAugment(2, 7)) at ``--image-size`` -> tokenisation to ``--max-text-len`` -> collate with whole-word MLM
+masking, through a DataLoader with N workers. No model, no GPU work: this is the ceiling the data layer puts on
+training throughput. Without ``--data-root`` it generates the built-in synthetic set (64 px PNGs, upscaled by the
+crop) in a temporary folder.
+
+    python benchmarks/data_loader.py --workers 0 2 --batches 20
+    python benchmarks/data_loader.py --data-root /data/arrow --datasets coco vg --workers 8 16
+
+Also reports a per-stage cost in the main process (ms per sample: decode, transform, tokenise; ms per batch:
+collate). Prints a table and writes JSON (``--out``, default ``benchmarks/results/data_loader_<host>_<date>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+from vlmo_fast.data import build_collate, build_dataset, build_loader, measure_loader, write_synthetic
+from vlmo_fast.data.sample import decode_image, encode_text
+from vlmo_fast.data.transforms import TrainTransform
+from vlmo_fast.tokenizer import BertTokenizer
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stage_costs(ds, tokenizer, image_size: int, max_text_len: int, samples: int, batch_size: int) -> Dict[str, float]:
+    """Main-process cost of each stage (the first dataset of a ConcatDataset)."""
+    base = ds.datasets[0] if hasattr(ds, "datasets") else ds
+    n = min(samples, len(base))
+    tf = TrainTransform(image_size)
+    raw = [base.cell("image", int(base.rows[j])) for j in range(n)]
+    texts = [base.all_texts[int(base.rows[j])][int(base.caps[j])] for j in range(n)]
+    t0 = time.perf_counter()
+    images = [decode_image(b) for b in raw]
+    t1 = time.perf_counter()
+    for img in images:
+        tf(img)
+    t2 = time.perf_counter()
+    for text in texts:
+        encode_text(tokenizer, text, max_text_len)
+    t3 = time.perf_counter()
+    collate = build_collate(tokenizer)
+    items = [ds[j] for j in range(min(batch_size, len(ds)))]
+    reps = 5
+    t4 = time.perf_counter()
+    for _ in range(reps):
+        collate(items)
+    t5 = time.perf_counter()
+    return {"decode_ms_per_sample": (t1 - t0) / n * 1e3, "transform_ms_per_sample": (t2 - t1) / n * 1e3,
+            "tokenize_ms_per_sample": (t3 - t2) / n * 1e3, "collate_ms_per_batch": (t5 - t4) / reps * 1e3,
+            "samples": n, "collate_batch_size": len(items)}
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=None, help="arrow folder (default: generate the synthetic set)")
+    parser.add_argument("--datasets", nargs="+", default=["coco"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, os.cpu_count() or 1])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per worker setting")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--max-text-len", type=int, default=40)
+    parser.add_argument("--n-train", type=int, default=2000, help="synthetic images to generate")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    load_before = os.getloadavg()[0]  # other processes on the machine share the cores: recorded with the result
+    tmp = None
+    root = args.data_root
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="vlmo_data_bench_")
+        root = tmp
+        t = time.perf_counter()
+        write_synthetic(root, n_train=args.n_train, n_val=8, n_test=8)
+        print(f"generated {args.n_train} synthetic images in {time.perf_counter() - t:.2f} s under {root}")
+    try:
+        tokenizer = BertTokenizer()
+        ds = build_dataset(root, args.datasets, "train", image_size=args.image_size, max_text_len=args.max_text_len,
+                           train=True, tokenizer=tokenizer)
+        needed = (args.batches + args.warmup) * args.batch_size
+        if len(ds) < needed:
+            print(f"note: {len(ds)} samples < {needed} needed; the loader will run out early", file=sys.stderr)
+        stages = stage_costs(ds, tokenizer, args.image_size, args.max_text_len, 200, args.batch_size)
+        rows = []
+        for workers in args.workers:
+            loader = build_loader(ds, batch_size=args.batch_size, collate=build_collate(tokenizer), train=True,
+                                  num_workers=workers, seed=0, drop_last=True)
+            sps = measure_loader(loader, args.batches, warmup=args.warmup)
+            del loader
+            rows.append({"workers": workers, "samples_per_s": round(sps, 1),
+                         "ms_per_batch": round(args.batch_size / sps * 1e3, 2), "batch_size": args.batch_size,
+                         "image_size": args.image_size, "max_text_len": args.max_text_len,
+                         "batches": args.batches})
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    result = {
+        "benchmark": "data_loader",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit(),
+        "data": args.data_root or f"synthetic ({args.n_train} images, 64 px PNG)",
+        "datasets": args.datasets,
+        "pipeline": "train: RandomResizedCrop(0.5-1) + flip + RandAugment(2,7) + normalize; whole-word MLM collate",
+        "rows": rows,
+        "stages": {k: round(v, 3) if isinstance(v, float) else v for k, v in stages.items()},
+    }
+    print(f"device: {result['device']} ({result['cpu_count']} cores, load {result['load_average_1m_before_after']}), "
+          f"torch {torch.__version__}")
+    print(f"{'workers':>7} {'samples/s':>10} {'ms/batch':>9}  (batch {args.batch_size}, {args.image_size} px)")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['ms_per_batch']:>9.2f}")
+    print("main-process stage costs:", json.dumps(result["stages"]))
+    out = args.out
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           f"data_loader_{platform.node() or 'host'}_{stamp}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
