@@ -165,6 +165,8 @@ def test_vqa_items(tmp_path, tok):
     assert item["vqa_answer"] == ["2"] and item["text"] == "how many?"
     batch = build_collate(tok)([ds[j] for j in range(len(ds))])
     assert batch["vqa_labels"][0] == [3] and batch["qid"] == [0, 1, 10, 11, 0, 1]
+    images = make_dataset("vqa", root, "train", image_size=SIZE, max_text_len=12, image_only=True)
+    assert len(images) == 3 and "qid" not in images[2] and images[2]["img_index"] == 2
     test = make_dataset("vqa", root, "test", image_size=SIZE, max_text_len=12, tokenizer=tok)
     assert test[0]["vqa_labels"] == [] and test[0]["qid"] == 0
     write_arrow(os.path.join(root, "vqav2_rest_val.arrow"), _vqa_rows(1, with_labels=False))

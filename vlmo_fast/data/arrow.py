@@ -271,6 +271,8 @@ class ArrowDataset(Dataset):
         return item
 
     def _extras(self, item: Dict[str, Any], row: int, cap: int) -> None:
+        if cap < 0:  # image_only: the extras belong to a question, not to the image
+            return
         if self.kind == "vqa":
             item["qid"] = self.cell("question_id", row)[cap]
             if self.split != "test":
