@@ -10,10 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmo_fast import _native
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     assert got.shape == ref.shape, (got.shape, ref.shape)
@@ -26,10 +22,6 @@ def assert_rule(name: str, got: torch.Tensor, eager: torch.Tensor, ref: torch.Te
     scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
     e_kernel, e_eager = max_err(got, ref), max_err(eager, ref)
     assert e_kernel <= 2 * e_eager + atol * scale, f"{name}: kernel error {e_kernel:.3e} vs eager {e_eager:.3e}"
-
-
-def cuda_kernels_ready() -> bool:
-    return torch.cuda.is_available() and _native.cuda_kernels_compiled()
 
 
 def devices():
