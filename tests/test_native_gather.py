@@ -150,7 +150,7 @@ def test_cpu_auto_policy():
     """"auto" takes the CPU kernel only where it was measured faster than PyTorch (csrc/README.md)."""
     from vlmo_fast.ops import backend
 
-    declines = native.AUTO_DECLINES["rel_pos_bias_gather"]
+    declines = native._gather_auto_declines
     index = relpos.fusion_relative_position_index(40, 14)
     assert "PyTorch" in declines(torch.randn(10, 3), torch.zeros(4, 4, dtype=torch.long))
     assert declines(torch.randn(1126, 12), index) is None

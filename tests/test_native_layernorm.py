@@ -185,7 +185,7 @@ def test_cpu_auto_policy():
     """"auto" takes the CPU kernel only where it was measured faster than PyTorch (csrc/README.md)."""
     from vlmo_fast.ops import backend
 
-    declines = native.AUTO_DECLINES["multiway_layernorm"]
+    declines = native._layernorm_auto_declines
     w = torch.ones(768)
     small, big = torch.randn(2, 5, 768), torch.randn(8, 237, 768)
     assert "PyTorch" in declines(small, (w, w), (w, w), 2)
@@ -193,6 +193,9 @@ def test_cpu_auto_policy():
     assert declines(big, (w, w), (w, w), 40) is None and declines(big, (w,), (w,), None) is None
     impl = backend.select("multiway_layernorm", "auto", big, (w, w), (w, w), 40)
     assert impl is native.multiway_layernorm_native if _native.native_available() else impl is None
+    if _native.native_available():  # small inputs: "auto" takes PyTorch, an explicit request still the kernel
+        assert backend.select("multiway_layernorm", "auto", small, (w, w), (w, w), 2) is None
+        assert backend.select("multiway_layernorm", "cuda", small, (w, w), (w, w), 2) is native.multiway_layernorm_native
 
 
 @pytest.mark.gpu

@@ -261,8 +261,6 @@ def test_cpu_auto_picks_the_native_kernel():
     """CPU policy: the fused kernel beats the 4-5 op PyTorch path at every size measured, so "auto" takes it."""
     from vlmo_fast.ops import backend
 
-    declines = native.AUTO_DECLINES["masked_softmax"]
-    assert declines(torch.randn(1, 1, 2, 2), None, None, None, None, torch.float32) is None
     s = torch.randn(2, 2, 8, 8)
     impl = backend.select("masked_softmax", "auto", s, None, None, None, None, torch.float32)
     assert impl is native.masked_softmax_native if _native.native_available() else impl is None

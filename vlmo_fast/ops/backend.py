@@ -28,6 +28,8 @@ class _Impl:
     priority: int
     # device types on which "auto" may pick it (an explicit request may use it anywhere it is supported)
     auto_devices: Tuple[str, ...]
+    # extra conditions for "auto" only (e.g. inputs too small to win on CPU): None when "auto" may pick it
+    auto_unsupported: Optional[Callable[..., Optional[str]]] = None
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
@@ -40,12 +42,14 @@ def check_backend(backend: str) -> str:
 
 
 def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Optional[str]], priority: int,
-             auto_devices: Tuple[str, ...] = ("cuda", "cpu")) -> None:
+             auto_devices: Tuple[str, ...] = ("cuda", "cpu"),
+             auto_unsupported: Optional[Callable[..., Optional[str]]] = None) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op``; lower priority numbers win under "auto", which
-    only considers it for tensors on ``auto_devices`` (e.g. Triton's CPU interpreter is for tests, never "auto")."""
+    only considers it for tensors on ``auto_devices`` (e.g. Triton's CPU interpreter is for tests, never "auto") and
+    when ``auto_unsupported`` (if given) finds no reason against it (e.g. inputs too small to beat PyTorch)."""
     if backend not in BACKENDS[2:]:
         raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority, tuple(auto_devices))
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority, tuple(auto_devices), auto_unsupported)
 
 
 def _device_type(args) -> Optional[str]:
@@ -68,7 +72,9 @@ def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
     if backend == "auto":
         device = _device_type(args)
         for _, impl in sorted(impls.items(), key=lambda kv: kv[1].priority):
-            if device in impl.auto_devices and impl.unsupported(*args, **kwargs) is None:
+            if device not in impl.auto_devices or impl.unsupported(*args, **kwargs) is not None:
+                continue
+            if impl.auto_unsupported is None or impl.auto_unsupported(*args, **kwargs) is None:
                 return impl.fn
         return None
     impl = impls.get(backend)

@@ -21,7 +21,6 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -632,10 +631,6 @@ CPU_AUTO_MIN_ELEMENTS = {
 }
 
 
-def _softmax_auto_declines(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
-    return None
-
-
 def _layernorm_auto_declines(x, weight, bias, split) -> Optional[str]:
     if x.device.type != "cpu":
         return None
@@ -654,18 +649,8 @@ def _gather_auto_declines(table, index) -> Optional[str]:
     return None
 
 
-def _register(op, fn, unsupported, auto_declines):
-    """Register with the backend registry. ``auto_declines`` applies to "auto" only (an explicit backend="cuda"
-    request must still run the kernel), which needs the registry's ``auto_unsupported`` hook; without it the
-    predicate is kept in ``AUTO_DECLINES`` for the registry to consult."""
-    AUTO_DECLINES[op] = auto_declines
-    if "auto_unsupported" in inspect.signature(_backend.register).parameters:
-        _backend.register(op, "cuda", fn, unsupported, priority=20, auto_unsupported=auto_declines)
-    else:
-        _backend.register(op, "cuda", fn, unsupported, priority=20)
-
-
-AUTO_DECLINES: Dict[str, object] = {}
-_register("masked_softmax", masked_softmax_native, _softmax_unsupported, _softmax_auto_declines)
-_register("multiway_layernorm", multiway_layernorm_native, _layernorm_unsupported, _layernorm_auto_declines)
-_register("rel_pos_bias_gather", rel_pos_bias_gather_native, _gather_unsupported, _gather_auto_declines)
+_backend.register("masked_softmax", "cuda", masked_softmax_native, _softmax_unsupported, priority=20)
+_backend.register("multiway_layernorm", "cuda", multiway_layernorm_native, _layernorm_unsupported, priority=20,
+                  auto_unsupported=_layernorm_auto_declines)
+_backend.register("rel_pos_bias_gather", "cuda", rel_pos_bias_gather_native, _gather_unsupported, priority=20,
+                  auto_unsupported=_gather_auto_declines)

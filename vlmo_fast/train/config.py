@@ -25,20 +25,21 @@ class TrainConfig:
     tasks: List[str] = field(default_factory=lambda: ["mlm", "itc", "itm"])
     image_size: Optional[int] = None  # default: the preset's (224 for the official models)
     max_text_len: Optional[int] = None  # default: the preset's (40; 196 for the text-only stage)
-    drop_path_rate: float = 0.1
+    drop_path_rate: Optional[float] = None  # None: 0.1 (official default) for real data, 0 for the synthetic set
     backend: str = "auto"  # op implementations: auto | torch | triton | cuda
     model_impl: str = "vlmo_fast"  # vlmo_fast | reference (the eager official math, for comparisons)
     load_path: Optional[str] = None  # an official or vlmo_fast checkpoint to start from (adapted as officially)
     # data
     data_root: Optional[str] = None  # None: the built-in synthetic dataset, generated under out_dir on first use
     datasets: List[str] = field(default_factory=lambda: ["coco"])
+    augment: Optional[bool] = None  # official train transform; None: on for real data, off for the synthetic set
     whole_word_masking: bool = True
     mlm_prob: float = 0.15
     num_workers: int = 2
     # batch and schedule
-    batch_size: int = 64  # global batch; gradient accumulation makes up the difference (official batch_size)
+    batch_size: int = 32  # global batch; gradient accumulation makes up the difference (official batch_size)
     per_device_batch_size: int = 32  # official per_gpu_batchsize
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4  # the official base pretraining value
     weight_decay: float = 0.01
     lr_mult: float = 1.0  # heads (vqa_classifier, nlvr2_classifier) train at learning_rate * lr_mult
     end_lr: float = 0.0
@@ -197,12 +198,14 @@ def _optional(kind):
 HELP = {
     "arch": "model preset", "tasks": "comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2)",
     "image_size": "image side in pixels (default: the preset's)", "max_text_len": "text length (default: preset's)",
-    "drop_path_rate": "stochastic depth rate (also the BERT embedding dropout, as official)",
+    "drop_path_rate": "stochastic depth rate, also the BERT embedding dropout as official (none: 0.1, or 0 for the "
+                      "built-in synthetic set, which a tiny model learns much faster without it)",
     "backend": "op implementations: auto, torch, triton, cuda",
     "model_impl": "vlmo_fast, or reference (the eager official math, to compare against)",
     "load_path": "official or vlmo_fast checkpoint to initialise from (resized/adapted as the official loader)",
     "data_root": "folder of official arrow files (default: a built-in synthetic dataset)",
     "datasets": "comma-separated dataset keys (coco,vg,sbu,gcc,f30k,wikibk,vqa,nlvr2) or webdataset tar globs",
+    "augment": "official train augmentation (none: on for real data, off for the built-in synthetic set)",
     "whole_word_masking": "whole-word MLM masking (official) instead of per-token", "mlm_prob": "MLM probability",
     "num_workers": "DataLoader workers per process", "batch_size": "global batch (accumulation fills the gap)",
     "per_device_batch_size": "micro-batch per process", "learning_rate": "peak learning rate",
@@ -240,10 +243,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             kind = lambda s: _parse_value(bool, s)  # noqa: E731
         elif f.name in ("image_size", "max_text_len", "max_steps", "max_epochs"):
             kind = _optional(int)
-        elif f.name in ("grad_clip",):
+        elif f.name in ("grad_clip", "drop_path_rate"):
             kind = _optional(float)
         elif f.name in ("load_path", "data_root"):
             kind = _optional(str)
+        elif f.name == "augment":
+            kind = _optional(lambda t: _parse_value(bool, t))
         elif isinstance(default, float):
             kind = float
         elif isinstance(default, int):

@@ -200,11 +200,18 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         for pattern in shards:
             urls += sorted(glob.glob(pattern)) if "*" in pattern else [pattern]
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
-                              train=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+                              train=cfg.augment is not False, seed=cfg.seed, rank=info.rank,
+                              world_size=info.world_size)
         return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers)
+    # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)
+    # destroys what the synthetic captions describe, so the built-in set trains with the eval transform
+    augment = cfg.augment if cfg.augment is not None else cfg.data_root is not None
+    # several processes must see equal batch sizes (the all-gathers): unreadable samples are then replaced by
+    # random others (still counted) instead of dropped
+    on_error = "resample" if info.world_size > 1 else "drop"
     ds = vdata.build_dataset(data_root(cfg, model_config, info), cfg.datasets, "train",
-                             image_size=model_config.image_size, max_text_len=model_config.max_text_len, train=True,
-                             text_only=text_only)
+                             image_size=model_config.image_size, max_text_len=model_config.max_text_len,
+                             train=augment, text_only=text_only, on_error=on_error)
     return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info)
 
 

@@ -48,7 +48,10 @@ class StopTraining(Exception):
 
 
 def build_model(cfg: TrainConfig) -> VLMo:
-    overrides: Dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate,
+    dpr = cfg.drop_path_rate
+    if dpr is None:
+        dpr = 0.1 if cfg.data_root is not None else 0.0
+    overrides: Dict[str, Any] = {"drop_path_rate": dpr,
                                  "loss_names": loss_names(**{t: 1 for t in cfg.tasks})}
     if cfg.image_size is not None:
         overrides["image_size"] = cfg.image_size
@@ -121,7 +124,7 @@ class Logger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k.replace(".", "/"), v, step)
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
-                 if k in ("loss", "lr", "samples_per_s", "mfu") or k.endswith("_loss")}
+                 if k in ("loss", "lr", "samples_per_s", "mfu") or k.endswith(("_loss", "_acc"))}
         self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, n: int = 1) -> None:
@@ -177,6 +180,21 @@ def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.
             metrics["val/itc_i2t_acc"] = sum(accs) / len(accs)
     model.train(was_training)
     return metrics
+
+
+def _accuracy_inputs(out: Dict[str, Any]):
+    """(name, logits, labels) of the training accuracies the objectives' outputs allow (logged with the losses)."""
+    for name, logits_key, labels_key in (("itc_acc", "itc_i2t_logits", "itc_labels"),
+                                         ("itm_acc", "itm_logits", "itm_labels"),
+                                         ("irtr_acc", "irtr_i2t_logits", "irtr_labels"),
+                                         ("nlvr2_acc", "nlvr2_logits", "nlvr2_labels")):
+        if logits_key in out and labels_key in out:
+            yield name, out[logits_key], out[labels_key]
+    if "mlm_logits" in out:
+        labels = out["mlm_labels"]
+        keep = labels != -100
+        if bool(keep.any()):
+            yield "mlm_acc", out["mlm_logits"][keep], labels[keep]
 
 
 def _first(batches, n: Optional[int]):
@@ -314,6 +332,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 for k, v in out.items():
                     if "loss" in k:
                         parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
+                for name, logits, labels in _accuracy_inputs(out):
+                    parts[name] = parts.get(name, 0.0) + accuracy(logits.detach(), labels) / accum
                 samples_since += cfg.per_device_batch_size * info.world_size
             if any_rank(not finite, info.device):
                 optimizer.zero_grad(set_to_none=True)
@@ -339,7 +359,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 rate = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0
                 values = {k: float(mean_over_ranks(torch.tensor(v, device=info.device))) for k, v in parts.items()}
-                values["loss"] = sum(values.values())
+                values["loss"] = sum(v for k, v in values.items() if "loss" in k)
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values["samples_per_s"] = rate
                 if flops_per_sample and peak_tflops:
