@@ -35,6 +35,9 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
+        # A cache from an earlier build can point at tools that no longer exist (pip's isolated build environments
+        # are temporary): configure afresh every time; the compiled objects are still reused.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         cuda = os.environ.get("VLMO_FAST_CUDA", "auto").lower()
         if cuda not in ("auto", "0", "1"):
             raise RuntimeError(f"VLMO_FAST_CUDA must be auto, 0 or 1, got {cuda!r}")

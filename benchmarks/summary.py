@@ -25,9 +25,22 @@ def load(path: str) -> Dict[str, Any]:
     return data
 
 
+def results_in(folder: str) -> List[Dict[str, Any]]:
+    """Every benchmark result file in ``folder`` (other JSON files there, e.g. data-loader runs, are skipped)."""
+    out = []
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        try:
+            data = load(path)
+        except (ValueError, OSError):
+            continue
+        data["path"] = path
+        out.append(data)
+    return out
+
+
 def newest(folder: str) -> Optional[str]:
-    files = sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: load(p)["meta"]["date"])
-    return files[-1] if files else None
+    files = sorted(results_in(folder), key=lambda d: d["meta"]["date"])
+    return files[-1]["path"] if files else None
 
 
 def _case(row: Dict[str, Any]) -> str:
@@ -88,8 +101,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
 def readme_table(folder: str) -> str:
     """The newest committed result per device, summarised."""
     per_device: Dict[str, Dict[str, Any]] = {}
-    for path in glob.glob(os.path.join(folder, "*.json")):
-        data = load(path)
+    for data in results_in(folder):
         dev = data["meta"]["device"]
         if dev not in per_device or data["meta"]["date"] > per_device[dev]["meta"]["date"]:
             per_device[dev] = data
