@@ -53,7 +53,7 @@ SIZES: Dict[str, Dict[str, Any]] = {
                  ln_rows=128, block_batch=128, model_batch=128, step_batch=128, heads=12, head_dim=64, reps=20,
                  retrieval=(384, 5000, 25000, 256)),
     "quick": dict(arch="vlmo_base_patch16", attention=[(2, 237)], softmax_bh=24, ln_rows=8, block_batch=2,
-                  model_batch=2, step_batch=2, heads=12, head_dim=64, reps=3, retrieval=(224, 16, 80, 8)),
+                  model_batch=2, step_batch=2, heads=12, head_dim=64, reps=5, retrieval=(224, 16, 80, 8)),
     "tiny": dict(arch="vlmo_tiny_patch16", attention=[(2, 29)], softmax_bh=4, ln_rows=2, block_batch=2,
                  model_batch=2, step_batch=4, heads=4, head_dim=16, reps=2, retrieval=(64, 16, 80, 8)),
 }

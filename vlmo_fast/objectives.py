@@ -69,26 +69,24 @@ def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, wit
     return loss, logits_i2t, logits_t2i, target
 
 
-def compute_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Masked LM on the fusion encoder, cross-entropy over masked tokens, weight 0.25 (spec §5.2)."""
-    infer = model.infer(batch, mask_text=True)
+def _mlm(model, infer: Dict[str, Any], weight: float) -> Dict[str, torch.Tensor]:
+    """Cross-entropy of the MLM head over the masked tokens (labels -100 elsewhere), times ``weight``."""
     logits = model.mlm_score(infer["text_feats"])
     labels = infer["text_labels"]
     if labels is None:
         raise ValueError("batch is missing 'text_labels_mlm' (the MLM targets, -100 where unmasked)")
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    return {"mlm_loss": loss * 0.25, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
+    return {"mlm_loss": loss * weight, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
+
+
+def compute_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Masked LM on the fusion encoder, mean cross-entropy over masked tokens, weight 0.25 (spec §5.2)."""
+    return _mlm(model, model.infer(batch, mask_text=True), 0.25)
 
 
 def compute_textonly_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Text-only MLM of the language stage (spec §5.1), weight 1."""
-    infer = model.infer_text_mlm(batch, mask_text=True)
-    logits = model.mlm_score(infer["text_feats"])
-    labels = infer["text_labels"]
-    if labels is None:
-        raise ValueError("batch is missing 'text_labels_mlm' (the MLM targets, -100 where unmasked)")
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-    return {"mlm_loss": loss, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
+    return _mlm(model, model.infer_text_mlm(batch, mask_text=True), 1.0)
 
 
 def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:

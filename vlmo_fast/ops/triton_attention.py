@@ -52,6 +52,25 @@ def interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile(PTR, b, h, rows, offs_d, s_b, s_h, s_n, s_d, N, D, UPCAST: tl.constexpr):
+        """A (rows, BLOCK_D) tile of a (B, H, N, D) tensor with any strides; zeros outside; fp32 under UPCAST
+        (bf16 arithmetic is wrong in the CPU interpreter)."""
+        t = tl.load(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :] * s_d,
+                    mask=(rows[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b with fp32 accumulation; IEEE fp32 products (no TF32) for fp32 inputs."""
+        if IEEE:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
     def _vlmo_index(offs_m, offs_n, LT, W, L0):
         """The official VLMo relative-position index (spec §2) computed from positions: text [0, LT), then the image
         CLS and W·W patches. LT = 0 gives the image index, LT = N the text index, anything between the fusion one."""
@@ -85,10 +104,7 @@ if triton is not None:
 
         BIAS_MODE 0: none; 1: dense; 2: gathered through a loaded index; 3: gathered through the official VLMo index
         computed from the positions (no index traffic)."""
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = s * scale_log2
         in_range = (offs_m[:, None] < N) & (offs_n[None, :] < N)
         if BIAS_MODE == 1:
@@ -121,22 +137,15 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < D
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
-                    mask=(offs_m[:, None] < N) & d_ok, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         keep_row = KEEP + b * skp_b
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_ok = (offs_n[:, None] < N) & d_ok
-            k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
+            v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
             s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
                         INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -144,11 +153,7 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
@@ -188,40 +193,24 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < D
         kv_ok = (offs_n[:, None] < N) & d_ok
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
+        v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         keep_row = KEEP + b * skp_b
         stats = pid_bh.to(tl.int64) * N
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_ok = (offs_m[:, None] < N) & d_ok
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d, mask=q_ok, other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d, mask=q_ok,
-                         other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
+            do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
             lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
             delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
             s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
                         INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             p = tl.math.exp2(s - lse[:, None])
-            if IEEE:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
                  (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
@@ -247,12 +236,8 @@ if triton is not None:
         part = DPART + (g.to(tl.int64) * H + h) * N * N  # (N, N) partial dS sum of this group and head
         for b32 in range(b_start, b_end):
             b = b32 + tl.zeros([], tl.int64)  # 64-bit offsets (b32 is a Python int in the interpreter)
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d, mask=q_ok, other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d, mask=q_ok,
-                         other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
+            do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
             stats = (b * H + h) * N
             lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
             delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
@@ -260,26 +245,13 @@ if triton is not None:
             dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                kv_ok = (offs_n[:, None] < N) & d_ok
-                k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_ok,
-                            other=0.0)
-                v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_ok,
-                            other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
+                k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
+                v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
                 s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
                             INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                 p = tl.math.exp2(s - lse[:, None])
-                if IEEE:
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if IEEE:
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                else:
-                    dq += tl.dot(ds.to(k.dtype), k)
+                ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, IEEE)
                 if NEED_DBIAS:
                     tile_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
                     ptrs = part + offs_m[:, None] * N + offs_n[None, :]
@@ -547,15 +519,23 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale)[0]
 
 
-def unsupported(q, k, v, bias, bias_table, bias_index, keep) -> Optional[str]:
+def triton_unsupported(t: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take tensors like ``t`` (None when they can): shared by every Triton op."""
     if triton is None:
         return f"triton is not installed ({_TRITON_ERROR})"
-    if q.device.type == "cpu" and not interpreting():
+    if t.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if q.device.type not in ("cuda", "cpu"):
-        return f"device {q.device.type} is not supported"
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} is not supported (fp32, fp16, bf16)"
+    if t.device.type not in ("cuda", "cpu"):
+        return f"device {t.device.type} is not supported"
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {t.dtype} is not supported (fp32, fp16, bf16)"
+    return None
+
+
+def unsupported(q, k, v, bias, bias_table, bias_index, keep) -> Optional[str]:
+    reason = triton_unsupported(q)
+    if reason is not None:
+        return reason
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if q.shape[0] * q.shape[1] >= 65536:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from .triton_attention import interpreting, triton
+from .triton_attention import interpreting, triton, triton_unsupported
 
 if triton is not None:
     import triton.language as tl
@@ -388,17 +388,10 @@ def residual_triton(x, y, gamma, drop_prob, training):
 
 
 def _unsupported_common(x: torch.Tensor) -> Optional[str]:
-    if triton is None:
-        return "triton is not installed"
-    if x.device.type == "cpu" and not interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if x.device.type not in ("cuda", "cpu"):
-        return f"device {x.device.type} is not supported"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {x.dtype} is not supported (fp32, fp16, bf16)"
-    if x.shape[-1] > 8192:
+    reason = triton_unsupported(x)
+    if reason is None and x.shape[-1] > 8192:
         return "hidden size > 8192"
-    return None
+    return reason
 
 
 def ffn_unsupported(x, experts, split, gamma, drop_prob, training) -> Optional[str]:
