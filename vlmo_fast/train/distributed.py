@@ -79,13 +79,45 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False, find_unused
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 cannot shard 0-d parameters (logit_scale, logit_vl_scale): they stay replicated and their gradients
+        # are averaged by sync_replicated_grads
+        scalars = {p for p in model.parameters() if p.dim() == 0}
         for block in model.transformer.blocks:
             fully_shard(block)
-        fully_shard(model)
+        fully_shard(model, ignored_params=scalars)
+        model._vlmo_replicated = sorted(scalars, key=id)
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the parameters FSDP2 left replicated (a no-op for DDP and single processes)."""
+    for p in getattr(model, "_vlmo_replicated", ()):
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def optimizer_state(model: nn.Module, optimizer, fsdp: bool):
+    """The optimizer state to save: gathered to full tensors under FSDP2 (every rank must call it)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: parameters that never received a gradient (e.g. the unused absolute text positions of the
+    # relative-position models) have no state to restore
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -31,8 +31,8 @@ from ..flops import pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig
-from .distributed import DistInfo, any_rank, barrier, cleanup, full_state_dict, init_distributed, mean_over_ranks, \
-    unwrap, wrap_model
+from .distributed import DistInfo, any_rank, barrier, cleanup, full_state_dict, init_distributed, \
+    load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
 from .state import latest_checkpoint, load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
 
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if resume_path:
         state = load_training_checkpoint(resume_path)
         unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
     def save(tag: str) -> Optional[str]:
         payload = {
-            "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer.state_dict(),
+            "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
         }
@@ -345,6 +345,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     raise StopTraining(stop_reason)
             else:
                 bad_in_a_row = 0
+                sync_replicated_grads(model)
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
