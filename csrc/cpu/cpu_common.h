@@ -18,6 +18,26 @@
 
 #define VLMO_INLINE inline __attribute__((always_inline))
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// This thread's share [begin, end) of `total` items inside an OpenMP parallel region (the whole range without
+// OpenMP), and its thread number for per-thread partial buffers.
+struct ThreadShare {
+  int tid;
+  int64_t begin, end;
+};
+
+inline ThreadShare thread_share(int64_t total) {
+  int tid = 0, nt = 1;
+#ifdef _OPENMP
+  tid = omp_get_thread_num();
+  nt = omp_get_num_threads();
+#endif
+  return {tid, total * tid / nt, total * (tid + 1) / nt};
+}
+
 namespace vlmo_fast {
 namespace cpu {
 

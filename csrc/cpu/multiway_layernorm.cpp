@@ -131,12 +131,8 @@ void forward_typed(const void* x, void* y, float* mean, float* rstd, int64_t row
   auto* yp = static_cast<typename Elem<DT>::T*>(y);
 #pragma omp parallel num_threads(threads)
   {
-    int tid = 0, nt = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    const ThreadShare share = thread_share(rows);
+    const int64_t r0 = share.begin, r1 = share.end;
     forward_rows<DT>(xp, yp, mean, rstd, r0, r1, seq_len, d, split, weight, bias, eps);
   }
 }
@@ -154,12 +150,9 @@ void backward_typed(const void* dy, const void* x, const float* mean, const floa
   auto* dxp = static_cast<typename Elem<DT>::T*>(dx);
 #pragma omp parallel num_threads(threads)
   {
-    int tid = 0, nt = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    const int64_t r0 = rows * tid / nt, r1 = rows * (tid + 1) / nt;
+    const ThreadShare share = thread_share(rows);
+    const int tid = share.tid;
+    const int64_t r0 = share.begin, r1 = share.end;
     float* mine = partial.data() + 2 * acc_size * tid;
     backward_rows<DT>(gp, xp, mean, rstd, dxp, r0, r1, seq_len, d, split, weight, mine, mine + acc_size);
   }

@@ -72,12 +72,9 @@ void backward_typed(const void* grad, const int32_t* index, int64_t n, int64_t r
   std::vector<float> priv(static_cast<size_t>(rows * cols * threads), 0.0f);
 #pragma omp parallel num_threads(threads)
   {
-    int tid = 0, nt = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    const int64_t i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
+    const ThreadShare share = thread_share(n);
+    const int tid = share.tid;
+    const int64_t i0 = share.begin, i1 = share.end;
     float* mine = priv.data() + rows * cols * tid;
     for (int64_t c = 0; c < cols; ++c) scatter_column<DT>(g + c * nn, index, n, i0, i1, mine + c * rows);
   }
@@ -100,12 +97,8 @@ std::string rel_pos_gather_forward(const void* table, int dtype, int64_t s0, int
   const int threads = pick_threads(num_threads, units * n);
 #pragma omp parallel num_threads(threads)
   {
-    int tid = 0, nt = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nt = omp_get_num_threads();
-#endif
-    const int64_t u0 = units * tid / nt, u1 = units * (tid + 1) / nt;
+    const ThreadShare share = thread_share(units);
+    const int64_t u0 = share.begin, u1 = share.end;
     if (dtype == kF32)
       gather_rows<float>(static_cast<const float*>(table), s0, s1, index, n, static_cast<float*>(out), u0, u1);
     else
