@@ -14,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -107,12 +107,12 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, flo
         n_bytes, gemm_n, dtype = 2**30, 8192, torch.bfloat16
     else:
         n_bytes, gemm_n, dtype = (2**24 if quick else 2**28), (256 if quick else 2048), torch.float32
-    # ceilings are peaks: the fastest repetition (p20 on GPU, where do_bench reports quantiles), not the median
+    # ceilings are peaks: the 20th percentile of the repetitions' times, not the median
     x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
     t = time_fn(lambda: y.copy_(x), device, warmup=2, reps=7)
     copy_gbs = 2 * n_bytes / (t.p20_ms * 1e-3) / 1e9
-    del x, y
+    x = y = None  # free the buffers before the GEMM's
     a = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
     b = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
     t = time_fn(lambda: a @ b, device, warmup=2, reps=7)

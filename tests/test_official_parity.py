@@ -6,7 +6,6 @@ and NLVR2 at 384 px, every forward path and head. fp32, relative error <= 1e-5 (
 import os
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import official_fixture as fx

@@ -15,7 +15,6 @@ Columns [l·H, (l+1)·H) belong to layer l.
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import ops
 from ..config import VLMoConfig
 from ..ops.backend import check_backend
 from . import relpos

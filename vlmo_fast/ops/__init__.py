@@ -29,4 +29,4 @@ __all__ = [
 from . import triton_attention as _triton_attention  # noqa: E402,F401  (registers the Triton backend)
 from . import triton_ffn as _triton_ffn  # noqa: E402,F401
 
-from . import native as _native_ops  # registers the native backend
+from . import native as _native_ops  # noqa: E402,F401  (registers the native backend)

@@ -23,7 +23,6 @@ implementations, so ``torch.compile`` traces the model without graph breaks.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from typing import Dict, List, Optional, Tuple

@@ -23,7 +23,7 @@ kernel is a ``torch.library`` custom op (with a fake implementation), composed b
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
