@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops.ffn import ffn_checked
+from ..ops.residual import residual_checked
 from ..config import VLMoConfig
 from .embeddings import PatchEmbed
 
@@ -51,7 +53,8 @@ def block_forward(blk: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor],
     ``x += DropPath(γ1·Attn(LN1(x)))``, then the Multiway FFN of ``modality``. The model's ``Block`` and
     ``vlmo_fast.accelerate`` (official modules) both run through here."""
     y = attention_forward(blk.attn, blk.norm1(x), keep, bias, backend)
-    x = ops.scaled_residual(x, y, gamma_1, drop_path=drop_prob, training=blk.training, backend=backend)
+    # the block's own tensors are consistent by construction: the ops' dispatch without the public argument checks
+    x = residual_checked(x, y, gamma_1, drop_prob, blk.training, backend)
     split = None
     if modality == "text":
         experts = [_expert(blk, "text")]
@@ -61,8 +64,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor],
         experts = [_expert(blk, "vl")]
     else:  # fused sequence below the VL-FFN start: split at the configured text length (spec Q1)
         experts, split = [_expert(blk, "text"), _expert(blk, "imag")], blk.max_text_len
-    return ops.multiway_ffn(x, experts, split=split, gamma=gamma_2, drop_path=drop_prob, training=blk.training,
-                            eps=blk.norm2_text.eps, backend=backend)
+    return ffn_checked(x, experts, split, gamma_2, drop_prob, blk.training, blk.norm2_text.eps, backend)
 
 
 class Attention(nn.Module):

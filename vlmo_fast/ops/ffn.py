@@ -65,9 +65,14 @@ def multiway_ffn(
         check_experts("gamma", x, [gamma], (d,), None)
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    return ffn_checked(x, experts, split, gamma, float(drop_path), bool(training), float(eps), backend)
+
+
+def ffn_checked(x, experts, split, gamma, drop_path: float, training: bool, eps: float, backend: str):
+    """Dispatch on validated arguments (the model calls this directly: its shapes are consistent by construction)."""
     impl = _backend.select("multiway_ffn", backend, x, experts, split, gamma, drop_path, training)
     if impl is not None:
-        return impl(x, tuple(experts), split, gamma, float(drop_path), bool(training), float(eps))
+        return impl(x, tuple(experts), split, gamma, drop_path, training, eps)
     return ffn_torch(x, experts, split, gamma, drop_path, training, eps)
 
 

@@ -625,10 +625,17 @@ def _gather_unsupported(table, index) -> Optional[str]:
 # the LayerNorm and the gather carry ~15-20 µs more fixed Python cost than one fused PyTorch op, so below these
 # sizes PyTorch is as fast or faster. Explicit backend="cuda" requests still run the kernels at any size.
 CPU_AUTO_MIN_ELEMENTS = {
+    "masked_softmax": 1 << 14,  # tiny score tensors (toy models): the fixed per-call cost outweighs the fusion
     "multiway_layernorm_split": 1 << 15,  # two experts: PyTorch pays two LayerNorms + slices + cat
     "multiway_layernorm_single": 1 << 20,  # one expert: one PyTorch LayerNorm, as fast up to ~1M elements
     "rel_pos_bias_gather": 1 << 15,
 }
+
+
+def _softmax_auto_declines(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
+    if scores.device.type == "cpu" and scores.numel() < CPU_AUTO_MIN_ELEMENTS["masked_softmax"]:
+        return f"on CPU below {CPU_AUTO_MIN_ELEMENTS['masked_softmax']} elements the PyTorch path is as fast"
+    return None
 
 
 def _layernorm_auto_declines(x, weight, bias, split) -> Optional[str]:
@@ -649,7 +656,8 @@ def _gather_auto_declines(table, index) -> Optional[str]:
     return None
 
 
-_backend.register("masked_softmax", "cuda", masked_softmax_native, _softmax_unsupported, priority=20)
+_backend.register("masked_softmax", "cuda", masked_softmax_native, _softmax_unsupported, priority=20,
+                  auto_unsupported=_softmax_auto_declines)
 _backend.register("multiway_layernorm", "cuda", multiway_layernorm_native, _layernorm_unsupported, priority=20,
                   auto_unsupported=_layernorm_auto_declines)
 _backend.register("rel_pos_bias_gather", "cuda", rel_pos_bias_gather_native, _gather_unsupported, priority=20,

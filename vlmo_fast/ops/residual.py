@@ -37,9 +37,14 @@ def scaled_residual(
         check_shape("gamma", gamma, (x.shape[-1],))
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+    return residual_checked(x, y, gamma, float(drop_path), bool(training), backend)
+
+
+def residual_checked(x, y, gamma, drop_path: float, training: bool, backend: str) -> torch.Tensor:
+    """Dispatch on validated arguments (the model calls this directly)."""
     impl = _backend.select("scaled_residual", backend, x, y, gamma, drop_path, training)
     if impl is not None:
-        return impl(x, y, gamma, float(drop_path), bool(training))
+        return impl(x, y, gamma, drop_path, training)
     if gamma is not None:
         y = gamma * y
     return x + _drop_path(y, drop_path, training)

@@ -79,7 +79,8 @@ def softmax_torch(
         hide = ~(keep | dead[:, None])[:, None, None, :]
         s = s.masked_fill_(hide, float("-inf")) if inplace else s.masked_fill(hide, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32))
-    if dead is not None:
+    # zero the rows with no key; on CPU skip the pass when there are none (on GPU the check would be a sync)
+    if dead is not None and (s.device.type != "cpu" or bool(dead.any())):
         p = p.masked_fill(dead[:, None, None, None], 0.0)
     return p.to(out_dtype)
 
