@@ -8,6 +8,7 @@ keys are all masked gives zeros, not NaN.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -75,14 +76,41 @@ def softmax_torch(
             inplace = True
     dead = None
     if keep is not None:
-        dead = ~keep.any(dim=1)  # (B,) batch rows with no key at all
-        hide = ~(keep | dead[:, None])[:, None, None, :]
+        hide, dead = _mask_parts(keep)
         s = s.masked_fill_(hide, float("-inf")) if inplace else s.masked_fill(hide, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32))
-    # zero the rows with no key; on CPU skip the pass when there are none (on GPU the check would be a sync)
-    if dead is not None and (s.device.type != "cpu" or bool(dead.any())):
+    if dead is not None:  # batch rows with no key at all give zeros
         p = p.masked_fill(dead[:, None, None, None], 0.0)
     return p.to(out_dtype)
+
+
+_MASK_CACHE: dict = {}
+
+
+def _mask_parts(keep: torch.Tensor):
+    """(keys to hide as (B, 1, 1, N), batch rows without any key as (B,) or None) for a (B, N) keep mask.
+
+    Every layer of a forward pass sees the same mask, so the parts are computed once per mask tensor (remembered by
+    identity and version, like the checked indices). ``dead`` is None when no row is fully masked, which spares a
+    pass over the probabilities; deciding that reads the values, so on GPU (where it would be a sync) the rows are
+    always zeroed instead."""
+    key = (keep._version, keep.device)
+    hit = _MASK_CACHE.get(id(keep))
+    if hit is not None and hit[0]() is keep and hit[1] == key:
+        return hit[2]
+    dead = ~keep.any(dim=1)
+    hide = ~(keep | dead[:, None])[:, None, None, :]
+    if keep.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
+        dead = None
+    parts = (hide, dead)
+    if not torch.compiler.is_compiling():
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        try:
+            _MASK_CACHE[id(keep)] = (weakref.ref(keep), key, parts)
+        except TypeError:
+            pass
+    return parts
 
 
 def masked_softmax(
