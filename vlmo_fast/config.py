@@ -113,11 +113,15 @@ class VLMoConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VLMoConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"VLMoConfig.from_dict: unknown field(s) {sorted(unknown)}")
-        return cls(**dict(values))
+        return dataclass_from_dict(cls, values, "VLMoConfig.from_dict: unknown field(s)")
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], what: str):
+    """``cls(**values)`` for a config dataclass, refusing unknown keys with ``what`` and their names."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{what} {sorted(unknown)}")
+    return cls(**dict(values))
 
 
 _ARCHS: Dict[str, Dict[str, Any]] = {

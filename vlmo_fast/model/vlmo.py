@@ -142,7 +142,8 @@ class VLMo(nn.Module):
             if t.device != self.device:
                 raise ValueError(f"{name} must be on the model's device {self.device}, got {t.device}")
         if text_ids.numel() and not torch.compiler.is_compiling():  # value checks would break a compiled graph
-            lo, hi = int(text_ids.min()), int(text_ids.max())
+            # one pass and a single device sync for both bounds
+            lo, hi = torch.stack(torch.aminmax(text_ids.reshape(-1))).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"text_ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
         return text_masks.bool()
@@ -221,8 +222,9 @@ class VLMo(nn.Module):
 
     def _text_hidden(self, text_ids, text_masks, vlffn: bool):
         keep = self._check_text(text_ids, text_masks, exact=self.config.use_rel_pos)
-        if not torch.compiler.is_compiling() and bool(keep.all()):
-            keep = None  # no key masked: skip the masking work
+        # no key masked: skip the masking work (decided on CPU only: on GPU reading the mask would be a sync)
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
+            keep = None
         return self._unimodal(self.embed_text(text_ids), keep, "text", "text_relative_position_index", vlffn)
 
     def _image_hidden(self, image, image_token_type_idx: int, vlffn: bool):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from ..config import LOSS_NAMES, PRESETS
+from ..config import LOSS_NAMES, PRESETS, dataclass_from_dict
 
 _STEP200K = dict(max_steps=200000, warmup_steps=2500)
 
@@ -93,11 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}")
-        return cls(**dict(values))
+        return dataclass_from_dict(cls, values, "unknown training option(s)")
 
 
 # The official named configs (spec §6.2), with the README's step200k for pretraining. The large pretraining config's
