@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from native_helpers import assert_rule, devices, max_err, padding
-from vlmo_fast import _native, ops
+from vlmo_fast import ops
 from vlmo_fast.model import relpos
 from vlmo_fast.ops import native
 from vlmo_fast.ops.softmax import softmax_torch

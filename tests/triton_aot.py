@@ -80,12 +80,12 @@ def cases(quick: bool = False):
     # the FFN / residual kernels at VLMo-base width (768 -> 1024-wide tiles) and large (1024)
     for d in (1024,):
         for act in (bf16,) if quick else (bf16, fp32):
-            out.append((f"ln_fwd {act}", tf._ln_fwd, act, dict(ROWS=4, BLOCK_D=d), 4, 1))
-            out.append((f"ln_bwd {act}", tf._ln_bwd, act, dict(HAS_GO=True, ROWS=4, BLOCK_D=d), 4, 1))
-            out.append((f"residual {act}", tf._residual, act, dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d),
-                        4, 1))
+            out.append((f"ln_fwd {act}", tf._ln_fwd, act, dict(ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
+            out.append((f"ln_bwd {act}", tf._ln_bwd, act, dict(HAS_GO=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
+            out.append((f"residual {act}", tf._residual, act,
+                        dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
             out.append((f"residual_bwd {act}", tf._residual_bwd, act,
-                        dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d), 4, 1))
+                        dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
     return out
 
 

@@ -61,6 +61,18 @@ if triton is not None:
         return t
 
     @triton.jit
+    def cast_for(x, PTR, EMULATE_RNE: tl.constexpr):
+        """x converted to PTR's element type, rounding to nearest even. On a GPU that is what ``.to`` does; the CPU
+        interpreter truncates fp32→bf16 instead, so under EMULATE_RNE (interpreter only) the rounding is done on the
+        bits first (NaN kept; values past the largest bf16 round to inf as on the GPU)."""
+        if EMULATE_RNE:
+            if PTR.dtype.element_ty == tl.bfloat16:
+                bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(PTR.dtype.element_ty)
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         """a @ b with fp32 accumulation; IEEE fp32 products (no TF32) for fp32 inputs."""
         if IEEE:
@@ -157,7 +169,7 @@ if triton is not None:
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
-                 out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_ok)
+                 cast_for(out, O, UPCAST), mask=(offs_m[:, None] < N) & d_ok)
         lse = tl.where(dead, float("inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
         tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
@@ -211,9 +223,9 @@ if triton is not None:
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
-                 (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+                 cast_for(dk * scale, DK, UPCAST), mask=kv_ok)
         tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
-                 dv.to(DV.dtype.element_ty), mask=kv_ok)
+                 cast_for(dv, DV, UPCAST), mask=kv_ok)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DPART, BIAS, TABLE, INDEX, KEEP,
@@ -257,7 +269,7 @@ if triton is not None:
                     # only this program touches these elements: the batch rows add in a fixed order
                     tl.store(ptrs, tl.load(ptrs, mask=tile_ok, other=0.0) + ds, mask=tile_ok)
             tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
-                     (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+                     cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
 
     @triton.jit
     def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NN, sdt_r, sdt_h,

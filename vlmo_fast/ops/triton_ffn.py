@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from .triton_attention import interpreting, triton, triton_unsupported
+from .triton_attention import cast_for, interpreting, triton, triton_unsupported
 
 if triton is not None:
     import triton.language as tl
@@ -46,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _ln_fwd(X, Y, MEAN, RSTD, W0, B0, W1, B1, R, N, SPLIT, B, D, eps,
-                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RNE: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
@@ -62,13 +62,13 @@ if triton is not None:
         bb = tl.where(first[:, None], tl.load(B0 + cols, mask=col_ok, other=0.0)[None, :],
                       tl.load(B1 + cols, mask=col_ok, other=0.0)[None, :]).to(tl.float32)
         y = xc * rstd[:, None] * w + bb
-        tl.store(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+        tl.store(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], cast_for(y, Y, RNE), mask=ok)
         tl.store(MEAN + rows, mean, mask=row_ok)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
     def _ln_bwd(X, DH, GO, MEAN, RSTD, W0, W1, DX, DWP, DBP, R, N, SPLIT, B, D, rows_per_program,
-                HAS_GO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                HAS_GO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RNE: tl.constexpr):
         """dx = go + rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat)), dxhat = dh·w_e; per-program partial dw, db
         for each expert in DWP/DBP (P, 2, D)."""
         pid = tl.program_id(0)
@@ -98,7 +98,7 @@ if triton is not None:
             dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_GO:
                 dx += tl.load(GO + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(DX + rows[:, None].to(tl.int64) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            tl.store(DX + rows[:, None].to(tl.int64) * D + cols[None, :], cast_for(dx, DX, RNE), mask=ok)
             e0 = first[:, None] & ok
             e1 = (~first[:, None]) & ok
             dw0 += tl.sum(tl.where(e0, dh * xhat, 0.0), 0)
@@ -113,7 +113,8 @@ if triton is not None:
 
     @triton.jit
     def _residual(X, Y, OUT, GAMMA, SCALE, R, N, SPLIT, B, D,
-                  HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                  RNE: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
@@ -127,11 +128,12 @@ if triton is not None:
             s = tl.load(SCALE + b * 2 + tl.where(first, 0, 1), mask=row_ok, other=0.0)
             y = y * s[:, None]
         x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(OUT + rows[:, None].to(tl.int64) * D + cols[None, :], (x + y).to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + rows[:, None].to(tl.int64) * D + cols[None, :], cast_for(x + y, OUT, RNE), mask=ok)
 
     @triton.jit
     def _residual_bwd(GO, Y, GAMMA, SCALE, DY, DGP, R, N, SPLIT, B, D, rows_per_program,
-                      HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                  RNE: tl.constexpr):
         """dy[g(r)] = go[r]·γ·s; per-program partial dγ = Σ go·s·y in DGP (P, D)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
@@ -151,7 +153,7 @@ if triton is not None:
                 y = tl.load(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
                 dg += tl.sum(go * y, 0)
                 go = go * gamma[None, :]
-            tl.store(DY + grouped[:, None].to(tl.int64) * D + cols[None, :], go.to(DY.dtype.element_ty), mask=ok)
+            tl.store(DY + grouped[:, None].to(tl.int64) * D + cols[None, :], cast_for(go, DY, RNE), mask=ok)
         if HAS_GAMMA:
             tl.store(DGP + pid.to(tl.int64) * D + cols, dg, mask=col_ok)
 
@@ -186,7 +188,7 @@ if triton is not None:
         if r:
             rows, block_d = _tile(d)
             _ln_fwd[(triton.cdiv(r, rows),)](x, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
-                                              ROWS=rows, BLOCK_D=block_d, num_warps=4)
+                                              ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return y, mean, rstd
 
     @multiway_ln_fwd.register_fake
@@ -210,7 +212,7 @@ if triton is not None:
         if r:
             _ln_bwd[(programs,)](x, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
                                  r, n, split, b, d, per, HAS_GO=go is not None, ROWS=rows, BLOCK_D=block_d,
-                                 num_warps=4)
+                                 RNE=interpreting(), num_warps=4)
         else:
             dwp.zero_(), dbp.zero_()
         return dx, dwp.sum(0), dbp.sum(0)
@@ -231,7 +233,7 @@ if triton is not None:
             _residual[(triton.cdiv(b * n, rows),)](
                 x, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
                 b * n, n, split, b, d, HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None,
-                ROWS=rows, BLOCK_D=block_d, num_warps=4)
+                ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return out
 
     @scaled_residual_fwd.register_fake
@@ -251,7 +253,8 @@ if triton is not None:
         if r:
             _residual_bwd[(programs,)](go, y, gamma if gamma is not None else go, scale if scale is not None else go,
                                        dy, dgp, r, n, split, b, d, per, HAS_GAMMA=gamma is not None,
-                                       HAS_SCALE=scale is not None, ROWS=rows, BLOCK_D=block_d, num_warps=4)
+                                       HAS_SCALE=scale is not None, ROWS=rows, BLOCK_D=block_d, RNE=interpreting(),
+                                       num_warps=4)
         return dy, dgp.sum(0)
 
     @scaled_residual_bwd.register_fake
