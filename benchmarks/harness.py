@@ -79,6 +79,48 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
     return _summary(times)
 
 
+def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int = 2,
+             reps: int = 5) -> Dict[str, Any]:
+    """Each implementation's ``Timing``, or the exception it raised (recorded by the caller, never hidden).
+
+    CUDA: one after the other with ``time_fn`` (do_bench isolates each). CPU: after each one's warm-up, the timed calls
+    go round-robin (A, B, C, A, B, C, ...), so a slow drift of a shared machine's speed during the case (other
+    tenants, clocks) falls on every implementation alike instead of on whichever ran last.
+    """
+    out: Dict[str, Any] = {}
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            try:
+                out[name] = time_fn(fn, device, warmup=warmup, reps=reps)
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                out[name] = exc
+            finally:
+                torch.cuda.empty_cache()
+        return out
+    live: Dict[str, Callable[[], Any]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            out[name] = exc
+    times: Dict[str, List[float]] = {name: [] for name in live}
+    for _ in range(reps):
+        for name, fn in list(live.items()):
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                out[name] = exc
+                del live[name]
+                continue
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name in live:
+        out[name] = _summary(times[name])
+    return {name: out[name] for name in fns}
+
+
 def _summary(times: List[float]) -> Timing:
     s = sorted(times)
     q = lambda f: s[min(len(s) - 1, max(0, int(round(f * (len(s) - 1)))))]  # noqa: E731

@@ -80,26 +80,31 @@ class Bench:
                 baseline: str = "official", flops: Optional[float] = None, bytes_: Optional[float] = None,
                 samples: Optional[int] = None) -> List[Row]:
         rows: List[Row] = []
+        timings: Dict[str, Any] = {}
+        if not self.out_of_time():
+            timings = harness.time_fns(impls, self.device, warmup=2 if self.device.type == "cpu" else 3,
+                                       reps=self.reps)
         for name, fn in impls.items():
             row = Row(op=op, impl=name, mode=mode, case=dict(case), dtype=dtype, baseline=baseline,
                       flops=flops, bytes=bytes_)
-            if self.out_of_time():
+            t = timings.get(name)
+            if t is None:
                 row.status = "skipped: time budget"
-                rows.append(row)
-                continue
-            try:
-                t = harness.time_fn(fn, self.device, warmup=2 if self.device.type == "cpu" else 3, reps=self.reps)
-                row.ms, row.ms_p20, row.ms_p80 = t.median_ms, t.p20_ms, t.p80_ms
-                row.peak_mem_mb = harness.peak_memory_mb(fn, self.device)
-            except torch.cuda.OutOfMemoryError:
+            elif isinstance(t, torch.cuda.OutOfMemoryError):
                 row.status = "oom"
-            except Exception as exc:  # recorded, never hidden: the row says what failed
-                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            elif isinstance(t, BaseException):
+                row.status = f"error: {type(t).__name__}: {str(t).splitlines()[0][:160] if str(t) else ''}"
                 if os.environ.get("VLMO_BENCH_DEBUG"):
-                    traceback.print_exc()
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    traceback.print_exception(t)
+            else:
+                row.ms, row.ms_p20, row.ms_p80 = t.median_ms, t.p20_ms, t.p80_ms
+                try:
+                    row.peak_mem_mb = harness.peak_memory_mb(fn, self.device)
+                except torch.cuda.OutOfMemoryError:
+                    row.status = "oom"
+                finally:
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
             if row.ms is not None:
                 secs = row.ms * 1e-3
                 if flops:

@@ -102,6 +102,26 @@ def test_errors_are_recorded_not_hidden():
     assert rows[0].status == "ok" and rows[0].speedup == 1.0
 
 
+def test_cpu_timing_interleaves_the_implementations():
+    """On CPU the timed calls go A, B, A, B, ... after each one's warm-up, so drift during a case hits both alike; an
+    implementation that fails part-way is reported as failed and the others keep their timings."""
+    calls = []
+    state = {"c": 0}
+
+    def flaky():
+        calls.append("c")
+        state["c"] += 1
+        if state["c"] == 4:
+            raise ValueError("third timed call")
+
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": flaky}
+    out = harness.time_fns(fns, torch.device("cpu"), warmup=1, reps=4)
+    assert calls[:3] == ["a", "b", "c"]  # warm-ups
+    assert calls[3:] == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
+    assert out["a"].reps == 4 and out["b"].reps == 4
+    assert isinstance(out["c"], ValueError) and list(out) == ["a", "b", "c"]
+
+
 def test_json_schema_and_outputs(tmp_path):
     result = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm", "--out", str(tmp_path), "--no-plot"])
     data = json.loads(open(result["paths"]["json"]).read())
