@@ -79,13 +79,15 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
     return _summary(times)
 
 
-def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int = 2,
-             reps: int = 5) -> Dict[str, Any]:
+def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int = 2, reps: int = 5,
+             burst_ms: float = 25.0) -> Dict[str, Any]:
     """Each implementation's ``Timing``, or the exception it raised (recorded by the caller, never hidden).
 
-    CUDA: one after the other with ``time_fn`` (do_bench isolates each). CPU: after each one's warm-up, the timed calls
-    go round-robin (A, B, C, A, B, C, ...), so a slow drift of a shared machine's speed during the case (other
-    tenants, clocks) falls on every implementation alike instead of on whichever ran last.
+    CUDA: one after the other with ``time_fn`` (do_bench isolates each). CPU: ``reps`` rounds; in each round every
+    implementation runs one burst of back-to-back calls lasting about ``burst_ms`` (one call when a call is longer).
+    Taking turns makes a slow drift of a shared machine's speed (other tenants, clocks) fall on every implementation
+    alike instead of on whichever ran last; within a burst the first call, which pays for the other implementation's
+    cache and thread state, is not counted (unless it is the only one), so each is timed in its own steady state.
     """
     out: Dict[str, Any] = {}
     if device.type == "cuda":
@@ -97,26 +99,31 @@ def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: in
             finally:
                 torch.cuda.empty_cache()
         return out
-    live: Dict[str, Callable[[], Any]] = {}
+    bursts: Dict[str, int] = {}
     for name, fn in fns.items():
         try:
-            for _ in range(warmup):
+            last = 0.0
+            for _ in range(max(1, warmup)):
+                t0 = time.perf_counter()
                 fn()
-            live[name] = fn
+                last = (time.perf_counter() - t0) * 1e3
+            bursts[name] = max(1, min(50, math.ceil(burst_ms / max(last, 1e-3)))) if burst_ms > 0 else 1
         except Exception as exc:  # noqa: BLE001 - reported in the row
             out[name] = exc
-    times: Dict[str, List[float]] = {name: [] for name in live}
+    times: Dict[str, List[float]] = {name: [] for name in bursts}
     for _ in range(reps):
-        for name, fn in list(live.items()):
-            t0 = time.perf_counter()
+        for name in list(bursts):
+            fn, n = fns[name], bursts[name]
             try:
-                fn()
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    fn()
+                    if i > 0 or n == 1:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
             except Exception as exc:  # noqa: BLE001
                 out[name] = exc
-                del live[name]
-                continue
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    for name in live:
+                del bursts[name]
+    for name in bursts:
         out[name] = _summary(times[name])
     return {name: out[name] for name in fns}
 

@@ -12,7 +12,8 @@ Implementations compared (where the device allows):
   flex              FlexAttention with the learnable table captured in score_mod (GPU)
   compile(official) torch.compile of the official math (GPU)
 
-Timing: triton.testing.do_bench on GPU (warm-up, L2 flushed per rep, median), wall-clock medians on CPU with the implementations timed round-robin.
+Timing: triton.testing.do_bench on GPU (warm-up, L2 flushed per rep, median); on CPU wall-clock medians, the
+implementations taking turns in ~25 ms bursts (a shared machine's drift falls on all of them alike).
 Reported per row: ms, speedup vs the official math, TFLOP/s (attention fwd 4·B·H·N²·D, bwd 2.5x fwd) or GB/s and the
 fraction of the measured ceiling (copy bandwidth or GEMM rate, measured at the start of the run), peak memory (GPU),
 samples/s and MFU for the training step. Results go to --out as JSON, Markdown and a PNG plot, tagged with the

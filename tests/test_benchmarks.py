@@ -103,8 +103,8 @@ def test_errors_are_recorded_not_hidden():
 
 
 def test_cpu_timing_interleaves_the_implementations():
-    """On CPU the timed calls go A, B, A, B, ... after each one's warm-up, so drift during a case hits both alike; an
-    implementation that fails part-way is reported as failed and the others keep their timings."""
+    """On CPU the implementations take turns (A, B, A, B, ... after each one's warm-up), so drift during a case hits
+    both alike; an implementation that fails part-way is reported as failed and the others keep their timings."""
     calls = []
     state = {"c": 0}
 
@@ -115,11 +115,26 @@ def test_cpu_timing_interleaves_the_implementations():
             raise ValueError("third timed call")
 
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": flaky}
-    out = harness.time_fns(fns, torch.device("cpu"), warmup=1, reps=4)
+    out = harness.time_fns(fns, torch.device("cpu"), warmup=1, reps=4, burst_ms=0)
     assert calls[:3] == ["a", "b", "c"]  # warm-ups
     assert calls[3:] == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
     assert out["a"].reps == 4 and out["b"].reps == 4
     assert isinstance(out["c"], ValueError) and list(out) == ["a", "b", "c"]
+
+
+def test_cpu_bursts_skip_the_first_call_of_each_turn():
+    calls = []
+
+    def slow():  # ~5 ms a call: bursts of about 20 ms are 4 calls, 3 of them timed
+        calls.append("s")
+        time.sleep(0.005)
+
+    out = harness.time_fns({"s": slow, "f": lambda: calls.append("f")}, torch.device("cpu"), warmup=1, reps=3,
+                           burst_ms=20)
+    per_turn = (len([c for c in calls if c == "s"]) - 1) // 3
+    assert 3 <= per_turn <= 5 and out["s"].reps == 3 * (per_turn - 1)
+    assert out["s"].median_ms >= 5 and out["f"].reps == 3 * 49  # fast calls: the 50-call cap, 49 timed
+    assert calls[1] == "f" and calls[2] == "s"  # warm-ups, then the first turn
 
 
 def test_json_schema_and_outputs(tmp_path):
