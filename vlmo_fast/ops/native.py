@@ -621,11 +621,13 @@ def _gather_unsupported(table, index) -> Optional[str]:
 
 # ---- CPU policy for "auto" ------------------------------------------------------------------------------------------
 # "auto" must never pick a CPU kernel slower than the PyTorch path it replaces. Measured on the 2-core CI machine
-# (torch 2.13, 2 threads; see csrc/README.md): the fused softmax wins at every size (the PyTorch path is 4-5 ops);
-# the LayerNorm and the gather carry ~15-20 µs more fixed Python cost than one fused PyTorch op, so below these
-# sizes PyTorch is as fast or faster. Explicit backend="cuda" requests still run the kernels at any size.
+# (torch 2.13, 2 threads; see csrc/README.md). The fused softmax is 2-3x faster than the 4-5 op PyTorch path when
+# timed alone, but inside a training block on CPU (between GEMMs) the gain is gone below ~256K score elements: at
+# B=2, N=40 (text, 38K) a base block's forward+backward ran 2-6% slower with it, neutral at 154K-307K, 2% faster from
+# 466K (B=1, N=197) up. The LayerNorm and the gather carry ~15-20 µs more fixed Python cost than one fused PyTorch
+# op, so below these sizes PyTorch is as fast or faster. Explicit backend="cuda" requests run the kernels at any size.
 CPU_AUTO_MIN_ELEMENTS = {
-    "masked_softmax": 1 << 14,  # tiny score tensors (toy models): the fixed per-call cost outweighs the fusion
+    "masked_softmax": 1 << 18,  # text-sized score tensors: no gain in context (see above)
     "multiway_layernorm_split": 1 << 15,  # two experts: PyTorch pays two LayerNorms + slices + cat
     "multiway_layernorm_single": 1 << 20,  # one expert: one PyTorch LayerNorm, as fast up to ~1M elements
     "rel_pos_bias_gather": 1 << 15,
