@@ -33,6 +33,8 @@ class _Impl:
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
+# (op, device type) -> the implementations "auto" may consider there, in priority order (built on first use)
+_AUTO_CANDIDATES: Dict[Tuple[str, Optional[str]], List[_Impl]] = {}
 
 
 def check_backend(backend: str) -> str:
@@ -50,9 +52,12 @@ def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Opt
     if backend not in BACKENDS[2:]:
         raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority, tuple(auto_devices), auto_unsupported)
+    _AUTO_CANDIDATES.clear()
 
 
 def _device_type(args) -> Optional[str]:
+    if args and isinstance(args[0], torch.Tensor):  # the common case: the op's first argument is its input
+        return args[0].device.type
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device.type
@@ -70,11 +75,17 @@ def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
     if backend == "torch":
         return None
     if backend == "auto":
+        # This runs for every op call of every layer: the candidates per device are cached, and the cheap "auto"
+        # policy (e.g. a size threshold) is asked before the full support check.
         device = _device_type(args)
-        for _, impl in sorted(impls.items(), key=lambda kv: kv[1].priority):
-            if device not in impl.auto_devices or impl.unsupported(*args, **kwargs) is not None:
+        candidates = _AUTO_CANDIDATES.get((op, device))
+        if candidates is None:
+            ranked = sorted(impls.values(), key=lambda impl: impl.priority)
+            candidates = _AUTO_CANDIDATES[(op, device)] = [i for i in ranked if device in i.auto_devices]
+        for impl in candidates:
+            if impl.auto_unsupported is not None and impl.auto_unsupported(*args, **kwargs) is not None:
                 continue
-            if impl.auto_unsupported is None or impl.auto_unsupported(*args, **kwargs) is None:
+            if impl.unsupported(*args, **kwargs) is None:
                 return impl.fn
         return None
     impl = impls.get(backend)
