@@ -228,8 +228,10 @@ def test_export_and_cli(tmp_path, synthetic_root, capsys):
 
 def test_the_built_in_synthetic_set_is_learned(tmp_path):
     """The default run (tiny model, built-in synthetic data, no options) visibly learns within a few hundred steps:
-    contrastive accuracy and retrieval recall on the held-out split well above chance."""
-    cfg = TrainConfig(out_dir=str(tmp_path / "default"), max_steps=250, log_every=50, num_workers=1,
+    contrastive accuracy (the mean over the last 50 steps) and retrieval recall on the held-out split well above
+    chance. At 400 steps the margins are about 2x these bounds (at 250 the run was just past the turn and a change
+    of rounding could move it across them)."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "default"), max_steps=400, log_every=50, num_workers=1,
                       tensorboard=False)
     summary = train(cfg)
     final = summary["final"]

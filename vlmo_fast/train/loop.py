@@ -308,6 +308,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     bad_in_a_row, skipped, bad_samples = 0, 0, 0
     last_ckpt = None
     history: List[Dict[str, float]] = []
+    # losses and accuracies are logged as means over the updates since the previous log line (one batch's
+    # accuracy is too noisy to read); skipped (non-finite) steps are not averaged in
+    window: Dict[str, float] = {}
+    window_steps = 0
     t_start = t_last = time.time()
     samples_since = 0
     stop_reason = "max_steps"
@@ -345,6 +349,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     raise StopTraining(stop_reason)
             else:
                 bad_in_a_row = 0
+                for k, v in parts.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
                 sync_replicated_grads(model)
                 if cfg.grad_clip is not None:
                     scaler.unscale_(optimizer)
@@ -359,7 +366,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 now = time.time()
                 rate = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0
-                values = {k: float(mean_over_ranks(torch.tensor(v, device=info.device))) for k, v in parts.items()}
+                logged = {k: v / window_steps for k, v in window.items()} if window_steps else parts
+                window, window_steps = {}, 0
+                values = {k: float(mean_over_ranks(torch.tensor(v, device=info.device))) for k, v in logged.items()}
                 values["loss"] = sum(v for k, v in values.items() if "loss" in k)
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values["samples_per_s"] = rate
