@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from ._memo import TensorMemo
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -36,7 +37,7 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
-_CHECKED_INDEX: Dict[int, tuple] = {}
+_CHECKED_INDEX = TensorMemo(256)  # bias indices that passed the range check
 
 
 def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.device) -> None:
@@ -50,22 +51,16 @@ def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.d
     check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
     if torch.compiler.is_compiling():  # a value check would break the graph; eager calls check it
         return
-    key = (index._version, num_rows)
-    seen = _CHECKED_INDEX.get(id(index))
-    if seen is not None and seen[0]() is index and seen[1] == key:
-        return
+    _CHECKED_INDEX.get(index, (num_rows,), lambda: _check_index_range(index, num_rows))
+
+
+def _check_index_range(index: torch.Tensor, num_rows: int) -> None:
     if index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_rows:
             raise ValueError(
                 f"bias_index values must lie in [0, {num_rows}) (the rows of bias_table), got range [{lo}, {hi}]"
             )
-    if len(_CHECKED_INDEX) > 256:
-        _CHECKED_INDEX.clear()
-    try:
-        _CHECKED_INDEX[id(index)] = (weakref.ref(index), key)
-    except TypeError:  # not weak-referenceable: simply re-checked next time
-        pass
 
 
 def key_padding_keep(key_padding_mask: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:

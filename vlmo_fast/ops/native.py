@@ -21,8 +21,7 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 
 from __future__ import annotations
 
-import weakref
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -30,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from .. import _native
 from . import backend as _backend
 from ._checks import check_bias_index
+from ._memo import TensorMemo
 
 _C = _native._C
 _CUDA_COMPILED = _native.cuda_kernels_compiled()
@@ -87,7 +87,7 @@ def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-_INDEX32: Dict[int, tuple] = {}
+_INDEX32 = TensorMemo()  # int32 contiguous copies of bias indices
 
 
 def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -> torch.Tensor:
@@ -99,18 +99,7 @@ def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -
     check_bias_index(index, rows, n, device)
     if index.dtype == torch.int32 and index.is_contiguous():
         return index
-    key = id(index)
-    hit = _INDEX32.get(key)
-    if hit is not None and hit[0]() is index and hit[1] == index._version:
-        return hit[2]
-    converted = index.to(torch.int32).contiguous()
-    if len(_INDEX32) > 64:
-        _INDEX32.clear()
-    try:
-        _INDEX32[key] = (weakref.ref(index), index._version, converted)
-    except TypeError:
-        pass
-    return converted
+    return _INDEX32.get(index, (), lambda: index.to(torch.int32).contiguous())
 
 
 def _native_missing(device: torch.device) -> Optional[str]:

@@ -8,13 +8,13 @@ keys are all masked gives zeros, not NaN.
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Tuple
 
 import torch
 
 from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_bias_index, check_shape, check_tensor, key_padding_keep
+from ._memo import TensorMemo
 from .relpos_gather import gather_bias
 
 
@@ -84,7 +84,7 @@ def softmax_torch(
     return p.to(out_dtype)
 
 
-_MASK_CACHE: dict = {}
+_MASK_PARTS = TensorMemo()
 
 
 def _mask_parts(keep: torch.Tensor):
@@ -94,23 +94,15 @@ def _mask_parts(keep: torch.Tensor):
     identity and version, like the checked indices). ``dead`` is None when no row is fully masked, which spares a
     pass over the probabilities; deciding that reads the values, so on GPU (where it would be a sync) the rows are
     always zeroed instead."""
-    key = (keep._version, keep.device)
-    hit = _MASK_CACHE.get(id(keep))
-    if hit is not None and hit[0]() is keep and hit[1] == key:
-        return hit[2]
+    return _MASK_PARTS.get(keep, (), lambda: _compute_mask_parts(keep))
+
+
+def _compute_mask_parts(keep: torch.Tensor):
     dead = ~keep.any(dim=1)
     hide = ~(keep | dead[:, None])[:, None, None, :]
     if keep.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
         dead = None
-    parts = (hide, dead)
-    if not torch.compiler.is_compiling():
-        if len(_MASK_CACHE) > 64:
-            _MASK_CACHE.clear()
-        try:
-            _MASK_CACHE[id(keep)] = (weakref.ref(keep), key, parts)
-        except TypeError:
-            pass
-    return parts
+    return hide, dead
 
 
 def masked_softmax(

@@ -24,12 +24,12 @@ implementations, so ``torch.compile`` traces the model without graph breaks.
 from __future__ import annotations
 
 import os
-import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import backend as _backend
+from ._memo import TensorMemo
 
 try:
     import triton
@@ -316,7 +316,7 @@ if triton is not None:
 
 # ---- host side ---------------------------------------------------------------------------------------------------
 
-_INDEX_CACHE: Dict[int, tuple] = {}
+_INDEX_DATA = TensorMemo()  # per index tensor and table size: int32 copy, CSR, structure
 
 
 def _structure(index: torch.Tensor, rows: int) -> Optional[Tuple[int, int, int]]:
@@ -348,23 +348,16 @@ def _index_data(index: torch.Tensor, rows: int):
     """(int32 contiguous index, CSR order, CSR row offsets, structure) for an index tensor and a table size,
     computed once and reused until the tensor is modified in place. The CSR (positions sorted by table row) drives
     the deterministic reduction of the table gradient."""
-    key = (index._version, rows, index.device)
-    hit = _INDEX_CACHE.get(id(index))
-    if hit is not None and hit[0]() is index and hit[1] == key:
-        return hit[2]
+    return _INDEX_DATA.get(index, (rows,), lambda: _compute_index_data(index, rows))
+
+
+def _compute_index_data(index: torch.Tensor, rows: int):
     flat = index.reshape(-1).long()
     order = torch.argsort(flat, stable=True).to(torch.int32)
     counts = torch.bincount(flat, minlength=rows)
     offsets = torch.zeros(rows + 1, dtype=torch.int32, device=index.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    data = (index.to(torch.int32).contiguous(), order, offsets, _structure(index, rows))
-    if len(_INDEX_CACHE) > 64:
-        _INDEX_CACHE.clear()
-    try:
-        _INDEX_CACHE[id(index)] = (weakref.ref(index), key, data)
-    except TypeError:
-        pass
-    return data
+    return index.to(torch.int32).contiguous(), order, offsets, _structure(index, rows)
 
 
 def _bias_args(bias, table, index, structured: bool = True):
