@@ -41,13 +41,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5,
-            min_time_s: float = 0.0) -> Timing:
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5) -> Timing:
     """Median wall time of ``fn``.
 
     CUDA: ``triton.testing.do_bench`` (warm-up, L2 flushed before every rep so each rep reads its inputs from HBM,
-    median) when Triton is available, else CUDA events. CPU: ``warmup`` untimed calls, then at least ``reps`` timed
-    calls (more until ``min_time_s`` has passed), median of the wall-clock times.
+    median) when Triton is available, else CUDA events. CPU: ``warmup`` untimed calls, then ``reps`` timed
+    calls, median of the wall-clock times.
     """
     if device.type == "cuda":
         try:
@@ -71,8 +70,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
     for _ in range(warmup):
         fn()
     times: List[float] = []
-    t_start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - t_start) < min_time_s:
+    for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)

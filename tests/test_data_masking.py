@@ -7,12 +7,7 @@ import torch
 
 from vlmo_fast.data import masking as M
 from vlmo_fast.data.collate import build_collate
-from vlmo_fast.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB_SIZE, BertTokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return BertTokenizer()
+from vlmo_fast.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,8 @@ from torch.utils.data import DataLoader
 
 from vlmo_fast.data import WebDataset, build_collate, encode_image, write_shards, write_synthetic_shards
 from vlmo_fast.data.webdataset import expand_urls, iter_tar, split_key
-from vlmo_fast.tokenizer import BertTokenizer
 
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return BertTokenizer()
 
 
 def _pixels(i):

@@ -3,12 +3,6 @@
 import pytest
 import torch
 
-from vlmo_fast.tokenizer import BertTokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return BertTokenizer()
 
 
 def test_vocabulary(tok):
