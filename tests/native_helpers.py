@@ -25,8 +25,10 @@ def assert_rule(name: str, got: torch.Tensor, eager: torch.Tensor, ref: torch.Te
 
 
 def devices():
-    """CPU always; CUDA as a gpu-marked parameter (skipped without a device)."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+    """Parameters of the ``device`` fixture (conftest.py; parametrize it with ``indirect=True``): the C++ CPU kernels;
+    the CUDA kernels run by the CPU emulator of tests/cuda_emulator.py on CPU tensors ("cuda-emu", needs the CUDA
+    headers); the CUDA kernels on a GPU (gpu-marked, skipped without one)."""
+    return ["cpu", "cuda-emu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def padding(b: int, n: int, device="cpu") -> torch.Tensor:

@@ -43,7 +43,7 @@ def params(experts, d, device, dtype=torch.float32):
     return w, b
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 @pytest.mark.parametrize("n,d", [(1, 48), (40, 1), (237, 768), (257, 97), (40, 1024)])
 @pytest.mark.parametrize("split", ["one", 0, "mid", "end"])
 def test_fp32_matches_float64(device, n, d, split):
@@ -62,7 +62,7 @@ def test_fp32_matches_float64(device, n, d, split):
         assert_rule(name, got, eager, ref, 1e-5)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", ["same", torch.float32])
 def test_low_precision_within_twice_eager_error(device, dtype, param_dtype):
@@ -99,7 +99,7 @@ def test_weight_gradient_goes_to_each_expert():
     assert torch.all(bb[0].grad == b * split) and torch.all(bb[1].grad == 0) and torch.all(w[1].grad == 0)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 def test_every_output_element_is_written(device):
     b, n, d, split = 3, 29, 80, 7
     x = torch.randn(b, n, d, device=device)
@@ -115,13 +115,14 @@ def test_every_output_element_is_written(device):
     dx = torch.full_like(x, float("nan"))
     dw = torch.full((2, d), float("nan"), device=device)
     db = torch.full_like(dw, float("nan"))
-    ws = {}
-    if device == "cuda":
+    ws, dy = {}, torch.randn_like(x)  # tensors, not temporaries: a pointer must outlive the launch
+    if native._runs_cuda(x.device):
         size = native._C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
-                                                                    dtype=0, device=x.device.index)
-        ws["workspace"] = torch.full((size,), float("nan"), device=device).data_ptr()
+                                                                    dtype=0, device=extra["device"])
+        workspace = torch.full((size,), float("nan"), device=device)
+        ws["workspace"] = workspace.data_ptr()
     native._launcher("multiway_layernorm_backward", x.device)(
-        dy=torch.randn_like(x).data_ptr(), x=x.data_ptr(), dtype=0, mean=mean.data_ptr(), rstd=rstd.data_ptr(),
+        dy=dy.data_ptr(), x=x.data_ptr(), dtype=0, mean=mean.data_ptr(), rstd=rstd.data_ptr(),
         dx=dx.data_ptr(), rows=b * n, seq_len=n, dim=d, split=split, weight=w.data_ptr(), dweight=dw.data_ptr(),
         dbias=db.data_ptr(), num_experts=2, **ws, **extra)
     for t in (y, mean, rstd, dx, dw, db):
@@ -198,10 +199,10 @@ def test_cpu_auto_policy():
         assert backend.select("multiway_layernorm", "cuda", small, (w, w), (w, w), 2) is native.multiway_layernorm_native
 
 
-@pytest.mark.gpu
-def test_cuda_rows_longer_than_the_register_limit_are_declined():
-    x = torch.randn(2, 3, 1100, device="cuda")
-    w = torch.ones(1100, device="cuda")
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"], indirect=True)
+def test_cuda_rows_longer_than_the_register_limit_are_declined(device):
+    x = torch.randn(2, 3, 1100, device=device)
+    w = torch.ones(1100, device=device)
     with pytest.raises(ValueError, match="1024"):
         ops.multiway_layernorm(x, [w], [w], backend="cuda")
     assert ops.multiway_layernorm(x, [w], [w], backend="auto").shape == x.shape  # PyTorch path

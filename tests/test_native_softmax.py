@@ -61,7 +61,7 @@ def float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
     return p, s.grad, (None if leaf is None else leaf.grad)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 @pytest.mark.parametrize("n", [1, 40, 237, 257])
 @pytest.mark.parametrize("form", ["table", "dense", "none"])
 def test_fp32_matches_float64(device, n, form):
@@ -79,7 +79,7 @@ def test_fp32_matches_float64(device, n, form):
             assert dbias[:, :h].abs().sum() == 0 and dbias[:, 2 * h :].abs().sum() == 0
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
 @pytest.mark.parametrize("form", ["table", "dense"])
@@ -144,7 +144,7 @@ def test_empty_batch_and_single_key():
     assert torch.all(s.grad == 0)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", devices(), indirect=True)
 def test_every_output_element_is_written(device):
     """Poison the outputs, call the launchers directly, and check that nothing was left unwritten."""
     b, h, n = 3, 2, 45
@@ -160,10 +160,10 @@ def test_every_output_element_is_written(device):
     launcher(scores=scores.data_ptr(), scores_dtype=0, out=out.data_ptr(), out_dtype=0, lse=lse.data_ptr(),
              batch=b, heads=h, n_q=n, n_k=n, scale=1.0, **kw, **extra)
     assert not out.isnan().any() and not lse.isnan().any()
-    ds = torch.full_like(scores, float("nan"))
+    ds, dp = torch.full_like(scores, float("nan")), torch.randn_like(scores)  # held: pointers outlive the launch
     dtable = torch.zeros(60, h, device=device)  # CUDA accumulates into zeros; CPU overwrites
     native._launcher("masked_softmax_backward", scores.device)(
-        dp=torch.randn_like(scores).data_ptr(), dp_dtype=0, scores=scores.data_ptr(), scores_dtype=0,
+        dp=dp.data_ptr(), dp_dtype=0, scores=scores.data_ptr(), scores_dtype=0,
         lse=lse.data_ptr(), dscores=ds.data_ptr(), batch=b, heads=h, n_q=n, n_k=n, scale=1.0, dbias=0,
         dtable=dtable.data_ptr(), **kw, **extra)
     if device == "cuda":
@@ -277,12 +277,12 @@ def test_softmax_torch_is_the_eager_comparison():
     assert max_err(softmax_torch(s, 1.0, None, None, torch.float32), reference(s, 1.0, None, None)) < 1e-6
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"], indirect=True)
 @pytest.mark.parametrize("form", ["table", "dense"])
-def test_cuda_long_rows_take_the_loop_kernel(form):
+def test_cuda_long_rows_take_the_loop_kernel(device, form):
     """Nk > 1024 runs the two-pass loop kernels instead of the register-resident ones."""
     b, h, n, scale = 2, 1, 1030, 0.2
-    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, "cuda")
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, device)
     p, ds, dbias, g = run(scores, scale, form, full_table, index, dense, keep, h, "cuda")
     ref_p, ref_ds, ref_dbias = float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
     assert max_err(p, ref_p) < 2e-6

@@ -102,10 +102,16 @@ def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -
     return _INDEX32.get(index, (), lambda: index.to(torch.int32).contiguous())
 
 
+def _runs_cuda(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go to the CUDA kernels (else to the C++ CPU kernels). The one place that decides
+    it: the tests' CUDA emulator (tests/cuda_emulator.py) overrides it to run the CUDA branch on CPU tensors."""
+    return device.type == "cuda"
+
+
 def _native_missing(device: torch.device) -> Optional[str]:
     if _C is None:
         return f"the native extension vlmo_fast._C is not built ({_native._IMPORT_ERROR})"
-    if device.type == "cuda":
+    if _runs_cuda(device):
         if not _CUDA_COMPILED:
             return "vlmo_fast._C was built without its CUDA kernels (no nvcc at build time)"
     elif device.type != "cpu":
@@ -117,13 +123,13 @@ def _launch_args(device: torch.device) -> dict:
     err = _native_missing(device)
     if err is not None:
         raise RuntimeError(err)
-    if device.type == "cuda":
+    if _runs_cuda(device):
         return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
     return {"num_threads": torch.get_num_threads()}
 
 
 def _launcher(name: str, device: torch.device):
-    return getattr(_C, f"{name}_{'cuda' if device.type == 'cuda' else 'cpu'}")
+    return getattr(_C, f"{name}_{'cuda' if _runs_cuda(device) else 'cpu'}")
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -187,7 +193,7 @@ def _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep
     _check("dp", dp, dev, _FLOATS, scores.shape)
     _check("lse", lse, dev, (torch.float32,), shape[:3])
     ds = torch.empty_like(scores)
-    alloc = torch.zeros if dev.type == "cuda" else torch.empty  # CUDA accumulates with atomics; CPU overwrites
+    alloc = torch.zeros if _runs_cuda(dev) else torch.empty  # CUDA accumulates with atomics; CPU overwrites
     dbias = dtable = None
     if bias_grad and bias is not None:
         dbias = alloc(bias.shape, dtype=torch.float32, device=dev)
@@ -311,7 +317,7 @@ def masked_softmax_native(scores, scale, bias, bias_table, bias_index, keep, out
         keep = keep.contiguous()
     # CUDA compiles the (input, output) dtype pairs (x, x) and (x, fp32); other outputs go through fp32.
     kernel_out = out_dtype
-    if scores.device.type == "cuda" and out_dtype not in (scores.dtype, torch.float32):
+    if _runs_cuda(scores.device) and out_dtype not in (scores.dtype, torch.float32):
         kernel_out = torch.float32
     args = (scores, float(scale), bias, bias_table, bias_index, keep, kernel_out)
     if torch.compiler.is_compiling():
@@ -355,7 +361,7 @@ def _layernorm_operands(x, weight, bias, split):
         raise ValueError(f"split must lie in [0, N={n}] with two experts, got {split}")
     if experts == 1 and split != -1:
         raise ValueError(f"split must be -1 with one expert, got {split}")
-    if dev.type == "cuda" and d > _CUDA_LN_MAX_DIM:
+    if _runs_cuda(dev) and d > _CUDA_LN_MAX_DIM:
         raise ValueError(f"x: D={d} exceeds the CUDA LayerNorm limit {_CUDA_LN_MAX_DIM}")
     return b, n, d, experts
 
@@ -384,16 +390,19 @@ def _layernorm_backward(dy, x, mean, rstd, weight, split):
     dx = torch.empty_like(x)
     dweight = torch.empty((experts, d), dtype=torch.float32, device=dev)
     dbias = torch.empty((experts, d), dtype=torch.float32, device=dev)
-    extra = {}
-    if dev.type == "cuda":
+    extra = _launch_args(dev)
+    if _runs_cuda(dev):
         size = _C.multiway_layernorm_backward_workspace_cuda(rows=b * n, seq_len=n, dim=d, split=split,
-                                                             dtype=_DTYPE_CODE[x.dtype], device=dev.index)
+                                                             dtype=_DTYPE_CODE[x.dtype], device=extra["device"])
+        if size < 0:
+            raise RuntimeError("vlmo_fast._C: the CUDA LayerNorm backward could not size its workspace "
+                               f"(device {extra['device']} not usable)")
         workspace = torch.empty(size, dtype=torch.float32, device=dev)
         extra["workspace"] = _addr(workspace)
     _launcher("multiway_layernorm_backward", dev)(
         dy=_addr(dy), x=_addr(x), dtype=_DTYPE_CODE[x.dtype], mean=_addr(mean), rstd=_addr(rstd), dx=_addr(dx),
         rows=b * n, seq_len=n, dim=d, split=split, weight=_addr(weight), dweight=_addr(dweight), dbias=_addr(dbias),
-        num_experts=experts, **extra, **_launch_args(dev),
+        num_experts=experts, **extra,
     )
     return dx, dweight, dbias
 
@@ -488,7 +497,7 @@ def _layernorm_unsupported(x, weight, bias, split) -> Optional[str]:
     d = x.shape[-1]
     if d == 0:
         return "the normalized dimension is empty"
-    if x.device.type == "cuda" and d > _CUDA_LN_MAX_DIM:
+    if _runs_cuda(x.device) and d > _CUDA_LN_MAX_DIM:
         return f"D={d} exceeds the CUDA LayerNorm limit {_CUDA_LN_MAX_DIM}"
     return None
 
@@ -529,7 +538,7 @@ def _gather_backward(grad, index, rows):
     _check("index", index, dev, _INDEX_TYPES, (n, n), contiguous=False)
     index32 = _index_int32(index, rows, n, dev)
     _check("index (int32)", index32, dev, (torch.int32,), (n, n))
-    dtable = (torch.zeros if dev.type == "cuda" else torch.empty)((rows, cols), dtype=torch.float32, device=dev)
+    dtable = (torch.zeros if _runs_cuda(dev) else torch.empty)((rows, cols), dtype=torch.float32, device=dev)
     _launcher("rel_pos_gather_backward", dev)(
         grad=_addr(grad), dtype=_DTYPE_CODE[grad.dtype], index=_addr(index32), n=n, rows=rows, cols=cols,
         dtable=_addr(dtable), **_launch_args(dev),

@@ -1,0 +1,200 @@
+"""The CPU emulator that runs the CUDA kernels of csrc/cuda in CI (tests/cuda_emulator.py, tests/cuda_emu/): its source
+rewriting, the hardware results of the warp primitives and barriers, the errors for what the hardware leaves
+undefined, and the CUDA kernels' grid planning on emulated GPUs of different sizes."""
+
+import ctypes
+
+import pytest
+import torch
+
+import cuda_emulator
+from native_helpers import max_err, padding
+from vlmo_fast import ops
+
+pytestmark = pytest.mark.skipif(cuda_emulator.cuda_include_dir() is None,
+                                reason="the CUDA emulator needs the CUDA toolkit headers")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return cuda_emulator.selftest_library()
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _call(fn, *args):
+    err = ctypes.create_string_buffer(512)
+    rc = fn(*args, err, len(err))
+    return rc, err.value.decode()
+
+
+def test_launches_and_shared_arrays_are_rewritten():
+    src = ("  foo<T, 2><<<dim3(g), 128, 0, st>>>(p, q);\n"
+           "  if (x) bar<<<grid, kThreads>>>(p); else baz<float><<<1, 32, 0, s>>>(a);\n"
+           "  __shared__ float acc[2][kWarps][E * 32];\n")
+    out = cuda_emulator.rewrite(src)
+    assert "::cuda_emu::make_launch(foo<T, 2>, dim3(g), 128, 0, st)(p, q);" in out
+    assert "if (x) ::cuda_emu::make_launch(bar, grid, kThreads)(p);" in out
+    assert "else ::cuda_emu::make_launch(baz<float>, 1, 32, 0, s)(a);" in out
+    assert "__shared__ float acc[2][kWarps][E * 32]; ::cuda_emu::poison_shared(acc, sizeof(acc));" in out
+    assert "<<<" not in out
+
+
+def test_warp_shuffles_give_the_hardware_results(lib):
+    out = torch.zeros(3 * 64)
+    assert _call(lib.emu_warp_sums, _ptr(out), 3) == (0, "")
+    t = torch.arange(3 * 64, dtype=torch.float32)
+    warp = t.div(32, rounding_mode="floor")
+    want = (32 * warp * 32 + 496) + 1000 * warp * 32  # Σ of a warp's 32 ids + 1000·(its first id)
+    assert torch.equal(out, want)
+
+
+def test_match_any_and_any(lib):
+    g32 = torch.zeros(32, dtype=torch.int32)  # the unsigned lane masks, bit for bit
+    any_ = torch.zeros(32, dtype=torch.int32)
+    assert _call(lib.emu_match_and_any, _ptr(g32), _ptr(any_)) == (0, "")
+    got = [int(v) & 0xFFFFFFFF for v in g32.tolist()]
+    for lane in range(32):
+        members = range(28, 32) if lane >= 28 else range(4 * (lane // 4), 4 * (lane // 4) + 4)
+        assert got[lane] == sum(1 << m for m in members), lane
+    assert torch.all(any_ == 1)
+
+
+@pytest.mark.parametrize("mask,base,offset,want", [
+    (0xAAAAAAAA, 3, 1, 3), (0xAAAAAAAA, 3, -1, 3), (0xAAAAAAAA, 2, 1, 3), (0xAAAAAAAA, 2, -1, 1),  # PTX ISA examples
+    (0b1011_0000, 0, 1, 4), (0b1011_0000, 0, 2, 5), (0b1011_0000, 0, 3, 7), (0b1011_0000, 0, 4, 0xFFFFFFFF),
+    (0b1000, 3, 0, 3), (0b1000, 2, 0, 0xFFFFFFFF),
+])
+def test_fns_follows_the_ptx_definition(lib, mask, base, offset, want):
+    """__fns(mask, 0, k) is what the kernels use to find the k-th member of a lane group."""
+    lib.emu_fns.restype = ctypes.c_uint
+    assert lib.emu_fns(ctypes.c_uint(mask), ctypes.c_uint(base), ctypes.c_int(offset)) == want
+
+
+@pytest.mark.parametrize("threads", [32, 96, 256])
+def test_block_barrier_and_shared_memory(lib, threads):
+    blocks = 5
+    out = torch.zeros(blocks)
+    assert _call(lib.emu_block_sum, _ptr(out), blocks, threads) == (0, "")
+    ids = torch.arange(blocks * threads, dtype=torch.float64).view(blocks, threads)
+    assert torch.equal(out.double(), ids.sum(1))
+
+
+def test_unwritten_shared_memory_reads_as_nan(lib):
+    out = torch.zeros(32)
+    assert _call(lib.emu_read_unwritten_shared, _ptr(out)) == (0, "")
+    assert out[0] == 1 and out[1:].isnan().all()
+
+
+def test_a_partial_warp_at_a_full_mask_shuffle_is_an_error(lib):
+    rc, err = _call(lib.emu_divergent_shuffle, _ptr(torch.zeros(32)))
+    assert rc == 1 and "16 lanes wait at __shfl_xor_sync while 16 have exited" in err
+
+
+def test_a_warp_split_between_a_shuffle_and_a_barrier_is_an_error(lib):
+    rc, err = _call(lib.emu_split_warp_barrier, _ptr(torch.zeros(64)))
+    assert rc == 1 and "warp 1" in err and "16 wait at __syncthreads" in err
+
+
+def test_an_invalid_launch_configuration_is_reported_like_cuda(lib):
+    assert lib.emu_bad_config() == 9  # cudaErrorInvalidConfiguration; the kernel did not run
+
+
+def test_the_module_reports_an_emulated_cuda_build():
+    info = cuda_emulator.load().build_info()
+    assert info["cuda"] is True and info["cuda_archs"] == "emulated" and info["cuda_device_count"] == 8
+
+
+@pytest.mark.parametrize("device_index", [0, 3, 7])
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_softmax_is_the_same_on_every_emulated_gpu_size(monkeypatch, device_index, form):
+    """The softmax splits the batch into chunks (one warp per query row and chunk) by the GPU's size, and the bias
+    gradient then goes through atomics across chunks or direct stores: every plan must give the same result."""
+    b, h, n, scale = 6, 2, 37, 0.3
+    scores = torch.randn(b, h, n, n) * 3
+    keep = padding(b, n)
+    table, index = torch.randn(50, h), torch.randint(0, 50, (n, n))
+    dense = torch.randn(h, n, n)
+    g = torch.randn(b, h, n, n)
+
+    def run(kind):
+        s = scores.clone().requires_grad_()
+        leaf = (table if form == "table" else dense).clone().requires_grad_()
+        kw = dict(bias_table=leaf, bias_index=index) if form == "table" else dict(bias=leaf)
+        if kind == "float64":
+            bias = leaf.double().t()[:, index] if form == "table" else leaf.double()
+            x = (s.double() * scale + bias).masked_fill(~keep[:, None, None, :], float("-inf"))
+            p = torch.nan_to_num(torch.softmax(x, -1), nan=0.0)
+        else:
+            p = ops.masked_softmax(s, scale=scale, key_padding_mask=keep, backend="cuda", **kw)
+        p.backward(g.to(p.dtype))
+        return p, s.grad, leaf.grad
+
+    want = run("float64")
+    cuda_emulator.route_native_to_emulator(monkeypatch, device_index)
+    got = run("emulated")
+    for a, w in zip(got, want):
+        assert max_err(a, w) < 2e-5 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("device_index", [0, 7])
+@pytest.mark.parametrize("split", [None, 5])
+def test_layernorm_backward_plan_on_every_emulated_gpu_size(monkeypatch, device_index, split):
+    """The LayerNorm weight gradient is reduced in two stages over as many blocks as the GPU holds at once, each
+    block owning one expert's rows: every plan must give the same gradients."""
+    b, n, d = 7, 23, 80
+    x = torch.randn(b, n, d)
+    experts = 1 if split is None else 2
+    w, bias = torch.randn(experts, d), torch.randn(experts, d)
+    g = torch.randn(b, n, d)
+
+    def run(kind):
+        xs = x.clone().requires_grad_()
+        ws = [t.clone().requires_grad_() for t in w]
+        bs = [t.clone().requires_grad_() for t in bias]
+        if kind == "float64":
+            rows = [torch.nn.functional.layer_norm(xs.double()[:, i], (d,), ws[e].double(), bs[e].double(), 1e-5)
+                    for i in range(n) for e in [0 if split is None or i < split else 1]]
+            y = torch.stack(rows, 1)
+        else:
+            y = ops.multiway_layernorm(xs, ws, bs, split=split, eps=1e-5, backend="cuda")
+        y.backward(g.to(y.dtype))
+        return [y, xs.grad, *[t.grad for t in ws], *[t.grad for t in bs]]
+
+    want = run("float64")
+    cuda_emulator.route_native_to_emulator(monkeypatch, device_index)
+    got = run("emulated")
+    for a, w_ in zip(got, want):
+        assert max_err(a, w_) < 2e-5 * max(1.0, w_.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm_and_softmax_bits_do_not_depend_on_the_schedule(monkeypatch, dtype):
+    """The LayerNorm (forward, dx and both stages of the weight gradient), the softmax forward and its dscores have no
+    atomics and no cross-thread races, so running blocks and threads in reverse order gives the same bits. (The bias
+    gradients of the softmax and the gather use atomics: their order, like on the hardware, is not fixed.)"""
+    cuda_emulator.route_native_to_emulator(monkeypatch, 1)
+    b, n, d, h = 3, 29, 96, 2
+    x, gy = torch.randn(b, n, d).to(dtype), torch.randn(b, n, d).to(dtype)
+    w, bias = torch.randn(2, d), torch.randn(2, d)
+    s, gp = (torch.randn(b, h, n, n) * 3).to(dtype), torch.randn(b, h, n, n).to(dtype)
+    keep = padding(b, n)
+    table, index = torch.randn(40, h), torch.randint(0, 40, (n, n))
+
+    def run():
+        xs, ws, bs = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in w], [t.clone() for t in bias]
+        y = ops.multiway_layernorm(xs, ws, bs, split=11, backend="cuda")
+        y.backward(gy)
+        ss = s.clone().requires_grad_()
+        p = ops.masked_softmax(ss, scale=0.2, bias_table=table, bias_index=index, key_padding_mask=keep,
+                               backend="cuda")
+        p.backward(gp)
+        return [y, xs.grad, ws[0].grad, ws[1].grad, p, ss.grad]
+
+    first = run()
+    with cuda_emulator.reverse_order():
+        second = run()
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
