@@ -43,8 +43,13 @@ def params(experts, d, device, dtype=torch.float32):
     return w, b
 
 
+# VLMo sizes and odd ones; then each register tier of the CUDA kernels (ceil(D/32) rounded up to 1, 2, 4, 8, 12, 16,
+# 24 or 32 values per lane) at or just past its edge
+_SIZES = [(1, 48), (40, 1), (237, 768), (257, 97), (40, 1024)] + [(9, d) for d in (32, 33, 65, 129, 257, 385, 513, 769)]
+
+
 @pytest.mark.parametrize("device", devices(), indirect=True)
-@pytest.mark.parametrize("n,d", [(1, 48), (40, 1), (237, 768), (257, 97), (40, 1024)])
+@pytest.mark.parametrize("n,d", _SIZES)
 @pytest.mark.parametrize("split", ["one", 0, "mid", "end"])
 def test_fp32_matches_float64(device, n, d, split):
     b = 3

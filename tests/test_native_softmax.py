@@ -95,13 +95,14 @@ def test_low_precision_within_twice_eager_error(device, dtype, out_dtype, form):
     assert_rule("dbias", dbias, dbe, ref_dbias, 1e-6)
 
 
-def test_vlmo_fusion_index_table_gradient():
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_vlmo_fusion_index_table_gradient(device):
     """The real index: every text→image pair of a head lands on one table row (the contention case)."""
     b, h, n = 2, 3, 237
-    scores = torch.randn(b, h, n, n)
-    table = torch.randn(1126, 4 * h)
-    index = relpos.fusion_relative_position_index(40, 14)
-    keep = torch.ones(b, n, dtype=torch.bool)
+    scores = torch.randn(b, h, n, n, device=device)
+    table = torch.randn(1126, 4 * h, device=device)
+    index = relpos.fusion_relative_position_index(40, 14).to(device)
+    keep = torch.ones(b, n, dtype=torch.bool, device=device)
     keep[0, 25:40] = False
     p, ds, dt, g = run(scores, 0.125, "table", table, index, None, keep, h, "cuda")
     ref_p, ref_ds, ref_dt = float64_reference(scores, 0.125, "table", table, index, None, keep, h, g)
@@ -109,15 +110,16 @@ def test_vlmo_fusion_index_table_gradient():
     assert max_err(dt, ref_dt) < 1e-5 * max(1.0, ref_dt.abs().max().item())
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
-def test_index_dtypes_and_non_contiguous_inputs(index_dtype):
+def test_index_dtypes_and_non_contiguous_inputs(device, index_dtype):
     b, h, n = 2, 3, 37
-    base = torch.randn(b, n, h, n)
+    base = torch.randn(b, n, h, n, device=device)
     scores = base.permute(0, 2, 1, 3)  # non-contiguous (B, H, N, N)
-    table = torch.randn(200, 2 * h)[:, h:]
-    index = torch.randint(0, 200, (n, n)).to(index_dtype)
+    table = torch.randn(200, 2 * h, device=device)[:, h:]
+    index = torch.randint(0, 200, (n, n), device=device).to(index_dtype)
     index_t = index.t()  # non-contiguous index
-    keep = torch.rand(b, n) > 0.3
+    keep = torch.rand(b, n, device=device) > 0.3
     keep[:, 0] = True
     got = ops.masked_softmax(scores, scale=0.5, bias_table=table, bias_index=index_t, key_padding_mask=keep.int(),
                              backend="cuda")
@@ -125,8 +127,11 @@ def test_index_dtypes_and_non_contiguous_inputs(index_dtype):
     assert max_err(got, want) < 2e-6
 
 
-def test_out_dtype_variants():
-    scores = torch.randn(2, 2, 19, 19)
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_out_dtype_variants(device):
+    """fp16/bf16 outputs from fp32 scores (the CUDA build compiles only (in, fp32) and (in, in) pairs: the wrapper
+    runs other pairs through fp32)."""
+    scores = torch.randn(2, 2, 19, 19, device=device)
     for out_dtype in (torch.float16, torch.bfloat16):
         got = ops.masked_softmax(scores, out_dtype=out_dtype, backend="cuda")
         assert got.dtype == out_dtype
@@ -134,14 +139,41 @@ def test_out_dtype_variants():
         assert max_err(got, reference(scores, 1.0, None, None).to(out_dtype)) <= torch.finfo(out_dtype).eps
 
 
-def test_empty_batch_and_single_key():
-    p = ops.masked_softmax(torch.randn(0, 2, 5, 5, requires_grad=True), backend="cuda")
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_empty_batch_and_single_key(device):
+    p = ops.masked_softmax(torch.randn(0, 2, 5, 5, device=device, requires_grad=True), backend="cuda")
     assert p.shape == (0, 2, 5, 5)
-    s = torch.randn(2, 1, 3, 1, requires_grad=True)
-    p = ops.masked_softmax(s, bias=torch.randn(1, 3, 1), backend="cuda")
+    s = torch.randn(2, 1, 3, 1, device=device, requires_grad=True)
+    p = ops.masked_softmax(s, bias=torch.randn(1, 3, 1, device=device), backend="cuda")
     assert torch.all(p == 1)
     p.sum().backward()
     assert torch.all(s.grad == 0)
+
+
+@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("n_k", [31, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024, 1025])
+@pytest.mark.parametrize("form", ["dense", "none"])
+def test_every_row_length_tier_with_fewer_queries_than_keys(device, n_k, form):
+    """Each register tier of the CUDA kernel (ceil(Nk/32) rounded up to 1..32 per lane) at both of its edges, the loop
+    kernel past 1024, and Nq != Nk (a dense bias or none allows it)."""
+    b, h, n_q, scale = 3, 2, 5, 0.3
+    scores = torch.randn(b, h, n_q, n_k, device=device) * 3
+    keep = padding(b, n_k, device)
+    dense = torch.randn(h, n_q, n_k, device=device) if form == "dense" else None
+    s = scores.clone().requires_grad_()
+    leaf = None if dense is None else dense.clone().requires_grad_()
+    p = ops.masked_softmax(s, scale=scale, bias=leaf, key_padding_mask=keep, backend="cuda")
+    g = torch.randn_like(p)
+    p.backward(g)
+    s64 = scores.double().requires_grad_()
+    d64 = None if dense is None else dense.double().requires_grad_()
+    want = reference(s64, scale, d64, keep)
+    want.backward(g.double())
+    assert max_err(p, want) < 2e-6
+    assert max_err(s.grad, s64.grad) < 1e-5 * max(1.0, s64.grad.abs().max().item())
+    if dense is not None:
+        assert max_err(leaf.grad, d64.grad) < 1e-5 * max(1.0, d64.grad.abs().max().item())
+    assert torch.all(p[2] == 0) and torch.all(s.grad[2] == 0)
 
 
 @pytest.mark.parametrize("device", devices(), indirect=True)
