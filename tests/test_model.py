@@ -92,10 +92,15 @@ def test_output_keys_and_shapes():
     assert fast(batch).keys() == out.keys()
 
 
-def test_training_mode_same_random_stream_and_gradients():
+@pytest.mark.parametrize("device,backend", [("cpu", "auto"), ("cpu", "cuda"), ("cuda-emu", "cuda")],
+                         indirect=["device"])
+def test_training_mode_same_random_stream_and_gradients(device, backend):
     """DropPath (per-sample, separate text/image draws) and BERT dropout consume the RNG exactly as the official
-    model, so with the same seed the fast model and the reference give the same outputs and gradients."""
+    model, so with the same seed the fast model and the reference give the same outputs and gradients. With
+    backend="cuda" every attention softmax runs in the native kernel (the C++ one on CPU; on "cuda-emu" the CUDA
+    kernel in the CPU emulator), its bias gathered from each layer's strided slice of the shared table."""
     cfg, fast, ref = make_pair(drop_path_rate=0.5)
+    fast.set_backend(backend)
     fast.train(), ref.train()
     batch = make_batch(cfg, b=4)
     results = []
