@@ -296,7 +296,9 @@ def test_official_indices_are_computed_in_kernel_and_agree_with_the_loaded_index
 
 def test_kernels_compile_for_the_gpu_without_one():
     """Triton lowers every kernel configuration the model uses to sm_90 machine code (PTX + ptxas) without a GPU,
-    catching what the CPU interpreter cannot (types, layouts, register and shared-memory limits)."""
+    catching what the CPU interpreter cannot (types, layouts, register and shared-memory limits). The model's launches
+    are captured from the host code and compiled with the JIT's specialization of those arguments; for VLMo-base no
+    autotune configuration may spill registers (ptxas's report)."""
     import os
     import subprocess
     import sys
@@ -307,5 +309,6 @@ def test_kernels_compile_for_the_gpu_without_one():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ok = [line for line in proc.stdout.splitlines() if line.startswith("sm_90 ok")]
-    assert len(ok) >= 17, proc.stdout
-    assert not any("needs" in line for line in ok), "a configuration the model uses exceeds the shared memory"
+    assert len(ok) >= 50, proc.stdout  # 3 attention forms x 17 launches/configurations + the FFN kernels
+    base = [line for line in ok if "[base]" in line or "[base ffn]" in line]
+    assert len(base) >= 21 and all(line.endswith("spill 0") for line in base), proc.stdout

@@ -1,22 +1,40 @@
 """Compile every Triton kernel ahead of time for NVIDIA GPUs, without a GPU: Triton lowers to PTX and runs ptxas for
-the target, so syntax, typing, layout and shared-memory problems that the CPU interpreter cannot see show up here.
+the target, so syntax, typing, layout, shared-memory and register problems that the CPU interpreter cannot see show
+up here.
 
-    python tests/triton_aot.py [--arch 90 80]
+    python tests/triton_aot.py [--arch 90 80] [--quick]
+
+Two sets of configurations:
+  - the model's launches (always): one VLMo training step's attention (base, base_plus, a dense bias) and Multiway
+    FFN kernels at N = 237, captured from the real host code (the launches are recorded, not run) and compiled for
+    every autotune configuration with the specialization the JIT gives those very arguments (ints equal to 1 become
+    constants, pointers and multiples of 16 get divisibility hints), which is what the GPU compiles. For these,
+    ptxas's register report is checked too: a configuration that spills registers fails.
+  - every bias form, dtype and head dim 128 at the first configuration, from generic signatures (unless --quick):
+    compile coverage only.
 
 Run in its own process with TRITON_INTERPRET unset (the interpreter replaces compilation when it is set).
-Prints one line per kernel configuration and exits non-zero on the first failure.
+Prints one line per kernel configuration and exits non-zero if any failed.
 """
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.ops import triton_attention as ta  # noqa: E402
 from vlmo_fast.ops import triton_ffn as tf  # noqa: E402
 
@@ -49,63 +67,196 @@ def signature(fn, act: str, constexprs):
     return sig
 
 
-def cases(quick: bool = False):
-    """(label, jit function, activation pointer type, constexprs, num_warps, num_stages); ``quick``: the model's
-    configurations only (bf16, official index in-kernel, every autotune configuration), plus the FFN kernels."""
+def cases():
+    """Generic-signature configurations (label, jit function, signature, constexprs, num_warps, num_stages): every
+    bias form and activation dtype and head dim 128 at each attention kernel's first autotune configuration, the
+    FFN kernels in fp32. Compile coverage only: without the real arguments' specialization their register use is
+    not what the GPU gets."""
     out = []
     bf16, fp16, fp32 = "*bf16", "*fp16", "*fp32"
-    # attention: every autotune configuration for the model's case (bf16, official index in-kernel, padding mask),
-    # then every bias form and dtype at the first configuration
-    tuned = {"fwd": (ta._fwd, ta._fwd_tuned.configs), "dkdv": (ta._bwd_dkdv, ta._dkdv_tuned.configs),
-             "dq": (ta._bwd_dq, ta._dq_tuned.configs)}
-    for name, (fn, configs) in tuned.items():
+    tuned = {"fwd": ta._fwd_tuned, "dkdv": ta._dkdv_tuned, "dq": ta._dq_tuned}
+    for name, tuner in tuned.items():
         extra = {"NEED_DBIAS": True} if name == "dq" else {}
-        for c in configs:
-            const = dict(BIAS_MODE=3, HAS_MASK=True, UPCAST=False, IEEE=False, BLOCK_D=64, **c.kwargs, **extra)
-            out.append((f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}", fn, bf16, const, c.num_warps,
-                        c.num_stages))
-        c = configs[0]
-        if quick:
-            continue
+        c = tuner.configs[0]
         for mode in (0, 1, 2):
             for act, ieee in ((bf16, False), (fp16, False), (fp32, True)):
                 const = dict(BIAS_MODE=mode, HAS_MASK=mode != 0, UPCAST=False, IEEE=ieee, BLOCK_D=64, **c.kwargs,
                              **extra)
-                out.append((f"{name} mode{mode} {act}", fn, act, const, c.num_warps, c.num_stages))
-        # head dim 128 (the largest taken) at the first configuration
+                out.append((f"{name} mode{mode} {act}", tuner.fn, signature(tuner.fn, act, const), const,
+                            c.num_warps, c.num_stages))
         const = dict(BIAS_MODE=3, HAS_MASK=True, UPCAST=False, IEEE=False, BLOCK_D=128, **c.kwargs, **extra)
-        out.append((f"{name} D=128", fn, bf16, const, c.num_warps, c.num_stages))
-    out.append(("delta", ta._bwd_delta, bf16, dict(BLOCK_M=64, BLOCK_D=64), 4, 1))
-    out.append(("bucket_sum", ta._bucket_sum, bf16, dict(BLOCK=128, BLOCK_H=16), 4, 1))
-    # the FFN / residual kernels at VLMo-base width (768 -> 1024-wide tiles) and large (1024)
-    for d in (1024,):
-        for act in (bf16,) if quick else (bf16, fp32):
-            out.append((f"ln_fwd {act}", tf._ln_fwd, act, dict(ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
-            out.append((f"ln_bwd {act}", tf._ln_bwd, act, dict(HAS_GO=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
-            out.append((f"residual {act}", tf._residual, act,
-                        dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
-            out.append((f"residual_bwd {act}", tf._residual_bwd, act,
-                        dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False), 4, 1))
+        out.append((f"{name} D=128", tuner.fn, signature(tuner.fn, bf16, const), const, c.num_warps, c.num_stages))
+    d = 1024
+    for label, fn, const in (
+            ("ln_fwd", tf._ln_fwd, dict(ROWS=4, BLOCK_D=d, RNE=False)),
+            ("ln_bwd", tf._ln_bwd, dict(HAS_GO=True, ROWS=4, BLOCK_D=d, RNE=False)),
+            ("residual", tf._residual, dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False)),
+            ("residual_bwd", tf._residual_bwd, dict(HAS_GAMMA=True, HAS_SCALE=True, ROWS=4, BLOCK_D=d, RNE=False))):
+        out.append((f"{label} {fp32}", fn, signature(fn, fp32, const), const, 4, 1))
     return out
+
+
+# ---- the model's launches, captured from the host code --------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a kernel (plain or autotuned): ``kernel[grid](*args, **kw)`` records the launch, runs nothing."""
+
+    def __init__(self, label, kernel, log):
+        self.label, self.log = label, log
+        tuned = isinstance(kernel, Autotuner)
+        self.fn = kernel.fn if tuned else kernel  # the JITFunction
+        self.configs = kernel.configs if tuned else [None]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append((self, args, kw))
+
+
+def _capture(module, names, run, log):
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _Recorder(n.strip("_").replace("_tuned", ""), saved[n], log))
+        run()
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+def _attention_step(b, h, n, d, dense=False):
+    """Forward and backward (with the bias gradient) of the model's attention: q, k, v views of the packed qkv."""
+    q, k, v = torch.zeros(b, n, 3, h, d, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
+    keep = torch.ones(b, n, dtype=torch.bool)
+    bias = table = index = None
+    if dense:
+        bias = torch.zeros(h, n, n)
+    else:  # the layer's column slice of the shared table, the official fusion index (computed in-kernel)
+        table = torch.zeros(relpos.num_table_rows(14), 12 * h)[:, h : 2 * h]
+        index = relpos.fusion_relative_position_index(n - 197, 14)
+    out, lse = ta._forward(q, k, v, bias, table, index, keep, d**-0.5)
+    ta._backward(torch.empty_like(out), q, k, v, out, lse, bias, table, index, keep, d**-0.5, True)
+
+
+def _ffn_step(b, n, d):
+    """Training forward and backward of a fusion-layer Multiway FFN and the attention half's residual, under bf16
+    autocast (fp32 residual stream and parameters), with drop path."""
+    from vlmo_fast import ops
+
+    def expert():
+        return ops.FFNExpert(torch.ones(d), torch.zeros(d), torch.zeros(4 * d, d), torch.zeros(4 * d),
+                             torch.zeros(d, 4 * d), torch.zeros(d))
+
+    x = torch.zeros(b, n, d, requires_grad=True)
+    gamma = torch.full((d,), 0.1, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tf.ffn_triton(x, (expert(), expert()), n - 197, gamma, 0.1, True, 1e-6)
+        y = tf.residual_triton(y, torch.zeros(b, n, d, dtype=torch.bfloat16), gamma, 0.1, True)
+    y.backward(torch.zeros_like(y))
+
+
+def model_launches():
+    """[(label, jit function, args, kwargs, configs, strict)] of one VLMo training step's Triton kernels at N = 237.
+    ``strict``: every autotune configuration must compile without register spills (VLMo-base and the dense-bias
+    form); otherwise at least one must (base_plus: D = 34 rows are not 16-byte aligned, so its loads are not
+    vectorized and some tile shapes spill)."""
+    log = []
+    att = ("_fwd_tuned", "_bwd_delta", "_dkdv_tuned", "_dq_tuned", "_bucket_sum")
+    ffn = ("_ln_fwd", "_ln_bwd", "_residual", "_residual_bwd")
+    steps = [("base", ta, att, lambda: _attention_step(2, 12, 237, 64), True),
+             ("base_plus", ta, att, lambda: _attention_step(2, 16, 237, 34), False),
+             ("dense bias", ta, att, lambda: _attention_step(2, 12, 237, 64, dense=True), True),
+             ("base ffn", tf, ffn, lambda: _ffn_step(2, 237, 768), True)]
+    out, seen = [], set()
+    for tag, module, names, run, strict in steps:
+        start = len(log)
+        _capture(module, names, run, log)
+        for rec, args, kw in log[start:]:
+            key = (tag, rec.label, tuple(sorted(kw.items())))  # the FFN step launches kernels twice alike
+            if key not in seen:
+                seen.add(key)
+                out.append((f"{rec.label} [{tag}]", rec.fn, args, kw, rec.configs, strict))
+    return out
+
+
+def compile_launch(fn, args, kwargs, config, arch):
+    """Compile ``fn`` for these arguments exactly as the JIT would on an sm_<arch> device (same binder, same
+    specialization of the argument values), without launching it."""
+    kwargs = dict(kwargs)
+    if config is not None:
+        kwargs.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def register_use(kernel, arch):
+    """(registers per thread, bytes of spill stores) from ptxas's report on the kernel's PTX (Triton's own ptxas)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", done.stderr)
+    if done.returncode != 0 or regs is None or spill is None:
+        raise RuntimeError(f"ptxas report unreadable: {done.stderr[-500:]}")
+    return int(regs.group(1)), int(spill.group(1))
+
+
+def _line(arch, label, kernel, t0, regs=None, spill=None, spill_ok=False):
+    shared = kernel.metadata.shared
+    problems = []
+    if shared > SHARED_LIMIT[arch]:
+        problems.append(f"needs {shared} B shared (> {SHARED_LIMIT[arch]})")
+    if spill and not spill_ok:
+        problems.append(f"spills {spill} B of registers")
+    usage = "" if regs is None else f" regs {regs:3d} spill {spill}"
+    status = "FAIL" if problems else "ok  "
+    print(f"sm_{arch} {status} {label:<64} {time.time() - t0:5.1f}s shared {shared:6d}{usage}"
+          + ("  " + "; ".join(problems) if problems else ""), flush=True)
+    return not problems
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (90: H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="only the configurations the model uses")
+    parser.add_argument("--quick", action="store_true", help="only the model's launches")
     args = parser.parse_args(argv)
     failures = 0
+    launches = model_launches()
     for arch in args.arch:
-        for label, fn, act, const, warps, stages in cases(args.quick):
+        for label, fn, fargs, kwargs, configs, strict in launches:
+            spill_free = 0
+            for c in configs:
+                name = label if c is None else f"{label} {c.kwargs} w{c.num_warps} s{c.num_stages}"
+                t0 = time.time()
+                try:
+                    kernel = compile_launch(fn, fargs, kwargs, c, arch)
+                    regs, spill = register_use(kernel, arch)
+                    spill_free += spill == 0
+                    failures += not _line(arch, name, kernel, t0, regs, spill, spill_ok=not strict)
+                except Exception as exc:  # report every failing configuration, then fail
+                    failures += 1
+                    print(f"sm_{arch} FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            if not spill_free:
+                failures += 1
+                print(f"sm_{arch} FAIL {label}: every configuration spills registers", flush=True)
+        if args.quick:
+            continue
+        for label, fn, sig, const, warps, stages in cases():
             t0 = time.time()
             try:
-                src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, act, const), constexprs=const)
+                src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
                 kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                         options={"num_warps": warps, "num_stages": stages})
-                shared = kernel.metadata.shared
-                note = "" if shared <= SHARED_LIMIT[arch] else f"  needs {shared} B shared (> {SHARED_LIMIT[arch]})"
-                print(f"sm_{arch} ok   {label:<60} {time.time() - t0:5.1f}s shared {shared}{note}", flush=True)
-            except Exception as exc:  # report every failing configuration, then fail
+                failures += not _line(arch, label + " (generic)", kernel, t0)
+            except Exception as exc:
                 failures += 1
                 print(f"sm_{arch} FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
     return 1 if failures else 0

@@ -11,7 +11,8 @@ Kernels (one program per tile; scores in base-2 units, statistics in fp32):
   _bwd_dkdv     grid (key blocks, B·H): loops over query blocks, recomputes P, accumulates dK and dV.
   _bwd_dq       grid (query blocks, H, G): loops over the batch rows of group g and over key blocks, accumulates
                 dQ per row and, when the bias needs a gradient, the batch sum of dS for its (query block, key
-                block) tiles in a per-group partial buffer (G, H, N, N) that only this program touches.
+                block) tiles in a per-group partial buffer (G, H, NP, NP) that only this program touches (N padded
+                to NP, a multiple of every tile size: whole tiles, no masks, vectorized read-modify-writes).
   _bucket_sum   grid (table rows): sums the partials over the positions that share a table row (a CSR of the
                 index, precomputed once per index tensor) and the groups, in a fixed order.
 There are no atomics anywhere, so gradients are deterministic (bit-identical run to run) by construction; the memory
@@ -42,6 +43,9 @@ except ImportError as exc:  # pragma: no cover - triton ships with CUDA torch an
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
+# The dQ kernel's bias-gradient partials are (NP, NP) per group and head, NP = N rounded up to this, a multiple of
+# every BLOCK_M and BLOCK_N of its configurations: whole tiles, so no masks and vectorized accesses.
+_PART_PAD = 128
 
 
 def interpreting() -> bool:
@@ -232,7 +236,7 @@ if triton is not None:
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
                 sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
-                B, H, N, D, rows_per_group, scale, scale_log2,
+                B, H, N, D, rows_per_group, NP, scale, scale_log2,
                 BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -244,7 +248,7 @@ if triton is not None:
         q_ok = (offs_m[:, None] < N) & d_ok
         b_start = g * rows_per_group
         b_end = tl.minimum(b_start + rows_per_group, B)
-        part = DPART + (g.to(tl.int64) * H + h) * N * N  # (N, N) partial dS sum of this group and head
+        part = DPART + (g.to(tl.int64) * H + h) * NP * NP  # (NP, NP) partial dS sum of this group and head
         for b32 in range(b_start, b_end):
             b = b32 + tl.zeros([], tl.int64)  # 64-bit offsets (b32 is a Python int in the interpreter)
             q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
@@ -264,17 +268,18 @@ if triton is not None:
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                 dq += _dot(ds.to(k.dtype), k, IEEE)
                 if NEED_DBIAS:
-                    tile_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-                    ptrs = part + offs_m[:, None] * N + offs_n[None, :]
-                    # only this program touches these elements: the batch rows add in a fixed order
-                    tl.store(ptrs, tl.load(ptrs, mask=tile_ok, other=0.0) + ds, mask=tile_ok)
+                    # only this program touches these elements: the batch rows add in a fixed order. The tile lies
+                    # inside the padded (NP, NP) buffer; past row/column N, ds is 0 (p = 0 there).
+                    ptrs = part + offs_m[:, None] * NP + offs_n[None, :]
+                    tl.store(ptrs, tl.load(ptrs) + ds)
             tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
                      cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
 
     @triton.jit
-    def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NN, sdt_r, sdt_h,
+    def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, N, NP, sdt_r, sdt_h,
                     BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
-        """d_table[r, h] = Σ_g Σ_{positions p with index p == r} dpart[g, h, p], in a fixed order."""
+        """d_table[r, h] = Σ_g Σ_{positions (i, j) with index[i, j] == r} dpart[g, h, i, j], in a fixed order
+        (the CSR holds positions i·N + j; the partials are (NP, NP) per group and head)."""
         r = tl.program_id(0)
         start = tl.load(OFFSETS + r)
         end = tl.load(OFFSETS + r + 1)
@@ -285,8 +290,9 @@ if triton is not None:
             offs = c + tl.arange(0, BLOCK)
             ok = offs < end
             pos = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
+            pos = (pos // N) * NP + pos % N
             for g in range(0, G):
-                vals = tl.load(DPART + (g * H + offs_h[None, :]).to(tl.int64) * NN + pos[:, None],
+                vals = tl.load(DPART + (g * H + offs_h[None, :]).to(tl.int64) * (NP * NP) + pos[:, None],
                                mask=ok[:, None] & h_ok[None, :], other=0.0)
                 acc += tl.sum(vals, 0)
         tl.store(DTABLE + r * sdt_r + offs_h * sdt_h, acc, mask=h_ok)
@@ -304,14 +310,20 @@ def _config_list(shapes, reset=None):
 
 if triton is not None:
     _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
+    # (BLOCK_M, BLOCK_N, warps, stages) candidates: every one compiles for sm_90 without register spills for the
+    # model's launches (bf16, D = 64, the in-kernel VLMo index, padding mask; tests/triton_aot.py checks it with the
+    # specialization the JIT gives the real arguments). The autotuner picks among them on the device.
     _fwd_tuned = triton.autotune(
-        _config_list([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]),
+        _config_list([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]),
         key=_TUNE_KEY)(_fwd)
     _dkdv_tuned = triton.autotune(
-        _config_list([(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2)]), key=_TUNE_KEY)(_bwd_dkdv)
+        _config_list([(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2)]),
+        key=_TUNE_KEY)(_bwd_dkdv)
     _dq_tuned = triton.autotune(
-        _config_list([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)]),
+        _config_list([(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2)]),
         key=_TUNE_KEY + ["NEED_DBIAS"], reset_to_zero=["DPART"])(_bwd_dq)
+    # whole tiles of the padded bias-gradient partials (see _PART_PAD)
+    assert all(_PART_PAD % c.kwargs[k] == 0 for c in _dq_tuned.configs for k in ("BLOCK_M", "BLOCK_N"))
 
 
 # ---- host side ---------------------------------------------------------------------------------------------------
@@ -451,20 +463,21 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     groups = _group_count(b, h, n)
     rows_per_group = triton.cdiv(b, groups)
     groups = triton.cdiv(b, rows_per_group)
-    dpart = (torch.zeros(groups, h, n, n, device=q.device, dtype=torch.float32) if need_dbias
+    np_ = triton.cdiv(n, _PART_PAD) * _PART_PAD
+    dpart = (torch.zeros(groups, h, np_, np_, device=q.device, dtype=torch.float32) if need_dbias
              else torch.empty(1, device=q.device, dtype=torch.float32))
     grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), h, groups)  # noqa: E731
     _dq_tuned[grid_q](q, k, v, do, lse, delta, dq, dpart, *ptrs,
                       *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *strides,
-                      b, h, n, d, rows_per_group, scale, scale * LOG2E, NEED_DBIAS=need_dbias, **flags)
+                      b, h, n, d, rows_per_group, np_, scale, scale * LOG2E, NEED_DBIAS=need_dbias, **flags)
     dbias = None
     if need_dbias and bias is not None:
-        dbias = dpart.sum(0).to(bias.dtype)
+        dbias = dpart.sum(0)[:, :n, :n].contiguous().to(bias.dtype)
     elif need_dbias:
         _, order, offsets, _ = _index_data(index, table.shape[0])
         rows = table.shape[0]
         dtable = torch.empty(rows, h, device=q.device, dtype=torch.float32)
-        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, n * n, *dtable.stride(),
+        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, n, np_, *dtable.stride(),
                              BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
         dbias = dtable.to(table.dtype)
     return dq, dk, dv, dbias
