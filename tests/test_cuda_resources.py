@@ -1,0 +1,56 @@
+"""Register use of the CUDA kernels on sm_90, from ptxas's report (nvcc --resource-usage), without a GPU: no kernel
+may spill registers to local memory beyond the spills measured and documented in csrc/README.md ("Register use"),
+so a change that makes a kernel spill, or spill more, fails here instead of showing up as a slowdown on the GPU."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+# (kernel, values per lane) -> largest spill in bytes per thread accepted (nvcc 13.0, sm_90); see csrc/README.md
+KNOWN_SPILLS = {
+    ("softmax_backward_rows", 32): 472,  # Nk 513..1024: scores, gradient, probabilities, bias and batch sums
+    ("softmax_forward_rows", 4): 40,  # Nk 65..128: ptxas keeps these at 40-48 registers and spills a few words
+    ("layernorm_backward_stage1", 24): 52,  # D 513..768 at the 168-register cap of 3 blocks per SM
+    ("layernorm_backward_stage1", 32): 72,  # D 769..1024, same cap
+}
+
+
+def resource_usage(source: Path, arch: int = 90) -> dict:
+    """{(kernel name, last template argument): (registers, spill store bytes)} for every kernel of ``source``."""
+    done = subprocess.run([NVCC, f"-arch=sm_{arch}", "-O3", "-std=c++17", "--resource-usage", f"-I{CSRC}", "-c",
+                           str(source), "-o", "/dev/null"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    usage, kernel = {}, None
+    for line in (done.stdout + done.stderr).splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            mangled = m.group(1)  # ..._<len><name>I<template args>E... : the kernel's name, then its last argument
+            name = re.search(r"\d+((?:softmax|layernorm|gather)_[a-z0-9_]+?)[IE]", mangled)
+            args = re.findall(r"Li(\d+)E", mangled)
+            kernel = (name.group(1) if name else mangled, int(args[-1]) if args else None)
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and kernel:  # the worst over the dtype instantiations of the same kernel and tier
+            regs, spill = usage.get(kernel, (0, 0))
+            usage[kernel] = (regs, max(spill, int(m.group(1))))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and kernel:
+            regs, spill = usage.get(kernel, (0, 0))
+            usage[kernel] = (max(regs, int(m.group(1))), spill)
+            kernel = None
+    return usage
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize("source", ["masked_softmax.cu", "multiway_layernorm.cu", "rel_pos_gather.cu"])
+def test_no_kernel_spills_beyond_the_documented_ones(source):
+    usage = resource_usage(CSRC / "cuda" / source)
+    assert usage, "no kernel found in ptxas's report"
+    over = {k: v for k, v in usage.items() if v[1] > KNOWN_SPILLS.get(k, 0)}
+    assert not over, f"kernels spilling registers (registers, spill bytes): {over}"
