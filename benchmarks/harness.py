@@ -204,8 +204,40 @@ class Row:
     samples_per_s: Optional[float] = None
     mfu_measured: Optional[float] = None
     mfu_datasheet: Optional[float] = None
-    status: str = "ok"  # ok | oom | error: ... | skipped: ...
+    status: str = "ok"  # ok | oom | error: ... | skipped: ... | mismatch: ...
     note: str = ""
+    max_rel_err: Optional[float] = None  # against the baseline's result, when the case checks agreement
+
+
+def _tensors(out: Any) -> List[torch.Tensor]:
+    """The floating-point tensors of a result (a tensor, or tuples/lists/dicts of them; dicts in key order)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _tensors(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def max_relative_error(out: Any, ref: Any) -> float:
+    """Largest over the result's tensors of max|out - ref| / max|ref| (in fp32); inf when the results differ in
+    structure or shape, or ``out`` is not finite where ``ref`` is."""
+    a, b = _tensors(out), _tensors(ref)
+    if len(a) != len(b) or not a:
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return math.inf
+        x, y = x.detach().float(), y.detach().float()
+        finite = torch.isfinite(y)
+        if not torch.isfinite(x[finite]).all():
+            return math.inf
+        scale = y[finite].abs().max().item() if finite.any() else 0.0
+        err = (x[finite] - y[finite]).abs().max().item() if finite.any() else 0.0
+        worst = max(worst, err / max(scale, 1e-12))
+    return worst
 
 
 def device_name(device: torch.device) -> str:

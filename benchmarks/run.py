@@ -79,9 +79,15 @@ class Bench:
 
     def measure(self, op: str, case: Dict[str, Any], dtype: str, mode: str, impls: Dict[str, Callable[[], Any]],
                 baseline: str = "official", flops: Optional[float] = None, bytes_: Optional[float] = None,
-                samples: Optional[int] = None) -> List[Row]:
+                samples: Optional[int] = None, check: bool = False) -> List[Row]:
+        """Time every implementation of one case. ``check``: first run each once and compare its result (output,
+        or gradients for fwd+bwd) with the baseline's; one further than AGREEMENT_TOL[dtype] (relative to the
+        largest reference value) is timed but marked "mismatch" and never counted as the best alternative."""
         rows: List[Row] = []
         timings: Dict[str, Any] = {}
+        errors: Dict[str, float] = {}
+        if check and not self.out_of_time():
+            errors = self.agreement(impls, baseline)
         if not self.out_of_time():
             timings = harness.time_fns(impls, self.device, warmup=2 if self.device.type == "cpu" else 3,
                                        reps=self.reps)
@@ -121,6 +127,12 @@ class Bench:
                         if self.datasheet:
                             row.mfu_datasheet = row.tflops / self.datasheet
             rows.append(row)
+        for r in rows:
+            err = errors.get(r.impl)
+            if err is not None:
+                r.max_rel_err = err
+                if err > AGREEMENT_TOL[dtype] and r.status == "ok":
+                    r.status = f"mismatch: max rel err {err:.1e} vs {baseline} (> {AGREEMENT_TOL[dtype]:.0e})"
         base = next((r for r in rows if r.impl == baseline and r.ms is not None), None)
         for r in rows:
             if base is not None and r.ms is not None:
@@ -129,6 +141,32 @@ class Bench:
         for r in rows:
             print(_row_line(r), flush=True)
         return rows
+
+
+    def agreement(self, impls: Dict[str, Callable[[], Any]], baseline: str) -> Dict[str, float]:
+        """max relative error of each implementation's result against the baseline's (errors are left to timing)."""
+        try:
+            ref = impls[baseline]()
+        except Exception:  # noqa: BLE001 - the baseline's failure shows in its row
+            return {}
+        out = {}
+        for name, fn in impls.items():
+            if name == baseline:
+                continue
+            try:
+                out[name] = harness.max_relative_error(fn(), ref)
+            except Exception:  # noqa: BLE001 - reported by the timing run
+                pass
+        del ref
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return out
+
+
+# Largest accepted max|result - official| / max|official| per dtype when a case checks agreement: fp32 results
+# differ by rounding and summation order only; bf16/fp16 ones by a few units of their 8/11-bit mantissa (the official
+# math rounds P to the input dtype, the kernels keep it in fp32).
+AGREEMENT_TOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
 
 
 def _row_line(r: Row) -> str:
@@ -151,8 +189,9 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: List[torch.Tensor]) -> Calla
 
     def run():
         out = fn()
-        if grad_out[0] is None:
-            grad_out[0] = torch.randn_like(out)
+        if grad_out[0] is None:  # the same for every implementation of a case, so their gradients compare
+            gen = torch.Generator(device=out.device).manual_seed(0)
+            grad_out[0] = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
         return torch.autograd.grad(out, inputs, grad_out[0])
 
     return run
@@ -238,10 +277,10 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) 
                     impls["compile(official)"] = lambda: _autocast_call(dev, dtype, compiled, q, k, v, table, index,
                                                                         keep, scale)
             bench.measure("attention", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
-                          flops=harness.attention_flops(b, h, n, d))
+                          flops=harness.attention_flops(b, h, n, d), check=True)
             leaves = [q, k, v, full_table]
             bench.measure("attention", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, leaves) for k_, f in impls.items()},
-                          flops=harness.attention_flops(b, h, n, d, backward=True))
+                          flops=harness.attention_flops(b, h, n, d, backward=True), check=True)
 
 
 def _autocast_call(dev, dtype, fn, *args):
@@ -300,9 +339,9 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
             impls["compile(official)"] = lambda: compiled(scores, 0.125, bias, keep)
         elems = b * h * n * n * scores.element_size()
         bench.measure("softmax", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
-                      bytes_=2 * elems)
+                      bytes_=2 * elems, check=True)
         bench.measure("softmax", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, [scores, bias]) for k_, f in impls.items()},
-                      bytes_=5 * elems)
+                      bytes_=5 * elems, check=True)
 
 
 def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
@@ -333,9 +372,9 @@ def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
         elems = b * n * d * x.element_size()
         leaves = [x] + ws + bs
         bench.measure("layernorm", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
-                      bytes_=2 * elems)
+                      bytes_=2 * elems, check=True)
         bench.measure("layernorm", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, leaves) for k_, f in impls.items()},
-                      bytes_=5 * elems)
+                      bytes_=5 * elems, check=True)
 
 
 def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
@@ -379,7 +418,8 @@ def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
         fns = {}
         for name, f in impls.items():
             fns[name] = fwd_bwd(f, official_leaves if "official" in name else leaves)
-        bench.measure("block", dict(B=b, N=n, D=cfg.embed_dim), dtype_name, "fwd+bwd", fns, flops=3 * flops)
+        bench.measure("block", dict(B=b, N=n, D=cfg.embed_dim), dtype_name, "fwd+bwd", fns, flops=3 * flops,
+                      check=True)
 
 
 def make_batch(config, b: int, dev: torch.device, with_mlm: bool = True) -> Dict[str, Any]:
@@ -423,7 +463,8 @@ def bench_model(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
                 compiled = torch.compile(ref.infer)
                 impls["compile(official)"] = lambda: _infer_fn(compiled, batch, dev, dtype)
             bench.measure("model", dict(path=path, B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")),
-                          dtype_name, "fwd", impls, flops=harness.forward_path_flops(cfg, b, path), samples=b)
+                          dtype_name, "fwd", impls, flops=harness.forward_path_flops(cfg, b, path), samples=b,
+                          check=True)
 
 
 def _infer(model, path, batch, dev, dtype):

@@ -59,7 +59,7 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         if ours is None:
             continue
         others = [r for r in rows if r["impl"] not in ("vlmo_fast", "vlmo_fast[torch]") and r is not base
-                  and r["ms"] is not None]
+                  and r["ms"] is not None and not r.get("status", "ok").startswith("mismatch")]
         best = min(others, key=lambda r: r["ms"]) if others else None
         out.append({
             "op": op, "case": case, "dtype": dtype, "mode": mode, "ms": ours["ms"], "status": ours["status"],

@@ -102,6 +102,36 @@ def test_errors_are_recorded_not_hidden():
     assert rows[0].status == "ok" and rows[0].speedup == 1.0
 
 
+def test_a_wrong_result_is_flagged_and_never_the_best_alternative(monkeypatch):
+    """Cases that check agreement compare every implementation's result (gradients too) with the official one: a
+    wrong kernel is still timed, but marked, and the summary never names it as the alternative to beat."""
+    sizes = bench_run.SIZES["tiny"]
+    real = bench_run.ops.masked_softmax
+    monkeypatch.setattr(bench_run.ops, "masked_softmax", lambda *a, **k: real(*a, **k) * 1.01)
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, sizes, ["fp32"])
+    rows = {(r.impl, r.mode): r for r in bench.rows}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[("vlmo_fast", mode)].status.startswith("mismatch: max rel err 1.0e-02")
+        assert rows[("vlmo_fast", mode)].ms is not None
+        assert rows[("official", mode)].status == "ok"
+    monkeypatch.undo()
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, sizes, ["fp32"])
+    assert all(r.status == "ok" and r.max_rel_err is not None and r.max_rel_err < 1e-6
+               for r in bench.rows if r.impl != "official")
+    # a mismatching alternative is not "best other" in the summary
+    import summary
+
+    data = {"rows": [dict(op="softmax", case={"N": 1}, dtype="fp32", mode="fwd", impl=i, baseline="official", ms=ms,
+                          speedup=1.0, status=st)
+                     for i, ms, st in [("official", 2.0, "ok"), ("vlmo_fast", 1.0, "ok"), ("sdpa", 0.1, "mismatch: x"),
+                                       ("flex", 1.5, "ok")]]}
+    assert summary.summary_rows(data)[0]["best_other"] == "flex"
+    assert harness.max_relative_error((torch.ones(2), torch.ones(3)), (torch.ones(2),)) == float("inf")
+    assert harness.max_relative_error(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+
+
 def test_cpu_timing_interleaves_the_implementations():
     """On CPU the implementations take turns (A, B, A, B, ... after each one's warm-up), so drift during a case hits
     both alike; an implementation that fails part-way is reported as failed and the others keep their timings."""
