@@ -156,9 +156,9 @@ def _ffn_step(b, n, d):
 
 def model_launches():
     """[(label, jit function, args, kwargs, configs, strict)] of one VLMo training step's Triton kernels at N = 237.
-    ``strict``: every autotune configuration must compile without register spills (VLMo-base and the dense-bias
-    form); otherwise at least one must (base_plus: D = 34 rows are not 16-byte aligned, so its loads are not
-    vectorized and some tile shapes spill)."""
+    ``strict``: on sm_90 every autotune configuration must compile without register spills (VLMo-base and the
+    dense-bias form); otherwise, and on other targets (sm_80's mma path needs more registers), at least one must
+    (base_plus: D = 34 rows are not 16-byte aligned, so its loads are not vectorized and some tile shapes spill)."""
     log = []
     att = ("_fwd_tuned", "_bwd_delta", "_dkdv_tuned", "_dq_tuned", "_bucket_sum")
     ffn = ("_ln_fwd", "_ln_bwd", "_residual", "_residual_bwd")
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
                     kernel = compile_launch(fn, fargs, kwargs, c, arch)
                     regs, spill = register_use(kernel, arch)
                     spill_free += spill == 0
-                    failures += not _line(arch, name, kernel, t0, regs, spill, spill_ok=not strict)
+                    failures += not _line(arch, name, kernel, t0, regs, spill, spill_ok=not (strict and arch == 90))
                 except Exception as exc:  # report every failing configuration, then fail
                     failures += 1
                     print(f"sm_{arch} FAIL {name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
