@@ -168,13 +168,42 @@ def route_native_to_emulator(monkeypatch, device_index: int = 0) -> None:
 
     ``device_index`` picks the emulated device: device d has 2·(d + 1) SMs, which steers the launchers' grid planning
     (batch chunks of the softmax, stage-1 blocks of the LayerNorm backward).
+
+    Every ``__ldg`` of a launcher call is checked against the storages of the tensors the public op handed over
+    (through ``native._addr``): a read outside all of them fails the call (a kernel reading past an operand).
     """
     from vlmo_fast.ops import native
 
-    monkeypatch.setattr(native, "_C", load())
+    module = load()
+    lib = ctypes.CDLL(module.__file__)  # the loaded library itself: its read-check state
+    lib.cuda_emu_add_readable.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
+    lib.cuda_emu_clear_readable()
+    real_addr, real_launcher = native._addr, native._launcher
+
+    def addr(t):
+        p = real_addr(t)
+        if p:
+            storage = t.untyped_storage()
+            lib.cuda_emu_add_readable(storage.data_ptr(), storage.nbytes())
+        return p
+
+    def launcher(name, device):
+        fn = real_launcher(name, device)
+
+        def run(**kwargs):
+            try:
+                return fn(**kwargs)
+            finally:  # the next call lists its own tensors
+                lib.cuda_emu_clear_readable()
+
+        return run
+
+    monkeypatch.setattr(native, "_C", module)
     monkeypatch.setattr(native, "_CUDA_COMPILED", True)
     monkeypatch.setattr(native, "_runs_cuda", lambda device: True)
     monkeypatch.setattr(native, "_launch_args", lambda device: {"device": device_index, "stream": 0})
+    monkeypatch.setattr(native, "_addr", addr)
+    monkeypatch.setattr(native, "_launcher", launcher)
 
 
 @contextlib.contextmanager

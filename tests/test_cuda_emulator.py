@@ -198,3 +198,29 @@ def test_layernorm_and_softmax_bits_do_not_depend_on_the_schedule(monkeypatch, d
         second = run()
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+def test_a_read_past_the_operands_is_an_error(monkeypatch):
+    """Every __ldg of a launcher call must fall inside a tensor the op handed over: here an index value far past the
+    table (which the Python validation would have refused) makes the kernel read outside it."""
+    from vlmo_fast.ops import native
+
+    cuda_emulator.route_native_to_emulator(monkeypatch)
+    b, h, n = 2, 2, 8
+    scores, table = torch.randn(b, h, n, n), torch.randn(4, h)
+    out, lse = torch.empty_like(scores), torch.empty(b, h, n)
+    index = torch.randint(0, 4, (n, n), dtype=torch.int32)
+
+    def launch():
+        native._launcher("masked_softmax_forward", scores.device)(
+            scores=native._addr(scores), scores_dtype=0, out=native._addr(out), out_dtype=0, lse=native._addr(lse),
+            batch=b, heads=h, n_q=n, n_k=n, scale=1.0, bias=0, table=native._addr(table), table_s0=h, table_s1=1,
+            table_rows=4, index=native._addr(index), keep=0, device=0, stream=0)
+
+    launch()  # in range: fine
+    index[3, 5] = 1 << 20
+    with pytest.raises(RuntimeError, match="outside every tensor handed to the launch"):
+        launch()
+    index[3, 5] = 0
+    launch()  # the checker holds no stale state
+

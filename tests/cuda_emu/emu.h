@@ -13,6 +13,7 @@
 //   - the launch configuration is one CUDA would reject.
 // Blocks run in index order, and the threads of a block are resumed in index order, unless the tests ask for the
 // reverse (cuda_emu_set_reverse_order): a kernel whose bits depend on that order has a race or an unordered reduction.
+// Reads through __ldg (every input the kernels load with it) can be checked against the tensors handed to the launch.
 // Shared memory is filled with NaN bytes at each block's start and each fiber's stack top likewise, so a read of
 // memory nobody wrote shows up in the results instead of reading as zero.
 // Not modelled: timing, memory coalescing, real concurrency between blocks (atomics are plain read-modify-writes on
@@ -41,6 +42,10 @@ dim3& grid_dim();
 // Blocks the calling fiber until its whole warp reached a warp operation; returns this lane's result.
 uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg);
 void sync_threads();
+// With read checking on (tests/cuda_emulator.py turns it on for each launcher call and lists the storages of the
+// tensors handed to it), a __ldg outside all of them is recorded and reported when the launch ends; false for such a
+// read, which then returns zero instead of touching the address.
+bool check_read(const void* p, size_t bytes);
 // Fills a block's static shared array with NaN bytes, once per block (whichever thread gets there first).
 void poison_shared(void* p, size_t bytes);
 // Runs `body` for every thread of every block of the grid (see the model above).
@@ -91,6 +96,7 @@ T from_bits(uint64_t b) {
 
 template <class T>
 inline T __ldg(const T* p) {
+  if (!cuda_emu::check_read(p, sizeof(T))) return T{};
   return *p;
 }
 

@@ -47,6 +47,8 @@ dim3 g_host_dim{1, 1, 1};
 cudaError_t g_last_error = cudaSuccess;
 int g_current_device = 0;
 bool g_reverse = false;  // run blocks, and the fibers of each scheduling round, in reverse order
+std::vector<std::pair<uintptr_t, uintptr_t>> g_readable;  // [start, end) of the storages a launch may read
+std::string g_bad_read;  // the first __ldg outside them, reported when the launch ends
 
 const char* op_name(Op op) {
   switch (op) {
@@ -189,6 +191,20 @@ void sync_threads() {
   yield(f);
 }
 
+bool check_read(const void* p, size_t bytes) {
+  if (g_readable.empty()) return true;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (const auto& r : g_readable)
+    if (a >= r.first && a + bytes <= r.second) return true;
+  if (!g_bad_read.empty()) return false;
+  char what[160];
+  const uint3 t = thread_idx(), b = block_idx();
+  std::snprintf(what, sizeof(what), "thread (%u,%u,%u) of block (%u,%u,%u) read %zu bytes at %p, outside every tensor "
+                "handed to the launch", t.x, t.y, t.z, b.x, b.y, b.z, bytes, p);
+  g_bad_read = what;
+  return false;
+}
+
 void poison_shared(void* p, size_t bytes) {
   struct Seen {
     void* p;
@@ -239,6 +255,11 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void
     throw;
   }
   g_run = nullptr;
+  if (!g_bad_read.empty()) {
+    const std::string what = g_bad_read;
+    g_bad_read.clear();
+    throw std::runtime_error("cuda emulator: " + what);
+  }
 }
 
 int sm_count(int device) { return 2 * (device + 1); }
@@ -248,6 +269,12 @@ int sm_count(int device) { return 2 * (device + 1); }
 // Scheduling order for the tests: 0 runs blocks and threads in index order, 1 in reverse. A kernel whose result
 // depends on the order (a race, or an accumulation whose order is not fixed) gives different bits under the two.
 extern "C" void cuda_emu_set_reverse_order(int reverse) { cuda_emu::g_reverse = reverse != 0; }
+
+// Read checking: while any range is listed, every __ldg must fall inside one of them.
+extern "C" void cuda_emu_add_readable(uint64_t start, uint64_t bytes) {
+  cuda_emu::g_readable.emplace_back(static_cast<uintptr_t>(start), static_cast<uintptr_t>(start + bytes));
+}
+extern "C" void cuda_emu_clear_readable() { cuda_emu::g_readable.clear(); }
 
 // ---- the CUDA runtime API the launchers and build_info() call ---------------------------------------------------
 
