@@ -187,6 +187,36 @@ def test_model_with_triton_backend_matches_reference():
                 rtol=1e-4)
 
 
+@pytest.mark.skipif(on_gpu, reason="the interpreter's single configuration is what this test replaces")
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_every_autotune_candidate_computes_the_same(monkeypatch, kernel):
+    """On a GPU the autotuner may pick any candidate; the interpreter otherwise runs one (64 x 64). Here each
+    candidate tile shape of one kernel runs in turn, on tiles that do not divide N = 45, with a half and a fully
+    padded batch row and the table gradient (the dQ candidates also fill the padded partials differently)."""
+    import triton
+
+    tuner = {"fwd": ta._fwd_tuned, "dkdv": ta._dkdv_tuned, "dq": ta._dq_tuned}[kernel]
+    shapes = {"fwd": ta.FWD_CONFIGS, "dkdv": ta.DKDV_CONFIGS, "dq": ta.DQ_CONFIGS}[kernel]
+    b, h, n, d = 3, 2, 45, 16
+    q, k, v = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, requires_grad=True)
+    keep = padding(b, n, full_row=2)
+    ref = reference_attention(q, k, v, table.t()[:, index], keep)
+    g = torch.randn_like(ref, dtype=torch.float32)
+    want = grads(ref, [q, k, v, table], g.double())
+    for m, bn, warps, stages in shapes:
+        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": bn}, num_warps=warps,
+                                                             num_stages=stages)])
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                    backend="triton")
+        tag = f"{kernel} {m}x{bn}"
+        check_close(out, ref, name=f"{tag} out")
+        for name, a, r in zip(["dq", "dk", "dv", "dtable"], grads(out, [q, k, v, table], g), want):
+            check_close(a, r, rtol=5e-5, name=f"{tag} {name}")
+        assert tuner.best_config.kwargs == {"BLOCK_M": m, "BLOCK_N": bn}  # this candidate is what ran
+
+
 # ---- GPU (H100/H200): the flash-attention numerics rule at VLMo sizes ---------------------------------------------
 
 

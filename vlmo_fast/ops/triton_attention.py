@@ -301,31 +301,30 @@ if triton is not None:
 # ---- tuning -------------------------------------------------------------------------------------------------------
 
 
-def _config_list(shapes, reset=None):
+def _config_list(shapes):
     """Autotuned configurations; a single one under the interpreter (no timing there)."""
     if interpreting():
         shapes = [(64, 64, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) candidates of the three autotuned kernels: every one compiles for sm_90
+# (H100/H200) without register spills for the model's launches (bf16, D = 64, the in-kernel VLMo index, padding
+# mask), and each kernel has some that do not spill on sm_80 (A100, whose mma path needs more registers):
+# tests/triton_aot.py checks both with the specialization the JIT gives the real arguments, and the interpreter tests
+# run each one. The autotuner picks among them on the device.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
+DKDV_CONFIGS = [(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 3)]
+DQ_CONFIGS = [(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2)]
+
 if triton is not None:
     _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
-    # (BLOCK_M, BLOCK_N, warps, stages) candidates: every one compiles for sm_90 (H100/H200) without register spills
-    # for the model's launches (bf16, D = 64, the in-kernel VLMo index, padding mask), and each kernel has some that
-    # do not spill on sm_80 (A100, whose mma path needs more registers): tests/triton_aot.py checks both with the
-    # specialization the JIT gives the real arguments. The autotuner picks among them on the device.
-    _fwd_tuned = triton.autotune(
-        _config_list([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]),
-        key=_TUNE_KEY)(_fwd)
-    _dkdv_tuned = triton.autotune(
-        _config_list([(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2),
-                      (64, 32, 8, 3)]),
-        key=_TUNE_KEY)(_bwd_dkdv)
-    _dq_tuned = triton.autotune(
-        _config_list([(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2)]),
-        key=_TUNE_KEY + ["NEED_DBIAS"], reset_to_zero=["DPART"])(_bwd_dq)
+    _fwd_tuned = triton.autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY)(_fwd)
+    _dkdv_tuned = triton.autotune(_config_list(DKDV_CONFIGS), key=_TUNE_KEY)(_bwd_dkdv)
+    _dq_tuned = triton.autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"],
+                                reset_to_zero=["DPART"])(_bwd_dq)
     # whole tiles of the padded bias-gradient partials (see _PART_PAD)
-    assert all(_PART_PAD % c.kwargs[k] == 0 for c in _dq_tuned.configs for k in ("BLOCK_M", "BLOCK_N"))
+    assert all(_PART_PAD % m == 0 and _PART_PAD % n == 0 for m, n, _, _ in DQ_CONFIGS)
 
 
 # ---- host side ---------------------------------------------------------------------------------------------------
