@@ -49,13 +49,16 @@ def run_paths(model, b, train, seed=5):
     return outs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", "auto"), ("cuda-emu", "cuda")], indirect=["device"])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("train", [False, True])
-def test_outputs_and_gradients_equal_the_original(gather, train):
+def test_outputs_and_gradients_equal_the_original(gather, train, device, backend):
+    """backend="cuda" on "cuda-emu": the attention softmax of the accelerated official modules runs in the CUDA kernel
+    (CPU emulator), with the official dense bias or the table gathered in the kernel."""
     model = official_model()
     original = copy.deepcopy(model)
     b = batch(model.config)
-    report = vf.accelerate(model, gather_bias_in_kernel=gather)
+    report = vf.accelerate(model, backend=backend, gather_bias_in_kernel=gather)
     assert len(report.replaced) == 4 and not report.left_alone
     outs, grads = run_paths(model, b, train)
     ref_outs, ref_grads = run_paths(original, b, train)
