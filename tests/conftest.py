@@ -46,8 +46,9 @@ def device(request, monkeypatch):
     if name == "cuda-emu":
         import cuda_emulator
 
-        if cuda_emulator.cuda_include_dir() is None:
-            pytest.skip("the CUDA emulator needs the CUDA toolkit headers")
+        reason = cuda_emulator.unavailable()
+        if reason is not None:
+            pytest.skip(f"the CUDA emulator cannot be built: {reason}")
         cuda_emulator.route_native_to_emulator(monkeypatch)
         return "cpu"
     return name

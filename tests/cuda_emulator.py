@@ -7,7 +7,8 @@ at block start; nothing else in the sources changes. The module also holds the C
 
 ``route_native_to_emulator(monkeypatch)`` points vlmo_fast.ops.native at that module and makes it treat CPU tensors as
 CUDA tensors, so the public ops run their CUDA branch (allocation, workspace query, launch) through the emulator.
-The build needs g++, pybind11 and the CUDA headers (the toolkit's include directory); it is cached per source hash.
+The build needs g++, pybind11 and the CUDA headers (the toolkit's include directory); it is cached per source and
+compiler in ~/.cache/vlmo_fast/cuda_emu (or $VLMO_CUDA_EMU_CACHE).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ CSRC = ROOT / "csrc"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 _MODULE = None
 _BUILD = None  # the build directory, or the exception the build raised
+
+
+def unavailable() -> str | None:
+    """Why the emulator cannot be built on this machine, or None. Without any CUDA toolkit (no headers, no nvcc) it
+    is skipped; with nvcc present a missing piece is an error, as the CUDA sources must be checked there (CI)."""
+    if cuda_include_dir() is None and shutil.which("nvcc") is None:
+        return "no CUDA toolkit (headers or nvcc) on this machine"
+    if shutil.which("g++") is None:
+        return "no g++ on this machine"
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed (the [test] extra brings it)"
+    return None
 
 
 def cuda_include_dir() -> Path | None:
@@ -110,11 +125,17 @@ def _build() -> Path:
     flags = ["-std=c++17", "-O1", "-fPIC", "-w", "-DVLMO_FAST_WITH_CUDA=1", '-DVLMO_FAST_CUDA_ARCHS="emulated"',
              '-DVLMO_FAST_NVCC_VERSION="emulated"', f"-I{include}", f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}"]
-    digest = hashlib.sha256(repr((sorted(files.items()), flags, sys.version)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("VLMO_CUDA_EMU_CACHE", Path(tempfile.gettempdir()) / "vlmo_fast_cuda_emu"))
-    work = cache / digest
-    if (work / "done").is_file():
-        return work
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    key = (sorted(files.items()), flags, sys.version, compiler, pybind11.__version__)
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("VLMO_CUDA_EMU_CACHE", Path.home() / ".cache" / "vlmo_fast" / "cuda_emu"))
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = cache / digest
+    if (final / "done").is_file():
+        return final
+    # build in a private directory, then publish it under the hash with one rename: a concurrent run either finds
+    # a complete build or builds its own
+    work = Path(tempfile.mkdtemp(prefix=f"{digest}.", dir=cache))
     src = work / "src"
     for name, text in files.items():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +155,10 @@ def _build() -> Path:
         return obj
 
     def link(objects: list[Path], out: Path) -> None:
-        done = subprocess.run(["g++", "-shared", "-o", str(out), *map(str, objects)], capture_output=True, text=True)
+        # -Bsymbolic: the module's own CUDA runtime stand-ins win over a real libcudart already loaded in the process
+        # (CUDA builds of torch load one globally)
+        done = subprocess.run(["g++", "-shared", "-Wl,-Bsymbolic", "-o", str(out), *map(str, objects)],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"cuda emulator: linking {out.name} failed:\n{done.stderr[-4000:]}")
 
@@ -143,7 +167,13 @@ def _build() -> Path:
     link([objects[u] for u in module] + [objects[runtime]], work / ("_C" + sysconfig.get_config_var("EXT_SUFFIX")))
     link([objects[selftest], objects[runtime]], work / "selftest.so")
     (work / "done").write_text("ok\n")
-    return work
+    try:
+        os.rename(work, final)
+    except OSError:  # another run published the same build first: use it
+        shutil.rmtree(work, ignore_errors=True)
+        if not (final / "done").is_file():
+            raise
+    return final
 
 
 def selftest_library() -> ctypes.CDLL:

@@ -11,8 +11,8 @@ import cuda_emulator
 from native_helpers import max_err, padding
 from vlmo_fast import ops
 
-pytestmark = pytest.mark.skipif(cuda_emulator.cuda_include_dir() is None,
-                                reason="the CUDA emulator needs the CUDA toolkit headers")
+pytestmark = pytest.mark.skipif(cuda_emulator.unavailable() is not None,
+                                reason=f"the CUDA emulator cannot be built: {cuda_emulator.unavailable()}")
 
 
 @pytest.fixture(scope="module")
@@ -223,4 +223,25 @@ def test_a_read_past_the_operands_is_an_error(monkeypatch):
         launch()
     index[3, 5] = 0
     launch()  # the checker holds no stale state
+
+
+def test_a_gather_past_the_table_is_an_error(monkeypatch):
+    """The relative-position gather reads the table through __ldg too: an index past the table is caught."""
+    from vlmo_fast.ops import native
+
+    cuda_emulator.route_native_to_emulator(monkeypatch)
+    n, rows, cols = 9, 6, 3
+    table, out = torch.randn(rows, cols), torch.empty(cols, n, n)
+    index = torch.randint(0, rows, (n, n), dtype=torch.int32)
+
+    def launch():
+        native._launcher("rel_pos_gather_forward", table.device)(
+            table=native._addr(table), dtype=0, s0=cols, s1=1, rows=rows, cols=cols, index=native._addr(index), n=n,
+            out=native._addr(out), device=0, stream=0)
+
+    launch()
+    assert torch.equal(out, table.t()[:, index.long()])
+    index[4, 4] = 1 << 20
+    with pytest.raises(RuntimeError, match="outside every tensor handed to the launch"):
+        launch()
 

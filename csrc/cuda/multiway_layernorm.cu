@@ -163,8 +163,8 @@ __global__ void layernorm_backward_stage2(Params p, float* dweight, float* dbias
   const int64_t k1 = e == 0 ? p.blocks0 : p.blocks0 + p.blocks1;
   float sw = 0.0f, sb = 0.0f;
   for (int64_t k = k0; k < k1; ++k) {
-    sw += p.workspace[(2 * k) * p.dim + j];
-    sb += p.workspace[(2 * k + 1) * p.dim + j];
+    sw += __ldg(p.workspace + (2 * k) * p.dim + j);  // written by stage 1 (an earlier launch): read-only here
+    sb += __ldg(p.workspace + (2 * k + 1) * p.dim + j);
   }
   if (dweight) dweight[e * p.dim + j] = sw;
   if (dbias) dbias[e * p.dim + j] = sb;

@@ -252,6 +252,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void
     }
   } catch (...) {
     g_run = nullptr;
+    g_bad_read.clear();  // this launch failed anyway: nothing of it may leak into the next
     throw;
   }
   g_run = nullptr;
