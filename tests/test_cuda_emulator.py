@@ -245,3 +245,19 @@ def test_a_gather_past_the_table_is_an_error(monkeypatch):
     with pytest.raises(RuntimeError, match="outside every tensor handed to the launch"):
         launch()
 
+
+def test_a_write_past_the_output_is_an_error(monkeypatch):
+    """Stores go through store_global (and atomicAdd), checked like the reads: an output buffer too small for the
+    launch's sizes (which the Python wrappers never allocate) is caught, and the stray stores are not made."""
+    from vlmo_fast.ops import native
+
+    cuda_emulator.route_native_to_emulator(monkeypatch)
+    n, rows, cols = 9, 6, 3
+    table, index = torch.randn(rows, cols), torch.randint(0, rows, (n, n), dtype=torch.int32)
+    short = torch.zeros(cols * n * n // 2)
+    with pytest.raises(RuntimeError, match="wrote 4 bytes at .* outside every tensor handed to the launch"):
+        native._launcher("rel_pos_gather_forward", table.device)(
+            table=native._addr(table), dtype=0, s0=cols, s1=1, rows=rows, cols=cols, index=native._addr(index), n=n,
+            out=native._addr(short), device=0, stream=0)
+    assert torch.equal(short, table.t()[:, index.long()].flatten()[: short.numel()])
+

@@ -15,25 +15,37 @@ namespace cuda {
 // Element type codes shared with Python and the CPU kernels (csrc/cpu/cpu_common.h).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+// Every global-memory store of the kernels goes through store_global (and every input read through __ldg), so the
+// CPU emulator of the tests (tests/cuda_emu) can check each address against the tensors handed to the launch: it
+// defines VLMO_FAST_STORE_CHECK; on the device the hook is empty and store_global is a plain store.
+#ifndef VLMO_FAST_STORE_CHECK
+#define VLMO_FAST_STORE_CHECK(p, bytes)
+#endif
+template <class T>
+__device__ __forceinline__ void store_global(T* p, T v) {
+  VLMO_FAST_STORE_CHECK(p, sizeof(T))
+  *p = v;
+}
+
 template <int DT>
 struct Elem;
 template <>
 struct Elem<kF32> {
   using T = float;
   static __device__ __forceinline__ float load(const T* p) { return __ldg(p); }
-  static __device__ __forceinline__ void store(T* p, float v) { *p = v; }
+  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, v); }
 };
 template <>
 struct Elem<kF16> {
   using T = __half;
   static __device__ __forceinline__ float load(const T* p) { return __half2float(__ldg(p)); }
-  static __device__ __forceinline__ void store(T* p, float v) { *p = __float2half_rn(v); }
+  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, __float2half_rn(v)); }
 };
 template <>
 struct Elem<kBF16> {
   using T = __nv_bfloat16;
   static __device__ __forceinline__ float load(const T* p) { return __bfloat162float(__ldg(p)); }
-  static __device__ __forceinline__ void store(T* p, float v) { *p = __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, __float2bfloat16_rn(v)); }
 };
 
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_forward_rows(Params p) {
         const int64_t j = k * 32 + lane;
         if (j < p.n_k) Elem<OUT>::store(o + j, 0.0f);
       }
-      if (lane == 0) p.lse[row] = kInf;
+      if (lane == 0) store_global(p.lse + row, kInf);
     } else {
       float sum = 0.0f;
 #pragma unroll
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_forward_rows(Params p) {
         const int64_t j = k * 32 + lane;
         if (j < p.n_k) Elem<OUT>::store(o + j, x[k] * inv);
       }
-      if (lane == 0) p.lse[row] = mx + logf(sum);
+      if (lane == 0) store_global(p.lse + row, mx + logf(sum));
     }
     if (kPrefetch<E>) {
 #pragma unroll
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_backward_rows(Params p) {
     for (int k = 0; k < E; ++k) {
       const int64_t j = k * 32 + lane;
       if (j < p.n_k) {
-        if (p.chunks == 1) d[j] = gsum[k];
+        if (p.chunks == 1) store_global(d + j, gsum[k]);
         else atomicAdd(d + j, gsum[k]);
       }
     }
@@ -280,12 +280,12 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_forward_long(Params p) {
   TO* o = static_cast<TO*>(p.out) + row * p.n_k;
   if (mx == -kInf) {
     for (int64_t j = lane; j < p.n_k; j += 32) Elem<OUT>::store(o + j, 0.0f);
-    if (lane == 0) p.lse[row] = kInf;
+    if (lane == 0) store_global(p.lse + row, kInf);
     return;
   }
   const float lse = mx + logf(sum);
   for (int64_t j = lane; j < p.n_k; j += 32) Elem<OUT>::store(o + j, expf(logit_at<IN>(p, row, b, h, i, j) - lse));
-  if (lane == 0) p.lse[row] = lse;
+  if (lane == 0) store_global(p.lse + row, lse);
 }
 
 template <int IN, int GD>

@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
     if (j < p.dim) Elem<DT>::store(yr + j, (x[k] - mu) * rs * __ldg(w + j) + __ldg(b + j));
   }
   if (lane == 0) {
-    p.mean[row] = mu;
-    p.rstd[row] = rs;
+    store_global(p.mean + row, mu);
+    store_global(p.rstd + row, rs);
   }
 }
 
@@ -149,8 +149,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(P
       sw += acc[0][q][j];
       sb += acc[1][q][j];
     }
-    out[j] = sw;
-    out[p.dim + j] = sb;
+    store_global(out + j, sw);
+    store_global(out + p.dim + j, sb);
   }
 }
 
@@ -166,8 +166,8 @@ __global__ void layernorm_backward_stage2(Params p, float* dweight, float* dbias
     sw += __ldg(p.workspace + (2 * k) * p.dim + j);  // written by stage 1 (an earlier launch): read-only here
     sb += __ldg(p.workspace + (2 * k + 1) * p.dim + j);
   }
-  if (dweight) dweight[e * p.dim + j] = sw;
-  if (dbias) dbias[e * p.dim + j] = sb;
+  if (dweight) store_global(dweight + e * p.dim + j, sw);
+  if (dbias) store_global(dbias + e * p.dim + j, sb);
 }
 
 int lanes_tier(int64_t dim) {

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) gather_forward(const T* __restrict__
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t c = t / nn, ij = t % nn;
-    out[t] = __ldg(table + static_cast<int64_t>(__ldg(index + ij)) * s0 + c * s1);
+    store_global(out + t, __ldg(table + static_cast<int64_t>(__ldg(index + ij)) * s0 + c * s1));
   }
 }
 

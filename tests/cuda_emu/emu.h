@@ -13,7 +13,8 @@
 //   - the launch configuration is one CUDA would reject.
 // Blocks run in index order, and the threads of a block are resumed in index order, unless the tests ask for the
 // reverse (cuda_emu_set_reverse_order): a kernel whose bits depend on that order has a race or an unordered reduction.
-// Reads through __ldg (every input the kernels load with it) can be checked against the tensors handed to the launch.
+// Reads through __ldg and stores through store_global/atomicAdd (every input and output access of the kernels) can be
+// checked against the tensors handed to the launch.
 // Shared memory is filled with NaN bytes at each block's start and each fiber's stack top likewise, so a read of
 // memory nobody wrote shows up in the results instead of reading as zero.
 // Not modelled: timing, memory coalescing, real concurrency between blocks (atomics are plain read-modify-writes on
@@ -46,6 +47,8 @@ void sync_threads();
 // tensors handed to it), a __ldg outside all of them is recorded and reported when the launch ends; false for such a
 // read, which then returns zero instead of touching the address.
 bool check_read(const void* p, size_t bytes);
+// The same for stores (csrc/cuda's store_global and atomicAdd); a store outside them is skipped.
+bool check_write(const void* p, size_t bytes);
 // Fills a block's static shared array with NaN bytes, once per block (whichever thread gets there first).
 void poison_shared(void* p, size_t bytes);
 // Runs `body` for every thread of every block of the grid (see the model above).
@@ -85,6 +88,9 @@ T from_bits(uint64_t b) {
 }  // namespace cuda_emu
 
 // ---- the device-side vocabulary the kernels use ---------------------------------------------------------------------
+
+#define VLMO_FAST_STORE_CHECK(p, bytes) \
+  if (!::cuda_emu::check_write(p, bytes)) return;
 
 #undef __shared__
 #define __shared__ static
@@ -138,6 +144,7 @@ inline unsigned __fns(unsigned mask, unsigned base, int offset) {
 }
 
 inline float atomicAdd(float* address, float v) {  // one OS thread runs every fiber: a plain read-modify-write
+  if (!cuda_emu::check_write(address, sizeof(float))) return 0.0f;
   const float old = *address;
   *address = old + v;
   return old;

@@ -48,7 +48,7 @@ cudaError_t g_last_error = cudaSuccess;
 int g_current_device = 0;
 bool g_reverse = false;  // run blocks, and the fibers of each scheduling round, in reverse order
 std::vector<std::pair<uintptr_t, uintptr_t>> g_readable;  // [start, end) of the storages a launch may read
-std::string g_bad_read;  // the first __ldg outside them, reported when the launch ends
+std::string g_bad_read;  // the first access outside them, reported when the launch ends
 
 const char* op_name(Op op) {
   switch (op) {
@@ -191,7 +191,7 @@ void sync_threads() {
   yield(f);
 }
 
-bool check_read(const void* p, size_t bytes) {
+bool check_access(const void* p, size_t bytes, const char* verb) {
   if (g_readable.empty()) return true;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   for (const auto& r : g_readable)
@@ -199,11 +199,14 @@ bool check_read(const void* p, size_t bytes) {
   if (!g_bad_read.empty()) return false;
   char what[160];
   const uint3 t = thread_idx(), b = block_idx();
-  std::snprintf(what, sizeof(what), "thread (%u,%u,%u) of block (%u,%u,%u) read %zu bytes at %p, outside every tensor "
-                "handed to the launch", t.x, t.y, t.z, b.x, b.y, b.z, bytes, p);
+  std::snprintf(what, sizeof(what), "thread (%u,%u,%u) of block (%u,%u,%u) %s %zu bytes at %p, outside every tensor "
+                "handed to the launch", t.x, t.y, t.z, b.x, b.y, b.z, verb, bytes, p);
   g_bad_read = what;
   return false;
 }
+
+bool check_read(const void* p, size_t bytes) { return check_access(p, bytes, "read"); }
+bool check_write(const void* p, size_t bytes) { return check_access(p, bytes, "wrote"); }
 
 void poison_shared(void* p, size_t bytes) {
   struct Seen {
