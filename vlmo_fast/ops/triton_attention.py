@@ -51,6 +51,11 @@ MAX_HEAD_DIM = 128
 _PART_PAD = 128
 
 
+def _part_size(n: int) -> int:
+    """NP for sequence length n."""
+    return -(-n // _PART_PAD) * _PART_PAD
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -279,10 +284,10 @@ if triton is not None:
                      cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
 
     @triton.jit
-    def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, N, NP, sdt_r, sdt_h,
+    def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NPP, sdt_r, sdt_h,
                     BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
         """d_table[r, h] = Σ_g Σ_{positions (i, j) with index[i, j] == r} dpart[g, h, i, j], in a fixed order
-        (the CSR holds positions i·N + j; the partials are (NP, NP) per group and head)."""
+        (the CSR holds the positions i·NP + j in the (NP, NP) partials of each group and head; NPP = NP²)."""
         r = tl.program_id(0)
         start = tl.load(OFFSETS + r)
         end = tl.load(OFFSETS + r + 1)
@@ -293,9 +298,8 @@ if triton is not None:
             offs = c + tl.arange(0, BLOCK)
             ok = offs < end
             pos = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
-            pos = (pos // N) * NP + pos % N
             for g in range(0, G):
-                vals = tl.load(DPART + (g * H + offs_h[None, :]).to(tl.int64) * (NP * NP) + pos[:, None],
+                vals = tl.load(DPART + (g * H + offs_h[None, :]).to(tl.int64) * NPP + pos[:, None],
                                mask=ok[:, None] & h_ok[None, :], other=0.0)
                 acc += tl.sum(vals, 0)
         tl.store(DTABLE + r * sdt_r + offs_h * sdt_h, acc, mask=h_ok)
@@ -362,14 +366,16 @@ def _structure(index: torch.Tensor, rows: int) -> Optional[Tuple[int, int, int]]
 
 def _index_data(index: torch.Tensor, rows: int):
     """(int32 contiguous index, CSR order, CSR row offsets, structure) for an index tensor and a table size,
-    computed once and reused until the tensor is modified in place. The CSR (positions sorted by table row) drives
-    the deterministic reduction of the table gradient."""
+    computed once and reused until the tensor is modified in place. The CSR (positions sorted by table row, as
+    offsets i·NP + j into the dQ kernel's padded partials) drives the deterministic reduction of the table gradient."""
     return _INDEX_DATA.get(index, (rows,), lambda: _compute_index_data(index, rows))
 
 
 def _compute_index_data(index: torch.Tensor, rows: int):
     flat = index.reshape(-1).long()
-    order = torch.argsort(flat, stable=True).to(torch.int32)
+    n = index.shape[0]
+    order = torch.argsort(flat, stable=True)
+    order = (order // n * _part_size(n) + order % n).to(torch.int32)
     counts = torch.bincount(flat, minlength=rows)
     offsets = torch.zeros(rows + 1, dtype=torch.int32, device=index.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
@@ -467,7 +473,7 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     groups = _group_count(b, h, n)
     rows_per_group = triton.cdiv(b, groups)
     groups = triton.cdiv(b, rows_per_group)
-    np_ = triton.cdiv(n, _PART_PAD) * _PART_PAD
+    np_ = _part_size(n)
     dpart = (torch.zeros(groups, h, np_, np_, device=q.device, dtype=torch.float32) if need_dbias
              else torch.empty(1, device=q.device, dtype=torch.float32))
     grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), h, groups)  # noqa: E731
@@ -481,7 +487,7 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
         _, order, offsets, _ = _index_data(index, table.shape[0])
         rows = table.shape[0]
         dtable = torch.empty(rows, h, device=q.device, dtype=torch.float32)
-        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, n, np_, *dtable.stride(),
+        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, np_ * np_, *dtable.stride(),
                              BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
         dbias = dtable.to(table.dtype)
     return dq, dk, dv, dbias
