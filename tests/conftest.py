@@ -41,15 +41,16 @@ def _fresh_seed():
 @pytest.fixture
 def device(request, monkeypatch):
     """The torch device of a test parametrized (``indirect=True``) over ``native_helpers.devices()``. For "cuda-emu"
-    the native ops run their CUDA branch on CPU tensors, through the CUDA kernels compiled for the CPU emulator."""
+    the native ops run their CUDA branch on CPU tensors, through the CUDA kernels compiled for the CPU emulator;
+    "cuda-emu:<d>" picks emulated device d (2·(d + 1) SMs), which changes the kernels' grid plans."""
     name = request.param
-    if name == "cuda-emu":
+    if name.startswith("cuda-emu"):
         import cuda_emulator
 
         reason = cuda_emulator.unavailable()
         if reason is not None:
             pytest.skip(f"the CUDA emulator cannot be built: {reason}")
-        cuda_emulator.route_native_to_emulator(monkeypatch)
+        cuda_emulator.route_native_to_emulator(monkeypatch, int(name.partition(":")[2] or 0))
         return "cpu"
     return name
 

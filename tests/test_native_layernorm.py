@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from native_helpers import assert_rule, devices, max_err
+from native_helpers import LARGER_EMULATED_GPU, assert_rule, devices, max_err
 from vlmo_fast import _native, ops
 from vlmo_fast.ops import native
 
@@ -48,7 +48,7 @@ def params(experts, d, device, dtype=torch.float32):
 _SIZES = [(1, 48), (40, 1), (237, 768), (257, 97), (40, 1024)] + [(9, d) for d in (32, 33, 65, 129, 257, 385, 513, 769)]
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", devices() + [LARGER_EMULATED_GPU], indirect=True)
 @pytest.mark.parametrize("n,d", _SIZES)
 @pytest.mark.parametrize("split", ["one", 0, "mid", "end"])
 def test_fp32_matches_float64(device, n, d, split):

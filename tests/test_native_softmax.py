@@ -4,7 +4,7 @@ against float64 references, for the output and every gradient, plus its argument
 import pytest
 import torch
 
-from native_helpers import assert_rule, devices, max_err, padding
+from native_helpers import LARGER_EMULATED_GPU, assert_rule, devices, max_err, padding
 from vlmo_fast import ops
 from vlmo_fast.model import relpos
 from vlmo_fast.ops import native
@@ -61,7 +61,7 @@ def float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
     return p, s.grad, (None if leaf is None else leaf.grad)
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", devices() + [LARGER_EMULATED_GPU], indirect=True)
 @pytest.mark.parametrize("n", [1, 40, 237, 257])
 @pytest.mark.parametrize("form", ["table", "dense", "none"])
 def test_fp32_matches_float64(device, n, form):

@@ -156,8 +156,3 @@ template <class A, class B>
 inline std::common_type_t<A, B> min(A a, B b) {
   return b < a ? b : a;
 }
-
-template <class A, class B>
-inline std::common_type_t<A, B> max(A a, B b) {
-  return a < b ? b : a;
-}

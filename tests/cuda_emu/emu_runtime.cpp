@@ -45,7 +45,6 @@ uint64_t g_block_serial = 0;
 uint3 g_host_idx{0, 0, 0};
 dim3 g_host_dim{1, 1, 1};
 cudaError_t g_last_error = cudaSuccess;
-int g_current_device = 0;
 bool g_reverse = false;  // run blocks, and the fibers of each scheduling round, in reverse order
 std::vector<std::pair<uintptr_t, uintptr_t>> g_readable;  // [start, end) of the storages a launch may read
 std::string g_bad_read;  // the first access outside them, reported when the launch ends
@@ -325,7 +324,6 @@ cudaError_t cudaSetDevice(int device) {
     cuda_emu::g_last_error = cudaErrorInvalidDevice;
     return cudaErrorInvalidDevice;
   }
-  cuda_emu::g_current_device = device;
   return cudaSuccess;
 }
 
