@@ -126,13 +126,10 @@ class Bench:
                         row.mfu_measured = row.tflops / self.ceilings["gemm_tflops"]
                         if self.datasheet:
                             row.mfu_datasheet = row.tflops / self.datasheet
+            row.max_rel_err = errors.get(name)
+            if row.max_rel_err is not None and row.max_rel_err > AGREEMENT_TOL[dtype] and row.status == "ok":
+                row.status = f"mismatch: max rel err {row.max_rel_err:.1e} vs {baseline} (> {AGREEMENT_TOL[dtype]:.0e})"
             rows.append(row)
-        for r in rows:
-            err = errors.get(r.impl)
-            if err is not None:
-                r.max_rel_err = err
-                if err > AGREEMENT_TOL[dtype] and r.status == "ok":
-                    r.status = f"mismatch: max rel err {err:.1e} vs {baseline} (> {AGREEMENT_TOL[dtype]:.0e})"
         base = next((r for r in rows if r.impl == baseline and r.ms is not None), None)
         for r in rows:
             if base is not None and r.ms is not None:
