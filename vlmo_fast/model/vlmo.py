@@ -109,6 +109,11 @@ class VLMo(nn.Module):
         self.transformer.grad_checkpointing = bool(enable)
         return self
 
+    def dead_parameter_names(self) -> List[str]:
+        """Parameters no forward path reads, so they never receive a gradient: the text position embeddings of the
+        models with the relative table (base, large; spec Q8). Kept for the state dict, left out of DDP's reducer."""
+        return [] if self.text_embeddings.use_abs_pos else ["text_embeddings.position_embeddings.weight"]
+
     @property
     def device(self) -> torch.device:
         return self.transformer.cls_token.device

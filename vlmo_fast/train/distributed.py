@@ -88,6 +88,10 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False, find_unused
         model._vlmo_replicated = sorted(scalars, key=id)
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # a parameter that never gets a gradient (spec Q8) would stall DDP's reducer on the second step unless DDP searched
+    # for unused parameters on every step; it is left out instead (AdamW skips it either way: it has no gradient)
+    dead = getattr(model, "dead_parameter_names", lambda: [])()
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, dead)
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)
 

@@ -38,8 +38,9 @@ from .state import latest_checkpoint, load_training_checkpoint, rng_state, save_
 
 
 def needs_unused_parameter_search(tasks) -> bool:
-    """Only MLM + ITC + ITM together use every parameter (the fusion passes skip the top layers' modality experts,
-    the retrieval paths the VL-FFN, and only ITM uses the pooler): DDP must look for unused parameters otherwise."""
+    """Only MLM + ITC + ITM together use every parameter but the dead ones (``VLMo.dead_parameter_names``, which DDP
+    ignores): the fusion passes skip the top layers' modality experts, the retrieval paths the VL-FFN, and only ITM
+    uses the pooler. DDP must look for unused parameters otherwise."""
     return not {"mlm", "itc", "itm"} <= set(tasks) or bool({"vqa", "nlvr2", "irtr", "textmlm"} & set(tasks))
 
 
