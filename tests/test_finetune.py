@@ -42,11 +42,20 @@ def test_recall_matches_brute_force():
     for key, value in want.items():
         assert got[key] == pytest.approx(value), key
     assert got["r_mean"] == pytest.approx(sum(want.values()) / 6)
-    # ties are broken by torch.topk, as the official code does
-    tied = torch.ones(4, 8)
-    res = recall_at_k(tied, torch.ones(8, 8), torch.arange(4).repeat_interleave(2))
-    top = (tied @ torch.ones(8, 8).t()).topk(1, dim=1).indices[:, 0]
-    assert res["tr_r1"] == pytest.approx(float((torch.arange(4).repeat_interleave(2)[top] == torch.arange(4)).float().mean()))
+    # ties are broken by torch.topk(K) for each K on the one image x text matrix, as the official code does
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        img = torch.randint(0, 2, (30, 4), generator=gen).float()  # many exactly tied scores
+        txt = torch.randint(0, 2, (150, 4), generator=gen).float()
+        ids = torch.arange(30).repeat_interleave(5)
+        scores = img @ txt.t()
+        want = {}
+        for k in (1, 5, 10):
+            want[f"tr_r{k}"] = float((ids[scores.topk(k, dim=1).indices] == torch.arange(30)[:, None]).any(1).float().mean())
+            want[f"ir_r{k}"] = float((scores.topk(k, dim=0).indices == ids[None, :]).any(0).float().mean())
+        got = recall_at_k(img, txt, ids, block=7)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), (seed, key)
     with pytest.raises(ValueError, match="text_image_ids"):
         recall_at_k(img, txt, txt_img[:-1])
 

@@ -27,23 +27,21 @@ def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_
     n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
     image_ids = torch.arange(n_img, device=image_feats.device) if image_ids is None else image_ids.to(image_feats.device)
     text_image_ids = text_image_ids.to(image_feats.device)
-    kmax = max(ks)
-    # image -> text
+    # As official: one image x text score matrix, torch.topk(K) for each K (not one topk sliced: with tied scores,
+    # topk(5) and the first 5 of topk(10) can differ), along dim 1 for TR and dim 0 for IR. In blocks of rows (TR) and
+    # of columns (IR) of that same matrix so large sets fit in memory.
     tr_hits = {k: 0 for k in ks}
     for s in range(0, n_img, block):
-        scores = image_feats[s : s + block] @ text_feats.t()
-        top = scores.topk(min(kmax, n_txt), dim=1).indices  # (b, K) caption indices
-        match = text_image_ids[top] == image_ids[s : s + block, None]
+        scores = image_feats[s : s + block] @ text_feats.t()  # (b, T)
         for k in ks:
-            tr_hits[k] += int(match[:, :k].any(dim=1).sum())
-    # text -> image
+            top = scores.topk(min(k, n_txt), dim=1).indices  # caption indices
+            tr_hits[k] += int((text_image_ids[top] == image_ids[s : s + block, None]).any(dim=1).sum())
     ir_hits = {k: 0 for k in ks}
     for s in range(0, n_txt, block):
-        scores = text_feats[s : s + block] @ image_feats.t()
-        top = scores.topk(min(kmax, n_img), dim=1).indices
-        match = image_ids[top] == text_image_ids[s : s + block, None]
+        scores = image_feats @ text_feats[s : s + block].t()  # (I, b)
         for k in ks:
-            ir_hits[k] += int(match[:, :k].any(dim=1).sum())
+            top = scores.topk(min(k, n_img), dim=0).indices  # image indices
+            ir_hits[k] += int((image_ids[top] == text_image_ids[None, s : s + block]).any(dim=0).sum())
     out = {f"tr_r{k}": tr_hits[k] / n_img for k in ks}
     out.update({f"ir_r{k}": ir_hits[k] / n_txt for k in ks})
     out["r_mean"] = sum(out.values()) / len(out)
