@@ -72,6 +72,20 @@ def test_every_path_matches_reference_eval(image_size, max_text_len):
         assert torch.allclose(x[:, : cfg.max_text_len], fast.infer(batch)["text_feats"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_half_precision_model_matches_reference(dtype, backend):
+    """A model held in fp16/bf16 without autocast: attention logits are q.float() @ k.float()ᵀ as officially (fp32),
+    not a half-precision product, so every path equals the eager official math in the same dtype."""
+    cfg, fast, ref = make_pair(image_size=64, max_text_len=12)
+    fast.eval().to(dtype).set_backend(backend), ref.eval().to(dtype)
+    batch = make_batch(cfg)
+    batch["image"] = [batch["image"][0].to(dtype)]
+    with torch.no_grad():
+        for name in ("infer", "infer_text_ft", "infer_image_ft"):
+            assert_outputs_close(getattr(fast, name)(batch), getattr(ref, name)(batch), rtol=0.0)
+
+
 def test_output_keys_and_shapes():
     cfg, fast, _ = make_pair()
     batch = make_batch(cfg)

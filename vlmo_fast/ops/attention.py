@@ -30,10 +30,15 @@ def attention_torch(
 ) -> torch.Tensor:
     """Unfused attention: matmul, fused scale/bias/mask softmax, matmul.
 
-    As in the official code, q is scaled before the product. Under autocast QKᵀ runs in low precision, the bias add
-    and the softmax in fp32 (spec §4 "AMP detail"); P is cast to v's dtype for the second product.
+    As in the official code, q is scaled before the product, and the product is ``q.float() @ k.float()ᵀ``: under
+    autocast it still runs in the autocast dtype (spec §4 "AMP detail", Q7), so the upcast is made only outside
+    autocast, where fp16/bf16 inputs (a model held in half precision) get fp32 logits as officially. The bias add and
+    the softmax are fp32; P is cast to v's dtype for the second product.
     """
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    q = q * scale
+    if q.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(q.device.type):
+        q, k = q.float(), k.float()
+    scores = torch.matmul(q, k.transpose(-1, -2))
     # The product is ours, so the softmax may work in place on it (autograd keeps q and k, not the product).
     p = softmax_checked(scores, 1.0, bias, bias_table, bias_index, keep, v.dtype, softmax_backend, inplace=True)
     return torch.matmul(p, v)  # rows with no key have p == 0, hence zeros
