@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch; gradient accumulation makes up the difference (official batch_size)
     per_device_batch_size: int = 32  # official per_gpu_batchsize
     learning_rate: float = 2e-4  # the official base pretraining value
+    optimizer: str = "official"  # official (the official AdamW update rule) | torch (torch.optim.AdamW, fused on CUDA)
     weight_decay: float = 0.01
     lr_mult: float = 1.0  # heads (vqa_classifier, nlvr2_classifier) train at learning_rate * lr_mult
     end_lr: float = 0.0
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"model_impl must be vlmo_fast or reference, got {self.model_impl!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.optimizer not in ("official", "torch"):
+            raise ValueError(f"optimizer must be official or torch, got {self.optimizer!r}")
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
         if self.max_steps is None and self.max_epochs is None:
@@ -205,6 +208,9 @@ HELP = {
     "whole_word_masking": "whole-word MLM masking (official) instead of per-token", "mlm_prob": "MLM probability",
     "num_workers": "DataLoader workers per process", "batch_size": "global batch (accumulation fills the gap)",
     "per_device_batch_size": "micro-batch per process", "learning_rate": "peak learning rate",
+    "optimizer": "official: AdamW with the official update rule (transformers' AdamW: eps added before the bias "
+                 "correction, decay after the update; multi-tensor ops) | torch: torch.optim.AdamW (fused on CUDA, "
+                 "eps and decay placed as torch does)",
     "weight_decay": "AdamW decoupled weight decay", "lr_mult": "learning-rate multiplier of the task heads",
     "end_lr": "final learning rate", "schedule": "linear or cosine decay after warmup",
     "max_steps": "optimizer steps (none: use max_epochs)", "max_epochs": "epochs when max_steps is none",

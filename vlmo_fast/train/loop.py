@@ -66,15 +66,25 @@ def build_model(cfg: TrainConfig) -> VLMo:
     return VLMo(config, backend=cfg.backend)
 
 
+# the task heads the official code builds after loading the starting weights, so training never loads them (Q11)
+NOT_LOADED_FOR_TRAINING = ("vqa_classifier.", "nlvr2_classifier.")
+
+
 def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
-    """Load an official/vlmo_fast checkpoint (or a BEiT one for the text-only stage) as the starting point."""
+    """Load an official/vlmo_fast checkpoint (or a BEiT one for the text-only stage) as the starting point, without
+    its VQA/NLVR2 heads: as officially, a fine-tuning run starts them from their initialisation (spec Q11)."""
     from ..checkpoint import convert_beit_checkpoint, looks_like_beit
 
     sd = read_state_dict(path)
     if "textmlm" in tasks and looks_like_beit(sd):
         sd = convert_beit_checkpoint(sd, model)
-    report = load_checkpoint(model, sd, strict=False)
-    return str(report)
+    heads = sorted(k for k in sd if k.startswith(NOT_LOADED_FOR_TRAINING))
+    report = load_checkpoint(model, {k: v for k, v in sd.items() if k not in heads}, strict=False)
+    text = str(report)
+    if heads:
+        text += (f"\ntask heads not loaded (official: built after the starting weights are loaded, so they start "
+                 f"from their initialisation): {len(heads)}\n  " + "\n  ".join(heads))
+    return text
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -261,7 +271,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     stream = data_setup.train_stream(cfg, model.config, info)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
     warmup = resolve_warmup(cfg.warmup_steps, max_steps)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
     scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 

@@ -1,6 +1,7 @@
 """The official optimizer setup (spec §6.3, Q14) and the text-only stage's freezing (spec §5.1).
 
-- AdamW, betas (0.9, 0.98), eps 1e-8, decoupled weight decay; fused on CUDA.
+- AdamW, betas (0.9, 0.98), eps 1e-8, decoupled weight decay, with the update rule of the official optimizer
+  (transformers' AdamW: ``OfficialAdamW``); torch's fused ``torch.optim.AdamW`` as an option.
 - Four groups by substring match on the parameter name: decay / no-decay, each for the body and for the heads
   (``vqa_classifier``, ``nlvr2_classifier``, at lr · lr_mult). "No decay" is any name containing one of
   ``NO_DECAY`` — so the relative-position table (its name contains "bias") and q_bias/v_bias get none, while
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Dict, Iterable, List
 
 import torch
@@ -42,13 +44,81 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mult: floa
     return out
 
 
+class OfficialAdamW(torch.optim.Optimizer):
+    """AdamW with the update rule of the official code's optimizer (transformers 4.8.1 ``AdamW``, spec §6.3), per
+    parameter with a gradient at step t:
+
+        m ← β1·m + (1 − β1)·g,    v ← β2·v + (1 − β2)·g²
+        p ← p − lr·√(1 − β2ᵗ)/(1 − β1ᵗ) · m / (√v + ε)
+        p ← p − lr·wd·p                      (decoupled decay of the updated weights)
+
+    torch.optim.AdamW differs twice: it adds ε after the bias correction, √(v/(1 − β2ᵗ)) + ε, so the official ε is
+    1/√(1 − β2ᵗ) times larger early on (7× at step 1 with β2 = 0.98), which matters for parameters with gradients
+    near ε; and it decays the weights before the update. A parameter without a gradient is left alone (no decay), as
+    both do. The math runs as multi-tensor ``torch._foreach_*`` ops over the parameters of a group that share a device,
+    dtype and step count.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+            buckets = defaultdict(lambda: ([], [], [], []))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("OfficialAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it (a tensor from torch's)
+                bucket = buckets[(p.device, p.dtype, state["step"])]
+                for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    lst.append(t)
+            for (_, _, t), (ps, gs, ms, vs) in buckets.items():
+                torch._foreach_mul_(ms, beta1)
+                torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+                torch._foreach_mul_(vs, beta2)
+                torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_add_(denom, eps)
+                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+                if wd > 0.0:
+                    torch._foreach_add_(ps, ps, alpha=-lr * wd)
+        return loss
+
+
+OPTIMIZERS = ("official", "torch")
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_mult: float = 1.0,
-                    betas=(0.9, 0.98), eps: float = 1e-8) -> torch.optim.AdamW:
+                    betas=(0.9, 0.98), eps: float = 1e-8, kind: str = "official") -> torch.optim.Optimizer:
+    """The official parameter groups with ``kind`` "official" (OfficialAdamW: the official update rule) or "torch"
+    (torch.optim.AdamW, fused on CUDA: one kernel for all parameters, but ε and the decay placed as torch does)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     groups = param_groups(model, lr, weight_decay, lr_mult)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    device = groups[0]["params"][0].device
-    fused = device.type == "cuda"
+    if kind == "official":
+        return OfficialAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    fused = groups[0]["params"][0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
