@@ -195,9 +195,19 @@ def save_checkpoint(
     metadata: Optional[Mapping[str, object]] = None,
 ) -> None:
     """Write the official state-dict layout atomically: safetensors for ``*.safetensors``, else a plain
-    ``torch.save`` dict of tensors that ``torch.load(weights_only=True)`` (and the official loader) reads."""
+    ``torch.save`` dict of tensors that ``torch.load(weights_only=True)`` (and the official loader) reads.
+
+    From a model, the file also carries its three relative-position index tensors, as the released official
+    checkpoints do: the official loader pops them without a default when it changes the resolution (Q9)."""
     path = os.fspath(path)
-    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    if isinstance(model_or_state, nn.Module):
+        sd = model_or_state.state_dict()
+        for key in LEGACY_INDEX_KEYS:
+            index = getattr(model_or_state, key, None)
+            if isinstance(index, torch.Tensor) and key not in sd:
+                sd[key] = index
+    else:
+        sd = dict(model_or_state)
     if metadata is None and isinstance(model_or_state, nn.Module) and hasattr(model_or_state, "config"):
         metadata = {"vlmo_fast_config": model_or_state.config.to_dict()}
     if path.endswith(".safetensors"):

@@ -442,6 +442,9 @@ def _fsdp_load(model, state):
 
 
 def export(checkpoint_path: str, out_path: str) -> None:
-    """Write the model of a training checkpoint in the official layout (``.pt``) or as safetensors."""
+    """Write the model of a training checkpoint in the official layout (``.pt``) or as safetensors, with the index
+    tensors the official loader expects (see ``save_checkpoint``)."""
     state = load_training_checkpoint(checkpoint_path)
-    save_checkpoint(state["model"], out_path)
+    model = build_model(TrainConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    save_checkpoint(model, out_path)
