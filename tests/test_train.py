@@ -268,18 +268,42 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
     assert all(math.isfinite(h["loss"]) or True for h in summary["history"])
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkeypatch):
+class _SignalsItself(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a group-wide SIGTERM reaches a worker
+        return torch.tensor(i)
+
+
+def test_loader_workers_leave_sigterm_to_the_main_process():
+    loader = vdata.build_loader(_SignalsItself(), batch_size=2, collate=torch.stack, train=False, num_workers=1)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkeypatch, workers):
+    """With data-loader workers the signal also reaches them, as when a scheduler or ``timeout`` signals the whole
+    process group: they must survive until the main process has saved."""
+    import multiprocessing
+
     real = objectives.total_loss
     calls = {"n": 0}
 
     def signalling(ret):
         calls["n"] += 1
         if calls["n"] == 3:
+            children = multiprocessing.active_children()
+            assert len(children) == workers
+            for child in children:
+                os.kill(child.pid, signal.SIGTERM)
+            import time; time.sleep(1); print("EXIT", [c.exitcode for c in children])
             os.kill(os.getpid(), signal.SIGTERM)
         return real(ret)
 
     monkeypatch.setattr(objectives, "total_loss", signalling)
-    summary = train(small_cfg(tmp_path / "sig", synthetic_root, max_steps=10))
+    summary = train(small_cfg(tmp_path / "sig", synthetic_root, max_steps=10, num_workers=workers))
     assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 3
     assert os.path.basename(summary["last_checkpoint"]) == "step_00000003.pt"
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back

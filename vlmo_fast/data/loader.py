@@ -11,12 +11,13 @@ shuffled, test in order; Lightning's ``replace_sampler_ddp=False``). Here:
 - pinned memory when CUDA is available, persistent workers when ``num_workers > 0``;
 - ``worker_init_fn`` seeds numpy's and Python's global RNGs from torch's per-worker seed (code that still uses
   ``np.random``/``random`` then differs per worker; the transforms here draw from torch already, see
-  ``vlmo_fast.data.transforms``).
+  ``vlmo_fast.data.transforms``), and leaves SIGTERM/SIGINT to the main process.
 """
 
 from __future__ import annotations
 
 import random
+import signal
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -27,7 +28,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: numpy and ``random`` seeded from torch's seed of this worker (base_seed + worker_id)."""
+    """``worker_init_fn``: numpy and ``random`` seeded from torch's seed of this worker (base_seed + worker_id).
+
+    Workers also ignore SIGTERM and SIGINT: a signal sent to the whole process group (``timeout``, a cluster
+    scheduler, Ctrl-C) must not kill them under the main process while it saves a checkpoint; the DataLoader stops
+    them when the main process is done (and they exit on their own if it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)

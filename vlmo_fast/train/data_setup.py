@@ -145,7 +145,8 @@ class IterableStream:
     def __init__(self, dataset, collate, batch_size: int, num_workers: int):
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                                 drop_last=True, generator=torch.Generator().manual_seed(0))
+                                 drop_last=True, generator=torch.Generator().manual_seed(0),
+                                 worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
         self.batches_per_epoch = 0
         self.epoch = 0
         self._it = None
