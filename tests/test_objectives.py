@@ -77,6 +77,17 @@ def test_hard_negative_sampling_never_draws_the_positive_and_follows_softmax():
                        O.sample_hard_negatives(sim, torch.Generator().manual_seed(3)))
 
 
+def test_hard_negative_sampling_survives_diverged_logits():
+    """Rows with NaN/inf logits (a diverged step, skipped by the loop) sample uniformly off the diagonal instead of
+    failing; finite rows draw exactly as before."""
+    sim = torch.tensor([[5.0, 1.0, 0.0, 2.0], [float("nan"), 9.0, 2.0, 0.0], [3.0, float("inf"), 0.0, 1.0]])
+    draws = torch.stack([O.sample_hard_negatives(sim, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert (draws[:, 1] != 1).all() and (draws[:, 2] != 2).all()
+    assert set(draws[:, 1].tolist()) == {0, 2, 3} and set(draws[:, 2].tolist()) == {0, 1, 3}
+    finite = torch.stack([O.sample_hard_negatives(sim[:1], torch.Generator().manual_seed(s)) for s in range(200)])
+    assert torch.equal(draws[:, :1], finite)
+
+
 def test_itm_hardneg_uses_sampled_pairs():
     model, batch = model_and_batch(["itm", "itc"])
     itc = O.compute_itc(model, batch)

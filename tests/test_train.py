@@ -375,6 +375,15 @@ def test_the_built_in_synthetic_set_is_learned(tmp_path):
     assert metrics["val/itc_i2t_acc"] > 2 * chance_acc, metrics
 
 
+def test_a_diverging_run_with_itm_skips_steps_and_stops(tmp_path, synthetic_root):
+    """An absurd learning rate makes every logit non-finite after the first update; ITM's hard-negative sampling
+    must not crash on them: the steps are skipped and the run stops after max_bad_steps, saving first."""
+    summary = train(small_cfg(tmp_path / "div", synthetic_root, max_steps=8, learning_rate=1e9, warmup_steps=0,
+                              max_bad_steps=2))
+    assert summary["stop_reason"].startswith("2 non-finite losses"), summary["stop_reason"]
+    assert summary["skipped_steps"] == 2 and os.path.isfile(summary["last_checkpoint"])
+
+
 def _fsdp_run(rank, world, out_dir, root, fsdp, steps):
     cfg = small_cfg(out_dir, root, max_steps=steps, per_device_batch_size=4, tasks=["itc", "mlm"], fsdp=fsdp,
                     gather_with_grad=True, save_every=2, keep_last=5)

@@ -111,9 +111,15 @@ def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False)
 
 
 def sample_hard_negatives(sim: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One index per local row b, drawn from softmax(sim[b]) with the local positive (column b) zeroed (Q17)."""
+    """One index per local row b, drawn from softmax(sim[b]) with the local positive (column b) zeroed (Q17).
+
+    A row with a NaN/inf weight (diverged logits: the step's ITC loss is then non-finite too and the loop skips the
+    step) samples uniformly instead, so a diverging run reaches the skip rather than failing in ``multinomial`` (on
+    CUDA a device-side assert that ends the process). Decided on the device, without a sync."""
     with torch.no_grad():
         weights = F.softmax(sim.float(), dim=1)
+        finite = torch.isfinite(weights).all(dim=1, keepdim=True)
+        weights = torch.where(finite, weights, torch.ones_like(weights))
         weights.fill_diagonal_(0)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
