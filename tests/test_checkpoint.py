@@ -61,6 +61,12 @@ def test_save_writes_official_layout_atomically(tmp_path):
     for key in vf.checkpoint.LEGACY_INDEX_KEYS:
         assert torch.equal(raw.pop(key), getattr(m, key))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(m, path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as any file written under that umask
     # a failing write leaves the previous file intact and no temporary file
     before = path.read_bytes()
     with pytest.raises(Exception):

@@ -2,6 +2,7 @@
 math, 2-process equivalence, exact resume, faults (NaN losses, SIGTERM, corrupt images, bad data roots), CLI."""
 
 import copy
+import csv
 import json
 import math
 import os
@@ -214,8 +215,31 @@ def test_resume_continues_the_same_trajectory(tmp_path, synthetic_root):
     resumed_dir = tmp_path / "resumed"
     os.makedirs(resumed_dir / "checkpoints")
     shutil.copy(ckpts[0], resumed_dir / "checkpoints")
+    shutil.copy(tmp_path / "full" / "log.csv", resumed_dir)  # holds steps 1-6: 4-6 are dropped and logged again
     resumed = train(small_cfg(resumed_dir, synthetic_root, max_steps=6, save_every=3, keep_last=5, num_workers=1))
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[3:], rel=1e-6)
+    with open(resumed_dir / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):
+    train(small_cfg(tmp_path / "csv", synthetic_root, max_steps=5, log_every=1, eval_every=2, eval_batches=1))
+    with open(tmp_path / "csv" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    trained = [r for r in rows if r["loss"]]
+    evaluated = [r for r in rows if r["val/itc_i2t_acc"]]
+    assert [int(r["step"]) for r in trained] == [1, 2, 3, 4, 5] and all(float(r["loss"]) > 0 for r in trained)
+    assert [int(r["step"]) for r in evaluated] == [2, 4] and all(r["val/r_mean"] for r in evaluated)
+
+
+def test_resume_refuses_another_runs_checkpoint_and_logs_changed_options(tmp_path, synthetic_root, capsys):
+    """A fine-tuning run pointed at a pretraining run's folder must not silently continue that run."""
+    train(small_cfg(tmp_path / "run", synthetic_root, max_steps=1, warmup_steps=0))
+    with pytest.raises(ValueError, match=r"belongs to another run \(tasks \['mlm', 'itc', 'itm'\] .*vs \['itc'\]"):
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, tasks=["itc"]))
+    longer = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0))
+    assert longer["steps"] == 2
+    assert "with changed options: max_steps 1 -> 2" in capsys.readouterr().out
 
 
 def _distributed_run(rank, world, out_dir, root, tasks, gather_with_grad):

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import objectives
-from ..checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from ..checkpoint import _atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import loss_names, preset
 from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
 from ..flops import pretrain_step_flops
@@ -87,6 +87,24 @@ def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
     return text
 
 
+# options that define which model and objective a checkpoint trains: a run resumes only a checkpoint that matches them
+RUN_IDENTITY = ("arch", "tasks", "image_size", "max_text_len", "model_impl")
+
+
+def resume_changes(cfg: TrainConfig, saved: Dict[str, Any], path: str) -> List[str]:
+    """Check a checkpoint to resume against this run: one of another model or objective (e.g. a pretraining checkpoint
+    in the out_dir a fine-tuning run writes to) is refused, naming the difference; other changed options (a longer
+    max_steps, a new learning rate) are returned for the log."""
+    now = cfg.to_dict()
+    clash = [f"{k} {saved[k]!r} (checkpoint) vs {now[k]!r}" for k in RUN_IDENTITY if k in saved and saved[k] != now[k]]
+    if clash:
+        raise ValueError(f"cannot resume {path}: it belongs to another run ({'; '.join(clash)}). Use another "
+                         f"--out-dir, or --resume none to start this run from scratch (--load-path to start from "
+                         f"that checkpoint's weights)")
+    skip = set(RUN_IDENTITY) | {"resume", "out_dir"}
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in skip and k in saved and saved[k] != v]
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for fp32."""
     p = cfg.precision
@@ -96,17 +114,26 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.
 
 
 class Logger:
-    """Progress bar, CSV and TensorBoard on rank 0; a no-op elsewhere."""
+    """Progress bar, CSV and TensorBoard on rank 0; a no-op elsewhere.
+
+    ``log.csv`` has one column per value ever logged (training rows and evaluation rows, which carry different
+    values, share the header; a value a row lacks is empty); it is rewritten when a new column appears. A resumed run
+    keeps the rows up to the step it resumes from and drops the later ones, which the resumed run logs again."""
 
     def __init__(self, out_dir: str, enabled: bool, total: int, start: int, tensorboard: bool):
         self.enabled = enabled
-        self.rows: List[Dict[str, Any]] = []
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
         self.csv_path = os.path.join(out_dir, "log.csv")
-        self._csv = open(self.csv_path, "a", newline="")
-        self._writer = None
+        self._rows: List[Dict[str, Any]] = []
+        if os.path.isfile(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                self._rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
+        self._fields: List[str] = ["step"]
+        for row in self._rows:
+            self._fields += [k for k in row if k not in self._fields]
+        self._rewrite()
         self._tb = None
         if tensorboard:
             try:
@@ -119,17 +146,27 @@ class Logger:
 
         self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
 
+    def _rewrite(self) -> None:
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._fields)
+                writer.writeheader()
+                writer.writerows(self._rows)
+
+        _atomic_write(self.csv_path, write)
+
     def log(self, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": step, **values}
-        self.rows.append(row)
-        if self._writer is None:
-            self._writer = csv.DictWriter(self._csv, fieldnames=list(row), extrasaction="ignore")
-            if self._csv.tell() == 0:
-                self._writer.writeheader()
-        self._writer.writerow(row)
-        self._csv.flush()
+        self._rows.append(row)
+        new = [k for k in row if k not in self._fields]
+        if new:
+            self._fields += new
+            self._rewrite()
+        else:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._fields).writerow(row)
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -149,7 +186,6 @@ class Logger:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self._csv.close()
             if self._tb is not None:
                 self._tb.close()
 
@@ -281,8 +317,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         resume_path = latest_checkpoint(cfg.out_dir)
     elif cfg.resume not in ("none", "", None):
         resume_path = cfg.resume
+    changed: List[str] = []
     if resume_path:
         state = load_training_checkpoint(resume_path)
+        changed = resume_changes(cfg, state.get("config", {}), resume_path)
         unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
         load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
         scheduler.load_state_dict(state["scheduler"])
@@ -298,7 +336,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if init_report:
             logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
         if resume_path:
-            logger.write(f"resumed from {resume_path} at step {step}")
+            logger.write(f"resumed from {resume_path} at step {step}"
+                         + (f" with changed options: {', '.join(changed)}" if changed else ""))
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
