@@ -222,6 +222,14 @@ def test_resume_continues_the_same_trajectory(tmp_path, synthetic_root):
         assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
+    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=48, samples_per_shard=16, image_size=32)
+    summary = train(small_cfg(tmp_path / "run", None, datasets=[os.path.join(os.path.dirname(shards[0]), "*.tar")],
+                              max_steps=2, final_eval=True, eval_every=1))
+    assert summary["stop_reason"] == "max_steps" and summary["metrics"] == {}
+    assert "no final evaluation: the training data are tar shards" in capsys.readouterr().out
+
+
 def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):
     train(small_cfg(tmp_path / "csv", synthetic_root, max_steps=5, log_every=1, eval_every=2, eval_batches=1))
     with open(tmp_path / "csv" / "log.csv", newline="") as f:

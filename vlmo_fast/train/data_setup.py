@@ -189,6 +189,11 @@ def _is_shards(name: str) -> bool:
     return name.endswith(".tar") or any(c in name for c in "*{")
 
 
+def has_val_split(cfg: TrainConfig) -> bool:
+    """Tar shards are training data only: a run on shards alone has nothing to evaluate on."""
+    return any(not _is_shards(d) for d in cfg.datasets)
+
+
 def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     text_only = cfg.tasks == ["textmlm"]
     collate = vdata.build_collate(whole_word_masking=cfg.whole_word_masking, mlm_prob=cfg.mlm_prob,

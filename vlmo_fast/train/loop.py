@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 values["skipped_steps"] = skipped
                 history.append(values)
                 logger.log(step, values)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps and data_setup.has_val_split(cfg):
                 metrics = evaluate(model, cfg, info, amp, cfg.eval_batches)
                 if metrics:
                     logger.log(step, metrics)
@@ -444,7 +444,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         _restore_signal_handlers(previous)
     if step >= max_steps:
         last_ckpt = save("final")
-    metrics = evaluate(model, cfg, info, amp, None) if stop_reason == "max_steps" and cfg.final_eval else {}
+    metrics = {}
+    if stop_reason == "max_steps" and cfg.final_eval:
+        if data_setup.has_val_split(cfg):
+            metrics = evaluate(model, cfg, info, amp, None)
+        else:
+            logger.write("no final evaluation: the training data are tar shards, which have no val split")
     elapsed = time.time() - t_start
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
