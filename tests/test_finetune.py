@@ -11,7 +11,8 @@ import torch
 import vlmo_fast as vf
 from vlmo_fast import data as vdata
 from vlmo_fast.config import loss_names
-from vlmo_fast.evaluation import build_id2answer, evaluate_nlvr2, recall_at_k, vqa_score, vqa_submission
+from vlmo_fast.evaluation import build_id2answer, evaluate_nlvr2, recall_at_k, rerank_recall, vqa_score, \
+    vqa_submission
 from vlmo_fast.train.finetune import evaluate_main, finetune_main
 
 
@@ -58,6 +59,37 @@ def test_recall_matches_brute_force():
             assert got[key] == pytest.approx(value), (seed, key)
     with pytest.raises(ValueError, match="text_image_ids"):
         recall_at_k(img, txt, txt_img[:-1])
+
+
+class _OracleITM(torch.nn.Module):
+    """An ITM head that knows the truth: the match logit is 1 exactly for an image and one of its captions."""
+
+    def infer(self, batch):
+        return {"cls_feats": torch.stack([batch["image"][0][:, 0, 0, 0], batch["text_ids"][:, 0].float()], 1)}
+
+    def itm_score(self, cls):
+        match = (cls[:, 0] == cls[:, 1]).float()
+        return torch.stack([-match, match], 1)
+
+
+@pytest.mark.parametrize("k", [3, 10, 40])
+def test_itm_reranking_recall(k):
+    """With a perfect ITM head every positive in the dual encoder's top k moves to rank 1, and candidates after the
+    top k keep their dual-encoder order: re-ranked R@K equals the dual encoder's R@max(K, k)."""
+    gen = torch.Generator().manual_seed(k)
+    img = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=-1)
+    ids = torch.arange(20).repeat_interleave(2)
+    txt = torch.nn.functional.normalize(img[ids] + 1.5 * torch.randn(40, 8, generator=gen), dim=-1)
+    images = [{"image": torch.full((3, 2, 2), float(i))} for i in range(20)]
+    texts = [{"text_ids": torch.tensor([int(ids[t]), 5]), "text_masks": torch.ones(2, dtype=torch.long)}
+             for t in range(40)]
+    got = rerank_recall(_OracleITM(), img, txt, ids, torch.arange(20), images, texts, k=k, batch_size=7)
+    for K in (1, 5, 10):
+        dual = recall_at_k(img, txt, ids, ks=(max(K, k),))
+        assert got[f"tr_r{K}"] == pytest.approx(dual[f"tr_r{max(K, k)}"]), K
+        assert got[f"ir_r{K}"] == pytest.approx(dual[f"ir_r{max(K, k)}"]), K
+    with pytest.raises(ValueError, match="k must be"):
+        rerank_recall(_OracleITM(), img, txt, ids, torch.arange(20), images, texts, k=0)
 
 
 def test_vqa_score_and_submission(tmp_path):

@@ -95,14 +95,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_ids: torch.Tensor,
                   image_ids: torch.Tensor, image_dataset, text_dataset, k: int = 32, device=None, autocast_dtype=None,
                   batch_size: int = 64, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Recall after re-ranking each query's top ``k`` dual-encoder candidates by the ITM head's match logit.
+    """Recall after re-ranking each query's top ``k`` dual-encoder candidates by the ITM head's match logit; the
+    candidates after the top ``k`` keep their dual-encoder order, so R@K for K > k is still meaningful (it counts a
+    positive that the dual encoder ranks in its top K).
 
     Needs a model with ``itm_score`` (a pretraining checkpoint) and map-style datasets giving one item per image
     (``image``) and per caption (``text_ids``, ``text_masks``), aligned with the feature rows."""
     if not hasattr(model, "itm_score"):
         raise ValueError("ITM re-ranking needs a model with the ITM head (itm_score); retrieval fine-tuning has none")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     device = device or image_feats.device
-    k_img, k_txt = min(k, text_feats.shape[0]), min(k, image_feats.shape[0])
+    kmax = max(ks)
+
+    def ranking(scores, itm_pairs):  # dual-encoder top max(k, K) with its first k re-ordered by the ITM logit
+        full = scores.topk(min(max(k, kmax), scores.numel())).indices
+        cand = full[:k]
+        return torch.cat([cand[itm_scores(itm_pairs(cand)).argsort(descending=True)], full[k:]])[:kmax]
 
     def itm_scores(pairs):  # list of (image row, text row) -> ITM match logits
         out = []
@@ -117,18 +126,15 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
                 out.append(model.itm_score(cls)[:, 1].float())
         return torch.cat(out)
 
-    kmax = max(ks)
     tr = {kk: 0 for kk in ks}
     for i in range(image_feats.shape[0]):
-        cand = (image_feats[i] @ text_feats.t()).topk(k_img).indices
-        order = cand[itm_scores([(i, int(t)) for t in cand]).argsort(descending=True)][:kmax]
+        order = ranking(image_feats[i] @ text_feats.t(), lambda cand: [(i, int(t)) for t in cand])
         hit = text_image_ids[order] == image_ids[i]
         for kk in ks:
             tr[kk] += int(hit[:kk].any())
     ir = {kk: 0 for kk in ks}
     for t in range(text_feats.shape[0]):
-        cand = (text_feats[t] @ image_feats.t()).topk(k_txt).indices
-        order = cand[itm_scores([(int(i), t) for i in cand]).argsort(descending=True)][:kmax]
+        order = ranking(text_feats[t] @ image_feats.t(), lambda cand: [(int(i), t) for i in cand])
         hit = image_ids[order] == text_image_ids[t]
         for kk in ks:
             ir[kk] += int(hit[:kk].any())
