@@ -1,59 +1,118 @@
-"""The ``vlmo-fast`` command.
+"""The vlmo-fast command: one subcommand per job (see COMMANDS); each explains its options with --help.
 
-    vlmo-fast info                  what this installation can run (native kernels, CUDA archs, Triton, device)
-    vlmo-fast demo [...]            build a model, save/reload a checkpoint, run every forward path vs the official math
-    vlmo-fast pretrain [...]        pretrain (MLM + ITC + ITM; or the text-only stage); the built-in data by default
-    vlmo-fast finetune TASK [...]   fine-tune for irtr, vqa or nlvr2 (official recipes as --preset)
-    vlmo-fast evaluate TASK [...]   retrieval recall, VQA score / submission, NLVR2 accuracy
-    vlmo-fast export CKPT OUT       a training checkpoint's model in the official layout (.pt) or as .safetensors
-Each command explains its options with --help.
+The subcommands' parsers live with their code (train/config.py, train/finetune.py, demo.py); this module only
+dispatches, plus the small pretrain, info and export front ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
+
+COMMANDS = (
+    ("info", "what this installation can run (native kernels, CUDA archs, Triton, device)"),
+    ("demo", "build a model, save/reload a checkpoint, check every forward path against the official math"),
+    ("pretrain", "pretrain (MLM + ITC + ITM, or the text-only MLM stage); the built-in synthetic data by default"),
+    ("finetune", "fine-tune for a task: irtr, vqa or nlvr2 (official recipes as --preset)"),
+    ("evaluate", "retrieval recall, VQA score / submission, NLVR2 accuracy of a checkpoint"),
+    ("export", "a checkpoint's model in the official layout (.pt) or as .safetensors"),
+)
+EXAMPLES = """examples:
+  vlmo-fast pretrain                  # the tiny model, 300 steps on the built-in synthetic set, on this machine
+  vlmo-fast finetune irtr --load-path runs/vlmo_fast/checkpoints/step_00000300.pt
+  vlmo-fast evaluate irtr --load-path runs/vlmo_fast_irtr/checkpoints/step_00000300.pt
+  vlmo-fast export runs/vlmo_fast_irtr/checkpoints/step_00000300.pt irtr.safetensors
+
+Each command explains its options: vlmo-fast COMMAND --help"""
+EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="vlmo-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "demo", "pretrain", "finetune", "evaluate", "export"],
-                        help="what to run")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see <command> --help)")
-    ns = parser.parse_args(argv[:1])
+    parser = argparse.ArgumentParser(
+        prog="vlmo-fast", usage="vlmo-fast COMMAND [options]", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="VLMo vision-language models: train, fine-tune, evaluate, export.\n\ncommands:\n"
+                    + "".join(f"  {name:<10}{text}\n" for name, text in COMMANDS))
+    parser.add_argument("command", metavar="COMMAND", choices=[name for name, _ in COMMANDS],
+                        help="one of the commands above")
+    command = parser.parse_args(argv[:1]).command
     rest = argv[1:]
-    if ns.command == "info":
-        from ._native import build_info
-
-        print(json.dumps(build_info(), indent=2))
-        return 0
-    if ns.command == "pretrain":
-        from .train import main as train_main
-
-        return train_main(rest)
-    if ns.command == "finetune":
+    if command == "info":
+        return _info(rest)
+    if command == "pretrain":
+        return _pretrain(rest)
+    if command == "finetune":
         from .train.finetune import finetune_main
 
         return finetune_main(rest)
-    if ns.command == "evaluate":
+    if command == "evaluate":
         from .train.finetune import evaluate_main
 
         return evaluate_main(rest)
-    if ns.command == "export":
-        if len(rest) != 2:
-            raise SystemExit("usage: vlmo-fast export TRAINING_CHECKPOINT OUT(.pt|.safetensors)")
-        from .train import export
-
-        export(rest[0], rest[1])
-        print(f"wrote {rest[1]}")
-        return 0
+    if command == "export":
+        return _export(rest)
     from . import demo
 
-    return demo.main(rest)
+    return demo.main(rest, prog="vlmo-fast demo")
+
+
+def _info(argv: List[str]) -> int:
+    argparse.ArgumentParser(prog="vlmo-fast info", description="What this installation can run, as JSON: native "
+                            "kernels, CUDA architectures, Triton, the device.").parse_args(argv)
+    from ._native import build_info
+
+    print(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def _pretrain(argv: List[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+def _export(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlmo-fast export", description="Write the model of a checkpoint in the official state-dict layout "
+        "(.pt or .pth: a plain torch.save dict of tensors) or as .safetensors. A training checkpoint "
+        "(OUT_DIR/checkpoints/step_*.pt) gives its model, rebuilt from its recorded config; a model-only file "
+        "(official or vlmo_fast, any of these formats) is converted as it is.")
+    parser.add_argument("checkpoint", help="training checkpoint or model file")
+    parser.add_argument("out", help="output file, by its suffix: " + ", ".join(EXPORT_SUFFIXES))
+    args = parser.parse_args(argv)
+    if not args.out.endswith(EXPORT_SUFFIXES):
+        parser.error(f"OUT must end in {', '.join(EXPORT_SUFFIXES)} (the suffix picks the format), got {args.out}")
+    try:
+        kind = export_checkpoint(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError) as exc:  # includes CheckpointError: an unreadable or odd file
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"wrote {args.out} (from a {kind})")
+    return 0
+
+
+def export_checkpoint(path: str, out: str) -> str:
+    """Export ``path`` to ``out``; returns what it was ("training checkpoint" or "model file"). A training checkpoint
+    goes through ``vlmo_fast.train.export`` (the model rebuilt from its config, with the index tensors the official
+    loader expects); a model file's tensors are re-saved unchanged, with its safetensors metadata if any."""
+    from .checkpoint import read_metadata, save_checkpoint
+    from .train.finetune import read_checkpoint
+
+    if os.path.abspath(path) == os.path.abspath(out):
+        raise ValueError(f"OUT is the checkpoint itself: {out}")
+    state, _, training = read_checkpoint(path)
+    if training:
+        from .train import export
+
+        del state
+        export(path, out)
+        return "training checkpoint"
+    meta = read_metadata(path) if path.endswith(".safetensors") else None
+    save_checkpoint(state, out, metadata=meta or None)
+    return "model file"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A self-contained demo: build a model, save and reload a checkpoint, run every forward path on the fast path and the
 reference, and report the agreement and timings. Runs on CPU in seconds with the tiny preset.
 
-    python -m vlmo_fast.demo [--arch vlmo_tiny_patch16] [--batch 2] [--device cpu]
+    vlmo-fast demo [--arch vlmo_tiny_patch16] [--batch 3] [--device cpu]    (or python -m vlmo_fast.demo)
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlmo_fast.demo", description=__doc__,
+def main(argv: Optional[List[str]] = None, prog: str = "python -m vlmo_fast.demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="vlmo_tiny_patch16", choices=PRESETS, help="model preset")
-    parser.add_argument("--batch", type=int, default=3, help="batch size")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--arch", default="vlmo_tiny_patch16", choices=PRESETS,
+                        help="model preset (default: vlmo_tiny_patch16)")
+    parser.add_argument("--batch", type=int, default=3, help="batch size (default: 3)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = preset(args.arch, loss_names=loss_names(itm=1, itc=1, mlm=1))

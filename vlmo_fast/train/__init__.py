@@ -9,13 +9,23 @@ from .loop import export, train
 
 
 def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
-    from .config import build_parser, config_from_args
+    """``vlmo-fast pretrain`` and ``python -m vlmo_fast.train``: configuration errors end in one line (exit 2)."""
+    import sys
 
-    parser = build_parser(prog, "Pretrain (MLM + ITC + ITM, or the text-only MLM stage) or fine-tune VLMo. With no "
-                                "options it trains the tiny model on the built-in synthetic dataset on this machine.")
-    cfg = config_from_args(parser.parse_args(argv))
+    from .config import FINETUNE_TASKS, build_parser, command_config, presets_for
+
+    def check(cfg, args) -> None:
+        tasks = [t for t in cfg.tasks if t in FINETUNE_TASKS]
+        if tasks:  # the fine-tuning command has the task's defaults (datasets, out_dir, head learning rate)
+            raise ValueError(f"tasks {','.join(tasks)}: fine-tuning tasks; run `vlmo-fast finetune {tasks[0]}`")
+
+    presets = presets_for(None)
+    parser = build_parser(prog, "Pretrain VLMo: MLM + ITC + ITM on image-text data, or the text-only MLM stage "
+                          "(--preset task_textmlm_base). With no options it trains the tiny model on the built-in "
+                          "synthetic dataset on this machine.", presets=presets)
+    cfg = command_config(parser, sys.argv[1:] if argv is None else argv, presets=presets, check=check)
     summary = train(cfg)
-    return 0 if summary["stop_reason"] in ("max_steps",) or summary["stop_reason"].startswith("signal") else 1
+    return 0 if summary["stop_reason"] == "max_steps" or summary["stop_reason"].startswith("signal") else 1
 
 
 __all__ = ["PRESETS_TRAIN", "TrainConfig", "export", "main", "train"]

@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..config import LOSS_NAMES, PRESETS, dataclass_from_dict
 
 _STEP200K = dict(max_steps=200000, warmup_steps=2500)
+FINETUNE_TASKS = ("irtr", "vqa", "nlvr2")  # ``vlmo-fast finetune TASK``; every other objective is pretraining
+SYNTHETIC_DATASETS = ("coco",)  # what vlmo_fast.data.write_synthetic writes: coco-style images and captions only
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         unknown = set(self.tasks) - set(LOSS_NAMES)
         if unknown:
             raise ValueError(f"tasks: unknown {sorted(unknown)}; expected a subset of {list(LOSS_NAMES)}")
@@ -87,9 +93,31 @@ class TrainConfig:
             raise ValueError(f"schedule must be linear or cosine, got {self.schedule!r}")
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set max_steps or max_epochs")
-        for name in ("batch_size", "per_device_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        # a zero or negative count would not fail later: the loop would run no step, or never log/save, and exit 0
+        for name in ("batch_size", "per_device_batch_size", "max_steps", "max_epochs", "log_every", "save_every",
+                     "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, meaning in (("keep_last", "0 keeps every checkpoint"), ("eval_every", "0: only at the end"),
+                              ("num_workers", "0: load in the main process")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        warmup = self.warmup_steps
+        if isinstance(warmup, float) and not 0.0 <= warmup <= 1.0:
+            raise ValueError(f"warmup_steps: a float is a fraction of max_steps, in [0, 1]; got {warmup}")
+        if isinstance(warmup, int) and warmup < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
+        if isinstance(warmup, int) and self.max_steps is not None and warmup > self.max_steps:
+            # the schedule never leaves warmup (nor reaches the peak learning rate): often a preset's warmup kept while
+            # --max-steps shortens the run. A warning, not an error: short smoke runs of a preset are legitimate.
+            warnings.warn(f"warmup_steps ({warmup}) exceeds max_steps ({self.max_steps}): the learning rate never "
+                          f"reaches its peak; give fewer steps or a fraction of max_steps (e.g. --warmup-steps 0.1)",
+                          stacklevel=3)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +125,55 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         return dataclass_from_dict(cls, values, "unknown training option(s)")
+
+
+_HINTS: Dict[str, Any] = {}
+
+
+def _type_name(kind) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is Union:
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(kind) is list:
+        return f"list of {_type_name(args[0])}"
+    return kind.__name__
+
+
+def _checked(name: str, kind, value):
+    """``value`` as field type ``kind`` (an int for a float field becomes a float; a comma-separated string for a
+    list of names becomes the list), or a ValueError naming the field: values from TOML files and Python callers
+    are not parsed by argparse, and a wrong type otherwise fails deep in the loop or, worse, is used as is."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is Union:
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        if set(members) == {int, float}:  # warmup_steps: the type tells steps from a fraction
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+        elif len(members) == 1:
+            return _checked(name, members[0], value)
+    elif typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(x, args[0]) for x in value):
+            return list(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ValueError(f"{name}: expected {_type_name(kind)}, got {type(value).__name__} {value!r}")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _checked(f.name, _HINTS[f.name], getattr(cfg, f.name)))
 
 
 # The official named configs (spec §6.2), with the README's step200k for pretraining. The large pretraining config's
@@ -170,41 +247,64 @@ def load_toml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, "rb") as f:
-        data = tomllib.load(f)
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
     return data.get("train", data)
 
 
-def _parse_value(kind, text: str):
-    if kind is bool:
-        lowered = text.lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return lowered in ("true", "1", "yes")
-    return kind(text)
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
-def _warmup(text: str) -> Union[int, float]:
-    return float(text) if any(c in text for c in ".eE") else int(text)
+def parse_bool(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off, in any case."""
+    try:
+        return _BOOLS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true/false (or 1/0, yes/no, on/off), got {text!r}") from None
 
 
-def _optional(kind):
+def parse_warmup(text: str) -> Union[int, float]:
+    """An int (steps) or a float (a fraction of max_steps); argparse names a type function without an
+    ArgumentTypeError in its message, so this one raises its own."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int (steps) or a float (a fraction of max_steps), got "
+                                         f"{text!r}") from None
+
+
+def _optional(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
     def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
+        if text.lower() in ("none", "null", ""):
+            return None
+        try:
+            return kind(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected {what} or none, got {text!r}") from None
 
     return parse
 
 
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 HELP = {
-    "arch": "model preset", "tasks": "comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2)",
-    "image_size": "image side in pixels (default: the preset's)", "max_text_len": "text length (default: preset's)",
-    "drop_path_rate": "stochastic depth rate, also the BERT embedding dropout as official (none: 0.1, or 0 for the "
-                      "built-in synthetic set, which a tiny model learns much faster without it)",
+    "arch": f"model preset: {', '.join(PRESETS)}",
+    "tasks": "comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2)",
+    "image_size": "image side in pixels (default: the preset's)",
+    "max_text_len": "text length (default: the preset's)",
+    "drop_path_rate": "stochastic depth rate, also the BERT embedding dropout as official (default: 0.1, or 0 for "
+                      "the built-in synthetic set, which a tiny model learns much faster without it)",
     "backend": "op implementations: auto, torch, triton, cuda",
     "model_impl": "vlmo_fast, or reference (the eager official math, to compare against)",
     "load_path": "official or vlmo_fast checkpoint to initialise from (resized/adapted as the official loader)",
-    "data_root": "folder of official arrow files (default: a built-in synthetic dataset)",
+    "data_root": "folder of official arrow files (default: a built-in synthetic dataset: coco-style images and "
+                 "captions, no vqa, nlvr2 or text-only data)",
     "datasets": "comma-separated dataset keys (coco,vg,sbu,gcc,f30k,wikibk,vqa,nlvr2) or webdataset tar globs",
-    "augment": "official train augmentation (none: on for real data, off for the built-in synthetic set)",
+    "augment": "official train augmentation (default: on for real data, off for the built-in synthetic set)",
     "whole_word_masking": "whole-word MLM masking (official) instead of per-token", "mlm_prob": "MLM probability",
     "num_workers": "DataLoader workers per process", "batch_size": "global batch (accumulation fills the gap)",
     "per_device_batch_size": "micro-batch per process", "learning_rate": "peak learning rate",
@@ -214,64 +314,185 @@ HELP = {
     "weight_decay": "AdamW decoupled weight decay", "lr_mult": "learning-rate multiplier of the task heads",
     "end_lr": "final learning rate", "schedule": "linear or cosine decay after warmup",
     "max_steps": "optimizer steps (none: use max_epochs)", "max_epochs": "epochs when max_steps is none",
-    "warmup_steps": "warmup: an int is steps, a float a fraction of max_steps",
+    "warmup_steps": "warmup: an int is steps (at most max_steps), a float a fraction of max_steps",
     "grad_clip": "clip the global gradient norm (none: off)", "precision": "auto, bf16, fp16 (GradScaler) or fp32",
     "activation_checkpointing": "recompute each block in the backward", "compile": "torch.compile the model",
     "fsdp": "FSDP2 instead of DDP under torchrun", "gather_with_grad": "ITC gathers with gradient (official: off)",
     "out_dir": "checkpoints, logs and the synthetic data go here", "save_every": "steps between checkpoints",
-    "keep_last": "checkpoints kept", "resume": "auto (newest in out_dir), none, or a checkpoint path",
+    "keep_last": "newest checkpoints kept (0: all)", "resume": "auto (newest in out_dir), none, or a checkpoint path",
     "log_every": "steps between log lines (losses and accuracies: means over those steps)",
     "eval_every": "steps between evaluations (0: at the end)",
-    "eval_batches": "val batches per periodic evaluation", "final_eval": "evaluate on the whole val split at the end", "tensorboard": "write TensorBoard logs when available",
+    "eval_batches": "val batches per periodic evaluation", "final_eval": "evaluate on the whole val split at the end",
+    "tensorboard": "write TensorBoard logs when available",
     "seed": "random seed", "max_bad_steps": "consecutive non-finite losses before stopping",
-    "device": "auto, cpu or cuda",
+    "device": "auto, cpu, cuda or cuda:N",
 }
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS_TRAIN), default=None,
-                   help="an official named config (spec §6.2) as the starting point")
-    p.add_argument("--config", default=None, help="a TOML file with options (top level or a [train] table)")
-    defaults = TrainConfig()
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends an option's default to its help, except where that says nothing: a None default, or a help text
+    that already explains the default in words (ArgumentDefaultsHelpFormatter printed "(default: None)" after
+    "(default: the preset's)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is None or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def presets_for(task: Optional[str]) -> List[str]:
+    """The presets of ``vlmo-fast finetune <task>``, or (None) those of ``vlmo-fast pretrain``."""
+    if task is None:
+        return sorted(n for n, p in PRESETS_TRAIN.items() if not set(p["tasks"]) & set(FINETUNE_TASKS))
+    return sorted(n for n, p in PRESETS_TRAIN.items() if p["tasks"] == [task])
+
+
+def _preset_command(name: str) -> str:
+    tasks = PRESETS_TRAIN[name]["tasks"]
+    return f"vlmo-fast finetune {tasks[0]}" if tasks[0] in FINETUNE_TASKS else "vlmo-fast pretrain"
+
+
+def check_preset(name: object, allowed: Sequence[str]) -> str:
+    """``name`` if it is one of ``allowed``; else a ValueError saying which command takes it."""
+    if isinstance(name, str) and name in allowed:
+        return name
+    if isinstance(name, str) and name in PRESETS_TRAIN:
+        raise ValueError(f"preset {name} is a recipe for `{_preset_command(name)}`; this command takes "
+                         f"{', '.join(allowed)}")
+    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(allowed)}")
+
+
+def _preset_type(allowed: Sequence[str]) -> Callable[[str], str]:
+    def preset(text: str) -> str:
+        try:
+            return check_preset(text, allowed)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return preset
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, Any]] = None,
+                 presets: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The options of TrainConfig. ``defaults``: the command's own defaults (e.g. a fine-tuning task's), shown in
+    the help as the values the run will use; ``presets``: the --preset names this command takes (default: all)."""
+    allowed = sorted(PRESETS_TRAIN) if presets is None else list(presets)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
+                                epilog="Boolean options take true/false, yes/no, on/off or 1/0; a bare flag means "
+                                       "true. Precedence: defaults < --preset < --config < the other options.")
+    p.add_argument("--preset", type=_preset_type(allowed), default=None, metavar="NAME",
+                   help=f"an official named config (spec §6.2) as the starting point: {', '.join(allowed)}")
+    p.add_argument("--config", default=None, help="a TOML file with options (top level or a [train] table; "
+                                                  "preset = \"NAME\" picks a preset there)")
+    shown = {**TrainConfig().to_dict(), **(defaults or {})}
     for f in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, f.name)
+        default = shown[f.name]
         flag = "--" + f.name.replace("_", "-")
+        extra: Dict[str, Any] = {}
         if f.name in ("tasks", "datasets"):
-            kind = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+            kind = _names
         elif f.name == "warmup_steps":
-            kind = _warmup
-        elif isinstance(default, bool):
-            kind = lambda s: _parse_value(bool, s)  # noqa: E731
+            kind = parse_warmup
+        elif f.name == "augment" or isinstance(default, bool):
+            kind = _optional(parse_bool, "true/false") if f.name == "augment" else parse_bool
+            extra = dict(nargs="?", const=True, metavar="BOOL")
         elif f.name in ("image_size", "max_text_len", "max_steps", "max_epochs"):
-            kind = _optional(int)
+            kind = _optional(int, "an int")
         elif f.name in ("grad_clip", "drop_path_rate"):
-            kind = _optional(float)
+            kind = _optional(float, "a number")
         elif f.name in ("load_path", "data_root"):
-            kind = _optional(str)
-        elif f.name == "augment":
-            kind = _optional(lambda t: _parse_value(bool, t))
+            kind = _optional(str, "a path")
         elif isinstance(default, float):
             kind = float
         elif isinstance(default, int):
             kind = int
         else:
             kind = str
-        shown = ",".join(default) if isinstance(default, list) else default
-        p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                       help=f"{HELP.get(f.name, '')} (default: {shown})")
+        text = HELP.get(f.name, "")
+        if default is not None and "default" not in text:
+            text += f" (default: {_shown(default)})"
+        p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text, **extra)
     return p
 
 
-def config_from_args(args: argparse.Namespace, base: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """defaults < ``base`` (e.g. a task's defaults) < --preset < --config < flags."""
+def config_from_args(args: argparse.Namespace, base: Optional[Mapping[str, Any]] = None,
+                     presets: Optional[Sequence[str]] = None) -> TrainConfig:
+    """defaults < ``base`` (e.g. a task's defaults) < --preset (or ``preset`` in the file) < --config < flags.
+    ``presets``: those this command takes (a file's ``preset`` is checked against them; --preset by argparse)."""
     values: Dict[str, Any] = dict(base or {})
-    if args.preset:
-        values.update(PRESETS_TRAIN[args.preset])
-    if args.config:
-        values.update(load_toml(args.config))
+    from_file = dict(load_toml(args.config)) if args.config else {}
+    name = from_file.pop("preset", None)
+    if name is not None and not args.preset:  # --preset on the command line replaces the file's
+        try:
+            check_preset(name, sorted(PRESETS_TRAIN) if presets is None else presets)
+        except ValueError as exc:
+            raise ValueError(f"{args.config}: {exc}") from None
+    name = args.preset or name
+    if name:
+        values.update(PRESETS_TRAIN[name])
+    values.update(from_file)
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     return TrainConfig.from_dict(values)
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine lacks before any work: torch fails later, deep inside (an AttributeError
+    on a CPU-only build). Made by the commands, not by TrainConfig: a config read back from a checkpoint may name
+    a device of the machine that wrote it."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """What the commands check before any work, beyond the values themselves: the device, the input files, and
+    whether the built-in synthetic set (used when data_root is unset) has the data asked for. It has coco-style
+    images and captions only; without this a run first writes it and then fails on a missing arrow file."""
+    from .data_setup import _is_shards
+
+    check_device(cfg.device)
+    if cfg.data_root is None:
+        need = [t for t in cfg.tasks if t in ("vqa", "nlvr2")]
+        need += [d for d in cfg.datasets if not _is_shards(d) and d not in SYNTHETIC_DATASETS]
+        if need:
+            raise ValueError(f"--data-root is required for {', '.join(dict.fromkeys(need))} (the built-in synthetic "
+                             f"set has images and captions only)")
+    elif not os.path.isdir(cfg.data_root):
+        raise FileNotFoundError(f"--data-root: no such folder: {cfg.data_root}")
+    if cfg.load_path is not None and not os.path.isfile(cfg.load_path):
+        raise FileNotFoundError(f"--load-path: no such file: {cfg.load_path}")
+    if cfg.resume not in ("auto", "none", "") and not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
+
+
+def command_config(parser: argparse.ArgumentParser, argv: Sequence[str], base: Optional[Mapping[str, Any]] = None,
+                   presets: Optional[Sequence[str]] = None,
+                   check: Optional[Callable[[TrainConfig, argparse.Namespace], None]] = None) -> TrainConfig:
+    """A command's config from ``argv``, checked. A configuration error (ValueError, FileNotFoundError) is the
+    user's input, not a bug: it ends the command as argparse's own errors do, one line ``<prog>: error: ...`` and
+    exit status 2, instead of a traceback. Errors during training are not caught here."""
+    args = parser.parse_args(list(argv))
+    try:
+        cfg = config_from_args(args, base, presets)
+        if check is not None:
+            check(cfg, args)
+        check_environment(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return cfg

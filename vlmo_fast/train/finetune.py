@@ -17,84 +17,177 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import data as vdata
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_state_dict, unwrap_state_dict
+from ..config import PRESETS
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
-from .config import TrainConfig, build_parser, config_from_args
+from .config import FINETUNE_TASKS, SYNTHETIC_DATASETS, HelpFormatter, TrainConfig, build_parser, check_device, \
+    command_config, load_toml, presets_for
 from .loop import build_model, resolve_precision, train
 
-TASKS = ("irtr", "vqa", "nlvr2")
+TASKS = FINETUNE_TASKS
+# a task's own out_dir: with the pretraining one, resume=auto would continue a default pretraining run in
+# runs/vlmo_fast instead of starting from --load-path
 TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "irtr": dict(tasks=["irtr"], datasets=["coco"]),
-    "vqa": dict(tasks=["vqa"], datasets=["vqa"], lr_mult=20),
-    "nlvr2": dict(tasks=["nlvr2"], datasets=["nlvr2"]),
+    "irtr": dict(tasks=["irtr"], datasets=["coco"], out_dir="runs/vlmo_fast_irtr"),
+    "vqa": dict(tasks=["vqa"], datasets=["vqa"], lr_mult=20, out_dir="runs/vlmo_fast_vqa"),
+    "nlvr2": dict(tasks=["nlvr2"], datasets=["nlvr2"], out_dir="runs/vlmo_fast_nlvr2"),
+}
+TASK_HELP = {
+    "irtr": "image-text retrieval (coco or f30k; the built-in synthetic set works without --data-root)",
+    "vqa": "VQAv2 answer classification (needs --data-root with the official vqav2 arrow files)",
+    "nlvr2": "NLVR2 true/false over an image pair (needs --data-root with the official nlvr2 arrow files)",
 }
 
 
-def _task(argv: List[str], command: str) -> str:
-    if not argv or argv[0] not in TASKS:
-        raise SystemExit(f"usage: vlmo-fast {command} {{{','.join(TASKS)}}} [options]  (--help after the task)")
-    return argv[0]
+def _task(argv: List[str], command: str, what: str) -> str:
+    """The task, first argument of ``finetune``/``evaluate``; ``--help`` in its place lists the tasks."""
+    p = argparse.ArgumentParser(prog=f"vlmo-fast {command}", usage=f"vlmo-fast {command} TASK [options]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=f"{what}\n\ntasks:\n" + "".join(f"  {t:<7}{TASK_HELP[t]}\n" for t in TASKS),
+                                epilog=f"Each task has its options: vlmo-fast {command} TASK --help")
+    p.add_argument("task", choices=TASKS, metavar="TASK", help=", ".join(TASKS))
+    return p.parse_args(argv[:1]).task
+
+
+def _check_task(task: str):
+    """finetune TASK trains exactly TASK: another task given by --tasks, the --config file or its preset would
+    otherwise run instead, silently."""
+
+    def check(cfg: TrainConfig, args: argparse.Namespace) -> None:
+        if cfg.tasks == [task]:
+            return
+        if hasattr(args, "tasks"):
+            source = "--tasks"
+        elif args.config and "tasks" in load_toml(args.config):
+            source = f"--config {args.config}"
+        elif args.preset:  # argparse takes only this task's presets: kept for safety
+            source = f"--preset {args.preset}"
+        else:
+            source = f"the preset in {args.config}"
+        other = cfg.tasks[0] if len(cfg.tasks) == 1 and cfg.tasks[0] in TASKS else None
+        hint = f"vlmo-fast finetune {other}" if other else "vlmo-fast pretrain"
+        raise ValueError(f"{source} sets tasks {','.join(cfg.tasks)}, which conflicts with `vlmo-fast finetune "
+                         f"{task}`: drop it, or run `{hint}`")
+
+    return check
 
 
 def finetune_main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    task = _task(argv, "finetune")
-    parser = build_parser(f"vlmo-fast finetune {task}", f"Fine-tune VLMo for {task}. Start from an official or "
-                          "vlmo_fast checkpoint with --load-path; --preset picks an official recipe.")
-    cfg = config_from_args(parser.parse_args(argv[1:]), base=TASK_DEFAULTS[task])
+    task = _task(argv, "finetune", "Fine-tune VLMo for a task, from an official or vlmo_fast checkpoint "
+                                   "(--load-path); --preset picks an official recipe.")
+    presets = presets_for(task)
+    parser = build_parser(f"vlmo-fast finetune {task}", f"Fine-tune VLMo for {task}: {TASK_HELP[task]}. Start from "
+                          "an official or vlmo_fast checkpoint with --load-path; --preset picks an official recipe.",
+                          defaults=TASK_DEFAULTS[task], presets=presets)
+    cfg = command_config(parser, argv[1:], base=TASK_DEFAULTS[task], presets=presets, check=_check_task(task))
     summary = train(cfg)
     return 0 if summary["stop_reason"] == "max_steps" else 1
 
 
 def _evaluate_parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"vlmo-fast evaluate {task}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description=f"Evaluate a VLMo checkpoint on {task}.")
+    p = argparse.ArgumentParser(prog=f"vlmo-fast evaluate {task}", formatter_class=HelpFormatter, description={
+        "irtr": "Image-text retrieval recall (R@1/5/10 both ways) of a VLMo checkpoint: the dual encoder over "
+                "every image and caption, optionally re-ranked by the ITM head.",
+        "vqa": "The VQA score of a VLMo checkpoint on val, or a VQAv2 test submission (--split test).",
+        "nlvr2": "The NLVR2 accuracy of a VLMo checkpoint on dev and test-P (nlvr2_dev, nlvr2_test1)."}[task])
     p.add_argument("--load-path", required=True, help="official or vlmo_fast checkpoint (a training checkpoint too)")
-    p.add_argument("--data-root", default=None, help="folder of official arrow files (default: the synthetic set "
-                                                     "under --work-dir, retrieval only)")
-    p.add_argument("--dataset", default={"irtr": "coco", "vqa": "vqa", "nlvr2": "nlvr2"}[task],
-                   help="dataset key (irtr: coco or f30k)")
-    p.add_argument("--split", default="test", choices=["val", "test"], help="split to evaluate")
-    p.add_argument("--arch", default="vlmo_base_patch16", help="model preset")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the preset's)")
-    p.add_argument("--max-text-len", type=int, default=None, help="text length (default: the preset's)")
+    if task == "irtr":
+        p.add_argument("--data-root", default=None, help="folder of official arrow files (default: the built-in "
+                                                         "synthetic set under --work-dir)")
+        p.add_argument("--dataset", default="coco", choices=["coco", "f30k"], help="retrieval dataset")
+        p.add_argument("--split", default="test", choices=["val", "test"], help="Karpathy split to evaluate")
+    else:
+        p.add_argument("--data-root", required=True, help=f"folder of the official {task} arrow files (there is "
+                                                          f"no built-in synthetic {task} set)")
+    if task == "vqa":
+        p.add_argument("--split", default="test", choices=["val", "test"],
+                       help="val: the VQA score; test: a submission file (answers unknown)")
+    p.add_argument("--arch", default=None, choices=PRESETS, help="model preset (default: the checkpoint's when it "
+                                                                 "records one, else vlmo_base_patch16)")
+    p.add_argument("--image-size", type=int, default=None, help="image size (default: the checkpoint's when "
+                                                                "recorded, else the preset's)")
+    p.add_argument("--max-text-len", type=int, default=None, help="text length (default: the checkpoint's when "
+                                                                  "recorded, else the preset's)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    p.add_argument("--rerank-k", type=int, default=0, help="irtr: re-rank the top k by the ITM head (0: off)")
+    if task == "irtr":
+        p.add_argument("--rerank-k", type=int, default=0, help="re-rank the top k by the ITM head (0: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default=None, help="write the metrics (JSON) here; vqa test: the submission JSON")
-    p.add_argument("--work-dir", default="runs/vlmo_fast", help="where the synthetic set lives when --data-root is unset")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help={
+        "irtr": "write the metrics (JSON) here", "nlvr2": "write the metrics (JSON) here",
+        "vqa": "val: write the metrics (JSON) here; test: the submission JSON (default: vqa_submission.json)"}[task])
+    if task == "irtr":
+        p.add_argument("--work-dir", default="runs/vlmo_fast", help="where the synthetic set lives when --data-root "
+                                                                    "is unset")
     return p
 
 
-def _model_state(path: str):
-    """A model state from an official checkpoint or from a vlmo_fast training checkpoint (its "model" entry)."""
-    from ..checkpoint import read_state_dict
-
-    state = read_state_dict(path)
-    if "model" in state and isinstance(state["model"], dict):
-        return state["model"]
-    return state
+def read_checkpoint(path: str):
+    """(model state, {arch, image_size, max_text_len} as recorded, is a training checkpoint) of a checkpoint file,
+    read once. vlmo_fast records the model's settings in a training checkpoint ("config": TrainConfig fields) and
+    in the safetensors files it writes ("vlmo_fast_config" metadata: VLMoConfig fields); other files record none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        cfg = read_metadata(path).get("vlmo_fast_config")
+        recorded = {}
+        if isinstance(cfg, dict):
+            recorded = {"arch": cfg.get("model_arch"), "image_size": cfg.get("image_size"),
+                        "max_text_len": cfg.get("max_text_len")}
+        return read_state_dict(path), recorded, False
+    try:  # mmap: a training checkpoint's optimizer state is never read from disk
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # e.g. the legacy (non-zip) format, which cannot be mapped
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
+            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {exc}. vlmo_fast never "
+                                  f"unpickles arbitrary objects; re-save the file as a plain state dict or as "
+                                  f"safetensors.") from None
+    training = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+    recorded = {}
+    if training:
+        recorded = {k: obj["config"].get(k) for k in ("arch", "image_size", "max_text_len")}
+    return unwrap_state_dict(obj, source=path), recorded, training
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    task = _task(argv, "evaluate")
-    args = _evaluate_parser(task).parse_args(argv[1:])
+    task = _task(argv, "evaluate", "Evaluate a VLMo checkpoint: retrieval recall, the VQA score or a VQAv2 test "
+                                   "submission, the NLVR2 accuracy.")
+    parser = _evaluate_parser(task)
+    args = parser.parse_args(argv[1:])
+    rerank_k = getattr(args, "rerank_k", 0)
+    split = getattr(args, "split", "val")
+    dataset = getattr(args, "dataset", task)
+    work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
+    try:  # configuration errors: one line, exit status 2 (see command_config)
+        if args.data_root is not None and not os.path.isdir(args.data_root):
+            raise FileNotFoundError(f"--data-root: no such folder: {args.data_root}")
+        if args.data_root is None and dataset not in SYNTHETIC_DATASETS:
+            raise ValueError(f"--data-root is required for {dataset} (the built-in synthetic set is coco-style)")
+        state, recorded, _ = read_checkpoint(args.load_path)
+        # an explicit option wins, then what the checkpoint records, then the preset's (base) defaults
+        cfg = TrainConfig(arch=args.arch or recorded.get("arch") or "vlmo_base_patch16",
+                          tasks=["itc", "itm", "mlm"] if task == "irtr" and rerank_k else [task],
+                          image_size=args.image_size if args.image_size is not None else recorded.get("image_size"),
+                          max_text_len=(args.max_text_len if args.max_text_len is not None
+                                        else recorded.get("max_text_len")),
+                          precision=args.precision, data_root=args.data_root, out_dir=work_dir,
+                          per_device_batch_size=args.batch_size, datasets=[dataset], device=args.device)
+        check_device(cfg.device)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tasks = ["itc", "itm", "mlm"] if task == "irtr" and args.rerank_k else [task]
-    cfg = TrainConfig(arch=args.arch, tasks=tasks, image_size=args.image_size, max_text_len=args.max_text_len,
-                      precision=args.precision, data_root=args.data_root, out_dir=args.work_dir,
-                      per_device_batch_size=args.batch_size, datasets=[args.dataset])
     model = build_model(cfg)
-    report = load_checkpoint(model, _model_state(args.load_path), strict=False)
+    report = load_checkpoint(model, state, strict=False)
+    del state
     model.to(device).eval()
     amp = resolve_precision(cfg, device)
-    root = args.data_root or os.path.join(args.work_dir, "synthetic")
+    root = args.data_root or os.path.join(work_dir, "synthetic")
     if args.data_root is None:
-        if task != "irtr":
-            raise SystemExit(f"--data-root is required for {task}")
         vdata.write_synthetic(root, image_size=64, seed=0)
     mc = model.config
     kw = dict(image_size=mc.image_size, max_text_len=mc.max_text_len, train=False)
@@ -104,20 +197,20 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate, num_workers=2)
 
     if task == "irtr":
-        images = vdata.build_dataset(root, [args.dataset], args.split, image_only=True, **kw)
-        texts = vdata.build_dataset(root, [args.dataset], args.split, text_only=True, **kw)
+        images = vdata.build_dataset(root, [dataset], split, image_only=True, **kw)
+        texts = vdata.build_dataset(root, [dataset], split, text_only=True, **kw)
         img_feats, img_ids = encode(model, loader(images), device, "image", amp)
         txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp)
         metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
-        if args.rerank_k:
-            full_texts = vdata.build_dataset(root, [args.dataset], args.split, **kw)
+        if rerank_k:
+            full_texts = vdata.build_dataset(root, [dataset], split, **kw)
             metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, full_texts,
-                                              k=args.rerank_k, device=device, autocast_dtype=amp)
+                                              k=rerank_k, device=device, autocast_dtype=amp)
     elif task == "vqa":
-        ds = vdata.build_dataset(root, ["vqa"], args.split, **kw)
+        ds = vdata.build_dataset(root, ["vqa"], split, **kw)
         result = evaluate_vqa(model, loader(ds), device, amp)
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
-        if args.split == "test":
+        if split == "test":
             tables = [vdata.read_arrow(os.path.join(root, f"{n}.arrow"))
                       for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")
                       if os.path.isfile(os.path.join(root, f"{n}.arrow"))]
@@ -131,7 +224,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     metrics["load_report"] = str(report)
     text = json.dumps(metrics, indent=1)
     print(text)
-    if args.out and not (task == "vqa" and args.split == "test"):
+    if args.out and not (task == "vqa" and split == "test"):
         with open(args.out, "w") as f:
             f.write(text)
     return 0

@@ -1,0 +1,387 @@
+"""The command line: boolean flags, help texts (defaults, per-command presets, per-task options), option checks with
+one-line errors, fine-tuning task conflicts and data requirements, evaluate's model settings from the checkpoint,
+export of training checkpoints and model files. Parser-level or tiny runs only."""
+
+import pytest
+import torch
+
+import vlmo_fast as vf
+from vlmo_fast import cli, demo
+from vlmo_fast import data as vdata
+from vlmo_fast.checkpoint import read_metadata, read_state_dict, save_checkpoint
+from vlmo_fast.train import TrainConfig, train
+from vlmo_fast.train import finetune as ft
+from vlmo_fast.train.config import PRESETS_TRAIN, build_parser, config_from_args, presets_for
+
+BOOL_OPTIONS = ("compile", "fsdp", "augment", "final_eval", "tensorboard", "whole_word_masking", "gather_with_grad",
+                "activation_checkpointing")
+
+
+def flat(text):
+    return " ".join(text.split())
+
+
+def exit_code(fn, capsys):
+    """(exit status, stdout, stderr) of a command function that ends with SystemExit."""
+    with pytest.raises(SystemExit) as info:
+        fn()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic_cli"))
+    vdata.write_synthetic(root, n_train=16, n_val=8, n_test=8, image_size=64, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory, synthetic_root):
+    out = tmp_path_factory.mktemp("run")
+    summary = train(TrainConfig(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, data_root=synthetic_root,
+                                out_dir=str(out), batch_size=8, per_device_batch_size=8, max_steps=1, warmup_steps=0,
+                                num_workers=0, tensorboard=False, final_eval=False, device="cpu"))
+    return summary["last_checkpoint"]
+
+
+# ---- 1. boolean options -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("FALSE", False), ("1", True), ("0", False), ("yes", True),
+                                        ("no", False), ("on", True), ("Off", False)])
+def test_boolean_options_take_every_spelling(text, value):
+    parser = build_parser("vlmo-fast pretrain", "test")
+    for name in BOOL_OPTIONS:
+        args = parser.parse_args(["--" + name.replace("_", "-"), text])
+        assert getattr(args, name) is value, name
+
+
+def test_a_bare_boolean_flag_means_true(capsys):
+    parser = build_parser("vlmo-fast pretrain", "test")
+    args = parser.parse_args(["--fsdp", "--compile", "--max-steps", "3", "--augment"])
+    assert args.fsdp is True and args.compile is True and args.augment is True and args.max_steps == 3
+    assert config_from_args(parser.parse_args(["--tensorboard", "off", "--final-eval"])).tensorboard is False
+    assert parser.parse_args(["--augment", "none"]).augment is None
+    code, _, err = exit_code(lambda: parser.parse_args(["--fsdp", "maybe"]), capsys)
+    assert code == 2 and "expected true/false" in err
+    assert "a bare flag means true" in flat(parser.format_help())
+
+
+# ---- 2. help shows a default once, and only a useful one ----------------------------------------------------------
+
+
+def test_help_shows_each_default_once():
+    texts = [flat(build_parser("vlmo-fast pretrain", "test").format_help()),
+             flat(ft._evaluate_parser("irtr").format_help()), flat(ft._evaluate_parser("vqa").format_help())]
+    for text in texts:
+        assert "(default: None)" not in text and "the preset's) (default" not in text
+    pretrain = texts[0]
+    assert "image side in pixels (default: the preset's) --max-text-len" in pretrain
+    assert "text length (default: the preset's) --drop-path-rate" in pretrain
+    assert "without it) --backend" in pretrain and "(none: off) --precision" in pretrain
+    assert "(default: 300)" in pretrain  # a real default is still shown
+
+
+# ---- 3. help per command: the task's defaults and presets ---------------------------------------------------------
+
+
+def test_finetune_help_shows_the_tasks_defaults_and_presets(capsys):
+    code, out, _ = exit_code(lambda: ft.finetune_main(["vqa", "--help"]), capsys)
+    text = flat(out)
+    assert code == 0
+    assert "--tasks TASKS comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2) (default: vqa)" \
+        in text
+    assert "(default: mlm,itc,itm)" not in text and "(default: coco)" not in text
+    assert "(default: runs/vlmo_fast_vqa)" in text and "(default: 20)" in text
+    for name in PRESETS_TRAIN:
+        assert (name in text) == name.startswith("task_finetune_vqa"), name
+    code, out, _ = exit_code(lambda: ft.finetune_main(["irtr", "--help"]), capsys)
+    assert "(default: irtr)" in flat(out) and "(default: coco)" in flat(out)
+
+
+def test_pretrain_help_lists_pretraining_presets_only(capsys):
+    code, out, _ = exit_code(lambda: cli.main(["pretrain", "--help"]), capsys)
+    text = flat(out)
+    assert code == 0 and "fine-tune" not in text
+    assert presets_for(None) == ["task_mlm_itm_itc_base", "task_mlm_itm_itc_base_plus", "task_mlm_itm_itc_large",
+                                 "task_textmlm_base", "task_textmlm_base_plus"]
+    for name in PRESETS_TRAIN:
+        assert (name in text) == (name in presets_for(None)), name
+    assert sorted(sum((presets_for(t) for t in (None, "irtr", "vqa", "nlvr2")), [])) == sorted(PRESETS_TRAIN)
+
+
+# ---- 4. finetune TASK refuses other tasks -------------------------------------------------------------------------
+
+
+def test_finetune_refuses_a_conflicting_task(tmp_path, capsys):
+    code, _, err = exit_code(lambda: ft.finetune_main(["irtr", "--preset", "task_finetune_vqa_base_image480"]), capsys)
+    assert code == 2 and "task_finetune_vqa_base_image480 is a recipe for `vlmo-fast finetune vqa`" in err
+    code, _, err = exit_code(lambda: ft.finetune_main(["irtr", "--tasks", "vqa"]), capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "vlmo-fast finetune irtr: error: --tasks sets tasks vqa, which conflicts with `vlmo-fast finetune irtr`: "
+        "drop it, or run `vlmo-fast finetune vqa`"]
+    toml = tmp_path / "ft.toml"
+    toml.write_text('[train]\npreset = "task_finetune_nlvr2_base"\n')
+    code, _, err = exit_code(lambda: ft.finetune_main(["irtr", "--config", str(toml)]), capsys)
+    assert code == 2 and "task_finetune_nlvr2_base is a recipe for `vlmo-fast finetune nlvr2`" in err
+    toml.write_text('tasks = ["mlm", "itc"]\n')
+    code, _, err = exit_code(lambda: ft.finetune_main(["irtr", "--config", str(toml)]), capsys)
+    assert code == 2 and f"--config {toml} sets tasks mlm,itc" in err and "`vlmo-fast pretrain`" in err
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--tasks", "nlvr2"]), capsys)
+    assert code == 2 and "vlmo-fast finetune nlvr2" in err
+
+
+# ---- 5. data the built-in synthetic set does not have -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,what", [(["finetune", "vqa"], "vqa"), (["finetune", "nlvr2"], "nlvr2"),
+                                       (["finetune", "irtr", "--datasets", "f30k"], "f30k"),
+                                       (["pretrain", "--preset", "task_textmlm_base"], "wikibk"),
+                                       (["pretrain", "--datasets", "coco,vg"], "vg")])
+def test_data_root_is_required_for_data_the_synthetic_set_lacks(tmp_path, capsys, argv, what):
+    out = tmp_path / "run"
+    code, _, err = exit_code(lambda: cli.main(argv + ["--out-dir", str(out)]), capsys)
+    assert code == 2 and err.strip().endswith(
+        f"error: --data-root is required for {what} (the built-in synthetic set has images and captions only)")
+    assert not out.exists()  # failed before writing the synthetic set
+
+
+# ---- 6. evaluate: model settings from the checkpoint, per-task options --------------------------------------------
+
+
+def _evaluate_cfg(monkeypatch, argv):
+    """The TrainConfig evaluate_main builds its model from (it stops right there)."""
+    seen = {}
+
+    def build_model(cfg):
+        seen["cfg"] = cfg
+        raise Captured
+
+    monkeypatch.setattr(ft, "build_model", build_model)
+    with pytest.raises(Captured):
+        ft.evaluate_main(argv)
+    return seen["cfg"]
+
+
+def test_evaluate_takes_the_model_settings_the_checkpoint_records(tmp_path, monkeypatch, synthetic_root,
+                                                                  training_checkpoint):
+    common = ["--data-root", synthetic_root, "--device", "cpu"]
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", training_checkpoint] + common)
+    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_tiny_patch16", 32, 12)
+    model = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=48, max_text_len=10))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path)
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(path)] + common)
+    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_tiny_patch16", 48, 10)
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(path), "--image-size", "64", "--arch",
+                                      "vlmo_base_patch16"] + common)  # explicit options win
+    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_base_patch16", 64, 10)
+    plain = tmp_path / "model.pt"  # a plain state dict records nothing: the base preset's settings
+    save_checkpoint(model, plain)
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(plain)] + common)
+    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_base_patch16", None, None)
+
+
+def test_evaluate_help_is_per_task(capsys):
+    texts = {}
+    for task in ft.TASKS:
+        code, out, _ = exit_code(lambda: ft.evaluate_main([task, "--help"]), capsys)
+        assert code == 0
+        texts[task] = flat(out)
+    assert "--rerank-k" in texts["irtr"] and "f30k" in texts["irtr"] and "--work-dir" in texts["irtr"]
+    for task in ("vqa", "nlvr2"):
+        assert "--rerank-k" not in texts[task] and "irtr" not in texts[task] and "--dataset " not in texts[task]
+        assert "--work-dir" not in texts[task]
+    assert "--split" in texts["vqa"] and "--split" not in texts["nlvr2"]
+    code, _, err = exit_code(lambda: ft.evaluate_main(["vqa", "--load-path", "x.pt"]), capsys)
+    assert code == 2 and "--data-root" in err
+
+
+def test_evaluate_configuration_errors_are_one_line(tmp_path, capsys):
+    code, _, err = exit_code(lambda: ft.evaluate_main(["irtr", "--load-path", str(tmp_path / "missing.pt")]), capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"vlmo-fast evaluate irtr: error: checkpoint file not found: {tmp_path / 'missing.pt'}"]
+
+
+# ---- 7. finetune has its own out_dir ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["irtr", "vqa", "nlvr2"])
+def test_finetune_default_out_dir_is_the_tasks(tmp_path, monkeypatch, task):
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return {"stop_reason": "max_steps"}
+
+    monkeypatch.setattr(ft, "train", fake_train)
+    extra = [] if task == "irtr" else ["--data-root", str(tmp_path)]
+    assert ft.finetune_main([task] + extra) == 0
+    assert seen["cfg"].out_dir == f"runs/vlmo_fast_{task}" and seen["cfg"].tasks == [task]
+    assert TrainConfig().out_dir == "runs/vlmo_fast"  # pretraining keeps its own
+
+
+# ---- 8. option values ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_steps=-1), "max_steps must be >= 1, got -1"), (dict(max_steps=0), "max_steps must be >= 1"),
+    (dict(max_steps=None, max_epochs=0), "max_epochs must be >= 1"),
+    (dict(eval_batches=0), "eval_batches must be >= 1"),
+    (dict(keep_last=-1), r"keep_last must be >= 0 \(0 keeps every checkpoint\)"),
+    (dict(log_every=0), "log_every must be >= 1"), (dict(save_every=0), "save_every must be >= 1"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0"), (dict(learning_rate=-1e-4), "learning_rate must be > 0"),
+    (dict(warmup_steps=1.5), r"a fraction of max_steps, in \[0, 1\]"), (dict(warmup_steps=-2), "warmup_steps"),
+    (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (dict(max_steps="two"), "max_steps: expected int, got str 'two'"),
+    (dict(compile="yes"), "compile: expected bool, got str 'yes'"),
+    (dict(learning_rate="fast"), "learning_rate: expected float, got str"),
+    (dict(tasks=["mlm", 3]), "tasks: expected list of str"),
+])
+def test_bad_values_name_the_option(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_warmup_longer_than_the_run_warns():
+    """A preset's warmup kept in a shortened smoke run is legitimate, but the peak learning rate is never reached."""
+    with pytest.warns(UserWarning, match=r"warmup_steps \(150\) exceeds max_steps \(100\)"):
+        TrainConfig(max_steps=100, warmup_steps=150)
+
+
+def test_good_edge_values_pass():
+    assert TrainConfig(keep_last=0).keep_last == 0  # 0 keeps every checkpoint (state.save_training_checkpoint)
+    assert TrainConfig(max_steps=100, warmup_steps=100).warmup_steps == 100
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # the machine is checked by the commands, not here
+    cfg = TrainConfig(learning_rate=1, lr_mult=20, tasks="mlm, itc")
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float) and cfg.tasks == ["mlm", "itc"]
+
+
+def test_warmup_parse_error_is_readable(capsys):
+    parser = build_parser("vlmo-fast pretrain", "test")
+    code, _, err = exit_code(lambda: parser.parse_args(["--warmup-steps", "abc"]), capsys)
+    assert code == 2 and "_warmup" not in err
+    assert "argument --warmup-steps: expected an int (steps) or a float (a fraction of max_steps), got 'abc'" in err
+    code, _, err = exit_code(lambda: parser.parse_args(["--max-steps", "x"]), capsys)
+    assert code == 2 and "parse" not in err and "expected an int or none, got 'x'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_says_so(capsys):
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--device", "cuda"]), capsys)
+    assert code == 2 and "CUDA is not available" in err and "Traceback" not in err
+
+
+def test_toml_values_are_type_checked_and_may_name_a_preset(tmp_path, capsys):
+    parser = build_parser("vlmo-fast pretrain", "test")
+    toml = tmp_path / "cfg.toml"
+    toml.write_text('[train]\nmax_steps = "two"\n')
+    with pytest.raises(ValueError, match="max_steps: expected int, got str 'two'"):
+        config_from_args(parser.parse_args(["--config", str(toml)]))
+    toml.write_text('[train]\npreset = "task_mlm_itm_itc_base"\nmax_steps = 7\nwarmup_steps = 0.1\n'
+                    'learning_rate = 1\n')
+    cfg = config_from_args(parser.parse_args(["--config", str(toml), "--batch-size", "64"]))
+    assert cfg.arch == "vlmo_base_patch16" and cfg.datasets == ["coco", "vg", "sbu", "gcc"]  # the preset
+    assert cfg.max_steps == 7 and cfg.learning_rate == 1.0 and cfg.batch_size == 64  # < the file < the flags
+    cfg = config_from_args(parser.parse_args(["--config", str(toml), "--preset", "task_mlm_itm_itc_large"]))
+    assert cfg.arch == "vlmo_large_patch16" and cfg.max_steps == 7  # --preset replaces the file's preset
+    toml.write_text('preset = "no_such_preset"\n')
+    with pytest.raises(ValueError, match="unknown preset 'no_such_preset'"):
+        config_from_args(parser.parse_args(["--config", str(toml)]))
+
+
+# ---- 9. configuration errors: one line, exit status 2 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--max-steps", "-1"], "vlmo-fast pretrain: error: max_steps must be >= 1, got -1"),
+    (["pretrain", "--config", "/nonexistent/cfg.toml"], "vlmo-fast pretrain: error: config file not found: "
+                                                        "/nonexistent/cfg.toml"),
+    (["finetune", "irtr", "--load-path", "/nonexistent/start.pt"], "vlmo-fast finetune irtr: error: --load-path: no "
+                                                                   "such file: /nonexistent/start.pt"),
+])
+def test_configuration_errors_are_one_line(capsys, argv, message):
+    code, _, err = exit_code(lambda: cli.main(argv), capsys)
+    assert code == 2 and err.strip().splitlines() == [message]
+
+
+def test_bad_toml_syntax_is_a_configuration_error(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("max_steps = = 3\n")
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--config", str(toml)]), capsys)
+    assert code == 2 and f"{toml}: not valid TOML" in err and "Traceback" not in err
+
+
+# ---- 10. export ---------------------------------------------------------------------------------------------------
+
+
+def _same_tensors(a, b):
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_export_accepts_model_files(tmp_path, capsys):
+    model = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32))
+    src = tmp_path / "model.safetensors"
+    save_checkpoint(model, src)
+    assert cli.main(["export", str(src), str(tmp_path / "model.pt")]) == 0
+    assert "from a model file" in capsys.readouterr().out
+    _same_tensors(read_state_dict(src), read_state_dict(tmp_path / "model.pt"))
+    assert cli.main(["export", str(tmp_path / "model.pt"), str(tmp_path / "again.safetensors")]) == 0
+    _same_tensors(read_state_dict(src), read_state_dict(tmp_path / "again.safetensors"))
+    assert cli.main(["export", str(src), str(tmp_path / "copy.safetensors")]) == 0
+    assert read_metadata(tmp_path / "copy.safetensors")["vlmo_fast_config"]["image_size"] == 32  # metadata kept
+
+
+def test_export_of_a_training_checkpoint(tmp_path, capsys, training_checkpoint):
+    out = tmp_path / "exported.pth"
+    assert cli.main(["export", training_checkpoint, str(out)]) == 0
+    assert "from a training checkpoint" in capsys.readouterr().out
+    _same_tensors(torch.load(training_checkpoint, weights_only=True)["model"],
+                  {k: v for k, v in read_state_dict(out).items() if "relative_position_index" not in k})
+
+
+def test_export_refuses_bad_names_and_has_help(tmp_path, capsys):
+    code, _, err = exit_code(lambda: cli.main(["export", "in.pt", str(tmp_path / "out.bin")]), capsys)
+    assert code == 2 and "OUT must end in .pt, .pth, .safetensors" in err
+    code, _, err = exit_code(lambda: cli.main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "o.pt")]),
+                             capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"vlmo-fast export: error: checkpoint file not found: {tmp_path / 'missing.pt'}"]
+    code, out, _ = exit_code(lambda: cli.main(["export", "--help"]), capsys)
+    assert code == 0 and "training checkpoint" in out and "model-only file" in flat(out)
+
+
+# ---- 11. top-level and task-level help ----------------------------------------------------------------------------
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    code, out, _ = exit_code(lambda: cli.main(["--help"]), capsys)
+    assert code == 0 and "``" not in out and "args" not in out and "examples:" in out
+    lines = out.splitlines()
+    for name, _ in cli.COMMANDS:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 3 for line in lines), name
+    code, _, err = exit_code(lambda: cli.main(["train"]), capsys)
+    assert code == 2 and "invalid choice" in err
+
+
+def test_finetune_and_evaluate_help_list_the_tasks(capsys):
+    for command in ("finetune", "evaluate"):
+        code, out, _ = exit_code(lambda: cli.main([command, "--help"]), capsys)
+        assert code == 0 and f"usage: vlmo-fast {command} TASK [options]" in out
+        for task in ft.TASKS:
+            assert f"  {task} " in out
+    code, _, err = exit_code(lambda: ft.finetune_main([]), capsys)
+    assert code == 2 and "TASK" in err
+
+
+def test_demo_help_matches_its_defaults(capsys):
+    code, out, _ = exit_code(lambda: demo.main(["--help"], prog="vlmo-fast demo"), capsys)
+    assert code == 0 and "usage: vlmo-fast demo" in out and "batch size (default: 3)" in out
+    assert "[--batch 3]" in out and "[--batch 2]" not in out
