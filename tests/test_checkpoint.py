@@ -78,6 +78,13 @@ def test_save_writes_official_layout_atomically(tmp_path):
     assert vf.checkpoint.read_metadata(st)["vlmo_fast_config"]["model_arch"] == "vlmo_tiny_patch16"
 
 
+def test_metadata_of_other_tools_is_read_as_text(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "hf.safetensors"), metadata={"format": "pt"})
+    assert vf.checkpoint.read_metadata(tmp_path / "hf.safetensors") == {"format": "pt"}
+
+
 def test_legacy_index_tensors_are_ignored(tmp_path):
     src = tiny()
     sd = dict(src.state_dict())

@@ -385,3 +385,9 @@ def test_demo_help_matches_its_defaults(capsys):
     code, out, _ = exit_code(lambda: demo.main(["--help"], prog="vlmo-fast demo"), capsys)
     assert code == 0 and "usage: vlmo-fast demo" in out and "batch size (default: 3)" in out
     assert "[--batch 3]" in out and "[--batch 2]" not in out
+
+
+def test_evaluate_refuses_a_negative_rerank_k_before_any_work(capsys, tmp_path):
+    argv = ["irtr", "--load-path", str(tmp_path / "none.pt"), "--rerank-k", "-3"]
+    code, _, err = exit_code(lambda: ft.evaluate_main(argv), capsys)
+    assert code == 2 and "--rerank-k: expected an int >= 0, got '-3'" in err

@@ -86,6 +86,9 @@ def test_hard_negative_sampling_survives_diverged_logits():
     assert set(draws[:, 1].tolist()) == {0, 2, 3} and set(draws[:, 2].tolist()) == {0, 1, 3}
     finite = torch.stack([O.sample_hard_negatives(sim[:1], torch.Generator().manual_seed(s)) for s in range(200)])
     assert torch.equal(draws[:, :1], finite)
+    # all the mass on the positive (an extreme logit scale): the off-diagonal weights underflow to 0
+    peaked = O.sample_hard_negatives(torch.tensor([[200.0, 0.0, 1.0], [0.0, 200.0, 2.0]]))
+    assert peaked[0] != 0 and peaked[1] != 1
 
 
 def test_itm_hardneg_uses_sampled_pairs():

@@ -107,7 +107,7 @@ def test_official_adamw_matches_the_official_update_rule(scale):
 
 
 def test_official_adamw_groups_state_dict_and_resume():
-    """Per-group lr and decay, bf16/fp32 parameters in one group, and a resumed optimizer continues exactly."""
+    """The optimizer kinds, a bad kind refused, and a resumed OfficialAdamW continuing exactly."""
     model = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=6, depth=2, vlffn_start_layer_index=1))
     opt = build_optimizer(model, lr=1e-3)
     assert isinstance(opt, OfficialAdamW) and isinstance(build_optimizer(model, 1e-3, kind="torch"), torch.optim.AdamW)
@@ -243,9 +243,13 @@ def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):
 def test_resume_refuses_another_runs_checkpoint_and_logs_changed_options(tmp_path, synthetic_root, capsys):
     """A fine-tuning run pointed at a pretraining run's folder must not silently continue that run."""
     train(small_cfg(tmp_path / "run", synthetic_root, max_steps=1, warmup_steps=0))
-    with pytest.raises(ValueError, match=r"belongs to another run \(tasks \['mlm', 'itc', 'itm'\] .*vs \['itc'\]"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(tasks \['itc', 'itm', 'mlm'\] .*vs \['itc'\]"):
         train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, tasks=["itc"]))
-    longer = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0))
+    with pytest.raises(ValueError, match=r"optimizer 'official' \(checkpoint\) vs 'torch'"):
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, optimizer="torch"))
+    # the same run, spelled differently: tasks in another order, the preset's text length given explicitly
+    longer = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0,
+                             tasks=["itm", "mlm", "itc"], max_text_len=None))
     assert longer["steps"] == 2
     assert "with changed options: max_steps 1 -> 2" in capsys.readouterr().out
 
@@ -330,7 +334,6 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkey
             assert len(children) == workers
             for child in children:
                 os.kill(child.pid, signal.SIGTERM)
-            import time; time.sleep(1); print("EXIT", [c.exitcode for c in children])
             os.kill(os.getpid(), signal.SIGTERM)
         return real(ret)
 

@@ -175,6 +175,10 @@ def load_checkpoint(
     return report
 
 
+_UMASK = os.umask(0)  # read once at import: setting it later would race with other threads creating files
+os.umask(_UMASK)
+
+
 def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -182,9 +186,7 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -229,7 +231,14 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
     from safetensors import safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        meta = f.metadata() or {}
+    out: Dict[str, object] = {}
+    for k, v in meta.items():  # other tools store plain strings (e.g. {"format": "pt"}): kept as they are
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
 
 
 # ---- BEiT (vision-only) checkpoints for the text-only stage (spec §5.1 "Language stage") -------------------------

@@ -113,13 +113,16 @@ def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False)
 def sample_hard_negatives(sim: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One index per local row b, drawn from softmax(sim[b]) with the local positive (column b) zeroed (Q17).
 
-    A row with a NaN/inf weight (diverged logits: the step's ITC loss is then non-finite too and the loop skips the
-    step) samples uniformly instead, so a diverging run reaches the skip rather than failing in ``multinomial`` (on
-    CUDA a device-side assert that ends the process). Decided on the device, without a sync."""
+    A row that ``multinomial`` would refuse samples uniformly off the diagonal instead: one with a NaN/inf weight
+    (diverged logits: the step's ITC loss is then non-finite too and the loop skips the step), or one whose whole
+    mass underflowed onto the positive (an extreme logit scale), where the official code would fail. A diverging run
+    thus reaches the skip rather than failing in ``multinomial`` (on CUDA a device-side assert that ends the
+    process). Decided on the device, without a sync."""
     with torch.no_grad():
         weights = F.softmax(sim.float(), dim=1)
-        finite = torch.isfinite(weights).all(dim=1, keepdim=True)
-        weights = torch.where(finite, weights, torch.ones_like(weights))
+        weights.fill_diagonal_(0)
+        usable = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
+        weights = torch.where(usable, weights, torch.ones_like(weights))
         weights.fill_diagonal_(0)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 

@@ -190,8 +190,9 @@ def _is_shards(name: str) -> bool:
 
 
 def has_val_split(cfg: TrainConfig) -> bool:
-    """Tar shards are training data only: a run on shards alone has nothing to evaluate on."""
-    return any(not _is_shards(d) for d in cfg.datasets)
+    """Tar shards are training data only: a run on shards evaluates on the arrow files of --data-root (COCO val),
+    and without one it has nothing to evaluate on."""
+    return cfg.data_root is not None or any(not _is_shards(d) for d in cfg.datasets)
 
 
 def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):

@@ -1,7 +1,9 @@
 """torchrun integration: process group, device, DDP or FSDP2 wrapping, rank helpers.
 
-Launch with ``torchrun --nproc_per_node N -m vlmo_fast.train ...``; a plain ``python`` run is one process (no
-process group: the objectives' gathers are then local). NCCL on GPU, gloo on CPU.
+Launch pretraining with ``torchrun --nproc_per_node N -m vlmo_fast.train ...`` and fine-tuning with
+``torchrun --nproc_per_node N -m vlmo_fast.cli finetune TASK ...``; a plain ``python`` run is one process (no
+process group: the objectives' gathers are then local). NCCL on GPU, gloo on CPU. Each process uses the GPU of its
+LOCAL_RANK; a single process takes the one ``device`` names (``cuda:N``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu" if device == "auto" else device)
+    if use_cuda:
+        single = world == 1 and ":" in device  # an explicit cuda:N for a one-process run
+        dev = torch.device(device if single else f"cuda:{local_rank}")
+    else:
+        dev = torch.device("cpu" if device == "auto" else device)
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -86,6 +86,17 @@ def finetune_main(argv: Optional[List[str]] = None) -> int:
     return 0 if summary["stop_reason"] == "max_steps" else 1
 
 
+def _count(text: str) -> int:
+    """An int >= 0 (argparse reports the message as an error of the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
 def _evaluate_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"vlmo-fast evaluate {task}", formatter_class=HelpFormatter, description={
         "irtr": "Image-text retrieval recall (R@1/5/10 both ways) of a VLMo checkpoint: the dual encoder over "
@@ -112,7 +123,7 @@ def _evaluate_parser(task: str) -> argparse.ArgumentParser:
                                                                   "recorded, else the preset's)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     if task == "irtr":
-        p.add_argument("--rerank-k", type=int, default=0, help="re-rank the top k by the ITM head (0: off)")
+        p.add_argument("--rerank-k", type=_count, default=0, help="re-rank the top k by the ITM head (0: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help={

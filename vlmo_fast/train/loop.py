@@ -25,7 +25,7 @@ import torch
 
 from .. import objectives
 from ..checkpoint import _atomic_write, load_checkpoint, read_state_dict, save_checkpoint
-from ..config import loss_names, preset
+from ..config import PRESETS, loss_names, preset
 from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
 from ..flops import pretrain_step_flops
 from ..model import VLMo
@@ -87,20 +87,34 @@ def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
     return text
 
 
-# options that define which model and objective a checkpoint trains: a run resumes only a checkpoint that matches them
-RUN_IDENTITY = ("arch", "tasks", "image_size", "max_text_len", "model_impl")
+# options that define which model, objective and optimizer state a checkpoint holds: a run resumes only a checkpoint
+# that matches them
+RUN_IDENTITY = ("arch", "tasks", "image_size", "max_text_len", "optimizer")
+
+
+def _identity(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The RUN_IDENTITY values as they take effect: tasks as a set, the preset's size and length where unset."""
+    out = {k: values.get(k) for k in RUN_IDENTITY}
+    out["tasks"] = sorted(out["tasks"] or [])
+    out["optimizer"] = out["optimizer"] or "torch"  # checkpoints from before the option trained with torch's AdamW
+    if out["arch"] in PRESETS:
+        for key in ("image_size", "max_text_len"):
+            if out[key] is None:
+                out[key] = getattr(preset(out["arch"]), key)
+    return out
 
 
 def resume_changes(cfg: TrainConfig, saved: Dict[str, Any], path: str) -> List[str]:
-    """Check a checkpoint to resume against this run: one of another model or objective (e.g. a pretraining checkpoint
-    in the out_dir a fine-tuning run writes to) is refused, naming the difference; other changed options (a longer
-    max_steps, a new learning rate) are returned for the log."""
+    """Check a checkpoint to resume against this run: one of another model, objective or optimizer (e.g. a
+    pretraining checkpoint in the out_dir a fine-tuning run writes to) is refused, naming the difference; other
+    changed options (a longer max_steps, a new learning rate) are returned for the log."""
     now = cfg.to_dict()
-    clash = [f"{k} {saved[k]!r} (checkpoint) vs {now[k]!r}" for k in RUN_IDENTITY if k in saved and saved[k] != now[k]]
-    if clash:
-        raise ValueError(f"cannot resume {path}: it belongs to another run ({'; '.join(clash)}). Use another "
-                         f"--out-dir, or --resume none to start this run from scratch (--load-path to start from "
-                         f"that checkpoint's weights)")
+    if saved:
+        theirs, ours = _identity(saved), _identity(now)
+        clash = [f"{k} {theirs[k]!r} (checkpoint) vs {ours[k]!r}" for k in RUN_IDENTITY if theirs[k] != ours[k]]
+        if clash:
+            raise ValueError(f"cannot resume {path}: it belongs to another run ({'; '.join(clash)}). Give this run "
+                             f"another --out-dir (and --load-path to start from that checkpoint's weights)")
     skip = set(RUN_IDENTITY) | {"resume", "out_dir"}
     return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in skip and k in saved and saved[k] != v]
 
@@ -449,7 +463,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if data_setup.has_val_split(cfg):
             metrics = evaluate(model, cfg, info, amp, None)
         else:
-            logger.write("no final evaluation: the training data are tar shards, which have no val split")
+            logger.write("no final evaluation: the training data are tar shards, which have no val split, and no "
+                         "--data-root gives one")
     elapsed = time.time() - t_start
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
