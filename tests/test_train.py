@@ -376,6 +376,13 @@ def test_export_and_cli(tmp_path, synthetic_root, capsys):
     train_loop.export(summary["last_checkpoint"], str(out))
     model = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12))
     load_checkpoint(model, str(out), strict=True)
+    # a checkpoint whose saved config this version refuses still exports its weights
+    state = torch.load(summary["last_checkpoint"], weights_only=True)
+    state["config"]["learning_rate"] = 0.0
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.warns(UserWarning, match="could not be rebuilt: learning_rate must be > 0"):
+        train_loop.export(str(tmp_path / "odd.pt"), str(tmp_path / "odd.safetensors"))
+    load_checkpoint(model, str(tmp_path / "odd.safetensors"), strict=True)
     parser = build_parser("vlmo-fast pretrain", "test")
     help_text = parser.format_help()
     for flag in ("--preset", "--config", "--batch-size", "--gather-with-grad", "--activation-checkpointing"):

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -504,6 +505,12 @@ def export(checkpoint_path: str, out_path: str) -> None:
     """Write the model of a training checkpoint in the official layout (``.pt``) or as safetensors, with the index
     tensors the official loader expects (see ``save_checkpoint``)."""
     state = load_training_checkpoint(checkpoint_path)
-    model = build_model(TrainConfig.from_dict(state["config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = build_model(TrainConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+    except (ValueError, TypeError, RuntimeError) as exc:  # a config this version no longer builds: the weights still
+        warnings.warn(f"{checkpoint_path}: exporting the state dict as saved, without the relative-position index "
+                      f"tensors, because its model could not be rebuilt: {exc}")
+        save_checkpoint(state["model"], out_path)
+        return
     save_checkpoint(model, out_path)
