@@ -44,6 +44,7 @@ from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
 from vlmo_fast.reference import ReferenceVLMo  # noqa: E402
+from vlmo_fast.train.optim import build_optimizer  # noqa: E402
 
 ALL_OPS = ("attention", "softmax", "layernorm", "block", "model", "step", "retrieval")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -474,7 +475,9 @@ def _infer_fn(fn, batch, dev, dtype):
 
 
 def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
-    """The full pretraining step (MLM + ITC + ITM with hard negatives): forward, backward, AdamW."""
+    """The full pretraining step (MLM + ITC + ITM with hard negatives): forward, backward, and the training loop's
+    optimizer (the official parameter groups and AdamW update rule, ``vlmo_fast.train.optim``), the same for every
+    implementation."""
     dev = bench.device
     b = sizes["step_batch"]
     cfg = config.replace(drop_path_rate=0.1)
@@ -500,8 +503,7 @@ def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], confi
 def make_step(model, batch, dev, dtype, module=None):
     module = module if module is not None else model
     module.current_tasks = ["mlm", "itc", "itm"]
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), fused=dev.type == "cuda")
+    opt = build_optimizer(module, lr=1e-5)
 
     def step():
         with autocast(dev, dtype):
