@@ -86,10 +86,10 @@ def _export(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if not args.out.endswith(EXPORT_SUFFIXES):
         parser.error(f"OUT must end in {', '.join(EXPORT_SUFFIXES)} (the suffix picks the format), got {args.out}")
-    try:
+    from .train.config import user_errors
+
+    with user_errors(parser):  # includes CheckpointError: an unreadable or odd file
         kind = export_checkpoint(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError) as exc:  # includes CheckpointError: an unreadable or odd file
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"wrote {args.out} (from a {kind})")
     return 0
 

@@ -6,6 +6,7 @@ Precedence: defaults < ``--preset`` < ``--config file.toml`` < command-line flag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -481,18 +482,26 @@ def check_environment(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
 
 
+@contextlib.contextmanager
+def user_errors(parser: argparse.ArgumentParser):
+    """A configuration error (ValueError, FileNotFoundError, CheckpointError) raised inside is the user's input, not
+    a bug: it ends the command as argparse's own errors do, one line ``<prog>: error: ...`` and exit status 2,
+    instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
 def command_config(parser: argparse.ArgumentParser, argv: Sequence[str], base: Optional[Mapping[str, Any]] = None,
                    presets: Optional[Sequence[str]] = None,
                    check: Optional[Callable[[TrainConfig, argparse.Namespace], None]] = None) -> TrainConfig:
-    """A command's config from ``argv``, checked. A configuration error (ValueError, FileNotFoundError) is the
-    user's input, not a bug: it ends the command as argparse's own errors do, one line ``<prog>: error: ...`` and
-    exit status 2, instead of a traceback. Errors during training are not caught here."""
+    """A command's config from ``argv``, checked; configuration errors end in one line (``user_errors``). Errors
+    during training are not caught here."""
     args = parser.parse_args(list(argv))
-    try:
+    with user_errors(parser):
         cfg = config_from_args(args, base, presets)
         if check is not None:
             check(cfg, args)
         check_environment(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return cfg

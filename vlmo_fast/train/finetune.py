@@ -21,8 +21,8 @@ from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_s
 from ..config import PRESETS
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
-from .config import FINETUNE_TASKS, SYNTHETIC_DATASETS, HelpFormatter, TrainConfig, build_parser, check_device, \
-    command_config, load_toml, presets_for
+from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
+    check_environment, command_config, load_toml, presets_for, user_errors
 from .loop import build_model, resolve_precision, train
 
 TASKS = FINETUNE_TASKS
@@ -174,11 +174,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     split = getattr(args, "split", "val")
     dataset = getattr(args, "dataset", task)
     work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
-    try:  # configuration errors: one line, exit status 2 (see command_config)
-        if args.data_root is not None and not os.path.isdir(args.data_root):
-            raise FileNotFoundError(f"--data-root: no such folder: {args.data_root}")
-        if args.data_root is None and dataset not in SYNTHETIC_DATASETS:
-            raise ValueError(f"--data-root is required for {dataset} (the built-in synthetic set is coco-style)")
+    with user_errors(parser):
+        # the data and the device first, before the checkpoint is read
+        check_environment(TrainConfig(tasks=[task], datasets=[dataset], data_root=args.data_root, device=args.device))
         state, recorded, _ = read_checkpoint(args.load_path)
         # an explicit option wins, then what the checkpoint records, then the preset's (base) defaults
         cfg = TrainConfig(arch=args.arch or recorded.get("arch") or "vlmo_base_patch16",
@@ -188,9 +186,6 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
                           per_device_batch_size=args.batch_size, datasets=[dataset], device=args.device)
-        check_device(cfg.device)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = build_model(cfg)
     report = load_checkpoint(model, state, strict=False)
