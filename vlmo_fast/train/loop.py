@@ -373,6 +373,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     bad_in_a_row, skipped, bad_samples = 0, 0, 0
     last_ckpt = None
     history: List[Dict[str, float]] = []
+    can_evaluate = data_setup.has_val_split(cfg)
+    periodic_eval = bool(cfg.eval_every) and can_evaluate
     # losses and accuracies are logged as means over the updates since the previous log line (one batch's
     # accuracy is too noisy to read); skipped (non-finite) steps are not averaged in
     window: Dict[str, float] = {}
@@ -443,7 +445,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 values["skipped_steps"] = skipped
                 history.append(values)
                 logger.log(step, values)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps and data_setup.has_val_split(cfg):
+            if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
                 metrics = evaluate(model, cfg, info, amp, cfg.eval_batches)
                 if metrics:
                     logger.log(step, metrics)
@@ -461,7 +463,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         last_ckpt = save("final")
     metrics = {}
     if stop_reason == "max_steps" and cfg.final_eval:
-        if data_setup.has_val_split(cfg):
+        if can_evaluate:
             metrics = evaluate(model, cfg, info, amp, None)
         else:
             logger.write("no final evaluation: the training data are tar shards, which have no val split, and no "

@@ -74,4 +74,5 @@ def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], k
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mapped, not read: a caller that needs only the model (export) never reads the optimizer state from disk
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
