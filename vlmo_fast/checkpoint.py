@@ -179,7 +179,9 @@ _UMASK = os.umask(0)  # read once at import: setting it later would race with ot
 os.umask(_UMASK)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers never see a partial
+    file, and a failed write leaves the previous one. Used for every file vlmo_fast writes that others read."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -220,10 +222,10 @@ def save_checkpoint(
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
         meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         tensors = {k: v.detach().cpu() for k, v in sd.items()}
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def read_metadata(path: PathLike) -> Dict[str, object]:

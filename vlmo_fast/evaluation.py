@@ -190,7 +190,7 @@ def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
     """Write the test-set submission JSON ``[{"question_id": ..., "answer": ...}]`` atomically."""
     import json
 
-    from .checkpoint import _atomic_write
+    from .checkpoint import atomic_write
 
     rows = [{"question_id": qid, "answer": id2answer.get(label, "")} for qid, label in predictions]
 
@@ -198,7 +198,7 @@ def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
         with open(tmp, "w") as f:
             json.dump(rows, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import objectives
-from ..checkpoint import _atomic_write, load_checkpoint, read_state_dict, save_checkpoint
+from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
 from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
 from ..flops import pretrain_step_flops
@@ -168,7 +168,7 @@ class Logger:
                 writer.writeheader()
                 writer.writerows(self._rows)
 
-        _atomic_write(self.csv_path, write)
+        atomic_write(self.csv_path, write)
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:

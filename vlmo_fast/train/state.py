@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import _atomic_write
+from ..checkpoint import atomic_write
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -64,7 +64,7 @@ def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], k
     """Write ``step_<step>.pt`` atomically, then delete all but the newest ``keep_last`` checkpoints."""
     path = checkpoint_path(out_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     if keep_last > 0:
         for old in list_checkpoints(out_dir)[:-keep_last]:
             os.unlink(old)
