@@ -44,20 +44,23 @@ from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
 from vlmo_fast.reference import ReferenceVLMo  # noqa: E402
-from vlmo_fast.train.optim import build_optimizer  # noqa: E402
+from vlmo_fast.train.optim import OfficialAdamW, build_optimizer, param_groups  # noqa: E402
 
-ALL_OPS = ("attention", "softmax", "layernorm", "block", "model", "step", "retrieval")
+ALL_OPS = ("attention", "softmax", "layernorm", "block", "model", "step", "optimizer", "retrieval")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Sizes per preset: VLMo-base shapes; "quick" keeps CPU runs to minutes, "tiny" to seconds (dry runs, tests).
 SIZES: Dict[str, Dict[str, Any]] = {
     "full": dict(arch="vlmo_base_patch16", attention=[(32, 237), (128, 237), (32, 617), (16, 941)], softmax_bh=1536,
                  ln_rows=128, block_batch=128, model_batch=128, step_batch=128, heads=12, head_dim=64, reps=20,
+                 optimizer_depth=None,
                  retrieval=(384, 5000, 25000, 256)),
     "quick": dict(arch="vlmo_base_patch16", attention=[(2, 237)], softmax_bh=24, ln_rows=8, block_batch=2,
-                  model_batch=2, step_batch=2, heads=12, head_dim=64, reps=5, retrieval=(224, 16, 80, 8)),
+                  model_batch=2, step_batch=2, heads=12, head_dim=64, reps=5, retrieval=(224, 16, 80, 8),
+                  optimizer_depth=2),
     "tiny": dict(arch="vlmo_tiny_patch16", attention=[(2, 29)], softmax_bh=4, ln_rows=2, block_batch=2,
-                 model_batch=2, step_batch=4, heads=4, head_dim=16, reps=2, retrieval=(64, 16, 80, 8)),
+                 model_batch=2, step_batch=4, heads=4, head_dim=16, reps=2, retrieval=(64, 16, 80, 8),
+                 optimizer_depth=None),
 }
 
 
@@ -517,6 +520,65 @@ def make_step(model, batch, dev, dtype, module=None):
     return step
 
 
+def official_adamw_step(groups: List[Dict[str, Any]], state: Dict[torch.Tensor, Dict[str, Any]], betas=(0.9, 0.98),
+                        eps: float = 1e-8) -> None:
+    """The official optimizer's step (transformers 4.8.1 AdamW, spec §6.3): a Python loop over the parameters,
+    eight tensor ops each."""
+    beta1, beta2 = betas
+    with torch.no_grad():
+        for group in groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = state.get(p)
+                if st is None:
+                    st = state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                st["step"] += 1
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                denom = v.sqrt().add_(eps)
+                step_size = lr * math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
+                p.addcdiv_(m, denom, value=-step_size)
+                if wd > 0.0:
+                    p.add_(p, alpha=-lr * wd)
+
+
+def bench_optimizer(bench: Bench, sizes: Dict[str, Any], config) -> None:
+    """One optimizer step over the pretraining model's parameters (fp32 weights, as under AMP) with the official
+    groups: the official per-parameter loop vs OfficialAdamW (fused kernel, and its foreach fallback), and torch's
+    fused AdamW (a different rule: ε after the bias correction, decay before the update) as the off-the-shelf
+    alternative. The implementations take turns stepping the same weights, each with its own state."""
+    dev = bench.device
+    if bench.out_of_time():
+        return
+    cfg = config if sizes["optimizer_depth"] is None else config.replace(
+        depth=sizes["optimizer_depth"], vlffn_start_layer_index=sizes["optimizer_depth"] - 1)
+    model = vf.VLMo(cfg.replace(loss_names=vf.loss_names(mlm=1, itc=1, itm=1))).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-3
+    groups = param_groups(model, lr=1e-5, weight_decay=0.01)
+    official_state: Dict[torch.Tensor, Dict[str, Any]] = {}
+    fused = OfficialAdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    foreach = OfficialAdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, fused=False)
+    impls = {"official": lambda: official_adamw_step(groups, official_state),
+             "vlmo_fast": fused.step, "vlmo_fast[foreach]": foreach.step}
+    try:
+        torch_fused = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01, fused=True)
+        impls["torch_adamw_fused"] = torch_fused.step
+    except (RuntimeError, ValueError):  # no fused kernel for this device in this torch
+        pass
+    n = sum(p.numel() for p in model.parameters())
+    arch = cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")
+    bench.measure("optimizer", dict(params=f"{n / 1e6:.1f}M", arch=arch, depth=cfg.depth), "fp32", "step", impls,
+                  bytes_=7 * 4 * n)  # read p, g, m, v; write p, m, v
+    del impls, fused, foreach, official_state, model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
     """Retrieval evaluation as official (dual encoder): encode every image and caption once, score all pairs, R@1/5/10
     (issue target: 5k images / 25k captions at 384 px in under a minute on an H100). Random pixels and token ids:
@@ -625,6 +687,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "block": lambda: bench_block(bench, sizes, dtypes, config),
         "model": lambda: bench_model(bench, sizes, dtypes, config),
         "step": lambda: bench_step(bench, sizes, dtypes, config),
+        "optimizer": lambda: bench_optimizer(bench, sizes, config),
         "retrieval": lambda: bench_retrieval(bench, sizes, dtypes, config),
     }
     for op in selected:

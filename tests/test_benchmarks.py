@@ -205,3 +205,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
     assert "vs official" in open(tmp_path / "summary.md").read()
     assert '"native": true' in proc.stdout
+    rows = [r for f in files if f.endswith(".json") and not f.startswith("data_loader")
+            for r in json.loads(open(tmp_path / f).read()).get("rows", [])]
+    assert {r["op"] for r in rows} == set(bench_run.ALL_OPS)  # every op ran in the dry run
+    assert all(r["status"] == "ok" for r in rows if r["op"] == "optimizer") and \
+        {r["impl"] for r in rows if r["op"] == "optimizer"} >= {"official", "vlmo_fast", "vlmo_fast[foreach]"}

@@ -73,19 +73,21 @@ def _official_adamw_by_hand(p, grads, lr, betas, eps, weight_decay):
     return p
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("scale", [1e-2, 1e-6, 1e-8])
-def test_official_adamw_matches_the_official_update_rule(scale):
+def test_official_adamw_matches_the_official_update_rule(scale, fused):
     """float64: equal to the hand computation at every gradient size, including gradients near eps where torch's
-    AdamW (eps after the bias correction, decay before the update) moves the weights visibly differently."""
+    AdamW (eps after the bias correction, decay before the update) moves the weights visibly differently; both the
+    foreach path and torch's fused kernel with the rewritten hyperparameters."""
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(7, generator=gen, dtype=torch.float64)
     grads = [torch.randn(7, generator=gen, dtype=torch.float64) * scale for _ in range(5)]
     kw = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
     results = {}
-    for name, cls in (("official", OfficialAdamW), ("torch", torch.optim.AdamW)):
+    for name, cls, extra in (("official", OfficialAdamW, dict(fused=fused)), ("torch", torch.optim.AdamW, {})):
         p = torch.nn.Parameter(p0.clone())
         frozen = torch.nn.Parameter(p0.clone())  # never gets a gradient: untouched, no decay either
-        opt = cls([p, frozen], **kw)
+        opt = cls([p, frozen], **kw, **extra)
         for g in grads:
             p.grad = g.clone()
             opt.step()
@@ -93,10 +95,75 @@ def test_official_adamw_matches_the_official_update_rule(scale):
         results[name] = p.detach()
     expected = torch.tensor(_official_adamw_by_hand(p0.tolist(), [g.tolist() for g in grads], **kw),
                             dtype=torch.float64)
-    torch.testing.assert_close(results["official"], expected, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(results["official"], expected, rtol=1e-14 if not fused else 1e-13, atol=1e-15)
     moved = (expected - p0).abs().max()
     gap = (results["torch"] - expected).abs().max() / moved
     assert gap > (1e-2 if scale <= 1e-6 else 1e-5)  # the two rules differ, most for gradients near eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_official_adamw_fused_equals_foreach_in_low_precision(dtype):
+    """The fused kernel and the foreach ops apply the same rule to fp32/bf16 weights: equal to rounding (both
+    against the float64 hand computation, the fused one no further from it than 2x the foreach one), with
+    parameters at different step counts (one skipped a step), lr 0 (the first warmup step) and a no-decay group."""
+    gen = torch.Generator().manual_seed(3)
+    p0 = [torch.randn(n, generator=gen) * 0.05 for n in (33, 5, 1)]  # updates of ~1e-3 are resolvable in bf16
+    steps = [[torch.randn(p.shape, generator=gen) * 1e-3 for p in p0] for _ in range(4)]
+    lrs = [0.0, 1e-3, 2e-3, 1e-3]
+    results = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in p0]
+        opt = OfficialAdamW([{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:]}],
+                            lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, fused=fused)
+        for k, (gs, lr) in enumerate(zip(steps, lrs)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for i, (p, g) in enumerate(zip(params, gs)):
+                p.grad = None if (k == 1 and i == 1) else g.to(dtype)
+            opt.step()
+        results[fused] = [p.detach().double() for p in params]
+        assert opt.state[params[1]]["step"] == 3 and opt.state[params[0]]["step"] == 4
+    # float64 reference of the same schedule (param 1 skips step 2 and so has its own step count)
+    ref = []
+    for i, p in enumerate(p0):
+        wd = 0.05 if i < 2 else 0.0
+        x, m, v, t = p.to(dtype).double(), 0.0, 0.0, 0
+        for k, (gs, lr) in enumerate(zip(steps, lrs)):
+            if k == 1 and i == 1:
+                continue
+            t += 1
+            g = gs[i].to(dtype).double()
+            m = 0.9 * m + 0.1 * g
+            v = 0.98 * v + 0.02 * g * g
+            x = x - lr * math.sqrt(1 - 0.98 ** t) / (1 - 0.9 ** t) * m / (v.sqrt() + 1e-8)
+            x = x - lr * wd * x
+        ref.append(x)
+    for foreach, fused, r, p in zip(results[False], results[True], ref, p0):
+        moved = (r - p.to(dtype).double()).abs().max()
+        assert moved > 0
+        err_foreach = (foreach - r).abs().max()
+        err_fused = (fused - r).abs().max()
+        ulp = torch.finfo(dtype).eps * r.abs().max()  # one rounding of the result
+        assert err_fused <= 2 * err_foreach + ulp, (dtype, err_fused, err_foreach)
+        assert err_fused <= 0.05 * moved + ulp
+
+
+def test_official_adamw_fused_option():
+    """fused=None falls back to the foreach ops where the kernel's bias-correction switch cannot work (β2 within 1e-6
+    of 1) or lr·wd = 1; fused=True there is an error; a non-bool is refused."""
+    def run(fused, betas=(0.9, 1 - 1e-7), lr=1e-3, wd=0.0):
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        OfficialAdamW([p], lr=lr, betas=betas, weight_decay=wd, fused=fused).step()
+        return p.detach()
+
+    with pytest.raises(RuntimeError, match="fused=True"):
+        run(True)
+    torch.testing.assert_close(run(None), run(False))
+    assert (run(None) < 1).all()
+    torch.testing.assert_close(run(None, betas=(0.9, 0.98), lr=0.5, wd=2.0), torch.zeros(3))  # (1 - lr·wd) = 0
+    with pytest.raises(TypeError, match="fused"):
+        OfficialAdamW([torch.nn.Parameter(torch.ones(1))], fused="yes")
 
 
 def test_official_adamw_groups_state_dict_and_resume():

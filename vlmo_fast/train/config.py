@@ -46,7 +46,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch; gradient accumulation makes up the difference (official batch_size)
     per_device_batch_size: int = 32  # official per_gpu_batchsize
     learning_rate: float = 2e-4  # the official base pretraining value
-    optimizer: str = "official"  # official (the official AdamW update rule) | torch (torch.optim.AdamW, fused on CUDA)
+    optimizer: str = "official"  # official (the official AdamW update rule) | torch (torch.optim.AdamW, fused)
     weight_decay: float = 0.01
     lr_mult: float = 1.0  # heads (vqa_classifier, nlvr2_classifier) train at learning_rate * lr_mult
     end_lr: float = 0.0
@@ -310,7 +310,7 @@ HELP = {
     "num_workers": "DataLoader workers per process", "batch_size": "global batch (accumulation fills the gap)",
     "per_device_batch_size": "micro-batch per process", "learning_rate": "peak learning rate",
     "optimizer": "official: AdamW with the official update rule (transformers' AdamW: eps added before the bias "
-                 "correction, decay after the update; multi-tensor ops) | torch: torch.optim.AdamW (fused on CUDA, "
+                 "correction, decay after the update; run in torch's fused kernel) | torch: torch.optim.AdamW (fused, "
                  "eps and decay placed as torch does)",
     "weight_decay": "AdamW decoupled weight decay", "lr_mult": "learning-rate multiplier of the task heads",
     "end_lr": "final learning rate", "schedule": "linear or cosine decay after warmup",

@@ -1,7 +1,7 @@
 """The official optimizer setup (spec §6.3, Q14) and the text-only stage's freezing (spec §5.1).
 
 - AdamW, betas (0.9, 0.98), eps 1e-8, decoupled weight decay, with the update rule of the official optimizer
-  (transformers' AdamW: ``OfficialAdamW``); torch's fused ``torch.optim.AdamW`` as an option.
+  (transformers' AdamW: ``OfficialAdamW``, run in torch's fused kernel); ``torch.optim.AdamW``'s rule as an option.
 - Four groups by substring match on the parameter name: decay / no-decay, each for the body and for the heads
   (``vqa_classifier``, ``nlvr2_classifier``, at lr · lr_mult). "No decay" is any name containing one of
   ``NO_DECAY`` — so the relative-position table (its name contains "bias") and q_bias/v_bias get none, while
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -55,16 +55,27 @@ class OfficialAdamW(torch.optim.Optimizer):
     torch.optim.AdamW differs twice: it adds ε after the bias correction, √(v/(1 − β2ᵗ)) + ε, so the official ε is
     1/√(1 − β2ᵗ) times larger early on (7× at step 1 with β2 = 0.98), which matters for parameters with gradients
     near ε; and it decays the weights before the update. A parameter without a gradient is left alone (no decay), as
-    both do. The math runs as multi-tensor ``torch._foreach_*`` ops over the parameters of a group that share a device,
-    dtype and step count.
+    both do.
+
+    The update runs over the parameters of a group that share a device, dtype and step count, by default in torch's
+    fused AdamW kernel (one launch per bucket on CUDA, a vectorised loop on CPU) with its hyperparameters rewritten so
+    that it computes the official rule: with c = 1 − lr·wd and s = lr·√(1 − β2ᵗ)/(1 − β1ᵗ), torch's fused step
+    ``p·(1 − lr'·wd') − lr'·m/(√(v/bc2') + ε)`` with bias corrections switched off (bc' = 1, a step count of 2³⁰) and
+    lr' = c·s, wd' = lr·wd/lr', is ``c·(p − s·m/(√v + ε))``, the official update followed by the official decay.
+    ``fused=False`` (or a device or dtype without the kernel) runs the same rule as ``torch._foreach_*`` ops.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 fused: Optional[bool] = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None (where available), True or False, got {fused!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.fused = fused
+        self._no_bias_correction: Dict[torch.device, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -87,21 +98,56 @@ class OfficialAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it (a tensor from torch's)
-                bucket = buckets[(p.device, p.dtype, state["step"])]
+                bucket = buckets[(p.device, p.dtype, p.grad.dtype, state["step"])]
                 for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
-            for (_, _, t), (ps, gs, ms, vs) in buckets.items():
-                torch._foreach_mul_(ms, beta1)
-                torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
-                torch._foreach_mul_(vs, beta2)
-                torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-                denom = torch._foreach_sqrt(vs)
-                torch._foreach_add_(denom, eps)
+            for (device, dtype, grad_dtype, t), tensors in buckets.items():
                 step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
-                if wd > 0.0:
-                    torch._foreach_add_(ps, ps, alpha=-lr * wd)
+                if self._use_fused(device, dtype, grad_dtype, beta1, beta2, lr * wd):
+                    self._fused_update(*tensors, device, beta1, beta2, eps, step_size, lr * wd)
+                else:
+                    _foreach_update(*tensors, beta1, beta2, eps, step_size, lr * wd)
         return loss
+
+    def _use_fused(self, device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype, beta1: float, beta2: float,
+                   decay: float) -> bool:
+        if self.fused is False:
+            return False
+        # the kernel's own bias correction is switched off by a huge step count: 1 - β**(2**30) must be exactly 1
+        # in float32, and the decay factor 1 - lr·wd must not be 0 (lr' = 0 would make wd' undefined)
+        ok = (device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES and grad_dtype == dtype
+              and max(beta1, beta2) <= 1.0 - 1e-6 and decay != 1.0)
+        if self.fused and not ok:
+            raise RuntimeError(f"OfficialAdamW(fused=True): no fused kernel for {device.type} {dtype} with "
+                               f"{grad_dtype} gradients (or betas "
+                               f"within 1e-6 of 1, or lr·wd = 1); use fused=None to fall back")
+        return ok
+
+    def _fused_update(self, ps, gs, ms, vs, device, beta1, beta2, eps, step_size, decay) -> None:
+        steps = self._no_bias_correction.get(device)
+        if steps is None:
+            steps = self._no_bias_correction[device] = torch.full((), 2.0 ** 30, dtype=torch.float32, device=device)
+        lr_eff = (1.0 - decay) * step_size
+        wd_eff = decay / lr_eff if lr_eff != 0.0 else 0.0
+        torch._fused_adamw_(ps, gs, ms, vs, [], [steps] * len(ps), lr=lr_eff, beta1=beta1, beta2=beta2,
+                            weight_decay=wd_eff, eps=eps, amsgrad=False, maximize=False)
+
+
+_FUSED_DEVICES = ("cuda", "cpu")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _foreach_update(ps, gs, ms, vs, beta1: float, beta2: float, eps: float, step_size: float, decay: float) -> None:
+    """The official rule as multi-tensor ops (transformers 4.8.1 AdamW's order of operations)."""
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+    if decay > 0.0:
+        torch._foreach_add_(ps, ps, alpha=-decay)
 
 
 OPTIMIZERS = ("official", "torch")
@@ -110,7 +156,8 @@ OPTIMIZERS = ("official", "torch")
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_mult: float = 1.0,
                     betas=(0.9, 0.98), eps: float = 1e-8, kind: str = "official") -> torch.optim.Optimizer:
     """The official parameter groups with ``kind`` "official" (OfficialAdamW: the official update rule) or "torch"
-    (torch.optim.AdamW, fused on CUDA: one kernel for all parameters, but ε and the decay placed as torch does)."""
+    (torch.optim.AdamW, fused on CUDA and CPU, but ε and the decay placed as torch does). Both run torch's fused
+    AdamW kernel where the device has it."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     groups = param_groups(model, lr, weight_decay, lr_mult)
@@ -118,7 +165,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_
         raise ValueError("the model has no trainable parameters")
     if kind == "official":
         return OfficialAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    fused = groups[0]["params"][0].device.type == "cuda"
+    fused = groups[0]["params"][0].device.type in _FUSED_DEVICES
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
