@@ -148,3 +148,19 @@ def test_synthetic_shards(tmp_path, tok):
     assert isinstance(json.loads(raws[0]["json"])["caption"], str)
     items = list(WebDataset(paths, image_size=SIZE, max_text_len=12, train=True, tokenizer=tok))
     assert len(items) == 12 and items[0]["image"].shape == (3, SIZE, SIZE)
+
+
+def test_write_shards_streams_atomically(tmp_path):
+    """Shards of exactly samples_per_shard (the last one shorter), files with a normal mode; a sample that fails
+    midway leaves the shards written so far and no partial shard or temporary file."""
+    png = encode_image(np.zeros((4, 4, 3), np.uint8))
+    paths = write_shards(str(tmp_path / "a"), ((f"k{i}", png, f"c{i}") for i in range(5)), samples_per_shard=2)
+    assert [os.path.basename(p) for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [len(tarfile.open(p).getnames()) for p in paths] == [4, 4, 2]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(p).st_mode & 0o777 == 0o666 & ~umask for p in paths)
+    bad = [("k0", png, "c0"), ("k1", png, "c1"), ("k2", png, 3)]  # a non-str caption in the second shard
+    with pytest.raises(TypeError, match="caption of k2"):
+        write_shards(str(tmp_path / "b"), iter(bad), samples_per_shard=2)
+    assert os.listdir(tmp_path / "b") == ["shard-000000.tar"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fileio import atomic_write  # noqa: F401 - public here too (checkpoint.atomic_write)
 from .model import relpos
 
 LEGACY_INDEX_KEYS = ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index")
@@ -173,27 +173,6 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint does not match the model (strict=True):\n{report}")
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
     return report
-
-
-_UMASK = os.umask(0)  # read once at import: setting it later would race with other threads creating files
-os.umask(_UMASK)
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: readers never see a partial
-    file, and a failed write leaves the previous one. Used for every file vlmo_fast writes that others read."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(

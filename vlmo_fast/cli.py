@@ -1,7 +1,7 @@
 """The vlmo-fast command: one subcommand per job (see COMMANDS); each explains its options with --help.
 
-The subcommands' parsers live with their code (train/config.py, train/finetune.py, demo.py); this module only
-dispatches, plus the small pretrain, info and export front ends.
+The subcommands' parsers live with their code (train/config.py, train/finetune.py, demo.py, data/prepare.py); this
+module only dispatches, plus the small pretrain, info and export front ends.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ COMMANDS = (
     ("finetune", "fine-tune for a task: irtr, vqa or nlvr2 (official recipes as --preset)"),
     ("evaluate", "retrieval recall, VQA score / submission, NLVR2 accuracy of a checkpoint"),
     ("export", "a checkpoint's model in the official layout (.pt) or as .safetensors"),
+    ("prepare", "raw COCO, Flickr30K, NLVR2 or web caption data -> the official arrow files (not VQAv2)"),
 )
 EXAMPLES = """examples:
   vlmo-fast pretrain                  # the tiny model, 300 steps on the built-in synthetic set, on this machine
   vlmo-fast finetune irtr --load-path runs/vlmo_fast/checkpoints/step_00000300.pt
   vlmo-fast evaluate irtr --load-path runs/vlmo_fast_irtr/checkpoints/step_00000300.pt
   vlmo-fast export runs/vlmo_fast_irtr/checkpoints/step_00000300.pt irtr.safetensors
+  vlmo-fast prepare coco /data/coco /data/arrows   # train2014/, val2014/, karpathy/dataset_coco.json
 
 Each command explains its options: vlmo-fast COMMAND --help"""
 EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -55,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return evaluate_main(rest)
     if command == "export":
         return _export(rest)
+    if command == "prepare":
+        from .data.prepare import prepare_main
+
+        return prepare_main(rest)
     from . import demo
 
     return demo.main(rest, prog="vlmo-fast demo")

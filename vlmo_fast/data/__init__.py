@@ -13,14 +13,16 @@ Typical use (pretraining on the built-in synthetic set)::
 
 Module map: ``arrow`` (datasets, readers, writers), ``transforms`` (official train/eval transforms, RandAugment),
 ``masking`` (whole-word and plain MLM), ``collate`` (the batch dictionary), ``webdataset`` (tar shards),
-``synthetic`` (the default dataset), ``loader`` (DataLoader, throughput).
+``synthetic`` (the default dataset), ``loader`` (DataLoader, throughput), ``prepare`` (raw COCO/F30K/NLVR2/web
+caption data -> the official arrow files; ``vlmo-fast prepare``).
 """
 
 from .arrow import (DATASETS, ArrowDataset, build_dataset, dataset_files, encode_image, make_caption_arrow,
-                    make_caption_dataset, make_dataset, read_arrow, write_arrow)
+                    make_caption_dataset, make_dataset, read_arrow, write_arrow, write_arrow_batches)
 from .collate import Collator, build_collate, is_empty_batch
 from .loader import batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
 from .masking import plain_mask, whole_word_budget, whole_word_mask
+from .prepare import PrepareSummary, prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2
 from .synthetic import write_synthetic
 from .transforms import EvalTransform, RandomAugment, TrainTransform, build_transform
 from .webdataset import WebDataset, write_shards, write_synthetic_shards
@@ -30,6 +32,7 @@ __all__ = [
     "ArrowDataset",
     "Collator",
     "EvalTransform",
+    "PrepareSummary",
     "RandomAugment",
     "TrainTransform",
     "WebDataset",
@@ -46,12 +49,17 @@ __all__ = [
     "make_dataset",
     "measure_loader",
     "plain_mask",
+    "prepare_captions",
+    "prepare_coco",
+    "prepare_f30k",
+    "prepare_nlvr2",
     "read_arrow",
     "seed_worker",
     "set_epoch",
     "whole_word_budget",
     "whole_word_mask",
     "write_arrow",
+    "write_arrow_batches",
     "write_shards",
     "write_synthetic",
     "write_synthetic_shards",

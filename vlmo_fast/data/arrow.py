@@ -40,15 +40,15 @@ Decisions that differ from the official code:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..fileio import atomic_path
 from .sample import BadSampleLog, decode_image, encode_text
 from .transforms import build_transform
 
@@ -351,20 +351,25 @@ def write_arrow(path: str, data: Union[pa.Table, Sequence[Mapping[str, Any]], Ma
         if not rows and schema is None:
             raise ValueError(f"write_arrow({path!r}): no rows and no schema; pass schema= to write an empty file")
         table = pa.Table.from_pylist(rows, schema=schema)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        with pa.OSFile(tmp, "wb") as sink:
-            with pa.RecordBatchFileWriter(sink, table.schema) as writer:
-                writer.write_table(table)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_arrow_batches(path, table.schema, [table])
     return path
+
+
+def write_arrow_batches(path: str, schema: pa.Schema, batches: Iterable[Union[pa.RecordBatch, pa.Table]]) -> int:
+    """Write ``batches`` (record batches or tables of ``schema``) one after another as one Arrow IPC file, so only one
+    batch is in memory at a time; atomically (a temporary file in the same folder, renamed over ``path`` once every
+    batch is written; on any error the temporary file is removed and ``path`` is untouched). Returns the row count."""
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pa.OSFile(tmp, "wb") as sink:
+            with pa.RecordBatchFileWriter(sink, schema) as writer:
+                for batch in batches:
+                    if isinstance(batch, pa.Table):
+                        writer.write_table(batch)
+                    else:
+                        writer.write_batch(batch)
+                    rows += batch.num_rows
+    return rows
 
 
 CAPTION_SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.list_(pa.string())), ("image_id", pa.string()),

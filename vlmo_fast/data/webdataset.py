@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 import re
 import tarfile
-import tempfile
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..fileio import atomic_path
 from .sample import BadSampleLog, decode_image, encode_text
 from .transforms import build_transform
 
@@ -246,40 +247,20 @@ def write_shards(out_dir: str, samples: Iterable[Tuple[str, bytes, Union[str, Se
         raise ValueError(f"caption_format must be 'txt' or 'json', got {caption_format!r}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    os.makedirs(out_dir, exist_ok=True)
     paths: List[str] = []
-    tar, tmp, count = None, None, 0
-
-    def close():
-        tar.close()
+    it = iter(samples)
+    for first in it:  # one shard per pass, streaming: one sample in memory at a time
         path = os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+            for key, image, caption in itertools.chain([first], itertools.islice(it, samples_per_shard - 1)):
+                _add(tar, f"{key}.{image_ext}", bytes(image))
+                if caption_format == "txt":
+                    if not isinstance(caption, str):
+                        raise TypeError(f"caption of {key} must be a str for caption_format='txt'")
+                    _add(tar, f"{key}.txt", caption.encode("utf-8"))
+                else:
+                    _add(tar, f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
         paths.append(path)
-
-    try:
-        for key, image, caption in samples:
-            if tar is None:
-                fd, tmp = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".tar.tmp", dir=out_dir)
-                os.close(fd)
-                tar = tarfile.open(tmp, "w")
-            _add(tar, f"{key}.{image_ext}", bytes(image))
-            if caption_format == "txt":
-                if not isinstance(caption, str):
-                    raise TypeError(f"caption of {key} must be a str for caption_format='txt'")
-                _add(tar, f"{key}.txt", caption.encode("utf-8"))
-            else:
-                _add(tar, f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
-            count += 1
-            if count == samples_per_shard:
-                close()
-                tar, tmp, count = None, None, 0
-        if tar is not None:
-            close()
-            tar = None
-    finally:
-        if tar is not None:
-            tar.close()
-            os.unlink(tmp)
     return paths
 
 

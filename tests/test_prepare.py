@@ -1,0 +1,400 @@
+"""Raw datasets -> official arrow files (vlmo_fast.data.prepare): tiny fake COCO/F30K/NLVR2/web-caption layouts are
+written, read back through the arrow datasets, and compared with the files on disk (bytes, captions, answers, ids,
+split routing, grouping); missing images are skipped and counted; missing or malformed inputs raise clear errors;
+the `vlmo-fast prepare` command writes the files and ends configuration errors in one line with exit status 2."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from vlmo_fast import cli
+from vlmo_fast.data import build_dataset, make_dataset, read_arrow, write_arrow_batches
+from vlmo_fast.data import prepare as prep
+from vlmo_fast.data.prepare import prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2, read_pairs
+
+SIZE = 16
+
+
+def _image(path, fmt="PNG"):
+    """A small random image file; returns its bytes as stored on disk."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.randint(0, 256, (6, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _karpathy_entry(filename, split, captions, filepath=None):
+    entry = {"filename": filename, "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+    if filepath is not None:
+        entry["filepath"] = filepath
+    return entry
+
+
+@pytest.fixture
+def coco_raw(tmp_path):
+    """train2014/ + val2014/ + karpathy/dataset_coco.json: one image per Karpathy split, two test images, and a val
+    image that is not on disk."""
+    root = tmp_path / "coco"
+    files = {}
+    specs = [("train2014", "COCO_train2014_000000000009.jpg", "train", ["a cat on a mat", "a cat sleeping"]),
+             ("val2014", "COCO_val2014_000000000042.jpg", "restval", ["a dog runs", "a dog in a park", "grass"]),
+             ("val2014", "COCO_val2014_000000000073.jpg", "val", ["a red bus"]),
+             ("val2014", "COCO_val2014_000000000074.jpg", "test", ["two birds", "birds on a wire"]),
+             ("val2014", "COCO_val2014_000000000133.jpg", "test", ["a boat at sea"])]
+    entries = []
+    for folder, name, split, caps in specs:
+        files[name] = _image(str(root / folder / name), "JPEG")
+        entries.append(_karpathy_entry(name, split, caps, folder))
+    entries.append(_karpathy_entry("COCO_val2014_000000000999.jpg", "val", ["not on disk"], "val2014"))
+    (root / "karpathy").mkdir()
+    (root / "karpathy" / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return root, files, specs
+
+
+def _column(path, name):
+    return read_arrow(str(path)).column(name).to_pylist()
+
+
+def test_coco_files_route_splits_and_read_back(coco_raw, tmp_path, tok):
+    raw, files, specs = coco_raw
+    out = tmp_path / "arrows"
+    summary = prepare_coco(str(raw), str(out))
+    stems = [f"coco_caption_karpathy_{s}" for s in ("train", "restval", "val", "test")]
+    assert [os.path.basename(p) for p in summary.files] == [f"{s}.arrow" for s in stems]
+    assert list(summary.files.values()) == [1, 1, 1, 2] and summary.rows == 5
+    assert list(summary.samples.values()) == [2, 3, 1, 3]
+    assert summary.missing_images == 1 and summary.unreadable_images == 0 and summary.skipped_rows == 1
+    assert summary.examples == [str(raw / "val2014" / "COCO_val2014_000000000999.jpg")]
+    assert "1 image(s) missing" in summary.report()
+    # columns as official: the bytes on disk, all captions of the image, image_id = file name, the Karpathy split
+    for folder, name, split, caps in specs:
+        path = out / f"coco_caption_karpathy_{split}.arrow"
+        row = _column(path, "image_id").index(name)
+        assert _column(path, "image")[row] == files[name]
+        assert _column(path, "caption")[row] == caps and _column(path, "split")[row] == split
+    assert read_arrow(str(out / "coco_caption_karpathy_test.arrow")).schema.field("caption").type == \
+        pa.list_(pa.string())
+    # restval is read in train; one sample per caption
+    train = make_dataset("coco", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(train) == 5 and train.num_rows() == 2
+    assert [train.all_texts[r] for r in range(2)] == [specs[0][3], specs[1][3]]
+    assert train[4]["text"] == "grass" and train[4]["image"].shape == (3, SIZE, SIZE)
+    test = build_dataset(str(out), ["coco"], "test", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(test) == 3 and test[2]["text"] == "a boat at sea" and test[2]["img_index"] == 1
+    images = make_dataset("coco", str(out), "test", image_size=SIZE, image_only=True)
+    assert len(images) == 2
+    val = make_dataset("coco", str(out), "val", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(val) == 1 and val.cell("image_id", 0) == "COCO_val2014_000000000073.jpg"  # the missing one left out
+
+
+def test_coco_splits_subset_and_explicit_json(coco_raw, tmp_path):
+    raw, files, _ = coco_raw
+    moved = tmp_path / "elsewhere.json"
+    os.replace(raw / "karpathy" / "dataset_coco.json", moved)
+    out = tmp_path / "arrows"
+    summary = prepare_coco(str(raw), str(out), karpathy_json=str(moved), splits=["test"])
+    assert sorted(os.listdir(out)) == ["coco_caption_karpathy_test.arrow"] and summary.rows == 2
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
+        prepare_coco(str(raw), str(out))  # neither RAW_ROOT/ nor RAW_ROOT/karpathy/ has it now
+    with pytest.raises(ValueError, match="non-empty subset"):
+        prepare_coco(str(raw), str(out), karpathy_json=str(moved), splits=["testing"])
+
+
+def test_coco_input_errors_name_the_path(coco_raw, tmp_path):
+    raw, _, _ = coco_raw
+    out = tmp_path / "arrows"
+    with pytest.raises(FileNotFoundError, match=f"raw coco folder.*{tmp_path / 'nope'}"):
+        prepare_coco(str(tmp_path / "nope"), str(out))
+    os.rename(raw / "train2014", raw / "train2014_old")
+    with pytest.raises(FileNotFoundError, match=f"image folder 'train2014'.*{raw / 'train2014'}"):
+        prepare_coco(str(raw), str(out))
+    assert not out.exists()  # nothing written before the inputs were checked
+    prepare_coco(str(raw), str(out), splits="val,test")  # train2014 is not needed for these
+    assert sorted(os.listdir(out)) == ["coco_caption_karpathy_test.arrow", "coco_caption_karpathy_val.arrow"]
+    bad = raw / "karpathy" / "dataset_coco.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        prepare_coco(str(raw), str(out))
+    bad.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "val", "sentences": []}]}))
+    with pytest.raises(ValueError, match=r"images\[0\].*filepath"):
+        prepare_coco(str(raw), str(out))
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="'images' list"):
+        prepare_coco(str(raw), str(out))
+
+
+def test_f30k_drops_other_splits_as_official(tmp_path, tok):
+    raw = tmp_path / "f30k"
+    files = {}
+    entries = []
+    for i, split in enumerate(["train", "train", "val", "test", "restval"]):
+        name = f"{1000 + i}.jpg"
+        files[name] = _image(str(raw / "flickr30k-images" / name), "JPEG")
+        entries.append(_karpathy_entry(name, split, [f"caption {i} a", f"caption {i} b"]))
+    (raw / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))  # directly in RAW_ROOT
+    out = tmp_path / "arrows"
+    summary = prepare_f30k(str(raw), str(out))
+    assert sorted(os.listdir(out)) == [f"f30k_caption_karpathy_{s}.arrow" for s in ("test", "train", "val")]
+    assert list(summary.files.values()) == [2, 1, 1] and summary.missing_images == 0
+    assert sum(summary.dropped.values()) == 1 and "restval" in next(iter(summary.dropped))
+    train = make_dataset("f30k", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(train) == 4 and train.all_texts == [["caption 0 a", "caption 0 b"], ["caption 1 a", "caption 1 b"]]
+    assert train.cell("image", 1) == files["1001.jpg"] and train.cell("image_id", 1) == "1001.jpg"
+    assert train.cell("split", 0) == "train"
+    with pytest.raises(FileNotFoundError, match="flickr30k-images"):
+        os.rename(raw / "flickr30k-images", raw / "images")
+        prepare_f30k(str(raw), str(out))
+
+
+# ---- NLVR2 -------------------------------------------------------------------------------------------------------
+
+
+def _jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+@pytest.fixture
+def nlvr2_raw(tmp_path):
+    """The official layout: nlvr2/data/*.json, images/train/<directory>/, dev/, test1/. The dev pair dev-1-0 has no
+    img1 on disk."""
+    root = tmp_path / "nlvr2raw"
+    images = {}
+    train = [{"identifier": "train-10-0-0", "sentence": "one dog", "label": "True", "directory": 3},
+             {"identifier": "train-11-2-0", "sentence": "two cats", "label": "False", "directory": 5},
+             {"identifier": "train-10-0-1", "sentence": "one dog again", "label": "False", "directory": 3}]
+    dev = [{"identifier": "dev-0-0-0", "sentence": "a bird", "label": "True"},
+           {"identifier": "dev-1-0-0", "sentence": "lost", "label": "True"},
+           {"identifier": "dev-0-0-1", "sentence": "no bird", "label": "False"}]
+    test1 = [{"identifier": "test1-5-1-0", "sentence": "a fox", "label": "False"}]
+    for split, recs in (("train", train), ("dev", dev), ("test1", test1)):
+        _jsonl(str(root / "nlvr2" / "data" / f"{split}.json"), recs)
+    for pair, folder in (("train-10-0", "images/train/3"), ("train-11-2", "images/train/5"), ("dev-0-0", "dev"),
+                         ("test1-5-1", "test1")):
+        for k in (0, 1):
+            images[f"{pair}-img{k}"] = _image(str(root / folder / f"{pair}-img{k}.png"))
+    _image(str(root / "dev" / "dev-1-0-img0.png"))
+    return root, images
+
+
+def test_nlvr2_groups_sentences_per_pair_and_reads_back(nlvr2_raw, tmp_path, tok):
+    raw, images = nlvr2_raw
+    out = tmp_path / "arrows"
+    summary = prepare_nlvr2(str(raw), str(out))
+    assert [os.path.basename(p) for p in summary.files] == ["nlvr2_train.arrow", "nlvr2_dev.arrow",
+                                                            "nlvr2_test1.arrow"]
+    assert list(summary.files.values()) == [2, 1, 1] and list(summary.samples.values()) == [3, 2, 1]
+    assert summary.missing_images == 1 and summary.skipped_rows == 1 and sum(summary.dropped.values()) == 1
+    assert summary.examples == [str(raw / "dev" / "dev-1-0-img1.png")]
+    table = read_arrow(str(out / "nlvr2_train.arrow"))
+    assert table.column_names == ["image_0", "image_1", "questions", "answers", "identifier"]
+    assert table.column("identifier").to_pylist() == ["train-10-0", "train-11-2"]
+    assert table.column("questions").to_pylist() == [["one dog", "one dog again"], ["two cats"]]
+    assert table.column("answers").to_pylist() == [["True", "False"], ["False"]]
+    assert table.column("image_0").to_pylist() == [images["train-10-0-img0"], images["train-11-2-img0"]]
+    assert table.column("image_1").to_pylist() == [images["train-10-0-img1"], images["train-11-2-img1"]]
+    train = make_dataset("nlvr2", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(train) == 3 and [train[j]["answers"] for j in range(3)] == [1, 0, 0]
+    assert train[1]["text"] == "one dog again" and train[1]["image_1"].shape == (3, SIZE, SIZE)
+    val = build_dataset(str(out), ["nlvr2"], "val", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    items = [val[j] for j in range(len(val))]
+    assert [(i["text"], i["answers"], i["table_name"]) for i in items] == [
+        ("a bird", 1, "nlvr2_dev"), ("no bird", 0, "nlvr2_dev"), ("a fox", 0, "nlvr2_test1")]
+    assert val.cell("image_1", 1) == images["test1-5-1-img1"] and val.cell("identifier", 1) == "test1-5-1"
+
+
+def test_nlvr2_alternative_layout_and_errors(tmp_path):
+    raw = tmp_path / "flat"
+    _jsonl(str(raw / "dev.json"), [{"identifier": "dev-3-1-0", "sentence": "s", "label": True}])
+    for k in (0, 1):
+        _image(str(raw / "images" / "dev" / f"dev-3-1-img{k}.png"))
+    out = tmp_path / "arrows"
+    summary = prepare_nlvr2(str(raw), str(out), splits=["dev"])  # JSON in RAW_ROOT, images under images/dev
+    assert summary.rows == 1 and _column(out / "nlvr2_dev.arrow", "answers") == [["True"]]
+    with pytest.raises(FileNotFoundError, match="test1.json"):
+        prepare_nlvr2(str(raw), str(out), splits=["dev", "test1"])
+    with pytest.raises(FileNotFoundError, match="NLVR2 train images.*images/train"):
+        _jsonl(str(raw / "train.json"), [{"identifier": "train-1-0-0", "sentence": "s", "label": "True",
+                                          "directory": 0}])
+        prepare_nlvr2(str(raw), str(out), splits=["train"])
+    os.makedirs(raw / "images" / "train")
+    _jsonl(str(raw / "train.json"), [{"identifier": "train-1-0-0", "sentence": "s", "label": "True"}])
+    with pytest.raises(ValueError, match=r"train.json:1: .*directory"):
+        prepare_nlvr2(str(raw), str(out), splits=["train"])
+    _jsonl(str(raw / "dev.json"), [{"identifier": "dev-3-1-0", "sentence": "s", "label": "maybe"}])
+    with pytest.raises(ValueError, match=r"dev.json:1: label must be 'True' or 'False'"):
+        prepare_nlvr2(str(raw), str(out), splits=["dev"])
+    with pytest.raises(ValueError, match="subset"):
+        prepare_nlvr2(str(raw), str(out), splits=["test2"])
+
+
+# ---- web caption data --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def web_raw(tmp_path):
+    """Images for web caption data: a/0.jpg has two captions, b/1.png one, c/2.jpg is not an image, 3.jpg is
+    missing."""
+    root = tmp_path / "web"
+    files = {"a/0.jpg": _image(str(root / "a" / "0.jpg"), "JPEG"), "b/1.png": _image(str(root / "b" / "1.png"))}
+    os.makedirs(root / "c")
+    (root / "c" / "2.jpg").write_bytes(b"<html>404</html>")
+    pairs = [("a/0.jpg", "a red car"), ("b/1.png", "a blue sky"), ("c/2.jpg", "broken"), ("3.jpg", "missing"),
+             ("a/0.jpg", "a car parked")]
+    return root, files, pairs
+
+
+def test_captions_group_per_image_skip_bad_images_and_fill_the_official_files(web_raw, tmp_path, tok):
+    raw, files, pairs = web_raw
+    out = tmp_path / "arrows"
+    summary = prepare_captions(pairs, str(out), "sbu", image_root=str(raw))
+    assert [os.path.basename(p) for p in summary.files] == [f"sbu_{i}.arrow" for i in range(9)]  # official count
+    assert summary.rows == 2 and sum(summary.samples.values()) == 3
+    assert summary.missing_images == 1 and summary.unreadable_images == 1 and summary.skipped_rows == 2
+    ds = make_dataset("sbu", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(ds) == 3 and ds.all_texts == [["a red car", "a car parked"], ["a blue sky"]]
+    assert [ds.cell("image", r) for r in range(2)] == [files["a/0.jpg"], files["b/1.png"]]
+    assert [ds.cell("image_id", r) for r in range(2)] == ["0.jpg", "1.png"] and ds.cell("split", 0) == "train"
+    assert ds[1]["text"] == "a car parked" and ds[1]["replica"] is True
+    # without verification the HTML file is stored (a reader counts it as a bad sample later)
+    unverified = prepare_captions(pairs, str(tmp_path / "unverified"), "sbu", image_root=str(raw), verify=False)
+    assert unverified.rows == 3 and unverified.unreadable_images == 0 and unverified.missing_images == 1
+
+
+def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
+    raw, files, pairs = web_raw
+    out = tmp_path / "arrows"
+    summary = prepare_captions(pairs, str(out), "gcc", "train", shard_rows=1, image_root=str(raw))
+    names = [f"conceptual_caption_train_{i}" for i in range(4)]  # 4 image paths, 1 row each
+    assert [os.path.basename(p) for p in summary.files] == [f"{n}.arrow" for n in names]
+    assert list(summary.files.values()) == [1, 1, 0, 0] and "names=" in summary.notes[0]
+    ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok, names=names)
+    assert len(ds) == 3 and ds.table_index.tolist() == [0, 1]
+    val = prepare_captions(pairs[:2], str(out), "gcc", "val", image_root=str(raw))
+    assert [os.path.basename(p) for p in val.files] == ["conceptual_caption_val_0.arrow"] and val.rows == 2
+    test = make_dataset("gcc", str(out), "test", image_size=SIZE, max_text_len=12, tokenizer=tok)  # test = val
+    assert len(test) == 2 and test.cell("split", 0) == "val"
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".json"])
+def test_caption_list_files(web_raw, tmp_path, suffix, tok):
+    raw, files, pairs = web_raw
+    listing = raw / f"pairs{suffix}"  # relative paths are read from the list's folder by default
+    if suffix == ".tsv":
+        listing.write_text("image\tcaption\n" + "".join(f"{p}\t{c}\n" for p, c in pairs))
+    elif suffix == ".jsonl":
+        listing.write_text("".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in pairs))
+    else:
+        listing.write_text(json.dumps([[p, c] for p, c in pairs]))
+    assert list(read_pairs(str(listing))) == pairs
+    out = tmp_path / "arrows"
+    summary = prepare_captions(str(listing), str(out), "mine")
+    assert [os.path.basename(p) for p in summary.files] == ["mine_train_0.arrow"] and summary.rows == 2
+    ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok,
+                      names=["mine_train_0"])
+    assert len(ds) == 3 and ds.cell("image", 1) == files["b/1.png"]
+
+
+def test_caption_input_errors(web_raw, tmp_path):
+    raw, _, pairs = web_raw
+    out = str(tmp_path / "arrows")
+    with pytest.raises(ValueError, match="not web caption data"):
+        prepare_captions(pairs, out, "vqa")
+    with pytest.raises(ValueError, match=r"sbu has official files for split\(s\) \['train'\]"):
+        prepare_captions(pairs, out, "sbu", "val")
+    with pytest.raises(ValueError, match="pair 1 must be"):
+        prepare_captions([("a/0.jpg", "x"), ("b/1.png",)], out, "sbu", image_root=str(raw))
+    with pytest.raises(FileNotFoundError, match="caption list not found"):
+        prepare_captions(str(raw / "none.tsv"), out, "gcc")
+    (raw / "bad.tsv").write_text("a/0.jpg no tab here\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:1: expected '<image path><TAB><caption>'"):
+        prepare_captions(str(raw / "bad.tsv"), out, "gcc")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        prepare_captions(pairs, out, "gcc", image_root=str(raw / "nope"))
+    assert not os.path.exists(out)
+
+
+# ---- the streaming writer ----------------------------------------------------------------------------------------
+
+
+def test_files_are_written_in_batches_and_atomically(coco_raw, tmp_path, monkeypatch):
+    raw, _, _ = coco_raw
+    out = tmp_path / "arrows"
+    monkeypatch.setattr(prep, "BATCH_ROWS", 1)
+    prepare_coco(str(raw), str(out), splits=["test"])
+    path = str(out / "coco_caption_karpathy_test.arrow")
+    assert pa.ipc.open_file(pa.memory_map(path)).num_record_batches == 2 and len(read_arrow(path)) == 2
+    monkeypatch.setattr(prep, "BATCH_ROWS", 10)
+    monkeypatch.setattr(prep, "BATCH_BYTES", 1)  # the byte budget also cuts a batch
+    prepare_coco(str(raw), str(out), splits=["test"])
+    assert pa.ipc.open_file(pa.memory_map(path)).num_record_batches == 2
+
+    schema = pa.schema([("x", pa.int64())])
+
+    def failing():
+        yield pa.RecordBatch.from_pydict({"x": [1, 2]}, schema=schema)
+        raise OSError("disk full")
+
+    target = str(tmp_path / "t.arrow")
+    assert write_arrow_batches(target, schema, [pa.table({"x": [5]}, schema=schema)]) == 1
+    with pytest.raises(OSError, match="disk full"):
+        write_arrow_batches(target, schema, failing())
+    assert read_arrow(target).column("x").to_pylist() == [5]  # the old file is untouched, no temporary left over
+    assert sorted(os.listdir(tmp_path)) == sorted(["arrows", "coco", "t.arrow"])
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+
+def test_cli_prepare_writes_and_reports(coco_raw, nlvr2_raw, web_raw, tmp_path, capsys):
+    raw, _, _ = coco_raw
+    out = tmp_path / "arrows"
+    assert cli.main(["prepare", "coco", str(raw), str(out), "--splits", "train,restval"]) == 0
+    captured = capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["coco_caption_karpathy_restval.arrow", "coco_caption_karpathy_train.arrow"]
+    assert "coco: wrote 2 file(s)" in captured.out and "coco_caption_karpathy_train.arrow: 1 rows, 2 samples" in \
+        captured.out
+    nraw, _ = nlvr2_raw
+    assert cli.main(["prepare", "nlvr2", str(nraw), str(out), "--splits", "dev"]) == 0
+    captured = capsys.readouterr()
+    assert "1 image(s) missing" in captured.out and (out / "nlvr2_dev.arrow").is_file()
+    wraw, _, pairs = web_raw
+    (wraw / "list.tsv").write_text("".join(f"{p}\t{c}\n" for p, c in pairs))
+    assert cli.main(["prepare", "captions", str(wraw), str(out), "--pairs", str(wraw / "list.tsv"), "--name", "gcc",
+                     "--split", "val"]) == 0
+    captured = capsys.readouterr()
+    assert "1 unreadable" in captured.out and _column(out / "conceptual_caption_val_0.arrow", "image_id") == [
+        "0.jpg", "1.png"]
+
+
+def _exit(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_cli_prepare_errors_are_one_line(tmp_path, capsys):
+    code, out, err = _exit(["prepare", "coco", str(tmp_path / "nope"), str(tmp_path / "out")], capsys)
+    assert code == 2 and out == "" and err.splitlines() == [
+        f"vlmo-fast prepare: error: expected the raw coco folder (RAW_ROOT) at {tmp_path / 'nope'} (not a directory)"]
+    (tmp_path / "raw").mkdir()
+    code, _, err = _exit(["prepare", "nlvr2", str(tmp_path / "raw"), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("vlmo-fast prepare: error: expected the "
+                                                                      "NLVR2 train annotations train.json")
+    code, _, err = _exit(["prepare", "captions", str(tmp_path / "raw"), str(tmp_path / "out"), "--pairs", "x.csv"],
+                         capsys)
+    assert code == 2 and err.strip() == "vlmo-fast prepare: error: caption list not found: x.csv (expected a .tsv, " \
+        ".jsonl or .json file)"
+    code, _, err = _exit(["prepare", "vqa", "a", "b"], capsys)
+    assert code == 2 and "invalid choice" in err
+    code, out, _ = _exit(["prepare", "--help"], capsys)
+    assert code == 0 and "VQAv2 is not supported" in out and "coco_caption_karpathy_" in out
+    code, out, _ = _exit(["prepare", "nlvr2", "--help"], capsys)
+    assert code == 0 and "--splits" in out and "balanced_dev" in out

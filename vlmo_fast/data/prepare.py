@@ -1,0 +1,660 @@
+"""Raw public datasets -> the official ViLT/VLMo arrow files that ``vlmo_fast.data.arrow`` reads (spec §7).
+
+Writers (each returns a ``PrepareSummary``: rows and samples per file, images missing or unreadable, rows dropped):
+
+- ``prepare_coco(raw_root, out_root)``: Karpathy's ``dataset_coco.json`` + ``train2014/``, ``val2014/`` ->
+  ``coco_caption_karpathy_{train,restval,val,test}.arrow`` (restval is read in train, as official).
+- ``prepare_f30k(raw_root, out_root)``: Karpathy's ``dataset_flickr30k.json`` + ``flickr30k-images/`` ->
+  ``f30k_caption_karpathy_{train,val,test}.arrow``.
+- ``prepare_nlvr2(raw_root, out_root)``: the NLVR2 release (``nlvr2/data/{train,dev,test1}.json`` of the cloned
+  repository, images under ``images/train/<directory>/``, ``dev/``, ``test1/``) -> ``nlvr2_{train,dev,test1}.arrow``.
+- ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
+  files of ``gcc`` (``conceptual_caption_{train,val}_<i>``) or ``sbu`` (``sbu_<i>``), or ``<name>_<split>_<i>`` for
+  your own data. ``read_pairs`` reads such pairs from a TSV, JSON-lines or JSON file.
+
+Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``root``)::
+
+    coco:  train2014/*.jpg  val2014/*.jpg  karpathy/dataset_coco.json
+    f30k:  flickr30k-images/*.jpg  karpathy/dataset_flickr30k.json
+    nlvr2: images/train/<directory>/train-<set>-<pair>-img{0,1}.png  dev/dev-...-img{0,1}.png  test1/...
+           nlvr2/data/{train,dev,test1}.json  (JSON lines: identifier, sentence, label, directory (train))
+
+The Karpathy JSON may also lie directly in ``raw_root`` (or be given explicitly); the NLVR2 JSON-lines also in
+``raw_root/data/`` or ``raw_root``, and the dev/test1 images also under ``raw_root/images/``.
+
+What is stored (as the official writers): image columns hold the files' bytes as they are on disk (never re-encoded);
+``caption`` the Karpathy ``raw`` sentences of one image (all of them, one row per image); ``image_id`` the image's
+file name; ``split`` the Karpathy split name (``restval`` in the restval file). NLVR2 groups the sentences of one
+image pair into one row: ``questions`` the sentences, ``answers`` their labels as "True"/"False" strings,
+``identifier`` the pair's id (the sentence identifier without its last ``-<n>``, e.g. ``dev-850-0``). Web captions:
+one row per image path with all its captions, ``image_id`` the file name, at most ``shard_rows`` rows per file.
+
+Decisions that differ from the official writers:
+- A missing or unreadable image is skipped and counted (official: COCO/F30K/GCC/SBU silently leave out images that
+  are not on disk, NLVR2 stops with an exception); a pair with either NLVR2 image missing is left out whole. A missing
+  raw folder or JSON raises FileNotFoundError naming the path and what was expected; a malformed JSON ValueError.
+- Rows keep the order of the annotation file (official: a random shuffle of the image files), so a rerun writes the
+  same files. Every file is written in batches (``write_arrow_batches``), never holding a whole split's images.
+- F30K: Karpathy splits other than train/val/test (there are none in the public ``dataset_flickr30k.json``) are left
+  out and counted, as the official writer writes only those three files. COCO ``restval`` has its own file.
+- Web captions: by default the rows are spread over exactly the official number of files of ``name``/``split``
+  (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` finds every file it reads; the official
+  writer cut files of 100,000 rows, which ``shard_rows=100000`` reproduces (then read with ``names=`` when the count
+  differs). Captions are grouped by image path (official: one caption per image, keyed by file name).
+- NLVR2 ``balanced_{dev,test1}`` / ``unbalanced_{dev,test1}`` (written by the official writer but read by no
+  config) are written only when asked for in ``splits``.
+
+Out of scope: VQAv2. Its answer normalisation and the order of its 3,129 answer labels must match the official
+checkpoints exactly and the spec does not give those rules, so a VQAv2 writer here could silently produce labels that
+do not match a published checkpoint's classifier.
+
+The CLI is ``vlmo-fast prepare {coco,f30k,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import pyarrow as pa
+
+from .arrow import CAPTION_SCHEMA, DATASETS, write_arrow_batches
+
+COCO_SPLITS = ("train", "restval", "val", "test")
+F30K_SPLITS = ("train", "val", "test")
+NLVR2_SPLITS = ("train", "dev", "test1")
+NLVR2_EXTRA_SPLITS = ("balanced_dev", "balanced_test1", "unbalanced_dev", "unbalanced_test1")
+NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", pa.list_(pa.string())),
+                          ("answers", pa.list_(pa.string())), ("identifier", pa.string())])
+OFFICIAL_SHARD_ROWS = 100_000  # rows per file of the official GCC/SBU writers
+BATCH_BYTES = 64 << 20  # image bytes per record batch (bounds the memory of a writer)
+BATCH_ROWS = 2048
+_EXAMPLES = 10  # missing/unreadable paths kept in a summary
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+Log = Optional[Callable[[str], None]]
+
+
+@dataclass
+class PrepareSummary:
+    """What a writer did. ``files``/``samples``: rows / captions (or questions) written per arrow file path.
+    ``missing_images``: image files not on disk; ``unreadable_images``: present but unreadable (an I/O error, empty,
+    or not an image when verified); ``skipped_rows``: rows (images, NLVR2 pairs) left out for either reason.
+    ``dropped``: other annotations left out, by reason. ``examples``: the first few missing/unreadable paths."""
+
+    dataset: str
+    out_root: str
+    files: Dict[str, int] = field(default_factory=dict)
+    samples: Dict[str, int] = field(default_factory=dict)
+    missing_images: int = 0
+    unreadable_images: int = 0
+    skipped_rows: int = 0
+    dropped: Dict[str, int] = field(default_factory=dict)
+    examples: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.files.values())
+
+    def report(self) -> str:
+        """A few human-readable lines (the CLI prints them)."""
+        lines = [f"{self.dataset}: wrote {len(self.files)} file(s) under {self.out_root}, {self.rows} rows, "
+                 f"{sum(self.samples.values())} samples"]
+        lines += [f"  {os.path.basename(p)}: {n} rows, {self.samples.get(p, 0)} samples" for p, n in self.files.items()]
+        if self.missing_images or self.unreadable_images:
+            lines.append(f"  skipped {self.skipped_rows} row(s): {self.missing_images} image(s) missing, "
+                         f"{self.unreadable_images} unreadable; e.g. " + ", ".join(self.examples[:3]))
+        lines += [f"  dropped {n}: {reason}" for reason, n in self.dropped.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def _bad(self, path: str, missing: bool) -> None:
+        if missing:
+            self.missing_images += 1
+        else:
+            self.unreadable_images += 1
+        if len(self.examples) < _EXAMPLES:
+            self.examples.append(path)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------------------
+
+
+def _need_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"expected {what} at {path} (not a directory)")
+    return path
+
+
+def _find_file(candidates: Sequence[str], what: str, explicit: Optional[str] = None) -> str:
+    if explicit is not None:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"{what} not found: {explicit}")
+        return explicit
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"expected {what} at one of: {', '.join(candidates)}")
+
+
+def _out_root(out_root: str) -> str:
+    if os.path.exists(out_root) and not os.path.isdir(out_root):
+        raise FileNotFoundError(f"OUT_ROOT is a file, expected a directory for the arrow files: {out_root}")
+    os.makedirs(out_root, exist_ok=True)
+    return out_root
+
+
+def _read_image(path: str, summary: PrepareSummary, verify: bool) -> Optional[bytes]:
+    """The file's bytes as they are on disk, or None (counted in ``summary``) when missing or unreadable."""
+    if not os.path.isfile(path):
+        summary._bad(path, missing=True)
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            raise OSError("empty file")
+        if verify:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+    except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted, never ends the run
+        summary._bad(path, missing=False)
+        return None
+    return data
+
+
+def _batches(rows: Iterable[Dict[str, Any]], schema: pa.Schema, image_keys: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``rows``, each cut once it holds ``BATCH_BYTES`` of images or ``BATCH_ROWS`` rows."""
+    batch_bytes, batch_rows = BATCH_BYTES, BATCH_ROWS
+    columns: Dict[str, List[Any]] = {name: [] for name in schema.names}
+    size = n = 0
+    for row in rows:
+        for name in schema.names:
+            columns[name].append(row[name])
+        size += sum(len(row[k]) for k in image_keys)
+        n += 1
+        if size >= batch_bytes or n >= batch_rows:
+            yield pa.RecordBatch.from_pydict(columns, schema=schema)
+            columns = {name: [] for name in schema.names}
+            size = n = 0
+    if n:
+        yield pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], schema: pa.Schema,
+           image_keys: Sequence[str], text_column: str, log: Log) -> None:
+    samples = [0]
+
+    def counted() -> Iterator[Dict[str, Any]]:
+        for row in rows:
+            samples[0] += len(row[text_column])
+            yield row
+
+    n = write_arrow_batches(path, schema, _batches(counted(), schema, image_keys))
+    summary.files[path], summary.samples[path] = n, samples[0]
+    if log is not None:
+        log(f"wrote {path}: {n} rows, {samples[0]} samples")
+
+
+def _check_splits(splits: Optional[Sequence[str]], allowed: Sequence[str], what: str) -> List[str]:
+    if splits is None:
+        return list(allowed)
+    if isinstance(splits, str):
+        splits = [s for s in splits.split(",") if s]
+    bad = [s for s in splits if s not in allowed]
+    if bad or not splits:
+        raise ValueError(f"{what} splits must be a non-empty subset of {list(allowed)}, got {list(splits)}")
+    return list(dict.fromkeys(splits))
+
+
+# ---- COCO and Flickr30K (Karpathy splits) ------------------------------------------------------------------------
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _karpathy_images(path: str, need_filepath: bool) -> List[Mapping[str, Any]]:
+    data = _load_json(path)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{path}: expected Karpathy's format, a JSON object with an 'images' list")
+    keys = ("filepath", "filename", "split") if need_filepath else ("filename", "split")
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in keys):
+            raise ValueError(f"{path}: images[{i}] must be an object with string fields {list(keys)}")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or any(not isinstance(s, dict) or not isinstance(s.get("raw"), str)
+                                                  for s in sentences):
+            raise ValueError(f"{path}: images[{i}] ({entry['filename']}) must have 'sentences', a list of objects "
+                             "with a string 'raw'")
+    return images
+
+
+def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json: Optional[str], json_name: str,
+                      stem: str, all_splits: Sequence[str], splits: Optional[Sequence[str]],
+                      folder_of: Callable[[Mapping[str, Any]], str], verify: bool, log: Log) -> PrepareSummary:
+    _need_dir(raw_root, f"the raw {dataset} folder (RAW_ROOT)")
+    chosen = _check_splits(splits, all_splits, dataset)
+    path = _find_file([os.path.join(raw_root, json_name), os.path.join(raw_root, "karpathy", json_name)],
+                      f"{json_name} (Karpathy's {dataset} splits)", karpathy_json)
+    images = _karpathy_images(path, need_filepath=(dataset == "coco"))
+    summary = PrepareSummary(dataset, out_root)
+    # one row per file name (as official, which keys by file name), in the JSON's order; captions of a repeated
+    # file name are merged into its first entry
+    rows: Dict[str, Dict[str, Any]] = {}
+    for entry in images:
+        split = entry["split"]
+        if split not in all_splits:
+            summary._drop(f"images of Karpathy split {split!r} (the official {dataset} writer writes only "
+                          f"{', '.join(all_splits)})")
+            continue
+        name = entry["filename"]
+        captions = [s["raw"] for s in entry["sentences"]]
+        if name in rows:
+            rows[name]["caption"].extend(captions)
+            continue
+        rows[name] = {"folder": folder_of(entry), "caption": captions, "image_id": name, "split": split}
+    for folder in sorted({r["folder"] for r in rows.values() if r["split"] in chosen}):
+        _need_dir(os.path.join(raw_root, folder), f"the {dataset} image folder {folder!r} (named by {path})")
+    _out_root(out_root)
+
+    def split_rows(split: str) -> Iterator[Dict[str, Any]]:
+        for row in rows.values():
+            if row["split"] != split:
+                continue
+            data = _read_image(os.path.join(raw_root, row["folder"], row["image_id"]), summary, verify)
+            if data is None:
+                summary.skipped_rows += 1
+                continue
+            yield {"image": data, "caption": row["caption"], "image_id": row["image_id"], "split": split}
+
+    for split in chosen:
+        _write(summary, os.path.join(out_root, f"{stem}_{split}.arrow"), split_rows(split), CAPTION_SCHEMA,
+               ("image",), "caption", log)
+    return summary
+
+
+def prepare_coco(raw_root: str, out_root: str, karpathy_json: Optional[str] = None,
+                 splits: Optional[Sequence[str]] = None, verify: bool = False, log: Log = None) -> PrepareSummary:
+    """Write ``coco_caption_karpathy_{train,restval,val,test}.arrow`` under ``out_root`` from Karpathy's
+    ``dataset_coco.json`` (default: ``raw_root/dataset_coco.json`` or ``raw_root/karpathy/dataset_coco.json``) and
+    the images under ``raw_root/<filepath>/<filename>`` (``train2014/``, ``val2014/``). ``splits``: a subset of
+    ``COCO_SPLITS`` to write. ``verify``: also skip files PIL cannot open (slower)."""
+    return _prepare_karpathy("coco", raw_root, out_root, karpathy_json, "dataset_coco.json", "coco_caption_karpathy",
+                             COCO_SPLITS, splits, lambda e: e["filepath"], verify, log)
+
+
+def prepare_f30k(raw_root: str, out_root: str, karpathy_json: Optional[str] = None,
+                 splits: Optional[Sequence[str]] = None, verify: bool = False, log: Log = None) -> PrepareSummary:
+    """Write ``f30k_caption_karpathy_{train,val,test}.arrow`` under ``out_root`` from Karpathy's
+    ``dataset_flickr30k.json`` (default: ``raw_root/`` or ``raw_root/karpathy/``) and ``raw_root/flickr30k-images/``.
+    Entries of any other Karpathy split are left out and counted in ``dropped`` (as official: only these three
+    files are written)."""
+    return _prepare_karpathy("f30k", raw_root, out_root, karpathy_json, "dataset_flickr30k.json",
+                             "f30k_caption_karpathy", F30K_SPLITS, splits, lambda e: "flickr30k-images", verify, log)
+
+
+# ---- NLVR2 -------------------------------------------------------------------------------------------------------
+
+
+def _nlvr2_label(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return "True" if value.lower() == "true" else "False"
+    raise ValueError(f"{where}: label must be 'True' or 'False', got {value!r}")
+
+
+def _nlvr2_lines(path: str, train: bool) -> List[Dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not a JSON line ({exc}); expected NLVR2's JSON-lines format") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("identifier"), str) \
+                    or not isinstance(rec.get("sentence"), str) or "label" not in rec:
+                raise ValueError(f"{where}: expected an object with 'identifier' (str), 'sentence' (str), 'label'")
+            if rec["identifier"].count("-") < 1:
+                raise ValueError(f"{where}: identifier {rec['identifier']!r} is not of the form <pair>-<n>")
+            if train and "directory" not in rec:
+                raise ValueError(f"{where}: a train record needs 'directory' (its image folder under images/train)")
+            rec["label"] = _nlvr2_label(rec["label"], where)
+            records.append(rec)
+    return records
+
+
+def _nlvr2_json(raw_root: str, split: str) -> str:
+    name = f"{split}.json"
+    sub = split.split("_")[0] if "_" in split else None  # balanced / unbalanced live in their own folder
+    candidates = [os.path.join(raw_root, "nlvr2", "data", *([sub] if sub else []), name),
+                  os.path.join(raw_root, "data", *([sub] if sub else []), name)]
+    if sub is None:
+        candidates.append(os.path.join(raw_root, name))
+    return _find_file(candidates, f"the NLVR2 {split} annotations {name} (JSON lines)")
+
+
+def _nlvr2_image_dir(raw_root: str, split: str) -> str:
+    base = split.split("_")[-1]  # balanced_dev -> dev
+    if base == "train":
+        return _need_dir(os.path.join(raw_root, "images", "train"),
+                         "the NLVR2 train images (images/train/<directory>/train-...-img0.png)")
+    for path in (os.path.join(raw_root, base), os.path.join(raw_root, "images", base)):
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(f"expected the NLVR2 {base} images ({base}-...-img0.png) in "
+                            f"{os.path.join(raw_root, base)} or {os.path.join(raw_root, 'images', base)}")
+
+
+def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = None, verify: bool = False,
+                  log: Log = None) -> PrepareSummary:
+    """Write ``nlvr2_{train,dev,test1}.arrow`` under ``out_root`` from the NLVR2 release under ``raw_root``.
+
+    One row per image pair (the identifier without its last ``-<n>``), in order of first appearance, with all the
+    pair's sentences (``questions``) and labels (``answers``, "True"/"False"); ``identifier`` is the pair id. Train
+    images are read from ``images/train/<directory>/<pair>-img{0,1}.png`` (the directory of the pair's first
+    record), dev/test1 from ``<split>/<pair>-img{0,1}.png``. ``splits`` may also name ``NLVR2_EXTRA_SPLITS``."""
+    _need_dir(raw_root, "the raw NLVR2 folder (RAW_ROOT)")
+    chosen = _check_splits(splits if splits is not None else NLVR2_SPLITS, NLVR2_SPLITS + NLVR2_EXTRA_SPLITS,
+                           "nlvr2")
+    plan = []
+    for split in chosen:
+        json_path, image_dir = _nlvr2_json(raw_root, split), _nlvr2_image_dir(raw_root, split)
+        pairs: Dict[str, List[Dict[str, Any]]] = {}  # pair id -> its records, in order of first appearance
+        for rec in _nlvr2_lines(json_path, split == "train"):
+            pairs.setdefault(rec["identifier"].rsplit("-", 1)[0], []).append(rec)
+        plan.append((split, image_dir, pairs))
+    summary = PrepareSummary("nlvr2", _out_root(out_root))
+    for split, image_dir, pairs in plan:
+        train = split == "train"
+
+        def pair_rows(pairs=pairs, image_dir=image_dir, train=train) -> Iterator[Dict[str, Any]]:
+            for pair, recs in pairs.items():
+                folder = os.path.join(image_dir, str(recs[0]["directory"])) if train else image_dir
+                images = [_read_image(os.path.join(folder, f"{pair}-img{k}.png"), summary, verify) for k in (0, 1)]
+                if images[0] is None or images[1] is None:
+                    summary.skipped_rows += 1
+                    summary._drop("NLVR2 sentences of pairs with a missing or unreadable image", len(recs))
+                    continue
+                yield {"image_0": images[0], "image_1": images[1], "questions": [r["sentence"] for r in recs],
+                       "answers": [r["label"] for r in recs], "identifier": pair}
+
+        _write(summary, os.path.join(out_root, f"nlvr2_{split}.arrow"), pair_rows(), NLVR2_SCHEMA,
+               ("image_0", "image_1"), "questions", log)
+    return summary
+
+
+# ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
+
+
+def read_pairs(path: str) -> Iterator[Tuple[str, str]]:
+    """(image path, caption) pairs from a file, by its suffix:
+
+    - ``.tsv``: one ``<image path>\\t<caption>`` a line (a header line ``image<TAB>caption`` is skipped);
+    - ``.jsonl``: one object a line with "image" and "caption" (a string or a list of strings);
+    - ``.json``: a list of ``[image path, caption]`` pairs (the official ``annot.json``) or of such objects.
+
+    Image paths are returned as written (``prepare_captions`` resolves relative ones against its ``image_root``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"caption list not found: {path} (expected a .tsv, .jsonl or .json file)")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".tsv", ".jsonl", ".json"):
+        raise ValueError(f"{path}: unknown caption list format {suffix!r}; expected .tsv, .jsonl or .json")
+    if suffix == ".json":
+        data = _load_json(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of [image, caption] pairs or objects")
+        for i, item in enumerate(data):
+            yield from _pair_items(item, f"{path}: item {i}")
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            if suffix == ".tsv":
+                parts = line.split("\t", 1)
+                if len(parts) != 2:
+                    raise ValueError(f"{where}: expected '<image path><TAB><caption>'")
+                if lineno == 1 and parts[0].strip().lower() in ("image", "image_path", "path", "file"):
+                    continue
+                yield parts[0], parts[1]
+            else:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not a JSON line ({exc})") from None
+                yield from _pair_items(item, where)
+
+
+def _pair_items(item: Any, where: str) -> Iterator[Tuple[str, str]]:
+    if isinstance(item, dict):
+        image, caption = item.get("image"), item.get("caption")
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        image, caption = item
+    else:
+        raise ValueError(f"{where}: expected [image, caption] or an object with 'image' and 'caption'")
+    captions = caption if isinstance(caption, list) else [caption]
+    if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: the image must be a path (str) and the caption a string or list of strings")
+    for c in captions:
+        yield image, c
+
+
+def caption_stems(name: str, split: str, n_files: int) -> List[str]:
+    """File stems (without ".arrow") for ``n_files`` files of caption data ``name``/``split``: gcc
+    ``conceptual_caption_<split>_<i>``, sbu ``sbu_<i>``, any other name ``<name>_<split>_<i>``."""
+    if name == "gcc":
+        return [f"conceptual_caption_{split}_{i}" for i in range(n_files)]
+    if name == "sbu":
+        return [f"sbu_{i}" for i in range(n_files)]
+    return [f"{name}_{split}_{i}" for i in range(n_files)]
+
+
+def _official_file_count(name: str, split: str) -> Optional[int]:
+    if name not in ("gcc", "sbu"):
+        return None
+    stems = DATASETS[name].files["val" if split == "val" else "train"]
+    return len(stems)
+
+
+def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str, name: str, split: str = "train",
+                     shard_rows: Optional[int] = None, image_root: Optional[str] = None, verify: bool = True,
+                     log: Log = None) -> PrepareSummary:
+    """Write web caption data as the official arrow files of ``name`` (columns image, caption, image_id, split).
+
+    pairs: an iterable of (image path, caption), or the path of a caption list file (see ``read_pairs``). Captions
+    of the same image path go into one row (in order of first appearance); ``image_id`` is the file name. Relative
+    image paths are resolved against ``image_root`` (default: the caption list's folder, or the current directory).
+
+    name: "gcc" (split train or val: ``conceptual_caption_<split>_<i>``), "sbu" (split train: ``sbu_<i>``), or a
+    name of your own (``<name>_<split>_<i>``; read them with ``make_dataset("gcc", root, split, names=[...])``).
+    shard_rows: rows per file. Default: for gcc/sbu the rows are spread over exactly the official number of files
+    (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` reads them all; for other names files of
+    100,000 rows (the official writers' size). Missing or unreadable images (``verify``: PIL must open the file) are
+    skipped and counted."""
+    if name in DATASETS and name not in ("gcc", "sbu"):
+        raise ValueError(f"prepare_captions: {name!r} is an official dataset that is not web caption data; expected "
+                         "gcc, sbu or a name of your own (coco, f30k and nlvr2 have their own prepare_* writers)")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"prepare_captions: name must be gcc, sbu or a file-name-safe name of your own, got {name!r}")
+    allowed = {"gcc": ("train", "val"), "sbu": ("train",)}.get(name)
+    if allowed is not None and split not in allowed:
+        raise ValueError(f"prepare_captions: {name} has official files for split(s) {list(allowed)} only, got "
+                         f"{split!r}")
+    if allowed is None and not _NAME_RE.match(split):
+        raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
+    if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
+        raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
+    if isinstance(pairs, (str, os.PathLike)):
+        if image_root is None:
+            image_root = os.path.dirname(os.path.abspath(pairs))
+        pairs = read_pairs(os.fspath(pairs))
+    if image_root is not None:
+        _need_dir(image_root, "the image folder (image_root) that relative image paths are read from")
+    summary = PrepareSummary(name, out_root)
+
+    # pass 1: group the captions by image (strings only; the images are read while writing)
+    groups: Dict[str, List[str]] = {}
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)) \
+                or not isinstance(pair[1], str):
+            raise ValueError(f"prepare_captions: pair {i} must be (image path, caption str), got {pair!r}")
+        if not pair[1].strip():
+            summary._drop("empty captions")
+            continue
+        path = os.fspath(pair[0])
+        if image_root is not None and not os.path.isabs(path):
+            path = os.path.join(image_root, path)
+        groups.setdefault(os.path.normpath(path), []).append(pair[1])
+    paths = list(groups)
+    _out_root(out_root)
+
+    official = _official_file_count(name, split)
+    if shard_rows is None and official is not None:
+        n_files = official
+        bounds = [len(paths) * k // n_files for k in range(n_files + 1)]
+    else:
+        size = shard_rows or OFFICIAL_SHARD_ROWS
+        n_files = max(1, math.ceil(len(paths) / size))
+        bounds = [min(k * size, len(paths)) for k in range(n_files + 1)]
+        if official is not None and n_files != official:
+            summary.notes.append(f"{n_files} file(s) written where {name} {split} officially has {official}: read "
+                                 f"them with make_dataset({name!r}, root, {split!r}, names=[...])")
+    stems = caption_stems(name, split, n_files)
+    if allowed is None:
+        summary.notes.append(f"read these files with make_dataset('gcc', root, 'train', names={stems[:3]}"
+                             f"{'...' if len(stems) > 3 else ''})")
+
+    def file_rows(part: List[str]) -> Iterator[Dict[str, Any]]:
+        for path in part:
+            data = _read_image(path, summary, verify)
+            if data is None:
+                summary.skipped_rows += 1
+                continue
+            yield {"image": data, "caption": groups[path], "image_id": os.path.basename(path), "split": split}
+
+    for k, stem in enumerate(stems):
+        _write(summary, os.path.join(out_root, f"{stem}.arrow"), file_rows(paths[bounds[k]:bounds[k + 1]]),
+               CAPTION_SCHEMA, ("image",), "caption", log)
+    return summary
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+PROG = "vlmo-fast prepare"
+DESCRIPTION = """Turn raw public datasets into the official ViLT/VLMo arrow files (spec §7) that --data-root reads.
+
+  coco      Karpathy's dataset_coco.json + train2014/, val2014/
+            -> coco_caption_karpathy_{train,restval,val,test}.arrow
+  f30k      Karpathy's dataset_flickr30k.json + flickr30k-images/
+            -> f30k_caption_karpathy_{train,val,test}.arrow
+  nlvr2     nlvr2/data/{train,dev,test1}.json + images/train/<dir>/, dev/, test1/
+            -> nlvr2_{train,dev,test1}.arrow (one row per image pair)
+  captions  a list of (image path, caption) pairs (TSV, JSON lines or JSON) of web data
+            -> gcc: conceptual_caption_{train,val}_<i>.arrow, sbu: sbu_<i>.arrow, or <name>_<split>_<i>.arrow
+
+Images are stored as the bytes on disk. Missing or unreadable images are skipped and counted in the summary.
+VQAv2 is not supported: its answer normalisation and label order must match the official checkpoints exactly, and
+the spec does not give those rules.
+
+Each subcommand explains its options: vlmo-fast prepare SUBCOMMAND --help"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,nlvr2,captions}", required=True)
+
+    def add(name: str, help_: str, description: str, raw_help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description, prog=f"{prog} {name}")
+        p.add_argument("raw_root", metavar="RAW_ROOT", help=raw_help)
+        p.add_argument("out_root", metavar="OUT_ROOT", help="folder for the arrow files (created if missing; the "
+                       "--data-root of training)")
+        return p
+
+    coco = add("coco", "COCO captions, Karpathy splits",
+               "COCO captions with Karpathy's splits -> coco_caption_karpathy_{train,restval,val,test}.arrow "
+               "(one row per image: image bytes, its captions, image_id = file name, split). restval is read "
+               "together with train.",
+               "folder with train2014/ and val2014/ (and dataset_coco.json or karpathy/dataset_coco.json)")
+    f30k = add("f30k", "Flickr30K captions, Karpathy splits",
+               "Flickr30K captions with Karpathy's splits -> f30k_caption_karpathy_{train,val,test}.arrow. "
+               "Any other Karpathy split is left out (as the official writer does) and counted.",
+               "folder with flickr30k-images/ (and dataset_flickr30k.json or karpathy/dataset_flickr30k.json)")
+    for p, name, splits in ((coco, "dataset_coco.json", COCO_SPLITS), (f30k, "dataset_flickr30k.json", F30K_SPLITS)):
+        p.add_argument("--karpathy-json", metavar="FILE", help=f"Karpathy's {name} (default: RAW_ROOT/{name} or "
+                       f"RAW_ROOT/karpathy/{name})")
+        p.add_argument("--splits", metavar="LIST", help=f"comma-separated subset of {','.join(splits)} to write "
+                       "(default: all)")
+    nlvr2 = add("nlvr2", "NLVR2 (image pairs with sentences)",
+                "NLVR2 -> nlvr2_{train,dev,test1}.arrow: one row per image pair with all its sentences "
+                "(questions), labels (answers, \"True\"/\"False\") and the pair id (identifier).",
+                "folder with nlvr2/data/{train,dev,test1}.json (or data/ or RAW_ROOT itself), images/train/<dir>/, "
+                "and dev/, test1/ (or images/dev/, images/test1/)")
+    nlvr2.add_argument("--splits", metavar="LIST", help="comma-separated subset of " + ",".join(NLVR2_SPLITS)
+                       + " (default), may add " + ",".join(NLVR2_EXTRA_SPLITS) + " (read by no config)")
+    captions = add("captions", "web caption data: gcc, sbu or your own",
+                   "Web caption data -> the official files of --name: gcc conceptual_caption_<split>_<i>.arrow, "
+                   "sbu sbu_<i>.arrow, any other name <name>_<split>_<i>.arrow. The captions of one image path go "
+                   "into one row. --pairs formats: .tsv (<image path><TAB><caption> a line), .jsonl (one "
+                   "{\"image\": ..., \"caption\": ...} a line), .json (a list of [image path, caption], as the "
+                   "official annot.json).",
+                   "folder that relative image paths in --pairs are read from")
+    captions.add_argument("--pairs", metavar="FILE", required=True, help="the (image path, caption) list")
+    captions.add_argument("--name", default="gcc", help="gcc (default), sbu, or a name of your own")
+    captions.add_argument("--split", default="train", help="train (default) or val (gcc only; sbu has train only)")
+    captions.add_argument("--shard-rows", type=int, metavar="N", help="rows per file (default: gcc/sbu spread over "
+                          "the official number of files, gcc train 30, val 1, sbu 9; other names 100000, the "
+                          "official writers' size)")
+    for p, default in ((coco, False), (f30k, False), (nlvr2, False), (captions, True)):
+        p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=default,
+                       help="also skip files that PIL cannot open (default: %(default)s)")
+    return parser
+
+
+def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """``vlmo-fast prepare ...``: run one writer and print its summary. Configuration errors (a missing folder or
+    JSON, a malformed file, bad options) end in one line ``vlmo-fast prepare: error: ...`` and exit status 2."""
+    parser = build_parser(prog)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from ..train.config import user_errors
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    with user_errors(parser):
+        if args.dataset == "coco":
+            summary = prepare_coco(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
+        elif args.dataset == "f30k":
+            summary = prepare_f30k(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
+        elif args.dataset == "nlvr2":
+            summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
+        else:
+            summary = prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
+                                       image_root=args.raw_root, verify=args.verify, log=log)
+    print(summary.report())
+    return 0
