@@ -574,7 +574,7 @@ def bench_optimizer(bench: Bench, sizes: Dict[str, Any], config) -> None:
     arch = cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")
     bench.measure("optimizer", dict(params=f"{n / 1e6:.1f}M", arch=arch, depth=cfg.depth), "fp32", "step", impls,
                   bytes_=7 * 4 * n)  # read p, g, m, v; write p, m, v
-    del impls, fused, foreach, official_state, model
+    del impls, fused, foreach, model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
