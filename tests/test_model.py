@@ -124,12 +124,16 @@ def test_training_mode_same_random_stream_and_gradients(device, backend):
         out = model.infer(batch)
         t = model.infer_text(batch)
         i = model.infer_image(batch)
-        loss = out["cls_feats"].sum() + out["image_feats"].pow(2).mean() + t["cls_vlffn_feats"].sum() + i["cls_feats"].sum()
+        terms = [out["cls_feats"], out["image_feats"].pow(2) / out["image_feats"].numel(), t["cls_vlffn_feats"],
+                 i["cls_feats"]]
+        loss = sum(x.sum() for x in terms)
         model.zero_grad()
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (l1, g1), (l2, g2) = results
-    assert torch.allclose(l1, l2, rtol=1e-6)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sum(x.detach().abs().sum() for x in terms)))
+    (l1, g1, size), (l2, g2, _) = results
+    # the loss sums terms of both signs (|terms| ~ 100, loss ~ 0.1): float32 rounding is relative to their size
+    assert (l1 - l2).abs() <= 1e-6 * size, (l1, l2, size)
     assert set(g1) == set(g2)
     for name in g1:
         scale = g2[name].abs().max().clamp_min(1e-8)
