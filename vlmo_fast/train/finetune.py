@@ -23,6 +23,7 @@ from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa,
                           vqa_submission)
 from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
     check_environment, command_config, load_toml, presets_for, user_errors
+from .data_setup import eval_loader
 from .loop import build_model, resolve_precision, train
 
 TASKS = FINETUNE_TASKS
@@ -122,6 +123,9 @@ def _evaluate_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--max-text-len", type=int, default=None, help="text length (default: the checkpoint's when "
                                                                   "recorded, else the preset's)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--num-workers", type=_count, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers decoding the images (0: in the main process; default: min(8, CPUs), "
+                        "the official 8)")
     if task == "irtr":
         p.add_argument("--rerank-k", type=_count, default=0, help="re-rank the top k by the ITM head (0: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
@@ -200,7 +204,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     collate = vdata.build_collate(mlm=False)
 
     def loader(ds):
-        return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate, num_workers=2)
+        return eval_loader(ds, args.batch_size, collate, args.num_workers)
 
     if task == "irtr":
         images = vdata.build_dataset(root, [dataset], split, image_only=True, **kw)
