@@ -267,6 +267,18 @@ def test_captions_group_per_image_skip_bad_images_and_fill_the_official_files(we
     assert unverified.rows == 3 and unverified.unreadable_images == 0 and unverified.missing_images == 1
 
 
+def test_no_image_found_is_an_error_not_empty_files(web_raw, tmp_path):
+    """A caption list with its columns the other way round (Google's GCC TSV: caption, URL) finds no image: an error
+    naming the cause, and no empty official files left behind."""
+    raw, _, pairs = web_raw
+    tsv = raw / "gcc.tsv"
+    tsv.write_text("".join(f"{caption}\t{path}\n" for path, caption in pairs))
+    out = tmp_path / "arrows"
+    with pytest.raises(FileNotFoundError, match="none of the images"):
+        prepare_captions(str(tsv), str(out), "gcc", image_root=str(raw))
+    assert not [f for f in os.listdir(out) if f.endswith(".arrow")]
+
+
 def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
     raw, files, pairs = web_raw
     out = tmp_path / "arrows"

@@ -162,6 +162,15 @@ def test_official_adamw_fused_option():
     torch.testing.assert_close(run(None), run(False))
     assert (run(None) < 1).all()
     torch.testing.assert_close(run(None, betas=(0.9, 0.98), lr=0.5, wd=2.0), torch.zeros(3))  # (1 - lr·wd) = 0
+    # a gradient laid out unlike its parameter (the kernel would pair the wrong elements): foreach, same result
+    results = []
+    for fused in (None, False):
+        p = torch.nn.Parameter(torch.zeros(8, 4))
+        p.grad = torch.arange(32.0).reshape(4, 8).t()
+        OfficialAdamW([p], lr=1e-2, betas=(0.9, 0.98), fused=fused).step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert results[0][1, 0] != results[0][0, 1]  # element (1, 0) moved by its own gradient (1.0), not (0, 1)'s (8.0)
     with pytest.raises(TypeError, match="fused"):
         OfficialAdamW([torch.nn.Parameter(torch.ones(1))], fused="yes")
 

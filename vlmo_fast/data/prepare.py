@@ -209,6 +209,20 @@ def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], s
         log(f"wrote {path}: {n} rows, {samples[0]} samples")
 
 
+def _nonempty(summary: PrepareSummary) -> PrepareSummary:
+    """A run that found none of its images wrote only empty files: remove them and say so, rather than exit 0 (a
+    wrong RAW_ROOT, or a caption list with its columns the other way round, e.g. Google's GCC TSV: caption, URL)."""
+    if summary.rows == 0 and (summary.missing_images or summary.unreadable_images):
+        for path in summary.files:
+            if os.path.isfile(path):
+                os.unlink(path)
+        raise FileNotFoundError(
+            f"{summary.dataset}: none of the images was found or readable ({summary.missing_images} missing, "
+            f"{summary.unreadable_images} unreadable; e.g. {', '.join(summary.examples[:3])}); nothing written. "
+            f"Check RAW_ROOT (or, for captions, that each line is <image path><TAB><caption>)")
+    return summary
+
+
 def _check_splits(splits: Optional[Sequence[str]], allowed: Sequence[str], what: str) -> List[str]:
     if splits is None:
         return list(allowed)
@@ -289,7 +303,7 @@ def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json:
     for split in chosen:
         _write(summary, os.path.join(out_root, f"{stem}_{split}.arrow"), split_rows(split), CAPTION_SCHEMA,
                ("image",), "caption", log)
-    return summary
+    return _nonempty(summary)
 
 
 def prepare_coco(raw_root: str, out_root: str, karpathy_json: Optional[str] = None,
@@ -403,7 +417,7 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
 
         _write(summary, os.path.join(out_root, f"nlvr2_{split}.arrow"), pair_rows(), NLVR2_SCHEMA,
                ("image_0", "image_1"), "questions", log)
-    return summary
+    return _nonempty(summary)
 
 
 # ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
@@ -560,7 +574,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     for k, stem in enumerate(stems):
         _write(summary, os.path.join(out_root, f"{stem}.arrow"), file_rows(paths[bounds[k]:bounds[k + 1]]),
                CAPTION_SCHEMA, ("image",), "caption", log)
-    return summary
+    return _nonempty(summary)
 
 
 # ---- the command -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ any number of workers. Per-sample seeding uses a forked RNG, so it never disturb
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -257,4 +258,4 @@ def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val"):
 def _limit(loader, max_batches: Optional[int]):
     if max_batches is None:
         return loader
-    return (b for i, b in enumerate(loader) if i < max_batches)
+    return itertools.islice(loader, max_batches)  # stops pulling (and decoding) after max_batches

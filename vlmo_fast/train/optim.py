@@ -98,29 +98,37 @@ class OfficialAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it (a tensor from torch's)
-                bucket = buckets[(p.device, p.dtype, p.grad.dtype, state["step"])]
-                for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                # the update is elementwise: FSDP2's DTensors are updated through their local shards, which also
+                # keeps the fused call out of DTensor dispatch (its scalar-tensor path leaks a DTensorSpec per
+                # parameter per step in torch 2.10-2.11, pytorch#188174)
+                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                # torch's fused kernel walks param, grad and state as flat arrays: contiguous ones only (all of a
+                # model's parameters and their gradients are; anything else takes the foreach ops)
+                flat = all(t.is_contiguous() for t in tensors)
+                bucket = buckets[(tensors[0].device, p.dtype, p.grad.dtype, flat, state["step"])]
+                for lst, t in zip(bucket, tensors):
                     lst.append(t)
-            for (device, dtype, grad_dtype, t), tensors in buckets.items():
+            for (device, dtype, grad_dtype, flat, t), tensors in buckets.items():
                 step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                if self._use_fused(device, dtype, grad_dtype, beta1, beta2, lr * wd):
+                if self._use_fused(device, dtype, grad_dtype, flat, beta1, beta2, lr * wd):
                     self._fused_update(*tensors, device, beta1, beta2, eps, step_size, lr * wd)
                 else:
                     _foreach_update(*tensors, beta1, beta2, eps, step_size, lr * wd)
         return loss
 
-    def _use_fused(self, device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype, beta1: float, beta2: float,
-                   decay: float) -> bool:
+    def _use_fused(self, device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype, flat: bool, beta1: float,
+                   beta2: float, decay: float) -> bool:
         if self.fused is False:
             return False
         # the kernel's own bias correction is switched off by a huge step count: 1 - β**(2**30) must be exactly 1
         # in float32, and the decay factor 1 - lr·wd must not be 0 (lr' = 0 would make wd' undefined)
-        ok = (device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES and grad_dtype == dtype
+        ok = (device.type in _FUSED_DEVICES and dtype in _FUSED_DTYPES and grad_dtype == dtype and flat
               and max(beta1, beta2) <= 1.0 - 1e-6 and decay != 1.0)
         if self.fused and not ok:
             raise RuntimeError(f"OfficialAdamW(fused=True): no fused kernel for {device.type} {dtype} with "
-                               f"{grad_dtype} gradients (or betas "
-                               f"within 1e-6 of 1, or lr·wd = 1); use fused=None to fall back")
+                               f"{grad_dtype} gradients (or a gradient "
+                               f"laid out unlike its parameter, betas within 1e-6 of 1, or lr·wd = 1); use fused=None "
+                               f"to fall back")
         return ok
 
     def _fused_update(self, ps, gs, ms, vs, device, beta1, beta2, eps, step_size, decay) -> None:
@@ -131,6 +139,17 @@ class OfficialAdamW(torch.optim.Optimizer):
         wd_eff = decay / lr_eff if lr_eff != 0.0 else 0.0
         torch._fused_adamw_(ps, gs, ms, vs, [], [steps] * len(ps), lr=lr_eff, beta1=beta1, beta2=beta2,
                             weight_decay=wd_eff, eps=eps, amsgrad=False, maximize=False)
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without distributed support
+    _DTensor = None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor), any other tensor itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
 _FUSED_DEVICES = ("cuda", "cpu")
