@@ -147,6 +147,11 @@ except ImportError:  # torch without distributed support
     _DTensor = None
 
 
+def _torch_older_than(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view: in-place updates reach the DTensor), any other tensor itself."""
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
@@ -185,6 +190,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_
     if kind == "official":
         return OfficialAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     fused = groups[0]["params"][0].device.type in _FUSED_DEVICES
+    if fused and _DTensor is not None and _torch_older_than(2, 13) and any(
+            isinstance(p, _DTensor) for g in groups for p in g["params"]):
+        fused = False  # torch's fused AdamW on DTensors leaks a DTensorSpec per parameter per step (pytorch#188174)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
