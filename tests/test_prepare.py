@@ -410,3 +410,27 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys):
     assert code == 0 and "VQAv2 is not supported" in out and "coco_caption_karpathy_" in out
     code, out, _ = _exit(["prepare", "nlvr2", "--help"], capsys)
     assert code == 0 and "--splits" in out and "balanced_dev" in out
+
+
+def test_prepared_files_fine_tune_and_evaluate(coco_raw, nlvr2_raw, tmp_path):
+    """From raw files to a fine-tuned checkpoint and its metrics through the commands only: prepare COCO and NLVR2,
+    fine-tune retrieval and NLVR2 for two steps on them, evaluate both."""
+    from vlmo_fast.train.finetune import evaluate_main, finetune_main
+
+    out = str(tmp_path / "arrows")
+    assert cli.main(["prepare", "coco", str(coco_raw[0]), out]) == 0
+    assert cli.main(["prepare", "nlvr2", str(nlvr2_raw[0]), out]) == 0
+    common = ["--data-root", out, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "2", "--batch-size", "2",
+              "--max-steps", "2", "--num-workers", "0", "--tensorboard", "false", "--log-every", "1",
+              "--image-size", "32"]
+    evaluated = {}
+    for task in ("irtr", "nlvr2"):
+        run = str(tmp_path / task)
+        assert finetune_main([task, "--out-dir", run] + common) == 0
+        metrics = str(tmp_path / f"{task}.json")
+        evaluate_main([task, "--load-path", os.path.join(run, "checkpoints", "step_00000002.pt"), "--data-root", out,
+                       "--out", metrics, "--device", "cpu", "--num-workers", "0"]
+                      + (["--split", "test"] if task == "irtr" else []))
+        evaluated[task] = json.loads(open(metrics).read())
+    assert set(evaluated["irtr"]) >= {"tr_r1", "ir_r1", "r_mean"} and 0 <= evaluated["irtr"]["r_mean"] <= 1
+    assert set(evaluated["nlvr2"]) >= {"dev_acc", "test_acc"}
