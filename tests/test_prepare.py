@@ -434,3 +434,30 @@ def test_prepared_files_fine_tune_and_evaluate(coco_raw, nlvr2_raw, tmp_path):
         evaluated[task] = json.loads(open(metrics).read())
     assert set(evaluated["irtr"]) >= {"tr_r1", "ir_r1", "r_mean"} and 0 <= evaluated["irtr"]["r_mean"] <= 1
     assert set(evaluated["nlvr2"]) >= {"dev_acc", "test_acc"}
+
+
+def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_path, tok):
+    """--format shards: tar shards of <shard-rows> images with all their captions (JSON), missing/unreadable images
+    skipped; the WebDataset reader reads every caption, and a pretraining run takes them with --datasets."""
+    from vlmo_fast.data import WebDataset
+    from vlmo_fast.train import main as pretrain_main
+
+    raw, files, pairs = web_raw
+    tsv = raw / "pairs.tsv"
+    tsv.write_text("".join(f"{path}\t{caption}\n" for path, caption in pairs))
+    out = tmp_path / "shards"
+    assert cli.main(["prepare", "captions", str(raw), str(out), "--pairs", str(tsv), "--format", "shards",
+                     "--name", "web", "--shard-rows", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["web-train-000000.tar", "web-train-000001.tar"]
+    ds = WebDataset(str(out / "*.tar"), image_size=SIZE, max_text_len=12, tokenizer=tok, train=False)
+    samples = [s for s in ds if s is not None]
+    assert [s["text"] for s in samples] == ["a red car", "a blue sky"]  # eval: the first caption of each image
+    summary = prepare_captions(str(tsv), str(tmp_path / "s2"), "web", fmt="shards", image_root=str(raw))
+    assert list(summary.files.values()) == [2] and list(summary.samples.values()) == [3]
+    assert summary.missing_images == 1 and summary.unreadable_images == 1
+    with pytest.raises(ValueError, match="fmt"):
+        prepare_captions(str(tsv), str(tmp_path / "s3"), "web", fmt="zip")
+    code = pretrain_main(["--datasets", str(out / "*.tar"), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
+                          "--per-device-batch-size", "2", "--batch-size", "2", "--num-workers", "0",
+                          "--tensorboard", "false", "--image-size", "32", "--final-eval", "false"])
+    assert code == 0

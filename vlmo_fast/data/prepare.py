@@ -74,6 +74,7 @@ NLVR2_EXTRA_SPLITS = ("balanced_dev", "balanced_test1", "unbalanced_dev", "unbal
 NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", pa.list_(pa.string())),
                           ("answers", pa.list_(pa.string())), ("identifier", pa.string())])
 OFFICIAL_SHARD_ROWS = 100_000  # rows per file of the official GCC/SBU writers
+SHARD_SAMPLES = 5000  # images per WebDataset tar shard (prepare_captions(fmt="shards"))
 BATCH_BYTES = 64 << 20  # image bytes per record batch (bounds the memory of a writer)
 BATCH_ROWS = 2048
 _EXAMPLES = 10  # missing/unreadable paths kept in a summary
@@ -497,8 +498,11 @@ def _official_file_count(name: str, split: str) -> Optional[int]:
 
 def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str, name: str, split: str = "train",
                      shard_rows: Optional[int] = None, image_root: Optional[str] = None, verify: bool = True,
-                     log: Log = None) -> PrepareSummary:
-    """Write web caption data as the official arrow files of ``name`` (columns image, caption, image_id, split).
+                     log: Log = None, fmt: str = "arrow") -> PrepareSummary:
+    """Write web caption data as the official arrow files of ``name`` (columns image, caption, image_id, split), or
+    with ``fmt="shards"`` as WebDataset tar shards ``<name>-<split>-<i>.tar`` (``<key>.jpg`` + ``<key>.json`` with
+    the image's captions; ``shard_rows`` images each, default 5000) that training reads with
+    ``--datasets 'OUT_ROOT/*.tar'``: the way to train on data of your own from the command line.
 
     pairs: an iterable of (image path, caption), or the path of a caption list file (see ``read_pairs``). Captions
     of the same image path go into one row (in order of first appearance); ``image_id`` is the file name. Relative
@@ -521,6 +525,10 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
                          f"{split!r}")
     if allowed is None and not _NAME_RE.match(split):
         raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
+    if fmt not in ("arrow", "shards"):
+        raise ValueError(f"prepare_captions: fmt must be 'arrow' or 'shards', got {fmt!r}")
+    if fmt == "shards":
+        allowed = None  # any file-name-safe name and split: the shards are found by their glob, not their name
     if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
         raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
     if isinstance(pairs, (str, os.PathLike)):
@@ -547,6 +555,9 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     paths = list(groups)
     _out_root(out_root)
 
+    if fmt == "shards":
+        return _nonempty(_write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES,
+                                               verify, log))
     official = _official_file_count(name, split)
     if shard_rows is None and official is not None:
         n_files = official
@@ -575,6 +586,34 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
         _write(summary, os.path.join(out_root, f"{stem}.arrow"), file_rows(paths[bounds[k]:bounds[k + 1]]),
                CAPTION_SCHEMA, ("image",), "caption", log)
     return _nonempty(summary)
+
+
+def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]], out_root: str, name: str,
+                          split: str, per_shard: int, verify: bool, log: Log) -> PrepareSummary:
+    from .webdataset import write_shards
+
+    counts: List[int] = []  # captions of each sample written, in order
+
+    def samples() -> Iterator[Tuple[str, bytes, List[str]]]:
+        for i, (path, captions) in enumerate(groups.items()):
+            data = _read_image(path, summary, verify)
+            if data is None:
+                summary.skipped_rows += 1
+                continue
+            counts.append(len(captions))
+            yield f"{i:09d}", data, captions
+
+    # every member is named .jpg (web data is mostly JPEG); the bytes are stored as read and readers decode them by
+    # their content, so a PNG among them still decodes
+    paths = write_shards(out_root, samples(), samples_per_shard=per_shard, prefix=f"{name}-{split}", image_ext="jpg",
+                         caption_format="json")
+    for k, path in enumerate(paths):
+        part = counts[k * per_shard:(k + 1) * per_shard]
+        summary.files[path], summary.samples[path] = len(part), sum(part)
+        if log is not None:
+            log(f"wrote {path}: {len(part)} images, {sum(part)} captions")
+    summary.notes.append(f"train on them with --datasets '{os.path.join(out_root, '*.tar')}'")
+    return summary
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
@@ -639,11 +678,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "official annot.json).",
                    "folder that relative image paths in --pairs are read from")
     captions.add_argument("--pairs", metavar="FILE", required=True, help="the (image path, caption) list")
-    captions.add_argument("--name", default="gcc", help="gcc (default), sbu, or a name of your own")
+    captions.add_argument("--format", default="arrow", choices=["arrow", "shards"],
+                          help="arrow: the official files of --name (training reads gcc and sbu by name); shards: "
+                               "WebDataset tar files <name>-<split>-<i>.tar, read with --datasets 'OUT_ROOT/*.tar' "
+                               "(data of your own)")
+    captions.add_argument("--name", default="gcc", help="gcc (default), sbu, or a name of your own (arrow files of "
+                          "another name are read through the Python API only; use --format shards to train on them "
+                          "from the command line)")
     captions.add_argument("--split", default="train", help="train (default) or val (gcc only; sbu has train only)")
-    captions.add_argument("--shard-rows", type=int, metavar="N", help="rows per file (default: gcc/sbu spread over "
-                          "the official number of files, gcc train 30, val 1, sbu 9; other names 100000, the "
-                          "official writers' size)")
+    captions.add_argument("--shard-rows", type=int, metavar="N", help="rows (images) per file (default: arrow gcc/sbu "
+                          "spread over the official number of files, gcc train 30, val 1, sbu 9; other names 100000, "
+                          "the official writers' size; shards 5000)")
     for p, default in ((coco, False), (f30k, False), (nlvr2, False), (captions, True)):
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=default,
                        help="also skip files that PIL cannot open (default: %(default)s)")
@@ -669,6 +714,6 @@ def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
         else:
             summary = prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
-                                       image_root=args.raw_root, verify=args.verify, log=log)
+                                       image_root=args.raw_root, verify=args.verify, log=log, fmt=args.format)
     print(summary.report())
     return 0
