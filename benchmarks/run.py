@@ -640,41 +640,6 @@ def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
             torch.cuda.empty_cache()
 
 
-CAPTION_WORDS = ("a man woman dog cat red blue small large riding holding sitting standing next to on in the of "
-                 "with near street beach table kitchen field horse bus train plate pizza two three people white "
-                 "black green wooden grass water sky building car bike").split()
-
-
-def write_retrieval_set(root: str, n_img: int, n_txt: int, distinct: int = 32) -> None:
-    """A COCO-like test split for the end-to-end row: ``n_img`` 640x480 JPEGs (``distinct`` different pictures,
-    repeated: decoding cost depends on the size, not the content) with ``n_txt`` captions of 8-15 words spread over
-    them, in the official coco arrow layout."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from vlmo_fast import data as vdata
-
-    rng = np.random.default_rng(0)
-    pictures = []
-    for _ in range(distinct):
-        y, x = np.mgrid[0:480, 0:640]
-        base = np.stack([(x * rng.uniform(0.1, 0.4) + y * rng.uniform(0.1, 0.4) + rng.integers(0, 255)) % 256
-                         for _ in range(3)], axis=-1).astype(np.uint8)
-        img = Image.fromarray(base)
-        draw = ImageDraw.Draw(img)
-        for _ in range(12):
-            x0, y0 = int(rng.integers(0, 560)), int(rng.integers(0, 400))
-            draw.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
-                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        pictures.append(vdata.encode_image(img, "JPEG", quality=90))
-    captions = [[] for _ in range(n_img)]
-    for t in range(n_txt):
-        words = rng.choice(CAPTION_WORDS, size=int(rng.integers(8, 16)))
-        captions[t % n_img].append(" ".join(words))
-    vdata.make_caption_dataset(root, "coco", "test", [pictures[i % distinct] for i in range(n_img)], captions,
-                               [f"{i:012d}.jpg" for i in range(n_img)])
-
-
 def bench_retrieval_end_to_end(bench: Bench, model, cfg, n_img: int, n_txt: int, bs: int, dtype_name: str,
                                dtype: torch.dtype) -> None:
     """``vlmo-fast evaluate irtr`` as a user runs it: JPEGs decoded and resized by DataLoader workers from the arrow
@@ -700,7 +665,7 @@ def bench_retrieval_end_to_end(bench: Bench, model, cfg, n_img: int, n_txt: int,
         row.status = "skipped: time budget"
     if row.status == "ok":
         with tempfile.TemporaryDirectory() as root:
-            write_retrieval_set(root, n_img, n_txt)
+            harness.write_coco_like(root, "test", n_img, n_txt)
             kw = dict(image_size=cfg.image_size, max_text_len=cfg.max_text_len, train=False)
             collate = vdata.build_collate(mlm=False)
             try:
