@@ -461,3 +461,22 @@ def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_
                           "--per-device-batch-size", "2", "--batch-size", "2", "--num-workers", "0",
                           "--tensorboard", "false", "--image-size", "32", "--final-eval", "false"])
     assert code == 0
+
+
+def test_read_ahead_keeps_the_order(tmp_path, monkeypatch):
+    """Files read by the thread pool, several rows ahead of the writer, land in the rows of their annotations, and
+    missing ones are counted in annotation order."""
+    monkeypatch.setattr(prep, "READ_AHEAD", 3)
+    monkeypatch.setattr(prep, "READ_THREADS", 4)
+    raw = tmp_path / "raw"
+    files, pairs = {}, []
+    for i in range(25):
+        name = f"{i:03d}.png"
+        if i % 7 != 3:  # 3, 10, 17, 24 are missing
+            files[name] = _image(str(raw / name))
+        pairs.append((name, f"caption {i}"))
+    summary = prepare_captions(pairs, str(tmp_path / "out"), "web", image_root=str(raw), verify=False)
+    assert summary.missing_images == 4 and summary.examples == [str(raw / f"{i:03d}.png") for i in (3, 10, 17, 24)]
+    (path,) = summary.files
+    assert _column(path, "image_id") == sorted(files) and _column(path, "image") == [files[n] for n in sorted(files)]
+    assert _column(path, "caption") == [[f"caption {int(n[:3])}"] for n in sorted(files)]

@@ -54,14 +54,16 @@ The CLI is ``vlmo-fast prepare {coco,f30k,nlvr2,captions} RAW_ROOT OUT_ROOT [opt
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import math
 import os
 import re
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 
@@ -77,6 +79,8 @@ OFFICIAL_SHARD_ROWS = 100_000  # rows per file of the official GCC/SBU writers
 SHARD_SAMPLES = 5000  # images per WebDataset tar shard (prepare_captions(fmt="shards"))
 BATCH_BYTES = 64 << 20  # image bytes per record batch (bounds the memory of a writer)
 BATCH_ROWS = 2048
+READ_THREADS = 8  # threads reading (and verifying) image files ahead of the writer
+READ_AHEAD = 64  # rows read ahead at most (bounds the memory of the read-ahead)
 _EXAMPLES = 10  # missing/unreadable paths kept in a summary
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -156,11 +160,10 @@ def _out_root(out_root: str) -> str:
     return out_root
 
 
-def _read_image(path: str, summary: PrepareSummary, verify: bool) -> Optional[bytes]:
-    """The file's bytes as they are on disk, or None (counted in ``summary``) when missing or unreadable."""
+def _load(path: str, verify: bool) -> Tuple[Optional[bytes], bool]:
+    """(the file's bytes as they are on disk, False), or (None, whether it is missing rather than unreadable)."""
     if not os.path.isfile(path):
-        summary._bad(path, missing=True)
-        return None
+        return None, True
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -172,9 +175,33 @@ def _read_image(path: str, summary: PrepareSummary, verify: bool) -> Optional[by
             with Image.open(io.BytesIO(data)) as img:
                 img.verify()
     except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted, never ends the run
-        summary._bad(path, missing=False)
-        return None
-    return data
+        return None, False
+    return data, False
+
+
+def _read_rows(rows: Iterable[Sequence[str]], summary: PrepareSummary, verify: bool) -> Iterator[List[Optional[bytes]]]:
+    """For each row's image paths, in order, their bytes (None where missing or unreadable, counted in ``summary``).
+    Files are read (and verified) by ``READ_THREADS`` threads, at most ``READ_AHEAD`` rows ahead of the writer: on
+    a network file system or with ``verify`` the writer otherwise waits on one file at a time."""
+    pending: Deque[Tuple[Sequence[str], List[Future]]] = collections.deque()
+
+    def collect() -> List[Optional[bytes]]:
+        paths, futures = pending.popleft()
+        out = []
+        for path, future in zip(paths, futures):
+            data, missing = future.result()
+            if data is None:
+                summary._bad(path, missing)
+            out.append(data)
+        return out
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for paths in rows:
+            pending.append((paths, [pool.submit(_load, path, verify) for path in paths]))
+            if len(pending) >= READ_AHEAD:
+                yield collect()
+        while pending:
+            yield collect()
 
 
 def _batches(rows: Iterable[Dict[str, Any]], schema: pa.Schema, image_keys: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -292,10 +319,9 @@ def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json:
     _out_root(out_root)
 
     def split_rows(split: str) -> Iterator[Dict[str, Any]]:
-        for row in rows.values():
-            if row["split"] != split:
-                continue
-            data = _read_image(os.path.join(raw_root, row["folder"], row["image_id"]), summary, verify)
+        todo = [row for row in rows.values() if row["split"] == split]
+        paths = ([os.path.join(raw_root, row["folder"], row["image_id"])] for row in todo)
+        for (data,), row in zip(_read_rows(paths, summary, verify), todo):
             if data is None:
                 summary.skipped_rows += 1
                 continue
@@ -406,9 +432,12 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
         train = split == "train"
 
         def pair_rows(pairs=pairs, image_dir=image_dir, train=train) -> Iterator[Dict[str, Any]]:
-            for pair, recs in pairs.items():
+            def files(pair: str, recs: List[Dict[str, Any]]) -> List[str]:
                 folder = os.path.join(image_dir, str(recs[0]["directory"])) if train else image_dir
-                images = [_read_image(os.path.join(folder, f"{pair}-img{k}.png"), summary, verify) for k in (0, 1)]
+                return [os.path.join(folder, f"{pair}-img{k}.png") for k in (0, 1)]
+
+            todo = list(pairs.items())
+            for images, (pair, recs) in zip(_read_rows((files(*t) for t in todo), summary, verify), todo):
                 if images[0] is None or images[1] is None:
                     summary.skipped_rows += 1
                     summary._drop("NLVR2 sentences of pairs with a missing or unreadable image", len(recs))
@@ -575,8 +604,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
                              f"{'...' if len(stems) > 3 else ''})")
 
     def file_rows(part: List[str]) -> Iterator[Dict[str, Any]]:
-        for path in part:
-            data = _read_image(path, summary, verify)
+        for (data,), path in zip(_read_rows(([p] for p in part), summary, verify), part):
             if data is None:
                 summary.skipped_rows += 1
                 continue
@@ -595,8 +623,8 @@ def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]],
     counts: List[int] = []  # captions of each sample written, in order
 
     def samples() -> Iterator[Tuple[str, bytes, List[str]]]:
-        for i, (path, captions) in enumerate(groups.items()):
-            data = _read_image(path, summary, verify)
+        read = _read_rows(([p] for p in groups), summary, verify)
+        for i, ((data,), captions) in enumerate(zip(read, groups.values())):
             if data is None:
                 summary.skipped_rows += 1
                 continue
