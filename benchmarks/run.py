@@ -653,8 +653,10 @@ def bench_retrieval_end_to_end(bench: Bench, model, cfg, n_img: int, n_txt: int,
 
     dev = bench.device
     workers = min(8, os.cpu_count() or 1)
+    bs = min(bs, 64)  # worker batches travel through shared memory: 8 workers x 2 prefetched x 64 x 384² px = 1.8 GB
     row = Row(op="retrieval", impl="vlmo_fast", mode="eval+data", dtype=dtype_name, baseline="official",
-              case=dict(images=n_img, captions=n_txt, size=cfg.image_size, workers=workers, jpeg="640x480"))
+              case=dict(images=n_img, captions=n_txt, size=cfg.image_size, workers=workers, batch=bs,
+                        jpeg="640x480"))
     try:
         from vlmo_fast.tokenizer import default_vocab_file
 
