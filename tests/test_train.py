@@ -148,6 +148,30 @@ def test_official_adamw_fused_equals_foreach_in_low_precision(dtype):
         assert err_fused <= 0.05 * moved + ulp
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_official_adamw_fused_on_cuda(dtype):
+    """CUDA: the fused kernel with the rewritten hyperparameters applies the official rule as the foreach ops do
+    (fp32: to a few roundings; bf16 weights: within one bf16 rounding), over several steps."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p0 = [torch.randn(n, device="cuda", generator=gen) * 0.05 for n in (4096, 768, 1)]
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * 1e-3 for p in p0] for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in p0]
+        opt = OfficialAdamW([{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:]}], lr=1e-3,
+                            betas=(0.9, 0.98), eps=1e-8, fused=fused)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.to(dtype)
+            opt.step()
+        results.append([p.detach().float() for p in params])
+    for a, b, p in zip(results[0], results[1], p0):
+        moved = (b - p.to(dtype).float()).abs().max()
+        ulps = 8 if dtype == torch.float32 else 1  # a few fp32 roundings; one bf16 rounding of the result
+        assert moved > 0 and (a - b).abs().max() <= ulps * torch.finfo(dtype).eps * b.abs().max()
+
+
 def test_official_adamw_fused_option():
     """fused=None falls back to the foreach ops where the kernel's bias-correction switch cannot work (β2 within 1e-6
     of 1) or lr·wd = 1; fused=True there is an error; a non-bool is refused."""
