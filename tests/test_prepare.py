@@ -480,3 +480,34 @@ def test_read_ahead_keeps_the_order(tmp_path, monkeypatch):
     (path,) = summary.files
     assert _column(path, "image_id") == sorted(files) and _column(path, "image") == [files[n] for n in sorted(files)]
     assert _column(path, "caption") == [[f"caption {int(n[:3])}"] for n in sorted(files)]
+
+
+def test_visual_genome_regions_per_image(tmp_path, tok):
+    """region_descriptions.json + images/VG_100K{,_2}/ -> vg.arrow: one row per image (either folder) with all its
+    region phrases and boxes, image_id the id; an image not on disk is skipped and counted; read back as the
+    official vg dataset, one sample per phrase."""
+    raw = tmp_path / "vg"
+    files = {1: _image(str(raw / "images" / "VG_100K" / "1.jpg"), "JPEG"),
+             7: _image(str(raw / "images" / "VG_100K_2" / "7.jpg"), "JPEG")}
+
+    def region(iid, phrase, k):
+        return {"region_id": 100 * iid + k, "image_id": iid, "phrase": phrase, "width": 10 + k, "height": 20 + k,
+                "x": k, "y": 2 * k}
+
+    regions = [{"id": 1, "regions": [region(1, "a tree", 0), region(1, "blue sky", 1)]},
+               {"id": 7, "regions": [region(7, "a red door", 0)]},
+               {"id": 9, "regions": [region(9, "not on disk", 0)]}]
+    (raw / "annotations").mkdir()
+    (raw / "annotations" / "region_descriptions.json").write_text(json.dumps(regions))
+    out = tmp_path / "arrows"
+    assert cli.main(["prepare", "vg", str(raw), str(out)]) == 0
+    path = out / "vg.arrow"
+    assert _column(path, "image_id") == ["1", "7"] and _column(path, "image") == [files[1], files[7]]
+    assert _column(path, "caption") == [["a tree", "blue sky"], ["a red door"]]
+    assert _column(path, "width") == [[10, 11], [10]] and _column(path, "y") == [[0, 2], [0]]
+    ds = make_dataset("vg", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert len(ds) == 3 and ds[2]["text"] == "a red door"
+    summary = prep.prepare_vg(str(raw), str(tmp_path / "again"))
+    assert summary.missing_images == 1 and summary.rows == 2 and list(summary.samples.values()) == [3]
+    with pytest.raises(FileNotFoundError, match="region_descriptions.json"):
+        prep.prepare_vg(str(tmp_path / "arrows"), str(tmp_path / "x"))

@@ -6,6 +6,8 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   ``coco_caption_karpathy_{train,restval,val,test}.arrow`` (restval is read in train, as official).
 - ``prepare_f30k(raw_root, out_root)``: Karpathy's ``dataset_flickr30k.json`` + ``flickr30k-images/`` ->
   ``f30k_caption_karpathy_{train,val,test}.arrow``.
+- ``prepare_vg(raw_root, out_root)``: Visual Genome's ``region_descriptions.json`` + ``VG_100K/``, ``VG_100K_2/``
+  -> ``vg.arrow`` (one row per image, its region phrases as captions).
 - ``prepare_nlvr2(raw_root, out_root)``: the NLVR2 release (``nlvr2/data/{train,dev,test1}.json`` of the cloned
   repository, images under ``images/train/<directory>/``, ``dev/``, ``test1/``) -> ``nlvr2_{train,dev,test1}.arrow``.
 - ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
@@ -16,6 +18,7 @@ Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``r
 
     coco:  train2014/*.jpg  val2014/*.jpg  karpathy/dataset_coco.json
     f30k:  flickr30k-images/*.jpg  karpathy/dataset_flickr30k.json
+    vg:    images/VG_100K/<image_id>.jpg  images/VG_100K_2/...  annotations/region_descriptions.json
     nlvr2: images/train/<directory>/train-<set>-<pair>-img{0,1}.png  dev/dev-...-img{0,1}.png  test1/...
            nlvr2/data/{train,dev,test1}.json  (JSON lines: identifier, sentence, label, directory (train))
 
@@ -48,7 +51,7 @@ Out of scope: VQAv2. Its answer normalisation and the order of its 3,129 answer 
 checkpoints exactly and the spec does not give those rules, so a VQAv2 writer here could silently produce labels that
 do not match a published checkpoint's classifier.
 
-The CLI is ``vlmo-fast prepare {coco,f30k,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
+The CLI is ``vlmo-fast prepare {coco,f30k,vg,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
 """
 
 from __future__ import annotations
@@ -450,6 +453,71 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
     return _nonempty(summary)
 
 
+# ---- Visual Genome (region descriptions) --------------------------------------------------------------------------
+
+VG_SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.list_(pa.string())), ("width", pa.list_(pa.int64())),
+                       ("height", pa.list_(pa.int64())), ("x", pa.list_(pa.int64())), ("y", pa.list_(pa.int64())),
+                       ("image_id", pa.string())])
+VG_IMAGE_DIRS = ("VG_100K", "VG_100K_2")
+
+
+def prepare_vg(raw_root: str, out_root: str, verify: bool = False, log: Log = None) -> PrepareSummary:
+    """Write ``vg.arrow`` under ``out_root`` from Visual Genome's ``region_descriptions.json`` (default:
+    ``raw_root/annotations/`` or ``raw_root/``) and its images ``<image_id>.jpg`` under ``images/VG_100K/`` and
+    ``images/VG_100K_2/`` (or those folders directly under ``raw_root``).
+
+    One row per image with all its region phrases as captions, paired with the whole image as official (the
+    regions' width, height, x, y are stored beside them, unused by training), ``image_id`` the id as a string; rows
+    in the order of the JSON (official: a random shuffle of the image files). Images without regions are not
+    written, as official."""
+    _need_dir(raw_root, "the raw Visual Genome folder (RAW_ROOT)")
+    path = _find_file([os.path.join(raw_root, "annotations", "region_descriptions.json"),
+                       os.path.join(raw_root, "region_descriptions.json")],
+                      "Visual Genome's region_descriptions.json")
+    folders = [d for base in (os.path.join(raw_root, "images"), raw_root) for d in
+               (os.path.join(base, name) for name in VG_IMAGE_DIRS) if os.path.isdir(d)]
+    if not folders:
+        raise FileNotFoundError(f"expected Visual Genome's image folders {' and '.join(VG_IMAGE_DIRS)} under "
+                                f"{os.path.join(raw_root, 'images')} or {raw_root}")
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{'regions': [...], 'id': ...}} entries")
+    keys = ("image_id", "phrase", "width", "height", "x", "y")
+    rows: Dict[int, Dict[str, List[Any]]] = {}
+    for i, entry in enumerate(data):
+        regions = entry.get("regions") if isinstance(entry, dict) else None
+        if not isinstance(regions, list):
+            raise ValueError(f"{path}: entry {i} must be an object with a 'regions' list")
+        for region in regions:
+            if not isinstance(region, dict) or any(k not in region for k in keys):
+                raise ValueError(f"{path}: entry {i} has a region without {list(keys)}")
+            row = rows.setdefault(int(region["image_id"]), {"caption": [], "width": [], "height": [], "x": [],
+                                                            "y": []})
+            row["caption"].append(str(region["phrase"]))
+            for k in ("width", "height", "x", "y"):
+                row[k].append(int(region[k]))
+    del data
+    summary = PrepareSummary("vg", _out_root(out_root))
+
+    def image_path(iid: int) -> str:
+        for folder in folders:
+            candidate = os.path.join(folder, f"{iid}.jpg")
+            if os.path.isfile(candidate):
+                return candidate
+        return os.path.join(folders[0], f"{iid}.jpg")  # missing: counted under this name
+
+    def vg_rows() -> Iterator[Dict[str, Any]]:
+        todo = list(rows.items())
+        for (image,), (iid, row) in zip(_read_rows(([image_path(iid)] for iid, _ in todo), summary, verify), todo):
+            if image is None:
+                summary.skipped_rows += 1
+                continue
+            yield {"image": image, **row, "image_id": str(iid)}
+
+    _write(summary, os.path.join(out_root, "vg.arrow"), vg_rows(), VG_SCHEMA, ("image",), "caption", log)
+    return _nonempty(summary)
+
+
 # ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
 
 
@@ -653,6 +721,8 @@ DESCRIPTION = """Turn raw public datasets into the official ViLT/VLMo arrow file
             -> coco_caption_karpathy_{train,restval,val,test}.arrow
   f30k      Karpathy's dataset_flickr30k.json + flickr30k-images/
             -> f30k_caption_karpathy_{train,val,test}.arrow
+  vg        annotations/region_descriptions.json + images/VG_100K/, images/VG_100K_2/
+            -> vg.arrow (one row per image, its region phrases as captions)
   nlvr2     nlvr2/data/{train,dev,test1}.json + images/train/<dir>/, dev/, test1/
             -> nlvr2_{train,dev,test1}.arrow (one row per image pair)
   captions  a list of (image path, caption) pairs (TSV, JSON lines or JSON) of web data
@@ -668,7 +738,7 @@ Each subcommand explains its options: vlmo-fast prepare SUBCOMMAND --help"""
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,nlvr2,captions}", required=True)
+    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,vg,nlvr2,captions}", required=True)
 
     def add(name: str, help_: str, description: str, raw_help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description, prog=f"{prog} {name}")
@@ -691,6 +761,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        f"RAW_ROOT/karpathy/{name})")
         p.add_argument("--splits", metavar="LIST", help=f"comma-separated subset of {','.join(splits)} to write "
                        "(default: all)")
+    vg = add("vg", "Visual Genome region descriptions",
+             "Visual Genome -> vg.arrow: one row per image with its region phrases as captions (each paired with "
+             "the whole image, as official), and the regions' width/height/x/y.",
+             "folder with annotations/region_descriptions.json (or RAW_ROOT/region_descriptions.json) and "
+             "images/VG_100K/, images/VG_100K_2/ (or VG_100K/, VG_100K_2/)")
     nlvr2 = add("nlvr2", "NLVR2 (image pairs with sentences)",
                 "NLVR2 -> nlvr2_{train,dev,test1}.arrow: one row per image pair with all its sentences "
                 "(questions), labels (answers, \"True\"/\"False\") and the pair id (identifier).",
@@ -717,7 +792,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     captions.add_argument("--shard-rows", type=int, metavar="N", help="rows (images) per file (default: arrow gcc/sbu "
                           "spread over the official number of files, gcc train 30, val 1, sbu 9; other names 100000, "
                           "the official writers' size; shards 5000)")
-    for p, default in ((coco, False), (f30k, False), (nlvr2, False), (captions, True)):
+    for p, default in ((coco, False), (f30k, False), (vg, False), (nlvr2, False), (captions, True)):
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=default,
                        help="also skip files that PIL cannot open (default: %(default)s)")
     return parser
@@ -740,6 +815,8 @@ def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             summary = prepare_f30k(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
         elif args.dataset == "nlvr2":
             summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
+        elif args.dataset == "vg":
+            summary = prepare_vg(args.raw_root, args.out_root, args.verify, log)
         else:
             summary = prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
                                        image_root=args.raw_root, verify=args.verify, log=log, fmt=args.format)
