@@ -511,3 +511,29 @@ def test_visual_genome_regions_per_image(tmp_path, tok):
     assert summary.missing_images == 1 and summary.rows == 2 and list(summary.samples.values()) == [3]
     with pytest.raises(FileNotFoundError, match="region_descriptions.json"):
         prep.prepare_vg(str(tmp_path / "arrows"), str(tmp_path / "x"))
+
+
+def test_plain_text_as_the_language_stage_data(tmp_path, tok):
+    """*.txt lines -> the 50 official wikibk train files (rows spread in order, empty lines skipped, source = file
+    name) that the text-only dataset reads, one sample per line; val -> wikibk_val_0."""
+    raw = tmp_path / "text"
+    raw.mkdir()
+    (raw / "books.txt").write_text("\n".join(f"book sentence {i}" for i in range(60)) + "\n\n")
+    (raw / "wiki.txt").write_text("\n".join(f"wiki sentence {i}" for i in range(45)) + "\n")
+    out = tmp_path / "arrows"
+    assert cli.main(["prepare", "text", str(raw), str(out)]) == 0
+    assert sorted(os.listdir(out)) == sorted(f"wikibk_train_{i}.arrow" for i in range(50))
+    texts = [c[0] for i in range(50) for c in _column(out / f"wikibk_train_{i}.arrow", "caption")]
+    assert texts == [f"book sentence {i}" for i in range(60)] + [f"wiki sentence {i}" for i in range(45)]
+    assert set(_column(out / "wikibk_train_0.arrow", "source")) == {"books"}
+    assert set(_column(out / "wikibk_train_49.arrow", "source")) == {"wiki"}
+    assert _column(out / "wikibk_train_0.arrow", "image") == ["None", "None"]
+    ds = make_dataset("wikibk", str(out), "train", max_text_len=12, tokenizer=tok)
+    assert len(ds) == 105 and ds[104]["text"] == "wiki sentence 44"
+    summary = prep.prepare_text([str(raw / "wiki.txt")], str(tmp_path / "val"), "val")
+    assert list(summary.files.values()) == [45] and os.path.basename(next(iter(summary.files))) == "wikibk_val_0.arrow"
+    (raw / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no non-empty line"):
+        prep.prepare_text([str(raw / "empty.txt")], str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="split"):
+        prep.prepare_text([str(raw / "wiki.txt")], str(tmp_path / "x"), "test")

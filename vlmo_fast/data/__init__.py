@@ -14,7 +14,7 @@ Typical use (pretraining on the built-in synthetic set)::
 Module map: ``arrow`` (datasets, readers, writers), ``transforms`` (official train/eval transforms, RandAugment),
 ``masking`` (whole-word and plain MLM), ``collate`` (the batch dictionary), ``webdataset`` (tar shards),
 ``synthetic`` (the default dataset), ``loader`` (DataLoader, throughput), ``prepare`` (raw COCO/F30K/VG/NLVR2/web
-caption data -> the official arrow files; ``vlmo-fast prepare``).
+caption data and plain text -> the official arrow files; ``vlmo-fast prepare``).
 """
 
 from .arrow import (DATASETS, ArrowDataset, build_dataset, dataset_files, encode_image, make_caption_arrow,
@@ -22,7 +22,8 @@ from .arrow import (DATASETS, ArrowDataset, build_dataset, dataset_files, encode
 from .collate import Collator, build_collate, is_empty_batch
 from .loader import batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
 from .masking import plain_mask, whole_word_budget, whole_word_mask
-from .prepare import PrepareSummary, prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2, prepare_vg
+from .prepare import (PrepareSummary, prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2, prepare_text,
+                      prepare_vg)
 from .synthetic import write_synthetic
 from .transforms import EvalTransform, RandomAugment, TrainTransform, build_transform
 from .webdataset import WebDataset, write_shards, write_synthetic_shards
@@ -53,6 +54,7 @@ __all__ = [
     "prepare_coco",
     "prepare_f30k",
     "prepare_nlvr2",
+    "prepare_text",
     "prepare_vg",
     "read_arrow",
     "seed_worker",

@@ -8,6 +8,8 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   ``f30k_caption_karpathy_{train,val,test}.arrow``.
 - ``prepare_vg(raw_root, out_root)``: Visual Genome's ``region_descriptions.json`` + ``VG_100K/``, ``VG_100K_2/``
   -> ``vg.arrow`` (one row per image, its region phrases as captions).
+- ``prepare_text(files, out_root, split)``: plain text, one sample a line -> ``wikibk_train_{0..49}.arrow`` /
+  ``wikibk_val_0.arrow`` (the text-only stage's data).
 - ``prepare_nlvr2(raw_root, out_root)``: the NLVR2 release (``nlvr2/data/{train,dev,test1}.json`` of the cloned
   repository, images under ``images/train/<directory>/``, ``dev/``, ``test1/``) -> ``nlvr2_{train,dev,test1}.arrow``.
 - ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
@@ -51,7 +53,7 @@ Out of scope: VQAv2. Its answer normalisation and the order of its 3,129 answer 
 checkpoints exactly and the spec does not give those rules, so a VQAv2 writer here could silently produce labels that
 do not match a published checkpoint's classifier.
 
-The CLI is ``vlmo-fast prepare {coco,f30k,vg,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
+The CLI is ``vlmo-fast prepare {coco,f30k,vg,text,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import itertools
 import json
 import math
 import os
@@ -70,7 +73,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping
 
 import pyarrow as pa
 
-from .arrow import CAPTION_SCHEMA, DATASETS, write_arrow_batches
+from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, write_arrow_batches
 
 COCO_SPLITS = ("train", "restval", "val", "test")
 F30K_SPLITS = ("train", "val", "test")
@@ -518,6 +521,52 @@ def prepare_vg(raw_root: str, out_root: str, verify: bool = False, log: Log = No
     return _nonempty(summary)
 
 
+# ---- text only (the language stage's wikibk) ---------------------------------------------------------------------
+
+WIKIBK_SCHEMA = pa.schema([("image", pa.string()), ("caption", pa.list_(pa.string())), ("source", pa.string()),
+                           ("split", pa.string())])
+
+
+def prepare_text(files: Sequence[str], out_root: str, split: str = "train", log: Log = None) -> PrepareSummary:
+    """Write plain text for the text-only (language) stage as the official wikibk files: every non-empty line of
+    ``files`` (UTF-8; e.g. one sentence or passage a line of BookCorpus and English Wikipedia) is one sample, spread
+    in order over ``wikibk_train_0..49`` (split train) or ``wikibk_val_0`` (split val). Columns as official: image
+    the string "None", caption ``[line]``, source the file's name without its suffix, split. Lines longer than the
+    text length (196 tokens in the official language stage) are truncated when tokenised."""
+    if split not in ("train", "val"):
+        raise ValueError(f"prepare_text: split must be train or val, got {split!r}")
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    files = [os.fspath(f) for f in files]
+    if not files:
+        raise ValueError("prepare_text: no text files given")
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file not found: {path} (expected UTF-8 text, one sample a line)")
+
+    def lines() -> Iterator[Tuple[str, str]]:
+        for path in files:
+            source = os.path.splitext(os.path.basename(path))[0]
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        yield source, line
+
+    total = sum(1 for _ in lines())  # first pass: the count, to spread the rows over the official files evenly
+    if total == 0:
+        raise ValueError(f"prepare_text: no non-empty line in {', '.join(files)}")
+    stems = dataset_files("wikibk", split)
+    summary = PrepareSummary("wikibk", _out_root(out_root))
+    stream = lines()
+    for k, stem in enumerate(stems):
+        n = total * (k + 1) // len(stems) - total * k // len(stems)
+        rows = ({"image": "None", "caption": [text], "source": source, "split": split}
+                for source, text in itertools.islice(stream, n))
+        _write(summary, os.path.join(out_root, f"{stem}.arrow"), rows, WIKIBK_SCHEMA, (), "caption", log)
+    return summary
+
+
 # ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
 
 
@@ -723,6 +772,8 @@ DESCRIPTION = """Turn raw public datasets into the official ViLT/VLMo arrow file
             -> f30k_caption_karpathy_{train,val,test}.arrow
   vg        annotations/region_descriptions.json + images/VG_100K/, images/VG_100K_2/
             -> vg.arrow (one row per image, its region phrases as captions)
+  text      plain .txt files, one sentence or passage a line (the language stage's BookCorpus + Wikipedia)
+            -> wikibk_train_{0..49}.arrow, wikibk_val_0.arrow
   nlvr2     nlvr2/data/{train,dev,test1}.json + images/train/<dir>/, dev/, test1/
             -> nlvr2_{train,dev,test1}.arrow (one row per image pair)
   captions  a list of (image path, caption) pairs (TSV, JSON lines or JSON) of web data
@@ -738,7 +789,7 @@ Each subcommand explains its options: vlmo-fast prepare SUBCOMMAND --help"""
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,vg,nlvr2,captions}", required=True)
+    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,vg,text,nlvr2,captions}", required=True)
 
     def add(name: str, help_: str, description: str, raw_help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description, prog=f"{prog} {name}")
@@ -766,6 +817,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
              "the whole image, as official), and the regions' width/height/x/y.",
              "folder with annotations/region_descriptions.json (or RAW_ROOT/region_descriptions.json) and "
              "images/VG_100K/, images/VG_100K_2/ (or VG_100K/, VG_100K_2/)")
+    text = add("text", "plain text for the language stage (wikibk)",
+               "Plain text -> wikibk_train_0..49.arrow (or wikibk_val_0.arrow with --split val), the text-only "
+               "stage's data: every non-empty line of the .txt files is one sample (a sentence or passage), "
+               "source = the file's name.",
+               "a .txt file, or a folder whose *.txt files are read in name order")
+    text.add_argument("--split", default="train", choices=["train", "val"], help="train (default) or val")
     nlvr2 = add("nlvr2", "NLVR2 (image pairs with sentences)",
                 "NLVR2 -> nlvr2_{train,dev,test1}.arrow: one row per image pair with all its sentences "
                 "(questions), labels (answers, \"True\"/\"False\") and the pair id (identifier).",
@@ -798,6 +855,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
+def _text_files(raw_root: str) -> List[str]:
+    if os.path.isfile(raw_root):
+        return [raw_root]
+    _need_dir(raw_root, "a .txt file or a folder of them (RAW_ROOT)")
+    files = sorted(os.path.join(raw_root, f) for f in os.listdir(raw_root) if f.endswith(".txt"))
+    if not files:
+        raise FileNotFoundError(f"no .txt file in {raw_root}")
+    return files
+
+
 def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     """``vlmo-fast prepare ...``: run one writer and print its summary. Configuration errors (a missing folder or
     JSON, a malformed file, bad options) end in one line ``vlmo-fast prepare: error: ...`` and exit status 2."""
@@ -817,6 +884,8 @@ def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
         elif args.dataset == "vg":
             summary = prepare_vg(args.raw_root, args.out_root, args.verify, log)
+        elif args.dataset == "text":
+            summary = prepare_text(_text_files(args.raw_root), args.out_root, args.split, log)
         else:
             summary = prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
                                        image_root=args.raw_root, verify=args.verify, log=log, fmt=args.format)
