@@ -276,7 +276,14 @@ def test_no_image_found_is_an_error_not_empty_files(web_raw, tmp_path):
     out = tmp_path / "arrows"
     with pytest.raises(FileNotFoundError, match="none of the images"):
         prepare_captions(str(tsv), str(out), "gcc", image_root=str(raw))
-    assert not [f for f in os.listdir(out) if f.endswith(".arrow")]
+    assert os.listdir(out) == []  # no empty official files, no staging folder left
+    # a good run's files survive a later run that finds nothing: the empty files never replace them
+    good = prepare_captions(pairs, str(out), "gcc", image_root=str(raw))
+    before = {f: open(out / f, "rb").read() for f in os.listdir(out)}
+    assert good.rows == 2 and len(before) == 30
+    with pytest.raises(FileNotFoundError, match="none of the images"):
+        prepare_captions(str(tsv), str(out), "gcc", image_root=str(raw))
+    assert {f: open(out / f, "rb").read() for f in os.listdir(out)} == before
 
 
 def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
@@ -438,7 +445,8 @@ def test_prepared_files_fine_tune_and_evaluate(coco_raw, nlvr2_raw, tmp_path):
 
 def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_path, tok):
     """--format shards: tar shards of <shard-rows> images with all their captions (JSON), missing/unreadable images
-    skipped; the WebDataset reader reads every caption, and a pretraining run takes them with --datasets."""
+    skipped, stale shards of an earlier run removed; the WebDataset reader reads them, and a pretraining run takes
+    them with --datasets."""
     from vlmo_fast.data import WebDataset
     from vlmo_fast.train import main as pretrain_main
 
@@ -452,12 +460,21 @@ def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_
     ds = WebDataset(str(out / "*.tar"), image_size=SIZE, max_text_len=12, tokenizer=tok, train=False)
     samples = [s for s in ds if s is not None]
     assert [s["text"] for s in samples] == ["a red car", "a blue sky"]  # eval: the first caption of each image
+    import tarfile
+
+    with tarfile.open(out / "web-train-000000.tar") as tar:  # every caption of the image is in its JSON
+        (member,) = [m for m in tar.getmembers() if m.name.endswith(".json")]
+        assert json.loads(tar.extractfile(member).read()) == {"caption": ["a red car", "a car parked"]}
+    # a rerun with larger shards replaces the old ones: no stale shard left for the glob to pick up
+    assert cli.main(["prepare", "captions", str(raw), str(out), "--pairs", str(tsv), "--format", "shards",
+                     "--name", "web"]) == 0
+    assert sorted(os.listdir(out)) == ["web-train-000000.tar"]
     summary = prepare_captions(str(tsv), str(tmp_path / "s2"), "web", fmt="shards", image_root=str(raw))
     assert list(summary.files.values()) == [2] and list(summary.samples.values()) == [3]
     assert summary.missing_images == 1 and summary.unreadable_images == 1
     with pytest.raises(ValueError, match="fmt"):
         prepare_captions(str(tsv), str(tmp_path / "s3"), "web", fmt="zip")
-    code = pretrain_main(["--datasets", str(out / "*.tar"), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
+    code = pretrain_main(["--datasets", str(out / "web-train-*.tar"), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
                           "--per-device-batch-size", "2", "--batch-size", "2", "--num-workers", "0",
                           "--tensorboard", "false", "--image-size", "32", "--final-eval", "false"])
     assert code == 0

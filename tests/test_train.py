@@ -167,9 +167,10 @@ def test_official_adamw_fused_on_cuda(dtype):
             opt.step()
         results.append([p.detach().float() for p in params])
     assert (results[1][0] - p0[0].to(dtype).float()).abs().max() > 0  # the weights moved
-    for a, b in zip(results[0], results[1]):
-        ulps = 8 if dtype == torch.float32 else 1  # a few fp32 roundings; one bf16 rounding of the result
-        assert (a - b).abs().max() <= ulps * torch.finfo(dtype).eps * b.abs().max()
+    for a, b, p in zip(results[0], results[1], p0):
+        ulps = 8 if dtype == torch.float32 else 2  # a few fp32 roundings; bf16 also rounds m, v between ops
+        scale = torch.maximum(b.abs().max(), p.abs().max())  # a weight can end near 0: its start sets the ulp
+        assert (a - b).abs().max() <= ulps * torch.finfo(dtype).eps * scale
 
 
 def test_official_adamw_fused_option():

@@ -66,7 +66,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -110,6 +112,7 @@ class PrepareSummary:
     dropped: Dict[str, int] = field(default_factory=dict)
     examples: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    _staging: Optional[str] = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -166,8 +169,11 @@ def _out_root(out_root: str) -> str:
     return out_root
 
 
-def _load(path: str, verify: bool) -> Tuple[Optional[bytes], bool]:
-    """(the file's bytes as they are on disk, False), or (None, whether it is missing rather than unreadable)."""
+def _load(path: Union[str, Tuple[str, ...]], verify: bool) -> Tuple[Optional[bytes], bool]:
+    """(the file's bytes as they are on disk, False), or (None, whether it is missing rather than unreadable).
+    ``path`` may be a tuple of places the file may be in: the first that exists."""
+    if isinstance(path, tuple):
+        path = next((p for p in path if os.path.isfile(p)), path[0])
     if not os.path.isfile(path):
         return None, True
     try:
@@ -185,8 +191,10 @@ def _load(path: str, verify: bool) -> Tuple[Optional[bytes], bool]:
     return data, False
 
 
-def _read_rows(rows: Iterable[Sequence[str]], summary: PrepareSummary, verify: bool) -> Iterator[List[Optional[bytes]]]:
-    """For each row's image paths, in order, their bytes (None where missing or unreadable, counted in ``summary``).
+def _read_rows(rows: Iterable[Sequence[Union[str, Tuple[str, ...]]]], summary: PrepareSummary,
+               verify: bool) -> Iterator[List[Optional[bytes]]]:
+    """For each row's image paths, in order, their bytes (None where missing or unreadable, counted in ``summary``;
+    a path given as a tuple of alternatives is looked up in the reading thread and counted under its first).
     Files are read (and verified) by ``READ_THREADS`` threads, at most ``READ_AHEAD`` rows ahead of the writer: on
     a network file system or with ``verify`` the writer otherwise waits on one file at a time."""
     pending: Deque[Tuple[Sequence[str], List[Future]]] = collections.deque()
@@ -197,7 +205,7 @@ def _read_rows(rows: Iterable[Sequence[str]], summary: PrepareSummary, verify: b
         for path, future in zip(paths, futures):
             data, missing = future.result()
             if data is None:
-                summary._bad(path, missing)
+                summary._bad(path[0] if isinstance(path, tuple) else path, missing)
             out.append(data)
         return out
 
@@ -228,6 +236,14 @@ def _batches(rows: Iterable[Dict[str, Any]], schema: pa.Schema, image_keys: Sequ
         yield pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
+def _staging(summary: PrepareSummary) -> str:
+    """The run's hidden staging folder in OUT_ROOT: files are written there and moved into place together by
+    ``_finish`` once the run has written something, so a failed or empty run never replaces earlier output."""
+    if summary._staging is None:
+        summary._staging = tempfile.mkdtemp(prefix=".prepare-", dir=_out_root(summary.out_root))
+    return summary._staging
+
+
 def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], schema: pa.Schema,
            image_keys: Sequence[str], text_column: str, log: Log) -> None:
     samples = [0]
@@ -237,23 +253,38 @@ def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], s
             samples[0] += len(row[text_column])
             yield row
 
-    n = write_arrow_batches(path, schema, _batches(counted(), schema, image_keys))
+    try:
+        n = write_arrow_batches(os.path.join(_staging(summary), os.path.basename(path)), schema,
+                                _batches(counted(), schema, image_keys))
+    except BaseException:
+        _discard(summary)
+        raise
     summary.files[path], summary.samples[path] = n, samples[0]
     if log is not None:
-        log(f"wrote {path}: {n} rows, {samples[0]} samples")
+        log(f"wrote {os.path.basename(path)}: {n} rows, {samples[0]} samples")
 
 
-def _nonempty(summary: PrepareSummary) -> PrepareSummary:
-    """A run that found none of its images wrote only empty files: remove them and say so, rather than exit 0 (a
-    wrong RAW_ROOT, or a caption list with its columns the other way round, e.g. Google's GCC TSV: caption, URL)."""
+def _discard(summary: PrepareSummary) -> None:
+    if summary._staging is not None:
+        shutil.rmtree(summary._staging, ignore_errors=True)
+        summary._staging = None
+
+
+def _finish(summary: PrepareSummary) -> PrepareSummary:
+    """Move the staged files over OUT_ROOT's, or, when the run found none of its images (a wrong RAW_ROOT, or a
+    caption list with its columns the other way round, e.g. Google's GCC TSV: caption, URL), discard them and say
+    so rather than replace earlier output with empty files and exit 0."""
     if summary.rows == 0 and (summary.missing_images or summary.unreadable_images):
-        for path in summary.files:
-            if os.path.isfile(path):
-                os.unlink(path)
+        _discard(summary)
         raise FileNotFoundError(
             f"{summary.dataset}: none of the images was found or readable ({summary.missing_images} missing, "
             f"{summary.unreadable_images} unreadable; e.g. {', '.join(summary.examples[:3])}); nothing written. "
             f"Check RAW_ROOT (or, for captions, that each line is <image path><TAB><caption>)")
+    try:
+        for path in summary.files:
+            os.replace(os.path.join(summary._staging, os.path.basename(path)), path)
+    finally:
+        _discard(summary)
     return summary
 
 
@@ -336,7 +367,7 @@ def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json:
     for split in chosen:
         _write(summary, os.path.join(out_root, f"{stem}_{split}.arrow"), split_rows(split), CAPTION_SCHEMA,
                ("image",), "caption", log)
-    return _nonempty(summary)
+    return _finish(summary)
 
 
 def prepare_coco(raw_root: str, out_root: str, karpathy_json: Optional[str] = None,
@@ -453,7 +484,7 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
 
         _write(summary, os.path.join(out_root, f"nlvr2_{split}.arrow"), pair_rows(), NLVR2_SCHEMA,
                ("image_0", "image_1"), "questions", log)
-    return _nonempty(summary)
+    return _finish(summary)
 
 
 # ---- Visual Genome (region descriptions) --------------------------------------------------------------------------
@@ -502,23 +533,17 @@ def prepare_vg(raw_root: str, out_root: str, verify: bool = False, log: Log = No
     del data
     summary = PrepareSummary("vg", _out_root(out_root))
 
-    def image_path(iid: int) -> str:
-        for folder in folders:
-            candidate = os.path.join(folder, f"{iid}.jpg")
-            if os.path.isfile(candidate):
-                return candidate
-        return os.path.join(folders[0], f"{iid}.jpg")  # missing: counted under this name
-
     def vg_rows() -> Iterator[Dict[str, Any]]:
         todo = list(rows.items())
-        for (image,), (iid, row) in zip(_read_rows(([image_path(iid)] for iid, _ in todo), summary, verify), todo):
+        places = ([tuple(os.path.join(folder, f"{iid}.jpg") for folder in folders)] for iid, _ in todo)
+        for (image,), (iid, row) in zip(_read_rows(places, summary, verify), todo):
             if image is None:
                 summary.skipped_rows += 1
                 continue
             yield {"image": image, **row, "image_id": str(iid)}
 
     _write(summary, os.path.join(out_root, "vg.arrow"), vg_rows(), VG_SCHEMA, ("image",), "caption", log)
-    return _nonempty(summary)
+    return _finish(summary)
 
 
 # ---- text only (the language stage's wikibk) ---------------------------------------------------------------------
@@ -564,7 +589,7 @@ def prepare_text(files: Sequence[str], out_root: str, split: str = "train", log:
         rows = ({"image": "None", "caption": [text], "source": source, "split": split}
                 for source, text in itertools.islice(stream, n))
         _write(summary, os.path.join(out_root, f"{stem}.arrow"), rows, WIKIBK_SCHEMA, (), "caption", log)
-    return summary
+    return _finish(summary)
 
 
 # ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
@@ -648,7 +673,8 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     """Write web caption data as the official arrow files of ``name`` (columns image, caption, image_id, split), or
     with ``fmt="shards"`` as WebDataset tar shards ``<name>-<split>-<i>.tar`` (``<key>.jpg`` + ``<key>.json`` with
     the image's captions; ``shard_rows`` images each, default 5000) that training reads with
-    ``--datasets 'OUT_ROOT/*.tar'``: the way to train on data of your own from the command line.
+    ``--datasets 'OUT_ROOT/<name>-<split>-*.tar'``: the way to train on data of your own from the command line.
+    A pass over shards draws one of an image's captions per image (arrow files: one sample per caption).
 
     pairs: an iterable of (image path, caption), or the path of a caption list file (see ``read_pairs``). Captions
     of the same image path go into one row (in order of first appearance); ``image_id`` is the file name. Relative
@@ -702,8 +728,8 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     _out_root(out_root)
 
     if fmt == "shards":
-        return _nonempty(_write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES,
-                                               verify, log))
+        return _write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES, verify,
+                                     log)
     official = _official_file_count(name, split)
     if shard_rows is None and official is not None:
         n_files = official
@@ -730,7 +756,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     for k, stem in enumerate(stems):
         _write(summary, os.path.join(out_root, f"{stem}.arrow"), file_rows(paths[bounds[k]:bounds[k + 1]]),
                CAPTION_SCHEMA, ("image",), "caption", log)
-    return _nonempty(summary)
+    return _finish(summary)
 
 
 def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]], out_root: str, name: str,
@@ -750,14 +776,28 @@ def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]],
 
     # every member is named .jpg (web data is mostly JPEG); the bytes are stored as read and readers decode them by
     # their content, so a PNG among them still decodes
-    paths = write_shards(out_root, samples(), samples_per_shard=per_shard, prefix=f"{name}-{split}", image_ext="jpg",
-                         caption_format="json")
-    for k, path in enumerate(paths):
+    prefix = f"{name}-{split}"
+    try:
+        staged = write_shards(_staging(summary), samples(), samples_per_shard=per_shard, prefix=prefix,
+                              image_ext="jpg", caption_format="json")
+    except BaseException:
+        _discard(summary)
+        raise
+    for k, path in enumerate(staged):
         part = counts[k * per_shard:(k + 1) * per_shard]
-        summary.files[path], summary.samples[path] = len(part), sum(part)
+        final = os.path.join(out_root, os.path.basename(path))
+        summary.files[final], summary.samples[final] = len(part), sum(part)
         if log is not None:
-            log(f"wrote {path}: {len(part)} images, {sum(part)} captions")
-    summary.notes.append(f"train on them with --datasets '{os.path.join(out_root, '*.tar')}'")
+            log(f"wrote {os.path.basename(path)}: {len(part)} images, {sum(part)} captions")
+    _finish(summary)
+    # shards of an earlier, longer run under the same name and split would be read by the same glob: remove them
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
+    for f in sorted(os.listdir(out_root)):
+        if pattern.match(f) and os.path.join(out_root, f) not in summary.files:
+            os.unlink(os.path.join(out_root, f))
+            summary.notes.append(f"removed {f}, a shard of an earlier run")
+    summary.notes.append(f"train on them with --datasets '{os.path.join(out_root, prefix + '-*.tar')}' (each pass "
+                         f"draws one of an image's captions: an epoch is one sample per image, not per caption)")
     return summary
 
 
@@ -840,8 +880,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     captions.add_argument("--pairs", metavar="FILE", required=True, help="the (image path, caption) list")
     captions.add_argument("--format", default="arrow", choices=["arrow", "shards"],
                           help="arrow: the official files of --name (training reads gcc and sbu by name); shards: "
-                               "WebDataset tar files <name>-<split>-<i>.tar, read with --datasets 'OUT_ROOT/*.tar' "
-                               "(data of your own)")
+                               "WebDataset tar files <name>-<split>-<i>.tar, read with --datasets "
+                               "'OUT_ROOT/<name>-<split>-*.tar' (data of your own; each pass draws one caption per "
+                               "image)")
     captions.add_argument("--name", default="gcc", help="gcc (default), sbu, or a name of your own (arrow files of "
                           "another name are read through the Python API only; use --format shards to train on them "
                           "from the command line)")

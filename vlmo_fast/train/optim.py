@@ -100,7 +100,7 @@ class OfficialAdamW(torch.optim.Optimizer):
                 state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it (a tensor from torch's)
                 # the update is elementwise: FSDP2's DTensors are updated through their local shards, which also
                 # keeps the fused call out of DTensor dispatch (its scalar-tensor path leaks a DTensorSpec per
-                # parameter per step in torch 2.10-2.11, pytorch#188174)
+                # parameter per step in torch 2.10 and 2.11 (reported), pytorch#188174)
                 tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 # torch's fused kernel walks param, grad and state as flat arrays: contiguous ones only (all of a
                 # model's parameters and their gradients are; anything else takes the foreach ops)
@@ -180,8 +180,8 @@ OPTIMIZERS = ("official", "torch")
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_mult: float = 1.0,
                     betas=(0.9, 0.98), eps: float = 1e-8, kind: str = "official") -> torch.optim.Optimizer:
     """The official parameter groups with ``kind`` "official" (OfficialAdamW: the official update rule) or "torch"
-    (torch.optim.AdamW, fused on CUDA and CPU, but ε and the decay placed as torch does). Both run torch's fused
-    AdamW kernel where the device has it."""
+    (torch.optim.AdamW, ε and the decay placed as torch does). Both run torch's fused AdamW kernel where the device
+    has it, except torch's own optimizer on FSDP2 DTensors before torch 2.13 (see below)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     groups = param_groups(model, lr, weight_decay, lr_mult)
@@ -192,7 +192,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_
     fused = groups[0]["params"][0].device.type in _FUSED_DEVICES
     if fused and _DTensor is not None and _torch_older_than(2, 13) and any(
             isinstance(p, _DTensor) for g in groups for p in g["params"]):
-        fused = False  # torch's fused AdamW on DTensors leaks a DTensorSpec per parameter per step (pytorch#188174)
+        # torch's fused AdamW on DTensors leaks a DTensorSpec per parameter per step (pytorch#188174: reported for
+        # 2.10 and 2.11; 2.13 was checked flat here, 2.12 was not checked)
+        fused = False
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
 
 
