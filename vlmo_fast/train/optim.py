@@ -143,8 +143,11 @@ class OfficialAdamW(torch.optim.Optimizer):
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch without distributed support
-    _DTensor = None
+except ImportError:
+    try:  # torch < 2.5
+        from torch.distributed._tensor import DTensor as _DTensor
+    except ImportError:  # torch without distributed support
+        _DTensor = None
 
 
 def _torch_older_than(major: int, minor: int) -> bool:
