@@ -218,6 +218,20 @@ def _read_rows(rows: Iterable[Sequence[Union[str, Tuple[str, ...]]]], summary: P
             yield collect()
 
 
+def _found(items: Sequence[Any], files_of: Callable[[Any], Sequence[Union[str, Tuple[str, ...]]]],
+           summary: PrepareSummary, verify: bool,
+           on_skip: Optional[Callable[[Any], None]] = None) -> Iterator[Tuple[Any, List[bytes]]]:
+    """(item, the bytes of its image files) for each of ``items`` whose files ``files_of(item)`` were all read, in
+    order (``_read_rows``); the others are counted in ``summary.skipped_rows`` (and passed to ``on_skip``)."""
+    for images, item in zip(_read_rows((files_of(item) for item in items), summary, verify), items):
+        if any(image is None for image in images):
+            summary.skipped_rows += 1
+            if on_skip is not None:
+                on_skip(item)
+            continue
+        yield item, images
+
+
 def _batches(rows: Iterable[Dict[str, Any]], schema: pa.Schema, image_keys: Sequence[str]) -> Iterator[pa.RecordBatch]:
     """Record batches of ``rows``, each cut once it holds ``BATCH_BYTES`` of images or ``BATCH_ROWS`` rows."""
     batch_bytes, batch_rows = BATCH_BYTES, BATCH_ROWS
@@ -357,11 +371,8 @@ def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json:
 
     def split_rows(split: str) -> Iterator[Dict[str, Any]]:
         todo = [row for row in rows.values() if row["split"] == split]
-        paths = ([os.path.join(raw_root, row["folder"], row["image_id"])] for row in todo)
-        for (data,), row in zip(_read_rows(paths, summary, verify), todo):
-            if data is None:
-                summary.skipped_rows += 1
-                continue
+        for row, (data,) in _found(todo, lambda r: [os.path.join(raw_root, r["folder"], r["image_id"])], summary,
+                                   verify):
             yield {"image": data, "caption": row["caption"], "image_id": row["image_id"], "split": split}
 
     for split in chosen:
@@ -473,12 +484,10 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
                 folder = os.path.join(image_dir, str(recs[0]["directory"])) if train else image_dir
                 return [os.path.join(folder, f"{pair}-img{k}.png") for k in (0, 1)]
 
-            todo = list(pairs.items())
-            for images, (pair, recs) in zip(_read_rows((files(*t) for t in todo), summary, verify), todo):
-                if images[0] is None or images[1] is None:
-                    summary.skipped_rows += 1
-                    summary._drop("NLVR2 sentences of pairs with a missing or unreadable image", len(recs))
-                    continue
+            def skipped(item: Tuple[str, List[Dict[str, Any]]]) -> None:
+                summary._drop("NLVR2 sentences of pairs with a missing or unreadable image", len(item[1]))
+
+            for (pair, recs), images in _found(list(pairs.items()), lambda t: files(*t), summary, verify, skipped):
                 yield {"image_0": images[0], "image_1": images[1], "questions": [r["sentence"] for r in recs],
                        "answers": [r["label"] for r in recs], "identifier": pair}
 
@@ -534,12 +543,10 @@ def prepare_vg(raw_root: str, out_root: str, verify: bool = False, log: Log = No
     summary = PrepareSummary("vg", _out_root(out_root))
 
     def vg_rows() -> Iterator[Dict[str, Any]]:
-        todo = list(rows.items())
-        places = ([tuple(os.path.join(folder, f"{iid}.jpg") for folder in folders)] for iid, _ in todo)
-        for (image,), (iid, row) in zip(_read_rows(places, summary, verify), todo):
-            if image is None:
-                summary.skipped_rows += 1
-                continue
+        def places(item: Tuple[int, Any]) -> List[Tuple[str, ...]]:  # the first folder that has the file
+            return [tuple(os.path.join(folder, f"{item[0]}.jpg") for folder in folders)]
+
+        for (iid, row), (image,) in _found(list(rows.items()), places, summary, verify):
             yield {"image": image, **row, "image_id": str(iid)}
 
     _write(summary, os.path.join(out_root, "vg.arrow"), vg_rows(), VG_SCHEMA, ("image",), "caption", log)
@@ -747,10 +754,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
                              f"{'...' if len(stems) > 3 else ''})")
 
     def file_rows(part: List[str]) -> Iterator[Dict[str, Any]]:
-        for (data,), path in zip(_read_rows(([p] for p in part), summary, verify), part):
-            if data is None:
-                summary.skipped_rows += 1
-                continue
+        for path, (data,) in _found(part, lambda p: [p], summary, verify):
             yield {"image": data, "caption": groups[path], "image_id": os.path.basename(path), "split": split}
 
     for k, stem in enumerate(stems):
@@ -766,13 +770,9 @@ def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]],
     counts: List[int] = []  # captions of each sample written, in order
 
     def samples() -> Iterator[Tuple[str, bytes, List[str]]]:
-        read = _read_rows(([p] for p in groups), summary, verify)
-        for i, ((data,), captions) in enumerate(zip(read, groups.values())):
-            if data is None:
-                summary.skipped_rows += 1
-                continue
-            counts.append(len(captions))
-            yield f"{i:09d}", data, captions
+        for i, (path, (data,)) in enumerate(_found(list(groups), lambda p: [p], summary, verify)):
+            counts.append(len(groups[path]))
+            yield f"{i:09d}", data, groups[path]
 
     # every member is named .jpg (web data is mostly JPEG); the bytes are stored as read and readers decode them by
     # their content, so a PNG among them still decodes
