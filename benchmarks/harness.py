@@ -352,10 +352,17 @@ def write_results(meta: Dict[str, Any], rows: List[Row], out_dir: str, plot: boo
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{meta['date'][:19].replace(':', '').replace('-', '')}_{slug(meta['device'])}"
     paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
-    with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    with open(paths["md"], "w") as f:
-        f.write(markdown_report(meta, rows))
+    from vlmo_fast.fileio import atomic_write  # a reader (or a kill) never finds half a file
+
+    def text(path: str, content: str) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(content)
+
+        atomic_write(path, write)
+
+    text(paths["json"], json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    text(paths["md"], markdown_report(meta, rows))
     if plot:
         png = os.path.join(out_dir, stem + ".png")
         if plot_speedups(meta, rows, png):

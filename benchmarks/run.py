@@ -744,10 +744,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "optimizer": lambda: bench_optimizer(bench, sizes, config),
         "retrieval": lambda: bench_retrieval(bench, sizes, dtypes, config),
     }
+    meta = harness.run_meta(dev, ceilings, size_name)
     for op in selected:
         runners[op]()
-    meta = harness.run_meta(dev, ceilings, size_name)
-    paths = harness.write_results(meta, bench.rows, args.out, plot=not args.no_plot)
+        # the results so far, under the run's final file name: a run killed at a device time limit keeps them
+        harness.write_results(dict(meta, complete=False), bench.rows, args.out, plot=False)
+    paths = harness.write_results(dict(meta, complete=True), bench.rows, args.out, plot=not args.no_plot)
     print()
     print(harness.markdown_table(bench.rows))
     print("written: " + ", ".join(paths.values()))

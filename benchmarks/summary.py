@@ -82,7 +82,8 @@ def _f(x, spec, suffix=""):
 def summary_markdown(data: Dict[str, Any]) -> str:
     m = data["meta"]
     lines = [
-        f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`, torch {m['torch']}, sizes `{m['sizes']}`",
+        f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`, torch {m['torch']}, sizes `{m['sizes']}`"
+        + (" (partial: the run stopped before its end)" if m.get("complete") is False else ""),
         "",
         "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | MFU | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

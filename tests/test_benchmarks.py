@@ -174,6 +174,12 @@ def test_json_schema_and_outputs(tmp_path):
     for key in ("schema", "device", "torch", "triton", "commit", "date", "sizes", "ceilings", "build"):
         assert key in meta, key
     assert meta["ceilings"]["copy_gbs"] > 0 and meta["ceilings"]["gemm_tflops"] > 0
+    assert meta["complete"] is True  # partial results were written under the same name after each op
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == [os.path.basename(result["paths"]["json"])]
+    import summary as summary_module
+
+    partial = dict(data, meta=dict(meta, complete=False))
+    assert "(partial" in summary_module.summary_markdown(partial)
     assert {r["op"] for r in data["rows"]} == {"softmax", "layernorm"}
     required = {"op": str, "impl": str, "mode": str, "case": dict, "dtype": str, "status": str}
     for row in data["rows"]:
