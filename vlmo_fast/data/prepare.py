@@ -14,7 +14,12 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   repository, images under ``images/train/<directory>/``, ``dev/``, ``test1/``) -> ``nlvr2_{train,dev,test1}.arrow``.
 - ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
   files of ``gcc`` (``conceptual_caption_{train,val}_<i>``) or ``sbu`` (``sbu_<i>``), or ``<name>_<split>_<i>`` for
-  your own data. ``read_pairs`` reads such pairs from a TSV, JSON-lines or JSON file.
+  your own data; with ``fmt="shards"`` WebDataset tar shards ``<name>-<split>-<i>.tar`` instead. ``read_pairs``
+  reads such pairs from a TSV, JSON-lines or JSON file.
+
+A run writes its files into a hidden staging folder of ``out_root`` and moves them into place together at the end,
+so a failed run, or one that found none of its images, leaves earlier output as it was. Image files are read by a
+few threads ahead of the writer, in order.
 
 Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``root``)::
 
@@ -38,8 +43,9 @@ Decisions that differ from the official writers:
 - A missing or unreadable image is skipped and counted (official: COCO/F30K/GCC/SBU silently leave out images that
   are not on disk, NLVR2 stops with an exception); a pair with either NLVR2 image missing is left out whole. A missing
   raw folder or JSON raises FileNotFoundError naming the path and what was expected; a malformed JSON ValueError.
-- Rows keep the order of the annotation file (official: a random shuffle of the image files), so a rerun writes the
-  same files. Every file is written in batches (``write_arrow_batches``), never holding a whole split's images.
+- Rows keep the order of the annotation file (official: a random shuffle of the image files; VG: the order of
+  region_descriptions.json), so a rerun writes the same files. Every file is written in batches
+  (``write_arrow_batches``), never holding a whole split's images.
 - F30K: Karpathy splits other than train/val/test (there are none in the public ``dataset_flickr30k.json``) are left
   out and counted, as the official writer writes only those three files. COCO ``restval`` has its own file.
 - Web captions: by default the rows are spread over exactly the official number of files of ``name``/``split``
