@@ -352,17 +352,13 @@ def write_results(meta: Dict[str, Any], rows: List[Row], out_dir: str, plot: boo
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{meta['date'][:19].replace(':', '').replace('-', '')}_{slug(meta['device'])}"
     paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
-    from vlmo_fast.fileio import atomic_write  # a reader (or a kill) never finds half a file
+    from vlmo_fast.fileio import atomic_path  # a reader (or a kill) never finds half a file
 
-    def text(path: str, content: str) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(content)
-
-        atomic_write(path, write)
-
-    text(paths["json"], json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    text(paths["md"], markdown_report(meta, rows))
+    contents = {"json": json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1),
+                "md": markdown_report(meta, rows)}
+    for kind, content in contents.items():
+        with atomic_path(paths[kind]) as tmp, open(tmp, "w") as f:
+            f.write(content)
     if plot:
         png = os.path.join(out_dir, stem + ".png")
         if plot_speedups(meta, rows, png):

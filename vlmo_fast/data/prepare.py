@@ -673,13 +673,6 @@ def caption_stems(name: str, split: str, n_files: int) -> List[str]:
     return [f"{name}_{split}_{i}" for i in range(n_files)]
 
 
-def _official_file_count(name: str, split: str) -> Optional[int]:
-    if name not in ("gcc", "sbu"):
-        return None
-    stems = DATASETS[name].files["val" if split == "val" else "train"]
-    return len(stems)
-
-
 def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str, name: str, split: str = "train",
                      shard_rows: Optional[int] = None, image_root: Optional[str] = None, verify: bool = True,
                      log: Log = None, fmt: str = "arrow") -> PrepareSummary:
@@ -704,16 +697,15 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
                          "gcc, sbu or a name of your own (coco, f30k and nlvr2 have their own prepare_* writers)")
     if not _NAME_RE.match(name):
         raise ValueError(f"prepare_captions: name must be gcc, sbu or a file-name-safe name of your own, got {name!r}")
-    allowed = {"gcc": ("train", "val"), "sbu": ("train",)}.get(name)
+    if fmt not in ("arrow", "shards"):
+        raise ValueError(f"prepare_captions: fmt must be 'arrow' or 'shards', got {fmt!r}")
+    # official arrow files exist for these splits only; shards are found by their glob, any name and split will do
+    allowed = {"gcc": ("train", "val"), "sbu": ("train",)}.get(name) if fmt == "arrow" else None
     if allowed is not None and split not in allowed:
         raise ValueError(f"prepare_captions: {name} has official files for split(s) {list(allowed)} only, got "
                          f"{split!r}")
     if allowed is None and not _NAME_RE.match(split):
         raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
-    if fmt not in ("arrow", "shards"):
-        raise ValueError(f"prepare_captions: fmt must be 'arrow' or 'shards', got {fmt!r}")
-    if fmt == "shards":
-        allowed = None  # any file-name-safe name and split: the shards are found by their glob, not their name
     if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
         raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
     if isinstance(pairs, (str, os.PathLike)):
@@ -743,7 +735,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     if fmt == "shards":
         return _write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES, verify,
                                      log)
-    official = _official_file_count(name, split)
+    official = len(dataset_files(name, split)) if name in ("gcc", "sbu") else None
     if shard_rows is None and official is not None:
         n_files = official
         bounds = [len(paths) * k // n_files for k in range(n_files + 1)]
