@@ -59,8 +59,9 @@ def test_index_dtypes_and_layouts(index_dtype):
     table = torch.randn(5, 200)  # (R, C) with R < C, and a transposed (column-major) view below
     index = torch.randint(0, 5, (17, 17)).to(index_dtype)
     for t in (table, table.t().contiguous().t()):
-        out = ops.rel_pos_bias_gather(t, index.t(), backend="cuda")
-        assert torch.equal(out, t.t()[:, index.t().long()])
+        for backend in ("cuda", "torch", "auto"):  # the torch path must take every accepted dtype too
+            out = ops.rel_pos_bias_gather(t, index.t(), backend=backend)
+            assert torch.equal(out, t.t()[:, index.t().long()]), backend
 
 
 @pytest.mark.parametrize("device", devices(), indirect=True)

@@ -121,10 +121,11 @@ def test_index_dtypes_and_non_contiguous_inputs(device, index_dtype):
     index_t = index.t()  # non-contiguous index
     keep = torch.rand(b, n, device=device) > 0.3
     keep[:, 0] = True
-    got = ops.masked_softmax(scores, scale=0.5, bias_table=table, bias_index=index_t, key_padding_mask=keep.int(),
-                             backend="cuda")
     want = reference(scores, 0.5, table.t()[:, index_t.long()], keep)
-    assert max_err(got, want) < 2e-6
+    for backend in ("cuda", "torch"):  # the torch path must take every accepted dtype too
+        got = ops.masked_softmax(scores, scale=0.5, bias_table=table, bias_index=index_t,
+                                 key_padding_mask=keep.int(), backend=backend)
+        assert max_err(got, want) < 2e-6, backend
 
 
 @pytest.mark.parametrize("device", devices(), indirect=True)

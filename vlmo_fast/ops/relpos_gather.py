@@ -12,8 +12,11 @@ def gather_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """PyTorch path on validated inputs: the contiguous (C, N, N) bias.
 
     ``table`` may be a strided column slice of the full (R, H·L) table; autograd scatters the gradient back into
-    the table rows (summing over every (i, j) that shares a row).
+    the table rows (summing over every (i, j) that shares a row). The public ops accept int16/uint8 indices (the
+    kernels read them as they are); advanced indexing takes only int32/int64 (uint8 would be a boolean mask).
     """
+    if index.dtype not in (torch.int64, torch.int32):
+        index = index.long()
     return table.t()[:, index]
 
 
