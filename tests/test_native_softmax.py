@@ -96,6 +96,39 @@ def test_low_precision_within_twice_eager_error(device, dtype, out_dtype, form):
 
 
 @pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("n", [40, 237, 1100])  # register-row kernel and the two-pass long-row kernel (> 1024)
+@pytest.mark.parametrize("grad", ["randn", "constant"])
+def test_large_logits_keep_eager_precision(device, n, grad):
+    """Logits of tens (|lse| up to ~150): the backward recomputes p from the fp32 lse, whose rounding error
+    (|lse|·2^-24) scales a whole row; it must not reach the outputs or gradients (fp32, err <= 2x eager). A constant
+    upstream gradient makes every exact dscores 0, the case where a row-wide factor shows most. (Its table gradient
+    is then a sum of B·H·N rounding-level row residues whose size depends on summation order alone, so the table
+    gradient is checked with the random upstream gradient.)"""
+    b, h = 2, 2
+    scores = torch.randn(b, h, n, n, device=device) * 40
+    table = torch.randn(4, 3 * h, device=device)
+    index = torch.randint(0, 4, (n, n), device=device)
+    keep = padding(b, n, device)
+    g = torch.randn(scores.shape) if grad == "randn" else torch.full(scores.shape, 0.75)
+    g = g.to(device)
+    results = {}
+    for backend in ("cuda", "torch"):
+        s = scores.clone().requires_grad_()
+        leaf = table.clone().requires_grad_()
+        p = ops.masked_softmax(s, scale=1.0, bias_table=leaf[:, h : 2 * h], bias_index=index, key_padding_mask=keep,
+                               backend=backend)
+        p.backward(g)
+        results[backend] = (p, s.grad, leaf.grad)
+    s64 = scores.double().requires_grad_()
+    t64 = table.double().requires_grad_()
+    p64 = reference(s64, 1.0, t64[:, h : 2 * h].t()[:, index], keep)
+    p64.backward(g.double())
+    checks = zip(("p", "dscores", "dtable"), results["cuda"], results["torch"], (p64, s64.grad, t64.grad))
+    for name, got, eager, want in list(checks)[: 3 if grad == "randn" else 2]:
+        assert_rule(name, got, eager, want, 1e-7)
+
+
+@pytest.mark.parametrize("device", devices(), indirect=True)
 def test_vlmo_fusion_index_table_gradient(device):
     """The real index: every text→image pair of a head lands on one table row (the contention case)."""
     b, h, n = 2, 3, 237

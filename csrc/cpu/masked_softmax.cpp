@@ -3,6 +3,7 @@
 //   x[b,h,i,j] = scale·s[b,h,i,j] + bias[h,i,j] + (0 if keep[b,j] else -inf)
 //   p = softmax_j(x),  lse = log Σ_j exp(x)   (a row with no finite logit gives p = 0, lse = +inf)
 //   backward: g = p ⊙ (dp - Σ_j p·dp);  ds = scale·g;  dbias = Σ_b g;  dtable[index[i,j], h] += Σ_b g[.., i, j]
+//   with p recomputed as p'/Σ_j p', p' = exp(x - lse) (the division cancels lse's rounding error, a per-row factor)
 //
 // Work unit = a block of kBlock consecutive (h, i) query rows across the whole batch: the block's bias rows are read
 // or gathered once and reused for all B batch rows, and in the backward the batch sum of g stays in a block-private
@@ -124,14 +125,20 @@ VLMO_CPU_CLONES void backward_block(const typename Elem<GD>::T* dp, const typena
       const float l = lse[row];  // +inf for an all-masked row: p = 0 below
       const typename Elem<GD>::T* g = dp + row * nk;
       for (int64_t j = 0; j < nk; ++j) dps[j] = Elem<GD>::load(g[j]);
-      Vec16 acc = {};
+      // p' = exp(x - lse) is off by one factor per row, exp(±|lse|·2^-24) from lse's fp32 rounding: dividing by
+      // Σ p' (free in this pass) removes it, so a large-logit row keeps eager precision, and Σ p·dp does not pick
+      // up the factor's error where it cancels against dp
+      Vec16 acc = {}, mass = {};
       for (int64_t j = 0; j < nk16; j += 16) {
         const Vec16 p = exp_approx(vload(ps + j) - l);
         vstore(ps + j, p);
         acc += p * vload(dps + j);
+        mass += p;
       }
-      const float dot = hsum(acc);
-      for (int64_t j = 0; j < nk; ++j) ps[j] = ps[j] * (dps[j] - dot);
+      const float total = hsum(mass);
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // 0 for an all-masked row (p = 0)
+      const float dot = hsum(acc) * inv;
+      for (int64_t j = 0; j < nk; ++j) ps[j] = ps[j] * inv * (dps[j] - dot);
       for (int64_t j = 0; j < nk; ++j) ds[j] = Elem<IN>::store(scale * ps[j]);
       if (want_bias_grad) {
         float* gs = gsum + (u - u0) * nk;

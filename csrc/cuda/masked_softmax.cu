@@ -2,7 +2,8 @@
 //
 //   x[b,h,i,j] = scale·s[b,h,i,j] + bias[h,i,j] + (0 if keep[b,j] else -inf)
 //   p = softmax_j(x) (fp32 math), lse = log Σ_j exp(x)   (a row with no finite logit: p = 0, lse = +inf)
-//   backward (recomputes p from s and lse, so fp16/bf16 callers get fp32-exact probabilities without storing them):
+//   backward (recomputes p from s and lse, so fp16/bf16 callers get fp32-exact probabilities without storing them;
+//   p = p'/Σ_j p' with p' = exp(x - lse), which cancels lse's rounding error, a per-row factor):
 //   g = p ⊙ (dp - Σ_j p·dp),  ds = scale·g,  dbias[h,i,j] = Σ_b g,  dtable[index[i,j], h] += Σ_b g
 //
 // Layout: scores/p/dp/ds are contiguous (B, H, Nq, Nk); any Nk (no multiple-of-4 requirement).
@@ -201,20 +202,25 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_backward_rows(Params p) {
     const float l = __ldg(p.lse + row);  // +inf for an all-masked row: p = 0
     float x[E], dp[E];
     logits<IN, E>(p, b, s_cur, bias, x);
-    float dot = 0.0f;
+    // p' = exp(x - lse) carries one factor per row from lse's fp32 rounding (exp(±|lse|·2^-24)); dividing by
+    // Σ p' removes it (see the CPU kernel)
+    float dot = 0.0f, mass = 0.0f;
 #pragma unroll
     for (int k = 0; k < E; ++k) {
       const int64_t j = k * 32 + lane;
       x[k] = expf(x[k] - l);
       dp[k] = j < p.n_k ? to_float<GD>(g_cur[k]) : 0.0f;
       dot += x[k] * dp[k];
+      mass += x[k];
     }
-    dot = warp_sum(dot);
+    mass = warp_sum(mass);
+    const float inv = mass > 0.0f ? 1.0f / mass : 0.0f;  // 0 for an all-masked row (p = 0)
+    dot = warp_sum(dot) * inv;
     TI* ds = static_cast<TI*>(p.dscores) + row * p.n_k;
 #pragma unroll
     for (int k = 0; k < E; ++k) {
       const int64_t j = k * 32 + lane;
-      const float g = x[k] * (dp[k] - dot);
+      const float g = x[k] * inv * (dp[k] - dot);
       gsum[k] += g;
       if (j < p.n_k) Elem<IN>::store(ds + j, p.scale * g);
     }
@@ -283,9 +289,11 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_forward_long(Params p) {
     if (lane == 0) store_global(p.lse + row, kInf);
     return;
   }
-  const float lse = mx + logf(sum);
-  for (int64_t j = lane; j < p.n_k; j += 32) Elem<OUT>::store(o + j, expf(logit_at<IN>(p, row, b, h, i, j) - lse));
-  if (lane == 0) store_global(p.lse + row, lse);
+  // exp(x - mx) / sum, as the row kernel: exp(x - lse) would carry lse's rounding error (|lse|·2^-24) into every p
+  const float inv = 1.0f / sum;
+  for (int64_t j = lane; j < p.n_k; j += 32)
+    Elem<OUT>::store(o + j, expf(logit_at<IN>(p, row, b, h, i, j) - mx) * inv);
+  if (lane == 0) store_global(p.lse + row, mx + logf(sum));
 }
 
 template <int IN, int GD>
@@ -299,14 +307,20 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_backward_long(Params p) {
   const TG* dp = static_cast<const TG*>(p.dp) + row * p.n_k;
   TI* ds = static_cast<TI*>(p.dscores) + row * p.n_k;
   const float l = __ldg(p.lse + row);
-  float dot = 0.0f;
-  for (int64_t j = lane; j < p.n_k; j += 32) dot += expf(logit_at<IN>(p, row, b, h, i, j) - l) * Elem<GD>::load(dp + j);
-  dot = warp_sum(dot);
+  float dot = 0.0f, mass = 0.0f;  // renormalised by Σ p' as in the row kernel
+  for (int64_t j = lane; j < p.n_k; j += 32) {
+    const float e = expf(logit_at<IN>(p, row, b, h, i, j) - l);
+    dot += e * Elem<GD>::load(dp + j);
+    mass += e;
+  }
+  mass = warp_sum(mass);
+  const float inv = mass > 0.0f ? 1.0f / mass : 0.0f;
+  dot = warp_sum(dot) * inv;
   for (int64_t j0 = 0; j0 < p.n_k; j0 += 32) {  // warp-uniform trip count: warp_scatter_add needs every lane
     const int64_t j = j0 + lane;
     float g = 0.0f;
     if (j < p.n_k) {
-      g = expf(logit_at<IN>(p, row, b, h, i, j) - l) * (Elem<GD>::load(dp + j) - dot);
+      g = expf(logit_at<IN>(p, row, b, h, i, j) - l) * inv * (Elem<GD>::load(dp + j) - dot);
       Elem<IN>::store(ds + j, p.scale * g);
       if (p.dbias) atomicAdd(p.dbias + unit * p.n_k + j, g);
     }
