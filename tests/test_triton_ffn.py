@@ -156,6 +156,57 @@ def test_scaled_residual():
         ops.scaled_residual(x, y[:, :3], gamma)
 
 
+def strided(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another layout: sliced out of a larger tensor (a vector: every other element; a matrix
+    or batch: the first columns of wider rows), or (3-D) batch-major storage."""
+    t = t.detach()
+    if kind == "slice" and t.dim() == 1:
+        out = torch.stack([t, torch.full_like(t, float("nan"))], -1)[:, 0]
+    elif kind == "slice":
+        out = torch.cat([t, torch.full_like(t, float("nan"))], -1)[..., : t.shape[-1]]
+    else:
+        out = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out.requires_grad_()
+
+
+@pytest.mark.parametrize("which", ["x", "y", "gamma"])
+@pytest.mark.parametrize("kind", ["slice", "transposed"])
+def test_scaled_residual_takes_strided_inputs(which, kind):
+    if which == "gamma" and kind == "transposed":
+        pytest.skip("a vector has one layout besides contiguous: the slice")
+    t = {"x": torch.randn(3, 7, D), "y": torch.randn(3, 7, D), "gamma": torch.randn(D)}
+    t = {k: strided(v, kind) if k == which else v.requires_grad_() for k, v in t.items()}
+    out = ops.scaled_residual(t["x"], t["y"], t["gamma"], backend="triton")
+    g = torch.randn(out.shape)
+    ref = t["x"].double() + t["gamma"].double() * t["y"].double()
+    leaves = [t["x"], t["y"], t["gamma"]]
+    for a, r in zip((out,) + torch.autograd.grad(out, leaves, g), (ref,) + torch.autograd.grad(ref, leaves, g.double())):
+        assert (a.double() - r).abs().max() <= 1e-5 * r.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("which", ["x", "norm_weight", "norm_bias", "fc1_weight", "gamma"])
+def test_multiway_ffn_takes_strided_inputs(which):
+    """Parameters or activations that are views (sliced from a wider tensor; x also in batch-major storage) give
+    the same answer as contiguous ones: the kernels get dense copies, never strided pointers they would misread."""
+    x = torch.randn(2, 13, D, requires_grad=True)
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    if which == "x":
+        x = strided(x, "transposed")
+    elif which == "gamma":
+        gamma = strided(gamma, "slice")
+    else:
+        field = ops.FFNExpert._fields.index(which)
+        experts[1] = ops.FFNExpert(*(strided(t, "slice") if i == field else t for i, t in enumerate(experts[1])))
+    out = ops.multiway_ffn(x, experts, split=5, gamma=gamma, backend="triton")
+    ref = reference_ffn(x, experts, 5, gamma)
+    g = torch.randn_like(out)
+    leaves = leaves_of(x, experts, gamma)
+    for a, r in zip((out,) + torch.autograd.grad(out, leaves, g), (ref,) + torch.autograd.grad(ref, leaves, g.double())):
+        assert (a.double() - r).abs().max() <= 1e-5 * r.abs().max().clamp_min(1.0)
+
+
 def test_block_with_triton_backend_matches_the_official_block():
     cfg = vf.preset("vlmo_tiny_patch16", embed_dim=32, num_heads=2, image_size=32, max_text_len=8)
     fast = FastBlock(cfg, drop_path=0.2, with_vlffn=False)

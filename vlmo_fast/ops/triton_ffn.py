@@ -167,6 +167,12 @@ def _tile(d: int) -> Tuple[int, int]:
     return rows, block_d
 
 
+def _dense(*tensors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The kernels address rows as row·D + col and vectors by col: every tensor they get is contiguous (a strided
+    view, e.g. a transposed x or a sliced γ, is copied; a contiguous one passes as it is)."""
+    return [t if t is None else t.contiguous() for t in tensors]
+
+
 def _programs(r: int, rows: int) -> Tuple[int, int]:
     """(programs, rows per program) for the reductions: about 4 programs per SM, whole ROWS tiles each."""
     target = 8 if interpreting() else 4 * 132
@@ -179,7 +185,8 @@ if triton is not None:
     @torch.library.custom_op("vlmo_fast::multiway_ln_fwd", mutates_args=())
     def multiway_ln_fwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                         split: int, eps: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, N, D) contiguous -> (expert-grouped (B·N, D) normalised rows, mean (B·N,), rstd (B·N,))."""
+        """x (B, N, D) -> (expert-grouped (B·N, D) normalised rows, mean (B·N,), rstd (B·N,))."""
+        x, w0, b0, w1, b1 = _dense(x, w0, b0, w1, b1)
         b, n, d = x.shape
         r = b * n
         y = torch.empty(r, d, device=x.device, dtype=out_dtype)
@@ -202,6 +209,7 @@ if triton is not None:
                         rstd: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
                         split: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dx (B, N, D) in x's dtype (go added when given), dweight (2, D), dbias (2, D)) in fp32."""
+        x, dh, go, mean, rstd, w0, w1 = _dense(x, dh, go, mean, rstd, w0, w1)
         b, n, d = x.shape
         r = b * n
         dx = torch.empty_like(x)
@@ -220,12 +228,13 @@ if triton is not None:
     @multiway_ln_bwd.register_fake
     def _(x, dh, go, mean, rstd, w0, w1, split):
         d = x.shape[2]
-        return torch.empty_like(x), x.new_empty(2, d, dtype=torch.float32), x.new_empty(2, d, dtype=torch.float32)
+        return x.new_empty(x.shape), x.new_empty(2, d, dtype=torch.float32), x.new_empty(2, d, dtype=torch.float32)
 
     @torch.library.custom_op("vlmo_fast::scaled_residual_fwd", mutates_args=())
     def scaled_residual_fwd(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor], split: int) -> torch.Tensor:
         """out (B, N, D) = x + γ · s · y, with y expert-grouped (B·N, D) and s (B, 2) per row segment."""
+        x, y, gamma, scale = _dense(x, y, gamma, scale)
         b, n, d = x.shape
         out = torch.empty_like(x)
         if b * n:
@@ -238,12 +247,13 @@ if triton is not None:
 
     @scaled_residual_fwd.register_fake
     def _(x, y, gamma, scale, split):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.custom_op("vlmo_fast::scaled_residual_bwd", mutates_args=())
     def scaled_residual_bwd(go: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor], split: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (dy expert-grouped (B·N, D) in y's dtype, dγ (D,) fp32 (zeros without γ))."""
+        go, y, gamma, scale = _dense(go, y, gamma, scale)
         b, n, d = go.shape
         r = b * n
         dy = torch.empty(r, d, device=go.device, dtype=y.dtype)
@@ -279,7 +289,7 @@ class ScaledResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gamma, scale):
         b, n, d = x.shape
-        out = scaled_residual_fwd(x, y.reshape(b * n, d), gamma, scale, n)
+        out = scaled_residual_fwd(x, y.reshape(b * n, d), gamma, scale, n)  # the op makes its inputs dense
         ctx.save_for_backward(y, gamma, scale)
         return out
 
