@@ -101,6 +101,11 @@ def test_op_rejects_bad_inputs(table, index, err, match):
         torch.ops.vlmo_fast.rel_pos_bias_gather(table, index)
 
 
+def test_public_op_names_a_non_tensor_index():
+    with pytest.raises(TypeError, match="index must be a torch.Tensor, got list"):
+        ops.rel_pos_bias_gather(torch.randn(5, 2), [[0, 1], [1, 0]])
+
+
 def test_backward_op_rejects_bad_inputs():
     grad = torch.randn(3, 4, 4)
     with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 5\)"):

@@ -92,6 +92,42 @@ def test_non_contiguous_x_and_missing_affine():
     assert max_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_strided_single_expert_parameters(device):
+    """One expert's weight and bias may be views (every other element of a buffer, an expanded scalar); their
+    gradients reach the buffers they view."""
+    x = torch.randn(2, 7, 24, device=device)
+    gy = torch.randn(2, 7, 24, device=device)
+    buf = (1 + torch.randn(48, device=device)).requires_grad_()
+    scalar = torch.full((1,), 1.5, device=device, requires_grad=True)
+    results = []
+    for backend, dt in (("cuda", torch.float32), ("ref", torch.float64)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (buf, scalar)]
+        for w, b in ((leaves[0][::2], leaves[0][1::2]), (leaves[1].expand(24), leaves[0][::2])):
+            if backend == "cuda":
+                assert not w.is_contiguous()
+                y = ops.multiway_layernorm(x, [w], [b], backend="cuda")
+            else:
+                y = F.layer_norm(x.double(), (24,), w, b, 1e-6)
+            y.backward(gy.to(dt))
+            results.append(y)
+        results += [t.grad for t in leaves]
+    for got, want in zip(results[:4], results[4:]):
+        assert max_err(got, want) < 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 5, 8)])
+def test_no_rows(device, shape):
+    """No rows to normalise: an empty output and zero parameter gradients (not uninitialised memory)."""
+    x = torch.randn(shape, device=device)
+    w, b = params(2, 8, device)
+    y, grads, _ = run(x, w, b, 0, "cuda")
+    assert y.shape == shape and grads[0].shape == shape
+    for g in grads[1:]:
+        assert g.shape == (8,) and torch.all(g == 0)
+
+
 def test_weight_gradient_goes_to_each_expert():
     """Rows before split only feed expert 0's dγ/dβ, the others only expert 1's."""
     b, n, d, split = 2, 10, 16, 4

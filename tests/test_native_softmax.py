@@ -283,8 +283,24 @@ def test_op_rejects_bad_inputs(over, err, match):
         torch.ops.vlmo_fast.masked_softmax(**_op_args(**over))
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("shape", [(2, 2, 0, 0), (0, 2, 5, 5)])
+def test_empty_scores(device, shape):
+    """Nothing to compute: empty outputs and zero bias gradients, with every bias form."""
+    n = shape[-1]
+    for form in ("table", "dense", "none"):
+        scores = torch.randn(shape, device=device)
+        table, index = torch.randn(6, 6, device=device), torch.zeros(n, n, dtype=torch.long, device=device)
+        dense = torch.randn(2, n, n, device=device)
+        p, ds, grad, _ = run(scores, 0.5, form, table, index, dense, None, 2, "cuda")
+        assert p.shape == shape and ds.shape == shape
+        assert grad is None or torch.all(grad == 0)
+
+
 def test_public_op_rejects_bad_inputs():
     s = torch.randn(2, 2, 6, 6)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        ops.masked_softmax(s, scale="0.5", backend="cuda")
     with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 10\)"):
         ops.masked_softmax(s, bias_table=torch.randn(10, 2), bias_index=torch.full((6, 6), 10), backend="cuda")
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):

@@ -141,6 +141,9 @@ def test_rel_pos_bias_gather():
         (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
         (dict(key_padding_mask=torch.ones(2, 5)), TypeError, "key_padding_mask must be bool or integer"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
+        (dict(scale="x"), TypeError, "scale must be a real number"),
+        (dict(scale=True), TypeError, "scale must be a real number"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
     ],
 )
 def test_attention_bad_inputs(kwargs, err, match):
@@ -170,6 +173,10 @@ def test_layernorm_and_ffn_bad_inputs():
         ops.multiway_layernorm(x, [w, w], [w, w])
     with pytest.raises(ValueError, match="split must be an int"):
         ops.multiway_layernorm(x, [w, w], [w, w], split=11)
+    with pytest.raises(ValueError, match="split must be an int"):
+        ops.multiway_layernorm(x, [w, w], [w, w], split=True)
+    with pytest.raises(ValueError, match="same number of experts, got 2 and 1"):
+        ops.multiway_layernorm(x, [w, w], [w], split=3)
     with pytest.raises(ValueError, match=r"weight\[1\] must have shape"):
         ops.multiway_layernorm(x, [w, torch.ones(7)], [w, w], split=3)
     with pytest.raises(ValueError, match="x must be 3-D"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -29,6 +30,18 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     return t
+
+
+def check_scale(scale: object) -> float:
+    """A finite real number (the logit scale), as a Python float."""
+    real = isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.numel() == 1
+                                               and not scale.is_complex())
+    if isinstance(scale, bool) or not real:
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    value = float(scale)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:

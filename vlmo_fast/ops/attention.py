@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_scale, check_tensor
 from .softmax import check_bias_args, softmax_checked
 
 
@@ -89,7 +89,7 @@ def rel_pos_attention(
     bias, bias_table, bias_index, keep = check_bias_args(
         b, h, n, n, q.device, bias, bias_table, bias_index, key_padding_mask
     )
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else check_scale(scale)
     impl = _backend.select("attention", backend, q, k, v, bias, bias_table, bias_index, keep)
     if impl is not None:
         return impl(q, k, v, scale, bias, bias_table, bias_index, keep)

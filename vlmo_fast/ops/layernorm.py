@@ -22,7 +22,7 @@ def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.T
     if len(tensors) == 2:
         if split is None:
             raise ValueError("split is required with two experts (the row where expert 1 starts)")
-        if not isinstance(split, int) or not 0 <= split <= x.shape[1]:
+        if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= x.shape[1]:
             raise ValueError(f"split must be an int in [0, N={x.shape[1]}], got {split!r}")
     elif split is not None:
         raise ValueError("split must be None with a single expert")
@@ -58,10 +58,10 @@ def multiway_layernorm(
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     d = x.shape[-1]
-    check_experts("weight", x, weight, (d,), split)
-    check_experts("bias", x, bias, (d,), split)
     if len(weight) != len(bias):
         raise ValueError(f"weight and bias must list the same number of experts, got {len(weight)} and {len(bias)}")
+    check_experts("weight", x, weight, (d,), split)
+    check_experts("bias", x, bias, (d,), split)
     impl = _backend.select("multiway_layernorm", backend, x, weight, bias, split)
     if impl is not None:
         return impl(x, tuple(weight), tuple(bias), split, float(eps))

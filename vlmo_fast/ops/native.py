@@ -178,6 +178,8 @@ def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtyp
         raise TypeError(f"out_dtype must be one of {list(_DTYPE_CODE)}, got {out_dtype}")
     dev = scores.device
     p = torch.empty(scores.shape, dtype=out_dtype, device=dev)
+    if scores.numel() == 0:  # nothing to launch; a row without keys is fully masked (lse = +inf)
+        return p, torch.full(shape[:3], float("inf"), device=dev)
     lse = torch.empty(shape[:3], dtype=torch.float32, device=dev)
     _launcher("masked_softmax_forward", dev)(
         scores=_addr(scores), scores_dtype=_DTYPE_CODE[scores.dtype], out=_addr(p), out_dtype=_DTYPE_CODE[out_dtype],
@@ -193,17 +195,20 @@ def _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep
     _check("dp", dp, dev, _FLOATS, scores.shape)
     _check("lse", lse, dev, (torch.float32,), shape[:3])
     ds = torch.empty_like(scores)
-    alloc = torch.zeros if _runs_cuda(dev) else torch.empty  # CUDA accumulates with atomics; CPU overwrites
+    empty = scores.numel() == 0  # nothing to launch: zero bias gradients
+    alloc = torch.zeros if _runs_cuda(dev) or empty else torch.empty  # CUDA accumulates with atomics; CPU overwrites
     dbias = dtable = None
     if bias_grad and bias is not None:
         dbias = alloc(bias.shape, dtype=torch.float32, device=dev)
     elif bias_grad and bias_table is not None:
         dtable = alloc(bias_table.shape, dtype=torch.float32, device=dev)
-    _launcher("masked_softmax_backward", dev)(
-        dp=_addr(dp), dp_dtype=_DTYPE_CODE[dp.dtype], scores=_addr(scores), scores_dtype=_DTYPE_CODE[scores.dtype],
-        lse=_addr(lse), dscores=_addr(ds), batch=shape[0], heads=shape[1], n_q=shape[2], n_k=shape[3],
-        scale=float(scale), dbias=_addr(dbias), dtable=_addr(dtable), **kw, **_launch_args(dev),
-    )
+    if not empty:
+        _launcher("masked_softmax_backward", dev)(
+            dp=_addr(dp), dp_dtype=_DTYPE_CODE[dp.dtype], scores=_addr(scores),
+            scores_dtype=_DTYPE_CODE[scores.dtype], lse=_addr(lse), dscores=_addr(ds), batch=shape[0],
+            heads=shape[1], n_q=shape[2], n_k=shape[3], scale=float(scale), dbias=_addr(dbias),
+            dtable=_addr(dtable), **kw, **_launch_args(dev),
+        )
     grad = dbias if dbias is not None else dtable
     return ds, grad if grad is not None else scores.new_empty((0,), dtype=torch.float32)
 
@@ -374,6 +379,8 @@ def _layernorm_forward(x, weight, bias, split, eps):
     y = torch.empty_like(x)
     mean = torch.empty(b * n, dtype=torch.float32, device=dev)
     rstd = torch.empty(b * n, dtype=torch.float32, device=dev)
+    if b * n == 0:  # no rows: nothing to launch
+        return y, mean, rstd
     _launcher("multiway_layernorm_forward", dev)(
         x=_addr(x), dtype=_DTYPE_CODE[x.dtype], y=_addr(y), mean=_addr(mean), rstd=_addr(rstd), rows=b * n,
         seq_len=n, dim=d, split=split, weight=_addr(weight), bias=_addr(bias), eps=float(eps), **_launch_args(dev),
@@ -388,6 +395,9 @@ def _layernorm_backward(dy, x, mean, rstd, weight, split):
     _check("mean", mean, dev, (torch.float32,), (b * n,))
     _check("rstd", rstd, dev, (torch.float32,), (b * n,))
     dx = torch.empty_like(x)
+    if b * n == 0:  # no rows: zero parameter gradients, nothing to launch
+        return dx, torch.zeros((experts, d), dtype=torch.float32, device=dev), torch.zeros(
+            (experts, d), dtype=torch.float32, device=dev)
     dweight = torch.empty((experts, d), dtype=torch.float32, device=dev)
     dbias = torch.empty((experts, d), dtype=torch.float32, device=dev)
     extra = _launch_args(dev)
@@ -477,7 +487,8 @@ def multiway_layernorm_native(x, weights, biases, split, eps):
 
     def stacked(ts, fill):
         ts = [torch.full((d,), fill, device=x.device) if t is None else t.to(torch.float32) for t in ts]
-        return ts[0].reshape(1, d) if len(ts) == 1 else torch.stack(ts)  # one expert: a view, no copy
+        # one expert: a view of a contiguous weight (no copy); a strided one is copied, as the kernels need
+        return ts[0].reshape(1, d).contiguous() if len(ts) == 1 else torch.stack(ts)
 
     args = (x.contiguous(), stacked(weights, 1.0), stacked(biases, 0.0), -1 if split is None else int(split),
             float(eps))

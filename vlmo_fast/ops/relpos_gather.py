@@ -28,6 +28,7 @@ def rel_pos_bias_gather(table: torch.Tensor, index: torch.Tensor, *, backend: st
         index: (N, N) integer index into the rows of ``table``; values must lie in [0, R).
     """
     check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("index", index)
     check_bias_index(index, table.shape[0], index.shape[0] if index.dim() == 2 else -1, table.device)
     impl = _backend.select("rel_pos_bias_gather", backend, table, index)
     if impl is not None:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_bias_index, check_shape, check_tensor, key_padding_keep
+from ._checks import FLOAT_DTYPES, check_bias_index, check_scale, check_shape, check_tensor, key_padding_keep
 from ._memo import TensorMemo
 from .relpos_gather import gather_bias
 
@@ -136,7 +136,7 @@ def masked_softmax(
         b, h, nq, nk, scores.device, bias, bias_table, bias_index, key_padding_mask
     )
     out_dtype = scores.dtype if out_dtype is None else out_dtype
-    return softmax_checked(scores, float(scale), bias, bias_table, bias_index, keep, out_dtype, backend)
+    return softmax_checked(scores, check_scale(scale), bias, bias_table, bias_index, keep, out_dtype, backend)
 
 
 def softmax_checked(
