@@ -128,6 +128,24 @@ def test_no_rows(device, shape):
         assert g.shape == (8,) and torch.all(g == 0)
 
 
+@pytest.mark.parametrize("device", devices() + [LARGER_EMULATED_GPU], indirect=True)
+@pytest.mark.parametrize("d", [7, 768, 1000])
+def test_constant_rows_give_the_bias_exactly(device, d):
+    """A constant row has x - mean = 0, so y = b exactly (as eager): a mean off by a rounding residue would be
+    amplified by rstd = 1/sqrt(eps) (an error of ~1e-3 at eps = 1e-6). The gradients stay finite and match eager."""
+    values = torch.tensor([3.3, -1234.5678, 1e-3, 0.1, 7.0], device=device)
+    x = values[None, :, None].expand(2, 5, d).contiguous()
+    w, b = params(2, d, device)
+    for eps in (1e-6, 1e-12):
+        y, grads, gy = run(x, w, b, 2, "cuda", eps=eps)
+        ye, eager, _ = run(x, w, b, 2, "torch", eps=eps, gy=gy)
+        assert torch.equal(y[:, :2], b[0].expand(2, 2, d)) and torch.equal(y[:, 2:], b[1].expand(2, 3, d))
+        ref_y, ref = reference(x, w, b, 2, gy, eps=eps)
+        for name, got, e, r in zip(("dx", "dw0", "dw1", "db0", "db1"), grads, eager, ref):
+            assert torch.isfinite(got).all()
+            assert_rule(name, got, e, r, 1e-6)
+
+
 def test_weight_gradient_goes_to_each_expert():
     """Rows before split only feed expert 0's dγ/dβ, the others only expert 1's."""
     b, n, d, split = 2, 10, 16, 4

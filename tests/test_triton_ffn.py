@@ -207,6 +207,20 @@ def test_multiway_ffn_takes_strided_inputs(which):
         assert (a.double() - r).abs().max() <= 1e-5 * r.abs().max().clamp_min(1.0)
 
 
+def test_layernorm_of_constant_rows_gives_the_bias_exactly():
+    """The fused FFN's LayerNorm: a constant row normalises to exactly b (x - mean = 0), not a rounding residue
+    amplified by 1/sqrt(eps)."""
+    from vlmo_fast.ops.triton_ffn import multiway_ln_fwd
+
+    x = torch.tensor([3.3, -1234.5678, 0.1])[None, :, None].expand(2, 3, D).contiguous()
+    w0, b0, w1, b1 = 1 + torch.randn(D), torch.randn(D), 1 + torch.randn(D), torch.randn(D)
+    for eps in (1e-6, 1e-12):
+        h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, 1, eps, torch.float32)
+        # expert-grouped rows: the text rows (position < split = 1) of both samples first, then the image rows
+        assert torch.equal(h[:2], b0.expand(2, D)) and torch.equal(h[2:], b1.expand(4, D))
+        assert torch.equal(mean, x[:, :, 0].reshape(-1))
+
+
 def test_block_with_triton_backend_matches_the_official_block():
     cfg = vf.preset("vlmo_tiny_patch16", embed_dim=32, num_heads=2, image_size=32, max_text_len=8)
     fast = FastBlock(cfg, drop_path=0.2, with_vlffn=False)

@@ -26,8 +26,10 @@ VLMO_INLINE int expert_of(int64_t row, int64_t seq_len, int64_t split) {
   return (split >= 0 && row % seq_len >= split) ? 1 : 0;
 }
 
-// One row: mean, then the centered sum of squares (two-pass variance, robust to a large mean), then the output.
-// The first pass brings the row into L1; the other two read it from there.
+// One row: mean, then the centered sums (two-pass variance, robust to a large mean), then the output. The first
+// pass brings the row into L1; the other two read it from there. The rounded first mean is corrected by the centred
+// residual sum (the corrected two-pass algorithm), so a constant row gets x - mean = 0 exactly (y = b, as eager)
+// instead of a rounding residue that rstd ~ 1/sqrt(eps) would blow up.
 template <int DT>
 VLMO_INLINE void forward_row(const typename Elem<DT>::T* __restrict xr, typename Elem<DT>::T* __restrict yr,
                              const float* __restrict w, const float* __restrict b, float eps, float inv_d,
@@ -37,18 +39,23 @@ VLMO_INLINE void forward_row(const typename Elem<DT>::T* __restrict xr, typename
   for (int64_t j = 0; j < d16; j += 16) acc += vload_as_float<DT>(xr + j);
   float sum = hsum(acc);
   for (int64_t j = d16; j < d; ++j) sum += Elem<DT>::load(xr[j]);
-  const float mu = sum * inv_d;
+  const float mu0 = sum * inv_d;
   acc = Vec16{};
+  Vec16 res = {};
   for (int64_t j = 0; j < d16; j += 16) {
-    const Vec16 c = vload_as_float<DT>(xr + j) - mu;
+    const Vec16 c = vload_as_float<DT>(xr + j) - mu0;
     acc += c * c;
+    res += c;
   }
-  float sq = hsum(acc);
+  float sq = hsum(acc), sc = hsum(res);
   for (int64_t j = d16; j < d; ++j) {
-    const float c = Elem<DT>::load(xr[j]) - mu;
+    const float c = Elem<DT>::load(xr[j]) - mu0;
     sq += c * c;
+    sc += c;
   }
-  const float rs = 1.0f / std::sqrt(sq * inv_d + eps);
+  const float dm = sc * inv_d;
+  const float mu = mu0 + dm;
+  const float rs = 1.0f / std::sqrt(std::max(sq * inv_d - dm * dm, 0.0f) + eps);
   for (int64_t j = 0; j < d16; j += 16)
     vstore_from_float<DT>(yr + j, (vload_as_float<DT>(xr + j) - mu) * rs * vload(w + j) + vload(b + j));
   for (int64_t j = d16; j < d; ++j) yr[j] = Elem<DT>::store((Elem<DT>::load(xr[j]) - mu) * rs * w[j] + b[j]);

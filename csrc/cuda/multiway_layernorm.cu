@@ -56,15 +56,20 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
     sum += x[k];
   }
   const float inv_d = 1.0f / static_cast<float>(p.dim);
-  const float mu = warp_sum(sum) * inv_d;
-  float sq = 0.0f;
+  const float mu0 = warp_sum(sum) * inv_d;
+  float sq = 0.0f, sc = 0.0f;
 #pragma unroll
   for (int k = 0; k < E; ++k) {
     const int j = k * 32 + lane;
-    const float c = j < p.dim ? x[k] - mu : 0.0f;
+    const float c = j < p.dim ? x[k] - mu0 : 0.0f;
     sq += c * c;
+    sc += c;
   }
-  const float rs = rsqrtf(warp_sum(sq) * inv_d + p.eps);
+  // corrected two-pass: the centred residual sum repairs the rounded first mean (a constant row gets x - mean = 0
+  // exactly, y = b as eager, instead of a residue that rstd ~ 1/sqrt(eps) blows up)
+  const float dm = warp_sum(sc) * inv_d;
+  const float mu = mu0 + dm;
+  const float rs = rsqrtf(fmaxf(warp_sum(sq) * inv_d - dm * dm, 0.0f) + p.eps);
   const int e = (p.split >= 0 && row % p.seq_len >= p.split) ? 1 : 0;
   const float* w = p.weight + e * p.dim;
   const float* b = p.bias + e * p.dim;

@@ -53,9 +53,14 @@ if triton is not None:
         col_ok = cols < D
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 1) / D
+        # corrected two-pass: the centred residual sum repairs the rounded first mean, so a constant row gets
+        # x - mean = 0 exactly (y = b, as eager) instead of a residue that rstd ~ 1/sqrt(eps) blows up
+        mean0 = tl.sum(x, 1) / D
+        xc = tl.where(ok, x - mean0[:, None], 0.0)
+        dm = tl.sum(xc, 1) / D
+        mean = mean0 + dm
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(xc * xc, 1) / D - dm * dm, 0.0) + eps)
         xc = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
         _, first, grouped = _row_info(rows, N, SPLIT, B)
         w = tl.where(first[:, None], tl.load(W0 + cols, mask=col_ok, other=0.0)[None, :],
                      tl.load(W1 + cols, mask=col_ok, other=0.0)[None, :]).to(tl.float32)
