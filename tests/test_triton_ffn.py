@@ -154,6 +154,13 @@ def test_scaled_residual():
     assert torch.allclose(out, x + y)
     with pytest.raises(ValueError, match="y must have shape"):
         ops.scaled_residual(x, y[:, :3], gamma)
+    # a wider y or gamma promotes the sum (official x + γ·y): auto takes the torch path, triton says why not
+    x16 = x.detach().half()
+    for y_, g_ in ((y.detach(), None), (y.detach().half(), gamma.detach())):
+        out = ops.scaled_residual(x16, y_, g_)
+        assert out.dtype == torch.float32
+        with pytest.raises(ValueError, match="wider than x"):
+            ops.scaled_residual(x16, y_, g_, backend="triton")
 
 
 def strided(t: torch.Tensor, kind: str) -> torch.Tensor:

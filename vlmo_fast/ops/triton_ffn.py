@@ -417,6 +417,9 @@ def ffn_unsupported(x, experts, split, gamma, drop_prob, training) -> Optional[s
 
 
 def residual_unsupported(x, y, gamma, drop_prob, training) -> Optional[str]:
+    wide = torch.promote_types(y.dtype, gamma.dtype) if gamma is not None else y.dtype
+    if torch.promote_types(x.dtype, wide) != x.dtype:  # x + γ·y would promote; the kernel writes x's dtype
+        return f"y or gamma ({wide}) is wider than x ({x.dtype}): the sum would be promoted"
     return _unsupported_common(x)
 
 
