@@ -146,6 +146,18 @@ def test_constant_rows_give_the_bias_exactly(device, d):
             assert_rule(name, got, e, r, 1e-6)
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_one_feature_rows_have_zero_input_gradient(device):
+    """D = 1: y = b whatever x, so dx = 0 exactly; an FMA-fused w·dy - mean(w·dy) leaves a rounding residue that
+    rstd = 1/sqrt(eps) amplifies (O(1) at eps 1e-12)."""
+    x = torch.randn(3, 5, 1, device=device)
+    w, b = params(2, 1, device)
+    for eps in (1e-5, 1e-12):
+        y, grads, _ = run(x, w, b, 2, "cuda", eps=eps)
+        assert torch.equal(y[:, :2], b[0].expand(3, 2, 1)) and torch.equal(y[:, 2:], b[1].expand(3, 3, 1))
+        assert torch.all(grads[0] == 0)
+
+
 def test_weight_gradient_goes_to_each_expert():
     """Rows before split only feed expert 0's dγ/dβ, the others only expert 1's."""
     b, n, d, split = 2, 10, 16, 4

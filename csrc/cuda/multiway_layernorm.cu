@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(P
       const bool in = j < p.dim;
       xh[k] = in ? (Elem<DT>::load(xr + j) - mu) * rs : 0.0f;
       g[k] = in ? Elem<DT>::load(gr + j) : 0.0f;
-      const float wg = in ? __ldg(w + j) * g[k] : 0.0f;
+      const float wg = in ? __fmul_rn(__ldg(w + j), g[k]) : 0.0f;  // rounded, as below (no FMA contraction)
       a += wg;
       c += wg * xh[k];
     }
@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(P
 #pragma unroll
     for (int k = 0; k < E; ++k) {
       const int j = k * 32 + lane;
-      if (j < p.dim) Elem<DT>::store(dxr + j, rs * (__ldg(w + j) * g[k] - a - xh[k] * c));
+      // the rounded product, as summed into a: an FMA would leave (exact - rounded) where w·dy - a is exactly 0
+      if (j < p.dim) Elem<DT>::store(dxr + j, rs * (__fmul_rn(__ldg(w + j), g[k]) - a - xh[k] * c));
       acc_w[k * 32 + lane] += g[k] * xh[k];
       acc_b[k * 32 + lane] += g[k];
     }

@@ -151,6 +151,7 @@ inline float atomicAdd(float* address, float v) {  // one OS thread runs every f
 }
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // the emulator builds as ISO C++: no FMA contraction
 
 template <class A, class B>
 inline std::common_type_t<A, B> min(A a, B b) {
