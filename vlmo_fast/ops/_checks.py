@@ -58,7 +58,8 @@ def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.d
 
     The range check needs the values (a device sync on GPU), so a tensor that passed is remembered (by identity,
     through a weak reference) with its version counter and the table size, and is not re-read until it is modified
-    in place.
+    in place. Writes that bypass autograd's version counter (through ``.numpy()``, ``.data`` or DLPack views) are
+    not seen: change an index through torch operations, or pass a new tensor.
     """
     check_tensor("bias_index", index, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
