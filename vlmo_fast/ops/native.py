@@ -396,8 +396,8 @@ def _layernorm_backward(dy, x, mean, rstd, weight, split):
     _check("rstd", rstd, dev, (torch.float32,), (b * n,))
     dx = torch.empty_like(x)
     if b * n == 0:  # no rows: zero parameter gradients, nothing to launch
-        return dx, torch.zeros((experts, d), dtype=torch.float32, device=dev), torch.zeros(
-            (experts, d), dtype=torch.float32, device=dev)
+        zeros = torch.zeros((experts, d), dtype=torch.float32, device=dev)
+        return dx, zeros, zeros.clone()
     dweight = torch.empty((experts, d), dtype=torch.float32, device=dev)
     dbias = torch.empty((experts, d), dtype=torch.float32, device=dev)
     extra = _launch_args(dev)
