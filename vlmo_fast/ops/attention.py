@@ -65,6 +65,8 @@ def rel_pos_attention(
         bias_index: (N, N) integer index into the rows of ``bias_table``: ``bias[h, i, j] = bias_table[bias_index[i, j], h]``.
         bias: dense (H, N, N) bias broadcast over the batch (the form official VLMo code passes), instead of the table.
         key_padding_mask: (B, N) bool or integer, True/1 = keep. A batch row whose keys are all masked gives zeros.
+            Mask keys here, not with -inf in the bias: a query row whose biases are all -inf gives zeros in the
+            kernels but NaN on the PyTorch path, as in the official math.
         scale: softmax scale; default ``D ** -0.5``.
         backend: "auto" | "torch" | "triton" | "cuda".
     Returns:

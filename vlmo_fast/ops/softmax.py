@@ -124,7 +124,9 @@ def masked_softmax(
         bias: dense (H, Nq, Nk) bias broadcast over the batch, or
         bias_table, bias_index: (R, H) table (may be a strided column slice) and (N, N) integer index;
             ``bias[h, i, j] = bias_table[bias_index[i, j], h]``.
-        key_padding_mask: (B, Nk) bool/int, True/1 = keep. Rows with every key masked come out as zeros.
+        key_padding_mask: (B, Nk) bool/int, True/1 = keep. Rows with every key masked come out as zeros. (Mask
+            keys here, not with -inf in the bias: an all -inf bias row gives zeros in the kernels but NaN on the
+            PyTorch path, as in the official math.)
         out_dtype: dtype of the probabilities (default: ``scores.dtype``).
         backend: "auto" | "torch" | "triton" | "cuda" (see ``vlmo_fast.ops.backend``).
     Returns:
