@@ -110,6 +110,34 @@ def test_missing_column_names_file_and_column(tmp_path, tok):
     assert path in str(err.value) and "'caption'" in str(err.value)
 
 
+def test_unreadable_or_corrupt_file_names_the_file(tmp_path, tok):
+    """A damaged file is an error naming it at construction, never a crash: offsets past their buffers would be read
+    through wild pointers (SIGSEGV) without the full validation."""
+    name = str(tmp_path / "f30k_caption_karpathy_val.arrow")
+    open(name, "wb").close()  # zero bytes
+    with pytest.raises(ValueError, match="not a readable Arrow IPC file") as err:
+        make_dataset("f30k", str(tmp_path), "val", tokenizer=tok)
+    assert name in str(err.value)
+    # a caption whose string offsets point far past the character data, as a flipped byte makes them
+    write_arrow(name, {"image": [encode_image(_pixels(0))] * 2, "caption": [["abc"], ["def"]]})
+    data = open(name, "rb").read()
+    offsets = np.array([0, 3, 6], dtype=np.int32).tobytes()  # the caption strings' offsets buffer
+    assert data.count(offsets) == 1
+    with open(name, "wb") as f:
+        f.write(data.replace(offsets, np.array([0, 3, 1 << 24], dtype=np.int32).tobytes()))
+    with pytest.raises(ValueError, match="not a readable Arrow IPC file") as err:
+        make_dataset("f30k", str(tmp_path), "val", tokenizer=tok)
+    assert name in str(err.value)
+
+
+def test_caption_column_of_the_wrong_type_names_file_and_column(tmp_path, tok):
+    path = write_arrow(str(tmp_path / "f30k_caption_karpathy_val.arrow"),
+                       {"image": [encode_image(_pixels(0))], "caption": [7]})
+    with pytest.raises(ValueError, match="must hold a list of strings") as err:
+        make_dataset("f30k", str(tmp_path), "val", tokenizer=tok)
+    assert path in str(err.value) and "'caption'" in str(err.value)
+
+
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tok):
     images = [encode_image(_pixels(i)) for i in range(4)]
     images[1] = b"\x89PNG\r\n\x1a\n garbage"

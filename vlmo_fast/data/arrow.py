@@ -114,10 +114,28 @@ def _split(split: str) -> str:
 
 
 def read_arrow(path: str) -> pa.Table:
-    """The table of one arrow file, memory-mapped (no copy of the image bytes)."""
+    """The table of one arrow file, memory-mapped (no copy of the image bytes).
+
+    The file is validated in full first (offsets within their buffers, UTF-8 text): a corrupt file would otherwise
+    be read through wild offsets (a crash, not an error). This reads the offsets and the text, not the image bytes.
+    An unreadable or corrupt file raises ValueError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"arrow file not found: {path}")
-    return pa.ipc.RecordBatchFileReader(pa.memory_map(path, "r")).read_all()
+    try:
+        table = pa.ipc.RecordBatchFileReader(pa.memory_map(path, "r")).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Arrow IPC file ({type(exc).__name__}: {exc})") from exc
+    if len(set(table.schema.names)) != len(table.schema.names):
+        raise ValueError(f"{path}: duplicate column names {table.schema.names}")
+    return table
+
+
+def _is_text_column(t: pa.DataType) -> bool:
+    """A string, or a list of strings (the official layout)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _concat(tables: Sequence[pa.Table]) -> pa.Table:
@@ -181,6 +199,10 @@ class ArrowDataset(Dataset):
                 if col not in table.schema.names:
                     raise ValueError(f"{path}: missing column {col!r} (the {dataset_name} dataset reads "
                                      f"{columns}; the file has {table.schema.names})")
+            text_type = table.schema.field(text_column).type
+            if not _is_text_column(text_type) and not pa.types.is_null(text_type):
+                raise ValueError(f"{path}: column {text_column!r} must hold a list of strings per row (or a "
+                                 f"string), got {text_type}")
             tables.append(table)
         self._table: Optional[pa.Table] = _concat(tables) if tables else None
         self.table_index = np.concatenate(
