@@ -113,6 +113,12 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
         info = tarfile.TarInfo("lonely.png")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+    # a caption the tokenizer refuses: valid JSON holding a lone surrogate
+    with tarfile.open(str(tmp_path / "surrogate.tar"), "w") as tar:
+        for name, data in (("odd.png", encode_image(_pixels(8))), ("odd.json", b'{"caption": "a \\ud800 dog"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     # a truncated shard: the first samples survive, the damage counts once
     whole = write_shards(str(tmp_path / "b"), _samples(6, start=100), samples_per_shard=6)[0]
     with open(whole, "rb") as f:
@@ -120,13 +126,13 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     cut = str(tmp_path / "cut.tar")
     with open(cut, "wb") as f:
         f.write(data[: int(len(data) * 0.6)])
-    ds = WebDataset(paths + [str(tmp_path / "nocap.tar"), cut], image_size=SIZE, max_text_len=8, train=False,
-                    tokenizer=tok)
+    ds = WebDataset(paths + [str(tmp_path / "nocap.tar"), str(tmp_path / "surrogate.tar"), cut], image_size=SIZE,
+                    max_text_len=8, train=False, tokenizer=tok)
     keys, bad = _keys(ds, tok=tok)
     assert [k for k in keys if not k.startswith("0001")] == [k for k, _, _ in good]
     survivors = [k for k in keys if k.startswith("0001")]
     assert 1 <= len(survivors) < 6 and survivors == [f"{i:06d}" for i in range(100, 100 + len(survivors))]
-    assert bad == 3  # bad image + missing caption + truncated shard
+    assert bad == 4  # bad image + missing caption + untokenizable caption + truncated shard
 
 
 def test_expand_urls_and_missing_shards(shards, tmp_path):

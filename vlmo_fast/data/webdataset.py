@@ -187,11 +187,14 @@ class WebDataset(IterableDataset):
         try:
             text = _caption(raw, rng if self.train else None)
             image = self.transform(decode_image(_image_bytes(raw)))
+            # tokenized here too: a caption the tokenizer refuses (e.g. a JSON "\ud800" escape, a lone surrogate)
+            # is a bad sample like an unreadable image
+            encoded = encode_text(self.tokenizer, text, self.max_text_len)
         except Exception as exc:  # noqa: BLE001 - an unreadable sample is skipped and counted
             self._log(f"{raw.get('__key__')} in {raw.get('__url__')}", exc)
             return None
         item = {"image": image}
-        item.update(encode_text(self.tokenizer, text, self.max_text_len))
+        item.update(encoded)
         item.update({"key": raw["__key__"], "url": raw["__url__"]})
         return item
 
