@@ -197,3 +197,34 @@ def test_different_architecture_is_rejected():
     dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", depth=3, vlffn_start_layer_index=2))
     with pytest.raises(CheckpointError):
         load_checkpoint(dst, src.state_dict())
+
+
+def test_damaged_files_and_malformed_entries_are_checkpoint_errors(tmp_path):
+    """Each names the file or the key, in one line (the CLI prints it as it is), instead of a library's own error."""
+    from safetensors.torch import save_file
+
+    from vlmo_fast.train.state import load_training_checkpoint
+
+    model = tiny()
+    good = tmp_path / "good.safetensors"
+    save_file({"x": torch.zeros(3)}, str(good))
+    data = good.read_bytes()
+    for name, content in (("cut.safetensors", data[: len(data) // 2]), ("header.safetensors", b"\xff" * 16 + data),
+                          ("cut.pt", b"PK\x03\x04 not really a zip")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="cannot read") as err:
+            read_state_dict(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="cannot read the training checkpoint") as err:
+        load_training_checkpoint(str(tmp_path / "cut.pt"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="parameter names must be strings"):
+        load_checkpoint(model, {0: torch.zeros(3)})
+    sd = model.state_dict()
+    for key, bad in (("relative_position_bias_table", torch.zeros(7)),
+                     ("text_embeddings.position_embeddings.weight", torch.zeros(5, sd[
+                         "text_embeddings.position_embeddings.weight"].shape[1] + 1)),
+                     ("token_type_embeddings.weight", torch.zeros(2))):
+        with pytest.raises(CheckpointError, match=f"{key}: the checkpoint's"):
+            load_checkpoint(model, {**sd, key: bad}, strict=False)

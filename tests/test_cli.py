@@ -143,6 +143,25 @@ def test_data_root_is_required_for_data_the_synthetic_set_lacks(tmp_path, capsys
     assert not out.exists()  # failed before writing the synthetic set
 
 
+def test_unreadable_inputs_of_a_run_are_one_line(tmp_path, capsys):
+    """Inputs that fail only when the run reads them (a damaged arrow file, a damaged --load-path): one line, exit 2;
+    an error of the run itself would keep its traceback (user_errors marked_only)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "coco_caption_karpathy_train.arrow").write_bytes(b"")
+    argv = ["pretrain", "--data-root", str(root), "--datasets", "coco", "--out-dir", str(tmp_path / "run"),
+            "--max-steps", "1", "--device", "cpu"]
+    code, _, err = exit_code(lambda: cli.main(argv), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "not a readable Arrow IPC file" in lines[0], err
+    bad = tmp_path / "damaged.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--out-dir", str(tmp_path / "run2"), "--max-steps", "1",
+                                               "--device", "cpu", "--load-path", str(bad)]), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"cannot read {bad} as safetensors" in lines[0], err
+
+
 # ---- 6. evaluate: model settings from the checkpoint, per-task options --------------------------------------------
 
 

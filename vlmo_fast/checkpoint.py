@@ -42,15 +42,26 @@ def read_state_dict(path: PathLike) -> StateDict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return unwrap_state_dict(load_file(path, device="cpu"), source=path)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a damaged header or body
+            raise CheckpointError(f"cannot read {path} as safetensors: {first_line(exc)}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
         raise CheckpointError(
-            f"cannot read {path} with torch.load(weights_only=True): {exc}. vlmo_fast never unpickles arbitrary "
-            f"objects; re-save the file as a plain state dict or as safetensors."
+            f"cannot read {path} with torch.load(weights_only=True): {first_line(exc)}. vlmo_fast never unpickles "
+            f"arbitrary objects; re-save the file as a plain state dict or as safetensors."
         ) from exc
     return unwrap_state_dict(obj, source=path)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's unpickler explains itself over many lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
@@ -64,6 +75,9 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
             break
     else:
         sd = dict(obj)
+    keys = [k for k in sd if not isinstance(k, str)]
+    if keys:
+        raise CheckpointError(f"{source}: parameter names must be strings, got {keys[:10]}")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: these entries are not tensors: {bad[:10]}")
@@ -102,6 +116,10 @@ def _resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], grid], dim=1)
 
 
+ADAPTED_KEYS = ("text_embeddings.position_embeddings.weight", "transformer.pos_embed", "relative_position_bias_table",
+                "token_type_embeddings.weight")
+
+
 def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple:
     """Make an official state dict fit ``model`` (image size, text length, task heads). Returns (dict, report)."""
     sd = dict(state_dict)
@@ -111,6 +129,12 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         if key in sd and key not in target:
             sd.pop(key)
             report.ignored_keys.append(key)
+    # the tensors resized below may differ in length, never in rank or (but the table's columns, checked there) width
+    for key in ADAPTED_KEYS:
+        if key in sd and key in target and (sd[key].dim() != target[key].dim() or (
+                key != "relative_position_bias_table" and sd[key].shape[-1] != target[key].shape[-1])):
+            raise CheckpointError(f"{key}: the checkpoint's {tuple(sd[key].shape)} cannot be adapted to the model's "
+                                  f"{tuple(target[key].shape)}")
 
     key = "text_embeddings.position_embeddings.weight"
     if key in sd and key in target and sd[key].shape[0] != target[key].shape[0]:
@@ -211,8 +235,11 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
     """Metadata stored by ``save_checkpoint`` in a safetensors file (e.g. the model config)."""
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # a missing or damaged file
+        raise CheckpointError(f"cannot read the metadata of {os.fspath(path)}: {first_line(exc)}") from exc
     out: Dict[str, object] = {}
     for k, v in meta.items():  # other tools store plain strings (e.g. {"format": "pt"}): kept as they are
         try:

@@ -482,14 +482,32 @@ def check_environment(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
 
 
+_INPUT_ERROR = "vlmo_fast_input_error"
+
+
 @contextlib.contextmanager
-def user_errors(parser: argparse.ArgumentParser):
-    """A configuration error (ValueError, FileNotFoundError, CheckpointError) raised inside is the user's input, not
-    a bug: it ends the command as argparse's own errors do, one line ``<prog>: error: ...`` and exit status 2,
-    instead of a traceback."""
+def input_stage():
+    """Where a run reads its inputs (data files, checkpoints, sizes): a ValueError (CheckpointError included) or
+    FileNotFoundError raised inside is marked as the inputs' fault, for ``user_errors(..., marked_only=True)``. Its
+    type is unchanged for API callers."""
     try:
         yield
     except (ValueError, FileNotFoundError) as exc:
+        setattr(exc, _INPUT_ERROR, True)
+        raise
+
+
+@contextlib.contextmanager
+def user_errors(parser: argparse.ArgumentParser, marked_only: bool = False):
+    """A configuration error (ValueError, FileNotFoundError, CheckpointError) raised inside is the user's input, not
+    a bug: it ends the command as argparse's own errors do, one line ``<prog>: error: ...`` and exit status 2,
+    instead of a traceback. ``marked_only``: only errors raised inside an ``input_stage`` (around a whole run, whose
+    later errors keep their traceback)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        if marked_only and not getattr(exc, _INPUT_ERROR, False):
+            raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 

@@ -83,7 +83,8 @@ def finetune_main(argv: Optional[List[str]] = None) -> int:
                           "an official or vlmo_fast checkpoint with --load-path; --preset picks an official recipe.",
                           defaults=TASK_DEFAULTS[task], presets=presets)
     cfg = command_config(parser, argv[1:], base=TASK_DEFAULTS[task], presets=presets, check=_check_task(task))
-    summary = train(cfg)
+    with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
+        summary = train(cfg)
     return 0 if summary["stop_reason"] == "max_steps" else 1
 
 
@@ -176,11 +177,12 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv[1:])
     rerank_k = getattr(args, "rerank_k", 0)
     split = getattr(args, "split", "val")
-    dataset = getattr(args, "dataset", task)
+    dataset_name = getattr(args, "dataset", task)
     work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
     with user_errors(parser):
         # the data and the device first, before the checkpoint is read
-        check_environment(TrainConfig(tasks=[task], datasets=[dataset], data_root=args.data_root, device=args.device))
+        check_environment(TrainConfig(tasks=[task], datasets=[dataset_name], data_root=args.data_root,
+                                      device=args.device))
         state, recorded, _ = read_checkpoint(args.load_path)
         # an explicit option wins, then what the checkpoint records, then the preset's (base) defaults
         cfg = TrainConfig(arch=args.arch or recorded.get("arch") or "vlmo_base_patch16",
@@ -189,10 +191,11 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                           max_text_len=(args.max_text_len if args.max_text_len is not None
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
-                          per_device_batch_size=args.batch_size, datasets=[dataset], device=args.device)
+                          per_device_batch_size=args.batch_size, datasets=[dataset_name], device=args.device)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = build_model(cfg)
-    report = load_checkpoint(model, state, strict=False)
+    with user_errors(parser):  # a checkpoint that does not fit the model: one line
+        report = load_checkpoint(model, state, strict=False)
     del state
     model.to(device).eval()
     amp = resolve_precision(cfg, device)
@@ -206,18 +209,22 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     def loader(ds):
         return eval_loader(ds, args.batch_size, collate, args.num_workers)
 
+    def dataset(names, split, **extra):
+        with user_errors(parser):  # unreadable files or missing columns: one line
+            return vdata.build_dataset(root, names, split, **kw, **extra)
+
     if task == "irtr":
-        images = vdata.build_dataset(root, [dataset], split, image_only=True, **kw)
-        texts = vdata.build_dataset(root, [dataset], split, text_only=True, **kw)
+        images = dataset([dataset_name], split, image_only=True)
+        texts = dataset([dataset_name], split, text_only=True)
         img_feats, img_ids = encode(model, loader(images), device, "image", amp)
         txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp)
         metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
         if rerank_k:
-            full_texts = vdata.build_dataset(root, [dataset], split, **kw)
+            full_texts = dataset([dataset_name], split)
             metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, full_texts,
                                               k=rerank_k, device=device, autocast_dtype=amp)
     elif task == "vqa":
-        ds = vdata.build_dataset(root, ["vqa"], split, **kw)
+        ds = dataset(["vqa"], split)
         result = evaluate_vqa(model, loader(ds), device, amp)
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
         if split == "test":
@@ -228,7 +235,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             vqa_submission(result["predictions"], build_id2answer(tables), out)
             metrics["submission"] = out
     else:
-        ds = vdata.build_dataset(root, ["nlvr2"], "val", **kw)  # dev + test1, told apart by table_name
+        ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
         metrics = evaluate_nlvr2(model, loader(ds), device, amp)
     metrics["checkpoint"] = args.load_path
     metrics["load_report"] = str(report)

@@ -31,7 +31,7 @@ from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_
 from ..flops import pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
-from .config import TrainConfig
+from .config import TrainConfig, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, full_state_dict, init_distributed, \
     load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
@@ -301,48 +301,50 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     amp = resolve_precision(cfg, info.device)
-    model = build_model(cfg)
-    init_report = initialise_from(model, cfg.load_path, cfg.tasks) if cfg.load_path else None
-    if "textmlm" in cfg.tasks:
-        freeze_for_textmlm(model)
-    model.to(info.device)
-    model.current_tasks = list(cfg.tasks)
-    model.gather_with_grad = cfg.gather_with_grad
-    if cfg.activation_checkpointing:
-        model.set_grad_checkpointing(True)
-    if cfg.compile:
-        model.compile()
-    wrapped = wrap_model(model, info, fsdp=cfg.fsdp, find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
+    with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
+        model = build_model(cfg)
+        init_report = initialise_from(model, cfg.load_path, cfg.tasks) if cfg.load_path else None
+        if "textmlm" in cfg.tasks:
+            freeze_for_textmlm(model)
+        model.to(info.device)
+        model.current_tasks = list(cfg.tasks)
+        model.gather_with_grad = cfg.gather_with_grad
+        if cfg.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.compile:
+            model.compile()
+        wrapped = wrap_model(model, info, fsdp=cfg.fsdp,
+                             find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
 
-    per_step = cfg.per_device_batch_size * info.world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of per_device_batch_size x world size "
-                         f"({cfg.per_device_batch_size} x {info.world_size})")
-    accum = cfg.batch_size // per_step
-    stream = data_setup.train_stream(cfg, model.config, info)
-    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
-    warmup = resolve_warmup(cfg.warmup_steps, max_steps)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
-    scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
+        per_step = cfg.per_device_batch_size * info.world_size
+        if cfg.batch_size % per_step:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of per_device_batch_size x world size "
+                             f"({cfg.per_device_batch_size} x {info.world_size})")
+        accum = cfg.batch_size // per_step
+        stream = data_setup.train_stream(cfg, model.config, info)
+        max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
+        warmup = resolve_warmup(cfg.warmup_steps, max_steps)
+        optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
+        scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
+        scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
-    step = 0
-    resume_path = None
-    if cfg.resume == "auto":
-        resume_path = latest_checkpoint(cfg.out_dir)
-    elif cfg.resume not in ("none", "", None):
-        resume_path = cfg.resume
-    changed: List[str] = []
-    if resume_path:
-        state = load_training_checkpoint(resume_path)
-        changed = resume_changes(cfg, state.get("config", {}), resume_path)
-        unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
-        load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        stream.restore(state["data"])
-        set_rng_state(state["rng"])
+        step = 0
+        resume_path = None
+        if cfg.resume == "auto":
+            resume_path = latest_checkpoint(cfg.out_dir)
+        elif cfg.resume not in ("none", "", None):
+            resume_path = cfg.resume
+        changed: List[str] = []
+        if resume_path:
+            state = load_training_checkpoint(resume_path)
+            changed = resume_changes(cfg, state.get("config", {}), resume_path)
+            unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
+            load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            stream.restore(state["data"])
+            set_rng_state(state["rng"])
 
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
