@@ -33,3 +33,8 @@ def test_bad_arguments(tok):
         tok("x", max_length=1)
     with pytest.raises(TypeError, match="texts\\[1\\]"):
         tok(["ok", 3], max_length=8)
+    for bad in (None, 5, b"bytes", {"a": 1}):
+        with pytest.raises(TypeError, match="texts must be a str or a list of str"):
+            tok(bad, max_length=8)
+    with pytest.raises(ValueError, match="texts\\[0\\] cannot be tokenized"):
+        tok(["a \ud800 dog"], max_length=8)

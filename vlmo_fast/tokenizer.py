@@ -74,7 +74,9 @@ class BertTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(max_length, int) or max_length < 2:
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 ([CLS] and [SEP]), got {max_length!r}")
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)
         masks = torch.zeros_like(ids)
@@ -82,7 +84,10 @@ class BertTokenizer:
         for row, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{row}] must be a str, got {type(text).__name__}")
-            pieces = self._tok.encode(text, add_special_tokens=False).ids[: max_length - 2]
+            try:
+                pieces = self._tok.encode(text, add_special_tokens=False).ids[: max_length - 2]
+            except TypeError as exc:  # e.g. a lone surrogate, which no UTF-8 encoder takes
+                raise ValueError(f"texts[{row}] cannot be tokenized (not encodable as UTF-8?): {exc}") from exc
             seq = [CLS_ID] + pieces + [SEP_ID]
             ids[row, : len(seq)] = torch.tensor(seq)
             masks[row, : len(seq)] = 1
