@@ -43,11 +43,10 @@ def read_state_dict(path: PathLike) -> StateDict:
         from safetensors.torch import load_file
 
         try:
-            return unwrap_state_dict(load_file(path, device="cpu"), source=path)
-        except CheckpointError:
-            raise
+            tensors = load_file(path, device="cpu")
         except Exception as exc:  # a damaged header or body
             raise CheckpointError(f"cannot read {path} as safetensors: {first_line(exc)}") from exc
+        return unwrap_state_dict(tensors, source=path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers

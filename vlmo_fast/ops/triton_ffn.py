@@ -302,7 +302,7 @@ class ScaledResidual(torch.autograd.Function):
     def backward(ctx, go):
         y, gamma, scale = ctx.saved_tensors
         b, n, d = go.shape
-        dy, dgamma = scaled_residual_bwd(go.contiguous(), y.reshape(b * n, d), gamma, scale, n)
+        dy, dgamma = scaled_residual_bwd(go, y.reshape(b * n, d), gamma, scale, n)  # the op makes them dense
         return go, dy.view_as(y), (dgamma.to(gamma.dtype) if gamma is not None else None), None
 
 
@@ -339,7 +339,7 @@ class MultiwayFFN(torch.autograd.Function):
         experts = [params[i : i + 6] for i in range(0, len(params), 6)]
         split, cdt = ctx.split, ctx.cdt
         b, n, d = x.shape
-        go = go.contiguous()
+        go = go.contiguous()  # once, for the two ops below (each would copy a strided one)
         dy, dgamma = scaled_residual_bwd(go, y, gamma, scale, split)
         dh = torch.empty_like(h)
         bounds = [(0, b * split), (b * split, b * n)]
