@@ -5,6 +5,7 @@ decorates a function), so it is set here, at the very top, whenever there is no 
 """
 
 import os
+import warnings
 
 try:
     import torch
@@ -17,6 +18,38 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+def interpreter_conflict():
+    """Why Triton's CPU interpreter cannot run here, or None. Triton before 3.7 turns a kernel's integer arguments
+    into 1-element arrays and calls int() on them (a ``range`` bound, for example); numpy 2.4 made that a TypeError,
+    so every interpreted kernel fails. A clear stop beats 45 identical tracebacks."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy as np
+        import triton
+    except ImportError:
+        return None
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version >= (3, 7):
+        return None
+    try:
+        with warnings.catch_warnings():  # numpy 1.25-2.3 warn before refusing
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.array([1]))
+    except TypeError:
+        return (
+            f"Triton {triton.__version__}'s CPU interpreter cannot run with numpy {np.__version__} (it calls int() "
+            "on 1-element arrays, an error since numpy 2.4; fixed in Triton 3.7): install 'numpy<2.4' or triton>=3.7"
+        )
+    return None
+
+
+def pytest_configure(config):
+    reason = interpreter_conflict()
+    if reason is not None:
+        raise pytest.UsageError(reason)
 
 
 def pytest_collection_modifyitems(config, items):
