@@ -2,6 +2,8 @@
 one-line errors, fine-tuning task conflicts and data requirements, evaluate's model settings from the checkpoint,
 export of training checkpoints and model files. Parser-level or tiny runs only."""
 
+import re
+
 import pytest
 import torch
 
@@ -257,6 +259,26 @@ def test_finetune_default_out_dir_is_the_tasks(tmp_path, monkeypatch, task):
 def test_bad_values_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
+
+
+def test_fsdp_on_a_torch_older_than_2_10_fails_at_the_config(monkeypatch):
+    """An older torch stops before any process starts, naming the option: 2.6 has no fully_shard(ignored_params) and
+    2.8-2.9 cannot load the optimizer state back (both checked for real)."""
+    from vlmo_fast.train import distributed
+
+    if not distributed.torch_older_than(2, 10):
+        assert distributed.fsdp2_unavailable() is None
+        assert TrainConfig(fsdp=True).fsdp
+    for version, older in (("2.9.1+cu128", True), ("2.6.0", True), ("2.10.0", False), ("3.0.0a0+git", False)):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert distributed.torch_older_than(2, 10) is older
+        if older:
+            expected = rf"fsdp: FSDP2 needs torch >= 2\.10 .*; this is torch {re.escape(version)}"
+            with pytest.raises(ValueError, match=expected):
+                TrainConfig(fsdp=True)
+            assert not TrainConfig().fsdp  # DDP runs are not concerned
+        else:
+            assert TrainConfig(fsdp=True).fsdp
 
 
 def test_warmup_longer_than_the_run_warns():

@@ -22,9 +22,10 @@ Registered as the custom ops ``vlmo_fast::rel_pos_attn_fwd`` / ``vlmo_fast::rel_
 implementations, so ``torch.compile`` traces the model without graph breaks.
 """
 
-from __future__ import annotations
 
+import inspect
 import os
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -324,12 +325,32 @@ FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)
 DKDV_CONFIGS = [(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 3)]
 DQ_CONFIGS = [(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2)]
 
+
+def _bench_on_the_device(kernel_call, quantiles):
+    """The driver's benchmarker, looked up when the autotuner first times a kernel."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _autotune(configs, key, reset_to_zero=None):
+    """``triton.autotune``, without touching the GPU driver at import. The autotuner of Triton 3.2-3.3 (torch 2.6-2.7)
+    asks the driver for its benchmarker in its constructor, so with those versions importing vlmo_fast raised
+    "0 active drivers" on any machine without a GPU (CUDA builds of torch bring Triton along). Later versions look
+    the benchmarker up at the first tuning; for 3.2-3.3 a lazy one is handed over (directly to the constructor, as
+    3.2's decorator drops its do_bench argument)."""
+    from triton.runtime.autotuner import Autotuner
+
+    lazy = isinstance(getattr(Autotuner, "do_bench", None), property)
+    if lazy or "do_bench" not in inspect.signature(Autotuner).parameters:
+        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
+    return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None, do_bench=_bench_on_the_device)
+
+
 if triton is not None:
     _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
-    _fwd_tuned = triton.autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY)(_fwd)
-    _dkdv_tuned = triton.autotune(_config_list(DKDV_CONFIGS), key=_TUNE_KEY)(_bwd_dkdv)
-    _dq_tuned = triton.autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"],
-                                reset_to_zero=["DPART"])(_bwd_dq)
+    _fwd_tuned = _autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY)(_fwd)
+    _dkdv_tuned = _autotune(_config_list(DKDV_CONFIGS), key=_TUNE_KEY)(_bwd_dkdv)
+    _dq_tuned = _autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"],
+                          reset_to_zero=["DPART"])(_bwd_dq)
     # whole tiles of the padded bias-gradient partials (see _PART_PAD)
     assert all(_PART_PAD % m == 0 and _PART_PAD % n == 0 for m, n, _, _ in DQ_CONFIGS)
 
@@ -546,10 +567,23 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale)[0]
 
 
+# The oldest Triton the whole test suite has passed with (torch 2.8's; 2.6's Triton 3.2 and 2.4's 3.0 fail in the
+# interpreter): with an older one "auto" takes the torch path and "triton" says why, instead of running kernels
+# nobody has checked there.
+MIN_TRITON = (3, 4)
+
+
+def triton_version() -> Tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+
+
 def triton_unsupported(t: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take tensors like ``t`` (None when they can): shared by every Triton op."""
     if triton is None:
         return f"triton is not installed ({_TRITON_ERROR})"
+    if triton_version() < MIN_TRITON:
+        return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels "
+                "are tested with")
     if t.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
     if t.device.type not in ("cuda", "cpu"):

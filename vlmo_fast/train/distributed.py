@@ -78,6 +78,22 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def torch_older_than(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
+def fsdp2_unavailable():
+    """Why this torch cannot run FSDP2 here (None when it can). It needs torch >= 2.10: ``fully_shard`` takes
+    ``ignored_params`` (which keeps the 0-d logit scales replicated) from 2.7 on, and before 2.10 loading a full
+    optimizer state raised KeyError for parameters that never had a gradient (the unused absolute text positions),
+    so a run could train but not resume."""
+    if torch_older_than(2, 10):
+        return (f"FSDP2 needs torch >= 2.10 (fully_shard with ignored_params, and resume of optimizer states that "
+                f"lack never-updated parameters); this is torch {torch.__version__}")
+    return None
+
+
 def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
     """DDP (default) or FSDP2 (``fully_shard`` per block, then the root) when running distributed."""
     if not info.enabled:

@@ -18,6 +18,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from .distributed import torch_older_than
+
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias", "norm1.weight",
             "norm2.bias", "norm2.weight")
 HEADS = ("vqa_classifier", "nlvr2_classifier")
@@ -150,11 +152,6 @@ except ImportError:
         _DTensor = None
 
 
-def _torch_older_than(major: int, minor: int) -> bool:
-    parts = torch.__version__.split("+")[0].split(".")
-    return (int(parts[0]), int(parts[1])) < (major, minor)
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view: in-place updates reach the DTensor), any other tensor itself."""
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
@@ -193,7 +190,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, lr_
     if kind == "official":
         return OfficialAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     fused = groups[0]["params"][0].device.type in _FUSED_DEVICES
-    if fused and _DTensor is not None and _torch_older_than(2, 13) and any(
+    if fused and _DTensor is not None and torch_older_than(2, 13) and any(
             isinstance(p, _DTensor) for g in groups for p in g["params"]):
         # torch's fused AdamW on DTensors leaks a DTensorSpec per parameter per step (pytorch#188174: reported for
         # 2.10 and 2.11; 2.13 was checked flat here, 2.12 was not checked)
