@@ -40,3 +40,17 @@ def test_compiled_triton_is_not_concerned(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(triton, "__version__", "3.0.0")
     assert interpreter_conflict() is None
+
+
+def test_custom_op_modules_keep_real_annotations():
+    """torch 2.4's custom_op reads the schema from the function's annotations and cannot parse strings, so a module
+    that registers custom ops must not postpone its annotations (importing vlmo_fast failed there when it did)."""
+    import pathlib
+
+    import vlmo_fast
+
+    root = pathlib.Path(vlmo_fast.__file__).parent
+    registering = [p for p in root.rglob("*.py") if "torch.library.custom_op(" in p.read_text()]
+    assert len(registering) >= 3, registering  # native, triton_attention, triton_ffn
+    for path in registering:
+        assert "from __future__ import annotations" not in path.read_text(), path
