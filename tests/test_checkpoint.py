@@ -228,3 +228,10 @@ def test_damaged_files_and_malformed_entries_are_checkpoint_errors(tmp_path):
                      ("token_type_embeddings.weight", torch.zeros(2))):
         with pytest.raises(CheckpointError, match=f"{key}: the checkpoint's"):
             load_checkpoint(model, {**sd, key: bad}, strict=False)
+
+
+def test_a_checkpoint_that_is_neither_a_path_nor_a_mapping_is_a_type_error():
+    model = torch.nn.Linear(2, 2)
+    for bad in (None, 5, [torch.zeros(2)]):
+        with pytest.raises(TypeError, match="checkpoint must be a file path or a state dict .*, got"):
+            load_checkpoint(model, bad)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pathlib
 import tarfile
 
 import numpy as np
@@ -144,6 +145,11 @@ def test_expand_urls_and_missing_shards(shards, tmp_path):
         WebDataset(str(tmp_path / "nothere.tar"))
     with pytest.raises(FileNotFoundError):
         expand_urls(str(tmp_path / "x-*.tar"))
+    assert expand_urls(pathlib.Path(folder)) == shards
+    assert expand_urls(p for p in shards[:2]) == shards[:2]  # any iterable of paths
+    for bad in (None, 3, b"shard.tar", {"a": 1}):
+        with pytest.raises(TypeError, match="urls must be a path, a glob, a brace range or a list of them, got"):
+            WebDataset(bad)
 
 
 def test_synthetic_shards(tmp_path, tok):

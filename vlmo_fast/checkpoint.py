@@ -36,6 +36,9 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: PathLike) -> StateDict:
     """The tensors of a checkpoint file, unwrapped from ``state_dict``/``module``/``model`` nesting."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path or a state dict (a mapping of tensors), "
+                        f"got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")

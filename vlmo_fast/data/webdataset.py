@@ -26,6 +26,7 @@ data-parallel ranks in step even when shards hold different numbers of samples).
 
 from __future__ import annotations
 
+import collections.abc
 import glob
 import io
 import itertools
@@ -49,7 +50,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
     """Shard paths from a list, a directory (its *.tar), a glob, or a brace range ``shard-{000..012}.tar``."""
+    if isinstance(urls, os.PathLike):
+        urls = os.fspath(urls)
     if not isinstance(urls, str):
+        if isinstance(urls, (bytes, dict)) or not isinstance(urls, collections.abc.Iterable):
+            raise TypeError(f"urls must be a path, a glob, a brace range or a list of them, got {type(urls).__name__}")
         out: List[str] = []
         for u in urls:
             out.extend(expand_urls(u))
