@@ -19,7 +19,6 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 ``vlmo_fast._C``; the backend then reports itself unsupported and the PyTorch paths run.
 """
 
-
 from typing import Optional, Sequence, Tuple
 
 import torch

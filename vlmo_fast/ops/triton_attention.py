@@ -22,7 +22,7 @@ Registered as the custom ops ``vlmo_fast::rel_pos_attn_fwd`` / ``vlmo_fast::rel_
 implementations, so ``torch.compile`` traces the model without graph breaks.
 """
 
-
+import functools
 import inspect
 import os
 import re
@@ -574,7 +574,12 @@ MIN_TRITON = (3, 4)
 
 
 def triton_version() -> Tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    return _major_minor(triton.__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def _major_minor(version: str) -> Tuple[int, ...]:  # asked on every op call: parsed once
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
 def triton_unsupported(t: torch.Tensor) -> Optional[str]:

@@ -21,7 +21,6 @@ kernel is a ``torch.library`` custom op (with a fake implementation), composed b
 ``torch.compile`` traces it.
 """
 
-
 from typing import List, Optional, Tuple
 
 import torch
