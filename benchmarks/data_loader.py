@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,25 +36,6 @@ from vlmo_fast.tokenizer import BertTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def stage_costs(ds, tokenizer, image_size: int, max_text_len: int, samples: int, batch_size: int) -> Dict[str, float]:
@@ -143,13 +123,13 @@ def main(argv: List[str] = None) -> int:
         "benchmark": "data_loader",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "device": cpu_name(),
+        "device": harness.cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": commit(),
+        "commit": harness.git_commit(),
         "data": args.data_root or (f"COCO-like ({args.n_train} images, 640x480 JPEG q90, 5 captions each)"
                                    if args.images == "coco" else f"synthetic ({args.n_train} images, 64 px PNG)"),
         "datasets": args.datasets,
