@@ -52,14 +52,16 @@ step "environment"
 
 step "install (no network, no build isolation, native extension for ${VLMO_FAST_CUDA_ARCHS:-90-real})"
 SITE="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_site.XXXX")"
+NEUTRAL=""
+trap 'cd /; rm -rf "$SITE" ${NEUTRAL:+"$NEUTRAL"}' EXIT  # on every exit, early ones included
 export VLMO_FAST_CUDA_ARCHS="${VLMO_FAST_CUDA_ARCHS:-90-real}"
 if [ "$DRY" = 0 ]; then export VLMO_FAST_CUDA=1; fi
 run "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # Python runs from an empty folder (with absolute paths) from here on, so the installed build (with _C) is what gets
 # imported, not the source tree in the working directory (python -P would do it from 3.11 on only)
-NEUTRAL="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_cwd.XXXX")"
-cd "$NEUTRAL"
+NEUTRAL="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_cwd.XXXX")" && cd "$NEUTRAL" ||
+  { echo "!!! no empty folder to run Python in" | tee -a "$LOG"; exit 1; }
 run "$PY" -c "import vlmo_fast, json; print('vlmo_fast from', vlmo_fast.__file__); print(json.dumps(vlmo_fast.build_info()))"
 
 step "gpu-marked tests"
@@ -97,6 +99,4 @@ fi
 
 step "summary (exit status $STATUS)"
 "$PY" "$ROOT/benchmarks/summary.py" "$OUT" 2>&1 | tee "$OUT/summary.md"
-cd "$ROOT"
-rm -rf "$SITE" "$NEUTRAL"
 exit $STATUS

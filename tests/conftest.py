@@ -32,7 +32,7 @@ def interpreter_conflict():
     except ImportError:
         return None
     version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-    if version >= (3, 7):
+    if not (3, 4) <= version < (3, 7):  # below 3.4 vlmo_fast leaves the Triton kernels off (MIN_TRITON)
         return None
     try:
         with warnings.catch_warnings():  # numpy 1.25-2.3 warn before refusing

@@ -261,24 +261,31 @@ def test_bad_values_name_the_option(kw, match):
         TrainConfig(**kw)
 
 
-def test_fsdp_on_a_torch_older_than_2_10_fails_at_the_config(monkeypatch):
-    """An older torch stops before any process starts, naming the option: 2.6 has no fully_shard(ignored_params) and
-    2.8-2.9 cannot load the optimizer state back (both checked for real)."""
+def test_fsdp_on_a_torch_older_than_2_10_stops_the_run_at_its_start(monkeypatch, tmp_path, capsys):
+    """An older torch stops a --fsdp run before any process group starts, in one line naming the option (2.6 has no
+    fully_shard(ignored_params), 2.8-2.9 cannot load the optimizer state back: both checked for real). The config
+    itself stays valid, as export rebuilds models from FSDP runs' configs."""
     from vlmo_fast.train import distributed
 
     if not distributed.torch_older_than(2, 10):
         assert distributed.fsdp2_unavailable() is None
-        assert TrainConfig(fsdp=True).fsdp
     for version, older in (("2.9.1+cu128", True), ("2.6.0", True), ("2.10.0", False), ("3.0.0a0+git", False)):
         monkeypatch.setattr(torch, "__version__", version)
         assert distributed.torch_older_than(2, 10) is older
-        if older:
-            expected = rf"fsdp: FSDP2 needs torch >= 2\.10 .*; this is torch {re.escape(version)}"
-            with pytest.raises(ValueError, match=expected):
-                TrainConfig(fsdp=True)
-            assert not TrainConfig().fsdp  # DDP runs are not concerned
-        else:
-            assert TrainConfig(fsdp=True).fsdp
+        assert (distributed.fsdp2_unavailable() is not None) is older
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    from vlmo_fast.train import loop
+
+    monkeypatch.setattr(loop, "init_distributed", lambda *a: pytest.fail("a process group was started"))
+    cfg = TrainConfig(fsdp=True, out_dir=str(tmp_path / "run"), max_steps=1, device="cpu")
+    assert TrainConfig.from_dict(cfg.to_dict()).fsdp
+    expected = r"fsdp: FSDP2 needs torch >= 2\.10 .*; this is torch 2\.9\.1\+cu128"
+    with pytest.raises(ValueError, match=expected):
+        train(cfg)
+    argv = ["pretrain", "--fsdp", "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu"]
+    code, _, err = exit_code(lambda: cli.main(argv), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and re.search(expected, lines[0]), err
 
 
 def test_warmup_longer_than_the_run_warns():

@@ -1,45 +1,51 @@
 """The test run's own guard: Triton's CPU interpreter before 3.7 cannot run with numpy >= 2.4."""
 
-import warnings
-
 import numpy as np
 import pytest
-import triton
-from conftest import interpreter_conflict
+
+triton = pytest.importorskip("triton")
+conftest = pytest.importorskip("conftest")
 
 
-def numpy_refuses_sized_int():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            int(np.array([1]))
-    except TypeError:
-        return True
-    return False
+class _OneElementArray:
+    """What ``np.array([1])`` gives to ``int()``: a value (numpy < 2.4) or a TypeError (numpy >= 2.4)."""
+
+    def __init__(self, refuses):
+        self.refuses = refuses
+
+    def __int__(self):
+        if self.refuses:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return 1
 
 
-@pytest.mark.parametrize("version", ["3.0.0", "3.6.0", "3.6.1+git1234"])
-def test_old_triton_with_new_numpy_stops_the_run_with_a_clear_reason(monkeypatch, version):
+@pytest.mark.parametrize("refuses", [True, False])
+@pytest.mark.parametrize("version", ["3.4.0", "3.6.0", "3.6.1+git1234"])
+def test_interpreter_of_triton_3_4_to_3_6_with_numpy_2_4_stops_the_run(monkeypatch, version, refuses):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton, "__version__", version)
-    reason = interpreter_conflict()
-    if numpy_refuses_sized_int():
+    monkeypatch.setattr(np, "array", lambda *args, **kwargs: _OneElementArray(refuses))
+    reason = conftest.interpreter_conflict()
+    if refuses:
         assert reason is not None and version in reason and "numpy<2.4" in reason and "triton>=3.7" in reason
     else:
         assert reason is None
 
 
-@pytest.mark.parametrize("version", ["3.7.0", "3.9.0", "4.0.0"])
-def test_fixed_triton_runs(monkeypatch, version):
+@pytest.mark.parametrize("version", ["3.0.0", "3.2.0", "3.7.0", "3.9.0", "4.0.0"])
+def test_fixed_or_unused_interpreters_run(monkeypatch, version):
+    """3.7 fixed it; below 3.4 the Triton kernels are off (MIN_TRITON), so the interpreter never runs them."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton, "__version__", version)
-    assert interpreter_conflict() is None
+    monkeypatch.setattr(np, "array", lambda *args, **kwargs: _OneElementArray(True))
+    assert conftest.interpreter_conflict() is None
 
 
 def test_compiled_triton_is_not_concerned(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(triton, "__version__", "3.0.0")
-    assert interpreter_conflict() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "array", lambda *args, **kwargs: _OneElementArray(True))
+    assert conftest.interpreter_conflict() is None
 
 
 def test_custom_op_modules_keep_real_annotations():

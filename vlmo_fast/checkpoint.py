@@ -36,9 +36,6 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: PathLike) -> StateDict:
     """The tensors of a checkpoint file, unwrapped from ``state_dict``/``module``/``model`` nesting."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a file path or a state dict (a mapping of tensors), "
-                        f"got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -183,6 +180,9 @@ def load_checkpoint(
     otherwise missing and unexpected keys are reported in the returned ``LoadReport``. Shape mismatches that cannot
     be adapted always raise a ``CheckpointError`` listing them.
     """
+    if not isinstance(checkpoint, (str, bytes, os.PathLike, Mapping)):
+        raise TypeError(f"checkpoint must be a file path or a state dict (a mapping of tensors), "
+                        f"got {type(checkpoint).__name__}")
     sd = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
     sd, report = adapt_state_dict(sd, model)
     target = model.state_dict()

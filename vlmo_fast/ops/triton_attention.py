@@ -339,7 +339,7 @@ def _autotune(configs, key, reset_to_zero=None):
     3.2's decorator drops its do_bench argument)."""
     from triton.runtime.autotuner import Autotuner
 
-    lazy = isinstance(getattr(Autotuner, "do_bench", None), property)
+    lazy = isinstance(inspect.getattr_static(Autotuner, "do_bench", None), (property, functools.cached_property))
     if lazy or "do_bench" not in inspect.signature(Autotuner).parameters:
         return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
     return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None, do_bench=_bench_on_the_device)

@@ -119,12 +119,6 @@ class TrainConfig:
                           stacklevel=3)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.fsdp:
-            from .distributed import fsdp2_unavailable
-
-            reason = fsdp2_unavailable()
-            if reason is not None:
-                raise ValueError(f"fsdp: {reason}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,8 +32,8 @@ from ..flops import pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, input_stage
-from .distributed import DistInfo, any_rank, barrier, cleanup, full_state_dict, init_distributed, \
-    load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
+from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, full_state_dict, \
+    init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
 from .state import latest_checkpoint, load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
 
@@ -291,6 +291,11 @@ def _restore_signal_handlers(previous) -> None:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as configured; returns a summary (steps, losses, metrics, timings, the last checkpoint)."""
+    # checked when a run starts, not in the config: export rebuilds models from FSDP runs' configs on any torch
+    reason = fsdp2_unavailable() if cfg.fsdp else None
+    if reason is not None:
+        with input_stage():
+            raise ValueError(f"fsdp: {reason}")
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, info)
