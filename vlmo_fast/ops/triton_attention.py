@@ -573,20 +573,16 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
 MIN_TRITON = (3, 4)
 
 
-def triton_version() -> Tuple[int, ...]:
-    return _major_minor(triton.__version__)
-
-
-@functools.lru_cache(maxsize=None)
-def _major_minor(version: str) -> Tuple[int, ...]:  # asked on every op call: parsed once
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+# (major, minor) of the installed Triton, read once: the support check runs on every op call, inside compiled
+# regions too
+TRITON_VERSION: Tuple[int, ...] = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if triton else ()
 
 
 def triton_unsupported(t: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take tensors like ``t`` (None when they can): shared by every Triton op."""
     if triton is None:
         return f"triton is not installed ({_TRITON_ERROR})"
-    if triton_version() < MIN_TRITON:
+    if TRITON_VERSION < MIN_TRITON:
         return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels "
                 "are tested with")
     if t.device.type == "cpu" and not interpreting():
