@@ -31,8 +31,10 @@ def interpreter_conflict():
         import triton
     except ImportError:
         return None
+    from vlmo_fast.ops.triton_attention import MIN_TRITON  # below it the Triton kernels are off: never interpreted
+
     version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-    if not (3, 4) <= version < (3, 7):  # below 3.4 vlmo_fast leaves the Triton kernels off (MIN_TRITON)
+    if not MIN_TRITON <= version < (3, 7):
         return None
     try:
         with warnings.catch_warnings():  # numpy 1.25-2.3 warn before refusing
