@@ -149,6 +149,14 @@ def test_from_official():
         vf.from_official(src.state_dict(), dict(cfg, model_arch="vit_base"))
     with pytest.raises(TypeError):
         vf.from_official(src.state_dict(), ["not", "a", "dict"])
+    with pytest.raises(TypeError, match=r"loss_names'\]\['itm'\] must be a number"):
+        vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": "1"}))
+    with pytest.raises(TypeError, match="loss_names'] must be a dict"):
+        vf.from_official(src.state_dict(), dict(cfg, loss_names=["itm", "itc"]))
+    with pytest.raises(ValueError, match="unknown task"):
+        vf.from_official(src.state_dict(), dict(cfg, loss_names={"itmm": 1}))
+    on = vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": True, "itc": 0.5, "mlm": 2, "vqa": 0}))
+    assert on.config.loss_names["itm"] == 1 and on.config.loss_names["itc"] == 1 and on.config.loss_names["mlm"] == 1 and on.config.loss_names["vqa"] == 0
 
 
 def _ddp_step(rank, world, accelerated):

@@ -196,10 +196,15 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
         arch = "vlmo_large_patch16"
     if arch not in PRESETS:
         raise ValueError(f"config['model_arch']: unknown {arch!r}; expected one of {list(PRESETS)}")
-    names = dict(config.get("loss_names", {}))
+    names = config.get("loss_names", {})
+    if not isinstance(names, Mapping):
+        raise TypeError(f"config['loss_names'] must be a dict of task name -> weight, got {type(names).__name__}")
     unknown = set(names) - set(LOSS_NAMES)
     if unknown:
         raise ValueError(f"config['loss_names']: unknown task(s) {sorted(unknown)}")
+    for task, weight in names.items():
+        if not isinstance(weight, (int, float)) or weight != weight:  # bool is an int: True = on
+            raise TypeError(f"config['loss_names'][{task!r}] must be a number (0 = off, > 0 = on), got {weight!r}")
     overrides: Dict[str, Any] = {"loss_names": loss_names(**{k: int(v > 0) for k, v in names.items()})}
     for key in ("image_size", "max_text_len", "drop_path_rate", "max_text_len_of_initckpt", "vqav2_label_size"):
         if key in config:
