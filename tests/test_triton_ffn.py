@@ -163,6 +163,30 @@ def test_scaled_residual():
             ops.scaled_residual(x16, y_, g_, backend="triton")
 
 
+def test_mixed_parameter_dtypes_follow_torch_rules():
+    """Every backend accepts exactly the dtype mixes torch does: LayerNorm weights in x's dtype or float32, Linear
+    weights in x's dtype outside autocast, any under it; a wider γ promotes the sum (torch path)."""
+    x = torch.randn(2, 7, D, dtype=torch.bfloat16)
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match=r"experts.fc1_weight\[0\] must have x's dtype \(torch.bfloat16\) outside"):
+            ops.multiway_ffn(x, [expert()], backend=backend)
+        with pytest.raises(TypeError, match=r"experts.norm_weight\[0\] must have x's dtype \(torch.float32\) or"):
+            ops.multiway_ffn(x.float(), [expert(torch.bfloat16)], backend=backend)
+        with pytest.raises(TypeError, match=r"bias\[0\] must have x's dtype \(torch.float16\) or torch.float32"):
+            ops.multiway_layernorm(x.half(), [torch.ones(D)] * 2, [torch.zeros(D, dtype=torch.bfloat16)] * 2, split=3,
+                                   backend=backend)
+        mixed = expert(torch.bfloat16)
+        mixed = mixed._replace(norm_weight=mixed.norm_weight.float(), norm_bias=mixed.norm_bias.float())
+        out = ops.multiway_ffn(x, [mixed], backend=backend)  # float32 LayerNorm weights: torch's mixed LayerNorm
+        assert out.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ops.multiway_ffn(x.float(), [expert()], backend=backend).dtype == torch.float32
+    gamma = torch.full((D,), 0.1)
+    assert ops.multiway_ffn(x, [expert(torch.bfloat16)], gamma=gamma).dtype == torch.float32  # auto: torch path
+    with pytest.raises(ValueError, match="gamma is wider than x"):
+        ops.multiway_ffn(x, [expert(torch.bfloat16)], gamma=gamma, backend="triton")
+
+
 def strided(t: torch.Tensor, kind: str) -> torch.Tensor:
     """The same values in another layout: sliced out of a larger tensor (a vector: every other element; a matrix
     or batch: the first columns of wider rows), or (3-D) batch-major storage."""

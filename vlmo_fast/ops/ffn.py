@@ -54,13 +54,13 @@ def multiway_ffn(
     d = x.shape[-1]
     if not experts or not all(isinstance(e, FFNExpert) for e in experts):
         raise TypeError("experts must be a non-empty sequence of FFNExpert")
-    check_experts("experts.norm_weight", x, [e.norm_weight for e in experts], (d,), split)
-    check_experts("experts.norm_bias", x, [e.norm_bias for e in experts], (d,), split)
+    check_experts("experts.norm_weight", x, [e.norm_weight for e in experts], (d,), split, role="norm")
+    check_experts("experts.norm_bias", x, [e.norm_bias for e in experts], (d,), split, role="norm")
     hidden = experts[0].fc1_weight.shape[0] if experts[0].fc1_weight.dim() == 2 else -1
-    check_experts("experts.fc1_weight", x, [e.fc1_weight for e in experts], (hidden, d), split)
-    check_experts("experts.fc1_bias", x, [e.fc1_bias for e in experts], (hidden,), split)
-    check_experts("experts.fc2_weight", x, [e.fc2_weight for e in experts], (d, hidden), split)
-    check_experts("experts.fc2_bias", x, [e.fc2_bias for e in experts], (d,), split)
+    check_experts("experts.fc1_weight", x, [e.fc1_weight for e in experts], (hidden, d), split, role="linear")
+    check_experts("experts.fc1_bias", x, [e.fc1_bias for e in experts], (hidden,), split, role="linear")
+    check_experts("experts.fc2_weight", x, [e.fc2_weight for e in experts], (d, hidden), split, role="linear")
+    check_experts("experts.fc2_bias", x, [e.fc2_bias for e in experts], (d,), split, role="linear")
     if gamma is not None:
         check_experts("gamma", x, [gamma], (d,), None)
     if not 0.0 <= drop_path < 1.0:

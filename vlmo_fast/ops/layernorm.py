@@ -15,8 +15,11 @@ from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 
-def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int]):
-    """Shared checks for per-expert parameter lists: 1 or 2 experts, ``split`` iff 2, same device."""
+def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int],
+                  role: str = ""):
+    """Shared checks for per-expert parameter lists: 1 or 2 experts, ``split`` iff 2, same device; with ``role``
+    "norm" the dtype is x's or float32 (torch's mixed-precision LayerNorm rule), with "linear" it is x's outside
+    autocast (``F.linear``'s rule)."""
     if len(tensors) not in (1, 2):
         raise ValueError(f"{name} must list 1 or 2 experts, got {len(tensors)}")
     if len(tensors) == 2:
@@ -31,6 +34,10 @@ def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.T
             continue
         check_tensor(f"{name}[{i}]", t, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape(f"{name}[{i}]", t, shape)
+        if role == "norm" and t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}) or torch.float32, got {t.dtype}")
+        if role == "linear" and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}) outside autocast, got {t.dtype}")
 
 
 def segments(n: int, num_experts: int, split: Optional[int]):
@@ -60,8 +67,8 @@ def multiway_layernorm(
     d = x.shape[-1]
     if len(weight) != len(bias):
         raise ValueError(f"weight and bias must list the same number of experts, got {len(weight)} and {len(bias)}")
-    check_experts("weight", x, weight, (d,), split)
-    check_experts("bias", x, bias, (d,), split)
+    check_experts("weight", x, weight, (d,), split, role="norm")
+    check_experts("bias", x, bias, (d,), split, role="norm")
     impl = _backend.select("multiway_layernorm", backend, x, weight, bias, split)
     if impl is not None:
         return impl(x, tuple(weight), tuple(bias), split, float(eps))

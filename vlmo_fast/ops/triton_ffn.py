@@ -410,15 +410,23 @@ def _unsupported_common(x: torch.Tensor) -> Optional[str]:
     return reason
 
 
+def _wider_than_x(x: torch.Tensor, name: str, *others: Optional[torch.Tensor]) -> Optional[str]:
+    """The kernels write x's dtype; the official ``x + γ·y`` promotes when γ (or y) is wider."""
+    wide = x.dtype
+    for t in others:
+        if t is not None:
+            wide = torch.promote_types(wide, t.dtype)
+    if wide != x.dtype:
+        return f"{name} is wider than x ({x.dtype}): the sum would be promoted to {wide}"
+    return None
+
+
 def ffn_unsupported(x, experts, split, gamma, drop_prob, training) -> Optional[str]:
-    return _unsupported_common(x)
+    return _wider_than_x(x, "gamma", gamma) or _unsupported_common(x)
 
 
 def residual_unsupported(x, y, gamma, drop_prob, training) -> Optional[str]:
-    wide = torch.promote_types(y.dtype, gamma.dtype) if gamma is not None else y.dtype
-    if torch.promote_types(x.dtype, wide) != x.dtype:  # x + γ·y would promote; the kernel writes x's dtype
-        return f"y or gamma ({wide}) is wider than x ({x.dtype}): the sum would be promoted"
-    return _unsupported_common(x)
+    return _wider_than_x(x, "y or gamma", y, gamma) or _unsupported_common(x)
 
 
 _backend.register("multiway_ffn", "triton", ffn_triton, ffn_unsupported, priority=10, auto_devices=("cuda",))
