@@ -113,6 +113,20 @@ def test_never_unpickles_arbitrary_objects(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_checkpoint_paths_may_be_str_bytes_or_pathlike(tmp_path):
+    src = tiny()
+    for name in ("m.pt", "m.safetensors"):
+        save_checkpoint(src, tmp_path / name)
+        for path in (tmp_path / name, str(tmp_path / name), os.fsencode(tmp_path / name)):
+            dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+            load_checkpoint(dst, path)
+            assert_same_weights(src, dst)
+    with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike, got int"):
+        read_state_dict(3)
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        read_state_dict(os.fsencode(tmp_path / "absent.pt"))
+
+
 def test_missing_unexpected_and_mismatched_keys_are_reported():
     src = tiny()
     sd = dict(src.state_dict())

@@ -36,7 +36,10 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: PathLike) -> StateDict:
     """The tensors of a checkpoint file, unwrapped from ``state_dict``/``module``/``model`` nesting."""
-    path = os.fspath(path)
+    try:
+        path = os.fsdecode(path)  # str, bytes or PathLike
+    except TypeError:
+        raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
