@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from .triton_attention import cast_for, interpreting, triton, triton_unsupported
+from .triton_attention import interpreting, triton, triton_unsupported
 
 if triton is not None:
     import triton.language as tl
+
+    from .triton_attention import cast_for
 
     @triton.jit
     def _row_info(rows, N, SPLIT, B):
