@@ -221,6 +221,29 @@ def test_evaluate_configuration_errors_are_one_line(tmp_path, capsys):
         f"vlmo-fast evaluate irtr: error: checkpoint file not found: {tmp_path / 'missing.pt'}"]
 
 
+def test_a_file_that_is_no_checkpoint_is_one_clean_line(tmp_path, capsys, synthetic_root):
+    """evaluate and export name the file and the reader's first line: none of torch's advice to unpickle, no terminal
+    colour codes, no doubled period."""
+    jpg = tmp_path / "photo.jpg"
+    jpg.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
+    for run in (lambda: ft.evaluate_main(["irtr", "--load-path", str(jpg), "--data-root", synthetic_root,
+                                           "--device", "cpu"]),
+                lambda: cli.main(["export", str(jpg), str(tmp_path / "out.pt")])):
+        code, _, err = exit_code(run, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert "cannot read" in lines[0] and str(jpg) in lines[0] and "weights_only=True" in lines[0], err
+        assert "\x1b" not in err and ".." not in err and "set to `False" not in err and "Please file" not in err, err
+
+
+def test_evaluate_hints_at_arch_when_the_checkpoint_records_none(tmp_path, capsys, synthetic_root):
+    plain = tmp_path / "tiny.pt"  # a plain state dict (export's .pt) records no model settings
+    save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)), plain)
+    code, _, err = exit_code(lambda: ft.evaluate_main(["irtr", "--load-path", str(plain), "--data-root",
+                                                       synthetic_root, "--device", "cpu"]), capsys)
+    assert code == 2 and "cannot be adapted" in err and "give --arch, --image-size and --max-text-len" in err, err
+
+
 # ---- 7. finetune has its own out_dir ------------------------------------------------------------------------------
 
 

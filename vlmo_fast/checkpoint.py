@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -50,20 +51,37 @@ def read_state_dict(path: PathLike) -> StateDict:
         except Exception as exc:  # a damaged header or body
             raise CheckpointError(f"cannot read {path} as safetensors: {first_line(exc)}") from exc
         return unwrap_state_dict(tensors, source=path)
+    return unwrap_state_dict(torch_load(path), source=path)
+
+
+def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
+    """``torch.load(weights_only=True)`` on the CPU, or a one-line ``CheckpointError`` naming the file. With ``mmap``
+    the file is mapped, not read (a caller needing only the model never reads a training checkpoint's optimizer
+    state), falling back to a plain read for the legacy non-zip format, which cannot be mapped."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # not a torch file, truncated, or objects the safe unpickler refuses
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                pass
         raise CheckpointError(
-            f"cannot read {path} with torch.load(weights_only=True): {first_line(exc)}. vlmo_fast never unpickles "
-            f"arbitrary objects; re-save the file as a plain state dict or as safetensors."
-        ) from exc
-    return unwrap_state_dict(obj, source=path)
+            f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(exc)}. "
+            f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors."
+        ) from None
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (torch's unpickler explains itself over many lines)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    """The first line of an exception's message, without terminal colour codes or a final period. torch's safe
+    unpickler explains itself over many lines that start with advice to unpickle anyway: its reason is given
+    instead."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reasons = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+        lines = [f"the safe unpickler refused it ({reasons[0].rstrip('.')})" if reasons else "the safe unpickler "
+                 "refused it"]
+    return f"{type(exc).__name__}: {lines[0].rstrip('.') if lines else ''}"
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import data as vdata
-from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_state_dict, unwrap_state_dict
+from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load, unwrap_state_dict
 from ..config import PRESETS
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
@@ -153,15 +153,7 @@ def read_checkpoint(path: str):
             recorded = {"arch": cfg.get("model_arch"), "image_size": cfg.get("image_size"),
                         "max_text_len": cfg.get("max_text_len")}
         return read_state_dict(path), recorded, False
-    try:  # mmap: a training checkpoint's optimizer state is never read from disk
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # e.g. the legacy (non-zip) format, which cannot be mapped
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
-            raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {exc}. vlmo_fast never "
-                                  f"unpickles arbitrary objects; re-save the file as a plain state dict or as "
-                                  f"safetensors.") from None
+    obj = torch_load(path, mmap=True)  # mapped: a training checkpoint's optimizer state is never read from disk
     training = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
     recorded = {}
     if training:
@@ -195,7 +187,13 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = build_model(cfg)
     with user_errors(parser):  # a checkpoint that does not fit the model: one line
-        report = load_checkpoint(model, state, strict=False)
+        try:
+            report = load_checkpoint(model, state, strict=False)
+        except CheckpointError as exc:
+            if args.arch or recorded.get("arch"):
+                raise
+            raise CheckpointError(f"{exc} (the checkpoint records no model settings, so the {cfg.arch} preset's "
+                                  f"were used: give --arch, --image-size and --max-text-len)") from None
     del state
     model.to(device).eval()
     amp = resolve_precision(cfg, device)

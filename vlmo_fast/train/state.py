@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, first_line
+from ..checkpoint import atomic_write, torch_load
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -75,8 +75,4 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training checkpoint not found: {path}")
     # mapped, not read: a caller that needs only the model (export) never reads the optimizer state from disk
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated, not a torch file, or objects the safe unpickler refuses
-        raise CheckpointError(f"cannot read the training checkpoint {path} with torch.load(weights_only=True): "
-                              f"{first_line(exc)}") from exc
+    return torch_load(path, mmap=True, what="the training checkpoint")
