@@ -542,3 +542,68 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path, synthetic_root):
     shutil.copy(tmp_path / "fsdp" / "checkpoints" / "step_00000002.pt", resumed_dir / "checkpoints")
     resumed = run_distributed(_fsdp_run, 2, str(resumed_dir), synthetic_root, True, 4)[0]
     assert resumed == pytest.approx(fsdp[2:], rel=1e-5)
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"text_ids": torch.tensor([i])}
+
+
+def _index_collate(items):
+    return {"text_ids": torch.cat([it["text_ids"] for it in items])}
+
+
+@pytest.mark.parametrize("n,world,bs,drop_last,sizes", [
+    (10, 1, 4, False, [4, 4, 2]),  # official: the final partial batch is kept and counted
+    (10, 1, 4, True, [4, 4]),
+    (9, 1, 4, False, [4, 4]),  # a final global batch of one sample has no ITM negative: dropped
+    (11, 2, 4, False, [4, 2]),  # 2 ranks: padded to 6 samples each, a final batch of 2 on both
+    (9, 2, 4, False, [4, 1]),  # a final batch of one per rank is a global batch of two: kept
+    (11, 2, 4, True, [4]),
+])
+def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last, sizes):
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    seen, rows = [], []
+    for rank in range(world):
+        info = DistInfo(rank, world, rank, torch.device("cpu"))
+        stream = TrainStream(_Indices(n), _index_collate, bs, 0, 3, info, drop_last=drop_last)
+        assert stream.batches_per_epoch == len(sizes)
+        batches = [next(stream)["text_ids"] for _ in range(len(sizes))]
+        assert [len(b) for b in batches] == sizes and stream.state() == {"epoch": 0, "batch": len(sizes)}
+        assert len(next(stream)["text_ids"]) == bs and stream.state() == {"epoch": 1, "batch": 1}  # next epoch
+        rows.append(torch.cat(batches).tolist())
+        seen += rows[-1]
+    if not drop_last and sum(sizes) * world >= n:  # every sample of the epoch is seen (ranks padded by repeats)
+        assert sorted(set(seen)) == list(range(n))
+    else:
+        assert len(set(seen)) == len(seen)
+    # resuming mid-epoch continues with the same batches, the partial one included
+    info = DistInfo(0, world, 0, torch.device("cpu"))
+    stream = TrainStream(_Indices(n), _index_collate, bs, 0, 3, info, drop_last=drop_last)
+    stream.restore({"epoch": 0, "batch": 1})
+    rest = [next(stream)["text_ids"] for _ in range(len(sizes) - 1)]
+    assert torch.cat(rest).tolist() == rows[0][bs:] if rest else True
+
+
+def test_max_epochs_counts_the_partial_batch(tmp_path):
+    """max_steps of an epoch-based run is len(train loader) * max_epochs // accumulation, as official."""
+    from vlmo_fast.train.data_setup import train_stream
+    from vlmo_fast.train.distributed import DistInfo
+
+    root = str(tmp_path / "data")
+    vdata.write_synthetic(root, n_train=12, n_val=4, n_test=4, image_size=64, seed=3)
+    cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, per_device_batch_size=4)
+    model_config = vf.preset(cfg.arch, image_size=cfg.image_size, max_text_len=cfg.max_text_len)
+    n = len(train_stream(cfg, model_config, DistInfo(0, 1, 0, torch.device("cpu"))).sampler)
+    bs = next(b for b in range(4, 12) if n % b > 1)
+    cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=2 * bs, per_device_batch_size=bs)
+    summary = train(cfg)
+    assert summary["steps"] == -(-n // bs) // 2 and summary["stop_reason"] == "max_steps"

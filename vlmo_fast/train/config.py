@@ -42,6 +42,7 @@ class TrainConfig:
     whole_word_masking: bool = True
     mlm_prob: float = 0.15
     num_workers: int = 2
+    drop_last: bool = False  # drop each epoch's final partial batch (official: kept; ranks padded to equal size)
     # batch and schedule
     batch_size: int = 32  # global batch; gradient accumulation makes up the difference (official batch_size)
     per_device_batch_size: int = 32  # official per_gpu_batchsize
@@ -307,7 +308,9 @@ HELP = {
     "datasets": "comma-separated dataset keys (coco,vg,sbu,gcc,f30k,wikibk,vqa,nlvr2) or webdataset tar globs",
     "augment": "official train augmentation (default: on for real data, off for the built-in synthetic set)",
     "whole_word_masking": "whole-word MLM masking (official) instead of per-token", "mlm_prob": "MLM probability",
-    "num_workers": "DataLoader workers per process", "batch_size": "global batch (accumulation fills the gap)",
+    "num_workers": "DataLoader workers per process",
+    "drop_last": "drop each epoch's final partial micro-batch (official: kept, and counted in an epoch's steps)",
+    "batch_size": "global batch (accumulation fills the gap)",
     "per_device_batch_size": "micro-batch per process", "learning_rate": "peak learning rate",
     "optimizer": "official: AdamW with the official update rule (transformers' AdamW: eps added before the bias "
                  "correction, decay after the update; run in torch's fused kernel) | torch: torch.optim.AdamW (fused, "

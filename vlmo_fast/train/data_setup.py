@@ -68,7 +68,7 @@ class EpochSampler(Sampler):
     """Yields (epoch, index) for this rank: a (seed, epoch) permutation (or the identity), padded or truncated to a
     multiple of the world size and strided by rank like DistributedSampler, starting at ``start``."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int, drop_last: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int, drop_last: bool = False):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
         self.per_rank = n // world if drop_last else -(-n // world)
         self.drop_last = drop_last
@@ -95,21 +95,26 @@ class EpochSampler(Sampler):
 class TrainStream:
     """Endless iterator of training batches over epochs, with a resumable position (epoch, batches consumed)."""
 
-    def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo):
+    def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo,
+                 drop_last: bool = False):
         if len(dataset) < batch_size * info.world_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {info.world_size})")
         self.batch_size = batch_size
-        self.sampler = EpochSampler(len(dataset), seed, True, info.rank, info.world_size)
+        # official: DistributedSampler pads every rank to ceil(n / world) samples and the DataLoader keeps the
+        # final partial batch (the same size on every rank, so the ITC/ITM gathers line up)
+        self.sampler = EpochSampler(len(dataset), seed, True, info.rank, info.world_size, drop_last=drop_last)
+        # a final global batch of one sample has no in-batch negative for ITM (the official sampling would fail)
+        drop_last = drop_last or (self.sampler.per_rank % batch_size) * info.world_size == 1
         kwargs: Dict[str, Any] = {}
         if num_workers > 0:
             kwargs.update(persistent_workers=True, worker_init_fn=vdata.seed_worker, prefetch_factor=4)
         # its own generator: creating an iterator (at start, after resume) must not draw from the global stream
         self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
-                                 collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=True,
+                                 collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=drop_last,
                                  pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
                                  **kwargs)
-        self.batches_per_epoch = self.sampler.per_rank // batch_size
+        self.batches_per_epoch = len(self.loader)  # official max_epochs steps: len(train_loader) * epochs // accum
         self.epoch, self.batch = 0, 0
         self._it: Optional[Iterator] = None
 
@@ -220,7 +225,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     ds = vdata.build_dataset(data_root(cfg, model_config, info), cfg.datasets, "train",
                              image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                              train=augment, text_only=text_only, on_error=on_error)
-    return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info)
+    return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last)
 
 
 def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int) -> DataLoader:

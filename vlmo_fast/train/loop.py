@@ -412,7 +412,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                         parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
                 for name, logits, labels in _accuracy_inputs(out):
                     parts[name] = parts.get(name, 0.0) + accuracy(logits.detach(), labels) / accum
-                samples_since += cfg.per_device_batch_size * info.world_size
+                # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
+                samples_since += len(batch.get("text_ids", ())) * info.world_size
             if any_rank(not finite, info.device):
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
