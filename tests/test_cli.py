@@ -356,6 +356,12 @@ def test_toml_values_are_type_checked_and_may_name_a_preset(tmp_path, capsys):
     toml.write_text('preset = "no_such_preset"\n')
     with pytest.raises(ValueError, match="unknown preset 'no_such_preset'"):
         config_from_args(parser.parse_args(["--config", str(toml)]))
+    toml.write_text('preset = "task_textmlm_base"\n[train]\nmax_steps = 2\n')  # the preset would be ignored
+    with pytest.raises(ValueError, match=r"either at the top level or in a \[train\] table.*outside \[train\]: preset"):
+        config_from_args(parser.parse_args(["--config", str(toml)]))
+    toml.write_text('[train]\npreset = "task_textmlm_base"\nmax_steps = 3000\n')
+    cfg = config_from_args(parser.parse_args(["--config", str(toml)]))
+    assert cfg.tasks == ["textmlm"] and cfg.max_steps == 3000
 
 
 # ---- 9. configuration errors: one line, exit status 2 -------------------------------------------------------------
@@ -454,3 +460,16 @@ def test_evaluate_refuses_a_negative_rerank_k_before_any_work(capsys, tmp_path):
     argv = ["irtr", "--load-path", str(tmp_path / "none.pt"), "--rerank-k", "-3"]
     code, _, err = exit_code(lambda: ft.evaluate_main(argv), capsys)
     assert code == 2 and "--rerank-k: expected an int >= 0, got '-3'" in err
+
+
+def test_command_warnings_print_as_one_line():
+    import warnings
+
+    from vlmo_fast.train.config import one_line_warnings
+
+    before = warnings.formatwarning
+    with one_line_warnings():
+        text = warnings.formatwarning("warmup_steps (2500) exceeds max_steps (2)", UserWarning, "/x/config.py", 124,
+                                      "return cls(**dict(values))")
+    assert text == "UserWarning: warmup_steps (2500) exceeds max_steps (2)\n"
+    assert warnings.formatwarning is before

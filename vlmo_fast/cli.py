@@ -33,7 +33,13 @@ EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from .train.config import one_line_warnings
+
+    with one_line_warnings():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmo-fast", usage="vlmo-fast COMMAND [options]", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

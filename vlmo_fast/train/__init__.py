@@ -12,7 +12,7 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
     """``vlmo-fast pretrain`` and ``python -m vlmo_fast.train``: configuration errors end in one line (exit 2)."""
     import sys
 
-    from .config import FINETUNE_TASKS, build_parser, command_config, presets_for, user_errors
+    from .config import FINETUNE_TASKS, build_parser, command_config, one_line_warnings, presets_for, user_errors
 
     def check(cfg, args) -> None:
         tasks = [t for t in cfg.tasks if t in FINETUNE_TASKS]
@@ -23,9 +23,10 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
     parser = build_parser(prog, "Pretrain VLMo: MLM + ITC + ITM on image-text data, or the text-only MLM stage "
                           "(--preset task_textmlm_base). With no options it trains the tiny model on the built-in "
                           "synthetic dataset on this machine.", presets=presets)
-    cfg = command_config(parser, sys.argv[1:] if argv is None else argv, presets=presets, check=check)
-    with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
-        summary = train(cfg)
+    with one_line_warnings():
+        cfg = command_config(parser, sys.argv[1:] if argv is None else argv, presets=presets, check=check)
+        with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
+            summary = train(cfg)
     return 0 if summary["stop_reason"] == "max_steps" or summary["stop_reason"].startswith("signal") else 1
 
 

@@ -253,7 +253,13 @@ def load_toml(path: str) -> Dict[str, Any]:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    return data.get("train", data)
+    if "train" not in data:
+        return data
+    outside = sorted(k for k in data if k != "train")
+    if not isinstance(data["train"], dict) or outside:
+        raise ValueError(f"{path}: options go either at the top level or in a [train] table, not both "
+                         f"(outside [train]: {', '.join(outside) or 'train = ' + repr(data['train'])})")
+    return data["train"]
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -498,6 +504,18 @@ def input_stage():
     except (ValueError, FileNotFoundError) as exc:
         setattr(exc, _INPUT_ERROR, True)
         raise
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings of a command print as one line, ``<Category>: message``, not with the file, line number and source
+    line of the code that raised them (which tell a command-line user nothing)."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"{category.__name__}: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 @contextlib.contextmanager
