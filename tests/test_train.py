@@ -346,6 +346,15 @@ def test_resume_refuses_another_runs_checkpoint_and_logs_changed_options(tmp_pat
                              tasks=["itm", "mlm", "itc"], max_text_len=None))
     assert longer["steps"] == 2
     assert "with changed options: max_steps 1 -> 2" in capsys.readouterr().out
+    # run again as it is: nothing to train, said once; its summary, log and checkpoints stay as they were
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("summary.json", "log.csv")}
+    checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    again = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0))
+    assert again["already_complete"] and again["steps"] == 2 and again["stop_reason"] == "max_steps"
+    assert again["final"] == json.loads(files["summary.json"])["final"] and "loss" in again["final"]
+    assert "already complete" in capsys.readouterr().out
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == checkpoints
 
 
 def _distributed_run(rank, world, out_dir, root, tasks, gather_with_grad):
@@ -396,6 +405,23 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
     assert summary["skipped_steps"] == 4 and summary["stop_reason"].startswith("3 non-finite losses")
     assert summary["last_checkpoint"] and os.path.isfile(summary["last_checkpoint"])
     assert all(math.isfinite(h["loss"]) or True for h in summary["history"])
+
+
+def test_a_skipped_first_update_does_not_warn_about_the_scheduler(tmp_path, synthetic_root, monkeypatch):
+    import warnings
+
+    real, calls = objectives.total_loss, {"n": 0}
+
+    def first_is_nan(ret):
+        calls["n"] += 1
+        return real(ret) * float("nan") if calls["n"] == 1 else real(ret)
+
+    monkeypatch.setattr(objectives, "total_loss", first_is_nan)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        summary = train(small_cfg(tmp_path / "first", synthetic_root, max_steps=2))
+    assert summary["skipped_steps"] == 1 and summary["stop_reason"] == "max_steps"
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in seen]
 
 
 class _SignalsItself(torch.utils.data.Dataset):

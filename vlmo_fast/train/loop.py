@@ -351,6 +351,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             stream.restore(state["data"])
             set_rng_state(state["rng"])
 
+    if resume_path and step >= max_steps:
+        return _already_complete(cfg, info, step, max_steps, resume_path)
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -434,7 +436,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first update is deliberate, not the misuse torch warns of
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
             step += 1
             logger.advance()
             if step % cfg.log_every == 0 or step == max_steps:
@@ -486,12 +490,33 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         logger.log(step, metrics)
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=1)
-        final = summary["final"]
-        logger.write(
-            f"done: {step} steps in {elapsed:.1f}s ({stop_reason}); loss {final.get('loss', float('nan')):.4f}; "
-            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            + f"; skipped steps {skipped}, bad samples {bad_samples}; checkpoint {last_ckpt}")
+        parts = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
+        if "loss" in summary["final"]:
+            parts.append(f"loss {summary['final']['loss']:.4f}")
+        if metrics:
+            parts.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        parts.append(f"skipped steps {skipped}, bad samples {bad_samples}; checkpoint {last_ckpt}")
+        logger.write("; ".join(parts))
     logger.close()
+    return summary
+
+
+def _already_complete(cfg: TrainConfig, info: DistInfo, step: int, max_steps: int, path: str) -> Dict[str, Any]:
+    """A run resumed at or past its max_steps trains nothing: it says so and leaves the run's logs, summary and
+    checkpoints as they are (the summary returned is the one the run wrote when it finished, if readable)."""
+    summary: Dict[str, Any] = {}
+    try:
+        with open(os.path.join(cfg.out_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        pass
+    summary = summary if isinstance(summary, dict) else {}
+    summary.update(steps=step, stop_reason="max_steps", already_complete=True, last_checkpoint=path, history=[])
+    summary.setdefault("final", {})
+    summary.setdefault("metrics", {})
+    if info.is_main:
+        print(f"already complete: {path} is at step {step} of max_steps {max_steps}; nothing to train (a larger "
+              f"--max-steps continues this run, another --out-dir starts a new one)", flush=True)
     return summary
 
 
