@@ -7,3 +7,15 @@ def test_demo_runs(capsys):
     assert demo.main(["--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "worst relative error" in out and "infer_image_ft" in out
+
+
+def test_demo_device_errors_are_one_line(capsys):
+    import pytest
+    import torch
+
+    bad = ["--device", "foo"] if torch.cuda.is_available() else ["--device", "cuda"]
+    for argv in (["--device", "foo"], bad):
+        with pytest.raises(SystemExit) as info:
+            demo.main(argv, prog="vlmo-fast demo")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and err[-1].startswith("vlmo-fast demo: error: ") and "device" in err[-1], err

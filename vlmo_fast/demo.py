@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 from typing import List, Optional
@@ -19,6 +20,7 @@ from .config import PRESETS, loss_names, preset
 from .model import VLMo
 from .reference import ReferenceVLMo
 from .tokenizer import BertTokenizer
+from .train.config import check_device
 
 PATHS = ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft", "infer_text_mlm")
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "a yellow star on the left"]
@@ -38,6 +40,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m vlmo_fast.demo
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = preset(args.arch, loss_names=loss_names(itm=1, itc=1, mlm=1))
