@@ -155,6 +155,14 @@ def test_from_official():
         vf.from_official(src.state_dict(), dict(cfg, loss_names=["itm", "itc"]))
     with pytest.raises(ValueError, match="unknown task"):
         vf.from_official(src.state_dict(), dict(cfg, loss_names={"itmm": 1}))
+    # as the official loader, strict=False by default: a fine-tuning config keeps its new head's initialisation and
+    # leaves out the pretraining heads; strict=True refuses that
+    irtr = dict(cfg, loss_names={"irtr": 1})
+    ft = vf.from_official(src.state_dict(), irtr)
+    assert not hasattr(ft, "mlm_score") or ft.mlm_score is None
+    assert torch.equal(ft.transformer.blocks[0].attn.qkv.weight, src.transformer.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="strict=True"):  # a CheckpointError
+        vf.from_official(src.state_dict(), irtr, strict=True)
     on = vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": True, "itc": 0.5, "mlm": 2, "vqa": 0}))
     assert on.config.loss_names["itm"] == 1 and on.config.loss_names["itc"] == 1 and on.config.loss_names["mlm"] == 1 and on.config.loss_names["vqa"] == 0
 

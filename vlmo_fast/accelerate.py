@@ -16,6 +16,7 @@ the attention kernel (no (H·L, N, N) tensor per forward).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -180,11 +181,13 @@ def deaccelerate(module: nn.Module) -> int:
     return restored
 
 
-def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "auto", strict: bool = True):
+def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "auto", strict: bool = False):
     """A vlmo_fast ``VLMo`` from an official checkpoint (path or state dict) and an official (sacred) config dict:
     ``model_arch``, ``image_size``, ``max_text_len``, ``loss_names``, ``drop_path_rate``, optionally
     ``max_text_len_of_initckpt`` and ``vqav2_label_size``. The checkpoint is adapted as the official loader does
-    (table resize, text positions, nesting, legacy index tensors)."""
+    (table resize, text positions, nesting, legacy index tensors) and, like it, loaded with ``strict=False``: a
+    fine-tuning config's new heads keep their initialisation and the pretraining heads it does not use are left out
+    (the report goes to the ``vlmo_fast`` logger at INFO); ``strict=True`` refuses both."""
     from .checkpoint import load_checkpoint
     from .config import LOSS_NAMES, PRESETS, loss_names, preset
     from .model import VLMo
@@ -210,5 +213,6 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
         if key in config:
             overrides[key] = config[key]
     model = VLMo(preset(arch, **overrides), backend=backend)
-    load_checkpoint(model, checkpoint, strict=strict)
+    report = load_checkpoint(model, checkpoint, strict=strict)
+    logging.getLogger("vlmo_fast").info("from_official: %s", report)
     return model
