@@ -82,6 +82,8 @@ def main(argv: List[str] = None) -> int:
                              "decoding costs what COCO's does), synthetic = the built-in set's 64 px PNGs")
     parser.add_argument("--out", default=None, help="JSON file, or a folder to write the default file name into")
     args = parser.parse_args(argv)
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        parser.error(f"--data-root: no such folder: {args.data_root}")
 
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]  # other processes on the machine share the cores: recorded with the result

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -703,7 +704,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="auto = full on GPU, quick on CPU; tiny = seconds (dry runs)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated subset of fp32,bf16,fp16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default, auto: cuda if available, else cpu)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default per size)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="wall-clock budget; cases past it are recorded as skipped")
@@ -711,7 +712,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"),
                    help="output folder (default: $OUT, else benchmarks/results)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.device = None if args.device == "auto" else args.device
+    if args.device is not None:
+        from vlmo_fast.train.config import check_device
+
+        try:
+            if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+                raise ValueError(f"must be cpu, cuda or cuda:N, got {args.device!r}")
+            check_device(args.device)
+        except ValueError as exc:
+            p.error(f"--device: {exc}")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -200,6 +200,11 @@ def test_bad_options():
         bench_run.main(["--ops", "nonsense", "--sizes", "tiny"])
     with pytest.raises(SystemExit):
         bench_run.main(["--dtypes", "int8", "--sizes", "tiny"])
+    for device in ["xpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(SystemExit) as info:
+            bench_run.parse_args(["--device", device])
+        assert info.value.code == 2
+    assert bench_run.parse_args(["--device", "auto"]).device is None
 
 
 def test_gpu_suite_dry_run(tmp_path):
