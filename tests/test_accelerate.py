@@ -3,6 +3,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,7 +164,8 @@ def test_from_official():
     assert torch.equal(ft.transformer.blocks[0].attn.qkv.weight, src.transformer.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match="strict=True"):  # a CheckpointError
         vf.from_official(src.state_dict(), irtr, strict=True)
-    on = vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": True, "itc": 0.5, "mlm": 2, "vqa": 0}))
+    on = vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": True, "itc": 0.5, "mlm": np.int64(2),
+                                                                   "vqa": 0}))
     assert on.config.loss_names["itm"] == 1 and on.config.loss_names["itc"] == 1 and on.config.loss_names["mlm"] == 1 and on.config.loss_names["vqa"] == 0
 
 

@@ -113,6 +113,41 @@ def test_never_unpickles_arbitrary_objects(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["zip class", "zip object", "legacy object", "pickle", "jpeg"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_unreadable_files_give_one_line_with_the_unpicklers_reason(tmp_path, kind, mmap):
+    """torch's messages start with advice to unpickle anyway (weights_only=False, allowlisting), in bold, over many
+    lines; the error keeps one line and the reason. With mmap the reason is the plain read's, not mmap's."""
+    from vlmo_fast.checkpoint import torch_load
+
+    path = tmp_path / "x.pt"
+    if kind == "zip class":
+        torch.save({"a": _NotATensor}, path)
+    elif kind == "zip object":
+        torch.save({"a": _NotATensor()}, path)
+    elif kind == "legacy object":
+        torch.save({"a": _NotATensor()}, path, _use_new_zipfile_serialization=False)
+    elif kind == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"a": _NotATensor()}, f, protocol=2)
+    else:
+        path.write_bytes(b"\xff\xd8\xff\xe0 a jpeg")
+    with pytest.raises(CheckpointError) as info:
+        torch_load(str(path), mmap=mmap)
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and "the safe unpickler refused it (" in msg, msg
+    assert ("Unsupported operand" if kind == "jpeg" else "_NotATensor") in msg, msg
+    for advice in ("False", "safe_globals", "Please", "mmap", "\x1b", ".."):
+        assert advice not in msg, (advice, msg)
+    legacy = tmp_path / "legacy.pt"  # a readable legacy-format file: mmap falls back to a plain read
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(torch_load(str(legacy), mmap=mmap)["w"], torch.ones(2))
+
+
 def test_checkpoint_paths_may_be_str_bytes_or_pathlike(tmp_path):
     src = tiny()
     for name in ("m.pt", "m.safetensors"):

@@ -355,6 +355,12 @@ def test_resume_refuses_another_runs_checkpoint_and_logs_changed_options(tmp_pat
     assert "already complete" in capsys.readouterr().out
     assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == checkpoints
+    # a run stopped (e.g. by a signal) on its last step has not finished: the rerun saves and evaluates as usual
+    summary_path = tmp_path / "run" / "summary.json"
+    summary_path.write_text(json.dumps(dict(json.loads(files["summary.json"]), stop_reason="signal 15")))
+    finishing = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0))
+    assert "already_complete" not in finishing and finishing["stop_reason"] == "max_steps"
+    assert json.loads(summary_path.read_text())["stop_reason"] == "max_steps"
 
 
 def _distributed_run(rank, world, out_dir, root, tasks, gather_with_grad):
@@ -630,6 +636,6 @@ def test_max_epochs_counts_the_partial_batch(tmp_path):
     model_config = vf.preset(cfg.arch, image_size=cfg.image_size, max_text_len=cfg.max_text_len)
     n = len(train_stream(cfg, model_config, DistInfo(0, 1, 0, torch.device("cpu"))).sampler)
     bs = next(b for b in range(4, 12) if n % b > 1)
-    cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=2 * bs, per_device_batch_size=bs)
+    cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=bs, per_device_batch_size=bs)
     summary = train(cfg)
-    assert summary["steps"] == -(-n // bs) // 2 and summary["stop_reason"] == "max_steps"
+    assert summary["steps"] == -(-n // bs) == n // bs + 1 and summary["stop_reason"] == "max_steps"

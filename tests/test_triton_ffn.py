@@ -170,11 +170,13 @@ def test_mixed_parameter_dtypes_follow_torch_rules():
     for backend in ("triton", "torch"):
         with pytest.raises(TypeError, match=r"experts.fc1_weight\[0\] must have x's dtype \(torch.bfloat16\) outside"):
             ops.multiway_ffn(x, [expert()], backend=backend)
-        with pytest.raises(TypeError, match=r"experts.norm_weight\[0\] must have x's dtype \(torch.float32\) or"):
+        with pytest.raises(TypeError, match=r"experts.norm_weight\[0\] must have x's dtype \(torch.float32\), got"):
             ops.multiway_ffn(x.float(), [expert(torch.bfloat16)], backend=backend)
         with pytest.raises(TypeError, match=r"bias\[0\] must have x's dtype \(torch.float16\) or torch.float32"):
             ops.multiway_layernorm(x.half(), [torch.ones(D)] * 2, [torch.zeros(D, dtype=torch.bfloat16)] * 2, split=3,
                                    backend=backend)
+        with pytest.raises(TypeError, match=r"weight\[0\] must have x's dtype \(torch.float64\), got torch.float32"):
+            ops.multiway_layernorm(x.double(), [torch.ones(D)], [torch.zeros(D)], backend=backend)
         mixed = expert(torch.bfloat16)
         mixed = mixed._replace(norm_weight=mixed.norm_weight.float(), norm_bias=mixed.norm_bias.float())
         out = ops.multiway_ffn(x, [mixed], backend=backend)  # float32 LayerNorm weights: torch's mixed LayerNorm

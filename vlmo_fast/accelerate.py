@@ -17,6 +17,7 @@ the attention kernel (no (H·L, N, N) tensor per forward).
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -206,7 +207,7 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
     if unknown:
         raise ValueError(f"config['loss_names']: unknown task(s) {sorted(unknown)}")
     for task, weight in names.items():
-        if not isinstance(weight, (int, float)) or weight != weight:  # bool is an int: True = on
+        if not isinstance(weight, numbers.Real) or weight != weight:  # bool and numpy numbers are Real: True = on
             raise TypeError(f"config['loss_names'][{task!r}] must be a number (0 = off, > 0 = on), got {weight!r}")
     overrides: Dict[str, Any] = {"loss_names": loss_names(**{k: int(v > 0) for k, v in names.items()})}
     for key in ("image_size", "max_text_len", "drop_path_rate", "max_text_len_of_initckpt", "vqav2_label_size"):

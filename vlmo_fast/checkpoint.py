@@ -57,30 +57,33 @@ def read_state_dict(path: PathLike) -> StateDict:
 def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
     """``torch.load(weights_only=True)`` on the CPU, or a one-line ``CheckpointError`` naming the file. With ``mmap``
     the file is mapped, not read (a caller needing only the model never reads a training checkpoint's optimizer
-    state), falling back to a plain read for the legacy non-zip format, which cannot be mapped."""
+    state), falling back to a plain read for the legacy non-zip format, which cannot be mapped; an error is then the
+    plain read's."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # not a torch file, truncated, or objects the safe unpickler refuses
-        if mmap:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                pass
-        raise CheckpointError(
-            f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(exc)}. "
-            f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors."
-        ) from None
+        error = exc
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            error = exc
+    raise CheckpointError(
+        f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(error)}. "
+        f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors.")
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without terminal colour codes or a final period. torch's safe
-    unpickler explains itself over many lines that start with advice to unpickle anyway: its reason is given
-    instead."""
+    unpickler explains itself over many lines that start with advice to unpickle anyway: only the first sentence of
+    its reason is kept."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
-        reasons = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
-        lines = [f"the safe unpickler refused it ({reasons[0].rstrip('.')})" if reasons else "the safe unpickler "
-                 "refused it"]
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", "\n".join(lines[1:]))
+        reason = found.group(1) if found else next(
+            (line for line in lines[1:] if not line.startswith(("(", "Please file", "Check the documentation"))), "")
+        reason = re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
+        lines = [f"the safe unpickler refused it ({reason})" if reason else "the safe unpickler refused it"]
     return f"{type(exc).__name__}: {lines[0].rstrip('.') if lines else ''}"
 
 

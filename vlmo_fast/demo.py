@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from typing import List, Optional
@@ -36,16 +35,16 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m vlmo_fast.demo
     parser.add_argument("--arch", default="vlmo_tiny_patch16", choices=PRESETS,
                         help="model preset (default: vlmo_tiny_patch16)")
     parser.add_argument("--batch", type=int, default=3, help="batch size (default: 3)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     try:
         check_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = preset(args.arch, loss_names=loss_names(itm=1, itc=1, mlm=1))

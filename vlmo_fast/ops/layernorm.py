@@ -15,11 +15,14 @@ from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int],
                   role: str = ""):
     """Shared checks for per-expert parameter lists: 1 or 2 experts, ``split`` iff 2, same device; with ``role``
-    "norm" the dtype is x's or float32 (torch's mixed-precision LayerNorm rule), with "linear" it is x's outside
-    autocast (``F.linear``'s rule)."""
+    "norm" the dtype is x's, or float32 for a half-precision x (torch's mixed LayerNorm), with "linear" it is x's
+    outside autocast (``F.linear``'s rule)."""
     if len(tensors) not in (1, 2):
         raise ValueError(f"{name} must list 1 or 2 experts, got {len(tensors)}")
     if len(tensors) == 2:
@@ -34,8 +37,9 @@ def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.T
             continue
         check_tensor(f"{name}[{i}]", t, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape(f"{name}[{i}]", t, shape)
-        if role == "norm" and t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}) or torch.float32, got {t.dtype}")
+        if role == "norm" and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in HALF_DTYPES):
+            wider = " or torch.float32" if x.dtype in HALF_DTYPES else ""
+            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}){wider}, got {t.dtype}")
         if role == "linear" and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}) outside autocast, got {t.dtype}")
 

@@ -118,8 +118,7 @@ class TrainConfig:
             warnings.warn(f"warmup_steps ({warmup}) exceeds max_steps ({self.max_steps}): the learning rate never "
                           f"reaches its peak; give fewer steps or a fraction of max_steps (e.g. --warmup-steps 0.1)",
                           stacklevel=3)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -455,10 +454,17 @@ def config_from_args(args: argparse.Namespace, base: Optional[Mapping[str, Any]]
     return TrainConfig.from_dict(values)
 
 
+def check_device_name(device: object) -> None:
+    """auto, cpu, cuda or cuda:N."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def check_device(device: str) -> None:
-    """Refuse a CUDA device this machine lacks before any work: torch fails later, deep inside (an AttributeError
-    on a CPU-only build). Made by the commands, not by TrainConfig: a config read back from a checkpoint may name
-    a device of the machine that wrote it."""
+    """A well-formed device name, and no CUDA device this machine lacks, before any work: torch fails later, deep
+    inside (an AttributeError on a CPU-only build). Made by the commands, not by TrainConfig: a config read back
+    from a checkpoint may name a device of the machine that wrote it."""
+    check_device_name(device)
     if not device.startswith("cuda"):
         return
     import torch

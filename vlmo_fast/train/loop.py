@@ -351,8 +351,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             stream.restore(state["data"])
             set_rng_state(state["rng"])
 
-    if resume_path and step >= max_steps:
-        return _already_complete(cfg, info, step, max_steps, resume_path)
+    finished = _finished_summary(cfg, step) if resume_path and step >= max_steps else None
+    if finished is not None:
+        if info.is_main:
+            more = "--max-steps" if cfg.max_steps is not None else "--max-epochs"
+            print(f"already complete: {resume_path} is at step {step} of {max_steps}; nothing to train (a larger "
+                  f"{more} continues this run, another --out-dir starts a new one)", flush=True)
+        return dict(finished, already_complete=True, last_checkpoint=resume_path, history=[])
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -380,6 +385,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     flag: Dict[str, Any] = {}
     previous = _install_signal_handlers(flag)
     bad_in_a_row, skipped, bad_samples = 0, 0, 0
+    scheduler_stepped = False
     last_ckpt = None
     history: List[Dict[str, float]] = []
     can_evaluate = data_setup.has_val_split(cfg)
@@ -436,9 +442,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped first update is deliberate, not the misuse torch warns of
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            if scheduler_stepped:
                 scheduler.step()
+            else:  # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
+                with warnings.catch_warnings():  # (not around every step: that would reset warnings shown once)
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    scheduler.step()
+                scheduler_stepped = True
             step += 1
             logger.advance()
             if step % cfg.log_every == 0 or step == max_steps:
@@ -501,22 +511,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     return summary
 
 
-def _already_complete(cfg: TrainConfig, info: DistInfo, step: int, max_steps: int, path: str) -> Dict[str, Any]:
-    """A run resumed at or past its max_steps trains nothing: it says so and leaves the run's logs, summary and
-    checkpoints as they are (the summary returned is the one the run wrote when it finished, if readable)."""
-    summary: Dict[str, Any] = {}
+def _finished_summary(cfg: TrainConfig, step: int) -> Optional[Dict[str, Any]]:
+    """The summary a run wrote when it reached max_steps at ``step`` (final checkpoint and evaluation done), or None:
+    then a run resumed at max_steps still saves and evaluates, e.g. after a signal on its last step."""
     try:
         with open(os.path.join(cfg.out_dir, "summary.json")) as f:
             summary = json.load(f)
     except (OSError, ValueError):
-        pass
-    summary = summary if isinstance(summary, dict) else {}
-    summary.update(steps=step, stop_reason="max_steps", already_complete=True, last_checkpoint=path, history=[])
-    summary.setdefault("final", {})
-    summary.setdefault("metrics", {})
-    if info.is_main:
-        print(f"already complete: {path} is at step {step} of max_steps {max_steps}; nothing to train (a larger "
-              f"--max-steps continues this run, another --out-dir starts a new one)", flush=True)
+        return None
+    if not isinstance(summary, dict) or summary.get("stop_reason") != "max_steps" or summary.get("steps") != step:
+        return None
     return summary
 
 
