@@ -148,6 +148,16 @@ def test_unreadable_files_give_one_line_with_the_unpicklers_reason(tmp_path, kin
     assert torch.equal(torch_load(str(legacy), mmap=mmap)["w"], torch.ones(2))
 
 
+def test_a_checkpoint_matching_no_key_is_refused_even_without_strict():
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    for sd in ({"encoder.layer.0.weight": torch.zeros(3), "head.bias": torch.zeros(2)}, {}):
+        with pytest.raises(CheckpointError, match="no key of the checkpoint matches the model") as info:
+            load_checkpoint(dst, sd, strict=False)
+        assert ("encoder.layer.0.weight" in str(info.value)) == bool(sd) and "in all)" in str(info.value)
+    partial = {k: v for k, v in tiny().state_dict().items() if k.startswith("transformer.blocks.0.")}
+    assert load_checkpoint(dst, partial, strict=False).missing_keys  # some overlap: loads, reporting the rest
+
+
 def test_checkpoint_paths_may_be_str_bytes_or_pathlike(tmp_path):
     src = tiny()
     for name in ("m.pt", "m.safetensors"):

@@ -221,8 +221,16 @@ def load_checkpoint(
         raise CheckpointError("checkpoint does not fit the model; shape mismatches:\n  " + "\n  ".join(mismatched))
     if strict and (report.missing_keys or report.unexpected_keys):
         raise CheckpointError(f"checkpoint does not match the model (strict=True):\n{report}")
+    if target and len(report.missing_keys) == len(target):  # loading nothing is never meant, even without strict
+        raise CheckpointError(f"no key of the checkpoint matches the model: not a VLMo checkpoint, or nested under "
+                              f"an unknown prefix (checkpoint keys: {_some(report.unexpected_keys)}; model keys: "
+                              f"{_some(list(target))})")
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
     return report
+
+
+def _some(keys: List[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
 
 
 def save_checkpoint(
