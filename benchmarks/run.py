@@ -44,6 +44,7 @@ from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
 from vlmo_fast.reference import ReferenceVLMo  # noqa: E402
+from vlmo_fast.train.config import check_device, resolve_device  # noqa: E402
 from vlmo_fast.train.optim import OfficialAdamW, build_optimizer, param_groups  # noqa: E402
 
 # in the order the issues' targets need them (a run past --budget-s skips what comes last)
@@ -713,8 +714,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     args = p.parse_args(argv)
     if args.device is not None:
-        from vlmo_fast.train.config import check_device
-
         try:
             check_device(args.device)
         except ValueError as exc:
@@ -725,7 +724,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device or "auto")
     size_name = args.sizes if args.sizes != "auto" else ("full" if dev.type == "cuda" else "quick")
     sizes = SIZES[size_name]
     dtypes = (args.dtypes or ("bf16" if dev.type == "cuda" else "fp32")).split(",")

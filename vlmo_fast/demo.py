@@ -19,7 +19,7 @@ from .config import PRESETS, loss_names, preset
 from .model import VLMo
 from .reference import ReferenceVLMo
 from .tokenizer import BertTokenizer
-from .train.config import check_device
+from .train.config import check_device, resolve_device
 
 PATHS = ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft", "infer_text_mlm")
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "a yellow star on the left"]
@@ -43,10 +43,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m vlmo_fast.demo
         check_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     config = preset(args.arch, loss_names=loss_names(itm=1, itc=1, mlm=1))
     tok = BertTokenizer()
     enc = tok([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], max_length=config.max_text_len)

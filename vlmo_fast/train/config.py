@@ -460,6 +460,13 @@ def check_device_name(device: object) -> None:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+def resolve_device(device: str):
+    """The ``torch.device`` a (checked) device name means: auto is cuda when available, else cpu."""
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def check_device(device: str) -> None:
     """A well-formed device name, and no CUDA device this machine lacks, before any work: torch fails later, deep
     inside (an AttributeError on a CPU-only build). Made by the commands, not by TrainConfig: a config read back

@@ -14,15 +14,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from .. import data as vdata
 from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load, unwrap_state_dict
 from ..config import PRESETS
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
 from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
-    check_environment, command_config, load_toml, presets_for, user_errors
+    check_environment, command_config, load_toml, presets_for, resolve_device, user_errors
 from .data_setup import eval_loader
 from .loop import build_model, resolve_precision, train
 
@@ -184,7 +182,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
                           per_device_batch_size=args.batch_size, datasets=[dataset_name], device=args.device)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model = build_model(cfg)
     with user_errors(parser):  # a checkpoint that does not fit the model: one line
         try:
