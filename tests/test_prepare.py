@@ -411,10 +411,11 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys):
                          capsys)
     assert code == 2 and err.strip() == "vlmo-fast prepare: error: caption list not found: x.csv (expected a .tsv, " \
         ".jsonl or .json file)"
-    code, _, err = _exit(["prepare", "vqa", "a", "b"], capsys)
+    code, _, err = _exit(["prepare", "vqav2", "a", "b"], capsys)
     assert code == 2 and "invalid choice" in err
     code, out, _ = _exit(["prepare", "--help"], capsys)
-    assert code == 0 and "VQAv2 is not supported" in out and "coco_caption_karpathy_" in out
+    assert code == 0 and "vqav2_{train,val,trainable_val,rest_val,test}.arrow" in out and "coco_caption_karpathy_" \
+        in out
     code, out, _ = _exit(["prepare", "nlvr2", "--help"], capsys)
     assert code == 0 and "--splits" in out and "balanced_dev" in out
 

@@ -13,8 +13,9 @@ Typical use (pretraining on the built-in synthetic set)::
 
 Module map: ``arrow`` (datasets, readers, writers), ``transforms`` (official train/eval transforms, RandAugment),
 ``masking`` (whole-word and plain MLM), ``collate`` (the batch dictionary), ``webdataset`` (tar shards),
-``synthetic`` (the default dataset), ``loader`` (DataLoader, throughput), ``prepare`` (raw COCO/F30K/VG/NLVR2/web
-caption data and plain text -> the official arrow files; ``vlmo-fast prepare``).
+``synthetic`` (the default dataset), ``loader`` (DataLoader, throughput), ``prepare`` (raw COCO/F30K/VG/NLVR2/VQAv2/web
+caption data and plain text -> the official arrow files; ``vlmo-fast prepare``), ``vqa_answers`` (the official VQAv2
+answer classes and soft scores).
 """
 
 from .arrow import (DATASETS, ArrowDataset, build_dataset, dataset_files, encode_image, make_caption_arrow,
@@ -23,7 +24,7 @@ from .collate import Collator, build_collate, is_empty_batch
 from .loader import batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
 from .masking import plain_mask, whole_word_budget, whole_word_mask
 from .prepare import (PrepareSummary, prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2, prepare_text,
-                      prepare_vg)
+                      prepare_vg, prepare_vqa)
 from .synthetic import write_synthetic
 from .transforms import EvalTransform, RandomAugment, TrainTransform, build_transform
 from .webdataset import WebDataset, write_shards, write_synthetic_shards
@@ -56,6 +57,7 @@ __all__ = [
     "prepare_nlvr2",
     "prepare_text",
     "prepare_vg",
+    "prepare_vqa",
     "read_arrow",
     "seed_worker",
     "set_epoch",

@@ -12,6 +12,9 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   ``wikibk_val_0.arrow`` (the text-only stage's data).
 - ``prepare_nlvr2(raw_root, out_root)``: the NLVR2 release (``nlvr2/data/{train,dev,test1}.json`` of the cloned
   repository, images under ``images/train/<directory>/``, ``dev/``, ``test1/``) -> ``nlvr2_{train,dev,test1}.arrow``.
+- ``prepare_vqa(raw_root, out_root)``: the VQAv2 release (questions, annotations, COCO ``train2014/``, ``val2014/``,
+  ``test2015/``) -> ``vqav2_{train,val,trainable_val,rest_val,test}.arrow``, with the official answer classes
+  (``vqa_answers``).
 - ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
   files of ``gcc`` (``conceptual_caption_{train,val}_<i>``) or ``sbu`` (``sbu_<i>``), or ``<name>_<split>_<i>`` for
   your own data; with ``fmt="shards"`` WebDataset tar shards ``<name>-<split>-<i>.tar`` instead. ``read_pairs``
@@ -28,6 +31,8 @@ Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``r
     vg:    images/VG_100K/<image_id>.jpg  images/VG_100K_2/...  annotations/region_descriptions.json
     nlvr2: images/train/<directory>/train-<set>-<pair>-img{0,1}.png  dev/dev-...-img{0,1}.png  test1/...
            nlvr2/data/{train,dev,test1}.json  (JSON lines: identifier, sentence, label, directory (train))
+    vqa:   train2014/*.jpg  val2014/*.jpg  test2015/*.jpg  v2_mscoco_{train2014,val2014}_annotations.json
+           v2_OpenEnded_mscoco_{train2014,val2014,test2015}_questions.json  (the JSON also in annotations/)
 
 The Karpathy JSON may also lie directly in ``raw_root`` (or be given explicitly); the NLVR2 JSON-lines also in
 ``raw_root/data/`` or ``raw_root``, and the dev/test1 images also under ``raw_root/images/``.
@@ -44,7 +49,8 @@ Decisions that differ from the official writers:
   are not on disk, NLVR2 stops with an exception); a pair with either NLVR2 image missing is left out whole. A missing
   raw folder or JSON raises FileNotFoundError naming the path and what was expected; a malformed JSON ValueError.
 - Rows keep the order of the annotation file (official: a random shuffle of the image files; VG: the order of
-  region_descriptions.json), so a rerun writes the same files. Every file is written in batches
+  region_descriptions.json), so a rerun writes the same files. VQAv2 keeps the shuffle, because its last 1,000 val
+  images become the rest_val set, but seeds it. Every file is written in batches
   (``write_arrow_batches``), never holding a whole split's images.
 - F30K: Karpathy splits other than train/val/test (there are none in the public ``dataset_flickr30k.json``) are left
   out and counted, as the official writer writes only those three files. COCO ``restval`` has its own file.
@@ -52,14 +58,13 @@ Decisions that differ from the official writers:
   (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` finds every file it reads; the official
   writer cut files of 100,000 rows, which ``shard_rows=100000`` reproduces (then read with ``names=`` when the count
   differs). Captions are grouped by image path (official: one caption per image, keyed by file name).
-- NLVR2 ``balanced_{dev,test1}`` / ``unbalanced_{dev,test1}`` (written by the official writer but read by no
-  config) are written only when asked for in ``splits``.
+- NLVR2 ``balanced_{dev,test1}`` / ``unbalanced_{dev,test1}`` and VQAv2 ``test-dev`` (written by the official
+  writers but read by no config) are written only when asked for in ``splits``.
+- VQAv2: a question without an annotation is left out and counted (official: an exception); the test rows' answer
+  columns are typed empty lists (official: untyped).
 
-Out of scope: VQAv2. Its answer normalisation and the order of its 3,129 answer labels must match the official
-checkpoints exactly and the spec does not give those rules, so a VQAv2 writer here could silently produce labels that
-do not match a published checkpoint's classifier.
-
-The CLI is ``vlmo-fast prepare {coco,f30k,vg,text,nlvr2,captions} RAW_ROOT OUT_ROOT [options]`` (``prepare_main``).
+The CLI is ``vlmo-fast prepare {coco,f30k,vg,text,nlvr2,vqa,captions} RAW_ROOT OUT_ROOT [options]``
+(``prepare_main``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -502,6 +508,148 @@ def prepare_nlvr2(raw_root: str, out_root: str, splits: Optional[Sequence[str]] 
     return _finish(summary)
 
 
+# ---- VQAv2 --------------------------------------------------------------------------------------------------------
+
+VQA_SPLITS = ("train", "val", "test")
+VQA_EXTRA_SPLITS = ("test-dev",)  # written by the official writer but read by no config
+VQA_REST_VAL_IMAGES = 1000  # the last images of vqav2_val form vqav2_rest_val (the fine-tuning val set)
+VQA_SCHEMA = pa.schema([("image", pa.binary()), ("questions", pa.list_(pa.string())),
+                        ("answers", pa.list_(pa.list_(pa.string()))), ("answer_labels", pa.list_(pa.list_(pa.int64()))),
+                        ("answer_scores", pa.list_(pa.list_(pa.float64()))), ("image_id", pa.int64()),
+                        ("question_id", pa.list_(pa.int64())), ("split", pa.string())])
+_VQA_YEAR = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test-dev2015"}
+_VQA_IMAGE_DIR = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test2015"}
+
+
+def _vqa_json(raw_root: str, name: str, what: str) -> str:
+    return _find_file([os.path.join(raw_root, name), os.path.join(raw_root, "annotations", name)], what)
+
+
+def _vqa_records(path: str, key: str, fields: Mapping[str, type]) -> List[Mapping[str, Any]]:
+    data = _load_json(path)
+    records = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON object with a {key!r} list (the VQAv2 release's format)")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or any(not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)
+                                            for k, t in fields.items()):
+            raise ValueError(f"{path}: {key}[{i}] must be an object with "
+                             + ", ".join(f"{k} ({t.__name__})" for k, t in fields.items()))
+    return records
+
+
+def _vqa_answers(path: str, annotations: Sequence[Mapping[str, Any]]) -> Iterator[List[str]]:
+    for i, rec in enumerate(annotations):
+        answers = rec.get("answers")
+        if not isinstance(answers, list) or any(not isinstance(a, dict) or not isinstance(a.get("answer"), str)
+                                                for a in answers):
+            raise ValueError(f"{path}: annotations[{i}] must have 'answers', a list of objects with a string 'answer'")
+        yield [a["answer"] for a in answers]
+
+
+def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = None, seed: int = 0,
+                rest_val_images: int = VQA_REST_VAL_IMAGES, verify: bool = False, log: Log = None) -> PrepareSummary:
+    """Write ``vqav2_{train,val,trainable_val,rest_val,test}.arrow`` under ``out_root`` from the VQAv2 release:
+    ``v2_OpenEnded_mscoco_{train2014,val2014,test2015}_questions.json`` and ``v2_mscoco_{train2014,val2014}_
+    annotations.json`` (in ``raw_root`` or ``raw_root/annotations``) and the COCO images ``train2014/``,
+    ``val2014/``, ``test2015/`` (``COCO_<folder>_<12-digit id>.jpg``, or ``<12-digit id>.jpg``).
+
+    As the official writer: one row per image with its questions (``questions``, ``question_id``), and for train
+    and val each question's classes (``answer_labels``), their soft scores (``answer_scores``) and answers
+    (``answers``); test rows have empty answer lists. The classes are those of ``vqa_answers`` (3,129 on the
+    release; a question with none is left out, and an image with no question left). ``vqav2_trainable_val`` is
+    ``vqav2_val`` without its last ``rest_val_images`` rows, ``vqav2_rest_val`` those rows: fine-tuning trains on
+    train + trainable_val and validates on rest_val. Writing train or val reads both annotation files (the
+    vocabulary is counted over both). ``splits`` may also name ``test-dev`` (``vqav2_test-dev``, read by no config).
+
+    Rows are in a random order, as official (a shuffle of the image files), but drawn from ``seed``, so a rerun
+    writes the same files; the official shuffle is unseeded, so its rest_val is a different 1,000 images."""
+    from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
+
+    _need_dir(raw_root, "the raw VQAv2 folder (RAW_ROOT)")
+    chosen = _check_splits(splits if splits is not None else VQA_SPLITS, VQA_SPLITS + VQA_EXTRA_SPLITS, "vqa")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"prepare_vqa: seed must be an int, got {type(seed).__name__}")
+    if not isinstance(rest_val_images, int) or isinstance(rest_val_images, bool) or rest_val_images < 0:
+        raise ValueError(f"prepare_vqa: rest_val_images must be an int >= 0, got {rest_val_images!r}")
+    questions = {}
+    for split in chosen:
+        name = f"v2_OpenEnded_mscoco_{_VQA_YEAR[split]}_questions.json"
+        questions[split] = _vqa_records(_vqa_json(raw_root, name, f"the VQAv2 {split} questions {name}"),
+                                        "questions", {"image_id": int, "question_id": int, "question": str})
+        _need_dir(os.path.join(raw_root, _VQA_IMAGE_DIR[split]),
+                  f"the COCO images of VQAv2 {split} ({_VQA_IMAGE_DIR[split]}/COCO_{_VQA_IMAGE_DIR[split]}_<id>.jpg)")
+    summary = PrepareSummary("vqa", _out_root(out_root))
+    targets: Dict[str, Dict[int, Tuple[List[int], List[float]]]] = {}
+    vocab: List[str] = []
+    if "train" in chosen or "val" in chosen:
+        annotated = {}
+        for split in ("train", "val"):
+            name = f"v2_mscoco_{_VQA_YEAR[split]}_annotations.json"
+            path = _vqa_json(raw_root, name, f"the VQAv2 {split} annotations {name} (the answer vocabulary is "
+                             "counted over train and val)")
+            records = _vqa_records(path, "annotations", {"question_id": int, "multiple_choice_answer": str})
+            annotated[split] = (records, list(_vqa_answers(path, records)))
+        vocab = answer_vocabulary(r["multiple_choice_answer"] for split in ("train", "val")
+                                  for r in annotated[split][0])
+        label_of = {answer: i for i, answer in enumerate(vocab)}
+        for split in ("train", "val"):
+            records, answers = annotated.pop(split)
+            targets[split] = {r["question_id"]: question_targets(a, label_of) for r, a in zip(records, answers)}
+        summary.notes.append(f"answer vocabulary: {len(vocab)} answers seen at least 9 times in train + val "
+                             f"(the official files have {OFFICIAL_VOCAB_SIZE})")
+
+    def image_rows(split: str) -> List[Tuple[int, List[Mapping[str, Any]]]]:
+        """(image id, its questions) in a seeded random order; for train/val only questions with a class."""
+        per_image: Dict[int, List[Mapping[str, Any]]] = {}
+        for q in questions[split]:
+            if split in targets:
+                labels = targets[split].get(q["question_id"])
+                if labels is None:
+                    summary._drop(f"VQAv2 {split} questions without an annotation")
+                    continue
+                if not labels[0]:
+                    summary._drop(f"VQAv2 {split} questions with no answer among the classes (as official)")
+                    continue
+            per_image.setdefault(q["image_id"], []).append(q)
+        rows = list(per_image.items())
+        random.Random(f"vqav2-{split}-{seed}").shuffle(rows)
+        return rows
+
+    def vqa_rows(split: str) -> Iterator[Dict[str, Any]]:
+        folder = os.path.join(raw_root, _VQA_IMAGE_DIR[split])
+
+        def files(item: Tuple[int, Any]) -> List[Tuple[str, ...]]:
+            return [(os.path.join(folder, f"COCO_{_VQA_IMAGE_DIR[split]}_{item[0]:012d}.jpg"),
+                     os.path.join(folder, f"{item[0]:012d}.jpg"))]
+
+        def skipped(item: Tuple[int, List[Any]]) -> None:
+            summary._drop(f"VQAv2 {split} questions of images that are missing or unreadable", len(item[1]))
+
+        for (iid, qs), (image,) in _found(image_rows(split), files, summary, verify, skipped):
+            labelled = [targets[split][q["question_id"]] for q in qs] if split in targets else []
+            yield {"image": image, "questions": [q["question"] for q in qs],
+                   "answers": [[vocab[i] for i in labels] for labels, _ in labelled],
+                   "answer_labels": [labels for labels, _ in labelled],
+                   "answer_scores": [scores for _, scores in labelled],
+                   "image_id": iid, "question_id": [q["question_id"] for q in qs], "split": split}
+
+    for split in chosen:
+        path = os.path.join(out_root, f"vqav2_{split}.arrow")
+        _write(summary, path, vqa_rows(split), VQA_SCHEMA, ("image",), "questions", log)
+        if split == "val":  # as official: the written val file cut into trainable_val and its last rows, rest_val
+            from .arrow import read_arrow
+
+            table = read_arrow(os.path.join(_staging(summary), os.path.basename(path)))
+            cut = max(table.num_rows - rest_val_images, 0)
+            for stem, part in (("vqav2_trainable_val", table.slice(0, cut)), ("vqav2_rest_val", table.slice(cut))):
+                rows = (row for batch in part.to_batches(max_chunksize=64) for row in batch.to_pylist())
+                _write(summary, os.path.join(out_root, f"{stem}.arrow"), rows, VQA_SCHEMA, ("image",), "questions",
+                       log)
+            del table
+    return _finish(summary)
+
+
 # ---- Visual Genome (region descriptions) --------------------------------------------------------------------------
 
 VG_SCHEMA = pa.schema([("image", pa.binary()), ("caption", pa.list_(pa.string())), ("width", pa.list_(pa.int64())),
@@ -814,12 +962,12 @@ DESCRIPTION = """Turn raw public datasets into the official ViLT/VLMo arrow file
             -> wikibk_train_{0..49}.arrow, wikibk_val_0.arrow
   nlvr2     nlvr2/data/{train,dev,test1}.json + images/train/<dir>/, dev/, test1/
             -> nlvr2_{train,dev,test1}.arrow (one row per image pair)
+  vqa       VQAv2 questions + annotations JSON + COCO train2014/, val2014/, test2015/
+            -> vqav2_{train,val,trainable_val,rest_val,test}.arrow (one row per image, its questions)
   captions  a list of (image path, caption) pairs (TSV, JSON lines or JSON) of web data
             -> gcc: conceptual_caption_{train,val}_<i>.arrow, sbu: sbu_<i>.arrow, or <name>_<split>_<i>.arrow
 
 Images are stored as the bytes on disk. Missing or unreadable images are skipped and counted in the summary.
-VQAv2 is not supported: its answer normalisation and label order must match the official checkpoints exactly, and
-the spec does not give those rules.
 
 Each subcommand explains its options: vlmo-fast prepare SUBCOMMAND --help"""
 
@@ -827,7 +975,7 @@ Each subcommand explains its options: vlmo-fast prepare SUBCOMMAND --help"""
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,vg,text,nlvr2,captions}", required=True)
+    sub = parser.add_subparsers(dest="dataset", metavar="{coco,f30k,vg,text,nlvr2,vqa,captions}", required=True)
 
     def add(name: str, help_: str, description: str, raw_help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description, prog=f"{prog} {name}")
@@ -868,6 +1016,17 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                 "and dev/, test1/ (or images/dev/, images/test1/)")
     nlvr2.add_argument("--splits", metavar="LIST", help="comma-separated subset of " + ",".join(NLVR2_SPLITS)
                        + " (default), may add " + ",".join(NLVR2_EXTRA_SPLITS) + " (read by no config)")
+    vqa = add("vqa", "VQAv2 (questions with soft answer scores)",
+              "VQAv2 -> vqav2_{train,val,trainable_val,rest_val,test}.arrow: one row per COCO image with its "
+              "questions and, for train/val, each question's answer classes and soft scores (the official 3,129 "
+              "classes: normalised multiple-choice answers seen at least 9 times in train + val). trainable_val is "
+              "val without its last 1,000 images, rest_val those images (the fine-tuning val set).",
+              "folder with train2014/, val2014/, test2015/ and the VQAv2 questions/annotations JSON files "
+              "(there or in annotations/)")
+    vqa.add_argument("--splits", metavar="LIST", help="comma-separated subset of " + ",".join(VQA_SPLITS)
+                     + " (default), may add test-dev (read by no config)")
+    vqa.add_argument("--seed", type=int, default=0, help="seed of the row shuffle, which picks the rest_val "
+                     "images (default: 0; the official shuffle is unseeded)")
     captions = add("captions", "web caption data: gcc, sbu or your own",
                    "Web caption data -> the official files of --name: gcc conceptual_caption_<split>_<i>.arrow, "
                    "sbu sbu_<i>.arrow, any other name <name>_<split>_<i>.arrow. The captions of one image path go "
@@ -888,7 +1047,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     captions.add_argument("--shard-rows", type=int, metavar="N", help="rows (images) per file (default: arrow gcc/sbu "
                           "spread over the official number of files, gcc train 30, val 1, sbu 9; other names 100000, "
                           "the official writers' size; shards 5000)")
-    for p, default in ((coco, False), (f30k, False), (vg, False), (nlvr2, False), (captions, True)):
+    for p, default in ((coco, False), (f30k, False), (vg, False), (nlvr2, False), (vqa, False), (captions, True)):
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=default,
                        help="also skip files that PIL cannot open (default: %(default)s)")
     return parser
@@ -921,6 +1080,8 @@ def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             summary = prepare_f30k(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
         elif args.dataset == "nlvr2":
             summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
+        elif args.dataset == "vqa":
+            summary = prepare_vqa(args.raw_root, args.out_root, args.splits, args.seed, verify=args.verify, log=log)
         elif args.dataset == "vg":
             summary = prepare_vg(args.raw_root, args.out_root, args.verify, log)
         elif args.dataset == "text":

@@ -34,7 +34,7 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 TASK_HELP = {
     "irtr": "image-text retrieval (coco or f30k; the built-in synthetic set works without --data-root)",
-    "vqa": "VQAv2 answer classification (needs --data-root with the official vqav2 arrow files)",
+    "vqa": "VQAv2 answer classification (needs --data-root with the official vqav2 arrow files: vlmo-fast prepare vqa)",
     "nlvr2": "NLVR2 true/false over an image pair (needs --data-root with the official nlvr2 arrow files)",
 }
 
