@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlmo_fast import cli
 from vlmo_fast.data import make_dataset, prepare_vqa, read_arrow
+from vlmo_fast.data.prepare import VQA_SCHEMA
 from vlmo_fast.data.vqa_answers import (MIN_ANSWER_COUNT, answer_score, answer_vocabulary, normalize_answer,
                                         question_targets)
 from vlmo_fast.evaluation import build_id2answer
@@ -34,7 +35,9 @@ def test_normalize_answer_by_hand(raw, expected):
 
 def test_normalize_answer_quirks_and_errors():
     assert normalize_answer("." * 40 + "x") == "." * 8 + "x"  # at most 32 periods removed (the official count)
-    assert normalize_answer("x (y)") == "x y" and normalize_answer("x(y)") == "x y"  # "(" decided by " (" in "x (y)"
+    # whether a mark goes or becomes a space is decided on the answer as given: "(" follows ";", not a space, here,
+    # though it follows a space once ";" has become one (which would remove it: "ab c de")
+    assert normalize_answer("ab;(c d(e") == "ab c d e"
     with pytest.raises(TypeError, match="answer must be a str"):
         normalize_answer(3)
 
@@ -93,6 +96,7 @@ def vqa_raw(tmp_path):
         add("train2014", (9, 25, 30)[k % 3], f"is it {k}?", "yes", _answers(("yes", 4), ("no", 6)))
     for k in range(8):
         add("train2014", 77, f"what color {k}?", "blue", _answers(("blue", 10)))
+    add("train2014", 9, "not annotated?")  # a question the annotations leave out
     for iid in (42, 43, 44):
         images[iid] = _jpeg(str(root / "val2014" / f"COCO_val2014_{iid:012d}.jpg"))
         add("val2014", iid, f"val {iid}?", "yes", _answers(("yes", 1), ("nope", 9)))
@@ -123,8 +127,12 @@ def test_vqa_files_classes_and_read_back(vqa_raw, tmp_path, tok):
     assert list(summary.files.values()) == [3, 3, 2, 1, 2] and list(summary.samples.values()) == [19, 3, 2, 1, 2]
     assert summary.missing_images == 1 and summary.skipped_rows == 1
     assert summary.dropped == {"VQAv2 train questions with no answer among the classes (as official)": 8,
+                               "VQAv2 train questions without an annotation": 1,
                                "VQAv2 val questions of images that are missing or unreadable": 1}
-    assert "answer vocabulary: 2 answers" in summary.report()
+    assert "answer vocabulary: 2 answers" in summary.report() and "checkpoint's classifier does not fit" in \
+        summary.report()
+    for name in names:
+        assert read_arrow(str(out / f"{name}.arrow")).schema.equals(VQA_SCHEMA)
 
     train = _table(out / "vqav2_train.arrow")
     assert sorted(r["image_id"] for r in train) == [9, 25, 30]  # 77 had only "blue" questions: left out
@@ -181,8 +189,19 @@ def test_vqa_input_errors(vqa_raw, tmp_path):
         prepare_vqa(str(tmp_path / "nope"), out)
     with pytest.raises(ValueError, match=r"vqa splits must be a non-empty subset of \['train', 'val', 'test', "):
         prepare_vqa(str(raw), out, splits=["testdev"])
-    with pytest.raises(ValueError, match="rest_val_images must be an int >= 0"):
-        prepare_vqa(str(raw), out, rest_val_images=-1)
+    with pytest.raises(ValueError, match="rest_val_images must be an int >= 1"):
+        prepare_vqa(str(raw), out, rest_val_images=0)
+    afile = raw / "v2_mscoco_train2014_annotations.json"
+    good = afile.read_text()
+    bad = json.loads(good)
+    del bad["annotations"][3]["answers"]
+    afile.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"annotations\[3\] must have 'answers', a list of objects with a string"):
+        prepare_vqa(str(raw), out, splits=["val"])
+    afile.write_text(good[:-5])
+    with pytest.raises(ValueError, match="v2_mscoco_train2014_annotations.json: not valid JSON"):
+        prepare_vqa(str(raw), out, splits=["val"])
+    afile.write_text(good)
     os.unlink(raw / "v2_mscoco_val2014_annotations.json")
     with pytest.raises(FileNotFoundError, match="VQAv2 val annotations v2_mscoco_val2014_annotations.json .the "
                                                 "answer vocabulary is counted over train and val"):

@@ -32,7 +32,7 @@ Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``r
     nlvr2: images/train/<directory>/train-<set>-<pair>-img{0,1}.png  dev/dev-...-img{0,1}.png  test1/...
            nlvr2/data/{train,dev,test1}.json  (JSON lines: identifier, sentence, label, directory (train))
     vqa:   train2014/*.jpg  val2014/*.jpg  test2015/*.jpg  v2_mscoco_{train2014,val2014}_annotations.json
-           v2_OpenEnded_mscoco_{train2014,val2014,test2015}_questions.json  (the JSON also in annotations/)
+           v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json  (JSON also in annotations/)
 
 The Karpathy JSON may also lie directly in ``raw_root`` (or be given explicitly); the NLVR2 JSON-lines also in
 ``raw_root/data/`` or ``raw_root``, and the dev/test1 images also under ``raw_root/images/``.
@@ -538,13 +538,43 @@ def _vqa_records(path: str, key: str, fields: Mapping[str, type]) -> List[Mappin
     return records
 
 
-def _vqa_answers(path: str, annotations: Sequence[Mapping[str, Any]]) -> Iterator[List[str]]:
-    for i, rec in enumerate(annotations):
+def _vqa_annotations(raw_root: str, split: str) -> List[Tuple[int, str, List[str]]]:
+    """(question id, multiple-choice answer, the annotators' answers) of each annotation of ``split``, in file
+    order (the JSON itself is dropped before the next file is read)."""
+    name = f"v2_mscoco_{_VQA_YEAR[split]}_annotations.json"
+    path = _vqa_json(raw_root, name, f"the VQAv2 {split} annotations {name} (the answer vocabulary is counted over "
+                     "train and val)")
+    out = []
+    for i, rec in enumerate(_vqa_records(path, "annotations", {"question_id": int, "multiple_choice_answer": str})):
         answers = rec.get("answers")
         if not isinstance(answers, list) or any(not isinstance(a, dict) or not isinstance(a.get("answer"), str)
                                                 for a in answers):
             raise ValueError(f"{path}: annotations[{i}] must have 'answers', a list of objects with a string 'answer'")
-        yield [a["answer"] for a in answers]
+        out.append((rec["question_id"], rec["multiple_choice_answer"], [a["answer"] for a in answers]))
+    return out
+
+
+def _split_val(summary: PrepareSummary, out_root: str, val_path: str, rest: int, log: Log) -> None:
+    """vqav2_trainable_val (the staged val file but its last ``rest`` rows) and vqav2_rest_val (those rows), written
+    from the memory-mapped file without copying the images through Python."""
+    import pyarrow.compute as pc
+
+    from .arrow import read_arrow
+
+    try:
+        table = read_arrow(os.path.join(_staging(summary), os.path.basename(val_path)))
+        cut = max(table.num_rows - rest, 0)
+        for stem, part in (("vqav2_trainable_val", table.slice(0, cut)), ("vqav2_rest_val", table.slice(cut))):
+            path = os.path.join(out_root, f"{stem}.arrow")
+            n = write_arrow_batches(os.path.join(_staging(summary), f"{stem}.arrow"), VQA_SCHEMA,
+                                    part.to_batches(max_chunksize=BATCH_ROWS))
+            summary.files[path] = n
+            summary.samples[path] = pc.sum(pc.list_value_length(part.column("questions"))).as_py() or 0
+            if log is not None:
+                log(f"wrote {stem}.arrow: {n} rows, {summary.samples[path]} samples")
+    except BaseException:
+        _discard(summary)
+        raise
 
 
 def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = None, seed: int = 0,
@@ -570,8 +600,8 @@ def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = 
     chosen = _check_splits(splits if splits is not None else VQA_SPLITS, VQA_SPLITS + VQA_EXTRA_SPLITS, "vqa")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"prepare_vqa: seed must be an int, got {type(seed).__name__}")
-    if not isinstance(rest_val_images, int) or isinstance(rest_val_images, bool) or rest_val_images < 0:
-        raise ValueError(f"prepare_vqa: rest_val_images must be an int >= 0, got {rest_val_images!r}")
+    if not isinstance(rest_val_images, int) or isinstance(rest_val_images, bool) or rest_val_images < 1:
+        raise ValueError(f"prepare_vqa: rest_val_images must be an int >= 1, got {rest_val_images!r}")
     questions = {}
     for split in chosen:
         name = f"v2_OpenEnded_mscoco_{_VQA_YEAR[split]}_questions.json"
@@ -583,21 +613,15 @@ def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = 
     targets: Dict[str, Dict[int, Tuple[List[int], List[float]]]] = {}
     vocab: List[str] = []
     if "train" in chosen or "val" in chosen:
-        annotated = {}
-        for split in ("train", "val"):
-            name = f"v2_mscoco_{_VQA_YEAR[split]}_annotations.json"
-            path = _vqa_json(raw_root, name, f"the VQAv2 {split} annotations {name} (the answer vocabulary is "
-                             "counted over train and val)")
-            records = _vqa_records(path, "annotations", {"question_id": int, "multiple_choice_answer": str})
-            annotated[split] = (records, list(_vqa_answers(path, records)))
-        vocab = answer_vocabulary(r["multiple_choice_answer"] for split in ("train", "val")
-                                  for r in annotated[split][0])
+        annotated = {split: _vqa_annotations(raw_root, split) for split in ("train", "val")}
+        vocab = answer_vocabulary(major for split in ("train", "val") for _, major, _ in annotated[split])
         label_of = {answer: i for i, answer in enumerate(vocab)}
         for split in ("train", "val"):
-            records, answers = annotated.pop(split)
-            targets[split] = {r["question_id"]: question_targets(a, label_of) for r, a in zip(records, answers)}
-        summary.notes.append(f"answer vocabulary: {len(vocab)} answers seen at least 9 times in train + val "
-                             f"(the official files have {OFFICIAL_VOCAB_SIZE})")
+            targets[split] = {qid: question_targets(answers, label_of) for qid, _, answers in annotated.pop(split)}
+        note = f"answer vocabulary: {len(vocab)} answers seen at least 9 times in train + val"
+        summary.notes.append(note + (" (as the official files)" if len(vocab) == OFFICIAL_VOCAB_SIZE else
+                                     f"; the official files have {OFFICIAL_VOCAB_SIZE}, so a released VQA checkpoint's "
+                                     "classifier does not fit these classes"))
 
     def image_rows(split: str) -> List[Tuple[int, List[Mapping[str, Any]]]]:
         """(image id, its questions) in a seeded random order; for train/val only questions with a class."""
@@ -638,15 +662,7 @@ def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = 
         path = os.path.join(out_root, f"vqav2_{split}.arrow")
         _write(summary, path, vqa_rows(split), VQA_SCHEMA, ("image",), "questions", log)
         if split == "val":  # as official: the written val file cut into trainable_val and its last rows, rest_val
-            from .arrow import read_arrow
-
-            table = read_arrow(os.path.join(_staging(summary), os.path.basename(path)))
-            cut = max(table.num_rows - rest_val_images, 0)
-            for stem, part in (("vqav2_trainable_val", table.slice(0, cut)), ("vqav2_rest_val", table.slice(cut))):
-                rows = (row for batch in part.to_batches(max_chunksize=64) for row in batch.to_pylist())
-                _write(summary, os.path.join(out_root, f"{stem}.arrow"), rows, VQA_SCHEMA, ("image",), "questions",
-                       log)
-            del table
+            _split_val(summary, out_root, path, rest_val_images, log)
     return _finish(summary)
 
 
@@ -1024,7 +1040,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
               "folder with train2014/, val2014/, test2015/ and the VQAv2 questions/annotations JSON files "
               "(there or in annotations/)")
     vqa.add_argument("--splits", metavar="LIST", help="comma-separated subset of " + ",".join(VQA_SPLITS)
-                     + " (default), may add test-dev (read by no config)")
+                     + " (default), may add test-dev (read by no config); val also writes trainable_val and "
+                     "rest_val")
     vqa.add_argument("--seed", type=int, default=0, help="seed of the row shuffle, which picks the rest_val "
                      "images (default: 0; the official shuffle is unseeded)")
     captions = add("captions", "web caption data: gcc, sbu or your own",
