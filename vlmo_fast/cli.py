@@ -19,7 +19,7 @@ COMMANDS = (
     ("finetune", "fine-tune for a task: irtr, vqa or nlvr2 (official recipes as --preset)"),
     ("evaluate", "retrieval recall, VQA score / submission, NLVR2 accuracy of a checkpoint"),
     ("export", "a checkpoint's model in the official layout (.pt) or as .safetensors"),
-    ("prepare", "raw COCO, Flickr30K, Visual Genome, NLVR2 or web captions -> the official arrow files (not VQAv2)"),
+    ("prepare", "raw COCO, Flickr30K, VG, NLVR2, VQAv2, plain text or web captions -> the official arrow files"),
 )
 EXAMPLES = """examples:
   vlmo-fast pretrain                  # the tiny model, 300 steps on the built-in synthetic set, on this machine
