@@ -73,7 +73,10 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--workers", nargs="+", type=int, default=[0, os.cpu_count() or 1])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per worker setting")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed batches first (default: workers x 2 + 2: worker start-up and every batch the "
+                             "workers prefetched while starting, which would otherwise arrive at once and inflate "
+                             "the rate)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--max-text-len", type=int, default=40)
     parser.add_argument("--n-train", type=int, default=2000, help="images to generate without --data-root")
@@ -102,7 +105,8 @@ def main(argv: List[str] = None) -> int:
         tokenizer = BertTokenizer()
         ds = build_dataset(root, args.datasets, "train", image_size=args.image_size, max_text_len=args.max_text_len,
                            train=True, tokenizer=tokenizer)
-        needed = (args.batches + args.warmup) * args.batch_size
+        warmups = {w: args.warmup if args.warmup is not None else 2 * w + 2 for w in args.workers}
+        needed = (args.batches + max(warmups.values())) * args.batch_size
         if len(ds) < needed:
             print(f"note: {len(ds)} samples < {needed} needed; the loader will run out early", file=sys.stderr)
         stages = stage_costs(ds, tokenizer, args.image_size, args.max_text_len, 200, args.batch_size)
@@ -110,12 +114,12 @@ def main(argv: List[str] = None) -> int:
         for workers in args.workers:
             loader = build_loader(ds, batch_size=args.batch_size, collate=build_collate(tokenizer), train=True,
                                   num_workers=workers, seed=0, drop_last=True)
-            sps = measure_loader(loader, args.batches, warmup=args.warmup)
+            sps = measure_loader(loader, args.batches, warmup=warmups[workers])
             del loader
             rows.append({"workers": workers, "samples_per_s": round(sps, 1),
                          "ms_per_batch": round(args.batch_size / sps * 1e3, 2), "batch_size": args.batch_size,
                          "image_size": args.image_size, "max_text_len": args.max_text_len,
-                         "batches": args.batches})
+                         "batches": args.batches, "warmup_batches": warmups[workers]})
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,11 @@ import torch
 SCHEMA_VERSION = 1
 
 # Datasheet dense bf16 peaks (TFLOP/s) for MFU "vs datasheet"; MFU "vs measured" uses the run's own GEMM rate.
-DATASHEET_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}
+# Matched in order on the words of torch.cuda.get_device_name(): an SXM H100 calls itself "NVIDIA H100 80GB HBM3",
+# so any H100 that is not PCIe or NVL counts as SXM.
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
+                         ("H200", 989.0), ("A100", 312.0))
+MIN_TIMED_CALLS = 10  # CUDA: do_bench's window is stretched so that even a long call is timed this many times
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
@@ -52,8 +56,17 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
         try:
             import triton.testing
 
-            ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, reps * 10), quantiles=[0.5, 0.2, 0.8])
-            return Timing(ms[0], ms[1], ms[2], reps)
+            fn()  # compiles and autotunes outside the estimate
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            est_ms = (time.perf_counter() - t0) * 1e3
+            # do_bench times rep/estimate calls: a window of at least MIN_TIMED_CALLS calls, so that a long call (a
+            # whole training step) still gets a median and quantiles of several samples, not one
+            window = max(100.0, reps * 10.0, MIN_TIMED_CALLS * est_ms)
+            ms = triton.testing.do_bench(fn, warmup=max(25.0, est_ms), rep=window, quantiles=[0.5, 0.2, 0.8])
+            return Timing(ms[0], ms[1], ms[2], max(1, int(window / max(est_ms, 1e-3))))
         except ImportError:
             pass
         for _ in range(warmup):
@@ -78,8 +91,9 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
 
 
 def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int = 2, reps: int = 5,
-             burst_ms: float = 25.0) -> Dict[str, Any]:
-    """Each implementation's ``Timing``, or the exception it raised (recorded by the caller, never hidden).
+             burst_ms: float = 25.0, deadline: float = math.inf) -> Dict[str, Any]:
+    """Each implementation's ``Timing``, or the exception it raised (recorded by the caller, never hidden), or None
+    for one not timed because ``deadline`` (a ``time.time()``) had passed when its turn came (CUDA).
 
     CUDA: one after the other with ``time_fn`` (do_bench isolates each). CPU: ``reps`` rounds; in each round every
     implementation runs one burst of back-to-back calls lasting about ``burst_ms`` (one call when a call is longer).
@@ -90,6 +104,9 @@ def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: in
     out: Dict[str, Any] = {}
     if device.type == "cuda":
         for name, fn in fns.items():
+            if time.time() > deadline:
+                out[name] = None
+                continue
             try:
                 out[name] = time_fn(fn, device, warmup=warmup, reps=reps)
             except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -300,8 +317,9 @@ def device_name(device: torch.device) -> str:
 
 
 def datasheet_peak(name: str) -> Optional[float]:
-    for key, value in DATASHEET_BF16_TFLOPS.items():
-        if all(part in name for part in key.split()):
+    words = name.replace("-", " ").split()
+    for key, value in DATASHEET_BF16_TFLOPS:
+        if all(part in words for part in key.split()):
             return value
     return None
 

@@ -12,8 +12,16 @@ Implementations compared (where the device allows):
   flex              FlexAttention with the learnable table captured in score_mod (GPU)
   compile(official) torch.compile of the official math (GPU)
 
-Timing: triton.testing.do_bench on GPU (warm-up, L2 flushed per rep, median); on CPU wall-clock medians, the
-implementations taking turns in ~25 ms bursts (a shared machine's drift falls on all of them alike).
+Timing: triton.testing.do_bench on GPU (warm-up, L2 flushed per rep, median of at least 10 calls; compilation and
+autotuning happen before it); on CPU wall-clock medians, the implementations taking turns in ~25 ms bursts (a shared
+machine's drift falls on all of them alike). torch.compile baselines are compiled per case with static shapes, from
+a reset cache, and a hit recompile limit is an error, never a silent fall-back to eager.
+Correctness: every op's result (output, or all gradients for fwd+bwd) is compared with the official math's first; the
+training step compares the loss of one step from the same weights and random state. Retrieval rows time the
+encoders (checked in the model rows) end to end.
+Order: the targets' cases first (attention at N=237, the largest batch first, softmax, block, step, retrieval); the
+other attention lengths last. With --budget-s, what the budget leaves out is listed in the results' meta
+("skipped"), and an implementation whose turn comes past the deadline gets a "skipped: time budget" row.
 Reported per row: ms, speedup vs the official math, TFLOP/s (attention fwd 4·B·H·N²·D, bwd 2.5x fwd) or GB/s and the
 fraction of the measured ceiling (copy bandwidth or GEMM rate, measured at the start of the run), peak memory (GPU),
 samples/s and MFU for the training step. Results go to --out as JSON, Markdown and a PNG plot, tagged with the
@@ -47,13 +55,24 @@ from vlmo_fast.reference import ReferenceVLMo  # noqa: E402
 from vlmo_fast.train.config import check_device, resolve_device  # noqa: E402
 from vlmo_fast.train.optim import OfficialAdamW, build_optimizer, param_groups  # noqa: E402
 
-# in the order the issues' targets need them (a run past --budget-s skips what comes last)
-ALL_OPS = ("attention", "softmax", "layernorm", "block", "step", "retrieval", "optimizer", "model")
+# in the order the issues' targets need them (a run past --budget-s skips what comes last); attention runs its first
+# case here and its other cases after every other op
+ALL_OPS = ("attention", "softmax", "block", "step", "retrieval", "layernorm", "optimizer", "model")
+CONVENTIONS = {
+    "attention_flops": "fwd 4*B*H*N^2*D (QK^T and PV); fwd+bwd 3.5x fwd (bwd 2.5x: dV, dP, dQ, dK and the recomputed "
+                       "QK^T)",
+    "layer_flops": "2 per multiply-add of every matmul (projections, attention, FFN); fwd+bwd 3x fwd",
+    "step_flops": "spec 5.2-5.4: 4 fusion passes (MLM, ITM positives and 2 negative sets), the image and text passes "
+                  "of ITC with their VL-FFN, the MLM head; 3x for fwd+bwd",
+    "bytes": "softmax/layernorm fwd 2x, fwd+bwd 5x the tensor's bytes (bias, mask and statistics traffic left out); "
+             "optimizer 7 fp32 words per parameter",
+    "step_optimizer": "every step implementation, official included, uses vlmo_fast's OfficialAdamW (fused)",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Sizes per preset: VLMo-base shapes; "quick" keeps CPU runs to minutes, "tiny" to seconds (dry runs, tests).
 SIZES: Dict[str, Dict[str, Any]] = {
-    "full": dict(arch="vlmo_base_patch16", attention=[(32, 237), (128, 237), (32, 617), (16, 941)], softmax_bh=1536,
+    "full": dict(arch="vlmo_base_patch16", attention=[(128, 237), (32, 237), (32, 617), (16, 941)], softmax_bh=1536,
                  ln_rows=128, block_batch=128, model_batch=128, step_batch=128, heads=12, head_dim=64, reps=20,
                  optimizer_depth=None,
                  retrieval=(384, 5000, 25000, 256)),
@@ -76,6 +95,7 @@ class Bench:
         self.reps = reps
         self.rows: List[Row] = []
         self.deadline = time.time() + budget_s
+        self.cut_short = False  # set when a case was left out for the time budget (reset per op by main)
         self.compile_baselines = compile_baselines
         peak = harness.datasheet_peak(harness.device_name(device))
         self.datasheet = peak
@@ -83,26 +103,33 @@ class Bench:
     def out_of_time(self) -> bool:
         return time.time() > self.deadline
 
+    def budget_spent(self) -> bool:
+        """out_of_time, and if so remember that the op running now stopped before its end (listed in the meta)."""
+        self.cut_short |= self.out_of_time()
+        return self.out_of_time()
+
     def measure(self, op: str, case: Dict[str, Any], dtype: str, mode: str, impls: Dict[str, Callable[[], Any]],
                 baseline: str = "official", flops: Optional[float] = None, bytes_: Optional[float] = None,
-                samples: Optional[int] = None, check: bool = False) -> List[Row]:
+                samples: Optional[int] = None, check: bool = False, seed: Optional[int] = None) -> List[Row]:
         """Time every implementation of one case. ``check``: first run each once and compare its result (output,
         or gradients for fwd+bwd) with the baseline's; one further than AGREEMENT_TOL[dtype] (relative to the
-        largest reference value) is timed but marked "mismatch" and never counted as the best alternative."""
+        largest reference value) is timed but marked "mismatch" and never counted as the best alternative.
+        ``seed``: reseed torch before each of those runs (results that draw random numbers)."""
         rows: List[Row] = []
         timings: Dict[str, Any] = {}
         errors: Dict[str, float] = {}
         if check and not self.out_of_time():
-            errors = self.agreement(impls, baseline)
+            errors = self.agreement(impls, baseline, seed)
         if not self.out_of_time():
             timings = harness.time_fns(impls, self.device, warmup=2 if self.device.type == "cpu" else 3,
-                                       reps=self.reps)
+                                       reps=self.reps, deadline=self.deadline)
         for name, fn in impls.items():
             row = Row(op=op, impl=name, mode=mode, case=dict(case), dtype=dtype, baseline=baseline,
                       flops=flops, bytes=bytes_)
             t = timings.get(name)
             if t is None:
                 row.status = "skipped: time budget"
+                self.cut_short = True
             elif isinstance(t, torch.cuda.OutOfMemoryError):
                 row.status = "oom"
             elif isinstance(t, BaseException):
@@ -146,10 +173,16 @@ class Bench:
         return rows
 
 
-    def agreement(self, impls: Dict[str, Callable[[], Any]], baseline: str) -> Dict[str, float]:
+    def agreement(self, impls: Dict[str, Callable[[], Any]], baseline: str,
+                  seed: Optional[int] = None) -> Dict[str, float]:
         """max relative error of each implementation's result against the baseline's (errors are left to timing)."""
+        def call(fn):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return fn()
+
         try:
-            ref = impls[baseline]()
+            ref = call(impls[baseline])
         except Exception:  # noqa: BLE001 - the baseline's failure shows in its row
             return {}
         out = {}
@@ -157,7 +190,7 @@ class Bench:
             if name == baseline:
                 continue
             try:
-                out[name] = harness.max_relative_error(fn(), ref)
+                out[name] = harness.max_relative_error(call(fn), ref)
             except Exception:  # noqa: BLE001 - reported by the timing run
                 pass
         del ref
@@ -234,15 +267,17 @@ def padding_mask(b: int, n: int, text_len: int, device) -> torch.Tensor:
 # ---- suites ------------------------------------------------------------------------------------------------------
 
 
-def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) -> None:
+def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], cases: Iterable[tuple]) -> None:
     dev = bench.device
     h, d = sizes["heads"], sizes["head_dim"]
     layers = 12
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for b, n in sizes["attention"]:
-            if bench.out_of_time():
+        for b, n in cases:
+            if bench.budget_spent():
                 return
+            if dev.type == "cuda":
+                fresh_compile_cache()
             lt = 40 if n > 40 else max(1, n // 3)
             window = int(round(math.sqrt(n - lt - 1)))
             if window * window + 1 + lt != n:
@@ -276,14 +311,26 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) 
                 if flex is not None:
                     impls["flex"] = flex
                 if bench.compile_baselines:
-                    compiled = torch.compile(official_attention)
-                    impls["compile(official)"] = lambda: _autocast_call(dev, dtype, compiled, q, k, v, table, index,
+                    official_c = compiled(official_attention)
+                    impls["compile(official)"] = lambda: _autocast_call(dev, dtype, official_c, q, k, v, table, index,
                                                                         keep, scale)
             bench.measure("attention", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
                           flops=harness.attention_flops(b, h, n, d), check=True)
             leaves = [q, k, v, full_table]
             bench.measure("attention", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, leaves) for k_, f in impls.items()},
                           flops=harness.attention_flops(b, h, n, d, backward=True), check=True)
+
+
+def compiled(fn):
+    """torch.compile for a baseline: static shapes (each case compiles its own graph); a case starts from a reset
+    cache (``fresh_compile_cache``), so no earlier case's graphs or recompile count carry over."""
+    return torch.compile(fn, dynamic=False)
+
+
+def fresh_compile_cache() -> None:
+    torch._dynamo.reset()
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # an error, never a silent eager fall-back
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def _autocast_call(dev, dtype, fn, *args):
@@ -305,7 +352,7 @@ def make_flex(q, k, v, table, index, keep, scale):
     except ImportError:
         return None
     b, _, n, _ = q.shape
-    flex = torch.compile(flex_attention)
+    flex = compiled(flex_attention)
 
     def score_mod(score, bi, hi, qi, ki):
         return score + table[index[qi, ki], hi]
@@ -325,7 +372,7 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
     lt = 40 if n > 40 else n - 5
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        if bench.out_of_time():
+        if bench.budget_spent():
             return
         scores = torch.randn(b, h, n, n, device=dev, dtype=dtype, requires_grad=True)
         bias = torch.randn(h, n, n, device=dev, requires_grad=True)
@@ -338,8 +385,9 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
                                                            backend="torch"),
         }
         if dev.type == "cuda" and bench.compile_baselines:
-            compiled = torch.compile(official_softmax)
-            impls["compile(official)"] = lambda: compiled(scores, 0.125, bias, keep)
+            fresh_compile_cache()
+            softmax_c = compiled(official_softmax)
+            impls["compile(official)"] = lambda: softmax_c(scores, 0.125, bias, keep)
         elems = b * h * n * n * scores.element_size()
         bench.measure("softmax", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
                       bytes_=2 * elems, check=True)
@@ -353,7 +401,7 @@ def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
     split = config.max_text_len
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        if bench.out_of_time():
+        if bench.budget_spent():
             return
         x = torch.randn(b, n, d, device=dev, dtype=dtype, requires_grad=True)
         norms = [torch.nn.LayerNorm(d, eps=1e-6).to(dev, dtype) for _ in range(2)]
@@ -370,8 +418,9 @@ def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
             "vlmo_fast[torch]": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6, backend="torch"),
         }
         if dev.type == "cuda" and bench.compile_baselines:
-            compiled = torch.compile(official_multiway_layernorm)
-            impls["compile(official)"] = lambda: compiled(x, split, norms[0], norms[1])
+            fresh_compile_cache()
+            layernorm_c = compiled(official_multiway_layernorm)
+            impls["compile(official)"] = lambda: layernorm_c(x, split, norms[0], norms[1])
         elems = b * n * d * x.element_size()
         leaves = [x] + ws + bs
         bench.measure("layernorm", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
@@ -396,7 +445,7 @@ def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
     bias = lambda: F.embedding(index, table[:, :h]).permute(2, 0, 1).contiguous()  # noqa: E731
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        if bench.out_of_time():
+        if bench.budget_spent():
             return
         x = torch.randn(b, n, cfg.embed_dim, device=dev, requires_grad=True)
 
@@ -413,8 +462,9 @@ def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
 
         impls = {"official": run_official, "vlmo_fast": run_fast(), "vlmo_fast[torch]": run_fast("torch")}
         if dev.type == "cuda" and bench.compile_baselines:
-            compiled = torch.compile(official)
-            impls["compile(official)"] = lambda: run_official(compiled)
+            fresh_compile_cache()
+            block_c = compiled(official)
+            impls["compile(official)"] = lambda: run_official(block_c)
         flops = harness.layer_flops(b * n, n, cfg.embed_dim, cfg.mlp_hidden_dim)
         leaves = [x, table] + list(fast.parameters())
         official_leaves = [x, table] + list(official.parameters())
@@ -456,15 +506,16 @@ def bench_model(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         for path in ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft"):
-            if bench.out_of_time():
+            if bench.budget_spent():
                 return
             impls = {
                 "official": lambda p=path: _infer(ref, p, batch, dev, dtype),
                 "vlmo_fast": lambda p=path: _infer(fast.set_backend("auto"), p, batch, dev, dtype),
             }
             if dev.type == "cuda" and bench.compile_baselines and path == "infer":
-                compiled = torch.compile(ref.infer)
-                impls["compile(official)"] = lambda: _infer_fn(compiled, batch, dev, dtype)
+                fresh_compile_cache()
+                infer_c = compiled(ref.infer)
+                impls["compile(official)"] = lambda: _infer_fn(infer_c, batch, dev, dtype)
             bench.measure("model", dict(path=path, B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")),
                           dtype_name, "fwd", impls, flops=harness.forward_path_flops(cfg, b, path), samples=b,
                           check=True)
@@ -489,17 +540,23 @@ def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], confi
     batch = make_batch(cfg, b, dev)
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        if bench.out_of_time():
+        if bench.budget_spent():
             return
         impls = {}
-        for name, model in (("official", ReferenceVLMo(cfg)), ("vlmo_fast", vf.VLMo(cfg))):
-            impls[name] = make_step(model.to(dev).train(), batch, dev, dtype)
+        official = ReferenceVLMo(cfg).to(dev).train()
+        fast = vf.VLMo(cfg).to(dev).train()
+        fast.load_state_dict(official.state_dict())  # the same weights: the check compares one step's loss
+        impls["official"] = make_step(official, batch, dev, dtype)
+        impls["vlmo_fast"] = make_step(fast, batch, dev, dtype)
         if dev.type == "cuda" and bench.compile_baselines:
+            fresh_compile_cache()
             ref = ReferenceVLMo(cfg).to(dev).train()
-            impls["compile(official)"] = make_step(torch.compile(ref), batch, dev, dtype, module=ref)
+            ref.load_state_dict(official.state_dict())
+            impls["compile(official)"] = make_step(compiled(ref), batch, dev, dtype, module=ref)
         bench.measure("step", dict(B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", ""),
                                    tasks="mlm+itc+itm"), dtype_name, "step", impls,
-                      flops=harness.pretrain_step_flops(cfg, b), samples=b)
+                      flops=harness.pretrain_step_flops(cfg, b), samples=b, check=True, seed=0)
+        del official, fast
         del impls
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -517,7 +574,7 @@ def make_step(model, batch, dev, dtype, module=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     return step
 
@@ -553,7 +610,7 @@ def bench_optimizer(bench: Bench, sizes: Dict[str, Any], config) -> None:
     fused AdamW (a different rule: ε after the bias correction, decay before the update) as the off-the-shelf
     alternative. The implementations take turns stepping the same weights, each with its own state."""
     dev = bench.device
-    if bench.out_of_time():
+    if bench.budget_spent():
         return
     cfg = config if sizes["optimizer_depth"] is None else config.replace(
         depth=sizes["optimizer_depth"], vlffn_start_layer_index=sizes["optimizer_depth"] - 1)
@@ -584,7 +641,8 @@ def bench_optimizer(bench: Bench, sizes: Dict[str, Any], config) -> None:
 def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:
     """Retrieval evaluation as official (dual encoder): encode every image and caption once, score all pairs, R@1/5/10
     (issue target: 5k images / 25k captions at 384 px in under a minute on an H100). Random pixels and token ids:
-    the time does not depend on the content. Timed once end to end (it is long), after one small warm-up."""
+    the time does not depend on the content. Timed once end to end (it is long), after one small warm-up. Timing
+    only: the encoders' agreement with the official math is checked in the model rows (infer_*_ft)."""
     from vlmo_fast.evaluation import recall_at_k
 
     dev = bench.device
@@ -592,7 +650,7 @@ def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
     cfg = config.replace(image_size=size, drop_path_rate=0.0)
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        if bench.out_of_time():
+        if bench.budget_spent():
             return
         models = {"official": ReferenceVLMo(cfg).to(dev).eval(), "vlmo_fast": vf.VLMo(cfg).to(dev).eval()}
         models["official"].load_state_dict(models["vlmo_fast"].state_dict())
@@ -743,7 +801,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     bench = Bench(dev, ceilings, args.reps or sizes["reps"], args.budget_s, compile_baselines=not args.no_compile)
     config = vf.preset(sizes["arch"])
     runners = {
-        "attention": lambda: bench_attention(bench, sizes, dtypes),
+        "attention": lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][:1]),
         "softmax": lambda: bench_softmax(bench, sizes, dtypes),
         "layernorm": lambda: bench_layernorm(bench, sizes, dtypes, config),
         "block": lambda: bench_block(bench, sizes, dtypes, config),
@@ -752,9 +810,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "optimizer": lambda: bench_optimizer(bench, sizes, config),
         "retrieval": lambda: bench_retrieval(bench, sizes, dtypes, config),
     }
-    meta = harness.run_meta(dev, ceilings, size_name)
-    for op in selected:
-        runners[op]()
+    if "attention" in selected and len(sizes["attention"]) > 1:
+        runners["attention (other sizes)"] = lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][1:])
+    order = [op for op in ALL_OPS if op in selected] + [op for op in runners if op not in ALL_OPS
+                                                         and op.split(" ")[0] in selected]
+    meta = dict(harness.run_meta(dev, ceilings, size_name), conventions=CONVENTIONS, skipped=[])
+    for op in order:
+        bench.cut_short = False
+        if bench.out_of_time():
+            meta["skipped"].append(f"{op}: not run (time budget)")
+        else:
+            try:
+                runners[op]()
+            except Exception as exc:  # noqa: BLE001 - one op's failure must not cost the others their rows
+                traceback.print_exc()
+                bench.rows.append(Row(op=op.split(" ")[0], impl="vlmo_fast", mode="-", case={}, dtype="-",
+                                      baseline="official", status=f"error: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"))
+            if bench.cut_short:
+                meta["skipped"].append(f"{op}: cut short (time budget)")
         # the results so far, under the run's final file name: a run killed at a device time limit keeps them
         harness.write_results(dict(meta, complete=False), bench.rows, args.out, plot=False)
     paths = harness.write_results(dict(meta, complete=True), bench.rows, args.out, plot=not args.no_plot)

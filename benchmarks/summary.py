@@ -70,6 +70,7 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
                      f"{ours['gbs']:.0f} GB/s" if ours.get("gbs") else ""),
             "frac": ours.get("frac_ceiling"),
             "mfu": ours.get("mfu_measured"),
+            "mfu_datasheet": ours.get("mfu_datasheet"),
             "samples": ours.get("samples_per_s"),
         })
     return out
@@ -85,18 +86,46 @@ def summary_markdown(data: Dict[str, Any]) -> str:
         f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`, torch {m['torch']}, sizes `{m['sizes']}`"
         + (" (partial: the run stopped before its end)" if m.get("complete") is False else ""),
         "",
-        "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | MFU | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | "
+        "MFU vs GEMM | MFU vs datasheet | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary_rows(data):
         lines.append(
             f"| {s['op']} | {s['case']} | {s['dtype']} | {s['mode']} | {_f(s['ms'], '.3f')} | "
             f"{_f(s['vs_official'], '.2f', 'x')} | {s['best_other'] or ''} | {_f(s['vs_best_other'], '.2f', 'x')} | "
             f"{s['rate']} | {_f(None if s['frac'] is None else 100 * s['frac'], '.0f')} | "
-            f"{_f(None if s['mfu'] is None else 100 * s['mfu'], '.1f', '%')} | {_f(s['samples'], '.1f')} |"
-            + ("" if s["status"] == "ok" else f" {s['status']}")
+            f"{_f(None if s['mfu'] is None else 100 * s['mfu'], '.1f', '%')} | "
+            f"{_f(None if s['mfu_datasheet'] is None else 100 * s['mfu_datasheet'], '.1f', '%')} | "
+            f"{_f(s['samples'], '.1f')} |" + ("" if s["status"] == "ok" else f" {s['status']}")
         )
+    if m.get("skipped"):
+        lines += ["", "Left out by the time budget: " + "; ".join(m["skipped"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
+    """The newest data-loader result in ``folder`` against the training step of ``data`` (issue target: the loader
+    alone sustains at least 2x the step's samples/s), or None when either is missing."""
+    loaders = []
+    for path in glob.glob(os.path.join(folder, "data_loader*.json")):
+        try:
+            with open(path) as f:
+                loaders.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    loaders = [d for d in loaders if d.get("benchmark") == "data_loader" and d.get("rows")]
+    steps = [r for r in data["rows"] if r["op"] == "step" and r["impl"] == "vlmo_fast" and r.get("samples_per_s")]
+    if not loaders or not steps:
+        return None
+    loader = max(loaders, key=lambda d: d.get("date", ""))
+    best = max(loader["rows"], key=lambda r: r["samples_per_s"])
+    step = steps[0]
+    ratio = best["samples_per_s"] / step["samples_per_s"]
+    return (f"Data loader: {best['samples_per_s']:.0f} samples/s with {best['workers']} workers "
+            f"({best['image_size']} px, batch {best['batch_size']}) = {ratio:.2f}x "
+            f"the training step's {step['samples_per_s']:.0f} samples/s ({step['dtype']}, "
+            + " ".join(f"{k}={v}" for k, v in step["case"].items()) + ").")
 
 
 def readme_table(folder: str) -> str:
@@ -136,7 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if path is None:
         print(f"no result files in {args.path}")
         return 1
-    print(summary_markdown(load(path)))
+    data = load(path)
+    print(summary_markdown(data))
+    line = loader_line(os.path.dirname(os.path.abspath(path)), data)
+    if line:
+        print(line)
     return 0
 
 

@@ -132,6 +132,62 @@ def test_a_wrong_result_is_flagged_and_never_the_best_alternative(monkeypatch):
     assert harness.max_relative_error(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
 
 
+def test_budget_and_failures_are_recorded_in_the_results(tmp_path, monkeypatch):
+    """An op the budget leaves out is listed in the meta and the summary; an op that raises becomes an error row and
+    the next op still runs."""
+    import summary
+
+    result = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm", "--budget-s", "0", "--out",
+                             str(tmp_path / "a"), "--no-plot"])
+    assert result["rows"] == []
+    assert result["meta"]["skipped"] == ["softmax: not run (time budget)", "layernorm: not run (time budget)"]
+    assert "Left out by the time budget: softmax: not run" in summary.summary_markdown(
+        json.loads(open(result["paths"]["json"]).read()))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("softmax suite crashed")
+
+    monkeypatch.setattr(bench_run, "bench_softmax", boom)
+    result = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm", "--out", str(tmp_path / "b"),
+                             "--no-plot"])
+    errors = [r for r in result["rows"] if r.op == "softmax"]
+    assert len(errors) == 1 and errors[0].status == "error: RuntimeError: softmax suite crashed"
+    assert {r.op for r in result["rows"]} == {"softmax", "layernorm"} and result["meta"]["skipped"] == []
+
+
+def test_a_budget_cut_inside_an_op_is_listed(monkeypatch):
+    bench = _tiny_bench()
+    bench.deadline = 0.0  # past: the op's first case is not run
+    bench_run.bench_softmax(bench, bench_run.SIZES["tiny"], ["fp32"])
+    assert bench.rows == [] and bench.cut_short
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, bench_run.SIZES["tiny"], ["fp32"])
+    assert not bench.cut_short and bench.rows
+
+
+def test_datasheet_peaks_by_device_name():
+    assert harness.datasheet_peak("NVIDIA H100 80GB HBM3") == 989.0  # what an SXM H100 calls itself
+    assert harness.datasheet_peak("NVIDIA H100 PCIe") == 756.0 and harness.datasheet_peak("NVIDIA H100 NVL") == 835.0
+    assert harness.datasheet_peak("NVIDIA H200") == 989.0 and harness.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert harness.datasheet_peak("NVIDIA GeForce RTX 4090") is None and harness.datasheet_peak("CPU x (2 cores)") is None
+
+
+def test_loader_line_compares_the_loader_with_the_step(tmp_path):
+    import summary
+
+    data = {"rows": [dict(op="step", impl="vlmo_fast", dtype="bf16", case={"B": 128}, samples_per_s=400.0),
+                     dict(op="step", impl="official", dtype="bf16", case={"B": 128}, samples_per_s=100.0)]}
+    assert summary.loader_line(str(tmp_path), data) is None  # no loader result yet
+    for date, sps in (("2026-01-01", 500.0), ("2026-02-01", 1000.0)):
+        (tmp_path / f"data_loader_h_{date}.json").write_text(json.dumps(
+            {"benchmark": "data_loader", "date": date, "rows": [
+                {"workers": 16, "samples_per_s": sps, "image_size": 224, "batch_size": 64},
+                {"workers": 0, "samples_per_s": 50.0, "image_size": 224, "batch_size": 64}]}))
+    assert summary.loader_line(str(tmp_path), data) == (
+        "Data loader: 1000 samples/s with 16 workers (224 px, batch 64) = 2.50x the training step's 400 samples/s "
+        "(bf16, B=128).")
+
+
 def test_cpu_timing_interleaves_the_implementations():
     """On CPU the implementations take turns (A, B, A, B, ... after each one's warm-up), so drift during a case hits
     both alike; an implementation that fails part-way is reported as failed and the others keep their timings."""
@@ -222,5 +278,8 @@ def test_gpu_suite_dry_run(tmp_path):
     rows = [r for f in files if f.endswith(".json") and not f.startswith("data_loader")
             for r in json.loads(open(tmp_path / f).read()).get("rows", [])]
     assert {r["op"] for r in rows} == set(bench_run.ALL_OPS)  # every op ran in the dry run
+    # the step is checked too: one step's loss from the same weights and random state agrees with the official
+    assert all(r["status"] == "ok" and r["max_rel_err"] is not None for r in rows
+               if r["op"] == "step" and r["impl"] != "official")
     assert all(r["status"] == "ok" for r in rows if r["op"] == "optimizer") and \
         {r["impl"] for r in rows if r["op"] == "optimizer"} >= {"official", "vlmo_fast", "vlmo_fast[foreach]"}
