@@ -48,6 +48,7 @@ from harness import Row  # noqa: E402
 
 import vlmo_fast as vf  # noqa: E402
 from vlmo_fast import objectives, ops  # noqa: E402
+from vlmo_fast.ops import backend as ops_backend  # noqa: E402
 from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
@@ -96,6 +97,7 @@ class Bench:
         self.rows: List[Row] = []
         self.deadline = time.time() + budget_s
         self.cut_short = False  # set when a case was left out for the time budget (reset per op by main)
+        self.ran: Dict[str, Dict[str, str]] = {}  # impl -> op -> the backend that ran it (in the agreement run)
         self.compile_baselines = compile_baselines
         peak = harness.datasheet_peak(harness.device_name(device))
         self.datasheet = peak
@@ -118,6 +120,7 @@ class Bench:
         rows: List[Row] = []
         timings: Dict[str, Any] = {}
         errors: Dict[str, float] = {}
+        self.ran = {}
         if check and not self.out_of_time():
             errors = self.agreement(impls, baseline, seed)
         if not self.out_of_time():
@@ -160,6 +163,8 @@ class Bench:
                         if self.datasheet:
                             row.mfu_datasheet = row.tflops / self.datasheet
             row.max_rel_err = errors.get(name)
+            if self.ran.get(name):  # what the op seam picked: a kernel, or a fall-back to the PyTorch path
+                row.note = "ran " + ", ".join(f"{op_}={b}" for op_, b in sorted(self.ran[name].items()))
             if row.max_rel_err is not None and row.max_rel_err > AGREEMENT_TOL[dtype] and row.status == "ok":
                 row.status = f"mismatch: max rel err {row.max_rel_err:.1e} vs {baseline} (> {AGREEMENT_TOL[dtype]:.0e})"
             rows.append(row)
@@ -176,10 +181,14 @@ class Bench:
     def agreement(self, impls: Dict[str, Callable[[], Any]], baseline: str,
                   seed: Optional[int] = None) -> Dict[str, float]:
         """max relative error of each implementation's result against the baseline's (errors are left to timing)."""
-        def call(fn):
+        def call(fn, name=None):
             if seed is not None:
                 torch.manual_seed(seed)
-            return fn()
+            ops_backend.clear_selected()
+            result = fn()
+            if name is not None:
+                self.ran[name] = ops_backend.last_selected()
+            return result
 
         try:
             ref = call(impls[baseline])
@@ -190,7 +199,7 @@ class Bench:
             if name == baseline:
                 continue
             try:
-                out[name] = harness.max_relative_error(call(fn), ref)
+                out[name] = harness.max_relative_error(call(fn, name), ref)
             except Exception:  # noqa: BLE001 - reported by the timing run
                 pass
         del ref

@@ -47,8 +47,17 @@ def _case(row: Dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in row["case"].items())
 
 
+def _torch_fallbacks(row: Dict[str, Any]) -> List[str]:
+    """The ops a vlmo_fast row ran on the PyTorch path (its note: "ran attention=triton, masked_softmax=torch")."""
+    note = row.get("note") or ""
+    if not note.startswith("ran "):
+        return []
+    return [part.split("=")[0] for part in note[4:].split(", ") if part.endswith("=torch")]
+
+
 def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One line per (op, case, dtype, mode): vlmo_fast against the official math and the best other alternative."""
+    """One line per (op, case, dtype, mode): vlmo_fast against the official math and the best other alternative.
+    On a GPU, a vlmo_fast row whose ops fell back to the PyTorch path says so in its status."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in data["rows"]:
         groups.setdefault((r["op"], _case(r), r["dtype"], r["mode"]), []).append(r)
@@ -61,8 +70,12 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         others = [r for r in rows if r["impl"] not in ("vlmo_fast", "vlmo_fast[torch]") and r is not base
                   and r["ms"] is not None and not r.get("status", "ok").startswith("mismatch")]
         best = min(others, key=lambda r: r["ms"]) if others else None
+        status = ours["status"]
+        fallbacks = _torch_fallbacks(ours) if data.get("meta", {}).get("device_type") == "cuda" else []
+        if fallbacks:
+            status = ("" if status == "ok" else status + "; ") + "PyTorch path for " + ", ".join(fallbacks)
         out.append({
-            "op": op, "case": case, "dtype": dtype, "mode": mode, "ms": ours["ms"], "status": ours["status"],
+            "op": op, "case": case, "dtype": dtype, "mode": mode, "ms": ours["ms"], "status": status,
             "vs_official": ours["speedup"],
             "best_other": best["impl"] if best else None,
             "vs_best_other": (best["ms"] / ours["ms"]) if best and ours["ms"] else None,

@@ -283,3 +283,21 @@ def test_gpu_suite_dry_run(tmp_path):
                if r["op"] == "step" and r["impl"] != "official")
     assert all(r["status"] == "ok" for r in rows if r["op"] == "optimizer") and \
         {r["impl"] for r in rows if r["op"] == "optimizer"} >= {"official", "vlmo_fast", "vlmo_fast[foreach]"}
+
+
+def test_rows_say_which_backend_ran_and_gpu_summaries_flag_pytorch_fallbacks():
+    import summary
+
+    bench = _tiny_bench()
+    bench_run.bench_softmax(bench, bench_run.SIZES["tiny"], ["fp32"])
+    notes = {r.impl: r.note for r in bench.rows if r.mode == "fwd"}
+    assert notes["official"] == "" and notes["vlmo_fast[torch]"] == "ran masked_softmax=torch"
+    assert notes["vlmo_fast"] in ("ran masked_softmax=torch", "ran masked_softmax=cuda")
+    row = dict(op="attention", case={"N": 1}, dtype="bf16", mode="fwd", impl="vlmo_fast", baseline="official", ms=1.0,
+               speedup=2.0, status="ok", note="ran attention=torch, masked_softmax=torch")
+    gpu = {"meta": {"device_type": "cuda"}, "rows": [row]}
+    assert summary.summary_rows(gpu)[0]["status"] == "PyTorch path for attention, masked_softmax"
+    row["note"] = "ran attention=triton"
+    assert summary.summary_rows(gpu)[0]["status"] == "ok"
+    row["note"] = "ran attention=torch"
+    assert summary.summary_rows({"meta": {"device_type": "cpu"}, "rows": [row]})[0]["status"] == "ok"

@@ -22,6 +22,7 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 
 @dataclass
 class _Impl:
+    name: str
     fn: Callable
     # returns None when the inputs are supported, else a short reason
     unsupported: Callable[..., Optional[str]]
@@ -35,6 +36,8 @@ class _Impl:
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
 # (op, device type) -> the implementations "auto" may consider there, in priority order (built on first use)
 _AUTO_CANDIDATES: Dict[Tuple[str, Optional[str]], List[_Impl]] = {}
+# op -> the backend that ran its latest call ("torch" for the PyTorch path): what a benchmark row records
+_LAST: Dict[str, str] = {}
 
 
 def check_backend(backend: str) -> str:
@@ -51,7 +54,8 @@ def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Opt
     when ``auto_unsupported`` (if given) finds no reason against it (e.g. inputs too small to beat PyTorch)."""
     if backend not in BACKENDS[2:]:
         raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, unsupported, priority, tuple(auto_devices), auto_unsupported)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(backend, fn, unsupported, priority, tuple(auto_devices),
+                                                  auto_unsupported)
     _AUTO_CANDIDATES.clear()
 
 
@@ -69,7 +73,25 @@ def _device_type(args) -> Optional[str]:
 
 
 def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
-    """The kernel implementation to run for these inputs, or None for the PyTorch path."""
+    """The kernel implementation to run for these inputs, or None for the PyTorch path (``last_selected`` then
+    says which it was)."""
+    impl = _select(op, backend, *args, **kwargs)
+    if not torch.compiler.is_compiling():  # a traced graph carries no Python side effect
+        _LAST[op] = "torch" if impl is None else impl.name
+    return None if impl is None else impl.fn
+
+
+def last_selected() -> Dict[str, str]:
+    """A copy of op -> the backend ("torch", "triton" or "cuda") that ran the op's latest call in this process
+    (``clear_selected`` forgets them)."""
+    return dict(_LAST)
+
+
+def clear_selected() -> None:
+    _LAST.clear()
+
+
+def _select(op: str, backend: str, *args, **kwargs) -> Optional[_Impl]:
     check_backend(backend)
     impls = _REGISTRY.get(op, {})
     if backend == "torch":
@@ -86,7 +108,7 @@ def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
             if impl.auto_unsupported is not None and impl.auto_unsupported(*args, **kwargs) is not None:
                 continue
             if impl.unsupported(*args, **kwargs) is None:
-                return impl.fn
+                return impl
         return None
     impl = impls.get(backend)
     if impl is None:
@@ -94,7 +116,7 @@ def select(op: str, backend: str, *args, **kwargs) -> Optional[Callable]:
     reason = impl.unsupported(*args, **kwargs)
     if reason is not None:
         raise ValueError(f"{op}: backend={backend!r} cannot run these inputs: {reason}")
-    return impl.fn
+    return impl
 
 
 def available(op: Optional[str] = None) -> Dict[str, List[str]]:
