@@ -66,13 +66,18 @@ NEUTRAL="$(mktemp -d "${TMPDIR:-/tmp}/vlmo_fast_cwd.XXXX")" && cd "$NEUTRAL" ||
 run "$PY" -c "import vlmo_fast, json; print('vlmo_fast from', vlmo_fast.__file__); print(json.dumps(vlmo_fast.build_info()))"
 
 step "gpu-marked tests"
+# The attention kernel's tests first (the model's parity first among them; pytest keeps the order of the files it
+# is given, not of a folder's)
+TEST_FILES=("$ROOT/tests/test_triton_attention.py")
+for f in "$ROOT"/tests/test_*.py; do [ "$f" = "${TEST_FILES[0]}" ] || TEST_FILES+=("$f"); done
 if [ "$DRY" = 1 ]; then
   # No GPU here: the gpu tests must collect (and skip); the run below proves the suite's plumbing.
-  run "$PY" -m pytest -q -m gpu "$ROOT/tests" -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
+  run "$PY" -m pytest -q -m gpu "${TEST_FILES[@]}" -p no:cacheprovider -rs --junitxml="$OUT/gpu_tests.xml"
 else
-  # bounded, so that a slow first compile cannot eat the benchmarks' time; the log keeps what ran
-  run timeout "${VLMO_GPU_TESTS_TIMEOUT_S:-200}" "$PY" -m pytest -q -m gpu "$ROOT/tests" -p no:cacheprovider \
-    --junitxml="$OUT/gpu_tests.xml"
+  # bounded, so that slow first compiles cannot eat the benchmarks' time; -v names each test as it starts, so the log
+  # shows where a cut fell, and SIGINT lets pytest still write its report and the JUnit file
+  run timeout -s INT -k 20 "${VLMO_GPU_TESTS_TIMEOUT_S:-200}" "$PY" -m pytest -v -m gpu "${TEST_FILES[@]}" \
+    -p no:cacheprovider --durations=15 --junitxml="$OUT/gpu_tests.xml"
 fi
 
 step "benchmarks"

@@ -17,9 +17,10 @@ def reference_attention(q, k, v, bias=None, keep=None, scale=None):
 
 
 def eager_attention(q, k, v, bias=None, keep=None, scale=None):
-    """The official math in the inputs' precision (low-precision products, fp32 bias add and softmax)."""
+    """The official math in the inputs' precision: q·scale rounded to the input dtype, then q kᵀ, the bias add and
+    the softmax in fp32, the probabilities rounded back to the input dtype for the product with v."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q * scale) @ k.transpose(-1, -2)
+    s = (q * scale).float() @ k.float().transpose(-1, -2)
     if bias is not None:
         s = s + bias.float()
     if keep is not None:

@@ -374,15 +374,20 @@ def test_cuda_long_rows_take_the_loop_kernel(device, form):
 
 @pytest.mark.gpu
 def test_cuda_runs_on_the_current_stream():
+    """The kernels launch on the caller's current stream: on a side stream that is still busy (sleeping) before it
+    writes the scores, a launch on any other stream would read the stale buffer (all 7) and get another result."""
     b, h, n = 4, 3, 237
     scores, full_table, index, dense, keep = make_inputs(b, h, n, "table", "cuda")
     want = reference(scores, 0.1, full_table[:, h : 2 * h].t()[:, index], keep)
+    buf = torch.full_like(scores, 7.0)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = ops.masked_softmax(scores, scale=0.1, bias_table=full_table[:, h : 2 * h], bias_index=index,
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of a busy stream
+        buf.copy_(scores)
+        got = ops.masked_softmax(buf, scale=0.1, bias_table=full_table[:, h : 2 * h], bias_index=index,
                                  key_padding_mask=keep, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     assert max_err(got, want) < 2e-6
 
 

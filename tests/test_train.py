@@ -159,18 +159,21 @@ def test_official_adamw_fused_on_cuda(dtype):
     results = []
     for fused in (True, False):
         params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in p0]
-        opt = OfficialAdamW([{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:]}], lr=1e-3,
+        # lr 1e-2: three steps move the weights (~3e-2) far more than the tolerance below (~3e-3 in bf16)
+        opt = OfficialAdamW([{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:]}], lr=1e-2,
                             betas=(0.9, 0.98), eps=1e-8, fused=fused)
         for gs in grads:
             for p, g in zip(params, gs):
                 p.grad = g.to(dtype)
             opt.step()
         results.append([p.detach().float() for p in params])
-    assert (results[1][0] - p0[0].to(dtype).float()).abs().max() > 0  # the weights moved
-    for a, b, p in zip(results[0], results[1], p0):
+    for i, (a, b, p) in enumerate(zip(results[0], results[1], p0)):
         ulps = 8 if dtype == torch.float32 else 2  # a few fp32 roundings; bf16 also rounds m, v between ops
         scale = torch.maximum(b.abs().max(), p.abs().max())  # a weight can end near 0: its start sets the ulp
-        assert (a - b).abs().max() <= ulps * torch.finfo(dtype).eps * scale
+        tol = ulps * torch.finfo(dtype).eps * scale
+        assert (a - b).abs().max() <= tol
+        if i == 0:  # 4096 weights: the fused update moved some by ~3 steps of lr, far beyond the tolerance
+            assert (a - p.to(dtype).float()).abs().max() > 4 * tol
 
 
 def test_official_adamw_fused_option():
