@@ -21,11 +21,7 @@ import torch
 
 SCHEMA_VERSION = 1
 
-# Datasheet dense bf16 peaks (TFLOP/s) for MFU "vs datasheet"; MFU "vs measured" uses the run's own GEMM rate.
-# Matched in order on the words of torch.cuda.get_device_name(): an SXM H100 calls itself "NVIDIA H100 80GB HBM3",
-# so any H100 that is not PCIe or NVL counts as SXM.
-DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
-                         ("H200", 989.0), ("A100", 312.0))
+# MFU "vs datasheet" uses vlmo_fast.flops.datasheet_peak; MFU "vs measured" the run's own GEMM rate.
 MIN_TIMED_CALLS = 10  # CUDA: do_bench's window is stretched so that even a long call is timed this many times
 
 
@@ -232,6 +228,7 @@ def write_coco_like(root: str, split: str, n_img: int, n_txt: int, distinct: int
 
 from vlmo_fast.flops import (  # noqa: E402,F401
     attention_flops,
+    datasheet_peak,
     encoder_flops,
     forward_path_flops,
     layer_flops,
@@ -314,14 +311,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
-
-
-def datasheet_peak(name: str) -> Optional[float]:
-    words = name.replace("-", " ").split()
-    for key, value in DATASHEET_BF16_TFLOPS:
-        if all(part in words for part in key.split()):
-            return value
-    return None
 
 
 def git_commit() -> str:

@@ -198,3 +198,23 @@ def test_ddp_training_step_matches_the_original():
     # DDP averaged the gradients: both ranks hold the same ones
     for name in fast[0][1]:
         assert torch.allclose(fast[0][1][name], fast[1][1][name])
+
+
+def test_gathered_bias_keeps_one_device_copy_per_index():
+    """The official module's index tensors live on the CPU: the device copy is made once per index (and again only
+    when that index changes), so the kernels' per-index caches hold across forwards. A meta-device table stands in
+    for a GPU one here (a copy to it is a new tensor, as to CUDA)."""
+    from vlmo_fast.accelerate import _make_get_rel_pos_bias
+
+    module = torch.nn.Module()
+    module.num_layers = 2
+    module.relative_position_bias_table = torch.nn.Parameter(torch.zeros(10, 4, device="meta"))
+    get = _make_get_rel_pos_bias(module)
+    text, image = torch.arange(9).view(3, 3), torch.arange(4).view(2, 2)
+    first = get(text)
+    assert len(first) == 2 and first[0].index.device.type == "meta" and first[0].index is first[1].index
+    assert first[0].table.shape == (10, 2)
+    get(image)
+    assert get(text)[0].index is first[0].index  # the same copy, with another index used in between
+    text.add_(0)  # changed in place: a new copy
+    assert get(text)[0].index is not first[0].index

@@ -132,6 +132,9 @@ def test_vqa_loss_by_hand():
     t[0, 3], t[0, 7], t[1, 1] = 1.0, 0.3, 0.6
     bce = -(t * F.logsigmoid(logits) + (1 - t) * F.logsigmoid(-logits))
     assert torch.allclose(ret["vqa_loss"].double(), bce.sum(1).mean(), atol=1e-6)
+    batch.update(vqa_labels=[[3], [3129]], vqa_scores=[[1.0], [0.3]])
+    with pytest.raises(ValueError, match=r"vqa_labels: label 3129 of question 1 is outside \[0, 3129\)"):
+        O.compute_vqa(model, batch)
 
 
 def test_nlvr2_two_passes():

@@ -4,9 +4,26 @@ tests check it against torch's FLOP counter on the real forward."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+# Datasheet dense bf16 peaks (TFLOP/s), matched in order on the words of torch.cuda.get_device_name(): an SXM H100
+# calls itself "NVIDIA H100 80GB HBM3", so any H100 that is not PCIe or NVL counts as SXM.
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
+                         ("H200", 989.0), ("A100", 312.0))
+
+
+def datasheet_peak(name: str) -> Optional[float]:
+    """The dense bf16 datasheet peak of the GPU named ``name`` (TFLOP/s), or None when unknown."""
+    words = name.replace("-", " ").split()
+    for key, value in DATASHEET_BF16_TFLOPS:
+        if all(part in words for part in key.split()):
+            return value
+    return None
+
 
 def attention_flops(b: int, h: int, n: int, d: int, backward: bool = False) -> float:
-    """Forward 4·B·H·N²·D (QKᵀ and PV); backward 2.5x forward."""
+    """Forward 4·B·H·N²·D (QKᵀ and PV); with ``backward``, forward + backward: 3.5x forward (the backward itself is
+    2.5x: dV, dP, dQ, dK and the recomputed QKᵀ)."""
     fwd = 4.0 * b * h * n * n * d
     return fwd * (3.5 if backward else 1.0)
 

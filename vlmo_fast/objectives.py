@@ -166,13 +166,16 @@ def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False
 
 def vqa_targets(labels: Iterable[Iterable[int]], scores: Iterable[Iterable[float]], num_labels: int,
                 device: torch.device) -> torch.Tensor:
-    """Dense (B, num_labels) soft-score targets from per-question label and score lists."""
+    """Dense (B, num_labels) soft-score targets from per-question label and score lists (filled on the CPU, then
+    moved in one copy: one small write per answer on a GPU would be one kernel launch each)."""
     labels, scores = list(labels), list(scores)
-    target = torch.zeros(len(labels), num_labels, device=device)
+    target = torch.zeros(len(labels), num_labels)
     for i, (ls, ss) in enumerate(zip(labels, scores)):
         for label, score in zip(ls, ss):
+            if not 0 <= int(label) < num_labels:
+                raise ValueError(f"vqa_labels: label {int(label)} of question {i} is outside [0, {num_labels})")
             target[i, int(label)] = float(score)
-    return target
+    return target.to(device)
 
 
 def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:

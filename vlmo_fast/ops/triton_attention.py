@@ -22,6 +22,7 @@ Registered as the custom ops ``vlmo_fast::rel_pos_attn_fwd`` / ``vlmo_fast::rel_
 implementations, so ``torch.compile`` traces the model without graph breaks.
 """
 
+import contextlib
 import functools
 import inspect
 import os
@@ -283,6 +284,10 @@ if triton is not None:
                     tl.store(ptrs, tl.load(ptrs) + ds)
             tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
                      cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
+            if NEED_DBIAS:
+                # the next batch row reads the partials back; Triton may give those loads another thread layout
+                # than these stores, so the program's threads sync here (its global writes then visible to all)
+                tl.debug_barrier()
 
     @triton.jit
     def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NPP, sdt_r, sdt_h,
@@ -451,6 +456,24 @@ def _common(q, bias, table, index, keep, structured):
 STRUCTURED_INDEX = True
 
 
+def launch_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not on its arguments': a context making ``t``'s device current
+    when it is not (tensors on cuda:1 while cuda:0 is current)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _on_input_device(fn):
+    @functools.wraps(fn)
+    def run(t, *args):
+        with launch_device(t):
+            return fn(t, *args)
+
+    return run
+
+
+@_on_input_device
 def _forward(q, k, v, bias, table, index, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
     # (B, N, H, D) storage: the caller's transpose(1, 2).reshape(B, N, H·D) is then free
@@ -473,6 +496,7 @@ def _group_count(b: int, h: int, n: int) -> int:
     return max(1, min(b, triton.cdiv(4 * 132, programs)))
 
 
+@_on_input_device
 def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias):
     b, h, n, d = q.shape
     dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)

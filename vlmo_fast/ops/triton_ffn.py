@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from .triton_attention import interpreting, triton, triton_unsupported
+from .triton_attention import interpreting, launch_device, triton, triton_unsupported
 
 if triton is not None:
     import triton.language as tl
@@ -199,8 +199,9 @@ if triton is not None:
         rstd = torch.empty(r, device=x.device, dtype=torch.float32)
         if r:
             rows, block_d = _tile(d)
-            _ln_fwd[(triton.cdiv(r, rows),)](x, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
-                                              ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
+            with launch_device(x):
+                _ln_fwd[(triton.cdiv(r, rows),)](x, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
+                                                  ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return y, mean, rstd
 
     @multiway_ln_fwd.register_fake
@@ -223,9 +224,10 @@ if triton is not None:
         dwp = torch.empty(max(programs, 1), 2, d, device=x.device, dtype=torch.float32)
         dbp = torch.empty_like(dwp)
         if r:
-            _ln_bwd[(programs,)](x, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
-                                 r, n, split, b, d, per, HAS_GO=go is not None, ROWS=rows, BLOCK_D=block_d,
-                                 RNE=interpreting(), num_warps=4)
+            with launch_device(x):
+                _ln_bwd[(programs,)](x, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
+                                     r, n, split, b, d, per, HAS_GO=go is not None, ROWS=rows, BLOCK_D=block_d,
+                                     RNE=interpreting(), num_warps=4)
         else:
             dwp.zero_(), dbp.zero_()
         return dx, dwp.sum(0), dbp.sum(0)
@@ -244,10 +246,11 @@ if triton is not None:
         out = torch.empty_like(x)
         if b * n:
             rows, block_d = _tile(d)
-            _residual[(triton.cdiv(b * n, rows),)](
-                x, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
-                b * n, n, split, b, d, HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None,
-                ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
+            with launch_device(x):
+                _residual[(triton.cdiv(b * n, rows),)](
+                    x, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
+                    b * n, n, split, b, d, HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None,
+                    ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return out
 
     @scaled_residual_fwd.register_fake
@@ -266,10 +269,11 @@ if triton is not None:
         programs, per = _programs(r, rows)
         dgp = torch.zeros(max(programs, 1), d, device=go.device, dtype=torch.float32)
         if r:
-            _residual_bwd[(programs,)](go, y, gamma if gamma is not None else go, scale if scale is not None else go,
-                                       dy, dgp, r, n, split, b, d, per, HAS_GAMMA=gamma is not None,
-                                       HAS_SCALE=scale is not None, ROWS=rows, BLOCK_D=block_d, RNE=interpreting(),
-                                       num_warps=4)
+            with launch_device(go):
+                _residual_bwd[(programs,)](go, y, gamma if gamma is not None else go,
+                                           scale if scale is not None else go, dy, dgp, r, n, split, b, d, per,
+                                           HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None, ROWS=rows,
+                                           BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return dy, dgp.sum(0)
 
     @scaled_residual_bwd.register_fake

@@ -346,7 +346,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
             scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            if state.get("scaler"):  # a bf16/fp32 run saved no scaler state: a resumed fp16 run starts a fresh one
+                scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
             stream.restore(state["data"])
             set_rng_state(state["rng"])
@@ -527,11 +528,9 @@ def _finished_summary(cfg: TrainConfig, step: int) -> Optional[Dict[str, Any]]:
 def _peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
-        if key in name:
-            return value
-    return None
+    from ..flops import datasheet_peak
+
+    return datasheet_peak(torch.cuda.get_device_name(device))
 
 
 def _fsdp_load(model, state):
