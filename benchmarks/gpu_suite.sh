@@ -57,7 +57,17 @@ NEUTRAL=""
 trap 'cd /; rm -rf "$SITE" ${NEUTRAL:+"$NEUTRAL"}' EXIT  # on every exit, early ones included
 export VLMO_FAST_CUDA_ARCHS="${VLMO_FAST_CUDA_ARCHS:-90-real}"
 if [ "$DRY" = 0 ]; then export VLMO_FAST_CUDA=1; fi
-run "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"
+install() { "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"; }
+run install
+if [ ! -d "$SITE/vlmo_fast" ]; then
+  # a failed CUDA build must not cost the whole GPU session: the Triton kernels and the PyTorch paths still run
+  echo "!!! install with the CUDA kernels failed; retrying without them (VLMO_FAST_CUDA=0)" | tee -a "$LOG"
+  VLMO_FAST_CUDA=0 run install
+fi
+if [ ! -d "$SITE/vlmo_fast" ]; then
+  echo "!!! no native build at all; running the source tree (no native kernels)" | tee -a "$LOG"
+  cp -r "$ROOT/vlmo_fast" "$SITE/vlmo_fast"
+fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # Python runs from an empty folder (with absolute paths) from here on, so the installed build (with _C) is what gets
 # imported, not the source tree in the working directory (python -P would do it from 3.11 on only)
