@@ -113,7 +113,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
             f"{_f(s['samples'], '.1f')} |" + ("" if s["status"] == "ok" else f" {s['status']}")
         )
     if m.get("skipped"):
-        lines += ["", "Left out by the time budget: " + "; ".join(m["skipped"]) + "."]
+        lines += ["", "Left out: " + "; ".join(m["skipped"]) + "."]
     return "\n".join(lines) + "\n"
 
 

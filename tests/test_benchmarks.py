@@ -141,7 +141,7 @@ def test_budget_and_failures_are_recorded_in_the_results(tmp_path, monkeypatch):
                              str(tmp_path / "a"), "--no-plot"])
     assert result["rows"] == []
     assert result["meta"]["skipped"] == ["softmax: not run (time budget)", "layernorm: not run (time budget)"]
-    assert "Left out by the time budget: softmax: not run" in summary.summary_markdown(
+    assert "Left out: softmax: not run (time budget)" in summary.summary_markdown(
         json.loads(open(result["paths"]["json"]).read()))
 
     def boom(*args, **kwargs):
