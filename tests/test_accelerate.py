@@ -218,3 +218,23 @@ def test_gathered_bias_keeps_one_device_copy_per_index():
     assert get(text)[0].index is first[0].index  # the same copy, with another index used in between
     text.add_(0)  # changed in place: a new copy
     assert get(text)[0].index is not first[0].index
+
+
+def test_gathered_bias_copy_traces_in_one_graph_after_eager_use():
+    """The device-copy cache must not break torch.compile: after eager calls filled it, a fullgraph trace of the
+    function still works (the copy is a plain .to() in the graph)."""
+    from vlmo_fast.accelerate import _make_get_rel_pos_bias
+
+    module = torch.nn.Module()
+    module.num_layers = 2
+    module.relative_position_bias_table = torch.nn.Parameter(torch.randn(10, 4))
+    get = _make_get_rel_pos_bias(module)
+    index = torch.arange(9).view(3, 3)
+    get(index)  # eager: fills the cache
+
+    def gathered(i):
+        return torch.stack([b.table[b.index].sum() for b in get(i)])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gathered, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(index), gathered(index))

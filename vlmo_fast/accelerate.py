@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .model.multiway import block_forward
+from .ops._memo import TensorMemo
 
 _MARK = "_vlmo_fast_accelerated"
 
@@ -127,19 +128,19 @@ def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
 def _make_get_rel_pos_bias(module: nn.Module):
     # The official module keeps its index tensors on the CPU (plain attributes, not buffers): a fresh device copy per
     # forward would also defeat the kernels' per-index caches (range check, index structure), so each index's device
-    # copy is kept while the same tensor, unchanged, is passed again.
-    copies = {}  # id(CPU index) -> (that index, its version, its copy on the table's device)
+    # copy is kept while the same tensor, unchanged, is passed again. While torch.compile traces, the copy is a plain
+    # .to() in the graph (reading a version counter there would break it).
+    copies = TensorMemo(8)
 
     def get_rel_pos_bias(relative_position_index):
         table = module.relative_position_bias_table
         h = table.shape[1] // module.num_layers
         src = relative_position_index
-        entry = copies.get(id(src))
-        if entry is None or entry[0] is not src or entry[1] != src._version or entry[2].device != table.device:
-            if len(copies) >= 8:
-                copies.clear()
-            entry = copies[id(src)] = (src, src._version, src.to(table.device))
-        return [TableBias(table[:, i * h : (i + 1) * h], entry[2]) for i in range(module.num_layers)]
+        if torch.compiler.is_compiling():
+            index = src.to(table.device)
+        else:
+            index = copies.get(src, (table.device,), lambda: src.to(table.device))
+        return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(module.num_layers)]
 
     return get_rel_pos_bias
 
