@@ -188,3 +188,16 @@ def test_layernorm_and_ffn_bad_inputs():
         ops.multiway_ffn(x, [e._replace(fc2_weight=torch.randn(8, 31))])
     with pytest.raises(ValueError, match="drop_path"):
         ops.multiway_ffn(x, [e], drop_path=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layernorm_torch_path_takes_half_x_with_fp32_weights_on_every_device(dtype):
+    """torch's CUDA layer_norm refuses a half-precision x with fp32 weights (its CPU kernel takes it): the PyTorch
+    path normalises such inputs in fp32 and rounds once, the same on both devices."""
+    x = torch.randn(2, 7, 16).to(dtype)
+    w = [torch.randn(16), torch.randn(16)]
+    b = [torch.randn(16), torch.randn(16)]
+    y = ops.multiway_layernorm(x, w, b, split=3, backend="torch")
+    want = torch.cat([F.layer_norm(x[:, :3].float(), (16,), w[0], b[0], 1e-6),
+                      F.layer_norm(x[:, 3:].float(), (16,), w[1], b[1], 1e-6)], dim=1).to(dtype)
+    assert y.dtype == dtype and torch.equal(y, want)

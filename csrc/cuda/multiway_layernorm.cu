@@ -57,19 +57,26 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
   }
   const float inv_d = 1.0f / static_cast<float>(p.dim);
   const float mu0 = warp_sum(sum) * inv_d;
-  float sq = 0.0f, sc = 0.0f;
+  float sc = 0.0f;
 #pragma unroll
   for (int k = 0; k < E; ++k) {
     const int j = k * 32 + lane;
-    const float c = j < p.dim ? x[k] - mu0 : 0.0f;
-    sq += c * c;
-    sc += c;
+    sc += j < p.dim ? x[k] - mu0 : 0.0f;
   }
   // corrected two-pass: the centred residual sum repairs the rounded first mean (a constant row gets x - mean = 0
   // exactly, y = b as eager, instead of a residue that rstd ~ 1/sqrt(eps) blows up)
-  const float dm = warp_sum(sc) * inv_d;
-  const float mu = mu0 + dm;
-  const float rs = rsqrtf(fmaxf(warp_sum(sq) * inv_d - dm * dm, 0.0f) + p.eps);
+  const float mu = mu0 + warp_sum(sc) * inv_d;
+  // the variance from the final mean, over the registers once more: a constant row's is exactly 0, as eager's. (The
+  // shortcut mean(c²) - dm², c centred on the first mean, left an FMA-dependent residue on the GPU that the
+  // H100 run showed: rstd off by up to 0.3% for constant rows at eps = 1e-12, and dx with it.)
+  float sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int j = k * 32 + lane;
+    const float c = j < p.dim ? x[k] - mu : 0.0f;
+    sq += c * c;
+  }
+  const float rs = rsqrtf(warp_sum(sq) * inv_d + p.eps);
   const int e = (p.split >= 0 && row % p.seq_len >= p.split) ? 1 : 0;
   const float* w = p.weight + e * p.dim;
   const float* b = p.bias + e * p.dim;

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_tensor
 from .droppath import drop_path as _drop_path
-from .layernorm import check_experts, segments
+from .layernorm import check_experts, layer_norm, segments
 
 
 class FFNExpert(NamedTuple):
@@ -81,7 +81,7 @@ def ffn_torch(x, experts, split, gamma, drop_prob, training, eps):
     for e, lo, hi in segments(x.shape[1], len(experts), split):
         xs = x if len(experts) == 1 else x[:, lo:hi]
         w = experts[e]
-        h = F.layer_norm(xs, (x.shape[-1],), w.norm_weight, w.norm_bias, eps)
+        h = layer_norm(xs, w.norm_weight, w.norm_bias, eps)
         h = F.linear(F.gelu(F.linear(h, w.fc1_weight, w.fc1_bias)), w.fc2_weight, w.fc2_bias)
         if gamma is not None:
             h = gamma * h

@@ -79,9 +79,15 @@ def multiway_layernorm(
     return layernorm_torch(x, weight, bias, split, eps)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm over the last dim, on every device for every dtype mix the ops accept: a half-precision x with
+    fp32 weights outside autocast is normalised in fp32 and rounded once to x's dtype (torch's CPU kernel takes that
+    mix, computing in fp32; its CUDA kernel refuses it, as an H100 showed)."""
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps).to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 def layernorm_torch(x, weight, bias, split, eps):
-    parts = [
-        F.layer_norm(x[:, lo:hi], (x.shape[-1],), weight[e], bias[e], eps)
-        for e, lo, hi in segments(x.shape[1], len(weight), split)
-    ]
+    parts = [layer_norm(x[:, lo:hi], weight[e], bias[e], eps) for e, lo, hi in segments(x.shape[1], len(weight), split)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
