@@ -106,7 +106,7 @@ def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: in
             try:
                 out[name] = time_fn(fn, device, warmup=warmup, reps=reps)
             except Exception as exc:  # noqa: BLE001 - reported in the row
-                out[name] = exc
+                out[name] = detached(exc)
             finally:
                 torch.cuda.empty_cache()
         return out
@@ -120,7 +120,7 @@ def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: in
                 last = (time.perf_counter() - t0) * 1e3
             bursts[name] = max(1, min(50, math.ceil(burst_ms / max(last, 1e-3)))) if burst_ms > 0 else 1
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            out[name] = exc
+            out[name] = detached(exc)
     times: Dict[str, List[float]] = {name: [] for name in bursts}
     for _ in range(reps):
         for name in list(bursts):
@@ -132,11 +132,24 @@ def time_fns(fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: in
                     if i > 0 or n == 1:
                         times[name].append((time.perf_counter() - t0) * 1e3)
             except Exception as exc:  # noqa: BLE001
-                out[name] = exc
+                out[name] = detached(exc)
                 del bursts[name]
     for name in bursts:
         out[name] = _summary(times[name])
     return {name: out[name] for name in fns}
+
+
+def detached(exc: BaseException) -> BaseException:
+    """The exception without its traceback (and chained ones): a kept traceback keeps the failed call's frames, and
+    with them its tensors, alive; after one out-of-memory error every later case would run out of memory too (as the
+    first H100 run showed)."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
 
 
 def _summary(times: List[float]) -> Timing:

@@ -301,3 +301,22 @@ def test_rows_say_which_backend_ran_and_gpu_summaries_flag_pytorch_fallbacks():
     assert summary.summary_rows(gpu)[0]["status"] == "ok"
     row["note"] = "ran attention=torch"
     assert summary.summary_rows({"meta": {"device_type": "cpu"}, "rows": [row]})[0]["status"] == "ok"
+
+
+def test_a_failed_call_does_not_keep_its_tensors_alive():
+    """An error kept for its row must not hold the failed call's frames: their tensors (a whole training step's
+    activations after an out-of-memory error) would stay allocated for every later case."""
+    import gc
+    import weakref
+
+    refs = []
+
+    def step():
+        activations = torch.ones(1000)
+        refs.append(weakref.ref(activations))
+        raise RuntimeError("out of memory")
+
+    out = harness.time_fns({"official": step}, torch.device("cpu"), warmup=1, reps=1)
+    gc.collect()
+    assert isinstance(out["official"], RuntimeError) and out["official"].__traceback__ is None
+    assert refs and all(r() is None for r in refs)
