@@ -139,8 +139,8 @@ def _attention_step(b, h, n, d, dense=False):
     else:  # the layer's column slice of the shared table, the official fusion index (computed in-kernel)
         table = torch.zeros(relpos.num_table_rows(14), 12 * h)[:, h : 2 * h]
         index = relpos.fusion_relative_position_index(n - 197, 14)
-    out, lse = ta._forward(q, k, v, bias, table, index, keep, d**-0.5)
-    ta._backward(torch.empty_like(out), q, k, v, out, lse, bias, table, index, keep, d**-0.5, True)
+    out, lse, out_lo = ta._forward(q, k, v, bias, table, index, keep, d**-0.5, True)
+    ta._backward(torch.empty_like(out), q, k, v, out, lse, bias, table, index, keep, d**-0.5, True, out_lo)
 
 
 def _ffn_step(b, n, d):

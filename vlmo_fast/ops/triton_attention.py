@@ -149,12 +149,12 @@ if triton is not None:
         return tl.where(key_ok[None, :], s, float("-inf"))
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, BIAS, TABLE, INDEX, KEEP,
+    def _fwd(Q, K, V, O, OLO, LSE, BIAS, TABLE, INDEX, KEEP,
              sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
              sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
              H, N, D, scale_log2,
              BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+             STORE_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -182,14 +182,18 @@ if triton is not None:
             m_i = m_new
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
-        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
-                 cast_for(out, O, UPCAST), mask=(offs_m[:, None] < N) & d_ok)
+        o_offs = b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
+        rounded = cast_for(out, O, UPCAST)
+        tl.store(O + o_offs, rounded, mask=(offs_m[:, None] < N) & d_ok)
+        if STORE_LO:  # what rounding to O's dtype lost (O + OLO = the fp32 result to ~2^-16 of it; same layout)
+            tl.store(OLO + o_offs, cast_for(out - rounded.to(tl.float32), OLO, UPCAST),
+                     mask=(offs_m[:, None] < N) & d_ok)
         lse = tl.where(dead, float("inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
         tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
     @triton.jit
-    def _bwd_delta(O, DO, DELTA, so_b, so_h, so_n, so_d, sdo_b, sdo_h, sdo_n, sdo_d, H, N, D,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _bwd_delta(O, OLO, DO, DELTA, so_b, so_h, so_n, so_d, sdo_b, sdo_h, sdo_n, sdo_d, H, N, D,
+                   HAS_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -197,9 +201,12 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         ok = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-        o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d, mask=ok, other=0.0)
+        o_offs = b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
+        o = tl.load(O + o_offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_LO:
+            o += tl.load(OLO + o_offs, mask=ok, other=0.0).to(tl.float32)
         do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d, mask=ok, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        delta = tl.sum(o * do.to(tl.float32), 1)
         tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
     @triton.jit
@@ -487,18 +494,21 @@ def _on_input_device(fn):
 
 
 @_on_input_device
-def _forward(q, k, v, bias, table, index, keep, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, bias, table, index, keep, scale, store_lo=False):
+    """(out, lse, out_lo): out_lo holds what rounding the output to q's dtype lost (an empty tensor unless
+    ``store_lo``), for the backward's row sums (see attention_triton)."""
     b, h, n, d = q.shape
     # (B, N, H, D) storage: the caller's transpose(1, 2).reshape(B, N, H·D) is then free
     out = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    out_lo = torch.empty_like(out) if store_lo else q.new_empty(0)
     if n == 0 or b == 0:
-        return out, lse
+        return out, lse, out_lo
     ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _fwd_tuned[grid](q, k, v, out, lse, *ptrs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *strides,
-                     h, n, d, scale * LOG2E, **flags)
-    return out, lse
+    _fwd_tuned[grid](q, k, v, out, out_lo if store_lo else out, lse, *ptrs, *q.stride(), *k.stride(), *v.stride(),
+                     *out.stride(), *strides, h, n, d, scale * LOG2E, STORE_LO=store_lo, **flags)
+    return out, lse, out_lo
 
 
 def _group_count(b: int, h: int, n: int) -> int:
@@ -510,7 +520,7 @@ def _group_count(b: int, h: int, n: int) -> int:
 
 
 @_on_input_device
-def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias):
+def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo=None):
     b, h, n, d = q.shape
     dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
     dk = torch.empty(b, n, h, d, device=q.device, dtype=k.dtype).permute(0, 2, 1, 3)
@@ -522,8 +532,10 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    _bwd_delta[(triton.cdiv(n, 64), b * h)](out, do, delta, *out.stride(), *do.stride(), h, n, d,
-                                            BLOCK_M=64, BLOCK_D=flags["BLOCK_D"], num_warps=4)
+    has_lo = out_lo is not None and out_lo.numel() > 0
+    _bwd_delta[(triton.cdiv(n, 64), b * h)](out, out_lo if has_lo else out, do, delta, *out.stride(), *do.stride(),
+                                            h, n, d, HAS_LO=has_lo, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"],
+                                            num_warps=4)
     grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _dkdv_tuned[grid_kv](q, k, v, do, lse, delta, dk, dv, *ptrs,
                          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
@@ -558,24 +570,25 @@ if triton is not None:
     @torch.library.custom_op("vlmo_fast::rel_pos_attn_fwd", mutates_args=())
     def rel_pos_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                          table: Optional[torch.Tensor], index: Optional[torch.Tensor], keep: Optional[torch.Tensor],
-                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _forward(q, k, v, bias, table, index, keep, scale)
+                         scale: float, store_lo: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(q, k, v, bias, table, index, keep, scale, store_lo)
 
     @rel_pos_attn_fwd.register_fake
-    def _(q, k, v, bias, table, index, keep, scale):
+    def _(q, k, v, bias, table, index, keep, scale, store_lo):
         b, h, n, d = q.shape
-        return q.new_empty(b, n, h, d).permute(0, 2, 1, 3), q.new_empty(b, h, n, dtype=torch.float32)
+        out = q.new_empty(b, n, h, d).permute(0, 2, 1, 3)
+        return out, q.new_empty(b, h, n, dtype=torch.float32), torch.empty_like(out) if store_lo else q.new_empty(0)
 
     @torch.library.custom_op("vlmo_fast::rel_pos_attn_bwd", mutates_args=())
     def rel_pos_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, bias: Optional[torch.Tensor], table: Optional[torch.Tensor],
                          index: Optional[torch.Tensor], keep: Optional[torch.Tensor], scale: float,
-                         need_dbias: bool) -> List[torch.Tensor]:
-        dq, dk, dv, dbias = _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias)
+                         need_dbias: bool, out_lo: torch.Tensor) -> List[torch.Tensor]:
+        dq, dk, dv, dbias = _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo)
         return [dq, dk, dv] + ([dbias] if dbias is not None else [])
 
     @rel_pos_attn_bwd.register_fake
-    def _(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias):
+    def _(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo):
         b, h, n, d = q.shape
         grads = [q.new_empty(b, n, h, d).permute(0, 2, 1, 3) for _ in range(3)]
         if need_dbias and (bias is not None or table is not None):
@@ -583,25 +596,32 @@ if triton is not None:
         return grads
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, bias, table, index, keep, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, bias, table, index, keep)
+        q, k, v, bias, table, index, keep, scale, store_lo = inputs
+        out, lse, out_lo = output
+        ctx.save_for_backward(q, k, v, out, lse, bias, table, index, keep, out_lo)
         ctx.scale = scale
 
-    def _attn_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, table, index, keep = ctx.saved_tensors
+    def _attn_backward(ctx, grad_out, grad_lse, grad_lo):
+        q, k, v, out, lse, bias, table, index, keep, out_lo = ctx.saved_tensors
         need = (bias is not None and ctx.needs_input_grad[3]) or (table is not None and ctx.needs_input_grad[4])
-        grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need)
+        grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
         dbias = grads[3] if len(grads) > 3 else None
         return (grads[0], grads[1], grads[2], dbias if bias is not None else None,
-                dbias if table is not None else None, None, None, None)
+                dbias if table is not None else None, None, None, None, None)
 
     rel_pos_attn_fwd.register_autograd(_attn_backward, setup_context=_setup_context)
 
 
 def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torch.Tensor:
-    """Backend entry point (arguments validated by ``vlmo_fast.ops.rel_pos_attention``)."""
-    return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale)[0]
+    """Backend entry point (arguments validated by ``vlmo_fast.ops.rel_pos_attention``).
+
+    When the bias will get a gradient and q is fp16/bf16, the forward also keeps what rounding the output lost: the
+    backward's row sums delta = Σ_d dO·O then use the fp32 output. From the rounded output, their error enters every
+    score gradient of the row alike and adds up in the bias gradient over whole rows (fp16, N = 941: twice the
+    official math's error on an H100, against 0.01x with the fp32 output). It costs one more output-sized tensor."""
+    store_lo = (q.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (bias, bias_table)))
+    return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)[0]
 
 
 # The oldest Triton the whole test suite has passed with (torch 2.8's; 2.6's Triton 3.2 and 2.4's 3.0 fail in the
