@@ -49,7 +49,8 @@ STRICT = triton.__version__.startswith(STRICT_TRITON)
 # types of the pointer arguments by kernel argument name; every other non-constexpr argument is an int32, except
 # the float scalars listed below
 POINTERS = {
-    "Q": "act", "K": "act", "V": "act", "O": "act", "DO": "act", "DQ": "act", "DK": "act", "DV": "act",
+    "Q": "act", "K": "act", "V": "act", "O": "act", "OLO": "act", "DO": "act", "DQ": "act", "DK": "act",
+    "DV": "act",
     "LSE": "*fp32", "DELTA": "*fp32", "DPART": "*fp32", "BIAS": "*fp32", "TABLE": "*fp32", "INDEX": "*i32",
     "KEEP": "*u8", "ORDER": "*i32", "OFFSETS": "*i32", "DTABLE": "*fp32",
     "X": "*fp32", "Y": "act", "MEAN": "*fp32", "RSTD": "*fp32", "W0": "*fp32", "B0": "*fp32", "W1": "*fp32",
@@ -82,7 +83,7 @@ def cases():
     bf16, fp16, fp32 = "*bf16", "*fp16", "*fp32"
     tuned = {"fwd": ta._fwd_tuned, "dkdv": ta._dkdv_tuned, "dq": ta._dq_tuned}
     for name, tuner in tuned.items():
-        extra = {"NEED_DBIAS": True} if name == "dq" else {}
+        extra = {"NEED_DBIAS": True} if name == "dq" else {"STORE_LO": True} if name == "fwd" else {}
         c = tuner.configs[0]
         for mode in (0, 1, 2):
             for act, ieee in ((bf16, False), (fp16, False), (fp32, True)):
