@@ -169,6 +169,7 @@ def test_datasheet_peaks_by_device_name():
     assert harness.datasheet_peak("NVIDIA H100 80GB HBM3") == 989.0  # what an SXM H100 calls itself
     assert harness.datasheet_peak("NVIDIA H100 PCIe") == 756.0 and harness.datasheet_peak("NVIDIA H100 NVL") == 835.0
     assert harness.datasheet_peak("NVIDIA H200") == 989.0 and harness.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert harness.datasheet_peak("NVIDIA GH200 480GB") == 989.0
     assert harness.datasheet_peak("NVIDIA GeForce RTX 4090") is None and harness.datasheet_peak("CPU x (2 cores)") is None
 
 

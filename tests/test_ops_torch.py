@@ -201,3 +201,18 @@ def test_layernorm_torch_path_takes_half_x_with_fp32_weights_on_every_device(dty
     want = torch.cat([F.layer_norm(x[:, :3].float(), (16,), w[0], b[0], 1e-6),
                       F.layer_norm(x[:, 3:].float(), (16,), w[1], b[1], 1e-6)], dim=1).to(dtype)
     assert y.dtype == dtype and torch.equal(y, want)
+
+
+def test_backend_choice_is_recorded_in_eager_calls_only():
+    """The op seam remembers which backend ran each op's latest call (benchmark rows report it); a torch.compile
+    trace records nothing (a Python side effect in a traced graph)."""
+    from vlmo_fast.ops import backend
+
+    s = torch.randn(1, 2, 5, 5)
+    backend.clear_selected()
+    compiled = torch.compile(lambda t: ops.masked_softmax(t, backend="torch"), fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    compiled(s)
+    assert backend.last_selected() == {}
+    ops.masked_softmax(s, backend="torch")
+    assert backend.last_selected() == {"masked_softmax": "torch"}

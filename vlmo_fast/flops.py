@@ -9,7 +9,7 @@ from typing import Optional
 # Datasheet dense bf16 peaks (TFLOP/s), matched in order on the words of torch.cuda.get_device_name(): an SXM H100
 # calls itself "NVIDIA H100 80GB HBM3", so any H100 that is not PCIe or NVL counts as SXM.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0),
-                         ("H200", 989.0), ("A100", 312.0))
+                         ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 
 
 def datasheet_peak(name: str) -> Optional[float]:
