@@ -319,6 +319,15 @@ def test_resume_continues_the_same_trajectory(tmp_path, synthetic_root):
         assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_an_fp16_run_resumes_from_a_run_that_kept_no_loss_scaler(tmp_path, synthetic_root):
+    """A bf16/fp32 checkpoint holds an empty GradScaler state; resuming it with --precision fp16 starts a fresh
+    scaler (GradScaler.load_state_dict refuses an empty state)."""
+    first = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, save_every=2, precision="fp32"))
+    assert first["stop_reason"] == "max_steps"
+    resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3, save_every=3, precision="fp16"))
+    assert resumed["stop_reason"] == "max_steps" and len(resumed["history"]) == 1
+
+
 def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
     shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=48, samples_per_shard=16, image_size=32)
     summary = train(small_cfg(tmp_path / "run", None, datasets=[os.path.join(os.path.dirname(shards[0]), "*.tar")],
