@@ -398,8 +398,7 @@ class Flex:
             except Exception as exc:  # noqa: BLE001 - only a shared-memory shortage is retried
                 if self.kernel_options is not None or "out of resource" not in str(exc):
                     raise
-                self.kernel_options = dict(self.SMALL_TILES)
-                fresh_compile_cache()
+                self.kernel_options = dict(self.SMALL_TILES)  # new kernel options: compiled anew
                 return fn()
 
         return run

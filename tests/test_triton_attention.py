@@ -144,6 +144,24 @@ def test_bias_gradient_uses_the_unrounded_output(dtype):
     assert calls == [True, False, False]
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16, torch.uint8])
+def test_every_accepted_index_dtype_gives_the_same_result(index_dtype):
+    """The op accepts int64, int32, int16 and uint8 indices: each is used as positions (a uint8 tensor used directly
+    as an index would be read as a mask)."""
+    b, h, n, d = 2, 2, 29, 16
+    q, k, v = qkv_views(b, h, n, d)
+    table = torch.randn(50, h, requires_grad=True)
+    index = torch.randint(0, 50, (n, n))
+    keep = padding(b, n)
+    results = []
+    for idx in (index, index.to(index_dtype)):
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=idx, key_padding_mask=keep,
+                                    backend="triton")
+        results.append((out,) + grads(out, [q, k, v, table], torch.ones_like(out)))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
 def test_backward_is_deterministic_and_scale_is_honoured():
     b, h, n, d = 2, 2, 29, 16
     q, k, v = qkv_views(b, h, n, d)
@@ -428,7 +446,7 @@ def test_gpu_memory_is_not_quadratic_in_batch():
     act = q.numel() * q.element_size()
     stats = 2 * b * h * n * 4  # lse, delta
     parts = ta._group_count(b, h, n) * h * ta._part_size(n) ** 2 * 4
-    dense = 2 * h * n * n * 4  # the table gathered into the (H, N, N) bias the batch shares (forward, backward)
+    dense = h * n * n * 4  # the table gathered into the (H, N, N) bias the batch shares (freed after the forward)
     # out, its rounding residue (kept for the bias gradient), dO, dq, dk, dv; d_table
     expected = 6 * act + stats + parts + dense + 2 * table.numel() * 4
     scores_fp32 = b * h * n * n * 4

@@ -360,7 +360,7 @@ def _autotune(configs, key, reset_to_zero=None):
 
 if triton is not None:
     _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
-    _fwd_tuned = _autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY)(_fwd)
+    _fwd_tuned = _autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY + ["STORE_LO"])(_fwd)
     _dkdv_tuned = _autotune(_config_list(DKDV_CONFIGS), key=_TUNE_KEY)(_bwd_dkdv)
     _dq_tuned = _autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"],
                           reset_to_zero=["DPART"])(_bwd_dq)
@@ -425,12 +425,13 @@ def _bias_args(bias, table, index, structured: bool = True):
         return (1, bias, bias.stride()) + none[2:]
     if table is None:
         return (0,) + none
+    # the int32 copy (cached per index; any accepted integer dtype, uint8 included, indexes as positions)
+    index_i32, _, _, struct = _index_data(index, table.shape[0])
+    if TABLE_BIAS == "dense":
+        dense = table.t()[:, index_i32]  # (H, N, N) contiguous, shared by the batch: the values a gather would read
+        return (1, dense, dense.stride()) + none[2:]
     # one contiguous row of R floats per head: the in-kernel gathers stay within a few cache lines
     table_t = table.t().contiguous()
-    if TABLE_BIAS == "dense":
-        dense = table_t[:, index]  # (H, N, N), shared by the batch: the values the kernels would gather
-        return (1, dense, dense.stride()) + none[2:]
-    index_i32, _, _, struct = _index_data(index, table.shape[0])
     if struct is not None and structured:
         return 3, None, (0, 0, 0), table_t, (1, table_t.stride(0)), None, (0, 0), struct
     return 2, None, (0, 0, 0), table_t, (1, table_t.stride(0)), index_i32, index_i32.stride(), (0, 1, 0)
@@ -600,9 +601,13 @@ if triton is not None:
         out, lse, out_lo = output
         ctx.save_for_backward(q, k, v, out, lse, bias, table, index, keep, out_lo)
         ctx.scale = scale
+        # lse and out_lo take no gradient: without this, autograd would allocate zeros of their size every backward
+        ctx.set_materialize_grads(False)
 
     def _attn_backward(ctx, grad_out, grad_lse, grad_lo):
         q, k, v, out, lse, bias, table, index, keep, out_lo = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         need = (bias is not None and ctx.needs_input_grad[3]) or (table is not None and ctx.needs_input_grad[4])
         grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
         dbias = grads[3] if len(grads) > 3 else None
