@@ -289,8 +289,6 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
         for b, n in cases:
             if bench.budget_spent():
                 return
-            if dev.type == "cuda":
-                fresh_compile_cache()
             lt = 40 if n > 40 else max(1, n // 3)
             window = int(round(math.sqrt(n - lt - 1)))
             if window * window + 1 + lt != n:
@@ -344,15 +342,13 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
 
 
 def compiled(fn):
-    """torch.compile for a baseline: static shapes (each case compiles its own graph); a case starts from a reset
-    cache (``fresh_compile_cache``), so no earlier case's graphs or recompile count carry over."""
-    return torch.compile(fn, dynamic=False)
-
-
-def fresh_compile_cache() -> None:
+    """torch.compile for a baseline: static shapes, from a reset cache (baselines are made when their case starts and
+    compile at their first call, so no earlier case's graphs or recompile count carry over); a hit recompile limit is
+    an error, never a silent eager fall-back."""
     torch._dynamo.reset()
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # an error, never a silent eager fall-back
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False)
 
 
 def _autocast_call(dev, dtype, fn, *args):
@@ -436,7 +432,6 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
                                                            backend="torch"),
         }
         if dev.type == "cuda" and bench.compile_baselines:
-            fresh_compile_cache()
             softmax_c = compiled(official_softmax)
             impls["compile(official)"] = lambda: softmax_c(scores, 0.125, bias, keep)
         elems = b * h * n * n * scores.element_size()
@@ -469,7 +464,6 @@ def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
             "vlmo_fast[torch]": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6, backend="torch"),
         }
         if dev.type == "cuda" and bench.compile_baselines:
-            fresh_compile_cache()
             layernorm_c = compiled(official_multiway_layernorm)
             impls["compile(official)"] = lambda: layernorm_c(x, split, norms[0], norms[1])
         elems = b * n * d * x.element_size()
@@ -513,7 +507,6 @@ def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
 
         impls = {"official": run_official, "vlmo_fast": run_fast(), "vlmo_fast[torch]": run_fast("torch")}
         if dev.type == "cuda" and bench.compile_baselines:
-            fresh_compile_cache()
             block_c = compiled(official)
             impls["compile(official)"] = lambda: run_official(block_c)
         flops = harness.layer_flops(b * n, n, cfg.embed_dim, cfg.mlp_hidden_dim)
@@ -564,7 +557,6 @@ def bench_model(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
                 "vlmo_fast": lambda p=path: _infer(fast.set_backend("auto"), p, batch, dev, dtype),
             }
             if dev.type == "cuda" and bench.compile_baselines and path == "infer":
-                fresh_compile_cache()
                 infer_c = compiled(ref.infer)
                 impls["compile(official)"] = lambda: _infer_fn(infer_c, batch, dev, dtype)
             bench.measure("model", dict(path=path, B=b, arch=cfg.model_arch.replace("vlmo_", "").replace("_patch16", "")),
@@ -605,7 +597,6 @@ def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], confi
             if note not in bench.notes:
                 bench.notes.append(note)
         elif dev.type == "cuda" and bench.compile_baselines:
-            fresh_compile_cache()
             ref = ReferenceVLMo(cfg).to(dev).train()
             ref.load_state_dict(official.state_dict())
             impls["compile(official)"] = make_step(compiled(ref), batch, dev, dtype, module=ref)

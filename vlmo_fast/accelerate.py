@@ -128,18 +128,14 @@ def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
 def _make_get_rel_pos_bias(module: nn.Module):
     # The official module keeps its index tensors on the CPU (plain attributes, not buffers): a fresh device copy per
     # forward would also defeat the kernels' per-index caches (range check, index structure), so each index's device
-    # copy is kept while the same tensor, unchanged, is passed again. While torch.compile traces, the copy is a plain
-    # .to() in the graph (reading a version counter there would break it).
+    # copy is kept while the same tensor, unchanged, is passed again (traced as a plain .to() under torch.compile).
     copies = TensorMemo(8)
 
     def get_rel_pos_bias(relative_position_index):
         table = module.relative_position_bias_table
         h = table.shape[1] // module.num_layers
         src = relative_position_index
-        if torch.compiler.is_compiling():
-            index = src.to(table.device)
-        else:
-            index = copies.get(src, (table.device,), lambda: src.to(table.device))
+        index = copies.get(src, (table.device,), lambda: src.to(table.device))
         return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(module.num_layers)]
 
     return get_rel_pos_bias

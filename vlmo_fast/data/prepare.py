@@ -86,8 +86,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, write_arrow_batches
+from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, read_arrow, write_arrow_batches
+from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
 
 COCO_SPLITS = ("train", "restval", "val", "test")
 F30K_SPLITS = ("train", "val", "test")
@@ -557,10 +559,6 @@ def _vqa_annotations(raw_root: str, split: str) -> List[Tuple[int, str, List[str
 def _split_val(summary: PrepareSummary, out_root: str, val_path: str, rest: int, log: Log) -> None:
     """vqav2_trainable_val (the staged val file but its last ``rest`` rows) and vqav2_rest_val (those rows), written
     from the memory-mapped file without copying the images through Python."""
-    import pyarrow.compute as pc
-
-    from .arrow import read_arrow
-
     try:
         table = read_arrow(os.path.join(_staging(summary), os.path.basename(val_path)))
         cut = max(table.num_rows - rest, 0)
@@ -594,8 +592,6 @@ def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = 
 
     Rows are in a random order, as official (a shuffle of the image files), but drawn from ``seed``, so a rerun
     writes the same files; the official shuffle is unseeded, so its rest_val is a different 1,000 images."""
-    from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
-
     _need_dir(raw_root, "the raw VQAv2 folder (RAW_ROOT)")
     chosen = _check_splits(splits if splits is not None else VQA_SPLITS, VQA_SPLITS + VQA_EXTRA_SPLITS, "vqa")
     if not isinstance(seed, int) or isinstance(seed, bool):

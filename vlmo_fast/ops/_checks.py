@@ -11,6 +11,7 @@ from ._memo import TensorMemo
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_tensor(

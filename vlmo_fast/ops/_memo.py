@@ -15,23 +15,25 @@ import torch
 class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
-    Bounded: cleared when it grows past ``size`` tensors. Nothing is stored while ``torch.compile`` traces."""
+    Bounded: cleared when it grows past ``size`` tensors. While ``torch.compile`` traces, ``compute()`` simply runs
+    (traced into the graph): reading the version counter there would break the graph."""
 
     def __init__(self, size: int = 64):
         self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
         self._size = size
 
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return compute()
         key = (t._version,) + extra
         hit = self._entries.get(id(t))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
         value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
-        if not torch.compiler.is_compiling():
-            if len(self._entries) > self._size:
-                self._entries.clear()
-            try:
-                self._entries[id(t)] = (weakref.ref(t), key, value)
-            except TypeError:  # not weak-referenceable: simply recomputed next time
-                pass
+        if len(self._entries) > self._size:
+            self._entries.clear()
+        try:
+            self._entries[id(t)] = (weakref.ref(t), key, value)
+        except TypeError:  # not weak-referenceable: simply recomputed next time
+            pass
         return value

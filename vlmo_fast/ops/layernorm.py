@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_shape, check_tensor
 
 
 def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int],
@@ -83,8 +80,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """F.layer_norm over the last dim, on every device for every dtype mix the ops accept: a half-precision x with
     fp32 weights outside autocast is normalised in fp32 and rounded once to x's dtype (torch's CPU kernel takes that
     mix, computing in fp32; its CUDA kernel refuses it, as an H100 showed)."""
-    if (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
+    if x.dtype in HALF_DTYPES and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
         return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps).to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

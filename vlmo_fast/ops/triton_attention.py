@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import backend as _backend
+from ._checks import HALF_DTYPES
 from ._memo import TensorMemo
 
 try:
@@ -440,7 +441,7 @@ def _bias_args(bias, table, index, structured: bool = True):
 def _flags(q: torch.Tensor) -> Tuple[bool, bool]:
     """(UPCAST, IEEE): bf16 arithmetic is wrong in the CPU interpreter, so operands are upcast there; fp32 inputs
     use IEEE fp32 dots (no TF32) so fp32 results match the fp32 reference."""
-    upcast = interpreting() and q.dtype in (torch.bfloat16, torch.float16)
+    upcast = interpreting() and q.dtype in HALF_DTYPES
     return upcast, q.dtype == torch.float32
 
 
@@ -624,7 +625,7 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     backward's row sums delta = Σ_d dO·O then use the fp32 output. From the rounded output, their error enters every
     score gradient of the row alike and adds up in the bias gradient over whole rows (fp16, N = 941: twice the
     official math's error on an H100, against 0.01x with the fp32 output). It costs one more output-sized tensor."""
-    store_lo = (q.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
+    store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
     return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)[0]
 
