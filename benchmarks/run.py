@@ -50,6 +50,7 @@ from harness import Row  # noqa: E402
 import vlmo_fast as vf  # noqa: E402
 from vlmo_fast import objectives, ops  # noqa: E402
 from vlmo_fast.ops import backend as ops_backend  # noqa: E402
+from vlmo_fast.ops import native  # noqa: E402
 from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
@@ -356,6 +357,15 @@ def _autocast_call(dev, dtype, fn, *args):
         return fn(*args)
 
 
+def _with_softmax_kernel(kind: str, fn):
+    """fn run with the CUDA softmax kernels of ``kind`` (vlmo_fast.ops.native.cuda_softmax_kernel)."""
+    def run():
+        with native.using_cuda_softmax_kernel(kind):
+            return fn()
+
+    return run
+
+
 def _no_grad(fn):
     def run():
         with torch.no_grad():
@@ -435,10 +445,14 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
             softmax_c = compiled(official_softmax)
             impls["compile(official)"] = lambda: softmax_c(scores, 0.125, bias, keep)
         elems = b * h * n * n * scores.element_size()
-        bench.measure("softmax", case, dtype_name, "fwd", {k_: _no_grad(f) for k_, f in impls.items()},
-                      bytes_=2 * elems, check=True)
-        bench.measure("softmax", case, dtype_name, "fwd+bwd", {k_: fwd_bwd(f, [scores, bias]) for k_, f in impls.items()},
-                      bytes_=5 * elems, check=True)
+        fwd = {k_: _no_grad(f) for k_, f in impls.items()}
+        both = {k_: fwd_bwd(f, [scores, bias]) for k_, f in impls.items()}
+        if dev.type == "cuda" and n <= 256 and vf.build_info()["cuda"]:
+            # the same op with the staged CUDA kernels (not the default until timed on a GPU)
+            fwd["vlmo_fast[staged]"] = _with_softmax_kernel("staged", fwd["vlmo_fast"])
+            both["vlmo_fast[staged]"] = _with_softmax_kernel("staged", both["vlmo_fast"])
+        bench.measure("softmax", case, dtype_name, "fwd", fwd, bytes_=2 * elems, check=True)
+        bench.measure("softmax", case, dtype_name, "fwd+bwd", both, bytes_=5 * elems, check=True)
 
 
 def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], config) -> None:

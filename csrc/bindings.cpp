@@ -232,6 +232,12 @@ void bind_cuda(py::module_& m) {
       },
       VLMO_GATHER_BWD_ARGS, py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.attr("LAYERNORM_CUDA_MAX_DIM") = k::kLayerNormMaxDim;
+  m.def(
+      "set_masked_softmax_kernel_cuda", [](int kind) { check(k::set_masked_softmax_kernel(kind)); }, py::arg("kind"),
+      "Which CUDA kernels take softmax rows of up to 256 keys: SOFTMAX_KERNEL_ROWS or SOFTMAX_KERNEL_STAGED.");
+  m.def("masked_softmax_kernel_cuda", &k::masked_softmax_kernel);
+  m.attr("SOFTMAX_KERNEL_ROWS") = k::kSoftmaxRows;
+  m.attr("SOFTMAX_KERNEL_STAGED") = k::kSoftmaxStaged;
 }
 #endif
 

@@ -77,8 +77,11 @@ def _fresh_seed():
 def device(request, monkeypatch):
     """The torch device of a test parametrized (``indirect=True``) over ``native_helpers.devices()``. For "cuda-emu"
     the native ops run their CUDA branch on CPU tensors, through the CUDA kernels compiled for the CPU emulator;
-    "cuda-emu:<d>" picks emulated device d (2·(d + 1) SMs), which changes the kernels' grid plans."""
-    name = request.param
+    "cuda-emu:<d>" picks emulated device d (2·(d + 1) SMs), which changes the kernels' grid plans. A "+<kind>"
+    suffix ("cuda-emu+staged", "cuda+staged") runs the test with that CUDA softmax kernel kind
+    (``native.cuda_softmax_kernel``), restored afterwards."""
+    name, _, softmax_kernel = request.param.partition("+")
+    device = name
     if name.startswith("cuda-emu"):
         import cuda_emulator
 
@@ -86,8 +89,13 @@ def device(request, monkeypatch):
         if reason is not None:
             pytest.skip(f"the CUDA emulator cannot be built: {reason}")
         cuda_emulator.route_native_to_emulator(monkeypatch, int(name.partition(":")[2] or 0))
-        return "cpu"
-    return name
+        device = "cpu"
+    if softmax_kernel:
+        from vlmo_fast.ops import native
+
+        before = native.cuda_softmax_kernel(softmax_kernel)
+        request.addfinalizer(lambda: native.cuda_softmax_kernel(before))  # runs before monkeypatch's undo
+    return device
 
 
 @pytest.fixture(scope="session")

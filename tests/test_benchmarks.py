@@ -321,3 +321,16 @@ def test_a_failed_call_does_not_keep_its_tensors_alive():
     gc.collect()
     assert isinstance(out["official"], RuntimeError) and out["official"].__traceback__ is None
     assert refs and all(r() is None for r in refs)
+
+
+@pytest.mark.skipif(not vf.build_info()["cuda"], reason="the CUDA kernels were not compiled (no nvcc at build time)")
+def test_staged_softmax_rows_run_with_the_staged_kernels_and_restore_the_choice():
+    """The benchmark's vlmo_fast[staged] softmax rows switch the process-wide CUDA kernel choice for their calls
+    only (forward and backward alike: the wrapper encloses the whole timed callable)."""
+    from vlmo_fast.ops import native
+
+    seen = []
+    call = bench_run._with_softmax_kernel("staged", lambda: seen.append(native.cuda_softmax_kernel()))
+    before = native.cuda_softmax_kernel()
+    call()
+    assert seen == ["staged"] and native.cuda_softmax_kernel() == before == "rows"

@@ -10,6 +10,10 @@ from vlmo_fast.model import relpos
 from vlmo_fast.ops import native
 from vlmo_fast.ops.softmax import softmax_torch
 
+# Every device of the native tests, plus the CUDA kernels again with the staged kernels taking rows of up to 256 keys
+# (native.cuda_softmax_kernel("staged")), emulated and on a GPU.
+DEVICES = devices() + ["cuda-emu+staged", pytest.param("cuda+staged", marks=pytest.mark.gpu)]
+
 
 def reference(scores, scale, bias, keep):
     """float64 reference: fully masked batch rows give zeros."""
@@ -61,7 +65,8 @@ def float64_reference(scores, scale, form, full_table, index, dense, keep, h, g)
     return p, s.grad, (None if leaf is None else leaf.grad)
 
 
-@pytest.mark.parametrize("device", devices() + [LARGER_EMULATED_GPU], indirect=True)
+@pytest.mark.parametrize("device", DEVICES + [LARGER_EMULATED_GPU, LARGER_EMULATED_GPU + "+staged"],
+                         indirect=True)
 @pytest.mark.parametrize("n", [1, 40, 237, 257])
 @pytest.mark.parametrize("form", ["table", "dense", "none"])
 def test_fp32_matches_float64(device, n, form):
@@ -79,7 +84,7 @@ def test_fp32_matches_float64(device, n, form):
             assert dbias[:, :h].abs().sum() == 0 and dbias[:, 2 * h :].abs().sum() == 0
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
 @pytest.mark.parametrize("form", ["table", "dense"])
@@ -95,7 +100,7 @@ def test_low_precision_within_twice_eager_error(device, dtype, out_dtype, form):
     assert_rule("dbias", dbias, dbe, ref_dbias, 1e-6)
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("n", [40, 237, 1100])  # register-row kernel and the two-pass long-row kernel (> 1024)
 @pytest.mark.parametrize("grad", ["randn", "constant"])
 def test_large_logits_keep_eager_precision(device, n, grad):
@@ -128,7 +133,7 @@ def test_large_logits_keep_eager_precision(device, n, grad):
         assert_rule(name, got, eager, want, 1e-7)
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_vlmo_fusion_index_table_gradient(device):
     """The real index: every text→image pair of a head lands on one table row (the contention case)."""
     b, h, n = 2, 3, 237
@@ -143,7 +148,7 @@ def test_vlmo_fusion_index_table_gradient(device):
     assert max_err(dt, ref_dt) < 1e-5 * max(1.0, ref_dt.abs().max().item())
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_index_dtypes_and_non_contiguous_inputs(device, index_dtype):
     b, h, n = 2, 3, 37
@@ -161,7 +166,7 @@ def test_index_dtypes_and_non_contiguous_inputs(device, index_dtype):
         assert max_err(got, want) < 2e-6, backend
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_out_dtype_variants(device):
     """fp16/bf16 outputs from fp32 scores (the CUDA build compiles only (in, fp32) and (in, in) pairs: the wrapper
     runs other pairs through fp32)."""
@@ -173,7 +178,7 @@ def test_out_dtype_variants(device):
         assert max_err(got, reference(scores, 1.0, None, None).to(out_dtype)) <= torch.finfo(out_dtype).eps
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_empty_batch_and_single_key(device):
     p = ops.masked_softmax(torch.randn(0, 2, 5, 5, device=device, requires_grad=True), backend="cuda")
     assert p.shape == (0, 2, 5, 5)
@@ -184,7 +189,7 @@ def test_empty_batch_and_single_key(device):
     assert torch.all(s.grad == 0)
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("n_k", [31, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024, 1025])
 @pytest.mark.parametrize("form", ["dense", "none"])
 def test_every_row_length_tier_with_fewer_queries_than_keys(device, n_k, form):
@@ -210,7 +215,7 @@ def test_every_row_length_tier_with_fewer_queries_than_keys(device, n_k, form):
     assert torch.all(p[2] == 0) and torch.all(s.grad[2] == 0)
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_every_output_element_is_written(device):
     """Poison the outputs, call the launchers directly, and check that nothing was left unwritten."""
     b, h, n = 3, 2, 45
@@ -235,6 +240,61 @@ def test_every_output_element_is_written(device):
     if device == "cuda":
         torch.cuda.synchronize()
     assert not ds.isnan().any()
+
+
+@pytest.mark.parametrize("device", ["cuda-emu+staged", pytest.param("cuda+staged", marks=pytest.mark.gpu)],
+                         indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [3, 37, 237])
+def test_staged_slices_at_every_alignment(device, dtype, n):
+    """The staged kernels move each block's slice in 16-byte vectors plus an unaligned head and tail: operands and
+    outputs that start at every element offset within 16 bytes (views into larger buffers), with slices shorter than
+    one vector (n = 3) and long ones, give the float64 answer, and nothing around the outputs is written."""
+    b, h, scale = 3, 2, 0.3
+    numel = b * h * n * n
+    per_vector = 16 // torch.empty(0, dtype=dtype).element_size()
+    code = native._DTYPE_CODE[dtype]
+    keep = padding(b, n, device)
+    dense = torch.randn(h, n, n, device=device)
+    kw = dict(bias=dense.data_ptr(), table=0, table_s0=0, table_s1=0, table_rows=0, index=0, keep=keep.data_ptr(),
+              **native._launch_args(torch.device(device)))
+
+    def view(buf, offset):
+        return buf[offset : offset + numel].view(b, h, n, n)
+
+    for offset in range(per_vector):
+        s_buf, g_buf = (torch.randn(numel + 2 * per_vector, device=device).to(dtype) for _ in range(2))
+        p_buf, ds_buf = (torch.full((numel + 2 * per_vector,), float("nan"), device=device, dtype=dtype)
+                         for _ in range(2))
+        scores, g, p, ds = view(s_buf, offset), view(g_buf, offset), view(p_buf, offset), view(ds_buf, offset)
+        lse = torch.empty(b, h, n, device=device)
+        dbias = torch.zeros(h, n, n, device=device)
+        native._launcher("masked_softmax_forward", scores.device)(
+            scores=scores.data_ptr(), scores_dtype=code, out=p.data_ptr(), out_dtype=code, lse=lse.data_ptr(),
+            batch=b, heads=h, n_q=n, n_k=n, scale=scale, **kw)
+        native._launcher("masked_softmax_backward", scores.device)(
+            dp=g.data_ptr(), dp_dtype=code, scores=scores.data_ptr(), scores_dtype=code, lse=lse.data_ptr(),
+            dscores=ds.data_ptr(), batch=b, heads=h, n_q=n, n_k=n, scale=scale, dbias=dbias.data_ptr(),
+            dtable=0, **kw)
+        s64 = scores.double().requires_grad_()
+        d64 = dense.double().requires_grad_()
+        want = reference(s64, scale, d64, keep)
+        want.backward(g.double())
+        for out_buf in (p_buf, ds_buf):  # untouched around the outputs
+            assert out_buf[:offset].isnan().all() and out_buf[offset + numel :].isnan().all(), offset
+        eps = torch.finfo(dtype).eps
+        assert max_err(p, want) < 2 * eps, offset
+        assert max_err(ds, s64.grad) < 4 * eps * max(1.0, s64.grad.abs().max().item()), offset
+        assert max_err(dbias, d64.grad) < 1e-5 * max(1.0, d64.grad.abs().max().item()), offset
+        assert torch.all(p[2] == 0) and torch.all(ds[2] == 0)
+
+
+def test_cuda_softmax_kernel_choice_is_checked():
+    if native._C is None or not native._CUDA_COMPILED:
+        with pytest.raises(RuntimeError, match="vlmo_fast._C"):
+            native.cuda_softmax_kernel()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        native.cuda_softmax_kernel("fastest")
 
 
 def test_backend_reports_unsupported_inputs():
@@ -283,7 +343,7 @@ def test_op_rejects_bad_inputs(over, err, match):
         torch.ops.vlmo_fast.masked_softmax(**_op_args(**over))
 
 
-@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("shape", [(2, 2, 0, 0), (0, 2, 5, 5)])
 def test_empty_scores(device, shape):
     """Nothing to compute: empty outputs and zero bias gradients, with every bias form."""

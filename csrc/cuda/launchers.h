@@ -28,6 +28,14 @@ std::string masked_softmax_backward(const void* dp, int dp_dtype, const void* sc
                                     const uint8_t* keep, float* dbias_dense, float* dtable, int device,
                                     uintptr_t stream);
 
+// Which kernels take rows of up to 256 keys (longer rows always take the row kernels): kSoftmaxRows, one warp per
+// query row loading its own elements (the default, measured on an H100), or kSoftmaxStaged, a block per eight query
+// rows whose batch rows stream through shared memory in 16-byte vectors (masked_softmax_staged.cu). Process-wide.
+constexpr int kSoftmaxRows = 0;
+constexpr int kSoftmaxStaged = 1;
+std::string set_masked_softmax_kernel(int kind);  // "" or the error
+int masked_softmax_kernel();
+
 // ---- modality-split LayerNorm (multiway_layernorm.cu) ------------------------------------------------------------
 // Largest D the register-resident row kernels take.
 constexpr int64_t kLayerNormMaxDim = 1024;

@@ -13,61 +13,29 @@
 // the chunk; in the backward the warp sums g over its batch rows in registers, so the dense bias gradient gets one
 // atomic per element per chunk and the table gradient one warp-aggregated atomic per distinct table row per chunk
 // (warp_scatter_add). Longer rows (Nk > 1024) take a loop kernel, one warp per (b, h, i) row.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
 
-#include "cuda_common.cuh"
 #include "launchers.h"
+#include "softmax_common.cuh"
 
 namespace vlmo_fast {
 namespace cuda {
 namespace {
 
+using namespace softmax;
+
+std::atomic<int> g_kernel{kSoftmaxRows};  // which kernels take rows of up to kStagedMaxKeys keys
+
 constexpr int kWarps = 4;  // warps per block
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Rows up to 512 keep the next batch row's raw loads in flight during this row's math; at 1024 the extra registers
 // would spill.
 template <int E>
 constexpr bool kPrefetch = E <= 16;
-
-struct Params {
-  const void* scores;
-  void* out;
-  float* lse;
-  const void* dp;
-  void* dscores;
-  int64_t batch, heads, n_q, n_k;
-  float scale;
-  const float* dense;
-  const float* table;
-  int64_t ts0, ts1;
-  const int32_t* index;
-  const uint8_t* keep;
-  float* dbias;
-  float* dtable;
-  int64_t units;            // heads · n_q
-  int64_t chunks;           // batch chunks per unit
-  int64_t batch_per_chunk;  // rows of the batch one warp handles
-};
-
-__device__ __forceinline__ float bias_at(const Params& p, int64_t h, int64_t i, int64_t j) {
-  if (p.dense) return __ldg(p.dense + (h * p.n_q + i) * p.n_k + j);
-  if (p.table) return __ldg(p.table + static_cast<int64_t>(__ldg(p.index + i * p.n_k + j)) * p.ts0 + h * p.ts1);
-  return 0.0f;
-}
-
-template <int E>
-__device__ __forceinline__ void load_bias(const Params& p, int64_t h, int64_t i, float (&bias)[E]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int k = 0; k < E; ++k) {
-    const int64_t j = k * 32 + lane;
-    bias[k] = j < p.n_k ? bias_at(p, h, i, j) : 0.0f;
-  }
-}
 
 // Raw row of a (B,H,Nq,Nk) tensor into registers (issued early, converted at use: the next row's loads overlap this
 // row's math).
@@ -82,15 +50,6 @@ __device__ __forceinline__ void load_raw(const void* base, int64_t row, int64_t 
     if (j < n_k) v[k] = __ldg(src + j);
   }
 }
-
-template <int DT>
-__device__ __forceinline__ float to_float(typename Elem<DT>::T v);
-template <>
-__device__ __forceinline__ float to_float<kF32>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<kF16>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<kBF16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <int IN, int E>
 __device__ __forceinline__ void logits(const Params& p, int64_t b, const typename Elem<IN>::T (&raw)[E],
@@ -232,25 +191,7 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_backward_rows(Params p) {
       }
     }
   }
-  if (p.dbias) {
-    float* d = p.dbias + unit * p.n_k;
-#pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int64_t j = k * 32 + lane;
-      if (j < p.n_k) {
-        if (p.chunks == 1) store_global(d + j, gsum[k]);
-        else atomicAdd(d + j, gsum[k]);
-      }
-    }
-  }
-  if (p.dtable) {
-#pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int64_t j = k * 32 + lane;
-      const int64_t key = j < p.n_k ? static_cast<int64_t>(__ldg(p.index + i * p.n_k + j)) : -1;
-      warp_scatter_add(p.dtable, key, p.heads, h, gsum[k]);
-    }
-  }
+  flush_bias_grad<E>(p, h, i, gsum);
 }
 
 // ---- rows longer than 1024: one warp per (b, h, i), two passes over global memory -------------------------------
@@ -343,8 +284,6 @@ int lanes_tier(int64_t n_k) {
   return 0;  // loop kernel
 }
 
-using Kernel = void (*)(Params);
-
 template <int IN, int OUT, bool BACKWARD>
 Kernel pick_kernel(int tier) {
 #define VLMO_SOFTMAX_TIER(E)                                   \
@@ -376,34 +315,6 @@ Kernel pick_second(int second, int tier) {
   return nullptr;
 }
 
-// Batch chunks per query row for the register kernels. Each warp loops over its chunk's batch rows, so fewer chunks
-// mean more bias reuse and fewer gradient atomics, but the warps are long-lived: the grid must also fill the GPU in
-// (close to) whole waves, or the last partial wave idles most SMs. Takes the fewest chunks whose last wave is at
-// least 85% full, from the kernel's measured occupancy; else the best-filled count.
-int64_t choose_chunks(Kernel kernel, int sms, int64_t units, int64_t batch) {
-  int blocks_per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kWarps * 32, 0) != cudaSuccess ||
-      blocks_per_sm <= 0) {
-    cudaGetLastError();
-    blocks_per_sm = 4;
-  }
-  const double resident = static_cast<double>(sms) * blocks_per_sm * kWarps;
-  int64_t best = batch;
-  double best_fill = -1.0;
-  for (int64_t c = 1; c <= batch; ++c) {
-    const int64_t chunks = ceil_div(batch, ceil_div(batch, c));  // the count the rounding to whole rows gives
-    if (chunks != c) continue;
-    const double waves = static_cast<double>(units * chunks) / resident;
-    const double fill = waves < 1.0 ? waves : waves / std::ceil(waves);
-    if (fill >= 0.85) return chunks;
-    if (fill > best_fill) {
-      best_fill = fill;
-      best = chunks;
-    }
-  }
-  return best;
-}
-
 // `second` is the output dtype (forward) or the incoming gradient's dtype (backward).
 template <bool BACKWARD>
 std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxBias bias, const uint8_t* keep,
@@ -431,10 +342,12 @@ std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxB
   p.ts1 = bias.table_s1;
   p.index = bias.index;
   p.keep = keep;
+  if (tier > 0 && sh.n_k <= kStagedMaxKeys && g_kernel.load(std::memory_order_relaxed) == kSoftmaxStaged)
+    return launch_staged_softmax(BACKWARD, in_dtype, second, p, sms, stream);
   p.units = sh.heads * sh.n_q;
   int64_t warps;
   if (tier > 0) {
-    p.chunks = choose_chunks(kernel, sms, p.units, sh.batch);
+    p.chunks = choose_chunks(kernel, kWarps * 32, kWarps, sms, p.units, sh.batch);
     p.batch_per_chunk = ceil_div(sh.batch, p.chunks);
     p.chunks = ceil_div(sh.batch, p.batch_per_chunk);
     warps = p.units * p.chunks;
@@ -450,6 +363,14 @@ std::string run(int in_dtype, int second, SoftmaxShape sh, float scale, SoftmaxB
 }
 
 }  // namespace
+
+std::string set_masked_softmax_kernel(int kind) {
+  if (kind != kSoftmaxRows && kind != kSoftmaxStaged) return "unknown softmax kernel kind";
+  g_kernel.store(kind, std::memory_order_relaxed);
+  return "";
+}
+
+int masked_softmax_kernel() { return g_kernel.load(std::memory_order_relaxed); }
 
 std::string masked_softmax_forward(const void* scores, int scores_dtype, void* out, int out_dtype, float* lse,
                                    SoftmaxShape shape, float scale, SoftmaxBias bias, const uint8_t* keep, int device,

@@ -19,6 +19,7 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 ``vlmo_fast._C``; the backend then reports itself unsupported and the PyTorch paths run.
 """
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -135,6 +136,39 @@ _INDEX_TYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 # ---- masked softmax -------------------------------------------------------------------------------------------------
+
+# The CUDA kernels for rows of up to 256 keys (longer rows always take the row kernels; csrc/cuda/launchers.h).
+SOFTMAX_CUDA_KERNELS = ("rows", "staged")
+
+
+def cuda_softmax_kernel(kind: Optional[str] = None) -> str:
+    """Which CUDA kernels take softmax rows of up to 256 keys, process-wide; returns the choice in force before the
+    call and sets ``kind`` when given.
+
+    "rows" (default): one warp per query row, loading its own elements (measured on an H100). "staged": a block per
+    eight query rows streams each batch row's slice through shared memory in 16-byte vectors, two slices in flight
+    (csrc/cuda/masked_softmax_staged.cu), for more bytes in flight; same results, not yet timed on a GPU (the
+    benchmark's softmax rows compare the two)."""
+    if kind is not None and kind not in SOFTMAX_CUDA_KERNELS:
+        raise ValueError(f"kind must be one of {SOFTMAX_CUDA_KERNELS}, got {kind!r}")
+    err = _native_missing(torch.device("cuda"))
+    if err is not None:
+        raise RuntimeError(err)
+    before = SOFTMAX_CUDA_KERNELS[_C.masked_softmax_kernel_cuda()]
+    if kind is not None:
+        _C.set_masked_softmax_kernel_cuda(SOFTMAX_CUDA_KERNELS.index(kind))
+    return before
+
+
+@contextlib.contextmanager
+def using_cuda_softmax_kernel(kind: str):
+    """``cuda_softmax_kernel(kind)`` within the block, the previous choice after it."""
+    before = cuda_softmax_kernel(kind)
+    try:
+        yield
+    finally:
+        cuda_softmax_kernel(before)
+
 
 
 def _softmax_operands(scores, bias, table, index, keep):

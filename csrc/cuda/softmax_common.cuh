@@ -1,0 +1,144 @@
+// What the softmax kernels of masked_softmax.cu (one warp per query row) and masked_softmax_staged.cu (a block per
+// eight query rows, staged through shared memory) share: the launch parameters, the bias lookups, the bias-gradient
+// flush and the batch-chunk planner. Formulas in masked_softmax.cu's header.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "cuda_common.cuh"
+
+namespace vlmo_fast {
+namespace cuda {
+namespace softmax {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Params {
+  const void* scores;
+  void* out;
+  float* lse;
+  const void* dp;
+  void* dscores;
+  int64_t batch, heads, n_q, n_k;
+  float scale;
+  const float* dense;
+  const float* table;
+  int64_t ts0, ts1;
+  const int32_t* index;
+  const uint8_t* keep;
+  float* dbias;
+  float* dtable;
+  int64_t units;            // work units of a batch row: query rows (heads · n_q), or blocks of them (staged)
+  int64_t chunks;           // batch chunks per unit
+  int64_t batch_per_chunk;  // batch rows of one chunk, handled in sequence by one warp (block, staged)
+};
+
+__device__ __forceinline__ float bias_at(const Params& p, int64_t h, int64_t i, int64_t j) {
+  if (p.dense) return __ldg(p.dense + (h * p.n_q + i) * p.n_k + j);
+  if (p.table) return __ldg(p.table + static_cast<int64_t>(__ldg(p.index + i * p.n_k + j)) * p.ts0 + h * p.ts1);
+  return 0.0f;
+}
+
+template <int E>
+__device__ __forceinline__ void load_bias(const Params& p, int64_t h, int64_t i, float (&bias)[E]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int64_t j = k * 32 + lane;
+    bias[k] = j < p.n_k ? bias_at(p, h, i, j) : 0.0f;
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ float to_float(typename Elem<DT>::T v);
+template <>
+__device__ __forceinline__ float to_float<kF32>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<kF16>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<kBF16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <int DT>
+__device__ __forceinline__ typename Elem<DT>::T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<kF32>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<kF16>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
+
+// Writes a warp's batch sums of g for query row (h, i): into the dense bias gradient (a plain
+// store when one chunk covers the whole batch, else an atomic), or scattered into the table rows of the index. All
+// 32 lanes must call it (warp_scatter_add).
+template <int E>
+__device__ __forceinline__ void flush_bias_grad(const Params& p, int64_t h, int64_t i, const float (&gsum)[E]) {
+  const int lane = threadIdx.x & 31;
+  if (p.dbias) {
+    float* d = p.dbias + (h * p.n_q + i) * p.n_k;
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int64_t j = k * 32 + lane;
+      if (j < p.n_k) {
+        if (p.chunks == 1) store_global(d + j, gsum[k]);
+        else atomicAdd(d + j, gsum[k]);
+      }
+    }
+  }
+  if (p.dtable) {
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int64_t j = k * 32 + lane;
+      const int64_t key = j < p.n_k ? static_cast<int64_t>(__ldg(p.index + i * p.n_k + j)) : -1;
+      warp_scatter_add(p.dtable, key, p.heads, h, gsum[k]);
+    }
+  }
+}
+
+using Kernel = void (*)(Params);
+
+// Batch chunks per unit. Each warp (block) loops over its chunk's batch rows, so fewer chunks mean more bias reuse
+// and fewer gradient atomics, but the warps are long-lived: the grid must also fill the GPU in (close to) whole
+// waves, or the last partial wave idles most SMs. Takes the fewest chunks whose last wave is at least 85% full, from
+// the kernel's measured occupancy (`units_per_block` units resident per block); else the best-filled count.
+inline int64_t choose_chunks(Kernel kernel, int threads, int units_per_block, int sms, int64_t units,
+                             int64_t batch) {
+  int blocks_per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads, 0) != cudaSuccess ||
+      blocks_per_sm <= 0) {
+    cudaGetLastError();
+    blocks_per_sm = 4;
+  }
+  const double resident = static_cast<double>(sms) * blocks_per_sm * units_per_block;
+  int64_t best = batch;
+  double best_fill = -1.0;
+  for (int64_t c = 1; c <= batch; ++c) {
+    const int64_t chunks = ceil_div(batch, ceil_div(batch, c));  // the count the rounding to whole rows gives
+    if (chunks != c) continue;
+    const double waves = static_cast<double>(units * chunks) / resident;
+    const double fill = waves < 1.0 ? waves : waves / std::ceil(waves);
+    if (fill >= 0.85) return chunks;
+    if (fill > best_fill) {
+      best_fill = fill;
+      best = chunks;
+    }
+  }
+  return best;
+}
+
+}  // namespace softmax
+
+// ---- the staged kernels (masked_softmax_staged.cu) -------------------------------------------------------------
+
+// Longest rows the staged kernels take.
+constexpr int64_t kStagedMaxKeys = 256;
+
+// Launches the staged forward (backward) kernel for the dtype pair (in_dtype, second) on `p`, whose pointers, sizes,
+// scale and bias are set (units, chunks and batch_per_chunk are planned here). "" on success, else the error.
+std::string launch_staged_softmax(bool backward, int in_dtype, int second, softmax::Params p, int sms,
+                                  uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace vlmo_fast
