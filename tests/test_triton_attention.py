@@ -206,6 +206,20 @@ def test_dq_grid_takes_a_program_per_batch_row_without_a_bias_gradient(monkeypat
         assert torch.equal(a, e)
 
 
+def test_whole_row_dq_tiles_only_run_where_a_row_fits():
+    """The 16 x 256 dQ candidates keep the batch sum of dS in registers, valid only while one tile holds the whole
+    row: the autotuner's pruning drops them past N = 256 (the candidate test above runs them at N = 45)."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n, _, _ in ta.DQ_CONFIGS]
+    whole = [c for c in configs if c.kwargs["BLOCK_N"] == ta.WHOLE_ROW]
+    assert whole
+    assert ta._whole_rows_fit(configs, {"N": 256}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 237}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 257}) == [c for c in configs if c not in whole]
+    assert ta._dq_tuned.early_config_prune is ta._whole_rows_fit
+
+
 def test_head_dim_padding_34():
     """base_plus has head_dim 34: padded inside the kernel to the next power of two."""
     b, h, n, d = 1, 2, 40, 34

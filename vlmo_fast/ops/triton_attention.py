@@ -212,6 +212,14 @@ if triton is not None:
         tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
     @triton.jit
+    def _row_stats(LSE, DELTA, stats, offs_m, N):
+        """lse and delta of the query rows offs_m of one (batch row, head); stats = its offset in the (B, H, N)
+        statistics."""
+        lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
+        delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
+        return lse, delta
+
+    @triton.jit
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, TABLE, INDEX, KEEP,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
@@ -237,8 +245,7 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
             do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
-            lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
-            delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
+            lse, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
             s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
                         INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             p = tl.math.exp2(s - lse[:, None])
@@ -268,35 +275,58 @@ if triton is not None:
         b_start = g * rows_per_group
         b_end = tl.minimum(b_start + rows_per_group, B)
         part = DPART + (g.to(tl.int64) * H + h) * NP * NP  # (NP, NP) partial dS sum of this group and head
-        for b32 in range(b_start, b_end):
-            b = b32 + tl.zeros([], tl.int64)  # 64-bit offsets (b32 is a Python int in the interpreter)
-            q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
-            do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
-            stats = (b * H + h) * N
-            lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
-            delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
-            keep_row = KEEP + b * skp_b
-            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for start_n in range(0, N, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
+        if BLOCK_N == 256:  # WHOLE_ROW: N <= 256 (the autotuner prunes these tiles otherwise)
+            # one key tile holds the whole row, so the batch sum of dS stays in registers and reaches the partials
+            # once, as a plain store: no read-modify-write per batch row, no barrier
+            offs_n = tl.arange(0, BLOCK_N)
+            dsum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for b32 in range(b_start, b_end):
+                b = b32 + tl.zeros([], tl.int64)
+                q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
+                do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
+                lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
                 k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
                 v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
                 s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
-                            INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                            INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                 p = tl.math.exp2(s - lse[:, None])
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, IEEE)
+                dq = _dot(ds.to(k.dtype), k, IEEE)
+                tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
+                         cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
                 if NEED_DBIAS:
-                    # only this program touches these elements: the batch rows add in a fixed order. The tile lies
-                    # inside the padded (NP, NP) buffer; past row/column N, ds is 0 (p = 0 there).
-                    ptrs = part + offs_m[:, None] * NP + offs_n[None, :]
-                    tl.store(ptrs, tl.load(ptrs) + ds)
-            tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
-                     cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
-            if NEED_DBIAS:
-                # the next batch row reads the partials back; Triton may give those loads another thread layout
-                # than these stores, so the program's threads sync here (its global writes then visible to all)
-                tl.debug_barrier()
+                    dsum += ds
+            if NEED_DBIAS:  # columns past NP (N <= 128 pads to 128 only) hold ds = 0 and are not stored
+                tl.store(part + offs_m[:, None] * NP + offs_n[None, :], dsum, mask=offs_n[None, :] < NP)
+        else:
+            for b32 in range(b_start, b_end):
+                b = b32 + tl.zeros([], tl.int64)  # 64-bit offsets (b32 is a Python int in the interpreter)
+                q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
+                do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
+                lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
+                keep_row = KEEP + b * skp_b
+                dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for start_n in range(0, N, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
+                    v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
+                    s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r,
+                                st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                    p = tl.math.exp2(s - lse[:, None])
+                    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+                    dq += _dot(ds.to(k.dtype), k, IEEE)
+                    if NEED_DBIAS:
+                        # only this program touches these elements: the batch rows add in a fixed order. The tile
+                        # lies inside the padded (NP, NP) buffer; past row/column N, ds is 0 (p = 0 there).
+                        ptrs = part + offs_m[:, None] * NP + offs_n[None, :]
+                        tl.store(ptrs, tl.load(ptrs) + ds)
+                tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
+                         cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
+                if NEED_DBIAS:
+                    # the next batch row reads the partials back; Triton may give those loads another thread
+                    # layout than these stores, so the program's threads sync here (its global writes then visible
+                    # to all)
+                    tl.debug_barrier()
 
     @triton.jit
     def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NPP, sdt_r, sdt_h,
@@ -335,10 +365,14 @@ def _config_list(shapes):
 # mask), and each kernel has some that do not spill on sm_80 (A100, whose mma path needs more registers; the 32 x 32
 # forward is there for base_plus's padded D = 34):
 # tests/triton_aot.py checks both with the specialization the JIT gives the real arguments, and the interpreter tests
-# run each one. The autotuner picks among them on the device.
+# run each one. The autotuner picks among them on the device. The dQ tiles 16 x 256 are whole rows (WHOLE_ROW,
+# N <= 256): the batch sum of dS stays in registers instead of a read-modify-write of the partials per batch row and
+# key tile, and with 2 stages the next batch row's q, dO, K and V tiles load during this one's math (untimed on a GPU
+# so far: the autotuner decides).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
 DKDV_CONFIGS = [(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 3)]
-DQ_CONFIGS = [(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2)]
+DQ_CONFIGS = [(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2),
+              (16, 256, 8, 1), (16, 256, 8, 2)]
 
 
 def _bench_on_the_device(kernel_call, quantiles):
@@ -346,28 +380,43 @@ def _bench_on_the_device(kernel_call, quantiles):
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-def _autotune(configs, key, reset_to_zero=None):
+def _autotune(configs, key, reset_to_zero=None, prune=None):
     """``triton.autotune``, without touching the GPU driver at import. The autotuner of Triton 3.2-3.3 (torch 2.6-2.7)
     asks the driver for its benchmarker in its constructor, so with those versions importing vlmo_fast raised
     "0 active drivers" on any machine without a GPU (CUDA builds of torch bring Triton along). Later versions look
     the benchmarker up at the first tuning; for 3.2-3.3 a lazy one is handed over (directly to the constructor, as
-    3.2's decorator drops its do_bench argument)."""
+    3.2's decorator drops its do_bench argument). ``prune(configs, named_args, **kwargs)`` drops the candidates
+    that cannot run a launch (Triton's early_config_prune)."""
     from triton.runtime.autotuner import Autotuner
 
+    by = {"early_config_prune": prune} if prune is not None else None
     lazy = isinstance(inspect.getattr_static(Autotuner, "do_bench", None), (property, functools.cached_property))
     if lazy or "do_bench" not in inspect.signature(Autotuner).parameters:
-        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
-    return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None, do_bench=_bench_on_the_device)
+        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by=by)
+    return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, None, prune_configs_by=by,
+                                do_bench=_bench_on_the_device)
+
+
+# The dQ tiles BLOCK_N == WHOLE_ROW hold a whole row of keys (the batch sum of dS then stays in registers): only for
+# N <= WHOLE_ROW, which the autotuner's pruning enforces (_whole_rows_fit).
+WHOLE_ROW = 256
+
+
+def _whole_rows_fit(configs, named_args, **kwargs):
+    """The dQ candidates that can run a launch: whole-row tiles only where a row fits in one."""
+    n = named_args["N"]
+    return [c for c in configs if c.kwargs["BLOCK_N"] != WHOLE_ROW or n <= WHOLE_ROW]
 
 
 if triton is not None:
     _TUNE_KEY = ["N", "D", "BIAS_MODE", "HAS_MASK"]
     _fwd_tuned = _autotune(_config_list(FWD_CONFIGS), key=_TUNE_KEY + ["STORE_LO"])(_fwd)
     _dkdv_tuned = _autotune(_config_list(DKDV_CONFIGS), key=_TUNE_KEY)(_bwd_dkdv)
-    _dq_tuned = _autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"],
-                          reset_to_zero=["DPART"])(_bwd_dq)
-    # whole tiles of the padded bias-gradient partials (see _PART_PAD)
-    assert all(_PART_PAD % m == 0 and _PART_PAD % n == 0 for m, n, _, _ in DQ_CONFIGS)
+    _dq_tuned = _autotune(_config_list(DQ_CONFIGS), key=_TUNE_KEY + ["NEED_DBIAS"], reset_to_zero=["DPART"],
+                          prune=_whole_rows_fit)(_bwd_dq)
+    # whole tiles of the padded bias-gradient partials (see _PART_PAD); a whole-row tile stores only its columns
+    # inside them
+    assert all(_PART_PAD % m == 0 and (_PART_PAD % n == 0 or n == WHOLE_ROW) for m, n, _, _ in DQ_CONFIGS)
 
 
 # ---- host side ---------------------------------------------------------------------------------------------------
