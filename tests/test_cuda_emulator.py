@@ -108,11 +108,16 @@ def test_the_module_reports_an_emulated_cuda_build():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layernorm_and_softmax_bits_do_not_depend_on_the_schedule(monkeypatch, dtype):
-    """The LayerNorm (forward, dx and both stages of the weight gradient), the softmax forward and its dscores have no
-    atomics and no cross-thread races, so running blocks and threads in reverse order gives the same bits. (The bias
-    gradients of the softmax and the gather use atomics: their order, like on the hardware, is not fixed.)"""
+@pytest.mark.parametrize("softmax_kernel", ["rows", "staged"])
+def test_layernorm_and_softmax_bits_do_not_depend_on_the_schedule(monkeypatch, dtype, softmax_kernel):
+    """The LayerNorm (forward, dx and both stages of the weight gradient), the softmax forward and its dscores (both
+    CUDA kernel kinds: the staged ones share shared-memory buffers between a block's warps) have no atomics and no
+    cross-thread races, so running blocks and threads in reverse order gives the same bits. (The bias gradients of
+    the softmax and the gather use atomics: their order, like on the hardware, is not fixed.)"""
+    from vlmo_fast.ops import native
+
     cuda_emulator.route_native_to_emulator(monkeypatch, 1)
+    before = native.cuda_softmax_kernel(softmax_kernel)  # the emulated module's choice, restored below
     b, n, d, h = 3, 29, 96, 2
     x, gy = torch.randn(b, n, d).to(dtype), torch.randn(b, n, d).to(dtype)
     w, bias = torch.randn(2, d), torch.randn(2, d)
@@ -130,9 +135,12 @@ def test_layernorm_and_softmax_bits_do_not_depend_on_the_schedule(monkeypatch, d
         p.backward(gp)
         return [y, xs.grad, ws[0].grad, ws[1].grad, p, ss.grad]
 
-    first = run()
-    with cuda_emulator.reverse_order():
-        second = run()
+    try:
+        first = run()
+        with cuda_emulator.reverse_order():
+            second = run()
+    finally:
+        native.cuda_softmax_kernel(before)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
