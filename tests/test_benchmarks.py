@@ -277,6 +277,7 @@ def test_gpu_suite_dry_run(tmp_path):
     profile = open(tmp_path / "attention_forms.txt").read()
     assert "DQ_PROGRAMS_PER_SM=16" in profile
     assert "masked_softmax[staged]" in profile or "no CUDA kernels compiled" in profile
+    assert "Multiway block forward+backward" in open(tmp_path / "block_kernels.txt").read()
     # the installed build ran, not the source tree the script was started in (on every Python: no `python -P`)
     source = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("vlmo_fast from ")]
     assert source and not os.path.realpath(source[0]).startswith(os.path.realpath(ROOT) + os.sep), source
