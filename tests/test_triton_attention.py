@@ -488,7 +488,7 @@ def test_gpu_memory_is_not_quadratic_in_batch():
     stats = 2 * b * h * n * 4  # lse, delta
     groups = ta._group_count(b, h, n, True, torch.cuda.get_device_properties(0).multi_processor_count)
     parts = groups * h * ta._part_size(n) ** 2 * 4
-    dense = h * n * n * 4  # the table gathered into the (H, N, N) bias the batch shares (freed after the forward)
+    dense = h * n * ta._bias_row(n) * 4  # the table gathered into the row-padded (H, N, N) bias the batch shares
     # out, its rounding residue (kept for the bias gradient), dO, dq, dk, dv; d_table
     expected = 6 * act + stats + parts + dense + 2 * table.numel() * 4
     scores_fp32 = b * h * n * n * 4
