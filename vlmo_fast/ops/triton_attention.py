@@ -121,7 +121,7 @@ if triton is not None:
 
     @triton.jit
     def _scores(q, k, offs_m, offs_n, N, h, scale_log2,
-                BIAS, sb_h, sb_m, sb_n,  # dense bias (H, N, N)
+                BIAS, sb_h, sb_m, sb_n, NB,  # dense bias (H, N, N), rows padded to NB
                 TABLE, st_r, st_h,  # (H, R) per-head contiguous copy of the table slice
                 INDEX, si_m, si_n,  # (N, N) int32 index (BIAS_MODE 2)
                 LT, W, L0,  # the index's structure (BIAS_MODE 3)
@@ -135,7 +135,10 @@ if triton is not None:
         s = s * scale_log2
         in_range = (offs_m[:, None] < N) & (offs_n[None, :] < N)
         if BIAS_MODE == 1:
-            bias = tl.load(BIAS + h * sb_h + offs_m[:, None] * sb_m + offs_n[None, :] * sb_n, mask=in_range, other=0.0)
+            # the columns N..NB of the padded rows exist (and are finite): a mask on NB, a multiple of 16, keeps the
+            # loads 16-byte vectors (one on N = 237 would split them); those keys are masked below
+            bias = tl.load(BIAS + h * sb_h + offs_m[:, None] * sb_m + offs_n[None, :] * sb_n,
+                           mask=(offs_m[:, None] < N) & (offs_n[None, :] < NB), other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         if BIAS_MODE == 2:
             idx = tl.load(INDEX + offs_m[:, None] * si_m + offs_n[None, :] * si_n, mask=in_range, other=0)
@@ -153,7 +156,7 @@ if triton is not None:
     @triton.jit
     def _fwd(Q, K, V, O, OLO, LSE, BIAS, TABLE, INDEX, KEEP,
              sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
-             sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
+             sb_h, sb_m, sb_n, NB, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
              H, N, D, scale_log2,
              BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
              STORE_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -173,7 +176,7 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
             v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
-            s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
+            s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
                         INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN from -inf - -inf
@@ -223,7 +226,7 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, TABLE, INDEX, KEEP,
                   sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                   sdo_b, sdo_h, sdo_n, sdo_d, sdk_b, sdk_h, sdk_n, sdk_d, sdv_b, sdv_h, sdv_n, sdv_d,
-                  sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
+                  sb_h, sb_m, sb_n, NB, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
                   H, N, D, scale, scale_log2,
                   BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -246,7 +249,7 @@ if triton is not None:
             q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
             do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
             lse, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
-            s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
+            s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
                         INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
             p = tl.math.exp2(s - lse[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
@@ -261,7 +264,7 @@ if triton is not None:
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DPART, BIAS, TABLE, INDEX, KEEP,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
                 sdo_b, sdo_h, sdo_n, sdo_d, sdq_b, sdq_h, sdq_n, sdq_d,
-                sb_h, sb_m, sb_n, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
+                sb_h, sb_m, sb_n, NB, st_r, st_h, si_m, si_n, LT, W, L0, skp_b, skp_n,
                 B, H, N, D, rows_per_group, NP, scale, scale_log2,
                 BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -287,7 +290,7 @@ if triton is not None:
                 lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
                 k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
                 v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
-                s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r, st_h,
+                s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
                             INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                 p = tl.math.exp2(s - lse[:, None])
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
@@ -310,7 +313,7 @@ if triton is not None:
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
                     v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
-                    s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, TABLE, st_r,
+                    s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r,
                                 st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                     p = tl.math.exp2(s - lse[:, None])
                     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
@@ -483,12 +486,10 @@ def _bias_row(n: int) -> int:
 
 
 def _dense_bias(bias: torch.Tensor) -> torch.Tensor:
-    """A dense (H, N, N) bias with rows padded to _bias_row(N) floats (a view into a padded buffer), copied unless it
-    is laid out so already; fp32."""
+    """A caller's dense (H, N, N) bias as fp32 with rows padded to _bias_row(N) floats, zeros in the padding (a view
+    into the padded buffer: the kernels read the padding, see _scores)."""
     h, nq, nk = bias.shape
-    if bias.stride(2) == 1 and bias.stride(1) % _BIAS_ROW_PAD == 0 and bias.dtype == torch.float32:
-        return bias
-    out = torch.empty(h, nq, _bias_row(nk), device=bias.device, dtype=torch.float32)[:, :, :nk]
+    out = torch.zeros(h, nq, _bias_row(nk), device=bias.device, dtype=torch.float32)[:, :, :nk]
     return out.copy_(bias)
 
 
@@ -496,10 +497,10 @@ def _bias_args(bias, table, index, structured: bool = True):
     """Kernel arguments for the bias: (mode, dense bias + strides, (H, R) table + strides, index + strides,
     (LT, W, L0)), dummies for the unused forms. A table is gathered into a dense (H, N, N) bias first unless
     TABLE_BIAS says "in-kernel" (see there)."""
-    none = (None, (0, 0, 0), None, (0, 0), None, (0, 0), (0, 1, 0))
+    none = (None, (0, 0, 0, 0), None, (0, 0), None, (0, 0), (0, 1, 0))
     if bias is not None:
         bias = _dense_bias(bias)
-        return (1, bias, bias.stride()) + none[2:]
+        return (1, bias, (*bias.stride(), _bias_row(bias.shape[2]))) + none[2:]
     if table is None:
         return (0,) + none
     # the int32 copies (cached per index; any accepted integer dtype, uint8 included, indexes as positions)
@@ -507,12 +508,12 @@ def _bias_args(bias, table, index, structured: bool = True):
     if TABLE_BIAS == "dense":
         # (H, N, N) with padded rows, shared by the batch: the values a gather would read
         dense = table.t().float()[:, padded][:, :, : index.shape[1]]
-        return (1, dense, dense.stride()) + none[2:]
+        return (1, dense, (*dense.stride(), padded.shape[1])) + none[2:]
     # one contiguous row of R floats per head: the in-kernel gathers stay within a few cache lines
     table_t = table.t().contiguous()
     if struct is not None and structured:
-        return 3, None, (0, 0, 0), table_t, (1, table_t.stride(0)), None, (0, 0), struct
-    return 2, None, (0, 0, 0), table_t, (1, table_t.stride(0)), index_i32, index_i32.stride(), (0, 1, 0)
+        return 3, None, none[1], table_t, (1, table_t.stride(0)), None, (0, 0), struct
+    return 2, None, none[1], table_t, (1, table_t.stride(0)), index_i32, index_i32.stride(), (0, 1, 0)
 
 
 def _flags(q: torch.Tensor) -> Tuple[bool, bool]:
