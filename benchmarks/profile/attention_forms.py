@@ -31,6 +31,9 @@ from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.ops import native  # noqa: E402
 from vlmo_fast.ops import triton_attention as ta  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profiling import kernel_times, printer  # noqa: E402
+
 if args.dry_run:
     b, h, n, d, lt, w, dev, dtype = 2, 2, 29, 16, 12, 4, "cpu", torch.float32
 else:
@@ -44,11 +47,7 @@ keep[:, lt - 10 : lt] = False
 sms = 132 if args.dry_run else torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def say(line=""):
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+say = printer(args.out)
 
 
 def bench(fn, warmup, rep):
@@ -101,26 +100,10 @@ ta.STRUCTURED_INDEX, ta.TABLE_BIAS = True, "dense"
 _, both = callables(table_kw)
 both()
 steps = 1 if args.dry_run else 10
-activity = torch.profiler.ProfilerActivity.CPU if args.dry_run else torch.profiler.ProfilerActivity.CUDA
-with torch.profiler.profile(activities=[activity]) as prof:
-    for _ in range(steps):
-        both()
-    if not args.dry_run:
-        torch.cuda.synchronize()
+_, rows = kernel_times(both, steps, on_cpu=args.dry_run)
 say(f"\nkernels of one forward+backward, table(dense gather)+mask (mean of {steps}):")
-
-
-def self_us(e):
-    """An event's own time: on the device (CUDA kernels), or on the CPU in a dry run."""
-    if args.dry_run:
-        return e.self_cpu_time_total
-    return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-
-
-events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=lambda e: -self_us(e))
-assert events, "the profiler recorded nothing"
-for e in events[:12]:
-    say(f"  {self_us(e) / steps:9.1f} us  x{e.count // steps:<3} {e.key[:90]}")
+for us, calls, name in rows[:12]:
+    say(f"  {us:9.1f} us  x{calls:<3} {name[:90]}")
 
 # the dQ kernel's batch grouping when the bias needs a gradient
 say()

@@ -20,18 +20,14 @@ if args.dry_run:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (benchmarks/run.py: its model pieces and helpers)
+from profiling import kernel_times, printer  # noqa: E402
 
 from vlmo_fast.model import relpos  # noqa: E402
 
 
-def say(line=""):
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-
-
+say = printer(args.out)
 sizes = bench.SIZES["tiny" if args.dry_run else "full"]
 dev = torch.device("cpu" if args.dry_run else "cuda")
 dtype = torch.float32 if args.dry_run else torch.bfloat16
@@ -55,26 +51,8 @@ def step():
 for _ in range(1 if args.dry_run else 3):  # autotuning and caches outside the profile
     step()
 steps = 1 if args.dry_run else 5
-activity = torch.profiler.ProfilerActivity.CPU if args.dry_run else torch.profiler.ProfilerActivity.CUDA
-with torch.profiler.profile(activities=[activity]) as prof:
-    for _ in range(steps):
-        step()
-    if not args.dry_run:
-        torch.cuda.synchronize()
-
-
-def self_us(e):
-    """An event's own time: on the device (CUDA kernels), or on the CPU in a dry run."""
-    if args.dry_run:
-        return e.self_cpu_time_total
-    return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-
-
-events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=lambda e: -self_us(e))
-assert events, "the profiler recorded nothing"
-total = sum(self_us(e) for e in events) / steps
+total, rows = kernel_times(step, steps, on_cpu=args.dry_run)
 say(f"Multiway block forward+backward, B={b} N={n} D={config.embed_dim} {str(dtype)[6:]}: {total:.0f} us per "
     f"iteration ({'CPU ops' if args.dry_run else 'CUDA kernels'}, mean of {steps})")
-for e in events[: args.top]:
-    us = self_us(e) / steps
-    say(f"  {us:9.1f} us {100 * us / total:5.1f}%  x{e.count // steps:<3} {e.key[:90]}")
+for us, calls, name in rows[: args.top]:
+    say(f"  {us:9.1f} us {100 * us / total:5.1f}%  x{calls:<3} {name[:90]}")

@@ -92,34 +92,15 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_forward_rows(Params p) {
     }
     float x[E];
     logits<IN, E>(p, b, cur, bias, x);
-    float mx = x[0];
-#pragma unroll
-    for (int k = 1; k < E; ++k) mx = fmaxf(mx, x[k]);
-    mx = warp_max(mx);
+    float inv;
+    const float lse = row_softmax<E>(x, inv);
     TO* o = static_cast<TO*>(p.out) + row * p.n_k;
-    if (mx == -kInf) {  // every key masked: zeros, lse = +inf (warp-uniform)
 #pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const int64_t j = k * 32 + lane;
-        if (j < p.n_k) Elem<OUT>::store(o + j, 0.0f);
-      }
-      if (lane == 0) store_global(p.lse + row, kInf);
-    } else {
-      float sum = 0.0f;
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        x[k] = expf(x[k] - mx);  // -inf (masked or past the row end) -> 0
-        sum += x[k];
-      }
-      sum = warp_sum(sum);
-      const float inv = 1.0f / sum;
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const int64_t j = k * 32 + lane;
-        if (j < p.n_k) Elem<OUT>::store(o + j, x[k] * inv);
-      }
-      if (lane == 0) store_global(p.lse + row, mx + logf(sum));
+    for (int k = 0; k < E; ++k) {
+      const int64_t j = k * 32 + lane;
+      if (j < p.n_k) Elem<OUT>::store(o + j, x[k] * inv);
     }
+    if (lane == 0) store_global(p.lse + row, lse);
     if (kPrefetch<E>) {
 #pragma unroll
       for (int k = 0; k < E; ++k) cur[k] = nxt[k];
@@ -158,30 +139,17 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_backward_rows(Params p) {
       load_raw<IN, E>(p.scores, row, p.n_k, s_cur);
       load_raw<GD, E>(p.dp, row, p.n_k, g_cur);
     }
-    const float l = __ldg(p.lse + row);  // +inf for an all-masked row: p = 0
     float x[E], dp[E];
     logits<IN, E>(p, b, s_cur, bias, x);
-    // p' = exp(x - lse) carries one factor per row from lse's fp32 rounding (exp(±|lse|·2^-24)); dividing by
-    // Σ p' removes it (see the CPU kernel)
-    float dot = 0.0f, mass = 0.0f;
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int64_t j = k * 32 + lane;
-      x[k] = expf(x[k] - l);
-      dp[k] = j < p.n_k ? to_float<GD>(g_cur[k]) : 0.0f;
-      dot += x[k] * dp[k];
-      mass += x[k];
-    }
-    mass = warp_sum(mass);
-    const float inv = mass > 0.0f ? 1.0f / mass : 0.0f;  // 0 for an all-masked row (p = 0)
-    dot = warp_sum(dot) * inv;
+    for (int k = 0; k < E; ++k) dp[k] = k * 32 + lane < p.n_k ? to_float<GD>(g_cur[k]) : 0.0f;
+    row_softmax_grad<E>(x, dp, __ldg(p.lse + row));
     TI* ds = static_cast<TI*>(p.dscores) + row * p.n_k;
 #pragma unroll
     for (int k = 0; k < E; ++k) {
       const int64_t j = k * 32 + lane;
-      const float g = x[k] * inv * (dp[k] - dot);
-      gsum[k] += g;
-      if (j < p.n_k) Elem<IN>::store(ds + j, p.scale * g);
+      gsum[k] += x[k];
+      if (j < p.n_k) Elem<IN>::store(ds + j, p.scale * x[k]);
     }
     if (kPrefetch<E>) {
 #pragma unroll

@@ -6,10 +6,10 @@
 // bandwidth at B·H = 1536, N = 237; ptxas gives the forward 68 and the backward 110 registers, so 28 and 16 warps
 // per SM hold about one 474-byte row each: far fewer bytes in flight than the memory system needs.
 //
-// Occupancy: ptxas (nvcc 13.0, sm_90) needs about 80 registers for the forward and 95-128 for the backward; the
-// launch bounds ask for 3 and 2 resident blocks per SM (without them ptxas caps the forward at 64 and spills), i.e.
-// 6 and 4 batch-row slices in flight per SM (about 23 and 30 KB at B·H = 1536, N = 237, bf16), against about 13 and
-// 15 KB for the row kernels.
+// Occupancy: ptxas (nvcc 13.0, sm_90) needs about 80 registers for the fp16/bf16 forward and 95-128 for the
+// backward; the launch bounds ask for 3 and 2 resident blocks per SM (without them ptxas caps the forward at 64 and
+// spills; fp32 forwards get 2), i.e. 6 and 4 batch-row slices in flight per SM (about 23 and 30 KB at B·H = 1536,
+// N = 237, bf16), against about 13 and 15 KB for the row kernels.
 //
 // Mapping: a block of eight warps owns eight consecutive query rows (h, i0..i0+7) for a chunk of the batch. At each
 // batch row b those rows are one contiguous slice of the (B, H, Nq, Nk) tensor, which the block moves between global
@@ -151,8 +151,9 @@ struct ForwardStage {
   uint8_t keep;
 };
 
+// fp32 slices are twice the bytes (and registers) of fp16/bf16 ones: 2 blocks per SM keep as many bytes in flight
 template <int IN, int OUT, int E>
-__global__ void __launch_bounds__(kThreads, 3) softmax_forward_staged(Params p) {
+__global__ void __launch_bounds__(kThreads, IN == kF32 ? 2 : 3) softmax_forward_staged(Params p) {
   using TI = typename Elem<IN>::T;
   using TO = typename Elem<OUT>::T;
   constexpr int V = kVectors<TI, E>;
@@ -185,38 +186,19 @@ __global__ void __launch_bounds__(kThreads, 3) softmax_forward_staged(Params p) 
       const TI* row = reinterpret_cast<const TI*>(in_bytes + si.shift) + pl.warp * p.n_k;
       TO* orow = reinterpret_cast<TO*>(out_bytes + so.shift) + pl.warp * p.n_k;
       float x[E];
-      float mx = -kInf;
 #pragma unroll
       for (int k = 0; k < E; ++k) {
         const int j = k * 32 + pl.lane;
         x[k] = j < p.n_k && keep_buf[j] ? p.scale * to_float<IN>(row[j]) + bias[k] : -kInf;
-        mx = fmaxf(mx, x[k]);
       }
-      mx = warp_max(mx);
-      const int64_t r = (b * p.heads + pl.h) * p.n_q + pl.i;
-      if (mx == -kInf) {  // every key masked: zeros, lse = +inf
+      float inv;
+      const float lse = row_softmax<E>(x, inv);
 #pragma unroll
-        for (int k = 0; k < E; ++k) {
-          const int j = k * 32 + pl.lane;
-          if (j < p.n_k) orow[j] = from_float<OUT>(0.0f);
-        }
-        if (pl.lane == 0) store_global(p.lse + r, kInf);
-      } else {
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < E; ++k) {
-          x[k] = expf(x[k] - mx);  // -inf (masked or past the row end) -> 0
-          sum += x[k];
-        }
-        sum = warp_sum(sum);
-        const float inv = 1.0f / sum;
-#pragma unroll
-        for (int k = 0; k < E; ++k) {
-          const int j = k * 32 + pl.lane;
-          if (j < p.n_k) orow[j] = from_float<OUT>(x[k] * inv);
-        }
-        if (pl.lane == 0) store_global(p.lse + r, mx + logf(sum));
+      for (int k = 0; k < E; ++k) {
+        const int j = k * 32 + pl.lane;
+        if (j < p.n_k) orow[j] = from_float<OUT>(x[k] * inv);
       }
+      if (pl.lane == 0) store_global(p.lse + (b * p.heads + pl.h) * p.n_q + pl.i, lse);
     }
     __syncthreads();
     store_slice<TO>(out + start, so, out_bytes);
@@ -287,29 +269,20 @@ __global__ void __launch_bounds__(kThreads, 2) softmax_backward_staged(Params p)
       const TI* srow = reinterpret_cast<const TI*>(s_bytes + ss.shift) + pl.warp * p.n_k;
       const TG* grow = reinterpret_cast<const TG*>(g_bytes + sg.shift) + pl.warp * p.n_k;
       TI* drow = reinterpret_cast<TI*>(ds_bytes + sd.shift) + pl.warp * p.n_k;
-      const float l = lse_buf[pl.warp];  // +inf for an all-masked row: p = 0
-      float e[E], g[E];
-      float dot = 0.0f, mass = 0.0f;
+      float x[E], g[E];
 #pragma unroll
       for (int k = 0; k < E; ++k) {
         const int j = k * 32 + pl.lane;
         const bool in = j < p.n_k;
-        const float x = in && keep_buf[j] ? p.scale * to_float<IN>(srow[j]) + bias[k] : -kInf;
-        e[k] = expf(x - l);
+        x[k] = in && keep_buf[j] ? p.scale * to_float<IN>(srow[j]) + bias[k] : -kInf;
         g[k] = in ? to_float<GD>(grow[j]) : 0.0f;
-        dot += e[k] * g[k];
-        mass += e[k];
       }
-      // renormalised by Σ p' as in the row kernel (cancels lse's rounding)
-      mass = warp_sum(mass);
-      const float inv = mass > 0.0f ? 1.0f / mass : 0.0f;  // 0 for an all-masked row (p = 0)
-      dot = warp_sum(dot) * inv;
+      row_softmax_grad<E>(x, g, lse_buf[pl.warp]);  // +inf lse for an all-masked row: g = 0
 #pragma unroll
       for (int k = 0; k < E; ++k) {
         const int j = k * 32 + pl.lane;
-        const float gk = e[k] * inv * (g[k] - dot);
-        gsum[k] += gk;
-        if (j < p.n_k) drow[j] = from_float<IN>(p.scale * gk);
+        gsum[k] += x[k];
+        if (j < p.n_k) drow[j] = from_float<IN>(p.scale * x[k]);
       }
     }
     __syncthreads();

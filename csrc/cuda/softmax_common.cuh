@@ -70,6 +70,46 @@ __device__ __forceinline__ __half from_float<kF16>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
 
+// A warp's row softmax: logits x (lane l holds keys l, l + 32, ...; -inf where masked or past the row end) become
+// exp(x - max), and p = x · inv; returns lse = log Σ exp(x). A row with no finite logit gets x = 0, inv = 0 (p = 0) and
+// lse = +inf. (The caller scales while storing: normalising in place here costs the staged forward a spill.)
+template <int E>
+__device__ __forceinline__ float row_softmax(float (&x)[E], float& inv) {
+  float mx = x[0];
+#pragma unroll
+  for (int k = 1; k < E; ++k) mx = fmaxf(mx, x[k]);
+  mx = warp_max(mx);
+  if (mx == -kInf) mx = 0.0f;  // every key masked: every x becomes 0 below (no -inf - -inf)
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    x[k] = expf(x[k] - mx);  // -inf -> 0
+    sum += x[k];
+  }
+  sum = warp_sum(sum);
+  inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  return sum > 0.0f ? mx + logf(sum) : kInf;
+}
+
+// The backward of a warp's row, in place: logits x become g = p ⊙ (dp - Σ_j p·dp), p recomputed from the saved lse
+// (+inf for an all-masked row: g = 0) and dp the incoming gradient (0 past the row end). p' = exp(x - lse) carries one
+// factor per row from lse's fp32 rounding (exp(±|lse|·2^-24)); dividing by Σ p' removes it (see the CPU kernel).
+template <int E>
+__device__ __forceinline__ void row_softmax_grad(float (&x)[E], const float (&dp)[E], float lse) {
+  float dot = 0.0f, mass = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    x[k] = expf(x[k] - lse);
+    dot += x[k] * dp[k];
+    mass += x[k];
+  }
+  mass = warp_sum(mass);
+  const float inv = mass > 0.0f ? 1.0f / mass : 0.0f;  // 0 for an all-masked row (p = 0)
+  dot = warp_sum(dot) * inv;
+#pragma unroll
+  for (int k = 0; k < E; ++k) x[k] = x[k] * inv * (dp[k] - dot);
+}
+
 // Writes a warp's batch sums of g for query row (h, i): into the dense bias gradient (a plain
 // store when one chunk covers the whole batch, else an atomic), or scattered into the table rows of the index. All
 // 32 lanes must call it (warp_scatter_add).
