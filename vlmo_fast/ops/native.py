@@ -170,7 +170,6 @@ def using_cuda_softmax_kernel(kind: str):
         cuda_softmax_kernel(before)
 
 
-
 def _softmax_operands(scores, bias, table, index, keep):
     """Validate the softmax operands; returns ((B, H, Nq, Nk), the launcher's bias/mask arguments)."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:

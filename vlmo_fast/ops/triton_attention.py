@@ -456,7 +456,7 @@ def _index_data(index: torch.Tensor, rows: int):
     """(int32 contiguous index, CSR order, CSR row offsets, structure, row-padded int32 index) for an index tensor and
     a table size, computed once and reused until the tensor is modified in place. The CSR (positions sorted by table
     row, as offsets i·NP + j into the dQ kernel's padded partials) drives the deterministic reduction of the table
-    gradient; the padded index gathers the table straight into a row-padded dense bias (_dense_bias)."""
+    gradient; the padded index gathers the table straight into the row-padded dense bias (_bias_args)."""
     return _INDEX_DATA.get(index, (rows,), lambda: _compute_index_data(index, rows))
 
 
