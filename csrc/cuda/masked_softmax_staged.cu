@@ -319,7 +319,8 @@ template <bool BACKWARD>
 Kernel pick(int in_dtype, int second, int64_t n_k) {
   if (second != kF32 && second != in_dtype) return nullptr;
   if (in_dtype == kF32) return pick_tier<kF32, kF32, BACKWARD>(n_k);
-  if (in_dtype == kF16) return second == kF32 ? pick_tier<kF16, kF32, BACKWARD>(n_k) : pick_tier<kF16, kF16, BACKWARD>(n_k);
+  if (in_dtype == kF16)
+    return second == kF32 ? pick_tier<kF16, kF32, BACKWARD>(n_k) : pick_tier<kF16, kF16, BACKWARD>(n_k);
   if (in_dtype == kBF16)
     return second == kF32 ? pick_tier<kBF16, kF32, BACKWARD>(n_k) : pick_tier<kBF16, kBF16, BACKWARD>(n_k);
   return nullptr;

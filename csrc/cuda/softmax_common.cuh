@@ -71,8 +71,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
 
 // A warp's row softmax: logits x (lane l holds keys l, l + 32, ...; -inf where masked or past the row end) become
-// exp(x - max), and p = x · inv; returns lse = log Σ exp(x). A row with no finite logit gets x = 0, inv = 0 (p = 0) and
-// lse = +inf. (The caller scales while storing: normalising in place here costs the staged forward a spill.)
+// exp(x - max), and p = x · inv; returns lse = log Σ exp(x). A row with no finite logit gets x = 0, inv = 0 (p = 0)
+// and lse = +inf. (The caller scales while storing: normalising in place here costs the staged forward a spill.)
 template <int E>
 __device__ __forceinline__ float row_softmax(float (&x)[E], float& inv) {
   float mx = x[0];
