@@ -51,8 +51,8 @@ STRICT = triton.__version__.startswith(STRICT_TRITON)
 POINTERS = {
     "Q": "act", "K": "act", "V": "act", "O": "act", "OLO": "act", "DO": "act", "DQ": "act", "DK": "act",
     "DV": "act",
-    "LSE": "*fp32", "DELTA": "*fp32", "DPART": "*fp32", "BIAS": "*fp32", "TABLE": "*fp32", "INDEX": "*i32",
-    "KEEP": "*u8", "ORDER": "*i32", "OFFSETS": "*i32", "DTABLE": "*fp32",
+    "LSE": "*fp32", "DELTA": "*fp32", "DPART": "*fp32", "DSUM": "*fp32", "BIAS": "*fp32", "TABLE": "*fp32",
+    "INDEX": "*i32", "KEEP": "*u8", "ORDER": "*i32", "OFFSETS": "*i32", "DTABLE": "*fp32",
     "X": "*fp32", "Y": "act", "MEAN": "*fp32", "RSTD": "*fp32", "W0": "*fp32", "B0": "*fp32", "W1": "*fp32",
     "B1": "*fp32", "DH": "act", "GO": "*fp32", "DX": "*fp32", "DWP": "*fp32", "DBP": "*fp32", "OUT": "*fp32",
     "GAMMA": "*fp32", "SCALE": "*fp32", "DY": "act", "DGP": "*fp32",

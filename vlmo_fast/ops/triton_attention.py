@@ -14,8 +14,8 @@ Kernels (one program per tile; scores in base-2 units, statistics in fp32):
                 for its (query block, key block) tiles in a per-group partial buffer (G, H, NP, NP) that only this
                 program touches (N padded to NP, a multiple of every tile size: whole tiles, no masks, vectorized
                 read-modify-writes).
-  _bucket_sum   grid (table rows): sums the partials over the positions that share a table row (a CSR of the
-                index, precomputed once per index tensor) and the groups, in a fixed order.
+  _bucket_sum   grid (table rows): sums the partials, first summed over the groups, over the positions that share
+                a table row (a CSR of the index, precomputed once per index tensor), in a fixed order.
 There are no atomics anywhere, so gradients are deterministic (bit-identical run to run) by construction; the memory
 for the bias gradient is G·H·N² floats, independent of the batch (no O(B·H·N²) tensor).
 
@@ -332,10 +332,10 @@ if triton is not None:
                     tl.debug_barrier()
 
     @triton.jit
-    def _bucket_sum(DPART, ORDER, OFFSETS, DTABLE, G, H, NPP, sdt_r, sdt_h,
+    def _bucket_sum(DSUM, ORDER, OFFSETS, DTABLE, H, NPP, sdt_r, sdt_h,
                     BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
-        """d_table[r, h] = Σ_g Σ_{positions (i, j) with index[i, j] == r} dpart[g, h, i, j], in a fixed order
-        (the CSR holds the positions i·NP + j in the (NP, NP) partials of each group and head; NPP = NP²)."""
+        """d_table[r, h] = Σ_{positions (i, j) with index[i, j] == r} dsum[h, i, j], in a fixed order (the CSR holds
+        the positions i·NP + j in the (NP, NP) batch sums of dS of each head; NPP = NP²)."""
         r = tl.program_id(0)
         start = tl.load(OFFSETS + r)
         end = tl.load(OFFSETS + r + 1)
@@ -346,10 +346,9 @@ if triton is not None:
             offs = c + tl.arange(0, BLOCK)
             ok = offs < end
             pos = tl.load(ORDER + offs, mask=ok, other=0).to(tl.int64)
-            for g in range(0, G):
-                vals = tl.load(DPART + (g * H + offs_h[None, :]).to(tl.int64) * NPP + pos[:, None],
-                               mask=ok[:, None] & h_ok[None, :], other=0.0)
-                acc += tl.sum(vals, 0)
+            vals = tl.load(DSUM + offs_h[None, :].to(tl.int64) * NPP + pos[:, None], mask=ok[:, None] & h_ok[None, :],
+                           other=0.0)
+            acc += tl.sum(vals, 0)
         tl.store(DTABLE + r * sdt_r + offs_h * sdt_h, acc, mask=h_ok)
 
 
@@ -657,8 +656,10 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
         _, order, offsets, _, _ = _index_data(index, table.shape[0])
         rows = table.shape[0]
         dtable = torch.empty(rows, h, device=q.device, dtype=torch.float32)
-        _bucket_sum[(rows,)](dpart, order, offsets, dtable, groups, h, np_ * np_, *dtable.stride(),
-                             BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
+        # the groups summed first, in one streaming pass: the bucket sum's reads are scattered (a 4-byte value per
+        # 32-byte sector), so it should read one (H, NP, NP) partial, not G of them
+        _bucket_sum[(rows,)](dpart.sum(0) if groups > 1 else dpart, order, offsets, dtable, h, np_ * np_,
+                             *dtable.stride(), BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
         dbias = dtable.to(table.dtype)
     return dq, dk, dv, dbias
 
