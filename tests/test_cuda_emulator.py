@@ -98,6 +98,14 @@ def test_a_warp_split_between_a_shuffle_and_a_barrier_is_an_error(lib):
     assert rc == 1 and "warp 1" in err and "16 wait at __syncthreads" in err
 
 
+def test_a_misaligned_vector_access_is_an_error(lib):
+    """The GPU faults on a 16-byte access that is not 16-byte aligned (x86 does not): so does the emulator."""
+    buf, out = torch.zeros(64, dtype=torch.uint8), torch.zeros(32)
+    assert _call(lib.emu_vector_read, _ptr(buf), 16, _ptr(out)) == (0, "")
+    rc, err = _call(lib.emu_vector_read, _ptr(buf), 8, _ptr(out))
+    assert rc == 1 and "read 16 bytes" in err and "misaligned address" in err
+
+
 def test_an_invalid_launch_configuration_is_reported_like_cuda(lib):
     assert lib.emu_bad_config() == 9  # cudaErrorInvalidConfiguration; the kernel did not run
 

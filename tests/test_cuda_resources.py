@@ -21,17 +21,18 @@ def _nvcc_release() -> str:
     m = re.search(r"release \d+\.\d+", out)
     return m.group(0) if m else out
 
-# (kernel, values per lane) -> largest spill in bytes per thread accepted (nvcc 13.0, sm_90); see csrc/README.md
+# (kernel, values per lane[, vector width]) -> largest spill in bytes per thread accepted (nvcc 13.0, sm_90); see
+# csrc/README.md
 KNOWN_SPILLS = {
     ("softmax_backward_rows", 32): 472,  # Nk 513..1024: scores, gradient, probabilities, bias and batch sums
     ("softmax_forward_rows", 4): 40,  # Nk 65..128: ptxas keeps these at 40-48 registers and spills a few words
-    ("layernorm_backward_stage1", 24): 52,  # D 513..768 at the 168-register cap of 3 blocks per SM
-    ("layernorm_backward_stage1", 32): 72,  # D 769..1024, same cap
 }
 
 
 def resource_usage(source: Path, arch: int = 90) -> dict:
-    """{(kernel name, last template argument): (registers, spill store bytes)} for every kernel of ``source``."""
+    """{(kernel name, values per lane[, vector width]): (registers, spill store bytes)} for every kernel of
+    ``source``, the worst over its dtype instantiations. The values per lane are the last template argument of the
+    softmax and gather kernels, and the second of the LayerNorm kernels (<dtype, values per lane, vector width>)."""
     done = subprocess.run([NVCC, f"-arch=sm_{arch}", "-O3", "-std=c++17", "--resource-usage", f"-I{CSRC}", "-c",
                            str(source), "-o", "/dev/null"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -41,8 +42,12 @@ def resource_usage(source: Path, arch: int = 90) -> dict:
         if m:
             mangled = m.group(1)  # ..._<len><name>I<template args>E... : the kernel's name, then its last argument
             name = re.search(r"\d+((?:softmax|layernorm|gather)_[a-z0-9_]+?)[IE]", mangled)
-            args = re.findall(r"Li(\d+)E", mangled)
-            kernel = (name.group(1) if name else mangled, int(args[-1]) if args else None)
+            args = [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
+            kname = name.group(1) if name else mangled
+            if kname.startswith("layernorm") and len(args) == 3:
+                kernel = (kname, args[1], args[2])
+            else:
+                kernel = (kname, args[-1] if args else None)
             continue
         m = re.search(r"(\d+) bytes spill stores", line)
         if m and kernel:  # the worst over the dtype instantiations of the same kernel and tier

@@ -83,6 +83,30 @@ def test_low_precision_within_twice_eager_error(device, dtype, param_dtype):
         assert_rule(name, got, eager, ref, 1e-6)
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_vectorized_tiers_and_misaligned_rows(device, dtype, offset):
+    """D a multiple of the vector width at every register tier of the CUDA kernels: aligned rows take the vectorized
+    kernels (16-, 8- or 4-byte accesses), rows starting one element off 16 bytes (offset 1, views into a larger
+    buffer) the scalar ones; both meet the numerics rule for y, dx and every expert's dγ, dβ."""
+    b, n, split = 2, 5, 2
+    for d in (64, 128, 256, 384, 512, 768, 1024):  # 2, 4, 8, 12, 16, 24, 32 values per lane
+        buf = torch.randn(b * n * d + offset, device=device).to(dtype).requires_grad_()
+        x = buf[offset:].view(b, n, d)  # the op gets this view: its rows start `offset` elements into the buffer
+        w, bb = params(2, d, device)
+        wl, bl = [t.clone().requires_grad_() for t in w], [t.clone().requires_grad_() for t in bb]
+        y = ops.multiway_layernorm(x, wl, bl, split=split, eps=1e-6, backend="cuda")
+        gy = torch.randn(y.shape, device=device).to(dtype)
+        y.backward(gy)
+        grads = [buf.grad[offset:].view(b, n, d)] + [t.grad for t in wl + bl]
+        ye, grads_e, _ = run(x, w, bb, split, "torch", gy=gy)
+        yr, grads_r = reference(x, w, bb, split, gy)
+        assert_rule(f"y d={d}", y, ye, yr, 1e-6)
+        for name, got, eager, ref in zip(["dx", "dw0", "dw1", "db0", "db1"], grads, grads_e, grads_r):
+            assert_rule(f"{name} d={d}", got, eager, ref, 1e-5)
+
+
 def test_non_contiguous_x_and_missing_affine():
     x = torch.randn(30, 3, 64).transpose(0, 1)  # (3, 30, 64), not contiguous
     w, b0 = torch.randn(64), torch.randn(64)

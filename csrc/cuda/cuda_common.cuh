@@ -7,7 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 namespace vlmo_fast {
 namespace cuda {
@@ -47,6 +49,59 @@ struct Elem<kBF16> {
   static __device__ __forceinline__ float load(const T* p) { return __bfloat162float(__ldg(p)); }
   static __device__ __forceinline__ void store(T* p, float v) { store_global(p, __float2bfloat16_rn(v)); }
 };
+
+// Conversions between fp32 math and the storage types (round to nearest even), for values already in registers.
+template <int DT>
+__device__ __forceinline__ float to_float(typename Elem<DT>::T v);
+template <>
+__device__ __forceinline__ float to_float<kF32>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<kF16>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<kBF16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <int DT>
+__device__ __forceinline__ typename Elem<DT>::T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<kF32>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<kF16>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
+
+// V consecutive elements of T at p (aligned to V·sizeof(T) bytes) as floats, read through __ldg as 16-, 8- or 4-byte
+// words (so the CPU emulator checks them like every other read).
+template <int DT, int V>
+__device__ __forceinline__ void load_vec(const typename Elem<DT>::T* p, float (&out)[V]) {
+  using T = typename Elem<DT>::T;
+  constexpr int kBytes = V * static_cast<int>(sizeof(T));
+  using W = typename std::conditional<kBytes % 16 == 0, uint4,
+                                      typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+  static_assert(kBytes % sizeof(W) == 0, "a vector is whole words");
+  W words[kBytes / sizeof(W)];
+#pragma unroll
+  for (int i = 0; i < kBytes / static_cast<int>(sizeof(W)); ++i) words[i] = __ldg(reinterpret_cast<const W*>(p) + i);
+  T vals[V];
+  memcpy(vals, words, kBytes);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float<DT>(vals[i]);
+}
+
+// The inverse: V floats rounded to T and stored at p (aligned as above) as whole words, through store_global.
+template <int DT, int V>
+__device__ __forceinline__ void store_vec(typename Elem<DT>::T* p, const float (&in)[V]) {
+  using T = typename Elem<DT>::T;
+  constexpr int kBytes = V * static_cast<int>(sizeof(T));
+  using W = typename std::conditional<kBytes % 16 == 0, uint4,
+                                      typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+  T vals[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) vals[i] = from_float<DT>(in[i]);
+  W words[kBytes / sizeof(W)];
+  memcpy(words, vals, kBytes);
+#pragma unroll
+  for (int i = 0; i < kBytes / static_cast<int>(sizeof(W)); ++i) store_global(reinterpret_cast<W*>(p) + i, words[i]);
+}
 
 constexpr unsigned kFullMask = 0xffffffffu;
 

@@ -6,12 +6,16 @@
 //   backward: dx = rstd·(w_e⊙dy - mean_D(w_e⊙dy) - x̂·mean_D(w_e⊙dy⊙x̂)),  dw_e = Σ_rows(e) dy⊙x̂,  db_e = Σ_rows(e) dy
 //
 // Layout: x, y, dy, dx contiguous (rows = B·N, D); weights (E, D) fp32; mean/rstd (rows,) fp32.
-// One warp per row, E = ceil(D/32) values per lane in registers (D <= 1024), element j = k·32 + lane.
+// One warp per row, E = ceil(D/32) values per lane in registers (D <= 1024). When D is a multiple of V, the widest
+// of 8, 4, 2 elements (16, 8, 4 bytes at fp16/bf16) that divides E, and the row pointers are aligned to it, a lane's
+// registers hold vectors of V consecutive columns, loaded and stored as whole words: register k of lane l is column
+// ((k / V)·32 + l)·V + k % V (V = 1, the fallback: k·32 + l, 2-byte accesses at fp16/bf16).
 // Weight gradient, two stages (no atomics, deterministic): stage 1 gives each block a contiguous range of ONE
 // expert's rows; each warp accumulates dw/db over its rows in its own shared-memory slice, then the block sums its
 // warps and writes one (2, D) partial. Stage 2 sums, per expert and column, that expert's block partials.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "cuda_common.cuh"
@@ -40,7 +44,62 @@ struct Params {
   int64_t blocks0, blocks1, rows_per_block0, rows_per_block1;
 };
 
+// Elements per vector for a row tier: the widest of 16, 8 and 4 bytes whose element count divides E (1: none).
 template <int DT, int E>
+constexpr int vector_width() {
+  constexpr int size = static_cast<int>(sizeof(typename Elem<DT>::T));
+  for (int bytes = 16; bytes >= 4; bytes /= 2)
+    if (bytes / size >= 1 && E % (bytes / size) == 0 && bytes / size > 1) return bytes / size;
+  return 1;
+}
+
+// The column of register k of this lane (see the header).
+template <int V>
+__device__ __forceinline__ int column(int k, int lane) {
+  return ((k / V) * 32 + lane) * V + k % V;
+}
+
+// The register slot (k·32 + lane) that holds column j: the inverse of column().
+template <int V>
+__device__ __forceinline__ int slot(int j) {
+  return ((j / (32 * V)) * V + j % V) * 32 + (j / V) % 32;
+}
+
+// Columns j..j+V of a row of T.
+template <int DT, int V>
+__device__ __forceinline__ void load_cols(const typename Elem<DT>::T* row, int j, float (&v)[V]) {
+  if constexpr (V == 1) v[0] = Elem<DT>::load(row + j);
+  else load_vec<DT, V>(row + j, v);
+}
+
+// A row of D values into this lane's registers (zeros past D).
+template <int DT, int E, int V>
+__device__ __forceinline__ void load_row(const typename Elem<DT>::T* row, int64_t dim, float (&x)[E]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 0; k < E; k += V) {
+    const int j = column<V>(k, lane);
+    float v[V];
+    if (j < dim) load_cols<DT, V>(row, j, v);  // a whole vector: D is a multiple of V
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[k + i] = j < dim ? v[i] : 0.0f;
+  }
+}
+
+// Columns j..j+V of an fp32 (E, D) weight row.
+template <int V>
+__device__ __forceinline__ void load_weights(const float* w, int j, float (&v)[V]) {
+  if constexpr (V == 1) v[0] = __ldg(w + j);
+  else load_vec<kF32, V>(w + j, v);
+}
+
+template <int DT, int V>
+__device__ __forceinline__ void store_cols(typename Elem<DT>::T* row, int j, const float (&v)[V]) {
+  if constexpr (V == 1) Elem<DT>::store(row + j, v[0]);
+  else store_vec<DT, V>(row + j, v);
+}
+
+template <int DT, int E, int V>
 __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / 32;
   if (row >= p.rows) return;  // warp-uniform
@@ -48,21 +107,15 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
   using T = typename Elem<DT>::T;
   const T* xr = static_cast<const T*>(p.x) + row * p.dim;
   float x[E];
+  load_row<DT, E, V>(xr, p.dim, x);
   float sum = 0.0f;
 #pragma unroll
-  for (int k = 0; k < E; ++k) {
-    const int j = k * 32 + lane;
-    x[k] = j < p.dim ? Elem<DT>::load(xr + j) : 0.0f;
-    sum += x[k];
-  }
+  for (int k = 0; k < E; ++k) sum += x[k];
   const float inv_d = 1.0f / static_cast<float>(p.dim);
   const float mu0 = warp_sum(sum) * inv_d;
   float sc = 0.0f;
 #pragma unroll
-  for (int k = 0; k < E; ++k) {
-    const int j = k * 32 + lane;
-    sc += j < p.dim ? x[k] - mu0 : 0.0f;
-  }
+  for (int k = 0; k < E; ++k) sc += column<V>(k, lane) < p.dim ? x[k] - mu0 : 0.0f;
   // corrected two-pass: the centred residual sum repairs the rounded first mean (a constant row gets x - mean = 0
   // exactly, y = b as eager, instead of a residue that rstd ~ 1/sqrt(eps) blows up)
   const float mu = mu0 + warp_sum(sc) * inv_d;
@@ -72,8 +125,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
   float sq = 0.0f;
 #pragma unroll
   for (int k = 0; k < E; ++k) {
-    const int j = k * 32 + lane;
-    const float c = j < p.dim ? x[k] - mu : 0.0f;
+    const float c = column<V>(k, lane) < p.dim ? x[k] - mu : 0.0f;
     sq += c * c;
   }
   const float rs = rsqrtf(warp_sum(sq) * inv_d + p.eps);
@@ -82,9 +134,16 @@ __global__ void __launch_bounds__(kFwdWarps * 32) layernorm_forward(Params p) {
   const float* b = p.bias + e * p.dim;
   T* yr = static_cast<T*>(p.y) + row * p.dim;
 #pragma unroll
-  for (int k = 0; k < E; ++k) {
-    const int j = k * 32 + lane;
-    if (j < p.dim) Elem<DT>::store(yr + j, (x[k] - mu) * rs * __ldg(w + j) + __ldg(b + j));
+  for (int k = 0; k < E; k += V) {
+    const int j = column<V>(k, lane);
+    if (j < p.dim) {
+      float wv[V], bv[V], yv[V];
+      load_weights<V>(w, j, wv);
+      load_weights<V>(b, j, bv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) yv[i] = (x[k + i] - mu) * rs * wv[i] + bv[i];
+      store_cols<DT, V>(yr, j, yv);
+    }
   }
   if (lane == 0) {
     store_global(p.mean + row, mu);
@@ -100,7 +159,7 @@ __device__ __forceinline__ int64_t expert_row(const Params& p, int e, int64_t t)
   return (t / len) * p.seq_len + start + t % len;
 }
 
-template <int DT, int E>
+template <int DT, int E, int V>
 __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(Params p) {
   // Per-warp dw/db accumulators live in shared memory, not registers: each lane only touches its own words (no bank
   // conflicts), and the registers go to occupancy instead (x̂ and dy alone take 2·24 per lane at D = 768).
@@ -131,25 +190,43 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(P
     float xh[E], g[E];
     float a = 0.0f, c = 0.0f;
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int j = k * 32 + lane;
-      const bool in = j < p.dim;
-      xh[k] = in ? (Elem<DT>::load(xr + j) - mu) * rs : 0.0f;
-      g[k] = in ? Elem<DT>::load(gr + j) : 0.0f;
-      const float wg = in ? __fmul_rn(__ldg(w + j), g[k]) : 0.0f;  // rounded, as below (no FMA contraction)
-      a += wg;
-      c += wg * xh[k];
+    for (int k = 0; k < E; k += V) {
+      const int j = column<V>(k, lane);
+      const bool in = j < p.dim;  // a whole vector (D is a multiple of V)
+      float xv[V], gv[V], wv[V];
+      if (in) {
+        load_cols<DT, V>(xr, j, xv);
+        load_cols<DT, V>(gr, j, gv);
+        load_weights<V>(w, j, wv);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xh[k + i] = in ? (xv[i] - mu) * rs : 0.0f;
+        g[k + i] = in ? gv[i] : 0.0f;
+        const float wg = in ? __fmul_rn(wv[i], g[k + i]) : 0.0f;  // rounded, as below (no FMA contraction)
+        a += wg;
+        c += wg * xh[k + i];
+      }
     }
     a = warp_sum(a) * inv_d;
     c = warp_sum(c) * inv_d;
     T* dxr = static_cast<T*>(p.dx) + row * p.dim;
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int j = k * 32 + lane;
-      // the rounded product, as summed into a: an FMA would leave (exact - rounded) where w·dy - a is exactly 0
-      if (j < p.dim) Elem<DT>::store(dxr + j, rs * (__fmul_rn(__ldg(w + j), g[k]) - a - xh[k] * c));
-      acc_w[k * 32 + lane] += g[k] * xh[k];
-      acc_b[k * 32 + lane] += g[k];
+    for (int k = 0; k < E; k += V) {
+      const int j = column<V>(k, lane);
+      if (j < p.dim) {
+        float wv[V], dv[V];
+        load_weights<V>(w, j, wv);
+#pragma unroll
+        for (int i = 0; i < V; ++i)  // the rounded product, as summed into a: an FMA would leave (exact - rounded)
+          dv[i] = rs * (__fmul_rn(wv[i], g[k + i]) - a - xh[k + i] * c);  // where w·dy - a is exactly 0
+        store_cols<DT, V>(dxr, j, dv);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {  // zeros past D: the slots of no column stay 0
+        acc_w[(k + i) * 32 + lane] += g[k + i] * xh[k + i];
+        acc_b[(k + i) * 32 + lane] += g[k + i];
+      }
     }
   }
   __syncthreads();
@@ -159,8 +236,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3) layernorm_backward_stage1(P
     float sw = 0.0f, sb = 0.0f;
 #pragma unroll
     for (int q = 0; q < kBwdWarps; ++q) {
-      sw += acc[0][q][j];
-      sb += acc[1][q][j];
+      sw += acc[0][q][slot<V>(j)];
+      sb += acc[1][q][slot<V>(j)];
     }
     store_global(out + j, sw);
     store_global(out + p.dim + j, sb);
@@ -213,47 +290,86 @@ void plan_backward(Params& p, int resident_blocks) {
 }
 
 template <int DT>
-void launch_forward(int tier, dim3 grid, cudaStream_t st, const Params& p) {
-  constexpr int kThreads = kFwdWarps * 32;
+int tier_width(int tier) {
   switch (tier) {
-    case 1: layernorm_forward<DT, 1><<<grid, kThreads, 0, st>>>(p); break;
-    case 2: layernorm_forward<DT, 2><<<grid, kThreads, 0, st>>>(p); break;
-    case 4: layernorm_forward<DT, 4><<<grid, kThreads, 0, st>>>(p); break;
-    case 8: layernorm_forward<DT, 8><<<grid, kThreads, 0, st>>>(p); break;
-    case 12: layernorm_forward<DT, 12><<<grid, kThreads, 0, st>>>(p); break;
-    case 16: layernorm_forward<DT, 16><<<grid, kThreads, 0, st>>>(p); break;
-    case 24: layernorm_forward<DT, 24><<<grid, kThreads, 0, st>>>(p); break;
-    default: layernorm_forward<DT, 32><<<grid, kThreads, 0, st>>>(p);
+    case 1: return vector_width<DT, 1>();
+    case 2: return vector_width<DT, 2>();
+    case 4: return vector_width<DT, 4>();
+    case 8: return vector_width<DT, 8>();
+    case 12: return vector_width<DT, 12>();
+    case 16: return vector_width<DT, 16>();
+    case 24: return vector_width<DT, 24>();
+    default: return vector_width<DT, 32>();
   }
 }
 
-template <int DT>
-Kernel backward_kernel(int tier) {
-  switch (tier) {
-    case 1: return layernorm_backward_stage1<DT, 1>;
-    case 2: return layernorm_backward_stage1<DT, 2>;
-    case 4: return layernorm_backward_stage1<DT, 4>;
-    case 8: return layernorm_backward_stage1<DT, 8>;
-    case 12: return layernorm_backward_stage1<DT, 12>;
-    case 16: return layernorm_backward_stage1<DT, 16>;
-    case 24: return layernorm_backward_stage1<DT, 24>;
-    default: return layernorm_backward_stage1<DT, 32>;
-  }
+// Whether rows of this dtype and D take the tier's vectorized kernels: the tier has a vector width v > 1, D is a
+// multiple of v, and every row pointer (data of `elem` bytes, fp32 weights) is aligned to v elements; rows then
+// start aligned too (row·D elements).
+bool vectorizable(int dtype, int tier, int64_t dim, std::initializer_list<const void*> data,
+                  std::initializer_list<const void*> weights) {
+  const int v = dtype == kF32 ? tier_width<kF32>(tier) : dtype == kF16 ? tier_width<kF16>(tier)
+                                                                        : tier_width<kBF16>(tier);
+  if (v == 1 || dim % v != 0) return false;
+  const uintptr_t elem = dtype == kF32 ? 4 : 2;
+  for (const void* q : data)
+    if (reinterpret_cast<uintptr_t>(q) % (v * elem) != 0) return false;
+  for (const void* q : weights)
+    if (reinterpret_cast<uintptr_t>(q) % (v * 4) != 0) return false;
+  return true;
 }
 
-// The stage-1 kernel for this dtype and D, and how many of its blocks fit on the GPU at once.
-Kernel plan_stage1(int dtype, int64_t dim, int sms, int* resident_blocks) {
+template <int DT, int E>
+Kernel forward_tier(bool vector) {
+  constexpr int v = vector_width<DT, E>();
+  return vector ? layernorm_forward<DT, E, v> : layernorm_forward<DT, E, 1>;
+}
+
+template <int DT, int E>
+Kernel backward_tier(bool vector) {
+  constexpr int v = vector_width<DT, E>();
+  return vector ? layernorm_backward_stage1<DT, E, v> : layernorm_backward_stage1<DT, E, 1>;
+}
+
+// The forward (stage-1 backward) kernel of a dtype, tier and vectorization.
+template <bool BACKWARD, int DT>
+Kernel pick_dt(int tier, bool vector) {
+#define VLMO_LN_TIER(E) \
+  case E:               \
+    return BACKWARD ? backward_tier<DT, E>(vector) : forward_tier<DT, E>(vector);
+  switch (tier) {
+    VLMO_LN_TIER(1)
+    VLMO_LN_TIER(2)
+    VLMO_LN_TIER(4)
+    VLMO_LN_TIER(8)
+    VLMO_LN_TIER(12)
+    VLMO_LN_TIER(16)
+    VLMO_LN_TIER(24)
+    default:
+      return BACKWARD ? backward_tier<DT, 32>(vector) : forward_tier<DT, 32>(vector);
+  }
+#undef VLMO_LN_TIER
+}
+
+template <bool BACKWARD>
+Kernel pick(int dtype, int tier, bool vector) {
+  return dtype == kF32   ? pick_dt<BACKWARD, kF32>(tier, vector)
+         : dtype == kF16 ? pick_dt<BACKWARD, kF16>(tier, vector)
+                         : pick_dt<BACKWARD, kBF16>(tier, vector);
+}
+
+// How many stage-1 blocks fit on the GPU at once for this dtype and D, for the kernel rows of this D take when their
+// pointers are aligned: the plan (and so the workspace size, asked for before the pointers are known) depends on D
+// alone; misaligned rows run the scalar kernel on the same plan.
+int stage1_resident_blocks(int dtype, int64_t dim, int sms) {
   const int tier = lanes_tier(dim);
-  Kernel k = dtype == kF32 ? backward_kernel<kF32>(tier)
-             : dtype == kF16 ? backward_kernel<kF16>(tier)
-                             : backward_kernel<kBF16>(tier);
   int per_sm = 0;
+  Kernel k = pick<true>(dtype, tier, vectorizable(dtype, tier, dim, {}, {}));
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kBwdWarps * 32, 0) != cudaSuccess || per_sm <= 0) {
     cudaGetLastError();
     per_sm = 2;
   }
-  *resident_blocks = sms * per_sm;
-  return k;
+  return sms * per_sm;
 }
 
 std::string check_common(int dtype, int64_t rows, int64_t seq_len, int64_t dim, int64_t split) {
@@ -287,10 +403,8 @@ std::string multiway_layernorm_forward(const void* x, int dtype, void* y, float*
   p.eps = eps;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kFwdWarps)));
   const int tier = lanes_tier(dim);
-  cudaStream_t st = as_stream(stream);
-  if (dtype == kF32) launch_forward<kF32>(tier, grid, st, p);
-  else if (dtype == kF16) launch_forward<kF16>(tier, grid, st, p);
-  else launch_forward<kBF16>(tier, grid, st, p);
+  Kernel kernel = pick<false>(dtype, tier, vectorizable(dtype, tier, dim, {x, y}, {weight, bias}));
+  kernel<<<grid, kFwdWarps * 32, 0, as_stream(stream)>>>(p);
   return launch_status("multiway_layernorm forward");
 }
 
@@ -300,8 +414,7 @@ int64_t multiway_layernorm_backward_workspace(int64_t rows, int64_t seq_len, int
   std::string err;
   const int sms = prepare_device(device, &err);
   if (sms < 0) return -1;
-  int resident = 0;
-  plan_stage1(dtype, dim, sms, &resident);
+  const int resident = stage1_resident_blocks(dtype, dim, sms);
   Params p{};
   p.rows = rows;
   p.seq_len = seq_len;
@@ -333,9 +446,9 @@ std::string multiway_layernorm_backward(const void* dy, const void* x, int dtype
   p.seq_len = seq_len;
   p.dim = dim;
   p.split = split;
-  int resident = 0;
-  Kernel stage1 = plan_stage1(dtype, dim, sms, &resident);
-  plan_backward(p, resident);
+  const int tier = lanes_tier(dim);
+  Kernel stage1 = pick<true>(dtype, tier, vectorizable(dtype, tier, dim, {x, dy, dx}, {weight}));
+  plan_backward(p, stage1_resident_blocks(dtype, dim, sms));
   cudaStream_t st = as_stream(stream);
   const int64_t blocks = p.blocks0 + p.blocks1;
   if (blocks > 0) stage1<<<dim3(static_cast<unsigned>(blocks)), kBwdWarps * 32, 0, st>>>(p);

@@ -52,24 +52,6 @@ __device__ __forceinline__ void load_bias(const Params& p, int64_t h, int64_t i,
   }
 }
 
-template <int DT>
-__device__ __forceinline__ float to_float(typename Elem<DT>::T v);
-template <>
-__device__ __forceinline__ float to_float<kF32>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<kF16>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<kBF16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <int DT>
-__device__ __forceinline__ typename Elem<DT>::T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<kF32>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<kF16>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
-
 // A warp's row softmax: logits x (lane l holds keys l, l + 32, ...; -inf where masked or past the row end) become
 // exp(x - max), and p = x · inv; returns lse = log Σ exp(x). A row with no finite logit gets x = 0, inv = 0 (p = 0)
 // and lse = +inf. (The caller scales while storing: normalising in place here costs the staged forward a spill.)

@@ -14,7 +14,8 @@
 // Blocks run in index order, and the threads of a block are resumed in index order, unless the tests ask for the
 // reverse (cuda_emu_set_reverse_order): a kernel whose bits depend on that order has a race or an unordered reduction.
 // Reads through __ldg and stores through store_global/atomicAdd (every input and output access of the kernels) can be
-// checked against the tensors handed to the launch.
+// checked against the tensors handed to the launch; a 2-16 byte one not aligned to its size is always an error (the
+// GPU's "misaligned address"), e.g. a vector access a kernel takes for rows that are not aligned.
 // Shared memory is filled with NaN bytes at each block's start and each fiber's stack top likewise, so a read of
 // memory nobody wrote shows up in the results instead of reading as zero.
 // Not modelled: timing, memory coalescing, real concurrency between blocks (atomics are plain read-modify-writes on

@@ -63,6 +63,12 @@ __global__ void split_warp_barrier(float* out) {
   }
 }
 
+// A 16-byte vector read at `in` + offset bytes: on the hardware a "misaligned address" fault unless 16-aligned.
+__global__ void vector_read(const char* in, int offset, float* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(in + offset));
+  out[threadIdx.x] = static_cast<float>(v.x);
+}
+
 template <class F>
 int guarded(F f, char* error, int error_len) {
   try {
@@ -100,6 +106,10 @@ int emu_divergent_shuffle(float* out, char* error, int error_len) {
 
 int emu_split_warp_barrier(float* out, char* error, int error_len) {
   return guarded([&] { split_warp_barrier<<<1, 64>>>(out); }, error, error_len);
+}
+
+int emu_vector_read(const char* in, int offset, float* out, char* error, int error_len) {
+  return guarded([&] { vector_read<<<1, 32>>>(in, offset, out); }, error, error_len);
 }
 
 unsigned emu_fns(unsigned mask, unsigned base, int offset) { return __fns(mask, base, offset); }
