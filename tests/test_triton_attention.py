@@ -214,9 +214,14 @@ def test_whole_row_dq_tiles_only_run_where_a_row_fits():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n, _, _ in ta.DQ_CONFIGS]
     whole = [c for c in configs if c.kwargs["BLOCK_N"] == ta.WHOLE_ROW]
     assert whole
-    assert ta._whole_rows_fit(configs, {"N": 256}) == configs
-    assert ta._whole_rows_fit(configs, {"N": 237}) == configs
-    assert ta._whole_rows_fit(configs, {"N": 257}) == [c for c in configs if c not in whole]
+    others = [c for c in configs if c not in whole]
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert ta._whole_rows_fit(configs, {"N": 256, "D": 64, "Q": bf16}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 34, "Q": bf16}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 257, "D": 64, "Q": bf16}) == others
+    # 256-key K and V tiles of 256 bytes per key would not fit an H100's shared memory with 2 stages
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 128, "Q": bf16}) == others
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 64, "Q": fp32}) == others
     assert ta._dq_tuned.early_config_prune is ta._whole_rows_fit
 
 

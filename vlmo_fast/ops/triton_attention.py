@@ -405,9 +405,15 @@ WHOLE_ROW = 256
 
 
 def _whole_rows_fit(configs, named_args, **kwargs):
-    """The dQ candidates that can run a launch: whole-row tiles only where a row fits in one."""
+    """The dQ candidates that can run a launch: whole-row tiles only where a row fits in one, and only for rows of at
+    most 128 bytes per key (fp16/bf16 at D <= 64): their K and V tiles are 256 keys long, and at D = 128 or in fp32
+    they (with 2 stages) ask for more shared memory than an H100 has, so the autotuner would only compile and discard
+    them."""
     n = named_args["N"]
-    return [c for c in configs if c.kwargs["BLOCK_N"] != WHOLE_ROW or n <= WHOLE_ROW]
+    q = named_args.get("Q")
+    row_bytes = (q.element_size() if q is not None else 2) * max(16, triton.next_power_of_2(named_args["D"]))
+    whole = n <= WHOLE_ROW and row_bytes <= 128
+    return [c for c in configs if c.kwargs["BLOCK_N"] != WHOLE_ROW or whole]
 
 
 if triton is not None:
