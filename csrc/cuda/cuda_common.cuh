@@ -71,12 +71,16 @@ __device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __f
 
 // V consecutive elements of T at p (aligned to V·sizeof(T) bytes) as floats, read through __ldg as 16-, 8- or 4-byte
 // words (so the CPU emulator checks them like every other read).
+// The widest word (16, 8 or 4 bytes) that a vector of kBytes is made of.
+template <int kBytes>
+using VecWord = typename std::conditional<kBytes % 16 == 0, uint4,
+                                          typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+
 template <int DT, int V>
 __device__ __forceinline__ void load_vec(const typename Elem<DT>::T* p, float (&out)[V]) {
   using T = typename Elem<DT>::T;
   constexpr int kBytes = V * static_cast<int>(sizeof(T));
-  using W = typename std::conditional<kBytes % 16 == 0, uint4,
-                                      typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+  using W = VecWord<kBytes>;
   static_assert(kBytes % sizeof(W) == 0, "a vector is whole words");
   W words[kBytes / sizeof(W)];
 #pragma unroll
@@ -92,8 +96,7 @@ template <int DT, int V>
 __device__ __forceinline__ void store_vec(typename Elem<DT>::T* p, const float (&in)[V]) {
   using T = typename Elem<DT>::T;
   constexpr int kBytes = V * static_cast<int>(sizeof(T));
-  using W = typename std::conditional<kBytes % 16 == 0, uint4,
-                                      typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+  using W = VecWord<kBytes>;
   T vals[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) vals[i] = from_float<DT>(in[i]);

@@ -401,7 +401,7 @@ def _autotune(configs, key, reset_to_zero=None, prune=None):
 
 # The dQ tiles BLOCK_N == WHOLE_ROW hold a whole row of keys (the batch sum of dS then stays in registers): only for
 # N <= WHOLE_ROW, which the autotuner's pruning enforces (_whole_rows_fit).
-WHOLE_ROW = 256
+WHOLE_ROW = 256  # _bwd_dq tests BLOCK_N == 256 (a constexpr comparison needs the literal)
 
 
 def _whole_rows_fit(configs, named_args, **kwargs):
@@ -409,10 +409,8 @@ def _whole_rows_fit(configs, named_args, **kwargs):
     most 128 bytes per key (fp16/bf16 at D <= 64): their K and V tiles are 256 keys long, and at D = 128 or in fp32
     they (with 2 stages) ask for more shared memory than an H100 has, so the autotuner would only compile and discard
     them."""
-    n = named_args["N"]
-    q = named_args.get("Q")
-    row_bytes = (q.element_size() if q is not None else 2) * max(16, triton.next_power_of_2(named_args["D"]))
-    whole = n <= WHOLE_ROW and row_bytes <= 128
+    row_bytes = named_args["Q"].element_size() * max(16, triton.next_power_of_2(named_args["D"]))
+    whole = named_args["N"] <= WHOLE_ROW and row_bytes <= 128
     return [c for c in configs if c.kwargs["BLOCK_N"] != WHOLE_ROW or whole]
 
 

@@ -28,7 +28,7 @@ from .. import objectives
 from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
 from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
-from ..flops import pretrain_step_flops
+from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, input_stage
@@ -528,8 +528,6 @@ def _finished_summary(cfg: TrainConfig, step: int) -> Optional[Dict[str, Any]]:
 def _peak_tflops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    from ..flops import datasheet_peak
-
     return datasheet_peak(torch.cuda.get_device_name(device))
 
 
