@@ -8,7 +8,7 @@ kernel, the padding mask is applied to keys, and a row whose keys are all masked
 Kernels (one program per tile; scores in base-2 units, statistics in fp32):
   _fwd          grid (query blocks, B·H): online softmax over key blocks; writes out and the row log-sum-exp.
   _bwd_delta    grid (query blocks, B·H): delta = rowsum(dO ∘ O).
-  _bwd_dkdv     grid (key blocks, B·H): loops over query blocks, recomputes P, accumulates dK and dV.
+  _bwd_dkdv     grid (key blocks, B·H): loops over query blocks, recomputes Pᵀ, accumulates dK and dV.
   _bwd_dq       grid (query blocks, H, G; G = B without a bias gradient): loops over the batch rows of group g
                 and over key blocks, accumulates dQ per row and, when the bias needs a gradient, the batch sum of dS
                 for its (query block, key block) tiles in a per-group partial buffer (G, H, NP, NP) that only this
@@ -98,60 +98,76 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _vlmo_index(offs_m, offs_n, LT, W, L0):
+    def _vlmo_index(qi, kj, LT, W, L0):
         """The official VLMo relative-position index (spec §2) computed from positions: text [0, LT), then the image
-        CLS and W·W patches. LT = 0 gives the image index, LT = N the text index, anything between the fusion one."""
+        CLS and W·W patches. LT = 0 gives the image index, LT = N the text index, anything between the fusion one.
+        qi, kj: query and key positions as broadcastable 2-D tensors ((M, 1) and (1, N), or transposed)."""
         W2 = 2 * W - 1
         D_IMG = W2 * W2 + 3
         R = D_IMG + 2 * L0 + 2
-        pi = offs_m - LT - 1  # patch number (row-major) of image query rows
-        pj = offs_n - LT - 1
-        img = (pi // W)[:, None] - (pj // W)[None, :] + W - 1
-        img = img * W2 + ((pi % W)[:, None] - (pj % W)[None, :] + W - 1)  # query minus key
-        txt = offs_n[None, :] - offs_m[:, None] + L0 + D_IMG  # key minus query
-        ti = offs_m[:, None] < LT
-        tj = offs_n[None, :] < LT
-        xi = offs_m[:, None] == 0
-        xj = offs_n[None, :] == 0
-        ci = offs_m[:, None] == LT
-        cj = offs_n[None, :] == LT
+        pi = qi - LT - 1  # patch number (row-major) of image query rows
+        pj = kj - LT - 1
+        img = (pi // W - pj // W + W - 1) * W2 + (pi % W - pj % W + W - 1)  # query minus key
+        txt = kj - qi + L0 + D_IMG  # key minus query
+        ti = qi < LT
+        tj = kj < LT
+        xi = qi == 0
+        xj = kj == 0
+        ci = qi == LT
+        cj = kj == LT
         tt = tl.where(xi & xj, R - 1, tl.where(xi, R - 3, tl.where(xj, R - 2, txt)))
         ii = tl.where(ci & cj, D_IMG - 1, tl.where(ci, D_IMG - 3, tl.where(cj, D_IMG - 2, img)))
         return tl.where(ti, tl.where(tj, tt, D_IMG), tl.where(tj, D_IMG + 1, ii))
 
     @triton.jit
-    def _scores(q, k, offs_m, offs_n, N, h, scale_log2,
+    def _logits(s, qi, kj, N, h, scale_log2,
                 BIAS, sb_h, sb_m, sb_n, NB,  # dense bias (H, N, N), rows padded to NB
                 TABLE, st_r, st_h,  # (H, R) per-head contiguous copy of the table slice
                 INDEX, si_m, si_n,  # (N, N) int32 index (BIAS_MODE 2)
                 LT, W, L0,  # the index's structure (BIAS_MODE 3)
                 KEEP_ROW, sk_n,  # (N,) uint8 keep flags of this batch row
-                BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) logits in base-2 units: (scale·q kᵀ + bias)·log2(e), -inf on masked/out-of-range keys.
+                BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, KEYS_FIRST: tl.constexpr):
+        """Logits in base-2 units from the raw products s = q·k: (scale·s + bias)·log2(e), -inf on masked or
+        out-of-range keys. qi, kj: the query and key positions of s's elements as broadcastable 2-D tensors, (M, 1)
+        and (1, N) for a (queries, keys) tile; (1, M) and (N, 1) for a transposed (keys, queries) one, KEYS_FIRST,
+        which takes a dense bias transposed too (_keys_first).
 
         BIAS_MODE 0: none; 1: dense; 2: gathered through a loaded index; 3: gathered through the official VLMo index
         computed from the positions (no index traffic)."""
-        s = _dot(q, tl.trans(k), IEEE)
         s = s * scale_log2
-        in_range = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        in_range = (qi < N) & (kj < N)
         if BIAS_MODE == 1:
             # the columns N..NB of the padded rows exist (and are finite): a mask on NB, a multiple of 16, keeps the
             # loads 16-byte vectors (one on N = 237 would split them); those keys are masked below
-            bias = tl.load(BIAS + h * sb_h + offs_m[:, None] * sb_m + offs_n[None, :] * sb_n,
-                           mask=(offs_m[:, None] < N) & (offs_n[None, :] < NB), other=0.0)
+            if KEYS_FIRST:
+                # the bias is given transposed, (H, keys, queries): the tile's second axis is then the contiguous
+                # one in memory, as in the MMA layout the products leave s in (Triton gives the load that layout;
+                # along the first axis it became one 4-byte load per element)
+                bias = tl.load(BIAS + h * sb_h + kj * sb_m + qi * sb_n, mask=(kj < N) & (qi < NB), other=0.0)
+            else:
+                bias = tl.load(BIAS + h * sb_h + qi * sb_m + kj * sb_n, mask=(qi < N) & (kj < NB), other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         if BIAS_MODE == 2:
-            idx = tl.load(INDEX + offs_m[:, None] * si_m + offs_n[None, :] * si_n, mask=in_range, other=0)
+            idx = tl.load(INDEX + qi * si_m + kj * si_n, mask=in_range, other=0)
             bias = tl.load(TABLE + h * st_h + idx * st_r, mask=in_range, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         if BIAS_MODE == 3:
-            idx = _vlmo_index(offs_m, offs_n, LT, W, L0)
+            idx = _vlmo_index(qi, kj, LT, W, L0)
             bias = tl.load(TABLE + h * st_h + idx * st_r, mask=in_range, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
-        key_ok = offs_n < N
+        key_ok = kj < N
         if HAS_MASK:
-            key_ok = key_ok & (tl.load(KEEP_ROW + offs_n * sk_n, mask=offs_n < N, other=0) != 0)
-        return tl.where(key_ok[None, :], s, float("-inf"))
+            key_ok = key_ok & (tl.load(KEEP_ROW + kj * sk_n, mask=kj < N, other=0) != 0)
+        return tl.where(key_ok, s, float("-inf"))
+
+    @triton.jit
+    def _scores(q, k, offs_m, offs_n, N, h, scale_log2,
+                BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, KEEP_ROW, sk_n,
+                BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) logits of the query rows offs_m against the keys offs_n (see _logits)."""
+        return _logits(_dot(q, tl.trans(k), IEEE), offs_m[:, None], offs_n[None, :], N, h, scale_log2,
+                       BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, KEEP_ROW, sk_n,
+                       BIAS_MODE, HAS_MASK, False)
 
     @triton.jit
     def _fwd(Q, K, V, O, OLO, LSE, BIAS, TABLE, INDEX, KEEP,
@@ -244,17 +260,21 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         keep_row = KEEP + b * skp_b
         stats = pid_bh.to(tl.int64) * N
+        # the tiles are transposed, (keys, queries): every product then has this program's BLOCK_N keys as its M
+        # dimension (Hopper's warpgroup MMA needs M >= 64 per 4 warps) and takes Pᵀ and dSᵀ straight from registers
+        # as its A operand, with no transpose of them through shared memory
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
             do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
             lse, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
-            s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
-                        INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
-            p = tl.math.exp2(s - lse[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+            st = _logits(_dot(k, tl.trans(q), IEEE), offs_m[None, :], offs_n[:, None], N, h, scale_log2,
+                         BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n,
+                         BIAS_MODE, HAS_MASK, True)
+            pt = tl.math.exp2(st - lse[None, :])
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, IEEE)
         tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
                  cast_for(dk * scale, DK, UPCAST), mask=kv_ok)
         tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
@@ -370,9 +390,12 @@ def _config_list(shapes):
 # run each one. The autotuner picks among them on the device. The dQ tiles 16 x 256 are whole rows (WHOLE_ROW,
 # N <= 256): the batch sum of dS stays in registers instead of a read-modify-write of the partials per batch row and
 # key tile, and with 2 stages the next batch row's q, dO, K and V tiles load during this one's math (untimed on a GPU
-# so far: the autotuner decides).
+# so far: the autotuner decides). The dK/dV tiles are (keys, queries): with BLOCK_N >= 64 keys all four products are
+# warpgroup MMAs on sm_90 (the first H100 run's pick, 32 x 64 in the (queries, keys) form, compiled 32 of its 36 MMA
+# instructions to the older mma.sync, at 218 registers against 170 now with Triton 3.6).
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-DKDV_CONFIGS = [(64, 128, 8, 1), (128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (64, 32, 8, 3)]
+DKDV_CONFIGS = [(64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2),
+                (32, 64, 4, 3), (64, 32, 8, 3)]
 DQ_CONFIGS = [(128, 64, 8, 1), (64, 64, 4, 1), (128, 32, 8, 1), (64, 32, 8, 2), (32, 64, 8, 2),
               (16, 256, 8, 1), (16, 256, 8, 2)]
 
@@ -547,6 +570,19 @@ def _common(q, bias, table, index, keep, structured):
     return ptrs, strides, flags
 
 
+def _keys_first(ptrs, strides, flags):
+    """The kernel arguments of _common for the dK/dV kernel, whose tiles are (keys, queries): a dense bias is handed
+    over transposed, (H, keys, queries) with rows padded to _bias_row(N) floats, so that its tiles load as 16-byte
+    vectors there too (see _logits). H·N² floats, made per backward (2.7 MB at N = 237)."""
+    if flags["BIAS_MODE"] != 1:
+        return ptrs, strides
+    bias = ptrs[0]
+    h, n, _ = bias.shape
+    biast = torch.zeros(h, n, _bias_row(n), device=bias.device, dtype=torch.float32)[:, :, :n]
+    biast.copy_(bias.transpose(1, 2))
+    return (biast,) + tuple(ptrs[1:]), (*biast.stride(), _bias_row(n)) + tuple(strides[4:])
+
+
 # The structured (index computed in-kernel) path can be switched off to compare against the loaded-index path.
 STRUCTURED_INDEX = True
 # How a (table, index) bias reaches the kernels. "dense": gathered once per call into an (H, N, N) fp32 tensor that
@@ -640,8 +676,9 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
                                             h, n, d, HAS_LO=has_lo, BLOCK_M=64, BLOCK_D=flags["BLOCK_D"],
                                             num_warps=4)
     grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
-    _dkdv_tuned[grid_kv](q, k, v, do, lse, delta, dk, dv, *ptrs,
-                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides,
+    ptrs_kf, strides_kf = _keys_first(ptrs, strides, flags)
+    _dkdv_tuned[grid_kv](q, k, v, do, lse, delta, dk, dv, *ptrs_kf,
+                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *strides_kf,
                          h, n, d, scale, scale * LOG2E, **flags)
     groups = _group_count(b, h, n, need_dbias, _sm_count(launch_index(q)) if q.is_cuda else 132)
     rows_per_group = triton.cdiv(b, groups)
