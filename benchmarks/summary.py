@@ -10,6 +10,7 @@ import argparse
 import glob
 import json
 import os
+import subprocess
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -25,10 +26,30 @@ def load(path: str) -> Dict[str, Any]:
     return data
 
 
-def results_in(folder: str) -> List[Dict[str, Any]]:
-    """Every benchmark result file in ``folder`` (other JSON files there, e.g. data-loader runs, are skipped)."""
+def committed(paths: List[str]) -> List[str]:
+    """The paths git tracks (all of them outside a git work tree, or without git)."""
+    if not paths:
+        return paths
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    try:
+        done = subprocess.run(["git", "ls-files", "--full-name", "-z", "--", *paths], cwd=folder, capture_output=True,
+                              text=True, timeout=30)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return paths
+    if done.returncode != 0 or top.returncode != 0:
+        return paths
+    tracked = {os.path.realpath(os.path.join(top.stdout.strip(), p)) for p in done.stdout.split("\0") if p}
+    return [p for p in paths if os.path.realpath(p) in tracked]
+
+
+def results_in(folder: str, committed_only: bool = False) -> List[Dict[str, Any]]:
+    """Every benchmark result file in ``folder`` (other JSON files there, e.g. data-loader runs, are skipped); with
+    ``committed_only``, only those git tracks."""
     out = []
-    for path in glob.glob(os.path.join(folder, "*.json")):
+    paths = glob.glob(os.path.join(folder, "*.json"))
+    for path in committed(paths) if committed_only else paths:
         try:
             data = load(path)
         except (ValueError, OSError):
@@ -67,11 +88,15 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         base = next((r for r in rows if r["impl"] == (ours or rows[0])["baseline"]), None)
         if ours is None:
             continue
-        # our own variants (the PyTorch path, the staged softmax kernels) are not "other" implementations
-        others = [r for r in rows if not r["impl"].startswith("vlmo_fast") and r is not base
-                  and r["ms"] is not None and not r.get("status", "ok").startswith("mismatch")]
+        # our own variants (the PyTorch path, the staged softmax kernels) are not "other" implementations; a
+        # competitor counts only when it ran and agreed with the official math ("ok": not mismatch, not unchecked)
+        rivals = [r for r in rows if not r["impl"].startswith("vlmo_fast") and r is not base]
+        others = [r for r in rivals if r["ms"] is not None and r.get("status", "ok") == "ok"]
         best = min(others, key=lambda r: r["ms"]) if others else None
         status = ours["status"]
+        missing = [f"{r['impl']} ({(r.get('status') or 'no time').split(':')[0]})" for r in rivals if r not in others]
+        if missing:  # so that "best other" is never read as "the best of all" when a competitor had no valid row
+            status = ("" if status == "ok" else status + "; ") + "not compared: " + ", ".join(missing)
         fallbacks = _torch_fallbacks(ours) if data.get("meta", {}).get("device_type") == "cuda" else []
         if fallbacks:
             status = ("" if status == "ok" else status + "; ") + "PyTorch path for " + ", ".join(fallbacks)
@@ -119,8 +144,8 @@ def summary_markdown(data: Dict[str, Any]) -> str:
 
 
 def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
-    """The newest data-loader result in ``folder`` against the training step of ``data`` (issue target: the loader
-    alone sustains at least 2x the step's samples/s), or None when either is missing."""
+    """The newest data-loader result in ``folder`` from the device of ``data`` against its training step (issue
+    target: the loader alone sustains at least 2x the step's samples/s), or None when either is missing."""
     loaders = []
     for path in glob.glob(os.path.join(folder, "data_loader*.json")):
         try:
@@ -128,13 +153,16 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
                 loaders.append(json.load(f))
         except (OSError, ValueError):
             continue
-    loaders = [d for d in loaders if d.get("benchmark") == "data_loader" and d.get("rows")]
+    # the same machine as the step's results (a loader run on another host says nothing about this step's)
+    device = data["meta"]["device"]
+    loaders = [d for d in loaders if d.get("benchmark") == "data_loader" and d.get("rows")
+               and (d.get("gpu") or d.get("device")) == device]
     steps = [r for r in data["rows"] if r["op"] == "step" and r["impl"] == "vlmo_fast" and r.get("samples_per_s")]
     if not loaders or not steps:
         return None
     loader = max(loaders, key=lambda d: d.get("date", ""))
     best = max(loader["rows"], key=lambda r: r["samples_per_s"])
-    step = steps[0]
+    step = max(steps, key=lambda r: r["samples_per_s"])  # the fastest step (the target's batch): the harder bar
     ratio = best["samples_per_s"] / step["samples_per_s"]
     return (f"Data loader: {best['samples_per_s']:.0f} samples/s with {best['workers']} workers "
             f"({best['image_size']} px, batch {best['batch_size']}) = {ratio:.2f}x "
@@ -143,9 +171,9 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
 
 
 def readme_table(folder: str) -> str:
-    """The newest committed result per device, summarised."""
+    """The newest committed result per device, summarised (files git does not track are left out)."""
     per_device: Dict[str, Dict[str, Any]] = {}
-    for data in results_in(folder):
+    for data in results_in(folder, committed_only=True):
         dev = data["meta"]["device"]
         if dev not in per_device or data["meta"]["date"] > per_device[dev]["meta"]["date"]:
             per_device[dev] = data

@@ -176,12 +176,17 @@ def test_datasheet_peaks_by_device_name():
 def test_loader_line_compares_the_loader_with_the_step(tmp_path):
     import summary
 
-    data = {"rows": [dict(op="step", impl="vlmo_fast", dtype="bf16", case={"B": 128}, samples_per_s=400.0),
-                     dict(op="step", impl="official", dtype="bf16", case={"B": 128}, samples_per_s=100.0)]}
+    data = {"meta": {"device": "NVIDIA H100 80GB HBM3"},
+            "rows": [dict(op="step", impl="vlmo_fast", dtype="bf16", case={"B": 64}, samples_per_s=350.0),
+                     dict(op="step", impl="official", dtype="bf16", case={"B": 64}, samples_per_s=100.0),
+                     dict(op="step", impl="vlmo_fast", dtype="bf16", case={"B": 128}, samples_per_s=400.0)]}
     assert summary.loader_line(str(tmp_path), data) is None  # no loader result yet
-    for date, sps in (("2026-01-01", 500.0), ("2026-02-01", 1000.0)):
+    # the newest loader run of the step's machine counts; a newer one from another machine does not
+    for date, sps, gpu, cpu in (("2026-01-01", 500.0, "NVIDIA H100 80GB HBM3", "Xeon"),
+                                ("2026-02-01", 1000.0, "NVIDIA H100 80GB HBM3", "Xeon"),
+                                ("2026-03-01", 9000.0, None, "EPYC")):
         (tmp_path / f"data_loader_h_{date}.json").write_text(json.dumps(
-            {"benchmark": "data_loader", "date": date, "rows": [
+            {"benchmark": "data_loader", "date": date, "gpu": gpu, "device": cpu, "rows": [
                 {"workers": 16, "samples_per_s": sps, "image_size": 224, "batch_size": 64},
                 {"workers": 0, "samples_per_s": 50.0, "image_size": 224, "batch_size": 64}]}))
     assert summary.loader_line(str(tmp_path), data) == (
@@ -284,9 +289,14 @@ def test_gpu_suite_dry_run(tmp_path):
     rows = [r for f in files if f.endswith(".json") and not f.startswith("data_loader")
             for r in json.loads(open(tmp_path / f).read()).get("rows", [])]
     assert {r["op"] for r in rows} == set(bench_run.ALL_OPS)  # every op ran in the dry run
-    # the step is checked too: one step's loss from the same weights and random state agrees with the official
-    assert all(r["status"] == "ok" and r["max_rel_err"] is not None for r in rows
-               if r["op"] == "step" and r["impl"] != "official")
+    # the step is checked too: one step's loss and gradients from the same weights and random state agree with the
+    # official's; at the target's batch each model runs alone, and the speedup compares the two rows
+    tiny = bench_run.SIZES["tiny"]
+    checked = [r for r in rows if r["op"] == "step" and r["impl"] != "official" and r["case"]["B"] == tiny["step_batch"]]
+    assert checked and all(r["status"] == "ok" and r["max_rel_err"] is not None for r in checked)
+    alone = {r["impl"]: r for r in rows if r["op"] == "step" and r["case"]["B"] == tiny["step_target_batch"]}
+    assert set(alone) == {"official", "vlmo_fast"} and all(r["status"] == "ok" for r in alone.values())
+    assert alone["vlmo_fast"]["speedup"] == pytest.approx(alone["official"]["ms"] / alone["vlmo_fast"]["ms"])
     assert all(r["status"] == "ok" for r in rows if r["op"] == "optimizer") and \
         {r["impl"] for r in rows if r["op"] == "optimizer"} >= {"official", "vlmo_fast", "vlmo_fast[foreach]"}
 
@@ -339,3 +349,44 @@ def test_staged_softmax_rows_run_with_the_staged_kernels_and_restore_the_choice(
     before = native.cuda_softmax_kernel()
     call()
     assert seen == ["staged"] and native.cuda_softmax_kernel() == before == "rows"
+
+
+def test_rows_whose_check_could_not_run_say_unchecked_and_are_never_the_best_other():
+    """A checked case whose baseline raised in the agreement run times the others but marks them "unchecked"; the
+    summary compares vlmo_fast only with competitors that ran and agreed, and names the ones it could not compare."""
+    import summary
+
+    bench = _tiny_bench()
+    x = torch.randn(64)
+
+    def broken():
+        raise RuntimeError("baseline failed")
+
+    rows = bench.measure("softmax", {"N": 64}, "fp32", "fwd", {"official": broken, "vlmo_fast": lambda: x * 2,
+                                                               "sdpa": lambda: x * 2}, check=True)
+    status = {r.impl: r.status for r in rows}
+    assert status["official"].startswith("error: RuntimeError") and status["vlmo_fast"] == "unchecked"
+    assert status["sdpa"] == "unchecked"
+    as_dicts = [dict(vars(r)) for r in rows]
+    line = summary.summary_rows({"meta": {"device_type": "cpu"}, "rows": as_dicts})[0]
+    assert line["best_other"] is None and line["status"] == "unchecked; not compared: sdpa (unchecked)"
+    good = dict(as_dicts[2], impl="flex", status="ok", ms=as_dicts[1]["ms"] * 2)
+    line = summary.summary_rows({"meta": {"device_type": "cpu"}, "rows": as_dicts + [good]})[0]
+    assert line["best_other"] == "flex" and line["vs_best_other"] == pytest.approx(2.0)
+
+
+def test_summary_table_for_the_readme_reads_committed_files_only(tmp_path):
+    """The README's table comes from result files git tracks, not from a local run left in the folder."""
+    import summary
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    meta = {"device": "CPU X", "device_type": "cpu", "date": "2026-01-01T00:00:00", "commit": "abc", "torch": "2",
+            "sizes": "quick"}
+    row = dict(op="softmax", case={"N": 1}, dtype="fp32", mode="fwd", impl="vlmo_fast", baseline="official", ms=1.0,
+               speedup=2.0, status="ok")
+    (tmp_path / "a.json").write_text(json.dumps({"meta": meta, "rows": [row]}))
+    (tmp_path / "b.json").write_text(json.dumps({"meta": dict(meta, date="2026-02-01T00:00:00", commit="local"),
+                                                 "rows": [row]}))
+    subprocess.run(["git", "add", "a.json"], cwd=tmp_path, check=True)
+    table = summary.readme_table(str(tmp_path))
+    assert "commit `abc`" in table and "commit `local`" not in table
