@@ -29,9 +29,9 @@ def eager_attention(q, k, v, bias=None, keep=None, scale=None):
     return p @ v
 
 
-def padding(b, n, full_row=None):
-    """keep mask: row 0 unpadded, row 1 half padded, row `full_row` entirely padded."""
-    keep = torch.ones(b, n, dtype=torch.bool)
+def padding(b, n, full_row=None, device="cpu"):
+    """keep mask on `device`: row 0 unpadded, row 1 half padded, row `full_row` entirely padded."""
+    keep = torch.ones(b, n, dtype=torch.bool, device=device)
     if b > 1:
         keep[1, max(1, n // 2):] = False
     if full_row is not None:

@@ -1,9 +1,8 @@
 """The built-in synthetic dataset: official coco files, captions that describe the drawn pixels, determinism,
-reuse, speed, and a collated batch that the model and the objectives accept end to end."""
+reuse, the generator's options, and a collated batch that the model and the objectives accept end to end."""
 
 import json
 import os
-import time
 from collections import deque
 
 import numpy as np
@@ -107,10 +106,20 @@ def test_deterministic_reused_and_regenerated(tmp_path):
         write_synthetic(root, n_train=4, n_val=1, n_test=1, image_size=48)
 
 
-def test_generation_is_fast():
-    start = time.perf_counter()
-    images, captions, _ = S.generate(1000, 64, seed=1)
-    assert len(images) == 1000 and time.perf_counter() - start < 5.0  # ~0.3 s on one idle core
+def test_generation_options():
+    """captions_per_image keeps the first captions of the same scenes; max_groups=1 draws one object group per scene;
+    out-of-range options are refused."""
+    images, captions, scenes = S.generate(40, 64, seed=1)
+    few_images, few, _ = S.generate(40, 64, seed=1, captions_per_image=2)
+    assert len(images) == len(captions) == len(scenes) == 40
+    assert few_images == images and few == [c[:2] for c in captions] and all(len(c) == 5 for c in captions)
+    assert any(len(json.loads(scene)) == 2 for scene in scenes)
+    single_images, _, single = S.generate(40, 64, seed=1, max_groups=1)
+    assert all(len(json.loads(scene)) == 1 for scene in single)
+    assert all(np.asarray(decode_image(img)).shape == (64, 64, 3) for img in single_images)
+    for bad in (dict(captions_per_image=0), dict(captions_per_image=6), dict(max_groups=3)):
+        with pytest.raises(ValueError):
+            S.generate(1, 64, **bad)
 
 
 def test_collated_batch_runs_the_model_and_objectives(root):

@@ -118,10 +118,14 @@ class _FixedNLVR2(torch.nn.Module):
 
 
 def test_nlvr2_accuracy_split_by_table():
-    model = _FixedNLVR2(torch.tensor([1, 0, 1, 1]))
-    batch = {"answers": [1, 1, 1, 0], "table_name": ["nlvr2_dev", "nlvr2_dev", "nlvr2_test1", "nlvr2_test1"]}
+    """Each row counts toward its own table's accuracy: 4 dev rows (3 right) and 3 test rows (2 right), interleaved,
+    so a swap of the two, a pooled accuracy (5/7) or a split by position would all show."""
+    model = _FixedNLVR2(torch.tensor([1, 0, 1, 1, 0, 0, 1]))
+    batch = {"answers": [1, 0, 0, 1, 1, 0, 1],
+             "table_name": ["nlvr2_dev", "nlvr2_test1", "nlvr2_dev", "nlvr2_dev", "nlvr2_test1", "nlvr2_dev",
+                            "nlvr2_test1"]}
     acc = evaluate_nlvr2(model, [batch], torch.device("cpu"))
-    assert acc == {"dev_acc": 0.5, "test_acc": 0.5}
+    assert acc == {"dev_acc": pytest.approx(3 / 4), "test_acc": pytest.approx(2 / 3)}
 
 
 @pytest.fixture(scope="module")

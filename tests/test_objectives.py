@@ -39,12 +39,21 @@ def test_mlm_is_quarter_mean_ce_over_masked_tokens():
     expected = 0.25 * torch.stack(picked).mean()
     assert torch.allclose(ret["mlm_loss"].double(), expected, atol=1e-6)
     assert ret["mlm_logits"].shape == (4, 12, 30522)
-    text = O.compute_textonly_mlm(vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(textmlm=1))).double(), batch)
-    assert text["mlm_loss"] > 0
+    # the language stage's text-only MLM: the text encoder's features, weight 1
+    text_model = vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(textmlm=1), drop_path_rate=0.0))
+    text_model = text_model.double().eval()
+    text = O.compute_textonly_mlm(text_model, batch)
+    logp = torch.log_softmax(text_model.mlm_score(text_model.infer_text_mlm(batch, mask_text=True)["text_feats"]), -1)
+    masked = (labels != -100).nonzero().tolist()
+    assert torch.allclose(text["mlm_loss"].double(), torch.stack([-logp[i, j, labels[i, j]] for i, j in masked]).mean(),
+                          atol=1e-6)
 
 
 def test_itc_by_hand():
     model, batch = model_and_batch(["itc"])
+    with torch.no_grad():  # two different temperatures, each of which must reach its own pair of features
+        model.logit_scale.fill_(math.log(5.0))
+        model.logit_vl_scale.fill_(math.log(12.0))
     ret = O.compute_itc(model, batch)
     img, txt = model.infer_image(batch), model.infer_text(batch)
 
@@ -54,9 +63,12 @@ def test_itc_by_hand():
         ce = lambda l: -torch.log_softmax(l, 1)[torch.arange(n), torch.arange(n)].mean()  # noqa: E731
         return (ce(logits) + ce(logits.t())) / 2
 
-    s = math.exp(math.log(1 / 0.07))
-    expected = 0.5 * (clip(img["cls_feats"], txt["cls_feats"], s) + clip(img["cls_vlffn_feats"], txt["cls_vlffn_feats"], s))
+    expected = 0.5 * (clip(img["cls_feats"], txt["cls_feats"], 5.0)
+                      + clip(img["cls_vlffn_feats"], txt["cls_vlffn_feats"], 12.0))
     assert torch.allclose(ret["itc_loss"].double(), expected, atol=1e-6)
+    assert ret["itc_logit_scale"].item() == pytest.approx(5.0)
+    assert ret["itc_logit_vl_scale"].item() == pytest.approx(12.0)
+    assert torch.allclose(ret["itc_vl_i2t_logits"], 12.0 * img["cls_vlffn_feats"] @ txt["cls_vlffn_feats"].t())
     assert torch.allclose(ret["itc_t2i_logits"], ret["itc_i2t_logits"].t())
     assert torch.equal(ret["itc_labels"], torch.arange(4))
 

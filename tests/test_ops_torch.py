@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from vlmo_fast import ops
+from vlmo_fast._native import native_available
 from vlmo_fast.model import relpos
+from vlmo_fast.ops import backend as ops_backend
 
+from attn_ref import eager_attention, reference_attention
 from attn_ref import padding as attn_padding
-from attn_ref import reference_attention
 
 
 def padding(b, n):
@@ -54,21 +56,38 @@ def test_attention_strided_table_slice_gets_gradient():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_low_precision_within_twice_eager_error(dtype):
-    b, h, n, d = 2, 3, 237, 32
-    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
-    table = torch.randn(1126, h)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_attention_low_precision_within_twice_eager_error(dtype, backend):
+    """A model held in fp16/bf16: q, k, v strided views of one projection, the fp32 table's strided column slice, a
+    half and a fully padded batch row. The output and every gradient (dq, dk, dv, the table's) within twice the error
+    of the official math in the same precision, both against float64. On CPU at this size "auto" takes the native
+    softmax inside the PyTorch attention path."""
+    b, h, n, d = 3, 3, 237, 32
+    qkv = torch.randn(b, n, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D) views, not contiguous
+    q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
+    assert not q.is_contiguous()
+    full = torch.randn(1126, 3 * h, requires_grad=True)
     index = relpos.fusion_relative_position_index(40, 14)
     keep = padding(b, n)
-    ref = reference_attention(q, k, v, table.t()[:, index], keep)
-    out = ops.rel_pos_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias_table=table, bias_index=index,
-                                key_padding_mask=keep)
-    assert out.dtype == dtype
-    # eager official math in the same precision: low-precision QK^T, fp32 bias + softmax, low-precision PV
-    s = (q.to(dtype) * d**-0.5) @ k.to(dtype).transpose(-1, -2)
-    s = (s + table.t()[:, index]).masked_fill(~keep[:, None, None, :], float("-inf"))
-    eager = torch.softmax(s, -1).to(dtype) @ v.to(dtype)
-    assert (out.double() - ref).abs().max() <= 2 * (eager.double() - ref).abs().max() + 1e-6
+    ops_backend.clear_selected()
+    out = ops.rel_pos_attention(q, k, v, bias_table=full[:, h : 2 * h], bias_index=index, key_padding_mask=keep,
+                                backend=backend)
+    assert out.dtype == dtype and torch.all(out[2] == 0)
+    expected = "cuda" if backend == "auto" and native_available() else "torch"
+    assert ops_backend.last_selected()["masked_softmax"] == expected  # the softmax that ran
+    eager = eager_attention(q, k, v, full[:, h : 2 * h].t()[:, index], keep)
+    l64 = [t.detach().double().requires_grad_() for t in (q, k, v, full)]  # unrounded reference gradients
+    ref = reference_attention(*l64[:3], l64[3][:, h : 2 * h].t()[:, index], keep)
+    g = torch.randn(out.shape).to(dtype)
+    leaves = [q, k, v, full]
+    got = (out,) + torch.autograd.grad(out, leaves, g)
+    base = (eager,) + torch.autograd.grad(eager, leaves, g)
+    want = (ref,) + torch.autograd.grad(ref, l64, g.double())
+    for name, a, e, r in zip(["out", "dq", "dk", "dv", "dtable"], got, base, want):
+        assert torch.isfinite(a).all(), name
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + 1e-6, f"{name}: {err:.3e} vs eager {err_eager:.3e}"
+    assert got[4][:, :h].abs().sum() == 0 and got[4][:, 2 * h :].abs().sum() == 0  # only the slice's columns
 
 
 def test_masked_softmax_matches_float64():
@@ -77,12 +96,24 @@ def test_masked_softmax_matches_float64():
     bias = torch.randn(h, n, n)
     keep = padding(b, n)
     p = ops.masked_softmax(scores, scale=0.3, bias=bias, key_padding_mask=keep)
-    s = (scores.double() * 0.3 + bias.double()).masked_fill(~keep[:, None, None, :], float("-inf"))
-    ref = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+
+    def official(s):  # the math in s's precision: fully masked rows give zeros
+        return torch.nan_to_num(torch.softmax((s * 0.3 + bias.to(s.dtype)).masked_fill(~keep[:, None, None, :],
+                                                                                     float("-inf")), -1), nan=0.0)
+
+    s64, s32 = scores.detach().double().requires_grad_(), scores.detach().clone().requires_grad_()
+    ref, eager = official(s64), official(s32)
     assert torch.allclose(p.double(), ref, atol=1e-6)
     assert torch.all(p[2] == 0)
-    p.backward(torch.randn_like(p))
-    assert torch.isfinite(scores.grad).all()
+    g = torch.randn_like(p)
+    p.backward(g)
+    want = torch.autograd.grad(ref, s64, g.double())[0]
+    base = torch.autograd.grad(eager, s32, g)[0]
+    assert torch.isfinite(scores.grad).all() and torch.all(scores.grad[2] == 0)
+    # fp32 against float64: within twice the error of the same math in fp32, plus a few ulps of the result's size
+    err, err_eager = (scores.grad.double() - want).abs().max(), (base.double() - want).abs().max()
+    floor = 4 * torch.finfo(torch.float32).eps * want.abs().max()
+    assert err <= 2 * err_eager + floor, f"dscores: {err:.3e} vs eager {err_eager:.3e}"
     assert ops.masked_softmax(scores.half(), out_dtype=torch.float32).dtype == torch.float32
 
 

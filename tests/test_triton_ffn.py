@@ -102,10 +102,11 @@ def test_autocast_bf16_within_twice_eager_error():
     got = torch.autograd.grad(out, leaves, g)
     base = torch.autograd.grad(eager, leaves, g)
     want = torch.autograd.grad(ref, leaves, g.double())
-    ulp = 2**-8
+    # no slack relative to the result's size: the output and dx are dominated by the fp32 residual (x, and g through
+    # the skip), so a slack of an ulp of their magnitude would let a wrong FFN branch through
     for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + ulp * r.abs().max(), f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+        assert err <= 2 * err_eager + 1e-6, f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
