@@ -390,3 +390,19 @@ def test_summary_table_for_the_readme_reads_committed_files_only(tmp_path):
     subprocess.run(["git", "add", "a.json"], cwd=tmp_path, check=True)
     table = summary.readme_table(str(tmp_path))
     assert "commit `abc`" in table and "commit `local`" not in table
+
+
+def test_results_on_disk_name_the_op_running(tmp_path, monkeypatch):
+    """Before each op starts, the results so far are on disk with that op named: a run killed during it (the suite's
+    hard time limit) still says where it stopped."""
+    seen = []
+
+    def layernorm(*args, **kwargs):
+        files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+        meta = json.loads(open(tmp_path / files[0]).read())["meta"]
+        seen.append((meta["running"], meta["complete"]))
+
+    monkeypatch.setattr(bench_run, "bench_layernorm", layernorm)
+    result = bench_run.main(["--sizes", "tiny", "--ops", "layernorm", "--out", str(tmp_path), "--no-plot"])
+    assert seen == [("layernorm", False)]
+    assert "running" not in json.loads(open(result["paths"]["json"]).read())["meta"]
