@@ -303,6 +303,10 @@ if triton is not None:
             # once, as a plain store: no read-modify-write per batch row, no barrier
             offs_n = tl.arange(0, BLOCK_N)
             dsum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # the bias tile (times log2 e; -inf past N) is the same for every batch row: read (or gathered) once
+            bias = _logits(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), offs_m[:, None], offs_n[None, :], N, h, 1.0,
+                           BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, KEEP, skp_n,
+                           BIAS_MODE, False, False)
             for b32 in range(b_start, b_end):
                 b = b32 + tl.zeros([], tl.int64)
                 q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
@@ -310,8 +314,9 @@ if triton is not None:
                 lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
                 k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
                 v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
+                # the same sum, in the same order, as _scores with the bias: (scale·q kᵀ)·log2 e + bias·log2 e
                 s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
-                            INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, BIAS_MODE, HAS_MASK, IEEE)
+                            INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, 0, HAS_MASK, IEEE) + bias
                 p = tl.math.exp2(s - lse[:, None])
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                 dq = _dot(ds.to(k.dtype), k, IEEE)
