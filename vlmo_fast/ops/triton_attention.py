@@ -258,7 +258,10 @@ if triton is not None:
         v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        keep_row = KEEP + b * skp_b
+        # the padding mask of this program's keys, read once (the same for every query block)
+        key_ok = offs_n < N
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KEEP + b * skp_b + offs_n * skp_n, mask=offs_n < N, other=0) != 0)
         stats = pid_bh.to(tl.int64) * N
         # the tiles are transposed, (keys, queries): every product then has this program's BLOCK_N keys as its M
         # dimension (Hopper's warpgroup MMA needs M >= 64 per 4 warps) and takes Pᵀ and dSᵀ straight from registers
@@ -269,8 +272,9 @@ if triton is not None:
             do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
             lse, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
             st = _logits(_dot(k, tl.trans(q), IEEE), offs_m[None, :], offs_n[:, None], N, h, scale_log2,
-                         BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n,
-                         BIAS_MODE, HAS_MASK, True)
+                         BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, KEEP, skp_n,
+                         BIAS_MODE, False, True)
+            st = tl.where(key_ok[:, None], st, float("-inf"))
             pt = tl.math.exp2(st - lse[None, :])
             dv += _dot(pt.to(do.dtype), do, IEEE)
             dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
