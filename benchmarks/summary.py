@@ -111,12 +111,22 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
             "mfu": ours.get("mfu_measured"),
             "mfu_datasheet": ours.get("mfu_datasheet"),
             "samples": ours.get("samples_per_s"),
+            "peak_mb": ours.get("peak_mem_mb"),
+            "peak_vs_official": (ours["peak_mem_mb"] / base["peak_mem_mb"]
+                                 if ours.get("peak_mem_mb") and base is not None and base.get("peak_mem_mb") else None),
         })
     return out
 
 
 def _f(x, spec, suffix=""):
     return "" if x is None else format(x, spec) + suffix
+
+
+def _peak(s: Dict[str, Any]) -> str:
+    """vlmo_fast's peak memory (MB beyond what was allocated before the call; GPU runs) and its ratio to the official
+    math's."""
+    ratio = s["peak_vs_official"]
+    return _f(s["peak_mb"], ".0f") + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
 def summary_markdown(data: Dict[str, Any]) -> str:
@@ -126,8 +136,8 @@ def summary_markdown(data: Dict[str, Any]) -> str:
         + (" (partial: the run stopped before its end)" if m.get("complete") is False else ""),
         "",
         "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | "
-        "MFU vs GEMM | MFU vs datasheet | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "MFU vs GEMM | MFU vs datasheet | samples/s | peak MB (x official) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary_rows(data):
         lines.append(
@@ -136,7 +146,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
             f"{s['rate']} | {_f(None if s['frac'] is None else 100 * s['frac'], '.0f')} | "
             f"{_f(None if s['mfu'] is None else 100 * s['mfu'], '.1f', '%')} | "
             f"{_f(None if s['mfu_datasheet'] is None else 100 * s['mfu_datasheet'], '.1f', '%')} | "
-            f"{_f(s['samples'], '.1f')} |" + ("" if s["status"] == "ok" else f" {s['status']}")
+            f"{_f(s['samples'], '.1f')} | {_peak(s)} |" + ("" if s["status"] == "ok" else f" {s['status']}")
         )
     if m.get("skipped"):
         lines += ["", "Left out: " + "; ".join(m["skipped"]) + "."]

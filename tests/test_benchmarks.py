@@ -406,3 +406,15 @@ def test_results_on_disk_name_the_op_running(tmp_path, monkeypatch):
     result = bench_run.main(["--sizes", "tiny", "--ops", "layernorm", "--out", str(tmp_path), "--no-plot"])
     assert seen == [("layernorm", False)]
     assert "running" not in json.loads(open(result["paths"]["json"]).read())["meta"]
+
+
+def test_summary_reports_peak_memory_against_the_official_math():
+    import summary
+
+    rows = [dict(op="attention", case={"N": 1}, dtype="bf16", mode="fwd", impl=impl, baseline="official", ms=ms,
+                 speedup=2.0 / ms, status="ok", peak_mem_mb=mb) for impl, ms, mb in (("official", 2.0, 400.0),
+                                                                                     ("vlmo_fast", 1.0, 100.0))]
+    line = summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": rows})[0]
+    assert line["peak_mb"] == 100.0 and line["peak_vs_official"] == pytest.approx(0.25)
+    assert "| 100 (0.25x) |" in summary.summary_markdown({"meta": dict(device="G", date="2026-01-01", commit="c",
+                                                                        torch="2", sizes="full"), "rows": rows})
