@@ -70,7 +70,7 @@ def _case(row: Dict[str, Any]) -> str:
 
 def _torch_fallbacks(row: Dict[str, Any]) -> List[str]:
     """The ops a vlmo_fast row ran on the PyTorch path (its note: "ran attention=triton, masked_softmax=torch")."""
-    note = row.get("note") or ""
+    note = (row.get("note") or "").split("; ")[0]  # the backend record comes first; other notes follow "; "
     if not note.startswith("ran "):
         return []
     return [part.split("=")[0] for part in note[4:].split(", ") if part.endswith("=torch")]
@@ -97,6 +97,11 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         missing = [f"{r['impl']} ({(r.get('status') or 'no time').split(':')[0]})" for r in rivals if r not in others]
         if missing:  # so that "best other" is never read as "the best of all" when a competitor had no valid row
             status = ("" if status == "ok" else status + "; ") + "not compared: " + ", ".join(missing)
+        # what a row's own note says about how to read it (the step's speedup basis, a warm end-to-end run), as
+        # opposed to the record of which backend ran ("ran ..."; fall-backs are flagged below)
+        said = [p for p in (ours.get("note") or "").split("; ") if p and not p.startswith("ran ")]
+        if said:
+            status = ("" if status == "ok" else status + "; ") + "; ".join(said)
         fallbacks = _torch_fallbacks(ours) if data.get("meta", {}).get("device_type") == "cuda" else []
         if fallbacks:
             status = ("" if status == "ok" else status + "; ") + "PyTorch path for " + ", ".join(fallbacks)

@@ -418,3 +418,16 @@ def test_summary_reports_peak_memory_against_the_official_math():
     assert line["peak_mb"] == 100.0 and line["peak_vs_official"] == pytest.approx(0.25)
     assert "| 100 (0.25x) |" in summary.summary_markdown({"meta": dict(device="G", date="2026-01-01", commit="c",
                                                                         torch="2", sizes="full"), "rows": rows})
+
+
+def test_summary_shows_how_to_read_a_row_but_not_the_backend_record():
+    """A row's note on how to read it (the step's speedup basis at a batch the official step does not fit) reaches
+    the summary's status; the record of which backend ran does not, except a GPU fall-back to the PyTorch path."""
+    import summary
+
+    row = dict(op="step", case={"B": 128}, dtype="bf16", mode="step", impl="vlmo_fast", baseline="official", ms=1.0,
+               speedup=2.0, status="ok", note="ran attention=triton, multiway_ffn=torch; speedup: samples/s against "
+               "the official step at B=64 (at B=128: oom)")
+    status = summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": [row]})[0]["status"]
+    assert status == ("speedup: samples/s against the official step at B=64 (at B=128: oom); "
+                      "PyTorch path for multiway_ffn")
