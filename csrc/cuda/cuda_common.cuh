@@ -29,52 +29,53 @@ __device__ __forceinline__ void store_global(T* p, T v) {
   *p = v;
 }
 
+// The storage types and their conversions to and from fp32 math (round to nearest even)...
 template <int DT>
-struct Elem;
+struct Storage;
 template <>
-struct Elem<kF32> {
+struct Storage<kF32> {
   using T = float;
-  static __device__ __forceinline__ float load(const T* p) { return __ldg(p); }
-  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, v); }
+  static __device__ __forceinline__ float to_float(T v) { return v; }
+  static __device__ __forceinline__ T from_float(float v) { return v; }
 };
 template <>
-struct Elem<kF16> {
+struct Storage<kF16> {
   using T = __half;
-  static __device__ __forceinline__ float load(const T* p) { return __half2float(__ldg(p)); }
-  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, __float2half_rn(v)); }
+  static __device__ __forceinline__ float to_float(T v) { return __half2float(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
 };
 template <>
-struct Elem<kBF16> {
+struct Storage<kBF16> {
   using T = __nv_bfloat16;
-  static __device__ __forceinline__ float load(const T* p) { return __bfloat162float(__ldg(p)); }
-  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, __float2bfloat16_rn(v)); }
+  static __device__ __forceinline__ float to_float(T v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Conversions between fp32 math and the storage types (round to nearest even), for values already in registers.
+// ...and one element's read (through __ldg) and write (through store_global) as fp32.
 template <int DT>
-__device__ __forceinline__ float to_float(typename Elem<DT>::T v);
-template <>
-__device__ __forceinline__ float to_float<kF32>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<kF16>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<kBF16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+struct Elem : Storage<DT> {
+  using T = typename Storage<DT>::T;
+  static __device__ __forceinline__ float load(const T* p) { return Storage<DT>::to_float(__ldg(p)); }
+  static __device__ __forceinline__ void store(T* p, float v) { store_global(p, Storage<DT>::from_float(v)); }
+};
 
+// The conversions for values already in registers.
 template <int DT>
-__device__ __forceinline__ typename Elem<DT>::T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<kF32>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<kF16>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<kBF16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float to_float(typename Storage<DT>::T v) {
+  return Storage<DT>::to_float(v);
+}
+template <int DT>
+__device__ __forceinline__ typename Storage<DT>::T from_float(float v) {
+  return Storage<DT>::from_float(v);
+}
 
-// V consecutive elements of T at p (aligned to V·sizeof(T) bytes) as floats, read through __ldg as 16-, 8- or 4-byte
-// words (so the CPU emulator checks them like every other read).
 // The widest word (16, 8 or 4 bytes) that a vector of kBytes is made of.
 template <int kBytes>
 using VecWord = typename std::conditional<kBytes % 16 == 0, uint4,
                                           typename std::conditional<kBytes % 8 == 0, uint2, unsigned>::type>::type;
+
+// V consecutive elements of T at p (aligned to V·sizeof(T) bytes) as floats, read through __ldg as 16-, 8- or 4-byte
+// words (so the CPU emulator checks them like every other read).
 
 template <int DT, int V>
 __device__ __forceinline__ void load_vec(const typename Elem<DT>::T* p, float (&out)[V]) {
