@@ -126,17 +126,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.equal(a, e)
 
 
-def test_compile_traces_the_fused_ffn():
+def test_compile_traces_the_fused_ffn_and_norm_linear():
     x = torch.randn(2, 29, D, requires_grad=True)
+    y = torch.randn(2, 29, D, requires_grad=True)
     experts = [expert(), expert()]
     gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    attn_gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    params = norm_linear_params()
 
     def f(x_):
-        return ops.multiway_ffn(x_, experts, split=12, gamma=gamma, backend="triton")
+        out = ops.multiway_ffn(x_, experts, split=12, gamma=gamma, attn_out=y, attn_gamma=attn_gamma,
+                               backend="triton")
+        return ops.norm_linear(out, *params, backend="triton")
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert torch.allclose(out, f(x), atol=1e-6)
-    assert torch.allclose(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(f(x).sum(), x)[0], atol=1e-6)
+    for a, e in zip(torch.autograd.grad(out.sum(), [x, y, params[2]]), torch.autograd.grad(f(x).sum(), [x, y, params[2]])):
+        assert torch.allclose(a, e, atol=1e-6)
 
 
 def test_scaled_residual():
@@ -327,3 +333,262 @@ def test_gpu_ffn_and_residual_at_vlmo_base_sizes(dtype):
     for i, (a, r, e) in enumerate(zip((res,) + got, (ref,) + want, (eager,) + base)):
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
         assert err <= 2 * err_eager + 1e-6, f"residual tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+
+
+# ---- the attention half's prologue (norm_linear) and the first residual taken inside the FFN op -----------------
+
+
+def norm_linear_params(out_features=3 * D, dtype=torch.float32, with_bias=True):
+    parts = [1 + 0.1 * torch.randn(D), 0.1 * torch.randn(D), 0.05 * torch.randn(out_features, D)]
+    parts.append(0.1 * torch.randn(out_features) if with_bias else None)
+    return [p if p is None else p.to(dtype).requires_grad_() for p in parts]
+
+
+def reference_norm_linear(x, nw, nb, w, b):
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return F.linear(F.layer_norm(x.double(), (x.shape[-1],), nw.double(), nb.double(), 1e-6), w.double(), d64(b))
+
+
+@pytest.mark.parametrize("n", [237, 1, 13])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_norm_linear_fp32_matches_float64(n, with_bias):
+    x = (torch.randn(2, n, D) * 3 + 1).requires_grad_()
+    params = norm_linear_params(with_bias=with_bias)
+    out = ops.norm_linear(x, *params, backend="triton")
+    eager = ops.norm_linear(x, *params, backend="torch")
+    ref = reference_norm_linear(x, *params)
+    assert out.shape == (2, n, 3 * D) and out.dtype == torch.float32
+    leaves = [x] + [p for p in params if p is not None]
+    g = torch.randn_like(out)
+    for i, (a, r, e) in enumerate(zip((out,) + torch.autograd.grad(out, leaves, g),
+                                      (ref,) + torch.autograd.grad(ref, leaves, g.double()),
+                                      (eager,) + torch.autograd.grad(eager, leaves, g))):
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+
+
+def test_norm_linear_under_autocast_within_twice_eager_error_and_strided_x():
+    x = torch.randn(3, 45, D, requires_grad=True)
+    params = norm_linear_params()
+    leaves = [x] + params
+    ref = reference_norm_linear(x, *params)
+    g = torch.randn(ref.shape)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    for xs in (x, strided(x, "transposed")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.norm_linear(xs, *params, backend="triton")
+            eager = ops.norm_linear(xs, *params, backend="torch")
+        assert out.dtype == eager.dtype == torch.bfloat16  # the projection runs in the autocast dtype, as F.linear
+        lv = [xs] + params
+        got, base = torch.autograd.grad(out, lv, g.bfloat16()), torch.autograd.grad(eager, lv, g.bfloat16())
+        for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
+            err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+            assert err <= 2 * err_eager + 1e-6, f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+
+
+def test_norm_linear_rejects_bad_arguments():
+    x = torch.randn(2, 5, D)
+    nw, nb, w, b = norm_linear_params()
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        ops.norm_linear(x[0], nw, nb, w, b)
+    with pytest.raises(ValueError, match=r"norm_weight\[0\] must have shape \(32,\)"):
+        ops.norm_linear(x, nw[:-1], nb, w, b)
+    with pytest.raises(ValueError, match=r"weight\[0\] must have shape \(-1, 32\)"):
+        ops.norm_linear(x, nw, nb, w[0], b)
+    with pytest.raises(ValueError, match=r"bias\[0\] must have shape \(96,\)"):
+        ops.norm_linear(x, nw, nb, w, b[:-1])
+    with pytest.raises(TypeError, match=r"weight\[0\] must have x's dtype \(torch.bfloat16\) outside autocast"):
+        ops.norm_linear(x.bfloat16(), nw, nb, w, b)
+
+
+def reference_block_tail(x, y, attn_gamma, experts, split, gamma):
+    """float64: the attention half's residual x + γ1·y, then the Multiway FFN (no DropPath)."""
+    x1 = x.double() + (attn_gamma.double() if attn_gamma is not None else 1.0) * y.double()
+    return reference_ffn(x1, experts, split, gamma)
+
+
+@pytest.mark.parametrize("with_attn_gamma", [True, False])
+def test_ffn_takes_the_attention_residual(with_attn_gamma):
+    x = torch.randn(2, 29, D, requires_grad=True)
+    y = torch.randn(2, 29, D, requires_grad=True)
+    attn_gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_() if with_attn_gamma else None
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    out = ops.multiway_ffn(x, experts, split=12, gamma=gamma, attn_out=y, attn_gamma=attn_gamma, backend="triton")
+    eager = ops.multiway_ffn(x, experts, split=12, gamma=gamma, attn_out=y, attn_gamma=attn_gamma, backend="torch")
+    ref = reference_block_tail(x, y, attn_gamma, experts, 12, gamma)
+    leaves = [y] + ([attn_gamma] if attn_gamma is not None else []) + leaves_of(x, experts, gamma)
+    g = torch.randn_like(out)
+    for i, (a, r, e) in enumerate(zip((out,) + torch.autograd.grad(out, leaves, g),
+                                      (ref,) + torch.autograd.grad(ref, leaves, g.double()),
+                                      (eager,) + torch.autograd.grad(eager, leaves, g))):
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+
+
+def test_ffn_with_the_attention_residual_is_the_two_ops_bit_for_bit():
+    """Taking the first residual inside the FFN op (and recomputing it in the backward) changes no bit of the output
+    or of any gradient against the residual op followed by the FFN op, DropPath included (the same draws, in the
+    same order: the attention half's first); under autocast too."""
+    x = torch.randn(3, 29, D, requires_grad=True)
+    y = torch.randn(3, 29, D).bfloat16().requires_grad_()
+    attn_gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    experts = [expert(), expert()]
+    gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
+    leaves = [y, attn_gamma] + leaves_of(x, experts, gamma)
+    for autocast in (False, True):
+        results = []
+        for fused in (True, False):
+            torch.manual_seed(5)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if fused:
+                    out = ops.multiway_ffn(x, experts, split=12, gamma=gamma, drop_path=0.4, training=True,
+                                           attn_out=y, attn_gamma=attn_gamma, backend="triton")
+                else:
+                    x1 = ops.scaled_residual(x, y, attn_gamma, drop_path=0.4, training=True, backend="triton")
+                    out = ops.multiway_ffn(x1, experts, split=12, gamma=gamma, drop_path=0.4, training=True,
+                                           backend="triton")
+            results.append((out,) + torch.autograd.grad(out, leaves, torch.ones_like(out)))
+        for i, (a, e) in enumerate(zip(*results)):
+            assert torch.equal(a, e), f"tensor {i} (autocast {autocast})"
+
+
+def test_ffn_attention_residual_arguments_are_checked():
+    x = torch.randn(2, 9, D)
+    experts = [expert()]
+    with pytest.raises(ValueError, match=r"attn_out must have shape \(2, 9, 32\)"):
+        ops.multiway_ffn(x, experts, attn_out=x[:, :3])
+    with pytest.raises(ValueError, match="attn_gamma is given without attn_out"):
+        ops.multiway_ffn(x, experts, attn_gamma=torch.ones(D))
+    with pytest.raises(ValueError, match=r"attn_gamma\[0\] must have shape \(32,\)"):
+        ops.multiway_ffn(x, experts, attn_out=x, attn_gamma=torch.ones(D + 1))
+    with pytest.raises(ValueError, match="wider than x"):
+        ops.multiway_ffn(x.half(), [expert(torch.float16)], attn_out=x, backend="triton")
+
+
+def _saved_bytes_per_sample(run):
+    """Bytes of the tensors autograd keeps for the backward of ``run(batch)``, per sample: the difference between
+    batch 2 and batch 1 (parameters, and anything else shared by the batch, cancel out). Storage counted once."""
+    total = {}
+    for batch in (1, 2):
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(batch)
+        total[batch] = sum(storages.values())
+    return total[2] - total[1]
+
+
+def test_fused_block_keeps_under_half_the_activations_of_the_official_block():
+    """One VLMo-base fusion layer (N = 237 = 40 text + 197 image, D = 768) in training under bf16 autocast: what the
+    Triton block keeps for its backward, itemised below, and less than half of what the official block keeps. Not
+    kept: the two LayerNorm outputs (recomputed from their inputs), the residual stream between the halves
+    (recomputed from the block input and the attention output), GELU's output, the attention probabilities."""
+    cfg = vf.preset("vlmo_base_patch16")
+    lt, w = 40, 14
+    n, d, heads = lt + w * w + 1, cfg.embed_dim, cfg.num_heads
+    index = relpos.fusion_relative_position_index(lt, w)
+    table = torch.randn(relpos.num_table_rows(w), heads, requires_grad=True)
+    fast = FastBlock(cfg, drop_path=0.1, with_vlffn=False).train()
+    fast.backend = "triton"
+    official = OfficialBlock(cfg, drop_path=0.1, with_vlffn=False).train()
+
+    def run(block, official_call):
+        def go(batch):
+            x = torch.randn(batch, n, d, requires_grad=True)
+            keep = torch.ones(batch, n, dtype=torch.bool)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if official_call:
+                    block(x, mask=keep.long(), modality_type="vl", relative_position_bias=table.t()[:, index])
+                else:
+                    block(x, keep, "vl", (table, index))
+        return go
+
+    ours = _saved_bytes_per_sample(run(fast, False))
+    theirs = _saved_bytes_per_sample(run(official, True))
+    bf16, fp32 = 2, 4
+    expected = (n * d * fp32  # the block input (LayerNorm 1's backward; the residual is recomputed from it)
+                + 3 * n * d * bf16  # q, k, v
+                + n * d * bf16  # the attention output (the projection's input)
+                + n * d * bf16  # what rounding it lost (the bias gradient's row sums)
+                + heads * n * fp32  # the attention's row log-sum-exp
+                + n * d * bf16  # the projection's output (γ1's gradient, and the recomputed residual)
+                + n * 4 * d * bf16  # fc1's output (GELU recomputed from it)
+                + n * d * bf16  # fc2's output (γ2's gradient)
+                + n  # the key padding mask (bool)
+                + 2 * 2 * fp32)  # the DropPath factors (two per sample for each half)
+    assert ours == expected, (ours, expected)
+    assert ours < 0.5 * theirs, (ours, theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_norm_linear_and_attention_residual_at_vlmo_base_sizes(dtype):
+    """On the card at VLMo-base sizes under autocast: the qkv(norm1(x)) prologue (D = 768 -> 2304) and the FFN op
+    taking the attention half's residual, output and every gradient within twice the official math's error against
+    float64; the Triton implementations are what ran."""
+    from vlmo_fast.ops import backend as ops_backend
+
+    dev, d, hid, n = "cuda", 768, 3072, 237
+    gen = torch.Generator().manual_seed(9)
+
+    def param(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=gen)).to(dev).requires_grad_()
+
+    def check(out, eager, ref, leaves, what):
+        g = torch.randn(out.shape, generator=gen).to(dev)
+        got, base = torch.autograd.grad(out, leaves, g.to(out.dtype)), torch.autograd.grad(eager, leaves, g.to(eager.dtype))
+        want = torch.autograd.grad(ref, leaves, g.double())
+        for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
+            err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+            assert err <= 2 * err_eager + 1e-6, f"{what} tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+
+    x = param(4, n, d)
+    params = [param(d, scale=0.1, shift=1.0), param(d, scale=0.1), param(3 * d, d, scale=0.03), param(3 * d, scale=0.1)]
+    ops_backend.clear_selected()
+    with torch.autocast("cuda", dtype=dtype):
+        out = ops.norm_linear(x, *params, backend="triton")
+        assert ops_backend.last_selected()["norm_linear"] == "triton"
+        eager = ops.norm_linear(x, *params, backend="torch")
+    check(out, eager, reference_norm_linear(x, *params), [x] + params, "norm_linear")
+
+    experts = [ops.FFNExpert(param(d, scale=0.1, shift=1.0), param(d, scale=0.1), param(hid, d, scale=0.03),
+                             param(hid, scale=0.1), param(d, hid, scale=0.02), param(d, scale=0.1)) for _ in range(2)]
+    gamma, attn_gamma = param(d, scale=0.05, shift=0.1), param(d, scale=0.05, shift=0.1)
+    y = param(4, n, d).detach().to(dtype).requires_grad_()
+    kw = dict(split=40, gamma=gamma, attn_out=y, attn_gamma=attn_gamma)
+    ops_backend.clear_selected()
+    with torch.autocast("cuda", dtype=dtype):
+        out = ops.multiway_ffn(x, experts, backend="triton", **kw)
+        assert ops_backend.last_selected()["multiway_ffn"] == "triton"
+        eager = ops.multiway_ffn(x, experts, backend="torch", **kw)
+    check(out, eager, reference_block_tail(x, y, attn_gamma, experts, 40, gamma),
+          [y, attn_gamma] + leaves_of(x, experts, gamma), "ffn with the attention residual")
+
+
+def test_compile_traces_the_triton_block_without_graph_breaks():
+    """A whole Multiway block on the Triton backend (norm_linear, attention, the FFN op with the first residual)
+    traces into one graph, forward and backward, with the same results as eager."""
+    cfg = vf.preset("vlmo_tiny_patch16", embed_dim=32, num_heads=2, image_size=32, max_text_len=8)
+    block = FastBlock(cfg, drop_path=0.0, with_vlffn=False).train()
+    block.backend = "triton"
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    keep = torch.ones(2, 13, dtype=torch.bool)
+    keep[1, 3:8] = False
+    table = torch.randn(relpos.num_table_rows(2), 2, requires_grad=True)
+    index = relpos.fusion_relative_position_index(8, 2)
+
+    def f(x_):
+        return block(x_, keep, "vl", (table, index))
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    eager = f(x)
+    assert torch.allclose(out, eager, atol=1e-6)
+    leaves = [x, table] + list(block.parameters())
+    for a, e in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
+        assert torch.allclose(a, e, atol=1e-5)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops.ffn import ffn_checked
-from ..ops.residual import residual_checked
+from ..ops.norm_linear import norm_linear_checked
 from ..config import VLMoConfig
 from .embeddings import PatchEmbed
 
@@ -26,15 +26,20 @@ MODALITIES = ("text", "image", "vl")
 
 
 def attention_forward(attn: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], bias: dict,
-                      backend: str) -> torch.Tensor:
+                      backend: str, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
     """The attention sublayer of any module with the official ``Attention`` attributes (qkv without bias, q_bias and
-    v_bias or None, proj, num_heads, scale): qkv projection, ``ops.rel_pos_attention`` with ``bias`` (keyword
+    v_bias or None, proj, num_heads, scale): qkv projection (of ``norm(x)`` when a pre-norm is given, through
+    ``norm_linear``, which does not keep the normalised rows), ``ops.rel_pos_attention`` with ``bias`` (keyword
     arguments: ``bias_table`` + ``bias_index`` or a dense ``bias``), output projection."""
     b, n, c = x.shape
     qkv_bias = None
     if attn.q_bias is not None:
         qkv_bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias, requires_grad=False), attn.v_bias))
-    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    if norm is not None:
+        qkv = norm_linear_checked(x, norm.weight, norm.bias, attn.qkv.weight, qkv_bias, norm.eps, backend)
+    else:
+        qkv = F.linear(x, attn.qkv.weight, qkv_bias)
+    qkv = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, scale=attn.scale, backend=backend, **bias)
     return attn.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -52,9 +57,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor],
     norm2_imag, mlp_text, mlp_imag, mlp_vl or None, norm2_vl, max_text_len):
     ``x += DropPath(γ1·Attn(LN1(x)))``, then the Multiway FFN of ``modality``. The model's ``Block`` and
     ``vlmo_fast.accelerate`` (official modules) both run through here."""
-    y = attention_forward(blk.attn, blk.norm1(x), keep, bias, backend)
-    # the block's own tensors are consistent by construction: the ops' dispatch without the public argument checks
-    x = residual_checked(x, y, gamma_1, drop_prob, blk.training, backend)
+    y = attention_forward(blk.attn, x, keep, bias, backend, norm=blk.norm1)
     split = None
     if modality == "text":
         experts = [_expert(blk, "text")]
@@ -64,7 +67,10 @@ def block_forward(blk: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor],
         experts = [_expert(blk, "vl")]
     else:  # fused sequence below the VL-FFN start: split at the configured text length (spec Q1)
         experts, split = [_expert(blk, "text"), _expert(blk, "imag")], blk.max_text_len
-    return ffn_checked(x, experts, split, gamma_2, drop_prob, blk.training, blk.norm2_text.eps, backend)
+    # the block's own tensors are consistent by construction: the ops' dispatch without the public argument checks;
+    # the first residual, x + DropPath(γ1·y), is taken inside the FFN op (which then need not keep its result)
+    return ffn_checked(x, experts, split, gamma_2, drop_prob, blk.training, blk.norm2_text.eps, backend,
+                       attn_out=y, attn_gamma=gamma_1)
 
 
 class Attention(nn.Module):

@@ -9,6 +9,7 @@ from .backend import BACKENDS, available
 from .droppath import drop_path
 from .ffn import FFNExpert, multiway_ffn
 from .layernorm import multiway_layernorm
+from .norm_linear import norm_linear
 from .softmax import masked_softmax
 from .relpos_gather import rel_pos_bias_gather
 from .residual import scaled_residual
@@ -21,6 +22,7 @@ __all__ = [
     "masked_softmax",
     "multiway_ffn",
     "multiway_layernorm",
+    "norm_linear",
     "rel_pos_attention",
     "rel_pos_bias_gather",
     "scaled_residual",

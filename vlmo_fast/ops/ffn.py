@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_shape, check_tensor
 from .droppath import drop_path as _drop_path
 from .layernorm import check_experts, layer_norm, segments
+from .residual import residual_checked
 
 
 class FFNExpert(NamedTuple):
@@ -38,6 +39,8 @@ def multiway_ffn(
     drop_path: float = 0.0,
     training: bool = False,
     eps: float = 1e-6,
+    attn_out: Optional[torch.Tensor] = None,
+    attn_gamma: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Residual Multiway FFN.
@@ -47,6 +50,10 @@ def multiway_ffn(
         experts: one or two ``FFNExpert``; with two, rows [0, split) use expert 0 (text), [split, N) expert 1 (image).
         gamma: (D,) LayerScale γ2, or None (base_plus: no layer scale).
         drop_path: DropPath probability, applied per sample when ``training``.
+        attn_out: (B, N, D) or None. When given, the block's first residual is taken here too: the FFN's input is
+            ``x + DropPath(attn_gamma · attn_out)`` (its DropPath drawn before the FFN's), which the kernel backend
+            does not keep for the backward but recomputes from x and attn_out, bit for bit.
+        attn_gamma: (D,) LayerScale γ1 of that residual, or None.
     Returns:
         (B, N, D), the new residual stream.
     """
@@ -63,16 +70,28 @@ def multiway_ffn(
     check_experts("experts.fc2_bias", x, [e.fc2_bias for e in experts], (d,), split, role="linear")
     if gamma is not None:
         check_experts("gamma", x, [gamma], (d,), None)
+    if attn_out is not None:
+        check_tensor("attn_out", attn_out, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape("attn_out", attn_out, tuple(x.shape), "the shape of x")
+    if attn_gamma is not None:
+        if attn_out is None:
+            raise ValueError("attn_gamma is given without attn_out")
+        check_experts("attn_gamma", x, [attn_gamma], (d,), None)
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-    return ffn_checked(x, experts, split, gamma, float(drop_path), bool(training), float(eps), backend)
+    return ffn_checked(x, experts, split, gamma, float(drop_path), bool(training), float(eps), backend, attn_out,
+                       attn_gamma)
 
 
-def ffn_checked(x, experts, split, gamma, drop_path: float, training: bool, eps: float, backend: str):
+def ffn_checked(x, experts, split, gamma, drop_path: float, training: bool, eps: float, backend: str,
+                attn_out=None, attn_gamma=None):
     """Dispatch on validated arguments (the model calls this directly: its shapes are consistent by construction)."""
-    impl = _backend.select("multiway_ffn", backend, x, experts, split, gamma, drop_path, training)
+    impl = _backend.select("multiway_ffn", backend, x, experts, split, gamma, drop_path, training, attn_out,
+                           attn_gamma)
     if impl is not None:
-        return impl(x, tuple(experts), split, gamma, drop_path, training, eps)
+        return impl(x, tuple(experts), split, gamma, drop_path, training, eps, attn_out, attn_gamma)
+    if attn_out is not None:
+        x = residual_checked(x, attn_out, attn_gamma, drop_path, training, backend)
     return ffn_torch(x, experts, split, gamma, drop_path, training, eps)
 
 

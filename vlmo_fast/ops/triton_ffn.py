@@ -9,14 +9,17 @@ residual add and the cat are each a pass through memory. Here:
 
   _ln_fwd        one launch normalises every row with its expert's weights and writes the compute-dtype activations
                  grouped by expert (text rows of all samples, then image rows), so each expert's GEMMs run on one
-                 contiguous block; row mean/rstd are kept for the backward.
+                 contiguous block (and the row mean/rstd: the backward runs it again for them and for its
+                 output, instead of keeping either).
   GEMMs          fc1 (+bias), GELU, fc2 (+bias) per expert on its block: cuBLAS through torch.
   _residual      out[r] = x[r] + γ · s[b, e] · y[g(r)]: LayerScale, per-sample DropPath scale, residual add and the
                  un-grouping in one pass, straight into the output rows (no cat).
   _residual_bwd  dy[g(r)] = go[r] · γ · s[b, e] and a two-stage (per-program partials, then a sum) dγ reduction.
   _ln_bwd        dx[r] = go[r] + LN⁻¹(dh[g(r)]) with two-stage per-expert dweight/dbias reductions.
 
-The fc1 output is kept and GELU recomputed in the backward instead of storing its output too (less memory). Each
+Less memory than the official block: the fc1 output is kept and GELU recomputed in the backward instead of storing
+its output too, and the LayerNorm output is not kept at all but recomputed from x (kept anyway) by the same kernel,
+bit for bit. The attention half's prologue ``qkv(norm1(x))`` gets the same treatment (NormLinear). Each
 kernel is a ``torch.library`` custom op (with a fake implementation), composed by an autograd Function, so
 ``torch.compile`` traces it.
 """
@@ -310,15 +313,25 @@ class ScaledResidual(torch.autograd.Function):
         return go, dy.view_as(y), (dgamma.to(gamma.dtype) if gamma is not None else None), None
 
 
+def _first_residual(x0, y1, gamma1, scale1):
+    """x0 + γ1 · s1 · y1 (the block's attention half), or x0 itself without y1."""
+    if y1 is None:
+        return x0
+    b, n, d = x0.shape
+    return scaled_residual_fwd(x0, y1.reshape(b * n, d), gamma1, scale1, n)  # the op makes its inputs dense
+
+
 class MultiwayFFN(torch.autograd.Function):
-    """x + s · γ · fc2(GELU(fc1(LN_e(x)))) for one or two experts; see the module docstring."""
+    """x + s · γ · fc2(GELU(fc1(LN_e(x)))) for one or two experts, where x = x0 + s1 · γ1 · y1 when the attention
+    half's output y1 is given (else x0); see the module docstring. x is not kept for the backward but recomputed."""
 
     @staticmethod
-    def forward(ctx, x, split, gamma, scale, eps, *params):
+    def forward(ctx, x0, y1, gamma1, scale1, split, gamma, scale, eps, *params):
         experts = [params[i : i + 6] for i in range(0, len(params), 6)]
-        b, n, d = x.shape
-        cdt = compute_dtype(x)
-        x = x.contiguous()
+        b, n, d = x0.shape
+        cdt = compute_dtype(x0)
+        x0 = x0.contiguous()
+        x = _first_residual(x0, y1, gamma1, scale1)
         (w0, b0), (w1, b1) = experts[0][:2], experts[-1][:2]
         h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, split, eps, cdt)
         y = torch.empty(b * n, d, device=x.device, dtype=cdt)
@@ -333,16 +346,21 @@ class MultiwayFFN(torch.autograd.Function):
             torch.addmm(fc2_b.to(cdt), F.gelu(z), fc2_w.to(cdt).t(), out=y[lo:hi])
             zs.append(z)
         out = scaled_residual_fwd(x, y, gamma, scale, split)
-        ctx.save_for_backward(x, h, mean, rstd, y, gamma, scale, *zs, *params)
-        ctx.split, ctx.n_experts, ctx.cdt = split, len(experts), cdt
+        # neither x (with y1) nor h is kept: the backward takes the residual and normalises again (the same
+        # kernels, the same bits)
+        ctx.save_for_backward(x0, y1, gamma1, scale1, y, gamma, scale, *zs, *params)
+        ctx.split, ctx.n_experts, ctx.cdt, ctx.eps = split, len(experts), cdt, eps
         return out
 
     @staticmethod
     def backward(ctx, go):
-        x, h, mean, rstd, y, gamma, scale, z0, z1, *params = ctx.saved_tensors
+        x0, y1, gamma1, scale1, y, gamma, scale, z0, z1, *params = ctx.saved_tensors
         experts = [params[i : i + 6] for i in range(0, len(params), 6)]
         split, cdt = ctx.split, ctx.cdt
-        b, n, d = x.shape
+        b, n, d = x0.shape
+        (w0, b0), (w1, b1) = experts[0][:2], experts[-1][:2]
+        x = _first_residual(x0, y1, gamma1, scale1)  # recomputed instead of saved, as is h
+        h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, split, ctx.eps, cdt)
         go = go.contiguous()  # once, for the two ops below (each would copy a strided one)
         dy, dgamma = scaled_residual_bwd(go, y, gamma, scale, split)
         dh = torch.empty_like(h)
@@ -363,7 +381,6 @@ class MultiwayFFN(torch.autograd.Function):
             g[2] = acc(2, (dz.t() @ h_e).to(fc1_w.dtype))
             g[3] = acc(3, dz.sum(0, dtype=torch.float32).to(fc1_b.dtype))
             torch.mm(dz, fc1_w.to(cdt), out=dh[lo:hi])
-        (w0, _), (w1, _) = experts[0][:2], experts[-1][:2]
         dx, dw, db = multiway_ln_bwd(x, dh, go, mean, rstd, w0, w1, split)
         if len(experts) == 2:
             grads[0][0], grads[0][1] = dw[0].to(w0.dtype), db[0].to(w0.dtype)
@@ -375,7 +392,41 @@ class MultiwayFFN(torch.autograd.Function):
                 if gs[i] is None:
                     gs[i] = torch.zeros_like(p)
         flat = [t for gs in grads for t in gs]
-        return (dx, None, dgamma.to(gamma.dtype) if gamma is not None else None, None, None, *flat)
+        dy1 = dgamma1 = None
+        if y1 is not None:  # the first residual: dx reaches x0 as it is, and y1 and γ1 through the scaled sum
+            dy1, dgamma1 = scaled_residual_bwd(dx, y1.reshape(b * n, d), gamma1, scale1, n)
+            dy1 = dy1.view_as(y1)
+            dgamma1 = dgamma1.to(gamma1.dtype) if gamma1 is not None else None
+        return (dx, dy1, dgamma1, None, None, dgamma.to(gamma.dtype) if gamma is not None else None, None, None,
+                *flat)
+
+
+class NormLinear(torch.autograd.Function):
+    """F.linear(LN(x), weight, bias) (the attention half's qkv(norm1(x))): LN's output is not kept but recomputed in
+    the backward by the same kernel, bit for bit; only x (which LN's backward needs anyway) is."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, norm_b, weight, bias, eps):
+        b, n, d = x.shape
+        cdt = compute_dtype(x)
+        x = x.contiguous()
+        h, _, _ = multiway_ln_fwd(x, norm_w, norm_b, norm_w, norm_b, n, eps, cdt)  # one expert: every row
+        w = weight.to(cdt)
+        out = torch.addmm(bias.to(cdt), h, w.t()) if bias is not None else h @ w.t()
+        ctx.save_for_backward(x, norm_w, norm_b, weight, bias)
+        ctx.eps, ctx.cdt = eps, cdt
+        return out.view(b, n, -1)
+
+    @staticmethod
+    def backward(ctx, go):
+        x, norm_w, norm_b, weight, bias = ctx.saved_tensors
+        b, n, d = x.shape
+        h, mean, rstd = multiway_ln_fwd(x, norm_w, norm_b, norm_w, norm_b, n, ctx.eps, ctx.cdt)
+        go = go.reshape(b * n, -1)
+        dweight = (go.t() @ h).to(weight.dtype)
+        dbias = go.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else None
+        dx, dw, db = multiway_ln_bwd(x, go @ weight.to(ctx.cdt), None, mean, rstd, norm_w, norm_w, n)
+        return dx, dw[0].to(norm_w.dtype), db[0].to(norm_b.dtype), dweight, dbias, None
 
 
 # ---- backend entry points ------------------------------------------------------------------------------------
@@ -395,18 +446,24 @@ def _drop_scales(x: torch.Tensor, drop_prob: float, training: bool, segments: in
     return torch.stack(draws, dim=1).float().contiguous()
 
 
-def ffn_triton(x, experts, split, gamma, drop_prob, training, eps):
+def ffn_triton(x, experts, split, gamma, drop_prob, training, eps, attn_out=None, attn_gamma=None):
     two = len(experts) == 2
     split_rows = split if two else x.shape[1]
+    # the attention half's DropPath is drawn first, as in the block
+    scale1 = _drop_scales(x, drop_prob, training, 1) if attn_out is not None else None
     # two experts draw two masks even when a half is empty (the official DropPath on a 0-length slice still draws)
     scale = _drop_scales(x, drop_prob, training, 2 if two else 1)
     params = [t for e in experts for t in e]
-    return MultiwayFFN.apply(x, split_rows, gamma, scale, eps, *params)
+    return MultiwayFFN.apply(x, attn_out, attn_gamma, scale1, split_rows, gamma, scale, eps, *params)
 
 
 def residual_triton(x, y, gamma, drop_prob, training):
     scale = _drop_scales(x, drop_prob, training, 1)
     return ScaledResidual.apply(x, y, gamma, scale)
+
+
+def norm_linear_triton(x, norm_w, norm_b, weight, bias, eps):
+    return NormLinear.apply(x, norm_w, norm_b, weight, bias, eps)
 
 
 def _unsupported_common(x: torch.Tensor) -> Optional[str]:
@@ -427,14 +484,20 @@ def _wider_than_x(x: torch.Tensor, name: str, *others: Optional[torch.Tensor]) -
     return None
 
 
-def ffn_unsupported(x, experts, split, gamma, drop_prob, training) -> Optional[str]:
-    return _wider_than_x(x, "gamma", gamma) or _unsupported_common(x)
+def ffn_unsupported(x, experts, split, gamma, drop_prob, training, attn_out=None, attn_gamma=None) -> Optional[str]:
+    return _wider_than_x(x, "gamma, attn_out or attn_gamma", gamma, attn_out, attn_gamma) or _unsupported_common(x)
 
 
 def residual_unsupported(x, y, gamma, drop_prob, training) -> Optional[str]:
     return _wider_than_x(x, "y or gamma", y, gamma) or _unsupported_common(x)
 
 
+def norm_linear_unsupported(x, norm_w, norm_b, weight, bias) -> Optional[str]:
+    return _unsupported_common(x)
+
+
 _backend.register("multiway_ffn", "triton", ffn_triton, ffn_unsupported, priority=10, auto_devices=("cuda",))
 _backend.register("scaled_residual", "triton", residual_triton, residual_unsupported, priority=10,
+                  auto_devices=("cuda",))
+_backend.register("norm_linear", "triton", norm_linear_triton, norm_linear_unsupported, priority=10,
                   auto_devices=("cuda",))
