@@ -43,6 +43,19 @@ def leaves_of(x, experts, gamma):
     return [x] + ([gamma] if gamma is not None else []) + [t for e in experts for t in e]
 
 
+def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what=""):
+    """``out`` and its gradients of ``leaves`` (output gradient ``g``) within twice the error of ``eager`` (the
+    official math run the same way), both against the float64 ``ref``. Slack: 1e-6, or with ``rel_slack`` (fp32
+    runs) 1e-6 of the result's size."""
+    got = torch.autograd.grad(out, leaves, g.to(out.dtype))
+    base = torch.autograd.grad(eager, leaves, g.to(eager.dtype))
+    want = torch.autograd.grad(ref, leaves, g.double())
+    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
+        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        slack = 1e-6 * r.abs().max().clamp_min(1.0) if rel_slack else 1e-6
+        assert err <= 2 * err_eager + slack, f"{what}tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+
+
 @pytest.mark.parametrize("n,split,two", [(237, 40, True), (40, None, False), (197, None, False), (13, 0, True),
                                          (13, 13, True), (1, None, False)])
 @pytest.mark.parametrize("with_gamma", [True, False])
@@ -54,14 +67,7 @@ def test_fp32_matches_float64(n, split, two, with_gamma):
     ref = reference_ffn(x, experts, split, gamma)
     eager = ops.multiway_ffn(x, experts, split=split if two else None, gamma=gamma, backend="torch")
     assert out.dtype == x.dtype and out.shape == x.shape
-    g = torch.randn_like(out)
-    leaves = leaves_of(x, experts, gamma)
-    got = torch.autograd.grad(out, leaves, g)
-    want = torch.autograd.grad(ref, leaves, g.double())
-    base = torch.autograd.grad(eager, leaves, g)
-    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+    assert_within_twice_eager(out, eager, ref, leaves_of(x, experts, gamma), torch.randn_like(out), rel_slack=True)
 
 
 def test_droppath_draws_like_the_official_block_and_rescales():
@@ -97,16 +103,9 @@ def test_autocast_bf16_within_twice_eager_error():
         out = ops.multiway_ffn(x, experts, split=16, gamma=gamma, backend="triton")
         eager = ops.multiway_ffn(x, experts, split=16, gamma=gamma, backend="torch")
     assert out.dtype == torch.float32  # the residual stream stays fp32 under autocast, as in the official block
-    g = torch.randn_like(out)
-    leaves = leaves_of(x, experts, gamma)
-    got = torch.autograd.grad(out, leaves, g)
-    base = torch.autograd.grad(eager, leaves, g)
-    want = torch.autograd.grad(ref, leaves, g.double())
     # no slack relative to the result's size: the output and dx are dominated by the fp32 residual (x, and g through
     # the skip), so a slack of an ulp of their magnitude would let a wrong FFN branch through
-    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6, f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+    assert_within_twice_eager(out, eager, ref, leaves_of(x, experts, gamma), torch.randn_like(out))
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -313,12 +312,7 @@ def test_gpu_ffn_and_residual_at_vlmo_base_sizes(dtype):
         assert ops_backend.last_selected()["multiway_ffn"] == "triton"
         eager = ops.multiway_ffn(x, experts, split=40, gamma=gamma, backend="torch")
     g = torch.randn(out.shape, generator=gen).to(dev)
-    leaves = leaves_of(x, experts, gamma)
-    got, base = torch.autograd.grad(out, leaves, g), torch.autograd.grad(eager, leaves, g)
-    want = torch.autograd.grad(ref, leaves, g.double())
-    for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6, f"ffn tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+    assert_within_twice_eager(out, eager, ref, leaves_of(x, experts, gamma), g, what="ffn ")
     # the attention half's residual: x + γ·y with y the projection's low-precision output
     y = param(4, 237, d).detach().to(dtype).requires_grad_()
     ops_backend.clear_selected()
@@ -359,31 +353,19 @@ def test_norm_linear_fp32_matches_float64(n, with_bias):
     ref = reference_norm_linear(x, *params)
     assert out.shape == (2, n, 3 * D) and out.dtype == torch.float32
     leaves = [x] + [p for p in params if p is not None]
-    g = torch.randn_like(out)
-    for i, (a, r, e) in enumerate(zip((out,) + torch.autograd.grad(out, leaves, g),
-                                      (ref,) + torch.autograd.grad(ref, leaves, g.double()),
-                                      (eager,) + torch.autograd.grad(eager, leaves, g))):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+    assert_within_twice_eager(out, eager, ref, leaves, torch.randn_like(out), rel_slack=True)
 
 
 def test_norm_linear_under_autocast_within_twice_eager_error_and_strided_x():
     x = torch.randn(3, 45, D, requires_grad=True)
     params = norm_linear_params()
-    leaves = [x] + params
-    ref = reference_norm_linear(x, *params)
-    g = torch.randn(ref.shape)
-    want = torch.autograd.grad(ref, leaves, g.double())
+    g = torch.randn(3, 45, 3 * D)
     for xs in (x, strided(x, "transposed")):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = ops.norm_linear(xs, *params, backend="triton")
             eager = ops.norm_linear(xs, *params, backend="torch")
         assert out.dtype == eager.dtype == torch.bfloat16  # the projection runs in the autocast dtype, as F.linear
-        lv = [xs] + params
-        got, base = torch.autograd.grad(out, lv, g.bfloat16()), torch.autograd.grad(eager, lv, g.bfloat16())
-        for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-            err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-            assert err <= 2 * err_eager + 1e-6, f"tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+        assert_within_twice_eager(out, eager, reference_norm_linear(xs, *params), [xs] + params, g)
 
 
 def test_norm_linear_rejects_bad_arguments():
@@ -418,12 +400,7 @@ def test_ffn_takes_the_attention_residual(with_attn_gamma):
     eager = ops.multiway_ffn(x, experts, split=12, gamma=gamma, attn_out=y, attn_gamma=attn_gamma, backend="torch")
     ref = reference_block_tail(x, y, attn_gamma, experts, 12, gamma)
     leaves = [y] + ([attn_gamma] if attn_gamma is not None else []) + leaves_of(x, experts, gamma)
-    g = torch.randn_like(out)
-    for i, (a, r, e) in enumerate(zip((out,) + torch.autograd.grad(out, leaves, g),
-                                      (ref,) + torch.autograd.grad(ref, leaves, g.double()),
-                                      (eager,) + torch.autograd.grad(eager, leaves, g))):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-        assert err <= 2 * err_eager + 1e-6 * r.abs().max().clamp_min(1.0), f"tensor {i}: {err:.2e} vs {err_eager:.2e}"
+    assert_within_twice_eager(out, eager, ref, leaves, torch.randn_like(out), rel_slack=True)
 
 
 def test_ffn_with_the_attention_residual_is_the_two_ops_bit_for_bit():
@@ -541,12 +518,7 @@ def test_gpu_norm_linear_and_attention_residual_at_vlmo_base_sizes(dtype):
         return (shift + scale * torch.randn(*shape, generator=gen)).to(dev).requires_grad_()
 
     def check(out, eager, ref, leaves, what):
-        g = torch.randn(out.shape, generator=gen).to(dev)
-        got, base = torch.autograd.grad(out, leaves, g.to(out.dtype)), torch.autograd.grad(eager, leaves, g.to(eager.dtype))
-        want = torch.autograd.grad(ref, leaves, g.double())
-        for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-            err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
-            assert err <= 2 * err_eager + 1e-6, f"{what} tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+        assert_within_twice_eager(out, eager, ref, leaves, torch.randn(out.shape, generator=gen).to(dev), what=what)
 
     x = param(4, n, d)
     params = [param(d, scale=0.1, shift=1.0), param(d, scale=0.1), param(3 * d, d, scale=0.03), param(3 * d, scale=0.1)]
@@ -555,7 +527,7 @@ def test_gpu_norm_linear_and_attention_residual_at_vlmo_base_sizes(dtype):
         out = ops.norm_linear(x, *params, backend="triton")
         assert ops_backend.last_selected()["norm_linear"] == "triton"
         eager = ops.norm_linear(x, *params, backend="torch")
-    check(out, eager, reference_norm_linear(x, *params), [x] + params, "norm_linear")
+    check(out, eager, reference_norm_linear(x, *params), [x] + params, "norm_linear ")
 
     experts = [ops.FFNExpert(param(d, scale=0.1, shift=1.0), param(d, scale=0.1), param(hid, d, scale=0.03),
                              param(hid, scale=0.1), param(d, hid, scale=0.02), param(d, scale=0.1)) for _ in range(2)]
@@ -568,7 +540,7 @@ def test_gpu_norm_linear_and_attention_residual_at_vlmo_base_sizes(dtype):
         assert ops_backend.last_selected()["multiway_ffn"] == "triton"
         eager = ops.multiway_ffn(x, experts, backend="torch", **kw)
     check(out, eager, reference_block_tail(x, y, attn_gamma, experts, 40, gamma),
-          [y, attn_gamma] + leaves_of(x, experts, gamma), "ffn with the attention residual")
+          [y, attn_gamma] + leaves_of(x, experts, gamma), "ffn with the attention residual ")
 
 
 def test_compile_traces_the_triton_block_without_graph_breaks():
