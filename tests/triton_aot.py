@@ -145,8 +145,9 @@ def _attention_step(b, h, n, d, dense=False):
 
 
 def _ffn_step(b, n, d):
-    """Training forward and backward of a fusion-layer Multiway FFN and the attention half's residual, under bf16
-    autocast (fp32 residual stream and parameters), with drop path."""
+    """Training forward and backward of a fusion-layer Multiway FFN and the attention half's residual (alone, and
+    taken inside the FFN op as the model does), and of the qkv(norm1(x)) prologue, under bf16 autocast (fp32
+    residual stream and parameters), with drop path."""
     from vlmo_fast import ops
 
     def expert():
@@ -158,6 +159,9 @@ def _ffn_step(b, n, d):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = tf.ffn_triton(x, (expert(), expert()), n - 197, gamma, 0.1, True, 1e-6)
         y = tf.residual_triton(y, torch.zeros(b, n, d, dtype=torch.bfloat16), gamma, 0.1, True)
+        y = tf.ffn_triton(y, (expert(), expert()), n - 197, gamma, 0.1, True, 1e-6,
+                          torch.zeros(b, n, d, dtype=torch.bfloat16), gamma)
+        y = tf.norm_linear_triton(y, torch.ones(d), torch.zeros(d), torch.zeros(3 * d, d), torch.zeros(3 * d), 1e-6)
     y.backward(torch.zeros_like(y))
 
 

@@ -17,11 +17,15 @@ residual add and the cat are each a pass through memory. Here:
   _residual_bwd  dy[g(r)] = go[r] · γ · s[b, e] and a two-stage (per-program partials, then a sum) dγ reduction.
   _ln_bwd        dx[r] = go[r] + LN⁻¹(dh[g(r)]) with two-stage per-expert dweight/dbias reductions.
 
+In the model's block the FFN op also takes the attention half's residual: the stream x = x0 + DropPath(γ1 · y1) the
+FFN works on (x0 the block input, y1 the attention projection's output) is never stored. _ln_fwd, _ln_bwd and
+_residual each compute the rows they need from x0 and y1 as they read them (_stream), the same way every time.
+
 Less memory than the official block: the fc1 output is kept and GELU recomputed in the backward instead of storing
-its output too, and the LayerNorm output is not kept at all but recomputed from x (kept anyway) by the same kernel,
-bit for bit. The attention half's prologue ``qkv(norm1(x))`` gets the same treatment (NormLinear). Each
-kernel is a ``torch.library`` custom op (with a fake implementation), composed by an autograd Function, so
-``torch.compile`` traces it.
+its output too; the LayerNorm output is not kept but recomputed by the same kernel, bit for bit; the mid-block
+stream is not kept (see above). The attention half's prologue ``qkv(norm1(x))`` does not keep its LayerNorm output
+either (NormLinear). Each kernel is a ``torch.library`` custom op (with a fake implementation), composed by an
+autograd Function, so ``torch.compile`` traces it.
 """
 
 from typing import List, Optional, Tuple
@@ -48,14 +52,32 @@ if triton is not None:
         return b, first, grouped
 
     @triton.jit
-    def _ln_fwd(X, Y, MEAN, RSTD, W0, B0, W1, B1, R, N, SPLIT, B, D, eps,
+    def _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D,
+                HAS_RES: tl.constexpr, HAS_G1: tl.constexpr, HAS_S1: tl.constexpr, RNE: tl.constexpr):
+        """Rows ``rows`` of the residual stream the FFN works on, in fp32: x0 (X), or, with the attention half's
+        output y1 (Y1, flat (B·N, D) rows), x0 + γ1 · s1[b] · y1 rounded to x0's dtype, exactly what _residual
+        stores for it. Every kernel that needs the stream computes it here, so none needs it kept in memory."""
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y = tl.load(Y1 + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_G1:
+                y = y * tl.load(G1 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_S1:  # one DropPath factor per sample: the first of its (B, 2) pair
+                y = y * tl.load(S1 + (rows // N) * 2, mask=row_ok, other=0.0)[:, None]
+            x = cast_for(x + y, X, RNE).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _ln_fwd(X, Y1, G1, S1, Y, MEAN, RSTD, W0, B0, W1, B1, R, N, SPLIT, B, D, eps,
+                HAS_RES: tl.constexpr, HAS_G1: tl.constexpr, HAS_S1: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RNE: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < R
         col_ok = cols < D
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D, HAS_RES, HAS_G1, HAS_S1, RNE)
         # corrected two-pass: the centred residual sum repairs the rounded first mean, so a constant row gets
         # x - mean = 0 exactly (y = b, as eager) instead of a residue that rstd ~ 1/sqrt(eps) blows up
         mean0 = tl.sum(x, 1) / D
@@ -75,7 +97,8 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _ln_bwd(X, DH, GO, MEAN, RSTD, W0, W1, DX, DWP, DBP, R, N, SPLIT, B, D, rows_per_program,
+    def _ln_bwd(X, Y1, G1, S1, DH, GO, MEAN, RSTD, W0, W1, DX, DWP, DBP, R, N, SPLIT, B, D, rows_per_program,
+                HAS_RES: tl.constexpr, HAS_G1: tl.constexpr, HAS_S1: tl.constexpr,
                 HAS_GO: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RNE: tl.constexpr):
         """dx = go + rstd·(dxhat - mean(dxhat) - xhat·mean(dxhat·xhat)), dxhat = dh·w_e; per-program partial dw, db
         for each expert in DWP/DBP (P, 2, D)."""
@@ -94,7 +117,7 @@ if triton is not None:
             row_ok = (rows < R) & (rows < start + rows_per_program)
             ok = row_ok[:, None] & col_ok[None, :]
             _, first, grouped = _row_info(rows, N, SPLIT, B)
-            x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x = _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D, HAS_RES, HAS_G1, HAS_S1, RNE)
             dh = tl.load(DH + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -120,7 +143,8 @@ if triton is not None:
         tl.store(DBP + base + D + cols, db1, mask=col_ok)
 
     @triton.jit
-    def _residual(X, Y, OUT, GAMMA, SCALE, R, N, SPLIT, B, D,
+    def _residual(X, Y1, G1, S1, Y, OUT, GAMMA, SCALE, R, N, SPLIT, B, D,
+                  HAS_RES: tl.constexpr, HAS_G1: tl.constexpr, HAS_S1: tl.constexpr,
                   HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                   RNE: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -135,7 +159,7 @@ if triton is not None:
         if HAS_SCALE:
             s = tl.load(SCALE + b * 2 + tl.where(first, 0, 1), mask=row_ok, other=0.0)
             y = y * s[:, None]
-        x = tl.load(X + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D, HAS_RES, HAS_G1, HAS_S1, RNE)
         tl.store(OUT + rows[:, None].to(tl.int64) * D + cols[None, :], cast_for(x + y, OUT, RNE), mask=ok)
 
     @triton.jit
@@ -190,11 +214,19 @@ def _programs(r: int, rows: int) -> Tuple[int, int]:
 
 if triton is not None:
 
+    def _stream_args(x, y1, g1, s1):
+        """The kernels' (Y1, G1, S1) pointers (x for the absent ones: never read) and their flags (see _stream)."""
+        return ((y1 if y1 is not None else x, g1 if g1 is not None else x, s1 if s1 is not None else x),
+                dict(HAS_RES=y1 is not None, HAS_G1=g1 is not None, HAS_S1=s1 is not None))
+
     @torch.library.custom_op("vlmo_fast::multiway_ln_fwd", mutates_args=())
     def multiway_ln_fwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                        split: int, eps: float, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, N, D) -> (expert-grouped (B·N, D) normalised rows, mean (B·N,), rstd (B·N,))."""
-        x, w0, b0, w1, b1 = _dense(x, w0, b0, w1, b1)
+                        split: int, eps: float, out_dtype: torch.dtype, y1: Optional[torch.Tensor] = None,
+                        g1: Optional[torch.Tensor] = None,
+                        s1: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> (expert-grouped (B·N, D) normalised rows, mean (B·N,), rstd (B·N,)); with y1 ((B·N, D)),
+        the rows normalised are x + γ1 · s1 · y1 (see _stream)."""
+        x, w0, b0, w1, b1, y1, g1, s1 = _dense(x, w0, b0, w1, b1, y1, g1, s1)
         b, n, d = x.shape
         r = b * n
         y = torch.empty(r, d, device=x.device, dtype=out_dtype)
@@ -202,23 +234,27 @@ if triton is not None:
         rstd = torch.empty(r, device=x.device, dtype=torch.float32)
         if r:
             rows, block_d = _tile(d)
+            ptrs, flags = _stream_args(x, y1, g1, s1)
             with launch_device(x):
-                _ln_fwd[(triton.cdiv(r, rows),)](x, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
-                                                  ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
+                _ln_fwd[(triton.cdiv(r, rows),)](x, *ptrs, y, mean, rstd, w0, b0, w1, b1, r, n, split, b, d, eps,
+                                                  ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4,
+                                                  **flags)
         return y, mean, rstd
 
     @multiway_ln_fwd.register_fake
-    def _(x, w0, b0, w1, b1, split, eps, out_dtype):
+    def _(x, w0, b0, w1, b1, split, eps, out_dtype, y1=None, g1=None, s1=None):
         r = x.shape[0] * x.shape[1]
         return (x.new_empty(r, x.shape[2], dtype=out_dtype), x.new_empty(r, dtype=torch.float32),
                 x.new_empty(r, dtype=torch.float32))
 
     @torch.library.custom_op("vlmo_fast::multiway_ln_bwd", mutates_args=())
     def multiway_ln_bwd(x: torch.Tensor, dh: torch.Tensor, go: Optional[torch.Tensor], mean: torch.Tensor,
-                        rstd: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
-                        split: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (dx (B, N, D) in x's dtype (go added when given), dweight (2, D), dbias (2, D)) in fp32."""
-        x, dh, go, mean, rstd, w0, w1 = _dense(x, dh, go, mean, rstd, w0, w1)
+                        rstd: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, split: int,
+                        y1: Optional[torch.Tensor] = None, g1: Optional[torch.Tensor] = None,
+                        s1: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dx (B, N, D) in x's dtype (go added when given), dweight (2, D), dbias (2, D)) in fp32; with y1, of
+        the rows x + γ1 · s1 · y1 (as multiway_ln_fwd)."""
+        x, dh, go, mean, rstd, w0, w1, y1, g1, s1 = _dense(x, dh, go, mean, rstd, w0, w1, y1, g1, s1)
         b, n, d = x.shape
         r = b * n
         dx = torch.empty_like(x)
@@ -227,37 +263,41 @@ if triton is not None:
         dwp = torch.empty(max(programs, 1), 2, d, device=x.device, dtype=torch.float32)
         dbp = torch.empty_like(dwp)
         if r:
+            ptrs, flags = _stream_args(x, y1, g1, s1)
             with launch_device(x):
-                _ln_bwd[(programs,)](x, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
+                _ln_bwd[(programs,)](x, *ptrs, dh, go if go is not None else x, mean, rstd, w0, w1, dx, dwp, dbp,
                                      r, n, split, b, d, per, HAS_GO=go is not None, ROWS=rows, BLOCK_D=block_d,
-                                     RNE=interpreting(), num_warps=4)
+                                     RNE=interpreting(), num_warps=4, **flags)
         else:
             dwp.zero_(), dbp.zero_()
         return dx, dwp.sum(0), dbp.sum(0)
 
     @multiway_ln_bwd.register_fake
-    def _(x, dh, go, mean, rstd, w0, w1, split):
+    def _(x, dh, go, mean, rstd, w0, w1, split, y1=None, g1=None, s1=None):
         d = x.shape[2]
         return x.new_empty(x.shape), x.new_empty(2, d, dtype=torch.float32), x.new_empty(2, d, dtype=torch.float32)
 
     @torch.library.custom_op("vlmo_fast::scaled_residual_fwd", mutates_args=())
     def scaled_residual_fwd(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
-                            scale: Optional[torch.Tensor], split: int) -> torch.Tensor:
-        """out (B, N, D) = x + γ · s · y, with y expert-grouped (B·N, D) and s (B, 2) per row segment."""
-        x, y, gamma, scale = _dense(x, y, gamma, scale)
+                            scale: Optional[torch.Tensor], split: int, y1: Optional[torch.Tensor] = None,
+                            g1: Optional[torch.Tensor] = None, s1: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """out (B, N, D) = x + γ · s · y, with y expert-grouped (B·N, D) and s (B, 2) per row segment; with y1, x
+        is x + γ1 · s1 · y1 first (as multiway_ln_fwd)."""
+        x, y, gamma, scale, y1, g1, s1 = _dense(x, y, gamma, scale, y1, g1, s1)
         b, n, d = x.shape
         out = torch.empty_like(x)
         if b * n:
             rows, block_d = _tile(d)
+            ptrs, flags = _stream_args(x, y1, g1, s1)
             with launch_device(x):
                 _residual[(triton.cdiv(b * n, rows),)](
-                    x, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
+                    x, *ptrs, y, out, gamma if gamma is not None else x, scale if scale is not None else x,
                     b * n, n, split, b, d, HAS_GAMMA=gamma is not None, HAS_SCALE=scale is not None,
-                    ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
+                    ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4, **flags)
         return out
 
     @scaled_residual_fwd.register_fake
-    def _(x, y, gamma, scale, split):
+    def _(x, y, gamma, scale, split, y1=None, g1=None, s1=None):
         return x.new_empty(x.shape)
 
     @torch.library.custom_op("vlmo_fast::scaled_residual_bwd", mutates_args=())
@@ -313,17 +353,10 @@ class ScaledResidual(torch.autograd.Function):
         return go, dy.view_as(y), (dgamma.to(gamma.dtype) if gamma is not None else None), None
 
 
-def _first_residual(x0, y1, gamma1, scale1):
-    """x0 + γ1 · s1 · y1 (the block's attention half), or x0 itself without y1."""
-    if y1 is None:
-        return x0
-    b, n, d = x0.shape
-    return scaled_residual_fwd(x0, y1.reshape(b * n, d), gamma1, scale1, n)  # the op makes its inputs dense
-
-
 class MultiwayFFN(torch.autograd.Function):
     """x + s · γ · fc2(GELU(fc1(LN_e(x)))) for one or two experts, where x = x0 + s1 · γ1 · y1 when the attention
-    half's output y1 is given (else x0); see the module docstring. x is not kept for the backward but recomputed."""
+    half's output y1 is given (else x0); see the module docstring. x is never stored: the kernels that read it
+    (LayerNorm forward and backward, the residual) compute it from x0 and y1 (_stream)."""
 
     @staticmethod
     def forward(ctx, x0, y1, gamma1, scale1, split, gamma, scale, eps, *params):
@@ -331,10 +364,10 @@ class MultiwayFFN(torch.autograd.Function):
         b, n, d = x0.shape
         cdt = compute_dtype(x0)
         x0 = x0.contiguous()
-        x = _first_residual(x0, y1, gamma1, scale1)
+        y1 = y1.reshape(b * n, d) if y1 is not None else None  # flat rows (the ops make them dense)
         (w0, b0), (w1, b1) = experts[0][:2], experts[-1][:2]
-        h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, split, eps, cdt)
-        y = torch.empty(b * n, d, device=x.device, dtype=cdt)
+        h, _, _ = multiway_ln_fwd(x0, w0, b0, w1, b1, split, eps, cdt, y1, gamma1, scale1)
+        y = torch.empty(b * n, d, device=x0.device, dtype=cdt)
         bounds = [(0, b * split), (b * split, b * n)]
         zs = []
         for (lo, hi), (_, _, fc1_w, fc1_b, fc2_w, fc2_b) in zip(bounds, experts if len(experts) == 2 else
@@ -345,9 +378,8 @@ class MultiwayFFN(torch.autograd.Function):
             z = torch.addmm(fc1_b.to(cdt), h[lo:hi], fc1_w.to(cdt).t())
             torch.addmm(fc2_b.to(cdt), F.gelu(z), fc2_w.to(cdt).t(), out=y[lo:hi])
             zs.append(z)
-        out = scaled_residual_fwd(x, y, gamma, scale, split)
-        # neither x (with y1) nor h is kept: the backward takes the residual and normalises again (the same
-        # kernels, the same bits)
+        out = scaled_residual_fwd(x0, y, gamma, scale, split, y1, gamma1, scale1)
+        # h is not kept either: the backward normalises again (the same kernel, the same bits)
         ctx.save_for_backward(x0, y1, gamma1, scale1, y, gamma, scale, *zs, *params)
         ctx.split, ctx.n_experts, ctx.cdt, ctx.eps = split, len(experts), cdt, eps
         return out
@@ -359,8 +391,7 @@ class MultiwayFFN(torch.autograd.Function):
         split, cdt = ctx.split, ctx.cdt
         b, n, d = x0.shape
         (w0, b0), (w1, b1) = experts[0][:2], experts[-1][:2]
-        x = _first_residual(x0, y1, gamma1, scale1)  # recomputed instead of saved, as is h
-        h, mean, rstd = multiway_ln_fwd(x, w0, b0, w1, b1, split, ctx.eps, cdt)
+        h, mean, rstd = multiway_ln_fwd(x0, w0, b0, w1, b1, split, ctx.eps, cdt, y1, gamma1, scale1)
         go = go.contiguous()  # once, for the two ops below (each would copy a strided one)
         dy, dgamma = scaled_residual_bwd(go, y, gamma, scale, split)
         dh = torch.empty_like(h)
@@ -381,7 +412,7 @@ class MultiwayFFN(torch.autograd.Function):
             g[2] = acc(2, (dz.t() @ h_e).to(fc1_w.dtype))
             g[3] = acc(3, dz.sum(0, dtype=torch.float32).to(fc1_b.dtype))
             torch.mm(dz, fc1_w.to(cdt), out=dh[lo:hi])
-        dx, dw, db = multiway_ln_bwd(x, dh, go, mean, rstd, w0, w1, split)
+        dx, dw, db = multiway_ln_bwd(x0, dh, go, mean, rstd, w0, w1, split, y1, gamma1, scale1)
         if len(experts) == 2:
             grads[0][0], grads[0][1] = dw[0].to(w0.dtype), db[0].to(w0.dtype)
             grads[1][0], grads[1][1] = dw[1].to(w1.dtype), db[1].to(w1.dtype)
@@ -394,8 +425,8 @@ class MultiwayFFN(torch.autograd.Function):
         flat = [t for gs in grads for t in gs]
         dy1 = dgamma1 = None
         if y1 is not None:  # the first residual: dx reaches x0 as it is, and y1 and γ1 through the scaled sum
-            dy1, dgamma1 = scaled_residual_bwd(dx, y1.reshape(b * n, d), gamma1, scale1, n)
-            dy1 = dy1.view_as(y1)
+            dy1, dgamma1 = scaled_residual_bwd(dx, y1, gamma1, scale1, n)
+            dy1 = dy1.view(b, n, d)
             dgamma1 = dgamma1.to(gamma1.dtype) if gamma1 is not None else None
         return (dx, dy1, dgamma1, None, None, dgamma.to(gamma.dtype) if gamma is not None else None, None, None,
                 *flat)
