@@ -670,3 +670,35 @@ def test_triton_older_than_the_tested_floor_is_left_to_the_torch_path(monkeypatc
     x = torch.randn(2, 5, 8, device=DEV)
     with pytest.raises(ValueError, match=r"Triton 3\.2\.0 is older than 3\.4"):
         ops.scaled_residual(x, torch.randn_like(x), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_split_qkv_gradient_is_the_packed_one_and_free_after_the_triton_backward(backend, monkeypatch):
+    """q, k, v taken from the packed projection by split_qkv get the gradient autograd's own split gives. After the
+    Triton attention backward (which writes dq, dk, dv packed) it is that buffer itself, no copy; after the PyTorch
+    path it is one stacked copy."""
+    from vlmo_fast.ops import attention as attention_module
+
+    b, h, n, d = 2, 3, 29, 16
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, device=DEV, requires_grad=True)
+    keep = padding(b, n)
+    qkv = torch.randn(b, n, 3 * h * d, device=DEV, requires_grad=True)
+    seen = []
+    real = attention_module._packed_view
+    monkeypatch.setattr(attention_module, "_packed_view", lambda *a: seen.append(real(*a)) or seen[-1])
+
+    def attend(q, k, v):
+        return ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                     backend=backend)
+
+    out = attend(*attention_module.split_qkv(qkv, h))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [qkv, table], g)
+    q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # autograd's own split
+    want = torch.autograd.grad(attend(q, k, v), [qkv, table], g)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    assert len(seen) == 1 and (seen[0] is not None) == (backend == "triton")
+    if backend == "triton":
+        assert seen[0].shape == qkv.shape and seen[0].is_contiguous()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops.attention import split_qkv
 from ..ops.ffn import ffn_checked
 from ..ops.norm_linear import norm_linear_checked
 from ..config import VLMoConfig
@@ -39,8 +40,7 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, keep: Optional[torch.Ten
         qkv = norm_linear_checked(x, norm.weight, norm.bias, attn.qkv.weight, qkv_bias, norm.eps, backend)
     else:
         qkv = F.linear(x, attn.qkv.weight, qkv_bias)
-    qkv = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = split_qkv(qkv, attn.num_heads)
     out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, scale=attn.scale, backend=backend, **bias)
     return attn.proj(out.transpose(1, 2).reshape(b, n, c))
 

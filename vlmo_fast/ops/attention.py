@@ -44,6 +44,51 @@ def attention_torch(
     return torch.matmul(p, v)  # rows with no key have p == 0, hence zeros
 
 
+class _SplitQKV(torch.autograd.Function):
+    """(B, N, 3·H·D) packed projection -> q, k, v as (B, H, N, D) views of it; see split_qkv."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads):
+        b, n, c3 = qkv.shape
+        ctx.shape = qkv.shape
+        packed = qkv.view(b, n, 3, heads, c3 // (3 * heads))
+        return tuple(packed[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        packed = _packed_view(ctx.shape, dq, dk, dv)
+        if packed is None:  # one copy into the packed layout
+            packed = torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2).reshape(ctx.shape)
+        return packed, None
+
+
+def _packed_view(shape, dq, dk, dv) -> Optional[torch.Tensor]:
+    """The (B, N, 3·H·D) gradient that dq, dk, dv already are, when they are the three views of one packed
+    (B, N, 3, H, D) tensor (as the Triton attention backward writes them), else None."""
+    if torch.compiler.is_compiling():  # no storage to look at in a trace
+        return None
+    b, n, c3 = shape
+    step = c3 // 3
+    strides = (n * c3, dq.shape[-1], c3, 1)
+    if any(g.stride() != strides or g.dtype != dq.dtype or g.device != dq.device for g in (dq, dk, dv)):
+        return None
+    if not dq.untyped_storage().data_ptr() == dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr():
+        return None
+    start = dq.storage_offset()
+    if (dk.storage_offset(), dv.storage_offset()) != (start + step, start + 2 * step):
+        return None
+    return dq.as_strided(shape, (n * c3, c3, 1), start)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int):
+    """q, k, v (B, H, N, D) as views of the packed qkv projection (B, N, 3·H·D), rows ordered [q; k; v] by head.
+
+    Autograd's own split (reshape, permute, unbind) stacks the three gradients and copies them into the packed
+    layout: two copies of the projection's gradient per layer. Here the backward takes them as they are when they
+    already lie packed, as the Triton attention's backward writes them, and copies once otherwise."""
+    return _SplitQKV.apply(qkv, heads)
+
+
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,

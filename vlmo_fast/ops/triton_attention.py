@@ -669,14 +669,16 @@ def _group_count(b: int, h: int, n: int, need_dbias: bool, sms: int = 132) -> in
 
 @_on_input_device
 def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo=None):
+    """(dqkv, dbias): dq, dk and dv packed in one (B, N, 3, H, D) tensor (``unpack_grads`` gives the three), the
+    layout of the qkv projection's output that q, k and v are views of in the model: its backward then takes them
+    as they are (``split_qkv``), where separate tensors would be stacked and copied into that layout."""
     b, h, n, d = q.shape
-    dq = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    dk = torch.empty(b, n, h, d, device=q.device, dtype=k.dtype).permute(0, 2, 1, 3)
-    dv = torch.empty(b, n, h, d, device=q.device, dtype=v.dtype).permute(0, 2, 1, 3)
+    dqkv = torch.empty(b, n, 3, h, d, device=q.device, dtype=q.dtype)
+    dq, dk, dv = unpack_grads(dqkv)
     need_dbias = need_dbias and (bias is not None or table is not None)
     if n == 0 or b == 0:
         dbias = (torch.zeros_like(bias) if bias is not None else torch.zeros_like(table)) if need_dbias else None
-        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
+        return dqkv.zero_(), dbias
     ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -711,7 +713,12 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
         _bucket_sum[(rows,)](dpart.sum(0) if groups > 1 else dpart, order, offsets, dtable, h, np_ * np_,
                              *dtable.stride(), BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
         dbias = dtable.to(table.dtype)
-    return dq, dk, dv, dbias
+    return dqkv, dbias
+
+
+def unpack_grads(dqkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv as (B, H, N, D) views of the packed (B, N, 3, H, D) gradient."""
+    return tuple(dqkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
 
 
 # ---- custom ops (torch.compile traces them) and autograd --------------------------------------------------------
@@ -735,13 +742,13 @@ if triton is not None:
                          lse: torch.Tensor, bias: Optional[torch.Tensor], table: Optional[torch.Tensor],
                          index: Optional[torch.Tensor], keep: Optional[torch.Tensor], scale: float,
                          need_dbias: bool, out_lo: torch.Tensor) -> List[torch.Tensor]:
-        dq, dk, dv, dbias = _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo)
-        return [dq, dk, dv] + ([dbias] if dbias is not None else [])
+        dqkv, dbias = _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo)
+        return [dqkv] + ([dbias] if dbias is not None else [])
 
     @rel_pos_attn_bwd.register_fake
     def _(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo):
         b, h, n, d = q.shape
-        grads = [q.new_empty(b, n, h, d).permute(0, 2, 1, 3) for _ in range(3)]
+        grads = [q.new_empty(b, n, 3, h, d)]
         if need_dbias and (bias is not None or table is not None):
             grads.append(torch.empty_like(bias if bias is not None else table, memory_format=torch.contiguous_format))
         return grads
@@ -760,8 +767,8 @@ if triton is not None:
             grad_out = torch.zeros_like(out)
         need = (bias is not None and ctx.needs_input_grad[3]) or (table is not None and ctx.needs_input_grad[4])
         grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
-        dbias = grads[3] if len(grads) > 3 else None
-        return (grads[0], grads[1], grads[2], dbias if bias is not None else None,
+        dbias = grads[1] if len(grads) > 1 else None
+        return (*unpack_grads(grads[0]), dbias if bias is not None else None,
                 dbias if table is not None else None, None, None, None, None)
 
     rel_pos_attn_fwd.register_autograd(_attn_backward, setup_context=_setup_context)
