@@ -3,6 +3,7 @@ holds, and the GPU suite's dry run works end to end."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -299,6 +300,21 @@ def test_gpu_suite_dry_run(tmp_path):
     assert alone["vlmo_fast"]["speedup"] == pytest.approx(alone["official"]["ms"] / alone["vlmo_fast"]["ms"])
     assert all(r["status"] == "ok" for r in rows if r["op"] == "optimizer") and \
         {r["impl"] for r in rows if r["op"] == "optimizer"} >= {"official", "vlmo_fast", "vlmo_fast[foreach]"}
+
+
+def test_activation_memory_profile_dry_run(tmp_path):
+    """benchmarks/profile/activation_memory.py end to end on a tiny model: a line per case, each counting what both
+    models keep (the fused block keeps less: no attention probabilities, no LayerNorm outputs)."""
+    out = tmp_path / "activation_memory.txt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile", "activation_memory.py"),
+                           "--dry-run", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = {line.split("  ")[0]: line for line in out.read_text().splitlines() if not line.startswith("#")}
+    assert set(lines) == {"fusion layer", "pretraining step"}
+    for line in lines.values():
+        theirs, ours, ratio = (float(t) for t in re.findall(r"official +([\d.]+) MB +vlmo_fast +([\d.]+) MB +([\d.]+)x",
+                                                             line)[0])
+        assert 0 < ours < theirs and 0 < ratio < 1
 
 
 def test_rows_say_which_backend_ran_and_gpu_summaries_flag_pytorch_fallbacks():

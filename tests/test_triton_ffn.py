@@ -1,6 +1,9 @@
 """The fused Multiway FFN and LayerScale residual (Triton kernels around cuBLAS GEMMs): through Triton's interpreter
 on CPU against float64 references and the PyTorch path, with DropPath, autocast, checkpointing and compile."""
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,9 @@ from vlmo_fast import ops
 from vlmo_fast.reference import Block as OfficialBlock
 from vlmo_fast.model.multiway import Block as FastBlock
 from vlmo_fast.model import relpos
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile"))
+from profiling import saved_bytes_per_sample  # noqa: E402  (what benchmarks/profile/activation_memory.py counts)
 
 D, HID = 32, 128
 
@@ -443,24 +449,6 @@ def test_ffn_attention_residual_arguments_are_checked():
         ops.multiway_ffn(x.half(), [expert(torch.float16)], attn_out=x, backend="triton")
 
 
-def _saved_bytes_per_sample(run):
-    """Bytes of the tensors autograd keeps for the backward of ``run(batch)``, per sample: the difference between
-    batch 2 and batch 1 (parameters, and anything else shared by the batch, cancel out). Storage counted once."""
-    total = {}
-    for batch in (1, 2):
-        storages = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run(batch)
-        total[batch] = sum(storages.values())
-    return total[2] - total[1]
-
-
 def test_fused_block_keeps_under_half_the_activations_of_the_official_block():
     """One VLMo-base fusion layer (N = 237 = 40 text + 197 image, D = 768) in training under bf16 autocast: what the
     Triton block keeps for its backward, itemised below, and less than half of what the official block keeps. Not
@@ -486,8 +474,8 @@ def test_fused_block_keeps_under_half_the_activations_of_the_official_block():
                     block(x, keep, "vl", (table, index))
         return go
 
-    ours = _saved_bytes_per_sample(run(fast, False))
-    theirs = _saved_bytes_per_sample(run(official, True))
+    ours = saved_bytes_per_sample(run(fast, False))
+    theirs = saved_bytes_per_sample(run(official, True))
     bf16, fp32 = 2, 4
     expected = (n * d * fp32  # the block input (LayerNorm 1's backward; the residual is recomputed from it)
                 + 3 * n * d * bf16  # q, k, v

@@ -36,3 +36,22 @@ def kernel_times(fn: Callable[[], object], steps: int, on_cpu: bool) -> Tuple[fl
                   key=lambda r: -r[0])
     assert rows, "the profiler recorded nothing"
     return sum(r[0] for r in rows), rows
+
+
+def saved_bytes_per_sample(run: Callable[[int], object], batches: Tuple[int, int] = (1, 2)) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``run(batch)``, per sample: the difference between
+    the two batch sizes, divided by theirs (parameters, and anything else the batch shares, cancel out). Each
+    storage counted once."""
+    total = {}
+    for batch in batches:
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(batch)
+        total[batch] = sum(storages.values())
+    return (total[batches[1]] - total[batches[0]]) // (batches[1] - batches[0])

@@ -52,7 +52,7 @@ def multiway_ffn(
         drop_path: DropPath probability, applied per sample when ``training``.
         attn_out: (B, N, D) or None. When given, the block's first residual is taken here too: the FFN's input is
             ``x + DropPath(attn_gamma · attn_out)`` (its DropPath drawn before the FFN's), which the kernel backend
-            does not keep for the backward but recomputes from x and attn_out, bit for bit.
+            never stores: its kernels compute the rows they read from x and attn_out, the same way each time.
         attn_gamma: (D,) LayerScale γ1 of that residual, or None.
     Returns:
         (B, N, D), the new residual stream.
