@@ -262,3 +262,24 @@ def test_gathered_bias_copy_traces_in_one_graph_after_eager_use():
     torch._dynamo.reset()
     compiled = torch.compile(gathered, fullgraph=True, backend="eager")
     assert torch.equal(compiled(index), gathered(index))
+
+
+def test_blocks_whose_modules_the_fused_path_would_bypass_are_left_alone():
+    """The fused block reads norm1/norm2 and MLP parameters instead of calling those modules: a LayerNorm subclass
+    with its own forward, one without an affine weight, or a forward hook on a submodule would silently stop
+    mattering, so those blocks are left alone, saying why."""
+
+    class ScaledNorm(nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = official_model()
+    blocks = model.transformer.blocks
+    blocks[0].norm1 = ScaledNorm(blocks[0].norm1.normalized_shape, eps=blocks[0].norm1.eps)
+    blocks[1].norm2_imag = nn.LayerNorm(blocks[1].norm2_imag.normalized_shape, elementwise_affine=False)
+    blocks[2].mlp_text.fc1.register_forward_hook(lambda *args: None)
+    reasons = dict(vf.accelerate(model).left_alone)
+    assert reasons["transformer.blocks.0"] == "norm1 is a ScaledNorm with its own forward"
+    assert reasons["transformer.blocks.1"] == "norm2_imag has no affine weight and bias"
+    assert reasons["transformer.blocks.2"] == "mlp_text.fc1 has forward hooks, which the fused block would not run"
+    assert "transformer.blocks.3" not in reasons

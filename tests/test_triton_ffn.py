@@ -379,14 +379,35 @@ def test_norm_linear_rejects_bad_arguments():
     nw, nb, w, b = norm_linear_params()
     with pytest.raises(ValueError, match="x must be 3-D"):
         ops.norm_linear(x[0], nw, nb, w, b)
-    with pytest.raises(ValueError, match=r"norm_weight\[0\] must have shape \(32,\)"):
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(32,\)"):
         ops.norm_linear(x, nw[:-1], nb, w, b)
-    with pytest.raises(ValueError, match=r"weight\[0\] must have shape \(-1, 32\)"):
+    with pytest.raises(ValueError, match="weight must be 2-D"):
         ops.norm_linear(x, nw, nb, w[0], b)
-    with pytest.raises(ValueError, match=r"bias\[0\] must have shape \(96,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(96, 32\)"):
+        ops.norm_linear(x, nw, nb, w[:, :-1], b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(96,\)"):
         ops.norm_linear(x, nw, nb, w, b[:-1])
-    with pytest.raises(TypeError, match=r"weight\[0\] must have x's dtype \(torch.bfloat16\) outside autocast"):
+    with pytest.raises(TypeError, match=r"weight must have x's dtype \(torch.bfloat16\) outside autocast"):
         ops.norm_linear(x.bfloat16(), nw, nb, w, b)
+    for i, name in enumerate(("norm_weight", "norm_bias", "weight")):  # LayerNorm without affine: not this op
+        args = [nw, nb, w]
+        args[i] = None
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got NoneType"):
+            ops.norm_linear(x, *args, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_norm_linear_and_ffn_take_empty_inputs(shape):
+    x = torch.randn(*shape, D, requires_grad=True)
+    params = norm_linear_params()
+    out = ops.norm_linear(x, *params, backend="triton")
+    assert out.shape == (*shape, 3 * D)
+    grads = torch.autograd.grad(out.sum(), [x] + params)
+    assert grads[0].shape == x.shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    y = torch.randn(*shape, D, requires_grad=True)
+    out = ops.multiway_ffn(x, [expert(), expert()], split=0, gamma=torch.ones(D), attn_out=y, backend="triton")
+    assert out.shape == x.shape
+    assert torch.autograd.grad(out.sum(), y)[0].shape == y.shape
 
 
 def reference_block_tail(x, y, attn_gamma, experts, split, gamma):
@@ -443,10 +464,33 @@ def test_ffn_attention_residual_arguments_are_checked():
         ops.multiway_ffn(x, experts, attn_out=x[:, :3])
     with pytest.raises(ValueError, match="attn_gamma is given without attn_out"):
         ops.multiway_ffn(x, experts, attn_gamma=torch.ones(D))
-    with pytest.raises(ValueError, match=r"attn_gamma\[0\] must have shape \(32,\)"):
+    with pytest.raises(ValueError, match=r"attn_gamma must have shape \(32,\)"):
         ops.multiway_ffn(x, experts, attn_out=x, attn_gamma=torch.ones(D + 1))
-    with pytest.raises(ValueError, match="wider than x"):
-        ops.multiway_ffn(x.half(), [expert(torch.float16)], attn_out=x, backend="triton")
+    for backend in ("auto", "triton", "torch"):  # the sum would be promoted past the FFN's weights
+        with pytest.raises(TypeError, match=r"attn_out must not be wider than x \(torch.float16\), got torch.float32"):
+            ops.multiway_ffn(x.half(), [expert(torch.float16)], attn_out=x, backend=backend)
+        with pytest.raises(TypeError, match=r"attn_gamma must not be wider than x \(torch.float32\), got torch.float64"):
+            ops.multiway_ffn(x, experts, attn_out=x, attn_gamma=torch.ones(D, dtype=torch.float64), backend=backend)
+
+
+def test_droppath_draws_in_the_dtype_of_the_official_branch():
+    """The official DropPath draws its random numbers in the dtype of γ·y: bf16 for a layer-scale-free model
+    (base_plus) under bf16 autocast, whose bf16 draws give about 1 mask in 200 different from fp32 ones. The Triton
+    ops draw in that dtype too, so both backends drop the same samples (and follow the same random stream)."""
+    x = torch.randn(1200, 3, D, requires_grad=True)
+    y = torch.randn(1200, 3, D).bfloat16().requires_grad_()
+    experts = [expert(), expert()]
+    results = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(13)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.multiway_ffn(x, experts, split=1, drop_path=0.5, training=True, attn_out=y, backend=backend)
+            res = ops.scaled_residual(x, y, None, drop_path=0.5, training=True, backend=backend)
+        results.append((out, res, torch.rand(1)))
+    (out, res, after), (eager_out, eager_res, eager_after) = results
+    assert torch.equal(after, eager_after)  # the same amount of the random stream consumed
+    assert torch.allclose(res, eager_res, atol=1e-6)  # a different mask would change a whole sample by |y| ~ 1
+    assert torch.allclose(out, eager_out, atol=1e-2)
 
 
 def test_fused_block_keeps_under_half_the_activations_of_the_official_block():

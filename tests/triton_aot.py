@@ -161,6 +161,9 @@ def _ffn_step(b, n, d):
         y = tf.residual_triton(y, torch.zeros(b, n, d, dtype=torch.bfloat16), gamma, 0.1, True)
         y = tf.ffn_triton(y, (expert(), expert()), n - 197, gamma, 0.1, True, 1e-6,
                           torch.zeros(b, n, d, dtype=torch.bfloat16), gamma)
+        # base_plus (no layer scale) with DropPath off (eval, or a rate of 0)
+        y = tf.ffn_triton(y, (expert(), expert()), n - 197, None, 0.0, False, 1e-6,
+                          torch.zeros(b, n, d, dtype=torch.bfloat16), None)
         y = tf.norm_linear_triton(y, torch.ones(d), torch.zeros(d), torch.zeros(3 * d, d), torch.zeros(3 * d), 1e-6)
     y.backward(torch.zeros_like(y))
 

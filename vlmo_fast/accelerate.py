@@ -75,8 +75,9 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
     experts = ["text", "imag"] + (["vl"] if getattr(blk, "mlp_vl", None) is not None else [])
     for e in experts:
         mlp, norm = getattr(blk, f"mlp_{e}"), getattr(blk, f"norm2_{e}", None)
-        if norm is None or not isinstance(norm, nn.LayerNorm):
-            return f"norm2_{e} is not a LayerNorm"
+        why = _why_not_layer_norm(norm)
+        if why is not None:
+            return f"norm2_{e} {why}"
         if not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
             return f"mlp_{e} is not an official Mlp"
         act = getattr(mlp, "act", nn.GELU())
@@ -84,11 +85,27 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
             return f"mlp_{e} activation is {type(act).__name__}, not exact GELU"
         if _dropout_p(getattr(mlp, "drop", None)) > 0:
             return f"mlp_{e} dropout > 0 is not supported"
-    if not isinstance(blk.norm1, nn.LayerNorm):
-        return "norm1 is not a LayerNorm"
+    why = _why_not_layer_norm(blk.norm1)
+    if why is not None:
+        return f"norm1 {why}"
+    # the fused block reads these modules' parameters instead of calling them: hooks on them would not run
+    for name, m in blk.named_modules():
+        if name and (m._forward_hooks or m._forward_pre_hooks):
+            return f"{name} has forward hooks, which the fused block would not run"
     dp = blk.drop_path
     if not (isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob")):
         return f"drop_path is {type(dp).__name__}, not DropPath or Identity"
+    return None
+
+
+def _why_not_layer_norm(m: Any) -> Optional[str]:
+    """None for a plain affine ``nn.LayerNorm`` (its weight and bias are what the fused kernels take), else why not."""
+    if not isinstance(m, nn.LayerNorm):
+        return "is not a LayerNorm"
+    if type(m).forward is not nn.LayerNorm.forward:
+        return f"is a {type(m).__name__} with its own forward"
+    if m.weight is None or m.bias is None:
+        return "has no affine weight and bias"
     return None
 
 

@@ -69,14 +69,18 @@ def multiway_ffn(
     check_experts("experts.fc2_weight", x, [e.fc2_weight for e in experts], (d, hidden), split, role="linear")
     check_experts("experts.fc2_bias", x, [e.fc2_bias for e in experts], (d,), split, role="linear")
     if gamma is not None:
-        check_experts("gamma", x, [gamma], (d,), None)
+        check_experts("gamma", x, [gamma], (d,), None, single=True)
     if attn_out is not None:
         check_tensor("attn_out", attn_out, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("attn_out", attn_out, tuple(x.shape), "the shape of x")
     if attn_gamma is not None:
         if attn_out is None:
             raise ValueError("attn_gamma is given without attn_out")
-        check_experts("attn_gamma", x, [attn_gamma], (d,), None)
+        check_experts("attn_gamma", x, [attn_gamma], (d,), None, single=True)
+    for name, t in (("attn_out", attn_out), ("attn_gamma", attn_gamma)):
+        # the sum x + γ1·y1 would be promoted to the wider dtype, which the FFN's weights then do not match
+        if t is not None and torch.promote_types(x.dtype, t.dtype) != x.dtype:
+            raise TypeError(f"{name} must not be wider than x ({x.dtype}), got {t.dtype}")
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
     return ffn_checked(x, experts, split, gamma, float(drop_path), bool(training), float(eps), backend, attn_out,

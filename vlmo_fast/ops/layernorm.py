@@ -16,10 +16,10 @@ from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_shape, check_tensor
 
 
 def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int],
-                  role: str = ""):
+                  role: str = "", single: bool = False):
     """Shared checks for per-expert parameter lists: 1 or 2 experts, ``split`` iff 2, same device; with ``role``
     "norm" the dtype is x's, or float32 for a half-precision x (torch's mixed LayerNorm), with "linear" it is x's
-    outside autocast (``F.linear``'s rule)."""
+    outside autocast (``F.linear``'s rule). ``single``: one tensor, not a list (named without an index)."""
     if len(tensors) not in (1, 2):
         raise ValueError(f"{name} must list 1 or 2 experts, got {len(tensors)}")
     if len(tensors) == 2:
@@ -32,13 +32,14 @@ def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.T
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        check_tensor(f"{name}[{i}]", t, dtypes=FLOAT_DTYPES, device=x.device)
-        check_shape(f"{name}[{i}]", t, shape)
+        label = name if single else f"{name}[{i}]"
+        check_tensor(label, t, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape(label, t, shape)
         if role == "norm" and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in HALF_DTYPES):
             wider = " or torch.float32" if x.dtype in HALF_DTYPES else ""
-            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}){wider}, got {t.dtype}")
+            raise TypeError(f"{label} must have x's dtype ({x.dtype}){wider}, got {t.dtype}")
         if role == "linear" and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}[{i}] must have x's dtype ({x.dtype}) outside autocast, got {t.dtype}")
+            raise TypeError(f"{label} must have x's dtype ({x.dtype}) outside autocast, got {t.dtype}")
 
 
 def segments(n: int, num_experts: int, split: Optional[int]):

@@ -38,11 +38,13 @@ def norm_linear(
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     d = x.shape[-1]
-    check_experts("norm_weight", x, [norm_weight], (d,), None, role="norm")
-    check_experts("norm_bias", x, [norm_bias], (d,), None, role="norm")
-    out_features = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
-    check_experts("weight", x, [weight], (out_features, d), None, role="linear")
-    check_experts("bias", x, [bias], (out_features,), None, role="linear")
+    check_tensor("norm_weight", norm_weight, ndim=1)
+    check_tensor("norm_bias", norm_bias, ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_experts("norm_weight", x, [norm_weight], (d,), None, role="norm", single=True)
+    check_experts("norm_bias", x, [norm_bias], (d,), None, role="norm", single=True)
+    check_experts("weight", x, [weight], (weight.shape[0], d), None, role="linear", single=True)
+    check_experts("bias", x, [bias], (weight.shape[0],), None, role="linear", single=True)
     return norm_linear_checked(x, norm_weight, norm_bias, weight, bias, float(eps), backend)
 
 

@@ -336,7 +336,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class ScaledResidual(torch.autograd.Function):
-    """out = x + γ · s[b] · y (the attention half's epilogue), y in the (B·N, D) flat layout."""
+    """out = x + γ · s[b] · y (``ops.scaled_residual``; the model's block takes its attention half's residual inside
+    MultiwayFFN instead), y in the (B·N, D) flat layout."""
 
     @staticmethod
     def forward(ctx, x, y, gamma, scale):
@@ -446,14 +447,14 @@ class NormLinear(torch.autograd.Function):
         out = torch.addmm(bias.to(cdt), h, w.t()) if bias is not None else h @ w.t()
         ctx.save_for_backward(x, norm_w, norm_b, weight, bias)
         ctx.eps, ctx.cdt = eps, cdt
-        return out.view(b, n, -1)
+        return out.view(b, n, weight.shape[0])
 
     @staticmethod
     def backward(ctx, go):
         x, norm_w, norm_b, weight, bias = ctx.saved_tensors
         b, n, d = x.shape
         h, mean, rstd = multiway_ln_fwd(x, norm_w, norm_b, norm_w, norm_b, n, ctx.eps, ctx.cdt)
-        go = go.reshape(b * n, -1)
+        go = go.reshape(b * n, weight.shape[0])
         dweight = (go.t() @ h).to(weight.dtype)
         dbias = go.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else None
         dx, dw, db = multiway_ln_bwd(x, go @ weight.to(ctx.cdt), None, mean, rstd, norm_w, norm_w, n)
@@ -463,33 +464,44 @@ class NormLinear(torch.autograd.Function):
 # ---- backend entry points ------------------------------------------------------------------------------------
 
 
-def _drop_scales(x: torch.Tensor, drop_prob: float, training: bool, segments: int) -> Optional[torch.Tensor]:
-    """(B, 2) DropPath factors mask/keep_prob, one draw per row segment in order (text, then image), consuming the
-    random stream exactly like the official per-half ``DropPath`` calls; None when inactive."""
+def _drop_scales(x: torch.Tensor, dtype: torch.dtype, drop_prob: float, training: bool,
+                 segments: int) -> Optional[torch.Tensor]:
+    """(B, 2) fp32 DropPath factors mask/keep_prob, one draw per row segment in order (text, then image), consuming
+    the random stream exactly like the official per-half ``DropPath`` calls: in ``dtype``, the dtype of the branch
+    the official DropPath gets (γ·y), since a bf16 draw rounds differently from an fp32 one (about 1 mask in 200
+    differs); None when inactive."""
     if drop_prob == 0.0 or not training:
         return None
     from .droppath import drop_path_scale
 
     keep = 1.0 - drop_prob
-    draws = [drop_path_scale(x[:, :1], drop_prob).reshape(-1) / keep for _ in range(segments)]
+    proto = x.new_empty((x.shape[0], 1, 1), dtype=dtype)
+    draws = [drop_path_scale(proto, drop_prob).reshape(-1).float() / keep for _ in range(segments)]
     if segments == 1:
         draws.append(draws[0])
-    return torch.stack(draws, dim=1).float().contiguous()
+    return torch.stack(draws, dim=1).contiguous()
+
+
+def _branch_dtype(y_dtype: torch.dtype, gamma: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of γ · y, what the official DropPath draws its random numbers in."""
+    return torch.promote_types(y_dtype, gamma.dtype) if gamma is not None else y_dtype
 
 
 def ffn_triton(x, experts, split, gamma, drop_prob, training, eps, attn_out=None, attn_gamma=None):
     two = len(experts) == 2
     split_rows = split if two else x.shape[1]
     # the attention half's DropPath is drawn first, as in the block
-    scale1 = _drop_scales(x, drop_prob, training, 1) if attn_out is not None else None
-    # two experts draw two masks even when a half is empty (the official DropPath on a 0-length slice still draws)
-    scale = _drop_scales(x, drop_prob, training, 2 if two else 1)
+    scale1 = (_drop_scales(x, _branch_dtype(attn_out.dtype, attn_gamma), drop_prob, training, 1)
+              if attn_out is not None else None)
+    # two experts draw two masks even when a half is empty (the official DropPath on a 0-length slice still draws);
+    # the MLP's output is in the GEMMs' dtype
+    scale = _drop_scales(x, _branch_dtype(compute_dtype(x), gamma), drop_prob, training, 2 if two else 1)
     params = [t for e in experts for t in e]
     return MultiwayFFN.apply(x, attn_out, attn_gamma, scale1, split_rows, gamma, scale, eps, *params)
 
 
 def residual_triton(x, y, gamma, drop_prob, training):
-    scale = _drop_scales(x, drop_prob, training, 1)
+    scale = _drop_scales(x, _branch_dtype(y.dtype, gamma), drop_prob, training, 1)
     return ScaledResidual.apply(x, y, gamma, scale)
 
 
