@@ -44,6 +44,12 @@ def attention_torch(
     return torch.matmul(p, v)  # rows with no key have p == 0, hence zeros
 
 
+def unpack_qkv(packed: torch.Tensor):
+    """q, k, v (or their gradients) as (B, H, N, D) views of a packed (B, N, 3, H, D) tensor: the qkv projection's
+    layout, which the Triton attention backward also writes its gradients in."""
+    return tuple(packed[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+
+
 class _SplitQKV(torch.autograd.Function):
     """(B, N, 3·H·D) packed projection -> q, k, v as (B, H, N, D) views of it; see split_qkv."""
 
@@ -51,8 +57,7 @@ class _SplitQKV(torch.autograd.Function):
     def forward(ctx, qkv, heads):
         b, n, c3 = qkv.shape
         ctx.shape = qkv.shape
-        packed = qkv.view(b, n, 3, heads, c3 // (3 * heads))
-        return tuple(packed[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+        return unpack_qkv(qkv.view(b, n, 3, heads, c3 // (3 * heads)))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):

@@ -6,14 +6,17 @@ of x) makes a run with the fast backend and one with the reference follow the sa
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def drop_path_scale(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """The (B, 1, ..., 1) 0/1 keep mask of one DropPath call (consumes the random stream like timm)."""
+def drop_path_scale(x: torch.Tensor, drop_prob: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The (B, 1, ..., 1) 0/1 keep mask of one DropPath call on x (consumes the random stream like timm), drawn in
+    x's dtype or ``dtype``: the dtype of the tensor the official DropPath gets, when that is not x."""
     keep_prob = 1.0 - drop_prob
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    return (keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+    return (keep_prob + torch.rand(shape, dtype=dtype or x.dtype, device=x.device)).floor_()
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 
 from . import backend as _backend
 from ._checks import HALF_DTYPES
+from .attention import unpack_qkv
 from ._memo import TensorMemo
 
 try:
@@ -669,12 +670,12 @@ def _group_count(b: int, h: int, n: int, need_dbias: bool, sms: int = 132) -> in
 
 @_on_input_device
 def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias, out_lo=None):
-    """(dqkv, dbias): dq, dk and dv packed in one (B, N, 3, H, D) tensor (``unpack_grads`` gives the three), the
+    """(dqkv, dbias): dq, dk and dv packed in one (B, N, 3, H, D) tensor (``unpack_qkv`` gives the three), the
     layout of the qkv projection's output that q, k and v are views of in the model: its backward then takes them
     as they are (``split_qkv``), where separate tensors would be stacked and copied into that layout."""
     b, h, n, d = q.shape
     dqkv = torch.empty(b, n, 3, h, d, device=q.device, dtype=q.dtype)
-    dq, dk, dv = unpack_grads(dqkv)
+    dq, dk, dv = unpack_qkv(dqkv)
     need_dbias = need_dbias and (bias is not None or table is not None)
     if n == 0 or b == 0:
         dbias = (torch.zeros_like(bias) if bias is not None else torch.zeros_like(table)) if need_dbias else None
@@ -714,11 +715,6 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
                              *dtable.stride(), BLOCK=128, BLOCK_H=max(16, triton.next_power_of_2(h)), num_warps=4)
         dbias = dtable.to(table.dtype)
     return dqkv, dbias
-
-
-def unpack_grads(dqkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv as (B, H, N, D) views of the packed (B, N, 3, H, D) gradient."""
-    return tuple(dqkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
 
 
 # ---- custom ops (torch.compile traces them) and autograd --------------------------------------------------------
@@ -768,7 +764,7 @@ if triton is not None:
         need = (bias is not None and ctx.needs_input_grad[3]) or (table is not None and ctx.needs_input_grad[4])
         grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
         dbias = grads[1] if len(grads) > 1 else None
-        return (*unpack_grads(grads[0]), dbias if bias is not None else None,
+        return (*unpack_qkv(grads[0]), dbias if bias is not None else None,
                 dbias if table is not None else None, None, None, None, None)
 
     rel_pos_attn_fwd.register_autograd(_attn_backward, setup_context=_setup_context)

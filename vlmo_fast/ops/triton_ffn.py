@@ -52,6 +52,18 @@ if triton is not None:
         return b, first, grouped
 
     @triton.jit
+    def _branch(Y, y_offs, GAMMA, SCALE, s_offs, cols, ok, row_ok, col_ok,
+                HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """γ · s · y in fp32 for a tile of a residual branch: y at Y + y_offs, the rows' DropPath factors at
+        SCALE + s_offs (multiplied in this order by every kernel that adds a branch)."""
+        y = tl.load(Y + y_offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_GAMMA:
+            y = y * tl.load(GAMMA + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_SCALE:
+            y = y * tl.load(SCALE + s_offs, mask=row_ok, other=0.0)[:, None]
+        return y
+
+    @triton.jit
     def _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D,
                 HAS_RES: tl.constexpr, HAS_G1: tl.constexpr, HAS_S1: tl.constexpr, RNE: tl.constexpr):
         """Rows ``rows`` of the residual stream the FFN works on, in fp32: x0 (X), or, with the attention half's
@@ -59,12 +71,8 @@ if triton is not None:
         stores for it. Every kernel that needs the stream computes it here, so none needs it kept in memory."""
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_RES:
-            y = tl.load(Y1 + offs, mask=ok, other=0.0).to(tl.float32)
-            if HAS_G1:
-                y = y * tl.load(G1 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_S1:  # one DropPath factor per sample: the first of its (B, 2) pair
-                y = y * tl.load(S1 + (rows // N) * 2, mask=row_ok, other=0.0)[:, None]
+        if HAS_RES:  # one DropPath factor per sample: the first of its (B, 2) pair
+            y = _branch(Y1, offs, G1, S1, (rows // N) * 2, cols, ok, row_ok, col_ok, HAS_G1, HAS_S1)
             x = cast_for(x + y, X, RNE).to(tl.float32)
         return x
 
@@ -153,12 +161,8 @@ if triton is not None:
         col_ok = cols < D
         ok = row_ok[:, None] & col_ok[None, :]
         b, first, grouped = _row_info(rows, N, SPLIT, B)
-        y = tl.load(Y + grouped[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        if HAS_GAMMA:
-            y = y * tl.load(GAMMA + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_SCALE:
-            s = tl.load(SCALE + b * 2 + tl.where(first, 0, 1), mask=row_ok, other=0.0)
-            y = y * s[:, None]
+        y = _branch(Y, grouped[:, None].to(tl.int64) * D + cols[None, :], GAMMA, SCALE, b * 2 + tl.where(first, 0, 1),
+                    cols, ok, row_ok, col_ok, HAS_GAMMA, HAS_SCALE)
         x = _stream(X, Y1, G1, S1, rows, cols, ok, row_ok, col_ok, N, D, HAS_RES, HAS_G1, HAS_S1, RNE)
         tl.store(OUT + rows[:, None].to(tl.int64) * D + cols[None, :], cast_for(x + y, OUT, RNE), mask=ok)
 
@@ -475,8 +479,7 @@ def _drop_scales(x: torch.Tensor, dtype: torch.dtype, drop_prob: float, training
     from .droppath import drop_path_scale
 
     keep = 1.0 - drop_prob
-    proto = x.new_empty((x.shape[0], 1, 1), dtype=dtype)
-    draws = [drop_path_scale(proto, drop_prob).reshape(-1).float() / keep for _ in range(segments)]
+    draws = [drop_path_scale(x, drop_prob, dtype).reshape(-1).float() / keep for _ in range(segments)]
     if segments == 1:
         draws.append(draws[0])
     return torch.stack(draws, dim=1).contiguous()
