@@ -257,7 +257,8 @@ def test_dq_grid_takes_a_program_per_batch_row_without_a_bias_gradient(monkeypat
 
 def test_whole_row_dq_tiles_only_run_where_a_row_fits():
     """The 16 x 256 dQ candidates keep the batch sum of dS in registers, valid only while one tile holds the whole
-    row: the autotuner's pruning drops them past N = 256 (the candidate test above runs them at N = 45)."""
+    row: the autotuner's pruning drops them past N = 256 (the candidate test above runs them at N = 45), and for head
+    dims that are not multiples of 16 (base_plus's 34), where they compile to kilobytes of register spills."""
     import triton
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n, _, _ in ta.DQ_CONFIGS]
@@ -266,7 +267,10 @@ def test_whole_row_dq_tiles_only_run_where_a_row_fits():
     others = [c for c in configs if c not in whole]
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
     assert ta._whole_rows_fit(configs, {"N": 256, "D": 64, "Q": bf16}) == configs
-    assert ta._whole_rows_fit(configs, {"N": 237, "D": 34, "Q": bf16}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 48, "Q": bf16}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 32, "Q": bf16}) == configs
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 34, "Q": bf16}) == others
+    assert ta._whole_rows_fit(configs, {"N": 237, "D": 40, "Q": bf16}) == others
     assert ta._whole_rows_fit(configs, {"N": 257, "D": 64, "Q": bf16}) == others
     # 256-key K and V tiles of 256 bytes per key would not fit an H100's shared memory with 2 stages
     assert ta._whole_rows_fit(configs, {"N": 237, "D": 128, "Q": bf16}) == others

@@ -441,9 +441,12 @@ def _whole_rows_fit(configs, named_args, **kwargs):
     """The dQ candidates that can run a launch: whole-row tiles only where a row fits in one, and only for rows of at
     most 128 bytes per key (fp16/bf16 at D <= 64): their K and V tiles are 256 keys long, and at D = 128 or in fp32
     they (with 2 stages) ask for more shared memory than an H100 has, so the autotuner would only compile and discard
-    them."""
-    row_bytes = named_args["Q"].element_size() * max(16, triton.next_power_of_2(named_args["D"]))
-    whole = named_args["N"] <= WHOLE_ROW and row_bytes <= 128
+    them. And only for head dims that are multiples of 16: at D = 34 (base_plus) or 40, ptxas gives them 32 registers
+    and 4.3-4.5 KB of spills per thread on sm_90 (Triton 3.6 and 3.9; tests/triton_aot.py), where D = 32, 48 and 64
+    compile spill-free at 166-212 registers."""
+    d = named_args["D"]
+    row_bytes = named_args["Q"].element_size() * max(16, triton.next_power_of_2(d))
+    whole = named_args["N"] <= WHOLE_ROW and row_bytes <= 128 and d % 16 == 0
     return [c for c in configs if c.kwargs["BLOCK_N"] != WHOLE_ROW or whole]
 
 
