@@ -8,6 +8,8 @@ Implementations compared (where the device allows):
   official          the official math, eager (vlmo_fast.reference / the same expressions), under autocast on GPU
   vlmo_fast         vlmo_fast.ops / vlmo_fast.VLMo with backend="auto" (the fastest available kernels)
   vlmo_fast[torch]  the same with backend="torch" (the PyTorch path of the op seam)
+  vlmo_fast[deterministic]  attention (GPU): the Triton kernels at the fixed configurations PyTorch's deterministic
+                    mode runs them at, instead of the autotuner's timed choice
   sdpa              F.scaled_dot_product_attention with the gathered bias + padding as a float mask
   flex              FlexAttention with the learnable table captured in score_mod (GPU)
   compile(official) torch.compile of the official math (GPU)
@@ -52,6 +54,7 @@ import vlmo_fast as vf  # noqa: E402
 from vlmo_fast import objectives, ops  # noqa: E402
 from vlmo_fast.ops import backend as ops_backend  # noqa: E402
 from vlmo_fast.ops import native  # noqa: E402
+from vlmo_fast.ops import triton_attention  # noqa: E402
 from vlmo_fast.model import relpos  # noqa: E402
 from vlmo_fast.model.multiway import Block as FastBlock  # noqa: E402
 from vlmo_fast.reference import Block as OfficialBlock  # noqa: E402
@@ -328,6 +331,9 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
             impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
                                           "sdpa": sdpa}
             if dev.type == "cuda":
+                # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
+                # results across runs and ranks cost against the autotuner's choice (#4: the default if under 10%)
+                impls["vlmo_fast[deterministic]"] = ours()
                 flex = make_flex(q, k, v, table, index, keep, scale)
                 if flex is not None:
                     impls["flex"] = flex
@@ -338,6 +344,8 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
             flex = impls.get("flex")
 
             def wrap(name, fn):
+                if name == "vlmo_fast[deterministic]":
+                    return _with_pinned_configs(fn)
                 return flex.retrying(fn) if name == "flex" else fn
 
             leaves = [q, k, v, full_table]
@@ -371,6 +379,20 @@ def _with_softmax_kernel(kind: str, fn):
     def run():
         with native.using_cuda_softmax_kernel(kind):
             return fn()
+
+    return run
+
+
+def _with_pinned_configs(fn):
+    """fn (forward, or forward and backward) with the attention's tuned kernels at their fixed configurations
+    (triton_attention.PIN_CONFIGS), without the rest of PyTorch's deterministic mode."""
+    def run():
+        before = triton_attention.PIN_CONFIGS
+        triton_attention.PIN_CONFIGS = True
+        try:
+            return fn()
+        finally:
+            triton_attention.PIN_CONFIGS = before
 
     return run
 

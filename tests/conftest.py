@@ -98,6 +98,16 @@ def device(request, monkeypatch):
     return device
 
 
+@pytest.fixture
+def deterministic_mode():
+    """PyTorch's deterministic mode (torch.use_deterministic_algorithms(True)) for the test, restored afterwards. It
+    also fills new tensors from torch.empty with NaN, so an output element a kernel leaves unwritten shows."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small built-in synthetic set (coco-style arrow files), written once for the training and CLI tests."""

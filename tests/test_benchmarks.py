@@ -367,6 +367,24 @@ def test_staged_softmax_rows_run_with_the_staged_kernels_and_restore_the_choice(
     assert seen == ["staged"] and native.cuda_softmax_kernel() == before == "rows"
 
 
+def test_deterministic_attention_rows_pin_the_configurations_for_the_whole_call_only():
+    """The benchmark's vlmo_fast[deterministic] attention rows (GPU) run the tuned kernels at their fixed configurations
+    for the whole timed callable (forward and backward), and leave the choice as it was, also when the call raises."""
+    from vlmo_fast.ops import triton_attention as ta
+
+    seen = []
+    assert ta.PIN_CONFIGS is None
+    bench_run._with_pinned_configs(lambda: seen.append(ta.configs_pinned()))()
+    assert seen == [True] and ta.PIN_CONFIGS is None and not ta.configs_pinned()
+
+    def fail():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        bench_run._with_pinned_configs(fail)()
+    assert ta.PIN_CONFIGS is None
+
+
 def test_rows_whose_check_could_not_run_say_unchecked_and_are_never_the_best_other():
     """A checked case whose baseline raised in the agreement run times the others but marks them "unchecked"; the
     summary compares vlmo_fast only with competitors that ran and agreed, and names the ones it could not compare."""

@@ -7,6 +7,7 @@ import torch
 from native_helpers import devices, max_err
 from vlmo_fast import _native, ops
 from vlmo_fast.model import relpos
+from vlmo_fast.ops import backend as ops_backend
 from vlmo_fast.ops import native
 
 
@@ -162,3 +163,28 @@ def test_cpu_auto_policy():
     assert declines(torch.randn(1126, 12), index) is None
     impl = backend.select("rel_pos_bias_gather", "auto", torch.randn(1126, 12), index)
     assert impl is native.rel_pos_bias_gather_native if _native.native_available() else impl is None
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda-emu"], indirect=True)
+def test_deterministic_mode_keeps_the_atomic_table_gradient_off_the_cuda_kernel(device, monkeypatch,
+                                                                              deterministic_mode):
+    """The CUDA backward adds into the table with atomics: under PyTorch's deterministic mode "auto" leaves a table
+    that takes a gradient to the PyTorch path and backend="cuda" says why; a gather without one still runs the CUDA
+    kernel, and the C++ CPU kernel (no atomics) takes both."""
+    monkeypatch.setitem(native.CPU_AUTO_MIN_ELEMENTS, "rel_pos_bias_gather", 0)
+    cuda = native._runs_cuda(torch.device(device))
+    index = relpos.fusion_relative_position_index(4, 2).to(device)
+    table = torch.randn(relpos.num_table_rows(2), 3, device=device, requires_grad=True)
+    out = ops.rel_pos_bias_gather(table, index)
+    assert ops_backend.last_selected()["rel_pos_bias_gather"] == ("torch" if cuda else "cuda")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want = reference_backward(grad, index, table.shape[0])
+    assert max_err(table.grad, want) <= 1e-5 * want.abs().max().item()
+    if cuda:
+        with pytest.raises(ValueError, match="atomics .*deterministic mode"):
+            ops.rel_pos_bias_gather(table, index, backend="cuda")
+    with torch.no_grad():
+        out = ops.rel_pos_bias_gather(table, index)
+    assert ops_backend.last_selected()["rel_pos_bias_gather"] == "cuda"
+    assert torch.equal(out, table.detach().t()[:, index])

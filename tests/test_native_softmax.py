@@ -7,6 +7,7 @@ import torch
 from native_helpers import LARGER_EMULATED_GPU, assert_rule, devices, max_err, padding
 from vlmo_fast import ops
 from vlmo_fast.model import relpos
+from vlmo_fast.ops import backend as ops_backend
 from vlmo_fast.ops import native
 from vlmo_fast.ops.softmax import softmax_torch
 
@@ -460,3 +461,27 @@ def test_double_backward_is_refused_not_wrong():
     (g,) = torch.autograd.grad((p * torch.randn_like(p)).sum(), s, create_graph=True)
     with pytest.raises(RuntimeError):  # the gradient is not differentiable: an error, never a silent zero
         g.sum().backward()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda-emu"], indirect=True)
+def test_deterministic_mode_keeps_atomic_bias_gradients_off_the_cuda_kernels(device, monkeypatch, deterministic_mode):
+    """The CUDA kernels add the bias and table gradients with atomics, in no fixed order. Under PyTorch's deterministic
+    mode "auto" gives such calls to the PyTorch path (deterministic in that mode) and backend="cuda" says why; calls
+    without a bias gradient still take the CUDA kernels, and the C++ CPU kernels (no atomics) take everything."""
+    monkeypatch.setitem(native.CPU_AUTO_MIN_ELEMENTS, "masked_softmax", 0)  # "auto" may pick the kernels at this size
+    cuda = native._runs_cuda(torch.device(device))
+    b, h, n = 3, 2, 9
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, "table", device)
+    for form in ("table", "dense"):
+        p, ds, dbias, g = run(scores, 0.5, form, full_table, index, dense, keep, h, "auto")
+        assert ops_backend.last_selected()["masked_softmax"] == ("torch" if cuda else "cuda")
+        want = float64_reference(scores, 0.5, form, full_table, index, dense, keep, h, g)
+        for name, got, ref in zip(("p", "ds", "dbias"), (p, ds, dbias), want):
+            assert max_err(got, ref) <= 1e-5 * max(1.0, ref.abs().max().item()), name
+        if cuda:
+            with pytest.raises(ValueError, match="atomics .*deterministic mode"):
+                run(scores, 0.5, form, full_table, index, dense, keep, h, "cuda")
+    with torch.no_grad():
+        p = ops.masked_softmax(scores, scale=0.5, bias=dense, key_padding_mask=keep, backend="auto")
+    assert ops_backend.last_selected()["masked_softmax"] == "cuda"
+    assert max_err(p, reference(scores, 0.5, dense, keep)) <= 1e-5

@@ -228,6 +228,114 @@ def test_backward_is_deterministic_and_scale_is_honoured():
     check_twice_eager(["out", "dq", "dk", "dv", "dtable"], runs[0], base, want, fp32_floor)
 
 
+def test_deterministic_mode_runs_fixed_configurations_without_the_autotuner(monkeypatch, deterministic_mode):
+    """Under torch.use_deterministic_algorithms(True) the three tuned kernels run DETERMINISTIC_CONFIGS (each one of
+    their autotune candidates) and the autotuner is never asked: its timed choice can differ between processes and
+    ranks, and with it the order of the sums. Output and every gradient (table included) against float64, at an N no
+    tile divides, with padding and a fully masked batch row; two runs give the same bits."""
+    from triton.runtime.autotuner import Autotuner
+
+    candidates = {"fwd": ta.FWD_CONFIGS, "dkdv": ta.DKDV_CONFIGS, "dq": ta.DQ_CONFIGS}
+    assert set(ta.DETERMINISTIC_CONFIGS) == set(candidates)
+    for name, config in ta.DETERMINISTIC_CONFIGS.items():
+        assert config in candidates[name], name
+        assert config[1] != ta.WHOLE_ROW  # any N
+    assert ta.configs_pinned()
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the autotuner ran in deterministic mode")
+
+    monkeypatch.setattr(Autotuner, "run", refuse)
+    b, h, n, d = 3, 2, 45, 16
+    q, k, v = qkv_views(b, h, n, d)
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, device=DEV, requires_grad=True)
+    keep = padding(b, n, full_row=b - 1)
+    leaves = [q, k, v, table]
+    g = torch.randn(b, h, n, d, device=DEV)
+    runs = []
+    for _ in range(2):
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                    backend="triton")
+        runs.append((out,) + grads(out, leaves, g))
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+    assert torch.all(runs[0][0][b - 1] == 0)
+    l64 = leaves64(*leaves)
+    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep)
+    eager = eager_attention(q, k, v, table.t()[:, index], keep)
+    want, base = (ref,) + grads(ref, l64, g.double()), (eager,) + grads(eager, leaves, g)
+    check_twice_eager(["out", "dq", "dk", "dv", "dtable"], runs[0], base, want, fp32_floor)
+
+
+def _same_bits_as_the_fixed_configurations(monkeypatch, b, h, n, d, dtype):
+    """Deterministic mode's results are the fixed configurations' whatever the autotuner would pick: the same bits
+    with the autotuners held to other candidates, and as the autotuners' own run of DETERMINISTIC_CONFIGS outside the
+    mode."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv_views(b, h, n, d))
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, device=DEV, requires_grad=True)
+    keep = padding(b, n)
+    g = torch.randn(b, h, n, d, device=DEV, dtype=dtype)
+
+    def run():
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                    backend="triton")
+        return (out,) + grads(out, [q, k, v, table], g)
+
+    others = {name: next(c for c in CANDIDATES[name] if c != ta.DETERMINISTIC_CONFIGS[name] and c[1] != ta.WHOLE_ROW)
+              for name in TUNERS}
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for name in TUNERS:
+            pin(monkeypatch, name, *others[name])
+        pinned = run()
+        torch.use_deterministic_algorithms(False)
+        for name in TUNERS:
+            pin(monkeypatch, name, *ta.DETERMINISTIC_CONFIGS[name])
+        tuned = run()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    for a, e in zip(pinned, tuned):
+        assert torch.equal(a, e)
+
+
+def test_deterministic_mode_is_the_fixed_configurations(monkeypatch):
+    _same_bits_as_the_fixed_configurations(monkeypatch, 2, 2, 45, 16, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_the_fixed_configurations(monkeypatch):
+    _same_bits_as_the_fixed_configurations(monkeypatch, 16, 12, 237, 64, torch.bfloat16)
+
+
+def test_autotuner_choice_outside_deterministic_mode(monkeypatch):
+    """Outside PyTorch's deterministic mode the launches go through the autotuners (PIN_CONFIGS None follows the
+    mode; True pins them anyway, as the benchmark's vlmo_fast[deterministic] rows do)."""
+    from triton.runtime.autotuner import Autotuner
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert ta.PIN_CONFIGS is None and not ta.configs_pinned()
+    calls = []
+    real = Autotuner.run
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counting)
+    q, k, v = qkv_views(1, 1, 5, 16)
+    out = ops.rel_pos_attention(q, k, v, backend="triton")
+    out.sum().backward()
+    assert {ta._fwd_tuned, ta._dkdv_tuned, ta._dq_tuned} <= set(calls)
+    calls.clear()
+    monkeypatch.setattr(ta, "PIN_CONFIGS", True)
+    out = ops.rel_pos_attention(q, k, v, backend="triton")
+    out.sum().backward()
+    assert not calls
+
+
 def test_dq_grid_takes_a_program_per_batch_row_without_a_bias_gradient(monkeypatch):
     """Without a bias gradient the dQ kernel has no partials to share, so each batch row gets its own programs; with
     one, the batch is grouped for about DQ_PROGRAMS_PER_SM programs per SM. Either way dQ, dK and dV are the same

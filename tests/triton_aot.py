@@ -81,18 +81,26 @@ def cases():
     num_stages)]): every bias form and activation dtype and head dim 128 for each attention kernel, the FFN kernels
     in fp32. Compile coverage only: without the real arguments' specialization their register use is not what the
     GPU gets. Each is compiled at the first of its autotune configurations that fits the target's shared memory (the
-    autotuner skips those that do not: fp32 tiles of 128 x 64 with 3 stages exceed an A100's)."""
+    autotuner skips those that do not: fp32 tiles of 128 x 64 with 3 stages exceed an A100's), and again at the
+    fixed configuration of PyTorch's deterministic mode (triton_attention.DETERMINISTIC_CONFIGS), which has to fit:
+    nothing else runs in its place."""
     out = []
     bf16, fp16, fp32 = "*bf16", "*fp16", "*fp32"
     tuned = {"fwd": ta._fwd_tuned, "dkdv": ta._dkdv_tuned, "dq": ta._dq_tuned}
     for name, tuner in tuned.items():
         extra = {"NEED_DBIAS": True} if name == "dq" else {"STORE_LO": True} if name == "fwd" else {}
         configs = [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs]
+        m, n, warps, stages = ta.DETERMINISTIC_CONFIGS[name]
+        pinned = [({"BLOCK_M": m, "BLOCK_N": n}, warps, stages)]
         for mode in (0, 1, 2):
             for act, ieee in ((bf16, False), (fp16, False), (fp32, True)):
-                const = dict(BIAS_MODE=mode, HAS_MASK=mode != 0, UPCAST=False, IEEE=ieee, BLOCK_D=64,
-                             **configs[0][0], **extra)
-                out.append((f"{name} mode{mode} {act}", tuner.fn, signature(tuner.fn, act, const), const, configs))
+                for d in (64, 128):
+                    const = dict(BIAS_MODE=mode, HAS_MASK=mode != 0, UPCAST=False, IEEE=ieee, BLOCK_D=d,
+                                 **configs[0][0], **extra)
+                    sig = signature(tuner.fn, act, const)
+                    if d == 64:
+                        out.append((f"{name} mode{mode} {act}", tuner.fn, sig, const, configs))
+                    out.append((f"{name} mode{mode} {act} D={d} deterministic", tuner.fn, sig, const, pinned))
         const = dict(BIAS_MODE=3, HAS_MASK=True, UPCAST=False, IEEE=False, BLOCK_D=128, **configs[0][0], **extra)
         out.append((f"{name} D=128", tuner.fn, signature(tuner.fn, bf16, const), const, configs))
     d = 1024

@@ -363,8 +363,19 @@ def masked_softmax_native(scores, scale, bias, bias_table, bias_index, keep, out
     return p if kernel_out == out_dtype else p.to(out_dtype)
 
 
+def _atomic_gradient(device: torch.device, *params: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the CUDA kernels cannot serve a call whose bias or table takes a gradient while PyTorch's deterministic mode
+    is on (``torch.use_deterministic_algorithms(True)``): they add that gradient with atomics, in no fixed order. None
+    otherwise ("auto" then takes the PyTorch path, deterministic in that mode; the CPU kernels have no atomics)."""
+    if (_runs_cuda(device) and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+            and torch.are_deterministic_algorithms_enabled()):
+        return ("its CUDA kernels add the bias gradient with atomics (in no fixed order) and PyTorch's deterministic "
+                "mode is on")
+    return None
+
+
 def _softmax_unsupported(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
-    reason = _native_missing(scores.device)
+    reason = _native_missing(scores.device) or _atomic_gradient(scores.device, bias, bias_table)
     if reason is not None:
         return reason
     for name, dt in (("scores", scores.dtype), ("out_dtype", out_dtype),
@@ -651,7 +662,7 @@ def rel_pos_bias_gather_native(table, index):
 
 
 def _gather_unsupported(table, index) -> Optional[str]:
-    reason = _native_missing(table.device)
+    reason = _native_missing(table.device) or _atomic_gradient(table.device, table)
     if reason is not None:
         return reason
     if table.dtype not in _DTYPE_CODE:
