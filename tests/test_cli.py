@@ -15,7 +15,7 @@ from vlmo_fast.train import finetune as ft
 from vlmo_fast.train.config import PRESETS_TRAIN, build_parser, config_from_args, presets_for
 
 BOOL_OPTIONS = ("compile", "fsdp", "augment", "final_eval", "tensorboard", "whole_word_masking", "gather_with_grad",
-                "activation_checkpointing")
+                "activation_checkpointing", "deterministic")
 
 
 def flat(text):

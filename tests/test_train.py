@@ -319,6 +319,36 @@ def test_resume_continues_the_same_trajectory(tmp_path, synthetic_root):
         assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_deterministic_runs_in_pytorchs_deterministic_mode_and_restores_it(tmp_path, synthetic_root, monkeypatch):
+    """--deterministic turns PyTorch's deterministic mode on for the run (warn_only), with cuBLAS's fixed workspace
+    (a value already in the environment is kept), and restores the previous mode afterwards; on CPU the losses are the
+    same bits as without it."""
+    from vlmo_fast import objectives
+
+    seen = []
+    real = objectives.total_loss
+
+    def recording(out):
+        mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        seen.append(mode)
+        return real(out)
+
+    monkeypatch.setattr(objectives, "total_loss", recording)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    on = train(small_cfg(tmp_path / "on", synthetic_root, max_steps=3, deterministic=True))
+    assert seen and set(seen) == {(True, True)}
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen.clear()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    off = train(small_cfg(tmp_path / "off", synthetic_root, max_steps=3))
+    assert seen and set(seen) == {(False, False)}
+    assert losses(on) == losses(off)
+    train(small_cfg(tmp_path / "kept", synthetic_root, max_steps=1, warmup_steps=0, deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
 def test_an_fp16_run_resumes_from_a_run_that_kept_no_loss_scaler(tmp_path, synthetic_root):
     """A bf16/fp32 checkpoint holds an empty GradScaler state; resuming it with --precision fp16 starts a fresh
     scaler (GradScaler.load_state_dict refuses an empty state)."""

@@ -73,6 +73,7 @@ class TrainConfig:
     final_eval: bool = True  # evaluate on the whole val split at the end
     tensorboard: bool = True
     seed: int = 1
+    deterministic: bool = False  # PyTorch's deterministic mode for the run (warn_only): bit-identical reruns
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated; then save and stop
     device: str = "auto"
 
@@ -333,7 +334,12 @@ HELP = {
     "eval_every": "steps between evaluations (0: at the end)",
     "eval_batches": "val batches per periodic evaluation", "final_eval": "evaluate on the whole val split at the end",
     "tensorboard": "write TensorBoard logs when available",
-    "seed": "random seed", "max_bad_steps": "consecutive non-finite losses before stopping",
+    "seed": "random seed",
+    "deterministic": "bit-identical reruns on the same hardware and software: PyTorch's deterministic mode for the "
+                     "run (torch.use_deterministic_algorithms, warning about any op without a deterministic "
+                     "implementation), cuBLAS's fixed workspace, vlmo_fast's kernels at fixed tile configurations; "
+                     "costs some speed",
+    "max_bad_steps": "consecutive non-finite losses before stopping",
     "device": "auto, cpu, cuda or cuda:N",
 }
 

@@ -296,11 +296,31 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if reason is not None:
         with input_stage():
             raise ValueError(f"fsdp: {reason}")
-    info = init_distributed(cfg.device)
+    with _deterministic_algorithms(cfg.deterministic):
+        info = init_distributed(cfg.device)
+        try:
+            return _train(cfg, info)
+        finally:
+            cleanup()
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(on: bool):
+    """PyTorch's deterministic mode for the run when ``on`` (warn_only: an op without a deterministic implementation
+    warns once instead of stopping a long run; on CUDA, NLLLoss, under every cross-entropy loss, is one), the previous
+    mode afterwards. cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its first handle is made, so
+    before any GEMM; a value the environment already sets is kept). vlmo_fast's ops follow the mode: the Triton
+    attention runs fixed tile configurations, and the CUDA kernels whose gradients add with atomics step aside."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(cfg, info)
+        yield
     finally:
-        cleanup()
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
