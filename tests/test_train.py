@@ -16,7 +16,8 @@ import torch
 import vlmo_fast as vf
 from vlmo_fast import data as vdata
 from vlmo_fast import objectives
-from vlmo_fast.checkpoint import convert_beit_checkpoint, load_checkpoint, looks_like_beit, save_checkpoint
+from vlmo_fast.checkpoint import convert_beit_checkpoint, load_checkpoint, looks_like_beit, read_state_dict, \
+    save_checkpoint
 from vlmo_fast.config import loss_names
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import loop as train_loop
@@ -347,6 +348,19 @@ def test_deterministic_runs_in_pytorchs_deterministic_mode_and_restores_it(tmp_p
     assert losses(on) == losses(off)
     train(small_cfg(tmp_path / "kept", synthetic_root, max_steps=1, warmup_steps=0, deterministic=True))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_training_reruns_bit_for_bit(tmp_path, synthetic_root):
+    """On a GPU (bf16 autocast, the Triton kernels) two --deterministic runs from the same seed give the same losses
+    and the same weights, bit for bit."""
+    runs = [train(small_cfg(tmp_path / f"run{i}", synthetic_root, max_steps=3, device="cuda", deterministic=True))
+            for i in range(2)]
+    assert losses(runs[0]) == losses(runs[1])
+    weights = [read_state_dict(r["last_checkpoint"]) for r in runs]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
 
 
 def test_an_fp16_run_resumes_from_a_run_that_kept_no_loss_scaler(tmp_path, synthetic_root):
