@@ -332,7 +332,8 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                                           "sdpa": sdpa}
             if dev.type == "cuda":
                 # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
-                # results across runs and ranks cost against the autotuner's choice (#4: the default if under 10%)
+                # results across runs and ranks cost against the autotuner's choice (#4: the default if under 10%).
+                # The mode's other costs (e.g. torch.empty filled with NaN) are PyTorch's and not in these rows.
                 impls["vlmo_fast[deterministic]"] = ours()
                 flex = make_flex(q, k, v, table, index, keep, scale)
                 if flex is not None:

@@ -169,8 +169,8 @@ def test_cpu_auto_policy():
 def test_deterministic_mode_keeps_the_atomic_table_gradient_off_the_cuda_kernel(device, monkeypatch,
                                                                               deterministic_mode):
     """The CUDA backward adds into the table with atomics: under PyTorch's deterministic mode "auto" leaves a table
-    that takes a gradient to the PyTorch path and backend="cuda" says why; a gather without one still runs the CUDA
-    kernel, and the C++ CPU kernel (no atomics) takes both."""
+    that takes a gradient to the PyTorch path and backend="cuda" says why (with warn_only: warns and runs); a gather
+    without one still runs the CUDA kernel, and the C++ CPU kernel (no atomics) takes both."""
     monkeypatch.setitem(native.CPU_AUTO_MIN_ELEMENTS, "rel_pos_bias_gather", 0)
     cuda = native._runs_cuda(torch.device(device))
     index = relpos.fusion_relative_position_index(4, 2).to(device)
@@ -188,3 +188,10 @@ def test_deterministic_mode_keeps_the_atomic_table_gradient_off_the_cuda_kernel(
         out = ops.rel_pos_bias_gather(table, index)
     assert ops_backend.last_selected()["rel_pos_bias_gather"] == "cuda"
     assert torch.equal(out, table.detach().t()[:, index])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    ops.rel_pos_bias_gather(table, index)
+    assert ops_backend.last_selected()["rel_pos_bias_gather"] == ("torch" if cuda else "cuda")
+    if cuda:
+        with pytest.warns(UserWarning, match="backend='cuda' runs although .*not deterministic"):
+            ops.rel_pos_bias_gather(table, index, backend="cuda")
+        assert ops_backend.last_selected()["rel_pos_bias_gather"] == "cuda"

@@ -466,8 +466,9 @@ def test_double_backward_is_refused_not_wrong():
 @pytest.mark.parametrize("device", ["cpu", "cuda-emu"], indirect=True)
 def test_deterministic_mode_keeps_atomic_bias_gradients_off_the_cuda_kernels(device, monkeypatch, deterministic_mode):
     """The CUDA kernels add the bias and table gradients with atomics, in no fixed order. Under PyTorch's deterministic
-    mode "auto" gives such calls to the PyTorch path (deterministic in that mode) and backend="cuda" says why; calls
-    without a bias gradient still take the CUDA kernels, and the C++ CPU kernels (no atomics) take everything."""
+    mode "auto" gives such calls to the PyTorch path (deterministic in that mode) and backend="cuda" says why (with
+    warn_only, as PyTorch's own ops: a warning, and the kernels run); calls without a bias gradient still take the
+    CUDA kernels, and the C++ CPU kernels (no atomics) take everything."""
     monkeypatch.setitem(native.CPU_AUTO_MIN_ELEMENTS, "masked_softmax", 0)  # "auto" may pick the kernels at this size
     cuda = native._runs_cuda(torch.device(device))
     b, h, n = 3, 2, 9
@@ -485,3 +486,12 @@ def test_deterministic_mode_keeps_atomic_bias_gradients_off_the_cuda_kernels(dev
         p = ops.masked_softmax(scores, scale=0.5, bias=dense, key_padding_mask=keep, backend="auto")
     assert ops_backend.last_selected()["masked_softmax"] == "cuda"
     assert max_err(p, reference(scores, 0.5, dense, keep)) <= 1e-5
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    run(scores, 0.5, "table", full_table, index, dense, keep, h, "auto")
+    assert ops_backend.last_selected()["masked_softmax"] == ("torch" if cuda else "cuda")
+    if cuda:
+        with pytest.warns(UserWarning, match="backend='cuda' runs although .*not deterministic"):
+            p, ds, dbias, g = run(scores, 0.5, "table", full_table, index, dense, keep, h, "cuda")
+        assert ops_backend.last_selected()["masked_softmax"] == "cuda"
+        want = float64_reference(scores, 0.5, "table", full_table, index, dense, keep, h, g)
+        assert max_err(dbias, want[2]) <= 1e-5 * max(1.0, want[2].abs().max().item())

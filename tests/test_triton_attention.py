@@ -283,7 +283,9 @@ def _same_bits_as_the_fixed_configurations(monkeypatch, b, h, n, d, dtype):
                                     backend="triton")
         return (out,) + grads(out, [q, k, v, table], g)
 
-    others = {name: next(c for c in CANDIDATES[name] if c != ta.DETERMINISTIC_CONFIGS[name] and c[1] != ta.WHOLE_ROW)
+    # other candidates with other key blocks (for the forward and dQ the order their sums take), and query blocks
+    others = {name: next(c for c in CANDIDATES[name] if c[1] not in (ta.DETERMINISTIC_CONFIGS[name][1], ta.WHOLE_ROW)
+                         and c[0] != ta.DETERMINISTIC_CONFIGS[name][0])
               for name in TUNERS}
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
@@ -308,6 +310,24 @@ def test_deterministic_mode_is_the_fixed_configurations(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_deterministic_mode_is_the_fixed_configurations(monkeypatch):
     _same_bits_as_the_fixed_configurations(monkeypatch, 16, 12, 237, 64, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_ignores_the_sm_count(monkeypatch, deterministic_mode):
+    """The dQ kernel groups the batch by the card's SM count, which sets the order the table gradient adds up in; in
+    deterministic mode it does not, so cards of one architecture with other SM counts (H100 PCIe 114, SXM 132) agree
+    bit for bit."""
+    b, h, n, d = 64, 12, 237, 64
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv_views(b, h, n, d))
+    index = relpos.fusion_relative_position_index(40, 14).cuda()
+    table = torch.randn(1126, h, device="cuda", requires_grad=True)
+    keep = padding(b, n)
+    runs = []
+    for sms in (114, 132, 16):
+        monkeypatch.setattr(ta, "_sm_count", lambda index, sms=sms: sms)
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep)
+        runs.append(grads(out, [table], torch.ones_like(out))[0])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_autotuner_choice_outside_deterministic_mode(monkeypatch):

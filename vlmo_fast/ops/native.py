@@ -20,6 +20,7 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 """
 
 import contextlib
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -364,9 +365,10 @@ def masked_softmax_native(scores, scale, bias, bias_table, bias_index, keep, out
 
 
 def _atomic_gradient(device: torch.device, *params: Optional[torch.Tensor]) -> Optional[str]:
-    """Why the CUDA kernels cannot serve a call whose bias or table takes a gradient while PyTorch's deterministic mode
-    is on (``torch.use_deterministic_algorithms(True)``): they add that gradient with atomics, in no fixed order. None
-    otherwise ("auto" then takes the PyTorch path, deterministic in that mode; the CPU kernels have no atomics)."""
+    """Why the CUDA kernels should not serve a call whose bias or table takes a gradient while PyTorch's deterministic
+    mode is on (``torch.use_deterministic_algorithms(True)``): they add that gradient with atomics, in no fixed order.
+    None otherwise (the CPU kernels have no atomics). "auto" then takes the PyTorch path, deterministic in that
+    mode."""
     if (_runs_cuda(device) and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
             and torch.are_deterministic_algorithms_enabled()):
         return ("its CUDA kernels add the bias gradient with atomics (in no fixed order) and PyTorch's deterministic "
@@ -374,8 +376,20 @@ def _atomic_gradient(device: torch.device, *params: Optional[torch.Tensor]) -> O
     return None
 
 
+def _atomic_gradient_asked(op: str, device: torch.device, *params: Optional[torch.Tensor]) -> Optional[str]:
+    """_atomic_gradient for an explicit backend="cuda" request, as PyTorch treats its own ops without a deterministic
+    implementation: the reason (the request is refused) in that mode, or with ``warn_only`` a warning and None (the
+    kernels run as asked)."""
+    reason = _atomic_gradient(device, *params)
+    if reason is not None and torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{op}: backend='cuda' runs although {reason} (warn_only): its bias gradient is not "
+                      "deterministic", stacklevel=2)
+        return None
+    return reason
+
+
 def _softmax_unsupported(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
-    reason = _native_missing(scores.device) or _atomic_gradient(scores.device, bias, bias_table)
+    reason = _native_missing(scores.device) or _atomic_gradient_asked("masked_softmax", scores.device, bias, bias_table)
     if reason is not None:
         return reason
     for name, dt in (("scores", scores.dtype), ("out_dtype", out_dtype),
@@ -662,7 +676,7 @@ def rel_pos_bias_gather_native(table, index):
 
 
 def _gather_unsupported(table, index) -> Optional[str]:
-    reason = _native_missing(table.device) or _atomic_gradient(table.device, table)
+    reason = _native_missing(table.device) or _atomic_gradient_asked("rel_pos_bias_gather", table.device, table)
     if reason is not None:
         return reason
     if table.dtype not in _DTYPE_CODE:
@@ -688,7 +702,7 @@ CPU_AUTO_MIN_ELEMENTS = {
 def _softmax_auto_declines(scores, bias, bias_table, bias_index, keep, out_dtype) -> Optional[str]:
     if scores.device.type == "cpu" and scores.numel() < CPU_AUTO_MIN_ELEMENTS["masked_softmax"]:
         return f"on CPU below {CPU_AUTO_MIN_ELEMENTS['masked_softmax']} elements the PyTorch path is as fast"
-    return None
+    return _atomic_gradient(scores.device, bias, bias_table)
 
 
 def _layernorm_auto_declines(x, weight, bias, split) -> Optional[str]:
@@ -701,12 +715,10 @@ def _layernorm_auto_declines(x, weight, bias, split) -> Optional[str]:
 
 
 def _gather_auto_declines(table, index) -> Optional[str]:
-    if table.device.type != "cpu":
-        return None
-    if table.shape[1] * index.numel() < CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]:
-        limit = CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]
+    limit = CPU_AUTO_MIN_ELEMENTS["rel_pos_bias_gather"]
+    if table.device.type == "cpu" and table.shape[1] * index.numel() < limit:
         return f"on CPU below {limit} output elements PyTorch's gather is as fast"
-    return None
+    return _atomic_gradient(table.device, table)
 
 
 _backend.register("masked_softmax", "cuda", masked_softmax_native, _softmax_unsupported, priority=20,

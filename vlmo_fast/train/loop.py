@@ -307,20 +307,25 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 @contextlib.contextmanager
 def _deterministic_algorithms(on: bool):
     """PyTorch's deterministic mode for the run when ``on`` (warn_only: an op without a deterministic implementation
-    warns once instead of stopping a long run; on CUDA, NLLLoss, under every cross-entropy loss, is one), the previous
-    mode afterwards. cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its first handle is made, so
-    before any GEMM; a value the environment already sets is kept). vlmo_fast's ops follow the mode: the Triton
-    attention runs fixed tile configurations, and the CUDA kernels whose gradients add with atomics step aside."""
+    warns instead of stopping a long run; on CUDA, NLLLoss, under every cross-entropy loss, is one), the previous mode
+    afterwards. cuBLAS needs a fixed workspace: CUBLAS_WORKSPACE_CONFIG, read once, when the process makes its first
+    cuBLAS handle, so it takes effect when train() runs before any GEMM of the process (as the command does; a value
+    the environment already sets is kept). vlmo_fast's ops follow the mode: the Triton attention runs fixed tile
+    configurations, and the CUDA kernels whose gradients add with atomics step aside."""
     if not on:
         yield
         return
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
