@@ -348,6 +348,14 @@ def test_deterministic_runs_in_pytorchs_deterministic_mode_and_restores_it(tmp_p
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     train(small_cfg(tmp_path / "kept", synthetic_root, max_steps=1, warmup_steps=0, deterministic=True))
     assert set(seen) == {(True, True, ":16:8")} and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    seen.clear()
+    torch.use_deterministic_algorithms(True)  # the caller's strict mode is not relaxed
+    try:
+        train(small_cfg(tmp_path / "strict", synthetic_root, max_steps=1, warmup_steps=0, deterministic=True))
+        assert set(seen) == {(True, False, ":16:8")} and torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.gpu

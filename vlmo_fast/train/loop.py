@@ -310,8 +310,9 @@ def _deterministic_algorithms(on: bool):
     warns instead of stopping a long run; on CUDA, NLLLoss, under every cross-entropy loss, is one), the previous mode
     afterwards. cuBLAS needs a fixed workspace: CUBLAS_WORKSPACE_CONFIG, read once, when the process makes its first
     cuBLAS handle, so it takes effect when train() runs before any GEMM of the process (as the command does; a value
-    the environment already sets is kept). vlmo_fast's ops follow the mode: the Triton attention runs fixed tile
-    configurations, and the CUDA kernels whose gradients add with atomics step aside."""
+    the environment already sets is kept). A mode the caller already set (strict or warn_only) stays as it is.
+    vlmo_fast's ops follow the mode: the Triton attention runs fixed tile configurations, and the CUDA kernels whose
+    gradients add with atomics step aside."""
     if not on:
         yield
         return
@@ -319,7 +320,8 @@ def _deterministic_algorithms(on: bool):
     workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if workspace is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not before[0]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
