@@ -105,6 +105,14 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         fallbacks = _torch_fallbacks(ours) if data.get("meta", {}).get("device_type") == "cuda" else []
         if fallbacks:
             status = ("" if status == "ok" else status + "; ") + "PyTorch path for " + ", ".join(fallbacks)
+        # our own variants other than the PyTorch path (the attention's fixed tiles of the deterministic mode, for
+        # #4's "the default if under 10%"; the staged softmax kernels; the optimizer's foreach path): their time as a
+        # multiple of the default's
+        variants = [f"{r['impl'][len('vlmo_fast['):-1]}: {r['ms'] / ours['ms']:.2f}x the time" for r in rows
+                    if r["impl"].startswith("vlmo_fast[") and r["impl"] != "vlmo_fast[torch]" and r["ms"]
+                    and ours["ms"] and r.get("status", "ok") == "ok"]
+        if variants:
+            status = ("" if status == "ok" else status + "; ") + "; ".join(variants)
         out.append({
             "op": op, "case": case, "dtype": dtype, "mode": mode, "ms": ours["ms"], "status": status,
             "vs_official": ours["speedup"],

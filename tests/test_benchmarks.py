@@ -465,3 +465,19 @@ def test_summary_shows_how_to_read_a_row_but_not_the_backend_record():
     status = summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": [row]})[0]["status"]
     assert status == ("speedup: samples/s against the official step at B=64 (at B=128: oom); "
                       "PyTorch path for multiway_ffn")
+
+
+def test_summary_gives_the_time_of_our_kernel_variants_against_the_default():
+    """Our variants (the deterministic mode's fixed tiles, #4: the default if under 10% slower; the staged softmax
+    kernels): the summary's status gives their time as a multiple of vlmo_fast's; the PyTorch path and variants
+    whose check failed are left out."""
+    import summary
+
+    def row(impl, ms, status="ok"):
+        return dict(op="attention", case={"N": 237}, dtype="bf16", mode="fwd+bwd", impl=impl, baseline="official",
+                    ms=ms, speedup=4.0 / ms, status=status)
+
+    rows = [row("official", 4.0), row("vlmo_fast", 1.0), row("vlmo_fast[torch]", 3.0),
+            row("vlmo_fast[deterministic]", 1.08), row("vlmo_fast[staged]", 0.5, "mismatch: 1e-2")]
+    assert summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": rows})[0]["status"] == (
+        "deterministic: 1.08x the time")
