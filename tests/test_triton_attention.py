@@ -204,28 +204,33 @@ def test_every_accepted_index_dtype_gives_the_same_result(index_dtype):
         assert torch.equal(a, e)
 
 
-def test_backward_is_deterministic_and_scale_is_honoured():
-    """Two backward passes give the same bits, and a custom scale reaches the forward and every gradient (dq, dk, dv
-    and the table's), each checked against float64 under the same scale."""
-    b, h, n, d = 2, 2, 29, 16
+def two_runs_against_float64(b, h, n, d, keep, scale=None):
+    """Two forward+backward passes with a table bias (fp32): the same bits, and the output and every gradient (dq,
+    dk, dv, dtable) within twice the eager error against float64. Returns the first run's results."""
     q, k, v = qkv_views(b, h, n, d)
     index, rows = fusion_index(n)
     table = torch.randn(rows, h, device=DEV, requires_grad=True)
-    keep = padding(b, n)
     leaves = [q, k, v, table]
     g = torch.randn(b, h, n, d, device=DEV)
     runs = []
     for _ in range(2):
-        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, scale=0.3,
+        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, scale=scale,
                                     backend="triton")
         runs.append((out,) + grads(out, leaves, g))
     for a, e in zip(*runs):
         assert torch.equal(a, e)
     l64 = leaves64(*leaves)
-    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep, scale=0.3)
-    eager = eager_attention(q, k, v, table.t()[:, index], keep, scale=0.3)
+    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep, scale=scale)
+    eager = eager_attention(q, k, v, table.t()[:, index], keep, scale=scale)
     want, base = (ref,) + grads(ref, l64, g.double()), (eager,) + grads(eager, leaves, g)
     check_twice_eager(["out", "dq", "dk", "dv", "dtable"], runs[0], base, want, fp32_floor)
+    return runs[0]
+
+
+def test_backward_is_deterministic_and_scale_is_honoured():
+    """Two backward passes give the same bits, and a custom scale reaches the forward and every gradient (dq, dk, dv
+    and the table's), each checked against float64 under the same scale."""
+    two_runs_against_float64(2, 2, 29, 16, padding(2, 29), scale=0.3)
 
 
 def test_deterministic_mode_runs_fixed_configurations_without_the_autotuner(monkeypatch, deterministic_mode):
@@ -246,26 +251,8 @@ def test_deterministic_mode_runs_fixed_configurations_without_the_autotuner(monk
         raise AssertionError("the autotuner ran in deterministic mode")
 
     monkeypatch.setattr(Autotuner, "run", refuse)
-    b, h, n, d = 3, 2, 45, 16
-    q, k, v = qkv_views(b, h, n, d)
-    index, rows = fusion_index(n)
-    table = torch.randn(rows, h, device=DEV, requires_grad=True)
-    keep = padding(b, n, full_row=b - 1)
-    leaves = [q, k, v, table]
-    g = torch.randn(b, h, n, d, device=DEV)
-    runs = []
-    for _ in range(2):
-        out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
-                                    backend="triton")
-        runs.append((out,) + grads(out, leaves, g))
-    for a, e in zip(*runs):
-        assert torch.equal(a, e)
-    assert torch.all(runs[0][0][b - 1] == 0)
-    l64 = leaves64(*leaves)
-    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep)
-    eager = eager_attention(q, k, v, table.t()[:, index], keep)
-    want, base = (ref,) + grads(ref, l64, g.double()), (eager,) + grads(eager, leaves, g)
-    check_twice_eager(["out", "dq", "dk", "dv", "dtable"], runs[0], base, want, fp32_floor)
+    out = two_runs_against_float64(3, 2, 45, 16, padding(3, 45, full_row=2))[0]
+    assert torch.all(out[2] == 0)
 
 
 def _same_bits_as_the_fixed_configurations(monkeypatch, b, h, n, d, dtype):
@@ -287,28 +274,24 @@ def _same_bits_as_the_fixed_configurations(monkeypatch, b, h, n, d, dtype):
     others = {name: next(c for c in CANDIDATES[name] if c[1] not in (ta.DETERMINISTIC_CONFIGS[name][1], ta.WHOLE_ROW)
                          and c[0] != ta.DETERMINISTIC_CONFIGS[name][0])
               for name in TUNERS}
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        for name in TUNERS:
-            pin(monkeypatch, name, *others[name])
-        pinned = run()
-        torch.use_deterministic_algorithms(False)
-        for name in TUNERS:
-            pin(monkeypatch, name, *ta.DETERMINISTIC_CONFIGS[name])
-        tuned = run()
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert torch.are_deterministic_algorithms_enabled()  # the deterministic_mode fixture; it restores the mode
+    for name in TUNERS:
+        pin(monkeypatch, name, *others[name])
+    pinned = run()
+    torch.use_deterministic_algorithms(False)
+    for name in TUNERS:
+        pin(monkeypatch, name, *ta.DETERMINISTIC_CONFIGS[name])
+    tuned = run()
     for a, e in zip(pinned, tuned):
         assert torch.equal(a, e)
 
 
-def test_deterministic_mode_is_the_fixed_configurations(monkeypatch):
+def test_deterministic_mode_is_the_fixed_configurations(monkeypatch, deterministic_mode):
     _same_bits_as_the_fixed_configurations(monkeypatch, 2, 2, 45, 16, torch.float32)
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_mode_is_the_fixed_configurations(monkeypatch):
+def test_gpu_deterministic_mode_is_the_fixed_configurations(monkeypatch, deterministic_mode):
     _same_bits_as_the_fixed_configurations(monkeypatch, 16, 12, 237, 64, torch.bfloat16)
 
 
