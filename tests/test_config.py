@@ -1,4 +1,4 @@
-"""Presets, task switches, state-dict keys/shapes and parameter counts (spec §1.1, §1.3)."""
+"""Presets, task switches, state-dict keys/shapes and parameter counts (spec §1.1, §1.3); the named training recipes (§6.2)."""
 
 import math
 
@@ -152,3 +152,69 @@ def test_unknown_preset_and_config_roundtrip():
     assert vf.VLMoConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(TypeError):
         vf.VLMo({"model_arch": "vlmo_base_patch16"})
+
+
+# ---- the official named task configs (spec §6.2), as a user gets them: --preset through the command's parser ------
+
+# name: datasets, tasks, arch, image side, global batch, lr, drop-path rate, (max_steps, warmup) or "10ep", lr_mult,
+# max_text_len. Transcribed from the spec's table row by row, not from the presets. The README's step200k schedule
+# applies to the pretraining stages; the large VL config's arch is the fixed one (Q12: vit_large_patch16_224).
+_VL = ["coco", "vg", "sbu", "gcc"]
+_S200K = (200000, 2500)
+_OFFICIAL_TASK_CONFIGS = {
+    "task_textmlm_base": (["wikibk"], ["textmlm"], "base", 224, 1024, 2e-4, 0.1, _S200K, 1, 196),
+    "task_textmlm_base_plus": (["wikibk"], ["textmlm"], "base_plus", 224, 1024, 2e-4, 0.1, _S200K, 1, 196),
+    "task_mlm_itm_itc_base": (_VL, ["mlm", "itm", "itc"], "base", 224, 1024, 2e-4, 0.1, _S200K, 1, 40),
+    "task_mlm_itm_itc_base_plus": (_VL, ["mlm", "itm", "itc"], "base_plus", 224, 1024, 1e-4, 0.1, _S200K, 1, 40),
+    "task_mlm_itm_itc_large": (_VL, ["mlm", "itm", "itc"], "large", 224, 1024, 5e-5, 0.1, _S200K, 1, 40),
+    "task_finetune_nlvr2_base": (["nlvr2"], ["nlvr2"], "base", 224, 128, 5e-5, 0.1, "10ep", 1, 40),
+    "task_finetune_nlvr2_base_plus": (["nlvr2"], ["nlvr2"], "base_plus", 224, 128, 3e-5, 0.2, "10ep", 1, 40),
+    "task_finetune_nlvr2_base_image384": (["nlvr2"], ["nlvr2"], "base", 384, 128, 5e-5, 0.1, "10ep", 1, 40),
+    "task_finetune_nlvr2_base_plus_image384": (["nlvr2"], ["nlvr2"], "base_plus", 384, 128, 3e-5, 0.2, "10ep", 1, 40),
+    "task_finetune_nlvr2_large": (["nlvr2"], ["nlvr2"], "large", 224, 128, 3e-5, 0.15, "10ep", 1, 40),
+    "task_finetune_nlvr2_large_image384": (["nlvr2"], ["nlvr2"], "large", 384, 128, 3e-5, 0.15, "10ep", 1, 40),
+    "task_finetune_vqa_base_image480": (["vqa"], ["vqa"], "base", 480, 128, 3e-5, 0.15, "10ep", 20, 40),
+    "task_finetune_vqa_base_plus_image480": (["vqa"], ["vqa"], "base_plus", 480, 128, 3e-5, 0.15, "10ep", 20, 40),
+    "task_finetune_vqa_large_image480": (["vqa"], ["vqa"], "large", 480, 128, 1.5e-5, 0.15, "10ep", 20, 40),
+    "task_finetune_irtr_f30k_base": (["f30k"], ["irtr"], "base", 224, 3072, 3e-5, 0.15, (1500, 150), 1, 40),
+    "task_finetune_irtr_f30k_base_image384": (["f30k"], ["irtr"], "base", 384, 3072, 3e-5, 0.15, (1500, 150), 1, 40),
+    "task_finetune_irtr_f30k_base_plus_image384": (["f30k"], ["irtr"], "base_plus", 384, 3072, 3e-5, 0.2,
+                                                   (1500, 150), 1, 40),
+    "task_finetune_irtr_f30k_large_image384": (["f30k"], ["irtr"], "large", 384, 3072, 2e-5, 0.2, (1500, 150), 1, 40),
+    "task_finetune_irtr_coco_base_image384": (["coco"], ["irtr"], "base", 384, 3072, 3e-5, 0.2, (3000, 300), 1, 40),
+    "task_finetune_irtr_coco_base_plus_image384": (["coco"], ["irtr"], "base_plus", 384, 3072, 3e-5, 0.2,
+                                                   (3000, 300), 1, 40),
+    "task_finetune_irtr_coco_large_image384": (["coco"], ["irtr"], "large", 384, 3072, 2e-5, 0.2, (3000, 300), 1, 40),
+}
+
+
+def test_every_official_task_config_is_a_preset():
+    from vlmo_fast.train.config import PRESETS_TRAIN
+
+    assert sorted(PRESETS_TRAIN) == sorted(_OFFICIAL_TASK_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(_OFFICIAL_TASK_CONFIGS))
+def test_named_preset_trains_with_the_official_values(name, tmp_path):
+    from vlmo_fast.train.config import build_parser, config_from_args
+    from vlmo_fast.train.loop import build_model
+
+    datasets, tasks, arch, image, batch, lr, dpr, schedule, lr_mult, text_len = _OFFICIAL_TASK_CONFIGS[name]
+    cfg = config_from_args(build_parser("vlmo-fast", "test").parse_args(["--preset", name,
+                                                                        "--data-root", str(tmp_path)]))
+    assert cfg.datasets == datasets and sorted(cfg.tasks) == sorted(tasks)
+    assert cfg.batch_size == batch and cfg.learning_rate == lr and cfg.lr_mult == lr_mult
+    # kept by every config (spec §6.2 notes, §6.1, §6.3): decay, seed, masking, the linear schedule to 0, no clipping
+    assert (cfg.weight_decay, cfg.seed, cfg.mlm_prob, cfg.end_lr, cfg.schedule) == (0.01, 1, 0.15, 0.0, "linear")
+    assert cfg.optimizer == "official" and cfg.grad_clip is None
+    if schedule == "10ep":  # max_steps from the loader's length over 10 epochs, warmup 10% of that
+        assert (cfg.max_steps, cfg.max_epochs, cfg.warmup_steps) == (None, 10, 0.1)
+    else:
+        assert (cfg.max_steps, cfg.warmup_steps) == schedule and isinstance(cfg.warmup_steps, int)
+    if "mlm" in tasks or "textmlm" in tasks:
+        assert cfg.whole_word_masking is True
+    with torch.device("meta"):
+        model = build_model(cfg)
+    mc = model.config
+    assert mc.model_arch == f"vlmo_{arch}_patch16"
+    assert (mc.image_size, mc.max_text_len, mc.drop_path_rate) == (image, text_len, dpr)
