@@ -1,4 +1,4 @@
-"""Presets, task switches, state-dict keys/shapes and parameter counts (spec §1.1, §1.3); the named training recipes (§6.2)."""
+"""Model presets, task switches, state-dict keys/shapes, parameter counts (spec §1.1, §1.3); training recipes (§6.2)."""
 
 import math
 
