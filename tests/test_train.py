@@ -401,6 +401,31 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
     assert "no final evaluation: the training data are tar shards" in capsys.readouterr().out
 
 
+def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic_root, capsys):
+    """vg and sbu have no val split (spec §7): a run on vg alone has nothing to evaluate on (it used to train, save,
+    and then fail at the final evaluation), one on vg and coco evaluates on coco's val split, and a val file that is
+    missing is an error before the first step, not after the last."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    shutil.copy(root / "coco_caption_karpathy_train.arrow", root / "vg.arrow")  # the same columns as vg's
+
+    def run(name, datasets, final_eval=True):
+        return train(small_cfg(tmp_path / name, str(root), datasets=datasets, max_steps=1, warmup_steps=0,
+                               final_eval=final_eval))
+
+    alone = run("vg", ["vg"])
+    assert alone["stop_reason"] == "max_steps" and alone["metrics"] == {}
+    assert "no final evaluation: none of the datasets vg has a val split" in capsys.readouterr().out
+    mixed = run("mixed", ["vg", "coco"])
+    assert "val/r_mean" in mixed["metrics"] and "val/itc_i2t_acc" in mixed["metrics"]
+    os.remove(root / "coco_caption_karpathy_val.arrow")
+    with pytest.raises(FileNotFoundError, match="coco_caption_karpathy_val.arrow: the coco val split"):
+        run("no_val", ["vg", "coco"])
+    assert not (tmp_path / "no_val" / "checkpoints").exists() or not os.listdir(tmp_path / "no_val" / "checkpoints")
+    # without an evaluation, the val files are not needed
+    assert run("no_eval", ["vg", "coco"], final_eval=False)["stop_reason"] == "max_steps"
+
+
 def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):
     train(small_cfg(tmp_path / "csv", synthetic_root, max_steps=5, log_every=1, eval_every=2, eval_batches=1))
     with open(tmp_path / "csv" / "log.csv", newline="") as f:

@@ -195,10 +195,37 @@ def _is_shards(name: str) -> bool:
     return name.endswith(".tar") or any(c in name for c in "*{")
 
 
+def eval_datasets(cfg: TrainConfig, split: str = "val") -> List[str]:
+    """The run's arrow datasets that have official files for ``split``: vg and sbu have none, so a run on
+    ``coco,vg`` evaluates on coco's and one on ``vg`` alone on nothing. Tar shards are training data only: a run on
+    shards evaluates on the arrow files of --data-root (COCO's), and without one on nothing."""
+    arrow = [d for d in cfg.datasets if not _is_shards(d)]
+    if not arrow:
+        return ["coco"] if cfg.data_root is not None else []
+    return [d for d in arrow if vdata.dataset_files(d, split)]
+
+
 def has_val_split(cfg: TrainConfig) -> bool:
-    """Tar shards are training data only: a run on shards evaluates on the arrow files of --data-root (COCO val),
-    and without one it has nothing to evaluate on."""
-    return cfg.data_root is not None or any(not _is_shards(d) for d in cfg.datasets)
+    return bool(eval_datasets(cfg))
+
+
+def no_eval_reason(cfg: TrainConfig) -> str:
+    if any(_is_shards(d) for d in cfg.datasets):
+        return "the training data are tar shards, which have no val split, and no --data-root gives one"
+    return f"none of the datasets {', '.join(cfg.datasets)} has a val split"
+
+
+def check_eval_files(cfg: TrainConfig) -> None:
+    """Before training: the val files an evaluation will read exist (a missing one would otherwise end the run after
+    its last step, at the final evaluation)."""
+    if cfg.data_root is None or not (cfg.final_eval or cfg.eval_every):
+        return
+    for name in eval_datasets(cfg):
+        for stem in vdata.dataset_files(name, "val"):
+            path = os.path.join(cfg.data_root, stem + ".arrow")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: the {name} val split, which the evaluation reads, is missing "
+                                        f"(--final-eval false and --eval-every 0 train without it)")
 
 
 def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
@@ -241,8 +268,11 @@ def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: O
                       split: str = "val"):
     """(image batches, caption batches) of the split, for dual-encoder recall: one item per image, one per caption."""
     root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
-    names = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
+    names = eval_datasets(cfg, split)
+    if not names:
+        raise ValueError(f"retrieval evaluation: {no_eval_reason(cfg)}")
     kw = dict(image_size=model_config.image_size, max_text_len=model_config.max_text_len, train=False)
+    # the first only: img_index numbers the rows of one dataset, so two datasets' images would share numbers
     images = vdata.build_dataset(root, names[:1], split, image_only=True, **kw)
     texts = vdata.build_dataset(root, names[:1], split, text_only=True, **kw)
     collate = vdata.build_collate(mlm=False)
@@ -254,8 +284,11 @@ def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: O
 
 def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val"):
     root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
-    names = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
-    ds = vdata.build_dataset(root, names[:1], split, image_size=model_config.image_size,
+    names = eval_datasets(cfg, split)
+    if not names:
+        raise ValueError(f"evaluation: {no_eval_reason(cfg)}")
+    # all of them, as the official val set (a ConcatDataset of every dataset's val split)
+    ds = vdata.build_dataset(root, names, split, image_size=model_config.image_size,
                              max_text_len=model_config.max_text_len, train=False)
     return eval_loader(ds, cfg.per_device_batch_size, vdata.build_collate(mlm=False), cfg.num_workers)
 

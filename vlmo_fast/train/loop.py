@@ -354,6 +354,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                              f"({cfg.per_device_batch_size} x {info.world_size})")
         accum = cfg.batch_size // per_step
         stream = data_setup.train_stream(cfg, model.config, info)
+        data_setup.check_eval_files(cfg)
         max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
         warmup = resolve_warmup(cfg.warmup_steps, max_steps)
         optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
@@ -516,8 +517,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if can_evaluate:
             metrics = evaluate(model, cfg, info, amp, None)
         else:
-            logger.write("no final evaluation: the training data are tar shards, which have no val split, and no "
-                         "--data-root gives one")
+            logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
     elapsed = time.time() - t_start
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
