@@ -194,10 +194,19 @@ def test_evaluate_takes_the_model_settings_the_checkpoint_records(tmp_path, monk
     cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(path), "--image-size", "64", "--arch",
                                       "vlmo_base_patch16"] + common)  # explicit options win
     assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_base_patch16", 64, 10)
-    plain = tmp_path / "model.pt"  # a plain state dict records nothing: the base preset's settings
-    save_checkpoint(model, plain)
+    plain = tmp_path / "model.pt"  # a plain state dict (as official checkpoints) records nothing: the base preset's
+    save_checkpoint(model, plain)  # settings, but the image size its relative-position table was trained at
     cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(plain)] + common)
-    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_base_patch16", None, None)
+    assert (cfg.arch, cfg.image_size, cfg.max_text_len) == ("vlmo_base_patch16", 48, None)
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(plain), "--image-size", "64"] + common)
+    assert cfg.image_size == 64
+    absolute = tmp_path / "absolute.pt"  # base_plus has absolute image positions instead: 1 + W² of them
+    with torch.device("meta"):
+        meta = vf.VLMo(vf.preset("vlmo_base_plus_patch16", image_size=384))
+    torch.save({k: torch.zeros(v.shape) for k, v in meta.state_dict().items() if "pos_embed" in k}, absolute)
+    cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(absolute), "--arch", "vlmo_base_plus_patch16"]
+                        + common)
+    assert cfg.image_size == 384
 
 
 def test_evaluate_help_is_per_task(capsys):

@@ -228,13 +228,47 @@ def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
                    root, "--arch", "vlmo_tiny_patch16", "--split", "test", "--out", str(sub), "--device", "cpu",
                    "--precision", "fp32"])
     rows = json.loads(sub.read_text())
-    # every test question, once; answers are the strings of the predicted labels ("" for a label no train/val
-    # question carries: after two steps the argmax over 3129 classes need not be one of the three used here)
+    # every test question, once; answers are the strings of the predicted labels ("unknown", as official, for a
+    # label no train/val question carries: after two steps the argmax over 3129 classes need not be one used here)
     assert sorted(r["question_id"] for r in rows) == [3000 + 10 * i + j for i in range(3) for j in range(2)]
-    assert {r["answer"] for r in rows} <= {"yes", "no", "two", ""}
+    assert {r["answer"] for r in rows} <= {"yes", "no", "two", "unknown"}
     assert finetune_main(["nlvr2", "--out-dir", str(tmp_path / "nlvr2")] + common) == 0
     out = tmp_path / "nlvr2.json"
     evaluate_main(["nlvr2", "--load-path", str(tmp_path / "nlvr2" / "checkpoints" / "step_00000002.pt"),
                    "--data-root", root, "--arch", "vlmo_tiny_patch16", "--out", str(out), "--device", "cpu"])
     acc = json.loads(out.read_text())
     assert set(acc) >= {"dev_acc", "test_acc"} and 0.0 <= acc["dev_acc"] <= 1.0
+
+
+def test_evaluate_refuses_what_would_give_a_meaningless_result(tmp_path, capsys, synthetic_root):
+    """A head the checkpoint lacks would be evaluated at its random initialisation, and a VQA submission without the
+    train/val files would answer every question with no string: both end in one error line instead."""
+    def error_of(argv):
+        with pytest.raises(SystemExit) as info:
+            evaluate_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1, err
+        return err[0]
+
+    cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)
+    retrieval = tmp_path / "irtr.safetensors"  # retrieval fine-tuning builds no ITM head (spec §1.3)
+    vf.save_checkpoint(vf.VLMo(cfg.replace(loss_names=loss_names(irtr=1))), retrieval)
+    common = ["--data-root", synthetic_root, "--device", "cpu", "--num-workers", "0"]
+    err = error_of(["irtr", "--load-path", str(retrieval), "--rerank-k", "2"] + common)
+    assert "has no itm_score weights" in err and "without --rerank-k" in err, err
+    assert evaluate_main(["irtr", "--load-path", str(retrieval), "--split", "val"] + common) == 0  # recall alone
+    capsys.readouterr()
+    root = str(tmp_path / "vqa")
+    os.makedirs(root)
+    _write_vqa(root)
+    pretrained = tmp_path / "pretrained.safetensors"  # the pretraining heads only: no vqa_classifier
+    vf.save_checkpoint(vf.VLMo(cfg), pretrained)
+    err = error_of(["vqa", "--load-path", str(pretrained), "--data-root", root, "--split", "val", "--device", "cpu"])
+    assert "has no vqa_classifier weights" in err, err
+    finetuned = tmp_path / "vqa.safetensors"
+    vf.save_checkpoint(vf.VLMo(cfg.replace(loss_names=loss_names(vqa=1))), finetuned)
+    os.remove(os.path.join(root, "vqav2_trainable_val.arrow"))
+    err = error_of(["vqa", "--load-path", str(finetuned), "--data-root", root, "--split", "test", "--device", "cpu",
+                    "--out", str(tmp_path / "sub.json")])
+    assert "vqav2_trainable_val.arrow" in err and "answer strings" in err, err
+    assert not (tmp_path / "sub.json").exists()

@@ -195,6 +195,25 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     return sd, report
 
 
+def trained_image_size(state_dict: Mapping[str, torch.Tensor], patch_size: int = 16,
+                       max_text_len_of_initckpt: int = 196) -> Optional[int]:
+    """The image side a state dict was trained at, read from its position parameters: the relative-position table's
+    rows R = (2W-1)² + 3 + 2·max_text_len_of_initckpt + 2 (1126 at 224 px, 2606 at 384, 3878 at 480 with patch 16)
+    or the absolute ``transformer.pos_embed``'s 1 + W² entries. None when it has neither, or they fit no grid."""
+    table = state_dict.get("relative_position_bias_table")
+    if table is not None and table.dim() == 2:
+        distances = table.shape[0] - 2 * max_text_len_of_initckpt - 2 - 3  # (2W-1)²
+        side = int(round(max(distances, 0) ** 0.5))
+        if distances > 0 and side * side == distances and side % 2 == 1:
+            return (side + 1) // 2 * patch_size
+    pos = state_dict.get("transformer.pos_embed")
+    if pos is not None and pos.dim() == 3:
+        window = int(round(max(pos.shape[1] - 1, 0) ** 0.5))
+        if window > 0 and window * window == pos.shape[1] - 1:
+            return window * patch_size
+    return None
+
+
 def load_checkpoint(
     model: nn.Module, checkpoint: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True
 ) -> LoadReport:

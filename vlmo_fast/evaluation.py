@@ -187,12 +187,13 @@ def build_id2answer(tables) -> Dict[int, str]:
 
 
 def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
-    """Write the test-set submission JSON ``[{"question_id": ..., "answer": ...}]`` atomically."""
+    """Write the test-set submission JSON ``[{"question_id": ..., "answer": ...}]`` atomically; a class without an
+    answer string in ``id2answer`` is answered "unknown", as official."""
     import json
 
     from .checkpoint import atomic_write
 
-    rows = [{"question_id": qid, "answer": id2answer.get(label, "")} for qid, label in predictions]
+    rows = [{"question_id": qid, "answer": id2answer.get(label, "unknown")} for qid, label in predictions]
 
     def write(tmp):
         with open(tmp, "w") as f:

@@ -15,8 +15,9 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .. import data as vdata
-from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load, unwrap_state_dict
-from ..config import PRESETS
+from ..checkpoint import (CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load,
+                          trained_image_size, unwrap_state_dict)
+from ..config import PRESETS, preset
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
 from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
@@ -118,7 +119,8 @@ def _evaluate_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=PRESETS, help="model preset (default: the checkpoint's when it "
                                                                  "records one, else vlmo_base_patch16)")
     p.add_argument("--image-size", type=int, default=None, help="image size (default: the checkpoint's when "
-                                                                "recorded, else the preset's)")
+                                                                "recorded, else the size its position parameters "
+                                                                "were trained at, e.g. 384 for a 2606-row table)")
     p.add_argument("--max-text-len", type=int, default=None, help="text length (default: the checkpoint's when "
                                                                   "recorded, else the preset's)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
@@ -174,10 +176,15 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         check_environment(TrainConfig(tasks=[task], datasets=[dataset_name], data_root=args.data_root,
                                       device=args.device))
         state, recorded, _ = read_checkpoint(args.load_path)
-        # an explicit option wins, then what the checkpoint records, then the preset's (base) defaults
-        cfg = TrainConfig(arch=args.arch or recorded.get("arch") or "vlmo_base_patch16",
-                          tasks=["itc", "itm", "mlm"] if task == "irtr" and rerank_k else [task],
-                          image_size=args.image_size if args.image_size is not None else recorded.get("image_size"),
+        # an explicit option wins, then what the checkpoint records, then (image size) what its position parameters
+        # were trained at, then the preset's (base) defaults
+        arch = args.arch or recorded.get("arch") or "vlmo_base_patch16"
+        image_size = args.image_size if args.image_size is not None else recorded.get("image_size")
+        if image_size is None:
+            shape = preset(arch)
+            image_size = trained_image_size(state, shape.patch_size, shape.max_text_len_of_initckpt)
+        cfg = TrainConfig(arch=arch, tasks=["itc", "itm", "mlm"] if task == "irtr" and rerank_k else [task],
+                          image_size=image_size,
                           max_text_len=(args.max_text_len if args.max_text_len is not None
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
@@ -192,6 +199,15 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                 raise
             raise CheckpointError(f"{exc} (the checkpoint records no model settings, so the {cfg.arch} preset's "
                                   f"were used: give --arch, --image-size and --max-text-len)") from None
+        # a head the checkpoint lacks would keep its random initialisation and give a meaningless result
+        heads = {"irtr": ("itc_text_proj.", "itc_image_proj."), "vqa": ("vqa_classifier.",),
+                 "nlvr2": ("nlvr2_classifier.",)}[task] + (("itm_score.",) if rerank_k else ())
+        lacking = sorted({h.rstrip(".") for h in heads for k in report.missing_keys if k.startswith(h)})
+        if lacking:
+            hint = (" (a retrieval fine-tuned checkpoint has no ITM head: evaluate it without --rerank-k)"
+                    if lacking == ["itm_score"] else f" (not a {task} checkpoint?)")
+            raise CheckpointError(f"{args.load_path}: the checkpoint has no {', '.join(lacking)} weights, which "
+                                  f"evaluate {task} needs{hint}")
     del state
     model.to(device).eval()
     amp = resolve_precision(cfg, device)
@@ -224,9 +240,15 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         result = evaluate_vqa(model, loader(ds), device, amp)
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
         if split == "test":
-            tables = [vdata.read_arrow(os.path.join(root, f"{n}.arrow"))
-                      for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")
-                      if os.path.isfile(os.path.join(root, f"{n}.arrow"))]
+            # the answer of each class, as official, from the train and val files (their answers and labels)
+            paths = [os.path.join(root, f"{n}.arrow")
+                     for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")]
+            with user_errors(parser):
+                missing = [p for p in paths if not os.path.isfile(p)]
+                if missing:
+                    raise FileNotFoundError(f"{', '.join(missing)}: needed for the answer strings of the classes "
+                                            f"(the test file has no answers)")
+                tables = [vdata.read_arrow(p) for p in paths]
             out = args.out or "vqa_submission.json"
             vqa_submission(result["predictions"], build_id2answer(tables), out)
             metrics["submission"] = out
@@ -234,6 +256,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
         metrics = evaluate_nlvr2(model, loader(ds), device, amp)
     metrics["checkpoint"] = args.load_path
+    metrics["model"] = {"arch": cfg.arch, "image_size": mc.image_size, "max_text_len": mc.max_text_len}
     metrics["load_report"] = str(report)
     text = json.dumps(metrics, indent=1)
     print(text)
