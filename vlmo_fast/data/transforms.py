@@ -20,7 +20,7 @@ then applied with probability 0.5. Magnitudes at M=7 of MAX_LEVEL=10:
 - TranslateX/TranslateY: ±7 pixels (translate_const 10), absolute pixels whatever the image size.
 - Rotate: ±21 degrees (negative when a uniform draw is < 0.5), about (W/2, H/2).
 - Fill colour of the geometric ops: (128, 128, 128); bilinear sampling.
-- AutoContrast with cutoff 0 and Equalize follow ALBEF's per-channel lookup tables (PIL's definitions).
+- AutoContrast (cutoff 0) and Equalize: per-channel lookup tables, as PIL defines them (see the deviations below).
 
 The official ops are OpenCV ``warpAffine`` calls; here the same affine maps (in OpenCV's pixel-centre coordinates)
 go through ``PIL.Image.transform``. Differences: at the image border PIL clamps the bilinear neighbours where OpenCV
@@ -32,8 +32,16 @@ builds its own ``numpy.random.Generator`` from a seed drawn from torch's global 
 differently in every worker (base_seed + worker_id) and ``torch.manual_seed`` makes deterministic; this holds whatever
 the workers' numpy state is (newer torch also reseeds numpy per worker, but nothing here relies on it). The
 crop/flip parameters come from the same generator (torchvision drew them from torch). Pass ``rng=`` to control it
-directly (tests). One more deliberate deviation: ALBEF's Sharpness casts an out-of-range float to uint8
-(values wrap around, e.g. 300 -> 44); here it is clipped to [0, 255] as PIL's ImageEnhance does.
+directly (tests).
+
+Two more deliberate deviations, both where ALBEF's numpy code wraps uint8 values around:
+- Sharpness: ALBEF casts an out-of-range float to uint8 (300 -> 44); here it is clipped to [0, 255] as PIL's
+  ImageEnhance does.
+- AutoContrast: ALBEF takes each channel's minimum as a numpy uint8 scalar and negates it, which wraps (-5 -> 251),
+  so every channel whose minimum is above 0 maps to 255 (the channel turns white; only channels that already reach
+  0 are stretched). Here each channel is stretched from [min, max] to [0, 255], as PIL's ImageOps.autocontrast.
+  An official run's AutoContrast draws (2 draws of 10 ops, each applied with probability 0.5: about 1 image in 10)
+  thus whitened the channels of most natural images that got one.
 """
 
 from __future__ import annotations
@@ -73,7 +81,8 @@ def _lut(img: np.ndarray, tables: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def autocontrast(img: np.ndarray) -> np.ndarray:
-    """Stretch each channel linearly so its min maps to 0 and its max to 255 (cutoff 0)."""
+    """Stretch each channel linearly so its min maps to 0 and its max to 255 (cutoff 0), as PIL (not ALBEF's uint8
+    wrap-around, see the module docstring)."""
     tables = []
     for c in range(img.shape[2]):
         low, high = int(img[..., c].min()), int(img[..., c].max())
