@@ -4,6 +4,7 @@ accuracy by split, the evaluate/finetune commands, and fine-tuned retrieval beat
 import itertools
 import json
 import os
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -272,3 +273,27 @@ def test_evaluate_refuses_what_would_give_a_meaningless_result(tmp_path, capsys,
                     "--out", str(tmp_path / "sub.json")])
     assert "vqav2_trainable_val.arrow" in err and "answer strings" in err, err
     assert not (tmp_path / "sub.json").exists()
+
+
+def test_final_retrieval_evaluation_also_reports_the_test_split(tmp_path, synthetic_root):
+    """As the official validation of retrieval fine-tuning, the final evaluation encodes the test split too: its
+    recalls are those `evaluate irtr --split test` gives for the final checkpoint. Without test files it reports
+    val only."""
+    common = ["--arch", "vlmo_tiny_patch16", "--image-size", "32", "--max-text-len", "12", "--max-steps", "1",
+              "--per-device-batch-size", "8", "--batch-size", "8", "--num-workers", "0", "--tensorboard", "false",
+              "--precision", "fp32", "--device", "cpu"]
+    assert finetune_main(["irtr", "--data-root", synthetic_root, "--out-dir", str(tmp_path / "ft")] + common) == 0
+    metrics = json.loads((tmp_path / "ft" / "summary.json").read_text())["metrics"]
+    assert {"val/r_mean", "test/r_mean", "test/tr_r1", "test/ir_r10"} <= set(metrics)
+    out = tmp_path / "test.json"
+    evaluate_main(["irtr", "--load-path", str(tmp_path / "ft" / "checkpoints" / "step_00000001.pt"), "--data-root",
+                   synthetic_root, "--split", "test", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
+                   "--out", str(out)])
+    separate = json.loads(out.read_text())
+    assert all(metrics[f"test/{k}"] == pytest.approx(separate[k]) for k in ("tr_r1", "tr_r5", "ir_r1", "r_mean"))
+    root = tmp_path / "no_test"
+    shutil.copytree(synthetic_root, root)
+    os.remove(root / "coco_caption_karpathy_test.arrow")
+    assert finetune_main(["irtr", "--data-root", str(root), "--out-dir", str(tmp_path / "ft2")] + common) == 0
+    metrics = json.loads((tmp_path / "ft2" / "summary.json").read_text())["metrics"]
+    assert "val/r_mean" in metrics and not any(k.startswith("test/") for k in metrics)

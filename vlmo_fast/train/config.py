@@ -70,7 +70,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps between evaluations on the val split (0: only at the end)
     eval_batches: int = 8  # batches of the val split used by the periodic evaluation
-    final_eval: bool = True  # evaluate on the whole val split at the end
+    final_eval: bool = True  # evaluate on the whole val split at the end (irtr: and test, when present)
     tensorboard: bool = True
     seed: int = 1
     deterministic: bool = False  # PyTorch's deterministic mode for the run (warn_only): bit-identical reruns
@@ -332,7 +332,8 @@ HELP = {
     "keep_last": "newest checkpoints kept (0: all)", "resume": "auto (newest in out_dir), none, or a checkpoint path",
     "log_every": "steps between log lines (losses and accuracies: means over those steps)",
     "eval_every": "steps between evaluations (0: at the end)",
-    "eval_batches": "val batches per periodic evaluation", "final_eval": "evaluate on the whole val split at the end",
+    "eval_batches": "val batches per periodic evaluation",
+    "final_eval": "evaluate on the whole val split at the end (retrieval: the test split too when its files exist)",
     "tensorboard": "write TensorBoard logs when available",
     "seed": "random seed",
     "deterministic": "bit-identical reruns on the same hardware and software: PyTorch's deterministic mode for the "

@@ -215,17 +215,28 @@ def no_eval_reason(cfg: TrainConfig) -> str:
     return f"none of the datasets {', '.join(cfg.datasets)} has a val split"
 
 
+def _missing_eval_files(cfg: TrainConfig, split: str) -> List[Tuple[str, str]]:
+    """(dataset, path) of the files of ``split`` that an evaluation would read and --data-root lacks."""
+    if cfg.data_root is None:  # the built-in synthetic set has every split
+        return []
+    return [(name, path) for name in eval_datasets(cfg, split) for path in
+            (os.path.join(cfg.data_root, stem + ".arrow") for stem in vdata.dataset_files(name, split))
+            if not os.path.isfile(path)]
+
+
 def check_eval_files(cfg: TrainConfig) -> None:
     """Before training: the val files an evaluation will read exist (a missing one would otherwise end the run after
     its last step, at the final evaluation)."""
-    if cfg.data_root is None or not (cfg.final_eval or cfg.eval_every):
-        return
-    for name in eval_datasets(cfg):
-        for stem in vdata.dataset_files(name, "val"):
-            path = os.path.join(cfg.data_root, stem + ".arrow")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: the {name} val split, which the evaluation reads, is missing "
-                                        f"(--final-eval false and --eval-every 0 train without it)")
+    if cfg.final_eval or cfg.eval_every:
+        for name, path in _missing_eval_files(cfg, "val")[:1]:
+            raise FileNotFoundError(f"{path}: the {name} val split, which the evaluation reads, is missing "
+                                    f"(--final-eval false and --eval-every 0 train without it)")
+
+
+def has_test_split(cfg: TrainConfig) -> bool:
+    """Whether the test files of the evaluation's datasets are all there (the final retrieval evaluation reads them
+    when they are, as the official validation does; they are not required)."""
+    return bool(eval_datasets(cfg, "test")) and not _missing_eval_files(cfg, "test")
 
 
 def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):

@@ -208,18 +208,21 @@ class Logger:
 @torch.no_grad()
 def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
              max_batches: Optional[int] = None) -> Dict[str, float]:
-    """Retrieval recall (dual encoder, official) on the val split when the model has the ITC heads, plus ITC/ITM
-    accuracies on val batches for pretraining tasks."""
+    """Retrieval recall (dual encoder, official) on the val split when the model has the ITC heads, and for
+    retrieval fine-tuning at the end (``max_batches`` None) on the test split too, as the official validation; plus
+    ITC/ITM accuracies on val batches for pretraining tasks."""
     was_training = model.training
     model.eval()
     metrics: Dict[str, float] = {}
     has_itc = hasattr(model, "itc_image_proj")
-    if has_itc and info.is_main:
-        images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches)
+    splits = ["val"] + (["test"] if "irtr" in cfg.tasks and max_batches is None and data_setup.has_test_split(cfg)
+                        else [])
+    for split in splits if has_itc and info.is_main else []:
+        images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
         img_feats, img_ids = encode(model, images, info.device, "image", amp)
         txt_feats, txt_img_ids = encode(model, texts, info.device, "text", amp)
         keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of the images it encoded
-        metrics.update({f"val/{k}": v for k, v in
+        metrics.update({f"{split}/{k}": v for k, v in
                         recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
     if "vqa" in cfg.tasks and info.is_main:
         score = evaluate_vqa(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device,
