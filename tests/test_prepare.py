@@ -5,6 +5,7 @@ the `vlmo-fast prepare` command writes the files and ends configuration errors i
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -292,9 +293,26 @@ def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
     summary = prepare_captions(pairs, str(out), "gcc", "train", shard_rows=1, image_root=str(raw))
     names = [f"conceptual_caption_train_{i}" for i in range(4)]  # 4 image paths, 1 row each
     assert [os.path.basename(p) for p in summary.files] == [f"{n}.arrow" for n in names]
-    assert list(summary.files.values()) == [1, 1, 0, 0] and "names=" in summary.notes[0]
+    assert list(summary.files.values()) == [1, 1, 0, 0] and "training reads the ones there" in summary.notes[0]
     ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok, names=names)
     assert len(ds) == 3 and ds.table_index.tolist() == [0, 1]
+    # without names: the official list, as far as its shards are there, with a warning naming the missing ones
+    with pytest.warns(UserWarning, match=r"gcc train: reading the 4 of its 30 official files .* missing: "
+                                         r"conceptual_caption_train_4, conceptual_caption_train_5, "
+                                         r"conceptual_caption_train_6, \.\.\."):
+        ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    assert ds.names == names and len(ds) == 3
+    for stem in names:  # none there: the error names the first missing file
+        os.remove(out / f"{stem}.arrow")
+    with pytest.raises(FileNotFoundError, match="conceptual_caption_train_0.arrow"):
+        make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    many = tmp_path / "many"  # 10 images at 1 row a file: more files than sbu's official 9
+    many.mkdir()
+    for i in range(10):
+        shutil.copy(raw / pairs[0][0], many / f"{i}.jpg")
+    summary = prepare_captions([(f"{i}.jpg", "a caption") for i in range(10)], str(out), "sbu", "train", shard_rows=1,
+                               image_root=str(many))
+    assert len(summary.files) == 10 and "the official 9 only" in summary.notes[0]
     val = prepare_captions(pairs[:2], str(out), "gcc", "val", image_root=str(raw))
     assert [os.path.basename(p) for p in val.files] == ["conceptual_caption_val_0.arrow"] and val.rows == 2
     test = make_dataset("gcc", str(out), "test", image_size=SIZE, max_text_len=12, tokenizer=tok)  # test = val

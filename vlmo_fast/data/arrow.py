@@ -28,7 +28,9 @@ the task extras: VQA "vqa_answer", "vqa_labels", "vqa_scores", "qid"; NLVR2 "ans
 
 Decisions that differ from the official code:
 - A missing data root or file raises FileNotFoundError naming the path (official: missing files are silently
-  skipped, which hides a wrong data_root until the dataset turns out empty). A file without a column the dataset
+  skipped, which hides a wrong data_root until the dataset turns out empty). The numbered shards of gcc, sbu and
+  wikibk are the exception: those present are read, with a warning naming the missing ones (a smaller download
+  writes fewer shards); none present is the error. A file without a column the dataset
   reads raises ValueError naming the file and the column, at construction.
 - An unreadable image does not stop the run. ``on_error="drop"`` (default) returns None for that item; the collate
   drops it and reports the count as ``batch["bad_samples"]``. ``on_error="resample"`` is the official behaviour
@@ -40,6 +42,7 @@ Decisions that differ from the official code:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -315,6 +318,24 @@ class ArrowDataset(Dataset):
                 f"samples={len(self)}, image_only={self.image_only})")
 
 
+SHARDED = ("gcc", "sbu", "wikibk")  # datasets whose splits are numbered shards (conceptual_caption_train_0, ...)
+
+
+def _present_shards(name: str, data_root: str, split: str) -> List[str]:
+    """The official file stems of ``name``/``split``; for a sharded dataset only those under ``data_root``, with a
+    warning naming how many are missing (all of them missing: the full list, so the reader names the first)."""
+    stems = list(_spec(name).files[split])
+    if name not in SHARDED or len(stems) < 2 or not os.path.isdir(data_root):
+        return stems
+    present = [st for st in stems if os.path.isfile(os.path.join(data_root, f"{st}.arrow"))]
+    if not present or len(present) == len(stems):
+        return stems
+    missing = [st for st in stems if st not in present]
+    warnings.warn(f"{name} {split}: reading the {len(present)} of its {len(stems)} official files that are in "
+                  f"{data_root}; missing: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return present
+
+
 def make_dataset(name: str, data_root: str, split: str, image_size: int = 224, max_text_len: int = 40,
                  train: Optional[bool] = None, tokenizer=None, image_only: bool = False, text_only: bool = False,
                  transform: Optional[Callable] = None, on_error: str = "drop",
@@ -322,13 +343,17 @@ def make_dataset(name: str, data_root: str, split: str, image_size: int = 224, m
     """The official dataset ``name`` ("coco", "f30k", "gcc", "sbu", "vg", "wikibk", "vqa", "nlvr2") for ``split``.
 
     train: which transform (default: ``split == "train"``). names: other file stems than the official ones (e.g.
-    fewer GCC shards). Splits without official files (sbu/vg val and test) give an empty dataset.
+    fewer GCC shards). Splits without official files (sbu/vg val and test) give an empty dataset. The numbered
+    shards of gcc, sbu and wikibk are read as far as they are there (a warning names the missing ones), as the
+    official reader skips missing files: a writer given less data writes fewer. None there is an error.
     """
     spec = _spec(name)
     split = _split(split)
     required = list(spec.extra_columns) + (list(spec.label_columns) if split != "test" else [])
+    if names is None:
+        names = _present_shards(name, data_root, split)
     return ArrowDataset(
-        data_root, list(names) if names is not None else list(spec.files[split]), image_size=image_size,
+        data_root, list(names), image_size=image_size,
         max_text_len=max_text_len, train=(split == "train") if train is None else train, tokenizer=tokenizer,
         text_column=spec.text_column, image_keys=spec.image_keys, image_only=image_only, text_only=text_only,
         remove_duplicate=spec.remove_duplicate, required_columns=required, transform=transform, on_error=on_error,

@@ -904,8 +904,10 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
         n_files = max(1, math.ceil(len(paths) / size))
         bounds = [min(k * size, len(paths)) for k in range(n_files + 1)]
         if official is not None and n_files != official:
-            summary.notes.append(f"{n_files} file(s) written where {name} {split} officially has {official}: read "
-                                 f"them with make_dataset({name!r}, root, {split!r}, names=[...])")
+            summary.notes.append(
+                f"{n_files} file(s) written where {name} {split} officially has {official}: training reads "
+                + ("the ones there (with a warning naming the rest)" if n_files < official else
+                   f"the official {official} only (make_dataset({name!r}, root, {split!r}, names=[...]) reads all)"))
     stems = caption_stems(name, split, n_files)
     if allowed is None:
         summary.notes.append(f"read these files with make_dataset('gcc', root, 'train', names={stems[:3]}"
