@@ -137,6 +137,40 @@ def test_index_is_rechecked_after_in_place_change():
     assert torch.equal(ops.rel_pos_bias_gather(table, index, backend="cuda"), table.t()[:, index])
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_a_write_behind_the_version_counter_never_reaches_a_kernel(dtype):
+    """A write through .numpy() does not bump the version counter, so the cached range check cannot see it: the
+    kernels read their own int32 copy, checked after copying, and stay on the old values instead of reading
+    past the table (an int32 index used to be handed over as it was: a segfault)."""
+    table = torch.randn(9, 4)
+    index = torch.randint(0, 9, (5, 5), dtype=dtype)
+    before = ops.rel_pos_bias_gather(table, index, backend="cuda")
+    scores = torch.randn(2, 4, 5, 5)
+    p_before = ops.masked_softmax(scores, bias_table=table, bias_index=index, backend="cuda")
+    index.numpy()[0, 0] = 10**9
+    assert torch.equal(ops.rel_pos_bias_gather(table, index, backend="cuda"), before)
+    assert torch.equal(ops.masked_softmax(scores, bias_table=table, bias_index=index, backend="cuda"), p_before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_inference_mode_tensors(backend):
+    """Tensors made under torch.inference_mode have no version counter: nothing about them is cached (it used to
+    raise), and the fresh int32 index copy lives until the kernel has run (it was freed before the launch)."""
+    q = torch.randn(2, 3, 5, 4)
+    table, index = torch.randn(9, 3), torch.randint(0, 9, (5, 5))
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        want = ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                     backend="torch")
+    with torch.inference_mode():
+        q_i, table_i, index_i, keep_i = (t.clone() for t in (q, table, index, keep))
+        for _ in range(2):
+            got = ops.rel_pos_attention(q_i, q_i, q_i, bias_table=table_i, bias_index=index_i,
+                                        key_padding_mask=keep_i, backend=backend)
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(ops.rel_pos_bias_gather(table_i, index_i, backend=backend), table.t()[:, index])
+
+
 def test_torch_compile_traces_without_graph_breaks():
     table = torch.randn(30, 8, requires_grad=True)
     index = torch.randint(0, 30, (7, 7))

@@ -449,6 +449,23 @@ def test_torch_compile_traces_without_graph_breaks():
         check_close(a, e)
 
 
+def test_a_bad_index_is_a_clear_error_under_torch_compile():
+    """The public range check needs the index's values, which a trace cannot read: the Triton op checks the int32
+    copy its kernels read (once per index tensor, at run time), so a bad index is this error, not a failed bincount
+    or a shape mismatch deep inside."""
+    b, h, n, d = 1, 2, 7, 16
+    table = torch.randn(10, h, device=DEV)
+    index = torch.randint(0, 10, (n, n), device=DEV)
+    index[3, 4] = 10
+
+    def fn(q):
+        return ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, backend="triton")
+
+    q = torch.randn(b, h, n, d, device=DEV)
+    with pytest.raises(Exception, match=r"bias_index values must lie in \[0, 10\)"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(q)
+
+
 def test_model_with_triton_backend_matches_reference():
     cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=6, depth=2, vlffn_start_layer_index=1,
                     drop_path_rate=0.0)

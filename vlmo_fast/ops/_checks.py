@@ -60,16 +60,18 @@ def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.d
     The range check needs the values (a device sync on GPU), so a tensor that passed is remembered (by identity,
     through a weak reference) with its version counter and the table size, and is not re-read until it is modified
     in place. Writes that bypass autograd's version counter (through ``.numpy()``, ``.data`` or DLPack views) are
-    not seen: change an index through torch operations, or pass a new tensor.
+    not seen: change an index through torch operations, or pass a new tensor. (The kernels never read the caller's
+    tensor itself: they read int32 copies checked after copying, so such a write can make them stale, never out of
+    range.)
     """
     check_tensor("bias_index", index, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
     if torch.compiler.is_compiling():  # a value check would break the graph; eager calls check it
         return
-    _CHECKED_INDEX.get(index, (num_rows,), lambda: _check_index_range(index, num_rows))
+    _CHECKED_INDEX.get(index, (num_rows,), lambda: check_index_range(index, num_rows))
 
 
-def _check_index_range(index: torch.Tensor, num_rows: int) -> None:
+def check_index_range(index: torch.Tensor, num_rows: int) -> None:
     if index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_rows:

@@ -16,14 +16,15 @@ class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
     Bounded: cleared when it grows past ``size`` tensors. While ``torch.compile`` traces, ``compute()`` simply runs
-    (traced into the graph): reading the version counter there would break the graph."""
+    (traced into the graph): reading the version counter there would break the graph. Nor is anything remembered
+    for an inference tensor (made under ``torch.inference_mode``), which has no version counter to see a change."""
 
     def __init__(self, size: int = 64):
         self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
         self._size = size
 
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or t.is_inference():
             return compute()
         key = (t._version,) + extra
         hit = self._entries.get(id(t))

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _native
 from . import backend as _backend
-from ._checks import check_bias_index
+from ._checks import check_bias_index, check_index_range
 from ._memo import TensorMemo
 
 _C = _native._C
@@ -91,15 +91,20 @@ _INDEX32 = TensorMemo()  # int32 contiguous copies of bias indices
 
 
 def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -> torch.Tensor:
-    """The (n, n) bias index, range-checked against ``rows`` and as contiguous int32 (what the kernels read).
+    """The (n, n) bias index as a contiguous int32 copy (what the kernels read), range-checked against ``rows``.
 
-    The range check is cached by ``check_bias_index`` (identity + version counter); the int32 copy likewise, so a
-    model's fixed index costs one conversion, not one per layer and step.
+    The kernels read only this copy, checked after it was made: a write to the caller's tensor that bypasses its
+    version counter (``.numpy()``, ``.data``) can leave the copy stale, never out of range. It is cached per tensor
+    (identity + version counter), so a model's fixed index costs one conversion and one check, not one per call.
     """
     check_bias_index(index, rows, n, device)
-    if index.dtype == torch.int32 and index.is_contiguous():
-        return index
-    return _INDEX32.get(index, (), lambda: index.to(torch.int32).contiguous())
+    return _INDEX32.get(index, (rows,), lambda: _checked_int32_copy(index, rows))
+
+
+def _checked_int32_copy(index: torch.Tensor, rows: int) -> torch.Tensor:
+    copy = index.to(torch.int32, copy=True).contiguous()
+    check_index_range(copy, rows)
+    return copy
 
 
 def _runs_cuda(device: torch.device) -> bool:
@@ -172,7 +177,9 @@ def using_cuda_softmax_kernel(kind: str):
 
 
 def _softmax_operands(scores, bias, table, index, keep):
-    """Validate the softmax operands; returns ((B, H, Nq, Nk), the launcher's bias/mask arguments)."""
+    """Validate the softmax operands; returns ((B, H, Nq, Nk), the launcher's bias/mask arguments, the int32 index
+    those arguments point into). The caller holds the index until the launch returns: it may be a fresh copy (no
+    cache keeps one for an inference tensor), and the arguments are raw addresses."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 4:
         raise ValueError("scores must be a 4-D tensor (B, H, Nq, Nk)")
     dev = scores.device
@@ -201,11 +208,11 @@ def _softmax_operands(scores, bias, table, index, keep):
         _check("keep", keep, dev, (torch.bool,), (b, nk))
     kw = dict(bias=_addr(bias), table=_addr(table), table_s0=s0, table_s1=s1, table_rows=rows,
               index=_addr(index32), keep=_addr(keep))
-    return (b, h, nq, nk), kw
+    return (b, h, nq, nk), kw, index32
 
 
 def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtype):
-    shape, kw = _softmax_operands(scores, bias, bias_table, bias_index, keep)
+    shape, kw, index32 = _softmax_operands(scores, bias, bias_table, bias_index, keep)  # index32: kept to the launch
     if out_dtype not in _DTYPE_CODE:
         raise TypeError(f"out_dtype must be one of {list(_DTYPE_CODE)}, got {out_dtype}")
     dev = scores.device
@@ -222,7 +229,7 @@ def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtyp
 
 
 def _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep, bias_grad):
-    shape, kw = _softmax_operands(scores, bias, bias_table, bias_index, keep)
+    shape, kw, index32 = _softmax_operands(scores, bias, bias_table, bias_index, keep)  # index32: kept to the launch
     dev = scores.device
     _check("dp", dp, dev, _FLOATS, scores.shape)
     _check("lse", lse, dev, (torch.float32,), shape[:3])

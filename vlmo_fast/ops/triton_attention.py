@@ -38,7 +38,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import backend as _backend
-from ._checks import HALF_DTYPES
+from ._checks import HALF_DTYPES, check_index_range
 from .attention import unpack_qkv
 from ._memo import TensorMemo
 
@@ -534,6 +534,12 @@ def _index_data(index: torch.Tensor, rows: int):
 
 
 def _compute_index_data(index: torch.Tensor, rows: int):
+    # everything comes from one int32 copy, checked after copying: the kernels and the table gradient's buckets
+    # never see a value out of [0, rows), even when the caller's tensor is changed behind its version counter, and
+    # under torch.compile (where the public check cannot read values) a bad index is this clear error
+    index_i32 = index.to(torch.int32, copy=True).contiguous()
+    check_index_range(index_i32, rows)
+    index = index_i32
     flat = index.reshape(-1).long()
     n = index.shape[0]
     order = torch.argsort(flat, stable=True)
@@ -541,7 +547,6 @@ def _compute_index_data(index: torch.Tensor, rows: int):
     counts = torch.bincount(flat, minlength=rows)
     offsets = torch.zeros(rows + 1, dtype=torch.int32, device=index.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    index_i32 = index.to(torch.int32).contiguous()
     padded = torch.zeros(n, _bias_row(n), dtype=torch.int32, device=index.device)  # pad columns read row 0
     padded[:, :n] = index_i32
     return index_i32, order, offsets, _structure(index, rows), padded
