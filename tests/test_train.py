@@ -16,8 +16,8 @@ import torch
 import vlmo_fast as vf
 from vlmo_fast import data as vdata
 from vlmo_fast import objectives
-from vlmo_fast.checkpoint import convert_beit_checkpoint, load_checkpoint, looks_like_beit, read_state_dict, \
-    save_checkpoint
+from vlmo_fast.checkpoint import CheckpointError, convert_beit_checkpoint, load_checkpoint, looks_like_beit, \
+    read_state_dict, save_checkpoint
 from vlmo_fast.config import loss_names
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import loop as train_loop
@@ -318,6 +318,48 @@ def test_resume_continues_the_same_trajectory(tmp_path, synthetic_root):
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[3:], rel=1e-6)
     with open(resumed_dir / "log.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_of_another_trajectory_are_set_aside_not_kept_over_this_runs(tmp_path, synthetic_root, capsys):
+    """A run resumed from an earlier checkpoint (a roll-back), or started afresh in a used folder, moves the later
+    steps' checkpoints into checkpoints/superseded/: keep-last, which keeps the highest steps, used to delete the
+    new run's checkpoints as soon as they were written and keep the old run's, which resume=auto then continued."""
+    run = tmp_path / "run"
+    train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=5))
+    names = lambda folder: sorted(os.listdir(folder))  # noqa: E731
+    assert names(run / "checkpoints") == [f"step_0000000{i}.pt" for i in (2, 4, 6)]
+    capsys.readouterr()
+    rolled = train(small_cfg(run, synthetic_root, max_steps=5, save_every=1, keep_last=1,
+                             resume=str(run / "checkpoints" / "step_00000002.pt")))
+    assert rolled["last_checkpoint"] == str(run / "checkpoints" / "step_00000005.pt")
+    assert names(run / "checkpoints") == ["step_00000005.pt", "superseded"]
+    assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000006.pt"]
+    assert "checkpoints: moved" in capsys.readouterr().out
+    fresh = train(small_cfg(run, synthetic_root, max_steps=2, save_every=1, keep_last=1, resume="none"))
+    assert names(run / "checkpoints") == ["step_00000002.pt", "superseded"] and fresh["steps"] == 2
+
+
+def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, synthetic_root, capsys):
+    """A checkpoint a crash of the machine left empty or cut short is skipped (and said), not the end of the run;
+    a partial write a killed process left is removed; a file of weights alone is not a training checkpoint."""
+    run = tmp_path / "run"
+    full = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
+    folder = run / "checkpoints"
+    whole = (folder / "step_00000004.pt").read_bytes()
+    (folder / "step_00000004.pt").write_bytes(whole[: len(whole) // 2])
+    (folder / "step_00000005.pt").write_bytes(b"")
+    (folder / ".tmp-abcstep_00000006.pt").write_bytes(whole)
+    capsys.readouterr()
+    resumed = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000002.pt at step 2" in out
+    assert "checkpoints: skipped" in out and "step_00000005.pt" in out and "removed" in out
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[2:], rel=1e-6)
+    assert sorted(os.listdir(folder)) == ["step_00000002.pt", "step_00000004.pt", "superseded"]
+    weights = tmp_path / "weights.safetensors"
+    vf.save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)), weights)
+    with pytest.raises(CheckpointError, match="is not a training checkpoint .*training starts from one given as "):
+        train(small_cfg(tmp_path / "other", synthetic_root, max_steps=1, warmup_steps=0, resume=str(weights)))
 
 
 def test_deterministic_runs_in_pytorchs_deterministic_mode_and_restores_it(tmp_path, synthetic_root, monkeypatch):

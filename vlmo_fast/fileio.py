@@ -12,25 +12,49 @@ _UMASK = os.umask(0)  # read once at import: setting it later would race with ot
 os.umask(_UMASK)
 
 
+TMP_PREFIX = ".tmp-"  # temporary files beside their target; one left behind is a write a killed process began
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # e.g. a directory that cannot be opened on this platform: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block ends normally, the file written there is given a
-    normal file's mode and renamed over ``path``. On any error it is removed and ``path`` is untouched."""
+    normal file's mode and renamed over ``path``. On any error it is removed and ``path`` is untouched.
+
+    ``durable``: the file's data reach the disk before the rename, and the rename before this returns (fsync of
+    the file and its folder): after a power loss or a kernel crash the name holds the whole file or the previous
+    one, never an empty or partial file. For checkpoints; other files skip the cost."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(directory, directory=True)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def atomic_write(path: str, write: Callable[[str], object]) -> None:
+def atomic_write(path: str, write: Callable[[str], object], durable: bool = False) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` (see ``atomic_path``)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         write(tmp)

@@ -35,7 +35,8 @@ from .config import TrainConfig, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, full_state_dict, \
     init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
-from .state import latest_checkpoint, load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+from .state import (load_training_checkpoint, newest_readable_checkpoint, rng_state, save_training_checkpoint,
+                    set_aside_later_checkpoints, set_rng_state)
 
 
 def needs_unused_parameter_search(tasks) -> bool:
@@ -365,14 +366,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
         step = 0
-        resume_path = None
+        resume_path, state, unreadable = None, None, []
         if cfg.resume == "auto":
-            resume_path = latest_checkpoint(cfg.out_dir)
+            resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
         elif cfg.resume not in ("none", "", None):
             resume_path = cfg.resume
+            state = load_training_checkpoint(resume_path)
         changed: List[str] = []
         if resume_path:
-            state = load_training_checkpoint(resume_path)
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
             unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
@@ -390,10 +391,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             print(f"already complete: {resume_path} is at step {step} of {max_steps}; nothing to train (a larger "
                   f"{more} continues this run, another --out-dir starts a new one)", flush=True)
         return dict(finished, already_complete=True, last_checkpoint=resume_path, history=[])
+    set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": cfg.to_dict(), "model": model.config.to_dict()}, f, indent=1)
+        _write_json(os.path.join(cfg.out_dir, "config.json"), {"train": cfg.to_dict(), "model": model.config.to_dict()})
+        for note in unreadable + set_aside:
+            logger.write(f"checkpoints: {note}")
         if init_report:
             logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
         if resume_path:
@@ -528,9 +531,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         "metrics": metrics, "history": history,
     }
     if info.is_main:
-        logger.log(step, metrics)
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=1)
+        if metrics:  # an evaluation row (none: no row holding the step alone)
+            logger.log(step, metrics)
+        _write_json(os.path.join(cfg.out_dir, "summary.json"), {k: v for k, v in summary.items() if k != "history"})
         parts = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
         if "loss" in summary["final"]:
             parts.append(f"loss {summary['final']['loss']:.4f}")
@@ -540,6 +543,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         logger.write("; ".join(parts))
     logger.close()
     return summary
+
+
+def _write_json(path: str, value: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+
+    atomic_write(path, write)
 
 
 def _finished_summary(cfg: TrainConfig, step: int) -> Optional[Dict[str, Any]]:

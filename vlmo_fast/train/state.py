@@ -11,12 +11,13 @@ import glob
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, torch_load
+from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load
+from ..fileio import TMP_PREFIX
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -60,19 +61,65 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
     return files[-1] if files else None
 
 
+def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
+    """(path, state) of the newest training checkpoint of ``out_dir`` that loads, and a note for each newer one
+    that does not (e.g. truncated by a crash of the machine): resume=auto falls back past them."""
+    notes: List[str] = []
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, load_training_checkpoint(path), notes
+        except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
+            notes.append(f"skipped {path}: {first_line(exc)}")
+    return None, None, notes
+
+
+SUPERSEDED = "superseded"
+
+
+def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
+    """Move the checkpoints of steps after ``step`` (a run resumed from an earlier one, or started afresh, in a used
+    folder) into ``checkpoints/superseded/``, with partial writes a killed process left. They belong to another
+    trajectory: left in place, keep-last would delete this run's newer checkpoints instead of them (it keeps the
+    highest steps) and resume=auto would continue them. Returns what was moved or removed, for the log."""
+    folder = os.path.join(out_dir, "checkpoints")
+    moved: List[str] = []
+    later = [p for p in list_checkpoints(out_dir) if int(CKPT_RE.search(p).group(1)) > step]
+    if later:
+        aside = os.path.join(folder, SUPERSEDED)
+        os.makedirs(aside, exist_ok=True)
+        for path in later:
+            target = os.path.join(aside, os.path.basename(path))
+            os.replace(path, target)
+            moved.append(f"moved {path} to {target}")
+    for tmp in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
+        os.unlink(tmp)
+        moved.append(f"removed {tmp} (a write a killed process began)")
+    return moved
+
+
 def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], keep_last: int) -> str:
-    """Write ``step_<step>.pt`` atomically, then delete all but the newest ``keep_last`` checkpoints."""
+    """Write ``step_<step>.pt`` atomically and durably, then delete all but the newest ``keep_last`` checkpoints."""
     path = checkpoint_path(out_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
     if keep_last > 0:
         for old in list_checkpoints(out_dir)[:-keep_last]:
             os.unlink(old)
     return path
 
 
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
+
+
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """A training checkpoint (``save_training_checkpoint``'s payload); a file of weights alone (an exported or
+    official checkpoint) is a CheckpointError saying how to start from it instead."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training checkpoint not found: {path}")
     # mapped, not read: a caller that needs only the model (export) never reads the optimizer state from disk
-    return torch_load(path, mmap=True, what="the training checkpoint")
+    state = torch_load(path, mmap=True, what="the training checkpoint")
+    missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}): a file of weights "
+                              f"alone; training starts from one given as --load-path")
+    return state
