@@ -228,12 +228,12 @@ def test_gathered_bias_keeps_one_device_copy_per_index():
     """The official module's index tensors live on the CPU: the device copy is made once per index (and again only
     when that index changes), so the kernels' per-index caches hold across forwards. A meta-device table stands in
     for a GPU one here (a copy to it is a new tensor, as to CUDA)."""
-    from vlmo_fast.accelerate import _make_get_rel_pos_bias
+    from vlmo_fast.accelerate import _bind_get_rel_pos_bias
 
     module = torch.nn.Module()
     module.num_layers = 2
     module.relative_position_bias_table = torch.nn.Parameter(torch.zeros(10, 4, device="meta"))
-    get = _make_get_rel_pos_bias(module)
+    get = _bind_get_rel_pos_bias(module)
     text, image = torch.arange(9).view(3, 3), torch.arange(4).view(2, 2)
     first = get(text)
     assert len(first) == 2 and first[0].index.device.type == "meta" and first[0].index is first[1].index
@@ -247,12 +247,12 @@ def test_gathered_bias_keeps_one_device_copy_per_index():
 def test_gathered_bias_copy_traces_in_one_graph_after_eager_use():
     """The device-copy cache must not break torch.compile: after eager calls filled it, a fullgraph trace of the
     function still works (the copy is a plain .to() in the graph)."""
-    from vlmo_fast.accelerate import _make_get_rel_pos_bias
+    from vlmo_fast.accelerate import _bind_get_rel_pos_bias
 
     module = torch.nn.Module()
     module.num_layers = 2
     module.relative_position_bias_table = torch.nn.Parameter(torch.randn(10, 4))
-    get = _make_get_rel_pos_bias(module)
+    get = _bind_get_rel_pos_bias(module)
     index = torch.arange(9).view(3, 3)
     get(index)  # eager: fills the cache
 
@@ -278,8 +278,80 @@ def test_blocks_whose_modules_the_fused_path_would_bypass_are_left_alone():
     blocks[0].norm1 = ScaledNorm(blocks[0].norm1.normalized_shape, eps=blocks[0].norm1.eps)
     blocks[1].norm2_imag = nn.LayerNorm(blocks[1].norm2_imag.normalized_shape, elementwise_affine=False)
     blocks[2].mlp_text.fc1.register_forward_hook(lambda *args: None)
-    reasons = dict(vf.accelerate(model).left_alone)
+
+    class LoRALinear(nn.Linear):  # a subclass whose forward adds to the weight's product
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    fc2 = blocks[3].mlp_imag.fc2
+    blocks[3].mlp_imag.fc2 = LoRALinear(fc2.in_features, fc2.out_features)
+    original = copy.deepcopy(model)
+    report = vf.accelerate(model, gather_bias_in_kernel=True)
+    reasons = dict(report.left_alone)
     assert reasons["transformer.blocks.0"] == "norm1 is a ScaledNorm with its own forward"
     assert reasons["transformer.blocks.1"] == "norm2_imag has no affine weight and bias"
     assert reasons["transformer.blocks.2"] == "mlp_text.fc1 has forward hooks, which the fused block would not run"
-    assert "transformer.blocks.3" not in reasons
+    assert reasons["transformer.blocks.3"] == "mlp_imag.fc2 is a LoRALinear with its own forward"
+    # every block left alone runs the official forward, which takes the dense bias only: no in-kernel gather
+    assert report.bias_gather.startswith("left alone: transformer.blocks.0, transformer.blocks.1")
+    b = batch(model.config)
+    model.eval(), original.eval()
+    torch.testing.assert_close(model.infer(b)["cls_feats"], original.infer(b)["cls_feats"])
+
+
+def test_settings_changed_after_accelerating_are_followed():
+    """The fused block reads the DropPath rate at each call, and steps back to the official forward when a dropout
+    is turned on or a hook is put on a submodule after accelerating (both used to be ignored silently). A float
+    mask is taken as the official attention takes it (nonzero = keep)."""
+    model = official_model(drop_path_rate=0.3)
+    vf.accelerate(model, gather_bias_in_kernel=True)
+    original = official_model(drop_path_rate=0.3)
+    b = batch(model.config)
+
+    def both(fn):
+        outs = []
+        for m in (model, original):
+            torch.manual_seed(3)
+            outs.append(fn(m))
+        return outs
+
+    for m in (model, original):
+        for blk in m.transformer.blocks:
+            blk.drop_path.drop_prob = 0.0
+    a, e = both(lambda m: m.train().infer(b)["cls_feats"])
+    torch.testing.assert_close(a, e)
+    for m in (model, original):
+        m.transformer.blocks[1].mlp_text.drop = nn.Dropout(0.5)
+    calls = []
+    model.transformer.blocks[0].mlp_imag.fc1.register_forward_hook(lambda *args: calls.append(1))
+    a, e = both(lambda m: m.train().infer(b)["cls_feats"])
+    torch.testing.assert_close(a, e)
+    assert calls  # the hook ran: block 0 took the official forward
+    blk = model.transformer.blocks[3]
+    x = torch.randn(2, 7, model.config.embed_dim)
+    keep = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    model.eval()
+    torch.testing.assert_close(blk(x, mask=keep, modality_type="image"),
+                               type(blk).forward(blk, x, mask=keep, modality_type="image"))
+
+
+def test_a_deep_copy_runs_its_own_weights():
+    """The accelerated forward is bound to its block: a deep copy of the model (as EMA or model averaging make) runs
+    the copy's weights and gives the copy its gradients (a closure kept running the original's)."""
+    model = official_model()
+    vf.accelerate(model, gather_bias_in_kernel=True)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    reference = official_model()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(0.5)
+    b = batch(model.config)
+    model.eval(), clone.eval(), reference.eval()
+    out = clone.infer(b)["cls_feats"]
+    torch.testing.assert_close(out, reference.infer(b)["cls_feats"])
+    out.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert clone.transformer.blocks[0].attn.proj.weight.grad is not None

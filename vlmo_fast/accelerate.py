@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -36,6 +37,10 @@ class TableBias:
 
     table: torch.Tensor  # (R, H) column slice of relative_position_bias_table
     index: torch.Tensor  # (N, N)
+
+    def dense(self) -> torch.Tensor:
+        """The (H, N, N) bias the official get_rel_pos_bias would have given."""
+        return self.table.t()[:, self.index.long()]
 
 
 @dataclass
@@ -68,6 +73,9 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
             return f"attn is not an official Attention (no attribute {name!r})"
     if attn.qkv.bias is not None:
         return "attn.qkv has its own bias (the official layout has q_bias/v_bias only)"
+    why = _why_not_linear(attn.proj)  # (the official attention reads qkv's weight itself, never calls qkv)
+    if why is not None:
+        return f"attn.proj {why}"
     if _dropout_p(getattr(attn, "attn_drop", None)) > 0:
         return f"attention dropout {attn.attn_drop.p} > 0 is not supported by the fused attention"
     if _dropout_p(getattr(attn, "proj_drop", None)) > 0:
@@ -80,6 +88,10 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
             return f"norm2_{e} {why}"
         if not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
             return f"mlp_{e} is not an official Mlp"
+        for fc in ("fc1", "fc2"):
+            why = _why_not_linear(getattr(mlp, fc))
+            if why is not None:
+                return f"mlp_{e}.{fc} {why}"
         act = getattr(mlp, "act", nn.GELU())
         if not isinstance(act, nn.GELU) or getattr(act, "approximate", "none") != "none":
             return f"mlp_{e} activation is {type(act).__name__}, not exact GELU"
@@ -95,6 +107,16 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
     dp = blk.drop_path
     if not (isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob")):
         return f"drop_path is {type(dp).__name__}, not DropPath or Identity"
+    return None
+
+
+def _why_not_linear(m: Any) -> Optional[str]:
+    """None for a plain ``nn.Linear`` (the fused kernels read its weight and bias), else why not: a subclass with its
+    own forward (e.g. LoRA) would be bypassed."""
+    if not isinstance(m, nn.Linear):
+        return "is not a Linear"
+    if type(m).forward is not nn.Linear.forward:
+        return f"is a {type(m).__name__} with its own forward"
     return None
 
 
@@ -114,21 +136,44 @@ def _gamma(g: Any) -> Optional[torch.Tensor]:
     return g if isinstance(g, torch.Tensor) else None
 
 
-def _make_forward(blk: nn.Module, backend: str):
-    drop_prob = float(getattr(blk.drop_path, "drop_prob", 0.0) or 0.0)
+_BACKEND = "_vlmo_fast_backend"
+_SUBMODULES = "_vlmo_fast_submodules"
 
-    def forward(x, mask=None, modality_type=None, relative_position_bias=None):
+
+def _changed_since(blk: nn.Module) -> Optional[str]:
+    """What would now make the fused block differ from the official forward, though it did not when accelerated:
+    a dropout turned on, or a forward hook on a submodule the fused block reads instead of calling. (A changed
+    DropPath rate is simply read at each call.)"""
+    attn = blk.attn
+    drops = [getattr(attn, "attn_drop", None), getattr(attn, "proj_drop", None)]
+    drops += [getattr(getattr(blk, f"mlp_{e}", None), "drop", None) for e in ("text", "imag", "vl")]
+    if any(_dropout_p(d) > 0 for d in drops):
+        return "a dropout > 0"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in blk.__dict__[_SUBMODULES]):
+        return "a forward hook"
+    return None
+
+
+def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
+    """The official ``Block.forward`` signature, run by vlmo_fast's fused block. Bound to the block as a method (a
+    deep copy of the model then runs its own weights), reading the block's settings at each call."""
+    if _changed_since(self) is not None:  # the official forward, with the dense bias it expects
         if isinstance(relative_position_bias, TableBias):
-            bias = {"bias_table": relative_position_bias.table, "bias_index": relative_position_bias.index}
-        elif relative_position_bias is not None:
-            bias = {"bias": relative_position_bias}
-        else:
-            bias = {}
-        modality = modality_type if modality_type in ("text", "image") else "vl"
-        return block_forward(blk, x, mask, modality, bias, drop_prob, _gamma(blk.gamma_1), _gamma(blk.gamma_2),
-                             backend)
-
-    return forward
+            relative_position_bias = relative_position_bias.dense()
+        return type(self).forward(self, x, mask=mask, modality_type=modality_type,
+                                  relative_position_bias=relative_position_bias)
+    if isinstance(relative_position_bias, TableBias):
+        bias = {"bias_table": relative_position_bias.table, "bias_index": relative_position_bias.index}
+    elif relative_position_bias is not None:
+        bias = {"bias": relative_position_bias}
+    else:
+        bias = {}
+    if mask is not None and (mask.is_floating_point() or mask.is_complex()):
+        mask = mask.bool()  # as the official attention does with any mask (nonzero = keep)
+    modality = modality_type if modality_type in ("text", "image") else "vl"
+    drop_prob = float(getattr(self.drop_path, "drop_prob", 0.0) or 0.0)
+    return block_forward(self, x, mask, modality, bias, drop_prob, _gamma(self.gamma_1), _gamma(self.gamma_2),
+                         self.__dict__[_BACKEND])
 
 
 def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -142,20 +187,24 @@ def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
 
 
-def _make_get_rel_pos_bias(module: nn.Module):
-    # The official module keeps its index tensors on the CPU (plain attributes, not buffers): a fresh device copy per
-    # forward would also defeat the kernels' per-index caches (range check, index structure), so each index's device
-    # copy is kept while the same tensor, unchanged, is passed again (traced as a plain .to() under torch.compile).
-    copies = TensorMemo(8)
+_INDEX_COPIES = "_vlmo_fast_index_copies"
 
-    def get_rel_pos_bias(relative_position_index):
-        table = module.relative_position_bias_table
-        h = table.shape[1] // module.num_layers
-        src = relative_position_index
-        index = copies.get(src, (table.device,), lambda: src.to(table.device))
-        return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(module.num_layers)]
 
-    return get_rel_pos_bias
+def _accelerated_get_rel_pos_bias(self, relative_position_index):
+    """Per layer, the (table column slice, index) the accelerated blocks gather from in the kernel. The official
+    module keeps its index tensors on the CPU (plain attributes, not buffers): a fresh device copy per forward would
+    also defeat the kernels' per-index caches (range check, index structure), so each index's device copy is kept
+    while the same tensor, unchanged, is passed again (traced as a plain .to() under torch.compile)."""
+    table = self.relative_position_bias_table
+    h = table.shape[1] // self.num_layers
+    src = relative_position_index
+    index = self.__dict__[_INDEX_COPIES].get(src, (table.device,), lambda: src.to(table.device))
+    return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(self.num_layers)]
+
+
+def _bind_get_rel_pos_bias(module: nn.Module):
+    module.__dict__[_INDEX_COPIES] = TensorMemo(8)
+    return types.MethodType(_accelerated_get_rel_pos_bias, module)
 
 
 def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: bool = False) -> AccelerationReport:
@@ -178,16 +227,22 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
         if why is not None:
             report.left_alone.append((path, why))
             continue
-        blk.forward = _make_forward(blk, backend)  # instance attribute: shadows the class forward
+        # instance attributes (shadowing the class forward), bound to the block: a deep copy rebinds to the copy
+        blk.__dict__[_BACKEND] = backend
+        blk.__dict__[_SUBMODULES] = [m for name, m in blk.named_modules() if name]
+        blk.forward = types.MethodType(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)
     if gather_bias_in_kernel:
+        plain = [path or "<root>" for path, blk in blocks if not getattr(blk, _MARK, False)]
         if getattr(module, "relative_position_bias_table", None) is None or not hasattr(module, "get_rel_pos_bias"):
             report.bias_gather = "left alone: the module has no relative_position_bias_table/get_rel_pos_bias"
         elif not hasattr(module, "num_layers"):
             report.bias_gather = "left alone: the module has no num_layers"
+        elif plain:  # their official forward takes the dense bias only
+            report.bias_gather = f"left alone: {', '.join(plain)} not accelerated (they need the dense bias)"
         else:
-            module.get_rel_pos_bias = _make_get_rel_pos_bias(module)
+            module.get_rel_pos_bias = _bind_get_rel_pos_bias(module)
             setattr(module, _MARK, True)
             report.bias_gather = "gathered inside the attention kernel (get_rel_pos_bias replaced)"
     return report
@@ -198,7 +253,7 @@ def deaccelerate(module: nn.Module) -> int:
     restored = 0
     for m in [module] + [b for _, b in _find_blocks(module)]:
         if getattr(m, _MARK, False):
-            for attr in ("forward", "get_rel_pos_bias"):
+            for attr in ("forward", "get_rel_pos_bias", _BACKEND, _SUBMODULES, _INDEX_COPIES):
                 if attr in m.__dict__:
                     del m.__dict__[attr]
             delattr(m, _MARK)
