@@ -510,3 +510,17 @@ def test_deterministic_mode_keeps_atomic_bias_gradients_off_the_cuda_kernels(dev
         assert ops_backend.last_selected()["masked_softmax"] == "cuda"
         want = float64_reference(scores, 0.5, "table", full_table, index, dense, keep, h, g)
         assert max_err(dbias, want[2]) <= 1e-5 * max(1.0, want[2].abs().max().item())
+
+
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_a_nan_row_stays_nan_and_a_masked_row_is_zeros(device):
+    """A row of NaN logits comes out NaN, as on the PyTorch path (a diverging model must show); the C++ kernel
+    took it for a fully masked row and wrote zeros. A row whose keys are all masked is zeros."""
+    s = torch.randn(2, 1, 3, 4, device=device)
+    s[0, 0, 1] = float("nan")
+    keep = torch.tensor([[True, True, True, True], [False, False, False, False]], device=device)
+    p = ops.masked_softmax(s, key_padding_mask=keep, backend="cuda")
+    want = ops.masked_softmax(s, key_padding_mask=keep, backend="torch")
+    assert torch.isnan(p[0, 0, 1]).all() and torch.isnan(want[0, 0, 1]).all()
+    assert torch.equal(p[1], torch.zeros_like(p[1]))
+    torch.testing.assert_close(p[0, 0, [0, 2]], want[0, 0, [0, 2]])

@@ -1,5 +1,6 @@
 """The PyTorch paths of the ops seam against float64 references, and their argument checks."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,6 +220,34 @@ def test_layernorm_and_ffn_bad_inputs():
         ops.multiway_ffn(x, [e._replace(fc2_weight=torch.randn(8, 31))])
     with pytest.raises(ValueError, match="drop_path"):
         ops.multiway_ffn(x, [e], drop_path=1.0)
+    with pytest.raises(ValueError, match=r"fc1_weight must be a 2-D \(hidden, D=8\) tensor, got \(32,\)"):
+        ops.multiway_ffn(x, [e._replace(fc1_weight=torch.randn(32))])
+    # LayerNorm's epsilon: a positive finite number (eps=-1 gave NaN on an all-zero row, a string a deep TypeError)
+    for bad, err in ((-1.0, ValueError), (0.0, ValueError), (float("nan"), ValueError), ("a", TypeError),
+                     (True, TypeError)):
+        with pytest.raises(err, match="eps must be"):
+            ops.multiway_layernorm(x, [w], [w], eps=bad)
+        with pytest.raises(err, match="eps must be"):
+            ops.multiway_ffn(x, [e], eps=bad)
+        with pytest.raises(err, match="eps must be"):
+            ops.norm_linear(x, w, w, torch.randn(4, 8), eps=bad)
+    # a numpy integer split is an integer
+    want = ops.multiway_layernorm(x, [w, 2 * w], [w, w], split=3)
+    assert torch.equal(ops.multiway_layernorm(x, [w, 2 * w], [w, w], split=np.int64(3)), want)
+
+
+def test_softmax_out_dtype_and_scale_are_checked():
+    s = torch.randn(1, 2, 3, 3)
+    for bad in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="out_dtype must be a floating-point torch.dtype"):
+            ops.masked_softmax(s, out_dtype=bad)
+    assert ops.masked_softmax(s, out_dtype=torch.float64).dtype == torch.float64
+    learnable = torch.tensor(0.5, requires_grad=True)  # taken as a number: its gradient would be dropped
+    with pytest.raises(TypeError, match="scale is a tensor that requires grad"):
+        ops.masked_softmax(s, scale=learnable)
+    with pytest.raises(TypeError, match="scale is a tensor that requires grad"):
+        ops.rel_pos_attention(s, s, s, scale=learnable)
+    assert torch.equal(ops.masked_softmax(s, scale=learnable.detach()), ops.masked_softmax(s, scale=0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -631,6 +631,10 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
                                                   pa.array(images, type=pa.binary())))
     summary = train(small_cfg(tmp_path / "run", str(root), max_steps=4))
     assert summary["stop_reason"] == "max_steps" and summary["bad_samples"] > 0
+    # a resumed run continues the counts: the same as a run that was not interrupted
+    full = train(small_cfg(tmp_path / "full", str(root), max_steps=6))
+    resumed = train(small_cfg(tmp_path / "run", str(root), max_steps=6))
+    assert resumed["bad_samples"] == full["bad_samples"] > summary["bad_samples"]
 
 
 def test_bad_data_roots_fail_at_start_with_clear_messages(tmp_path, synthetic_root):
@@ -776,6 +780,42 @@ def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last,
     # then the next epoch, as without the interruption (straight away when the restored batch ended the epoch)
     assert stream.state() == {"epoch": 0, "batch": len(sizes)}
     assert next(stream)["text_ids"].tolist() == next_epoch[0] and stream.state() == {"epoch": 1, "batch": 1}
+
+
+class _SomeUnreadable(torch.utils.data.Dataset):
+    """Index i is unreadable (None, as a dataset with on_error="drop" returns) unless i % 3 == 0."""
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        return {"text_ids": torch.tensor([i])} if i % 3 == 0 else None
+
+
+def _dropping_collate(items):
+    good = [it for it in items if it is not None]
+    out = {"bad_samples": len(items) - len(good)}
+    if good:
+        out["text_ids"] = torch.cat([it["text_ids"] for it in good])
+    return out
+
+
+def test_train_stream_skips_batches_too_small_and_keeps_their_bad_count():
+    """Batches of one readable sample (no ITM negative in a one-process run: multinomial failed) or none are
+    skipped, and their unreadable samples are counted with the next batch (an all-bad batch's were lost)."""
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    stream = TrainStream(_SomeUnreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")),
+                         min_size=2)
+    bad = 0
+    while stream.epoch == 0:
+        batch = next(stream)
+        assert len(batch["text_ids"]) >= 2 and all(i % 3 == 0 for i in batch["text_ids"].tolist())
+        bad += batch["bad_samples"]
+    # the last batch is epoch 1's first, kept: it carries what epoch 0's skipped batches left, so epoch 0's 20
+    # unreadable samples are counted once each, plus that batch's own
+    assert stream.batch == 1 and bad == 20 + (3 - len(batch["text_ids"]))
 
 
 def test_max_epochs_counts_the_partial_batch(tmp_path):

@@ -596,3 +596,23 @@ def test_compile_traces_the_triton_block_without_graph_breaks():
     leaves = [x, table] + list(block.parameters())
     for a, e in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
         assert torch.allclose(a, e, atol=1e-5)
+
+
+def test_experts_without_some_parameters_and_double_backward_are_clear():
+    """A LayerNorm without affine parameters or a Linear without bias (the PyTorch path takes them) is a reason the
+    kernels step aside for, not an AttributeError inside them; a second derivative through the fused FFN is a clear
+    error, not one about out= arguments."""
+    x = torch.randn(2, 5, D)
+    e = expert()
+    for field in ("norm_weight", "fc1_bias"):
+        partial = e._replace(**{field: None})
+        with pytest.raises(ValueError, match="an expert without a LayerNorm affine weight/bias or a Linear bias"):
+            ops.multiway_ffn(x, [partial], backend="triton")
+        assert ops.multiway_ffn(x, [partial], backend="auto").shape == x.shape  # the PyTorch path
+    xg = x.clone().requires_grad_()
+    out = ops.multiway_ffn(xg, [e], backend="triton")
+    upstream = torch.ones_like(out, requires_grad=True)
+    (g,) = torch.autograd.grad(out, xg, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with "
+                                           "@once_differentiable"):
+        g.sum().backward()

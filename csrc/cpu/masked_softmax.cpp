@@ -82,9 +82,12 @@ VLMO_CPU_CLONES void forward_block(const typename Elem<IN>::T* scores, typename 
       typename Elem<OUT>::T* o = out + row * nk;
       logits<IN>(scores + row * nk, bblock ? bblock + (u - u0) * nk : nullptr, mrow, scale, xs, nk, nk16);
       const float mx = row_max(xs, nk16);
-      if (!(mx > kNegInf)) {  // no finite logit (all keys masked): zeros, lse = +inf
-        for (int64_t j = 0; j < nk; ++j) o[j] = Elem<OUT>::store(0.0f);
-        lse[row] = std::numeric_limits<float>::infinity();
+      if (!(mx > kNegInf)) {  // every key masked (zeros, lse = +inf), or NaN logits the max skipped (NaN out, as
+        bool nan = false;      // the PyTorch path and the CUDA kernel give: a diverging model must show)
+        for (int64_t j = 0; j < nk; ++j) nan |= xs[j] != xs[j];
+        const float fill = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+        for (int64_t j = 0; j < nk; ++j) o[j] = Elem<OUT>::store(fill);
+        lse[row] = nan ? fill : std::numeric_limits<float>::infinity();
         continue;
       }
       Vec16 acc = {};

@@ -39,9 +39,21 @@ def check_scale(scale: object) -> float:
                                                and not scale.is_complex())
     if isinstance(scale, bool) or not real:
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        raise TypeError("scale is a tensor that requires grad: the ops take it as a number and give it no gradient")
     value = float(scale)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+def check_eps(eps: object) -> float:
+    """LayerNorm's epsilon: a finite real number > 0, as a Python float."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    value = float(eps)
+    if not 0.0 < value < float("inf"):
+        raise ValueError(f"eps must be finite and > 0, got {value}")
     return value
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_shape, check_tensor
 from .droppath import drop_path as _drop_path
 from .layernorm import check_experts, layer_norm, segments
 from .residual import residual_checked
@@ -63,7 +63,11 @@ def multiway_ffn(
         raise TypeError("experts must be a non-empty sequence of FFNExpert")
     check_experts("experts.norm_weight", x, [e.norm_weight for e in experts], (d,), split, role="norm")
     check_experts("experts.norm_bias", x, [e.norm_bias for e in experts], (d,), split, role="norm")
-    hidden = experts[0].fc1_weight.shape[0] if experts[0].fc1_weight.dim() == 2 else -1
+    first = experts[0].fc1_weight
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        raise ValueError(f"experts[0].fc1_weight must be a 2-D (hidden, D={d}) tensor, got "
+                         f"{tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
+    hidden = first.shape[0]
     check_experts("experts.fc1_weight", x, [e.fc1_weight for e in experts], (hidden, d), split, role="linear")
     check_experts("experts.fc1_bias", x, [e.fc1_bias for e in experts], (hidden,), split, role="linear")
     check_experts("experts.fc2_weight", x, [e.fc2_weight for e in experts], (d, hidden), split, role="linear")
@@ -83,8 +87,8 @@ def multiway_ffn(
             raise TypeError(f"{name} must not be wider than x ({x.dtype}), got {t.dtype}")
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-    return ffn_checked(x, experts, split, gamma, float(drop_path), bool(training), float(eps), backend, attn_out,
-                       attn_gamma)
+    return ffn_checked(x, experts, None if split is None else int(split), gamma, float(drop_path), bool(training),
+                       check_eps(eps), backend, attn_out, attn_gamma)
 
 
 def ffn_checked(x, experts, split, gamma, drop_path: float, training: bool, eps: float, backend: str,

@@ -6,13 +6,14 @@ image rows with ``norm2_imag``, split at ``max_text_len`` (spec §3.2). With one
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_eps, check_shape, check_tensor
 
 
 def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]], shape, split: Optional[int],
@@ -25,7 +26,7 @@ def check_experts(name: str, x: torch.Tensor, tensors: Sequence[Optional[torch.T
     if len(tensors) == 2:
         if split is None:
             raise ValueError("split is required with two experts (the row where expert 1 starts)")
-        if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= x.shape[1]:
+        if isinstance(split, bool) or not isinstance(split, numbers.Integral) or not 0 <= split <= x.shape[1]:
             raise ValueError(f"split must be an int in [0, N={x.shape[1]}], got {split!r}")
     elif split is not None:
         raise ValueError("split must be None with a single expert")
@@ -71,9 +72,10 @@ def multiway_layernorm(
         raise ValueError(f"weight and bias must list the same number of experts, got {len(weight)} and {len(bias)}")
     check_experts("weight", x, weight, (d,), split, role="norm")
     check_experts("bias", x, bias, (d,), split, role="norm")
+    split, eps = (None if split is None else int(split)), check_eps(eps)
     impl = _backend.select("multiway_layernorm", backend, x, weight, bias, split)
     if impl is not None:
-        return impl(x, tuple(weight), tuple(bias), split, float(eps))
+        return impl(x, tuple(weight), tuple(bias), split, eps)
     return layernorm_torch(x, weight, bias, split, eps)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_eps, check_tensor
 from .layernorm import check_experts, layer_norm
 
 
@@ -45,7 +45,7 @@ def norm_linear(
     check_experts("norm_bias", x, [norm_bias], (d,), None, role="norm", single=True)
     check_experts("weight", x, [weight], (weight.shape[0], d), None, role="linear", single=True)
     check_experts("bias", x, [bias], (weight.shape[0],), None, role="linear", single=True)
-    return norm_linear_checked(x, norm_weight, norm_bias, weight, bias, float(eps), backend)
+    return norm_linear_checked(x, norm_weight, norm_bias, weight, bias, check_eps(eps), backend)
 
 
 def norm_linear_checked(x, norm_weight, norm_bias, weight, bias, eps: float, backend: str) -> torch.Tensor:

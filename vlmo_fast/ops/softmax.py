@@ -137,6 +137,8 @@ def masked_softmax(
     bias, bias_table, bias_index, keep = check_bias_args(
         b, h, nq, nk, scores.device, bias, bias_table, bias_index, key_padding_mask
     )
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype (or None: scores' dtype), got {out_dtype!r}")
     out_dtype = scores.dtype if out_dtype is None else out_dtype
     return softmax_checked(scores, check_scale(scale), bias, bias_table, bias_index, keep, out_dtype, backend)
 

@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from .triton_attention import interpreting, launch_device, triton, triton_unsupported
@@ -351,6 +352,7 @@ class ScaledResidual(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, go):
         y, gamma, scale = ctx.saved_tensors
         b, n, d = go.shape
@@ -390,6 +392,7 @@ class MultiwayFFN(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, go):
         x0, y1, gamma1, scale1, y, gamma, scale, z0, z1, *params = ctx.saved_tensors
         experts = [params[i : i + 6] for i in range(0, len(params), 6)]
@@ -454,6 +457,7 @@ class NormLinear(torch.autograd.Function):
         return out.view(b, n, weight.shape[0])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, go):
         x, norm_w, norm_b, weight, bias = ctx.saved_tensors
         b, n, d = x.shape
@@ -531,6 +535,8 @@ def _wider_than_x(x: torch.Tensor, name: str, *others: Optional[torch.Tensor]) -
 
 
 def ffn_unsupported(x, experts, split, gamma, drop_prob, training, attn_out=None, attn_gamma=None) -> Optional[str]:
+    if any(t is None for e in experts for t in e):
+        return "an expert without a LayerNorm affine weight/bias or a Linear bias (the kernels take all six)"
     return _wider_than_x(x, "gamma, attn_out or attn_gamma", gamma, attn_out, attn_gamma) or _unsupported_common(x)
 
 

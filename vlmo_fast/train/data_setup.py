@@ -96,7 +96,7 @@ class TrainStream:
     """Endless iterator of training batches over epochs, with a resumable position (epoch, batches consumed)."""
 
     def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo,
-                 drop_last: bool = False):
+                 drop_last: bool = False, min_size: int = 1):
         if len(dataset) < batch_size * info.world_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {info.world_size})")
@@ -117,6 +117,9 @@ class TrainStream:
         self.batches_per_epoch = len(self.loader)  # official max_epochs steps: len(train_loader) * epochs // accum
         self.epoch, self.batch = 0, 0
         self._it: Optional[Iterator] = None
+        # a batch left with fewer readable samples is skipped (one process: ITM needs a second sample for its
+        # negatives); the unreadable samples of skipped batches are added to the next batch's count
+        self.min_size, self._carried_bad = min_size, 0
 
     def __iter__(self):
         return self
@@ -133,8 +136,12 @@ class TrainStream:
                 self.epoch, self.batch = self.epoch + 1, 0
                 continue
             self.batch += 1
-            if vdata.is_empty_batch(batch):  # every sample of the batch was unreadable: counted, skipped
+            if vdata.is_empty_batch(batch) or len(batch.get("text_ids", ())) < self.min_size:
+                self._carried_bad += int(batch.get("bad_samples", 0) or 0)
                 continue
+            if self._carried_bad:
+                batch["bad_samples"] = int(batch.get("bad_samples", 0) or 0) + self._carried_bad
+                self._carried_bad = 0
             return batch
 
     def state(self) -> Dict[str, int]:
@@ -263,7 +270,10 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     ds = vdata.build_dataset(data_root(cfg, model_config, info), cfg.datasets, "train",
                              image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                              train=augment, text_only=text_only, on_error=on_error)
-    return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last)
+    # with dropped unreadable samples (one process) a batch can shrink to one sample: no negative for ITM
+    min_size = 2 if "itm" in cfg.tasks and on_error == "drop" else 1
+    return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last,
+                       min_size)
 
 
 def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int) -> DataLoader:

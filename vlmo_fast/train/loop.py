@@ -365,7 +365,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
-        step = 0
+        step, counts = 0, {}
         resume_path, state, unreadable = None, None, []
         if cfg.resume == "auto":
             resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
@@ -381,6 +381,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             if state.get("scaler"):  # a bf16/fp32 run saved no scaler state: a resumed fp16 run starts a fresh one
                 scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
+            counts = dict(state.get("counts", {}))
             stream.restore(state["data"])
             set_rng_state(state["rng"])
 
@@ -410,6 +411,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
+            "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
         }
         path = None
         if info.is_main:
@@ -419,7 +421,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
     flag: Dict[str, Any] = {}
     previous = _install_signal_handlers(flag)
-    bad_in_a_row, skipped, bad_samples = 0, 0, 0
+    # counted since the run began (a resumed run continues the counts of its checkpoint); bad samples per rank
+    bad_in_a_row, skipped, bad_samples = 0, int(counts.get("skipped_steps", 0)), 0
+    bad_before = int(counts.get("bad_samples", 0))
+
+    def bad_samples_total() -> int:  # every rank's unreadable samples (a collective: every rank calls it)
+        mine = torch.tensor(float(bad_samples), device=info.device)
+        return bad_before + int(round(float(mean_over_ranks(mine)) * info.world_size))
+
     scheduler_stepped = False
     last_ckpt = None
     history: List[Dict[str, float]] = []
@@ -498,7 +507,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 values["samples_per_s"] = rate
                 if flops_per_sample and peak_tflops:
                     values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-                values["bad_samples"] = bad_samples
+                values["bad_samples"] = bad_samples_total()
                 values["skipped_steps"] = skipped
                 history.append(values)
                 logger.log(step, values)
@@ -525,9 +534,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         else:
             logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
     elapsed = time.time() - t_start
+    bad_total = bad_samples_total()
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
-        "bad_samples": bad_samples, "last_checkpoint": last_ckpt, "final": history[-1] if history else {},
+        "bad_samples": bad_total, "last_checkpoint": last_ckpt, "final": history[-1] if history else {},
         "metrics": metrics, "history": history,
     }
     if info.is_main:
@@ -539,7 +549,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             parts.append(f"loss {summary['final']['loss']:.4f}")
         if metrics:
             parts.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        parts.append(f"skipped steps {skipped}, bad samples {bad_samples}; checkpoint {last_ckpt}")
+        parts.append(f"skipped steps {skipped}, bad samples {bad_total}; checkpoint {last_ckpt}")
         logger.write("; ".join(parts))
     logger.close()
     return summary
