@@ -756,15 +756,18 @@ def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last,
     from vlmo_fast.train.data_setup import TrainStream
     from vlmo_fast.train.distributed import DistInfo
 
+    def pos(stream):  # (the state also holds the samples consumed; checked in the cross-layout test)
+        return {k: stream.state()[k] for k in ("epoch", "batch")}
+
     seen, rows, next_epoch = [], [], []
     for rank in range(world):
         info = DistInfo(rank, world, rank, torch.device("cpu"))
         stream = TrainStream(_Indices(n), _index_collate, bs, 0, 3, info, drop_last=drop_last)
         assert stream.batches_per_epoch == len(sizes)
         batches = [next(stream)["text_ids"] for _ in range(len(sizes))]
-        assert [len(b) for b in batches] == sizes and stream.state() == {"epoch": 0, "batch": len(sizes)}
+        assert [len(b) for b in batches] == sizes and pos(stream) == {"epoch": 0, "batch": len(sizes)}
         next_epoch.append(next(stream)["text_ids"].tolist())
-        assert len(next_epoch[-1]) == bs and stream.state() == {"epoch": 1, "batch": 1}  # next epoch
+        assert len(next_epoch[-1]) == bs and pos(stream) == {"epoch": 1, "batch": 1}  # next epoch
         rows.append(torch.cat(batches).tolist())
         seen += rows[-1]
     if not drop_last and sum(sizes) * world >= n:  # every sample of the epoch is seen (ranks padded by repeats)
@@ -778,8 +781,43 @@ def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last,
     rest = [next(stream)["text_ids"].tolist() for _ in range(len(sizes) - 1)]
     assert sum(rest, []) == rows[0][bs:]  # nothing left when the epoch had one batch
     # then the next epoch, as without the interruption (straight away when the restored batch ended the epoch)
-    assert stream.state() == {"epoch": 0, "batch": len(sizes)}
-    assert next(stream)["text_ids"].tolist() == next_epoch[0] and stream.state() == {"epoch": 1, "batch": 1}
+    assert pos(stream) == {"epoch": 0, "batch": len(sizes)}
+    assert next(stream)["text_ids"].tolist() == next_epoch[0] and pos(stream) == {"epoch": 1, "batch": 1}
+
+
+@pytest.mark.parametrize("saved,resumed", [((2, 4), (1, 4)), ((1, 8), (2, 4)), ((2, 4), (4, 3)), ((1, 4), (1, 8))])
+def test_a_resume_on_another_layout_neither_repeats_nor_skips_samples(saved, resumed):
+    """The data position is the epoch's samples consumed over all ranks: a run saved with (processes, batch per
+    process) and resumed with another layout continues with exactly the samples the saved run had not seen (it
+    used to restart at batches x the new batch size: 8 samples replayed from 2 x 4 to 1 x 4 with accumulation)."""
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    def streams(world, bs):
+        return [TrainStream(_Indices(48), _index_collate, bs, 0, 3, DistInfo(r, world, r, torch.device("cpu")))
+                for r in range(world)]
+
+    def take(ss, samples):  # the next ``samples`` of the epoch over all ranks, as a set
+        got = []
+        while len(got) < samples:
+            for s in ss:
+                got += next(s)["text_ids"].tolist()
+        return got
+
+    (w0, b0), (w1, b1) = saved, resumed
+    first = streams(w0, b0)
+    consumed = take(first, 2 * w0 * b0)
+    rest_there = take(first, 48 - len(consumed))  # what the saved layout would have read in the rest of the epoch
+    again = streams(w0, b0)
+    take(again, 2 * w0 * b0)
+    state = again[0].state()
+    assert state["samples"] == 2 * w0 * b0
+    moved = streams(w1, b1)
+    for s in moved:
+        s.restore(state)
+    rest_here = take(moved, 48 - len(consumed))
+    assert sorted(rest_here) == sorted(rest_there) and not set(rest_here) & set(consumed)
+    assert sorted(consumed + rest_there) == list(range(48))
 
 
 class _SomeUnreadable(torch.utils.data.Dataset):

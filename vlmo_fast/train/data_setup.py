@@ -66,19 +66,21 @@ class SeededCollate:
 
 class EpochSampler(Sampler):
     """Yields (epoch, index) for this rank: a (seed, epoch) permutation (or the identity), padded or truncated to a
-    multiple of the world size and strided by rank like DistributedSampler, starting at ``start``."""
+    multiple of the world size and strided by rank like DistributedSampler, from global position ``offset``: the
+    epoch's first ``offset`` samples over all ranks were consumed (rank r took positions r, r + world, ...), so the
+    position carries over to another number of processes or another per-process batch."""
 
     def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int, drop_last: bool = False):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
         self.per_rank = n // world if drop_last else -(-n // world)
         self.drop_last = drop_last
-        self.epoch, self.start = 0, 0
+        self.epoch, self.offset = 0, 0
 
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
+    def set_position(self, epoch: int, offset: int) -> None:
+        self.epoch, self.offset = epoch, offset
 
     def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
+        return len(range(self.offset + self.rank, self.per_rank * self.world, self.world))
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         if self.shuffle:
@@ -87,8 +89,7 @@ class EpochSampler(Sampler):
             order = list(range(self.n))
         total = self.per_rank * self.world
         order = order[:total] if self.drop_last else (order + order[: total - self.n])
-        mine = order[self.rank : total : self.world]
-        for index in mine[self.start :]:
+        for index in order[self.offset + self.rank : total : self.world]:
             yield self.epoch, index
 
 
@@ -115,7 +116,8 @@ class TrainStream:
                                  pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
                                  **kwargs)
         self.batches_per_epoch = len(self.loader)  # official max_epochs steps: len(train_loader) * epochs // accum
-        self.epoch, self.batch = 0, 0
+        self.world = info.world_size
+        self.epoch, self.batch, self.consumed = 0, 0, 0  # consumed: the epoch's samples so far, over all ranks
         self._it: Optional[Iterator] = None
         # a batch left with fewer readable samples is skipped (one process: ITM needs a second sample for its
         # negatives); the unreadable samples of skipped batches are added to the next batch's count
@@ -127,15 +129,16 @@ class TrainStream:
     def __next__(self) -> Dict[str, Any]:
         while True:
             if self._it is None:
-                self.sampler.set_position(self.epoch, self.batch * self.batch_size)
+                self.sampler.set_position(self.epoch, self.consumed)
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
             except StopIteration:
                 self._it = None
-                self.epoch, self.batch = self.epoch + 1, 0
+                self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
                 continue
             self.batch += 1
+            self.consumed += self.batch_size * self.world
             if vdata.is_empty_batch(batch) or len(batch.get("text_ids", ())) < self.min_size:
                 self._carried_bad += int(batch.get("bad_samples", 0) or 0)
                 continue
@@ -145,10 +148,14 @@ class TrainStream:
             return batch
 
     def state(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "samples": self.consumed}
 
     def restore(self, state: Dict[str, int]) -> None:
+        """Continue where ``state`` left off. The position is the epoch's samples consumed over all ranks, so a run
+        resumed on another number of processes or with another per-process batch neither repeats nor skips any
+        (a checkpoint from before it was kept holds batches only: read with this layout)."""
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.consumed = int(state.get("samples", self.batch * self.batch_size * self.world))
         self._it = None
 
 
