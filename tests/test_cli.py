@@ -2,6 +2,7 @@
 one-line errors, fine-tuning task conflicts and data requirements, evaluate's model settings from the checkpoint,
 export of training checkpoints and model files. Parser-level or tiny runs only."""
 
+import os
 import re
 
 import pytest
@@ -482,3 +483,43 @@ def test_command_warnings_print_as_one_line():
                                       "return cls(**dict(values))")
     assert text == "UserWarning: warmup_steps (2500) exceeds max_steps (2)\n"
     assert warnings.formatwarning is before
+
+
+# ---- 10. exit status: a run a signal stopped is not a success -----------------------------------------------------
+
+
+def test_exit_status_of_a_stopped_run(tmp_path, synthetic_root, monkeypatch, capsys):
+    """0 at max_steps, 128 + N after signal N stopped the run (it saves first; `pretrain && export` must not go on
+    as if it had finished: the command returned 0), 1 after repeated non-finite losses."""
+    import signal
+
+    from vlmo_fast import objectives
+    from vlmo_fast.train import exit_status
+
+    assert exit_status({"stop_reason": "max_steps"}) == 0
+    assert exit_status({"stop_reason": "signal 15"}) == 143 and exit_status({"stop_reason": "signal 2"}) == 130
+    assert exit_status({"stop_reason": "signal on another rank"}) == 1
+    assert exit_status({"stop_reason": "5 non-finite losses in a row"}) == 1
+    real, calls = objectives.total_loss, []
+
+    def interrupted(out):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(out)
+
+    monkeypatch.setattr(objectives, "total_loss", interrupted)
+    argv = ["--data-root", synthetic_root, "--arch", "vlmo_tiny_patch16", "--image-size", "32", "--max-text-len",
+            "12", "--per-device-batch-size", "8", "--batch-size", "8", "--num-workers", "0", "--tensorboard",
+            "false", "--device", "cpu", "--max-steps", "4", "--final-eval", "false"]
+    assert cli.main(["pretrain", "--out-dir", str(tmp_path / "pre")] + argv) == 143
+    assert os.path.isfile(tmp_path / "pre" / "checkpoints" / "step_00000002.pt")
+    calls.clear()
+    assert ft.finetune_main(["irtr", "--out-dir", str(tmp_path / "ft")] + argv) == 143
+    monkeypatch.setattr(objectives, "total_loss", real)
+    assert cli.main(["pretrain", "--out-dir", str(tmp_path / "pre")] + argv) == 0  # resumed to the end
+    assert "max_epochs" not in capsys.readouterr().out
+    assert cli.main(["pretrain", "--out-dir", str(tmp_path / "pre2"), "--max-epochs", "3", "--max-steps", "1"]
+                    + argv[:-4] + ["--final-eval", "false"]) == 0
+    assert "max_epochs 3 is not used: max_steps 1 ends the run (--max-steps none runs by epochs)" \
+        in capsys.readouterr().out

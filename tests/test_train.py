@@ -441,6 +441,9 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
                               max_steps=2, final_eval=True, eval_every=1))
     assert summary["stop_reason"] == "max_steps" and summary["metrics"] == {}
     assert "no final evaluation: the training data are tar shards" in capsys.readouterr().out
+    train(small_cfg(tmp_path / "run", None, datasets=[os.path.join(os.path.dirname(shards[0]), "*.tar")],
+                    max_steps=3, warmup_steps=0))
+    assert "a stream without a position: this run restarts the shards of epoch" in capsys.readouterr().out
 
 
 def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic_root, capsys):

@@ -5,7 +5,7 @@
 """
 
 from .config import PRESETS_TRAIN, TrainConfig
-from .loop import export, train
+from .loop import exit_status, export, train
 
 
 def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
@@ -27,7 +27,7 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
         cfg = command_config(parser, sys.argv[1:] if argv is None else argv, presets=presets, check=check)
         with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
             summary = train(cfg)
-    return 0 if summary["stop_reason"] == "max_steps" or summary["stop_reason"].startswith("signal") else 1
+    return exit_status(summary)
 
 
 __all__ = ["PRESETS_TRAIN", "TrainConfig", "export", "main", "train"]

@@ -23,7 +23,7 @@ from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa,
 from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
     check_environment, command_config, load_toml, presets_for, resolve_device, user_errors
 from .data_setup import eval_loader
-from .loop import build_model, resolve_precision, train
+from .loop import build_model, exit_status, resolve_precision, train
 
 TASKS = FINETUNE_TASKS
 # a task's own out_dir: with the pretraining one, resume=auto would continue a default pretraining run in
@@ -84,7 +84,7 @@ def finetune_main(argv: Optional[List[str]] = None) -> int:
     cfg = command_config(parser, argv[1:], base=TASK_DEFAULTS[task], presets=presets, check=_check_task(task))
     with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
         summary = train(cfg)
-    return 0 if summary["stop_reason"] == "max_steps" else 1
+    return exit_status(summary)
 
 
 def _count(text: str) -> int:

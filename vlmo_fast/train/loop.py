@@ -398,11 +398,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         _write_json(os.path.join(cfg.out_dir, "config.json"), {"train": cfg.to_dict(), "model": model.config.to_dict()})
         for note in unreadable + set_aside:
             logger.write(f"checkpoints: {note}")
+        if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
+            logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
+                         f"(--max-steps none runs by epochs)")
         if init_report:
             logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
         if resume_path:
             logger.write(f"resumed from {resume_path} at step {step}"
                          + (f" with changed options: {', '.join(changed)}" if changed else ""))
+            if isinstance(stream, data_setup.IterableStream):
+                logger.write("the data are tar shards, a stream without a position: this run restarts the shards of "
+                             f"epoch {stream.epoch} (samples of it are seen again)")
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
@@ -553,6 +559,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         logger.write("; ".join(parts))
     logger.close()
     return summary
+
+
+def exit_status(summary: Dict[str, Any]) -> int:
+    """The commands' exit status for a run's summary: 0 when it reached max_steps (or was already complete), 128 + N
+    when signal N stopped it (after saving, as a shell reports a process a signal ended: `pretrain && export` stops
+    there), 1 for any other stop (repeated non-finite losses)."""
+    reason = str(summary.get("stop_reason", ""))
+    if reason == "max_steps":
+        return 0
+    if reason.startswith("signal "):
+        number = reason.split()[1]
+        return 128 + int(number) if number.isdigit() else 1  # "signal on another rank": that rank has the number
+    return 1
 
 
 def _write_json(path: str, value: Any) -> None:
