@@ -98,6 +98,9 @@ def test_parameters_state_dict_and_round_trip():
     vf.accelerate(model)
     again = vf.accelerate(model)
     assert not again.replaced and all(why == "already accelerated" for _, why in again.left_alone)
+    switched = vf.accelerate(model, backend="torch")  # another backend: the blocks switch to it
+    assert all(why == "already accelerated; backend now 'torch'" for _, why in switched.left_alone)
+    assert all(b._vlmo_fast_backend == "torch" for b in model.transformer.blocks)
 
 
 def test_transformer_and_single_block_and_unsupported_cases():

@@ -221,7 +221,11 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
         return report
     for path, blk in blocks:
         if getattr(blk, _MARK, False):
-            report.left_alone.append((path, "already accelerated"))
+            if blk.__dict__.get(_BACKEND, backend) != backend:  # a second call with another backend switches to it
+                blk.__dict__[_BACKEND] = backend
+                report.left_alone.append((path, f"already accelerated; backend now {backend!r}"))
+            else:
+                report.left_alone.append((path, "already accelerated"))
             continue
         why = _why_not_block(blk)
         if why is not None:
