@@ -358,3 +358,30 @@ def test_a_deep_copy_runs_its_own_weights():
     out.sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert clone.transformer.blocks[0].attn.proj.weight.grad is not None
+    # a pickled accelerated model (torch.save of the whole module) loads back, accelerated, with its own weights
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(clone))
+    assert restored.transformer.blocks[0].forward.module is restored.transformer.blocks[0]
+    torch.testing.assert_close(restored.infer(b)["cls_feats"], out)
+
+
+def test_an_inference_mode_forward_first_does_not_break_training():
+    """The in-kernel gather keeps each index's device copy for later forwards: made during a forward under
+    torch.inference_mode (a sanity validation before training), it must still be a normal tensor, or every later
+    training forward fails to save it for backward."""
+    model = official_model()
+    vf.accelerate(model, backend="cuda" if native_available() else "auto", gather_bias_in_kernel=True)
+    b = batch(model.config)
+    model.eval()
+    with torch.inference_mode():
+        model.infer(b)
+    model.train()
+    model.infer(b)["cls_feats"].sum().backward()
+    assert model.relative_position_bias_table.grad is not None
+    # on a GPU the copy is a new tensor (on the CPU here it is the index itself): a meta copy stands in for it
+    from vlmo_fast.accelerate import _device_copy
+
+    with torch.inference_mode():
+        copy_made_there = _device_copy(torch.arange(4), torch.device("meta"))
+    assert not copy_made_there.is_inference()

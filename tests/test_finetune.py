@@ -269,8 +269,15 @@ def test_evaluate_refuses_what_would_give_a_meaningless_result(tmp_path, capsys,
     finetuned = tmp_path / "vqa.safetensors"
     vf.save_checkpoint(vf.VLMo(cfg.replace(loss_names=loss_names(vqa=1))), finetuned)
     os.remove(os.path.join(root, "vqav2_trainable_val.arrow"))
-    err = error_of(["vqa", "--load-path", str(finetuned), "--data-root", root, "--split", "test", "--device", "cpu",
-                    "--out", str(tmp_path / "sub.json")])
+    import vlmo_fast.train.finetune as ft_module
+
+    def no_test_pass(*args, **kwargs):  # the files are checked before the test set is run through the model
+        raise AssertionError("the test pass ran before the check")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ft_module, "evaluate_vqa", no_test_pass)
+        err = error_of(["vqa", "--load-path", str(finetuned), "--data-root", root, "--split", "test", "--device",
+                        "cpu", "--out", str(tmp_path / "sub.json")])
     assert "vqav2_trainable_val.arrow" in err and "answer strings" in err, err
     assert not (tmp_path / "sub.json").exists()
 

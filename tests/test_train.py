@@ -337,6 +337,16 @@ def test_checkpoints_of_another_trajectory_are_set_aside_not_kept_over_this_runs
     assert "checkpoints: moved" in capsys.readouterr().out
     fresh = train(small_cfg(run, synthetic_root, max_steps=2, save_every=1, keep_last=1, resume="none"))
     assert names(run / "checkpoints") == ["step_00000002.pt", "superseded"] and fresh["steps"] == 2
+    # the roll-back's step 5 joined the first run's files there, under a name of its own
+    assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000005.pt", "step_00000006.pt"]
+    # set aside again, a step already there: kept under a name of its own, never replaced
+    from vlmo_fast.train.state import set_aside_later_checkpoints
+
+    (run / "checkpoints" / "step_00000005.pt").write_bytes(b"another trajectory's step 5")
+    set_aside_later_checkpoints(str(run), 2)
+    assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000005.1.pt",
+                                                         "step_00000005.pt", "step_00000006.pt"]
+    assert (run / "checkpoints" / "superseded" / "step_00000005.1.pt").read_bytes() == b"another trajectory's step 5"
 
 
 def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, synthetic_root, capsys):
@@ -469,6 +479,16 @@ def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic
     assert not (tmp_path / "no_val" / "checkpoints").exists() or not os.listdir(tmp_path / "no_val" / "checkpoints")
     # without an evaluation, the val files are not needed
     assert run("no_eval", ["vg", "coco"], final_eval=False)["stop_reason"] == "max_steps"
+    # nor when the evaluation reads nothing (the MLM-only stages)
+    assert train(small_cfg(tmp_path / "mlm", str(root), datasets=["coco"], tasks=["mlm"], max_steps=1,
+                           warmup_steps=0, final_eval=True))["metrics"] == {}
+    # with several datasets, one whose val files are absent is left out of the evaluation, with a warning
+    shutil.copy(root / "coco_caption_karpathy_train.arrow", root / "conceptual_caption_train_0.arrow")
+    shutil.copy(root / "coco_caption_karpathy_test.arrow", root / "coco_caption_karpathy_val.arrow")
+    with pytest.warns(UserWarning, match=r"the evaluation reads the val splits of coco only: gcc \(no "
+                                         r"conceptual_caption_val_0.arrow\)"):
+        both = run("gcc", ["coco", "gcc"])
+    assert "val/r_mean" in both["metrics"]
 
 
 def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):
@@ -788,39 +808,47 @@ def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last,
     assert next(stream)["text_ids"].tolist() == next_epoch[0] and pos(stream) == {"epoch": 1, "batch": 1}
 
 
-@pytest.mark.parametrize("saved,resumed", [((2, 4), (1, 4)), ((1, 8), (2, 4)), ((2, 4), (4, 3)), ((1, 4), (1, 8))])
-def test_a_resume_on_another_layout_neither_repeats_nor_skips_samples(saved, resumed):
+@pytest.mark.parametrize("n,saved,resumed,batches", [
+    (48, (2, 4), (1, 4), 2), (48, (1, 8), (2, 4), 2), (48, (2, 4), (4, 3), 2), (48, (1, 4), (1, 8), 2),
+    (48, (1, 3), (2, 2), 1),  # 3 samples consumed: not a multiple of 2 processes
+    (10, (1, 5), (4, 2), 2),  # saved at the epoch's end, resumed where the padding would begin
+    (11, (2, 3), (3, 2), 1),
+])
+def test_a_resume_on_another_layout_neither_repeats_nor_skips_samples(n, saved, resumed, batches):
     """The data position is the epoch's samples consumed over all ranks: a run saved with (processes, batch per
-    process) and resumed with another layout continues with exactly the samples the saved run had not seen (it
-    used to restart at batches x the new batch size: 8 samples replayed from 2 x 4 to 1 x 4 with accumulation)."""
+    process) and resumed with another layout continues with the samples the saved run had not seen (it used to
+    restart at batches x the new batch size: 8 samples replayed from 2 x 4 to 1 x 4 with accumulation), repeating
+    fewer than one per process, and every rank gets batches of the same size in the same epoch (the gathers)."""
     from vlmo_fast.train.data_setup import TrainStream
     from vlmo_fast.train.distributed import DistInfo
 
     def streams(world, bs):
-        return [TrainStream(_Indices(48), _index_collate, bs, 0, 3, DistInfo(r, world, r, torch.device("cpu")))
+        return [TrainStream(_Indices(n), _index_collate, bs, 0, 3, DistInfo(r, world, r, torch.device("cpu")))
                 for r in range(world)]
-
-    def take(ss, samples):  # the next ``samples`` of the epoch over all ranks, as a set
-        got = []
-        while len(got) < samples:
-            for s in ss:
-                got += next(s)["text_ids"].tolist()
-        return got
 
     (w0, b0), (w1, b1) = saved, resumed
     first = streams(w0, b0)
-    consumed = take(first, 2 * w0 * b0)
-    rest_there = take(first, 48 - len(consumed))  # what the saved layout would have read in the rest of the epoch
-    again = streams(w0, b0)
-    take(again, 2 * w0 * b0)
-    state = again[0].state()
-    assert state["samples"] == 2 * w0 * b0
+    consumed = [i for _ in range(batches) for s in first for i in next(s)["text_ids"].tolist()]
+    state = first[0].state()
+    assert state["samples"] == batches * w0 * b0
     moved = streams(w1, b1)
     for s in moved:
         s.restore(state)
-    rest_here = take(moved, 48 - len(consumed))
-    assert sorted(rest_here) == sorted(rest_there) and not set(rest_here) & set(consumed)
-    assert sorted(consumed + rest_there) == list(range(48))
+    epoch = moved[0].epoch
+    rest = []
+    while True:  # one step of every rank at a time, to the epoch's end
+        steps = [next(s) for s in moved]
+        if any(s.epoch != epoch for s in moved):
+            assert all(s.epoch == epoch + 1 for s in moved)  # the ranks cross into the next epoch together
+            break
+        sizes = {len(b["text_ids"]) for b in steps}
+        assert len(sizes) == 1, sizes  # the same batch size on every rank
+        rest += [i for b in steps for i in b["text_ids"].tolist()]
+    if epoch == 0:
+        assert set(consumed) | set(rest) == set(range(n))  # nothing skipped
+        assert len(set(consumed) & set(rest)) < w1  # fewer than one sample per process seen again
+    else:  # the saved run had read the whole epoch: the next one, from its start
+        assert sorted(set(rest)) == list(range(n))
 
 
 class _SomeUnreadable(torch.utils.data.Dataset):

@@ -16,9 +16,9 @@ the attention kernel (no (H·L, N, N) tensor per forward).
 
 from __future__ import annotations
 
+import copy
 import logging
 import numbers
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -155,8 +155,8 @@ def _changed_since(blk: nn.Module) -> Optional[str]:
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
-    """The official ``Block.forward`` signature, run by vlmo_fast's fused block. Bound to the block as a method (a
-    deep copy of the model then runs its own weights), reading the block's settings at each call."""
+    """The official ``Block.forward`` signature, run by vlmo_fast's fused block (bound to the block: ``_Bound``),
+    reading the block's settings at each call."""
     if _changed_since(self) is not None:  # the official forward, with the dense bias it expects
         if isinstance(relative_position_bias, TableBias):
             relative_position_bias = relative_position_bias.dense()
@@ -187,6 +187,24 @@ def _find_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
 
 
+class _Bound:
+    """``fn`` bound to a module as an instance attribute (its forward, its get_rel_pos_bias). Unlike a bound method,
+    a pickled model gets it back (a bound method pickles as a lookup of its name on the module, which fails), and a
+    deep copy (EMA, model averaging) binds it to the copy, which then runs its own weights."""
+
+    def __init__(self, fn, module: nn.Module):
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Bound, (self.fn, self.module)
+
+    def __deepcopy__(self, memo):
+        return _Bound(self.fn, copy.deepcopy(self.module, memo))
+
+
 _INDEX_COPIES = "_vlmo_fast_index_copies"
 
 
@@ -198,13 +216,22 @@ def _accelerated_get_rel_pos_bias(self, relative_position_index):
     table = self.relative_position_bias_table
     h = table.shape[1] // self.num_layers
     src = relative_position_index
-    index = self.__dict__[_INDEX_COPIES].get(src, (table.device,), lambda: src.to(table.device))
+    index = self.__dict__[_INDEX_COPIES].get(src, (table.device,), lambda: _device_copy(src, table.device))
     return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(self.num_layers)]
+
+
+def _device_copy(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A normal tensor even when made under torch.inference_mode (e.g. a sanity validation before training): the
+    copy is kept for later forwards, and an inference tensor could not be saved for a training backward."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():  # (the check does not trace)
+        return index.to(device)
+    with torch.inference_mode(False):
+        return index.to(device, copy=True)
 
 
 def _bind_get_rel_pos_bias(module: nn.Module):
     module.__dict__[_INDEX_COPIES] = TensorMemo(8)
-    return types.MethodType(_accelerated_get_rel_pos_bias, module)
+    return _Bound(_accelerated_get_rel_pos_bias, module)
 
 
 def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: bool = False) -> AccelerationReport:
@@ -231,10 +258,10 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
         if why is not None:
             report.left_alone.append((path, why))
             continue
-        # instance attributes (shadowing the class forward), bound to the block: a deep copy rebinds to the copy
+        # instance attributes (the forward shadows the class's), bound to the block
         blk.__dict__[_BACKEND] = backend
         blk.__dict__[_SUBMODULES] = [m for name, m in blk.named_modules() if name]
-        blk.forward = types.MethodType(_accelerated_forward, blk)
+        blk.forward = _Bound(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)
     if gather_bias_in_kernel:

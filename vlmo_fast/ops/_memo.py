@@ -23,6 +23,9 @@ class TensorMemo:
         self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
         self._size = size
 
+    def __reduce__(self):  # a copy or a pickle (of a module holding one) starts empty: it is a cache
+        return TensorMemo, (self._size,)
+
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
         if torch.compiler.is_compiling() or t.is_inference():
             return compute()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -152,10 +153,16 @@ class TrainStream:
 
     def restore(self, state: Dict[str, int]) -> None:
         """Continue where ``state`` left off. The position is the epoch's samples consumed over all ranks, so a run
-        resumed on another number of processes or with another per-process batch neither repeats nor skips any
-        (a checkpoint from before it was kept holds batches only: read with this layout)."""
+        resumed on another number of processes or with another per-process batch skips none and repeats fewer than
+        one per process: every rank must get as many samples as the others (the ITC/ITM gathers), so a position
+        that does not divide by the number of processes is rounded down to one that does, and one past the epoch's
+        real samples (in the padding) starts the next epoch. (A checkpoint from before the position was kept holds
+        batches only: read with this layout.)"""
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self.consumed = int(state.get("samples", self.batch * self.batch_size * self.world))
+        consumed = int(state.get("samples", self.batch * self.batch_size * self.world))
+        if consumed >= min(self.sampler.per_rank * self.world, self.sampler.n):
+            self.epoch, self.batch, consumed = self.epoch + 1, 0, 0
+        self.consumed = consumed - consumed % self.world
         self._it = None
 
 
@@ -210,13 +217,16 @@ def _is_shards(name: str) -> bool:
 
 
 def eval_datasets(cfg: TrainConfig, split: str = "val") -> List[str]:
-    """The run's arrow datasets that have official files for ``split``: vg and sbu have none, so a run on
-    ``coco,vg`` evaluates on coco's and one on ``vg`` alone on nothing. Tar shards are training data only: a run on
-    shards evaluates on the arrow files of --data-root (COCO's), and without one on nothing."""
+    """The run's arrow datasets that have official files for ``split`` (vg and sbu have none, so a run on ``coco,vg``
+    evaluates on coco's and one on ``vg`` alone on nothing), of those the ones whose files are under --data-root
+    when some are not (a warning at start names the others; see check_eval_files). Tar shards are training data
+    only: a run on shards evaluates on the arrow files of --data-root (COCO's), and without one on nothing."""
     arrow = [d for d in cfg.datasets if not _is_shards(d)]
     if not arrow:
         return ["coco"] if cfg.data_root is not None else []
-    return [d for d in arrow if vdata.dataset_files(d, split)]
+    names = [d for d in arrow if vdata.dataset_files(d, split)]
+    present = [d for d in names if not _missing_files(cfg, d, split)]
+    return present or names  # none there: all of them, so that reading them names a missing file
 
 
 def has_val_split(cfg: TrainConfig) -> bool:
@@ -229,28 +239,42 @@ def no_eval_reason(cfg: TrainConfig) -> str:
     return f"none of the datasets {', '.join(cfg.datasets)} has a val split"
 
 
-def _missing_eval_files(cfg: TrainConfig, split: str) -> List[Tuple[str, str]]:
-    """(dataset, path) of the files of ``split`` that an evaluation would read and --data-root lacks."""
-    if cfg.data_root is None:  # the built-in synthetic set has every split
+def _missing_files(cfg: TrainConfig, name: str, split: str) -> List[str]:
+    """The files of dataset ``name``/``split`` that --data-root lacks (none for the built-in synthetic set)."""
+    if cfg.data_root is None:
         return []
-    return [(name, path) for name in eval_datasets(cfg, split) for path in
-            (os.path.join(cfg.data_root, stem + ".arrow") for stem in vdata.dataset_files(name, split))
-            if not os.path.isfile(path)]
+    paths = (os.path.join(cfg.data_root, stem + ".arrow") for stem in vdata.dataset_files(name, split))
+    return [p for p in paths if not os.path.isfile(p)]
+
+
+def evaluation_reads_data(cfg: TrainConfig) -> bool:
+    """Whether the training loop's evaluation reads anything: retrieval recall (models with ITC heads), the VQA
+    score, NLVR2 accuracy, ITC accuracy. The MLM-only stages evaluate nothing."""
+    return bool({"itc", "irtr", "vqa", "nlvr2"} & set(cfg.tasks))
 
 
 def check_eval_files(cfg: TrainConfig) -> None:
     """Before training: the val files an evaluation will read exist (a missing one would otherwise end the run after
-    its last step, at the final evaluation)."""
-    if cfg.final_eval or cfg.eval_every:
-        for name, path in _missing_eval_files(cfg, "val")[:1]:
-            raise FileNotFoundError(f"{path}: the {name} val split, which the evaluation reads, is missing "
-                                    f"(--final-eval false and --eval-every 0 train without it)")
+    its last step, at the final evaluation). With several datasets, those without their val files are left out
+    of the evaluation, with a warning; none of them there is the error."""
+    if not (cfg.final_eval or cfg.eval_every) or not evaluation_reads_data(cfg) or cfg.data_root is None:
+        return
+    arrow = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
+    missing = {d: _missing_files(cfg, d, "val") for d in arrow if vdata.dataset_files(d, "val")}
+    absent = [d for d, paths in missing.items() if paths]
+    if absent and len(absent) == len(missing):
+        raise FileNotFoundError(f"{missing[absent[0]][0]}: the {absent[0]} val split, which the evaluation reads, "
+                                f"is missing (--final-eval false and --eval-every 0 train without it)")
+    if absent:
+        warnings.warn(f"the evaluation reads the val splits of {', '.join(d for d in missing if d not in absent)} "
+                      f"only: {', '.join(f'{d} (no {os.path.basename(missing[d][0])})' for d in absent)}")
 
 
 def has_test_split(cfg: TrainConfig) -> bool:
-    """Whether the test files of the evaluation's datasets are all there (the final retrieval evaluation reads them
+    """Whether the test files of the evaluation's datasets are there (the final retrieval evaluation reads them
     when they are, as the official validation does; they are not required)."""
-    return bool(eval_datasets(cfg, "test")) and not _missing_eval_files(cfg, "test")
+    names = eval_datasets(cfg, "test")
+    return bool(names) and not any(_missing_files(cfg, d, "test") for d in names)
 
 
 def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):

@@ -236,10 +236,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, full_texts,
                                               k=rerank_k, device=device, autocast_dtype=amp)
     elif task == "vqa":
-        ds = dataset(["vqa"], split)
-        result = evaluate_vqa(model, loader(ds), device, amp)
-        metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
-        if split == "test":
+        if split == "test":  # checked before the test pass (448K questions at 480 px): its answers need them
             # the answer of each class, as official, from the train and val files (their answers and labels)
             paths = [os.path.join(root, f"{n}.arrow")
                      for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")]
@@ -248,9 +245,13 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                 if missing:
                     raise FileNotFoundError(f"{', '.join(missing)}: needed for the answer strings of the classes "
                                             f"(the test file has no answers)")
-                tables = [vdata.read_arrow(p) for p in paths]
+                id2answer = build_id2answer([vdata.read_arrow(p) for p in paths])
+        ds = dataset(["vqa"], split)
+        result = evaluate_vqa(model, loader(ds), device, amp)
+        metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
+        if split == "test":
             out = args.out or "vqa_submission.json"
-            vqa_submission(result["predictions"], build_id2answer(tables), out)
+            vqa_submission(result["predictions"], id2answer, out)
             metrics["submission"] = out
     else:
         ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name

@@ -32,8 +32,9 @@ from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, input_stage
-from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, full_state_dict, \
-    init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, wrap_model
+from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
+    init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, \
+    wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
 from .state import (load_training_checkpoint, newest_readable_checkpoint, rng_state, save_training_checkpoint,
                     set_aside_later_checkpoints, set_rng_state)
@@ -367,8 +368,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
         step, counts = 0, {}
         resume_path, state, unreadable = None, None, []
-        if cfg.resume == "auto":
-            resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
+        if cfg.resume == "auto":  # rank 0 chooses (a rank that failed to read a file must not resume another)
+            if info.is_main:
+                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
+            resume_path = from_main(resume_path)
+            if not info.is_main and resume_path:
+                state = load_training_checkpoint(resume_path)
         elif cfg.resume not in ("none", "", None):
             resume_path = cfg.resume
             state = load_training_checkpoint(resume_path)

@@ -89,6 +89,9 @@ def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
         os.makedirs(aside, exist_ok=True)
         for path in later:
             target = os.path.join(aside, os.path.basename(path))
+            stem, k = target[: -len(".pt")], 1
+            while os.path.exists(target):  # an earlier roll-back's file of the same step is kept too
+                target, k = f"{stem}.{k}.pt", k + 1
             os.replace(path, target)
             moved.append(f"moved {path} to {target}")
     for tmp in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
