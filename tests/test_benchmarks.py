@@ -354,7 +354,7 @@ def test_a_failed_call_does_not_keep_its_tensors_alive():
     assert refs and all(r() is None for r in refs)
 
 
-@pytest.mark.skipif(not vf.build_info()["cuda"], reason="the CUDA kernels were not compiled (no nvcc at build time)")
+@pytest.mark.skipif(not vf.build_info().get("cuda"), reason="the CUDA kernels were not compiled (no nvcc at build time)")
 def test_staged_softmax_rows_run_with_the_staged_kernels_and_restore_the_choice():
     """The benchmark's vlmo_fast[staged] softmax rows switch the process-wide CUDA kernel choice for their calls
     only (forward and backward alike: the wrapper encloses the whole timed callable)."""

@@ -229,3 +229,16 @@ def test_deterministic_mode_keeps_the_atomic_table_gradient_off_the_cuda_kernel(
         with pytest.warns(UserWarning, match="backend='cuda' runs although .*not deterministic"):
             ops.rel_pos_bias_gather(table, index, backend="cuda")
         assert ops_backend.last_selected()["rel_pos_bias_gather"] == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_an_op_on_another_device_leaves_the_current_device_alone():
+    """The launchers select their tensors' device with cudaSetDevice, which PyTorch's runtime shares: the ops run
+    under a device guard, so the current device is the same after an op on another one."""
+    torch.cuda.set_device(0)
+    table = torch.randn(9, 4, device="cuda:1")
+    index = torch.randint(0, 9, (5, 5), device="cuda:1")
+    ops.rel_pos_bias_gather(table, index, backend="cuda")
+    ops.masked_softmax(torch.randn(1, 4, 5, 5, device="cuda:1"), bias_table=table, bias_index=index, backend="cuda")
+    assert torch.cuda.current_device() == 0

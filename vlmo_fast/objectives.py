@@ -149,7 +149,8 @@ def compute_itm_hardneg(
     neg_texts = {"image": batch["image"], "text_ids": all_ids[neg_text_idx],
                  "text_labels": batch.get("text_labels"), "text_masks": all_masks[neg_text_idx]}
     cls = torch.cat([pos["cls_feats"], model.infer(neg_images)["cls_feats"], model.infer(neg_texts)["cls_feats"]])
-    labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(cls.device)
+    labels = torch.zeros(3 * bsz, dtype=torch.long, device=cls.device)  # made there: no blocking host copy
+    labels[:bsz] = 1
     logits = model.itm_score(cls)
     return {"itm_loss": F.cross_entropy(logits.float(), labels), "itm_logits": logits, "itm_labels": labels}
 
@@ -175,7 +176,14 @@ def vqa_targets(labels: Iterable[Iterable[int]], scores: Iterable[Iterable[float
             if not 0 <= int(label) < num_labels:
                 raise ValueError(f"vqa_labels: label {int(label)} of question {i} is outside [0, {num_labels})")
             target[i, int(label)] = float(score)
-    return target.to(device)
+    return _to_device(target, device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the GPU (a copy from pageable memory would wait, mid-step)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
@@ -193,7 +201,7 @@ def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     cls1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
     cls2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
     logits = model.nlvr2_classifier(torch.cat([cls1, cls2], dim=-1))
-    labels = torch.as_tensor(batch["answers"], device=logits.device).long()
+    labels = _to_device(torch.as_tensor(batch["answers"], dtype=torch.long), logits.device)
     return {"nlvr2_loss": F.cross_entropy(logits.float(), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
 
 

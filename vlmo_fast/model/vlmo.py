@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import VLMoConfig
+from ..ops._memo import TensorMemo
 from ..ops.backend import check_backend
 from . import relpos
 from .embeddings import TextEmbeddings
@@ -32,6 +33,15 @@ from .multiway import MultiWayTransformer, RelPos
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| with no epsilon, as the official ITC features (spec §3.4)."""
     return x / x.norm(dim=-1, keepdim=True)
+
+
+_CHECKED_IDS = TensorMemo(16)  # text_ids tensors whose values passed the range check
+
+
+def _check_ids(text_ids: torch.Tensor, vocab_size: int) -> None:
+    lo, hi = torch.stack(torch.aminmax(text_ids.reshape(-1))).tolist()  # one pass, one device sync
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"text_ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
 
 
 class VLMo(nn.Module):
@@ -147,10 +157,10 @@ class VLMo(nn.Module):
             if t.device != self.device:
                 raise ValueError(f"{name} must be on the model's device {self.device}, got {t.device}")
         if text_ids.numel() and not torch.compiler.is_compiling():  # value checks would break a compiled graph
-            # one pass and a single device sync for both bounds
-            lo, hi = torch.stack(torch.aminmax(text_ids.reshape(-1))).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"text_ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+            # once per tensor (a training step passes the same text_ids to several encoder calls): on a GPU each
+            # check is a device sync
+            vocab = self.config.vocab_size
+            _CHECKED_IDS.get(text_ids, (vocab,), lambda: _check_ids(text_ids, vocab))
         return text_masks.bool()
 
     def _check_image(self, image: Any, name: str = "image") -> torch.Tensor:

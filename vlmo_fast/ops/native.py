@@ -20,6 +20,7 @@ bottom adapt the public ops' calls (``vlmo_fast.ops.backend``) to these. This mo
 """
 
 import contextlib
+import functools
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -133,6 +134,23 @@ def _launch_args(device: torch.device) -> dict:
     return {"num_threads": torch.get_num_threads()}
 
 
+def _on_tensor_device(fn):
+    """Run a native op with PyTorch's current device set to its first tensor argument's (CUDA). The launchers
+    select the tensors' device with cudaSetDevice, which makes that device current for the thread in PyTorch's
+    runtime too (the primary context is shared): without the guard, an op on cuda:1 left cuda:1 current, and
+    later allocations on "cuda" landed there. The guard restores the previous device on exit."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _launcher(name: str, device: torch.device):
     return getattr(_C, f"{name}_{'cuda' if _runs_cuda(device) else 'cpu'}")
 
@@ -211,6 +229,7 @@ def _softmax_operands(scores, bias, table, index, keep):
     return (b, h, nq, nk), kw, index32
 
 
+@_on_tensor_device
 def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtype):
     shape, kw, index32 = _softmax_operands(scores, bias, bias_table, bias_index, keep)  # index32: kept to the launch
     if out_dtype not in _DTYPE_CODE:
@@ -228,6 +247,7 @@ def _softmax_forward(scores, scale, bias, bias_table, bias_index, keep, out_dtyp
     return p, lse
 
 
+@_on_tensor_device
 def _softmax_backward(dp, scores, lse, scale, bias, bias_table, bias_index, keep, bias_grad):
     shape, kw, index32 = _softmax_operands(scores, bias, bias_table, bias_index, keep)  # index32: kept to the launch
     dev = scores.device
@@ -434,6 +454,7 @@ def _layernorm_operands(x, weight, bias, split):
     return b, n, d, experts
 
 
+@_on_tensor_device
 def _layernorm_forward(x, weight, bias, split, eps):
     if bias is None:
         raise ValueError("bias must be given (stack zeros for an expert without one)")
@@ -451,6 +472,7 @@ def _layernorm_forward(x, weight, bias, split, eps):
     return y, mean, rstd
 
 
+@_on_tensor_device
 def _layernorm_backward(dy, x, mean, rstd, weight, split):
     b, n, d, experts = _layernorm_operands(x, weight, None, split)
     dev = x.device
@@ -579,6 +601,7 @@ def _layernorm_unsupported(x, weight, bias, split) -> Optional[str]:
 # ---- relative-position bias gather ---------------------------------------------------------------------------------
 
 
+@_on_tensor_device
 def _gather_forward(table, index):
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         raise ValueError("table must be a 2-D tensor (R, C)")
@@ -601,6 +624,7 @@ def _gather_forward(table, index):
     return out
 
 
+@_on_tensor_device
 def _gather_backward(grad, index, rows):
     if not isinstance(grad, torch.Tensor) or grad.dim() != 3:
         raise ValueError("grad must be a 3-D tensor (C, N, N)")

@@ -169,10 +169,10 @@ class TrainStream:
 class IterableStream:
     """Web-scale tar shards: an endless stream (resume restarts the current epoch's shards)."""
 
-    def __init__(self, dataset, collate, batch_size: int, num_workers: int):
+    def __init__(self, dataset, collate, batch_size: int, num_workers: int, pin_memory: bool = False):
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                                 drop_last=True, generator=torch.Generator().manual_seed(0),
+                                 drop_last=True, generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
                                  worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
         self.batches_per_epoch = 0
         self.epoch = 0
@@ -291,7 +291,8 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                               train=cfg.augment is not False, seed=cfg.seed, rank=info.rank,
                               world_size=info.world_size)
-        return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers)
+        return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers,
+                              pin_memory=info.device.type == "cuda")
     # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)
     # destroys what the synthetic captions describe, so the built-in set trains with the eval transform
     augment = cfg.augment if cfg.augment is not None else cfg.data_root is not None

@@ -258,10 +258,15 @@ def _accuracy_inputs(out: Dict[str, Any]):
         if logits_key in out and labels_key in out:
             yield name, out[logits_key], out[labels_key]
     if "mlm_logits" in out:
-        labels = out["mlm_labels"]
-        keep = labels != -100
-        if bool(keep.any()):
-            yield "mlm_acc", out["mlm_logits"][keep], labels[keep]
+        yield "mlm_acc", out["mlm_logits"], out["mlm_labels"]  # over the masked positions (labels != -100)
+
+
+def _accuracy_on_device(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The fraction of argmax hits over the labels that are not -100 (0 when none is), as a device tensor: no
+    host sync in the training step (the loop reads it at log time)."""
+    counted = labels != -100
+    hits = ((logits.argmax(-1) == labels) & counted).sum()
+    return hits.float() / counted.sum().clamp_min(1).float()
 
 
 def _first(batches, n: Optional[int]):
@@ -455,8 +460,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     model.train()
     try:
         while step < max_steps:
-            parts: Dict[str, float] = {}
-            finite = True
+            # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
+            parts: Dict[str, torch.Tensor] = {}
+            finite = torch.ones((), dtype=torch.bool, device=info.device)
             for micro in range(accum):
                 batch = next(stream)
                 bad_samples += int(batch.pop("bad_samples", 0) or 0)
@@ -468,20 +474,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     with _autocast(info.device, amp):
                         out = wrapped(batch)
                         loss = objectives.total_loss(out)
-                    finite = finite and bool(torch.isfinite(loss))
+                    finite = finite & torch.isfinite(loss.detach())
                     scaler.scale(loss / accum).backward()
                 for k, v in out.items():
                     if "loss" in k:
-                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / accum
+                        parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
                 for name, logits, labels in _accuracy_inputs(out):
-                    parts[name] = parts.get(name, 0.0) + accuracy(logits.detach(), labels) / accum
+                    parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
                 # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
                 samples_since += len(batch.get("text_ids", ())) * info.world_size
-            if any_rank(not finite, info.device):
+                del out, loss  # not kept through the next micro-step's forward, where memory peaks
+            if any_rank(not bool(finite), info.device):  # the step's one read: the backward is queued by now
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
                 skipped += 1
-                logger.write(f"step {step}: non-finite loss ({parts}); update skipped ({bad_in_a_row} in a row)")
+                shown = {k: round(float(v), 4) for k, v in parts.items()}
+                logger.write(f"step {step}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
                 if bad_in_a_row >= cfg.max_bad_steps:
                     stop_reason = f"{bad_in_a_row} non-finite losses in a row"
                     raise StopTraining(stop_reason)
@@ -512,7 +520,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 t_last, samples_since = now, 0
                 logged = {k: v / window_steps for k, v in window.items()} if window_steps else parts
                 window, window_steps = {}, 0
-                values = {k: float(mean_over_ranks(torch.tensor(v, device=info.device))) for k, v in logged.items()}
+                values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device))) for k, v in logged.items()}
                 values["loss"] = sum(v for k, v in values.items() if "loss" in k)
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values["samples_per_s"] = rate
