@@ -456,6 +456,7 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
     assert "a stream without a position: this run restarts the shards of epoch" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:gcc train. reading the 1 of its 30 official files")  # one gcc shard, on purpose
 def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic_root, capsys):
     """vg and sbu have no val split (spec §7): a run on vg alone has nothing to evaluate on (it used to train, save,
     and then fail at the final evaluation), one on vg and coco evaluates on coco's val split, and a val file that is
