@@ -415,7 +415,8 @@ def markdown_report(meta: Dict[str, Any], rows: List[Row]) -> str:
         "",
         f"- date {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
         f"sizes `{meta['sizes']}`",
-        f"- measured ceilings: copy {c['copy_gbs']:.0f} GB/s (read+write), GEMM {c['gemm_tflops']:.1f} TFLOP/s "
+        f"- measured ceilings: copy {c['copy_gbs']:.0f} GB/s (bytes read+written; the better of a copy and an "
+        f"in-place add, so % ceiling errs low), GEMM {c['gemm_tflops']:.1f} TFLOP/s "
         f"({c['gemm_dtype']} {c['gemm_n']}^3)",
         "- speedup is against the `baseline` implementation of the same op, case and mode (the official math); "
         "MFU is against the measured GEMM rate; % ceiling is against the measured copy bandwidth (memory-bound ops) "

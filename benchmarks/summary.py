@@ -26,22 +26,34 @@ def load(path: str) -> Dict[str, Any]:
     return data
 
 
+# timed next to ours, but computing something else, so never a "best other" (results from before run.py marked them)
+OTHER_MATH = {"torch_adamw_fused": "torch's AdamW rule (eps after the bias correction, decay before the update)"}
+
+
 def committed(paths: List[str]) -> List[str]:
-    """The paths git tracks (all of them outside a git work tree, or without git)."""
+    """The paths committed at HEAD, as they are there (all of them outside a git work tree, or without git). A file
+    only staged, or changed since, does not count: the README's numbers come from committed results only."""
     if not paths:
         return paths
-    folder = os.path.dirname(os.path.abspath(paths[0]))
+    paths = [os.path.abspath(p) for p in paths]  # git runs in the results folder: relative paths would miss
+    folder = os.path.dirname(paths[0])
     try:
-        done = subprocess.run(["git", "ls-files", "--full-name", "-z", "--", *paths], cwd=folder, capture_output=True,
-                              text=True, timeout=30)
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True,
                              timeout=30)
+        if top.returncode != 0:
+            return paths
+        root = top.stdout.strip()
+        rel = [os.path.relpath(os.path.realpath(p), os.path.realpath(root)) for p in paths]
+        done = subprocess.run(["git", "ls-tree", "-r", "--name-only", "-z", "HEAD", "--", *rel], cwd=root,
+                              capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(["git", "diff", "--name-only", "-z", "HEAD", "--", *rel], cwd=root,
+                                 capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return paths
-    if done.returncode != 0 or top.returncode != 0:
-        return paths
-    tracked = {os.path.realpath(os.path.join(top.stdout.strip(), p)) for p in done.stdout.split("\0") if p}
-    return [p for p in paths if os.path.realpath(p) in tracked]
+    if done.returncode != 0 or changed.returncode != 0:
+        return []  # no commit yet: nothing is committed
+    at_head = set(done.stdout.split("\0")) - set(changed.stdout.split("\0"))
+    return [p for p, r in zip(paths, rel) if r in at_head]
 
 
 def results_in(folder: str, committed_only: bool = False) -> List[Dict[str, Any]]:
@@ -90,7 +102,8 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
             continue
         # our own variants (the PyTorch path, the staged softmax kernels) are not "other" implementations; a
         # competitor counts only when it ran and agreed with the official math ("ok": not mismatch, not unchecked)
-        rivals = [r for r in rows if not r["impl"].startswith("vlmo_fast") and r is not base]
+        rivals = [r for r in rows if not r["impl"].startswith("vlmo_fast") and r is not base
+                  and r["impl"] not in OTHER_MATH]
         others = [r for r in rivals if r["ms"] is not None and r.get("status", "ok") == "ok"]
         best = min(others, key=lambda r: r["ms"]) if others else None
         status = ours["status"]
