@@ -76,12 +76,10 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
     why = _why_not_linear(attn.proj)  # (the official attention reads qkv's weight itself, never calls qkv)
     if why is not None:
         return f"attn.proj {why}"
-    if _dropout_p(getattr(attn, "attn_drop", None)) > 0:
-        return f"attention dropout {attn.attn_drop.p} > 0 is not supported by the fused attention"
-    if _dropout_p(getattr(attn, "proj_drop", None)) > 0:
-        return f"projection dropout {attn.proj_drop.p} > 0 is not supported"
-    experts = ["text", "imag"] + (["vl"] if getattr(blk, "mlp_vl", None) is not None else [])
-    for e in experts:
+    why = _dropout_reason(blk)
+    if why is not None:
+        return why
+    for e in _experts(blk):
         mlp, norm = getattr(blk, f"mlp_{e}"), getattr(blk, f"norm2_{e}", None)
         why = _why_not_layer_norm(norm)
         if why is not None:
@@ -95,18 +93,41 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
         act = getattr(mlp, "act", nn.GELU())
         if not isinstance(act, nn.GELU) or getattr(act, "approximate", "none") != "none":
             return f"mlp_{e} activation is {type(act).__name__}, not exact GELU"
-        if _dropout_p(getattr(mlp, "drop", None)) > 0:
-            return f"mlp_{e} dropout > 0 is not supported"
     why = _why_not_layer_norm(blk.norm1)
     if why is not None:
         return f"norm1 {why}"
-    # the fused block reads these modules' parameters instead of calling them: hooks on them would not run
-    for name, m in blk.named_modules():
-        if name and (m._forward_hooks or m._forward_pre_hooks):
-            return f"{name} has forward hooks, which the fused block would not run"
+    why = _hook_reason([(name, m) for name, m in blk.named_modules() if name])
+    if why is not None:
+        return why
     dp = blk.drop_path
     if not (isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob")):
         return f"drop_path is {type(dp).__name__}, not DropPath or Identity"
+    return None
+
+
+def _experts(blk: nn.Module) -> List[str]:
+    return ["text", "imag"] + (["vl"] if getattr(blk, "mlp_vl", None) is not None else [])
+
+
+def _dropout_reason(blk: nn.Module) -> Optional[str]:
+    """A dropout > 0 in the attention or an expert MLP (the fused block has none), checked when accelerating and at
+    each call (one turned on later sends the block back to its official forward)."""
+    attn = blk.attn
+    if _dropout_p(getattr(attn, "attn_drop", None)) > 0:
+        return f"attention dropout {attn.attn_drop.p} > 0 is not supported by the fused attention"
+    if _dropout_p(getattr(attn, "proj_drop", None)) > 0:
+        return f"projection dropout {attn.proj_drop.p} > 0 is not supported"
+    for e in _experts(blk):
+        if _dropout_p(getattr(getattr(blk, f"mlp_{e}"), "drop", None)) > 0:
+            return f"mlp_{e} dropout > 0 is not supported"
+    return None
+
+
+def _hook_reason(submodules: List[Tuple[str, nn.Module]]) -> Optional[str]:
+    """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run."""
+    for name, m in submodules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{name} has forward hooks, which the fused block would not run"
     return None
 
 
@@ -142,16 +163,8 @@ _SUBMODULES = "_vlmo_fast_submodules"
 
 def _changed_since(blk: nn.Module) -> Optional[str]:
     """What would now make the fused block differ from the official forward, though it did not when accelerated:
-    a dropout turned on, or a forward hook on a submodule the fused block reads instead of calling. (A changed
-    DropPath rate is simply read at each call.)"""
-    attn = blk.attn
-    drops = [getattr(attn, "attn_drop", None), getattr(attn, "proj_drop", None)]
-    drops += [getattr(getattr(blk, f"mlp_{e}", None), "drop", None) for e in ("text", "imag", "vl")]
-    if any(_dropout_p(d) > 0 for d in drops):
-        return "a dropout > 0"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in blk.__dict__[_SUBMODULES]):
-        return "a forward hook"
-    return None
+    a dropout turned on, or a forward hook on a submodule. (A changed DropPath rate is simply read at each call.)"""
+    return _dropout_reason(blk) or _hook_reason(blk.__dict__[_SUBMODULES])
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
@@ -260,7 +273,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             continue
         # instance attributes (the forward shadows the class's), bound to the block
         blk.__dict__[_BACKEND] = backend
-        blk.__dict__[_SUBMODULES] = [m for name, m in blk.named_modules() if name]
+        blk.__dict__[_SUBMODULES] = [(name, m) for name, m in blk.named_modules() if name]
         blk.forward = _Bound(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)

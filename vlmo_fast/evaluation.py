@@ -189,17 +189,10 @@ def build_id2answer(tables) -> Dict[int, str]:
 def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
     """Write the test-set submission JSON ``[{"question_id": ..., "answer": ...}]`` atomically; a class without an
     answer string in ``id2answer`` is answered "unknown", as official."""
-    import json
+    from .fileio import atomic_write_json
 
-    from .checkpoint import atomic_write
-
-    rows = [{"question_id": qid, "answer": id2answer.get(label, "unknown")} for qid, label in predictions]
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(rows, f)
-
-    atomic_write(path, write)
+    atomic_write_json(path, [{"question_id": qid, "answer": id2answer.get(label, "unknown")}
+                             for qid, label in predictions])
     return path
 
 

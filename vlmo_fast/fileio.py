@@ -4,9 +4,10 @@ manifests) goes through here, so a reader never sees a partial file and a failed
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 _UMASK = os.umask(0)  # read once at import: setting it later would race with other threads creating files
 os.umask(_UMASK)
@@ -58,3 +59,12 @@ def atomic_write(path: str, write: Callable[[str], object], durable: bool = Fals
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` (see ``atomic_path``)."""
     with atomic_path(path, durable) as tmp:
         write(tmp)
+
+
+def atomic_write_json(path: str, value: object, indent: Optional[int] = None) -> None:
+    """``value`` as JSON at ``path``, written atomically (see ``atomic_path``)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=indent)
+
+    atomic_write(path, write)

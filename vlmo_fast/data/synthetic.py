@@ -43,7 +43,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..fileio import atomic_path
+from ..fileio import atomic_write_json
 from .arrow import dataset_files, encode_image, make_caption_arrow
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -215,9 +215,7 @@ def write_synthetic(root: str, n_train: int = 4000, n_val: int = 500, n_test: in
             parts = [(paths[split][0], slice(0, n), split)]
         for path, sl, name in parts:
             make_caption_arrow(path, images[sl], captions[sl], ids[sl], name, extra={"objects": scenes[sl]})
-    with atomic_path(manifest) as tmp:  # written last: its presence means complete
-        with open(tmp, "w") as f:
-            json.dump(params, f, indent=1)
+    atomic_write_json(manifest, params, indent=1)  # written last: its presence means complete
     return paths
 
 

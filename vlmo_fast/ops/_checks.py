@@ -66,7 +66,7 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
 _CHECKED_INDEX = TensorMemo(256)  # bias indices that passed the range check
 
 
-def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.device) -> None:
+def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.device, values: bool = True) -> None:
     """An out-of-range bias index is an error here, never a wild read in a kernel.
 
     The range check needs the values (a device sync on GPU), so a tensor that passed is remembered (by identity,
@@ -74,11 +74,11 @@ def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.d
     in place. Writes that bypass autograd's version counter (through ``.numpy()``, ``.data`` or DLPack views) are
     not seen: change an index through torch operations, or pass a new tensor. (The kernels never read the caller's
     tensor itself: they read int32 copies checked after copying, so such a write can make them stale, never out of
-    range.)
+    range.) ``values=False``: type and shape only, for a caller that checks the copy it makes.
     """
     check_tensor("bias_index", index, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
-    if torch.compiler.is_compiling():  # a value check would break the graph; eager calls check it
+    if not values or torch.compiler.is_compiling():  # a value check would break the graph; eager calls check it
         return
     _CHECKED_INDEX.get(index, (num_rows,), lambda: check_index_range(index, num_rows))
 

@@ -98,7 +98,7 @@ def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -
     version counter (``.numpy()``, ``.data``) can leave the copy stale, never out of range. It is cached per tensor
     (identity + version counter), so a model's fixed index costs one conversion and one check, not one per call.
     """
-    check_bias_index(index, rows, n, device)
+    check_bias_index(index, rows, n, device, values=False)  # the values: on the copy, below
     return _INDEX32.get(index, (rows,), lambda: _checked_int32_copy(index, rows))
 
 

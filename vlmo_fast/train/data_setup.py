@@ -221,12 +221,18 @@ def eval_datasets(cfg: TrainConfig, split: str = "val") -> List[str]:
     evaluates on coco's and one on ``vg`` alone on nothing), of those the ones whose files are under --data-root
     when some are not (a warning at start names the others; see check_eval_files). Tar shards are training data
     only: a run on shards evaluates on the arrow files of --data-root (COCO's), and without one on nothing."""
+    names = _with_split(cfg, split)
+    present = [d for d in names if not _missing_files(cfg, d, split)]
+    return present or names  # none there: all of them, so that reading them names a missing file
+
+
+def _with_split(cfg: TrainConfig, split: str) -> List[str]:
+    """The run's arrow datasets that have official files for ``split``; COCO's for a run on shards with a
+    --data-root."""
     arrow = [d for d in cfg.datasets if not _is_shards(d)]
     if not arrow:
         return ["coco"] if cfg.data_root is not None else []
-    names = [d for d in arrow if vdata.dataset_files(d, split)]
-    present = [d for d in names if not _missing_files(cfg, d, split)]
-    return present or names  # none there: all of them, so that reading them names a missing file
+    return [d for d in arrow if vdata.dataset_files(d, split)]
 
 
 def has_val_split(cfg: TrainConfig) -> bool:
@@ -259,8 +265,7 @@ def check_eval_files(cfg: TrainConfig) -> None:
     of the evaluation, with a warning; none of them there is the error."""
     if not (cfg.final_eval or cfg.eval_every) or not evaluation_reads_data(cfg) or cfg.data_root is None:
         return
-    arrow = [d for d in cfg.datasets if not _is_shards(d)] or ["coco"]
-    missing = {d: _missing_files(cfg, d, "val") for d in arrow if vdata.dataset_files(d, "val")}
+    missing = {d: _missing_files(cfg, d, "val") for d in _with_split(cfg, "val")}
     absent = [d for d, paths in missing.items() if paths]
     if absent and len(absent) == len(missing):
         raise FileNotFoundError(f"{missing[absent[0]][0]}: the {absent[0]} val split, which the evaluation reads, "
@@ -317,13 +322,18 @@ def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int) -> Data
                       worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
 
 
+def _eval_source(cfg: TrainConfig, split: str) -> Tuple[str, List[str]]:
+    """(data root, dataset names) an evaluation of ``split`` reads."""
+    names = eval_datasets(cfg, split)
+    if not names:
+        raise ValueError(f"evaluation: {no_eval_reason(cfg)}")
+    return (cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")), names
+
+
 def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: Optional[int] = None,
                       split: str = "val"):
     """(image batches, caption batches) of the split, for dual-encoder recall: one item per image, one per caption."""
-    root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
-    names = eval_datasets(cfg, split)
-    if not names:
-        raise ValueError(f"retrieval evaluation: {no_eval_reason(cfg)}")
+    root, names = _eval_source(cfg, split)
     kw = dict(image_size=model_config.image_size, max_text_len=model_config.max_text_len, train=False)
     # the first only: img_index numbers the rows of one dataset, so two datasets' images would share numbers
     images = vdata.build_dataset(root, names[:1], split, image_only=True, **kw)
@@ -336,10 +346,7 @@ def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: O
 
 
 def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val"):
-    root = cfg.data_root if cfg.data_root is not None else os.path.join(cfg.out_dir, "synthetic")
-    names = eval_datasets(cfg, split)
-    if not names:
-        raise ValueError(f"evaluation: {no_eval_reason(cfg)}")
+    root, names = _eval_source(cfg, split)
     # all of them, as the official val set (a ConcatDataset of every dataset's val split)
     ds = vdata.build_dataset(root, names, split, image_size=model_config.image_size,
                              max_text_len=model_config.max_text_len, train=False)

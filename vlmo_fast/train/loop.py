@@ -28,6 +28,7 @@ from .. import objectives
 from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
 from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
+from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
@@ -405,7 +406,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
-        _write_json(os.path.join(cfg.out_dir, "config.json"), {"train": cfg.to_dict(), "model": model.config.to_dict()})
+        atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"train": cfg.to_dict(), "model": model.config.to_dict()}, indent=1)
         for note in unreadable + set_aside:
             logger.write(f"checkpoints: {note}")
         if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
@@ -562,7 +564,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if info.is_main:
         if metrics:  # an evaluation row (none: no row holding the step alone)
             logger.log(step, metrics)
-        _write_json(os.path.join(cfg.out_dir, "summary.json"), {k: v for k, v in summary.items() if k != "history"})
+        atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
+                          {k: v for k, v in summary.items() if k != "history"}, indent=1)
         parts = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
         if "loss" in summary["final"]:
             parts.append(f"loss {summary['final']['loss']:.4f}")
@@ -585,14 +588,6 @@ def exit_status(summary: Dict[str, Any]) -> int:
         number = reason.split()[1]
         return 128 + int(number) if number.isdigit() else 1  # "signal on another rank": that rank has the number
     return 1
-
-
-def _write_json(path: str, value: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=1)
-
-    atomic_write(path, write)
 
 
 def _finished_summary(cfg: TrainConfig, step: int) -> Optional[Dict[str, Any]]:

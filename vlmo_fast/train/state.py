@@ -51,14 +51,13 @@ def checkpoint_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"step_{step:08d}.pt")
 
 
+def checkpoint_step(path: str) -> int:
+    return int(CKPT_RE.search(path).group(1))
+
+
 def list_checkpoints(out_dir: str) -> List[str]:
     files = glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt"))
-    return sorted(files, key=lambda p: int(CKPT_RE.search(p).group(1)))
-
-
-def latest_checkpoint(out_dir: str) -> Optional[str]:
-    files = list_checkpoints(out_dir)
-    return files[-1] if files else None
+    return sorted(files, key=checkpoint_step)
 
 
 def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
@@ -83,7 +82,7 @@ def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
     highest steps) and resume=auto would continue them. Returns what was moved or removed, for the log."""
     folder = os.path.join(out_dir, "checkpoints")
     moved: List[str] = []
-    later = [p for p in list_checkpoints(out_dir) if int(CKPT_RE.search(p).group(1)) > step]
+    later = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) > step]
     if later:
         aside = os.path.join(folder, SUPERSEDED)
         os.makedirs(aside, exist_ok=True)
