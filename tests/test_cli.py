@@ -278,7 +278,7 @@ def test_finetune_default_out_dir_is_the_tasks(tmp_path, monkeypatch, task):
 @pytest.mark.parametrize("kw,match", [
     (dict(max_steps=-1), "max_steps must be >= 1, got -1"), (dict(max_steps=0), "max_steps must be >= 1"),
     (dict(max_steps=None, max_epochs=0), "max_epochs must be >= 1"),
-    (dict(eval_batches=0), "eval_batches must be >= 1"),
+    (dict(eval_batches=-1), r"eval_batches must be >= 0 \(0: the whole val split\)"),
     (dict(keep_last=-1), r"keep_last must be >= 0 \(0 keeps every checkpoint\)"),
     (dict(log_every=0), "log_every must be >= 1"), (dict(save_every=0), "save_every must be >= 1"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"), (dict(learning_rate=-1e-4), "learning_rate must be > 0"),

@@ -1,6 +1,7 @@
 """Fine-tuning and evaluation: recall@K against a brute-force float64 computation, VQA score and submission, NLVR2
 accuracy by split, the evaluate/finetune commands, and fine-tuned retrieval beating its starting point."""
 
+import csv
 import itertools
 import json
 import os
@@ -304,3 +305,130 @@ def test_final_retrieval_evaluation_also_reports_the_test_split(tmp_path, synthe
     assert finetune_main(["irtr", "--data-root", str(root), "--out-dir", str(tmp_path / "ft2")] + common) == 0
     metrics = json.loads((tmp_path / "ft2" / "summary.json").read_text())["metrics"]
     assert "val/r_mean" in metrics and not any(k.startswith("test/") for k in metrics)
+
+
+# ---- the official model-selection value and the run's best checkpoint ------------------------------------------
+
+
+def test_the_metric_sums_the_official_parts():
+    """Retrieval: mean of the six val recalls + i2t and t2i val batch accuracies (spec §5.7); VQA: score; NLVR2: dev
+    accuracy; summed over the run's tasks; None without a part or without a fine-tuning task."""
+    from vlmo_fast.evaluation import the_metric
+
+    recalls = {"val/ir_r1": 0.1, "val/ir_r5": 0.2, "val/ir_r10": 0.3, "val/tr_r1": 0.4, "val/tr_r5": 0.5,
+               "val/tr_r10": 0.9, "test/ir_r1": 1.0}
+    irtr = dict(recalls, **{"val/irtr_i2t_acc": 0.25, "val/irtr_t2i_acc": 0.125, "val/r_mean": 7.0})
+    assert the_metric(irtr, ["irtr"]) == pytest.approx(2.4 / 6 + 0.375)
+    assert the_metric({"val/vqa_score": 0.6}, ["vqa"]) == pytest.approx(0.6)
+    assert the_metric({"val/dev_acc": 0.7, "val/test_acc": 0.1}, ["nlvr2"]) == pytest.approx(0.7)
+    assert the_metric(dict(irtr, **{"val/vqa_score": 0.5}), ["irtr", "vqa"]) == pytest.approx(2.4 / 6 + 0.875)
+    assert the_metric(recalls, ["irtr"]) is None  # no batch accuracies
+    assert the_metric({"val/test_acc": 0.7}, ["nlvr2"]) is None
+    assert the_metric({"val/itc_i2t_acc": 0.5}, ["mlm", "itc", "itm"]) is None
+
+
+FT = ["--arch", "vlmo_tiny_patch16", "--image-size", "32", "--max-text-len", "12", "--per-device-batch-size", "8",
+      "--batch-size", "8", "--num-workers", "0", "--tensorboard", "false", "--precision", "fp32", "--device", "cpu"]
+
+
+def test_retrieval_fine_tuning_reports_the_metric_and_keeps_the_best(tmp_path, synthetic_root):
+    """A whole-val evaluation reports the official value from its own recalls and val batch accuracies, and the
+    best one's state is checkpoints/best.pt, which evaluate reads."""
+    out = tmp_path / "ft"
+    assert finetune_main(["irtr", "--data-root", synthetic_root, "--out-dir", str(out), "--max-steps", "2",
+                          "--eval-every", "1", "--eval-batches", "0"] + FT) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = summary["metrics"]
+    recalls = sum(metrics[f"val/{k}"] for k in ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")) / 6
+    assert metrics["val/the_metric"] == pytest.approx(recalls + metrics["val/irtr_i2t_acc"]
+                                                      + metrics["val/irtr_t2i_acc"])
+    with open(out / "log.csv", newline="") as f:
+        evaluated = [(int(r["step"]), float(r["val/the_metric"])) for r in csv.DictReader(f) if r["val/the_metric"]]
+    assert [s for s, _ in evaluated] == [1, 2]  # periodic at 1, final at 2 (none periodic at the last step)
+    best_value = max(v for _, v in evaluated)
+    best_step = min(s for s, v in evaluated if v == best_value)  # a tie keeps the earlier one
+    assert summary["best"]["step"] == best_step and summary["best"]["the_metric"] == pytest.approx(best_value)
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True, mmap=True)
+    assert state["step"] == best_step and state["the_metric"] == pytest.approx(best_value)
+    assert evaluate_main(["irtr", "--load-path", str(out / "checkpoints" / "best.pt"), "--data-root", synthetic_root,
+                          "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
+                          "--out", str(tmp_path / "e.json")]) == 0
+    if best_step == 2:  # the final state: evaluate's recalls are the final evaluation's
+        assert json.loads((tmp_path / "e.json").read_text())["tr_r1"] == pytest.approx(metrics["val/tr_r1"])
+
+
+def test_val_batch_accuracies_are_counted_per_sample_on_the_val_split(tmp_path, synthetic_root, monkeypatch):
+    """The contrastive val accuracies count correct samples over all val batches (a smaller last batch weighs
+    less than a mean of batch accuracies would give it) and read the val split."""
+    from vlmo_fast.train import data_setup, loop
+    from vlmo_fast.train.config import TrainConfig
+
+    cfg = TrainConfig(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, data_root=synthetic_root,
+                      tasks=["irtr"], per_device_batch_size=7, batch_size=7, num_workers=0, device="cpu")
+    model = loop.build_model(cfg).eval()
+    batches = list(data_setup.val_batches(cfg, model.config))
+    sizes = [len(b["text_ids"]) for b in batches]
+    assert len(set(sizes)) > 1, sizes  # the synthetic val split ends with a partial batch
+    labels = {}
+
+    def fake_irtr(model, batch):  # right on the first two rows of every batch, wrong on the others
+        n = len(batch["text_ids"])
+        logits = torch.zeros(n, n)
+        logits[torch.arange(n), torch.arange(n).roll(1)] = 1.0
+        logits[0, 0] = logits[1, 1] = 2.0
+        labels[n] = True
+        return {"irtr_labels": torch.arange(n), "irtr_i2t_logits": logits, "irtr_t2i_logits": logits.t()}
+
+    info = loop.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    accs = loop._val_batch_accuracies(model, cfg, info, None, None, fake_irtr, "irtr")
+    assert accs["val/irtr_i2t_acc"] == pytest.approx(2 * len(sizes) / sum(sizes))
+    assert accs["val/irtr_t2i_acc"] == pytest.approx(2 * len(sizes) / sum(sizes))
+    assert loop._val_batch_accuracies(model, cfg, info, None, 1, fake_irtr, "irtr")["val/irtr_i2t_acc"] == \
+        pytest.approx(2 / sizes[0])
+
+
+def test_best_checkpoint_follows_the_metric_across_evaluations_and_resumes(tmp_path, synthetic_root, monkeypatch,
+                                                                          capsys):
+    """best.pt holds the state of the highest val/the_metric among whole-val evaluations; a subset evaluation
+    chooses nothing; a run resumed from before the best moves that best.pt aside and chooses anew; one resumed
+    after it keeps comparing against it."""
+    from vlmo_fast.train import loop
+
+    values = []
+    monkeypatch.setattr(loop, "evaluate", lambda model, cfg, info, amp, max_batches=None, final=False:
+                        {"val/the_metric": values.pop(0)} if values else {})
+    out = tmp_path / "run"
+    args = ["irtr", "--data-root", synthetic_root, "--out-dir", str(out), "--eval-every", "1", "--save-every", "1",
+            "--keep-last", "0"] + FT
+    best = out / "checkpoints" / "best.pt"
+
+    def best_state():
+        state = torch.load(best, weights_only=True, mmap=True)
+        return int(state["step"]), float(state["the_metric"])
+
+    values[:] = [0.5, 0.7, 0.6, 0.65]  # periodic at steps 1, 2, 3; final at 4
+    assert finetune_main(args + ["--max-steps", "4", "--eval-batches", "0"]) == 0
+    assert not values and best_state() == (2, 0.7)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["step"] == 2 and summary["best"]["the_metric"] == 0.7
+    weights = torch.load(best, weights_only=True)["model"]
+    step2 = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[k], step2[k]) for k in step2)
+
+    # resumed from step 1, before the best: best.pt belongs to the abandoned trajectory
+    capsys.readouterr()
+    values[:] = [0.2, 0.3, 0.1]  # periodic at 2, 3; final at 4
+    assert finetune_main(args + ["--max-steps", "4", "--eval-batches", "0",
+                                 "--resume", str(out / "checkpoints" / "step_00000001.pt")]) == 0
+    assert not values and best_state() == (3, 0.3)
+    assert torch.load(out / "checkpoints" / "superseded" / "best.pt", weights_only=True, mmap=True)["step"] == 2
+    assert "(chosen at step 2, after step 1)" in capsys.readouterr().out
+
+    # resumed after the best (at step 4 of a longer run): it keeps comparing against 0.3
+    values[:] = [0.25, 0.28]  # periodic at 5; final at 6
+    assert finetune_main(args + ["--max-steps", "6", "--eval-batches", "0"]) == 0
+    assert not values and best_state() == (3, 0.3)
+    values[:] = [0.9, 0.1]  # periodic at 7 on a few batches (chooses nothing); final at 8 (0.1 < 0.3)
+    assert finetune_main(args + ["--max-steps", "8", "--eval-batches", "2"]) == 0
+    assert not values and best_state() == (3, 0.3)
+    assert json.loads((out / "summary.json").read_text())["best"]["step"] == 3

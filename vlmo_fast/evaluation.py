@@ -214,3 +214,26 @@ def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocas
             correct[part] += int(p == y)
             count[part] += 1
     return {f"{part}_acc": correct[part] / count[part] for part in count if count[part]}
+
+
+RECALL_KEYS = ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
+
+
+def the_metric(metrics: Dict[str, float], tasks: Iterable[str]) -> Optional[float]:
+    """The official model-selection value ``val/the_metric`` of a fine-tuning run's val metrics: the sum over its
+    tasks of retrieval's mean of the six val recalls plus its i2t and t2i val batch accuracies (spec §5.7), VQA's
+    score and NLVR2's dev accuracy. None when a task's part is missing (e.g. an evaluation without the val split) or
+    the run has no fine-tuning task: pretraining's evaluation reports its accuracies alone."""
+    tasks = set(tasks)
+    parts = []
+    if "irtr" in tasks:
+        keys = [f"val/{k}" for k in RECALL_KEYS] + ["val/irtr_i2t_acc", "val/irtr_t2i_acc"]
+        if any(k not in metrics for k in keys):
+            return None
+        parts.append(sum(metrics[k] for k in keys[:6]) / 6 + metrics["val/irtr_i2t_acc"] + metrics["val/irtr_t2i_acc"])
+    for task, key in (("vqa", "val/vqa_score"), ("nlvr2", "val/dev_acc")):
+        if task in tasks:
+            if key not in metrics:
+                return None
+            parts.append(metrics[key])
+    return sum(parts) if parts else None

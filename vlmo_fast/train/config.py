@@ -69,7 +69,7 @@ class TrainConfig:
     resume: str = "auto"  # auto: newest checkpoint in out_dir if any | none | a checkpoint path
     log_every: int = 10
     eval_every: int = 0  # steps between evaluations on the val split (0: only at the end)
-    eval_batches: int = 8  # batches of the val split used by the periodic evaluation
+    eval_batches: int = 8  # batches of the val split used by the periodic evaluation (0: all; chooses best.pt)
     final_eval: bool = True  # evaluate on the whole val split at the end (irtr: and test, when present)
     tensorboard: bool = True
     seed: int = 1
@@ -97,12 +97,12 @@ class TrainConfig:
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set max_steps or max_epochs")
         # a zero or negative count would not fail later: the loop would run no step, or never log/save, and exit 0
-        for name in ("batch_size", "per_device_batch_size", "max_steps", "max_epochs", "log_every", "save_every",
-                     "eval_batches"):
+        for name in ("batch_size", "per_device_batch_size", "max_steps", "max_epochs", "log_every", "save_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name, meaning in (("keep_last", "0 keeps every checkpoint"), ("eval_every", "0: only at the end"),
+                              ("eval_batches", "0: the whole val split"),
                               ("num_workers", "0: load in the main process")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
@@ -332,7 +332,8 @@ HELP = {
     "keep_last": "newest checkpoints kept (0: all)", "resume": "auto (newest in out_dir), none, or a checkpoint path",
     "log_every": "steps between log lines (losses and accuracies: means over those steps)",
     "eval_every": "steps between evaluations (0: at the end)",
-    "eval_batches": "val batches per periodic evaluation",
+    "eval_batches": "val batches per periodic evaluation (0: the whole val split, whose evaluations choose "
+                    "checkpoints/best.pt)",
     "final_eval": "evaluate on the whole val split at the end (retrieval: the test split too when its files exist)",
     "tensorboard": "write TensorBoard logs when available",
     "seed": "random seed",

@@ -27,7 +27,7 @@ import torch
 from .. import objectives
 from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
-from ..evaluation import accuracy, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, to_device
+from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, the_metric, to_device
 from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
@@ -37,8 +37,8 @@ from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable
     init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, \
     wrap_model
 from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
-from .state import (load_training_checkpoint, newest_readable_checkpoint, rng_state, save_training_checkpoint,
-                    set_aside_later_checkpoints, set_rng_state)
+from .state import (best_so_far, load_training_checkpoint, newest_readable_checkpoint, rng_state,
+                    save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
 
 def needs_unused_parameter_search(tasks) -> bool:
@@ -210,16 +210,17 @@ class Logger:
 
 @torch.no_grad()
 def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
-             max_batches: Optional[int] = None) -> Dict[str, float]:
-    """Retrieval recall (dual encoder, official) on the val split when the model has the ITC heads, and for
-    retrieval fine-tuning at the end (``max_batches`` None) on the test split too, as the official validation; plus
-    ITC/ITM accuracies on val batches for pretraining tasks."""
+             max_batches: Optional[int] = None, final: bool = False) -> Dict[str, float]:
+    """The val split's metrics (its first ``max_batches`` batches; None: all of it): retrieval recall (dual encoder,
+    official) when the model has the ITC heads, and at the end of a retrieval fine-tuning run (``final``) on the
+    test split too, as the official validation; the val batch accuracies of the run's contrastive objectives (ITC,
+    retrieval), the VQA score, the NLVR2 accuracies; and ``val/the_metric``, the official model-selection value,
+    for fine-tuning runs (``evaluation.the_metric``)."""
     was_training = model.training
     model.eval()
     metrics: Dict[str, float] = {}
     has_itc = hasattr(model, "itc_image_proj")
-    splits = ["val"] + (["test"] if "irtr" in cfg.tasks and max_batches is None and data_setup.has_test_split(cfg)
-                        else [])
+    splits = ["val"] + (["test"] if "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg) else [])
     for split in splits if has_itc and info.is_main else []:
         images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
         img_feats, img_ids = encode(model, images, info.device, "image", amp)
@@ -235,19 +236,31 @@ def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.
     if "nlvr2" in cfg.tasks and info.is_main:
         accs = evaluate_nlvr2(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device, amp)
         metrics.update({f"val/{k}": v for k, v in accs.items()})
-    if "itc" in cfg.tasks and info.is_main:
-        accs = []
-        for i, batch in enumerate(data_setup.val_batches(cfg, model.config)):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = to_device(batch, info.device)
-            with _autocast(info.device, amp), objectives.local_only():
-                out = objectives.compute_itc(model, batch)
-            accs.append(accuracy(out["itc_i2t_logits"], out["itc_labels"]))
-        if accs:
-            metrics["val/itc_i2t_acc"] = sum(accs) / len(accs)
+    for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
+        if task in cfg.tasks and info.is_main:
+            metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task))
+    value = the_metric(metrics, cfg.tasks)
+    if value is not None:
+        metrics["val/the_metric"] = value
     model.train(was_training)
     return metrics
+
+
+def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
+                          max_batches: Optional[int], compute, task: str) -> Dict[str, float]:
+    """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches (this
+    process's batches, no all-gather), counted per sample as the official torchmetrics Accuracy does."""
+    correct = {"i2t": 0, "t2i": 0}
+    total = 0
+    for batch in _first(data_setup.val_batches(cfg, model.config), max_batches):
+        batch = to_device(batch, info.device)
+        with _autocast(info.device, amp), objectives.local_only():
+            out = compute(model, batch)
+        labels = out[f"{task}_labels"]
+        for way in correct:
+            correct[way] += int((out[f"{task}_{way}_logits"].argmax(-1) == labels).sum())
+        total += labels.numel()
+    return {f"val/{task}_{way}_acc": correct[way] / total for way in correct} if total else {}
 
 
 def _accuracy_inputs(out: Dict[str, Any]):
@@ -404,11 +417,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                   f"{more} continues this run, another --out-dir starts a new one)", flush=True)
         return dict(finished, already_complete=True, last_checkpoint=resume_path, history=[])
     set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
+    best, best_notes = best_so_far(cfg.out_dir, step) if info.is_main else (None, [])
     logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
     if info.is_main:
         atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
                           {"train": cfg.to_dict(), "model": model.config.to_dict()}, indent=1)
-        for note in unreadable + set_aside:
+        for note in unreadable + set_aside + best_notes:
             logger.write(f"checkpoints: {note}")
         if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
             logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
@@ -424,18 +438,33 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
-    def save(tag: str) -> Optional[str]:
-        payload = {
+    def payload(tag: str) -> Dict[str, Any]:  # a collective (FSDP's full state, the bad-sample count)
+        return {
             "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
         }
-        path = None
-        if info.is_main:
-            path = save_training_checkpoint(cfg.out_dir, step, payload, cfg.keep_last)
+
+    def save(tag: str) -> Optional[str]:
+        state = payload(tag)
+        path = save_training_checkpoint(cfg.out_dir, step, state, cfg.keep_last) if info.is_main else None
         barrier()
         return path
+
+    def keep_if_best(metrics: Dict[str, float]) -> None:
+        """best.pt := this step's state when this evaluation of the whole val split beats the run's best
+        ``val/the_metric`` (the official checkpoint monitor). Evaluations of a few batches choose nothing: their
+        values are not comparable (retrieval recall is higher in a smaller gallery)."""
+        nonlocal best
+        value = metrics.get("val/the_metric")
+        if not from_main(value is not None and (best is None or value > best["the_metric"])):
+            return
+        state = payload("best")
+        if info.is_main:
+            best = {"step": step, "the_metric": value, "path": save_best_checkpoint(cfg.out_dir, state, value)}
+            logger.write(f"step {step}: val/the_metric {value:.4f}, the run's best: {best['path']}")
+        barrier()
 
     flag: Dict[str, Any] = {}
     previous = _install_signal_handlers(flag)
@@ -533,10 +562,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 history.append(values)
                 logger.log(step, values)
             if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
-                metrics = evaluate(model, cfg, info, amp, cfg.eval_batches)
+                metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None)
                 if metrics:
                     logger.log(step, metrics)
                     logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if not cfg.eval_batches:
+                    keep_if_best(metrics)
             if step % cfg.save_every == 0 and step < max_steps:
                 last_ckpt = save("periodic")
             if any_rank("signal" in flag, info.device):
@@ -551,7 +582,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     metrics = {}
     if stop_reason == "max_steps" and cfg.final_eval:
         if can_evaluate:
-            metrics = evaluate(model, cfg, info, amp, None)
+            metrics = evaluate(model, cfg, info, amp, None, final=True)
+            keep_if_best(metrics)
         else:
             logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
     elapsed = time.time() - t_start
@@ -559,7 +591,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
         "bad_samples": bad_total, "last_checkpoint": last_ckpt, "final": history[-1] if history else {},
-        "metrics": metrics, "history": history,
+        "metrics": metrics, "best": best, "history": history,
     }
     if info.is_main:
         if metrics:  # an evaluation row (none: no row holding the step alone)

@@ -75,6 +75,14 @@ def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Di
 SUPERSEDED = "superseded"
 
 
+def _free_name(target: str) -> str:
+    """``target``, or ``<stem>.<k>.pt`` when taken: an earlier roll-back's file of the same name is kept too."""
+    stem, k = target[: -len(".pt")], 1
+    while os.path.exists(target):
+        target, k = f"{stem}.{k}.pt", k + 1
+    return target
+
+
 def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
     """Move the checkpoints of steps after ``step`` (a run resumed from an earlier one, or started afresh, in a used
     folder) into ``checkpoints/superseded/``, with partial writes a killed process left. They belong to another
@@ -87,10 +95,7 @@ def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
         aside = os.path.join(folder, SUPERSEDED)
         os.makedirs(aside, exist_ok=True)
         for path in later:
-            target = os.path.join(aside, os.path.basename(path))
-            stem, k = target[: -len(".pt")], 1
-            while os.path.exists(target):  # an earlier roll-back's file of the same step is kept too
-                target, k = f"{stem}.{k}.pt", k + 1
+            target = _free_name(os.path.join(aside, os.path.basename(path)))
             os.replace(path, target)
             moved.append(f"moved {path} to {target}")
     for tmp in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
@@ -111,6 +116,41 @@ def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], k
 
 
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "data", "rng")
+
+
+def best_checkpoint_path(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints", "best.pt")
+
+
+def save_best_checkpoint(out_dir: str, payload: Dict[str, Any], the_metric: float) -> str:
+    """Write ``best.pt``, a training checkpoint (evaluate, export and --resume read it) recording the
+    ``val/the_metric`` that chose it; keep-last and resume=auto never touch it."""
+    path = best_checkpoint_path(out_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(dict(payload, the_metric=float(the_metric)), tmp), durable=True)
+    return path
+
+
+def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], List[str]]:
+    """({"step", "the_metric"} of the folder's ``best.pt`` when it belongs to this run's trajectory (chosen at or
+    before ``step``, where the run starts or resumes), notes for the log). A later or unreadable one is moved into
+    ``checkpoints/superseded/`` as ``set_aside_later_checkpoints`` moves later checkpoints: a resumed run must not
+    compare against, or keep, the weights of a trajectory it abandoned."""
+    path = best_checkpoint_path(out_dir)
+    if not os.path.exists(path):
+        return None, []
+    try:
+        state = load_training_checkpoint(path)
+        best = {"step": int(state["step"]), "the_metric": float(state["the_metric"])}
+        reason = None if best["step"] <= step else f"chosen at step {best['step']}, after step {step}"
+    except (CheckpointError, ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
+        best, reason = None, f"unreadable: {first_line(exc)}"
+    if reason is None:
+        return best, []
+    target = _free_name(os.path.join(os.path.dirname(path), SUPERSEDED, "best.pt"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(path, target)
+    return None, [f"moved {path} ({reason}) to {target}"]
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
