@@ -156,3 +156,26 @@ def test_collate_text_keys(tok):
         assert torch.equal(batch["text_labels_mlm"][sel], batch["text_ids"][sel])
     batch = build_collate(tok, mlm=False)(items)
     assert "text_ids_mlm" not in batch and batch["bad_samples"] == 0
+
+
+def test_collate_whole_word_masking_option(tok):
+    """whole_word_masking=True masks a word's "##" pieces together (spec §5.2); False is the plain collator, which
+    selects token by token (so a word is often masked in part) at the rate 0.15 of the real tokens."""
+    text = "the tokenization of red circles"
+    enc = _encode(tok, text, 12)
+    assert tok.tokenize(text)[1:3] == ["token", "##ization"]  # positions 2 and 3 after [CLS]
+    item = {"text_ids": enc["input_ids"][0], "text_masks": enc["attention_mask"][0],
+            "special_tokens_mask": enc["special_tokens_mask"][0]}
+    real = enc["special_tokens_mask"][0] == 0
+    rows = 600
+    for wwm in (True, False):
+        batch = build_collate(tok, whole_word_masking=wwm, generator=torch.Generator().manual_seed(1))([item] * rows)
+        sel = batch["text_labels_mlm"] != -100
+        assert not sel[:, ~real].any()  # never [CLS], [SEP] or [PAD]
+        word = sel[:, 2:4]
+        whole, part = word.all(1).sum().item(), (word.any(1) & ~word.all(1)).sum().item()
+        if wwm:
+            assert part == 0 and whole > 0.05 * rows, (whole, part)
+        else:  # P(one piece of two) = 2 x 0.15 x 0.85 = 0.255; P(both) = 0.0225
+            assert 0.18 * rows < part < 0.33 * rows and whole < 0.06 * rows, (whole, part)
+            assert abs(sel[:, real].float().mean().item() - 0.15) < 0.03

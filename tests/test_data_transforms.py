@@ -56,9 +56,57 @@ def test_random_resized_crop_params_follow_scale_and_ratio():
         top, left, h, w = T.random_resized_crop_params(200, 120, (0.5, 1.0), (3 / 4, 4 / 3), rng)
         assert 0 <= top <= 120 - h and 0 <= left <= 200 - w
         assert 0.5 * 200 * 120 * 0.97 <= h * w <= 200 * 120
+    # the crop's aspect ratio w/h is drawn log-uniformly from [3/4, 4/3] (within the rounding of w and h to pixels):
+    # not always square, nor always at a bound
+    ratios = []
+    for _ in range(400):
+        top, left, h, w = T.random_resized_crop_params(200, 160, (0.5, 1.0), (3 / 4, 4 / 3), rng)
+        assert (w + 0.5) / (h - 0.5) >= 3 / 4 and (w - 0.5) / (h + 0.5) <= 4 / 3, (w, h)
+        ratios.append(w / h)
+    logs = np.log(ratios) / np.log(4 / 3)  # in [-1, 1]
+    assert logs.min() < -0.8 and logs.max() > 0.8
+    assert np.mean(np.abs(logs) < 0.2) < 0.35 and np.mean(logs < 0) > 0.25 and np.mean(logs > 0) > 0.25
     # an extreme aspect ratio falls back to the largest centre crop within the ratio range
     top, left, h, w = T.random_resized_crop_params(1000, 10, (0.99, 1.0), (3 / 4, 4 / 3), rng)
     assert (h, w) == (10, 13) and left == (1000 - 13) // 2
+
+
+def _is_mirrored(out):
+    """For the left-to-right ramp of test_train_flips_half_the_images: the left third brighter than the right."""
+    third = out.shape[2] // 3
+    return bool(out[:, :, :third].mean() > out[:, :, -third:].mean())
+
+
+def test_train_flips_half_the_images():
+    """RandomHorizontalFlip(0.5) (spec §7): an image dark on the left and bright on the right comes out mirrored
+    about half the time through the whole train transform (crop, flip, RandomAugment; none of which but the flip
+    turns the ramp around), never with flip_prob 0, always with 1."""
+    ramp = np.repeat(np.repeat(np.linspace(20, 230, 64)[None, :, None], 64, 0), 3, 2).astype(np.uint8)
+    img = Image.fromarray(ramp)
+    rng = np.random.default_rng(0)
+    mirrored = [_is_mirrored(T.TrainTransform(32)(img, rng=rng)) for _ in range(300)]
+    assert 0.35 < np.mean(mirrored) < 0.65, np.mean(mirrored)
+    assert not any(_is_mirrored(T.TrainTransform(32, flip_prob=0.0)(img, rng=rng)) for _ in range(50))
+    assert all(_is_mirrored(T.TrainTransform(32, flip_prob=1.0)(img, rng=rng)) for _ in range(50))
+
+
+def test_train_applies_randaugment_to_the_cropped_image():
+    """RandomAugment runs once per image, on the (flipped) S x S crop, and its output is what is normalised."""
+    seen = []
+
+    def spy(img, rng=None):
+        arr = np.asarray(img)
+        seen.append(arr.shape)
+        return np.full_like(arr, 255)
+
+    tf = T.TrainTransform(24)
+    tf.randaug = spy
+    for seed in range(5):
+        out = tf(Image.fromarray(_image(50, 70, seed=seed)), rng=np.random.default_rng(seed))
+        assert torch.equal(out, torch.ones(3, 24, 24))
+    assert seen == [(24, 24, 3)] * 5
+    assert isinstance(T.TrainTransform(24).randaug, T.RandomAugment)
+    assert (T.TrainTransform(24).randaug.n, T.TrainTransform(24).randaug.m) == (2, 7)
 
 
 def test_ops_match_pil_definitions():

@@ -14,9 +14,11 @@ import torch
 import vlmo_fast as vf
 from vlmo_fast import data as vdata
 from vlmo_fast.config import loss_names
-from vlmo_fast.evaluation import build_id2answer, encode, evaluate_nlvr2, recall_at_k, rerank_recall, vqa_score, \
-    vqa_submission
+from vlmo_fast.evaluation import build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall, \
+    vqa_score, vqa_submission
 from vlmo_fast.train.data_setup import eval_loader
+from vlmo_fast.train import TrainConfig, train
+from vlmo_fast.train import loop as train_loop
 from vlmo_fast.train.finetune import evaluate_main, finetune_main
 
 
@@ -105,6 +107,34 @@ def test_vqa_score_and_submission(tmp_path):
     assert id2answer == {0: "yes", 1: "no", 2: "two"}
     path = vqa_submission([(11, 2), (12, 0)], id2answer, str(tmp_path / "sub.json"))
     assert json.loads(open(path).read()) == [{"question_id": 11, "answer": "two"}, {"question_id": 12, "answer": "yes"}]
+
+
+class _FixedVQA(torch.nn.Module):
+    """infer returns the batch's "logits" as the features; the classifier passes them through."""
+
+    def __init__(self):
+        super().__init__()
+        self.vqa_classifier = torch.nn.Identity()
+
+    def infer(self, batch):
+        return {"cls_feats": batch["logits"]}
+
+
+def test_evaluate_vqa_weights_batches_by_size_and_pairs_each_question_with_its_answer():
+    """Two batches of 3 and 1 questions: the score is the mean over the 4 questions (1.3 + 0.9) / 4 = 0.55, not the
+    mean of the batch means (0.67) nor the last batch's (0.9); each question id gets its own argmax label."""
+    first = {"qid": [7, 3, 11], "logits": torch.tensor([[0.0, 0.1, 2.0, 0.0], [3.0, 0.5, 0.0, 0.0],
+                                                         [0.0, 1.0, 0.0, 0.2]]),
+             "vqa_labels": [[2], [1, 0], [3]], "vqa_scores": [[1.0], [0.6, 0.3], [1.0]]}  # scores 1.0, 0.3, 0
+    second = {"qid": [5], "logits": torch.tensor([[0.0, 0.0, 0.1, 4.0]]), "vqa_labels": [[3]], "vqa_scores": [[0.9]]}
+    out = evaluate_vqa(_FixedVQA(), [first, second], torch.device("cpu"))
+    assert out["vqa_score"] == pytest.approx(0.55)
+    assert out["predictions"] == [(7, 2), (3, 0), (11, 1), (5, 3)]
+    # the test split carries no answers: predictions only
+    unlabelled = {"qid": [9, 8], "logits": torch.tensor([[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]),
+                  "vqa_labels": [[], []], "vqa_scores": [[], []]}
+    assert evaluate_vqa(_FixedVQA(), [unlabelled], torch.device("cpu")) == {"vqa_score": None,
+                                                                           "predictions": [(9, 1), (8, 3)]}
 
 
 class _FixedNLVR2(torch.nn.Module):
@@ -240,6 +270,69 @@ def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
                    "--data-root", root, "--arch", "vlmo_tiny_patch16", "--out", str(out), "--device", "cpu"])
     acc = json.loads(out.read_text())
     assert set(acc) >= {"dev_acc", "test_acc"} and 0.0 <= acc["dev_acc"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def vqa_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("vqa"))
+    _write_vqa(root)
+    return root
+
+
+def _first_step_grads(monkeypatch, cfg):
+    """Run ``cfg`` through train() and return ({name: gradient the first update applied}, summary, saved param
+    groups by name); the gradients are read by a step pre-hook on the optimizer the loop builds (after clipping)."""
+    grads = {}
+    real = train_loop.build_optimizer
+
+    def recording(model, *args, **kwargs):
+        opt = real(model, *args, **kwargs)
+        names = {id(p): n for n, p in model.named_parameters()}
+
+        def hook(optimizer, args, kwargs):
+            if not grads:
+                grads.update({names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups
+                              for p in g["params"] if p.grad is not None})
+
+        opt.register_step_pre_hook(hook)
+        return opt
+
+    monkeypatch.setattr(train_loop, "build_optimizer", recording)
+    summary = train(cfg)
+    groups = torch.load(summary["last_checkpoint"], weights_only=True)["optimizer"]["param_groups"]
+    return grads, summary, {g["name"]: g for g in groups}
+
+
+def test_vqa_run_wires_lr_mult_weight_decay_accumulation_and_clipping(tmp_path, vqa_root, monkeypatch):
+    """A VQA fine-tuning run (its loss is a mean over the questions, so accumulation must not change it): the heads'
+    groups at lr x lr_mult and every decay group at the configured weight decay (spec §6.3); a global batch of 8 as
+    2 accumulated micro-batches of 4 applies the gradient of one batch of 8; --grad-clip scales the gradient to the
+    given norm."""
+    def cfg(name, **kw):
+        values = dict(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, tasks=["vqa"], datasets=["vqa"],
+                      data_root=vqa_root, out_dir=str(tmp_path / name), batch_size=8, per_device_batch_size=8,
+                      max_steps=1, warmup_steps=0, learning_rate=1e-4, lr_mult=20, weight_decay=0.02, num_workers=0,
+                      log_every=1, tensorboard=False, final_eval=False, drop_path_rate=0.0, seed=5, device="cpu")
+        values.update(kw)
+        return TrainConfig(**values)
+
+    whole, run, groups = _first_step_grads(monkeypatch, cfg("whole"))
+    assert {k: g["weight_decay"] for k, g in groups.items()} == {"decay": 0.02, "no_decay": 0.0, "decay/head": 0.02,
+                                                                 "no_decay/head": 0.0}
+    assert {k: g["initial_lr"] for k, g in groups.items()} == pytest.approx(
+        {"decay": 1e-4, "no_decay": 1e-4, "decay/head": 20e-4, "no_decay/head": 20e-4})
+    assert "vqa_classifier.0.weight" in whole and whole["vqa_classifier.0.weight"].abs().sum() > 0
+    accumulated, run2, _ = _first_step_grads(monkeypatch, cfg("accumulated", per_device_batch_size=4))
+    assert run2["history"][0]["vqa_loss"] == pytest.approx(run["history"][0]["vqa_loss"], rel=1e-5)
+    assert accumulated.keys() == whole.keys()
+    for k, g in whole.items():
+        torch.testing.assert_close(accumulated[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()) + 1e-12, msg=k)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in whole.values()]))
+    clipped, _, _ = _first_step_grads(monkeypatch, cfg("clipped", grad_clip=float(norm) / 4))
+    clipped_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped.values()]))
+    assert float(clipped_norm) == pytest.approx(float(norm) / 4, rel=1e-4)
+    for k, g in whole.items():
+        torch.testing.assert_close(clipped[k], g / 4, rtol=1e-4, atol=1e-6 * float(g.abs().max()) + 1e-12, msg=k)
 
 
 def test_evaluate_refuses_what_would_give_a_meaningless_result(tmp_path, capsys, synthetic_root):

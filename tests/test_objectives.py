@@ -10,6 +10,8 @@ import vlmo_fast as vf
 from vlmo_fast import objectives as O
 from vlmo_fast.config import loss_names
 
+from dist_utils import run_distributed
+
 
 def model_and_batch(tasks, b=4, **kw):
     cfg = vf.preset("vlmo_tiny_patch16", loss_names=loss_names(**{t: 1 for t in tasks}), drop_path_rate=0.0, **kw)
@@ -71,6 +73,23 @@ def test_itc_by_hand():
     assert torch.allclose(ret["itc_vl_i2t_logits"], 12.0 * img["cls_vlffn_feats"] @ txt["cls_vlffn_feats"].t())
     assert torch.allclose(ret["itc_t2i_logits"], ret["itc_i2t_logits"].t())
     assert torch.equal(ret["itc_labels"], torch.arange(4))
+
+
+def test_irtr_by_hand():
+    """Retrieval fine-tuning (spec §5.7): the expert ITC on the _ft paths, both directions averaged, at logit_scale."""
+    model, batch = model_and_batch(["irtr"])
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # spreads the near-equal similarities of a fresh model
+    ret = O.compute_irtr(model, batch)
+    img, txt = model.infer_image_ft(batch)["cls_feats"], model.infer_text_ft(batch)["cls_feats"]
+    logits = 100.0 * img @ txt.t()
+    n = logits.shape[0]
+    i2t = -torch.log_softmax(logits, 1)[torch.arange(n), torch.arange(n)].mean()
+    t2i = -torch.log_softmax(logits, 0)[torch.arange(n), torch.arange(n)].mean()
+    assert abs(i2t - t2i) > 1e-5  # the two directions differ (by ~1e-2): dropping or doubling one would show
+    assert torch.allclose(ret["irtr_loss"].double(), (i2t + t2i) / 2, atol=1e-6)
+    assert torch.allclose(ret["irtr_i2t_logits"], logits) and torch.allclose(ret["irtr_t2i_logits"], logits.t())
+    assert torch.equal(ret["irtr_labels"], torch.arange(4)) and ret["irtr_logit_scale"].item() == pytest.approx(100.0)
 
 
 def test_hard_negative_sampling_never_draws_the_positive_and_follows_softmax():
@@ -158,3 +177,82 @@ def test_nlvr2_two_passes():
     logits = model.nlvr2_classifier(torch.cat([c1, c2], -1))
     assert torch.allclose(ret["nlvr2_logits"], logits)
     assert torch.allclose(ret["nlvr2_loss"].double(), F.cross_entropy(logits, torch.tensor([1, 0])), atol=1e-9)
+
+
+class _PairModel:
+    """A stand-in for VLMo in ITM: ``infer`` returns, as the pooled features, (text id, image id) of each row
+    (text_ids[:, 0] and the image's first pixel), and ``itm_score`` passes them through; the ITM logits thus show
+    which text was paired with which image."""
+
+    def infer(self, batch):
+        image = batch["image"][0]
+        return {"text_ids": batch["text_ids"], "text_masks": batch["text_masks"], "image": image,
+                "cls_feats": torch.stack([batch["text_ids"][:, 0].double(), image[:, 0, 0, 0]], 1)}
+
+    def itm_score(self, cls):
+        return cls
+
+
+def _gather_and_itm_on_rank(rank, world):
+    """Run in each of 2 gloo processes: the gather order and ITM's hard negatives with per-rank results."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    bsz, other = 3, 1 - rank
+    ids = torch.arange(rank * bsz, (rank + 1) * bsz)  # global sample ids: rank 0 holds 0-2, rank 1 holds 3-5
+    out = {}
+    t = ids.double().unsqueeze(1).repeat(1, 2).requires_grad_()
+    gathered = O.gather_local_first(t)
+    gathered.sum().backward()
+    out["gather"] = gathered.detach()[:, 0].tolist()
+    out["grad"] = t.grad[:, 0].tolist()  # the official gather: only the local block carries gradient
+    out["gather_with_grad"] = O.gather_local_first(t, with_grad=True).detach()[:, 0].tolist()
+    batch = {"text_ids": (100 + ids).unsqueeze(1).repeat(1, 4), "text_masks": torch.ones(bsz, 4, dtype=torch.long),
+             "image": [ids.double().view(bsz, 1, 1, 1).expand(bsz, 3, 2, 2).contiguous()]}
+    model = _PairModel()
+
+    def pairs(ret):  # [(text id, image id)] of the positive, negative-image and negative-text rows
+        rows = [(int(a) - 100, int(b)) for a, b in ret["itm_logits"].tolist()]
+        return rows[:bsz], rows[bsz: 2 * bsz], rows[2 * bsz:]
+
+    # (a) targeted: the whole mass of local text b on column bsz + b (in the spec's order local first, then the
+    # other rank: the other rank's sample b), of local image b on column (b + 1) % bsz (the local next one)
+    t2i = torch.full((2 * bsz, 2 * bsz), -50.0)
+    i2t = torch.full((2 * bsz, 2 * bsz), -50.0)
+    for b in range(bsz):
+        t2i[b, bsz + b] = 50.0
+        i2t[b, (b + 1) % bsz] = 50.0
+    out["targeted"] = pairs(O.compute_itm_hardneg(model, batch, i2t, t2i, torch.Generator().manual_seed(0)))
+    # (b) similarities as ITC makes them (through the same gather), the positive far the most similar: over many
+    # draws the negative is never the positive, and comes from either rank
+    feats = torch.nn.functional.normalize(torch.randn(2 * bsz, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    all_feats = O.gather_local_first(feats[ids])
+    i2t = 20.0 * all_feats @ all_feats.t()
+    drawn = [pairs(O.compute_itm_hardneg(model, batch, i2t, i2t.t(), torch.Generator().manual_seed(s)))
+             for s in range(60)]
+    out["drawn"] = drawn
+    dist.destroy_process_group()
+    return out
+
+
+def test_gather_and_itm_hard_negatives_in_two_processes():
+    """Spec §5.3-5.4 with 2 ranks, each rank's own results (the training losses are means over ranks, so a wrong
+    order on one rank would not show there): rank 1 gathers [its own, rank 0's]; ITM reads column j of the local
+    rows as the j-th sample of that order, never draws the positive, and draws negatives from the other rank too."""
+    results = run_distributed(_gather_and_itm_on_rank, 2)
+    bsz = 3
+    for rank, out in enumerate(results):
+        own = list(range(rank * bsz, (rank + 1) * bsz))
+        others = list(range((1 - rank) * bsz, (2 - rank) * bsz))
+        assert out["gather"] == own + others and out["gather_with_grad"] == own + others
+        assert out["grad"] == [1.0] * bsz
+        pos, neg_image, neg_text = out["targeted"]
+        assert pos == [(i, i) for i in own]
+        assert neg_image == [(own[b], others[b]) for b in range(bsz)]  # text b with the other rank's image b
+        assert neg_text == [(own[(b + 1) % bsz], own[b]) for b in range(bsz)]  # image b with local text b + 1
+        images = [i for _, ni, _ in out["drawn"] for _, i in ni]
+        texts = [t for _, _, nt in out["drawn"] for t, _ in nt]
+        for _, ni, nt in out["drawn"]:
+            assert all(t != i for t, i in ni) and all(t != i for t, i in nt)  # never the positive pair
+        assert set(images) & set(others) and set(texts) & set(others)  # negatives from the other rank
+        assert set(images) & set(own) and set(texts) & set(own)

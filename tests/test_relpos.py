@@ -52,6 +52,22 @@ def test_text_longer_than_initckpt_rejected():
         relpos.text_relative_position_index(197, 14)
 
 
+def spec_source_grid(s, d):
+    """The spec's source coordinates (spec §2, table resize), written out here rather than taken from the code under
+    test: q by bisection in [1.01, 1.5] so that 1 + q + ... + q^(s//2 - 1) ~ d//2, then [-cum.., 0, ..cum] with
+    cum_k = q^0 + ... + q^(k-1) for k = 1 .. s//2. Returns (q, coordinates)."""
+    n = s // 2
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        if sum(q**t for t in range(n)) > d // 2:
+            hi = q
+        else:
+            lo = q
+    cum = [sum(q**t for t in range(k)) for k in range(1, n + 1)]
+    return q, np.array([-c for c in reversed(cum)] + [0.0] + cum)
+
+
 @pytest.mark.parametrize("src_w,dst_w", [(14, 24), (14, 30), (24, 30), (24, 14)])
 def test_table_resize_matches_scipy_bicubic(src_w, dst_w):
     interpolate = pytest.importorskip("scipy.interpolate")
@@ -60,7 +76,7 @@ def test_table_resize_matches_scipy_bicubic(src_w, dst_w):
     new = relpos.resize_table(table, relpos.num_table_rows(dst_w), dst_w)
     assert new.shape == (relpos.num_table_rows(dst_w), cols) and new.dtype == table.dtype
     s, d = 2 * src_w - 1, 2 * dst_w - 1
-    x = relpos._geometric_source_coords(s, d)
+    _, x = spec_source_grid(s, d)  # the spec's grid, not the code's: a wrong grid must show here
     t = d // 2
     dx = np.arange(-t, t + 0.1, 1.0)
     for c in range(cols):
@@ -76,6 +92,14 @@ def test_geometric_grid_spans_the_destination():
     x = relpos._geometric_source_coords(27, 47)
     assert x.shape == (27,) and x[13] == 0 and np.all(np.diff(x) > 0)
     assert x[-1] == pytest.approx(23, abs=1e-3)
+    # BEiT's geometric grid (spec §2), not a uniform stretch: unit steps next to the centre, growing by q outwards
+    assert x[12] == -1.0 and x[14] == 1.0
+    q, expected = spec_source_grid(27, 47)
+    assert q == pytest.approx(1.0903, abs=1e-4)  # 14 -> 24: 1 + q + ... + q^12 = 23
+    assert x[15] - x[14] == pytest.approx(q, abs=1e-5) and x[16] - x[15] == pytest.approx(q**2, abs=1e-5)
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-5)
+    for s, d in ((27, 59), (47, 59), (47, 27)):  # 14 -> 30, 24 -> 30, 24 -> 14 (q pinned at 1.01 when shrinking)
+        np.testing.assert_allclose(relpos._geometric_source_coords(s, d), spec_source_grid(s, d)[1], rtol=0, atol=1e-5)
 
 
 def test_spline_reproduces_cubics_and_same_size_is_identity():

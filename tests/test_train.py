@@ -57,8 +57,20 @@ def test_official_parameter_groups():
     assert "transformer.blocks.0.norm2_text.weight" in members["decay"]  # "norm2.weight" does not match (Q14)
     assert "transformer.blocks.0.gamma_1" in members["decay"] and "transformer.cls_token" in members["decay"]
     assert "vqa_classifier.1.weight" in members["decay/head"] and "vqa_classifier.0.bias" in members["no_decay/head"]
-    assert groups["decay/head"]["lr"] == pytest.approx(20e-4) and groups["no_decay"]["weight_decay"] == 0.0
     assert sum(len(m) for m in members.values()) == sum(1 for _ in model.parameters())
+    # spec §6.3: decay groups at the configured weight decay, no-decay groups at 0; the heads at lr x lr_mult
+    for wd in (0.01, 0.05):
+        groups = {g["name"]: g for g in param_groups(model, lr=1e-4, weight_decay=wd, lr_mult=20)}
+        assert {k: g["weight_decay"] for k, g in groups.items()} == {"decay": wd, "no_decay": 0.0, "decay/head": wd,
+                                                                     "no_decay/head": 0.0}
+        assert {k: g["lr"] for k, g in groups.items()} == pytest.approx({"decay": 1e-4, "no_decay": 1e-4,
+                                                                          "decay/head": 20e-4, "no_decay/head": 20e-4})
+    # the optimizer keeps them (and a group's own values win over the optimizer's defaults)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05, lr_mult=20)
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {"decay": 0.05, "no_decay": 0.0,
+                                                                        "decay/head": 0.05, "no_decay/head": 0.0}
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
+        {"decay": 1e-4, "no_decay": 1e-4, "decay/head": 20e-4, "no_decay/head": 20e-4})
 
 
 def _official_adamw_by_hand(p, grads, lr, betas, eps, weight_decay):
@@ -259,7 +271,19 @@ def test_training_starts_task_heads_from_their_initialisation(tmp_path):
 
 def test_schedule_linear_and_cosine():
     assert [lr_factor(s, 10, 110) for s in (0, 5, 10, 60, 110, 200)] == pytest.approx([0, 0.5, 1.0, 0.5, 0, 0])
-    assert lr_factor(60, 10, 110, "cosine") == pytest.approx(0.5)
+    # cosine after the warmup: 0.5 (1 + cos(pi p)) at progress p = (s - 10) / 100, computed here by hand
+    cosine = [1.0, 0.5 * (1 + math.cos(math.pi * 0.2)), 0.5 * (1 + math.cos(math.pi * 0.25)), 0.5,
+              0.5 * (1 + math.cos(math.pi * 0.75)), 0.5 * (1 + math.cos(math.pi * 0.99)), 0.0]
+    assert [lr_factor(s, 10, 110, "cosine") for s in (10, 30, 35, 60, 85, 109, 110)] == pytest.approx(cosine)
+    assert cosine[1] == pytest.approx(0.9045, abs=1e-4) and cosine[4] == pytest.approx(0.1464, abs=1e-4)
+    assert [lr_factor(s, 10, 110, "cosine") for s in (0, 5)] == pytest.approx([0, 0.5])  # the same warmup
+    # end_lr > 0: the decay ends at end_factor (0.2 here) and stays there; the warmup is unchanged
+    assert [lr_factor(s, 10, 110, "linear", 0.2) for s in (0, 5, 10, 35, 60, 109, 110, 200)] == pytest.approx(
+        [0, 0.5, 1.0, 0.8, 0.6, 0.208, 0.2, 0.2])
+    assert [lr_factor(s, 10, 110, "cosine", 0.2) for s in (5, 10, 30, 60, 85, 110, 200)] == pytest.approx(
+        [0.5, 1.0, 0.2 + 0.8 * cosine[1], 0.6, 0.2 + 0.8 * cosine[4], 0.2, 0.2])
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(60, 10, 110, "step")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = build_scheduler(opt, 4, 8)
     seen = []
@@ -268,6 +292,15 @@ def test_schedule_linear_and_cosine():
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 1.5, 1.0, 0.5])
+    # end_lr is an absolute learning rate: 0.5 of a base lr 2 is a factor 0.25
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, 0, 4, end_lr=0.5)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([2.0, 1.625, 1.25, 0.875, 0.5])
 
 
 def test_textmlm_freezing_and_beit_conversion():
@@ -490,6 +523,52 @@ def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic
                                          r"conceptual_caption_val_0.arrow\)"):
         both = run("gcc", ["coco", "gcc"])
     assert "val/r_mean" in both["metrics"]
+
+
+def test_the_loop_follows_the_configured_schedule_and_weight_decay(tmp_path, synthetic_root):
+    """--warmup-steps as a fraction (int(6 x 0.45) = 2 steps, official), the linear decay to --end-lr, --schedule
+    cosine and --weight-decay reach the run: the lr logged after each step (the lr of the next update) and the
+    optimizer the checkpoint saved."""
+    lr, end = 5e-4, 1e-4
+    run = train(small_cfg(tmp_path / "linear", synthetic_root, tasks=["itc"], max_steps=6, warmup_steps=0.45,
+                          end_lr=end, weight_decay=0.05))
+    # after step s (1-based): s / 2 of lr in the warmup, then from lr down to end_lr at step 6
+    expected = [lr / 2, lr] + [end + (lr - end) * (1 - k / 4) for k in (1, 2, 3, 4)]
+    assert [h["lr"] for h in run["history"]] == pytest.approx(expected, rel=1e-9)
+    groups = {g["name"]: g for g in torch.load(run["last_checkpoint"], weights_only=True)["optimizer"]["param_groups"]}
+    assert {k: g["weight_decay"] for k, g in groups.items()} == {"decay": 0.05, "no_decay": 0.0}
+    assert {k: g["initial_lr"] for k, g in groups.items()} == pytest.approx({"decay": lr, "no_decay": lr})
+    cosine = train(small_cfg(tmp_path / "cosine", synthetic_root, tasks=["itc"], max_steps=5, warmup_steps=1,
+                             schedule="cosine"))
+    expected = [lr] + [lr * 0.5 * (1 + math.cos(math.pi * p)) for p in (0.25, 0.5, 0.75)] + [0.0]
+    assert [h["lr"] for h in cosine["history"]] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_textmlm_training_changes_only_the_text_parameters(tmp_path, synthetic_root, monkeypatch):
+    """The language stage through train() (spec §5.1): after two updates (with weight decay) every frozen parameter
+    is exactly as initialised, and the trainable ones (named here from the spec, not from the code) moved."""
+    initial = {}
+    real = train_loop.build_model
+
+    def recording(cfg):
+        model = real(cfg)
+        initial.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return model
+
+    monkeypatch.setattr(train_loop, "build_model", recording)
+    run = train(small_cfg(tmp_path / "text", synthetic_root, tasks=["textmlm"], max_steps=2, warmup_steps=0,
+                          weight_decay=0.05))
+    final = read_state_dict(run["last_checkpoint"])
+    trainable = ("text_embeddings", "token_type_embeddings", "mlp_text", "norm2_text", "mlm_score",
+                 "relative_position_bias_table", "transformer.norm")
+    frozen = [k for k in initial if not any(t in k for t in trainable)]
+    assert "transformer.blocks.0.attn.qkv.weight" in frozen and "transformer.blocks.0.mlp_imag.fc1.weight" in frozen
+    assert "transformer.blocks.0.norm1.weight" in frozen and "transformer.patch_embed.proj.weight" in frozen
+    for k in frozen:
+        assert torch.equal(final[k], initial[k]), k
+    for k in ("transformer.blocks.0.mlp_text.fc1.weight", "text_embeddings.word_embeddings.weight",
+              "mlm_score.transform.dense.weight", "transformer.norm.weight", "transformer.blocks.1.norm2_text.weight"):
+        assert not torch.equal(final[k], initial[k]), k
 
 
 def test_log_csv_holds_training_and_evaluation_rows(tmp_path, synthetic_root):

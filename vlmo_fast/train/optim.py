@@ -6,7 +6,8 @@
   (``vqa_classifier``, ``nlvr2_classifier``, at lr · lr_mult). "No decay" is any name containing one of
   ``NO_DECAY`` — so the relative-position table (its name contains "bias") and q_bias/v_bias get none, while
   ``norm2_text.weight`` (which does not contain "norm2.weight") does get decay, exactly as the official code.
-- Linear warmup from 0, then linear (polynomial power 1) decay to ``end_lr`` at ``max_steps``; cosine as an option.
+- Linear warmup from 0, then linear (polynomial power 1) decay to ``end_lr`` at ``max_steps``; cosine (also down to
+  ``end_lr``) as an option.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "lin
     if step >= max_steps:
         return end_factor
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule == "cosine":  # from 1 down to end_factor (the official cosine when end_factor = 0)
+        return end_factor + (1.0 - end_factor) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     if schedule == "linear":
         return (1.0 - end_factor) * (1.0 - progress) + end_factor
     raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
