@@ -170,19 +170,31 @@ def test_vlmo_fusion_index_table_gradient(device):
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_index_dtypes_and_non_contiguous_inputs(device, index_dtype):
+    """Strided scores (a permuted view), a strided table (a column slice), a transposed index of every accepted dtype
+    and an int keep mask: the output, the score gradient (back into the permuted buffer) and the table gradient (into
+    the sliced buffer's columns only) match float64."""
     b, h, n = 2, 3, 37
     base = torch.randn(b, n, h, n, device=device)
-    scores = base.permute(0, 2, 1, 3)  # non-contiguous (B, H, N, N)
-    table = torch.randn(200, 2 * h, device=device)[:, h:]
+    table_buf = torch.randn(200, 2 * h, device=device)
     index = torch.randint(0, 200, (n, n), device=device).to(index_dtype)
     index_t = index.t()  # non-contiguous index
     keep = torch.rand(b, n, device=device) > 0.3
     keep[:, 0] = True
-    want = reference(scores, 0.5, table.t()[:, index_t.long()], keep)
+    g = torch.randn(b, h, n, n, device=device)
+    b64, t64 = base.double().requires_grad_(), table_buf.double().requires_grad_()
+    want = reference(b64.permute(0, 2, 1, 3), 0.5, t64[:, h:].t()[:, index_t.long()], keep)
+    want.backward(g.double())
     for backend in ("cuda", "torch"):  # the torch path must take every accepted dtype too
+        base_l, table_l = base.clone().requires_grad_(), table_buf.clone().requires_grad_()
+        scores, table = base_l.permute(0, 2, 1, 3), table_l[:, h:]  # non-contiguous (B, H, N, N); strided table
+        assert not scores.is_contiguous() and not table.is_contiguous()
         got = ops.masked_softmax(scores, scale=0.5, bias_table=table, bias_index=index_t,
                                  key_padding_mask=keep.int(), backend=backend)
         assert max_err(got, want) < 2e-6, backend
+        got.backward(g)
+        assert max_err(base_l.grad, b64.grad) < 1e-5 * max(1.0, b64.grad.abs().max().item()), backend
+        assert max_err(table_l.grad, t64.grad) < 1e-5 * max(1.0, t64.grad.abs().max().item()), backend
+        assert torch.all(table_l.grad[:, :h] == 0), backend
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -235,30 +247,41 @@ def test_every_row_length_tier_with_fewer_queries_than_keys(device, n_k, form):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_every_output_element_is_written(device):
-    """Poison the outputs, call the launchers directly, and check that nothing was left unwritten."""
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_every_output_element_is_written(device, form):
+    """Poison the outputs, call the launchers directly, and check that nothing was left unwritten: the probabilities,
+    the row log-sum-exp, the score gradient and the bias gradient. The bias gradient as the op allocates it: zeros
+    for the CUDA kernels (they accumulate), torch.empty memory for the CPU ones (they overwrite: poisoned here). The
+    index leaves table rows 50..59 unused: their gradient is zero, and must still be written."""
     b, h, n = 3, 2, 45
-    scores, full_table, index, dense, keep = make_inputs(b, h, n, "table", device)
+    scores, full_table, index, dense, keep = make_inputs(b, h, n, form, device)
     table = full_table[:, h : 2 * h]
-    index32 = index.to(torch.int32)
+    index32 = index.remainder(50).to(torch.int32)
+    if form == "table":
+        kw = dict(table=table.data_ptr(), table_s0=table.stride(0), table_s1=table.stride(1), table_rows=60,
+                  index=index32.data_ptr(), keep=keep.data_ptr(), bias=0)
+    else:
+        kw = dict(table=0, table_s0=0, table_s1=0, table_rows=0, index=0, keep=keep.data_ptr(), bias=dense.data_ptr())
     out = torch.full_like(scores, float("nan"))
     lse = torch.full((b, h, n), float("nan"), device=device)
-    kw = dict(table=table.data_ptr(), table_s0=table.stride(0), table_s1=table.stride(1), table_rows=60,
-              index=index32.data_ptr(), keep=keep.data_ptr(), bias=0)
     extra = native._launch_args(scores.device)
     launcher = native._launcher("masked_softmax_forward", scores.device)
     launcher(scores=scores.data_ptr(), scores_dtype=0, out=out.data_ptr(), out_dtype=0, lse=lse.data_ptr(),
              batch=b, heads=h, n_q=n, n_k=n, scale=1.0, **kw, **extra)
     assert not out.isnan().any() and not lse.isnan().any()
     ds, dp = torch.full_like(scores, float("nan")), torch.randn_like(scores)  # held: pointers outlive the launch
-    dtable = torch.zeros(60, h, device=device)  # CUDA accumulates into zeros; CPU overwrites
+    poison = 0.0 if native._runs_cuda(scores.device) else float("nan")
+    dgrad = torch.full((60, h) if form == "table" else (h, n, n), poison, device=device)
     native._launcher("masked_softmax_backward", scores.device)(
         dp=dp.data_ptr(), dp_dtype=0, scores=scores.data_ptr(), scores_dtype=0,
-        lse=lse.data_ptr(), dscores=ds.data_ptr(), batch=b, heads=h, n_q=n, n_k=n, scale=1.0, dbias=0,
-        dtable=dtable.data_ptr(), **kw, **extra)
+        lse=lse.data_ptr(), dscores=ds.data_ptr(), batch=b, heads=h, n_q=n, n_k=n, scale=1.0,
+        dbias=dgrad.data_ptr() if form == "dense" else 0, dtable=dgrad.data_ptr() if form == "table" else 0,
+        **kw, **extra)
     if device == "cuda":
         torch.cuda.synchronize()
-    assert not ds.isnan().any()
+    assert not ds.isnan().any() and not dgrad.isnan().any()
+    if form == "table":
+        assert torch.all(dgrad[50:] == 0)
 
 
 @pytest.mark.parametrize("device", ["cuda-emu+staged", pytest.param("cuda+staged", marks=pytest.mark.gpu)],

@@ -56,26 +56,32 @@ def test_attention_strided_table_slice_gets_gradient():
     assert table.grad[:, h : 2 * h].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_attention_low_precision_within_twice_eager_error(dtype, backend):
+def low_precision_attention_inputs(dtype):
     """A model held in fp16/bf16: q, k, v strided views of one projection, the fp32 table's strided column slice, a
-    half and a fully padded batch row. The output and every gradient (dq, dk, dv, the table's) within twice the error
-    of the official math in the same precision, both against float64. On CPU at this size "auto" takes the native
-    softmax inside the PyTorch attention path."""
+    half and a fully padded batch row."""
     b, h, n, d = 3, 3, 237, 32
     qkv = torch.randn(b, n, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D) views, not contiguous
     q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))
     assert not q.is_contiguous()
     full = torch.randn(1126, 3 * h, requires_grad=True)
     index = relpos.fusion_relative_position_index(40, 14)
-    keep = padding(b, n)
+    return q, k, v, full, h, index, padding(b, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_low_precision_within_twice_eager_error(dtype):
+    """The low-precision inputs above through "auto", which on CPU at this size takes the native softmax inside the
+    PyTorch attention path: the output and every gradient (dq, dk, dv, the table's) within twice the error of the
+    official math in the same precision, both against float64. (backend="torch" is that official math, bit for bit:
+    the rule could not fail on it.)"""
+    if not native_available():
+        pytest.skip("without the native softmax, auto is the PyTorch path: the eager yardstick itself")
+    q, k, v, full, h, index, keep = low_precision_attention_inputs(dtype)
     ops_backend.clear_selected()
     out = ops.rel_pos_attention(q, k, v, bias_table=full[:, h : 2 * h], bias_index=index, key_padding_mask=keep,
-                                backend=backend)
+                                backend="auto")
+    assert ops_backend.last_selected()["masked_softmax"] == "cuda"  # the softmax that ran: not the yardstick's
     assert out.dtype == dtype and torch.all(out[2] == 0)
-    expected = "cuda" if backend == "auto" and native_available() else "torch"
-    assert ops_backend.last_selected()["masked_softmax"] == expected  # the softmax that ran
     eager = eager_attention(q, k, v, full[:, h : 2 * h].t()[:, index], keep)
     l64 = [t.detach().double().requires_grad_() for t in (q, k, v, full)]  # unrounded reference gradients
     ref = reference_attention(*l64[:3], l64[3][:, h : 2 * h].t()[:, index], keep)
@@ -89,6 +95,22 @@ def test_attention_low_precision_within_twice_eager_error(dtype, backend):
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
         assert err <= 2 * err_eager + 1e-6, f"{name}: {err:.3e} vs eager {err_eager:.3e}"
     assert got[4][:, :h].abs().sum() == 0 and got[4][:, 2 * h :].abs().sum() == 0  # only the slice's columns
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_torch_path_takes_low_precision_inputs(dtype):
+    """The same inputs through backend="torch": its own softmax, the dtype kept, zeros for the fully padded row,
+    finite gradients, and gradient only for the table slice's columns."""
+    q, k, v, full, h, index, keep = low_precision_attention_inputs(dtype)
+    ops_backend.clear_selected()
+    out = ops.rel_pos_attention(q, k, v, bias_table=full[:, h : 2 * h], bias_index=index, key_padding_mask=keep,
+                                backend="torch")
+    assert ops_backend.last_selected()["masked_softmax"] == "torch"
+    assert out.dtype == dtype and torch.all(out[2] == 0)
+    grads = torch.autograd.grad(out, [q, k, v, full], torch.randn(out.shape).to(dtype))
+    assert all(torch.isfinite(t).all() for t in grads)
+    assert grads[3][:, :h].abs().sum() == 0 and grads[3][:, 2 * h :].abs().sum() == 0
+    assert grads[3][:, h : 2 * h].abs().sum() > 0
 
 
 def test_masked_softmax_matches_float64():
@@ -218,8 +240,10 @@ def test_layernorm_and_ffn_bad_inputs():
         ops.multiway_ffn(x, [tuple(e)])
     with pytest.raises(ValueError, match="fc2_weight"):
         ops.multiway_ffn(x, [e._replace(fc2_weight=torch.randn(8, 31))])
-    with pytest.raises(ValueError, match="drop_path"):
+    with pytest.raises(ValueError, match=r"drop_path must be in \[0, 1\), got 1.0"):
         ops.multiway_ffn(x, [e], drop_path=1.0)
+    with pytest.raises(TypeError, match="drop_path must be a real number, got str"):  # not a comparison's TypeError
+        ops.multiway_ffn(x, [e], drop_path="0.1")
     with pytest.raises(ValueError, match=r"fc1_weight must be a 2-D \(hidden, D=8\) tensor, got \(32,\)"):
         ops.multiway_ffn(x, [e._replace(fc1_weight=torch.randn(32))])
     # LayerNorm's epsilon: a positive finite number (eps=-1 gave NaN on an all-zero row, a string a deep TypeError)

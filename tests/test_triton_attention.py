@@ -83,7 +83,7 @@ def check_twice_eager(names, got, eager, want, floor=0.0):
 @pytest.mark.parametrize(
     "n,form,b",
     [(1, "table", 2), (29, "table", 3), (45, "dense", 2), (45, "none", 2), (97, "table", 2), (237, "table", 2),
-     (257, "dense", 1)],
+     (257, "dense", 3), (257, "table", 3)],
 )
 def test_fp32_matches_float64(n, form, b):
     h, d = 2, 16
@@ -125,24 +125,33 @@ def test_fp32_matches_float64(n, form, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_twice_eager_error(dtype):
-    """fp16/bf16 output and every gradient within twice the error of the official math in the same precision (same
-    inputs), both measured against float64."""
-    b, h, n, d = 2, 2, 45, 32
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_low_precision_within_twice_eager_error(dtype, form):
+    """fp16/bf16 output and every gradient (the table's or the dense bias's) within twice the error of the official
+    math in the same precision (same inputs), both measured against float64; a half and a fully padded batch row."""
+    b, h, n, d = 3, 2, 45, 32
     q32, k32, v32 = qkv_views(b, h, n, d)
     index, rows = fusion_index(n)
-    table = torch.randn(rows, h, device=DEV, requires_grad=True)
-    keep = padding(b, n)
+    bias_leaf = (torch.randn(rows, h, device=DEV) if form == "table" else torch.randn(h, n, n, device=DEV))
+    bias_leaf.requires_grad_()
+    keep = padding(b, n, full_row=2)
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
-    out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep, backend="triton")
+
+    def bias_of(leaf):
+        return leaf.t()[:, index] if form == "table" else leaf
+
+    kw = dict(bias_table=bias_leaf, bias_index=index) if form == "table" else dict(bias=bias_leaf)
+    out = ops.rel_pos_attention(q, k, v, key_padding_mask=keep, backend="triton", **kw)
     assert out.dtype == dtype
-    eager = eager_attention(q, k, v, table.t()[:, index], keep)
-    l64 = leaves64(q, k, v, table)  # the exact inputs, differentiated in float64: the gradients are not rounded
-    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep)
+    assert torch.all(out[2] == 0)  # the fully padded batch row: zeros, not NaN
+    eager = eager_attention(q, k, v, bias_of(bias_leaf), keep)
+    l64 = leaves64(q, k, v, bias_leaf)  # the exact inputs, differentiated in float64: the gradients are not rounded
+    ref = reference_attention(*l64[:3], bias_of(l64[3]), keep)
     g = torch.randn_like(out)
-    leaves = [q, k, v, table]
+    leaves = [q, k, v, bias_leaf]
     got, want, base = grads(out, leaves, g), grads(ref, l64, g.double()), grads(eager, leaves, g)
-    check_twice_eager(["out", "dq", "dk", "dv", "dtable"], (out,) + got, (eager,) + base, (ref,) + want, 1e-6)
+    check_twice_eager(["out", "dq", "dk", "dv", "dbias"], (out,) + got, (eager,) + base, (ref,) + want, 1e-6)
+    assert torch.all(got[0][2] == 0) and torch.all(got[1][2] == 0) and torch.all(got[2][2] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

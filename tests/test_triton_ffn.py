@@ -45,17 +45,36 @@ def reference_ffn(x, experts, split, gamma, scales=None):
     return torch.cat(parts, 1)
 
 
+def large_mean_row(d, center, spread, dtype=torch.float32):
+    """A row center + spread·N(0, 1) whose mean is exactly ``center`` after rounding to ``dtype``: the deviations come
+    in ± pairs (rounding is symmetric about a representable center), so no implementation can differ by how it
+    rounds the mean, only by how it gets the variance."""
+    z = spread * torch.randn(d // 2)
+    return (center + torch.cat([z, -z, torch.zeros(d % 2)])[torch.randperm(d)]).to(dtype)
+
+
+def with_large_mean_rows(x):
+    """x (B, N, D) with two rows whose mean dwarfs their spread, as in a residual stream far from zero: 300 + N(0, 1)
+    (the last row of the first sample) and 1e3 + 0.1·N(0, 1) (the first row of the last). A one-pass variance
+    E[x²] - E[x]² loses most or all of their digits in fp32; a two-pass one does not."""
+    x = x.detach().clone()
+    x[0, -1] = large_mean_row(x.shape[-1], 300.0, 1.0, x.dtype)
+    x[-1, 0] = large_mean_row(x.shape[-1], 1e3, 0.1, x.dtype)
+    return x
+
+
 def leaves_of(x, experts, gamma):
     return [x] + ([gamma] if gamma is not None else []) + [t for e in experts for t in e]
 
 
-def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what=""):
+def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what="", ref_leaves=None):
     """``out`` and its gradients of ``leaves`` (output gradient ``g``) within twice the error of ``eager`` (the
     official math run the same way), both against the float64 ``ref``. Slack: 1e-6, or with ``rel_slack`` (fp32
-    runs) 1e-6 of the result's size."""
+    runs) 1e-6 of the result's size. ``ref_leaves``: float64 copies of the leaves that ``ref`` was computed from
+    (for half-precision leaves, whose own gradients would round the reference's)."""
     got = torch.autograd.grad(out, leaves, g.to(out.dtype))
     base = torch.autograd.grad(eager, leaves, g.to(eager.dtype))
-    want = torch.autograd.grad(ref, leaves, g.double())
+    want = torch.autograd.grad(ref, leaves if ref_leaves is None else ref_leaves, g.double())
     for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
         slack = 1e-6 * r.abs().max().clamp_min(1.0) if rel_slack else 1e-6
@@ -66,7 +85,7 @@ def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what=
                                          (13, 13, True), (1, None, False)])
 @pytest.mark.parametrize("with_gamma", [True, False])
 def test_fp32_matches_float64(n, split, two, with_gamma):
-    x = torch.randn(2, n, D, requires_grad=True)
+    x = with_large_mean_rows(torch.randn(2, n, D)).requires_grad_()
     experts = [expert(), expert()] if two else [expert()]
     gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_() if with_gamma else None
     out = ops.multiway_ffn(x, experts, split=split if two else None, gamma=gamma, backend="triton")
@@ -101,7 +120,7 @@ def test_droppath_draws_like_the_official_block_and_rescales():
 
 
 def test_autocast_bf16_within_twice_eager_error():
-    x = torch.randn(2, 45, D, requires_grad=True)
+    x = with_large_mean_rows(torch.randn(2, 45, D)).requires_grad_()
     experts = [expert(), expert()]
     gamma = (0.1 + 0.05 * torch.randn(D)).requires_grad_()
     ref = reference_ffn(x, experts, 16, gamma)
@@ -173,6 +192,66 @@ def test_scaled_residual():
         assert out.dtype == torch.float32
         with pytest.raises(ValueError, match="wider than x"):
             ops.scaled_residual(x16, y_, g_, backend="triton")
+
+
+@pytest.mark.parametrize("n", [1, 237, 257])
+def test_scaled_residual_matches_float64(n):
+    """x + DropPath(γ·y) at odd sizes (one row per sample; 237 and 257 rows: partial row tiles and dγ partials; D = 97:
+    masked columns), in eval and with DropPath in training: the fp32 kernel's output and every gradient within twice
+    the eager error against float64; float64 inputs take the PyTorch path, exact."""
+    b, d, drop = 2, 97, 0.3
+    x, y = (torch.randn(b, n, d, requires_grad=True) for _ in range(2))
+    gamma = torch.randn(d, requires_grad=True)
+    for training in (False, True):
+        seed = int(torch.randint(0, 2**31, (1,)))
+        runs = []
+        for backend in ("triton", "torch"):
+            torch.manual_seed(seed)
+            runs.append(ops.scaled_residual(x, y, gamma, drop_path=drop, training=training, backend=backend))
+        torch.manual_seed(seed)  # the official DropPath's draw, in the dtype of γ·y
+        mask = (1 - drop + torch.rand(b, 1, 1)).floor_().double() / (1 - drop) if training else 1.0
+        ref = x.double() + gamma.double() * y.double() * mask
+        assert_within_twice_eager(*runs, ref, [x, y, gamma], torch.randn(b, n, d), rel_slack=True,
+                                  what=f"training {training}: ")
+        leaves = [t.detach().double().requires_grad_() for t in (x, y, gamma)]
+        torch.manual_seed(seed)
+        out = ops.scaled_residual(*leaves, drop_path=drop, training=training)  # auto: the PyTorch path
+        assert out.dtype == torch.float64
+        torch.manual_seed(seed)  # drawn in float64 now
+        mask = (1 - drop + torch.rand(b, 1, 1, dtype=torch.float64)).floor_() / (1 - drop) if training else 1.0
+        want = leaves[0] + leaves[2] * leaves[1] * mask
+        g = torch.randn(b, n, d, dtype=torch.float64)
+        for a, e in zip((out,) + torch.autograd.grad(out, leaves, g), (want,) + torch.autograd.grad(want, leaves, g)):
+            assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        ops.scaled_residual(*leaves, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_scaled_residual_rejects_bad_arguments(backend):
+    x, y, gamma = torch.randn(2, 5, D), torch.randn(2, 5, D), torch.randn(D)
+    meta = torch.device("meta")
+    cases = [
+        (dict(x=x[0]), ValueError, r"x must be 3-D, got shape \(5, 32\)"),
+        (dict(x=x.tolist()), TypeError, "x must be a torch.Tensor, got list"),
+        (dict(x=x.long(), y=y.long()), TypeError, "x must have dtype in"),
+        (dict(y=y.int()), TypeError, "y must have dtype in"),
+        (dict(y=y.to(meta)), ValueError, "y must be on cpu, got meta"),
+        (dict(gamma=gamma[:-1]), ValueError, r"gamma must have shape \(32,\), got \(31,\)"),
+        (dict(gamma=gamma[None]), ValueError, "gamma must be 1-D"),
+        (dict(gamma=gamma.long()), TypeError, "gamma must have dtype in"),
+        (dict(gamma=gamma.to(meta)), ValueError, "gamma must be on cpu, got meta"),
+        (dict(drop_path=-0.5), ValueError, r"drop_path must be in \[0, 1\), got -0.5"),
+        (dict(drop_path=1.0), ValueError, r"drop_path must be in \[0, 1\), got 1.0"),
+        (dict(drop_path=float("nan")), ValueError, r"drop_path must be in \[0, 1\), got nan"),
+        (dict(drop_path="0.1"), TypeError, "drop_path must be a real number, got str"),
+        (dict(drop_path=True), TypeError, "drop_path must be a real number, got bool"),
+    ]
+    for over, err, match in cases:
+        kw = dict(x=x, y=y, gamma=gamma, drop_path=0.1, training=True, backend=backend)
+        kw.update(over)
+        with pytest.raises(err, match=match):
+            ops.scaled_residual(kw.pop("x"), kw.pop("y"), kw.pop("gamma"), **kw)
 
 
 def test_mixed_parameter_dtypes_follow_torch_rules():
@@ -352,7 +431,7 @@ def reference_norm_linear(x, nw, nb, w, b):
 @pytest.mark.parametrize("n", [237, 1, 13])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_norm_linear_fp32_matches_float64(n, with_bias):
-    x = (torch.randn(2, n, D) * 3 + 1).requires_grad_()
+    x = with_large_mean_rows(torch.randn(2, n, D) * 3 + 1).requires_grad_()
     params = norm_linear_params(with_bias=with_bias)
     out = ops.norm_linear(x, *params, backend="triton")
     eager = ops.norm_linear(x, *params, backend="torch")
@@ -363,7 +442,7 @@ def test_norm_linear_fp32_matches_float64(n, with_bias):
 
 
 def test_norm_linear_under_autocast_within_twice_eager_error_and_strided_x():
-    x = torch.randn(3, 45, D, requires_grad=True)
+    x = with_large_mean_rows(torch.randn(3, 45, D)).requires_grad_()
     params = norm_linear_params()
     g = torch.randn(3, 45, 3 * D)
     for xs in (x, strided(x, "transposed")):
@@ -372,6 +451,52 @@ def test_norm_linear_under_autocast_within_twice_eager_error_and_strided_x():
             eager = ops.norm_linear(xs, *params, backend="torch")
         assert out.dtype == eager.dtype == torch.bfloat16  # the projection runs in the autocast dtype, as F.linear
         assert_within_twice_eager(out, eager, reference_norm_linear(xs, *params), [xs] + params, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_within_twice_eager_error(dtype):
+    """A model held in fp16/bf16 without autocast: x, every parameter and the attention output in that dtype (and
+    rows with a large mean). The FFN op (alone and taking the attention residual), norm_linear and scaled_residual:
+    the output and every gradient within twice the error of the official math in that dtype, both against float64
+    computed from the very same (rounded) inputs, with unrounded reference gradients."""
+
+    def half(t):
+        return t.detach().to(dtype).requires_grad_()
+
+    def f64(ts):
+        return [t.detach().double().requires_grad_() for t in ts]
+
+    x = half(with_large_mean_rows(torch.randn(2, 29, D)))
+    y = half(torch.randn(2, 29, D))
+    experts = [expert(dtype), expert(dtype)]
+    gamma, attn_gamma = (half(0.1 + 0.05 * torch.randn(D)) for _ in range(2))
+    for with_res in (False, True):
+        kw = dict(split=12, gamma=gamma, attn_out=y, attn_gamma=attn_gamma) if with_res else dict(split=12, gamma=gamma)
+        out = ops.multiway_ffn(x, experts, backend="triton", **kw)
+        eager = ops.multiway_ffn(x, experts, backend="torch", **kw)
+        assert out.dtype == eager.dtype == dtype
+        leaves = ([y, attn_gamma] if with_res else []) + leaves_of(x, experts, gamma)
+        l64 = f64(leaves)
+        e64 = [ops.FFNExpert(*l64[-12:-6]), ops.FFNExpert(*l64[-6:])]
+        if with_res:
+            ref = reference_block_tail(l64[2], l64[0], l64[1], e64, 12, l64[3])
+        else:
+            ref = reference_ffn(l64[0], e64, 12, l64[1])
+        assert_within_twice_eager(out, eager, ref, leaves, torch.randn(out.shape).to(dtype),
+                                  what=f"ffn (attention residual {with_res}) ", ref_leaves=l64)
+    params = [half(p) for p in norm_linear_params()]
+    out = ops.norm_linear(x, *params, backend="triton")
+    eager = ops.norm_linear(x, *params, backend="torch")
+    assert out.dtype == eager.dtype == dtype
+    l64 = f64([x] + params)
+    assert_within_twice_eager(out, eager, reference_norm_linear(*l64), [x] + params,
+                              torch.randn(out.shape).to(dtype), what="norm_linear ", ref_leaves=l64)
+    out = ops.scaled_residual(x, y, gamma, backend="triton")
+    eager = ops.scaled_residual(x, y, gamma, backend="torch")
+    assert out.dtype == eager.dtype == dtype
+    l64 = f64([x, y, gamma])
+    assert_within_twice_eager(out, eager, l64[0] + l64[2] * l64[1], [x, y, gamma], torch.randn(out.shape).to(dtype),
+                              what="scaled_residual ", ref_leaves=l64)
 
 
 def test_norm_linear_rejects_bad_arguments():

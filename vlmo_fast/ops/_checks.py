@@ -57,6 +57,16 @@ def check_eps(eps: object) -> float:
     return value
 
 
+def check_drop_prob(name: str, value: object, *, allow_one: bool = False) -> float:
+    """A DropPath probability: a real number in [0, 1) (or [0, 1] with ``allow_one``), as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    p = float(value)
+    if not (0.0 <= p <= 1.0 if allow_one else 0.0 <= p < 1.0):  # NaN fails both
+        raise ValueError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {p}")
+    return p
+
+
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         extra = f" ({what})" if what else ""

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_eps, check_shape, check_tensor
-from .droppath import drop_path as _drop_path
+from ._checks import FLOAT_DTYPES, check_drop_prob, check_eps, check_shape, check_tensor
+from .droppath import drop_path_checked as _drop_path
 from .layernorm import check_experts, layer_norm, segments
 from .residual import residual_checked
 
@@ -85,9 +85,8 @@ def multiway_ffn(
         # the sum x + γ1·y1 would be promoted to the wider dtype, which the FFN's weights then do not match
         if t is not None and torch.promote_types(x.dtype, t.dtype) != x.dtype:
             raise TypeError(f"{name} must not be wider than x ({x.dtype}), got {t.dtype}")
-    if not 0.0 <= drop_path < 1.0:
-        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-    return ffn_checked(x, experts, None if split is None else int(split), gamma, float(drop_path), bool(training),
+    drop_path = check_drop_prob("drop_path", drop_path)
+    return ffn_checked(x, experts, None if split is None else int(split), gamma, drop_path, bool(training),
                        check_eps(eps), backend, attn_out, attn_gamma)
 
 

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from . import backend as _backend
-from ._checks import FLOAT_DTYPES, check_shape, check_tensor
-from .droppath import drop_path as _drop_path
+from ._checks import FLOAT_DTYPES, check_drop_prob, check_shape, check_tensor
+from .droppath import drop_path_checked as _drop_path
 
 
 def scaled_residual(
@@ -35,9 +35,7 @@ def scaled_residual(
     if gamma is not None:
         check_tensor("gamma", gamma, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("gamma", gamma, (x.shape[-1],))
-    if not 0.0 <= drop_path < 1.0:
-        raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-    return residual_checked(x, y, gamma, float(drop_path), bool(training), backend)
+    return residual_checked(x, y, gamma, check_drop_prob("drop_path", drop_path), bool(training), backend)
 
 
 def residual_checked(x, y, gamma, drop_path: float, training: bool, backend: str) -> torch.Tensor:
