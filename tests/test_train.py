@@ -981,3 +981,51 @@ def test_max_epochs_counts_the_partial_batch(tmp_path):
     cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=bs, per_device_batch_size=bs)
     summary = train(cfg)
     assert summary["steps"] == -(-n // bs) == n // bs + 1 and summary["stop_reason"] == "max_steps"
+
+
+def _best_run(rank, world, out_dir, root, fsdp):
+    cfg = small_cfg(out_dir, root, max_steps=2, per_device_batch_size=4, tasks=["irtr"], fsdp=fsdp,
+                    eval_every=1, eval_batches=0, final_eval=True)
+    summary = train(cfg)
+    return summary["best"], summary["metrics"].get("val/the_metric")
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_the_best_checkpoint_in_two_processes(tmp_path, synthetic_root, fsdp):
+    """Rank 0 evaluates and decides; every rank takes part in the best state's gathering (FSDP's full state is a
+    collective), and best.pt holds the full model of the chosen step."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp and fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    out = tmp_path / "run"
+    (best, final_metric), (other_best, other_metric) = run_distributed(_best_run, 2, str(out), synthetic_root, fsdp)
+    assert other_best is None and other_metric is None  # only rank 0 evaluates
+    assert best["step"] in (1, 2) and final_metric is not None and best["the_metric"] >= final_metric
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert state["step"] == best["step"] and state["the_metric"] == pytest.approx(best["the_metric"])
+    model = train_loop.build_model(TrainConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])  # the full, unsharded state
+    if best["step"] == 2:
+        final = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
+        assert all(torch.equal(state["model"][k], final[k]) for k in final)
+
+
+def _evaluated_run(rank, world, out_dir, root, fsdp):
+    cfg = small_cfg(out_dir, root, max_steps=2, per_device_batch_size=4, tasks=["itc", "mlm"], fsdp=fsdp,
+                    gather_with_grad=True, drop_path_rate=0.0, eval_every=1, eval_batches=2, final_eval=True)
+    return train(cfg)["metrics"]
+
+
+def test_fsdp_runs_evaluate_like_ddp(tmp_path, synthetic_root):
+    """A sharded model's forward is a collective: the evaluation (periodic and final) runs on every rank (before,
+    rank 0 alone waited forever in its first forward) and reports the metrics DDP's reports."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    ddp = run_distributed(_evaluated_run, 2, str(tmp_path / "ddp"), synthetic_root, False)
+    fsdp = run_distributed(_evaluated_run, 2, str(tmp_path / "fsdp"), synthetic_root, True)
+    assert ddp[1] == {} and fsdp[1] == {}
+    assert {"val/itc_i2t_acc", "val/tr_r1"} <= set(ddp[0]) and set(fsdp[0]) == set(ddp[0])
+    assert all(fsdp[0][k] == pytest.approx(ddp[0][k], abs=1e-6) for k in ddp[0])

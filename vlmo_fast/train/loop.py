@@ -216,34 +216,53 @@ def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.
     test split too, as the official validation; the val batch accuracies of the run's contrastive objectives (ITC,
     retrieval), the VQA score, the NLVR2 accuracies; and ``val/the_metric``, the official model-selection value,
     for fine-tuning runs (``evaluation.the_metric``)."""
+    # rank 0 evaluates; under FSDP every rank runs the same forwards (each gathers its parameters collectively: a
+    # forward on one rank alone would wait for the others forever) and rank 0 reports
+    if not (info.is_main or cfg.fsdp):
+        return {}
     was_training = model.training
     model.eval()
     metrics: Dict[str, float] = {}
-    has_itc = hasattr(model, "itc_image_proj")
-    splits = ["val"] + (["test"] if "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg) else [])
-    for split in splits if has_itc and info.is_main else []:
-        images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
-        img_feats, img_ids = encode(model, images, info.device, "image", amp)
-        txt_feats, txt_img_ids = encode(model, texts, info.device, "text", amp)
-        keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of the images it encoded
-        metrics.update({f"{split}/{k}": v for k, v in
-                        recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
-    if "vqa" in cfg.tasks and info.is_main:
-        score = evaluate_vqa(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device,
-                             amp)["vqa_score"]
-        if score is not None:
-            metrics["val/vqa_score"] = score
-    if "nlvr2" in cfg.tasks and info.is_main:
-        accs = evaluate_nlvr2(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device, amp)
-        metrics.update({f"val/{k}": v for k, v in accs.items()})
-    for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
-        if task in cfg.tasks and info.is_main:
-            metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task))
+    with _unsharded(model, cfg.fsdp and info.world_size > 1):
+        if hasattr(model, "itc_image_proj"):
+            final_irtr = "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg)
+            for split in ["val"] + (["test"] if final_irtr else []):
+                images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
+                img_feats, img_ids = encode(model, images, info.device, "image", amp)
+                txt_feats, txt_img_ids = encode(model, texts, info.device, "text", amp)
+                keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of its images
+                metrics.update({f"{split}/{k}": v for k, v in
+                                recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
+        if "vqa" in cfg.tasks:
+            score = evaluate_vqa(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device,
+                                 amp)["vqa_score"]
+            if score is not None:
+                metrics["val/vqa_score"] = score
+        if "nlvr2" in cfg.tasks:
+            accs = evaluate_nlvr2(model, _first(data_setup.val_batches(cfg, model.config), max_batches),
+                                  info.device, amp)
+            metrics.update({f"val/{k}": v for k, v in accs.items()})
+        for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
+            if task in cfg.tasks:
+                metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task))
     value = the_metric(metrics, cfg.tasks)
     if value is not None:
         metrics["val/the_metric"] = value
     model.train(was_training)
-    return metrics
+    return metrics if info.is_main else {}
+
+
+@contextlib.contextmanager
+def _unsharded(model: VLMo, on: bool):
+    """FSDP2's root parameters (embeddings, heads) gathered for the evaluation, which calls the model's inference
+    methods rather than its forward (whose hook would gather them); the blocks gather their own in their forwards."""
+    if on:
+        model.unshard()
+    try:
+        yield
+    finally:
+        if on:
+            model.reshard()
 
 
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
