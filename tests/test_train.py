@@ -1029,3 +1029,126 @@ def test_fsdp_runs_evaluate_like_ddp(tmp_path, synthetic_root):
     assert ddp[1] == {} and fsdp[1] == {}
     assert {"val/itc_i2t_acc", "val/tr_r1"} <= set(ddp[0]) and set(fsdp[0]) == set(ddp[0])
     assert all(fsdp[0][k] == pytest.approx(ddp[0][k], abs=1e-6) for k in ddp[0])
+
+
+# ---- multi-process faults and resumes (found by running torchrun jobs) ------------------------------------------
+
+
+def _failing_rank(rank, world, out_dir, root):
+    signal.alarm(90)  # a hang ends the process (and fails the test) instead of the test session
+    if rank == 1:
+        real, calls = objectives.total_loss, []
+
+        def fails(out):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure on rank 1")
+            return real(out)
+
+        objectives.total_loss = fails
+    train(small_cfg(out_dir, root, max_steps=4, per_device_batch_size=4, tasks=["itc"]))
+    return "finished"
+
+
+def test_an_error_on_one_rank_ends_the_job_with_its_message(tmp_path, synthetic_root):
+    """The failing rank leaves the process group without waiting at a barrier for ranks that wait for it in the
+    next collective (the job hung until the group's 30-minute timeout, its error unprinted)."""
+    with pytest.raises(Exception, match="injected failure on rank 1"):
+        run_distributed(_failing_rank, 2, str(tmp_path / "run"), synthetic_root)
+
+
+def _replicated_names(rank, world, root):
+    from vlmo_fast.train.distributed import init_distributed, sync_replicated_grads, wrap_model
+
+    info = init_distributed("cpu")
+    model = train_loop.build_model(small_cfg("unused", root, tasks=["itc"]))
+    wrapped = wrap_model(model, info, fsdp=True)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for p in wrapped._vlmo_replicated]
+    for k, p in enumerate(wrapped._vlmo_replicated):
+        p.grad = torch.full_like(p, 10.0 ** k * (rank + 1))
+    sync_replicated_grads(wrapped)
+    return order, {name_of[id(p)]: float(p.grad) for p in wrapped._vlmo_replicated}
+
+
+def test_fsdp_averages_each_replicated_scalar_with_itself(tmp_path, synthetic_root):
+    """The 0-d logit scales stay replicated under FSDP2 and are averaged in name order, the same on every rank (an
+    order by id(), a memory address, averaged one rank's logit_scale with the other's logit_vl_scale)."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    (order0, grads0), (order1, grads1) = run_distributed(_replicated_names, 2, synthetic_root)
+    assert order0 == order1 == ["logit_scale", "logit_vl_scale"]
+    assert grads0 == grads1 == {"logit_scale": 1.5, "logit_vl_scale": 15.0}
+
+
+def test_evaluation_leaves_the_training_trajectory_alone(tmp_path, synthetic_root):
+    """A periodic evaluation draws nothing from the global RNG (its loaders have their own generator): the losses
+    are those of a run without it (DropPath draws from the global RNG), so ranks that evaluate and ranks that do not
+    stay in step, and a resumed run, whose ranks restore rank 0's RNG, continues the same trajectory."""
+    plain = losses(train(small_cfg(tmp_path / "plain", synthetic_root, max_steps=4)))
+    evaluated = losses(train(small_cfg(tmp_path / "eval", synthetic_root, max_steps=4, eval_every=1,
+                                       eval_batches=2)))
+    assert evaluated == plain
+
+
+def test_a_resume_with_more_steps_follows_the_longer_schedule(tmp_path, synthetic_root):
+    """A finished run resumed with a larger --max-steps takes the new schedule's lr from its first update (it took
+    the old schedule's last lr, 0) and the run's own hyperparameters (another --weight-decay was ignored)."""
+    whole = train(small_cfg(tmp_path / "whole", synthetic_root, max_steps=4, warmup_steps=1))
+    train(small_cfg(tmp_path / "split", synthetic_root, max_steps=2, warmup_steps=1))
+    resumed = train(small_cfg(tmp_path / "split", synthetic_root, max_steps=4, warmup_steps=1))
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in whole["history"][2:]]
+    assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-6)
+    changed = train(small_cfg(tmp_path / "split", synthetic_root, max_steps=6, warmup_steps=1, weight_decay=0.5,
+                              learning_rate=1e-3, save_every=1))
+    assert changed["history"][0]["lr"] == pytest.approx(1e-3 * lr_factor(5, 1, 6))  # the lr after step 5
+    groups = torch.load(tmp_path / "split" / "checkpoints" / "step_00000005.pt", weights_only=True)["optimizer"]
+    assert {g["weight_decay"] for g in groups["param_groups"]} == {0.0, 0.5}
+    assert {g["initial_lr"] for g in groups["param_groups"]} == {1e-3}
+
+
+def _ddp_then_fsdp(rank, world, out_dir, root, fsdp, steps):
+    cfg = small_cfg(out_dir, root, max_steps=steps, per_device_batch_size=4, tasks=["itc", "mlm"], fsdp=fsdp,
+                    gather_with_grad=True, save_every=2, keep_last=5, drop_path_rate=0.0)
+    return losses(train(cfg))
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(tmp_path, synthetic_root):
+    """A DDP run's optimizer state (parameters by position) loads into an FSDP2 run (parameters by name): the run
+    continues DDP's trajectory (it failed with a KeyError)."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    ddp = run_distributed(_ddp_then_fsdp, 2, str(tmp_path / "ddp"), synthetic_root, False, 4)[0]
+    resumed_dir = tmp_path / "resumed"
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copy(tmp_path / "ddp" / "checkpoints" / "step_00000002.pt", resumed_dir / "checkpoints")
+    resumed = run_distributed(_ddp_then_fsdp, 2, str(resumed_dir), synthetic_root, True, 4)[0]
+    assert resumed == pytest.approx(ddp[2:], rel=1e-5)
+
+
+def _signalled_rank(rank, world, out_dir, root):
+    signal.alarm(90)
+    if rank == 1:
+        real, calls = objectives.total_loss, []
+
+        def signalled(out):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(out)
+
+        objectives.total_loss = signalled
+    summary = train(small_cfg(out_dir, root, max_steps=6, per_device_batch_size=4, tasks=["itc"]))
+    return summary["stop_reason"], summary["steps"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_its_number(tmp_path, synthetic_root):
+    """Each rank stops at the same step with the signal's number (exit status 128 + N on each; rank 0 said 'signal
+    on another rank' and exited 1, so torchrun blamed it)."""
+    results = run_distributed(_signalled_rank, 2, str(tmp_path / "run"), synthetic_root)
+    assert results == [(f"signal {int(signal.SIGTERM)}", 2)] * 2
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002.pt")

@@ -316,9 +316,11 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
 def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int) -> DataLoader:
     """The dataset in order, decoded by ``num_workers`` workers (as the official val/test loaders: image decoding
     at 384/480 px in the main process would leave the GPU idle for minutes on a 5k-image split), pinned on CUDA;
-    workers leave SIGTERM/SIGINT to the main process (``seed_worker``)."""
+    workers leave SIGTERM/SIGINT to the main process (``seed_worker``). Its own generator: an iterator drawn from
+    the global RNG (its workers' base seed) would move it on the evaluating rank only, so a resumed run, whose ranks
+    restore rank 0's RNG state, and an FSDP run (every rank evaluates) would leave the trajectory."""
     return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, shuffle=False,
-                      pin_memory=torch.cuda.is_available(),
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
                       worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
 
 

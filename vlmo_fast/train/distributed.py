@@ -51,9 +51,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def cleanup() -> None:
+def cleanup(ok: bool = True) -> None:
+    """Leave the process group: after a barrier when the run ended normally; at once after an error (a barrier
+    would wait for ranks that are themselves waiting in a collective this rank never joins: the job would hang
+    until the group's timeout with its error unprinted; torchrun stops the other ranks when this one exits)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -69,6 +73,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of all ranks (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def from_main(value: Any) -> Any:
@@ -112,12 +125,13 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False, find_unused
         from torch.distributed.fsdp import fully_shard
 
         # FSDP2 cannot shard 0-d parameters (logit_scale, logit_vl_scale): they stay replicated and their gradients
-        # are averaged by sync_replicated_grads
-        scalars = {p for p in model.parameters() if p.dim() == 0}
+        # are averaged by sync_replicated_grads, in name order: the same on every rank (an order by id(), a memory
+        # address, paired one rank's logit_scale with another's logit_vl_scale)
+        scalars = [p for _, p in sorted(model.named_parameters()) if p.dim() == 0]
         for block in model.transformer.blocks:
             fully_shard(block)
-        fully_shard(model, ignored_params=scalars)
-        model._vlmo_replicated = sorted(scalars, key=id)
+        fully_shard(model, ignored_params=set(scalars))
+        model._vlmo_replicated = scalars
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     # a parameter that never gets a gradient (spec Q8) would stall DDP's reducer on the second step unless DDP searched
@@ -146,14 +160,34 @@ def optimizer_state(model: nn.Module, optimizer, fsdp: bool):
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state, fsdp: bool) -> None:
+    """Load a saved optimizer state: torch's (parameters by position, as a DDP or one-process run saves it) or
+    FSDP2's full state (parameters by name); either into either kind of run."""
     if not fsdp:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(state)  # by position in the groups: a state keyed by name loads as well
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = _keyed_by_name(model, optimizer, state)
 
     # strict=False: parameters that never received a gradient (e.g. the unused absolute text positions of the
     # relative-position models) have no state to restore
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _keyed_by_name(model: nn.Module, optimizer, state):
+    """``state`` with its parameters named as FSDP2's loader expects; torch's optimizer state numbers them by their
+    position in the groups, which the same model's optimizer fills in the same order."""
+    saved = [k for g in state["param_groups"] for k in g["params"]]
+    if all(isinstance(k, str) for k in saved):
+        return state
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if len(names) != len(saved):
+        raise ValueError(f"the checkpoint's optimizer state has {len(saved)} parameters, this model's optimizer "
+                         f"{len(names)}")
+    rename = dict(zip(saved, names))
+    return {"state": {rename[k]: v for k, v in state["state"].items()},
+            "param_groups": [dict(g, params=[rename[k] for k in g["params"]]) for g in state["param_groups"]]}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -34,9 +34,10 @@ from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
-    init_distributed, load_optimizer_state, mean_over_ranks, optimizer_state, sync_replicated_grads, unwrap, \
-    wrap_model
-from .optim import build_optimizer, build_scheduler, freeze_for_textmlm, resolve_warmup
+    init_distributed, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
+    unwrap, wrap_model
+from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
+    reapply_configuration, resolve_warmup
 from .state import (best_so_far, load_training_checkpoint, newest_readable_checkpoint, rng_state,
                     save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
@@ -342,9 +343,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     with _deterministic_algorithms(cfg.deterministic):
         info = init_distributed(cfg.device)
         try:
-            return _train(cfg, info)
-        finally:
-            cleanup()
+            summary = _train(cfg, info)
+        except BaseException:
+            cleanup(ok=False)
+            raise
+        cleanup()
+        return summary
 
 
 @contextlib.contextmanager
@@ -402,6 +406,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         warmup = resolve_warmup(cfg.warmup_steps, max_steps)
         optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
         scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
+        configured = configured_hyperparameters(optimizer)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
         step, counts = 0, {}
@@ -421,6 +426,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
             scheduler.load_state_dict(state["scheduler"])
+            reapply_configuration(optimizer, scheduler, configured)
             if state.get("scaler"):  # a bf16/fp32 run saved no scaler state: a resumed fp16 run starts a fresh one
                 scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
@@ -589,8 +595,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     keep_if_best(metrics)
             if step % cfg.save_every == 0 and step < max_steps:
                 last_ckpt = save("periodic")
-            if any_rank("signal" in flag, info.device):
-                stop_reason = f"signal {flag.get('signal', 'on another rank')}"
+            signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+            if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
+                stop_reason = f"signal {signum}"
                 raise StopTraining(stop_reason)
     except StopTraining:
         last_ckpt = save(stop_reason)
@@ -637,7 +644,7 @@ def exit_status(summary: Dict[str, Any]) -> int:
         return 0
     if reason.startswith("signal "):
         number = reason.split()[1]
-        return 128 + int(number) if number.isdigit() else 1  # "signal on another rank": that rank has the number
+        return 128 + int(number) if number.isdigit() else 1  # "signal on another rank": an older run's summary
     return 1
 
 

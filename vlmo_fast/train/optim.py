@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -219,6 +219,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
     end_factor = end_lr / base if base else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, schedule, end_factor))
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """Each group's hyperparameters as this run configures them (taken before a checkpoint is loaded)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def reapply_configuration(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          configured: List[Dict[str, Any]]) -> None:
+    """After loading a checkpoint's optimizer and scheduler states: the run's own hyperparameters, at the restored
+    step of the run's own schedule. torch's load_state_dict brings back the saved groups' values, so a run resumed
+    with a larger --max-steps made its first update at the old schedule's lr (0 at its end), and another
+    --learning-rate or --weight-decay was ignored. With unchanged options every value is the one restored."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [values["initial_lr"] for values in configured]
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def resolve_warmup(warmup, max_steps: int) -> int:
