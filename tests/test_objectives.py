@@ -198,7 +198,7 @@ def _gather_and_itm_on_rank(rank, world):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    bsz, other = 3, 1 - rank
+    bsz = 3
     ids = torch.arange(rank * bsz, (rank + 1) * bsz)  # global sample ids: rank 0 holds 0-2, rank 1 holds 3-5
     out = {}
     t = ids.double().unsqueeze(1).repeat(1, 2).requires_grad_()
