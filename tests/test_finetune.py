@@ -524,4 +524,40 @@ def test_best_checkpoint_follows_the_metric_across_evaluations_and_resumes(tmp_p
     values[:] = [0.9, 0.1]  # periodic at 7 on a few batches (chooses nothing); final at 8 (0.1 < 0.3)
     assert finetune_main(args + ["--max-steps", "8", "--eval-batches", "2"]) == 0
     assert not values and best_state() == (3, 0.3)
-    assert json.loads((out / "summary.json").read_text())["best"]["step"] == 3
+    assert json.loads((out / "summary.json").read_text())["best"] == {"step": 3, "the_metric": 0.3, "path": str(best)}
+
+
+@pytest.mark.parametrize("n,per_device,world", [(10, 2, 2), (11, 3, 2), (7, 4, 1), (13, 2, 3)])
+def test_official_val_batches_are_the_distributed_samplers(n, per_device, world):
+    """The batches of the contrastive val accuracies are the official validation's global batches: each rank's
+    DistributedSampler (shuffled, seed 0, epoch 0) batch k, gathered over the ranks."""
+    from torch.utils.data import DistributedSampler
+
+    from vlmo_fast.train.data_setup import official_val_batches
+
+    ranks = [list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=0))
+             for r in range(world)]
+    expected = [[i for idx in ranks for i in idx[k : k + per_device]] for k in range(0, len(ranks[0]), per_device)]
+    assert official_val_batches(n, per_device, world) == expected
+
+
+def test_val_accuracies_are_not_capped_by_caption_order(synthetic_root):
+    """In order, the val split holds each image's captions side by side: a model scoring an image's captions alike
+    (their first wins a tie) got about 1/5 of them right, however good it was. In the official shuffled batches
+    an image's captions rarely meet."""
+    from vlmo_fast.train import loop
+    from vlmo_fast.train.config import TrainConfig
+
+    cfg = TrainConfig(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, data_root=synthetic_root,
+                      tasks=["irtr"], per_device_batch_size=8, batch_size=8, num_workers=0, device="cpu")
+    model = loop.build_model(cfg).eval()
+
+    info = loop.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def ties_within_an_image(model, batch):  # the same image's captions score alike: the first of them wins
+        ids = torch.as_tensor(batch["img_index"])
+        logits = (ids[:, None] == ids[None, :]).float()
+        return {"irtr_labels": torch.arange(len(ids)), "irtr_i2t_logits": logits, "irtr_t2i_logits": logits.t()}
+
+    assert loop._val_batch_accuracies(model, cfg, info, None, None, ties_within_an_image, "irtr")[
+        "val/irtr_i2t_acc"] > 0.6

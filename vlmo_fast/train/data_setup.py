@@ -347,12 +347,33 @@ def retrieval_loaders(cfg: TrainConfig, model_config: VLMoConfig, max_batches: O
             _limit(eval_loader(texts, bs, collate, n), None))
 
 
-def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val"):
+def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val", world_size: Optional[int] = None):
+    """The val split's batches in order; with ``world_size``, the batches the official validation's contrastive
+    accuracies see instead (``official_val_batches``)."""
     root, names = _eval_source(cfg, split)
     # all of them, as the official val set (a ConcatDataset of every dataset's val split)
     ds = vdata.build_dataset(root, names, split, image_size=model_config.image_size,
                              max_text_len=model_config.max_text_len, train=False)
-    return eval_loader(ds, cfg.per_device_batch_size, vdata.build_collate(mlm=False), cfg.num_workers)
+    collate = vdata.build_collate(mlm=False)
+    if world_size is None:
+        return eval_loader(ds, cfg.per_device_batch_size, collate, cfg.num_workers)
+    return DataLoader(ds, batch_sampler=official_val_batches(len(ds), cfg.per_device_batch_size, world_size),
+                      collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator(), worker_init_fn=vdata.seed_worker if cfg.num_workers > 0 else None)
+
+
+def official_val_batches(n: int, per_device: int, world_size: int) -> List[List[int]]:
+    """The global batches of the official validation (spec §6: a shuffled DistributedSampler, seed 0, epoch never
+    set): one permutation of the n samples, padded from its start to a multiple of the world size, rank r taking
+    every world_size-th index from r, its k-th batch of ``per_device`` gathered with the other ranks' k-th into
+    global batch k (the contrastive logits are all-gathered). In order the val split holds an image's captions side
+    by side, and a batch of them makes every image's captions compete with each other."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    total = -(-n // world_size) * world_size
+    perm += perm[: total - n]
+    per_rank = [perm[r::world_size] for r in range(world_size)]
+    return [[i for rank in per_rank for i in rank[k : k + per_device]]
+            for k in range(0, len(per_rank[0]), per_device)]
 
 
 def _limit(loader, max_batches: Optional[int]):

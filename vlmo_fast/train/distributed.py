@@ -52,12 +52,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup(ok: bool = True) -> None:
-    """Leave the process group: after a barrier when the run ended normally; at once after an error (a barrier
-    would wait for ranks that are themselves waiting in a collective this rank never joins: the job would hang
-    until the group's timeout with its error unprinted; torchrun stops the other ranks when this one exits)."""
-    if dist.is_available() and dist.is_initialized():
-        if ok:
-            dist.barrier()
+    """Leave the process group after a barrier when the run ended normally. After an error, neither: a barrier would
+    wait for ranks that are themselves waiting in a collective this rank never joins (the job hung until the group's
+    timeout, its error unprinted), and NCCL's shutdown can block the same way; the error ends the process, and
+    torchrun stops the other ranks."""
+    if ok and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -268,11 +268,12 @@ def _unsharded(model: VLMo, on: bool):
 
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
                           max_batches: Optional[int], compute, task: str) -> Dict[str, float]:
-    """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches (this
-    process's batches, no all-gather), counted per sample as the official torchmetrics Accuracy does."""
+    """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches the
+    official validation forms (``data_setup.official_val_batches``: shuffled with seed 0, of the global batch size,
+    here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
     correct = {"i2t": 0, "t2i": 0}
     total = 0
-    for batch in _first(data_setup.val_batches(cfg, model.config), max_batches):
+    for batch in _first(data_setup.val_batches(cfg, model.config, world_size=info.world_size), max_batches):
         batch = to_device(batch, info.device)
         with _autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)

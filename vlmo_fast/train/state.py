@@ -132,7 +132,7 @@ def save_best_checkpoint(out_dir: str, payload: Dict[str, Any], the_metric: floa
 
 
 def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], List[str]]:
-    """({"step", "the_metric"} of the folder's ``best.pt`` when it belongs to this run's trajectory (chosen at or
+    """({"step", "the_metric", "path"} of the folder's ``best.pt`` when it belongs to this run's trajectory (chosen at or
     before ``step``, where the run starts or resumes), notes for the log). A later or unreadable one is moved into
     ``checkpoints/superseded/`` as ``set_aside_later_checkpoints`` moves later checkpoints: a resumed run must not
     compare against, or keep, the weights of a trajectory it abandoned."""
@@ -141,7 +141,7 @@ def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], Li
         return None, []
     try:
         state = load_training_checkpoint(path)
-        best = {"step": int(state["step"]), "the_metric": float(state["the_metric"])}
+        best = {"step": int(state["step"]), "the_metric": float(state["the_metric"]), "path": path}
         reason = None if best["step"] <= step else f"chosen at step {best['step']}, after step {step}"
     except (CheckpointError, ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
         best, reason = None, f"unreadable: {first_line(exc)}"
