@@ -1034,18 +1034,27 @@ def test_fsdp_runs_evaluate_like_ddp(tmp_path, synthetic_root):
 # ---- multi-process faults and resumes (found by running torchrun jobs) ------------------------------------------
 
 
+def _at_second_loss(action):
+    """objectives.total_loss, running ``action`` first at its second call (in a spawned process: no monkeypatch)."""
+    real, calls = objectives.total_loss, []
+
+    def hooked(out):
+        calls.append(1)
+        if len(calls) == 2:
+            action()
+        return real(out)
+
+    objectives.total_loss = hooked
+
+
+def _fail():
+    raise RuntimeError("injected failure on rank 1")
+
+
 def _failing_rank(rank, world, out_dir, root):
     signal.alarm(90)  # a hang ends the process (and fails the test) instead of the test session
     if rank == 1:
-        real, calls = objectives.total_loss, []
-
-        def fails(out):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("injected failure on rank 1")
-            return real(out)
-
-        objectives.total_loss = fails
+        _at_second_loss(_fail)
     train(small_cfg(out_dir, root, max_steps=4, per_device_batch_size=4, tasks=["itc"]))
     return "finished"
 
@@ -1133,15 +1142,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(tmp_path, synthetic_root):
 def _signalled_rank(rank, world, out_dir, root):
     signal.alarm(90)
     if rank == 1:
-        real, calls = objectives.total_loss, []
-
-        def signalled(out):
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(out)
-
-        objectives.total_loss = signalled
+        _at_second_loss(lambda: os.kill(os.getpid(), signal.SIGTERM))
     summary = train(small_cfg(out_dir, root, max_steps=6, per_device_batch_size=4, tasks=["itc"]))
     return summary["stop_reason"], summary["steps"]
 
