@@ -51,7 +51,8 @@ def test_probability_one_drops_every_sample_to_zeros_not_nan():
     "args,err,match",
     [
         (([1.0, 2.0], 0.1, True), TypeError, "x must be a torch.Tensor, got list"),
-        ((torch.ones(3, dtype=torch.int64), 0.1, True), TypeError, "x must have a floating-point dtype, got torch.int64"),
+        ((torch.ones(3, dtype=torch.int64), 0.1, True), TypeError,
+         "x must have a floating-point dtype, got torch.int64"),
         ((torch.tensor(1.0), 0.1, True), ValueError, "x must be at least 1-D"),
         ((torch.ones(3), -0.5, True), ValueError, r"drop_prob must be in \[0, 1\], got -0.5"),
         ((torch.ones(3), 1.5, True), ValueError, r"drop_prob must be in \[0, 1\], got 1.5"),

@@ -196,8 +196,8 @@ def test_scaled_residual():
 
 @pytest.mark.parametrize("n", [1, 237, 257])
 def test_scaled_residual_matches_float64(n):
-    """x + DropPath(γ·y) at odd sizes (one row per sample; 237 and 257 rows: partial row tiles and dγ partials; D = 97:
-    masked columns), in eval and with DropPath in training: the fp32 kernel's output and every gradient within twice
+    """x + DropPath(γ·y) at odd sizes (one row per sample; 237 and 257 rows: partial row tiles and dγ partials;
+    D = 97: masked columns), in eval and with DropPath in training: the fp32 kernel's output and every gradient within twice
     the eager error against float64; float64 inputs take the PyTorch path, exact."""
     b, d, drop = 2, 97, 0.3
     x, y = (torch.randn(b, n, d, requires_grad=True) for _ in range(2))

@@ -132,8 +132,8 @@ def save_best_checkpoint(out_dir: str, payload: Dict[str, Any], the_metric: floa
 
 
 def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], List[str]]:
-    """({"step", "the_metric", "path"} of the folder's ``best.pt`` when it belongs to this run's trajectory (chosen at or
-    before ``step``, where the run starts or resumes), notes for the log). A later or unreadable one is moved into
+    """({"step", "the_metric", "path"} of the folder's ``best.pt`` when it belongs to this run's trajectory (chosen
+    at or before ``step``, where the run starts or resumes), notes for the log). A later or unreadable one is moved into
     ``checkpoints/superseded/`` as ``set_aside_later_checkpoints`` moves later checkpoints: a resumed run must not
     compare against, or keep, the weights of a trajectory it abandoned."""
     path = best_checkpoint_path(out_dir)
