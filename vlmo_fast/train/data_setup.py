@@ -313,15 +313,17 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
                        min_size)
 
 
-def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int) -> DataLoader:
-    """The dataset in order, decoded by ``num_workers`` workers (as the official val/test loaders: image decoding
+def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int,
+                batches: Optional[List[List[int]]] = None) -> DataLoader:
+    """The dataset in order (or in the given ``batches`` of indices), decoded by ``num_workers`` workers (as the official val/test loaders: image decoding
     at 384/480 px in the main process would leave the GPU idle for minutes on a 5k-image split), pinned on CUDA;
     workers leave SIGTERM/SIGINT to the main process (``seed_worker``). Its own generator: an iterator drawn from
     the global RNG (its workers' base seed) would move it on the evaluating rank only, so a resumed run, whose ranks
     restore rank 0's RNG state, and an FSDP run (every rank evaluates) would leave the trajectory."""
-    return DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, shuffle=False,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
-                      worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
+    order = dict(batch_size=batch_size, shuffle=False) if batches is None else dict(batch_sampler=batches)
+    return DataLoader(ds, collate_fn=collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator(), worker_init_fn=vdata.seed_worker if num_workers > 0 else None,
+                      **order)
 
 
 def _eval_source(cfg: TrainConfig, split: str) -> Tuple[str, List[str]]:
@@ -354,12 +356,8 @@ def val_batches(cfg: TrainConfig, model_config: VLMoConfig, split: str = "val", 
     # all of them, as the official val set (a ConcatDataset of every dataset's val split)
     ds = vdata.build_dataset(root, names, split, image_size=model_config.image_size,
                              max_text_len=model_config.max_text_len, train=False)
-    collate = vdata.build_collate(mlm=False)
-    if world_size is None:
-        return eval_loader(ds, cfg.per_device_batch_size, collate, cfg.num_workers)
-    return DataLoader(ds, batch_sampler=official_val_batches(len(ds), cfg.per_device_batch_size, world_size),
-                      collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator(), worker_init_fn=vdata.seed_worker if cfg.num_workers > 0 else None)
+    batches = None if world_size is None else official_val_batches(len(ds), cfg.per_device_batch_size, world_size)
+    return eval_loader(ds, cfg.per_device_batch_size, vdata.build_collate(mlm=False), cfg.num_workers, batches)
 
 
 def official_val_batches(n: int, per_device: int, world_size: int) -> List[List[int]]:

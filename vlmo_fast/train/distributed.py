@@ -51,12 +51,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def cleanup(ok: bool = True) -> None:
-    """Leave the process group after a barrier when the run ended normally. After an error, neither: a barrier would
-    wait for ranks that are themselves waiting in a collective this rank never joins (the job hung until the group's
-    timeout, its error unprinted), and NCCL's shutdown can block the same way; the error ends the process, and
-    torchrun stops the other ranks."""
-    if ok and dist.is_available() and dist.is_initialized():
+def cleanup() -> None:
+    """Leave the process group after a barrier (a run that ended normally only: see ``train``)."""
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -66,15 +63,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (keeps ranks in lockstep on skip/stop decisions)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` of all ranks (a collective: every rank calls it)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -82,6 +70,11 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (keeps ranks in lockstep on skip/stop decisions)."""
+    return max_over_ranks(int(bool(flag)), device) > 0
 
 
 def from_main(value: Any) -> Any:

@@ -343,11 +343,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise ValueError(f"fsdp: {reason}")
     with _deterministic_algorithms(cfg.deterministic):
         info = init_distributed(cfg.device)
-        try:
-            summary = _train(cfg, info)
-        except BaseException:
-            cleanup(ok=False)
-            raise
+        summary = _train(cfg, info)
+        # not after an error: the barrier would wait for ranks waiting for this one in another collective (the job
+        # hung until the group's timeout, its error unprinted; NCCL's shutdown can block the same way); the error
+        # ends the process and torchrun stops the others
         cleanup()
         return summary
 
