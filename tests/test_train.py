@@ -489,6 +489,50 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
     assert "a stream without a position: this run restarts the shards of epoch" in capsys.readouterr().out
 
 
+_CRASH_WITH_LIVE_WORKERS = """
+import sys
+from vlmo_fast import objectives
+from vlmo_fast.train import TrainConfig, train
+
+original = objectives.compute_itc
+calls = []
+
+
+def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("injected failure at step 2")
+    return original(*args, **kwargs)
+
+
+objectives.compute_itc = failing
+datasets = [sys.argv[2]] if len(sys.argv) > 2 else ["coco"]
+train(TrainConfig(arch="vlmo_tiny_patch16", image_size=32, max_text_len=12, out_dir=sys.argv[1], batch_size=8,
+                  per_device_batch_size=8, max_steps=4, num_workers=2, tensorboard=False, datasets=datasets))
+"""
+
+
+@pytest.mark.parametrize("data", ["synthetic", "shards"])
+def test_a_run_that_fails_with_data_workers_running_exits(tmp_path, data):
+    """An uncaught error with DataLoader workers alive (the workers ignore SIGTERM, so that a signal to the process
+    group does not kill them while the main process saves a checkpoint) ended in a process that never exited:
+    multiprocessing's exit handler stops them with SIGTERM and then waits for them. Both streams' workers (the arrow
+    datasets' persistent ones, the shards' per-epoch ones)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", _CRASH_WITH_LIVE_WORKERS, str(tmp_path / "run")]
+    if data == "shards":
+        shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=48, samples_per_shard=6, image_size=32)
+        args.append(os.path.join(os.path.dirname(shards[0]), "*.tar"))
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the failed run did not exit")
+    assert done.returncode == 1 and "RuntimeError: injected failure at step 2" in done.stderr
+    assert "Exception ignored" not in done.stderr and "killed by signal" not in done.stderr
+
+
 @pytest.mark.filterwarnings("ignore:gcc train. reading the 1 of its 30 official files")  # one gcc shard, on purpose
 def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic_root, capsys):
     """vg and sbu have no val split (spec §7): a run on vg alone has nothing to evaluate on (it used to train, save,

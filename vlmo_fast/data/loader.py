@@ -11,11 +11,15 @@ shuffled, test in order; Lightning's ``replace_sampler_ddp=False``). Here:
 - pinned memory when CUDA is available, persistent workers when ``num_workers > 0``;
 - ``worker_init_fn`` seeds numpy's and Python's global RNGs from torch's per-worker seed (code that still uses
   ``np.random``/``random`` then differs per worker; the transforms here draw from torch already, see
-  ``vlmo_fast.data.transforms``), and leaves SIGTERM/SIGINT to the main process.
+  ``vlmo_fast.data.transforms``), and leaves SIGTERM/SIGINT to the main process (at its exit, the workers of
+  iterators still alive are stopped by vlmo_fast, since multiprocessing's SIGTERM would not stop them).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
+import multiprocessing.util  # noqa: F401 - its exit handler registered first: _kill_workers_at_exit runs before it
 import random
 import signal
 import time
@@ -38,6 +42,24 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit, the workers of live DataLoader iterators that use ``seed_worker`` are killed: multiprocessing's exit
+    handler stops daemonic children with SIGTERM, which these workers ignore, and then waits for them, so a process
+    ending with a live iterator (an uncaught error in training or evaluation) hung forever. atexit runs the handlers
+    last-registered first, so this runs before multiprocessing's."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for obj in gc.get_objects():  # type(), not isinstance: some objects' __class__ warns when read
+        if issubclass(type(obj), _MultiProcessingDataLoaderIter) and obj._worker_init_fn is seed_worker:
+            obj._shutdown_workers()  # as when the iterator is freed: the workers are told to stop, and joined
+            for worker in obj._workers:
+                if worker.is_alive():  # did not stop in time (SIGTERM, torch's last resort, is ignored)
+                    worker.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def build_loader(dataset: Dataset, batch_size: int, collate: Callable, train: bool, num_workers: int = 0,
