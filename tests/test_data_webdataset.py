@@ -176,3 +176,97 @@ def test_write_shards_streams_atomically(tmp_path):
     with pytest.raises(TypeError, match="caption of k2"):
         write_shards(str(tmp_path / "b"), iter(bad), samples_per_shard=2)
     assert os.listdir(tmp_path / "b") == ["shard-000000.tar"]
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """9 shards of 5, 5, ..., 1 samples, one holding an undecodable image and one cut short (bad samples)."""
+    out = tmp_path_factory.mktemp("uneven")
+    samples = _samples(41)
+    samples[7] = ("000007", b"not an image", "caption number 7")
+    paths = write_shards(str(out), samples, samples_per_shard=5)
+    with tarfile.open(paths[3]) as tar:
+        cut = tar.getmembers()[4].offset_data + 10  # inside the third sample's image
+    with open(paths[3], "rb") as f:
+        data = f.read()
+    with open(paths[3], "wb") as f:
+        f.write(data[:cut])
+    return paths
+
+
+def _stream(paths, tok, num_workers, batch_size=3, seed=3, world=1, rank=0):
+    from vlmo_fast.train.data_setup import IterableStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    ds = WebDataset(paths, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok, shuffle_buffer=4, seed=seed,
+                    rank=rank, world_size=world)
+    return IterableStream(ds, build_collate(tok, mlm=True), batch_size, num_workers,
+                          DistInfo(rank, world, 0, torch.device("cpu")))
+
+
+def _signature(batch):
+    """What the step sees: the samples, their augmented pixels, the MLM masking."""
+    return (tuple(batch["key"]), batch["image"][0].sum().item(), tuple(batch["text_ids_mlm"].flatten().tolist()),
+            batch["bad_samples"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_a_resumed_shard_stream_yields_the_very_batches_it_would_have(uneven_shards, tok, num_workers):
+    """The stream's position (per reader: batches taken; the reader due next; the epoch) resumes the same batches,
+    augmentations and masks, at every point of an epoch: before and after readers run out (a DataLoader takes from
+    the workers in turn, skipping those done), at the epoch's end and in the next epoch. It used to restart the
+    epoch's shards."""
+    full_stream = _stream(uneven_shards, tok, num_workers)
+    full = [_signature(next(full_stream)) for _ in range(30)]
+    assert full_stream.epoch == 2  # 13 batches an epoch (the stream learns of an epoch's end at the next batch)
+    assert sum(b[3] for b in full[:13]) == 2  # the bad samples are in it: an image, the cut shard's rest
+    for k in (1, 4, 7, 9, 11, 12, 13, 14, 20, 26):
+        first = _stream(uneven_shards, tok, num_workers)
+        for _ in range(k):
+            next(first)
+        state = first.state()
+        resumed = _stream(uneven_shards, tok, num_workers)
+        resumed.restore(state)
+        assert "continue where they were" in resumed.resume_note
+        assert [_signature(next(resumed)) for _ in range(len(full) - k)] == full[k:], k
+
+
+def test_a_shard_stream_on_another_layout_restarts_its_epoch_and_says_why(uneven_shards, tok):
+    saved = _stream(uneven_shards, tok, 2)
+    for _ in range(14):
+        next(saved)
+    state = saved.state()
+    assert state["epoch"] == 1 and state["ranks"][0]["epoch"] == 1
+    for stream, why in ((_stream(uneven_shards, tok, 1), "another --num-workers"),
+                        (_stream(uneven_shards, tok, 2, batch_size=2), "another per-process batch"),
+                        (_stream(uneven_shards, tok, 2, seed=4), "another --seed"),
+                        (_stream(uneven_shards[:-1], tok, 2), "another shard list"),
+                        (_stream(uneven_shards, tok, 2, world=2), "another number of processes")):
+        stream.restore(state)
+        assert stream.resume_note == f"the tar shards restart epoch 1 (samples of it are seen again): {why}"
+        fresh = _stream(uneven_shards, tok, stream.readers if stream.readers > 1 else 0, batch_size=stream.batch_size,
+                        seed=stream.dataset.seed, world=stream.info.world_size)
+        fresh.dataset.urls = stream.dataset.urls
+        fresh.epoch = 1
+        assert [_signature(next(stream)) for _ in range(3)] == [_signature(next(fresh)) for _ in range(3)]
+    old = _stream(uneven_shards, tok, 2)
+    old.restore({"epoch": 1, "batch": 0})  # a checkpoint of an older version
+    assert old.resume_note.endswith("the checkpoint has no position in them (an older version's)")
+    assert old.epoch == 1 and old.taken == [0, 0]
+
+
+def test_set_position_checks_its_arguments(uneven_shards, tok):
+    ds = WebDataset(uneven_shards, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok)
+    for skip, first in (([-1], 0), ([1, 2], 2), ([], -1)):
+        with pytest.raises(ValueError, match="set_position: skip counts must be >= 0 and 0 <= first_worker"):
+            ds.set_position(0, skip, first)
+    ds.set_position(0, [3, 3], 1)
+    with pytest.raises(ValueError, match="set_position gave 2 skip counts for a DataLoader with 1 readers"):
+        next(iter(ds))
+    ds.set_position(0, [2])  # without workers: one reader, its first two items left out
+    everything = WebDataset(uneven_shards, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok)
+    assert [_item_key(it) for it in ds] == [_item_key(it) for it in everything][2:]
+
+
+def _item_key(item):
+    return None if item is None else (item["key"], item["_seed"], item["image"].sum().item())

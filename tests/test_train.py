@@ -484,9 +484,6 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
                               max_steps=2, final_eval=True, eval_every=1))
     assert summary["stop_reason"] == "max_steps" and summary["metrics"] == {}
     assert "no final evaluation: the training data are tar shards" in capsys.readouterr().out
-    train(small_cfg(tmp_path / "run", None, datasets=[os.path.join(os.path.dirname(shards[0]), "*.tar")],
-                    max_steps=3, warmup_steps=0))
-    assert "a stream without a position: this run restarts the shards of epoch" in capsys.readouterr().out
 
 
 _CRASH_WITH_LIVE_WORKERS = """
@@ -531,6 +528,41 @@ def test_a_run_that_fails_with_data_workers_running_exits(tmp_path, data):
         pytest.fail("the failed run did not exit")
     assert done.returncode == 1 and "RuntimeError: injected failure at step 2" in done.stderr
     assert "Exception ignored" not in done.stderr and "killed by signal" not in done.stderr
+
+
+def _shard_run(rank, world, out_dir, pattern, steps, workers):
+    cfg = small_cfg(out_dir, None, datasets=[pattern], max_steps=steps, per_device_batch_size=8 // world,
+                    save_every=5, keep_last=5, num_workers=workers, warmup_steps=1)
+    return losses(train(cfg))
+
+
+def _resumed_from_step_5(tmp_path, name, full_dir):
+    resumed_dir = tmp_path / name
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copy(full_dir / "checkpoints" / "step_00000005.pt", resumed_dir / "checkpoints")
+    return resumed_dir
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (2, 2)])
+def test_a_run_on_tar_shards_resumes_exactly(tmp_path, capsys, world, workers):
+    """A run on tar shards resumed mid-epoch continues the uninterrupted run's trajectory, over the epoch's end: the
+    checkpoint holds every rank's position in the shards (it used to restart the epoch's shards). 8 shards of 7 over
+    world x 2 readers; step 5 is mid-epoch, a reader due next that is not the first."""
+    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=56, samples_per_shard=7, image_size=32)
+    pattern = os.path.join(os.path.dirname(shards[0]), "*.tar")
+    run = (lambda out: _shard_run(0, 1, str(out), pattern, 9, workers)) if world == 1 else \
+        (lambda out: run_distributed(_shard_run, world, str(out), pattern, 9, workers)[0])
+    full = run(tmp_path / "full")
+    capsys.readouterr()
+    resumed = run(_resumed_from_step_5(tmp_path, "resumed", tmp_path / "full"))
+    assert resumed == pytest.approx(full[5:], rel=1e-6)
+    if world == 1:
+        assert "the tar shards continue where they were (epoch 0;" in capsys.readouterr().out
+        # another layout restarts the epoch's shards, and says why
+        other = _resumed_from_step_5(tmp_path, "other", tmp_path / "full")
+        _shard_run(0, 1, str(other), pattern, 6, 1)
+        assert ("the tar shards restart epoch 0 (samples of it are seen again): another --num-workers"
+                in capsys.readouterr().out)
 
 
 @pytest.mark.filterwarnings("ignore:gcc train. reading the 1 of its 30 official files")  # one gcc shard, on purpose

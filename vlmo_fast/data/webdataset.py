@@ -14,12 +14,22 @@ members are ignored.
   ``world * workers``-th sample instead, so no sample is lost or repeated;
 - samples are shuffled within a buffer (``shuffle_buffer``) when training;
 - items are the same dictionaries as the arrow datasets ("image", "text", "text_ids", "text_masks",
-  "special_tokens_mask") plus "key" and "url"; the official transforms and tokenisation apply;
+  "special_tokens_mask") plus "key", "url" and "_seed"; the official transforms and tokenisation apply;
+- a sample's randomness (its augmentation, and the caption a JSON list draws) comes from its own seed ("_seed"), a
+  function of (seed, epoch, reader, its place in the reader's output), not of a worker's running RNG, so a reader
+  that resumes mid-epoch (``set_position``) yields exactly what it would have yielded;
 - a sample whose image does not decode, has no caption, or a shard that is truncated, yields None, which the
   collate drops and counts in ``batch["bad_samples"]``.
 
 Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
-does not keep persistent workers); a worker also counts its own passes, so persistent workers reshuffle every pass.
+does not keep persistent workers); a worker also counts its own passes since, so persistent workers reshuffle every
+pass.
+
+Position: ``set_position(epoch, skip, first_worker)`` makes the next pass start epoch ``epoch`` with DataLoader worker
+0 playing reader ``first_worker`` of this rank (worker i plays ``(first_worker + i) % workers``), and reader j
+leaving out the first ``skip[j]`` items of its output (read, not decoded: the shuffle buffer is rebuilt as it was).
+A DataLoader takes its batches from the workers in turn, so with the readers rotated so that the one due next comes
+first, a stream resumes in the very order it had (``vlmo_fast.train.data_setup.IterableStream`` keeps the position).
 ``repeat=True`` loops forever (step-based training; every rank then yields batches indefinitely, which keeps
 data-parallel ranks in step even when shards hold different numbers of samples).
 """
@@ -38,6 +48,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -155,10 +166,29 @@ class WebDataset(IterableDataset):
         self.seed, self.repeat, self.rank, self.world_size = int(seed), bool(repeat), rank, world_size
         self.epoch = 0
         self._passes = 0
+        self._skip: List[int] = []
+        self._first_worker = 0
         self._log = BadSampleLog("webdataset")
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """The next pass reads epoch ``epoch`` (from its start)."""
+        self.set_position(epoch)
+
+    def set_position(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
+        """The next pass reads epoch ``epoch``, DataLoader worker i playing reader ``(first_worker + i) % workers``
+        of this rank, and reader j leaving out the first ``skip[j]`` items of its output (``skip`` is empty, or has
+        one count per DataLoader worker: one with ``num_workers=0``)."""
+        skip = [int(n) for n in skip]
+        if any(n < 0 for n in skip) or first_worker < 0 or (skip and first_worker >= len(skip)):
+            raise ValueError(f"set_position: skip counts must be >= 0 and 0 <= first_worker < len(skip), got "
+                             f"skip={skip}, first_worker={first_worker}")
+        self.epoch, self._skip, self._first_worker = int(epoch), skip, int(first_worker)
+        self._passes = 0  # counted from here (a main-process dataset, num_workers=0, is iterated again each epoch)
+
+    def reader(self) -> int:
+        """This rank's reader that the calling DataLoader worker plays (0 outside workers)."""
+        info = get_worker_info()
+        return (info.id + self._first_worker) % info.num_workers if info is not None else 0
 
     def assignment(self, epoch: int, rank: int, world_size: int, worker_id: int, num_workers: int
                    ) -> Tuple[List[str], int, int]:
@@ -186,12 +216,14 @@ class WebDataset(IterableDataset):
                     yield None  # one bad sample per damaged shard, counted once across workers
                 index += 1
 
-    def _decode(self, raw: Optional[Dict[str, Any]], rng: np.random.Generator) -> Optional[Dict[str, Any]]:
+    def _decode(self, raw: Optional[Dict[str, Any]], seed: int) -> Optional[Dict[str, Any]]:
         if raw is None:
             return None
         try:
-            text = _caption(raw, rng if self.train else None)
-            image = self.transform(decode_image(_image_bytes(raw)))
+            with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's RNG: this sample's seed
+                torch.manual_seed(seed)
+                text = _caption(raw, np.random.default_rng(seed) if self.train else None)
+                image = self.transform(decode_image(_image_bytes(raw)))
             # tokenized here too: a caption the tokenizer refuses (e.g. a JSON "\ud800" escape, a lone surrogate)
             # is a bad sample like an unreadable image
             encoded = encode_text(self.tokenizer, text, self.max_text_len)
@@ -200,30 +232,38 @@ class WebDataset(IterableDataset):
             return None
         item = {"image": image}
         item.update(encoded)
-        item.update({"key": raw["__key__"], "url": raw["__url__"]})
+        item.update({"key": raw["__key__"], "url": raw["__url__"], "_seed": seed})
         return item
 
     def __iter__(self) -> Iterator[Optional[Dict[str, Any]]]:
         info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        num_workers = info.num_workers if info is not None else 1
+        reader = self.reader()
         rank, world_size = _world(self.rank, self.world_size)
-        if len(self.urls) < world_size * num_workers and self._passes == 0 and worker_id == 0:
+        if len(self.urls) < world_size * num_workers and self._passes == 0 and reader == 0:
             warnings.warn(f"WebDataset: {len(self.urls)} shards for {world_size * num_workers} readers "
                           f"(ranks x workers): every reader scans all shards; use more shards for speed")
+        if self._skip and len(self._skip) != num_workers:
+            raise ValueError(f"set_position gave {len(self._skip)} skip counts for a DataLoader with {num_workers} "
+                             f"readers (num_workers, or 1 without workers)")
         while True:
+            first_pass = self._passes == 0
             epoch = self.epoch + self._passes
             self._passes += 1
-            shards, stride, offset = self.assignment(epoch, rank, world_size, worker_id, num_workers)
-            rng = np.random.default_rng([self.seed, epoch, rank * num_workers + worker_id, 1])
-            yield from self._shuffled(self._raw_stream(shards, stride, offset), rng)
+            shards, stride, offset = self.assignment(epoch, rank, world_size, reader, num_workers)
+            gid = rank * num_workers + reader
+            skip = self._skip[reader] if first_pass and self._skip else 0
+            rng = np.random.default_rng([self.seed, epoch, gid, 1])
+            for place, raw in enumerate(self._shuffled(self._raw_stream(shards, stride, offset), rng)):
+                if place >= skip:
+                    yield self._decode(raw, sample_seed(self.seed, epoch, gid, place))
             if not self.repeat:
                 return
 
     def _shuffled(self, stream: Iterable[Optional[Dict[str, Any]]], rng: np.random.Generator
                   ) -> Iterator[Optional[Dict[str, Any]]]:
         if self.shuffle_buffer <= 1:
-            for raw in stream:
-                yield self._decode(raw, rng)
+            yield from stream
             return
         buf: List[Optional[Dict[str, Any]]] = []
         for raw in stream:
@@ -231,10 +271,15 @@ class WebDataset(IterableDataset):
             if len(buf) >= self.shuffle_buffer:
                 j = int(rng.integers(len(buf)))
                 buf[j], buf[-1] = buf[-1], buf[j]
-                yield self._decode(buf.pop(), rng)
+                yield buf.pop()
         rng.shuffle(buf)
-        for raw in buf:
-            yield self._decode(raw, rng)
+        yield from buf
+
+
+def sample_seed(seed: int, epoch: int, reader: int, place: int) -> int:
+    """The seed of the ``place``-th item reader ``reader`` (global: rank x workers + worker) yields in ``epoch``."""
+    words = [int(v) % 2**64 for v in (seed, epoch, reader, place)] + [2]  # SeedSequence takes non-negative words
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] % 2**62)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------

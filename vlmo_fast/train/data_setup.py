@@ -9,18 +9,19 @@ any number of workers. Per-sample seeding uses a forked RNG, so it never disturb
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import os
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .. import data as vdata
 from ..config import VLMoConfig
 from .config import TrainConfig
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, barrier, gather_objects
 
 _MIX = 1000003  # mixing constants for per-sample seeds
 
@@ -166,16 +167,42 @@ class TrainStream:
         self._it = None
 
 
-class IterableStream:
-    """Web-scale tar shards: an endless stream (resume restarts the current epoch's shards)."""
+class _ReaderTag:
+    """A worker's collate for tar shards: the batch carries ("_reader") the reader that made it (the DataLoader worker's
+    role, ``WebDataset.reader``), and its MLM masking is seeded from its first sample's seed."""
 
-    def __init__(self, dataset, collate, batch_size: int, num_workers: int, pin_memory: bool = False):
+    def __init__(self, collate):
+        self.collate = SeededCollate(collate)
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        info = get_worker_info()
+        batch["_reader"] = info.dataset.reader() if info is not None else 0
+        return batch
+
+
+def _shard_list_digest(urls: List[str]) -> str:
+    return hashlib.sha256("\n".join(urls).encode("utf-8")).hexdigest()
+
+
+class IterableStream:
+    """Web-scale tar shards (``WebDataset``): an endless stream over epochs, with a resumable position.
+
+    A rank's DataLoader takes batches from its workers in turn; the position is, per rank, the epoch, the batches
+    taken from each worker's reader and the reader due next. A resumed stream rotates the readers so that the one due
+    next comes first, and each reader leaves out what it had yielded (read again, not decoded), so the run sees the very
+    batches it would have seen. That needs the same shard list, seed, number of processes, workers per process and
+    batch per process; with another layout the stream restarts the epoch's shards (``resume_note`` says which)."""
+
+    def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
         self.dataset = dataset
-        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                                 drop_last=True, generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
-                                 worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
+        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
+                                 num_workers=num_workers, drop_last=True, generator=torch.Generator().manual_seed(0),
+                                 pin_memory=pin_memory, worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
+        self.batch_size, self.readers, self.info = batch_size, max(num_workers, 1), info
         self.batches_per_epoch = 0
-        self.epoch = 0
+        self.epoch, self.taken, self.next_reader = 0, [0] * self.readers, 0
+        self.resume_note: Optional[str] = None
         self._it = None
 
     def __iter__(self):
@@ -184,21 +211,49 @@ class IterableStream:
     def __next__(self):
         while True:
             if self._it is None:
-                self.dataset.set_epoch(self.epoch)
+                self.dataset.set_position(self.epoch, [n * self.batch_size for n in self.taken], self.next_reader)
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
             except StopIteration:
                 self._it, self.epoch = None, self.epoch + 1
+                self.taken, self.next_reader = [0] * self.readers, 0
                 continue
+            reader = int(batch.pop("_reader"))
+            self.taken[reader] += 1
+            self.next_reader = (reader + 1) % self.readers
             if not vdata.is_empty_batch(batch):
                 return batch
 
-    def state(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "batch": 0}
+    def _layout(self) -> Dict[str, Any]:
+        return {"world": self.info.world_size, "readers": self.readers, "batch_size": self.batch_size,
+                "seed": self.dataset.seed, "shards": _shard_list_digest(self.dataset.urls)}
 
-    def restore(self, state: Dict[str, int]) -> None:
-        self.epoch, self._it = int(state["epoch"]), None
+    def state(self) -> Dict[str, Any]:
+        """Every rank's position (a collective: every rank calls it)."""
+        mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader}
+        return {"epoch": self.epoch, "batch": 0, "layout": self._layout(), "ranks": gather_objects(mine)}
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        self._it = None
+        saved, layout = state.get("layout"), self._layout()
+        if saved == layout:
+            mine = state["ranks"][self.info.rank]
+            self.epoch, self.taken, self.next_reader = int(mine["epoch"]), [int(n) for n in mine["taken"]], \
+                int(mine["next"])
+            self.resume_note = (f"the tar shards continue where they were (epoch {self.epoch}; each reader reads "
+                                f"again, without decoding, what it had yielded of the epoch)")
+            return
+        self.epoch, self.taken, self.next_reader = int(state["epoch"]), [0] * self.readers, 0
+        if saved is None:
+            why = "the checkpoint has no position in them (an older version's)"
+        else:
+            why = "another " + ", ".join(_LAYOUT_NAMES[k] for k in layout if saved.get(k) != layout[k])
+        self.resume_note = (f"the tar shards restart epoch {self.epoch} (samples of it are seen again): {why}")
+
+
+_LAYOUT_NAMES = {"world": "number of processes", "readers": "--num-workers", "batch_size": "per-process batch",
+                 "seed": "--seed", "shards": "shard list"}
 
 
 def data_root(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo) -> str:
@@ -296,7 +351,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                               train=cfg.augment is not False, seed=cfg.seed, rank=info.rank,
                               world_size=info.world_size)
-        return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers,
+        return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, info,
                               pin_memory=info.device.type == "cuda")
     # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)
     # destroys what the synthetic captions describe, so the built-in set trains with the eval transform

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,16 @@ def from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's ``value`` (a picklable object), in rank order, on every rank (a collective: every rank calls
+    it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

@@ -457,9 +457,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if resume_path:
             logger.write(f"resumed from {resume_path} at step {step}"
                          + (f" with changed options: {', '.join(changed)}" if changed else ""))
-            if isinstance(stream, data_setup.IterableStream):
-                logger.write("the data are tar shards, a stream without a position: this run restarts the shards of "
-                             f"epoch {stream.epoch} (samples of it are seen again)")
+            if getattr(stream, "resume_note", None):
+                logger.write(stream.resume_note)
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
