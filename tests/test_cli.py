@@ -131,6 +131,22 @@ def test_finetune_refuses_a_conflicting_task(tmp_path, capsys):
     assert code == 2 and "vlmo-fast finetune nlvr2" in err
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torchrun_each_machine_prints_a_configuration_error_once(monkeypatch, capsys, local_rank):
+    """Every process parses the same arguments: a node's first prints the error (or the help), the others exit with
+    the same status silently (8 processes printed it 8 times)."""
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    for call, text in ((lambda: cli.main(["pretrain", "--tasks", "nlvr2"]), "vlmo-fast finetune nlvr2"),
+                       (lambda: cli.main(["pretrain", "--max-steps", "many"]), "expected an int or none"),
+                       (lambda: cli.main(["pretrian"]), "invalid choice"),
+                       (lambda: ft.finetune_main(["irtr", "--tasks", "vqa"]), "conflicts"),
+                       (lambda: ft.finetune_main(["irtrr"]), "invalid choice")):
+        code, out, err = exit_code(call, capsys)
+        assert code == 2 and (text in err if local_rank == "0" else out == err == "")
+    code, out, err = exit_code(lambda: cli.main(["pretrain", "--help"]), capsys)
+    assert code == 0 and ("--max-steps" in out if local_rank == "0" else out == err == "")
+
+
 # ---- 5. data the built-in synthetic set does not have -------------------------------------------------------------
 
 

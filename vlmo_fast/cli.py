@@ -40,7 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from .train.config import Parser  # prints once per machine under torchrun
+
+    parser = Parser(
         prog="vlmo-fast", usage="vlmo-fast COMMAND [options]", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="VLMo vision-language models: train, fine-tune, evaluate, export.\n\ncommands:\n"

@@ -346,6 +346,16 @@ HELP = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that prints (help, usage, errors) once per machine under torchrun: the processes other than
+    each node's first (LOCAL_RANK > 0) parse the same arguments and exit alike, silently. Each node's first still
+    prints, since an error about a node's own files may be that node's alone."""
+
+    def _print_message(self, message, file=None):
+        if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+            super()._print_message(message, file)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Appends an option's default to its help, except where that says nothing: a None default, or a help text
     that already explains the default in words (ArgumentDefaultsHelpFormatter printed "(default: None)" after
@@ -402,7 +412,7 @@ def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, An
     """The options of TrainConfig. ``defaults``: the command's own defaults (e.g. a fine-tuning task's), shown in
     the help as the values the run will use; ``presets``: the --preset names this command takes (default: all)."""
     allowed = sorted(PRESETS_TRAIN) if presets is None else list(presets)
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
+    p = Parser(prog=prog, description=description, formatter_class=HelpFormatter,
                                 epilog="Boolean options take true/false, yes/no, on/off or 1/0; a bare flag means "
                                        "true. Precedence: defaults < --preset < --config < the other options.")
     p.add_argument("--preset", type=_preset_type(allowed), default=None, metavar="NAME",

@@ -20,7 +20,7 @@ from ..checkpoint import (CheckpointError, load_checkpoint, read_metadata, read_
 from ..config import PRESETS, preset
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
-from .config import FINETUNE_TASKS, HelpFormatter, TrainConfig, build_parser, \
+from .config import FINETUNE_TASKS, HelpFormatter, Parser, TrainConfig, build_parser, \
     check_environment, command_config, load_toml, presets_for, resolve_device, user_errors
 from .data_setup import eval_loader
 from .loop import build_model, exit_status, resolve_precision, train
@@ -42,10 +42,10 @@ TASK_HELP = {
 
 def _task(argv: List[str], command: str, what: str) -> str:
     """The task, first argument of ``finetune``/``evaluate``; ``--help`` in its place lists the tasks."""
-    p = argparse.ArgumentParser(prog=f"vlmo-fast {command}", usage=f"vlmo-fast {command} TASK [options]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=f"{what}\n\ntasks:\n" + "".join(f"  {t:<7}{TASK_HELP[t]}\n" for t in TASKS),
-                                epilog=f"Each task has its options: vlmo-fast {command} TASK --help")
+    p = Parser(prog=f"vlmo-fast {command}", usage=f"vlmo-fast {command} TASK [options]",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               description=f"{what}\n\ntasks:\n" + "".join(f"  {t:<7}{TASK_HELP[t]}\n" for t in TASKS),
+               epilog=f"Each task has its options: vlmo-fast {command} TASK --help")
     p.add_argument("task", choices=TASKS, metavar="TASK", help=", ".join(TASKS))
     return p.parse_args(argv[:1]).task
 
