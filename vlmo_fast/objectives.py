@@ -63,7 +63,9 @@ def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, wit
     all_image = gather_local_first(image, with_grad)
     all_text = gather_local_first(text, with_grad)
     logits_i2t = scale * all_image @ all_text.t()
-    logits_t2i = logits_i2t.t()
+    # its own copy, not a view: the logits are returned by the model's forward, where FSDP2 warns of a view (an in-place
+    # op on it would skip its backward hook); the copy is (global batch)^2 floats
+    logits_t2i = logits_i2t.t().contiguous()
     target = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
     loss = (F.cross_entropy(logits_i2t.float(), target) + F.cross_entropy(logits_t2i.float(), target)) / 2
     return loss, logits_i2t, logits_t2i, target
