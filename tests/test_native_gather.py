@@ -102,6 +102,20 @@ def test_op_rejects_bad_inputs(table, index, err, match):
         torch.ops.vlmo_fast.rel_pos_bias_gather(table, index)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_an_empty_index_takes_an_empty_table(backend):
+    """N = 0: nothing to gather, so a table without rows is no error (the native op alone refused it); its gradient is
+    empty. A table without rows for an index with entries is refused, forward and backward."""
+    table = torch.randn(0, 3, requires_grad=True)
+    out = ops.rel_pos_bias_gather(table, torch.zeros(0, 0, dtype=torch.long), backend=backend)
+    out.sum().backward()
+    assert out.shape == (3, 0, 0) and table.grad.shape == (0, 3)
+    assert torch.ops.vlmo_fast.rel_pos_bias_gather_backward(torch.randn(3, 0, 0), torch.zeros(0, 0, dtype=torch.long),
+                                                            0).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"rows must be positive \(>= 0 for an empty index\), got 0"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather_backward(torch.randn(3, 2, 2), torch.zeros(2, 2, dtype=torch.long), 0)
+
+
 def test_public_op_names_a_non_tensor_index():
     with pytest.raises(TypeError, match="index must be a torch.Tensor, got list"):
         ops.rel_pos_bias_gather(torch.randn(5, 2), [[0, 1], [1, 0]])

@@ -397,6 +397,13 @@ def test_empty_scores(device, shape):
         p, ds, grad, _ = run(scores, 0.5, form, table, index, dense, None, 2, "cuda")
         assert p.shape == shape and ds.shape == shape
         assert grad is None or torch.all(grad == 0)
+    if n == 0:  # no keys: an empty table is fine too (every backend took it but the native one)
+        p, ds, grad, _ = run(torch.randn(shape, device=device), 0.5, "table", torch.randn(0, 6, device=device),
+                             torch.zeros(0, 0, dtype=torch.long, device=device), None, None, 2, "cuda")
+        assert p.shape == ds.shape == shape and grad.shape == (0, 6)
+    with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 0\) \(the rows of bias_table\)"):
+        run(torch.randn(2, 2, 3, 3, device=device), 0.5, "table", torch.randn(0, 6, device=device),
+            torch.zeros(3, 3, dtype=torch.long, device=device), None, None, 2, "cuda")
 
 
 def test_public_op_rejects_bad_inputs():

@@ -216,8 +216,8 @@ def _softmax_operands(scores, bias, table, index, keep):
         _check("bias_table", table, dev, (torch.float32,), contiguous=False)
         if table.dim() != 2 or table.shape[1] != h:
             raise ValueError(f"bias_table must have shape (R, H={h}), got {tuple(table.shape)}")
-        if table.shape[0] == 0:
-            raise ValueError("bias_table must have at least one row")
+        if table.shape[0] == 0 and nq * nk:
+            raise ValueError("bias_table must have at least one row (the bias index has entries)")
         _check("bias_index", index, dev, _INDEX_TYPES, (nq, nk), contiguous=False)
         rows, (s0, s1) = table.shape[0], table.stride()
         index32 = _index_int32(index, rows, nq, dev)
@@ -607,11 +607,11 @@ def _gather_forward(table, index):
         raise ValueError("table must be a 2-D tensor (R, C)")
     dev = table.device
     _check("table", table, dev, _FLOATS, contiguous=False)
-    if table.shape[0] == 0:
-        raise ValueError("table must have at least one row")
     if not isinstance(index, torch.Tensor) or index.dim() != 2:
         raise ValueError("index must be a 2-D tensor (N, N)")
     n = index.shape[0]
+    if table.shape[0] == 0 and n:
+        raise ValueError("table must have at least one row (the index has entries)")
     _check("index", index, dev, _INDEX_TYPES, (n, n), contiguous=False)
     index32 = _index_int32(index, table.shape[0], n, dev)
     _check("index (int32)", index32, dev, (torch.int32,), (n, n))
@@ -631,8 +631,8 @@ def _gather_backward(grad, index, rows):
     dev = grad.device
     cols, n = grad.shape[0], grad.shape[1]
     _check("grad", grad, dev, _FLOATS, (cols, n, n))
-    if rows <= 0:
-        raise ValueError(f"rows must be positive, got {rows}")
+    if rows < 0 or (rows == 0 and n):
+        raise ValueError(f"rows must be positive (>= 0 for an empty index), got {rows}")
     _check("index", index, dev, _INDEX_TYPES, (n, n), contiguous=False)
     index32 = _index_int32(index, rows, n, dev)
     _check("index (int32)", index32, dev, (torch.int32,), (n, n))
