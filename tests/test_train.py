@@ -799,6 +799,63 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkey
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
+def _saves_by_step(monkeypatch, signal_at=None):
+    """Counts the training checkpoints written per step; sends SIGTERM to this process while writing step
+    ``signal_at``'s (as a signal arriving during the save)."""
+    real, counts = train_loop.save_training_checkpoint, {}
+
+    def counting(out_dir, step, state, keep_last):
+        counts[step] = counts.get(step, 0) + 1
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(out_dir, step, state, keep_last)
+
+    monkeypatch.setattr(train_loop, "save_training_checkpoint", counting)
+    return counts
+
+
+def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root, monkeypatch, capsys):
+    """A signal during an evaluation of the whole val split used to wait for its end (minutes for a large split, past
+    a scheduler's grace period): the evaluation now stops at its next batch, and the run saves and exits."""
+    real, batches = train_loop.encode, []
+
+    def signalling(model, loader, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, (batches.append(1) or b for b in loader), *args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "encode", signalling)
+    saves = _saves_by_step(monkeypatch)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=10, eval_every=2, eval_batches=0))
+    assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 2
+    assert batches == [] and saves == {2: 1} and summary["metrics"] == {}
+    out = capsys.readouterr().out
+    assert "signal 15: stopping at the end of this step or evaluation, with a checkpoint" in out
+    assert "evaluation stopped by signal 15" in out
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_a_signal_during_the_final_save_ends_the_run_as_stopped_and_a_resume_evaluates(tmp_path, synthetic_root,
+                                                                                       monkeypatch):
+    """The handlers were restored before the final save and evaluation, so a signal then killed the process mid-save
+    (no final checkpoint, no summary). Now the save completes, the final evaluation stops, the run exits as stopped by
+    the signal, and a resumed run (at max_steps, not finished) evaluates."""
+    saves = _saves_by_step(monkeypatch, signal_at=4)
+    summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=4, save_every=2, final_eval=True))
+    assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["metrics"] == {}
+    assert saves == {2: 1, 4: 1} and os.path.basename(summary["last_checkpoint"]) == "step_00000004.pt"
+    monkeypatch.undo()
+    resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=4, save_every=2, final_eval=True))
+    assert resumed["stop_reason"] == "max_steps" and "val/r_mean" in resumed["metrics"]
+
+
+def test_a_signal_at_a_periodic_save_saves_the_step_once(tmp_path, synthetic_root, monkeypatch):
+    saves = _saves_by_step(monkeypatch, signal_at=3)
+    summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=10, save_every=3))
+    assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 3
+    assert saves == {3: 1} and os.path.basename(summary["last_checkpoint"]) == "step_00000003.pt"
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
     root = tmp_path / "corrupt"
     shutil.copytree(synthetic_root, root)

@@ -211,46 +211,86 @@ class Logger:
 
 @torch.no_grad()
 def evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
-             max_batches: Optional[int] = None, final: bool = False) -> Dict[str, float]:
+             max_batches: Optional[int] = None, final: bool = False,
+             stop: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """The val split's metrics (its first ``max_batches`` batches; None: all of it): retrieval recall (dual encoder,
     official) when the model has the ITC heads, and at the end of a retrieval fine-tuning run (``final``) on the
     test split too, as the official validation; the val batch accuracies of the run's contrastive objectives (ITC,
     retrieval), the VQA score, the NLVR2 accuracies; and ``val/the_metric``, the official model-selection value,
-    for fine-tuning runs (``evaluation.the_metric``)."""
+    for fine-tuning runs (``evaluation.the_metric``). A signal (``stop["signal"]``, set by the run's handler) stops
+    it between batches: it then returns no metrics."""
     # rank 0 evaluates; under FSDP every rank runs the same forwards (each gathers its parameters collectively: a
     # forward on one rank alone would wait for the others forever) and rank 0 reports
     if not (info.is_main or cfg.fsdp):
         return {}
     was_training = model.training
     model.eval()
+    try:
+        with _unsharded(model, cfg.fsdp and info.world_size > 1):
+            metrics = _evaluate(model, cfg, info, amp, max_batches, final, _signal_check(stop, cfg.fsdp, info))
+    except _Interrupted as interrupted:
+        metrics = {}
+        if info.is_main:
+            print(f"evaluation stopped by signal {interrupted.signum}", flush=True)
+    model.train(was_training)
+    return metrics if info.is_main else {}
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _signal_check(stop: Optional[Dict[str, Any]], collective: bool, info: DistInfo):
+    """A check to run between evaluation batches: raises _Interrupted once the run's signal flag is set (under FSDP
+    every rank runs the evaluation, so the ranks agree on the flag collectively and stop at the same batch)."""
+    collective = collective and info.world_size > 1
+
+    def check() -> None:
+        signum = int(stop.get("signal", 0)) if stop is not None else 0
+        if collective:
+            signum = max_over_ranks(signum, info.device)
+        if signum:
+            raise _Interrupted(signum)
+
+    return check
+
+
+def _batches(batches, check):
+    for batch in batches:
+        check()
+        yield batch
+
+
+def _evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
+              max_batches: Optional[int], final: bool, check) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
-    with _unsharded(model, cfg.fsdp and info.world_size > 1):
-        if hasattr(model, "itc_image_proj"):
-            final_irtr = "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg)
-            for split in ["val"] + (["test"] if final_irtr else []):
-                images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
-                img_feats, img_ids = encode(model, images, info.device, "image", amp)
-                txt_feats, txt_img_ids = encode(model, texts, info.device, "text", amp)
-                keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of its images
-                metrics.update({f"{split}/{k}": v for k, v in
-                                recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
-        if "vqa" in cfg.tasks:
-            score = evaluate_vqa(model, _first(data_setup.val_batches(cfg, model.config), max_batches), info.device,
-                                 amp)["vqa_score"]
-            if score is not None:
-                metrics["val/vqa_score"] = score
-        if "nlvr2" in cfg.tasks:
-            accs = evaluate_nlvr2(model, _first(data_setup.val_batches(cfg, model.config), max_batches),
-                                  info.device, amp)
-            metrics.update({f"val/{k}": v for k, v in accs.items()})
-        for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
-            if task in cfg.tasks:
-                metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task))
+    if hasattr(model, "itc_image_proj"):
+        final_irtr = "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg)
+        for split in ["val"] + (["test"] if final_irtr else []):
+            images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
+            img_feats, img_ids = encode(model, _batches(images, check), info.device, "image", amp)
+            txt_feats, txt_img_ids = encode(model, _batches(texts, check), info.device, "text", amp)
+            keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of its images
+            metrics.update({f"{split}/{k}": v for k, v in
+                            recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
+    if "vqa" in cfg.tasks:
+        score = evaluate_vqa(model, _batches(_first(data_setup.val_batches(cfg, model.config), max_batches), check),
+                             info.device, amp)["vqa_score"]
+        if score is not None:
+            metrics["val/vqa_score"] = score
+    if "nlvr2" in cfg.tasks:
+        accs = evaluate_nlvr2(model, _batches(_first(data_setup.val_batches(cfg, model.config), max_batches), check),
+                              info.device, amp)
+        metrics.update({f"val/{k}": v for k, v in accs.items()})
+    for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
+        if task in cfg.tasks:
+            metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task, check))
     value = the_metric(metrics, cfg.tasks)
     if value is not None:
         metrics["val/the_metric"] = value
-    model.train(was_training)
-    return metrics if info.is_main else {}
+    return metrics
 
 
 @contextlib.contextmanager
@@ -267,13 +307,14 @@ def _unsharded(model: VLMo, on: bool):
 
 
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
-                          max_batches: Optional[int], compute, task: str) -> Dict[str, float]:
+                          max_batches: Optional[int], compute, task: str, check) -> Dict[str, float]:
     """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches the
     official validation forms (``data_setup.official_val_batches``: shuffled with seed 0, of the global batch size,
     here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
     correct = {"i2t": 0, "t2i": 0}
     total = 0
-    for batch in _first(data_setup.val_batches(cfg, model.config, world_size=info.world_size), max_batches):
+    for batch in _batches(_first(data_setup.val_batches(cfg, model.config, world_size=info.world_size), max_batches),
+                          check):
         batch = to_device(batch, info.device)
         with _autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)
@@ -319,6 +360,8 @@ def _install_signal_handlers(flag: Dict[str, Any]):
     previous = {}
 
     def handler(signum, frame):
+        if "signal" not in flag:
+            print(f"signal {signum}: stopping at the end of this step or evaluation, with a checkpoint", flush=True)
         flag["signal"] = signum
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -470,10 +513,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
         }
 
+    saved_step = None
+
     def save(tag: str) -> Optional[str]:
+        nonlocal saved_step
         state = payload(tag)
         path = save_training_checkpoint(cfg.out_dir, step, state, cfg.keep_last) if info.is_main else None
         barrier()
+        saved_step = step
         return path
 
     def keep_if_best(metrics: Dict[str, float]) -> None:
@@ -513,104 +560,112 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     samples_since = 0
     stop_reason = "max_steps"
     model.train()
-    try:
-        while step < max_steps:
-            # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
-            parts: Dict[str, torch.Tensor] = {}
-            finite = torch.ones((), dtype=torch.bool, device=info.device)
-            for micro in range(accum):
-                batch = next(stream)
-                bad_samples += int(batch.pop("bad_samples", 0) or 0)
-                batch = to_device(batch, info.device)
-                sync = contextlib.nullcontext()
-                if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-                    sync = wrapped.no_sync()
-                with sync:
-                    with _autocast(info.device, amp):
-                        out = wrapped(batch)
-                        loss = objectives.total_loss(out)
-                    finite = finite & torch.isfinite(loss.detach())
-                    scaler.scale(loss / accum).backward()
-                for k, v in out.items():
-                    if "loss" in k:
-                        parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
-                for name, logits, labels in _accuracy_inputs(out):
-                    parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
-                # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
-                samples_since += len(batch.get("text_ids", ())) * info.world_size
-                del out, loss  # not kept through the next micro-step's forward, where memory peaks
-            if any_rank(not bool(finite), info.device):  # the step's one read: the backward is queued by now
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row += 1
-                skipped += 1
-                shown = {k: round(float(v), 4) for k, v in parts.items()}
-                logger.write(f"step {step}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    stop_reason = f"{bad_in_a_row} non-finite losses in a row"
-                    raise StopTraining(stop_reason)
-            else:
-                bad_in_a_row = 0
-                for k, v in parts.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
-                sync_replicated_grads(model)
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            if scheduler_stepped:
-                scheduler.step()
-            else:  # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
-                with warnings.catch_warnings():  # (not around every step: that would reset warnings shown once)
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+    try:  # the handlers stay until the end (final save and evaluation included), and go on any error
+        try:
+            while step < max_steps:
+                # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
+                parts: Dict[str, torch.Tensor] = {}
+                finite = torch.ones((), dtype=torch.bool, device=info.device)
+                for micro in range(accum):
+                    batch = next(stream)
+                    bad_samples += int(batch.pop("bad_samples", 0) or 0)
+                    batch = to_device(batch, info.device)
+                    sync = contextlib.nullcontext()
+                    if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                        sync = wrapped.no_sync()
+                    with sync:
+                        with _autocast(info.device, amp):
+                            out = wrapped(batch)
+                            loss = objectives.total_loss(out)
+                        finite = finite & torch.isfinite(loss.detach())
+                        scaler.scale(loss / accum).backward()
+                    for k, v in out.items():
+                        if "loss" in k:
+                            parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
+                    for name, logits, labels in _accuracy_inputs(out):
+                        parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
+                    # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
+                    samples_since += len(batch.get("text_ids", ())) * info.world_size
+                    del out, loss  # not kept through the next micro-step's forward, where memory peaks
+                if any_rank(not bool(finite), info.device):  # the step's one read: the backward is queued by now
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_a_row += 1
+                    skipped += 1
+                    shown = {k: round(float(v), 4) for k, v in parts.items()}
+                    logger.write(f"step {step}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        stop_reason = f"{bad_in_a_row} non-finite losses in a row"
+                        raise StopTraining(stop_reason)
+                else:
+                    bad_in_a_row = 0
+                    for k, v in parts.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_steps += 1
+                    sync_replicated_grads(model)
+                    if cfg.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                if scheduler_stepped:
                     scheduler.step()
-                scheduler_stepped = True
-            step += 1
-            logger.advance()
-            if step % cfg.log_every == 0 or step == max_steps:
-                now = time.time()
-                rate = samples_since / max(now - t_last, 1e-9)
-                t_last, samples_since = now, 0
-                logged = {k: v / window_steps for k, v in window.items()} if window_steps else parts
-                window, window_steps = {}, 0
-                values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device))) for k, v in logged.items()}
-                values["loss"] = sum(v for k, v in values.items() if "loss" in k)
-                values["lr"] = optimizer.param_groups[0]["lr"]
-                values["samples_per_s"] = rate
-                if flops_per_sample and peak_tflops:
-                    values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-                values["bad_samples"] = bad_samples_total()
-                values["skipped_steps"] = skipped
-                history.append(values)
-                logger.log(step, values)
-            if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
-                metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None)
-                if metrics:
-                    logger.log(step, metrics)
-                    logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if not cfg.eval_batches:
-                    keep_if_best(metrics)
-            if step % cfg.save_every == 0 and step < max_steps:
-                last_ckpt = save("periodic")
-            signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
-            if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
-                stop_reason = f"signal {signum}"
-                raise StopTraining(stop_reason)
-    except StopTraining:
-        last_ckpt = save(stop_reason)
+                else:  # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
+                    with warnings.catch_warnings():  # (not around every step: that would reset warnings shown once)
+                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                        scheduler.step()
+                    scheduler_stepped = True
+                step += 1
+                logger.advance()
+                if step % cfg.log_every == 0 or step == max_steps:
+                    now = time.time()
+                    rate = samples_since / max(now - t_last, 1e-9)
+                    t_last, samples_since = now, 0
+                    logged = {k: v / window_steps for k, v in window.items()} if window_steps else parts
+                    window, window_steps = {}, 0
+                    values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device)))
+                              for k, v in logged.items()}
+                    values["loss"] = sum(v for k, v in values.items() if "loss" in k)
+                    values["lr"] = optimizer.param_groups[0]["lr"]
+                    values["samples_per_s"] = rate
+                    if flops_per_sample and peak_tflops:
+                        values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
+                    values["bad_samples"] = bad_samples_total()
+                    values["skipped_steps"] = skipped
+                    history.append(values)
+                    logger.log(step, values)
+                if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
+                    metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None, stop=flag)
+                    if metrics:
+                        logger.log(step, metrics)
+                        logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    if not cfg.eval_batches:
+                        keep_if_best(metrics)
+                if step % cfg.save_every == 0 and step < max_steps:
+                    last_ckpt = save("periodic")
+                signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+                if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
+                    stop_reason = f"signal {signum}"
+                    raise StopTraining(stop_reason)
+            if step >= max_steps:
+                last_ckpt = save("final")
+        except StopTraining:
+            if saved_step != step:  # (a periodic save of this step holds it already)
+                last_ckpt = save(stop_reason)
+        # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the signal
+        # (its summary then is not a finished run's, so a resumed run evaluates again)
+        metrics = {}
+        if stop_reason == "max_steps" and cfg.final_eval:
+            if can_evaluate:
+                metrics = evaluate(model, cfg, info, amp, None, final=True, stop=flag)
+                keep_if_best(metrics)
+            else:
+                logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
+        signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+        if signum and stop_reason == "max_steps":
+            stop_reason = f"signal {signum}"
     finally:
         _restore_signal_handlers(previous)
-    if step >= max_steps:
-        last_ckpt = save("final")
-    metrics = {}
-    if stop_reason == "max_steps" and cfg.final_eval:
-        if can_evaluate:
-            metrics = evaluate(model, cfg, info, amp, None, final=True)
-            keep_if_best(metrics)
-        else:
-            logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
     elapsed = time.time() - t_start
     bad_total = bad_samples_total()
     summary = {
