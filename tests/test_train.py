@@ -406,6 +406,31 @@ def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, syntheti
         train(small_cfg(tmp_path / "other", synthetic_root, max_steps=1, warmup_steps=0, resume=str(weights)))
 
 
+def test_a_resume_refuses_a_checkpoint_damaged_inside_its_data(tmp_path, synthetic_root, capsys):
+    """Bytes zeroed inside a tensor's data: the mapped load read it without complaint and the resumed run trained
+    on garbage (NaN losses). Each record is checked against its checksum first: resume=auto falls back past the file
+    (and says why); an explicit --resume is a one-line error naming the damaged record."""
+    import zipfile
+
+    run = tmp_path / "run"
+    full = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
+    path = run / "checkpoints" / "step_00000004.pt"
+    with zipfile.ZipFile(path) as archive:  # the largest record: a tensor's bytes, stored uncompressed
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"PK\x03\x04", record.header_offset) + 30 + len(record.filename) + len(record.extra)
+    data[start + 16 : start + 4096] = bytes(4080)
+    path.write_bytes(bytes(data))
+    damaged = rf"step_00000004.pt is damaged: its record .*{record.filename.split('/')[-1]} does not match its checksum"
+    with pytest.raises(CheckpointError, match=damaged):
+        train(small_cfg(tmp_path / "explicit", synthetic_root, max_steps=6, resume=str(path)))
+    capsys.readouterr()
+    resumed = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
+    out = capsys.readouterr().out
+    assert "skipped" in out and "is damaged" in out and "step_00000002.pt at step 2" in out
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[2:], rel=1e-6)
+
+
 def test_deterministic_runs_in_pytorchs_deterministic_mode_and_restores_it(tmp_path, synthetic_root, monkeypatch):
     """--deterministic turns PyTorch's deterministic mode on for the run (warn_only), with cuBLAS's fixed workspace
     (a value already in the environment is kept), and restores the previous mode and environment afterwards; on CPU

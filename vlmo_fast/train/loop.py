@@ -462,7 +462,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 state = load_training_checkpoint(resume_path)
         elif cfg.resume not in ("none", "", None):
             resume_path = cfg.resume
-            state = load_training_checkpoint(resume_path)
+            state = load_training_checkpoint(resume_path, verify=info.is_main)
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)

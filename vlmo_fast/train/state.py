@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load
+from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load, verify_checksums
 from ..fileio import TMP_PREFIX
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -66,7 +66,7 @@ def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Di
     notes: List[str] = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            return path, load_training_checkpoint(path), notes
+            return path, load_training_checkpoint(path, verify=True), notes
         except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
             notes.append(f"skipped {path}: {first_line(exc)}")
     return None, None, notes
@@ -153,11 +153,14 @@ def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], Li
     return None, [f"moved {path} ({reason}) to {target}"]
 
 
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
+def load_training_checkpoint(path: str, verify: bool = False) -> Dict[str, Any]:
     """A training checkpoint (``save_training_checkpoint``'s payload); a file of weights alone (an exported or
-    official checkpoint) is a CheckpointError saying how to start from it instead."""
+    official checkpoint) is a CheckpointError saying how to start from it instead. ``verify``: every record checked
+    against its checksum first (a resume: one read of the file, where a damaged one would train on garbage)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"training checkpoint not found: {path}")
+    if verify:
+        verify_checksums(path)
     # mapped, not read: a caller that needs only the model (export) never reads the optimizer state from disk
     state = torch_load(path, mmap=True, what="the training checkpoint")
     missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
