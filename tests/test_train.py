@@ -512,6 +512,27 @@ def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
     assert "no final evaluation: the training data are tar shards" in capsys.readouterr().out
 
 
+def test_shards_given_as_a_folder_train_and_a_pattern_that_names_nothing_is_named(tmp_path, capsys):
+    """--datasets takes a folder of shards as a path (it used to ask for --data-root), and a pattern matching no file
+    is an error naming it (it said "no shards in []")."""
+    from vlmo_fast import cli
+
+    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=16, samples_per_shard=8, image_size=32)
+    summary = train(small_cfg(tmp_path / "run", None, datasets=[os.path.dirname(shards[0]) + "/"], max_steps=1,
+                              warmup_steps=0))
+    assert summary["stop_reason"] == "max_steps"
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    for pattern, error in ((str(tmp_path / "empty" / "*.tar"), "no shards match"),
+                           (str(tmp_path / "shards" / "x-{0..3}.tar"), "shard not found"),
+                           (str(tmp_path / "empty") + "/", "no .tar shards in")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["pretrain", "--datasets", pattern, "--out-dir", str(tmp_path / "bad"), "--max-steps", "1",
+                      "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and error in err[0] and str(tmp_path) in err[0], err
+
+
 _CRASH_WITH_LIVE_WORKERS = """
 import sys
 from vlmo_fast import objectives

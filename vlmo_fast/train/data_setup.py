@@ -8,7 +8,6 @@ any number of workers. Per-sample seeding uses a forked RNG, so it never disturb
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import os
@@ -268,7 +267,9 @@ def data_root(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo) -> str
 
 
 def _is_shards(name: str) -> bool:
-    return name.endswith(".tar") or any(c in name for c in "*{")
+    """A --datasets entry naming tar shards: a .tar file, a glob or brace range, or a folder given as a path (with a
+    "/": a dataset key such as coco is never a folder, even where one of that name exists)."""
+    return name.endswith(".tar") or any(c in name for c in "*?[{") or ("/" in name and os.path.isdir(name))
 
 
 def eval_datasets(cfg: TrainConfig, split: str = "val") -> List[str]:
@@ -346,8 +347,8 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         if len(shards) != len(cfg.datasets):
             raise ValueError("datasets: mix either arrow dataset keys or tar shard globs, not both")
         urls: List[str] = []
-        for pattern in shards:
-            urls += sorted(glob.glob(pattern)) if "*" in pattern else [pattern]
+        for pattern in shards:  # a file, folder, glob or brace range; one that names nothing is an error naming it
+            urls += vdata.expand_urls(pattern)
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                               train=cfg.augment is not False, seed=cfg.seed, rank=info.rank,
                               world_size=info.world_size)
