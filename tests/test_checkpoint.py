@@ -294,3 +294,29 @@ def test_a_checkpoint_that_is_neither_a_path_nor_a_mapping_is_a_type_error():
     for bad in (None, 5, [torch.zeros(2)]):
         with pytest.raises(TypeError, match="checkpoint must be a file path or a state dict .*, got"):
             load_checkpoint(model, bad)
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save on a full disk fails with "basic_ios::clear: iostream error": the error now says the disk is full
+    (checked while the partial file exists), leaving no partial file; on a disk with room the writer's own error
+    stands."""
+    import errno
+    import types
+
+    from vlmo_fast import fileio
+
+    def failing(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed\nmore")
+
+    target = tmp_path / "ckpt.pt"
+    with pytest.raises(RuntimeError, match="file write failed"):
+        fileio.atomic_write(str(target), failing)
+    monkeypatch.setattr(fileio.os, "statvfs", lambda d: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
+    with pytest.raises(OSError, match=r"writing .*ckpt.pt: no space left on device \(\[enforce fail .*file write "
+                                      r"failed\)") as info:
+        fileio.atomic_write(str(target), failing)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value.__cause__, RuntimeError)
+    assert os.listdir(tmp_path) == []

@@ -4,6 +4,7 @@ manifests) goes through here, so a reader never sees a partial file and a failed
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -49,10 +50,28 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         os.replace(tmp, path)
         if durable:
             _fsync(directory, directory=True)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(directory)  # checked while the partial file still exists
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            # a writer's own error for a full disk can be obscure (torch.save: "basic_ios::clear: iostream error")
+            raise OSError(errno.ENOSPC, f"writing {path}: no space left on device ({_first_line(exc)})") from exc
         raise
+
+
+def _disk_full(directory: str) -> bool:
+    """Less than 1 MiB left to write in ``directory`` (False where the platform cannot tell)."""
+    try:
+        stats = os.statvfs(directory)
+    except (AttributeError, OSError):
+        return False
+    return stats.f_bavail * stats.f_frsize < 2**20
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def atomic_write(path: str, write: Callable[[str], object], durable: bool = False) -> None:
