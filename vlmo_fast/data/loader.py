@@ -53,8 +53,11 @@ def _kill_workers_at_exit() -> None:
 
     for obj in gc.get_objects():  # type(), not isinstance: some objects' __class__ warns when read
         if issubclass(type(obj), _MultiProcessingDataLoaderIter) and obj._worker_init_fn is seed_worker:
-            obj._shutdown_workers()  # as when the iterator is freed: the workers are told to stop, and joined
-            for worker in obj._workers:
+            try:
+                obj._shutdown_workers()  # as when the iterator is freed: the workers are told to stop, and joined
+            except Exception:  # noqa: BLE001 - an iterator half set up, or half shut down: the kill below does it
+                pass
+            for worker in getattr(obj, "_workers", ()):
                 if worker.is_alive():  # did not stop in time (SIGTERM, torch's last resort, is ignored)
                     worker.kill()
 

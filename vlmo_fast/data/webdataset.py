@@ -22,16 +22,15 @@ members are ignored.
   collate drops and counts in ``batch["bad_samples"]``.
 
 Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
-does not keep persistent workers); a worker also counts its own passes since, so persistent workers reshuffle every
-pass.
+does not keep persistent workers); a worker also counts the passes it made since, so persistent workers reshuffle
+every pass. ``repeat=True`` loops forever (step-based training; every rank then yields batches indefinitely, which
+keeps data-parallel ranks in step even when shards hold different numbers of samples).
 
 Position: ``set_position(epoch, skip, first_worker)`` makes the next pass start epoch ``epoch`` with DataLoader worker
 0 playing reader ``first_worker`` of this rank (worker i plays ``(first_worker + i) % workers``), and reader j
 leaving out the first ``skip[j]`` items of its output (read, not decoded: the shuffle buffer is rebuilt as it was).
 A DataLoader takes its batches from the workers in turn, so with the readers rotated so that the one due next comes
 first, a stream resumes in the very order it had (``vlmo_fast.train.data_setup.IterableStream`` keeps the position).
-``repeat=True`` loops forever (step-based training; every rank then yields batches indefinitely, which keeps
-data-parallel ranks in step even when shards hold different numbers of samples).
 """
 
 from __future__ import annotations

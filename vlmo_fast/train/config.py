@@ -413,8 +413,8 @@ def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, An
     the help as the values the run will use; ``presets``: the --preset names this command takes (default: all)."""
     allowed = sorted(PRESETS_TRAIN) if presets is None else list(presets)
     p = Parser(prog=prog, description=description, formatter_class=HelpFormatter,
-                                epilog="Boolean options take true/false, yes/no, on/off or 1/0; a bare flag means "
-                                       "true. Precedence: defaults < --preset < --config < the other options.")
+               epilog="Boolean options take true/false, yes/no, on/off or 1/0; a bare flag means "
+                      "true. Precedence: defaults < --preset < --config < the other options.")
     p.add_argument("--preset", type=_preset_type(allowed), default=None, metavar="NAME",
                    help=f"an official named config (spec §6.2) as the starting point: {', '.join(allowed)}")
     p.add_argument("--config", default=None, help="a TOML file with options (top level or a [train] table; "
