@@ -488,7 +488,7 @@ def test_best_checkpoint_follows_the_metric_across_evaluations_and_resumes(tmp_p
     from vlmo_fast.train import loop
 
     values = []
-    monkeypatch.setattr(loop, "evaluate", lambda model, cfg, info, amp, max_batches=None, final=False:
+    monkeypatch.setattr(loop, "evaluate", lambda model, cfg, info, amp, max_batches=None, final=False, stop=None:
                         {"val/the_metric": values.pop(0)} if values else {})
     out = tmp_path / "run"
     args = ["irtr", "--data-root", synthetic_root, "--out-dir", str(out), "--eval-every", "1", "--save-every", "1",

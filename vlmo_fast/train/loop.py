@@ -20,7 +20,7 @@ import os
 import signal
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -307,7 +307,8 @@ def _unsharded(model: VLMo, on: bool):
 
 
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
-                          max_batches: Optional[int], compute, task: str, check) -> Dict[str, float]:
+                          max_batches: Optional[int], compute, task: str,
+                          check: Callable[[], None] = lambda: None) -> Dict[str, float]:
     """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches the
     official validation forms (``data_setup.official_val_batches``: shuffled with seed 0, of the global batch size,
     here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
