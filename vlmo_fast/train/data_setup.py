@@ -203,6 +203,9 @@ class IterableStream:
         self.epoch, self.taken, self.next_reader = 0, [0] * self.readers, 0
         self.resume_note: Optional[str] = None
         self._it = None
+        # what a saved position is valid for
+        self.layout = {"world": info.world_size, "readers": self.readers, "batch_size": batch_size,
+                       "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls)}
 
     def __iter__(self):
         return self
@@ -224,18 +227,14 @@ class IterableStream:
             if not vdata.is_empty_batch(batch):
                 return batch
 
-    def _layout(self) -> Dict[str, Any]:
-        return {"world": self.info.world_size, "readers": self.readers, "batch_size": self.batch_size,
-                "seed": self.dataset.seed, "shards": _shard_list_digest(self.dataset.urls)}
-
     def state(self) -> Dict[str, Any]:
         """Every rank's position (a collective: every rank calls it)."""
         mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader}
-        return {"epoch": self.epoch, "batch": 0, "layout": self._layout(), "ranks": gather_objects(mine)}
+        return {"epoch": self.epoch, "batch": 0, "layout": self.layout, "ranks": gather_objects(mine)}
 
     def restore(self, state: Dict[str, Any]) -> None:
         self._it = None
-        saved, layout = state.get("layout"), self._layout()
+        saved, layout = state.get("layout"), self.layout
         if saved == layout:
             mine = state["ranks"][self.info.rank]
             self.epoch, self.taken, self.next_reader = int(mine["epoch"]), [int(n) for n in mine["taken"]], \
@@ -371,8 +370,9 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
 
 def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int,
                 batches: Optional[List[List[int]]] = None) -> DataLoader:
-    """The dataset in order (or in the given ``batches`` of indices), decoded by ``num_workers`` workers (as the official val/test loaders: image decoding
-    at 384/480 px in the main process would leave the GPU idle for minutes on a 5k-image split), pinned on CUDA;
+    """The dataset in order (or in the given ``batches`` of indices), decoded by ``num_workers`` workers (as the
+    official val/test loaders: image decoding at 384/480 px in the main process would leave the GPU idle for minutes
+    on a 5k-image split), pinned on CUDA;
     workers leave SIGTERM/SIGINT to the main process (``seed_worker``). Its own generator: an iterator drawn from
     the global RNG (its workers' base seed) would move it on the evaluating rank only, so a resumed run, whose ranks
     restore rank 0's RNG state, and an FSDP run (every rank evaluates) would leave the trajectory."""

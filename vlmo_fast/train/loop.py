@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -257,8 +258,9 @@ def _signal_check(stop: Optional[Dict[str, Any]], collective: bool, info: DistIn
     return check
 
 
-def _batches(batches, check):
-    for batch in batches:
+def _batches(batches, check, n: Optional[int] = None):
+    """The first ``n`` batches (None: all; islice loads no batch past them), the signal check run before each."""
+    for batch in itertools.islice(batches, n):
         check()
         yield batch
 
@@ -276,12 +278,12 @@ def _evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch
             metrics.update({f"{split}/{k}": v for k, v in
                             recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
     if "vqa" in cfg.tasks:
-        score = evaluate_vqa(model, _batches(_first(data_setup.val_batches(cfg, model.config), max_batches), check),
+        score = evaluate_vqa(model, _batches(data_setup.val_batches(cfg, model.config), check, max_batches),
                              info.device, amp)["vqa_score"]
         if score is not None:
             metrics["val/vqa_score"] = score
     if "nlvr2" in cfg.tasks:
-        accs = evaluate_nlvr2(model, _batches(_first(data_setup.val_batches(cfg, model.config), max_batches), check),
+        accs = evaluate_nlvr2(model, _batches(data_setup.val_batches(cfg, model.config), check, max_batches),
                               info.device, amp)
         metrics.update({f"val/{k}": v for k, v in accs.items()})
     for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
@@ -314,8 +316,7 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
     correct = {"i2t": 0, "t2i": 0}
     total = 0
-    for batch in _batches(_first(data_setup.val_batches(cfg, model.config, world_size=info.world_size), max_batches),
-                          check):
+    for batch in _batches(data_setup.val_batches(cfg, model.config, world_size=info.world_size), check, max_batches):
         batch = to_device(batch, info.device)
         with _autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)
@@ -344,13 +345,6 @@ def _accuracy_on_device(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     counted = labels != -100
     hits = ((logits.argmax(-1) == labels) & counted).sum()
     return hits.float() / counted.sum().clamp_min(1).float()
-
-
-def _first(batches, n: Optional[int]):
-    for i, batch in enumerate(batches):
-        if n is not None and i >= n:
-            return
-        yield batch
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
