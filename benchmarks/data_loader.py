@@ -44,7 +44,7 @@ def stage_costs(ds, tokenizer, image_size: int, max_text_len: int, samples: int,
     n = min(samples, len(base))
     tf = TrainTransform(image_size)
     raw = [base.cell("image", int(base.rows[j])) for j in range(n)]
-    texts = [base.all_texts[int(base.rows[j])][int(base.caps[j])] for j in range(n)]
+    texts = [base.caption(j) for j in range(n)]
     t0 = time.perf_counter()
     images = [decode_image(b) for b in raw]
     t1 = time.perf_counter()

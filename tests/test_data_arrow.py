@@ -12,6 +12,7 @@ from torch.utils.data import ConcatDataset
 
 from vlmo_fast.data import (build_collate, build_dataset, build_loader, dataset_files, encode_image,
                             make_caption_dataset, make_dataset, measure_loader, read_arrow, set_epoch, write_arrow)
+from vlmo_fast.data.arrow import ArrowDataset, write_arrow_batches
 from vlmo_fast.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 SIZE = 16
@@ -228,6 +229,74 @@ def test_pickled_dataset_reopens_the_files(root, tok):
     a, b = ds[3], clone[3]
     assert a["text"] == b["text"] and torch.equal(a["image"], b["image"])
     assert len(pickle.dumps(ds)) < 2_000_000  # no table copy (the tokenizer vocabulary is ~1 MB)
+
+
+def _official_texts(column, remove_duplicate):
+    """What the official dataset holds: every row's list of captions (a bare string is a list of one, a null row
+    none), duplicates removed keeping the first (the official set() order is not reproducible)."""
+    rows = []
+    for t in column.to_pylist():
+        t = [t] if isinstance(t, str) else (t or [])
+        rows.append(list(dict.fromkeys(t)) if remove_duplicate else list(t))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["list", "large_list", "string"])
+def test_caption_index_matches_the_official_lists(tmp_path, tok, kind):
+    """The captions stay in the memory-mapped table; the index finds the same texts as the official Python lists,
+    across record batches (chunks), null rows, null captions, duplicates and empty lists."""
+    rng = np.random.default_rng(7)
+    if kind == "string":
+        typ = pa.string()
+        rows = [None if rng.random() < 0.2 else f"c{rng.integers(0, 3)}" for _ in range(41)]
+    else:
+        typ = pa.list_(pa.string()) if kind == "list" else pa.large_list(pa.large_string())
+        rows = [None if rng.random() < 0.1 else
+                [None if rng.random() < 0.05 else f"c{rng.integers(0, 4)}" for _ in range(rng.integers(0, 6))]
+                for _ in range(41)]
+    schema = pa.schema([("image", pa.binary()), ("caption", typ)])
+    image = encode_image(_pixels(0))
+    cuts = [0, 5, 6, 23, 41]  # record batches of 5, 1, 17 and 18 rows
+    batches = [pa.record_batch([pa.array([image] * (b - a), pa.binary()), pa.array(rows[a:b], typ)], schema=schema)
+               for a, b in zip(cuts, cuts[1:])]
+    write_arrow_batches(str(tmp_path / "mine.arrow"), schema, batches)
+    for dedup in (True, False):
+        ds = ArrowDataset(str(tmp_path), ["mine"], image_size=SIZE, max_text_len=12, tokenizer=tok,
+                          remove_duplicate=dedup)
+        expected = _official_texts(pa.chunked_array([b.column(1) for b in batches], typ), dedup)
+        assert ds.table.column("caption").num_chunks == 4
+        assert ds.all_texts == expected and ds.num_rows() == 41
+        assert ds.index_mapper == [(r, c) for r, row in enumerate(expected) for c in range(len(row))]
+        assert [ds.caption(j) for j in range(len(ds))] == [t for row in expected for t in row]
+        clone = pickle.loads(pickle.dumps(ds))  # a spawned worker reopens the file and finds the same texts
+        assert clone.all_texts == expected
+    good = next(j for j in range(len(ds)) if ds.caption(j) is not None)
+    assert ds[good]["text"] == ds.caption(good)
+    if any(t is None for row in expected for t in row):  # a null caption is a bad sample, skipped and counted
+        bad = next(j for j in range(len(ds)) if ds.caption(j) is None)
+        assert ds[bad] is None
+
+
+def test_dataset_keeps_no_python_object_per_caption(tmp_path, tok):
+    """A DataLoader worker writes to every page of Python objects it touches (reference counts), so a list of a
+    million captions becomes a private copy in each worker. The dataset keeps numpy arrays (24 bytes a caption)."""
+    import tracemalloc
+
+    n = 20_000
+    caps = [[f"a caption about image {i} number {j} with some words" for j in range(3)] for i in range(n)]
+    columns = {"image": pa.array([b"x"] * n, pa.binary()),
+                               "caption": pa.array(caps, pa.list_(pa.string()))}
+    write_arrow(str(tmp_path / "big.arrow"), columns)
+    del caps, columns
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        ds = ArrowDataset(str(tmp_path), ["big"], image_size=SIZE, max_text_len=12, tokenizer=tok)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(ds) == 3 * n and ds.caption(3 * n - 1) == f"a caption about image {n - 1} number 2 with some words"
+    assert held < 40 * 3 * n, f"the dataset holds {held / (3 * n):.0f} bytes of Python memory per caption"
 
 
 def test_write_arrow_is_atomic_and_checks_input(tmp_path):

@@ -35,6 +35,10 @@ Decisions that differ from the official code:
 - An unreadable image does not stop the run. ``on_error="drop"`` (default) returns None for that item; the collate
   drops it and reports the count as ``batch["bad_samples"]``. ``on_error="resample"`` is the official behaviour
   (retry with a random other sample) and still counts the failures in the item's "bad_samples".
+- The captions are not copied into Python lists (official ``all_texts``): they stay in the memory-mapped table and
+  the dataset keeps each caption's place in numpy arrays, which DataLoader workers share. Reference counting made a
+  private copy of the official lists in every worker (about 125 MB per million captions per worker: 10 GB for 10
+  million captions at 8 workers); ``all_texts`` is still there, built on demand.
 - Duplicate captions are removed keeping their first-seen order (official: ``list(set(...))``, whose order changes
   with Python's hash seed, so caption indices were not reproducible across runs).
 """
@@ -148,8 +152,61 @@ def _concat(tables: Sequence[pa.Table]) -> pa.Table:
         return pa.concat_tables(tables, promote=True)
 
 
-def _unique(texts: Sequence[str]) -> List[str]:
-    return list(dict.fromkeys(texts))
+def _first_occurrences(texts: Sequence[Optional[str]]) -> List[int]:
+    """Indices of the first occurrence of each distinct text, in order (duplicates removed, first-seen order)."""
+    first: Dict[Optional[str], int] = {}
+    for j, t in enumerate(texts):
+        first.setdefault(t, j)
+    return list(first.values())
+
+
+def _caption_index(column: Optional[pa.ChunkedArray], remove_duplicate: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Where each row's captions are in the column's flat string values (``_flat_values``).
+
+    A text column holds a list of strings per row (the official layout), a bare string (one caption; a null row has
+    none), or nothing (null type). Returns ``row_start`` (rows + 1 offsets into ``cap_pos``) and ``cap_pos`` (int64):
+    row r's captions are the values at ``cap_pos[row_start[r]:row_start[r + 1]]``, with later duplicates within a
+    row left out when ``remove_duplicate``. Python objects are made one chunk at a time, only to find duplicates."""
+    counts, positions, base = [], [], 0
+    for chunk in (column.chunks if column is not None else ()):
+        n = len(chunk)
+        valid = ~np.asarray(chunk.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        if pa.types.is_null(chunk.type):
+            counts.append(np.zeros(n, np.int64))
+            continue
+        if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)):  # one string per row
+            counts.append(valid.astype(np.int64))
+            positions.append(base + np.flatnonzero(valid).astype(np.int64))
+            base += n
+            continue
+        offsets = chunk.offsets.to_numpy().astype(np.int64)  # into chunk.values, which ignores the slice offset
+        lengths = np.where(valid, np.diff(offsets), 0)
+        first = np.cumsum(lengths) - lengths  # each row's first entry in pos
+        pos = np.repeat(offsets[:-1], lengths) + np.arange(int(lengths.sum())) - np.repeat(first, lengths)
+        if remove_duplicate:
+            keep = np.ones(len(pos), dtype=bool)
+            for r, texts in enumerate(chunk.to_pylist()):
+                if texts is not None and len(set(texts)) < len(texts):
+                    kept = _first_occurrences(texts)
+                    keep[first[r]:first[r] + lengths[r]] = False
+                    keep[first[r] + np.asarray(kept, dtype=np.int64)] = True
+                    lengths[r] = len(kept)
+            pos = pos[keep]
+        counts.append(lengths.astype(np.int64))
+        positions.append(base + np.asarray(pos, dtype=np.int64))
+        base += len(chunk.values)
+    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    row_start = np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64)
+    cap_pos = np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64)
+    return row_start, cap_pos
+
+
+def _flat_values(column: Optional[pa.ChunkedArray]) -> pa.ChunkedArray:
+    """The column's strings, flat, without a copy: the list chunks' whole value arrays, or the string chunks."""
+    chunks = [] if column is None else [
+        c.values if (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)) else c
+        for c in column.chunks if not pa.types.is_null(c.type)]
+    return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
 
 
 class ArrowDataset(Dataset):
@@ -210,32 +267,31 @@ class ArrowDataset(Dataset):
         self._table: Optional[pa.Table] = _concat(tables) if tables else None
         self.table_index = np.concatenate(
             [np.full(len(t), i, dtype=np.int32) for i, t in enumerate(tables)]) if tables else np.zeros(0, np.int32)
-        texts = self._table.column(text_column).to_pylist() if self._table is not None else []
-        for row, t in enumerate(texts):
-            if isinstance(t, str):  # tolerate a bare string where the format has a list of one
-                texts[row] = [t]
-        self.all_texts: List[List[str]] = [_unique(t or []) for t in texts] if remove_duplicate else \
-            [list(t or []) for t in texts]
+        # The captions stay in the memory-mapped table: per caption only its place in the column's flat string values
+        # is kept (numpy, so DataLoader workers share it; Python lists of strings would be copied into every worker
+        # page by page as reference counts change: about 125 MB per million captions per worker).
+        column = self._table.column(text_column) if self._table is not None else None
+        self._row_start, self._cap_pos = _caption_index(column, remove_duplicate)
+        self._values = _flat_values(column)
+        counts = np.diff(self._row_start)
         if image_only:
-            n_rows = len(self.all_texts)
-            self.rows = np.arange(n_rows, dtype=np.int64)
-            self.caps = np.full(n_rows, -1, dtype=np.int64)
+            self.rows = np.arange(len(counts), dtype=np.int64)
+            self.caps = np.full(len(counts), -1, dtype=np.int64)
         else:
-            counts = np.array([len(t) for t in self.all_texts], dtype=np.int64)
             self.rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-            starts = np.cumsum(counts) - counts
-            self.caps = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+            self.caps = np.arange(len(self._cap_pos), dtype=np.int64) - np.repeat(self._row_start[:-1], counts)
 
     # A DataLoader using "spawn" pickles the dataset: reopen the memory maps instead of copying the tables.
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_table"] = None
+        state["_table"] = state["_values"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.paths:
             self._table = _concat([read_arrow(p) for p in self.paths])
+            self._values = _flat_values(self._table.column(self.text_column))
 
     @property
     def table(self) -> Optional[pa.Table]:
@@ -250,7 +306,23 @@ class ArrowDataset(Dataset):
         return len(self.rows)
 
     def num_rows(self) -> int:
-        return len(self.all_texts)
+        return len(self._row_start) - 1
+
+    def captions(self, row: int) -> List[Optional[str]]:
+        """The captions (questions) of ``row``, duplicates removed where the dataset removes them."""
+        return [self._values[int(p)].as_py() for p in self._cap_pos[self._row_start[row]:self._row_start[row + 1]]]
+
+    def caption(self, index: int) -> Optional[str]:
+        """The caption (question) of sample ``index`` (not in image_only mode)."""
+        if self.image_only:
+            raise ValueError("an image_only dataset's samples are images, not captions")
+        return self._values[int(self._cap_pos[index])].as_py()
+
+    @property
+    def all_texts(self) -> List[List[Optional[str]]]:
+        """Every row's captions, as the official ``all_texts``: a Python copy made at each call (the dataset itself
+        keeps none), for inspection and small sets."""
+        return [self.captions(r) for r in range(self.num_rows())]
 
     def cell(self, column: str, row: int) -> Any:
         return self._table.column(column)[row].as_py()
@@ -285,7 +357,7 @@ class ArrowDataset(Dataset):
         for key in self.image_keys:
             item[key] = self.transform(self.get_raw_image(row, key))
         if not self.image_only:
-            text = self.all_texts[row][cap]
+            text = self.caption(index)
             if not isinstance(text, str):
                 raise TypeError(f"caption {cap} of row {row} is {type(text).__name__}, not str")
             item.update(encode_text(self.tokenizer, text, self.max_text_len))
