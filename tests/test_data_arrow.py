@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from vlmo_fast.data import (build_collate, build_dataset, build_loader, dataset_files, encode_image,
-                            make_caption_dataset, make_dataset, measure_loader, read_arrow, set_epoch, write_arrow)
+                            make_caption_arrow, make_caption_dataset, make_dataset, measure_loader, read_arrow,
+                            set_epoch, write_arrow)
 from vlmo_fast.data.arrow import ArrowDataset, write_arrow_batches
 from vlmo_fast.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -334,3 +335,41 @@ def test_loader_sampling_and_throughput(root, tok):
     assert measure_loader(plain, batches=2) > 0
     with pytest.raises(ValueError, match="world_size"):
         build_loader(ds, batch_size=2, collate=collate, train=True, distributed=True)
+
+
+def test_files_changed_under_a_run_are_named(tmp_path, tok):
+    """A memory-mapped arrow file truncated under a run kills its reader with SIGBUS, which torch reports as a lack
+    of shared memory; the training stream names the file instead. A file replaced by a rename is not a change: the
+    mapping keeps the old one."""
+    from vlmo_fast.data.arrow import changed_files
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    for workers in (0, 1):
+        root = tmp_path / f"w{workers}"
+        n = 48
+        make_caption_dataset(str(root), "coco", "train", [encode_image(_pixels(i)) for i in range(n)],
+                             [[f"caption {i}"] for i in range(n)])
+        ds = build_dataset(str(root), ["coco"], "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+        path = str(root / "coco_caption_karpathy_train.arrow")
+        assert changed_files(ds) == []
+        stream = TrainStream(ds, build_collate(tok), 4, workers, 0, info)
+        next(stream)
+        size = os.path.getsize(path)
+        os.truncate(path, size // 3)
+        assert changed_files(ds) == [f"{path} (size {size} -> {size // 3} bytes)"]
+        with pytest.raises(RuntimeError, match=r"arrow files changed on disk.*coco_caption_karpathy_train\.arrow "
+                                               r"\(size .*SIGBUS"):
+            for _ in range(3 * n):
+                next(stream)
+        del stream
+    # replaced by a rename, or deleted: the mapping still reads the old file
+    root = tmp_path / "renamed"
+    make_caption_dataset(str(root), "coco", "train", [encode_image(_pixels(0))] * 2, [["a"], ["b"]])
+    ds = build_dataset(str(root), ["coco"], "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    path = str(root / "coco_caption_karpathy_train.arrow")
+    make_caption_arrow(path, [encode_image(_pixels(1))] * 3, [["c"], ["d"], ["e"]])  # atomic: temp file + rename
+    assert changed_files(ds) == [] and ds.caption(1) == "b"
+    os.remove(path)
+    assert changed_files(ds) == [] and ds.caption(0) == "a"

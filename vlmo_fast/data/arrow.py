@@ -120,6 +120,34 @@ def _split(split: str) -> str:
 # ---- reading -----------------------------------------------------------------------------------------------------
 
 
+def _stamp(path: str) -> Tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def changed_files(dataset: Dataset) -> List[str]:
+    """The arrow files of ``dataset`` (an ArrowDataset or a ConcatDataset of them) changed in place on disk since
+    they were mapped, each as "path (what changed)".
+
+    A memory-mapped file truncated or rewritten in place while it is read makes the reading process fault (SIGBUS):
+    a DataLoader worker then dies with torch's message about shared memory, which names no file. A file replaced by
+    a rename or deleted is not reported: the mapping keeps the old file."""
+    changed = []
+    for ds in getattr(dataset, "datasets", [dataset]):
+        for path, (dev, ino, size, mtime) in getattr(ds, "stamps", {}).items():
+            try:
+                now = _stamp(path)
+            except OSError:
+                continue
+            if now[:2] != (dev, ino):
+                continue
+            if now[2] != size:
+                changed.append(f"{path} (size {size} -> {now[2]} bytes)")
+            elif now[3] != mtime:
+                changed.append(f"{path} (modified in place)")
+    return changed
+
+
 def read_arrow(path: str) -> pa.Table:
     """The table of one arrow file, memory-mapped (no copy of the image bytes).
 
@@ -253,8 +281,10 @@ class ArrowDataset(Dataset):
 
         columns = list(dict.fromkeys(list(image_keys) + [text_column] + list(required_columns)))
         tables = []
+        self.stamps: Dict[str, Tuple[int, int, int, int]] = {}  # what each file was when mapped (changed_files)
         for path in self.paths:
             table = read_arrow(path)
+            self.stamps[path] = _stamp(path)
             for col in columns:
                 if col not in table.schema.names:
                     raise ValueError(f"{path}: missing column {col!r} (the {dataset_name} dataset reads "

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .. import data as vdata
+from ..data.arrow import changed_files
 from ..config import VLMoConfig
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, gather_objects
@@ -94,6 +95,16 @@ class EpochSampler(Sampler):
             yield self.epoch, index
 
 
+def _check_arrow_files(dataset: Dataset, cause: Optional[BaseException] = None) -> None:
+    """Raise naming the dataset's arrow files that changed on disk since they were mapped (a few stat calls)."""
+    changed = changed_files(dataset)
+    if changed:
+        raise RuntimeError(
+            f"arrow files changed on disk while this run reads them: {'; '.join(changed)}. They are memory-mapped, "
+            f"so a file truncated or rewritten in place kills its reader (SIGBUS); write new files under another "
+            f"name and rename them into place, or stop the run first") from cause
+
+
 class TrainStream:
     """Endless iterator of training batches over epochs, with a resumable position (epoch, batches consumed)."""
 
@@ -102,7 +113,7 @@ class TrainStream:
         if len(dataset) < batch_size * info.world_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {info.world_size})")
-        self.batch_size = batch_size
+        self.dataset, self.batch_size = dataset, batch_size
         # official: DistributedSampler pads every rank to ceil(n / world) samples and the DataLoader keeps the
         # final partial batch (the same size on every rank, so the ITC/ITM gathers line up)
         self.sampler = EpochSampler(len(dataset), seed, True, info.rank, info.world_size, drop_last=drop_last)
@@ -132,12 +143,17 @@ class TrainStream:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.consumed)
                 self._it = iter(self.loader)
+            if self.loader.num_workers == 0:  # a SIGBUS would end this process itself, with no message at all
+                _check_arrow_files(self.dataset)
             try:
                 batch = next(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
                 continue
+            except RuntimeError as exc:  # a worker died: torch blames shared memory for a SIGBUS, whatever caused it
+                _check_arrow_files(self.dataset, exc)
+                raise
             self.batch += 1
             self.consumed += self.batch_size * self.world
             if vdata.is_empty_batch(batch) or len(batch.get("text_ids", ())) < self.min_size:
