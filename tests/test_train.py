@@ -1041,6 +1041,8 @@ def _index_collate(items):
     (11, 2, 4, True, [4]),
 ])
 def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last, sizes):
+    from torch.utils.data import DistributedSampler
+
     from vlmo_fast.train.data_setup import TrainStream
     from vlmo_fast.train.distributed import DistInfo
 
@@ -1058,6 +1060,10 @@ def test_train_stream_epoch_follows_the_official_loader(n, world, bs, drop_last,
         assert len(next_epoch[-1]) == bs and pos(stream) == {"epoch": 1, "batch": 1}  # next epoch
         rows.append(torch.cat(batches).tolist())
         seen += rows[-1]
+        # in the official order: DistributedSampler's (seed + epoch permutation, padded, strided by rank)
+        official = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3,
+                                           drop_last=drop_last))
+        assert rows[-1] == official[:len(rows[-1])]
     if not drop_last and sum(sizes) * world >= n:  # every sample of the epoch is seen (ranks padded by repeats)
         assert sorted(set(seen)) == list(range(n))
     else:

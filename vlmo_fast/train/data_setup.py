@@ -85,14 +85,19 @@ class EpochSampler(Sampler):
         return len(range(self.offset + self.rank, self.per_rank * self.world, self.world))
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
+        # a tensor, turned into Python ints a slice at a time: a list of a 10M-sample epoch's order would hold
+        # ~400 MB in every process for the whole epoch
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
-            order = list(range(self.n))
+            order = torch.arange(self.n)
         total = self.per_rank * self.world
-        order = order[:total] if self.drop_last else (order + order[: total - self.n])
-        for index in order[self.offset + self.rank : total : self.world]:
-            yield self.epoch, index
+        order = order[:total] if self.drop_last else torch.cat([order, order[: total - self.n]])
+        mine = order[self.offset + self.rank : total : self.world].clone()
+        del order
+        for part in mine.split(1 << 16):
+            for index in part.tolist():
+                yield self.epoch, index
 
 
 def _check_arrow_files(dataset: Dataset, cause: Optional[BaseException] = None) -> None:
