@@ -98,6 +98,81 @@ def test_itm_reranking_recall(k):
         rerank_recall(_OracleITM(), img, txt, ids, torch.arange(20), images, texts, k=0)
 
 
+class _PixelModel(torch.nn.Module):
+    """Features from the pixels' channel means and the token ids (no weights), and an oracle ITM head: image i has
+    red level 20 i + 10 and its captions start with the number i (``number_of``: token id -> i)."""
+
+    def __init__(self, number_of):
+        super().__init__()
+        self.number_of = number_of
+
+    def infer_image_ft(self, batch):
+        return {"cls_feats": torch.nn.functional.normalize(batch["image"][0].mean(dim=(2, 3)) + 2, dim=-1)}
+
+    def infer_text_ft(self, batch):
+        return {"cls_feats": torch.nn.functional.normalize(batch["text_ids"][:, 1:4].float(), dim=-1)}
+
+    def infer(self, batch):
+        red = (batch["image"][0][:, 0].mean(dim=(1, 2)) * 0.5 + 0.5) * 255
+        number = torch.tensor([self.number_of[int(t)] for t in batch["text_ids"][:, 1]], dtype=torch.float32)
+        return {"cls_feats": torch.stack([((red - 10) / 20).round(), number], 1)}
+
+    def itm_score(self, cls):
+        match = (cls[:, 0] == cls[:, 1]).float()
+        return torch.stack([-match, match], 1)
+
+
+def test_retrieval_evaluation_leaves_out_an_unreadable_image_and_its_captions(tmp_path, tok):
+    """A truncated image in the split: it and its captions are left out and counted, and every other image keeps
+    its own rows (re-ranking looked images up by feature row, so the rows after the dropped one were paired with the
+    wrong image and the dropped one crashed); a batch whose samples are all unreadable is skipped. The result equals
+    the evaluation of the split without that image."""
+    from vlmo_fast.data.arrow import ArrowDataset
+    from vlmo_fast.train.loop import _count_unreadable
+
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(7, 16, 16, 3, generator=rng) * 255).to(torch.uint8)
+    pixels[..., 0] = (20 * torch.arange(7) + 10).to(torch.uint8)[:, None, None]
+    good = [vdata.encode_image(p.numpy()) for p in pixels]  # PNG: the red level is exact
+    captions = [[f"{i} photo {w}" for w in ("red", "blue", "of", "a")] for i in range(7)]
+    number_of = {int(tok(str(i), max_length=3)["input_ids"][0, 1]): i for i in range(7)}
+    bad = good[2][: len(good[2]) // 2]
+    vdata.make_caption_dataset(str(tmp_path / "with"), "f30k", "test", good[:2] + [bad] + good[3:], captions)
+    vdata.make_caption_dataset(str(tmp_path / "without"), "f30k", "test", good[:2] + good[3:],
+                               captions[:2] + captions[3:])
+    collate = vdata.build_collate(mlm=False)
+    results = {}
+    for name in ("with", "without"):
+        kw = dict(image_size=16, max_text_len=8, tokenizer=tok)
+        images = ArrowDataset(str(tmp_path / name), ["f30k_caption_karpathy_test"], image_only=True, **kw)
+        texts = ArrowDataset(str(tmp_path / name), ["f30k_caption_karpathy_test"], text_only=True, **kw)
+        full = ArrowDataset(str(tmp_path / name), ["f30k_caption_karpathy_test"], **kw)
+        img_stats, txt_stats = {}, {}
+        # batches of 1: image 2's batch holds no readable sample
+        img, img_ids = encode(_PixelModel(number_of), eval_loader(images, 1, collate, 0), torch.device("cpu"), "image",
+                              stats=img_stats)
+        txt, txt_ids = encode(_PixelModel(number_of), eval_loader(texts, 3, collate, 0), torch.device("cpu"), "text",
+                              stats=txt_stats)
+        keep = torch.isin(txt_ids, img_ids)
+        recall = recall_at_k(img, txt[keep], txt_ids[keep], img_ids)
+        rerank = rerank_recall(_PixelModel(number_of), img, txt[keep], txt_ids[keep], img_ids, images, full, k=40,
+                               image_index=img_stats["raw_index"], text_index=txt_stats["raw_index"][keep])
+        metrics = {}
+        _count_unreadable(metrics, "val", img_stats)
+        results[name] = (recall, rerank, metrics)
+    assert results["with"][:2] == results["without"][:2]
+    assert results["with"][1]["tr_r1"] == results["with"][1]["ir_r1"] == 1.0  # the oracle: every positive first
+    assert results["with"][2] == {"val/unreadable_samples": 1} and results["without"][2] == {}
+    only_bad = [{"bad_samples": 2}]
+    with pytest.raises(ValueError, match="no readable image"):
+        encode(_PixelModel(number_of), only_bad, torch.device("cpu"), "image")
+    stats = {}
+    assert evaluate_nlvr2(None, only_bad, torch.device("cpu"), stats=stats) == {} and stats == {"bad_samples": 2}
+    stats = {}
+    assert evaluate_vqa(None, only_bad, torch.device("cpu"), stats=stats)["predictions"] == []
+    assert stats == {"bad_samples": 2}
+
+
 def test_vqa_score_and_submission(tmp_path):
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     targets = torch.tensor([[0.0, 0.6, 1.0], [0.3, 0.0, 0.0], [0.0, 1.0, 0.0]])

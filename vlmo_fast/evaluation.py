@@ -8,7 +8,7 @@ in its top K (TR@K) and for each caption whether its image is in its top K (IR@K
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -52,19 +52,38 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean()) if labels.numel() else 0.0
 
 
-@torch.no_grad()
-def encode(model, batches: Iterable[dict], device: torch.device, kind: str, autocast_dtype=None):
-    """Features of every batch: ``kind`` is "image" (infer_image_ft) or "text" (infer_text_ft); returns (feats, ids)
-    where ids are the batches' ``img_index`` entries (the image each sample belongs to)."""
-    feats, ids = [], []
-    fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
+def readable(batches: Iterable[dict], stats: Optional[dict] = None) -> Iterator[dict]:
+    """The batches that hold a readable sample: the collate drops unreadable samples (counted in the batch's
+    "bad_samples"), so a batch can be empty. With ``stats``, ``stats["bad_samples"]`` adds up the count."""
     for batch in batches:
+        if stats is not None:
+            stats["bad_samples"] = stats.get("bad_samples", 0) + int(batch.get("bad_samples", 0) or 0)
+        if set(batch) - {"bad_samples"}:
+            yield batch
+
+
+@torch.no_grad()
+def encode(model, batches: Iterable[dict], device: torch.device, kind: str, autocast_dtype=None,
+           stats: Optional[dict] = None):
+    """Features of every batch: ``kind`` is "image" (infer_image_ft) or "text" (infer_text_ft); returns (feats, ids)
+    where ids are the batches' ``img_index`` entries (the image each sample belongs to).
+
+    Unreadable samples are left out (the rows hold the readable ones, in order). With ``stats`` (a dict),
+    ``stats["raw_index"]`` gets each row's dataset index and ``stats["bad_samples"]`` the samples left out."""
+    feats, ids, raw = [], [], []
+    fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
+    for batch in readable(batches, stats):
         batch = to_device(batch, device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             f = fn(batch)["cls_feats"]
         feats.append(f.float())
         ids.append(torch.as_tensor(batch["img_index"]).reshape(-1))
+        raw.append(torch.as_tensor(batch.get("raw_index", [-1] * len(ids[-1]))).reshape(-1))
+    if not feats:
+        raise ValueError(f"no readable {kind} to encode (every sample was unreadable, or there were none)")
+    if stats is not None:
+        stats["raw_index"] = torch.cat(raw)
     return torch.cat(feats), torch.cat(ids).to(device)
 
 
@@ -94,19 +113,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_ids: torch.Tensor,
                   image_ids: torch.Tensor, image_dataset, text_dataset, k: int = 32, device=None, autocast_dtype=None,
-                  batch_size: int = 64, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+                  batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), image_index: Optional[torch.Tensor] = None,
+                  text_index: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Recall after re-ranking each query's top ``k`` dual-encoder candidates by the ITM head's match logit; the
     candidates after the top ``k`` keep their dual-encoder order, so R@K for K > k is still meaningful (it counts a
     positive that the dual encoder ranks in its top K).
 
     Needs a model with ``itm_score`` (a pretraining checkpoint) and map-style datasets giving one item per image
-    (``image``) and per caption (``text_ids``, ``text_masks``), aligned with the feature rows."""
+    (``image``) and per caption (``text_ids``, ``text_masks``). ``image_index[i]`` / ``text_index[t]``: the dataset
+    index of feature row i / t (``encode``'s ``stats["raw_index"]``; default the row itself)."""
     if not hasattr(model, "itm_score"):
         raise ValueError("ITM re-ranking needs a model with the ITM head (itm_score); retrieval fine-tuning has none")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     device = device or image_feats.device
     kmax = max(ks)
+    image_index = (torch.arange(image_feats.shape[0]) if image_index is None else image_index).tolist()
+    text_index = (torch.arange(text_feats.shape[0]) if text_index is None else text_index).tolist()
+    if len(image_index) != image_feats.shape[0] or len(text_index) != text_feats.shape[0]:
+        raise ValueError(f"image_index and text_index must have one entry per feature row ({image_feats.shape[0]}, "
+                         f"{text_feats.shape[0]}), got {len(image_index)} and {len(text_index)}")
 
     def ranking(scores, itm_pairs):  # dual-encoder top max(k, K) with its first k re-ordered by the ITM logit
         full = scores.topk(min(max(k, kmax), scores.numel())).indices
@@ -117,9 +143,10 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
         out = []
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
-            images = torch.stack([image_dataset[i]["image"] for i, _ in chunk]).to(device)
-            ids = torch.stack([text_dataset[t]["text_ids"] for _, t in chunk]).to(device)
-            masks = torch.stack([text_dataset[t]["text_masks"] for _, t in chunk]).to(device)
+            images = torch.stack([_item(image_dataset, image_index[i])["image"] for i, _ in chunk]).to(device)
+            texts = [_item(text_dataset, text_index[t]) for _, t in chunk]
+            ids = torch.stack([x["text_ids"] for x in texts]).to(device)
+            masks = torch.stack([x["text_masks"] for x in texts]).to(device)
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
             with ctx:
                 cls = model.infer({"text_ids": ids, "text_masks": masks, "image": [images]})["cls_feats"]
@@ -144,6 +171,13 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     return out
 
 
+def _item(dataset, index: int) -> dict:
+    item = dataset[index]
+    if item is None:  # it was read when encoded: the file changed since
+        raise ValueError(f"sample {index} of {dataset} became unreadable after it was encoded")
+    return item
+
+
 # ---- VQA and NLVR2 (spec §5.5, §5.6) ------------------------------------------------------------------------------
 
 
@@ -156,12 +190,14 @@ def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None) -> Dict[str, object]:
-    """VQA score over the batches (when they carry targets) and the argmax label per question id."""
+def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None,
+                 stats: Optional[dict] = None) -> Dict[str, object]:
+    """VQA score over the batches (when they carry targets) and the argmax label per question id; unreadable
+    samples are left out (counted in ``stats["bad_samples"]``)."""
     from .objectives import vqa_targets
 
     total, n, predictions = 0.0, 0, []
-    for batch in batches:
+    for batch in readable(batches, stats):
         batch = to_device(batch, device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
@@ -197,11 +233,13 @@ def vqa_submission(predictions, id2answer: Dict[int, str], path: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None) -> Dict[str, float]:
-    """NLVR2 accuracy, separately for dev and test rows (``table_name`` containing "dev" or not), as official."""
+def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None,
+                   stats: Optional[dict] = None) -> Dict[str, float]:
+    """NLVR2 accuracy, separately for dev and test rows (``table_name`` containing "dev" or not), as official;
+    unreadable samples are left out (counted in ``stats["bad_samples"]``)."""
     correct = {"dev": 0, "test": 0}
     count = {"dev": 0, "test": 0}
-    for batch in batches:
+    for batch in readable(batches, stats):
         batch = to_device(batch, device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from .. import data as vdata
 from ..checkpoint import (CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load,
                           trained_image_size, unwrap_state_dict)
@@ -228,13 +230,19 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     if task == "irtr":
         images = dataset([dataset_name], split, image_only=True)
         texts = dataset([dataset_name], split, text_only=True)
-        img_feats, img_ids = encode(model, loader(images), device, "image", amp)
-        txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp)
+        img_stats: Dict[str, Any] = {}
+        txt_stats: Dict[str, Any] = {}
+        img_feats, img_ids = encode(model, loader(images), device, "image", amp, img_stats)
+        txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp, txt_stats)
+        keep = torch.isin(txt_ids, img_ids)  # an unreadable image's captions are left out with it
+        txt_feats, txt_ids, txt_index = txt_feats[keep], txt_ids[keep], txt_stats["raw_index"][keep.cpu()]
         metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
         if rerank_k:
             full_texts = dataset([dataset_name], split)
             metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, full_texts,
-                                              k=rerank_k, device=device, autocast_dtype=amp)
+                                              k=rerank_k, device=device, autocast_dtype=amp,
+                                              image_index=img_stats["raw_index"], text_index=txt_index)
+        bad = img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0)
     elif task == "vqa":
         if split == "test":  # checked before the test pass (448K questions at 480 px): its answers need them
             # the answer of each class, as official, from the train and val files (their answers and labels)
@@ -247,15 +255,21 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                                             f"(the test file has no answers)")
                 id2answer = build_id2answer([vdata.read_arrow(p) for p in paths])
         ds = dataset(["vqa"], split)
-        result = evaluate_vqa(model, loader(ds), device, amp)
+        stats: Dict[str, int] = {}
+        result = evaluate_vqa(model, loader(ds), device, amp, stats)
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
+        bad = stats.get("bad_samples", 0)
         if split == "test":
             out = args.out or "vqa_submission.json"
             vqa_submission(result["predictions"], id2answer, out)
             metrics["submission"] = out
     else:
         ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
-        metrics = evaluate_nlvr2(model, loader(ds), device, amp)
+        stats = {}
+        metrics = evaluate_nlvr2(model, loader(ds), device, amp, stats)
+        bad = stats.get("bad_samples", 0)
+    if bad:  # left out: the recalls, score or accuracies are over the readable samples
+        metrics["unreadable_samples"] = bad
     metrics["checkpoint"] = args.load_path
     metrics["model"] = {"arch": cfg.arch, "image_size": mc.image_size, "max_text_len": mc.max_text_len}
     metrics["load_report"] = str(report)

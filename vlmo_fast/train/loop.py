@@ -28,7 +28,7 @@ import torch
 from .. import objectives
 from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
-from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, the_metric, to_device
+from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, readable, recall_at_k, the_metric, to_device
 from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
@@ -272,20 +272,27 @@ def _evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch
         final_irtr = "irtr" in cfg.tasks and final and data_setup.has_test_split(cfg)
         for split in ["val"] + (["test"] if final_irtr else []):
             images, texts = data_setup.retrieval_loaders(cfg, model.config, max_batches, split)
-            img_feats, img_ids = encode(model, _batches(images, check), info.device, "image", amp)
-            txt_feats, txt_img_ids = encode(model, _batches(texts, check), info.device, "text", amp)
-            keep = torch.isin(txt_img_ids, img_ids)  # a periodic evaluation uses the captions of its images
+            stats: Dict[str, int] = {}
+            img_feats, img_ids = encode(model, _batches(images, check), info.device, "image", amp, stats)
+            txt_feats, txt_img_ids = encode(model, _batches(texts, check), info.device, "text", amp, stats)
+            # a periodic evaluation uses the captions of its images; an unreadable image's captions are left out
+            keep = torch.isin(txt_img_ids, img_ids)
             metrics.update({f"{split}/{k}": v for k, v in
                             recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
+            _count_unreadable(metrics, split, stats)
     if "vqa" in cfg.tasks:
+        stats = {}
         score = evaluate_vqa(model, _batches(data_setup.val_batches(cfg, model.config), check, max_batches),
-                             info.device, amp)["vqa_score"]
+                             info.device, amp, stats)["vqa_score"]
         if score is not None:
             metrics["val/vqa_score"] = score
+        _count_unreadable(metrics, "val", stats)
     if "nlvr2" in cfg.tasks:
+        stats = {}
         accs = evaluate_nlvr2(model, _batches(data_setup.val_batches(cfg, model.config), check, max_batches),
-                              info.device, amp)
+                              info.device, amp, stats)
         metrics.update({f"val/{k}": v for k, v in accs.items()})
+        _count_unreadable(metrics, "val", stats)
     for task, compute in (("itc", objectives.compute_itc), ("irtr", objectives.compute_irtr)):
         if task in cfg.tasks:
             metrics.update(_val_batch_accuracies(model, cfg, info, amp, max_batches, compute, task, check))
@@ -308,6 +315,13 @@ def _unsharded(model: VLMo, on: bool):
             model.reshard()
 
 
+def _count_unreadable(metrics: Dict[str, float], split: str, stats: Dict[str, int]) -> None:
+    """``<split>/unreadable_samples``: the samples an evaluation left out, when there were any."""
+    if stats.get("bad_samples"):
+        key = f"{split}/unreadable_samples"
+        metrics[key] = metrics.get(key, 0) + stats["bad_samples"]
+
+
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
                           max_batches: Optional[int], compute, task: str,
                           check: Callable[[], None] = lambda: None) -> Dict[str, float]:
@@ -316,7 +330,8 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
     correct = {"i2t": 0, "t2i": 0}
     total = 0
-    for batch in _batches(data_setup.val_batches(cfg, model.config, world_size=info.world_size), check, max_batches):
+    batches = data_setup.val_batches(cfg, model.config, world_size=info.world_size)
+    for batch in readable(_batches(batches, check, max_batches)):
         batch = to_device(batch, info.device)
         with _autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)
