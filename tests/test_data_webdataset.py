@@ -65,6 +65,31 @@ def test_json_captions_and_extra_members(tmp_path, tok):
     assert split_key("dir/000123.seg.JPG") == ("dir/000123", "seg.jpg")
 
 
+def test_hidden_members_are_ignored_and_image_formats_go_by_content(tmp_path, tok):
+    """macOS's tar puts a ``._<name>`` AppleDouble member before every file: read as members, each split its sample
+    in two and every sample was lost. Images stored as .gif, .tif, .ppm, ... were dropped as having no image."""
+    from PIL import Image
+
+    path = tmp_path / "mac.tar"
+    formats = [("0", "gif", "GIF"), ("1", "tif", "TIFF"), ("2", "ppm", "PPM"), ("3", "jfif", "JPEG"),
+               ("4", "jpg", "JPEG")]
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add(".DS_Store", b"\0" * 8)
+        for key, ext, fmt in formats:
+            buf = io.BytesIO()
+            Image.fromarray(_pixels(int(key))).save(buf, format=fmt)
+            for name, data in ((f"{key}.{ext}", buf.getvalue()), (f"{key}.txt", f"caption {key}".encode())):
+                add(f"._{name}", b"\0\5\26\7 AppleDouble")
+                add(name, data)
+    items = list(WebDataset([str(path)], image_size=SIZE, max_text_len=8, train=False, tokenizer=tok))
+    assert [it and it["text"] for it in items] == [f"caption {k}" for k, _, _ in formats]
+
+
 @pytest.mark.parametrize("world_size,num_workers", [(2, 2), (3, 1), (8, 2)])
 def test_every_sample_once_across_ranks_and_workers(shards, tok, world_size, num_workers):
     """4 shards over world_size x num_workers readers; (8, 2) has fewer shards than readers (sample striding)."""

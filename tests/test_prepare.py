@@ -351,10 +351,55 @@ def test_caption_input_errors(web_raw, tmp_path):
         prepare_captions(str(raw / "none.tsv"), out, "gcc")
     (raw / "bad.tsv").write_text("a/0.jpg no tab here\n")
     with pytest.raises(ValueError, match=r"bad.tsv:1: expected '<image path><TAB><caption>'"):
+        list(read_pairs(str(raw / "bad.tsv")))
+    # prepare skips and counts a malformed line; with nothing else in the list nothing is written, and it says why
+    with pytest.raises(ValueError, match=r"no \(image, caption\) pair to write \(dropped 1 malformed caption-list "
+                                         r"lines; skipped .*bad.tsv:1: expected '<image path><TAB><caption>'\)"):
         prepare_captions(str(raw / "bad.tsv"), out, "gcc")
     with pytest.raises(FileNotFoundError, match="image folder"):
         prepare_captions(pairs, out, "gcc", image_root=str(raw / "nope"))
     assert not os.path.exists(out)
+
+
+def test_caption_lists_skip_and_count_malformed_lines(web_raw, tmp_path, tok):
+    """A 3M-line crawl list has a few bad lines: a carriage return inside a caption, bytes that are not UTF-8, a
+    line without a TAB, a null caption. Each bad line is skipped, counted and named in the report (the run went on
+    to write nothing before: one line aborted it, and the error named no line for bad UTF-8)."""
+    raw, _, _ = web_raw
+    tsv = raw / "crawl.tsv"
+    tsv.write_bytes("\ufeffimage\tcaption\r\n".encode() + b"a/0.jpg\ta red\rcar\r\n" + b"b/1.png\tcaf\xe9 bad\n"
+                    + b"no tab\n" + b"b/1.png\ta blue sky\n")
+    with pytest.raises(ValueError, match=r"crawl.tsv:3: not UTF-8"):
+        list(read_pairs(str(tsv)))
+    seen = []
+    assert list(read_pairs(str(tsv), lambda where, why: seen.append(where))) == [
+        ("a/0.jpg", "a red\rcar"), ("b/1.png", "a blue sky")]
+    assert seen == [f"{tsv}:3", f"{tsv}:4"]
+    summary = prepare_captions(str(tsv), str(tmp_path / "t"), "mine")
+    assert summary.rows == 2 and summary.dropped == {"malformed caption-list lines": 2}
+    assert summary.notes[0].startswith(f"skipped {tsv}:3: not UTF-8") and "2 malformed" not in summary.report()
+    assert "dropped 2: malformed caption-list lines" in summary.report()
+    ds = make_dataset("gcc", str(tmp_path / "t"), "train", image_size=SIZE, max_text_len=12, tokenizer=tok,
+                      names=["mine_train_0"])
+    assert ds.all_texts == [["a red\rcar"], ["a blue sky"]]
+    jsonl = raw / "crawl.jsonl"
+    jsonl.write_text("\n".join([json.dumps({"image": "a/0.jpg", "caption": ["a red car", None]}),
+                                json.dumps({"image": "b/1.png", "caption": []}), "{not json",
+                                json.dumps({"image": "b/1.png", "caption": ["a blue sky"]})]) + "\n")
+    summary = prepare_captions(str(jsonl), str(tmp_path / "j"), "mine")
+    assert summary.rows == 1 and summary.dropped == {"malformed caption-list lines": 2, "empty captions": 1}
+
+
+def test_verify_decodes_the_image(web_raw, tmp_path):
+    """A partly downloaded JPEG has a valid header: PIL's verify() passed it and training then failed on it."""
+    raw, files, _ = web_raw
+    whole = files["a/0.jpg"]
+    (raw / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    pairs = [("a/0.jpg", "whole"), ("cut.jpg", "cut")]
+    checked = prepare_captions(pairs, str(tmp_path / "v"), "mine", image_root=str(raw), verify=True)
+    assert checked.rows == 1 and checked.unreadable_images == 1 and checked.examples == [str(raw / "cut.jpg")]
+    unchecked = prepare_captions(pairs, str(tmp_path / "u"), "mine", image_root=str(raw), verify=False)
+    assert unchecked.rows == 2 and unchecked.unreadable_images == 0
 
 
 # ---- the streaming writer ----------------------------------------------------------------------------------------

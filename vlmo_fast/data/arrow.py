@@ -374,12 +374,24 @@ class ArrowDataset(Dataset):
                     item["bad_samples"] = failures
                 return item
             except Exception as exc:  # noqa: BLE001 - any unreadable sample is skipped and counted (as official)
-                row = int(self.rows[index])
-                self._log(f"{index} (row {row} of {self.paths[self.table_index[row]]})", exc)
+                self._log(self._where(index), exc)
                 failures += 1
                 if self.on_error == "drop" or failures >= 100:
                     return None
                 index = int(torch.randint(len(self), (1,)).item())
+
+    def _where(self, index: int) -> str:
+        """Sample ``index`` as a reader finds it: its file, the row in that file, and its image_id."""
+        row = int(self.rows[index])
+        table = int(self.table_index[row])
+        first = int(np.searchsorted(self.table_index, table))  # the file's first row in the concatenated table
+        where = f"{index} (row {row - first} of {self.paths[table]}"
+        if "image_id" in self._table.schema.names:
+            try:
+                where += f", image_id {self.cell('image_id', row)!r}"
+            except Exception:  # noqa: BLE001 - the message must not fail
+                pass
+        return where + ")"
 
     def _item(self, index: int) -> Dict[str, Any]:
         row, cap = int(self.rows[index]), int(self.caps[index])

@@ -22,6 +22,7 @@ import gc
 import multiprocessing.util  # noqa: F401 - its exit handler registered first: _kill_workers_at_exit runs before it
 import random
 import signal
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -51,6 +52,10 @@ def _kill_workers_at_exit() -> None:
     last-registered first, so this runs before multiprocessing's."""
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler raises in the main thread when a worker has died by a signal: not in the middle
+        # of this handler (a traceback at exit, and the workers after it left alive)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for obj in gc.get_objects():  # type(), not isinstance: some objects' __class__ warns when read
         if issubclass(type(obj), _MultiProcessingDataLoaderIter) and obj._worker_init_fn is seed_worker:
             try:

@@ -196,13 +196,21 @@ def _load(path: Union[str, Tuple[str, ...]], verify: bool) -> Tuple[Optional[byt
         if not data:
             raise OSError("empty file")
         if verify:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as img:
-                img.verify()
+            _decode_check(data)
     except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted, never ends the run
         return None, False
     return data, False
+
+
+def _decode_check(data: bytes) -> None:
+    """Raise unless the image decodes, as training decodes it: ``Image.verify`` reads only the headers, so a partly
+    downloaded JPEG (the usual broken file of a web crawl) passed it. A JPEG is decoded at 1/8 scale (libjpeg's
+    draft mode still reads every byte of the compressed data, and finds a truncated file as the full decode does)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft(None, (1, 1))
+        img.load()
 
 
 def _read_rows(rows: Iterable[Sequence[Union[str, Tuple[str, ...]]]], summary: PrepareSummary,
@@ -302,12 +310,14 @@ def _finish(summary: PrepareSummary) -> PrepareSummary:
     """Move the staged files over OUT_ROOT's, or, when the run found none of its images (a wrong RAW_ROOT, or a
     caption list with its columns the other way round, e.g. Google's GCC TSV: caption, URL), discard them and say
     so rather than replace earlier output with empty files and exit 0."""
-    if summary.rows == 0 and (summary.missing_images or summary.unreadable_images):
+    malformed = summary.dropped.get(MALFORMED, 0)
+    if summary.rows == 0 and (summary.missing_images or summary.unreadable_images or malformed):
         _discard(summary)
+        lines = f", {malformed} malformed caption-list lines ({'; '.join(summary.notes[:3])})" if malformed else ""
         raise FileNotFoundError(
             f"{summary.dataset}: none of the images was found or readable ({summary.missing_images} missing, "
-            f"{summary.unreadable_images} unreadable; e.g. {', '.join(summary.examples[:3])}); nothing written. "
-            f"Check RAW_ROOT (or, for captions, that each line is <image path><TAB><caption>)")
+            f"{summary.unreadable_images} unreadable; e.g. {', '.join(summary.examples[:3])}{lines}); nothing "
+            f"written. Check RAW_ROOT (or, for captions, that each line is <image path><TAB><caption>)")
     try:
         for path in summary.files:
             os.replace(os.path.join(summary._staging, os.path.basename(path)), path)
@@ -400,7 +410,7 @@ def prepare_coco(raw_root: str, out_root: str, karpathy_json: Optional[str] = No
     """Write ``coco_caption_karpathy_{train,restval,val,test}.arrow`` under ``out_root`` from Karpathy's
     ``dataset_coco.json`` (default: ``raw_root/dataset_coco.json`` or ``raw_root/karpathy/dataset_coco.json``) and
     the images under ``raw_root/<filepath>/<filename>`` (``train2014/``, ``val2014/``). ``splits``: a subset of
-    ``COCO_SPLITS`` to write. ``verify``: also skip files PIL cannot open (slower)."""
+    ``COCO_SPLITS`` to write. ``verify``: also skip images that do not decode (slower)."""
     return _prepare_karpathy("coco", raw_root, out_root, karpathy_json, "dataset_coco.json", "coco_caption_karpathy",
                              COCO_SPLITS, splits, lambda e: e["filepath"], verify, log)
 
@@ -768,36 +778,52 @@ def prepare_text(files: Sequence[str], out_root: str, split: str = "train", log:
 # ---- web caption data (GCC, SBU, your own) -------------------------------------------------------------------------
 
 
-def read_pairs(path: str) -> Iterator[Tuple[str, str]]:
+def read_pairs(path: str, malformed: Optional[Callable[[str, str], None]] = None) -> Iterator[Tuple[str, str]]:
     """(image path, caption) pairs from a file, by its suffix:
 
     - ``.tsv``: one ``<image path>\\t<caption>`` a line (a header line ``image<TAB>caption`` is skipped);
     - ``.jsonl``: one object a line with "image" and "caption" (a string or a list of strings);
     - ``.json``: a list of ``[image path, caption]`` pairs (the official ``annot.json``) or of such objects.
 
+    Lines end at "\\n" only (a carriage return inside a caption is part of it). A malformed line or item (no TAB,
+    not UTF-8, not JSON, not a path and caption strings) raises ValueError naming its line, or, with ``malformed``,
+    is skipped after ``malformed(where, why)``. An empty caption list gives one empty caption (the caller counts it).
     Image paths are returned as written (``prepare_captions`` resolves relative ones against its ``image_root``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"caption list not found: {path} (expected a .tsv, .jsonl or .json file)")
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".tsv", ".jsonl", ".json"):
         raise ValueError(f"{path}: unknown caption list format {suffix!r}; expected .tsv, .jsonl or .json")
+
+    def bad(where: str, why: str) -> None:
+        if malformed is None:
+            raise ValueError(f"{where}: {why}")
+        malformed(where, why)
+
     if suffix == ".json":
         data = _load_json(path)
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of [image, caption] pairs or objects")
         for i, item in enumerate(data):
-            yield from _pair_items(item, f"{path}: item {i}")
+            yield from _pair_items(item, f"{path}: item {i}", bad)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                bad(where, f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
+            if lineno == 1:
+                line = line.lstrip("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             if suffix == ".tsv":
                 parts = line.split("\t", 1)
                 if len(parts) != 2:
-                    raise ValueError(f"{where}: expected '<image path><TAB><caption>'")
+                    bad(where, "expected '<image path><TAB><caption>'")
+                    continue
                 if lineno == 1 and parts[0].strip().lower() in ("image", "image_path", "path", "file"):
                     continue
                 yield parts[0], parts[1]
@@ -805,22 +831,35 @@ def read_pairs(path: str) -> Iterator[Tuple[str, str]]:
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not a JSON line ({exc})") from None
-                yield from _pair_items(item, where)
+                    bad(where, f"not a JSON line ({exc})")
+                    continue
+                yield from _pair_items(item, where, bad)
 
 
-def _pair_items(item: Any, where: str) -> Iterator[Tuple[str, str]]:
+def _pair_items(item: Any, where: str, bad: Callable[[str, str], None]) -> Iterator[Tuple[str, str]]:
     if isinstance(item, dict):
         image, caption = item.get("image"), item.get("caption")
     elif isinstance(item, (list, tuple)) and len(item) == 2:
         image, caption = item
     else:
-        raise ValueError(f"{where}: expected [image, caption] or an object with 'image' and 'caption'")
+        bad(where, "expected [image, caption] or an object with 'image' and 'caption'")
+        return
     captions = caption if isinstance(caption, list) else [caption]
     if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
-        raise ValueError(f"{where}: the image must be a path (str) and the caption a string or list of strings")
-    for c in captions:
+        bad(where, "the image must be a path (str) and the caption a string or list of strings")
+        return
+    for c in captions or [""]:
         yield image, c
+
+
+def _malformed(summary: PrepareSummary, where: str, why: str) -> None:
+    """A caption-list line that gives no pair: skipped, counted, and the first few named in the report."""
+    if summary.dropped.get(MALFORMED, 0) < 3:
+        summary.notes.append(f"skipped {where}: {why}")
+    summary._drop(MALFORMED)
+
+
+MALFORMED = "malformed caption-list lines"
 
 
 def caption_stems(name: str, split: str, n_files: int) -> List[str]:
@@ -850,7 +889,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     name of your own (``<name>_<split>_<i>``; read them with ``make_dataset("gcc", root, split, names=[...])``).
     shard_rows: rows per file. Default: for gcc/sbu the rows are spread over exactly the official number of files
     (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` reads them all; for other names files of
-    100,000 rows (the official writers' size). Missing or unreadable images (``verify``: PIL must open the file) are
+    100,000 rows (the official writers' size). Missing or unreadable images (``verify``: the image must decode) are
     skipped and counted."""
     if name in DATASETS and name not in ("gcc", "sbu"):
         raise ValueError(f"prepare_captions: {name!r} is an official dataset that is not web caption data; expected "
@@ -868,13 +907,13 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
         raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
     if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
         raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
+    if isinstance(pairs, (str, os.PathLike)) and image_root is None:
+        image_root = os.path.dirname(os.path.abspath(pairs))
+    summary = PrepareSummary(name, out_root)
     if isinstance(pairs, (str, os.PathLike)):
-        if image_root is None:
-            image_root = os.path.dirname(os.path.abspath(pairs))
-        pairs = read_pairs(os.fspath(pairs))
+        pairs = read_pairs(os.fspath(pairs), lambda where, why: _malformed(summary, where, why))
     if image_root is not None:
         _need_dir(image_root, "the image folder (image_root) that relative image paths are read from")
-    summary = PrepareSummary(name, out_root)
 
     # pass 1: group the captions by image (strings only; the images are read while writing)
     groups: Dict[str, List[str]] = {}
@@ -889,6 +928,9 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
         if image_root is not None and not os.path.isabs(path):
             path = os.path.join(image_root, path)
         groups.setdefault(os.path.normpath(path), []).append(pair[1])
+    if not groups:
+        why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.notes[:3])
+        raise ValueError(f"prepare_captions: no (image, caption) pair to write{f' ({why})' if why else ''}")
     paths = list(groups)
     _out_root(out_root)
 
@@ -1064,7 +1106,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                           "the official writers' size; shards 5000)")
     for p, default in ((coco, False), (f30k, False), (vg, False), (nlvr2, False), (vqa, False), (captions, True)):
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=default,
-                       help="also skip files that PIL cannot open (default: %(default)s)")
+                       help="also skip images that do not decode, e.g. truncated downloads (slower: every image is "
+                       "decoded; default: %(default)s)")
     return parser
 
 

@@ -2,9 +2,10 @@
 
 Format (the WebDataset convention): each shard is a plain tar; the members of one sample are consecutive and share
 a key, the member path up to the first "." of its file name (``000123.jpg``, ``000123.txt``). A sample needs one
-image member (jpg, jpeg, png, webp, bmp) and a caption: ``<key>.txt`` (UTF-8) or ``<key>.json`` with a "caption"
-string (a list of strings is allowed: one is drawn per pass when training, the first is used otherwise). Other
-members are ignored.
+image member (jpg, jpeg, png, webp, bmp, gif, tif, tiff, jfif, jpe, ppm, pgm, pbm, pnm; decoded by content) and a
+caption: ``<key>.txt`` (UTF-8) or ``<key>.json`` with a "caption" string (a list of strings is allowed: one is drawn
+per pass when training, the first is used otherwise). Other members are ignored, and so are hidden files (a file
+name starting with "."), such as the ``._<name>`` AppleDouble members macOS's tar adds before every file.
 
 ``WebDataset`` is an ``IterableDataset``:
 
@@ -55,7 +56,7 @@ from ..fileio import atomic_path
 from .sample import BadSampleLog, decode_image, encode_text
 from .transforms import build_transform
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "jpe", "ppm", "pgm", "pbm", "pnm")
 
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
@@ -103,7 +104,7 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
     current: Dict[str, Any] = {}
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            if not member.isfile() or os.path.basename(member.name).startswith("."):
                 continue
             key, ext = split_key(member.name)
             if current and key != current["__key__"]:

@@ -156,7 +156,8 @@ class TrainStream:
                 self._it = None
                 self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
                 continue
-            except RuntimeError as exc:  # a worker died: torch blames shared memory for a SIGBUS, whatever caused it
+            except Exception as exc:  # noqa: BLE001 - a worker died: a RuntimeError blaming shared memory for a
+                # SIGBUS, or the pipe it was writing to reset (ConnectionResetError), whatever made it fault
                 _check_arrow_files(self.dataset, exc)
                 raise
             self.batch += 1
