@@ -395,3 +395,13 @@ def test_files_changed_under_a_run_are_named(tmp_path, tok, workers):
     assert changed_files(ds) == [] and ds.caption(1) == "b"
     os.remove(path)
     assert changed_files(ds) == [] and ds.caption(0) == "a"
+    # touched, or grown: named after a failure, but no reason to stop a run that loads in the main process
+    root = tmp_path / "touched"
+    make_caption_dataset(str(root), "coco", "train", [encode_image(_pixels(0))] * 2, [["a"], ["b"]])
+    ds = build_dataset(str(root), ["coco"], "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
+    path = str(root / "coco_caption_karpathy_train.arrow")
+    os.utime(path, ns=(0, 10**9))
+    assert changed_files(ds) == [f"{path} (modified in place)"] and changed_files(ds, shrunk_only=True) == []
+    with open(path, "ab") as f:
+        f.write(b"\0" * 8)
+    assert changed_files(ds, shrunk_only=True) == [] and "-> " in changed_files(ds)[0]

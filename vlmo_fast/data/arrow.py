@@ -125,9 +125,9 @@ def _stamp(path: str) -> Tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def changed_files(dataset: Dataset) -> List[str]:
+def changed_files(dataset: Dataset, shrunk_only: bool = False) -> List[str]:
     """The arrow files of ``dataset`` (an ArrowDataset or a ConcatDataset of them) changed in place on disk since
-    they were mapped, each as "path (what changed)".
+    they were mapped (``shrunk_only``: made shorter), each as "path (what changed)".
 
     A memory-mapped file truncated or rewritten in place while it is read makes the reading process fault (SIGBUS):
     a DataLoader worker then dies with torch's message about shared memory, which names no file. A file replaced by
@@ -141,9 +141,9 @@ def changed_files(dataset: Dataset) -> List[str]:
                 continue
             if now[:2] != (dev, ino):
                 continue
-            if now[2] != size:
+            if now[2] < size or (now[2] != size and not shrunk_only):
                 changed.append(f"{path} (size {size} -> {now[2]} bytes)")
-            elif now[3] != mtime:
+            elif now[3] != mtime and not shrunk_only:
                 changed.append(f"{path} (modified in place)")
     return changed
 

@@ -101,8 +101,9 @@ class EpochSampler(Sampler):
 
 
 def _check_arrow_files(dataset: Dataset, cause: Optional[BaseException] = None) -> None:
-    """Raise naming the dataset's arrow files that changed on disk since they were mapped (a few stat calls)."""
-    changed = changed_files(dataset)
+    """Raise naming the dataset's arrow files that changed on disk since they were mapped (a few stat calls); before
+    a failure (no ``cause``), only those made shorter, which a read past their end would kill the process for."""
+    changed = changed_files(dataset, shrunk_only=cause is None)
     if changed:
         raise RuntimeError(
             f"arrow files changed on disk while this run reads them: {'; '.join(changed)}. They are memory-mapped, "
