@@ -276,11 +276,31 @@ def test_caption_index_matches_the_official_lists(tmp_path, tok, kind):
         assert [ds.caption(j) for j in range(len(ds))] == [t for row in expected for t in row]
         clone = pickle.loads(pickle.dumps(ds))  # a spawned worker reopens the file and finds the same texts
         assert clone.all_texts == expected
+        assert ds.captions(-1) == expected[-1] and ds.captions(-41) == expected[0]
+        with pytest.raises(IndexError):
+            ds.captions(41)
     good = next(j for j in range(len(ds)) if ds.caption(j) is not None)
     assert ds[good]["text"] == ds.caption(good)
     if any(t is None for row in expected for t in row):  # a null caption is a bad sample, skipped and counted
         bad = next(j for j in range(len(ds)) if ds.caption(j) is None)
         assert ds[bad] is None
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_caption_index_of_sliced_chunks_and_null_rows_spanning_values(dedup):
+    """What a file never holds but Arrow allows (tables built in memory): chunks that are slices of a larger array,
+    and null list rows whose offsets still span values (those values belong to no row)."""
+    from vlmo_fast.data.arrow import _caption_index, _flat_values
+
+    values = pa.array(["a", "b", "a", "c", "d", "d", "e"])
+    offsets = pa.array([0, 3, 5, 7], pa.int32())
+    lists = pa.ListArray.from_arrays(offsets, values, mask=pa.array([False, True, False]))  # row 1 null, spans c, d
+    assert lists.to_pylist() == [["a", "b", "a"], None, ["d", "e"]]
+    column = pa.chunked_array([lists.slice(1, 2), lists.slice(0, 1), lists.slice(0, 3)])
+    row_start, cap_pos = _caption_index(column, dedup)
+    flat = _flat_values(column)
+    got = [[flat[int(p)].as_py() for p in cap_pos[row_start[r]:row_start[r + 1]]] for r in range(len(row_start) - 1)]
+    assert got == _official_texts(column, dedup)
 
 
 def test_dataset_keeps_no_python_object_per_caption(tmp_path, tok):

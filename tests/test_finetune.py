@@ -173,6 +173,32 @@ def test_retrieval_evaluation_leaves_out_an_unreadable_image_and_its_captions(tm
     assert stats == {"bad_samples": 2}
 
 
+def test_the_evaluate_command_leaves_out_an_unreadable_image(tmp_path):
+    """`evaluate irtr --rerank-k` on a split with a truncated image reports what it reports for the split without
+    that image, and says how many samples it left out (it crashed in re-ranking before)."""
+    torch.manual_seed(0)
+    cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)
+    ckpt = str(tmp_path / "model.safetensors")
+    vf.save_checkpoint(vf.VLMo(cfg), ckpt)
+    gen = torch.Generator().manual_seed(1)
+    good = [vdata.encode_image((torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy())
+            for _ in range(7)]
+    caps = [[f"{i} photo {w}" for w in ("red", "blue")] for i in range(7)]
+    bad = good[2][: len(good[2]) // 2]
+    vdata.make_caption_dataset(str(tmp_path / "with"), "f30k", "test", good[:2] + [bad] + good[3:], caps)
+    vdata.make_caption_dataset(str(tmp_path / "without"), "f30k", "test", good[:2] + good[3:], caps[:2] + caps[3:])
+    results = {}
+    for name in ("with", "without"):
+        out = tmp_path / f"{name}.json"
+        evaluate_main(["irtr", "--load-path", ckpt, "--data-root", str(tmp_path / name), "--dataset", "f30k",
+                       "--device", "cpu", "--num-workers", "0", "--batch-size", "2", "--rerank-k", "3",
+                       "--out", str(out)])
+        results[name] = json.loads(out.read_text())
+    keys = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rerank"]
+    assert {k: results["with"][k] for k in keys} == {k: results["without"][k] for k in keys}
+    assert results["with"]["unreadable_samples"] == 1 and "unreadable_samples" not in results["without"]
+
+
 def test_vqa_score_and_submission(tmp_path):
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     targets = torch.tensor([[0.0, 0.6, 1.0], [0.3, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -553,6 +579,10 @@ def test_val_batch_accuracies_are_counted_per_sample_on_the_val_split(tmp_path, 
     assert accs["val/irtr_t2i_acc"] == pytest.approx(2 * len(sizes) / sum(sizes))
     assert loop._val_batch_accuracies(model, cfg, info, None, 1, fake_irtr, "irtr")["val/irtr_i2t_acc"] == \
         pytest.approx(2 / sizes[0])
+    # a batch whose every sample was unreadable is skipped (it reached the objective as {"bad_samples": n})
+    monkeypatch.setattr(data_setup, "val_batches", lambda *a, **k: iter(batches[:1] + [{"bad_samples": 7}] +
+                                                                        batches[1:]))
+    assert loop._val_batch_accuracies(model, cfg, info, None, None, fake_irtr, "irtr") == accs
 
 
 def test_best_checkpoint_follows_the_metric_across_evaluations_and_resumes(tmp_path, synthetic_root, monkeypatch,

@@ -354,7 +354,7 @@ def test_caption_input_errors(web_raw, tmp_path):
         list(read_pairs(str(raw / "bad.tsv")))
     # prepare skips and counts a malformed line; with nothing else in the list nothing is written, and it says why
     with pytest.raises(ValueError, match=r"no \(image, caption\) pair to write \(dropped 1 malformed caption-list "
-                                         r"lines; skipped .*bad.tsv:1: expected '<image path><TAB><caption>'\)"):
+                                         r"lines; .*bad.tsv:1: expected '<image path><TAB><caption>'\)"):
         prepare_captions(str(raw / "bad.tsv"), out, "gcc")
     with pytest.raises(FileNotFoundError, match="image folder"):
         prepare_captions(pairs, out, "gcc", image_root=str(raw / "nope"))
@@ -388,6 +388,13 @@ def test_caption_lists_skip_and_count_malformed_lines(web_raw, tmp_path, tok):
                                 json.dumps({"image": "b/1.png", "caption": ["a blue sky"]})]) + "\n")
     summary = prepare_captions(str(jsonl), str(tmp_path / "j"), "mine")
     assert summary.rows == 1 and summary.dropped == {"malformed caption-list lines": 2, "empty captions": 1}
+    # no image found: the error quotes the malformed lines, not the report's other notes
+    lost = raw / "lost.tsv"
+    lost.write_text("gone.jpg\ta caption\nno tab\n")
+    with pytest.raises(FileNotFoundError) as err:
+        prepare_captions(str(lost), str(tmp_path / "l"), "mine")
+    assert f"1 malformed caption-list lines ({lost}:2: expected '<image path><TAB><caption>'))" in str(err.value)
+    assert "make_dataset" not in str(err.value)
 
 
 def test_verify_decodes_the_image(web_raw, tmp_path):

@@ -881,6 +881,33 @@ def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
 
 
+def _evaluation_check_run(rank, world):
+    import torch.distributed as dist
+
+    from vlmo_fast.train.distributed import DistInfo
+
+    dist.init_process_group("gloo")
+    check = train_loop._signal_check({"signal": 0}, True, DistInfo(rank, world, rank, torch.device("cpu")))
+    readable, unreadable = {"text_ids": torch.zeros(1, 2)}, {"bad_samples": 1}
+    out = []
+    for batches in ((readable, readable), (unreadable, unreadable), (unreadable, readable)):
+        try:
+            check(batches[rank])
+            out.append("ok")
+        except RuntimeError as exc:
+            out.append(str(exc))
+    return out
+
+
+def test_fsdp_evaluation_ranks_agree_on_batches_without_a_readable_sample():
+    """Under FSDP every rank runs the evaluation's forwards (collectives) and skips a batch whose samples were all
+    unreadable: a batch empty on one rank only would pair different collectives (a hang). The ranks check it
+    together (in the collective the signal check already makes) and raise."""
+    results = run_distributed(_evaluation_check_run, 2)
+    for out in results:
+        assert out[:2] == ["ok", "ok"] and "no readable sample on some ranks only" in out[2]
+
+
 def test_a_signal_during_the_final_save_ends_the_run_as_stopped_and_a_resume_evaluates(tmp_path, synthetic_root,
                                                                                        monkeypatch):
     """The handlers were restored before the final save and evaluation, so a signal then killed the process mid-save

@@ -340,6 +340,7 @@ class ArrowDataset(Dataset):
 
     def captions(self, row: int) -> List[Optional[str]]:
         """The captions (questions) of ``row``, duplicates removed where the dataset removes them."""
+        row = range(self.num_rows())[row]  # negative rows count from the end; out of range raises IndexError
         return [self._values[int(p)].as_py() for p in self._cap_pos[self._row_start[row]:self._row_start[row + 1]]]
 
     def caption(self, index: int) -> Optional[str]:

@@ -114,7 +114,8 @@ class PrepareSummary:
     """What a writer did. ``files``/``samples``: rows / captions (or questions) written per arrow file path.
     ``missing_images``: image files not on disk; ``unreadable_images``: present but unreadable (an I/O error, empty,
     or not an image when verified); ``skipped_rows``: rows (images, NLVR2 pairs) left out for either reason.
-    ``dropped``: other annotations left out, by reason. ``examples``: the first few missing/unreadable paths."""
+    ``dropped``: other annotations left out, by reason. ``examples``: the first few missing/unreadable paths;
+    ``malformed``: the first few malformed caption-list lines."""
 
     dataset: str
     out_root: str
@@ -126,6 +127,7 @@ class PrepareSummary:
     dropped: Dict[str, int] = field(default_factory=dict)
     examples: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    malformed: List[str] = field(default_factory=list)  # the first few malformed caption-list lines, and why
     _staging: Optional[str] = field(default=None, repr=False, compare=False)
 
     @property
@@ -313,7 +315,7 @@ def _finish(summary: PrepareSummary) -> PrepareSummary:
     malformed = summary.dropped.get(MALFORMED, 0)
     if summary.rows == 0 and (summary.missing_images or summary.unreadable_images or malformed):
         _discard(summary)
-        lines = f", {malformed} malformed caption-list lines ({'; '.join(summary.notes[:3])})" if malformed else ""
+        lines = f", {malformed} malformed caption-list lines ({'; '.join(summary.malformed)})" if malformed else ""
         raise FileNotFoundError(
             f"{summary.dataset}: none of the images was found or readable ({summary.missing_images} missing, "
             f"{summary.unreadable_images} unreadable; e.g. {', '.join(summary.examples[:3])}{lines}); nothing "
@@ -855,6 +857,7 @@ def _pair_items(item: Any, where: str, bad: Callable[[str, str], None]) -> Itera
 def _malformed(summary: PrepareSummary, where: str, why: str) -> None:
     """A caption-list line that gives no pair: skipped, counted, and the first few named in the report."""
     if summary.dropped.get(MALFORMED, 0) < 3:
+        summary.malformed.append(f"{where}: {why}")
         summary.notes.append(f"skipped {where}: {why}")
     summary._drop(MALFORMED)
 
@@ -929,7 +932,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
             path = os.path.join(image_root, path)
         groups.setdefault(os.path.normpath(path), []).append(pair[1])
     if not groups:
-        why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.notes[:3])
+        why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.malformed)
         raise ValueError(f"prepare_captions: no (image, caption) pair to write{f' ({why})' if why else ''}")
     paths = list(groups)
     _out_root(out_root)

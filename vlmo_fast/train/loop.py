@@ -21,13 +21,14 @@ import os
 import signal
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from .. import objectives
 from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
 from ..config import PRESETS, loss_names, preset
+from ..data import is_empty_batch
 from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, readable, recall_at_k, the_metric, to_device
 from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
@@ -244,14 +245,24 @@ class _Interrupted(Exception):
 
 
 def _signal_check(stop: Optional[Dict[str, Any]], collective: bool, info: DistInfo):
-    """A check to run between evaluation batches: raises _Interrupted once the run's signal flag is set (under FSDP
-    every rank runs the evaluation, so the ranks agree on the flag collectively and stop at the same batch)."""
+    """A check to run before each evaluation batch: raises _Interrupted once the run's signal flag is set. Under
+    FSDP every rank runs the evaluation's forwards (collectives), so the ranks agree on the flag and stop at the
+    same batch, and a batch with no readable sample (skipped by ``evaluation.readable``) must be one on every rank:
+    it is an error if not (the ranks' copies of the data differ), where the ranks would otherwise pair up
+    different collectives and hang."""
     collective = collective and info.world_size > 1
 
-    def check() -> None:
+    def check(batch: Optional[Mapping[str, Any]] = None) -> None:
         signum = int(stop.get("signal", 0)) if stop is not None else 0
         if collective:
-            signum = max_over_ranks(signum, info.device)
+            empty = batch is not None and is_empty_batch(batch)
+            flags = torch.tensor([signum, int(empty), int(not empty)], dtype=torch.int64, device=info.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signum, some_empty, some_not = (int(v) for v in flags.tolist())
+            if some_empty and some_not:
+                raise RuntimeError(
+                    "evaluation: a batch has no readable sample on some ranks only: under --fsdp every rank "
+                    "evaluates the same batches, so every rank must read identical data files")
         if signum:
             raise _Interrupted(signum)
 
@@ -259,9 +270,9 @@ def _signal_check(stop: Optional[Dict[str, Any]], collective: bool, info: DistIn
 
 
 def _batches(batches, check, n: Optional[int] = None):
-    """The first ``n`` batches (None: all; islice loads no batch past them), the signal check run before each."""
+    """The first ``n`` batches (None: all; islice loads no batch past them), the check run before each."""
     for batch in itertools.islice(batches, n):
-        check()
+        check(batch)
         yield batch
 
 
@@ -324,7 +335,7 @@ def _count_unreadable(metrics: Dict[str, float], split: str, stats: Dict[str, in
 
 def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch.dtype],
                           max_batches: Optional[int], compute, task: str,
-                          check: Callable[[], None] = lambda: None) -> Dict[str, float]:
+                          check: Callable[..., None] = lambda batch=None: None) -> Dict[str, float]:
     """``val/<task>_i2t_acc`` and ``_t2i_acc``: the contrastive objective's accuracies over the val batches the
     official validation forms (``data_setup.official_val_batches``: shuffled with seed 0, of the global batch size,
     here on one rank without a gather), counted per sample as the official torchmetrics Accuracy does."""
