@@ -100,6 +100,14 @@ class EpochSampler(Sampler):
                 yield self.epoch, index
 
 
+def _shut_down(it) -> None:
+    """Stop a DataLoader iterator's workers and unregister them from torch's SIGCHLD check."""
+    try:
+        getattr(it, "_shutdown_workers", lambda: None)()
+    except Exception:  # noqa: BLE001 - half shut down already: nothing more to do
+        pass
+
+
 def _check_arrow_files(dataset: Dataset, cause: Optional[BaseException] = None) -> None:
     """Raise naming the dataset's arrow files that changed on disk since they were mapped (a few stat calls); before
     a failure (no ``cause``), only those made shorter, which a read past their end would kill the process for."""
@@ -158,7 +166,11 @@ class TrainStream:
                 self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
                 continue
             except Exception as exc:  # noqa: BLE001 - a worker died: a RuntimeError blaming shared memory for a
-                # SIGBUS, or the pipe it was writing to reset (ConnectionResetError), whatever made it fault
+                # SIGBUS, or the pipe it was writing to reset (ConnectionResetError), whatever made it fault.
+                # The iterator goes first: torch's SIGCHLD handler raises in this thread for each of its workers
+                # that dies by a signal, also later, e.g. while the traceback of this error is being printed
+                it, self._it = self._it, None
+                _shut_down(it)
                 _check_arrow_files(self.dataset, exc)
                 raise
             self.batch += 1
