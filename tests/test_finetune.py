@@ -619,7 +619,8 @@ def test_best_checkpoint_follows_the_metric_across_evaluations_and_resumes(tmp_p
     assert finetune_main(args + ["--max-steps", "4", "--eval-batches", "0",
                                  "--resume", str(out / "checkpoints" / "step_00000001.pt")]) == 0
     assert not values and best_state() == (3, 0.3)
-    assert torch.load(out / "checkpoints" / "superseded" / "best.pt", weights_only=True, mmap=True)["step"] == 2
+    aside = out / "checkpoints" / "superseded" / "best_step_00000002.pt"  # one file per step it was chosen at
+    assert torch.load(aside, weights_only=True, mmap=True)["step"] == 2
     assert "(chosen at step 2, after step 1)" in capsys.readouterr().out
 
     # resumed after the best (at step 4 of a longer run): it keeps comparing against 0.3

@@ -373,14 +373,14 @@ def test_checkpoints_of_another_trajectory_are_set_aside_not_kept_over_this_runs
     assert names(run / "checkpoints") == ["step_00000002.pt", "superseded"] and fresh["steps"] == 2
     # the roll-back's step 5 joined the first run's files there, under a name of its own
     assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000005.pt", "step_00000006.pt"]
-    # set aside again, a step already there: kept under a name of its own, never replaced
+    # set aside again, a step already there: the later roll-back's file replaces it (a run killed and resumed again
+    # and again sets aside the same steps each time: kept side by side, the copies filled the disk)
     from vlmo_fast.train.state import set_aside_later_checkpoints
 
     (run / "checkpoints" / "step_00000005.pt").write_bytes(b"another trajectory's step 5")
     set_aside_later_checkpoints(str(run), 2)
-    assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000005.1.pt",
-                                                         "step_00000005.pt", "step_00000006.pt"]
-    assert (run / "checkpoints" / "superseded" / "step_00000005.1.pt").read_bytes() == b"another trajectory's step 5"
+    assert names(run / "checkpoints" / "superseded") == ["step_00000004.pt", "step_00000005.pt", "step_00000006.pt"]
+    assert (run / "checkpoints" / "superseded" / "step_00000005.pt").read_bytes() == b"another trajectory's step 5"
 
 
 def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, synthetic_root, capsys):
@@ -879,6 +879,119 @@ def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root
     assert "signal 15: stopping at the end of this step or evaluation, with a checkpoint" in out
     assert "evaluation stopped by signal 15" in out
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    # the resumed run runs that evaluation before it trains on (it was lost: the next was 2 steps later)
+    monkeypatch.setattr(train_loop, "encode", real)
+    resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=4, eval_every=2, eval_batches=0))
+    assert "step 2: running the evaluation a signal stopped" in capsys.readouterr().out
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        evaluated = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")]
+    assert evaluated == [2] and resumed["steps"] == 4  # (none at 4: the last step has the final evaluation)
+    # step 2's checkpoint still records its evaluation as not done: a roll-back to it runs it again, and its row
+    # replaces the earlier one (one evaluation row per step in log.csv)
+    again = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, eval_every=2, eval_batches=0,
+                            resume=str(tmp_path / "run" / "checkpoints" / "step_00000002.pt")))
+    assert again["steps"] == 6 and "step 2: running the evaluation a signal stopped" in capsys.readouterr().out
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")] == [2, 4]
+
+
+def test_a_log_file_gets_one_line_per_logged_step(tmp_path, synthetic_root, capsys):
+    """Output to a file (a scheduler's log), not a terminal: no progress bar (its carriage-return redraws made the
+    file one endless line), one plain line per --log-every step, messages on lines of their own, the run's last line
+    last. A row per step in log.csv with the run's elapsed time."""
+    train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, log_every=2))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert "loss=" in lines[-2] and lines[-1].startswith("done: 6 steps")
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6] and all(float(r["elapsed_s"]) >= 0 for r in rows)
+
+
+class _FakeWriter:
+    made = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.purge_step = purge_step
+        _FakeWriter.made.append(self)
+
+    def add_scalar(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_resumed_run_purges_tensorboards_later_steps_and_continues_its_clock(tmp_path, synthetic_root,
+                                                                              monkeypatch):
+    """TensorBoard kept the steps a killed run logged after its last checkpoint, and the resumed run logged them
+    again (duplicates); the writer now purges them. The run's elapsed time continues over the resume, and a stop
+    logs the steps since the last row (they were never logged: the resumed run starts after them)."""
+    import sys
+    import types
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    saves = _saves_by_step(monkeypatch, signal_at=3)
+    first = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, log_every=2, save_every=3,
+                            tensorboard=True))
+    assert first["stop_reason"] == "signal 15" and saves == {3: 1}
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]  # step 3: a row for the step since step 2
+    second = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, log_every=2, save_every=3,
+                             tensorboard=True))
+    assert [w.purge_step for w in _FakeWriter.made[-2:]] == [None, 4]
+    assert second["elapsed_s"] > first["elapsed_s"]  # the run's time, not the second part's alone
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert float(rows[2]["elapsed_s"]) >= float(rows[1]["elapsed_s"])
+
+
+def test_samples_per_second_leaves_out_evaluation_and_save_time(tmp_path, synthetic_root, monkeypatch):
+    """The rate after a periodic evaluation or save counted its time as training time (and MFU with it)."""
+    import time as real_time
+    import types
+
+    clock = {"now": 1000.0}
+
+    def tick():  # every read of the clock: 1 ms of training
+        clock["now"] += 0.001
+        return clock["now"]
+
+    monkeypatch.setattr(train_loop, "time", types.SimpleNamespace(time=tick, strftime=real_time.strftime))
+    real_evaluate, real_save = train_loop.evaluate, train_loop.save_training_checkpoint
+
+    def slow_evaluate(*args, **kwargs):
+        clock["now"] += 100.0  # a long evaluation
+        return real_evaluate(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        clock["now"] += 50.0
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_loop, "save_training_checkpoint", slow_save)
+    summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, log_every=3, eval_every=2,
+                              eval_batches=1, save_every=2))
+    rates = [h["samples_per_s"] for h in summary["history"]]
+    assert len(rates) == 2 and min(rates) > 100, rates  # 8 samples a step in a few ms, not in 150 s
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path, synthetic_root):
+    """A job resubmitted while the first still runs would resume its checkpoints, delete them as keep-last and log
+    every step twice: the folder is locked for the run (an OS file lock, gone when the process ends)."""
+    from vlmo_fast.train.state import out_dir_lock
+
+    run = tmp_path / "run"
+    with out_dir_lock(str(run)):
+        with pytest.raises(ValueError, match=r"is in use by another run \(pid \d+ on .* since .*\.lock is locked"):
+            train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))
+    # released: the folder is free again
+    assert train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))["steps"] == 1
 
 
 def _evaluation_check_run(rank, world):
@@ -920,6 +1033,10 @@ def test_a_signal_during_the_final_save_ends_the_run_as_stopped_and_a_resume_eva
     monkeypatch.undo()
     resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=4, save_every=2, final_eval=True))
     assert resumed["stop_reason"] == "max_steps" and "val/r_mean" in resumed["metrics"]
+    # the resumed run trained no step: its summary's final values are the run's last logged ones, not {}
+    assert resumed["final"]["loss"] == pytest.approx(summary["final"]["loss"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["loss"] == pytest.approx(
+        summary["final"]["loss"])
 
 
 def test_a_signal_at_a_periodic_save_saves_the_step_once(tmp_path, synthetic_root, monkeypatch):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -40,7 +41,7 @@ from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable
     unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
-from .state import (best_so_far, load_training_checkpoint, newest_readable_checkpoint, rng_state,
+from .state import (best_so_far, load_training_checkpoint, newest_readable_checkpoint, out_dir_lock, rng_state,
                     save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
 
@@ -134,17 +135,28 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
 
 
+def _number(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
 class Logger:
-    """Progress bar, CSV and TensorBoard on rank 0; a no-op elsewhere.
+    """Progress bar (or, when the output is not a terminal, one plain line per logged step), CSV and TensorBoard on
+    rank 0; a no-op elsewhere.
 
     ``log.csv`` has one column per value ever logged (training rows and evaluation rows, which carry different
     values, share the header; a value a row lacks is empty); it is rewritten when a new column appears. A resumed run
-    keeps the rows up to the step it resumes from and drops the later ones, which the resumed run logs again."""
+    keeps the rows up to the step it resumes from and drops the later ones, which the resumed run logs again (so does
+    TensorBoard: its events after that step are purged)."""
 
     def __init__(self, out_dir: str, enabled: bool, total: int, start: int, tensorboard: bool):
         self.enabled = enabled
+        self.bar = None
         if not enabled:
             return
+        self.total = total
         os.makedirs(out_dir, exist_ok=True)
         self.csv_path = os.path.join(out_dir, "log.csv")
         self._rows: List[Dict[str, Any]] = []
@@ -160,12 +172,14 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                # a resumed run logs the steps after ``start`` again: the events a killed run wrote for them go
+                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if start else None)
             except Exception:  # tensorboard not installed: CSV only
                 self._tb = None
-        from tqdm import tqdm
+        if sys.stderr.isatty():  # a scheduler's log file gets plain lines: a bar there is one endless line of redraws
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
 
     def _rewrite(self) -> None:
         def write(tmp):
@@ -176,13 +190,17 @@ class Logger:
 
         atomic_write(self.csv_path, write)
 
-    def log(self, step: int, values: Dict[str, Any]) -> None:
+    def log(self, step: int, values: Dict[str, Any], show: bool = True) -> None:
+        """A row of ``log.csv`` (and TensorBoard); ``show``: also on the bar, or as a line of its own."""
         if not self.enabled:
             return
         row = {"step": step, **values}
-        self._rows.append(row)
+        # a row of the same step and values replaces it (an evaluation that a roll-back runs again)
+        filled = lambda r: {k for k, v in r.items() if v not in ("", None)}  # noqa: E731 - (CSV rows: all columns)
+        same = [r for r in self._rows if str(r.get("step")) == str(step) and filled(r) == filled(row)]
+        self._rows = [r for r in self._rows if not any(r is x for x in same)] + [row]
         new = [k for k in row if k not in self._fields]
-        if new:
+        if new or same:
             self._fields += new
             self._rewrite()
         else:
@@ -192,21 +210,43 @@ class Logger:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k.replace(".", "/"), v, step)
+        if not show:
+            return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
                  if k in ("loss", "lr", "samples_per_s", "mfu") or k.endswith(("_loss", "_acc"))}
-        self.bar.set_postfix(shown, refresh=False)
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+        else:
+            print(f"step {step}/{self.total}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def last_training_row(self) -> Dict[str, float]:
+        """The latest row with a loss (a training row), numbers as numbers: a resumed run's rows include those
+        before it resumed."""
+        for row in reversed(self._rows if self.enabled else []):
+            if row.get("loss") not in ("", None):
+                return {k: _number(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+        return {}
 
     def advance(self, n: int = 1) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.update(n)
 
     def write(self, text: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.bar is not None:
             self.bar.write(text)
+        else:
+            print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, text: Optional[str] = None) -> None:
+        """Close the bar, then print ``text`` (the run's last line, under the bar rather than above it)."""
         if self.enabled:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if text:
+                print(text, flush=True)
             if self._tb is not None:
                 self._tb.close()
 
@@ -407,7 +447,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise ValueError(f"fsdp: {reason}")
     with _deterministic_algorithms(cfg.deterministic):
         info = init_distributed(cfg.device)
-        summary = _train(cfg, info)
+        with out_dir_lock(cfg.out_dir, info.is_main):
+            summary = _train(cfg, info)
         # not after an error: the barrier would wait for ranks waiting for this one in another collective (the job
         # hung until the group's timeout, its error unprinted; NCCL's shutdown can block the same way); the error
         # ends the process and torchrun stops the others
@@ -473,7 +514,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         configured = configured_hyperparameters(optimizer)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
-        step, counts = 0, {}
+        step, counts, evaluated_step, elapsed_before = 0, {}, 0, 0.0
         resume_path, state, unreadable = None, None, []
         if cfg.resume == "auto":  # rank 0 chooses (a rank that failed to read a file must not resume another)
             if info.is_main:
@@ -495,6 +536,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
             counts = dict(state.get("counts", {}))
+            # older checkpoints record neither: their step's evaluation counts as done, their time as unknown (0)
+            evaluated_step = int(state.get("evaluated_step", step))
+            elapsed_before = float(state.get("elapsed_s", 0.0))
             stream.restore(state["data"])
             set_rng_state(state["rng"])
 
@@ -532,17 +576,57 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
+            "evaluated_step": evaluated_step, "elapsed_s": elapsed_before + time.time() - t_start,
         }
 
-    saved_step = None
+    saved_step = step if resume_path else None  # the checkpoint a run resumes from holds its step already
+    paused = 0.0  # seconds since the last log line spent evaluating and saving: not training time (samples/s)
 
     def save(tag: str) -> Optional[str]:
-        nonlocal saved_step
+        nonlocal saved_step, paused
+        t0 = time.time()
         state = payload(tag)
         path = save_training_checkpoint(cfg.out_dir, step, state, cfg.keep_last) if info.is_main else None
         barrier()
         saved_step = step
+        paused += time.time() - t0
         return path
+
+    def log_training(last: Optional[Dict[str, torch.Tensor]]) -> None:
+        """A training row: the means since the previous row (``last``, the latest step's values, when every step
+        since was skipped) over the ranks (collectives: every rank calls it), the lr, the rate, the counts."""
+        nonlocal window, window_steps, t_last, samples_since, paused
+        now = time.time()
+        rate = samples_since / max(now - t_last - paused, 1e-9)
+        t_last, samples_since, paused = now, 0, 0.0
+        logged = {k: v / window_steps for k, v in window.items()} if window_steps else (last or {})
+        window, window_steps = {}, 0
+        values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device))) for k, v in logged.items()}
+        values["loss"] = sum(v for k, v in values.items() if "loss" in k)
+        values["lr"] = optimizer.param_groups[0]["lr"]
+        values["samples_per_s"] = rate
+        if flops_per_sample and peak_tflops:
+            values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
+        values["bad_samples"] = bad_samples_total()
+        values["skipped_steps"] = skipped
+        values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
+        history.append(values)
+        logger.log(step, values)
+
+    def periodic_evaluation() -> None:
+        """The evaluation every ``eval_every`` steps; one a signal stops is recorded as not done (``evaluated_step``
+        in the checkpoint), so the resumed run runs it again before it trains on."""
+        nonlocal evaluated_step, paused
+        t0 = time.time()
+        metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None, stop=flag)
+        if metrics:
+            logger.log(step, metrics, show=False)
+            logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if not from_main(info.is_main and not metrics):  # (rank 0 reports; it has metrics unless stopped)
+            evaluated_step = step
+        if not cfg.eval_batches:
+            keep_if_best(metrics)
+        paused += time.time() - t0
 
     def keep_if_best(metrics: Dict[str, float]) -> None:
         """best.pt := this step's state when this evaluation of the whole val split beats the run's best
@@ -583,6 +667,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     model.train()
     try:  # the handlers stay until the end (final save and evaluation included), and go on any error
         try:
+            if periodic_eval and 0 < step < max_steps and step % cfg.eval_every == 0 and evaluated_step != step:
+                logger.write(f"step {step}: running the evaluation a signal stopped")
+                periodic_evaluation()
+                signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+                if signum:
+                    stop_reason = f"signal {signum}"
+                    raise StopTraining(stop_reason)
             while step < max_steps:
                 # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
                 parts: Dict[str, torch.Tensor] = {}
@@ -639,29 +730,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 step += 1
                 logger.advance()
                 if step % cfg.log_every == 0 or step == max_steps:
-                    now = time.time()
-                    rate = samples_since / max(now - t_last, 1e-9)
-                    t_last, samples_since = now, 0
-                    logged = {k: v / window_steps for k, v in window.items()} if window_steps else parts
-                    window, window_steps = {}, 0
-                    values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device)))
-                              for k, v in logged.items()}
-                    values["loss"] = sum(v for k, v in values.items() if "loss" in k)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    values["samples_per_s"] = rate
-                    if flops_per_sample and peak_tflops:
-                        values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-                    values["bad_samples"] = bad_samples_total()
-                    values["skipped_steps"] = skipped
-                    history.append(values)
-                    logger.log(step, values)
+                    log_training(parts)
                 if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
-                    metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None, stop=flag)
-                    if metrics:
-                        logger.log(step, metrics)
-                        logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                    if not cfg.eval_batches:
-                        keep_if_best(metrics)
+                    periodic_evaluation()
                 if step % cfg.save_every == 0 and step < max_steps:
                     last_ckpt = save("periodic")
                 signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
@@ -671,6 +742,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             if step >= max_steps:
                 last_ckpt = save("final")
         except StopTraining:
+            if window_steps:  # the steps since the last row: logged now, or never (a resumed run starts after them)
+                log_training(None)
             if saved_step != step:  # (a periodic save of this step holds it already)
                 last_ckpt = save(stop_reason)
         # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the signal
@@ -687,16 +760,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             stop_reason = f"signal {signum}"
     finally:
         _restore_signal_handlers(previous)
-    elapsed = time.time() - t_start
+    elapsed = elapsed_before + time.time() - t_start
     bad_total = bad_samples_total()
     summary = {
         "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
-        "bad_samples": bad_total, "last_checkpoint": last_ckpt, "final": history[-1] if history else {},
+        "bad_samples": bad_total, "last_checkpoint": last_ckpt,
+        "final": history[-1] if history else logger.last_training_row(),
         "metrics": metrics, "best": best, "history": history,
     }
     if info.is_main:
         if metrics:  # an evaluation row (none: no row holding the step alone)
-            logger.log(step, metrics)
+            logger.log(step, metrics, show=False)
         atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
                           {k: v for k, v in summary.items() if k != "history"}, indent=1)
         parts = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
@@ -705,8 +779,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if metrics:
             parts.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         parts.append(f"skipped steps {skipped}, bad samples {bad_total}; checkpoint {last_ckpt}")
-        logger.write("; ".join(parts))
-    logger.close()
+    logger.close("; ".join(parts) if info.is_main else None)
     return summary
 
 

@@ -7,10 +7,13 @@ optimizer, scheduler and grad-scaler states, the step, the data position, the RN
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
 import re
+import socket
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load, verify_checksums
 from ..fileio import TMP_PREFIX
+from .config import input_stage
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -75,33 +79,65 @@ def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Di
 SUPERSEDED = "superseded"
 
 
-def _free_name(target: str) -> str:
-    """``target``, or ``<stem>.<k>.pt`` when taken: an earlier roll-back's file of the same name is kept too."""
-    stem, k = target[: -len(".pt")], 1
-    while os.path.exists(target):
-        target, k = f"{stem}.{k}.pt", k + 1
+def _set_aside(path: str, name: str) -> str:
+    """Move ``path`` to ``checkpoints/superseded/<name>``, replacing an earlier roll-back's file of that name: one
+    file per step, so a run killed and resumed again and again (which sets aside the same steps each time) does not
+    fill the disk with copies."""
+    target = os.path.join(os.path.dirname(path), SUPERSEDED, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(path, target)
     return target
 
 
 def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
     """Move the checkpoints of steps after ``step`` (a run resumed from an earlier one, or started afresh, in a used
-    folder) into ``checkpoints/superseded/``, with partial writes a killed process left. They belong to another
+    folder) into ``checkpoints/superseded/`` (one file per step: a later roll-back's replaces an earlier one's), and
+    remove the partial writes a killed process left. They belong to another
     trajectory: left in place, keep-last would delete this run's newer checkpoints instead of them (it keeps the
     highest steps) and resume=auto would continue them. Returns what was moved or removed, for the log."""
     folder = os.path.join(out_dir, "checkpoints")
     moved: List[str] = []
-    later = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) > step]
-    if later:
-        aside = os.path.join(folder, SUPERSEDED)
-        os.makedirs(aside, exist_ok=True)
-        for path in later:
-            target = _free_name(os.path.join(aside, os.path.basename(path)))
-            os.replace(path, target)
-            moved.append(f"moved {path} to {target}")
+    for path in list_checkpoints(out_dir):
+        if checkpoint_step(path) > step:
+            moved.append(f"moved {path} to {_set_aside(path, os.path.basename(path))}")
     for tmp in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
         os.unlink(tmp)
         moved.append(f"removed {tmp} (a write a killed process began)")
     return moved
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str, enabled: bool = True):
+    """Hold ``<out_dir>/.lock`` for a run: a second run in the same folder (a job resubmitted while the first still
+    runs) would resume the first one's checkpoints, delete them as keep-last and write log.csv twice. It is refused
+    with the holder's pid, host and start time. The lock is an OS file lock (``flock``), released when the process
+    ends however it ends, so a killed run leaves no stale lock; where the OS has none (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            with input_stage():
+                raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for it "
+                                 f"to end, or give another --out-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # (closing the file releases the lock)
 
 
 def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], keep_last: int) -> str:
@@ -143,14 +179,12 @@ def best_so_far(out_dir: str, step: int) -> Tuple[Optional[Dict[str, float]], Li
         state = load_training_checkpoint(path)
         best = {"step": int(state["step"]), "the_metric": float(state["the_metric"]), "path": path}
         reason = None if best["step"] <= step else f"chosen at step {best['step']}, after step {step}"
+        name = f"best_step_{best['step']:08d}.pt"
     except (CheckpointError, ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
-        best, reason = None, f"unreadable: {first_line(exc)}"
+        best, reason, name = None, f"unreadable: {first_line(exc)}", "best_unreadable.pt"
     if reason is None:
         return best, []
-    target = _free_name(os.path.join(os.path.dirname(path), SUPERSEDED, "best.pt"))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(path, target)
-    return None, [f"moved {path} ({reason}) to {target}"]
+    return None, [f"moved {path} ({reason}) to {_set_aside(path, name)}"]
 
 
 def load_training_checkpoint(path: str, verify: bool = False) -> Dict[str, Any]:
