@@ -320,3 +320,9 @@ def test_a_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
         fileio.atomic_write(str(target), failing)
     assert info.value.errno == errno.ENOSPC and isinstance(info.value.__cause__, RuntimeError)
     assert os.listdir(tmp_path) == []
+
+    def pyarrow_like(tmp):  # an ENOSPC that names no file (pyarrow: "Error writing bytes to file")
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    with pytest.raises(OSError, match=r"writing .*ckpt.pt: no space left on device \(\[Errno 28\] Error writing"):
+        fileio.atomic_write(str(target), pyarrow_like)

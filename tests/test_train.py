@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import time
 import warnings
 
 import pyarrow as pa
@@ -886,13 +887,27 @@ def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         evaluated = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")]
     assert evaluated == [2] and resumed["steps"] == 4  # (none at 4: the last step has the final evaluation)
-    # step 2's checkpoint still records its evaluation as not done: a roll-back to it runs it again, and its row
-    # replaces the earlier one (one evaluation row per step in log.csv)
+    # step 2's checkpoint still records its evaluation as pending: a roll-back to it runs it again, and its row
+    # replaces the earlier one (one evaluation row per step in log.csv), not the training row of that step
+    step2 = str(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
     again = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, eval_every=2, eval_batches=0,
-                            resume=str(tmp_path / "run" / "checkpoints" / "step_00000002.pt")))
+                            resume=step2))
     assert again["steps"] == 6 and "step 2: running the evaluation a signal stopped" in capsys.readouterr().out
     with open(tmp_path / "run" / "log.csv", newline="") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")] == [2, 4]
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r.get("val/itc_i2t_acc")] == [2, 4]
+    assert [int(r["step"]) for r in rows if r.get("loss")] == [1, 2, 3, 4, 5, 6]
+    # a finished run continued with more steps has no evaluation pending (the final one was its last)
+    longer = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=7, eval_every=2, eval_batches=0))
+    assert longer["steps"] == 7 and "running the evaluation" not in capsys.readouterr().out
+    # a signal during the re-run: the run stops at once, without saving step 2 again (its file holds that state)
+    monkeypatch.setattr(train_loop, "encode", signalling)
+    saves = _saves_by_step(monkeypatch)
+    stopped = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, eval_every=2, eval_batches=0,
+                              resume=step2))
+    assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and saves == {}
+    assert stopped["last_checkpoint"] == step2
+    assert torch.load(step2, weights_only=True, mmap=True)["eval_pending"] is True
 
 
 def test_a_log_file_gets_one_line_per_logged_step(tmp_path, synthetic_root, capsys):
@@ -943,7 +958,7 @@ def test_a_resumed_run_purges_tensorboards_later_steps_and_continues_its_clock(t
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 3]  # step 3: a row for the step since step 2
     second = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=6, log_every=2, save_every=3,
                              tensorboard=True))
-    assert [w.purge_step for w in _FakeWriter.made[-2:]] == [None, 4]
+    assert [w.purge_step for w in _FakeWriter.made[-2:]] == [1, 4]  # a fresh start purges an older run's too
     assert second["elapsed_s"] > first["elapsed_s"]  # the run's time, not the second part's alone
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -988,10 +1003,32 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path, synthetic_root):
 
     run = tmp_path / "run"
     with out_dir_lock(str(run)):
+        child = os.fork()  # (as a DataLoader worker: it must not keep the folder locked after the run)
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
         with pytest.raises(ValueError, match=r"is in use by another run \(pid \d+ on .* since .*\.lock is locked"):
             train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))
-    # released: the folder is free again
-    assert train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))["steps"] == 1
+    try:  # released, though the forked child lives on: the folder is free again
+        assert train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))["steps"] == 1
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from vlmo_fast.train.state import out_dir_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="no file lock on this file system"):
+        with out_dir_lock(str(tmp_path / "run")):
+            pass
 
 
 def _evaluation_check_run(rank, world):
@@ -1132,9 +1169,9 @@ def test_a_diverging_run_with_itm_skips_steps_and_stops(tmp_path, synthetic_root
     assert summary["skipped_steps"] == 2 and os.path.isfile(summary["last_checkpoint"])
 
 
-def _fsdp_run(rank, world, out_dir, root, fsdp, steps):
+def _fsdp_run(rank, world, out_dir, root, fsdp, steps, eval_every=0):
     cfg = small_cfg(out_dir, root, max_steps=steps, per_device_batch_size=4, tasks=["itc", "mlm"], fsdp=fsdp,
-                    gather_with_grad=True, save_every=2, keep_last=5)
+                    gather_with_grad=True, save_every=2, keep_last=5, eval_every=eval_every, eval_batches=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = losses(train(cfg))
@@ -1159,6 +1196,16 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path, synthetic_root):
     shutil.copy(tmp_path / "fsdp" / "checkpoints" / "step_00000002.pt", resumed_dir / "checkpoints")
     resumed = run_distributed(_fsdp_run, 2, str(resumed_dir), synthetic_root, True, 4)[0]
     assert resumed == pytest.approx(fsdp[2:], rel=1e-5)
+    # a checkpoint whose evaluation a signal stopped: the resumed run evaluates before any training forward, which
+    # made FSDP2 take the blocks for roots and fail at the first training step; it trains on, the same trajectory
+    pending_dir = tmp_path / "pending"
+    os.makedirs(pending_dir / "checkpoints")
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    torch.save(dict(state, eval_pending=True), pending_dir / "checkpoints" / "step_00000002.pt")
+    pending = run_distributed(_fsdp_run, 2, str(pending_dir), synthetic_root, True, 4, 2)[0]
+    assert pending == pytest.approx(fsdp[2:], rel=1e-5)
+    with open(pending_dir / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")] == [2]
 
 
 class _Indices(torch.utils.data.Dataset):

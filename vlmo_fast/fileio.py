@@ -54,8 +54,10 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         full = isinstance(exc, Exception) and _disk_full(directory)  # checked while the partial file still exists
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if full and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        enospc = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if (full or enospc) and path not in str(exc):
             # a writer's own error for a full disk can be obscure (torch.save: "basic_ios::clear: iostream error")
+            # or name no file (pyarrow: "Error writing bytes to file")
             raise OSError(errno.ENOSPC, f"writing {path}: no space left on device ({_first_line(exc)})") from exc
         raise
 

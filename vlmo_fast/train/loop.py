@@ -172,8 +172,9 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # a resumed run logs the steps after ``start`` again: the events a killed run wrote for them go
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if start else None)
+                # a resumed run logs the steps after ``start`` again (a fresh start in a used folder: all of them),
+                # so the events a killed or earlier run wrote for them go
+                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1)
             except Exception:  # tensorboard not installed: CSV only
                 self._tb = None
         if sys.stderr.isatty():  # a scheduler's log file gets plain lines: a bar there is one endless line of redraws
@@ -358,6 +359,12 @@ def _unsharded(model: VLMo, on: bool):
     """FSDP2's root parameters (embeddings, heads) gathered for the evaluation, which calls the model's inference
     methods rather than its forward (whose hook would gather them); the blocks gather their own in their forwards."""
     if on:
+        # FSDP2 decides which module is the root at the first forward: an evaluation before any training forward (a
+        # resumed run re-running the evaluation a signal stopped) must make it the model, or the blocks' own forwards
+        # take the role and the first training step then fails ("FSDP state has already been lazily initialized")
+        state = getattr(model, "_get_fsdp_state", None)
+        if state is not None:
+            state()._lazy_init()
         model.unshard()
     try:
         yield
@@ -514,7 +521,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         configured = configured_hyperparameters(optimizer)
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
-        step, counts, evaluated_step, elapsed_before = 0, {}, 0, 0.0
+        step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
         resume_path, state, unreadable = None, None, []
         if cfg.resume == "auto":  # rank 0 chooses (a rank that failed to read a file must not resume another)
             if info.is_main:
@@ -536,8 +543,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 scaler.load_state_dict(state["scaler"])
             step = int(state["step"])
             counts = dict(state.get("counts", {}))
-            # older checkpoints record neither: their step's evaluation counts as done, their time as unknown (0)
-            evaluated_step = int(state.get("evaluated_step", step))
+            # older checkpoints record neither: no evaluation pending, the time unknown (0)
+            eval_pending = bool(state.get("eval_pending", False))
             elapsed_before = float(state.get("elapsed_s", 0.0))
             stream.restore(state["data"])
             set_rng_state(state["rng"])
@@ -576,7 +583,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
-            "evaluated_step": evaluated_step, "elapsed_s": elapsed_before + time.time() - t_start,
+            "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
         }
 
     saved_step = step if resume_path else None  # the checkpoint a run resumes from holds its step already
@@ -614,16 +621,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         logger.log(step, values)
 
     def periodic_evaluation() -> None:
-        """The evaluation every ``eval_every`` steps; one a signal stops is recorded as not done (``evaluated_step``
-        in the checkpoint), so the resumed run runs it again before it trains on."""
-        nonlocal evaluated_step, paused
+        """The evaluation every ``eval_every`` steps; one a signal stops stays pending (``eval_pending`` in the
+        checkpoint of this step), so the resumed run runs it before it trains on."""
+        nonlocal eval_pending, paused
         t0 = time.time()
+        eval_pending = True
         metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None, stop=flag)
         if metrics:
             logger.log(step, metrics, show=False)
             logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if not from_main(info.is_main and not metrics):  # (rank 0 reports; it has metrics unless stopped)
-            evaluated_step = step
+        # stopped: rank 0 (which reports) has no metrics and the signal flag; every rank takes its word
+        eval_pending = bool(from_main(info.is_main and not metrics and bool(flag.get("signal"))))
         if not cfg.eval_batches:
             keep_if_best(metrics)
         paused += time.time() - t0
@@ -653,7 +661,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         return bad_before + int(round(float(mean_over_ranks(mine)) * info.world_size))
 
     scheduler_stepped = False
-    last_ckpt = None
+    last_ckpt = resume_path or None  # the run's latest checkpoint, until it saves one
     history: List[Dict[str, float]] = []
     can_evaluate = data_setup.has_val_split(cfg)
     periodic_eval = bool(cfg.eval_every) and can_evaluate
@@ -667,9 +675,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     model.train()
     try:  # the handlers stay until the end (final save and evaluation included), and go on any error
         try:
-            if periodic_eval and 0 < step < max_steps and step % cfg.eval_every == 0 and evaluated_step != step:
+            if eval_pending and periodic_eval and step < max_steps:
                 logger.write(f"step {step}: running the evaluation a signal stopped")
                 periodic_evaluation()
+                if not eval_pending:  # done: a stop now saves this step again, recording it
+                    saved_step = None
                 signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
                 if signum:
                     stop_reason = f"signal {signum}"

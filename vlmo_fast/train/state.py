@@ -8,12 +8,14 @@ optimizer, scheduler and grad-scaler states, the step, the data position, the RN
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import random
 import re
 import socket
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -106,12 +108,31 @@ def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
     return moved
 
 
+_LOCK_FDS: List[int] = []  # the out-dir locks this process holds
+
+
+def _close_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) gets copies of the lock's file descriptor, and an ``flock`` lasts as long
+    as any copy is open: a killed run's orphaned workers held its folder. Children close their copies at once."""
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
 @contextlib.contextmanager
 def out_dir_lock(out_dir: str, enabled: bool = True):
     """Hold ``<out_dir>/.lock`` for a run: a second run in the same folder (a job resubmitted while the first still
     runs) would resume the first one's checkpoints, delete them as keep-last and write log.csv twice. It is refused
     with the holder's pid, host and start time. The lock is an OS file lock (``flock``), released when the process
-    ends however it ends, so a killed run leaves no stale lock; where the OS has none (Windows), no lock."""
+    ends however it ends, so a killed run leaves no stale lock. Where the OS or the file system has no such locks
+    (Windows; Lustre without ``-o flock``), the run goes on without one, with a warning."""
     try:
         import fcntl
     except ImportError:
@@ -121,23 +142,31 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
         return
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
-    f = open(path, "a+")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            with input_stage():
-                raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for it "
-                                 f"to end, or give another --out-dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                warnings.warn(f"{path}: no file lock on this file system ({exc.strerror or exc}); a second run in "
+                              f"{out_dir} would not be refused")
+                locked = False
+            else:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                with input_stage():
+                    raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for "
+                                     f"it to end, or give another --out-dir") from None
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            _LOCK_FDS.append(fd)
         yield
     finally:
-        f.close()  # (closing the file releases the lock)
+        if fd in _LOCK_FDS:
+            _LOCK_FDS.remove(fd)
+        os.close(fd)  # (releases the lock)
 
 
 def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], keep_last: int) -> str:
