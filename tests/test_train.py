@@ -908,6 +908,12 @@ def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root
     assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and saves == {}
     assert stopped["last_checkpoint"] == step2
     assert torch.load(step2, weights_only=True, mmap=True)["eval_pending"] is True
+    # resumed from another folder's checkpoint: stopped the same way, it saves the step in its own folder
+    saves.clear()
+    other = train(small_cfg(tmp_path / "other", synthetic_root, max_steps=6, eval_every=2, eval_batches=0,
+                            resume=step2))
+    assert other["stop_reason"] == "signal 15" and saves == {2: 1}
+    assert other["last_checkpoint"] == str(tmp_path / "other" / "checkpoints" / "step_00000002.pt")
 
 
 def test_a_log_file_gets_one_line_per_logged_step(tmp_path, synthetic_root, capsys):

@@ -41,8 +41,9 @@ from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable
     unwrap, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
-from .state import (best_so_far, load_training_checkpoint, newest_readable_checkpoint, out_dir_lock, rng_state,
-                    save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
+from .state import (best_so_far, checkpoint_path, load_training_checkpoint, newest_readable_checkpoint,
+                    out_dir_lock, rng_state, save_best_checkpoint, save_training_checkpoint,
+                    set_aside_later_checkpoints, set_rng_state)
 
 
 def needs_unused_parameter_search(tasks) -> bool:
@@ -586,7 +587,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
         }
 
-    saved_step = step if resume_path else None  # the checkpoint a run resumes from holds its step already
+    # the step a run resumes from is saved already when it resumes from this folder's own checkpoint of it (from
+    # another file, e.g. best.pt or another folder's, resume=auto here would not find it)
+    own = resume_path and os.path.abspath(resume_path) == os.path.abspath(checkpoint_path(cfg.out_dir, step))
+    saved_step = step if own else None
     paused = 0.0  # seconds since the last log line spent evaluating and saving: not training time (samples/s)
 
     def save(tag: str) -> Optional[str]:
