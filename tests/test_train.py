@@ -900,6 +900,13 @@ def test_a_signal_stops_an_evaluation_at_its_next_batch(tmp_path, synthetic_root
     # a finished run continued with more steps has no evaluation pending (the final one was its last)
     longer = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=7, eval_every=2, eval_batches=0))
     assert longer["steps"] == 7 and "running the evaluation" not in capsys.readouterr().out
+    # resumed without periodic evaluations (or at max_steps), the pending one is dropped: not re-run later
+    off = tmp_path / "off"
+    shutil.copytree(tmp_path / "run" / "checkpoints", off / "checkpoints")
+    for later in ("step_00000004.pt", "step_00000006.pt", "step_00000007.pt"):
+        (off / "checkpoints" / later).unlink(missing_ok=True)
+    assert train(small_cfg(off, synthetic_root, max_steps=3, eval_every=0))["steps"] == 3
+    assert torch.load(off / "checkpoints" / "step_00000003.pt", weights_only=True, mmap=True)["eval_pending"] is False
     # a signal during the re-run: the run stops at once, without saving step 2 again (its file holds that state)
     monkeypatch.setattr(train_loop, "encode", signalling)
     saves = _saves_by_step(monkeypatch)
@@ -1009,10 +1016,14 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path, synthetic_root):
 
     run = tmp_path / "run"
     with out_dir_lock(str(run)):
+        ready, running = os.pipe()
         child = os.fork()  # (as a DataLoader worker: it must not keep the folder locked after the run)
         if child == 0:
+            os.write(running, b"1")  # running: its copy of the lock's descriptor was closed at the fork
             time.sleep(30)
             os._exit(0)
+        assert os.read(ready, 1) == b"1"
+        os.close(ready), os.close(running)
         with pytest.raises(ValueError, match=r"is in use by another run \(pid \d+ on .* since .*\.lock is locked"):
             train(small_cfg(run, synthetic_root, max_steps=1, warmup_steps=0))
     try:  # released, though the forked child lives on: the folder is free again
@@ -1020,6 +1031,28 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path, synthetic_root):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_forked_child_leaving_the_lock_closes_nothing_of_its_own(tmp_path):
+    """The child's copy of the lock's descriptor is closed at the fork, so its number can be reused by a file the
+    child opens: leaving the lock's block in the child must not close that file."""
+    from vlmo_fast.train.state import out_dir_lock
+
+    lock = out_dir_lock(str(tmp_path / "run"))
+    lock.__enter__()
+    try:
+        child = os.fork()
+        if child == 0:
+            fd = os.open(str(tmp_path / "child.txt"), os.O_RDWR | os.O_CREAT)
+            lock.__exit__(None, None, None)
+            try:
+                os.fstat(fd)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):

@@ -688,6 +688,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 if signum:
                     stop_reason = f"signal {signum}"
                     raise StopTraining(stop_reason)
+            elif eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
+                eval_pending, saved_step = False, None
             while step < max_steps:
                 # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
                 parts: Dict[str, torch.Tensor] = {}

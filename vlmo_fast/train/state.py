@@ -142,7 +142,7 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
         return
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,9 +164,10 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
             _LOCK_FDS.append(fd)
         yield
     finally:
-        if fd in _LOCK_FDS:
-            _LOCK_FDS.remove(fd)
-        os.close(fd)  # (releases the lock)
+        if os.getpid() == owner:  # (a forked child leaving this block: its copy was closed at the fork)
+            if fd in _LOCK_FDS:
+                _LOCK_FDS.remove(fd)
+            os.close(fd)  # (releases the lock)
 
 
 def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], keep_last: int) -> str:
