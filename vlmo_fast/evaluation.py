@@ -12,6 +12,8 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .data.collate import is_empty_batch
+
 
 @torch.no_grad()
 def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_ids: torch.Tensor,
@@ -58,7 +60,7 @@ def readable(batches: Iterable[dict], stats: Optional[dict] = None) -> Iterator[
     for batch in batches:
         if stats is not None:
             stats["bad_samples"] = stats.get("bad_samples", 0) + int(batch.get("bad_samples", 0) or 0)
-        if set(batch) - {"bad_samples"}:
+        if not is_empty_batch(batch):
             yield batch
 
 

@@ -197,12 +197,17 @@ class Logger:
         if not self.enabled:
             return
         row = {"step": step, **values}
-        # a row of the same step and values replaces it (an evaluation that a roll-back runs again)
+        # a row of the same step and values replaces it (an evaluation that a roll-back runs again); rows are in step
+        # order and none is later than this step, so that step's rows are the last ones
+        first = len(self._rows)
+        while first and str(self._rows[first - 1].get("step")) == str(step):
+            first -= 1
         filled = lambda r: {k for k, v in r.items() if v not in ("", None)}  # noqa: E731 - (CSV rows: all columns)
-        same = [r for r in self._rows if str(r.get("step")) == str(step) and filled(r) == filled(row)]
-        self._rows = [r for r in self._rows if not any(r is x for x in same)] + [row]
+        kept = [r for r in self._rows[first:] if filled(r) != filled(row)]
+        replaced = len(kept) < len(self._rows) - first
+        self._rows[first:] = kept + [row]
         new = [k for k in row if k not in self._fields]
-        if new or same:
+        if new or replaced:
             self._fields += new
             self._rewrite()
         else:
@@ -664,8 +669,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         mine = torch.tensor(float(bad_samples), device=info.device)
         return bad_before + int(round(float(mean_over_ranks(mine)) * info.world_size))
 
+    def signalled() -> int:  # the signal any rank received, 0 for none (a collective: every rank stops together)
+        return max_over_ranks(int(flag.get("signal", 0)), info.device)
+
     scheduler_stepped = False
-    last_ckpt = resume_path or None  # the run's latest checkpoint, until it saves one
+    last_ckpt = resume_path  # the run's latest checkpoint, until it saves one
     history: List[Dict[str, float]] = []
     can_evaluate = data_setup.has_val_split(cfg)
     periodic_eval = bool(cfg.eval_every) and can_evaluate
@@ -684,7 +692,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 periodic_evaluation()
                 if not eval_pending:  # done: a stop now saves this step again, recording it
                     saved_step = None
-                signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+                signum = signalled()
                 if signum:
                     stop_reason = f"signal {signum}"
                     raise StopTraining(stop_reason)
@@ -751,7 +759,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     periodic_evaluation()
                 if step % cfg.save_every == 0 and step < max_steps:
                     last_ckpt = save("periodic")
-                signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+                signum = signalled()
                 if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
                     stop_reason = f"signal {signum}"
                     raise StopTraining(stop_reason)
@@ -771,7 +779,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 keep_if_best(metrics)
             else:
                 logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
-        signum = max_over_ranks(int(flag.get("signal", 0)), info.device)
+        signum = signalled()
         if signum and stop_reason == "max_steps":
             stop_reason = f"signal {signum}"
     finally:
@@ -784,18 +792,20 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         "final": history[-1] if history else logger.last_training_row(),
         "metrics": metrics, "best": best, "history": history,
     }
+    last_line = None
     if info.is_main:
         if metrics:  # an evaluation row (none: no row holding the step alone)
             logger.log(step, metrics, show=False)
         atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
                           {k: v for k, v in summary.items() if k != "history"}, indent=1)
-        parts = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
+        done = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
         if "loss" in summary["final"]:
-            parts.append(f"loss {summary['final']['loss']:.4f}")
+            done.append(f"loss {summary['final']['loss']:.4f}")
         if metrics:
-            parts.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        parts.append(f"skipped steps {skipped}, bad samples {bad_total}; checkpoint {last_ckpt}")
-    logger.close("; ".join(parts) if info.is_main else None)
+            done.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        done.append(f"skipped steps {skipped}, bad samples {bad_total}; checkpoint {last_ckpt}")
+        last_line = "; ".join(done)
+    logger.close(last_line)
     return summary
 
 

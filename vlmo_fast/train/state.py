@@ -94,9 +94,9 @@ def _set_aside(path: str, name: str) -> str:
 def set_aside_later_checkpoints(out_dir: str, step: int) -> List[str]:
     """Move the checkpoints of steps after ``step`` (a run resumed from an earlier one, or started afresh, in a used
     folder) into ``checkpoints/superseded/`` (one file per step: a later roll-back's replaces an earlier one's), and
-    remove the partial writes a killed process left. They belong to another
-    trajectory: left in place, keep-last would delete this run's newer checkpoints instead of them (it keeps the
-    highest steps) and resume=auto would continue them. Returns what was moved or removed, for the log."""
+    remove the partial writes a killed process left. They belong to another trajectory: left in place, keep-last
+    would delete this run's newer checkpoints instead of them (it keeps the highest steps) and resume=auto would
+    continue them. Returns what was moved or removed, for the log."""
     folder = os.path.join(out_dir, "checkpoints")
     moved: List[str] = []
     for path in list_checkpoints(out_dir):
