@@ -177,7 +177,7 @@ def test_from_official():
         vf.from_official(src.state_dict(), dict(cfg, model_arch="vit_base"))
     with pytest.raises(TypeError):
         vf.from_official(src.state_dict(), ["not", "a", "dict"])
-    with pytest.raises(TypeError, match=r"loss_names'\]\['itm'\] must be a number"):
+    with pytest.raises(TypeError, match=r"config\['loss_names'\]: loss_names\['itm'\] must be a number"):
         vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": "1"}))
     with pytest.raises(TypeError, match="loss_names'] must be a dict"):
         vf.from_official(src.state_dict(), dict(cfg, loss_names=["itm", "itc"]))
@@ -194,6 +194,10 @@ def test_from_official():
     on = vf.from_official(src.state_dict(), dict(cfg, loss_names={"itm": True, "itc": 0.5, "mlm": np.int64(2),
                                                                    "vqa": 0}))
     assert on.config.loss_names["itm"] == 1 and on.config.loss_names["itc"] == 1 and on.config.loss_names["mlm"] == 1 and on.config.loss_names["vqa"] == 0
+    # a dict without loss_names takes the official default (itm, itc, mlm: the pretraining heads), as every other
+    # missing key does; it used to build a model with no head at all
+    default = vf.from_official(src.state_dict(), {k: v for k, v in cfg.items() if k != "loss_names"}, strict=True)
+    assert default.config.loss_names == vf.loss_names(itm=1, itc=1, mlm=1)
 
 
 def _ddp_step(rank, world, accelerated):
@@ -336,6 +340,46 @@ def test_settings_changed_after_accelerating_are_followed():
     model.eval()
     torch.testing.assert_close(blk(x, mask=keep, modality_type="image"),
                                type(blk).forward(blk, x, mask=keep, modality_type="image"))
+
+
+def test_submodules_replaced_after_accelerating_are_followed():
+    """A LoRA-style Linear injected, or the activation swapped, after accelerating (what peft does to a model built
+    earlier) sends the block back to its official forward: the fused path read the weights and bypassed both,
+    silently (wrong outputs, no gradient for the adapter's parameters)."""
+
+    class LoRALinear(nn.Linear):
+        def __init__(self, base):
+            super().__init__(base.in_features, base.out_features)
+            self.weight, self.bias = base.weight, base.bias
+            self.A = nn.Parameter(torch.randn(2, base.in_features) * 0.5)
+            self.B = nn.Parameter(torch.randn(base.out_features, 2) * 0.5)
+
+        def forward(self, x):
+            return super().forward(x) + x @ self.A.t() @ self.B.t()
+
+    def change(m):
+        torch.manual_seed(11)
+        m.transformer.blocks[0].attn.proj = LoRALinear(m.transformer.blocks[0].attn.proj)
+        m.transformer.blocks[1].mlp_text.fc1 = LoRALinear(m.transformer.blocks[1].mlp_text.fc1)
+        m.transformer.blocks[2].mlp_imag.act = nn.GELU(approximate="tanh")
+
+    model, original = official_model(), official_model()
+    vf.accelerate(model)
+    b = batch(model.config)
+    run_paths(model, b, train=True)  # accelerated calls before the change
+    change(model), change(original)
+    outs, grads = run_paths(model, b, train=True)
+    outs_e, grads_e = run_paths(original, b, train=True)
+    for a, e in zip(outs, outs_e):
+        torch.testing.assert_close(a, e)
+    assert grads.keys() == grads_e.keys() and "transformer.blocks.0.attn.proj.A" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_e[name], msg=name)
+    # changed back to a plain GELU: the fused path again
+    from vlmo_fast.accelerate import _changed_since
+    assert _changed_since(model.transformer.blocks[2]) == "mlp_imag activation is GELU('tanh'), not exact GELU"
+    model.transformer.blocks[2].mlp_imag.act = nn.GELU()
+    assert _changed_since(model.transformer.blocks[2]) is None
 
 
 def test_a_deep_copy_runs_its_own_weights():

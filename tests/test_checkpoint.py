@@ -326,3 +326,72 @@ def test_a_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
 
     with pytest.raises(OSError, match=r"writing .*ckpt.pt: no space left on device \(\[Errno 28\] Error writing"):
         fileio.atomic_write(str(target), pyarrow_like)
+
+
+def test_save_to_a_name_without_extension_or_a_folder(tmp_path):
+    """torch.save named its archive after the temporary file's name up to its last ".", the prefix's leading one for
+    a target without extension: "invalid file name". A folder is refused by name."""
+    m = tiny()
+    save_checkpoint(m, tmp_path / "vlmo_tiny")
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    load_checkpoint(dst, tmp_path / "vlmo_tiny")
+    assert_same_weights(m, dst)
+    (tmp_path / "adir.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_checkpoint(m, tmp_path / "adir.pt")
+    assert sorted(os.listdir(tmp_path)) == ["adir.pt", "vlmo_tiny"]
+
+
+def test_compiled_and_ddp_wrapped_models_save_and_load_their_own_keys(tmp_path):
+    """torch.compile's wrapper prefixes every key with "_orig_mod.": saved as such, the file was not the official
+    layout, and a plain file did not load into a compiled model."""
+    m = tiny()
+    compiled = torch.compile(m, backend="eager")
+    save_checkpoint(compiled, tmp_path / "c.pt")
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert list(raw) == list(m.state_dict()) + list(vf.checkpoint.LEGACY_INDEX_KEYS)
+    dst = torch.compile(vf.VLMo(vf.preset("vlmo_tiny_patch16")), backend="eager")
+    report = load_checkpoint(dst, tmp_path / "c.pt")
+    assert not report.missing_keys and not report.unexpected_keys
+    assert_same_weights(m, dst._orig_mod)
+
+    class FakeDDP(torch.nn.parallel.DistributedDataParallel):  # the unwrapping, without a process group
+        def __init__(self, module):
+            torch.nn.Module.__init__(self)
+            self.module = module
+
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16"))
+    load_checkpoint(FakeDDP(dst), tmp_path / "c.pt")
+    assert_same_weights(m, dst)
+    assert vf.checkpoint.plain_module(torch.compile(FakeDDP(dst), backend="eager")) is dst
+
+
+def test_metadata_needs_safetensors(tmp_path):
+    """Metadata given for a .pt file was dropped silently; read_metadata of a .pt file said "header too large"."""
+    m = tiny()
+    with pytest.raises(ValueError, match="metadata: only a .safetensors file carries metadata"):
+        save_checkpoint(m, tmp_path / "m.pt", metadata={"note": 1})
+    assert not os.listdir(tmp_path)
+    save_checkpoint(m, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="is a torch.save file: only a .safetensors file carries metadata"):
+        vf.checkpoint.read_metadata(tmp_path / "m.pt")
+    save_checkpoint(m, tmp_path / "m.safetensors", metadata={"note": 1})
+    assert vf.checkpoint.read_metadata(tmp_path / "m.safetensors") == {"note": 1}
+
+
+def test_a_model_built_on_meta_loads_with_its_index_buffers(tmp_path):
+    """The relative-position index buffers are derived, not saved: after ``to_empty()`` they held garbage, and
+    loading ignored the index tensors in the file, so the model read the table at garbage rows."""
+    src = tiny(loss_names=loss_names(irtr=1)).eval()
+    save_checkpoint(src, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        m = vf.VLMo(src.config)
+    m = m.to_empty(device="cpu").eval()
+    for name in ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index"):
+        getattr(m, name).fill_(-12345)  # what uninitialised memory may hold
+    load_checkpoint(m, tmp_path / "m.safetensors")
+    for name, buf in src.named_buffers():
+        assert torch.equal(dict(m.named_buffers())[name], buf), name
+    img = torch.randn(2, 3, src.config.image_size, src.config.image_size)
+    with torch.no_grad():
+        assert torch.equal(m.image_embedding(img), src.image_embedding(img))

@@ -218,3 +218,19 @@ def test_named_preset_trains_with_the_official_values(name, tmp_path):
     mc = model.config
     assert mc.model_arch == f"vlmo_{arch}_patch16"
     assert (mc.image_size, mc.max_text_len, mc.drop_path_rate) == (image, text_len, dpr)
+
+
+def test_loss_names_are_switches_and_sizes_are_checked():
+    """A task weight such as 0.5 is on (the official test is > 0; int() made it 0, dropping the task's heads), a
+    non-number is named; sizes that built a broken model or NaNs are refused."""
+    cfg = vf.preset("vlmo_tiny_patch16", loss_names={"itm": 0.5, "itc": 2, "mlm": True, "vqa": 0.0})
+    assert cfg.loss_names == loss_names(itm=1, itc=1, mlm=1)
+    assert hasattr(vf.VLMo(cfg), "itc_image_proj")
+    with pytest.raises(TypeError, match=r"loss_names\['itm'\] must be a number"):
+        loss_names(itm="yes")
+    for kw, match in [(dict(norm_eps=-1.0), "norm_eps"), (dict(mlp_ratio=0.0), "mlp_ratio"),
+                      (dict(mlp_ratio=-1.0), "mlp_ratio"), (dict(mlp_ratio=0.001), "MLP of 0 units"),
+                      (dict(in_chans=0), "in_chans"), (dict(max_text_len_of_initckpt=1), "max_text_len_of_initckpt"),
+                      (dict(layer_scale_init_values="0.1"), "layer_scale_init_values")]:
+        with pytest.raises(ValueError, match=match):
+            vf.preset("vlmo_tiny_patch16", **kw)

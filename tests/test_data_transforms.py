@@ -231,3 +231,20 @@ def test_dataloader_workers_draw_different_augmentations():
     assert not torch.equal(outs[0], outs[1])
     again = [b[0] for b in DataLoader(_SameImage(), generator=torch.Generator().manual_seed(0), **kwargs)]
     assert all(torch.equal(a, b) for a, b in zip(outs, again))  # and reproducible from the loader's seed
+
+
+def test_arrays_other_than_uint8_images_are_refused():
+    """A float image in [0, 1] or a 16-bit one was cast to uint8: black, or wrapped values, silently."""
+    ev, tr = T.build_transform(32, train=False), T.build_transform(32, train=True)
+    img = _image(20, 30, seed=1)
+    want = ev(Image.fromarray(img))
+    assert torch.equal(ev(img), want)
+    assert torch.equal(ev(img[:, :, 0]), ev(Image.fromarray(img[:, :, 0])))  # (H, W): grey
+    for bad, err, match in [(img.astype(np.float32) / 255, TypeError, "float32 array"),
+                            (img.astype(np.uint16) * 256, TypeError, "uint16 array"),
+                            (img.astype(np.int64), TypeError, "int64 array"),
+                            (torch.from_numpy(img).permute(2, 0, 1), ValueError, r"got shape \(3, 20, 30\) \(channels first"),
+                            (img[:, :, :2], ValueError, "got shape"), (img[:0], ValueError, "got shape")]:
+        for t in (ev, tr):
+            with pytest.raises(err, match=match):
+                t(bad)

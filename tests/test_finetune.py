@@ -65,6 +65,13 @@ def test_recall_matches_brute_force():
             assert got[key] == pytest.approx(value), (seed, key)
     with pytest.raises(ValueError, match="text_image_ids"):
         recall_at_k(img, txt, txt_img[:-1])
+    # image_ids of shape (I, 1) broadcast against the captions' ids: recalls above 1
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(30,\), got \(30, 1\)"):
+        recall_at_k(img, txt, ids, image_ids=torch.arange(30)[:, None])
+    with pytest.raises(ValueError, match="at least one image and one caption"):
+        recall_at_k(img[:0], txt, ids, image_ids=torch.arange(0))
+    with pytest.raises(ValueError, match="block must be a positive int"):
+        recall_at_k(img, txt, ids, block=0)
 
 
 class _OracleITM(torch.nn.Module):

@@ -256,3 +256,30 @@ def test_gather_and_itm_hard_negatives_in_two_processes():
             assert all(t != i for t, i in ni) and all(t != i for t, i in nt)  # never the positive pair
         assert set(images) & set(others) and set(texts) & set(others)  # negatives from the other rank
         assert set(images) & set(own) and set(texts) & set(own)
+
+
+def test_missing_heads_and_batch_keys_are_named():
+    """Tasks the model has no heads for, and batches without a task's keys, gave AttributeError/KeyError from deep
+    inside; a string of tasks was read letter by letter."""
+    model, batch = model_and_batch(["vqa"], b=2)
+    with pytest.raises(ValueError, match=r"task 'irtr' needs the model's itc_text_proj, itc_image_proj, logit_scale"):
+        O.compute_tasks(model, batch, ["irtr"])
+    with pytest.raises(ValueError, match=r"this model has no itc_image_proj: it is built when loss_names turn on "
+                                         r"itc or irtr \(this model's: \['vqa'\]\)"):
+        model.image_embedding(batch["image"][0])
+    with pytest.raises(ValueError, match="this model has no itc_text_proj"):
+        model.infer_text_ft(batch)
+    with pytest.raises(ValueError, match=r"task 'vqa' needs the batch key\(s\) \['vqa_labels', 'vqa_scores'\]"):
+        O.compute_tasks(model, batch, ["vqa"])
+    with pytest.raises(TypeError, match="got the string 'vqa'"):
+        O.compute_tasks(model, batch, "vqa")
+    batch.update(vqa_labels=[3, 7], vqa_scores=[1.0, 0.3])  # not one list per question
+    with pytest.raises(ValueError, match="one of as many scores per question"):
+        O.compute_tasks(model, batch, ["vqa"])
+    model, batch = model_and_batch(["nlvr2"], b=2)
+    batch.update(image_0=batch["image"], image_1=batch["image"], answers=["True", "False"])
+    with pytest.raises(ValueError, match=r"batch\['answers'\] must hold 0/1 labels"):
+        O.compute_tasks(model, batch, ["nlvr2"])
+    batch.update(answers=[1, 0, 1])
+    with pytest.raises(ValueError, match="one label per sample"):
+        O.compute_tasks(model, batch, ["nlvr2"])

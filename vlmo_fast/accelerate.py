@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -92,11 +91,12 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
                 return f"mlp_{e}.{fc} {why}"
         act = getattr(mlp, "act", nn.GELU())
         if not isinstance(act, nn.GELU) or getattr(act, "approximate", "none") != "none":
-            return f"mlp_{e} activation is {type(act).__name__}, not exact GELU"
+            kind = f"GELU({act.approximate!r})" if isinstance(act, nn.GELU) else type(act).__name__
+            return f"mlp_{e} activation is {kind}, not exact GELU"
     why = _why_not_layer_norm(blk.norm1)
     if why is not None:
         return f"norm1 {why}"
-    why = _hook_reason([(name, m) for name, m in blk.named_modules() if name])
+    why = _hook_reason(_structure(blk))
     if why is not None:
         return why
     dp = blk.drop_path
@@ -123,10 +123,12 @@ def _dropout_reason(blk: nn.Module) -> Optional[str]:
     return None
 
 
-def _hook_reason(submodules: List[Tuple[str, nn.Module]]) -> Optional[str]:
-    """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run."""
-    for name, m in submodules:
+def _hook_reason(submodules: List[Tuple[nn.Module, type]]) -> Optional[str]:
+    """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run.
+    ``submodules`` lists the block itself first (its own hooks do run: they are the caller's)."""
+    for m, _ in submodules[1:]:
         if m._forward_hooks or m._forward_pre_hooks:
+            name = next(n for n, sub in submodules[0][0].named_modules() if sub is m)
             return f"{name} has forward hooks, which the fused block would not run"
     return None
 
@@ -158,13 +160,28 @@ def _gamma(g: Any) -> Optional[torch.Tensor]:
 
 
 _BACKEND = "_vlmo_fast_backend"
-_SUBMODULES = "_vlmo_fast_submodules"
+_CHECKED = "_vlmo_fast_checked"  # (structure, reason): the last structure _why_not_block judged, and its verdict
+
+
+def _structure(blk: nn.Module) -> list:
+    """What the structural check depends on: the submodules and their classes (a submodule replaced, e.g. by a
+    LoRA-style Linear, or changed to another class shows here)."""
+    return [(m, type(m)) for m in blk.modules()]
 
 
 def _changed_since(blk: nn.Module) -> Optional[str]:
     """What would now make the fused block differ from the official forward, though it did not when accelerated:
-    a dropout turned on, or a forward hook on a submodule. (A changed DropPath rate is simply read at each call.)"""
-    return _dropout_reason(blk) or _hook_reason(blk.__dict__[_SUBMODULES])
+    a dropout turned on, a forward hook on a submodule, or a submodule replaced so that the block is no longer one
+    the fused path can run (a LoRA-style Linear, another activation). The whole structural check reruns only when
+    the submodules changed. (A changed DropPath rate is simply read at each call.)"""
+    structure = _structure(blk)
+    checked, reason = blk.__dict__[_CHECKED]
+    if len(structure) != len(checked) or any(a[0] is not b[0] or a[1] is not b[1] for a, b in zip(structure, checked)):
+        reason = _why_not_block(blk)
+        blk.__dict__[_CHECKED] = (structure, reason)
+    if reason is not None:
+        return reason
+    return _dropout_reason(blk) or _hook_reason(structure)
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
@@ -273,7 +290,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             continue
         # instance attributes (the forward shadows the class's), bound to the block
         blk.__dict__[_BACKEND] = backend
-        blk.__dict__[_SUBMODULES] = [(name, m) for name, m in blk.named_modules() if name]
+        blk.__dict__[_CHECKED] = (_structure(blk), None)
         blk.forward = _Bound(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)
@@ -297,7 +314,7 @@ def deaccelerate(module: nn.Module) -> int:
     restored = 0
     for m in [module] + [b for _, b in _find_blocks(module)]:
         if getattr(m, _MARK, False):
-            for attr in ("forward", "get_rel_pos_bias", _BACKEND, _SUBMODULES, _INDEX_COPIES):
+            for attr in ("forward", "get_rel_pos_bias", _BACKEND, _CHECKED, _INDEX_COPIES):
                 if attr in m.__dict__:
                     del m.__dict__[attr]
             delattr(m, _MARK)
@@ -308,12 +325,13 @@ def deaccelerate(module: nn.Module) -> int:
 def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "auto", strict: bool = False):
     """A vlmo_fast ``VLMo`` from an official checkpoint (path or state dict) and an official (sacred) config dict:
     ``model_arch``, ``image_size``, ``max_text_len``, ``loss_names``, ``drop_path_rate``, optionally
-    ``max_text_len_of_initckpt`` and ``vqav2_label_size``. The checkpoint is adapted as the official loader does
+    ``max_text_len_of_initckpt`` and ``vqav2_label_size``; a key the dict lacks takes the official default (e.g.
+    ``loss_names`` itm = itc = mlm = 1, the pretraining heads). The checkpoint is adapted as the official loader does
     (table resize, text positions, nesting, legacy index tensors) and, like it, loaded with ``strict=False``: a
     fine-tuning config's new heads keep their initialisation and the pretraining heads it does not use are left out
     (the report goes to the ``vlmo_fast`` logger at INFO); ``strict=True`` refuses both."""
     from .checkpoint import load_checkpoint
-    from .config import LOSS_NAMES, PRESETS, loss_names, preset
+    from .config import PRESETS, PRETRAIN_TASKS, loss_names, preset
     from .model import VLMo
 
     if not isinstance(config, Mapping):
@@ -323,16 +341,13 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
         arch = "vlmo_large_patch16"
     if arch not in PRESETS:
         raise ValueError(f"config['model_arch']: unknown {arch!r}; expected one of {list(PRESETS)}")
-    names = config.get("loss_names", {})
+    names = config.get("loss_names", PRETRAIN_TASKS)  # the official default: itm, itc, mlm
     if not isinstance(names, Mapping):
         raise TypeError(f"config['loss_names'] must be a dict of task name -> weight, got {type(names).__name__}")
-    unknown = set(names) - set(LOSS_NAMES)
-    if unknown:
-        raise ValueError(f"config['loss_names']: unknown task(s) {sorted(unknown)}")
-    for task, weight in names.items():
-        if not isinstance(weight, numbers.Real) or weight != weight:  # bool and numpy numbers are Real: True = on
-            raise TypeError(f"config['loss_names'][{task!r}] must be a number (0 = off, > 0 = on), got {weight!r}")
-    overrides: Dict[str, Any] = {"loss_names": loss_names(**{k: int(v > 0) for k, v in names.items()})}
+    try:
+        overrides: Dict[str, Any] = {"loss_names": loss_names(**names)}
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"config['loss_names']: {exc}") from None
     for key in ("image_size", "max_text_len", "drop_path_rate", "max_text_len_of_initckpt", "vqav2_label_size"):
         if key in config:
             overrides[key] = config[key]

@@ -243,6 +243,7 @@ def load_checkpoint(
     if not isinstance(checkpoint, (str, bytes, os.PathLike, Mapping)):
         raise TypeError(f"checkpoint must be a file path or a state dict (a mapping of tensors), "
                         f"got {type(checkpoint).__name__}")
+    model = plain_module(model)
     sd = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
     sd, report = adapt_state_dict(sd, model)
     target = model.state_dict()
@@ -262,11 +263,25 @@ def load_checkpoint(
                               f"an unknown prefix (checkpoint keys: {_some(report.unexpected_keys)}; model keys: "
                               f"{_some(list(target))})")
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    if hasattr(model, "reset_index_buffers"):  # derived, never loaded: garbage in a model materialised from meta
+        model.reset_index_buffers()
     return report
 
 
 def _some(keys: List[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and DDP's wrappers, whose state-dict keys gain ``_orig_mod.`` and
+    ``module.``: checkpoints hold the model's own keys, and load into a wrapped model as into the plain one."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def save_checkpoint(
@@ -280,7 +295,12 @@ def save_checkpoint(
     From a model, the file also carries its three relative-position index tensors, as the released official
     checkpoints do: the official loader pops them without a default when it changes the resolution (Q9)."""
     path = os.fspath(path)
+    safetensors = path.endswith(".safetensors")
+    if metadata is not None and not safetensors:
+        raise ValueError(f"metadata: only a .safetensors file carries metadata; {path} would be written as a "
+                         f"torch.save file of tensors (the official layout), without it")
     if isinstance(model_or_state, nn.Module):
+        model_or_state = plain_module(model_or_state)
         sd = model_or_state.state_dict()
         for key in LEGACY_INDEX_KEYS:
             index = getattr(model_or_state, key, None)
@@ -290,7 +310,7 @@ def save_checkpoint(
         sd = dict(model_or_state)
     if metadata is None and isinstance(model_or_state, nn.Module) and hasattr(model_or_state, "config"):
         metadata = {"vlmo_fast_config": model_or_state.config.to_dict()}
-    if path.endswith(".safetensors"):
+    if safetensors:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -305,6 +325,11 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
     """Metadata stored by ``save_checkpoint`` in a safetensors file (e.g. the model config)."""
     from safetensors import safe_open
 
+    if not os.fspath(path).endswith(".safetensors") and os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a torch.save (zip) file
+                raise CheckpointError(f"{os.fspath(path)} is a torch.save file: only a .safetensors file carries "
+                                      f"metadata")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -124,7 +124,7 @@ def export_checkpoint(path: str, out: str) -> str:
         del state
         export(path, out)
         return "training checkpoint"
-    meta = read_metadata(path) if path.endswith(".safetensors") else None
+    meta = read_metadata(path) if path.endswith(".safetensors") and out.endswith(".safetensors") else None
     save_checkpoint(state, out, metadata=meta or None)
     return "model file"
 

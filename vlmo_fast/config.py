@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -11,11 +12,16 @@ LOSS_NAMES = ("itm", "itc", "mlm", "textmlm", "vqa", "nlvr2", "irtr")
 
 
 def loss_names(**on: int) -> Dict[str, int]:
-    """A full `loss_names` dictionary with every task off except the ones given, e.g. ``loss_names(itm=1, itc=1)``."""
+    """A full `loss_names` dictionary with every task off except the ones given, e.g. ``loss_names(itm=1, itc=1)``;
+    values are switches (any number > 0 is on, stored as 1)."""
     unknown = set(on) - set(LOSS_NAMES)
     if unknown:
         raise ValueError(f"loss_names: unknown task(s) {sorted(unknown)}; expected a subset of {list(LOSS_NAMES)}")
-    return {name: int(on.get(name, 0)) for name in LOSS_NAMES}
+    for task, value in on.items():
+        if not isinstance(value, numbers.Real) or value != value:  # bool and numpy numbers are Real: True = on
+            raise TypeError(f"loss_names[{task!r}] must be a number (0 = off, > 0 = on), got {value!r}")
+    # on/off switches only, as official (spec Q13: "> 0" turns a task on; a weight such as 0.5 is on, not 0)
+    return {name: int(on.get(name, 0) > 0) for name in LOSS_NAMES}
 
 
 PRETRAIN_TASKS = loss_names(itm=1, itc=1, mlm=1)
@@ -51,10 +57,23 @@ class VLMoConfig:
 
     def __post_init__(self) -> None:
         self.loss_names = loss_names(**dict(self.loss_names))
-        for name in ("embed_dim", "depth", "num_heads", "patch_size", "image_size", "max_text_len", "vocab_size"):
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "image_size", "max_text_len", "vocab_size",
+                     "in_chans", "vqav2_label_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"VLMoConfig.{name} must be a positive int, got {value!r}")
+        value = self.max_text_len_of_initckpt
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise ValueError(f"VLMoConfig.max_text_len_of_initckpt must be an int >= 2, got {value!r}")
+        for name in ("mlp_ratio", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"VLMoConfig.{name} must be a positive number, got {value!r}")
+        if self.mlp_hidden_dim < 1:
+            raise ValueError(f"VLMoConfig.mlp_ratio ({self.mlp_ratio}) gives an MLP of {self.mlp_hidden_dim} units")
+        value = self.layer_scale_init_values
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value):
+            raise ValueError(f"VLMoConfig.layer_scale_init_values must be a number or None, got {value!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"VLMoConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.image_size % self.patch_size:

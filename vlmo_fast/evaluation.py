@@ -26,6 +26,15 @@ def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_
                          f"and {tuple(text_feats.shape)}")
     if text_image_ids.shape != (text_feats.shape[0],):
         raise ValueError(f"text_image_ids must have shape ({text_feats.shape[0]},), got {tuple(text_image_ids.shape)}")
+    if image_ids is not None and image_ids.shape != (image_feats.shape[0],):
+        raise ValueError(f"image_ids must have shape ({image_feats.shape[0]},), got {tuple(image_ids.shape)}")
+    if image_feats.shape[0] == 0 or text_feats.shape[0] == 0:
+        raise ValueError(f"recall needs at least one image and one caption, got {image_feats.shape[0]} and "
+                         f"{text_feats.shape[0]}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive ints, got {ks!r}")
     n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
     image_ids = torch.arange(n_img, device=image_feats.device) if image_ids is None else image_ids.to(image_feats.device)
     text_image_ids = text_image_ids.to(image_feats.device)

@@ -38,9 +38,14 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     ``durable``: the file's data reach the disk before the rename, and the rename before this returns (fsync of
     the file and its folder): after a power loss or a kernel crash the name holds the whole file or the previous
     one, never an empty or partial file. For checkpoints; other files skip the cost."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected the path of a file to write", path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+    name = os.path.basename(path)
+    # the temporary name keeps the target's extension, or gets one: torch.save names its archive after the file's
+    # name up to its last ".", which must not be the prefix's leading one
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=name if "." in name else name + ".tmp")
     os.close(fd)
     try:
         yield tmp

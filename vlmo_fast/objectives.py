@@ -167,13 +167,22 @@ def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False
             "irtr_logit_scale": scale}
 
 
+def _is_list(x: Any) -> bool:
+    return not isinstance(x, (str, bytes)) and hasattr(x, "__len__") and getattr(x, "ndim", 1) == 1
+
+
 def vqa_targets(labels: Iterable[Iterable[int]], scores: Iterable[Iterable[float]], num_labels: int,
                 device: torch.device) -> torch.Tensor:
     """Dense (B, num_labels) soft-score targets from per-question label and score lists (filled on the CPU, then
     moved in one copy: one small write per answer on a GPU would be one kernel launch each)."""
     labels, scores = list(labels), list(scores)
+    if len(labels) != len(scores):
+        raise ValueError(f"vqa_labels and vqa_scores: {len(labels)} and {len(scores)} questions")
     target = torch.zeros(len(labels), num_labels)
     for i, (ls, ss) in enumerate(zip(labels, scores)):
+        if not (_is_list(ls) and _is_list(ss) and len(ls) == len(ss)):
+            raise ValueError(f"vqa_labels and vqa_scores must hold a list of labels and one of as many scores per "
+                             f"question (the official collate), got {ls!r} and {ss!r} for question {i}")
         for label, score in zip(ls, ss):
             if not 0 <= int(label) < num_labels:
                 raise ValueError(f"vqa_labels: label {int(label)} of question {i} is outside [0, {num_labels})")
@@ -203,19 +212,57 @@ def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     cls1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
     cls2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
     logits = model.nlvr2_classifier(torch.cat([cls1, cls2], dim=-1))
-    labels = _to_device(torch.as_tensor(batch["answers"], dtype=torch.long), logits.device)
+    answers = batch["answers"]
+    try:
+        labels = torch.as_tensor(answers, dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"batch['answers'] must hold 0/1 labels (1: the statement is true), got {answers!r}") from exc
+    if labels.shape != cls1.shape[:1]:
+        raise ValueError(f"batch['answers'] must hold one label per sample, shape ({cls1.shape[0]},); got "
+                         f"{tuple(labels.shape)}")
+    labels = _to_device(labels, logits.device)
     return {"nlvr2_loss": F.cross_entropy(logits.float(), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
+
+
+# the heads each objective uses (spec §1.3: they exist when the config's loss_names turn on their tasks)
+TASK_HEADS = {
+    "mlm": ("mlm_score",),
+    "textmlm": ("mlm_score",),
+    "itc": ("itc_text_proj", "itc_image_proj", "itc_vl_text_proj", "itc_vl_image_proj", "logit_scale",
+            "logit_vl_scale"),
+    "irtr": ("itc_text_proj", "itc_image_proj", "logit_scale"),
+    "itm": ("itm_score",),
+    "vqa": ("vqa_classifier",),
+    "nlvr2": ("nlvr2_classifier",),
+}
+# the batch keys each objective reads besides the text and image (the official collate's)
+TASK_KEYS = {"mlm": ("text_ids_mlm", "text_labels_mlm"), "textmlm": ("text_ids_mlm", "text_labels_mlm"),
+             "vqa": ("vqa_labels", "vqa_scores"), "nlvr2": ("answers",)}
 
 
 def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_with_grad: bool = False,
                   generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
     """Run ``tasks`` in the official order (mlm, textmlm, itc, irtr, itm, vqa, nlvr2); ITM uses the ITC logits."""
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
     tasks = set(tasks)
     unknown = tasks - set(PRETRAIN_ORDER)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; expected a subset of {list(PRETRAIN_ORDER)}")
     if "itm" in tasks and "itc" not in tasks:
         raise ValueError("itm samples its hard negatives from the ITC logits: enable itc with itm")
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
+    for task in sorted(tasks, key=PRETRAIN_ORDER.index):
+        missing = [h for h in TASK_HEADS[task] if not hasattr(model, h)]
+        if missing:
+            config = getattr(model, "config", None)
+            on = [t for t, v in getattr(config, "loss_names", {}).items() if v > 0]
+            raise ValueError(f"task {task!r} needs the model's {', '.join(missing)}, which a model has only when its "
+                             f"config's loss_names turn {task} on (this model's: {on or 'none'})")
+        missing = [k for k in TASK_KEYS.get(task, ()) if k not in batch]
+        if missing:
+            raise ValueError(f"task {task!r} needs the batch key(s) {missing} (present: {sorted(batch)})")
     ret: Dict[str, Any] = {}
     if "mlm" in tasks:
         ret.update(compute_mlm(model, batch))

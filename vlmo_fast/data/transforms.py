@@ -264,8 +264,19 @@ def to_normalized_tensor(img) -> torch.Tensor:
 
 
 def _check_rgb(img) -> Image.Image:
+    """A PIL image in RGB, from a PIL image or a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4) (the layout
+    PIL and numpy image libraries use). Other arrays are refused: a float image in [0, 1] or a 16-bit one cast to
+    uint8 would be silently black, or wrap around."""
     if not isinstance(img, Image.Image):
-        img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise TypeError(f"image: expected a PIL image or a uint8 array, got a {arr.dtype} array (scale it to "
+                            f"0..255 and convert to uint8 first)")
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+            raise ValueError(f"image: expected a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), got shape "
+                             f"{tuple(arr.shape)}" + (" (channels first? permute to (H, W, C))"
+                                                     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""))
+        img = Image.fromarray(arr)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

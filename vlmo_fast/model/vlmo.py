@@ -38,6 +38,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 _CHECKED_IDS = TensorMemo(16)  # text_ids tensors whose values passed the range check
 
 
+_HEAD_TASKS = {"itc_text_proj": "itc or irtr", "itc_image_proj": "itc or irtr", "itc_vl_text_proj": "itc",
+               "itc_vl_image_proj": "itc", "mlm_score": "mlm or textmlm", "itm_score": "itm",
+               "vqa_classifier": "vqa", "nlvr2_classifier": "nlvr2"}
+
+
 def _check_ids(text_ids: torch.Tensor, vocab_size: int) -> None:
     lo, hi = torch.stack(torch.aminmax(text_ids.reshape(-1))).tolist()  # one pass, one device sync
     if lo < 0 or hi >= vocab_size:
@@ -56,21 +61,11 @@ class VLMo(nn.Module):
         self.vlffn_start_layer_index = self.transformer.vlffn_start_layer_index
 
         if config.use_rel_pos:
-            w, l0 = config.window_size, config.max_text_len_of_initckpt
-            rows = relpos.num_table_rows(w, l0)
+            rows = relpos.num_table_rows(config.window_size, config.max_text_len_of_initckpt)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, config.num_heads * config.depth))
             # plain attributes in the official module: buffers here so they follow .to(device), not saved
-            self.register_buffer("relative_position_index", relpos.image_relative_position_index(w), persistent=False)
-            self.register_buffer(
-                "text_relative_position_index",
-                relpos.text_relative_position_index(config.max_text_len, w, l0),
-                persistent=False,
-            )
-            self.register_buffer(
-                "text_imag_relative_position_index",
-                relpos.fusion_relative_position_index(config.max_text_len, w, l0),
-                persistent=False,
-            )
+            for name, index in self._index_buffers().items():
+                self.register_buffer(name, index, persistent=False)
         else:
             self.relative_position_bias_table = None
 
@@ -106,6 +101,26 @@ class VLMo(nn.Module):
         self.gather_with_grad = False  # ITC/IRTR all-gather with gradient (official: without)
         self.set_backend(backend)
 
+    def _index_buffers(self) -> Dict[str, torch.Tensor]:
+        c = self.config
+        w, l0, lt = c.window_size, c.max_text_len_of_initckpt, c.max_text_len
+        return {"relative_position_index": relpos.image_relative_position_index(w),
+                "text_relative_position_index": relpos.text_relative_position_index(lt, w, l0),
+                "text_imag_relative_position_index": relpos.fusion_relative_position_index(lt, w, l0)}
+
+    def reset_index_buffers(self) -> None:
+        """Recompute the relative-position index buffers, where they are. They are not in the state dict (derived
+        from the config, as official), so a model built on the meta device and materialised with ``to_empty()``
+        holds garbage there until this runs; ``load_checkpoint`` calls it."""
+        if self.relative_position_bias_table is None:
+            return
+        device = self.relative_position_bias_table.device
+        if device.type == "meta":
+            return
+        with torch.device("cpu"), torch.no_grad():
+            for name, index in self._index_buffers().items():
+                getattr(self, name).copy_(index)
+
     # ---- configuration -----------------------------------------------------------------------------------------
     def set_backend(self, backend: str) -> "VLMo":
         """Choose the op implementations: "auto" (fastest available for the tensor's device), "torch", "triton", "cuda"."""
@@ -134,8 +149,8 @@ class VLMo(nn.Module):
             raise TypeError(f"text_ids must be a torch.Tensor, got {type(text_ids).__name__}")
         if not isinstance(text_masks, torch.Tensor):
             raise TypeError(f"text_masks must be a torch.Tensor, got {type(text_masks).__name__}")
-        if text_ids.dtype.is_floating_point or text_ids.dtype == torch.bool or text_ids.is_complex():
-            raise TypeError(f"text_ids must be an integer tensor, got {text_ids.dtype}")
+        if text_ids.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+            raise TypeError(f"text_ids must be an int64 or int32 tensor, got {text_ids.dtype}")
         if text_masks.dtype.is_floating_point or text_masks.is_complex():
             raise TypeError(f"text_masks must be an integer or bool tensor (1 = real token), got {text_masks.dtype}")
         if text_ids.dim() != 2:
@@ -246,15 +261,27 @@ class VLMo(nn.Module):
         x = self.embed_image(self._check_image(image), image_token_type_idx)
         return self._unimodal(x, None, "image", "relative_position_index", vlffn)
 
+    def head(self, name: str) -> nn.Module:
+        """The head ``name`` (e.g. ``itc_image_proj``); a clear error when the config's loss_names did not build it
+        (spec §1.3: the task switches decide which heads exist)."""
+        module = getattr(self, name, None)
+        if module is None:
+            on = [t for t, v in self.config.loss_names.items() if v > 0]
+            raise ValueError(f"this model has no {name}: it is built when loss_names turn on "
+                             f"{_HEAD_TASKS.get(name, 'its task')} (this model's: {on or 'none'})")
+        return module
+
     def text_embedding(self, text_ids: torch.Tensor, text_masks: torch.Tensor) -> torch.Tensor:
         """L2-normalised retrieval embedding of the text (the ``infer_text_ft`` ``cls_feats``), (B, D)."""
+        proj = self.head("itc_text_proj")
         top, _ = self._text_hidden(text_ids, text_masks, vlffn=False)
-        return l2_normalize(self.itc_text_proj(self.transformer.norm(top)[:, 0]))
+        return l2_normalize(proj(self.transformer.norm(top)[:, 0]))
 
     def image_embedding(self, image: torch.Tensor, image_token_type_idx: int = 1) -> torch.Tensor:
         """L2-normalised retrieval embedding of the image (the ``infer_image_ft`` ``cls_feats``), (B, D)."""
+        proj = self.head("itc_image_proj")
         top, _ = self._image_hidden(image, image_token_type_idx, vlffn=False)
-        return l2_normalize(self.itc_image_proj(self.transformer.norm(top)[:, 0]))
+        return l2_normalize(proj(self.transformer.norm(top)[:, 0]))
 
     # ---- official batch-dictionary paths -----------------------------------------------------------------------
     @staticmethod
@@ -303,10 +330,10 @@ class VLMo(nn.Module):
 
     def _unimodal_out(self, top, vl, proj: str, vl_proj: Optional[str]) -> Tuple[torch.Tensor, ...]:
         feats = self.transformer.norm(top)
-        cls = l2_normalize(getattr(self, proj)(feats[:, 0])) if proj else None
+        cls = l2_normalize(self.head(proj)(feats[:, 0])) if proj else None
         cls_vl = None
         if vl is not None:
-            cls_vl = l2_normalize(getattr(self, vl_proj)(self.transformer.norm(vl)[:, 0]))
+            cls_vl = l2_normalize(self.head(vl_proj)(self.transformer.norm(vl)[:, 0]))
         return feats, cls, cls_vl, top[:, 0]
 
     def _text_out(self, batch, mask_text: bool, vlffn: bool, proj: Optional[str], vl_proj: Optional[str]):
