@@ -2,6 +2,7 @@
 one-line errors, fine-tuning task conflicts and data requirements, evaluate's model settings from the checkpoint,
 export of training checkpoints and model files. Parser-level or tiny runs only."""
 
+import json
 import os
 import re
 
@@ -304,6 +305,14 @@ def test_finetune_default_out_dir_is_the_tasks(tmp_path, monkeypatch, task):
     (dict(compile="yes"), "compile: expected bool, got str 'yes'"),
     (dict(learning_rate="fast"), "learning_rate: expected float, got str"),
     (dict(tasks=["mlm", 3]), "tasks: expected list of str"),
+    # each of these trained, and exited 0: gradient ascent, a rising "decay", zeroed or flipped gradients
+    (dict(lr_mult=-3.0), "lr_mult must be >= 0"), (dict(end_lr=-1.0), r"end_lr must be in \[0, learning_rate"),
+    (dict(end_lr=1.0), r"end_lr must be in \[0, learning_rate=0.0002\], got 1.0"),
+    (dict(grad_clip=0.0), r"grad_clip must be > 0 \(none: no clipping\)"), (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(weight_decay=-0.01), "weight_decay must be >= 0"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
+    (dict(end_lr=float("nan")), "end_lr must be a finite number"),
+    (dict(datasets=[]), "datasets: at least one dataset is needed"),
 ])
 def test_bad_values_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -403,6 +412,60 @@ def test_toml_values_are_type_checked_and_may_name_a_preset(tmp_path, capsys):
 def test_configuration_errors_are_one_line(capsys, argv, message):
     code, _, err = exit_code(lambda: cli.main(argv), capsys)
     assert code == 2 and err.strip().splitlines() == [message]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(tasks=["vqa"], datasets=["nlvr2"]), "datasets: task vqa trains on the vqa dataset only, got nlvr2"),
+    (dict(tasks=["vqa"], datasets=["vqa", "coco"]), "task vqa trains on the vqa dataset only"),
+    (dict(tasks=["nlvr2"], datasets=["vqa"]), "task nlvr2 trains on the nlvr2 dataset only"),
+    (dict(tasks=["irtr"], datasets=["coco", "vqa"]), "datasets: vqa is task data .* not captions for irtr"),
+])
+def test_a_task_on_another_tasks_data_is_refused(tmp_path, kw, match):
+    """It failed at the first step with a KeyError, or (retrieval on VQA questions) trained silently: refused by
+    the commands' checks and by train() itself, before any work."""
+    cfg = TrainConfig(out_dir=str(tmp_path), device="cpu", **kw)
+    from vlmo_fast.train.config import check_environment
+
+    for run in (check_environment, train):
+        with pytest.raises(ValueError, match=match):
+            run(cfg)
+    assert not os.listdir(tmp_path)
+
+
+def test_outputs_and_backends_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """An --out-dir that is a file or empty, an explicit backend the device cannot run, an evaluate --out or export
+    OUT that is a folder or lies under a file, invalid model sizes: tracebacks, after the evaluation for --out."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir.pt").mkdir()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = ["pretrain", "--max-steps", "1", "--device", "cpu"]
+    for argv, message in [
+        (base + ["--out-dir", str(afile)], f"--out-dir: {afile} exists and is not a folder"),
+        (base + ["--out-dir", ""], "--out-dir must name a folder, got an empty string"),
+        (base + ["--backend", "triton"], "--backend triton cannot run on device cpu: "),
+        (["evaluate", "irtr", "--load-path", "x.pt", "--device", "cpu", "--out", str(tmp_path / "adir.pt")],
+         f"--out: {tmp_path / 'adir.pt'} is a folder; expected a file path"),
+        (["evaluate", "vqa", "--load-path", "x.pt", "--device", "cpu", "--split", "test", "--data-root",
+          str(tmp_path), "--out", str(afile / "sub.json")], f"--out: cannot write {afile / 'sub.json'}: {afile} is not a folder"),
+        (["export", "x.pt", str(tmp_path / "adir.pt")], f"OUT: {tmp_path / 'adir.pt'} is a folder; expected a file path"),
+    ]:
+        code, _, err = exit_code(lambda: cli.main(argv), capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
+
+
+def test_evaluate_model_sizes_and_out_folders(tmp_path, capsys, synthetic_root, training_checkpoint):
+    """--image-size 0 (or a text length past the table) was a traceback; --out in a folder not there yet failed
+    with a traceback after the whole evaluation (the VQA submission made its folder: now every output does)."""
+    base = ["evaluate", "irtr", "--load-path", training_checkpoint, "--data-root", synthetic_root, "--device", "cpu"]
+    for extra, message in [(["--image-size", "0"], "VLMoConfig.image_size must be a positive int, got 0"),
+                           (["--max-text-len", "300"], "VLMoConfig.max_text_len (300) must be <= ")]:
+        code, _, err = exit_code(lambda: cli.main(base + extra), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    out = tmp_path / "new" / "folder" / "metrics.json"
+    assert cli.main(base + ["--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tr_r1"] >= 0
 
 
 def test_bad_toml_syntax_is_a_configuration_error(tmp_path, capsys):

@@ -651,20 +651,21 @@ def test_evaluation_reads_the_datasets_that_have_a_val_split(tmp_path, synthetic
 
 def test_the_loop_follows_the_configured_schedule_and_weight_decay(tmp_path, synthetic_root):
     """--warmup-steps as a fraction (int(6 x 0.45) = 2 steps, official), the linear decay to --end-lr, --schedule
-    cosine and --weight-decay reach the run: the lr logged after each step (the lr of the next update) and the
+    cosine and --weight-decay reach the run: the lr logged for each step (the lr of that step's update) and the
     optimizer the checkpoint saved."""
     lr, end = 5e-4, 1e-4
     run = train(small_cfg(tmp_path / "linear", synthetic_root, tasks=["itc"], max_steps=6, warmup_steps=0.45,
                           end_lr=end, weight_decay=0.05))
-    # after step s (1-based): s / 2 of lr in the warmup, then from lr down to end_lr at step 6
-    expected = [lr / 2, lr] + [end + (lr - end) * (1 - k / 4) for k in (1, 2, 3, 4)]
+    # step s (1-based) updates with (s - 1) / 2 of lr in the warmup, then from lr down towards end_lr (reached after
+    # the last step)
+    expected = [0.0, lr / 2, lr] + [end + (lr - end) * (1 - k / 4) for k in (1, 2, 3)]
     assert [h["lr"] for h in run["history"]] == pytest.approx(expected, rel=1e-9)
     groups = {g["name"]: g for g in torch.load(run["last_checkpoint"], weights_only=True)["optimizer"]["param_groups"]}
     assert {k: g["weight_decay"] for k, g in groups.items()} == {"decay": 0.05, "no_decay": 0.0}
     assert {k: g["initial_lr"] for k, g in groups.items()} == pytest.approx({"decay": lr, "no_decay": lr})
     cosine = train(small_cfg(tmp_path / "cosine", synthetic_root, tasks=["itc"], max_steps=5, warmup_steps=1,
                              schedule="cosine"))
-    expected = [lr] + [lr * 0.5 * (1 + math.cos(math.pi * p)) for p in (0.25, 0.5, 0.75)] + [0.0]
+    expected = [0.0, lr] + [lr * 0.5 * (1 + math.cos(math.pi * p)) for p in (0.25, 0.5, 0.75)]
     assert [h["lr"] for h in cosine["history"]] == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
@@ -1533,7 +1534,7 @@ def test_a_resume_with_more_steps_follows_the_longer_schedule(tmp_path, syntheti
     assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-6)
     changed = train(small_cfg(tmp_path / "split", synthetic_root, max_steps=6, warmup_steps=1, weight_decay=0.5,
                               learning_rate=1e-3, save_every=1))
-    assert changed["history"][0]["lr"] == pytest.approx(1e-3 * lr_factor(5, 1, 6))  # the lr after step 5
+    assert changed["history"][0]["lr"] == pytest.approx(1e-3 * lr_factor(4, 1, 6))  # the lr of step 5
     groups = torch.load(tmp_path / "split" / "checkpoints" / "step_00000005.pt", weights_only=True)["optimizer"]
     assert {g["weight_decay"] for g in groups["param_groups"]} == {0.0, 0.5}
     assert {g["initial_lr"] for g in groups["param_groups"]} == {1e-3}
@@ -1574,3 +1575,13 @@ def test_a_signal_to_one_rank_stops_every_rank_with_its_number(tmp_path, synthet
     results = run_distributed(_signalled_rank, 2, str(tmp_path / "run"), synthetic_root)
     assert results == [(f"signal {int(signal.SIGTERM)}", 2)] * 2
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+
+
+def test_the_logged_lr_is_the_steps_own(tmp_path, synthetic_root):
+    """The logged lr was read after the scheduler moved on: each row showed the next step's (every run's last row
+    showed 0). An epoch-based run whose warmup outlasts it warns, as a step-based one does."""
+    summary = train(small_cfg(tmp_path / "a", synthetic_root, max_steps=4, warmup_steps=2, learning_rate=2e-4))
+    assert [h["lr"] for h in summary["history"]] == pytest.approx([0.0, 1e-4, 2e-4, 1e-4])
+    with pytest.warns(UserWarning, match=r"warmup_steps \(101\) exceeds the 100 steps of 1 epoch\(s\)"):
+        train(small_cfg(tmp_path / "b", synthetic_root, max_steps=None, max_epochs=1, warmup_steps=101,
+                        log_every=100))  # (one sample per caption: 800 / 8)

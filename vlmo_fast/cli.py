@@ -100,9 +100,11 @@ def _export(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if not args.out.endswith(EXPORT_SUFFIXES):
         parser.error(f"OUT must end in {', '.join(EXPORT_SUFFIXES)} (the suffix picks the format), got {args.out}")
+    from .fileio import check_writable_file
     from .train.config import user_errors
 
     with user_errors(parser):  # includes CheckpointError: an unreadable or odd file
+        check_writable_file(args.out, "OUT")
         kind = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {args.out} (from a {kind})")
     return 0

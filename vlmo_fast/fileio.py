@@ -87,6 +87,22 @@ def atomic_write(path: str, write: Callable[[str], object], durable: bool = Fals
         write(tmp)
 
 
+def check_writable_file(path: str, what: str) -> None:
+    """Before any work: ``path`` can be written as a file (not a folder; its nearest existing folder writable; the
+    folders between are created at the write). ``what`` names it in the ValueError (e.g. "--out")."""
+    if not path:
+        raise ValueError(f"{what}: expected a file path, got an empty string")
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a folder; expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what}: cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write {path}: no permission to write in {parent}")
+
+
 def atomic_write_json(path: str, value: object, indent: Optional[int] = None) -> None:
     """``value`` as JSON at ``path``, written atomically (see ``atomic_path``)."""
     def write(tmp: str) -> None:

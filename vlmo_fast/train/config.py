@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"tasks: unknown {sorted(unknown)}; expected a subset of {list(LOSS_NAMES)}")
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
+        if not self.datasets:
+            raise ValueError("datasets: at least one dataset is needed")
         if self.arch not in PRESETS:
             raise ValueError(f"arch: unknown {self.arch!r}; expected one of {list(PRESETS)}")
         if self.model_impl not in ("vlmo_fast", "reference"):
@@ -106,8 +109,22 @@ class TrainConfig:
                               ("num_workers", "0: load in the main process")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # a NaN or an infinity passes every comparison below, or none
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        # each would train, and exit 0: a negative multiplier or end lr ascends the gradient, an end lr above the
+        # peak makes the decay a climb, a clip norm <= 0 zeroes or flips every gradient
+        if self.lr_mult < 0:
+            raise ValueError(f"lr_mult must be >= 0, got {self.lr_mult}")
+        if not 0 <= self.end_lr <= self.learning_rate:
+            raise ValueError(f"end_lr must be in [0, learning_rate={self.learning_rate}], got {self.end_lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (none: no clipping), got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         warmup = self.warmup_steps
         if isinstance(warmup, float) and not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup_steps: a float is a fraction of max_steps, in [0, 1]; got {warmup}")
@@ -485,6 +502,26 @@ def resolve_device(device: str):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
+def check_backend_device(backend: str, device: str) -> None:
+    """An explicit --backend that cannot run on the run's device fails at start, not at the first forward (auto and
+    torch run anywhere)."""
+    if backend not in ("triton", "cuda"):
+        return
+    dev = resolve_device(device)
+    if backend == "triton":
+        import torch
+
+        from ..ops.triton_attention import triton_unsupported
+
+        why = triton_unsupported(torch.empty(0, device=dev))
+    else:
+        from ..ops.native import _native_missing
+
+        why = _native_missing(dev)
+    if why is not None:
+        raise ValueError(f"--backend {backend} cannot run on device {dev}: {why} (auto picks what runs)")
+
+
 def check_device(device: str) -> None:
     """A well-formed device name, and no CUDA device this machine lacks, before any work: torch fails later, deep
     inside (an AttributeError on a CPU-only build). Made by the commands, not by TrainConfig: a config read back
@@ -501,13 +538,37 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+# what each fine-tuning task reads: the official task datasets (spec §6); their arrow files hold no caption column
+# that another objective could read as one (vqa's text is the question, nlvr2's samples are image pairs)
+_TASK_DATASETS = {"vqa": "vqa", "nlvr2": "nlvr2"}
+
+
+def check_task_datasets(tasks: Sequence[str], datasets: Sequence[str]) -> None:
+    """vqa trains on the vqa dataset only, nlvr2 on nlvr2 only, and the other tasks on caption data (not those
+    two): a mismatch failed at the first step with a KeyError, or (retrieval on VQA questions) trained silently."""
+    for task, own in _TASK_DATASETS.items():
+        if task in tasks and list(datasets) != [own]:
+            raise ValueError(f"datasets: task {task} trains on the {own} dataset only, got {','.join(datasets)}")
+    others = [t for t in tasks if t not in _TASK_DATASETS]
+    wrong = [d for d in datasets if d in _TASK_DATASETS.values()]
+    if others and wrong:
+        raise ValueError(f"datasets: {','.join(wrong)} is task data (for the {','.join(wrong)} task), not captions "
+                         f"for {','.join(others)}")
+
+
 def check_environment(cfg: TrainConfig) -> None:
     """What the commands check before any work, beyond the values themselves: the device, the input files, and
     whether the built-in synthetic set (used when data_root is unset) has the data asked for. It has coco-style
     images and captions only; without this a run first writes it and then fails on a missing arrow file."""
     from .data_setup import _is_shards
 
+    check_task_datasets(cfg.tasks, cfg.datasets)
     check_device(cfg.device)
+    check_backend_device(cfg.backend, cfg.device)
+    if not cfg.out_dir:
+        raise ValueError("--out-dir must name a folder, got an empty string")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out-dir: {cfg.out_dir} exists and is not a folder")
     if cfg.data_root is None:
         need = [t for t in cfg.tasks if t in ("vqa", "nlvr2")]
         need += [d for d in cfg.datasets if not _is_shards(d) and d not in SYNTHETIC_DATASETS]

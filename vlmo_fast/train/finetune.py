@@ -24,6 +24,7 @@ from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa,
                           vqa_submission)
 from .config import FINETUNE_TASKS, HelpFormatter, Parser, TrainConfig, build_parser, \
     check_environment, command_config, load_toml, presets_for, resolve_device, user_errors
+from ..fileio import atomic_write_json, check_writable_file
 from .data_setup import eval_loader
 from .loop import build_model, exit_status, resolve_precision, train
 
@@ -174,7 +175,11 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     dataset_name = getattr(args, "dataset", task)
     work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
     with user_errors(parser):
-        # the data and the device first, before the checkpoint is read
+        # the output, the data and the device first, before the checkpoint is read
+        if task == "vqa" and split == "test":
+            args.out = args.out or "vqa_submission.json"
+        if args.out is not None:
+            check_writable_file(args.out, "--out")
         check_environment(TrainConfig(tasks=[task], datasets=[dataset_name], data_root=args.data_root,
                                       device=args.device))
         state, recorded, _ = read_checkpoint(args.load_path)
@@ -191,8 +196,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
                           per_device_batch_size=args.batch_size, datasets=[dataset_name], device=args.device)
+        model = build_model(cfg)  # e.g. --image-size not a multiple of the patch: one line
     device = resolve_device(args.device)
-    model = build_model(cfg)
     with user_errors(parser):  # a checkpoint that does not fit the model: one line
         try:
             report = load_checkpoint(model, state, strict=False)
@@ -260,9 +265,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
         bad = stats.get("bad_samples", 0)
         if split == "test":
-            out = args.out or "vqa_submission.json"
-            vqa_submission(result["predictions"], id2answer, out)
-            metrics["submission"] = out
+            vqa_submission(result["predictions"], id2answer, args.out)
+            metrics["submission"] = args.out
     else:
         ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
         stats = {}
@@ -276,6 +280,5 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.out and not (task == "vqa" and split == "test"):
-        with open(args.out, "w") as f:
-            f.write(text)
+        atomic_write_json(args.out, metrics, indent=1)
     return 0

@@ -35,7 +35,7 @@ from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
-from .config import TrainConfig, input_stage
+from .config import TrainConfig, check_task_datasets, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
     init_distributed, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
     unwrap, wrap_model
@@ -455,9 +455,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as configured; returns a summary (steps, losses, metrics, timings, the last checkpoint)."""
     # checked when a run starts, not in the config: export rebuilds models from FSDP runs' configs on any torch
     reason = fsdp2_unavailable() if cfg.fsdp else None
-    if reason is not None:
-        with input_stage():
+    with input_stage():
+        if reason is not None:
             raise ValueError(f"fsdp: {reason}")
+        check_task_datasets(cfg.tasks, cfg.datasets)  # (also made by the commands, before any other check)
     with _deterministic_algorithms(cfg.deterministic):
         info = init_distributed(cfg.device)
         with out_dir_lock(cfg.out_dir, info.is_main):
@@ -522,6 +523,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         data_setup.check_eval_files(cfg)
         max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
         warmup = resolve_warmup(cfg.warmup_steps, max_steps)
+        if cfg.max_steps is None and warmup > max_steps and info.is_main:  # (TrainConfig warns when it knows both)
+            warnings.warn(f"warmup_steps ({warmup}) exceeds the {max_steps} steps of {cfg.max_epochs} epoch(s): the "
+                          f"learning rate never reaches its peak; give fewer steps or a fraction (e.g. "
+                          f"--warmup-steps 0.1)")
         optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
         scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
         configured = configured_hyperparameters(optimizer)
@@ -619,7 +624,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         window, window_steps = {}, 0
         values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device))) for k, v in logged.items()}
         values["loss"] = sum(v for k, v in values.items() if "loss" in k)
-        values["lr"] = optimizer.param_groups[0]["lr"]
+        values["lr"] = step_lr
         values["samples_per_s"] = rate
         if flops_per_sample and peak_tflops:
             values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
@@ -673,6 +678,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         return max_over_ranks(int(flag.get("signal", 0)), info.device)
 
     scheduler_stepped = False
+    step_lr = optimizer.param_groups[0]["lr"]  # the lr of the latest step, as logged
     last_ckpt = resume_path  # the run's latest checkpoint, until it saves one
     history: List[Dict[str, float]] = []
     can_evaluate = data_setup.has_val_split(cfg)
@@ -744,6 +750,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                step_lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule moves on to the next now)
                 if scheduler_stepped:
                     scheduler.step()
                 else:  # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
