@@ -27,7 +27,7 @@ from .prepare import (PrepareSummary, prepare_captions, prepare_coco, prepare_f3
                       prepare_vg, prepare_vqa)
 from .synthetic import write_synthetic
 from .transforms import EvalTransform, RandomAugment, TrainTransform, build_transform
-from .webdataset import WebDataset, expand_urls, write_shards, write_synthetic_shards
+from .webdataset import WebDataset, expand_urls, is_shard_name, write_shards, write_synthetic_shards
 
 __all__ = [
     "DATASETS",
@@ -39,6 +39,7 @@ __all__ = [
     "TrainTransform",
     "WebDataset",
     "expand_urls",
+    "is_shard_name",
     "batch_size_of",
     "build_collate",
     "build_dataset",

@@ -4,8 +4,10 @@ Format (the WebDataset convention): each shard is a plain tar; the members of on
 a key, the member path up to the first "." of its file name (``000123.jpg``, ``000123.txt``). A sample needs one
 image member (jpg, jpeg, png, webp, bmp, gif, tif, tiff, jfif, jpe, ppm, pgm, pbm, pnm; decoded by content) and a
 caption: ``<key>.txt`` (UTF-8) or ``<key>.json`` with a "caption" string (a list of strings is allowed: one is drawn
-per pass when training, the first is used otherwise). Other members are ignored, and so are hidden files (a file
-name starting with "."), such as the ``._<name>`` AppleDouble members macOS's tar adds before every file.
+per pass when training, the first is used otherwise; captions are stripped, and an empty one makes a bad sample).
+Other members are ignored, and so are hidden files (a file name starting with "."), such as the ``._<name>``
+AppleDouble members macOS's tar adds before every file; links are not followed (the error of a sample missing its
+image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz2, .tar.xz (compressed tar).
 
 ``WebDataset`` is an ``IterableDataset``:
 
@@ -20,7 +22,10 @@ name starting with "."), such as the ``._<name>`` AppleDouble members macOS's ta
   function of (seed, epoch, reader, its place in the reader's output), not of a worker's running RNG, so a reader
   that resumes mid-epoch (``set_position``) yields exactly what it would have yielded;
 - a sample whose image does not decode, has no caption, or a shard that is truncated, yields None, which the
-  collate drops and counts in ``batch["bad_samples"]``.
+  collate drops and counts in ``batch["bad_samples"]``; with ``drop_bad=True`` (training: every batch then has its
+  full size, which the all-gathers of several processes need) such a sample is not yielded and its count rides on
+  the next item's "bad_samples" (the unreadable samples at a pass's very end go uncounted), and every item carries
+  "_place", its place in the reader's output (a resumed reader leaves out that many: ``set_position``).
 
 Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
 does not keep persistent workers); a worker also counts the passes it made since, so persistent workers reshuffle
@@ -57,10 +62,17 @@ from .sample import BadSampleLog, decode_image, encode_text
 from .transforms import build_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "jpe", "ppm", "pgm", "pbm", "pnm")
+# a shard's file name ends in one of these (any case): plain tar, or tar compressed as tarfile's "r|*" reads it
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
 
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
-    """Shard paths from a list, a directory (its *.tar), a glob, or a brace range ``shard-{000..012}.tar``."""
+    """Shard paths from a list, a directory (its files named as shards: ``SHARD_SUFFIXES``), a glob, or a brace range
+    ``shard-{000..012}.tar``."""
     if isinstance(urls, os.PathLike):
         urls = os.fspath(urls)
     if not isinstance(urls, str):
@@ -71,9 +83,9 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
             out.extend(expand_urls(u))
         return out
     if os.path.isdir(urls):
-        found = sorted(glob.glob(os.path.join(urls, "*.tar")))
+        found = sorted(p for p in glob.glob(os.path.join(urls, "*")) if is_shard_name(p) and os.path.isfile(p))
         if not found:
-            raise FileNotFoundError(f"no .tar shards in {urls}")
+            raise FileNotFoundError(f"no tar shards ({', '.join(SHARD_SUFFIXES)}) in {urls}")
         return found
     match = re.search(r"\{(\d+)\.\.(\d+)\}", urls)
     if match:
@@ -100,42 +112,96 @@ def split_key(name: str) -> Tuple[str, str]:
 
 def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
     """Raw samples of one shard in order: {"__key__": key, "__url__": path, <ext>: bytes, ...}. A truncated or
-    unreadable tar raises (``tarfile.TarError`` or ``OSError``/``EOFError``) at the point of damage."""
+    unreadable tar raises (``tarfile.TarError`` or ``OSError``/``EOFError``) at the point of damage; an uncompressed
+    one cut at or inside a member's header too (tarfile takes that for the archive's end: the end-of-archive zero
+    block is then missing).
+
+    A member whose extension the current sample already has starts a new sample of the same key (a re-downloaded
+    sample appended to the shard). A sample whose key an earlier, non-adjacent sample of the shard had is marked
+    "__split__" (its members are not consecutive: ``tar`` without ``--sort=name`` stores them in directory order);
+    link members are not followed, but noted in "__links__" (extension -> target), so the errors can say why."""
     current: Dict[str, Any] = {}
+    ended = set()  # keys of the samples already yielded
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
-            if not member.isfile() or os.path.basename(member.name).startswith("."):
+            if os.path.basename(member.name).startswith("."):
+                continue
+            if not (member.isfile() or member.islnk() or member.issym()):
                 continue
             key, ext = split_key(member.name)
-            if current and key != current["__key__"]:
+            if current and (key != current["__key__"] or ext in current or ext in current.get("__links__", {})):
+                ended.add(current["__key__"])
                 yield current
                 current = {}
             if not current:
                 current = {"__key__": key, "__url__": path}
-            fobj = tar.extractfile(member)
-            current[ext] = fobj.read() if fobj is not None else b""
-    if current:
+                if key in ended:
+                    current["__split__"] = True
+            if member.isfile():
+                fobj = tar.extractfile(member)
+                current[ext] = fobj.read() if fobj is not None else b""
+            else:
+                current.setdefault("__links__", {})[ext] = member.linkname
+        end = tar.offset
+    if current:  # (whole members; a sample cut short of one fails as a sample)
         yield current
+    if not _ends_cleanly(path, end):
+        raise tarfile.ReadError(f"truncated: the file ends at or inside a member's header after {end} bytes (no "
+                                f"end-of-archive block)")
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _ends_cleanly(path: str, offset: int) -> bool:
+    """Whether an uncompressed tar has its end-of-archive zero block at ``offset`` (where tarfile stopped reading).
+    Compressed shards are not checked here: their decompressor raises at a cut."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED_MAGIC):
+            return True
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and not any(block)
 
 
 def _caption(raw: Dict[str, Any], rng: Optional[np.random.Generator]) -> str:
+    """The sample's caption, stripped: ``.txt``, or ``.json``'s "caption" (a string or a list of strings, one drawn
+    when ``rng`` is given, else the first). An empty caption (img2dataset writes an empty ``.txt`` for a missing one)
+    is an error, as ``prepare`` refuses one; so is a list with no non-empty entry (empty entries are left out)."""
+    key = raw["__key__"]
     if "txt" in raw:
-        return raw["txt"].decode("utf-8").strip()
+        text = raw["txt"].decode("utf-8").strip()
+        if not text:
+            raise ValueError(f"{key}.txt is empty")
+        return text
     if "json" in raw:
         caption = json.loads(raw["json"].decode("utf-8")).get("caption")
         if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
-            return caption[int(rng.integers(len(caption)))] if rng is not None else caption[0]
+            options = [c.strip() for c in caption if c.strip()]
+            if not options:
+                raise ValueError(f"{key}.json's 'caption' list holds empty strings only")
+            return options[int(rng.integers(len(options)))] if rng is not None else options[0]
         if isinstance(caption, str):
-            return caption
-        raise ValueError(f"{raw['__key__']}.json has no 'caption' string (got {type(caption).__name__})")
-    raise ValueError(f"sample {raw['__key__']} has no caption (.txt or .json)")
+            if not caption.strip():
+                raise ValueError(f"{key}.json's 'caption' is empty")
+            return caption.strip()
+        raise ValueError(f"{key}.json has no 'caption' string (got {type(caption).__name__})")
+    raise ValueError(f"sample {key} has no caption (.txt or .json)" + _link_note(raw))
 
 
 def _image_bytes(raw: Dict[str, Any]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in raw:
             return raw[ext]
-    raise ValueError(f"sample {raw['__key__']} has no image ({'/'.join(IMAGE_EXTS)})")
+    raise ValueError(f"sample {raw['__key__']} has no image ({'/'.join(IMAGE_EXTS)})" + _link_note(raw))
+
+
+def _link_note(raw: Dict[str, Any]) -> str:
+    links = raw.get("__links__")
+    if not links:
+        return ""
+    named = ", ".join(f"{raw['__key__']}.{ext} -> {target}" for ext, target in links.items())
+    return f" (links are not followed in shards: {named}; store the file itself)"
 
 
 def _world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
@@ -151,7 +217,8 @@ class WebDataset(IterableDataset):
 
     def __init__(self, urls: Union[str, Sequence[str]], image_size: int = 224, max_text_len: int = 40,
                  train: bool = True, tokenizer=None, transform: Optional[Callable] = None, shuffle_buffer: int = 1000,
-                 seed: int = 0, repeat: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None):
+                 seed: int = 0, repeat: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 drop_bad: bool = False):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise FileNotFoundError(f"no shards in {urls!r}")
@@ -164,6 +231,7 @@ class WebDataset(IterableDataset):
         self.tokenizer = tokenizer
         self.shuffle_buffer = int(shuffle_buffer) if train else 0
         self.seed, self.repeat, self.rank, self.world_size = int(seed), bool(repeat), rank, world_size
+        self.drop_bad = bool(drop_bad)
         self.epoch = 0
         self._passes = 0
         self._skip: List[int] = []
@@ -228,6 +296,9 @@ class WebDataset(IterableDataset):
             # is a bad sample like an unreadable image
             encoded = encode_text(self.tokenizer, text, self.max_text_len)
         except Exception as exc:  # noqa: BLE001 - an unreadable sample is skipped and counted
+            if raw.get("__split__"):
+                exc = ValueError(f"{exc} (the shard stores this sample's members apart, after other samples': write "
+                                 f"shards with each sample's files together, e.g. tar --sort=name)")
             self._log(f"{raw.get('__key__')} in {raw.get('__url__')}", exc)
             return None
         item = {"image": image}
@@ -240,7 +311,7 @@ class WebDataset(IterableDataset):
         num_workers = info.num_workers if info is not None else 1
         reader = self.reader()
         rank, world_size = _world(self.rank, self.world_size)
-        if len(self.urls) < world_size * num_workers and self._passes == 0 and reader == 0:
+        if len(self.urls) < world_size * num_workers and self._passes == 0 and reader == 0 and self.epoch == 0:
             warnings.warn(f"WebDataset: {len(self.urls)} shards for {world_size * num_workers} readers "
                           f"(ranks x workers): every reader scans all shards; use more shards for speed")
         if self._skip and len(self._skip) != num_workers:
@@ -254,9 +325,20 @@ class WebDataset(IterableDataset):
             gid = rank * num_workers + reader
             skip = self._skip[reader] if first_pass and self._skip else 0
             rng = np.random.default_rng([self.seed, epoch, gid, 1])
+            bad = 0
             for place, raw in enumerate(self._shuffled(self._raw_stream(shards, stride, offset), rng)):
-                if place >= skip:
-                    yield self._decode(raw, sample_seed(self.seed, epoch, gid, place))
+                if place < skip:
+                    continue
+                item = self._decode(raw, sample_seed(self.seed, epoch, gid, place))
+                if not self.drop_bad:
+                    yield item
+                elif item is None:
+                    bad += 1
+                else:
+                    item["_place"] = place
+                    if bad:
+                        item["bad_samples"], bad = bad, 0
+                    yield item
             if not self.repeat:
                 return
 

@@ -543,9 +543,16 @@ def check_device(device: str) -> None:
 _TASK_DATASETS = {"vqa": "vqa", "nlvr2": "nlvr2"}
 
 
-def check_task_datasets(tasks: Sequence[str], datasets: Sequence[str]) -> None:
-    """vqa trains on the vqa dataset only, nlvr2 on nlvr2 only, and the other tasks on caption data (not those
-    two): a mismatch failed at the first step with a KeyError, or (retrieval on VQA questions) trained silently."""
+def check_data_choice(cfg: TrainConfig) -> None:
+    """What the datasets allow: vqa trains on the vqa dataset only, nlvr2 on nlvr2 only, and the other tasks on
+    caption data (not those two): a mismatch failed at the first step with a KeyError, or (retrieval on VQA
+    questions) trained silently. Tar shards have no length known in advance, so no epoch-based run (it trained 0
+    steps and reported success)."""
+    from .data_setup import _is_shards
+
+    tasks, datasets = cfg.tasks, cfg.datasets
+    if cfg.max_steps is None and any(_is_shards(d) for d in datasets):
+        raise ValueError("max_epochs: tar shards have no length known in advance; give --max-steps")
     for task, own in _TASK_DATASETS.items():
         if task in tasks and list(datasets) != [own]:
             raise ValueError(f"datasets: task {task} trains on the {own} dataset only, got {','.join(datasets)}")
@@ -562,7 +569,7 @@ def check_environment(cfg: TrainConfig) -> None:
     images and captions only; without this a run first writes it and then fails on a missing arrow file."""
     from .data_setup import _is_shards
 
-    check_task_datasets(cfg.tasks, cfg.datasets)
+    check_data_choice(cfg)
     check_device(cfg.device)
     check_backend_device(cfg.backend, cfg.device)
     if not cfg.out_dir:

@@ -203,7 +203,8 @@ class TrainStream:
 
 class _ReaderTag:
     """A worker's collate for tar shards: the batch carries ("_reader") the reader that made it (the DataLoader worker's
-    role, ``WebDataset.reader``), and its MLM masking is seeded from its first sample's seed."""
+    role, ``WebDataset.reader``) and ("_end") how far into the reader's output its last item was (the reader's
+    position after it), and its MLM masking is seeded from its first sample's seed."""
 
     def __init__(self, collate):
         self.collate = SeededCollate(collate)
@@ -212,6 +213,8 @@ class _ReaderTag:
         batch = self.collate(items)
         info = get_worker_info()
         batch["_reader"] = info.dataset.reader() if info is not None else 0
+        places = batch.pop("_place", None)
+        batch["_end"] = int(places[-1]) + 1 if places else None
         return batch
 
 
@@ -222,13 +225,19 @@ def _shard_list_digest(urls: List[str]) -> str:
 class IterableStream:
     """Web-scale tar shards (``WebDataset``): an endless stream over epochs, with a resumable position.
 
-    A rank's DataLoader takes batches from its workers in turn; the position is, per rank, the epoch, the batches
-    taken from each worker's reader and the reader due next. A resumed stream rotates the readers so that the one due
-    next comes first, and each reader leaves out what it had yielded (read again, not decoded), so the run sees the very
-    batches it would have seen. That needs the same shard list, seed, number of processes, workers per process and
-    batch per process; with another layout the stream restarts the epoch's shards (``resume_note`` says which)."""
+    A rank's DataLoader takes batches from its workers in turn; the position is, per rank, the epoch, how far into
+    each worker's reader's output the batches taken reach, and the reader due next. A resumed stream rotates the
+    readers so that the one due next comes first, and each reader leaves out what it had yielded (read again, not
+    decoded), so the run sees the very batches it would have seen. That needs the same shard list, seed, number of
+    processes, workers per process and batch per process; with another layout the stream restarts the epoch's shards
+    (``resume_note`` says which).
+
+    The readers leave unreadable samples out (``WebDataset(drop_bad=True)``), so every batch has its full size, as
+    the all-gathers of several processes need; a whole epoch that gives no batch (no readable sample, or fewer than
+    a batch per reader) is an error, not an endless search."""
 
     def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
+        dataset.drop_bad = True  # full batches; each item says where it is in its reader's output
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
                                  num_workers=num_workers, drop_last=True, generator=torch.Generator().manual_seed(0),
@@ -240,7 +249,8 @@ class IterableStream:
         self._it = None
         # what a saved position is valid for
         self.layout = {"world": info.world_size, "readers": self.readers, "batch_size": batch_size,
-                       "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls)}
+                       "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls), "position": "places"}
+        self._fresh_epoch, self._batches_this_epoch = True, 0
 
     def __iter__(self):
         return self
@@ -248,18 +258,28 @@ class IterableStream:
     def __next__(self):
         while True:
             if self._it is None:
-                self.dataset.set_position(self.epoch, [n * self.batch_size for n in self.taken], self.next_reader)
+                self._fresh_epoch = not any(self.taken)
+                self._batches_this_epoch = 0
+                self.dataset.set_position(self.epoch, list(self.taken), self.next_reader)
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
             except StopIteration:
+                if self._fresh_epoch and not self._batches_this_epoch:
+                    raise ValueError(
+                        f"the tar shards gave no batch in a whole epoch on rank {self.info.rank}: no reader found "
+                        f"{self.batch_size} readable samples among its shards ({len(self.dataset.urls)} shards, "
+                        f"{self.readers} reader(s) per process; see the unreadable samples logged above)") from None
                 self._it, self.epoch = None, self.epoch + 1
                 self.taken, self.next_reader = [0] * self.readers, 0
                 continue
             reader = int(batch.pop("_reader"))
-            self.taken[reader] += 1
+            end = batch.pop("_end")
+            if end is not None:
+                self.taken[reader] = end
             self.next_reader = (reader + 1) % self.readers
             if not vdata.is_empty_batch(batch):
+                self._batches_this_epoch += 1
                 return batch
 
     def state(self) -> Dict[str, Any]:
@@ -286,7 +306,7 @@ class IterableStream:
 
 
 _LAYOUT_NAMES = {"world": "number of processes", "readers": "--num-workers", "batch_size": "per-process batch",
-                 "seed": "--seed", "shards": "shard list"}
+                 "seed": "--seed", "shards": "shard list", "position": "position format (an older version's)"}
 
 
 def data_root(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo) -> str:
@@ -301,9 +321,9 @@ def data_root(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo) -> str
 
 
 def _is_shards(name: str) -> bool:
-    """A --datasets entry naming tar shards: a .tar file, a glob or brace range, or a folder given as a path (with a
-    "/": a dataset key such as coco is never a folder, even where one of that name exists)."""
-    return name.endswith(".tar") or any(c in name for c in "*?[{") or ("/" in name and os.path.isdir(name))
+    """A --datasets entry naming tar shards: a shard file (.tar, .tar.gz, ...), a glob or brace range, or a folder
+    given as a path (with a "/": a dataset key such as coco is never a folder, even where one of that name exists)."""
+    return vdata.is_shard_name(name) or any(c in name for c in "*?[{") or ("/" in name and os.path.isdir(name))
 
 
 def eval_datasets(cfg: TrainConfig, split: str = "val") -> List[str]:
@@ -383,9 +403,12 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         urls: List[str] = []
         for pattern in shards:  # a file, folder, glob or brace range; one that names nothing is an error naming it
             urls += vdata.expand_urls(pattern)
+        # train=True whatever --augment says: it also shuffles the shards and samples and draws one caption of a
+        # list per pass; --augment false changes the image transform only, as on arrow files
+        transform = vdata.build_transform(model_config.image_size, train=cfg.augment is not False)
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
-                              train=cfg.augment is not False, seed=cfg.seed, rank=info.rank,
-                              world_size=info.world_size)
+                              train=True, transform=transform, seed=cfg.seed, rank=info.rank,
+                              world_size=info.world_size, drop_bad=True)
         return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, info,
                               pin_memory=info.device.type == "cuda")
     # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)

@@ -35,7 +35,7 @@ from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
-from .config import TrainConfig, check_task_datasets, input_stage
+from .config import TrainConfig, check_data_choice, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
     init_distributed, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
     unwrap, wrap_model
@@ -458,7 +458,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     with input_stage():
         if reason is not None:
             raise ValueError(f"fsdp: {reason}")
-        check_task_datasets(cfg.tasks, cfg.datasets)  # (also made by the commands, before any other check)
+        check_data_choice(cfg)  # (also made by the commands, before any other check)
     with _deterministic_algorithms(cfg.deterministic):
         info = init_distributed(cfg.device)
         with out_dir_lock(cfg.out_dir, info.is_main):
