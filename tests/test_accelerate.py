@@ -380,6 +380,17 @@ def test_submodules_replaced_after_accelerating_are_followed():
     assert _changed_since(model.transformer.blocks[2]) == "mlp_imag activation is GELU('tanh'), not exact GELU"
     model.transformer.blocks[2].mlp_imag.act = nn.GELU()
     assert _changed_since(model.transformer.blocks[2]) is None
+    # a hook or a dropout present when the structure is re-checked is not remembered with it: once gone, the block
+    # is back on the fused path (it stayed on the official one)
+    blk = model.transformer.blocks[3]
+    handle = blk.norm1.register_forward_hook(lambda *args: None)
+    blk.attn.attn_drop = nn.Dropout(0.1)
+    blk.mlp_text.act = nn.GELU()  # a registration: the structure is checked again now
+    assert _changed_since(blk).startswith("attention dropout 0.1 > 0")
+    blk.attn.attn_drop.p = 0.0
+    assert _changed_since(blk) == "norm1 has forward hooks, which the fused block would not run"
+    handle.remove()
+    assert _changed_since(blk) is None
 
 
 def test_a_deep_copy_runs_its_own_weights():

@@ -364,6 +364,11 @@ def test_compiled_and_ddp_wrapped_models_save_and_load_their_own_keys(tmp_path):
     load_checkpoint(FakeDDP(dst), tmp_path / "c.pt")
     assert_same_weights(m, dst)
     assert vf.checkpoint.plain_module(torch.compile(FakeDDP(dst), backend="eager")) is dst
+    dp = torch.nn.DataParallel(vf.VLMo(vf.preset("vlmo_tiny_patch16")))  # (on a CPU, a plain wrapper)
+    load_checkpoint(dp, tmp_path / "c.pt")
+    assert_same_weights(m, dp.module)
+    save_checkpoint(dp, tmp_path / "dp.pt")
+    assert list(torch.load(tmp_path / "dp.pt", weights_only=True)) == list(raw)
 
 
 def test_metadata_needs_safetensors(tmp_path):
@@ -387,11 +392,16 @@ def test_a_model_built_on_meta_loads_with_its_index_buffers(tmp_path):
     with torch.device("meta"):
         m = vf.VLMo(src.config)
     m = m.to_empty(device="cpu").eval()
-    for name in ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index"):
-        getattr(m, name).fill_(-12345)  # what uninitialised memory may hold
-    load_checkpoint(m, tmp_path / "m.safetensors")
-    for name, buf in src.named_buffers():
-        assert torch.equal(dict(m.named_buffers())[name], buf), name
+    names = ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index")
+    for name in names:
+        assert torch.equal(getattr(m, name), getattr(src, name)), name  # to_empty makes them again
     img = torch.randn(2, 3, src.config.image_size, src.config.image_size)
-    with torch.no_grad():
-        assert torch.equal(m.image_embedding(img), src.image_embedding(img))
+    for load in (lambda: load_checkpoint(m, tmp_path / "m.safetensors"),
+                 lambda: m.load_state_dict(src.state_dict())):  # the plain route (FSDP's and DCP's loading too)
+        for name in names:
+            getattr(m, name).fill_(-12345)  # what uninitialised memory may hold
+        load()
+        for name, buf in src.named_buffers():
+            assert torch.equal(dict(m.named_buffers())[name], buf), name
+        with torch.no_grad():
+            assert torch.equal(m.image_embedding(img), src.image_embedding(img))

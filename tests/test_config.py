@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,7 +224,7 @@ def test_named_preset_trains_with_the_official_values(name, tmp_path):
 def test_loss_names_are_switches_and_sizes_are_checked():
     """A task weight such as 0.5 is on (the official test is > 0; int() made it 0, dropping the task's heads), a
     non-number is named; sizes that built a broken model or NaNs are refused."""
-    cfg = vf.preset("vlmo_tiny_patch16", loss_names={"itm": 0.5, "itc": 2, "mlm": True, "vqa": 0.0})
+    cfg = vf.preset("vlmo_tiny_patch16", loss_names={"itm": 0.5, "itc": 2, "mlm": np.bool_(True), "vqa": 0.0})
     assert cfg.loss_names == loss_names(itm=1, itc=1, mlm=1)
     assert hasattr(vf.VLMo(cfg), "itc_image_proj")
     with pytest.raises(TypeError, match=r"loss_names\['itm'\] must be a number"):

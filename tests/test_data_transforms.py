@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from vlmo_fast.data import encode_image
 from vlmo_fast.data import transforms as T
 
 
@@ -245,6 +246,7 @@ def test_arrays_other_than_uint8_images_are_refused():
                             (img.astype(np.int64), TypeError, "int64 array"),
                             (torch.from_numpy(img).permute(2, 0, 1), ValueError, r"got shape \(3, 20, 30\) \(channels first"),
                             (img[:, :, :2], ValueError, "got shape"), (img[:0], ValueError, "got shape")]:
-        for t in (ev, tr):
+        for t in (ev, tr, encode_image):  # encode_image: what arrow files and shards are written with
             with pytest.raises(err, match=match):
                 t(bad)
+    assert encode_image(img) == encode_image(Image.fromarray(img))

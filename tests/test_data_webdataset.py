@@ -330,6 +330,7 @@ def test_shards_as_other_tools_write_them(tmp_path, tok, caplog):
     dup = _tar(tmp_path / "dup.tar", [("a.jpg", img), ("a.txt", b"first"), ("a.jpg", img), ("a.txt", b"second"),
                                       ("b.jpg", img), ("b.txt", b"third")])
     assert _read([dup], tok) == [("a", "first"), ("a", "second"), ("b", "third")]
+    assert not any("__split__" in raw for raw in iter_tar(dup))  # a copy right after the first is not "apart"
     apart = _tar(tmp_path / "apart.tar", [("a.jpg", img), ("b.jpg", img), ("a.txt", b"x"), ("b.txt", b"y")])
     assert _read([apart], tok) == [None] * 4
     assert "stores this sample's members apart, after other samples': write shards with each sample's files " \

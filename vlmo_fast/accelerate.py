@@ -62,7 +62,13 @@ def _dropout_p(m: Any) -> float:
 
 
 def _why_not_block(blk: nn.Module) -> Optional[str]:
-    """None when ``blk`` has the official Block structure vlmo_fast can run, else the reason."""
+    """None when ``blk`` has the official Block structure vlmo_fast can run and nothing now keeps it from the fused
+    path (a dropout > 0, forward hooks on submodules), else the reason."""
+    return _structural_reason(blk) or _dropout_reason(blk) or _hook_reason(_submodules(blk))
+
+
+def _structural_reason(blk: nn.Module) -> Optional[str]:
+    """None when ``blk``'s modules have the official Block structure the fused path reads, else the reason."""
     for name in ("norm1", "attn", "norm2_text", "norm2_imag", "mlp_text", "mlp_imag", "max_text_len", "drop_path"):
         if not hasattr(blk, name):
             return f"not an official Block (no attribute {name!r})"
@@ -75,9 +81,6 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
     why = _why_not_linear(attn.proj)  # (the official attention reads qkv's weight itself, never calls qkv)
     if why is not None:
         return f"attn.proj {why}"
-    why = _dropout_reason(blk)
-    if why is not None:
-        return why
     for e in _experts(blk):
         mlp, norm = getattr(blk, f"mlp_{e}"), getattr(blk, f"norm2_{e}", None)
         why = _why_not_layer_norm(norm)
@@ -96,9 +99,6 @@ def _why_not_block(blk: nn.Module) -> Optional[str]:
     why = _why_not_layer_norm(blk.norm1)
     if why is not None:
         return f"norm1 {why}"
-    why = _hook_reason(_structure(blk))
-    if why is not None:
-        return why
     dp = blk.drop_path
     if not (isinstance(dp, nn.Identity) or hasattr(dp, "drop_prob")):
         return f"drop_path is {type(dp).__name__}, not DropPath or Identity"
@@ -123,12 +123,15 @@ def _dropout_reason(blk: nn.Module) -> Optional[str]:
     return None
 
 
-def _hook_reason(submodules: List[Tuple[nn.Module, type]]) -> Optional[str]:
-    """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run.
-    ``submodules`` lists the block itself first (its own hooks do run: they are the caller's)."""
-    for m, _ in submodules[1:]:
+def _submodules(blk: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(name, m) for name, m in blk.named_modules() if name]
+
+
+def _hook_reason(submodules: List[Tuple[str, nn.Module]]) -> Optional[str]:
+    """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run (the
+    block's own hooks do run: they are the caller's)."""
+    for name, m in submodules:
         if m._forward_hooks or m._forward_pre_hooks:
-            name = next(n for n, sub in submodules[0][0].named_modules() if sub is m)
             return f"{name} has forward hooks, which the fused block would not run"
     return None
 
@@ -160,28 +163,42 @@ def _gamma(g: Any) -> Optional[torch.Tensor]:
 
 
 _BACKEND = "_vlmo_fast_backend"
-_CHECKED = "_vlmo_fast_checked"  # (structure, reason): the last structure _why_not_block judged, and its verdict
+_CHECKED = "_vlmo_fast_checked"  # (generation, structural reason, submodules) of the block's last structural check
+
+# Bumped whenever any module anywhere gets a submodule or a parameter registered (PyTorch's global registration
+# hooks, installed by the first accelerate() call): a LoRA Linear injected, an activation or a norm replaced, a
+# parametrization added. A block re-checks its structure when this moved since its last check, so the check made at
+# every call stays a comparison plus the hook and dropout reads.
+_GENERATION = [0]
+_WATCHING: List[Any] = []
 
 
-def _structure(blk: nn.Module) -> list:
-    """What the structural check depends on: the submodules and their classes (a submodule replaced, e.g. by a
-    LoRA-style Linear, or changed to another class shows here)."""
-    return [(m, type(m)) for m in blk.modules()]
+def _bump(*_args) -> None:
+    _GENERATION[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _WATCHING:
+        from torch.nn.modules import module as torch_module
+
+        _WATCHING.append(torch_module.register_module_module_registration_hook(_bump))
+        _WATCHING.append(torch_module.register_module_parameter_registration_hook(_bump))
+
+
+def _checked(blk: nn.Module) -> Tuple[int, Optional[str], List[Tuple[str, nn.Module]]]:
+    return _GENERATION[0], _structural_reason(blk), _submodules(blk)
 
 
 def _changed_since(blk: nn.Module) -> Optional[str]:
     """What would now make the fused block differ from the official forward, though it did not when accelerated:
-    a dropout turned on, a forward hook on a submodule, or a submodule replaced so that the block is no longer one
-    the fused path can run (a LoRA-style Linear, another activation). The whole structural check reruns only when
-    the submodules changed. (A changed DropPath rate is simply read at each call.)"""
-    structure = _structure(blk)
-    checked, reason = blk.__dict__[_CHECKED]
-    if len(structure) != len(checked) or any(a[0] is not b[0] or a[1] is not b[1] for a, b in zip(structure, checked)):
-        reason = _why_not_block(blk)
-        blk.__dict__[_CHECKED] = (structure, reason)
-    if reason is not None:
-        return reason
-    return _dropout_reason(blk) or _hook_reason(structure)
+    a submodule replaced so that the block is no longer one the fused path can run (a LoRA-style Linear, another
+    activation), a dropout turned on, or a forward hook on a submodule. Only the structure is remembered (until a
+    registration anywhere moves the generation); dropout and hooks are read at each call, so a block goes back to
+    the fused path when they go. (A changed DropPath rate is simply read at each call.)"""
+    generation, reason, submodules = blk.__dict__[_CHECKED]
+    if generation != _GENERATION[0]:
+        generation, reason, submodules = blk.__dict__[_CHECKED] = _checked(blk)
+    return reason or _dropout_reason(blk) or _hook_reason(submodules)
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
@@ -271,6 +288,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
     check_backend(backend)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _watch_registrations()
     report = AccelerationReport()
     blocks = _find_blocks(module)
     if not blocks:
@@ -290,7 +308,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             continue
         # instance attributes (the forward shadows the class's), bound to the block
         blk.__dict__[_BACKEND] = backend
-        blk.__dict__[_CHECKED] = (_structure(blk), None)
+        blk.__dict__[_CHECKED] = _checked(blk)
         blk.forward = _Bound(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)

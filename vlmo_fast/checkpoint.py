@@ -262,9 +262,8 @@ def load_checkpoint(
         raise CheckpointError(f"no key of the checkpoint matches the model: not a VLMo checkpoint, or nested under "
                               f"an unknown prefix (checkpoint keys: {_some(report.unexpected_keys)}; model keys: "
                               f"{_some(list(target))})")
-    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
-    if hasattr(model, "reset_index_buffers"):  # derived, never loaded: garbage in a model materialised from meta
-        model.reset_index_buffers()
+    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)  # (VLMo then makes its index
+    # buffers again: derived, never loaded, garbage in a model materialised from the meta device)
     return report
 
 
@@ -273,12 +272,13 @@ def _some(keys: List[str], n: int = 3) -> str:
 
 
 def plain_module(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s and DDP's wrappers, whose state-dict keys gain ``_orig_mod.`` and
-    ``module.``: checkpoints hold the model's own keys, and load into a wrapped model as into the plain one."""
+    """The model inside ``torch.compile``'s and (Distributed)DataParallel's wrappers, whose state-dict keys gain
+    ``_orig_mod.`` and ``module.``: checkpoints hold the model's own keys, and load into a wrapped model as into the
+    plain one."""
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
             return model

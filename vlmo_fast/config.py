@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+import numpy as np
+
 # The task switches of the official `loss_names` dictionary. Values are on/off switches (spec Q13): > 0 means on.
 LOSS_NAMES = ("itm", "itc", "mlm", "textmlm", "vqa", "nlvr2", "irtr")
 
@@ -18,7 +20,8 @@ def loss_names(**on: int) -> Dict[str, int]:
     if unknown:
         raise ValueError(f"loss_names: unknown task(s) {sorted(unknown)}; expected a subset of {list(LOSS_NAMES)}")
     for task, value in on.items():
-        if not isinstance(value, numbers.Real) or value != value:  # bool and numpy numbers are Real: True = on
+        # bool and numpy's numbers are Real (True = on); numpy's bool_ is not, but means the same
+        if not isinstance(value, (numbers.Real, np.bool_)) or value != value:
             raise TypeError(f"loss_names[{task!r}] must be a number (0 = off, > 0 = on), got {value!r}")
     # on/off switches only, as official (spec Q13: "> 0" turns a task on; a weight such as 0.5 is on, not 0)
     return {name: int(on.get(name, 0) > 0) for name in LOSS_NAMES}

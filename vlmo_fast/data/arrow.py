@@ -591,13 +591,16 @@ def make_caption_dataset(root: str, name: str, split: str, images: Sequence[byte
 
 
 def encode_image(img, format: str = "PNG", quality: int = 95) -> bytes:
-    """A PIL image or uint8 (H, W, 3) array as encoded bytes (PNG lossless by default, or JPEG)."""
+    """A PIL image or uint8 (H, W), (H, W, 3) or (H, W, 4) array as encoded bytes (PNG lossless by default, or
+    JPEG)."""
     import io
 
     from PIL import Image
 
+    from .transforms import image_from_array
+
     if not isinstance(img, Image.Image):
-        img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+        img = image_from_array(img)  # a uint8 array (a float or 16-bit one is refused: it would be black or wrap)
     buf = io.BytesIO()
     if format.upper() in ("JPEG", "JPG"):
         img.convert("RGB").save(buf, format="JPEG", quality=quality)

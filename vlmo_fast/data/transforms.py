@@ -215,7 +215,7 @@ class RandomAugment:
 
     def __call__(self, img, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         rng = rng if rng is not None else rng_from_torch()
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = uint8_array(img)
         for idx in rng.choice(len(self.augs), self.n):  # with replacement, as np.random.choice(augs, N)
             if rng.random() > 0.5:
                 continue
@@ -252,7 +252,7 @@ def random_resized_crop_params(width: int, height: int, scale: Tuple[float, floa
 
 def to_normalized_tensor(img) -> torch.Tensor:
     """ToTensor + Normalize(0.5, 0.5): uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = uint8_array(img)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
     # numpy, not torch: single-threaded, so it does not contend with the training process's intra-op threads
@@ -263,20 +263,32 @@ def to_normalized_tensor(img) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def uint8_array(img) -> np.ndarray:
+    """``img`` as a numpy array that must be uint8: a float image in [0, 1] or a 16-bit one cast to uint8 would be
+    silently black, or wrap around."""
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"image: expected a PIL image or a uint8 array, got a {arr.dtype} array (scale it to 0..255 "
+                        f"and convert to uint8 first)")
+    return arr
+
+
+def image_from_array(img) -> Image.Image:
+    """A PIL image from a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4) (the layout PIL and numpy image
+    libraries use); other arrays are refused, naming what they are."""
+    arr = uint8_array(img)
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
+        raise ValueError(f"image: expected a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), got shape "
+                         f"{tuple(arr.shape)}" + (" (channels first? permute to (H, W, C))"
+                                                 if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""))
+    return Image.fromarray(arr)
+
+
 def _check_rgb(img) -> Image.Image:
-    """A PIL image in RGB, from a PIL image or a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4) (the layout
-    PIL and numpy image libraries use). Other arrays are refused: a float image in [0, 1] or a 16-bit one cast to
-    uint8 would be silently black, or wrap around."""
+    """A PIL image in RGB, from a PIL image (converted as the official ``.convert("RGB")``) or an array
+    (``image_from_array``)."""
     if not isinstance(img, Image.Image):
-        arr = np.asarray(img)
-        if arr.dtype != np.uint8:
-            raise TypeError(f"image: expected a PIL image or a uint8 array, got a {arr.dtype} array (scale it to "
-                            f"0..255 and convert to uint8 first)")
-        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or 0 in arr.shape:
-            raise ValueError(f"image: expected a uint8 array of shape (H, W), (H, W, 3) or (H, W, 4), got shape "
-                             f"{tuple(arr.shape)}" + (" (channels first? permute to (H, W, C))"
-                                                     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""))
-        img = Image.fromarray(arr)
+        img = image_from_array(img)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

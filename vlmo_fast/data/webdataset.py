@@ -129,13 +129,14 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
             if not (member.isfile() or member.islnk() or member.issym()):
                 continue
             key, ext = split_key(member.name)
-            if current and (key != current["__key__"] or ext in current or ext in current.get("__links__", {})):
-                ended.add(current["__key__"])
+            previous = current.get("__key__")
+            if current and (key != previous or ext in current or ext in current.get("__links__", {})):
+                ended.add(previous)
                 yield current
                 current = {}
             if not current:
                 current = {"__key__": key, "__url__": path}
-                if key in ended:
+                if key != previous and key in ended:
                     current["__split__"] = True
             if member.isfile():
                 fobj = tar.extractfile(member)

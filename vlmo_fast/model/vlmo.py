@@ -38,6 +38,10 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 _CHECKED_IDS = TensorMemo(16)  # text_ids tensors whose values passed the range check
 
 
+def _reset_index_buffers_after_load(module: "VLMo", incompatible_keys) -> None:
+    module.reset_index_buffers()
+
+
 _HEAD_TASKS = {"itc_text_proj": "itc or irtr", "itc_image_proj": "itc or irtr", "itc_vl_text_proj": "itc",
                "itc_vl_image_proj": "itc", "mlm_score": "mlm or textmlm", "itm_score": "itm",
                "vqa_classifier": "vqa", "nlvr2_classifier": "nlvr2"}
@@ -100,6 +104,9 @@ class VLMo(nn.Module):
         self.current_tasks: List[str] = []  # as the official module: forward() runs these objectives
         self.gather_with_grad = False  # ITC/IRTR all-gather with gradient (official: without)
         self.set_backend(backend)
+        # the index buffers are derived, never loaded: made again after every load_state_dict (a model built on the
+        # meta device holds garbage there until then; also what FSDP's and DCP's loading calls)
+        self.register_load_state_dict_post_hook(_reset_index_buffers_after_load)
 
     def _index_buffers(self) -> Dict[str, torch.Tensor]:
         c = self.config
@@ -108,10 +115,15 @@ class VLMo(nn.Module):
                 "text_relative_position_index": relpos.text_relative_position_index(lt, w, l0),
                 "text_imag_relative_position_index": relpos.fusion_relative_position_index(lt, w, l0)}
 
+    def to_empty(self, *, device, recurse: bool = True) -> "VLMo":
+        super().to_empty(device=device, recurse=recurse)
+        self.reset_index_buffers()
+        return self
+
     def reset_index_buffers(self) -> None:
         """Recompute the relative-position index buffers, where they are. They are not in the state dict (derived
-        from the config, as official), so a model built on the meta device and materialised with ``to_empty()``
-        holds garbage there until this runs; ``load_checkpoint`` calls it."""
+        from the config, as official), so a model built on the meta device and materialised holds garbage there
+        until this runs; ``to_empty()`` and ``load_state_dict()`` call it."""
         if self.relative_position_bias_table is None:
             return
         device = self.relative_position_bias_table.device

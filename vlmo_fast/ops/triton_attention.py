@@ -840,17 +840,23 @@ TRITON_VERSION: Tuple[int, ...] = tuple(int(p) for p in re.findall(r"\d+", trito
 
 def triton_unsupported(t: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take tensors like ``t`` (None when they can): shared by every Triton op."""
+    return triton_unsupported_on(t.device.type, t.dtype)
+
+
+def triton_unsupported_on(device_type: str, dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """``triton_unsupported`` for tensors of this device type and dtype (none needed: a caller checking a
+    configuration must not create a CUDA context)."""
     if triton is None:
         return f"triton is not installed ({_TRITON_ERROR})"
     if TRITON_VERSION < MIN_TRITON:
         return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels "
                 "are tested with")
-    if t.device.type == "cpu" and not interpreting():
+    if device_type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-    if t.device.type not in ("cuda", "cpu"):
-        return f"device {t.device.type} is not supported"
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {t.dtype} is not supported (fp32, fp16, bf16)"
+    if device_type not in ("cuda", "cpu"):
+        return f"device {device_type} is not supported"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported (fp32, fp16, bf16)"
     return None
 
 

@@ -509,11 +509,9 @@ def check_backend_device(backend: str, device: str) -> None:
         return
     dev = resolve_device(device)
     if backend == "triton":
-        import torch
+        from ..ops.triton_attention import triton_unsupported_on
 
-        from ..ops.triton_attention import triton_unsupported
-
-        why = triton_unsupported(torch.empty(0, device=dev))
+        why = triton_unsupported_on(dev.type)  # (no tensor: that would open a CUDA context on GPU 0 in every rank)
     else:
         from ..ops.native import _native_missing
 
