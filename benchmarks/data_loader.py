@@ -129,7 +129,7 @@ def main(argv: List[str] = None) -> int:
         "benchmark": "data_loader",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "device": harness.cpu_model(),
+        "device": harness.device_name(torch.device("cpu")),  # the string run.py records for a CPU run
         "cpu_count": os.cpu_count(),
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "gpu": gpu,

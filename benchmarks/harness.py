@@ -327,6 +327,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The commit of the code that runs: VLMO_BENCH_COMMIT when set (the GPU machine gets a copy of the working tree
+    whose git metadata may name another commit: the caller passes its own), else git's HEAD (+dirty)."""
+    given = os.environ.get("VLMO_BENCH_COMMIT", "").strip()
+    if given:
+        return given
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
@@ -394,7 +399,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 def markdown_table(rows: List[Row]) -> str:
     head = ("| op | case | dtype | mode | impl | ms | speedup | TFLOP/s | GB/s | % ceiling | peak MB | samples/s | MFU | "
-            "status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "status | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         case = " ".join(f"{k}={v}" for k, v in r.case.items())
@@ -403,7 +408,8 @@ def markdown_table(rows: List[Row]) -> str:
             f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup is not None else ''} | {_fmt(r.tflops, '.1f')} | "
             f"{_fmt(r.gbs, '.0f')} | {_fmt(None if r.frac_ceiling is None else 100 * r.frac_ceiling, '.0f')} | "
             f"{_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.samples_per_s, '.1f')} | "
-            f"{_fmt(None if r.mfu_measured is None else 100 * r.mfu_measured, '.1f')} | {r.status} |"
+            f"{_fmt(None if r.mfu_measured is None else 100 * r.mfu_measured, '.1f')} | {r.status} | "
+            f"{(r.note or '').replace('|', '/')} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -438,7 +444,11 @@ def plot_speedups(meta: Dict[str, Any], rows: List[Row], path: str) -> bool:
     pts = [r for r in rows if r.speedup is not None and r.status == "ok" and r.impl != r.baseline]
     if not pts:
         return False
-    labels = [f"{r.op} {r.mode} {r.impl} " + ",".join(f"{k}={v}" for k, v in r.case.items()) for r in pts]
+    # a speedup on another basis than the same case's official time (the step at a batch the official math does not
+    # fit: samples/s against its step at a smaller batch) is marked, its basis in the note
+    other_basis = [bool(r.note and "speedup: " in r.note) for r in pts]
+    labels = [f"{'* ' if o else ''}{r.op} {r.mode} {r.impl} " + ",".join(f"{k}={v}" for k, v in r.case.items())
+              for r, o in zip(pts, other_basis)]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(pts) + 1.5))
     ax.barh(range(len(pts)), [r.speedup for r in pts], color=["tab:green" if r.speedup >= 1 else "tab:red" for r in pts])
     ax.axvline(1.0, color="black", lw=0.8)
@@ -446,7 +456,8 @@ def plot_speedups(meta: Dict[str, Any], rows: List[Row], path: str) -> bool:
     ax.set_yticklabels(labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("speedup vs the official math (log scale)")
+    ax.set_xlabel("speedup vs the official math (log scale)" + ("; * samples/s against the official math at a "
+                  "smaller batch (it does not fit this one)" if any(other_basis) else ""))
     ax.set_title(f"vlmo_fast on {meta['device']} ({meta['date'][:10]}, {meta['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

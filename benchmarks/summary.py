@@ -162,7 +162,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
         + (" (partial: the run stopped before its end)" if m.get("complete") is False else ""),
         "",
         "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | "
-        "MFU vs GEMM | MFU vs datasheet | samples/s | peak MB (x official) |",
+        "MFU vs GEMM | MFU vs datasheet | samples/s | call peak MB (x official) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary_rows(data):
@@ -179,6 +179,14 @@ def summary_markdown(data: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _loader_device(d: Dict[str, Any]) -> str:
+    """The device a loader result ran with, named as run.py names it (older CPU results recorded the bare model)."""
+    if d.get("gpu"):
+        return d["gpu"]
+    name = str(d.get("device", ""))
+    return name if name.startswith("CPU ") else f"CPU {name} ({d.get('cpu_count')} cores)"
+
+
 def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
     """The newest data-loader result in ``folder`` from the device of ``data`` against its training step (issue
     target: the loader alone sustains at least 2x the step's samples/s), or None when either is missing."""
@@ -192,7 +200,7 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
     # the same machine as the step's results (a loader run on another host says nothing about this step's)
     device = data["meta"]["device"]
     loaders = [d for d in loaders if d.get("benchmark") == "data_loader" and d.get("rows")
-               and (d.get("gpu") or d.get("device")) == device]
+               and _loader_device(d) == device]
     steps = [r for r in data["rows"] if r["op"] == "step" and r["impl"] == "vlmo_fast" and r.get("samples_per_s")]
     if not loaders or not steps:
         return None

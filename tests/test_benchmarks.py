@@ -500,3 +500,75 @@ def test_summary_gives_the_time_of_our_kernel_variants_against_the_default():
             row("vlmo_fast[deterministic]", 1.08), row("vlmo_fast[staged]", 0.5, "mismatch: 1e-2")]
     assert summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": rows})[0]["status"] == (
         "deterministic: 1.08x the time")
+
+
+def test_the_agreement_run_stops_at_the_budget_and_each_case_reaches_the_disk(tmp_path, monkeypatch):
+    """The agreement run made every implementation's first call (compilation, autotuning: tens of seconds on a GPU)
+    whatever the budget said; results reached the disk only between ops, so a run killed during one lost its
+    finished cases."""
+    bench = _tiny_bench()
+    bench.deadline = time.time() + 0.3
+    calls = []
+
+    def impl(name, first_s):
+        def f():
+            if name not in calls:
+                time.sleep(first_s)
+            calls.append(name)
+            return torch.ones(4)
+        return f
+
+    t0 = time.time()
+    bench.measure("attention", {"B": 1}, "fp32", "fwd", {"official": impl("official", 0.4), "vlmo_fast":
+                  impl("vlmo_fast", 0.4), "flex": impl("flex", 3.0)}, check=True)
+    assert time.time() - t0 < 2.5 and "flex" not in calls
+    # every case on disk as it ends
+    seen = []
+    real = harness.write_results
+
+    def spy(meta, rows, out, plot=True):
+        seen.append((meta.get("running"), len(rows)))
+        return real(meta, rows, out, plot=plot)
+
+    monkeypatch.setattr(harness, "write_results", spy)
+    bench_run.main(["--sizes", "tiny", "--ops", "softmax", "--out", str(tmp_path), "--no-plot"])
+    assert ("softmax", 3) in seen and ("softmax", 6) in seen  # after the fwd case, and after the fwd+bwd one
+
+
+def test_the_official_softmax_baseline_makes_only_the_official_passes():
+    """The official scale multiplies q before QK^T: the baseline timed a full-size scale pass the official model never
+    makes, which inflated the softmax speedups."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    scores, bias = torch.randn(2, 3, 5, 5), torch.randn(3, 5, 5)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    with Ops() as ops:
+        out = bench_run.official_softmax(scores, bias, keep)
+    assert not any(n.startswith("mul") for n in ops.names), ops.names
+    torch.testing.assert_close(out, vf.ops.masked_softmax(scores, scale=1.0, bias=bias, key_padding_mask=keep))
+
+
+def test_reports_carry_notes_and_the_run_commit_and_loader_devices_match(tmp_path, monkeypatch):
+    """The per-run table dropped each row's note (e.g. a step speedup measured against the official step at a smaller
+    batch); the GPU machine's copy of the tree named another commit; a CPU loader result never matched the CPU
+    benchmark's device name."""
+    import summary
+
+    row = harness.Row(op="step", impl="vlmo_fast", mode="step", case={"B": 128}, dtype="bf16", baseline="official",
+                      note="speedup: samples/s against the official step at B=64")
+    assert "| speedup: samples/s against the official step at B=64 |" in harness.markdown_table([row])
+    monkeypatch.setenv("VLMO_BENCH_COMMIT", "abc1234")
+    assert harness.git_commit() == "abc1234"
+    cpu = harness.device_name(torch.device("cpu"))
+    assert summary._loader_device({"device": cpu}) == cpu
+    assert summary._loader_device({"device": harness.cpu_model(), "cpu_count": os.cpu_count()}) == cpu  # older files
+    assert summary._loader_device({"gpu": "NVIDIA H100 80GB HBM3", "device": cpu}) == "NVIDIA H100 80GB HBM3"
