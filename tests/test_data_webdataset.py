@@ -333,6 +333,9 @@ def test_shards_as_other_tools_write_them(tmp_path, tok, caplog):
     assert not any("__split__" in raw for raw in iter_tar(dup))  # a copy right after the first is not "apart"
     apart = _tar(tmp_path / "apart.tar", [("a.jpg", img), ("b.jpg", img), ("a.txt", b"x"), ("b.txt", b"y")])
     assert _read([apart], tok) == [None] * 4
+    apart2 = _tar(tmp_path / "apart2.tar", [("a.jpg", img), ("b.jpg", img), ("b.txt", b"y"), ("a.txt", b"x"),
+                                            ("a.txt", b"z")])
+    assert [raw.get("__split__", False) for raw in iter_tar(apart2)] == [False, False, True, True]
     assert "stores this sample's members apart, after other samples': write shards with each sample's files " \
            "together, e.g. tar --sort=name" in caplog.text
     links = _tar(tmp_path / "links.tar", [("a.png", img), ("a.txt", b"cat"), ("b.png", ("link", "a.png")),

@@ -163,42 +163,33 @@ def _gamma(g: Any) -> Optional[torch.Tensor]:
 
 
 _BACKEND = "_vlmo_fast_backend"
-_CHECKED = "_vlmo_fast_checked"  # (generation, structural reason, submodules) of the block's last structural check
-
-# Bumped whenever any module anywhere gets a submodule or a parameter registered (PyTorch's global registration
-# hooks, installed by the first accelerate() call): a LoRA Linear injected, an activation or a norm replaced, a
-# parametrization added. A block re-checks its structure when this moved since its last check, so the check made at
-# every call stays a comparison plus the hook and dropout reads.
-_GENERATION = [0]
-_WATCHING: List[Any] = []
+_CHECKED = "_vlmo_fast_checked"  # (structure, structural reason) of the block's last structural check
 
 
-def _bump(*_args) -> None:
-    _GENERATION[0] += 1
+def _structure(blk: nn.Module) -> List[Tuple[str, nn.Module, type, tuple]]:
+    """Per module of the block (itself first): its name, the module, its class and its children. A submodule
+    replaced (a LoRA-style Linear injected, an activation swapped), added, deleted or given another class changes
+    it, whether or not anything was registered."""
+    return [(name, m, type(m), tuple(m._modules.values())) for name, m in blk.named_modules()]
 
 
-def _watch_registrations() -> None:
-    if not _WATCHING:
-        from torch.nn.modules import module as torch_module
-
-        _WATCHING.append(torch_module.register_module_module_registration_hook(_bump))
-        _WATCHING.append(torch_module.register_module_parameter_registration_hook(_bump))
-
-
-def _checked(blk: nn.Module) -> Tuple[int, Optional[str], List[Tuple[str, nn.Module]]]:
-    return _GENERATION[0], _structural_reason(blk), _submodules(blk)
+def _unchanged(structure: List[Tuple[str, nn.Module, type, tuple]]) -> bool:
+    return all(type(m) is kind and tuple(m._modules.values()) == children for _, m, kind, children in structure)
 
 
 def _changed_since(blk: nn.Module) -> Optional[str]:
     """What would now make the fused block differ from the official forward, though it did not when accelerated:
     a submodule replaced so that the block is no longer one the fused path can run (a LoRA-style Linear, another
-    activation), a dropout turned on, or a forward hook on a submodule. Only the structure is remembered (until a
-    registration anywhere moves the generation); dropout and hooks are read at each call, so a block goes back to
-    the fused path when they go. (A changed DropPath rate is simply read at each call.)"""
-    generation, reason, submodules = blk.__dict__[_CHECKED]
-    if generation != _GENERATION[0]:
-        generation, reason, submodules = blk.__dict__[_CHECKED] = _checked(blk)
-    return reason or _dropout_reason(blk) or _hook_reason(submodules)
+    activation), a dropout turned on, or a forward hook on a submodule. The structural verdict is remembered while
+    the block's modules stay the same objects of the same classes (compared at each call: a few microseconds);
+    dropout and hooks are read at each call, so a block goes back to the fused path when they go. (A changed DropPath
+    rate is simply read at each call.)"""
+    structure, reason = blk.__dict__[_CHECKED]
+    if not _unchanged(structure):
+        structure = _structure(blk)
+        reason = _structural_reason(blk)
+        blk.__dict__[_CHECKED] = (structure, reason)
+    return reason or _dropout_reason(blk) or _hook_reason([(name, m) for name, m, _, _ in structure[1:]])
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):
@@ -288,7 +279,6 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
     check_backend(backend)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    _watch_registrations()
     report = AccelerationReport()
     blocks = _find_blocks(module)
     if not blocks:
@@ -308,7 +298,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             continue
         # instance attributes (the forward shadows the class's), bound to the block
         blk.__dict__[_BACKEND] = backend
-        blk.__dict__[_CHECKED] = _checked(blk)
+        blk.__dict__[_CHECKED] = (_structure(blk), None)
         blk.forward = _Bound(_accelerated_forward, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)

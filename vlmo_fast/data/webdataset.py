@@ -129,14 +129,14 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
             if not (member.isfile() or member.islnk() or member.issym()):
                 continue
             key, ext = split_key(member.name)
-            previous = current.get("__key__")
+            previous, apart = current.get("__key__"), current.get("__split__", False)
             if current and (key != previous or ext in current or ext in current.get("__links__", {})):
                 ended.add(previous)
                 yield current
                 current = {}
             if not current:
                 current = {"__key__": key, "__url__": path}
-                if key != previous and key in ended:
+                if (key != previous and key in ended) or (key == previous and apart):
                     current["__split__"] = True
             if member.isfile():
                 fobj = tar.extractfile(member)

@@ -115,15 +115,18 @@ class VLMo(nn.Module):
                 "text_relative_position_index": relpos.text_relative_position_index(lt, w, l0),
                 "text_imag_relative_position_index": relpos.fusion_relative_position_index(lt, w, l0)}
 
-    def to_empty(self, *, device, recurse: bool = True) -> "VLMo":
-        super().to_empty(device=device, recurse=recurse)
+    def _apply(self, fn, recurse: bool = True):
+        # every move of the tensors (to(), cuda(), to_empty(), also when a parent module makes it: parents call their
+        # children's _apply, never their to_empty) ends with the index buffers made again where the table is
+        out = super()._apply(fn, recurse)
         self.reset_index_buffers()
-        return self
+        return out
 
     def reset_index_buffers(self) -> None:
-        """Recompute the relative-position index buffers, where they are. They are not in the state dict (derived
-        from the config, as official), so a model built on the meta device and materialised holds garbage there
-        until this runs; ``to_empty()`` and ``load_state_dict()`` call it."""
+        """Make the relative-position index buffers again, on the table's device. They are not in the state dict
+        (derived from the config, as official), so a model built on the meta device and materialised holds garbage
+        there (or, loaded with ``assign=True``, meta tensors) until this runs; every move of the model's tensors
+        (``to_empty()`` included) and every ``load_state_dict()`` calls it."""
         if self.relative_position_bias_table is None:
             return
         device = self.relative_position_bias_table.device
@@ -131,7 +134,11 @@ class VLMo(nn.Module):
             return
         with torch.device("cpu"), torch.no_grad():
             for name, index in self._index_buffers().items():
-                getattr(self, name).copy_(index)
+                buffer = getattr(self, name)
+                if buffer.device == device and buffer.shape == index.shape and buffer.dtype == index.dtype:
+                    buffer.copy_(index)
+                else:  # still on meta (load_state_dict(assign=True) moves only what it loads), or elsewhere
+                    self.register_buffer(name, index.to(device), persistent=False)
 
     # ---- configuration -----------------------------------------------------------------------------------------
     def set_backend(self, backend: str) -> "VLMo":
