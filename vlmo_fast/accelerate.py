@@ -64,7 +64,7 @@ def _dropout_p(m: Any) -> float:
 def _why_not_block(blk: nn.Module) -> Optional[str]:
     """None when ``blk`` has the official Block structure vlmo_fast can run and nothing now keeps it from the fused
     path (a dropout > 0, forward hooks on submodules), else the reason."""
-    return _structural_reason(blk) or _dropout_reason(blk) or _hook_reason(_submodules(blk))
+    return _structural_reason(blk) or _dropout_reason(blk) or _hook_reason(_structure(blk))
 
 
 def _structural_reason(blk: nn.Module) -> Optional[str]:
@@ -123,14 +123,10 @@ def _dropout_reason(blk: nn.Module) -> Optional[str]:
     return None
 
 
-def _submodules(blk: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in blk.named_modules() if name]
-
-
-def _hook_reason(submodules: List[Tuple[str, nn.Module]]) -> Optional[str]:
+def _hook_reason(structure: List[Tuple[str, nn.Module, type, tuple]]) -> Optional[str]:
     """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run (the
-    block's own hooks do run: they are the caller's)."""
-    for name, m in submodules:
+    block's own hooks, on the first entry of its ``_structure``, do run: they are the caller's)."""
+    for name, m, _, _ in structure[1:]:
         if m._forward_hooks or m._forward_pre_hooks:
             return f"{name} has forward hooks, which the fused block would not run"
     return None
@@ -189,7 +185,7 @@ def _changed_since(blk: nn.Module) -> Optional[str]:
         structure = _structure(blk)
         reason = _structural_reason(blk)
         blk.__dict__[_CHECKED] = (structure, reason)
-    return reason or _dropout_reason(blk) or _hook_reason([(name, m) for name, m, _, _ in structure[1:]])
+    return reason or _dropout_reason(blk) or _hook_reason(structure)
 
 
 def _accelerated_forward(self, x, mask=None, modality_type=None, relative_position_bias=None):

@@ -42,9 +42,11 @@ def _reset_index_buffers_after_load(module: "VLMo", incompatible_keys) -> None:
     module.reset_index_buffers()
 
 
-_HEAD_TASKS = {"itc_text_proj": "itc or irtr", "itc_image_proj": "itc or irtr", "itc_vl_text_proj": "itc",
-               "itc_vl_image_proj": "itc", "mlm_score": "mlm or textmlm", "itm_score": "itm",
-               "vqa_classifier": "vqa", "nlvr2_classifier": "nlvr2"}
+def _head_tasks(name: str) -> str:
+    """The tasks whose switch builds head ``name`` (from the objectives' table of the heads each task uses)."""
+    from ..objectives import TASK_HEADS
+
+    return " or ".join(t for t, heads in TASK_HEADS.items() if name in heads) or "its task"
 
 
 def _check_ids(text_ids: torch.Tensor, vocab_size: int) -> None:
@@ -287,7 +289,7 @@ class VLMo(nn.Module):
         if module is None:
             on = [t for t, v in self.config.loss_names.items() if v > 0]
             raise ValueError(f"this model has no {name}: it is built when loss_names turn on "
-                             f"{_HEAD_TASKS.get(name, 'its task')} (this model's: {on or 'none'})")
+                             f"{_head_tasks(name)} (this model's: {on or 'none'})")
         return module
 
     def text_embedding(self, text_ids: torch.Tensor, text_masks: torch.Tensor) -> torch.Tensor:

@@ -408,7 +408,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
         transform = vdata.build_transform(model_config.image_size, train=cfg.augment is not False)
         ds = vdata.WebDataset(urls, image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                               train=True, transform=transform, seed=cfg.seed, rank=info.rank,
-                              world_size=info.world_size, drop_bad=True)
+                              world_size=info.world_size)  # (IterableStream sets drop_bad)
         return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, info,
                               pin_memory=info.device.type == "cuda")
     # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)

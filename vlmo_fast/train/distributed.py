@@ -194,7 +194,9 @@ def _keyed_by_name(model: nn.Module, optimizer, state):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    from ..checkpoint import plain_module
+
+    return plain_module(model)
 
 
 def full_state_dict(model: nn.Module, fsdp: bool):
