@@ -12,8 +12,9 @@ Output keys:
 - every other item key passed through as a list in batch order: img_index, cap_index, raw_index, replica, and the
   task extras (vqa_answer, vqa_labels, vqa_scores, qid, answers, table_name, key, ...);
 - "bad_samples" (int, not official): how many items of this batch could not be read and were dropped. A dataset
-  marks such an item by returning None (or, when it resampled, by an item field "bad_samples"). If every item was
-  bad the batch is just ``{"bad_samples": n}``: skip it (``is_empty_batch``).
+  marks such an item by returning None (or, when it resampled, by an item field "bad_samples"; or by a count-only
+  item ``{"bad_samples": n}``, perhaps with the reader's "_place", which is counted and left out). If every item
+  was bad the batch is just ``{"bad_samples": n}``: skip it (``is_empty_batch``).
 
 Dropping makes the batch smaller than the sampler's batch size. Across data-parallel ranks that means uneven
 batches; the ITC/ITM all-gathers need equal sizes, so distributed training should build its datasets with
@@ -56,6 +57,9 @@ def _stack_images(key: str, values: Sequence[torch.Tensor]) -> List[torch.Tensor
     return [out]
 
 
+_COUNT_ONLY = {"bad_samples", "_place"}  # an item that only counts unreadable samples (WebDataset(drop_bad=True))
+
+
 def is_empty_batch(batch: Mapping[str, Any]) -> bool:
     """True for the batch of a step whose every item was unreadable (only "bad_samples" in it)."""
     return set(batch) <= {"bad_samples"}
@@ -85,8 +89,8 @@ class Collator:
             self.is_continuation = continuation_table(tokenizer)
 
     def __call__(self, items: Sequence[Optional[Mapping[str, Any]]]) -> Dict[str, Any]:
-        good = [item for item in items if item is not None]
-        bad = len(items) - len(good) + sum(int(item.get("bad_samples", 0)) for item in good)
+        bad = sum(1 if item is None else int(item.get("bad_samples", 0)) for item in items)
+        good = [item for item in items if item is not None and not set(item) <= _COUNT_ONLY]
         if not good:
             return {"bad_samples": bad}
         keys: List[str] = []

@@ -24,7 +24,9 @@ image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz
 - a sample whose image does not decode, has no caption, or a shard that is truncated, yields None, which the
   collate drops and counts in ``batch["bad_samples"]``; with ``drop_bad=True`` (training: every batch then has its
   full size, which the all-gathers of several processes need) such a sample is not yielded and its count rides on
-  the next item's "bad_samples" (the unreadable samples at a pass's very end go uncounted), and every item carries
+  the next item's "bad_samples" (those after a pass's last readable sample ride on the next pass's first item with
+  ``repeat``, and without it on a count-only item ``{"bad_samples": n, "_place": p}`` that ends the pass, which
+  ``build_collate`` counts and leaves out), and every item carries
   "_place", its place in the reader's output (a resumed reader leaves out that many: ``set_position``).
 
 Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
@@ -318,6 +320,7 @@ class WebDataset(IterableDataset):
         if self._skip and len(self._skip) != num_workers:
             raise ValueError(f"set_position gave {len(self._skip)} skip counts for a DataLoader with {num_workers} "
                              f"readers (num_workers, or 1 without workers)")
+        bad = 0  # unreadable samples not yet reported: those at a pass's end ride on the next pass's first item
         while True:
             first_pass = self._passes == 0
             epoch = self.epoch + self._passes
@@ -326,7 +329,6 @@ class WebDataset(IterableDataset):
             gid = rank * num_workers + reader
             skip = self._skip[reader] if first_pass and self._skip else 0
             rng = np.random.default_rng([self.seed, epoch, gid, 1])
-            bad = 0
             for place, raw in enumerate(self._shuffled(self._raw_stream(shards, stride, offset), rng)):
                 if place < skip:
                     continue
@@ -341,6 +343,8 @@ class WebDataset(IterableDataset):
                         item["bad_samples"], bad = bad, 0
                     yield item
             if not self.repeat:
+                if bad:  # (after the pass's last readable item: its place is the pass's last, for the position)
+                    yield {"bad_samples": bad, "_place": place}
                 return
 
     def _shuffled(self, stream: Iterable[Optional[Dict[str, Any]]], rng: np.random.Generator

@@ -213,7 +213,8 @@ class _ReaderTag:
         batch = self.collate(items)
         info = get_worker_info()
         batch["_reader"] = info.dataset.reader() if info is not None else 0
-        places = batch.pop("_place", None)
+        batch.pop("_place", None)
+        places = [item["_place"] for item in items if item is not None and "_place" in item]  # count-only items too
         batch["_end"] = int(places[-1]) + 1 if places else None
         return batch
 
@@ -233,14 +234,16 @@ class IterableStream:
     (``resume_note`` says which).
 
     The readers leave unreadable samples out (``WebDataset(drop_bad=True)``), so every batch has its full size, as
-    the all-gathers of several processes need; a whole epoch that gives no batch (no readable sample, or fewer than
-    a batch per reader) is an error, not an endless search."""
+    the all-gathers of several processes need; a reader's last, partial batch of an epoch is left out here (not by
+    the DataLoader's drop_last, which would lose the unreadable samples counted on it and at the pass's end: their
+    count rides on the next batch); a whole epoch that gives no batch (no readable sample, or fewer than a batch per
+    reader) is an error, not an endless search."""
 
     def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
         dataset.drop_bad = True  # full batches; each item says where it is in its reader's output
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
-                                 num_workers=num_workers, drop_last=True, generator=torch.Generator().manual_seed(0),
+                                 num_workers=num_workers, generator=torch.Generator().manual_seed(0),
                                  pin_memory=pin_memory, worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
         self.batch_size, self.readers, self.info = batch_size, max(num_workers, 1), info
         self.batches_per_epoch = 0
@@ -251,6 +254,7 @@ class IterableStream:
         self.layout = {"world": info.world_size, "readers": self.readers, "batch_size": batch_size,
                        "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls), "position": "places"}
         self._fresh_epoch, self._batches_this_epoch = True, 0
+        self._carried_bad = 0  # unreadable samples counted on batches left out, reported with the next batch
 
     def __iter__(self):
         return self
@@ -278,22 +282,28 @@ class IterableStream:
             if end is not None:
                 self.taken[reader] = end
             self.next_reader = (reader + 1) % self.readers
-            if not vdata.is_empty_batch(batch):
-                self._batches_this_epoch += 1
-                return batch
+            bad = int(batch.pop("bad_samples", 0) or 0) + self._carried_bad
+            if vdata.is_empty_batch(batch) or len(batch["text_ids"]) < self.batch_size:  # a reader's last, partial
+                self._carried_bad = bad
+                continue
+            self._carried_bad = 0
+            batch["bad_samples"] = bad
+            self._batches_this_epoch += 1
+            return batch
 
     def state(self) -> Dict[str, Any]:
         """Every rank's position (a collective: every rank calls it)."""
-        mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader}
+        mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader, "bad": self._carried_bad}
         return {"epoch": self.epoch, "batch": 0, "layout": self.layout, "ranks": gather_objects(mine)}
 
     def restore(self, state: Dict[str, Any]) -> None:
-        self._it = None
+        self._it, self._carried_bad = None, 0
         saved, layout = state.get("layout"), self.layout
         if saved == layout:
             mine = state["ranks"][self.info.rank]
             self.epoch, self.taken, self.next_reader = int(mine["epoch"]), [int(n) for n in mine["taken"]], \
                 int(mine["next"])
+            self._carried_bad = int(mine.get("bad", 0))  # counted, not reported yet (absent before it was kept)
             self.resume_note = (f"the tar shards continue where they were (epoch {self.epoch}; each reader reads "
                                 f"again, without decoding, what it had yielded of the epoch)")
             return
