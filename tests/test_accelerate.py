@@ -465,3 +465,55 @@ def test_an_inference_mode_forward_first_does_not_break_training():
     with torch.inference_mode():
         copy_made_there = _device_copy(torch.arange(4), torch.device("meta"))
     assert not copy_made_there.is_inference()
+
+
+def _replicate_as_data_parallel(module, new_value):
+    """What ``torch.nn.parallel.replicate`` does for one more GPU (it needs CUDA devices): each module's
+    ``_replicate_for_data_parallel()``, then the replicas' children, and per-device copies of the parameters set as
+    plain attributes (``new_value`` stands for the broadcast to the other device)."""
+    modules = list(module.modules())
+    copies = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        replica = copies[id(m)]
+        for key, child in m._modules.items():
+            setattr(replica, key, None if child is None else copies[id(child)])
+        for key, p in m._parameters.items():
+            setattr(replica, key, None if p is None else new_value(p))
+    return copies[id(module)]
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_a_data_parallel_replica_runs_its_own_weights(gather):
+    """nn.DataParallel's replicas shallow-copy each module's __dict__: the accelerated forward (and the bias gather)
+    stayed bound to the original blocks, so every GPU ran the first GPU's weights and sent it the gradients."""
+    model = official_model()
+    report = vf.accelerate(model, gather_bias_in_kernel=gather)
+    assert report.replaced
+    leaves = {}
+
+    def halved(p):
+        leaves[p] = p.detach().clone().requires_grad_()
+        return leaves[p] * 0.5
+
+    b = batch(model.config)
+    model.eval()
+    replica = _replicate_as_data_parallel(model, halved)
+    out = replica.infer(b)["cls_feats"]
+    reference = official_model()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(0.5)
+    reference.eval()
+    want = reference.infer(b)["cls_feats"]
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    by_name = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if by_name[name].grad is not None:
+            torch.testing.assert_close(leaves[p].grad * 2, by_name[name].grad, msg=name)  # d(0.5 w) = 0.5 dw
+    assert replica.transformer.blocks[0].forward.module is replica.transformer.blocks[0]
+    assert model.transformer.blocks[0].forward.module is model.transformer.blocks[0]  # the original is untouched
+    vf.deaccelerate(model)
+    assert "_replicate_for_data_parallel" not in model.transformer.blocks[0].__dict__

@@ -239,6 +239,21 @@ class _Bound:
         return _Bound(self.fn, copy.deepcopy(self.module, memo))
 
 
+def _replicate_for_data_parallel(self):
+    """``nn.DataParallel``'s replica of an accelerated module for another GPU (made anew at every forward). The class's
+    replica shares this module's ``__dict__`` entries, so the fused forward (and ``get_rel_pos_bias``) would stay bound
+    to this module and every GPU would run this one's weights: they are bound to the replica, which also gets an index
+    cache of its own (its device's copy)."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name, value in list(replica.__dict__.items()):
+        if isinstance(value, _Bound) and value.module is self:
+            replica.__dict__[name] = _Bound(value.fn, replica)
+    if _INDEX_COPIES in replica.__dict__:
+        replica.__dict__[_INDEX_COPIES] = TensorMemo(8)
+    return replica
+
+
+_REPLICATE = "_replicate_for_data_parallel"
 _INDEX_COPIES = "_vlmo_fast_index_copies"
 
 
@@ -296,6 +311,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
         blk.__dict__[_BACKEND] = backend
         blk.__dict__[_CHECKED] = (_structure(blk), None)
         blk.forward = _Bound(_accelerated_forward, blk)
+        blk.__dict__[_REPLICATE] = _Bound(_replicate_for_data_parallel, blk)
         setattr(blk, _MARK, True)
         report.replaced.append(path)
     if gather_bias_in_kernel:
@@ -308,6 +324,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             report.bias_gather = f"left alone: {', '.join(plain)} not accelerated (they need the dense bias)"
         else:
             module.get_rel_pos_bias = _bind_get_rel_pos_bias(module)
+            module.__dict__[_REPLICATE] = _Bound(_replicate_for_data_parallel, module)
             setattr(module, _MARK, True)
             report.bias_gather = "gathered inside the attention kernel (get_rel_pos_bias replaced)"
     return report
@@ -318,7 +335,7 @@ def deaccelerate(module: nn.Module) -> int:
     restored = 0
     for m in [module] + [b for _, b in _find_blocks(module)]:
         if getattr(m, _MARK, False):
-            for attr in ("forward", "get_rel_pos_bias", _BACKEND, _CHECKED, _INDEX_COPIES):
+            for attr in ("forward", "get_rel_pos_bias", _REPLICATE, _BACKEND, _CHECKED, _INDEX_COPIES):
                 if attr in m.__dict__:
                     del m.__dict__[attr]
             delattr(m, _MARK)
