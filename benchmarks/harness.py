@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -174,9 +174,12 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[floa
 # ---- ceilings ------------------------------------------------------------------------------------------------
 
 
-def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, float]:
+def measure_ceilings(device: torch.device, quick: bool = False,
+                     dtypes: Sequence[torch.dtype] = ()) -> Dict[str, Any]:
     """The device's memory bandwidth (GB/s, bytes read + written: the better of a copy and an in-place add) and GEMM
-    rate (TFLOP/s; bf16 on GPU, fp32 on CPU)."""
+    rate (TFLOP/s; bf16 on GPU, fp32 on CPU: "gemm_tflops"), and the GEMM rate in each of ``dtypes`` too
+    ("gemm_tflops_by_dtype": a row's % ceiling and MFU are against its own dtype's rate, an fp32 row's not against
+    bf16's)."""
     if device.type == "cuda":
         n_bytes, gemm_n, dtype = 2**30, 8192, torch.bfloat16
     else:
@@ -191,12 +194,25 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, flo
     t = time_fn(lambda: y.add_(x), device, warmup=2, reps=7)
     copy_gbs = max(copy_gbs, 3 * n_bytes / (t.p20_ms * 1e-3) / 1e9)
     x = y = None  # free the buffers before the GEMM's
-    a = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
-    b = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
-    t = time_fn(lambda: a @ b, device, warmup=2, reps=7)
-    gemm_tflops = 2 * gemm_n**3 / (t.p20_ms * 1e-3) / 1e12
-    return {"copy_gbs": copy_gbs, "gemm_tflops": gemm_tflops, "gemm_dtype": str(dtype).replace("torch.", ""),
-            "gemm_n": gemm_n, "copy_bytes": n_bytes}
+    by_dtype = {}
+    for dt in dict.fromkeys([dtype, *dtypes]):
+        a = torch.randn(gemm_n, gemm_n, device=device, dtype=dt)
+        b = torch.randn(gemm_n, gemm_n, device=device, dtype=dt)
+        t = time_fn(lambda: a @ b, device, warmup=2, reps=7)
+        by_dtype[dtype_name(dt)] = 2 * gemm_n**3 / (t.p20_ms * 1e-3) / 1e12
+        a = b = None
+    return {"copy_gbs": copy_gbs, "gemm_tflops": by_dtype[dtype_name(dtype)], "gemm_dtype": dtype_name(dtype),
+            "gemm_n": gemm_n, "copy_bytes": n_bytes, "gemm_tflops_by_dtype": by_dtype}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def gemm_rate(ceilings: Dict[str, Any], dtype: Optional[torch.dtype]) -> float:
+    """The measured GEMM rate (TFLOP/s) in ``dtype`` when the run measured it, else the run's main GEMM rate."""
+    by_dtype = ceilings.get("gemm_tflops_by_dtype") or {}
+    return by_dtype.get(dtype_name(dtype), ceilings["gemm_tflops"]) if dtype is not None else ceilings["gemm_tflops"]
 
 
 # ---- realistic data for the data benchmarks -----------------------------------------------------------------
@@ -422,8 +438,10 @@ def markdown_report(meta: Dict[str, Any], rows: List[Row]) -> str:
         f"- date {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
         f"sizes `{meta['sizes']}`",
         f"- measured ceilings: copy {c['copy_gbs']:.0f} GB/s (bytes read+written; the better of a copy and an "
-        f"in-place add, so % ceiling errs low), GEMM {c['gemm_tflops']:.1f} TFLOP/s "
-        f"({c['gemm_dtype']} {c['gemm_n']}^3)",
+        f"in-place add, so % ceiling errs low), GEMM "
+        + ", ".join(f"{rate:.1f} TFLOP/s ({name})"
+                    for name, rate in (c.get("gemm_tflops_by_dtype") or {c["gemm_dtype"]: c["gemm_tflops"]}).items())
+        + f" at {c['gemm_n']}^3 (each row against its dtype's)",
         "- speedup is against the `baseline` implementation of the same op, case and mode (the official math); "
         "MFU is against the measured GEMM rate; % ceiling is against the measured copy bandwidth (memory-bound ops) "
         "or GEMM rate, both measured on working sets larger than the caches, so cache-resident cases can exceed 100%",

@@ -170,14 +170,14 @@ class Bench:
                 secs = row.ms * 1e-3
                 if flops:
                     row.tflops = flops / secs / 1e12
-                    row.frac_ceiling = row.tflops / self.ceilings["gemm_tflops"]
+                    row.frac_ceiling = row.tflops / harness.gemm_rate(self.ceilings, DTYPES.get(row.dtype))
                 if bytes_:
                     row.gbs = bytes_ / secs / 1e9
                     row.frac_ceiling = row.gbs / self.ceilings["copy_gbs"]
                 if samples:
                     row.samples_per_s = samples / secs
                     if flops:
-                        row.mfu_measured = row.tflops / self.ceilings["gemm_tflops"]
+                        row.mfu_measured = row.tflops / harness.gemm_rate(self.ceilings, DTYPES.get(row.dtype))
                         if self.datasheet:
                             row.mfu_datasheet = row.tflops / self.datasheet
             row.max_rel_err = errors.get(name)
@@ -986,9 +986,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"--ops: unknown {bad}; expected a subset of {list(ALL_OPS)}")
     torch.manual_seed(0)
     print(f"vlmo_fast benchmarks on {harness.device_name(dev)}: sizes={size_name} dtypes={dtypes} ops={selected}")
-    ceilings = harness.measure_ceilings(dev, quick=size_name == "tiny")
-    print(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.2f} TFLOP/s "
-          f"({ceilings['gemm_dtype']})")
+    ceilings = harness.measure_ceilings(dev, quick=size_name == "tiny", dtypes=[DTYPES[d] for d in dtypes])
+    print(f"ceilings: copy {ceilings['copy_gbs']:.0f} GB/s, GEMM "
+          + ", ".join(f"{rate:.2f} TFLOP/s ({name})" for name, rate in ceilings["gemm_tflops_by_dtype"].items()))
     bench = Bench(dev, ceilings, args.reps or sizes["reps"], args.budget_s, compile_baselines=not args.no_compile)
     config = vf.preset(sizes["arch"])
     runners = {

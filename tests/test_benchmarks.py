@@ -92,6 +92,27 @@ def test_rows_come_from_timing_the_named_implementation(monkeypatch):
     assert _speedup(bench.rows, "official") == 1.0
 
 
+def test_each_row_is_against_its_own_dtypes_gemm_rate():
+    """% ceiling and MFU of an fp32 row were against the bf16 GEMM rate (the GPU run's main one): 15x too low on an
+    H100. The run measures the GEMM rate in each of its dtypes."""
+    ceilings = harness.measure_ceilings(torch.device("cpu"), quick=True, dtypes=[torch.float32, torch.bfloat16])
+    assert set(ceilings["gemm_tflops_by_dtype"]) == {"float32", "bfloat16"}
+    assert ceilings["gemm_tflops"] == ceilings["gemm_tflops_by_dtype"]["float32"]  # the CPU's main rate
+    ceilings = {"copy_gbs": 10.0, "gemm_tflops": 1.0, "gemm_dtype": "bfloat16", "gemm_n": 64, "copy_bytes": 1,
+                "gemm_tflops_by_dtype": {"bfloat16": 1.0, "float32": 0.25}}
+    bench = bench_run.Bench(torch.device("cpu"), ceilings, reps=3, budget_s=1e9, compile_baselines=False)
+    rows = {}
+    for dtype in ("fp32", "bf16", "fp16"):  # fp16 was not measured: the main rate
+        row = bench.measure("gemm", {"n": 1}, dtype, "fwd", {"official": lambda: time.sleep(0.01)}, flops=1e9,
+                            samples=1)[0]
+        rows[dtype] = row.frac_ceiling / (row.tflops / 1.0)
+        assert row.mfu_measured == row.frac_ceiling
+    assert rows == pytest.approx({"fp32": 4.0, "bf16": 1.0, "fp16": 1.0})
+    text = harness.markdown_report(dict(harness.run_meta(torch.device("cpu"), ceilings, "tiny"), conventions={},
+                                        skipped=[]), [])
+    assert "1.0 TFLOP/s (bfloat16), 0.2 TFLOP/s (float32)" in text
+
+
 def test_errors_are_recorded_not_hidden():
     bench = _tiny_bench()
 
