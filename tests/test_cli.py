@@ -79,7 +79,8 @@ def test_help_shows_each_default_once():
     pretrain = texts[0]
     assert "image side in pixels (default: the preset's) --max-text-len" in pretrain
     assert "text length (default: the preset's) --drop-path-rate" in pretrain
-    assert "without it) --backend" in pretrain and "(none: off) --precision" in pretrain
+    assert "without it) --vqa-label-size" in pretrain and "(none: off) --precision" in pretrain
+    assert "(default: 3129, the official vocabulary's) --backend" in pretrain
     assert "(default: 300)" in pretrain  # a real default is still shown
 
 

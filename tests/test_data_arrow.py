@@ -206,12 +206,14 @@ def test_vqa_items(tmp_path, tok):
 
 def test_nlvr2_items(tmp_path, tok):
     root = str(tmp_path)
-    for name, answer in (("nlvr2_dev", "True"), ("nlvr2_test1", "False")):
+    # other tools' cases are read as `prepare` reads them (they were unreadable samples: a run of them never ended)
+    for name, answers in (("nlvr2_dev", ["True", "true"]), ("nlvr2_test1", ["False", "FALSE"])):
         write_arrow(os.path.join(root, f"{name}.arrow"),
                     [{"image_0": encode_image(_pixels(1)), "image_1": encode_image(_pixels(2)),
-                      "questions": ["the left image has two dogs"], "answers": [answer], "identifier": name}])
+                      "questions": ["the left image has two dogs"] * 2, "answers": answers, "identifier": name}])
     ds = make_dataset("nlvr2", root, "val", image_size=SIZE, max_text_len=12, tokenizer=tok)
-    batch = build_collate(tok)([ds[0], ds[1]])
+    assert [ds[i]["answers"] for i in range(4)] == [1, 1, 0, 0]
+    batch = build_collate(tok)([ds[0], ds[2]])
     assert batch["answers"] == [1, 0] and batch["table_name"] == ["nlvr2_dev", "nlvr2_test1"]
     assert batch["image_0"][0].shape == batch["image_1"][0].shape == (2, 3, SIZE, SIZE)
     assert not torch.equal(batch["image_0"][0], batch["image_1"][0])

@@ -380,6 +380,67 @@ def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
     assert set(acc) >= {"dev_acc", "test_acc"} and 0.0 <= acc["dev_acc"] <= 1.0
 
 
+def test_a_set_with_no_readable_sample_is_an_error_not_an_endless_run(tmp_path, capsys):
+    """finetune on a training set none of whose samples could be read searched epochs forever (SIGTERM could not stop
+    it); evaluate of such a part exited 0 with no accuracy in its report."""
+    root = str(tmp_path / "data")
+    os.makedirs(root)
+    _write_nlvr2(root)
+    for name in ("nlvr2_train", "nlvr2_dev"):
+        path = os.path.join(root, f"{name}.arrow")
+        table = vdata.read_arrow(path)
+        vdata.write_arrow(path, table.set_column(table.schema.get_field_index("image_0"), "image_0",
+                                                 pa.array([b"not an image"] * table.num_rows, pa.binary())))
+    common = ["--data-root", root, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "2", "--batch-size", "2",
+              "--max-steps", "2", "--num-workers", "0", "--tensorboard", "false"]
+    with pytest.raises(SystemExit) as exit_:
+        finetune_main(["nlvr2", "--out-dir", str(tmp_path / "run")] + common)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: the training set gave no batch in a whole epoch on rank 0: none of its 6 samples could be read" \
+        in err and "Traceback" not in err
+    model = vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(nlvr2=1)))
+    ckpt = str(tmp_path / "model.pt")
+    vf.save_checkpoint(model, ckpt)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(["nlvr2", "--load-path", ckpt, "--data-root", root, "--arch", "vlmo_tiny_patch16",
+                       "--device", "cpu", "--num-workers", "0"])
+    assert exit_.value.code == 2
+    assert "error: nlvr2_dev: no readable sample to evaluate (3 unreadable" in capsys.readouterr().err
+
+
+def test_vqa_labels_beyond_the_classifier_fail_at_start_and_a_larger_vocabulary_trains(tmp_path, capsys):
+    """A label >= 3129 (a vocabulary `prepare vqa` wrote from other data) failed with a traceback at the first step
+    that drew it, and no option changed the classifier's size."""
+    root = str(tmp_path / "data")
+    os.makedirs(root)
+    _write_vqa(root)
+    for name in ("vqav2_train", "vqav2_rest_val"):
+        path = os.path.join(root, f"{name}.arrow")
+        rows = vdata.read_arrow(path).to_pylist()
+        rows[-1]["answer_labels"] = [[3500], [3]]
+        vdata.write_arrow(path, rows)
+    common = ["--data-root", root, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "4", "--batch-size", "4",
+              "--max-steps", "1", "--num-workers", "0", "--tensorboard", "false"]
+    with pytest.raises(SystemExit) as exit_:
+        finetune_main(["vqa", "--out-dir", str(tmp_path / "small")] + common)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "vqav2_train.arrow: VQA answer label 3500 is outside the model's 3129 classes (give --vqa-label-size" \
+        in err and "Traceback" not in err
+    assert finetune_main(["vqa", "--out-dir", str(tmp_path / "big"), "--vqa-label-size", "3501"] + common) == 0
+    ckpt = str(tmp_path / "big" / "checkpoints" / "step_00000001.pt")
+    out = tmp_path / "val.json"
+    evaluate_main(["vqa", "--load-path", ckpt, "--data-root", root, "--arch", "vlmo_tiny_patch16", "--out", str(out),
+                   "--split", "val", "--device", "cpu", "--num-workers", "0"])  # its classes: from the checkpoint
+    assert json.loads(out.read_text())["questions"] == 6
+    vf.save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(vqa=1))), tmp_path / "plain.pt")
+    with pytest.raises(SystemExit):  # a checkpoint of 3129 classes
+        evaluate_main(["vqa", "--load-path", str(tmp_path / "plain.pt"), "--data-root", root, "--arch",
+                       "vlmo_tiny_patch16", "--split", "val", "--device", "cpu", "--num-workers", "0"])
+    assert "vqav2_rest_val.arrow: VQA answer label 3500 is outside the model's 3129 classes" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def vqa_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("vqa"))

@@ -1401,6 +1401,29 @@ def test_train_stream_skips_batches_too_small_and_keeps_their_bad_count():
     assert stream.batch == 1 and bad == 20 + (3 - len(batch["text_ids"]))
 
 
+class _Unreadable(_SomeUnreadable):
+    def __getitem__(self, i):
+        return None
+
+
+@pytest.mark.parametrize("min_size", [1, 2])
+def test_train_stream_with_no_readable_sample_stops_with_an_error(min_size):
+    """It searched epoch after epoch forever (a finetune on NLVR2 labels the reader refused spun until killed, and
+    SIGTERM could not stop it: the flag is read after a step). A resumed epoch without a batch is not enough: only a
+    whole one, from its start."""
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    stream = TrainStream(_Unreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")),
+                         min_size=min_size)
+    what = "none of its 30 samples could be read" if min_size == 1 else "no batch of its 30 samples held 2 readable"
+    with pytest.raises(ValueError, match=f"the training set gave no batch in a whole epoch on rank 0: {what}"):
+        next(stream)
+    stream = TrainStream(_SomeUnreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")))
+    stream.restore({"epoch": 0, "batch": 10, "samples": 30})  # resumed where epoch 0 has no batch left
+    assert next(stream)["text_ids"].tolist()[0] % 3 == 0 and stream.epoch == 1
+
+
 def test_max_epochs_counts_the_partial_batch(tmp_path):
     """max_steps of an epoch-based run is len(train loader) * max_epochs // accumulation, as official."""
     from vlmo_fast.train.data_setup import train_stream

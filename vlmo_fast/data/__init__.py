@@ -18,8 +18,9 @@ caption data and plain text -> the official arrow files; ``vlmo-fast prepare``),
 answer classes and soft scores).
 """
 
-from .arrow import (DATASETS, ArrowDataset, build_dataset, dataset_files, encode_image, make_caption_arrow,
-                    make_caption_dataset, make_dataset, read_arrow, write_arrow, write_arrow_batches)
+from .arrow import (DATASETS, ArrowDataset, build_dataset, check_vqa_label_files, check_vqa_labels,
+                    dataset_files, encode_image, make_caption_arrow, make_caption_dataset, make_dataset, read_arrow,
+                    write_arrow, write_arrow_batches)
 from .collate import Collator, build_collate, is_empty_batch
 from .loader import batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
 from .masking import plain_mask, whole_word_budget, whole_word_mask
@@ -45,6 +46,8 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "build_transform",
+    "check_vqa_label_files",
+    "check_vqa_labels",
     "dataset_files",
     "encode_image",
     "is_empty_batch",

@@ -237,6 +237,16 @@ def _flat_values(column: Optional[pa.ChunkedArray]) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
 
 
+def nlvr2_label(value: Any, where: str) -> str:
+    """An NLVR2 label as the official files store it, "True" or "False", from those strings in any case or a JSON
+    boolean (what other tools write; the official reader's ``== "True"`` would read "true" as False)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return "True" if value.lower() == "true" else "False"
+    raise ValueError(f"{where} must be 'True' or 'False', got {value!r}")
+
+
 class ArrowDataset(Dataset):
     """Map-style dataset over arrow files ``<data_root>/<name>.arrow`` for ``name`` in ``names``.
 
@@ -422,10 +432,7 @@ class ArrowDataset(Dataset):
             else:
                 item["vqa_answer"], item["vqa_labels"], item["vqa_scores"] = [], [], []
         elif self.kind == "nlvr2":
-            answer = self.cell("answers", row)[cap]
-            if answer not in ("True", "False"):
-                raise ValueError(f"NLVR2 answer must be 'True' or 'False', got {answer!r}")
-            item["answers"] = int(answer == "True")
+            item["answers"] = int(nlvr2_label(self.cell("answers", row)[cap], "NLVR2 answer") == "True")
             item["table_name"] = self.names[self.table_index[row]]
 
     def __repr__(self) -> str:
@@ -473,6 +480,36 @@ def make_dataset(name: str, data_root: str, split: str, image_size: int = 224, m
         text_column=spec.text_column, image_keys=spec.image_keys, image_only=image_only, text_only=text_only,
         remove_duplicate=spec.remove_duplicate, required_columns=required, transform=transform, on_error=on_error,
         dataset_name=name, split=split, kind=spec.kind)
+
+
+def check_vqa_labels(dataset: Dataset, label_size: int) -> None:
+    """Every VQA answer label of ``dataset`` (an ``ArrowDataset``, or a ``ConcatDataset`` of them; other datasets pass)
+    lies in [0, label_size), the model's classes: a label beyond them failed at the first step that drew it, after
+    the model and data were built. One pass over the label column of each file (memory-mapped)."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    check_vqa_label_files([p for part in parts if isinstance(part, ArrowDataset) and part.kind == "vqa"
+                           for p in part.paths], label_size)
+
+
+def check_vqa_label_files(paths: Sequence[str], label_size: int) -> None:
+    """``check_vqa_labels`` of the VQA arrow files ``paths``."""
+    import pyarrow.compute as pc
+
+    for path in paths:
+        table = read_arrow(path)
+        if "answer_labels" not in table.schema.names:
+            continue
+        labels = table.column("answer_labels")
+        while pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type):
+            labels = pc.list_flatten(labels)
+        if pa.types.is_null(labels.type) or len(labels) == labels.null_count:
+            continue  # the test split's empty lists
+        low, high = pc.min_max(labels).values()
+        if low.as_py() < 0 or high.as_py() >= label_size:
+            bad = high.as_py() if high.as_py() >= label_size else low.as_py()
+            raise ValueError(f"{path}: VQA answer label {bad} is outside the model's {label_size} classes "
+                             f"(give --vqa-label-size: the size of the answer vocabulary the file was written "
+                             f"with)")
 
 
 def build_dataset(data_root: str, names: Union[str, Sequence[str]], split: str, image_size: int = 224,

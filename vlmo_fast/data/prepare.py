@@ -88,7 +88,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, read_arrow, write_arrow_batches
+from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, nlvr2_label, read_arrow, write_arrow_batches
 from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
 
 COCO_SPLITS = ("train", "restval", "val", "test")
@@ -430,14 +430,6 @@ def prepare_f30k(raw_root: str, out_root: str, karpathy_json: Optional[str] = No
 # ---- NLVR2 -------------------------------------------------------------------------------------------------------
 
 
-def _nlvr2_label(value: Any, where: str) -> str:
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return "True" if value.lower() == "true" else "False"
-    raise ValueError(f"{where}: label must be 'True' or 'False', got {value!r}")
-
-
 def _nlvr2_lines(path: str, train: bool) -> List[Dict[str, Any]]:
     records = []
     with open(path, encoding="utf-8") as f:
@@ -456,7 +448,7 @@ def _nlvr2_lines(path: str, train: bool) -> List[Dict[str, Any]]:
                 raise ValueError(f"{where}: identifier {rec['identifier']!r} is not of the form <pair>-<n>")
             if train and "directory" not in rec:
                 raise ValueError(f"{where}: a train record needs 'directory' (its image folder under images/train)")
-            rec["label"] = _nlvr2_label(rec["label"], where)
+            rec["label"] = nlvr2_label(rec["label"], f"{where}: label")
             records.append(rec)
     return records
 

@@ -33,6 +33,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # default: the preset's (224 for the official models)
     max_text_len: Optional[int] = None  # default: the preset's (40; 196 for the text-only stage)
     drop_path_rate: Optional[float] = None  # None: 0.1 (official default) for real data, 0 for the synthetic set
+    vqa_label_size: Optional[int] = None  # VQA answer classes (official vqav2_label_size); default: 3129
     backend: str = "auto"  # op implementations: auto | torch | triton | cuda
     model_impl: str = "vlmo_fast"  # vlmo_fast | reference (the eager official math, for comparisons)
     load_path: Optional[str] = None  # an official or vlmo_fast checkpoint to start from (adapted as officially)
@@ -321,6 +322,8 @@ HELP = {
     "tasks": "comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2)",
     "image_size": "image side in pixels (default: the preset's)",
     "max_text_len": "text length (default: the preset's)",
+    "vqa_label_size": "VQA answer classes, the classifier's outputs: the answer vocabulary `prepare vqa` wrote "
+                      "(default: 3129, the official vocabulary's)",
     "drop_path_rate": "stochastic depth rate, also the BERT embedding dropout as official (default: 0.1, or 0 for "
                       "the built-in synthetic set, which a tiny model learns much faster without it)",
     "backend": "op implementations: auto, torch, triton, cuda",
@@ -448,7 +451,7 @@ def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, An
         elif f.name == "augment" or isinstance(default, bool):
             kind = _optional(parse_bool, "true/false") if f.name == "augment" else parse_bool
             extra = dict(nargs="?", const=True, metavar="BOOL")
-        elif f.name in ("image_size", "max_text_len", "max_steps", "max_epochs"):
+        elif f.name in ("image_size", "max_text_len", "max_steps", "max_epochs", "vqa_label_size"):
             kind = _optional(int, "an int")
         elif f.name in ("grad_clip", "drop_path_rate"):
             kind = _optional(float, "a number")
@@ -599,8 +602,14 @@ def input_stage():
     try:
         yield
     except (ValueError, FileNotFoundError) as exc:
-        setattr(exc, _INPUT_ERROR, True)
-        raise
+        raise input_error(exc)
+
+
+def input_error(exc: Exception) -> Exception:
+    """``exc`` marked as the inputs' fault, as ``input_stage`` marks what is raised inside it: for an error about the
+    data found once the run is under way (a whole epoch without a readable sample)."""
+    setattr(exc, _INPUT_ERROR, True)
+    return exc
 
 
 @contextlib.contextmanager

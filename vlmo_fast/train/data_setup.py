@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from .. import data as vdata
 from ..data.arrow import changed_files
 from ..config import VLMoConfig
-from .config import TrainConfig
+from .config import TrainConfig, input_error
 from .distributed import DistInfo, barrier, gather_objects
 
 _MIX = 1000003  # mixing constants for per-sample seeds
@@ -148,6 +148,8 @@ class TrainStream:
         # a batch left with fewer readable samples is skipped (one process: ITM needs a second sample for its
         # negatives); the unreadable samples of skipped batches are added to the next batch's count
         self.min_size, self._carried_bad = min_size, 0
+        # a whole epoch, from its start, that gives no batch (no readable sample) is an error, not an endless search
+        self._whole_epoch, self._given = False, 0
 
     def __iter__(self):
         return self
@@ -157,11 +159,18 @@ class TrainStream:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.consumed)
                 self._it = iter(self.loader)
+                self._whole_epoch, self._given = self.consumed == 0, 0
             if self.loader.num_workers == 0:  # a SIGBUS would end this process itself, with no message at all
                 _check_arrow_files(self.dataset)
             try:
                 batch = next(self._it)
             except StopIteration:
+                if self._whole_epoch and not self._given:
+                    raise input_error(ValueError(
+                        f"the training set gave no batch in a whole epoch on rank {self.sampler.rank}: "
+                        + (f"none of its {self.sampler.per_rank} samples could be read" if self.min_size <= 1 else
+                           f"no batch of its {self.sampler.per_rank} samples held {self.min_size} readable ones")
+                        + "; see the unreadable samples logged above")) from None
                 self._it = None
                 self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
                 continue
@@ -181,6 +190,7 @@ class TrainStream:
             if self._carried_bad:
                 batch["bad_samples"] = int(batch.get("bad_samples", 0) or 0) + self._carried_bad
                 self._carried_bad = 0
+            self._given += 1
             return batch
 
     def state(self) -> Dict[str, int]:
@@ -270,10 +280,10 @@ class IterableStream:
                 batch = next(self._it)
             except StopIteration:
                 if self._fresh_epoch and not self._batches_this_epoch:
-                    raise ValueError(
+                    raise input_error(ValueError(
                         f"the tar shards gave no batch in a whole epoch on rank {self.info.rank}: no reader found "
                         f"{self.batch_size} readable samples among its shards ({len(self.dataset.urls)} shards, "
-                        f"{self.readers} reader(s) per process; see the unreadable samples logged above)") from None
+                        f"{self.readers} reader(s) per process; see the unreadable samples logged above)")) from None
                 self._it, self.epoch = None, self.epoch + 1
                 self.taken, self.next_reader = [0] * self.readers, 0
                 continue
@@ -379,13 +389,17 @@ def evaluation_reads_data(cfg: TrainConfig) -> bool:
     return bool({"itc", "irtr", "vqa", "nlvr2"} & set(cfg.tasks))
 
 
-def check_eval_files(cfg: TrainConfig) -> None:
+def check_eval_files(cfg: TrainConfig, vqa_label_size: Optional[int] = None) -> None:
     """Before training: the val files an evaluation will read exist (a missing one would otherwise end the run after
-    its last step, at the final evaluation). With several datasets, those without their val files are left out
-    of the evaluation, with a warning; none of them there is the error."""
+    its last step, at the final evaluation), and VQA's labels fit the model's ``vqa_label_size`` classes. With
+    several datasets, those without their val files are left out of the evaluation, with a warning; none of them
+    there is the error."""
     if not (cfg.final_eval or cfg.eval_every) or not evaluation_reads_data(cfg) or cfg.data_root is None:
         return
     missing = {d: _missing_files(cfg, d, "val") for d in _with_split(cfg, "val")}
+    if "vqa" in missing and not missing["vqa"] and vqa_label_size is not None:
+        vdata.check_vqa_label_files([os.path.join(cfg.data_root, f"{stem}.arrow")
+                                     for stem in vdata.dataset_files("vqa", "val")], vqa_label_size)
     absent = [d for d, paths in missing.items() if paths]
     if absent and len(absent) == len(missing):
         raise FileNotFoundError(f"{missing[absent[0]][0]}: the {absent[0]} val split, which the evaluation reads, "
@@ -430,6 +444,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     ds = vdata.build_dataset(data_root(cfg, model_config, info), cfg.datasets, "train",
                              image_size=model_config.image_size, max_text_len=model_config.max_text_len,
                              train=augment, text_only=text_only, on_error=on_error)
+    vdata.check_vqa_labels(ds, model_config.vqav2_label_size)
     # with dropped unreadable samples (one process) a batch can shrink to one sample: no negative for ITM
     min_size = 2 if "itm" in cfg.tasks and on_error == "drop" else 1
     return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last,

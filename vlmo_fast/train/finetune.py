@@ -164,6 +164,13 @@ def read_checkpoint(path: str):
     return unwrap_state_dict(obj, source=path), recorded, training
 
 
+def vqa_classes(state) -> Optional[int]:
+    """The VQA classifier's number of classes in a checkpoint's state dict (its last Linear's outputs), if it has one:
+    a run fine-tuned with another --vqa-label-size is evaluated with its own."""
+    weight = state.get("vqa_classifier.3.weight") if isinstance(state, dict) else None
+    return int(weight.shape[0]) if getattr(weight, "ndim", 0) == 2 else None
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     task = _task(argv, "evaluate", "Evaluate a VLMo checkpoint: retrieval recall, the VQA score or a VQAv2 test "
@@ -195,7 +202,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                           max_text_len=(args.max_text_len if args.max_text_len is not None
                                         else recorded.get("max_text_len")),
                           precision=args.precision, data_root=args.data_root, out_dir=work_dir,
-                          per_device_batch_size=args.batch_size, datasets=[dataset_name], device=args.device)
+                          per_device_batch_size=args.batch_size, datasets=[dataset_name], device=args.device,
+                          vqa_label_size=vqa_classes(state) if task == "vqa" else None)
         model = build_model(cfg)  # e.g. --image-size not a multiple of the patch: one line
     device = resolve_device(args.device)
     with user_errors(parser):  # a checkpoint that does not fit the model: one line
@@ -232,6 +240,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         with user_errors(parser):  # unreadable files or missing columns: one line
             return vdata.build_dataset(root, names, split, **kw, **extra)
 
+    def nothing_readable(what: str, unreadable: int):  # no metric to report: an error, not a report without it
+        with user_errors(parser):
+            raise ValueError(f"{what}: no readable sample to evaluate ({unreadable} unreadable; see the log above)")
+
     if task == "irtr":
         images = dataset([dataset_name], split, image_only=True)
         texts = dataset([dataset_name], split, text_only=True)
@@ -241,6 +253,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp, txt_stats)
         keep = torch.isin(txt_ids, img_ids)  # an unreadable image's captions are left out with it
         txt_feats, txt_ids, txt_index = txt_feats[keep], txt_ids[keep], txt_stats["raw_index"][keep.cpu()]
+        if not len(img_ids) or not len(txt_ids):
+            nothing_readable(f"{dataset_name} {split} " + ("images" if not len(img_ids) else "captions"),
+                             img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0))
         metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
         if rerank_k:
             full_texts = dataset([dataset_name], split)
@@ -260,10 +275,14 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                                             f"(the test file has no answers)")
                 id2answer = build_id2answer([vdata.read_arrow(p) for p in paths])
         ds = dataset(["vqa"], split)
+        with user_errors(parser):
+            vdata.check_vqa_labels(ds, mc.vqav2_label_size)
         stats: Dict[str, int] = {}
         result = evaluate_vqa(model, loader(ds), device, amp, stats)
         metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
         bad = stats.get("bad_samples", 0)
+        if not result["predictions"]:
+            nothing_readable(f"vqa {split}", bad)
         if split == "test":
             vqa_submission(result["predictions"], id2answer, args.out)
             metrics["submission"] = args.out
@@ -272,6 +291,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         stats = {}
         metrics = evaluate_nlvr2(model, loader(ds), device, amp, stats)
         bad = stats.get("bad_samples", 0)
+        for part, file in (("dev", "nlvr2_dev"), ("test", "nlvr2_test1")):
+            if f"{part}_acc" not in metrics:  # (both files exist: dataset() checked)
+                nothing_readable(file, bad)
     if bad:  # left out: the recalls, score or accuracies are over the readable samples
         metrics["unreadable_samples"] = bad
     metrics["checkpoint"] = args.load_path

@@ -67,6 +67,8 @@ def build_model(cfg: TrainConfig) -> VLMo:
         overrides["image_size"] = cfg.image_size
     if cfg.max_text_len is not None:
         overrides["max_text_len"] = cfg.max_text_len
+    if cfg.vqa_label_size is not None:
+        overrides["vqav2_label_size"] = cfg.vqa_label_size
     config = preset(cfg.arch, **overrides)
     if cfg.model_impl == "reference":
         from ..reference import ReferenceVLMo
@@ -520,7 +522,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                              f"({cfg.per_device_batch_size} x {info.world_size})")
         accum = cfg.batch_size // per_step
         stream = data_setup.train_stream(cfg, model.config, info)
-        data_setup.check_eval_files(cfg)
+        data_setup.check_eval_files(cfg, model.config.vqav2_label_size)
         max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
         warmup = resolve_warmup(cfg.warmup_steps, max_steps)
         if cfg.max_steps is None and warmup > max_steps and info.is_main:  # (TrainConfig warns when it knows both)
