@@ -93,10 +93,22 @@ def test_itm_reranking_recall(k):
     img = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=-1)
     ids = torch.arange(20).repeat_interleave(2)
     txt = torch.nn.functional.normalize(img[ids] + 1.5 * torch.randn(40, 8, generator=gen), dim=-1)
-    images = [{"image": torch.full((3, 2, 2), float(i))} for i in range(20)]
-    texts = [{"text_ids": torch.tensor([int(ids[t]), 5]), "text_masks": torch.ones(2, dtype=torch.long)}
-             for t in range(40)]
+    reads = {"image": [0] * 20, "text": [0] * 40}
+
+    class Counted(list):  # how often each item is read: an image is decoded once (it was k times per caption)
+        def __init__(self, items, kind):
+            super().__init__(items)
+            self.kind = kind
+
+        def __getitem__(self, i):
+            reads[self.kind][i] += 1
+            return list.__getitem__(self, i)
+
+    images = Counted([{"image": torch.full((3, 2, 2), float(i))} for i in range(20)], "image")
+    texts = Counted([{"text_ids": torch.tensor([int(ids[t]), 5]), "text_masks": torch.ones(2, dtype=torch.long)}
+                     for t in range(40)], "text")
     got = rerank_recall(_OracleITM(), img, txt, ids, torch.arange(20), images, texts, k=k, batch_size=7)
+    assert max(reads["image"]) == 1 and max(reads["text"]) == 1
     for K in (1, 5, 10):
         dual = recall_at_k(img, txt, ids, ks=(max(K, k),))
         assert got[f"tr_r{K}"] == pytest.approx(dual[f"tr_r{max(K, k)}"]), K

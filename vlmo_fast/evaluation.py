@@ -145,35 +145,53 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
         raise ValueError(f"image_index and text_index must have one entry per feature row ({image_feats.shape[0]}, "
                          f"{text_feats.shape[0]}), got {len(image_index)} and {len(text_index)}")
 
-    def ranking(scores, itm_pairs):  # dual-encoder top max(k, K) with its first k re-ordered by the ITM logit
-        full = scores.topk(min(max(k, kmax), scores.numel())).indices
-        cand = full[:k]
-        return torch.cat([cand[itm_scores(itm_pairs(cand)).argsort(descending=True)], full[k:]])[:kmax]
+    decoded: Dict[int, torch.Tensor] = {}  # the image of the last pair scored (pairs come in image order)
+    tokens: Dict[int, dict] = {}  # every caption's tokens, read once
 
-    def itm_scores(pairs):  # list of (image row, text row) -> ITM match logits
+    def itm_scores(pairs):  # list of (image row, text row), sorted -> ITM match logits
         out = []
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
-            images = torch.stack([_item(image_dataset, image_index[i])["image"] for i, _ in chunk]).to(device)
-            texts = [_item(text_dataset, text_index[t]) for _, t in chunk]
-            ids = torch.stack([x["text_ids"] for x in texts]).to(device)
-            masks = torch.stack([x["text_masks"] for x in texts]).to(device)
+            rows = {i: decoded[i] if i in decoded else _item(image_dataset, image_index[i])["image"]
+                    for i in dict.fromkeys(i for i, _ in chunk)}
+            decoded.clear()
+            decoded[chunk[-1][0]] = rows[chunk[-1][0]]  # its pairs may go on in the next chunk
+            images = torch.stack([rows[i] for i, _ in chunk]).to(device)
+            for _, t in chunk:
+                if t not in tokens:
+                    item = _item(text_dataset, text_index[t])
+                    tokens[t] = {"text_ids": item["text_ids"], "text_masks": item["text_masks"]}
+            ids = torch.stack([tokens[t]["text_ids"] for _, t in chunk]).to(device)
+            masks = torch.stack([tokens[t]["text_masks"] for _, t in chunk]).to(device)
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
             with ctx:
                 cls = model.infer({"text_ids": ids, "text_masks": masks, "image": [images]})["cls_feats"]
                 out.append(model.itm_score(cls)[:, 1].float())
         return torch.cat(out)
 
+    # every query's dual-encoder top max(k, K); its first k are re-ordered by the ITM logit of (image, caption)
+    n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
+    i2t = [(image_feats[i] @ text_feats.t()).topk(min(max(k, kmax), n_txt)).indices for i in range(n_img)]
+    t2i = [(text_feats[t] @ image_feats.t()).topk(min(max(k, kmax), n_img)).indices for t in range(n_txt)]
+    # each distinct pair scored once, in image order, so each image is decoded once (it was once per pair: a
+    # caption's k candidates each decoded theirs)
+    pairs = sorted({(i, int(t)) for i in range(n_img) for t in i2t[i][:k].tolist()}
+                   | {(int(i), t) for t in range(n_txt) for i in t2i[t][:k].tolist()})
+    logit = dict(zip(pairs, itm_scores(pairs).tolist()))
+
+    def reranked(full, pair):
+        cand = full[:k]
+        by_itm = torch.tensor([logit[pair(int(c))] for c in cand]).argsort(descending=True)
+        return torch.cat([cand[by_itm], full[k:]])[:kmax]
+
     tr = {kk: 0 for kk in ks}
-    for i in range(image_feats.shape[0]):
-        order = ranking(image_feats[i] @ text_feats.t(), lambda cand: [(i, int(t)) for t in cand])
-        hit = text_image_ids[order] == image_ids[i]
+    for i in range(n_img):
+        hit = text_image_ids[reranked(i2t[i], lambda t, i=i: (i, t))] == image_ids[i]
         for kk in ks:
             tr[kk] += int(hit[:kk].any())
     ir = {kk: 0 for kk in ks}
-    for t in range(text_feats.shape[0]):
-        order = ranking(text_feats[t] @ image_feats.t(), lambda cand: [(int(i), t) for i in cand])
-        hit = image_ids[order] == text_image_ids[t]
+    for t in range(n_txt):
+        hit = image_ids[reranked(t2i[t], lambda i, t=t: (i, t))] == text_image_ids[t]
         for kk in ks:
             ir[kk] += int(hit[:kk].any())
     out = {f"tr_r{kk}": tr[kk] / image_feats.shape[0] for kk in ks}

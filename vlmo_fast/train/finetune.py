@@ -257,10 +257,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             nothing_readable(f"{dataset_name} {split} " + ("images" if not len(img_ids) else "captions"),
                              img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0))
         metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
-        if rerank_k:
-            full_texts = dataset([dataset_name], split)
-            metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, full_texts,
-                                              k=rerank_k, device=device, autocast_dtype=amp,
+        if rerank_k:  # (the captions' tokens from the text-only set: no image decoded for them)
+            metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, texts,
+                                              k=rerank_k, device=device, autocast_dtype=amp, batch_size=args.batch_size,
                                               image_index=img_stats["raw_index"], text_index=txt_index)
         bad = img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0)
     elif task == "vqa":
