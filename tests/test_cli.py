@@ -314,6 +314,8 @@ def test_finetune_default_out_dir_is_the_tasks(tmp_path, monkeypatch, task):
     (dict(learning_rate=float("inf")), "learning_rate must be a finite number"),
     (dict(end_lr=float("nan")), "end_lr must be a finite number"),
     (dict(datasets=[]), "datasets: at least one dataset is needed"),
+    # it failed inside torch at the first step (GradScaler's unscale of sharded and replicated gradients together)
+    (dict(fsdp=True, precision="fp16"), "fsdp with precision fp16 is not supported"),
 ])
 def test_bad_values_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):

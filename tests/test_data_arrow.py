@@ -169,6 +169,12 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tok, caplog):
     item = ds_r[2]
     assert item is not None and item["bad_samples"] >= 1 and item["img_index"] in (0, 2)
     assert collate([item, ds_r[0]])["bad_samples"] == item["bad_samples"]
+    # a set with (almost) nothing readable: an error, not a None (several processes' batches then differed in size,
+    # which aborted the all-gathers)
+    ds_r.rows = ds_r.rows[2:5]  # (the unreadable ones only)
+    ds_r.caps = ds_r.caps[2:5]
+    with pytest.raises(ValueError, match=r"f30k/train: 100 random samples in a row could not be read"):
+        ds_r[0]
 
 
 def _vqa_rows(n_rows, with_labels=True):

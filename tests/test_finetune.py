@@ -392,6 +392,15 @@ def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
     assert set(acc) >= {"dev_acc", "test_acc"} and 0.0 <= acc["dev_acc"] <= 1.0
 
 
+def _one_line_error(capsys, command, argv) -> str:
+    """What ``command(argv)`` printed when it ended as a configuration error: exit status 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        command(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
 def test_a_set_with_no_readable_sample_is_an_error_not_an_endless_run(tmp_path, capsys):
     """finetune on a training set none of whose samples could be read searched epochs forever (SIGTERM could not stop
     it); evaluate of such a part exited 0 with no accuracy in its report."""
@@ -405,20 +414,14 @@ def test_a_set_with_no_readable_sample_is_an_error_not_an_endless_run(tmp_path, 
                                                  pa.array([b"not an image"] * table.num_rows, pa.binary())))
     common = ["--data-root", root, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "2", "--batch-size", "2",
               "--max-steps", "2", "--num-workers", "0", "--tensorboard", "false"]
-    with pytest.raises(SystemExit) as exit_:
-        finetune_main(["nlvr2", "--out-dir", str(tmp_path / "run")] + common)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: the training set gave no batch in a whole epoch on rank 0: none of its 6 samples could be read" \
-        in err and "Traceback" not in err
+    err = _one_line_error(capsys, finetune_main, ["nlvr2", "--out-dir", str(tmp_path / "run")] + common)
+    assert "error: the training set gave no batch in a whole epoch on rank 0: none of its 6 samples could be read" in err
     model = vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(nlvr2=1)))
     ckpt = str(tmp_path / "model.pt")
     vf.save_checkpoint(model, ckpt)
-    with pytest.raises(SystemExit) as exit_:
-        evaluate_main(["nlvr2", "--load-path", ckpt, "--data-root", root, "--arch", "vlmo_tiny_patch16",
-                       "--device", "cpu", "--num-workers", "0"])
-    assert exit_.value.code == 2
-    assert "error: nlvr2_dev: no readable sample to evaluate (3 unreadable" in capsys.readouterr().err
+    err = _one_line_error(capsys, evaluate_main, ["nlvr2", "--load-path", ckpt, "--data-root", root, "--arch",
+                                                  "vlmo_tiny_patch16", "--device", "cpu", "--num-workers", "0"])
+    assert "error: nlvr2_dev: no readable sample to evaluate (3 unreadable" in err
 
 
 def test_vqa_labels_beyond_the_classifier_fail_at_start_and_a_larger_vocabulary_trains(tmp_path, capsys):
@@ -434,12 +437,8 @@ def test_vqa_labels_beyond_the_classifier_fail_at_start_and_a_larger_vocabulary_
         vdata.write_arrow(path, rows)
     common = ["--data-root", root, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "4", "--batch-size", "4",
               "--max-steps", "1", "--num-workers", "0", "--tensorboard", "false"]
-    with pytest.raises(SystemExit) as exit_:
-        finetune_main(["vqa", "--out-dir", str(tmp_path / "small")] + common)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "vqav2_train.arrow: VQA answer label 3500 is outside the model's 3129 classes (give --vqa-label-size" \
-        in err and "Traceback" not in err
+    err = _one_line_error(capsys, finetune_main, ["vqa", "--out-dir", str(tmp_path / "small")] + common)
+    assert "vqav2_train.arrow: VQA answer label 3500 is outside the model's 3129 classes (give --vqa-label-size" in err
     assert finetune_main(["vqa", "--out-dir", str(tmp_path / "big"), "--vqa-label-size", "3501"] + common) == 0
     ckpt = str(tmp_path / "big" / "checkpoints" / "step_00000001.pt")
     out = tmp_path / "val.json"

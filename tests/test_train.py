@@ -1424,6 +1424,14 @@ def test_train_stream_with_no_readable_sample_stops_with_an_error(min_size):
     assert next(stream)["text_ids"].tolist()[0] % 3 == 0 and stream.epoch == 1
 
 
+def test_itm_in_one_process_with_one_sample_per_micro_batch_is_refused_at_start(tmp_path, synthetic_root):
+    """Every one-sample batch was skipped (ITM draws its negatives from the micro-batch): a whole epoch was decoded,
+    then the run stopped with an error about unreadable samples."""
+    with pytest.raises(ValueError, match=r"itm in one process needs per_device_batch_size >= 2 \(its negatives come "
+                                         r"from the micro-batch\), got 1"):
+        train(small_cfg(tmp_path / "run", synthetic_root, batch_size=2, per_device_batch_size=1))
+
+
 def test_max_epochs_counts_the_partial_batch(tmp_path):
     """max_steps of an epoch-based run is len(train loader) * max_epochs // accumulation, as official."""
     from vlmo_fast.train.data_setup import train_stream
@@ -1438,6 +1446,32 @@ def test_max_epochs_counts_the_partial_batch(tmp_path):
     cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=bs, per_device_batch_size=bs)
     summary = train(cfg)
     assert summary["steps"] == -(-n // bs) == n // bs + 1 and summary["stop_reason"] == "max_steps"
+
+
+def _signal_to_rank1_in_evaluation_run(rank, world, out_dir, root):
+    real = train_loop.encode
+
+    def signalling(model, loader, *args, **kwargs):
+        if rank == 1:  # only rank 1 gets the signal, during the evaluation every FSDP rank runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, loader, *args, **kwargs)
+
+    train_loop.encode = signalling
+    summary = train(small_cfg(out_dir, root, max_steps=6, eval_every=2, eval_batches=0, fsdp=True,
+                              per_device_batch_size=4))
+    return summary["stop_reason"], summary["steps"], summary["last_checkpoint"]
+
+
+def test_an_fsdp_evaluation_a_signal_to_another_rank_stops_stays_pending(tmp_path, synthetic_root):
+    """Under FSDP a signal to rank 1 stops every rank's evaluation, but the checkpoint took rank 0's own flag, which
+    was unset: the evaluation was recorded as done and never ran again."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    results = run_distributed(_signal_to_rank1_in_evaluation_run, 2, str(tmp_path / "run"), synthetic_root)
+    assert [r[:2] for r in results] == [(f"signal {int(signal.SIGTERM)}", 2)] * 2
+    assert torch.load(results[0][2], weights_only=True, mmap=True)["eval_pending"] is True
 
 
 def _best_run(rank, world, out_dir, root, fsdp):

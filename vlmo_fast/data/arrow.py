@@ -34,7 +34,8 @@ Decisions that differ from the official code:
   reads raises ValueError naming the file and the column, at construction.
 - An unreadable image does not stop the run. ``on_error="drop"`` (default) returns None for that item; the collate
   drops it and reports the count as ``batch["bad_samples"]``. ``on_error="resample"`` is the official behaviour
-  (retry with a random other sample) and still counts the failures in the item's "bad_samples".
+  (retry with a random other sample) and still counts the failures in the item's "bad_samples"; after 100 failures
+  in a row it raises ValueError (the official retries never end).
 - The captions are not copied into Python lists (official ``all_texts``): they stay in the memory-mapped table and
   the dataset keeps each caption's place in numpy arrays, which DataLoader workers share. Reference counting made a
   private copy of the official lists in every worker (about 125 MB per million captions per worker: 10 GB for 10
@@ -387,8 +388,14 @@ class ArrowDataset(Dataset):
             except Exception as exc:  # noqa: BLE001 - any unreadable sample is skipped and counted (as official)
                 self._log(self._where(index), exc)
                 failures += 1
-                if self.on_error == "drop" or failures >= 100:
+                if self.on_error == "drop":
                     return None
+                if failures >= 100:  # a None here made this process's batch smaller than the others' (a collective
+                    # mismatch in the all-gathers: an abort with gloo), and the official retries never end
+                    raise ValueError(f"{self.dataset_name}/{self.split}: {failures} random samples in a row could "
+                                     f"not be read (see the samples logged above): the set is mostly unreadable, and "
+                                     f"resampling, which keeps every process's batch full, needs readable samples") \
+                        from exc
                 index = int(torch.randint(len(self), (1,)).item())
 
     def _where(self, index: int) -> str:

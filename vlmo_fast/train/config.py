@@ -126,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 (none: no clipping), got {self.grad_clip}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.fsdp and self.precision == "fp16":  # it failed in the first step's unscale, inside torch
+            raise ValueError("fsdp with precision fp16 is not supported: GradScaler's unscale cannot take FSDP's "
+                             "sharded gradients with the replicated logit scales in one group; use bf16 (no scaler)")
         warmup = self.warmup_steps
         if isinstance(warmup, float) and not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup_steps: a float is a fraction of max_steps, in [0, 1]; got {warmup}")

@@ -447,6 +447,9 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     vdata.check_vqa_labels(ds, model_config.vqav2_label_size)
     # with dropped unreadable samples (one process) a batch can shrink to one sample: no negative for ITM
     min_size = 2 if "itm" in cfg.tasks and on_error == "drop" else 1
+    if min_size > cfg.per_device_batch_size:  # every batch would be skipped: an epoch read, then an error
+        raise ValueError(f"itm in one process needs per_device_batch_size >= 2 (its negatives come from the "
+                         f"micro-batch), got {cfg.per_device_batch_size}")
     return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last,
                        min_size)
 

@@ -646,8 +646,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if metrics:
             logger.log(step, metrics, show=False)
             logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        # stopped: rank 0 (which reports) has no metrics and the signal flag; every rank takes its word
-        eval_pending = bool(from_main(info.is_main and not metrics and bool(flag.get("signal"))))
+        # stopped: rank 0 (which reports) has no metrics and a rank had the signal (under FSDP a signal to another
+        # rank stops every rank's evaluation: rank 0's own flag is not enough); every rank takes its word
+        sig = signalled()
+        eval_pending = bool(from_main(info.is_main and not metrics and bool(sig)))
         if not cfg.eval_batches:
             keep_if_best(metrics)
         paused += time.time() - t0
