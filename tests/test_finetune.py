@@ -452,6 +452,25 @@ def test_vqa_labels_beyond_the_classifier_fail_at_start_and_a_larger_vocabulary_
     assert "vqav2_rest_val.arrow: VQA answer label 3500 is outside the model's 3129 classes" in capsys.readouterr().err
 
 
+def test_a_vqa_submission_missing_unreadable_questions_is_written_and_fails(tmp_path, capsys):
+    """The evaluation server refuses an incomplete file: a test image that could not be read left its questions out
+    of the submission and the command exited 0."""
+    root = str(tmp_path / "data")
+    os.makedirs(root)
+    _write_vqa(root)
+    path = os.path.join(root, "vqav2_test.arrow")
+    rows = vdata.read_arrow(path).to_pylist()
+    rows[1]["image"] = b"not an image"
+    vdata.write_arrow(path, rows)
+    ckpt = str(tmp_path / "model.pt")
+    vf.save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", loss_names=loss_names(vqa=1))), ckpt)
+    sub = tmp_path / "submission.json"
+    assert evaluate_main(["vqa", "--load-path", ckpt, "--data-root", root, "--arch", "vlmo_tiny_patch16", "--split",
+                          "test", "--out", str(sub), "--device", "cpu", "--num-workers", "0"]) == 1
+    assert "lacks the 2 questions whose images could not be read" in capsys.readouterr().err
+    assert sorted(r["question_id"] for r in json.loads(sub.read_text())) == [3000, 3001, 3020, 3021]
+
+
 @pytest.fixture(scope="module")
 def vqa_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("vqa"))

@@ -302,4 +302,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     print(text)
     if args.out and not (task == "vqa" and split == "test"):
         atomic_write_json(args.out, metrics, indent=1)
+    if task == "vqa" and split == "test" and len(result["predictions"]) < len(ds):
+        # written all the same (to inspect), but the evaluation server takes complete files only
+        print(f"{parser.prog}: error: the submission {args.out} lacks the {len(ds) - len(result['predictions'])} "
+              f"questions whose images could not be read (see the log above): the VQA server refuses an incomplete "
+              f"file", file=sys.stderr)
+        return 1
     return 0
