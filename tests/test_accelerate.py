@@ -173,6 +173,20 @@ def test_from_official():
     model.eval(), src.eval()
     with torch.no_grad():
         assert torch.allclose(model.infer(b)["cls_feats"], src.infer(b)["cls_feats"], atol=1e-5)
+    # newer transformers versions save no position_ids buffer (an arange): strict loading took it for missing
+    without_ids = {k: v for k, v in src.state_dict().items() if k != "text_embeddings.position_ids"}
+    strict = vf.from_official(without_ids, cfg, strict=True)
+    assert torch.equal(strict.text_embeddings.position_ids, model.text_embeddings.position_ids)
+    # the text-only stage starts from a BEiT checkpoint, converted as the official loader converts it
+    from vlmo_fast.checkpoint import convert_beit_checkpoint
+
+    text_cfg = dict(cfg, max_text_len=196, loss_names={"textmlm": 1})
+    beit = {"cls_token": torch.randn(1, 1, 64), "blocks.0.mlp.fc1.weight": torch.randn(256, 64)}
+    beit.update({f"blocks.{i}.attn.relative_position_bias_table": torch.randn(52, 4) for i in range(4)})
+    text_model = vf.from_official(beit, text_cfg)
+    want = convert_beit_checkpoint(beit, text_model)
+    assert torch.equal(text_model.transformer.blocks[0].mlp_imag.fc1.weight, beit["blocks.0.mlp.fc1.weight"])
+    assert torch.equal(text_model.relative_position_bias_table, want["relative_position_bias_table"])
     with pytest.raises(ValueError, match="model_arch"):
         vf.from_official(src.state_dict(), dict(cfg, model_arch="vit_base"))
     with pytest.raises(TypeError):

@@ -215,6 +215,19 @@ def test_resize_224_to_384_to_480_on_load():
         assert torch.isfinite(m480.eval().infer_image_ft(batch)["cls_feats"]).all()
 
 
+def test_a_table_of_the_official_text_length_into_a_model_of_another_is_refused():
+    """A model built with another max_text_len_of_initckpt than the checkpoint's (196 in every official one) has
+    other non-patch rows: the resize took text and CLS rows for patch offsets whenever the row counts left a square
+    (446 rows into a 180-bucket model at 64 px: a 9x9 'grid'), and resampled them silently."""
+    src = tiny(image_size=64)
+    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=64, max_text_len_of_initckpt=180))
+    assert src.relative_position_bias_table.shape[0] == 446 and dst.relative_position_bias_table.shape[0] == 414
+    with pytest.raises(CheckpointError, match=r"relative_position_bias_table: the checkpoint's 446 rows fit a table "
+                                              r"made with max_text_len_of_initckpt=196 \(the official value\), the "
+                                              r"model's is 180"):
+        load_checkpoint(dst, src.state_dict())
+
+
 def test_text_positions_truncated_and_extended():
     m196 = tiny(max_text_len=196, loss_names=loss_names(textmlm=1))
     m40 = vf.VLMo(vf.preset("vlmo_tiny_patch16", max_text_len=40))

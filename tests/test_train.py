@@ -23,6 +23,7 @@ from vlmo_fast import objectives
 from vlmo_fast.checkpoint import CheckpointError, convert_beit_checkpoint, load_checkpoint, looks_like_beit, \
     read_state_dict, save_checkpoint
 from vlmo_fast.config import loss_names
+from vlmo_fast.model import relpos
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import loop as train_loop
 from vlmo_fast.train.config import build_parser, config_from_args
@@ -316,8 +317,8 @@ def test_textmlm_freezing_and_beit_conversion():
     assert "transformer.blocks.0.mlp_imag.fc1.weight" not in trainable
     beit = {"cls_token": torch.randn(1, 1, 64), "blocks.0.mlp.fc1.weight": torch.randn(256, 64),
             "blocks.1.norm2.weight": torch.randn(64), "blocks.0.attn.qkv.weight": torch.randn(192, 64)}
-    for layer in range(4):
-        beit[f"blocks.{layer}.attn.relative_position_bias_table"] = torch.full((51, 4), float(layer))
+    for layer in range(4):  # 64 px: a 4x4 grid, (2*4-1)^2 + 3 = 52 rows
+        beit[f"blocks.{layer}.attn.relative_position_bias_table"] = torch.full((52, 4), float(layer))
         beit[f"blocks.{layer}.attn.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
     assert looks_like_beit(beit)
     out = convert_beit_checkpoint(beit, model)
@@ -325,8 +326,23 @@ def test_textmlm_freezing_and_beit_conversion():
     assert "transformer.cls_token" in out and "transformer.blocks.0.attn.relative_position_index" in out
     table = out["relative_position_bias_table"]
     assert table.shape == model.relative_position_bias_table.shape
-    assert torch.all(table[:51, 4:8] == 1.0) and torch.all(table[:51, 12:16] == 3.0)
-    assert torch.all(table[51:] == 0)  # text rows untouched (zeros at init)
+    assert torch.all(table[:52, 4:8] == 1.0) and torch.all(table[:52, 12:16] == 3.0)
+    assert torch.all(table[52:] == 0)  # text rows untouched (zeros at init)
+    # a BEiT checkpoint of another image size (48 and 128 px) was copied row for row: its CLS rows landed on patch
+    # offsets, and a larger grid's rows on the text rows. Its patch offsets are resampled to the model's grid.
+    for window in (3, 8):
+        rows = (2 * window - 1) ** 2 + 3
+        other = {f"blocks.{layer}.attn.relative_position_bias_table": torch.randn(rows, 4) for layer in range(4)}
+        notes = []
+        table = convert_beit_checkpoint(other, model, notes)["relative_position_bias_table"]
+        merged = torch.cat([other[f"blocks.{layer}.attn.relative_position_bias_table"] for layer in range(4)], 1)
+        torch.testing.assert_close(table[:52], relpos.resize_table(merged, 52, 4))
+        assert torch.equal(table[49:52], merged[-3:]) and torch.all(table[52:] == 0)
+        assert notes == [f"BEiT relative_position_bias_table blocks: {rows} -> 52 rows (bicubic, BEiT grid: the "
+                         f"model's 4x4 patches)"]
+    bad = {f"blocks.{layer}.attn.relative_position_bias_table": torch.randn(51, 4) for layer in range(4)}
+    with pytest.raises(CheckpointError, match="BEiT tables: relative_position_bias_table with 51 rows does not fit"):
+        convert_beit_checkpoint(bad, model)
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------

@@ -348,10 +348,12 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
     ``model_arch``, ``image_size``, ``max_text_len``, ``loss_names``, ``drop_path_rate``, optionally
     ``max_text_len_of_initckpt`` and ``vqav2_label_size``; a key the dict lacks takes the official default (e.g.
     ``loss_names`` itm = itc = mlm = 1, the pretraining heads). The checkpoint is adapted as the official loader does
-    (table resize, text positions, nesting, legacy index tensors) and, like it, loaded with ``strict=False``: a
+    (table resize, text positions, nesting, legacy index tensors; with ``textmlm`` on, a BEiT checkpoint converted as
+    ``checkpoint.convert_beit_checkpoint`` does) and, like it, loaded with ``strict=False``: a
     fine-tuning config's new heads keep their initialisation and the pretraining heads it does not use are left out
     (the report goes to the ``vlmo_fast`` logger at INFO); ``strict=True`` refuses both."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import (convert_beit_checkpoint, load_checkpoint, looks_like_beit, read_state_dict,
+                             unwrap_state_dict)
     from .config import PRESETS, PRETRAIN_TASKS, loss_names, preset
     from .model import VLMo
 
@@ -373,6 +375,11 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
         if key in config:
             overrides[key] = config[key]
     model = VLMo(preset(arch, **overrides), backend=backend)
+    notes: List[str] = []
+    if model.config.task_on("textmlm"):  # as the official loader: the text-only stage starts from a BEiT checkpoint
+        sd = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
+        if looks_like_beit(sd):
+            checkpoint = convert_beit_checkpoint(sd, model, notes)
     report = load_checkpoint(model, checkpoint, strict=strict)
-    logging.getLogger("vlmo_fast").info("from_official: %s", report)
+    logging.getLogger("vlmo_fast").info("from_official: %s", "\n".join([str(report)] + notes))
     return model

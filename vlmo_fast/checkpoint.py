@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import zipfile
@@ -156,6 +157,14 @@ def _resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], grid], dim=1)
 
 
+OFFICIAL_L0 = 196  # max_text_len_of_initckpt of every official config (spec §2)
+
+
+def _odd_square(n: int) -> bool:
+    root = math.isqrt(n) if n > 0 else 0
+    return root * root == n and root % 2 == 1
+
+
 ADAPTED_KEYS = ("text_embeddings.position_embeddings.weight", "transformer.pos_embed", "relative_position_bias_table",
                 "token_type_embeddings.weight")
 
@@ -175,6 +184,10 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
                 key != "relative_position_bias_table" and sd[key].shape[-1] != target[key].shape[-1])):
             raise CheckpointError(f"{key}: the checkpoint's {tuple(sd[key].shape)} cannot be adapted to the model's "
                                   f"{tuple(target[key].shape)}")
+
+    key = "text_embeddings.position_ids"  # an arange buffer that newer transformers versions do not save (spec §1.3)
+    if key in target and key not in sd and any(k.startswith("text_embeddings.") for k in sd):
+        sd[key] = target[key].clone()
 
     key = "text_embeddings.position_embeddings.weight"
     if key in sd and key in target and sd[key].shape[0] != target[key].shape[0]:
@@ -199,6 +212,15 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
                 f"a different architecture"
             )
         window = model.config.window_size
+        l0 = model.config.max_text_len_of_initckpt
+        # resize_table takes the rows after the patch offsets to be the model's (3 + 2 L0 + 2): with another L0 in
+        # the model than in the checkpoint (196 in every official one) it would resample text rows as patch offsets
+        official_extra = 3 + 2 * OFFICIAL_L0 + 2  # the rows after the patch offsets: image CLS, text, cross-modal
+        if l0 != OFFICIAL_L0 and _odd_square(src.shape[0] - official_extra):
+            raise CheckpointError(
+                f"{key}: the checkpoint's {src.shape[0]} rows fit a table made with max_text_len_of_initckpt="
+                f"{OFFICIAL_L0} (the official value), the model's is {l0}: the text rows cannot be told from the "
+                f"image rows; build the model with max_text_len_of_initckpt={OFFICIAL_L0}")
         try:
             sd[key] = relpos.resize_table(src, want.shape[0], window)
         except ValueError as exc:
@@ -352,11 +374,13 @@ def looks_like_beit(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("blocks.") for k in state_dict) and not any(k.startswith("transformer.") for k in state_dict)
 
 
-def convert_beit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+def convert_beit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                            notes: Optional[List[str]] = None) -> StateDict:
     """Remap a BEiT checkpoint to VLMo names as the official ``convert_to_textpt_ckpt`` does: every key gets the
     ``transformer.`` prefix, ``mlp`` becomes ``mlp_imag`` and ``norm2`` ``norm2_imag``; the per-layer tables
     ``blocks.{l}.attn.relative_position_bias_table`` (D_img, H) are concatenated along columns in layer order and
     written into the image rows of (a copy of) the model's table, whose text rows stay as they are (zeros at init).
+    A BEiT checkpoint of another image size has its patch offsets resampled to the model's grid (said in ``notes``).
     Other BEiT keys (fc_norm, head, per-layer relative_position_index) come out as unexpected keys."""
     out: StateDict = {}
     tables: Dict[int, torch.Tensor] = {}
@@ -376,10 +400,21 @@ def convert_beit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Mo
         if table is None:
             raise CheckpointError("the BEiT checkpoint has relative position tables but the model has none")
         merged = torch.cat([tables[i] for i in sorted(tables)], dim=1)
-        if merged.shape[1] != table.shape[1] or merged.shape[0] > table.shape[0]:
+        if merged.shape[1] != table.shape[1]:
             raise CheckpointError(
                 f"BEiT tables give a ({merged.shape[0]}, {merged.shape[1]}) block; the model table is "
                 f"{tuple(table.shape)}")
+        window = model.config.window_size
+        rows = relpos.num_image_distances(window)
+        if merged.shape[0] != rows:  # another image size: its patch offsets resampled to the model's grid, as a
+            src_rows = merged.shape[0]  # VLMo table is on loading (the 3 CLS rows kept); copied as they were, the
+            try:  # rows landed on other offsets, and a larger grid's on the text rows
+                merged = relpos.resize_table(merged, rows, window)
+            except ValueError as exc:
+                raise CheckpointError(f"BEiT tables: {exc}") from exc
+            if notes is not None:
+                notes.append(f"BEiT relative_position_bias_table blocks: {src_rows} -> {rows} rows (bicubic, BEiT "
+                             f"grid: the model's {window}x{window} patches)")
         full = table.detach().clone().cpu()
         full[: merged.shape[0]] = merged.to(full.dtype)
         out["relative_position_bias_table"] = full

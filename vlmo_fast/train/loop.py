@@ -87,11 +87,12 @@ def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
     from ..checkpoint import convert_beit_checkpoint, looks_like_beit
 
     sd = read_state_dict(path)
+    notes: List[str] = []
     if "textmlm" in tasks and looks_like_beit(sd):
-        sd = convert_beit_checkpoint(sd, model)
+        sd = convert_beit_checkpoint(sd, model, notes)
     heads = sorted(k for k in sd if k.startswith(NOT_LOADED_FOR_TRAINING))
     report = load_checkpoint(model, {k: v for k, v in sd.items() if k not in heads}, strict=False)
-    text = str(report)
+    text = "\n".join([str(report)] + notes)
     if heads:
         text += (f"\ntask heads not loaded (official: built after the starting weights are loaded, so they start "
                  f"from their initialisation): {len(heads)}\n  " + "\n  ".join(heads))
