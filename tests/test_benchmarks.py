@@ -110,7 +110,7 @@ def test_each_row_is_against_its_own_dtypes_gemm_rate():
     assert rows == pytest.approx({"fp32": 4.0, "bf16": 1.0, "fp16": 1.0})
     text = harness.markdown_report(dict(harness.run_meta(torch.device("cpu"), ceilings, "tiny"), conventions={},
                                         skipped=[]), [])
-    assert "1.0 TFLOP/s (bfloat16), 0.2 TFLOP/s (float32)" in text
+    assert "1.0 TFLOP/s (bfloat16, 64^3), 0.2 TFLOP/s (float32, 64^3)" in text
 
 
 def test_errors_are_recorded_not_hidden():

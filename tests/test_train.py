@@ -1422,6 +1422,16 @@ class _Unreadable(_SomeUnreadable):
         return None
 
 
+class _OneReadable(_SomeUnreadable):
+    def __getitem__(self, i):
+        return {"text_ids": torch.tensor([i])} if i == 0 else None
+
+
+class _TwoReadable(_SomeUnreadable):
+    def __getitem__(self, i):
+        return {"text_ids": torch.tensor([i])} if i < 2 else None
+
+
 @pytest.mark.parametrize("min_size", [1, 2])
 def test_train_stream_with_no_readable_sample_stops_with_an_error(min_size):
     """It searched epoch after epoch forever (a finetune on NLVR2 labels the reader refused spun until killed, and
@@ -1432,20 +1442,54 @@ def test_train_stream_with_no_readable_sample_stops_with_an_error(min_size):
 
     stream = TrainStream(_Unreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")),
                          min_size=min_size)
-    what = "none of its 30 samples could be read" if min_size == 1 else "no batch of its 30 samples held 2 readable"
-    with pytest.raises(ValueError, match=f"the training set gave no batch in a whole epoch on rank 0: {what}"):
+    with pytest.raises(ValueError, match="the training set gave no batch in a whole epoch on rank 0: none of its 30 "
+                                         "samples could be read"):
         next(stream)
+    if min_size == 2:  # one readable sample: no batch of two, ever
+        stream = TrainStream(_OneReadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")),
+                             min_size=2)
+        with pytest.raises(ValueError, match="1 of its 30 samples could be read, and a batch needs 2"):
+            next(stream)
+        # two readable samples: an epoch whose order puts them in one batch comes (the search goes on)
+        stream = TrainStream(_TwoReadable(), _dropping_collate, 3, 0, 0, DistInfo(0, 1, 0, torch.device("cpu")),
+                             min_size=2)
+        assert sorted(next(stream)["text_ids"].tolist()) == [0, 1]
     stream = TrainStream(_SomeUnreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")))
     stream.restore({"epoch": 0, "batch": 10, "samples": 30})  # resumed where epoch 0 has no batch left
     assert next(stream)["text_ids"].tolist()[0] % 3 == 0 and stream.epoch == 1
 
 
+class _NothingReadable(_SomeUnreadable):
+    def __getitem__(self, i):
+        raise vdata.UnreadableData("coco/train: 100 random samples in a row could not be read (see the samples logged "
+                                   "above)")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resampling_that_finds_nothing_readable_ends_in_one_line(workers):
+    """Several processes resample unreadable samples (full batches for the all-gathers); one that found nothing in
+    100 tries returned None (a smaller batch: the gathers aborted), then raised a ValueError whose traceback, with
+    workers, came wrapped in the worker's."""
+    from vlmo_fast.train.config import _INPUT_ERROR
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    stream = TrainStream(_NothingReadable(), _dropping_collate, 3, workers, 3, DistInfo(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(ValueError) as err:
+        next(stream)
+    assert str(err.value) == "coco/train: 100 random samples in a row could not be read (see the samples logged above)"
+    assert getattr(err.value, _INPUT_ERROR)
+
+
 def test_itm_in_one_process_with_one_sample_per_micro_batch_is_refused_at_start(tmp_path, synthetic_root):
     """Every one-sample batch was skipped (ITM draws its negatives from the micro-batch): a whole epoch was decoded,
-    then the run stopped with an error about unreadable samples."""
-    with pytest.raises(ValueError, match=r"itm in one process needs per_device_batch_size >= 2 \(its negatives come "
-                                         r"from the micro-batch\), got 1"):
-        train(small_cfg(tmp_path / "run", synthetic_root, batch_size=2, per_device_batch_size=1))
+    then the run stopped with an error about unreadable samples; on tar shards the ITM sampling failed."""
+    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=4, image_size=32, seed=0)
+    for datasets in (None, [os.path.dirname(shards[0])]):
+        kw = {} if datasets is None else {"datasets": datasets}
+        with pytest.raises(ValueError, match=r"itm in one process needs per_device_batch_size >= 2 \(its negatives "
+                                             r"come from the micro-batch\), got 1"):
+            train(small_cfg(tmp_path / "run", synthetic_root, batch_size=2, per_device_batch_size=1, **kw))
 
 
 def test_max_epochs_counts_the_partial_batch(tmp_path):

@@ -8,7 +8,7 @@ in its top K (TR@K) and for each caption whether its image is in its top K (IR@K
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -148,56 +148,60 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     decoded: Dict[int, torch.Tensor] = {}  # the image of the last pair scored (pairs come in image order)
     tokens: Dict[int, dict] = {}  # every caption's tokens, read once
 
-    def itm_scores(pairs):  # list of (image row, text row), sorted -> ITM match logits
+    def itm_scores(rows_i: List[int], rows_t: List[int]) -> torch.Tensor:  # pairs sorted by image -> match logits
         out = []
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s : s + batch_size]
-            rows = {i: decoded[i] if i in decoded else _item(image_dataset, image_index[i])["image"]
-                    for i in dict.fromkeys(i for i, _ in chunk)}
+        for s in range(0, len(rows_i), batch_size):
+            chunk_i, chunk_t = rows_i[s : s + batch_size], rows_t[s : s + batch_size]
+            images = {i: decoded[i] if i in decoded else _item(image_dataset, image_index[i])["image"]
+                      for i in dict.fromkeys(chunk_i)}
             decoded.clear()
-            decoded[chunk[-1][0]] = rows[chunk[-1][0]]  # its pairs may go on in the next chunk
-            images = torch.stack([rows[i] for i, _ in chunk]).to(device)
-            for _, t in chunk:
+            decoded[chunk_i[-1]] = images[chunk_i[-1]]  # its pairs may go on in the next chunk
+            for t in chunk_t:
                 if t not in tokens:
                     item = _item(text_dataset, text_index[t])
                     tokens[t] = {"text_ids": item["text_ids"], "text_masks": item["text_masks"]}
-            ids = torch.stack([tokens[t]["text_ids"] for _, t in chunk]).to(device)
-            masks = torch.stack([tokens[t]["text_masks"] for _, t in chunk]).to(device)
+            batch = {"text_ids": torch.stack([tokens[t]["text_ids"] for t in chunk_t]).to(device),
+                     "text_masks": torch.stack([tokens[t]["text_masks"] for t in chunk_t]).to(device),
+                     "image": [torch.stack([images[i] for i in chunk_i]).to(device)]}
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
             with ctx:
-                cls = model.infer({"text_ids": ids, "text_masks": masks, "image": [images]})["cls_feats"]
-                out.append(model.itm_score(cls)[:, 1].float())
+                out.append(model.itm_score(model.infer(batch)["cls_feats"])[:, 1].float().cpu())
         return torch.cat(out)
 
-    # every query's dual-encoder top max(k, K); its first k are re-ordered by the ITM logit of (image, caption)
+    # every query's dual-encoder top max(k, K) (rows: images for TR, captions for IR); its first k are re-ordered
+    # by the ITM logit of (image, caption), ties keeping the dual-encoder order
     n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
-    i2t = [(image_feats[i] @ text_feats.t()).topk(min(max(k, kmax), n_txt)).indices for i in range(n_img)]
-    t2i = [(text_feats[t] @ image_feats.t()).topk(min(max(k, kmax), n_img)).indices for t in range(n_txt)]
-    # each distinct pair scored once, in image order, so each image is decoded once (it was once per pair: a
-    # caption's k candidates each decoded theirs)
-    pairs = sorted({(i, int(t)) for i in range(n_img) for t in i2t[i][:k].tolist()}
-                   | {(int(i), t) for t in range(n_txt) for i in t2i[t][:k].tolist()})
-    logit = dict(zip(pairs, itm_scores(pairs).tolist()))
+    i2t = _top_indices(image_feats, text_feats, min(max(k, kmax), n_txt))
+    t2i = _top_indices(text_feats, image_feats, min(max(k, kmax), n_img))
+    # a pair as one number, image * n_txt + caption: the distinct pairs, sorted, are in image order, so each image
+    # is decoded once (it was once per pair: a caption's k candidates each decoded theirs), and a pair both
+    # directions rank is scored once
+    key_tr = torch.arange(n_img)[:, None] * n_txt + i2t[:, :k]
+    key_ir = t2i[:, :k] * n_txt + torch.arange(n_txt)[:, None]
+    keys = torch.unique(torch.cat([key_tr.flatten(), key_ir.flatten()]))
+    logits = itm_scores((keys // n_txt).tolist(), (keys % n_txt).tolist())
 
-    def reranked(full, pair):
-        cand = full[:k]
-        by_itm = torch.tensor([logit[pair(int(c))] for c in cand]).argsort(descending=True)
-        return torch.cat([cand[by_itm], full[k:]])[:kmax]
+    def recalls(ranked: torch.Tensor, keys_of_top: torch.Tensor,
+                hit_of: Callable[[torch.Tensor], torch.Tensor]) -> Dict[int, int]:
+        order = logits[torch.searchsorted(keys, keys_of_top)].sort(dim=1, descending=True, stable=True).indices
+        top = ranked[:, :k].gather(1, order)
+        hits = hit_of(torch.cat([top, ranked[:, k:]], dim=1)[:, :kmax])
+        return {kk: int(hits[:, :kk].any(1).sum()) for kk in ks}
 
-    tr = {kk: 0 for kk in ks}
-    for i in range(n_img):
-        hit = text_image_ids[reranked(i2t[i], lambda t, i=i: (i, t))] == image_ids[i]
-        for kk in ks:
-            tr[kk] += int(hit[:kk].any())
-    ir = {kk: 0 for kk in ks}
-    for t in range(n_txt):
-        hit = image_ids[reranked(t2i[t], lambda i, t=t: (i, t))] == text_image_ids[t]
-        for kk in ks:
-            ir[kk] += int(hit[:kk].any())
+    ids_txt, ids_img = text_image_ids.cpu(), image_ids.cpu()
+    tr = recalls(i2t, key_tr, lambda ranked: ids_txt[ranked] == ids_img[:, None])
+    ir = recalls(t2i, key_ir, lambda ranked: ids_img[ranked] == ids_txt[:, None])
     out = {f"tr_r{kk}": tr[kk] / image_feats.shape[0] for kk in ks}
     out.update({f"ir_r{kk}": ir[kk] / text_feats.shape[0] for kk in ks})
     out["r_mean"] = sum(out.values()) / len(out)
     return out
+
+
+def _top_indices(queries: torch.Tensor, gallery: torch.Tensor, m: int, block: int = 1024) -> torch.Tensor:
+    """(Q, m) CPU indices of each query's m best-scoring gallery rows, in blocks of queries (a 25K x 5K score
+    matrix would be 500 MB at once)."""
+    return torch.cat([(queries[s : s + block] @ gallery.t()).topk(m, dim=1).indices.cpu()
+                      for s in range(0, queries.shape[0], block)])
 
 
 def _item(dataset, index: int) -> dict:

@@ -18,7 +18,7 @@ caption data and plain text -> the official arrow files; ``vlmo-fast prepare``),
 answer classes and soft scores).
 """
 
-from .arrow import (DATASETS, ArrowDataset, build_dataset, check_vqa_label_files, check_vqa_labels,
+from .arrow import (DATASETS, ArrowDataset, UnreadableData, build_dataset, check_vqa_label_files, check_vqa_labels,
                     dataset_files, encode_image, make_caption_arrow, make_caption_dataset, make_dataset, read_arrow,
                     write_arrow, write_arrow_batches)
 from .collate import Collator, build_collate, is_empty_batch
@@ -38,6 +38,7 @@ __all__ = [
     "PrepareSummary",
     "RandomAugment",
     "TrainTransform",
+    "UnreadableData",
     "WebDataset",
     "expand_urls",
     "is_shard_name",

@@ -64,6 +64,10 @@ SPLITS = ("train", "val", "test")
 ON_ERROR = ("drop", "resample")
 
 
+class UnreadableData(ValueError):
+    """The data cannot give what is asked: ``on_error="resample"`` found no readable sample in 100 tries."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the official dataset class of one key reads."""
@@ -392,7 +396,7 @@ class ArrowDataset(Dataset):
                     return None
                 if failures >= 100:  # a None here made this process's batch smaller than the others' (a collective
                     # mismatch in the all-gathers: an abort with gloo), and the official retries never end
-                    raise ValueError(f"{self.dataset_name}/{self.split}: {failures} random samples in a row could "
+                    raise UnreadableData(f"{self.dataset_name}/{self.split}: {failures} random samples in a row could "
                                      f"not be read (see the samples logged above): the set is mostly unreadable, and "
                                      f"resampling, which keeps every process's batch full, needs readable samples") \
                         from exc

@@ -25,8 +25,9 @@ image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz
   collate drops and counts in ``batch["bad_samples"]``; with ``drop_bad=True`` (training: every batch then has its
   full size, which the all-gathers of several processes need) such a sample is not yielded and its count rides on
   the next item's "bad_samples" (those after a pass's last readable sample ride on the next pass's first item with
-  ``repeat``, and without it on a count-only item ``{"bad_samples": n, "_place": p}`` that ends the pass, which
-  ``build_collate`` counts and leaves out), and every item carries
+  ``repeat``; without it they go uncounted, unless ``count_only_items`` is set: the pass then ends with a count-only
+  item ``{"bad_samples": n, "_place": p}``, which ``build_collate`` counts and leaves out, as ``IterableStream``
+  needs), and every item carries
   "_place", its place in the reader's output (a resumed reader leaves out that many: ``set_position``).
 
 Epochs: ``set_epoch(e)`` changes the shard order and the shuffle (call it before iterating when the DataLoader
@@ -235,6 +236,7 @@ class WebDataset(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer) if train else 0
         self.seed, self.repeat, self.rank, self.world_size = int(seed), bool(repeat), rank, world_size
         self.drop_bad = bool(drop_bad)
+        self.count_only_items = False  # (set by IterableStream: a collate that does not know them would fail)
         self.epoch = 0
         self._passes = 0
         self._skip: List[int] = []
@@ -343,7 +345,7 @@ class WebDataset(IterableDataset):
                         item["bad_samples"], bad = bad, 0
                     yield item
             if not self.repeat:
-                if bad:  # (after the pass's last readable item: its place is the pass's last, for the position)
+                if bad and self.count_only_items:  # (its place, the pass's last, is for the position)
                     yield {"bad_samples": bad, "_place": place}
                 return
 

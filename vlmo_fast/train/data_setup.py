@@ -149,7 +149,7 @@ class TrainStream:
         # negatives); the unreadable samples of skipped batches are added to the next batch's count
         self.min_size, self._carried_bad = min_size, 0
         # a whole epoch, from its start, that gives no batch (no readable sample) is an error, not an endless search
-        self._whole_epoch, self._given = False, 0
+        self._whole_epoch, self._given, self._readable = False, 0, 0
 
     def __iter__(self):
         return self
@@ -159,17 +159,20 @@ class TrainStream:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.consumed)
                 self._it = iter(self.loader)
-                self._whole_epoch, self._given = self.consumed == 0, 0
+                self._whole_epoch, self._given, self._readable = self.consumed == 0, 0, 0
             if self.loader.num_workers == 0:  # a SIGBUS would end this process itself, with no message at all
                 _check_arrow_files(self.dataset)
             try:
                 batch = next(self._it)
             except StopIteration:
-                if self._whole_epoch and not self._given:
+                # (with fewer readable samples than a batch needs; with enough, another epoch's order may group
+                # them: searched on)
+                if self._whole_epoch and not self._given and self._readable < self.min_size:
                     raise input_error(ValueError(
                         f"the training set gave no batch in a whole epoch on rank {self.sampler.rank}: "
-                        + (f"none of its {self.sampler.per_rank} samples could be read" if self.min_size <= 1 else
-                           f"no batch of its {self.sampler.per_rank} samples held {self.min_size} readable ones")
+                        + (f"none of its {self.sampler.per_rank} samples could be read" if not self._readable else
+                           f"{self._readable} of its {self.sampler.per_rank} samples could be read, and a batch "
+                           f"needs {self.min_size}")
                         + "; see the unreadable samples logged above")) from None
                 self._it = None
                 self.epoch, self.batch, self.consumed = self.epoch + 1, 0, 0
@@ -181,9 +184,14 @@ class TrainStream:
                 it, self._it = self._it, None
                 _shut_down(it)
                 _check_arrow_files(self.dataset, exc)
+                if isinstance(exc, vdata.UnreadableData):  # the data's fault: one line (from a worker, the type
+                    # comes back with the worker's traceback in its message: its last line is the error's)
+                    raise input_error(ValueError(str(exc).strip().splitlines()[-1].split("UnreadableData: ")[-1])) \
+                        from None
                 raise
             self.batch += 1
             self.consumed += self.batch_size * self.world
+            self._readable += len(batch.get("text_ids", ()))
             if vdata.is_empty_batch(batch) or len(batch.get("text_ids", ())) < self.min_size:
                 self._carried_bad += int(batch.get("bad_samples", 0) or 0)
                 continue
@@ -251,6 +259,7 @@ class IterableStream:
 
     def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
         dataset.drop_bad = True  # full batches; each item says where it is in its reader's output
+        dataset.count_only_items = True  # a pass's last unreadable samples counted too (its collate skips the item)
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
                                  num_workers=num_workers, generator=torch.Generator().manual_seed(0),
@@ -264,7 +273,9 @@ class IterableStream:
         self.layout = {"world": info.world_size, "readers": self.readers, "batch_size": batch_size,
                        "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls), "position": "places"}
         self._fresh_epoch, self._batches_this_epoch = True, 0
-        self._carried_bad = 0  # unreadable samples counted on batches left out, reported with the next batch
+        # unreadable samples counted on batches left out, reported with the next batch (within one __next__ call,
+        # so never part of a saved position)
+        self._carried_bad = 0
 
     def __iter__(self):
         return self
@@ -303,7 +314,7 @@ class IterableStream:
 
     def state(self) -> Dict[str, Any]:
         """Every rank's position (a collective: every rank calls it)."""
-        mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader, "bad": self._carried_bad}
+        mine = {"epoch": self.epoch, "taken": list(self.taken), "next": self.next_reader}
         return {"epoch": self.epoch, "batch": 0, "layout": self.layout, "ranks": gather_objects(mine)}
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -313,7 +324,6 @@ class IterableStream:
             mine = state["ranks"][self.info.rank]
             self.epoch, self.taken, self.next_reader = int(mine["epoch"]), [int(n) for n in mine["taken"]], \
                 int(mine["next"])
-            self._carried_bad = int(mine.get("bad", 0))  # counted, not reported yet (absent before it was kept)
             self.resume_note = (f"the tar shards continue where they were (epoch {self.epoch}; each reader reads "
                                 f"again, without decoding, what it had yielded of the epoch)")
             return
@@ -420,6 +430,10 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     text_only = cfg.tasks == ["textmlm"]
     collate = vdata.build_collate(whole_word_masking=cfg.whole_word_masking, mlm_prob=cfg.mlm_prob,
                                   mlm=bool({"mlm", "textmlm"} & set(cfg.tasks)))
+    if "itm" in cfg.tasks and info.world_size == 1 and cfg.per_device_batch_size < 2:  # (every batch would be
+        # skipped, an arrow epoch read before the error; tar shards failed in the ITM sampling)
+        raise ValueError(f"itm in one process needs per_device_batch_size >= 2 (its negatives come from the "
+                         f"micro-batch), got {cfg.per_device_batch_size}")
     shards = [d for d in cfg.datasets if _is_shards(d)]
     if shards:
         if len(shards) != len(cfg.datasets):
@@ -447,9 +461,6 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     vdata.check_vqa_labels(ds, model_config.vqav2_label_size)
     # with dropped unreadable samples (one process) a batch can shrink to one sample: no negative for ITM
     min_size = 2 if "itm" in cfg.tasks and on_error == "drop" else 1
-    if min_size > cfg.per_device_batch_size:  # every batch would be skipped: an epoch read, then an error
-        raise ValueError(f"itm in one process needs per_device_batch_size >= 2 (its negatives come from the "
-                         f"micro-batch), got {cfg.per_device_batch_size}")
     return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last,
                        min_size)
 
