@@ -218,14 +218,29 @@ def test_resize_224_to_384_to_480_on_load():
 def test_a_table_of_the_official_text_length_into_a_model_of_another_is_refused():
     """A model built with another max_text_len_of_initckpt than the checkpoint's (196 in every official one) has
     other non-patch rows: the resize took text and CLS rows for patch offsets whenever the row counts left a square
-    (446 rows into a 180-bucket model at 64 px: a 9x9 'grid'), and resampled them silently."""
-    src = tiny(image_size=64)
-    dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=64, max_text_len_of_initckpt=180))
-    assert src.relative_position_bias_table.shape[0] == 446 and dst.relative_position_bias_table.shape[0] == 414
-    with pytest.raises(CheckpointError, match=r"relative_position_bias_table: the checkpoint's 446 rows fit a table "
-                                              r"made with max_text_len_of_initckpt=196 \(the official value\), the "
-                                              r"model's is 180"):
-        load_checkpoint(dst, src.state_dict())
+    (446 rows at 64 px: a 7x7 grid at L0 196, read as a 9x9 one at L0 180) and resampled them silently; otherwise
+    (an official 224 px table into such a model) it failed with a message about grids."""
+    with pytest.raises(CheckpointError, match=r"relative_position_bias_table: the checkpoint's 1126 rows fit a table "
+                                              r"made with max_text_len_of_initckpt=196 \(the official value\), not "
+                                              r"one made with the model's 180"):
+        load_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", max_text_len_of_initckpt=180)),
+                        tiny(image_size=224).state_dict())
+    # a table of the model's own L0 at another size loads; where its rows also fit an official-L0 table (446 rows: a
+    # 7x7 grid at L0 196, or a 9x9 one at L0 180; 926: 23x23 at 196, 29x29 at 40), it is read as the model's, and
+    # the report says so (the first version of the check refused these)
+    for size_src, size_dst, l0, ambiguous in ((80, 64, 180, True), (240, 192, 40, True), (192, 240, 40, False)):
+        src = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=size_src, max_text_len=12,
+                                max_text_len_of_initckpt=l0))
+        dst = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=size_dst, max_text_len=12,
+                                max_text_len_of_initckpt=l0))
+        report = load_checkpoint(dst, src.state_dict())
+        note = next(a for a in report.adapted if a.startswith("relative_position_bias_table"))
+        assert ("though its rows also fit the official 196" in note) == ambiguous, note
+        extra = 2 * l0 + 5
+        assert torch.equal(dst.relative_position_bias_table[-extra:], src.relative_position_bias_table[-extra:])
+        window = size_dst // 16
+        want = relpos.resize_table(src.relative_position_bias_table.detach(), relpos.num_table_rows(window, l0), window)
+        assert torch.equal(dst.relative_position_bias_table.detach(), want)
 
 
 def test_text_positions_truncated_and_extended():

@@ -1450,10 +1450,16 @@ def test_train_stream_with_no_readable_sample_stops_with_an_error(min_size):
                              min_size=2)
         with pytest.raises(ValueError, match="1 of its 30 samples could be read, and a batch needs 2"):
             next(stream)
-        # two readable samples: an epoch whose order puts them in one batch comes (the search goes on)
+        # two readable samples: an epoch whose order puts them in one batch may come (the search goes on), for up
+        # to 3 epochs (seed 0 puts them together in epoch 1, seed 4 in none of the first three)
         stream = TrainStream(_TwoReadable(), _dropping_collate, 3, 0, 0, DistInfo(0, 1, 0, torch.device("cpu")),
                              min_size=2)
-        assert sorted(next(stream)["text_ids"].tolist()) == [0, 1]
+        assert sorted(next(stream)["text_ids"].tolist()) == [0, 1] and stream.epoch > 0
+        stream = TrainStream(_TwoReadable(), _dropping_collate, 3, 0, 4, DistInfo(0, 1, 0, torch.device("cpu")),
+                             min_size=2)
+        with pytest.raises(ValueError, match="no batch in 3 whole epochs on rank 0: 2 of its 30 samples could be "
+                                             "read, and a batch needs 2"):
+            next(stream)
     stream = TrainStream(_SomeUnreadable(), _dropping_collate, 3, 0, 3, DistInfo(0, 1, 0, torch.device("cpu")))
     stream.restore({"epoch": 0, "batch": 10, "samples": 30})  # resumed where epoch 0 has no batch left
     assert next(stream)["text_ids"].tolist()[0] % 3 == 0 and stream.epoch == 1

@@ -213,19 +213,24 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
             )
         window = model.config.window_size
         l0 = model.config.max_text_len_of_initckpt
-        # resize_table takes the rows after the patch offsets to be the model's (3 + 2 L0 + 2): with another L0 in
-        # the model than in the checkpoint (196 in every official one) it would resample text rows as patch offsets
-        official_extra = 3 + 2 * OFFICIAL_L0 + 2  # the rows after the patch offsets: image CLS, text, cross-modal
-        if l0 != OFFICIAL_L0 and _odd_square(src.shape[0] - official_extra):
-            raise CheckpointError(
-                f"{key}: the checkpoint's {src.shape[0]} rows fit a table made with max_text_len_of_initckpt="
-                f"{OFFICIAL_L0} (the official value), the model's is {l0}: the text rows cannot be told from the "
-                f"image rows; build the model with max_text_len_of_initckpt={OFFICIAL_L0}")
+        # resize_table takes the rows after the patch offsets (image CLS, text, cross-modal: 3 + 2 L0 + 2) to be the
+        # model's: a checkpoint made with another L0 (196 in every official one) would have text rows resampled as
+        # patch offsets. The rows tell the layouts apart unless both fit.
+        assumed = ""
+        if l0 != OFFICIAL_L0 and _odd_square(src.shape[0] - (2 * OFFICIAL_L0 + 5)):
+            if not _odd_square(src.shape[0] - (2 * l0 + 5)):
+                raise CheckpointError(
+                    f"{key}: the checkpoint's {src.shape[0]} rows fit a table made with max_text_len_of_initckpt="
+                    f"{OFFICIAL_L0} (the official value), not one made with the model's {l0} (its text rows would be "
+                    f"resampled as image rows): build the model with max_text_len_of_initckpt={OFFICIAL_L0}")
+            # both layouts fit the row count: read as the model's (a checkpoint of this configuration), said
+            assumed = (f"; read as made with the model's max_text_len_of_initckpt={l0}, though its rows also fit "
+                       f"the official {OFFICIAL_L0}")
         try:
             sd[key] = relpos.resize_table(src, want.shape[0], window)
         except ValueError as exc:
             raise CheckpointError(f"{key}: {exc}") from exc
-        report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid)")
+        report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid{assumed})")
 
     key = "token_type_embeddings.weight"
     if key in sd and key in target and sd[key].shape[0] == 2 and target[key].shape[0] == 3:

@@ -149,7 +149,7 @@ class TrainStream:
         # negatives); the unreadable samples of skipped batches are added to the next batch's count
         self.min_size, self._carried_bad = min_size, 0
         # a whole epoch, from its start, that gives no batch (no readable sample) is an error, not an endless search
-        self._whole_epoch, self._given, self._readable = False, 0, 0
+        self._whole_epoch, self._given, self._readable, self._empty_epochs = False, 0, 0, 0
 
     def __iter__(self):
         return self
@@ -165,11 +165,14 @@ class TrainStream:
             try:
                 batch = next(self._it)
             except StopIteration:
-                # (with fewer readable samples than a batch needs; with enough, another epoch's order may group
-                # them: searched on)
-                if self._whole_epoch and not self._given and self._readable < self.min_size:
+                # (with enough readable samples for a batch, another epoch's order may group them: searched on, for
+                # a few epochs: with 2 readable samples among 86K it would take thousands)
+                self._empty_epochs = self._empty_epochs + 1 if self._whole_epoch and not self._given else 0
+                if self._empty_epochs and (self._readable < self.min_size or self._empty_epochs >= 3):
                     raise input_error(ValueError(
-                        f"the training set gave no batch in a whole epoch on rank {self.sampler.rank}: "
+                        "the training set gave no batch in "
+                        + ("a whole epoch" if self._empty_epochs == 1 else f"{self._empty_epochs} whole epochs")
+                        + f" on rank {self.sampler.rank}: "
                         + (f"none of its {self.sampler.per_rank} samples could be read" if not self._readable else
                            f"{self._readable} of its {self.sampler.per_rank} samples could be read, and a batch "
                            f"needs {self.min_size}")
