@@ -168,16 +168,17 @@ class Bench:
                         torch.cuda.empty_cache()
             if row.ms is not None:
                 secs = row.ms * 1e-3
+                gemm = harness.gemm_rate(self.ceilings, DTYPES.get(row.dtype))
                 if flops:
                     row.tflops = flops / secs / 1e12
-                    row.frac_ceiling = row.tflops / harness.gemm_rate(self.ceilings, DTYPES.get(row.dtype))
+                    row.frac_ceiling = row.tflops / gemm
                 if bytes_:
                     row.gbs = bytes_ / secs / 1e9
                     row.frac_ceiling = row.gbs / self.ceilings["copy_gbs"]
                 if samples:
                     row.samples_per_s = samples / secs
                     if flops:
-                        row.mfu_measured = row.tflops / harness.gemm_rate(self.ceilings, DTYPES.get(row.dtype))
+                        row.mfu_measured = row.tflops / gemm
                         if self.datasheet:
                             row.mfu_datasheet = row.tflops / self.datasheet
             row.max_rel_err = errors.get(name)

@@ -265,7 +265,7 @@ def test_training_starts_task_heads_from_their_initialisation(tmp_path):
     torch.manual_seed(0)
     fresh = vf.VLMo(cfg)
     init = {k: v.clone() for k, v in fresh.state_dict().items()}
-    report = train_loop.initialise_from(fresh, str(tmp_path / "vqa.safetensors"), ["vqa"])
+    report = train_loop.initialise_from(fresh, str(tmp_path / "vqa.safetensors"))
     assert "task heads not loaded" in report and "vqa_classifier.0.weight" in report
     for k, v in fresh.state_dict().items():
         if k.startswith("vqa_classifier."):

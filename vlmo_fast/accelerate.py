@@ -352,8 +352,7 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
     ``checkpoint.convert_beit_checkpoint`` does) and, like it, loaded with ``strict=False``: a
     fine-tuning config's new heads keep their initialisation and the pretraining heads it does not use are left out
     (the report goes to the ``vlmo_fast`` logger at INFO); ``strict=True`` refuses both."""
-    from .checkpoint import (convert_beit_checkpoint, load_checkpoint, looks_like_beit, read_state_dict,
-                             unwrap_state_dict)
+    from .checkpoint import load_checkpoint, read_state_dict, text_stage_state, unwrap_state_dict
     from .config import PRESETS, PRETRAIN_TASKS, loss_names, preset
     from .model import VLMo
 
@@ -378,8 +377,7 @@ def from_official(checkpoint: Any, config: Mapping[str, Any], backend: str = "au
     notes: List[str] = []
     if model.config.task_on("textmlm"):  # as the official loader: the text-only stage starts from a BEiT checkpoint
         sd = read_state_dict(checkpoint) if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
-        if looks_like_beit(sd):
-            checkpoint = convert_beit_checkpoint(sd, model, notes)
+        checkpoint = text_stage_state(sd, model, notes)
     report = load_checkpoint(model, checkpoint, strict=strict)
     logging.getLogger("vlmo_fast").info("from_official: %s", "\n".join([str(report)] + notes))
     return model

@@ -379,6 +379,14 @@ def looks_like_beit(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("blocks.") for k in state_dict) and not any(k.startswith("transformer.") for k in state_dict)
 
 
+def text_stage_state(state_dict: StateDict, model: nn.Module, notes: Optional[List[str]] = None) -> StateDict:
+    """``state_dict`` as the official loader starts ``model`` from it: converted (``convert_beit_checkpoint``) when
+    the model is the text-only stage's (textmlm on) and the checkpoint a BEiT one, else unchanged."""
+    if model.config.task_on("textmlm") and looks_like_beit(state_dict):
+        return convert_beit_checkpoint(state_dict, model, notes)
+    return state_dict
+
+
 def convert_beit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                             notes: Optional[List[str]] = None) -> StateDict:
     """Remap a BEiT checkpoint to VLMo names as the official ``convert_to_textpt_ckpt`` does: every key gets the

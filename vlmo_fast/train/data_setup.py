@@ -194,8 +194,9 @@ class TrainStream:
                 raise
             self.batch += 1
             self.consumed += self.batch_size * self.world
-            self._readable += len(batch.get("text_ids", ()))
-            if vdata.is_empty_batch(batch) or len(batch.get("text_ids", ())) < self.min_size:
+            readable = len(batch.get("text_ids", ()))
+            self._readable += readable
+            if vdata.is_empty_batch(batch) or readable < self.min_size:
                 self._carried_bad += int(batch.get("bad_samples", 0) or 0)
                 continue
             if self._carried_bad:

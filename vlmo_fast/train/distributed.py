@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpoint import plain_module
+
 
 @dataclass
 class DistInfo:
@@ -193,16 +195,10 @@ def _keyed_by_name(model: nn.Module, optimizer, state):
             "param_groups": [dict(g, params=[rename[k] for k in g["params"]]) for g in state["param_groups"]]}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    from ..checkpoint import plain_module
-
-    return plain_module(model)
-
-
 def full_state_dict(model: nn.Module, fsdp: bool):
     """The unsharded model state on CPU (rank 0 writes it)."""
     if not fsdp:
-        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        return {k: v.detach().cpu() for k, v in plain_module(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .. import objectives
-from ..checkpoint import atomic_write, load_checkpoint, read_state_dict, save_checkpoint
+from ..checkpoint import atomic_write, load_checkpoint, plain_module, read_state_dict, save_checkpoint, \
+    text_stage_state
 from ..config import PRESETS, loss_names, preset
 from ..data import is_empty_batch
 from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, readable, recall_at_k, the_metric, to_device
@@ -38,7 +39,7 @@ from . import data_setup
 from .config import TrainConfig, check_data_choice, input_stage
 from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
     init_distributed, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
-    unwrap, wrap_model
+    wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
 from .state import (best_so_far, checkpoint_path, load_training_checkpoint, newest_readable_checkpoint,
@@ -81,15 +82,11 @@ def build_model(cfg: TrainConfig) -> VLMo:
 NOT_LOADED_FOR_TRAINING = ("vqa_classifier.", "nlvr2_classifier.")
 
 
-def initialise_from(model: VLMo, path: str, tasks: List[str]) -> str:
+def initialise_from(model: VLMo, path: str) -> str:
     """Load an official/vlmo_fast checkpoint (or a BEiT one for the text-only stage) as the starting point, without
     its VQA/NLVR2 heads: as officially, a fine-tuning run starts them from their initialisation (spec Q11)."""
-    from ..checkpoint import convert_beit_checkpoint, looks_like_beit
-
-    sd = read_state_dict(path)
     notes: List[str] = []
-    if "textmlm" in tasks and looks_like_beit(sd):
-        sd = convert_beit_checkpoint(sd, model, notes)
+    sd = text_stage_state(read_state_dict(path), model, notes)
     heads = sorted(k for k in sd if k.startswith(NOT_LOADED_FOR_TRAINING))
     report = load_checkpoint(model, {k: v for k, v in sd.items() if k not in heads}, strict=False)
     text = "\n".join([str(report)] + notes)
@@ -504,7 +501,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     amp = resolve_precision(cfg, info.device)
     with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
         model = build_model(cfg)
-        init_report = initialise_from(model, cfg.load_path, cfg.tasks) if cfg.load_path else None
+        init_report = initialise_from(model, cfg.load_path) if cfg.load_path else None
         if "textmlm" in cfg.tasks:
             freeze_for_textmlm(model)
         model.to(info.device)
@@ -549,7 +546,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
-            unwrap(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
+            plain_module(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
             scheduler.load_state_dict(state["scheduler"])
             reapply_configuration(optimizer, scheduler, configured)
