@@ -89,6 +89,9 @@ def test_every_output_element_is_written(device):
     [
         (torch.randn(10, 3), torch.full((4, 4), 10), ValueError, r"bias_index values must lie in \[0, 10\)"),
         (torch.randn(10, 3), torch.full((4, 4), -3), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        # values past int32 are checked before the kernels' int32 copy is made (narrowed first, 2**32 + 1 passed as 1)
+        (torch.randn(10, 3), torch.full((4, 4), 2**32 + 1), ValueError, r"bias_index values must lie in \[0, 10\)"),
+        (torch.randn(10, 3), torch.full((4, 4), -(2**32) + 2), ValueError, r"bias_index values must lie in \[0, 10\)"),
         (torch.randn(10, 3), torch.zeros(4, 5, dtype=torch.long), ValueError, "must have shape"),
         (torch.randn(10, 3), torch.zeros(4, 4), TypeError, "must have dtype"),
         (torch.randn(10, 3, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.long), TypeError,
@@ -116,6 +119,27 @@ def test_an_empty_index_takes_an_empty_table(backend):
         torch.ops.vlmo_fast.rel_pos_bias_gather_backward(torch.randn(3, 2, 2), torch.zeros(2, 2, dtype=torch.long), 0)
 
 
+def test_public_op_names_its_own_arguments():
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 10\) \(the rows of table\)"):
+        ops.rel_pos_bias_gather(torch.randn(10, 3), torch.full((4, 4), 10))
+    with pytest.raises(ValueError, match=r"index must have shape \(4, 4\) \(\(N, N\), square\)"):
+        ops.rel_pos_bias_gather(torch.randn(10, 3), torch.zeros(4, 5, dtype=torch.long))
+
+
+def test_torch_path_under_compile_never_reads_a_negative_index_from_the_tables_end(monkeypatch):
+    """In a compiled graph the public range check cannot read values; a negative value, which indexing would read
+    from the end of the table, is sent past the end, where the compiled gather's bounds check stops it. (Eager
+    indexing, with tracing faked, raises the same way.)"""
+    from vlmo_fast.ops import relpos_gather
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    table = torch.randn(7, 3)
+    with pytest.raises(IndexError):
+        relpos_gather.gather_bias(table, torch.full((4, 4), -1))
+    good = torch.randint(0, 7, (4, 4))
+    assert torch.equal(relpos_gather.gather_bias(table, good), table.t()[:, good])
+
+
 def test_public_op_names_a_non_tensor_index():
     with pytest.raises(TypeError, match="index must be a torch.Tensor, got list"):
         ops.rel_pos_bias_gather(torch.randn(5, 2), [[0, 1], [1, 0]])
@@ -125,6 +149,8 @@ def test_backward_op_rejects_bad_inputs():
     grad = torch.randn(3, 4, 4)
     with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 5\)"):
         torch.ops.vlmo_fast.rel_pos_bias_gather_backward(grad, torch.full((4, 4), 5), 5)
+    with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 5\)"):
+        torch.ops.vlmo_fast.rel_pos_bias_gather_backward(grad, torch.full((4, 4), 2**32 + 1), 5)
     with pytest.raises(ValueError, match="grad must be contiguous"):
         torch.ops.vlmo_fast.rel_pos_bias_gather_backward(grad.transpose(1, 2), torch.zeros(4, 4, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="grad must have shape"):

@@ -475,6 +475,47 @@ def test_a_bad_index_is_a_clear_error_under_torch_compile():
         torch.compile(fn, fullgraph=True, backend="aot_eager")(q)
 
 
+def test_the_registered_op_checks_index_values_past_int32():
+    """The op torch.compile calls checks the index itself; values past int32 are checked before narrowing (2**32 + 1
+    narrowed first would read row 1)."""
+    n, h = 4, 2
+    q = torch.randn(1, h, n, 8, device=DEV)
+    table = torch.randn(7, h, device=DEV)
+    for value in (2**32 + 1, -(2**32) + 2):
+        with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, 7\)"):
+            torch.ops.vlmo_fast.rel_pos_attn_fwd(q, q, q, None, table, torch.full((n, n), value, device=DEV), None,
+                                                 1.0, False)
+
+
+@pytest.mark.parametrize("form", ["table", "dense"])
+def test_empty_backward_gives_the_fake_kernels_layout(form):
+    """B = 0: the bias gradient is zeros laid out as the fake kernel says (contiguous), also for a transposed table or
+    bias, so a compiled graph's strides hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h, n, r = 2, 5, 9
+    q = torch.randn(0, h, n, 8, device=DEV)
+    index = torch.randint(0, r, (n, n), device=DEV)
+    table = torch.randn(h, r, device=DEV).t() if form == "table" else None
+    bias = torch.randn(h, n, n, device=DEV).transpose(1, 2) if form == "dense" else None
+    args = (q, q, q, bias, table, index if form == "table" else None, None, 0.3)
+    out, lse, lo = torch.ops.vlmo_fast.rel_pos_attn_fwd(*args, False)
+    bwd_args = (torch.zeros_like(out), q, q, q, out, lse, bias, table, args[5], None, 0.3, True, lo)
+    real = torch.ops.vlmo_fast.rel_pos_attn_bwd(*bwd_args)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.vlmo_fast.rel_pos_attn_bwd(*bwd_args)
+    assert real[1].shape == fake[1].shape and real[1].stride() == fake[1].stride()
+    assert real[1].is_contiguous() and not real[1].any()
+
+
+def test_meta_tensors_with_a_table_give_the_output_shape():
+    """Shape propagation on meta tensors (no values): the index range check is left to a run with values."""
+    q = torch.randn(2, 2, 5, 8, device="meta")
+    out = ops.rel_pos_attention(q, q, q, bias_table=torch.randn(9, 2, device="meta"),
+                                bias_index=torch.zeros(5, 5, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 2, 5, 8) and out.device.type == "meta"
+
+
 def test_model_with_triton_backend_matches_reference():
     cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=6, depth=2, vlffn_start_layer_index=1,
                     drop_path_rate=0.0)

@@ -76,7 +76,15 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
 _CHECKED_INDEX = TensorMemo(256)  # bias indices that passed the range check
 
 
-def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.device, values: bool = True) -> None:
+def check_bias_index(
+    index: torch.Tensor,
+    num_rows: int,
+    n: int,
+    device: torch.device,
+    values: bool = True,
+    name: str = "bias_index",
+    shape_note: str = "(N, N) for the sequence length of q",
+) -> None:
     """An out-of-range bias index is an error here, never a wild read in a kernel.
 
     The range check needs the values (a device sync on GPU), so a tensor that passed is remembered (by identity,
@@ -86,20 +94,31 @@ def check_bias_index(index: torch.Tensor, num_rows: int, n: int, device: torch.d
     tensor itself: they read int32 copies checked after copying, so such a write can make them stale, never out of
     range.) ``values=False``: type and shape only, for a caller that checks the copy it makes.
     """
-    check_tensor("bias_index", index, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    check_shape("bias_index", index, (n, n), "(N, N) for the sequence length of q")
-    if not values or torch.compiler.is_compiling():  # a value check would break the graph; eager calls check it
+    check_tensor(name, index, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_shape(name, index, (n, n), shape_note)
+    # a value check would break a compiled graph (the kernels check their copies) and a meta tensor has no values
+    if not values or torch.compiler.is_compiling() or index.device.type == "meta":
         return
-    _CHECKED_INDEX.get(index, (num_rows,), lambda: check_index_range(index, num_rows))
+    table = "bias_table" if name == "bias_index" else "table"
+    _CHECKED_INDEX.get(index, (num_rows,), lambda: check_index_range(index, num_rows, name, table))
 
 
-def check_index_range(index: torch.Tensor, num_rows: int) -> None:
+def check_index_range(index: torch.Tensor, num_rows: int, name: str = "bias_index", table: str = "bias_table") -> None:
     if index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_rows:
-            raise ValueError(
-                f"bias_index values must lie in [0, {num_rows}) (the rows of bias_table), got range [{lo}, {hi}]"
-            )
+            raise ValueError(f"{name} values must lie in [0, {num_rows}) (the rows of {table}), got range [{lo}, {hi}]")
+
+
+def int32_index(index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The contiguous int32 copy of a bias index that kernels read, its values checked in [0, num_rows).
+
+    The check reads a wide copy before narrowing it (2^32 + 1 narrowed first would pass as row 1), and the copy, not
+    the caller's tensor, so a later write to that tensor can make the kernels' copy stale, never out of range.
+    """
+    wide = index.to(torch.int64, copy=True)
+    check_index_range(wide, num_rows)
+    return wide.to(torch.int32).contiguous()
 
 
 def key_padding_keep(key_padding_mask: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _native
 from . import backend as _backend
-from ._checks import check_bias_index, check_index_range
+from ._checks import check_bias_index, int32_index
 from ._memo import TensorMemo
 
 _C = _native._C
@@ -99,13 +99,7 @@ def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -
     (identity + version counter), so a model's fixed index costs one conversion and one check, not one per call.
     """
     check_bias_index(index, rows, n, device, values=False)  # the values: on the copy, below
-    return _INDEX32.get(index, (rows,), lambda: _checked_int32_copy(index, rows))
-
-
-def _checked_int32_copy(index: torch.Tensor, rows: int) -> torch.Tensor:
-    copy = index.to(torch.int32, copy=True).contiguous()
-    check_index_range(copy, rows)
-    return copy
+    return _INDEX32.get(index, (rows,), lambda: int32_index(index, rows))
 
 
 def _runs_cuda(device: torch.device) -> bool:

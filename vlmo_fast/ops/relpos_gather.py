@@ -17,6 +17,11 @@ def gather_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """
     if index.dtype not in (torch.int64, torch.int32):
         index = index.long()
+    if torch.compiler.is_compiling():
+        # the public checks cannot read values in a graph, and indexing would read a negative value from the end
+        # of the table: sent past the end instead, it meets the compiled gather's bounds check (an error on CPU, a
+        # device assert on CUDA) rather than reading a wrong row
+        index = torch.where(index < 0, table.shape[0], index)
     return table.t()[:, index]
 
 
@@ -29,7 +34,8 @@ def rel_pos_bias_gather(table: torch.Tensor, index: torch.Tensor, *, backend: st
     """
     check_tensor("table", table, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("index", index)
-    check_bias_index(index, table.shape[0], index.shape[0] if index.dim() == 2 else -1, table.device)
+    n = index.shape[0] if index.dim() == 2 else -1
+    check_bias_index(index, table.shape[0], n, table.device, name="index", shape_note="(N, N), square")
     impl = _backend.select("rel_pos_bias_gather", backend, table, index)
     if impl is not None:
         return impl(table, index)

@@ -38,7 +38,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import backend as _backend
-from ._checks import HALF_DTYPES, check_index_range
+from ._checks import HALF_DTYPES, int32_index
 from .attention import unpack_qkv
 from ._memo import TensorMemo
 
@@ -185,7 +185,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
+        h = (pid_bh % H).to(tl.int64)  # h·(head stride) passes 2^31 at large N (a dense bias: H·N·NB floats)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < D
@@ -224,7 +224,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
+        h = (pid_bh % H).to(tl.int64)  # h·(head stride) passes 2^31 at large N (a dense bias: H·N·NB floats)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         ok = (offs_m[:, None] < N) & (offs_d[None, :] < D)
@@ -255,7 +255,7 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
-        h = pid_bh % H
+        h = (pid_bh % H).to(tl.int64)  # h·(head stride) passes 2^31 at large N (a dense bias: H·N·NB floats)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < D
@@ -299,7 +299,7 @@ if triton is not None:
                 BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
-        h = tl.program_id(1)
+        h = tl.program_id(1).to(tl.int64)
         g = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -537,8 +537,7 @@ def _compute_index_data(index: torch.Tensor, rows: int):
     # everything comes from one int32 copy, checked after copying: the kernels and the table gradient's buckets
     # never see a value out of [0, rows), even when the caller's tensor is changed behind its version counter, and
     # under torch.compile (where the public check cannot read values) a bad index is this clear error
-    index_i32 = index.to(torch.int32, copy=True).contiguous()
-    check_index_range(index_i32, rows)
+    index_i32 = int32_index(index, rows)
     index = index_i32
     flat = index.reshape(-1).long()
     n = index.shape[0]
@@ -720,7 +719,8 @@ def _backward(do, q, k, v, out, lse, bias, table, index, keep, scale, need_dbias
     dq, dk, dv = unpack_qkv(dqkv)
     need_dbias = need_dbias and (bias is not None or table is not None)
     if n == 0 or b == 0:
-        dbias = (torch.zeros_like(bias) if bias is not None else torch.zeros_like(table)) if need_dbias else None
+        like = bias if bias is not None else table  # contiguous, as the kernels' gradients (and the fake kernel)
+        dbias = torch.zeros(like.shape, device=like.device, dtype=like.dtype) if need_dbias else None
         return dqkv.zero_(), dbias
     ptrs, strides, flags = _common(q, bias, table, index, keep, STRUCTURED_INDEX)
     do = do if do.stride(-1) == 1 else do.contiguous()
