@@ -300,3 +300,24 @@ def test_backend_choice_is_recorded_in_eager_calls_only():
     assert backend.last_selected() == {}
     ops.masked_softmax(s, backend="torch")
     assert backend.last_selected() == {"masked_softmax": "torch"}
+
+
+def test_auto_selection_changes_nothing_a_compiled_graph_guards_on():
+    """"auto" reads its per-device candidates; it never fills them while an op runs. (It did on first use: inside a
+    torch.compile trace that changed a dict the graph's guards read, so the second call of a model compiled before
+    any eager call recompiled.) A compiled op on a device type no op has seen compiles once."""
+    from torch._dynamo.testing import CompileCounter
+
+    from vlmo_fast.ops import backend
+
+    before = {key: list(impls) for key, impls in backend._AUTO_CANDIDATES.items()}
+    for op in backend.available():
+        assert backend.select(op, "auto", torch.zeros(1, device="meta")) is None  # no kernel backend runs on meta
+    assert {key: list(impls) for key, impls in backend._AUTO_CANDIDATES.items()} == before
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: ops.masked_softmax(t), backend=counter)
+    for _ in range(3):
+        fn(torch.randn(1, 2, 5, 5, device="meta"))
+    assert counter.frame_count == 1

@@ -34,7 +34,9 @@ class _Impl:
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
-# (op, device type) -> the implementations "auto" may consider there, in priority order (built on first use)
+# (op, device type) -> the implementations "auto" may consider there, in priority order. Built at registration, never
+# while ops run: filling it on first use inside a torch.compile trace changed the dict the trace's guards read, so the
+# second call of a model compiled before any eager call recompiled.
 _AUTO_CANDIDATES: Dict[Tuple[str, Optional[str]], List[_Impl]] = {}
 # op -> the backend that ran its latest call ("torch" for the PyTorch path): what a benchmark row records
 _LAST: Dict[str, str] = {}
@@ -54,9 +56,11 @@ def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Opt
     when ``auto_unsupported`` (if given) finds no reason against it (e.g. inputs too small to beat PyTorch)."""
     if backend not in BACKENDS[2:]:
         raise ValueError(f"register: backend must be one of {list(BACKENDS[2:])}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(backend, fn, unsupported, priority, tuple(auto_devices),
-                                                  auto_unsupported)
-    _AUTO_CANDIDATES.clear()
+    impls = _REGISTRY.setdefault(op, {})
+    impls[backend] = _Impl(backend, fn, unsupported, priority, tuple(auto_devices), auto_unsupported)
+    ranked = sorted(impls.values(), key=lambda impl: impl.priority)
+    for device in {d for impl in ranked for d in impl.auto_devices}:
+        _AUTO_CANDIDATES[(op, device)] = [impl for impl in ranked if device in impl.auto_devices]
 
 
 def _device_type(args) -> Optional[str]:
@@ -97,14 +101,9 @@ def _select(op: str, backend: str, *args, **kwargs) -> Optional[_Impl]:
     if backend == "torch":
         return None
     if backend == "auto":
-        # This runs for every op call of every layer: the candidates per device are cached, and the cheap "auto"
+        # This runs for every op call of every layer: the candidates per device are looked up, and the cheap "auto"
         # policy (e.g. a size threshold) is asked before the full support check.
-        device = _device_type(args)
-        candidates = _AUTO_CANDIDATES.get((op, device))
-        if candidates is None:
-            ranked = sorted(impls.values(), key=lambda impl: impl.priority)
-            candidates = _AUTO_CANDIDATES[(op, device)] = [i for i in ranked if device in i.auto_devices]
-        for impl in candidates:
+        for impl in _AUTO_CANDIDATES.get((op, _device_type(args)), ()):
             if impl.auto_unsupported is not None and impl.auto_unsupported(*args, **kwargs) is not None:
                 continue
             if impl.unsupported(*args, **kwargs) is None:
