@@ -295,3 +295,53 @@ def test_backend_torch_and_auto_agree(monkeypatch):
         assert ops_backend.last_selected()["masked_softmax"] == "cuda"
     err, err_torch = (a.double() - want).abs().max(), (b.double() - want).abs().max()
     assert err <= 2 * err_torch + 8 * torch.finfo(torch.float32).eps * want.abs().max(), (err, err_torch)
+
+
+def test_hooks_on_block_submodules_run_and_take_effect():
+    """The fused block reads its submodules' parameters; while one has hooks the block calls them as the official
+    Block does (the same math, the same DropPath draws), so feature-extracting or output-changing hooks work as
+    with the official model."""
+    cfg, fast, ref = make_pair(drop_path_rate=0.5, loss_names=ALL_TASKS)
+    batch = make_batch(cfg)
+    names = ("norm1", "attn", "attn.proj", "norm2_text", "norm2_imag", "mlp_text", "mlp_text.fc1", "mlp_imag",
+             "mlp_vl")
+    for training in (False, True):
+        seen = []
+        for model in (fast, ref):
+            model.train(training)
+            fired, handles = set(), []
+            for layer in (0, cfg.depth - 1):  # a layer below the VL-FFN start (split FFN) and one with the VL-FFN
+                block = model.transformer.blocks[layer]
+                for name in names:
+                    if getattr(block, name.split(".")[0]) is None:  # no VL-FFN below its start layer
+                        continue
+                    handles.append(block.get_submodule(name).register_forward_hook(
+                        lambda m, args, out, key=(layer, name): fired.add(key)))
+            handles.append(model.transformer.blocks[0].mlp_text.register_forward_hook(lambda m, args, out: 0.5 * out))
+            torch.manual_seed(7)
+            with torch.no_grad():
+                out = model.infer(batch)["cls_feats"]
+            for h in handles:
+                h.remove()
+            torch.manual_seed(7)
+            with torch.no_grad():
+                unhooked = model.infer(batch)["cls_feats"]
+            seen.append((out, fired))
+            assert not torch.allclose(out, unhooked)  # the output-changing hook took effect
+        (a, fired_fast), (e, fired_ref) = seen
+        assert fired_fast == fired_ref and (0, "mlp_text.fc1") in fired_fast and (cfg.depth - 1, "mlp_vl") in fired_ref
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6), (a - e).abs().max()
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "vl"])
+def test_unfused_block_is_the_fused_block(modality):
+    cfg, fast, _ = make_pair(drop_path_rate=0.5, loss_names=ALL_TASKS)
+    fast.train()
+    n = {"text": cfg.max_text_len, "image": 5, "vl": cfg.max_text_len + 5}[modality]
+    x = torch.randn(3, n, cfg.embed_dim)
+    for block in (fast.transformer.blocks[0], fast.transformer.blocks[-1]):
+        torch.manual_seed(3)
+        fused = block(x, None, modality, None)
+        torch.manual_seed(3)
+        unfused = block.forward_calling_submodules(x, None, modality, None)
+        assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-6)

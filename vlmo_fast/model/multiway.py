@@ -126,8 +126,37 @@ class Block(nn.Module):
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str, rel_pos: RelPos) -> torch.Tensor:
+        if _submodule_hooked(self):
+            return self.forward_calling_submodules(x, keep, modality, rel_pos)
         return block_forward(self, x, keep, modality, rel_pos_kwargs(rel_pos), self.drop_path, self.gamma_1,
                              self.gamma_2, self.backend)
+
+    def forward_calling_submodules(self, x: torch.Tensor, keep: Optional[torch.Tensor], modality: str,
+                                   rel_pos: RelPos) -> torch.Tensor:
+        """The same block, unfused: the official ``Block.forward``, calling each submodule, so hooks on them run (the
+        fused path reads their parameters instead). ``forward`` takes it while a submodule has hooks. DropPath draws
+        in the official order: attention, then the FFN (text part before image part when split)."""
+        x = x + self._branch(self.attn(self.norm1(x), keep, rel_pos, self.backend), self.gamma_1)
+        if modality == "vl" and self.mlp_vl is None:  # split at the configured text length (spec Q1)
+            text, imag = x[:, : self.max_text_len], x[:, self.max_text_len :]
+            return torch.cat([text + self._ffn("text", text), imag + self._ffn("imag", imag)], dim=1)
+        return x + self._ffn({"text": "text", "image": "imag"}.get(modality, "vl"), x)
+
+    def _ffn(self, expert: str, x: torch.Tensor) -> torch.Tensor:
+        return self._branch(getattr(self, f"mlp_{expert}")(getattr(self, f"norm2_{expert}")(x)), self.gamma_2)
+
+    def _branch(self, y: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
+        return ops.drop_path(y if gamma is None else gamma * y, self.drop_path, self.training)
+
+
+def _submodule_hooked(block: nn.Module) -> bool:
+    """Whether a submodule of ``block`` (not the block itself: its hooks run either way) has forward or backward
+    hooks, which the fused path, reading parameters instead of calling modules, would not run."""
+    for m in block.modules():
+        if m is not block and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                               or m._backward_pre_hooks):
+            return True
+    return False
 
 
 class MultiWayTransformer(nn.Module):
