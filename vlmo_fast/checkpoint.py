@@ -46,7 +46,7 @@ def read_state_dict(path: PathLike) -> StateDict:
         raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") or _file_kind(path) == "safetensors":  # the content decides, not only the name
         from safetensors.torch import load_file
 
         try:
@@ -71,9 +71,34 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             error = exc
+    kind = _file_kind(path)
+    if kind == "truncated zip":
+        raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated or damaged (a torch zip "
+                              f"file without its end record; an interrupted copy or download?)")
+    if kind is None:
+        raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: it is not a checkpoint (neither a torch "
+                              f"file nor safetensors)")
     raise CheckpointError(
         f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(error)}. "
         f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors.")
+
+
+def _file_kind(path: str) -> Optional[str]:
+    """What a file's first bytes say it is: "zip" (torch.save), "truncated zip" (a zip start without the end record),
+    "pickle" (torch's legacy format), "safetensors" (an 8-byte header length, then a JSON header), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "zip" if zipfile.is_zipfile(path) else "truncated zip"
+    if len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") + 8 <= size:
+        return "safetensors"  # (asked before the pickle: a header length's low byte may be 0x80)
+    if head[:1] == b"\x80":
+        return "pickle"
+    return None
 
 
 def verify_checksums(path: str) -> None:
@@ -105,6 +130,9 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].rstrip('.') if lines else ''}"
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
@@ -119,6 +147,10 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     keys = [k for k in sd if not isinstance(k, str)]
     if keys:
         raise CheckpointError(f"{source}: parameter names must be strings, got {keys[:10]}")
+    # the state dict of a wrapped model: every key under DDP's / DataParallel's "module." or torch.compile's
+    # "_orig_mod." (the official loader would silently load nothing)
+    while sd and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: these entries are not tensors: {bad[:10]}")
@@ -178,6 +210,9 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         if key in sd and key not in target:
             sd.pop(key)
             report.ignored_keys.append(key)
+    why = _other_architecture(sd, target)
+    if why is not None:
+        raise CheckpointError(why)
     # the tensors resized below may differ in length, never in rank or (but the table's columns, checked there) width
     for key in ADAPTED_KEYS:
         if key in sd and key in target and (sd[key].dim() != target[key].dim() or (
@@ -237,6 +272,22 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         sd[key] = torch.cat([sd[key], sd[key][1:2]], dim=0)
         report.adapted.append(f"{key}: 2 -> 3 rows (NLVR2: row 2 starts as row 1)")
     return sd, report
+
+
+def _other_architecture(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Why a checkpoint is of another architecture than the model (another width), or None: said first, in those
+    terms, rather than through the first tensor that cannot be adapted (a dead text position table, spec Q8)."""
+    key = "transformer.cls_token"
+    if key not in sd or key not in target or sd[key].shape[-1:] == target[key].shape[-1:]:
+        return None
+
+    def depth(keys) -> int:
+        found = {int(m.group(1)) for m in map(re.compile(r"transformer\.blocks\.(\d+)\.").match, keys) if m}
+        return max(found) + 1 if found else 0
+
+    return (f"the checkpoint is a model of width {sd[key].shape[-1]} with {depth(sd)} blocks, the model has width "
+            f"{target[key].shape[-1]} with {depth(target)} blocks: a different architecture (the official presets: "
+            f"base 768 x 12, large 1024 x 24, base_plus 544 x 24)")
 
 
 def trained_image_size(state_dict: Mapping[str, torch.Tensor], patch_size: int = 16,
