@@ -291,15 +291,16 @@ def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
     raw, files, pairs = web_raw
     out = tmp_path / "arrows"
     summary = prepare_captions(pairs, str(out), "gcc", "train", shard_rows=1, image_root=str(raw))
-    names = [f"conceptual_caption_train_{i}" for i in range(4)]  # 4 image paths, 1 row each
+    # 3 image paths on disk (the missing one is left out before the rows are spread), 1 row each
+    names = [f"conceptual_caption_train_{i}" for i in range(3)]
     assert [os.path.basename(p) for p in summary.files] == [f"{n}.arrow" for n in names]
-    assert list(summary.files.values()) == [1, 1, 0, 0] and "training reads the ones there" in summary.notes[0]
+    assert list(summary.files.values()) == [1, 1, 0] and "training reads the ones there" in summary.notes[0]
     ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok, names=names)
     assert len(ds) == 3 and ds.table_index.tolist() == [0, 1]
     # without names: the official list, as far as its shards are there, with a warning naming the missing ones
-    with pytest.warns(UserWarning, match=r"gcc train: reading the 4 of its 30 official files .* missing: "
-                                         r"conceptual_caption_train_4, conceptual_caption_train_5, "
-                                         r"conceptual_caption_train_6, \.\.\."):
+    with pytest.warns(UserWarning, match=r"gcc train: reading the 3 of its 30 official files .* missing: "
+                                         r"conceptual_caption_train_3, conceptual_caption_train_4, "
+                                         r"conceptual_caption_train_5, \.\.\."):
         ds = make_dataset("gcc", str(out), "train", image_size=SIZE, max_text_len=12, tokenizer=tok)
     assert ds.names == names and len(ds) == 3
     for stem in names:  # none there: the error names the first missing file
@@ -621,7 +622,95 @@ def test_plain_text_as_the_language_stage_data(tmp_path, tok):
     summary = prep.prepare_text([str(raw / "wiki.txt")], str(tmp_path / "val"), "val")
     assert list(summary.files.values()) == [45] and os.path.basename(next(iter(summary.files))) == "wikibk_val_0.arrow"
     (raw / "empty.txt").write_text("\n \n")
-    with pytest.raises(ValueError, match="no non-empty line"):
+    with pytest.raises(ValueError, match="no non-empty UTF-8 line"):
         prep.prepare_text([str(raw / "empty.txt")], str(tmp_path / "x"))
     with pytest.raises(ValueError, match="split"):
         prep.prepare_text([str(raw / "wiki.txt")], str(tmp_path / "x"), "test")
+
+
+def test_text_lines_that_are_not_utf8_are_skipped_and_named(tmp_path):
+    """One bad byte in a multi-GB dump skipped and named by file and line, not the end of the run (it ended in a
+    UnicodeDecodeError naming neither); a BOM is not part of the first line; CR and CRLF end lines as text mode."""
+    raw = tmp_path / "dump.txt"
+    raw.write_bytes(b"\xef\xbb\xbffirst line\r\nsecond caf\xe9 line\nthird\rfourth\n")
+    out = tmp_path / "arrows"
+    summary = prep.prepare_text([str(raw)], str(out), "val")
+    assert [c[0] for c in _column(out / "wikibk_val_0.arrow", "caption")] == ["first line", "third", "fourth"]
+    assert summary.dropped == {prep.NOT_UTF8: 1}
+    assert any(f"{raw}:2: not UTF-8" in note for note in summary.notes), summary.notes
+
+
+def test_a_rerun_writing_fewer_caption_files_removes_the_earlier_ones(web_raw, tmp_path, tok):
+    """make_dataset reads every file of a name and split there: files left by an earlier run that wrote more of them
+    were read as well, silently."""
+    raw, _, pairs = web_raw
+    out = tmp_path / "arrows"
+    first = prepare_captions(pairs, str(out), "mine", shard_rows=1, image_root=str(raw))
+    assert len(first.files) == 3
+    again = prepare_captions(pairs[:2], str(out), "mine", shard_rows=10, image_root=str(raw))
+    assert sorted(os.listdir(out)) == ["mine_train_0.arrow"]
+    assert "removed mine_train_1.arrow, a file of an earlier run" in again.notes
+    gcc = prepare_captions(pairs[:2], str(out), "gcc", shard_rows=1, image_root=str(raw))
+    assert len(gcc.files) == 2 and "mine_train_0.arrow" in os.listdir(out)  # another name's files stay
+
+
+def test_missing_images_are_left_out_before_the_rows_are_spread(web_raw, tmp_path):
+    """A partial download (the images there first, in list order): the rows found are spread over the official
+    files, not packed into the first ones with the rest empty."""
+    raw, _, pairs = web_raw
+    listed = [("a/0.jpg", "a red car"), ("b/1.png", "a blue sky")] + [(f"gone/{i}.jpg", "x") for i in range(16)]
+    summary = prepare_captions(listed, str(tmp_path / "arrows"), "sbu", image_root=str(raw))
+    assert len(summary.files) == 9 and summary.rows == 2 and max(summary.files.values()) == 1
+    assert summary.missing_images == 16 and summary.skipped_rows == 16
+
+
+def test_out_root_that_cannot_be_made_is_one_line(coco_raw, tmp_path, capsys):
+    raw, _, _ = coco_raw
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _exit(["prepare", "coco", str(raw), str(tmp_path / "afile" / "sub")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "error: cannot make OUT_ROOT" in err
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(coco_raw, tmp_path):
+    """SIGKILL (or SIGTERM to a library caller) leaves the hidden staging folder, up to a whole dataset: the next
+    run into OUT_ROOT removes one of this host whose process is gone, and names one it cannot check."""
+    import subprocess
+    import sys
+
+    raw, _, _ = coco_raw
+    out = tmp_path / "arrows"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = out / f".prepare-{prep._HOST}-{dead.pid}-abc123"
+    leftover.mkdir()
+    (leftover / "coco_caption_karpathy_test.arrow").write_bytes(b"partial")
+    live = out / f".prepare-{prep._HOST}-{os.getpid()}-live"  # a run still writing: left alone
+    live.mkdir()
+    old = out / ".prepare-q1w2e3"  # an older version's name: cannot be checked
+    old.mkdir()
+    summary = prepare_coco(str(raw), str(out), splits=["test"])
+    assert not leftover.exists() and live.is_dir() and old.is_dir()
+    assert any(leftover.name in note and "killed" in note for note in summary.notes)
+    assert any(str(old) in note for note in summary.notes) and not any(live.name in n for n in summary.notes)
+
+
+def test_sigterm_to_the_command_removes_its_staging_folder(coco_raw, tmp_path, monkeypatch):
+    """timeout, Slurm and Kubernetes end a run with SIGTERM: the command turns it into an exit (143) through the
+    writers' cleanup, as Ctrl-C, instead of dying with a partial copy of the output in OUT_ROOT."""
+    import signal
+
+    raw, _, _ = coco_raw
+    out = tmp_path / "arrows"
+    write = prep.write_arrow_batches
+
+    def write_then_terminated(path, schema, batches):
+        write(path, schema, batches)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(prep, "write_arrow_batches", write_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["prepare", "coco", str(raw), str(out)])
+    assert info.value.code == 128 + signal.SIGTERM
+    assert os.listdir(out) == [] and signal.getsignal(signal.SIGTERM) is before

@@ -21,8 +21,10 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   reads such pairs from a TSV, JSON-lines or JSON file.
 
 A run writes its files into a hidden staging folder of ``out_root`` and moves them into place together at the end,
-so a failed run, or one that found none of its images, leaves earlier output as it was. Image files are read by a
-few threads ahead of the writer, in order.
+so a failed run, or one that found none of its images, leaves earlier output as it was. The command removes its
+folder on an error, Ctrl-C or SIGTERM; the folder of a run killed otherwise (SIGKILL, the OOM killer) is removed by
+the next run into ``out_root`` on the same host. A run of web captions removes the files (or shards) of its name and
+split that an earlier run wrote beyond its own. Image files are read by a few threads ahead of the writer, in order.
 
 Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``root``)::
 
@@ -57,7 +59,9 @@ Decisions that differ from the official writers:
 - Web captions: by default the rows are spread over exactly the official number of files of ``name``/``split``
   (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` finds every file it reads; the official
   writer cut files of 100,000 rows, which ``shard_rows=100000`` reproduces (then read with ``names=`` when the count
-  differs). Captions are grouped by image path (official: one caption per image, keyed by file name).
+  differs). Images not on disk are left out before the rows are spread, as the official writer kept only those
+  present. Captions are grouped by image path (official: one caption per image, keyed by file name).
+- Text (wikibk): a line that is not UTF-8 is skipped, counted and named by file and line (official: an exception).
 - NLVR2 ``balanced_{dev,test1}`` / ``unbalanced_{dev,test1}`` and VQAv2 ``test-dev`` (written by the official
   writers but read by no config) are written only when asked for in ``splits``.
 - VQAv2: a question without an annotation is left out and counted (official: an exception); the test rows' answer
@@ -70,6 +74,7 @@ The CLI is ``vlmo-fast prepare {coco,f30k,vg,text,nlvr2,vqa,captions} RAW_ROOT O
 from __future__ import annotations
 
 import argparse
+import codecs
 import collections
 import io
 import itertools
@@ -79,6 +84,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -181,7 +188,12 @@ def _find_file(candidates: Sequence[str], what: str, explicit: Optional[str] = N
 def _out_root(out_root: str) -> str:
     if os.path.exists(out_root) and not os.path.isdir(out_root):
         raise FileNotFoundError(f"OUT_ROOT is a file, expected a directory for the arrow files: {out_root}")
-    os.makedirs(out_root, exist_ok=True)
+    try:
+        os.makedirs(out_root, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot make OUT_ROOT {out_root}: {exc.strerror or exc}") from exc
+    if not os.access(out_root, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT_ROOT {out_root} is not writable")
     return out_root
 
 
@@ -274,12 +286,50 @@ def _batches(rows: Iterable[Dict[str, Any]], schema: pa.Schema, image_keys: Sequ
         yield pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
+_STAGING_PREFIX = ".prepare-"
+
+
 def _staging(summary: PrepareSummary) -> str:
     """The run's hidden staging folder in OUT_ROOT: files are written there and moved into place together by
-    ``_finish`` once the run has written something, so a failed or empty run never replaces earlier output."""
+    ``_finish`` once the run has written something, so a failed or empty run never replaces earlier output. Its
+    name carries the host and process (``.prepare-<host>-<pid>-<random>``), so a later run can tell the folder of a
+    killed one (SIGKILL, or a SIGTERM outside ``prepare_main``), which nothing removed, from a live run's."""
     if summary._staging is None:
-        summary._staging = tempfile.mkdtemp(prefix=".prepare-", dir=_out_root(summary.out_root))
+        out_root = _out_root(summary.out_root)
+        _remove_dead_staging(summary, out_root)
+        prefix = f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-"
+        summary._staging = tempfile.mkdtemp(prefix=prefix, dir=out_root)
     return summary._staging
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_STAGING_RE = re.compile(re.escape(_STAGING_PREFIX) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[^/]+$")
+
+
+def _remove_dead_staging(summary: PrepareSummary, out_root: str) -> None:
+    """Remove the staging folders in OUT_ROOT of runs of this host whose process is gone; name the others (another
+    host's, or of an older version, which cannot be checked) in a note."""
+    for name in sorted(os.listdir(out_root)):
+        path = os.path.join(out_root, name)
+        if not name.startswith(_STAGING_PREFIX) or not os.path.isdir(path):
+            continue
+        found = _STAGING_RE.match(name)
+        if found is not None and found["host"] == _HOST and not _alive(int(found["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            summary.notes.append(f"removed {name}, the staging folder of an earlier run that was killed")
+        elif found is None or found["host"] != _HOST:
+            summary.notes.append(f"{path} is the staging folder of another run (another host's, or a killed run's): "
+                                 f"remove it if no prepare is writing there")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], schema: pa.Schema,
@@ -391,6 +441,7 @@ def _prepare_karpathy(dataset: str, raw_root: str, out_root: str, karpathy_json:
             rows[name]["caption"].extend(captions)
             continue
         rows[name] = {"folder": folder_of(entry), "caption": captions, "image_id": name, "split": split}
+    del images  # the parsed JSON (about 0.5 GB for COCO's): the rows hold what is written
     for folder in sorted({r["folder"] for r in rows.values() if r["split"] in chosen}):
         _need_dir(os.path.join(raw_root, folder), f"the {dataset} image folder {folder!r} (named by {path})")
     _out_root(out_root)
@@ -746,21 +797,33 @@ def prepare_text(files: Sequence[str], out_root: str, split: str = "train", log:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"text file not found: {path} (expected UTF-8 text, one sample a line)")
 
-    def lines() -> Iterator[Tuple[str, str]]:
+    summary = PrepareSummary("wikibk", _out_root(out_root))
+
+    def lines(bad: Optional[Callable[[str, str], None]] = None) -> Iterator[Tuple[str, str]]:
+        # read as bytes and decoded a line at a time: a line that is not UTF-8 (one in a multi-GB dump) is skipped,
+        # counted and named by file and line, not the end of the run; lines end at \n, \r\n or \r (as text mode)
         for path in files:
             source = os.path.splitext(os.path.basename(path))[0]
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line:
-                        yield source, line
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                        raw = raw[len(codecs.BOM_UTF8):]
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        if bad is not None:
+                            bad(f"{path}:{number}", f"not UTF-8 ({exc.reason} at byte {exc.start} of the line)")
+                        continue
+                    for line in text.replace("\r\n", "\n").split("\r"):
+                        line = line.strip()
+                        if line:
+                            yield source, line
 
     total = sum(1 for _ in lines())  # first pass: the count, to spread the rows over the official files evenly
     if total == 0:
-        raise ValueError(f"prepare_text: no non-empty line in {', '.join(files)}")
+        raise ValueError(f"prepare_text: no non-empty UTF-8 line in {', '.join(files)}")
     stems = dataset_files("wikibk", split)
-    summary = PrepareSummary("wikibk", _out_root(out_root))
-    stream = lines()
+    stream = lines(lambda where, why: _malformed(summary, where, why, NOT_UTF8))
     for k, stem in enumerate(stems):
         n = total * (k + 1) // len(stems) - total * k // len(stems)
         rows = ({"image": "None", "caption": [text], "source": source, "split": split}
@@ -846,15 +909,18 @@ def _pair_items(item: Any, where: str, bad: Callable[[str, str], None]) -> Itera
         yield image, c
 
 
-def _malformed(summary: PrepareSummary, where: str, why: str) -> None:
-    """A caption-list line that gives no pair: skipped, counted, and the first few named in the report."""
-    if summary.dropped.get(MALFORMED, 0) < 3:
+def _malformed(summary: PrepareSummary, where: str, why: str, kind: str = "") -> None:
+    """A caption-list (or text) line that gives no pair (no sample): skipped, counted, and the first few named in
+    the report."""
+    kind = kind or MALFORMED
+    if summary.dropped.get(kind, 0) < 3:
         summary.malformed.append(f"{where}: {why}")
         summary.notes.append(f"skipped {where}: {why}")
-    summary._drop(MALFORMED)
+    summary._drop(kind)
 
 
 MALFORMED = "malformed caption-list lines"
+NOT_UTF8 = "lines that are not UTF-8"
 
 
 def caption_stems(name: str, split: str, n_files: int) -> List[str]:
@@ -926,8 +992,19 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     if not groups:
         why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.malformed)
         raise ValueError(f"prepare_captions: no (image, caption) pair to write{f' ({why})' if why else ''}")
-    paths = list(groups)
     _out_root(out_root)
+    # images not on disk are left out before the rows are spread over the files (else a partial download, in list
+    # order, gave full first files and empty last ones); files that are there but unreadable are found when read
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        present = list(pool.map(os.path.isfile, groups, chunksize=1024))
+    paths = []
+    for path, there in zip(list(groups), present):
+        if there:
+            paths.append(path)
+        else:
+            summary._bad(path, missing=True)
+            summary.skipped_rows += 1
+            del groups[path]
 
     if fmt == "shards":
         return _write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES, verify,
@@ -957,7 +1034,20 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     for k, stem in enumerate(stems):
         _write(summary, os.path.join(out_root, f"{stem}.arrow"), file_rows(paths[bounds[k]:bounds[k + 1]]),
                CAPTION_SCHEMA, ("image",), "caption", log)
-    return _finish(summary)
+    _finish(summary)
+    # files of an earlier run that wrote more of them would be read with these (make_dataset reads every file there)
+    stem = caption_stems(name, split, 1)[0].rsplit("_", 1)[0]
+    _remove_earlier(summary, out_root, re.escape(stem) + r"_\d+\.arrow$", "a file")
+    return summary
+
+
+def _remove_earlier(summary: PrepareSummary, out_root: str, pattern: str, what: str) -> None:
+    """Remove the files of OUT_ROOT matching ``pattern`` that this run did not write, saying so."""
+    matches = re.compile(pattern).match
+    for f in sorted(os.listdir(out_root)):
+        if matches(f) and os.path.join(out_root, f) not in summary.files:
+            os.unlink(os.path.join(out_root, f))
+            summary.notes.append(f"removed {f}, {what} of an earlier run")
 
 
 def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]], out_root: str, name: str,
@@ -988,11 +1078,7 @@ def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]],
             log(f"wrote {os.path.basename(path)}: {len(part)} images, {sum(part)} captions")
     _finish(summary)
     # shards of an earlier, longer run under the same name and split would be read by the same glob: remove them
-    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
-    for f in sorted(os.listdir(out_root)):
-        if pattern.match(f) and os.path.join(out_root, f) not in summary.files:
-            os.unlink(os.path.join(out_root, f))
-            summary.notes.append(f"removed {f}, a shard of an earlier run")
+    _remove_earlier(summary, out_root, re.escape(prefix) + r"-\d{6}\.tar$", "a shard")
     summary.notes.append(f"train on them with --datasets '{os.path.join(out_root, prefix + '-*.tar')}' (each pass "
                          f"draws one of an image's captions: an epoch is one sample per image, not per caption)")
     return summary
@@ -1126,21 +1212,36 @@ def prepare_main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    with user_errors(parser):
-        if args.dataset == "coco":
-            summary = prepare_coco(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
-        elif args.dataset == "f30k":
-            summary = prepare_f30k(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
-        elif args.dataset == "nlvr2":
-            summary = prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
-        elif args.dataset == "vqa":
-            summary = prepare_vqa(args.raw_root, args.out_root, args.splits, args.seed, verify=args.verify, log=log)
-        elif args.dataset == "vg":
-            summary = prepare_vg(args.raw_root, args.out_root, args.verify, log)
-        elif args.dataset == "text":
-            summary = prepare_text(_text_files(args.raw_root), args.out_root, args.split, log)
-        else:
-            summary = prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
-                                       image_root=args.raw_root, verify=args.verify, log=log, fmt=args.format)
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # as Ctrl-C does: the writers' cleanup runs (no partial staging copy stays)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: left as it is
+        previous = None
+    try:
+        with user_errors(parser):
+            summary = _run(args, log)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(summary.report())
     return 0
+
+
+def _run(args: argparse.Namespace, log: Log) -> PrepareSummary:
+    """The writer ``args.dataset`` names, with the command's options."""
+    if args.dataset == "coco":
+        return prepare_coco(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
+    if args.dataset == "f30k":
+        return prepare_f30k(args.raw_root, args.out_root, args.karpathy_json, args.splits, args.verify, log)
+    if args.dataset == "nlvr2":
+        return prepare_nlvr2(args.raw_root, args.out_root, args.splits, args.verify, log)
+    if args.dataset == "vqa":
+        return prepare_vqa(args.raw_root, args.out_root, args.splits, args.seed, verify=args.verify, log=log)
+    if args.dataset == "vg":
+        return prepare_vg(args.raw_root, args.out_root, args.verify, log)
+    if args.dataset == "text":
+        return prepare_text(_text_files(args.raw_root), args.out_root, args.split, log)
+    return prepare_captions(args.pairs, args.out_root, args.name, args.split, args.shard_rows,
+                            image_root=args.raw_root, verify=args.verify, log=log, fmt=args.format)
