@@ -1720,3 +1720,53 @@ def test_the_logged_lr_is_the_steps_own(tmp_path, synthetic_root):
     with pytest.warns(UserWarning, match=r"warmup_steps \(101\) exceeds the 100 steps of 1 epoch\(s\)"):
         train(small_cfg(tmp_path / "b", synthetic_root, max_steps=None, max_epochs=1, warmup_steps=101,
                         log_every=100))  # (one sample per caption: 800 / 8)
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, synthetic_root, monkeypatch):
+    """On a GPU each read of a device value stalls the host until the queue drains. A pretraining step (MLM + ITC +
+    ITM with hard negatives) reads it once: the text ids are range-checked on the host before their copy (the model
+    then does not read back its device copies, nor the hard negatives' rows of them), and the non-finite check and
+    the signal poll share one read and, with several processes, one collective. Logging reads its values at once."""
+    from vlmo_fast.model import vlmo
+
+    checked, reads = [], {"flags": 0, "signal": 0, "means": 0}
+    real_check = vlmo._check_ids
+    monkeypatch.setattr(vlmo, "_check_ids", lambda ids, vocab: (checked.append(ids.device.type), real_check(ids,
+                                                                                                            vocab)))
+    real_flags, real_max, real_mean = train_loop.largest_over_ranks, train_loop.max_over_ranks, \
+        train_loop.mean_over_ranks
+
+    def count(key, fn):
+        def counted(*args):
+            reads[key] += 1
+            return fn(*args)
+        return counted
+
+    monkeypatch.setattr(train_loop, "largest_over_ranks", count("flags", real_flags))
+    monkeypatch.setattr(train_loop, "max_over_ranks", count("signal", real_max))
+    monkeypatch.setattr(train_loop, "mean_over_ranks", count("means", real_mean))
+    counts = []
+    for steps in (4, 8):  # the difference is what the steps read (the run's start and end read a few values too)
+        checked.clear()
+        reads.update(flags=0, signal=0, means=0)
+        summary = train(small_cfg(tmp_path / f"reads{steps}", synthetic_root, max_steps=steps, log_every=2))
+        assert summary["stop_reason"] == "max_steps"
+        counts.append((len(checked), dict(reads)))
+    (checks4, reads4), (checks8, reads8) = counts
+    # per step: text_ids and text_ids_mlm checked once each where the collate made them (the hard negatives' ids
+    # are rows of checked ids: before, a third check per step read them back)
+    assert checks8 - checks4 == 2 * 4, counts
+    # per step one read for the non-finite check and the signal together; per log row (2 in 4 steps) one
+    assert {k: reads8[k] - reads4[k] for k in reads4} == {"flags": 4, "signal": 0, "means": 2}, counts
+
+
+def test_ids_moved_to_the_device_are_not_read_back():
+    from vlmo_fast.evaluation import to_device
+    from vlmo_fast.model import vlmo
+
+    ids = torch.randint(0, 100, (2, 5))
+    out = to_device({"text_ids": ids, "text_masks": torch.ones(2, 5)}, torch.device("meta"), vocab_size=100)
+    assert out["text_ids"].device.type == "meta"  # no values there: a re-check would fail
+    vlmo._CHECKED_IDS.get(out["text_ids"], (100,), lambda: pytest.fail("the model would read the ids back"))
+    with pytest.raises(ValueError, match=r"text_ids must lie in \[0, 50\), got range"):
+        to_device({"text_ids": ids + 60}, torch.device("meta"), vocab_size=50)

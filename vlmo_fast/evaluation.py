@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from .data.collate import is_empty_batch
+from .model.vlmo import ids_to
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def encode(model, batches: Iterable[dict], device: torch.device, kind: str, auto
     feats, ids, raw = [], [], []
     fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
     for batch in readable(batches, stats):
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, _vocab_size(model))
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             f = fn(batch)["cls_feats"]
@@ -98,6 +99,10 @@ def encode(model, batches: Iterable[dict], device: torch.device, kind: str, auto
     return torch.cat(feats), torch.cat(ids).to(device)
 
 
+def _vocab_size(model) -> Optional[int]:
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
 class _null:
     def __enter__(self):
         return None
@@ -106,10 +111,15 @@ class _null:
         return False
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, vocab_size: Optional[int] = None) -> dict:
+    """The batch's tensors on ``device`` (non-blocking: from pinned memory the copies overlap the GPU's work). With
+    ``vocab_size`` the text ids are range-checked on the host first (``vlmo.ids_to``), so the model does not read
+    them back from the device."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and vocab_size is not None and k.startswith("text_ids"):
+            out[k] = ids_to(v, device, vocab_size)
+        elif isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor) and k.startswith("image"):
             out[k] = [t.to(device, non_blocking=True) for t in v]
@@ -231,7 +241,7 @@ def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_
 
     total, n, predictions = 0.0, 0, []
     for batch in readable(batches, stats):
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, _vocab_size(model))
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             logits = model.vqa_classifier(model.infer(batch)["cls_feats"]).float()
@@ -273,7 +283,7 @@ def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocas
     correct = {"dev": 0, "test": 0}
     count = {"dev": 0, "test": 0}
     for batch in readable(batches, stats):
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, _vocab_size(model))
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             c1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .model.vlmo import mark_ids_checked
+
 PRETRAIN_ORDER = ("mlm", "textmlm", "itc", "irtr", "itm", "vqa", "nlvr2")
 
 
@@ -150,6 +152,9 @@ def compute_itm_hardneg(
                   "text_labels": batch.get("text_labels"), "text_masks": batch["text_masks"]}
     neg_texts = {"image": batch["image"], "text_ids": all_ids[neg_text_idx],
                  "text_labels": batch.get("text_labels"), "text_masks": all_masks[neg_text_idx]}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None:  # rows of ids the model checked: not read back from the device (a sync)
+        mark_ids_checked(neg_texts["text_ids"], vocab)
     cls = torch.cat([pos["cls_feats"], model.infer(neg_images)["cls_feats"], model.infer(neg_texts)["cls_feats"]])
     labels = torch.zeros(3 * bsz, dtype=torch.long, device=cls.device)  # made there: no blocking host copy
     labels[:bsz] = 1

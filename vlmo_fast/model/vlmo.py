@@ -55,6 +55,24 @@ def _check_ids(text_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"text_ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
 
 
+def ids_to(text_ids: torch.Tensor, device: torch.device, vocab_size: int) -> torch.Tensor:
+    """``text_ids`` moved to ``device`` (non-blocking), their range checked where they are before the copy (on the
+    host: no device sync) and the copy remembered as checked, so the model's boundary check does not read it back
+    from the device (a sync per forward of a training step on a GPU)."""
+    if text_ids.numel():
+        _CHECKED_IDS.get(text_ids, (vocab_size,), lambda: _check_ids(text_ids, vocab_size))
+    moved = text_ids.to(device, non_blocking=True)
+    if moved is not text_ids:
+        mark_ids_checked(moved, vocab_size)
+    return moved
+
+
+def mark_ids_checked(text_ids: torch.Tensor, vocab_size: int) -> None:
+    """Remember ``text_ids`` as in [0, vocab_size) without reading them: ids gathered or indexed from checked ids
+    (the hard negatives' texts), whose check would be a device sync on a GPU."""
+    _CHECKED_IDS.get(text_ids, (vocab_size,), lambda: None)
+
+
 class VLMo(nn.Module):
     def __init__(self, config: VLMoConfig, backend: str = "auto"):
         super().__init__()

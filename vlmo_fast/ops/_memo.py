@@ -15,9 +15,10 @@ import torch
 class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
-    Bounded: cleared when it grows past ``size`` tensors. While ``torch.compile`` traces, ``compute()`` simply runs
-    (traced into the graph): reading the version counter there would break the graph. Nor is anything remembered
-    for an inference tensor (made under ``torch.inference_mode``), which has no version counter to see a change."""
+    Bounded: past ``size`` tensors the entries of freed tensors are dropped, and all when that is not enough. While
+    ``torch.compile`` traces, ``compute()`` simply runs (traced into the graph): reading the version counter there
+    would break the graph. Nor is anything remembered for an inference tensor (made under ``torch.inference_mode``),
+    which has no version counter to see a change."""
 
     def __init__(self, size: int = 64):
         self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
@@ -34,8 +35,10 @@ class TensorMemo:
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
         value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
-        if len(self._entries) > self._size:
-            self._entries.clear()
+        if len(self._entries) > self._size:  # the entries of freed tensors go first, then (still full) all
+            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            if len(self._entries) > self._size:
+                self._entries.clear()
         try:
             self._entries[id(t)] = (weakref.ref(t), key, value)
         except TypeError:  # not weak-referenceable: simply recomputed next time

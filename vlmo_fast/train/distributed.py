@@ -69,14 +69,16 @@ def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` of all ranks (a collective: every rank calls it)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return largest_over_ranks(torch.full((1,), value, dtype=torch.int64, device=device))[0]
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (keeps ranks in lockstep on skip/stop decisions)."""
-    return max_over_ranks(int(bool(flag)), device) > 0
+def largest_over_ranks(values: torch.Tensor) -> List[int]:
+    """The elementwise largest of an integer tensor over all ranks, read to the host once: one collective and one
+    device read for several flags (a collective: every rank calls it)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
 
 
 def from_main(value: Any) -> Any:

@@ -37,8 +37,8 @@ from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, check_data_choice, input_stage
-from .distributed import DistInfo, any_rank, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
-    init_distributed, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
+from .distributed import DistInfo, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
+    init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, sync_replicated_grads, \
     wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
@@ -396,7 +396,7 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     total = 0
     batches = data_setup.val_batches(cfg, model.config, world_size=info.world_size)
     for batch in readable(_batches(batches, check, max_batches)):
-        batch = to_device(batch, info.device)
+        batch = to_device(batch, info.device, model.config.vocab_size)
         with _autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)
         labels = out[f"{task}_labels"]
@@ -622,13 +622,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         t_last, samples_since, paused = now, 0, 0.0
         logged = {k: v / window_steps for k, v in window.items()} if window_steps else (last or {})
         window, window_steps = {}, 0
-        values = {k: float(mean_over_ranks(torch.as_tensor(v, device=info.device))) for k, v in logged.items()}
+        # the values and the unreadable-sample count, averaged over the ranks in one collective and read at once
+        mine = [torch.as_tensor(v, device=info.device).to(torch.float64) for v in logged.values()]
+        means = mean_over_ranks(torch.stack(mine + [torch.full((), float(bad_samples), dtype=torch.float64,
+                                                                device=info.device)])).tolist()
+        values = dict(zip(logged, means[:-1]))
         values["loss"] = sum(v for k, v in values.items() if "loss" in k)
         values["lr"] = step_lr
         values["samples_per_s"] = rate
         if flops_per_sample and peak_tflops:
             values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-        values["bad_samples"] = bad_samples_total()
+        values["bad_samples"] = bad_before + int(round(means[-1] * info.world_size))
         values["skipped_steps"] = skipped
         values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
         history.append(values)
@@ -673,7 +677,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     bad_before = int(counts.get("bad_samples", 0))
 
     def bad_samples_total() -> int:  # every rank's unreadable samples (a collective: every rank calls it)
-        mine = torch.tensor(float(bad_samples), device=info.device)
+        mine = torch.full((), float(bad_samples), dtype=torch.float64, device=info.device)
         return bad_before + int(round(float(mean_over_ranks(mine)) * info.world_size))
 
     def signalled() -> int:  # the signal any rank received, 0 for none (a collective: every rank stops together)
@@ -713,7 +717,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 for micro in range(accum):
                     batch = next(stream)
                     bad_samples += int(batch.pop("bad_samples", 0) or 0)
-                    batch = to_device(batch, info.device)
+                    batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
                     sync = contextlib.nullcontext()
                     if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
                         sync = wrapped.no_sync()
@@ -731,7 +735,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
                     samples_since += len(batch.get("text_ids", ())) * info.world_size
                     del out, loss  # not kept through the next micro-step's forward, where memory peaks
-                if any_rank(not bool(finite), info.device):  # the step's one read: the backward is queued by now
+                # the step's one read of the device (the backward is queued by now) and, with several processes, its
+                # one collective: whether any rank's loss was non-finite, and the signal any rank received
+                bad, signum = largest_over_ranks(torch.stack([
+                    (~finite).to(torch.int64), torch.full((), int(flag.get("signal", 0)), device=info.device)]))
+                if bad:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_a_row += 1
                     skipped += 1
@@ -764,11 +772,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 logger.advance()
                 if step % cfg.log_every == 0 or step == max_steps:
                     log_training(parts)
+                paused_here = False  # an evaluation or a save: a signal during it stops the run at this step
                 if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
                     periodic_evaluation()
+                    paused_here = True
                 if step % cfg.save_every == 0 and step < max_steps:
                     last_ckpt = save("periodic")
-                signum = signalled()
+                    paused_here = True
+                if paused_here:
+                    signum = max(signum, signalled())
                 if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
                     stop_reason = f"signal {signum}"
                     raise StopTraining(stop_reason)
