@@ -136,6 +136,14 @@ def test_unreadable_files_give_one_line_with_the_unpicklers_reason(tmp_path, kin
             pickle.dump({"a": _NotATensor()}, f, protocol=2)
     else:
         path.write_bytes(b"\xff\xd8\xff\xe0 a jpeg")
+    if kind.startswith("zip"):  # objects of classes the unpickler refuses stand as placeholders (a Lightning
+        # .ckpt's callbacks): the file loads, and a state dict with one is refused naming the entry
+        loaded = torch_load(str(path), mmap=mmap)["a"]  # a stand-in, never the class itself or its instance
+        assert loaded is not _NotATensor and not isinstance(loaded, _NotATensor)
+        with pytest.raises(CheckpointError, match=r"these entries are not tensors: \['a'\]") as info:
+            read_state_dict(path)
+        assert len(str(info.value).splitlines()) == 1
+        return
     with pytest.raises(CheckpointError) as info:
         torch_load(str(path), mmap=mmap)
     msg = str(info.value)
@@ -481,3 +489,53 @@ def test_a_model_built_on_meta_loads_with_its_index_buffers(tmp_path):
         wrapper = torch.nn.Sequential(vf.VLMo(src.config))
     wrapper.to_empty(device="cpu")
     assert all(torch.equal(getattr(wrapper[0], name), getattr(src, name)) for name in names)
+
+
+def test_a_lightning_checkpoint_of_the_official_code_loads_without_its_classes(tmp_path):
+    """A .ckpt saved by the official (Lightning) training holds, besides the state dict, callbacks keyed by their
+    class, a sacred config and Lightning's AttributeDict: the safe unpickler refused the whole file. Those objects now
+    stand as inert placeholders (no code of theirs runs; the classes need not be installed) and the state dict
+    loads."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fake = tmp_path / "fake"
+    (fake / "pytorch_lightning" / "callbacks").mkdir(parents=True)
+    (fake / "sacred").mkdir()
+    (fake / "pytorch_lightning" / "__init__.py").write_text("")
+    (fake / "pytorch_lightning" / "callbacks" / "__init__.py").write_text(textwrap.dedent("""
+        class ModelCheckpoint:
+            def __init__(self):
+                self.monitor = "val/the_metric"
+    """))
+    (fake / "pytorch_lightning" / "utilities.py").write_text("class AttributeDict(dict):\n    pass\n")
+    (fake / "sacred" / "__init__.py").write_text(textwrap.dedent("""
+        class ReadOnlyDict(dict):
+            def __reduce__(self):
+                return (ReadOnlyDict, (dict(self),))
+    """))
+    m = tiny()
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from pytorch_lightning.callbacks import ModelCheckpoint
+        from pytorch_lightning.utilities import AttributeDict
+        from sacred import ReadOnlyDict
+        torch.save({{"epoch": 3, "global_step": 100, "state_dict": torch.load({str(tmp_path / 'sd.pt')!r}),
+                    "callbacks": {{ModelCheckpoint: {{"best_model_score": torch.tensor(0.5)}}}},
+                    "hyper_parameters": AttributeDict(config=ReadOnlyDict(loss_names={{"itm": 1}})),
+                    "checkpoint_callback": ModelCheckpoint()}}, {str(tmp_path / 'official.ckpt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": str(fake)})
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "official.ckpt", weights_only=True)  # what a plain safe load says
+    dst = vf.VLMo(m.config)
+    load_checkpoint(dst, tmp_path / "official.ckpt")
+    assert_same_weights(m, dst)
+    raw = vf.checkpoint.torch_load(str(tmp_path / "official.ckpt"))
+    hparams = raw["hyper_parameters"]  # a dict subclass filled item by item: a plain dict
+    assert type(hparams) is dict and hparams["config"].args == ({"loss_names": {"itm": 1}},)  # a reduced object
+    (callback_class,) = raw["callbacks"]
+    assert callback_class.__module__ == "pytorch_lightning.callbacks" and "pytorch_lightning" not in sys.modules
+    assert raw["checkpoint_callback"].state == {"monitor": "val/the_metric"}  # an object: its state, as data

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import zipfile
 import zlib
@@ -72,6 +73,11 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
         except Exception as exc:
             error = exc
     kind = _file_kind(path)
+    if kind in ("zip", "pickle"):
+        try:  # e.g. a Lightning .ckpt of the official code: its callbacks and hyper-parameters are objects of classes
+            return _load_with_placeholders(path)  # (pytorch_lightning, sacred) that the safe unpickler refuses
+        except Exception:  # noqa: BLE001 - the first reason is the one to give
+            pass
     if kind == "truncated zip":
         raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated or damaged (a torch zip "
                               f"file without its end record; an interrupted copy or download?)")
@@ -81,6 +87,53 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
     raise CheckpointError(
         f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(error)}. "
         f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors.")
+
+
+def _load_with_placeholders(path: str) -> object:
+    """``torch.load(weights_only=True)`` with every global the safe unpickler refuses (listed from the file's
+    opcodes, nothing executed) standing for an inert placeholder: an object that keeps its arguments and state as
+    data, or a plain dict for a dict subclass (which the unpickler fills only as a dict). No code of the file's
+    classes runs; tensors and containers load as usual, so the state dict of a file whose other entries are such
+    objects (a Lightning checkpoint's callbacks, a sacred config) is read."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if not names:
+        raise CheckpointError("no refused global to stand in for")
+    as_dict: set = set()
+    for _ in range(len(names) + 1):
+        stand_ins = [(_placeholder(name, name in as_dict), name) for name in names]
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Can only SETITEMS? for dict.*?but got <class '([^']+)'>", str(exc), re.S)
+            if found is None or found.group(1) not in names or found.group(1) in as_dict:
+                raise
+            as_dict.add(found.group(1))  # filled with SETITEMS: a dict subclass
+    raise CheckpointError("placeholders did not converge")
+
+
+def _placeholder(name: str, as_dict: bool) -> type:
+    module, _, qualname = name.rpartition(".")
+
+    if as_dict:
+        class Placeholder:
+            def __new__(cls, *args, **kwargs):
+                return dict(*args[:1], **kwargs)
+    else:
+        class Placeholder:
+            """An object of a class that was not loaded: its arguments and state, as data."""
+
+            def __init__(self, *args, **kwargs):
+                self.args, self.kwargs, self.state = args, kwargs, None
+
+            def __setstate__(self, state):
+                self.state = state
+
+            def __repr__(self) -> str:
+                return f"<placeholder for {name}>"
+
+    Placeholder.__module__, Placeholder.__qualname__, Placeholder.__name__ = module, qualname, qualname
+    return Placeholder
 
 
 def _file_kind(path: str) -> Optional[str]:
