@@ -311,6 +311,12 @@ def test_files_are_read_by_their_content_and_damage_is_named(tmp_path):
     dst = vf.VLMo(m.config)
     load_checkpoint(dst, tmp_path / "weights.bin")
     assert_same_weights(m, dst)
+    from vlmo_fast.train.finetune import read_checkpoint
+
+    save_checkpoint(m, tmp_path / "model.safetensors")  # with its config as metadata
+    os.replace(tmp_path / "model.safetensors", tmp_path / "model.bin")
+    state, recorded, training = read_checkpoint(str(tmp_path / "model.bin"))  # what evaluate and export read
+    assert recorded["arch"] == m.config.model_arch and not training and set(state) >= set(sd)
     torch.save(sd, tmp_path / "full.pt")
     data = (tmp_path / "full.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])  # an interrupted copy

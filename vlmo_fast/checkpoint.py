@@ -47,7 +47,7 @@ def read_state_dict(path: PathLike) -> StateDict:
         raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors") or _file_kind(path) == "safetensors":  # the content decides, not only the name
+    if is_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -79,8 +79,8 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
         except Exception:  # noqa: BLE001 - the first reason is the one to give
             pass
     if kind == "truncated zip":
-        raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated or damaged (a torch zip "
-                              f"file without its end record; an interrupted copy or download?)")
+        raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated or damaged (a torch "
+                              f"zip file without its end record; an interrupted copy or download?)")
     if kind is None:
         raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: it is not a checkpoint (neither a torch "
                               f"file nor safetensors)")
@@ -134,6 +134,11 @@ def _placeholder(name: str, as_dict: bool) -> type:
 
     Placeholder.__module__, Placeholder.__qualname__, Placeholder.__name__ = module, qualname, qualname
     return Placeholder
+
+
+def is_safetensors(path: str) -> bool:
+    """Whether ``path`` is a safetensors file: by its name, or by its content under another name (e.g. ``.bin``)."""
+    return path.endswith(".safetensors") or _file_kind(path) == "safetensors"
 
 
 def _file_kind(path: str) -> Optional[str]:

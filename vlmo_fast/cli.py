@@ -114,7 +114,7 @@ def export_checkpoint(path: str, out: str) -> str:
     """Export ``path`` to ``out``; returns what it was ("training checkpoint" or "model file"). A training checkpoint
     goes through ``vlmo_fast.train.export`` (the model rebuilt from its config, with the index tensors the official
     loader expects); a model file's tensors are re-saved unchanged, with its safetensors metadata if any."""
-    from .checkpoint import read_metadata, save_checkpoint
+    from .checkpoint import is_safetensors, read_metadata, save_checkpoint
     from .train.finetune import read_checkpoint
 
     if os.path.abspath(path) == os.path.abspath(out):
@@ -126,7 +126,7 @@ def export_checkpoint(path: str, out: str) -> str:
         del state
         export(path, out)
         return "training checkpoint"
-    meta = read_metadata(path) if path.endswith(".safetensors") and out.endswith(".safetensors") else None
+    meta = read_metadata(path) if is_safetensors(path) and out.endswith(".safetensors") else None
     save_checkpoint(state, out, metadata=meta or None)
     return "model file"
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import data as vdata
-from ..checkpoint import (CheckpointError, load_checkpoint, read_metadata, read_state_dict, torch_load,
+from ..checkpoint import (CheckpointError, is_safetensors, load_checkpoint, read_metadata, read_state_dict, torch_load,
                           trained_image_size, unwrap_state_dict)
 from ..config import PRESETS, preset
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
@@ -149,7 +149,7 @@ def read_checkpoint(path: str):
     in the safetensors files it writes ("vlmo_fast_config" metadata: VLMoConfig fields); other files record none."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+    if is_safetensors(path):
         cfg = read_metadata(path).get("vlmo_fast_config")
         recorded = {}
         if isinstance(cfg, dict):
