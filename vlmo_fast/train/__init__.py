@@ -20,11 +20,12 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
             raise ValueError(f"tasks {','.join(tasks)}: fine-tuning tasks; run `vlmo-fast finetune {tasks[0]}`")
 
     presets = presets_for(None)
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog, "Pretrain VLMo: MLM + ITC + ITM on image-text data, or the text-only MLM stage "
                           "(--preset task_textmlm_base). With no options it trains the tiny model on the built-in "
-                          "synthetic dataset on this machine.", presets=presets)
+                          "synthetic dataset on this machine.", presets=presets, argv=argv)
     with one_line_warnings():
-        cfg = command_config(parser, sys.argv[1:] if argv is None else argv, presets=presets, check=check)
+        cfg = command_config(parser, argv, presets=presets, check=check)
         with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
             summary = train(cfg)
     return exit_status(summary)

@@ -431,10 +431,15 @@ def _shown(value: Any) -> str:
 
 
 def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, Any]] = None,
-                 presets: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+                 presets: Optional[Sequence[str]] = None,
+                 argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The options of TrainConfig. ``defaults``: the command's own defaults (e.g. a fine-tuning task's), shown in
-    the help as the values the run will use; ``presets``: the --preset names this command takes (default: all)."""
+    the help as the values the run will use, with those of a --preset in ``argv`` (the command line to parse) over
+    them; ``presets``: the --preset names this command takes (default: all)."""
     allowed = sorted(PRESETS_TRAIN) if presets is None else list(presets)
+    preset = _preset_named(argv or (), allowed)
+    if preset is not None:
+        defaults = {**(defaults or {}), **PRESETS_TRAIN[preset]}
     p = Parser(prog=prog, description=description, formatter_class=HelpFormatter,
                epilog="Boolean options take true/false, yes/no, on/off or 1/0; a bare flag means "
                       "true. Precedence: defaults < --preset < --config < the other options.")
@@ -471,6 +476,17 @@ def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, An
             text += f" (default: {_shown(default)})"
         p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text, **extra)
     return p
+
+
+def _preset_named(argv: Sequence[str], allowed: Sequence[str]) -> Optional[str]:
+    """The --preset a command line names (the last, as argparse reads it), when it is one of ``allowed``."""
+    name = None
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+    return name if name in allowed else None
 
 
 def config_from_args(args: argparse.Namespace, base: Optional[Mapping[str, Any]] = None,

@@ -83,7 +83,7 @@ def finetune_main(argv: Optional[List[str]] = None) -> int:
     presets = presets_for(task)
     parser = build_parser(f"vlmo-fast finetune {task}", f"Fine-tune VLMo for {task}: {TASK_HELP[task]}. Start from "
                           "an official or vlmo_fast checkpoint with --load-path; --preset picks an official recipe.",
-                          defaults=TASK_DEFAULTS[task], presets=presets)
+                          defaults=TASK_DEFAULTS[task], presets=presets, argv=argv[1:])
     cfg = command_config(parser, argv[1:], base=TASK_DEFAULTS[task], presets=presets, check=_check_task(task))
     with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
         summary = train(cfg)
