@@ -311,7 +311,7 @@ def test_blocks_whose_modules_the_fused_path_would_bypass_are_left_alone():
     reasons = dict(report.left_alone)
     assert reasons["transformer.blocks.0"] == "norm1 is a ScaledNorm with its own forward"
     assert reasons["transformer.blocks.1"] == "norm2_imag has no affine weight and bias"
-    assert reasons["transformer.blocks.2"] == "mlp_text.fc1 has forward hooks, which the fused block would not run"
+    assert reasons["transformer.blocks.2"] == "mlp_text.fc1 has forward or backward hooks, which the fused block would not run"
     assert reasons["transformer.blocks.3"] == "mlp_imag.fc2 is a LoRALinear with its own forward"
     # every block left alone runs the official forward, which takes the dense bias only: no in-kernel gather
     assert report.bias_gather.startswith("left alone: transformer.blocks.0, transformer.blocks.1")
@@ -348,6 +348,18 @@ def test_settings_changed_after_accelerating_are_followed():
     a, e = both(lambda m: m.train().infer(b)["cls_feats"])
     torch.testing.assert_close(a, e)
     assert calls  # the hook ran: block 0 took the official forward
+    # a full backward hook on a submodule, and global module hooks (run for every module called), likewise
+    grads = []
+    model.transformer.blocks[2].norm2_text.register_full_backward_hook(lambda *args: grads.append(1))
+    model.train().infer_text(b)["cls_feats"].sum().backward()  # (the text expert runs in every layer here)
+    assert grads
+    seen = set()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.add(id(m)))
+    try:
+        model.eval().infer(b)
+    finally:
+        handle.remove()
+    assert id(model.transformer.blocks[1].mlp_text.fc2) in seen
     blk = model.transformer.blocks[3]
     x = torch.randn(2, 7, model.config.embed_dim)
     keep = torch.tensor([[1.0, 1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
@@ -402,7 +414,7 @@ def test_submodules_replaced_after_accelerating_are_followed():
     blk.mlp_text.act = nn.GELU()  # a registration: the structure is checked again now
     assert _changed_since(blk).startswith("attention dropout 0.1 > 0")
     blk.attn.attn_drop.p = 0.0
-    assert _changed_since(blk) == "norm1 has forward hooks, which the fused block would not run"
+    assert _changed_since(blk) == "norm1 has forward or backward hooks, which the fused block would not run"
     handle.remove()
     assert _changed_since(blk) is None
     # changes that register nothing are seen too: a class swapped in place, a submodule deleted

@@ -545,3 +545,13 @@ def test_a_lightning_checkpoint_of_the_official_code_loads_without_its_classes(t
     (callback_class,) = raw["callbacks"]
     assert callback_class.__module__ == "pytorch_lightning.callbacks" and "pytorch_lightning" not in sys.modules
     assert raw["checkpoint_callback"].state == {"monitor": "val/the_metric"}  # an object: its state, as data
+
+
+def test_a_whole_pickled_model_is_refused_by_name(tmp_path):
+    """torch.save(model) pickles the module object: it is not unpickled (its class stands as a placeholder), and the
+    error says what the file holds and what to save instead."""
+    path = tmp_path / "model.pt"
+    torch.save(tiny(), path)
+    with pytest.raises(CheckpointError, match=r"got a pickled vlmo_fast\.model\.vlmo\.VLMo object \(not unpickled: "
+                                              r"save its state_dict\(\)\)"):
+        read_state_dict(path)

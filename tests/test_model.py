@@ -333,6 +333,18 @@ def test_hooks_on_block_submodules_run_and_take_effect():
         assert torch.allclose(a, e, rtol=1e-5, atol=1e-6), (a - e).abs().max()
 
 
+def test_global_module_hooks_see_the_blocks_submodules():
+    cfg, fast, _ = make_pair()
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.add(id(m)))
+    try:
+        with torch.no_grad():
+            fast.eval().infer(make_batch(cfg))
+    finally:
+        handle.remove()
+    assert {id(fast.transformer.blocks[0].mlp_text.fc1), id(fast.transformer.blocks[-1].norm1)} <= seen
+
+
 @pytest.mark.parametrize("modality", ["text", "image", "vl"])
 def test_unfused_block_is_the_fused_block(modality):
     cfg, fast, _ = make_pair(drop_path_rate=0.5, loss_names=ALL_TASKS)

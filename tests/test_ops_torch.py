@@ -321,3 +321,14 @@ def test_auto_selection_changes_nothing_a_compiled_graph_guards_on():
     for _ in range(3):
         fn(torch.randn(1, 2, 5, 5, device="meta"))
     assert counter.frame_count == 1
+
+
+def test_a_backend_registered_again_with_fewer_devices_leaves_no_stale_candidates(monkeypatch):
+    from vlmo_fast.ops import backend
+
+    monkeypatch.setattr(backend, "_REGISTRY", {})
+    monkeypatch.setattr(backend, "_AUTO_CANDIDATES", {})
+    backend.register("op_x", "cuda", lambda t: t, lambda t: None, priority=1, auto_devices=("cuda", "cpu"))
+    assert backend.select("op_x", "auto", torch.zeros(1)) is not None
+    backend.register("op_x", "cuda", lambda t: t, lambda t: None, priority=1, auto_devices=("cuda",))
+    assert backend.select("op_x", "auto", torch.zeros(1)) is None and ("op_x", "cpu") not in backend._AUTO_CANDIDATES

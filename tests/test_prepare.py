@@ -673,7 +673,9 @@ def test_out_root_that_cannot_be_made_is_one_line(coco_raw, tmp_path, capsys):
 
 def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(coco_raw, tmp_path):
     """SIGKILL (or SIGTERM to a library caller) leaves the hidden staging folder, up to a whole dataset: the next
-    run into OUT_ROOT removes one of this host whose process is gone, and names one it cannot check."""
+    run into OUT_ROOT removes one whose lock no process holds. A live run's is left alone, even when its name's pid
+    means nothing here (another PID namespace, e.g. a container sharing the host's name); one without a lock file
+    (an older version's) is named."""
     import subprocess
     import sys
 
@@ -682,17 +684,24 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(coco_raw, tmp_p
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = out / f".prepare-{prep._HOST}-{dead.pid}-abc123"
+    leftover = out / f".prepare-{prep._HOST}-{dead.pid}-abc123"  # a killed run's: its lock went with it
     leftover.mkdir()
+    (leftover / prep._LOCK).write_text("")
     (leftover / "coco_caption_karpathy_test.arrow").write_bytes(b"partial")
-    live = out / f".prepare-{prep._HOST}-{os.getpid()}-live"  # a run still writing: left alone
+    live = out / f".prepare-{prep._HOST}-{dead.pid}-live"  # a run still writing, its pid from another namespace
     live.mkdir()
-    old = out / ".prepare-q1w2e3"  # an older version's name: cannot be checked
+    held = prep._hold(str(live / prep._LOCK))
+    assert held is not None
+    old = out / ".prepare-q1w2e3"  # an older version's: no lock file, cannot be checked
     old.mkdir()
-    summary = prepare_coco(str(raw), str(out), splits=["test"])
+    try:
+        summary = prepare_coco(str(raw), str(out), splits=["test"])
+    finally:
+        os.close(held)
     assert not leftover.exists() and live.is_dir() and old.is_dir()
     assert any(leftover.name in note and "killed" in note for note in summary.notes)
     assert any(str(old) in note for note in summary.notes) and not any(live.name in n for n in summary.notes)
+    assert sorted(p for p in os.listdir(out) if p.startswith(".prepare-")) == sorted([live.name, old.name])
 
 
 def test_sigterm_to_the_command_removes_its_staging_folder(coco_raw, tmp_path, monkeypatch):

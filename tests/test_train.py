@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tarfile
 import time
 import warnings
@@ -1770,3 +1771,27 @@ def test_ids_moved_to_the_device_are_not_read_back():
     vlmo._CHECKED_IDS.get(out["text_ids"], (100,), lambda: pytest.fail("the model would read the ids back"))
     with pytest.raises(ValueError, match=r"text_ids must lie in \[0, 50\), got range"):
         to_device({"text_ids": ids + 60}, torch.device("meta"), vocab_size=50)
+
+
+def test_a_signal_during_the_steps_device_read_stops_the_run_at_that_step(tmp_path, synthetic_root, monkeypatch):
+    """On a GPU the host waits for most of a step in its one device read (the non-finite check): a SIGTERM that
+    arrives then stops the run at that step, with no further update (the flag is read after the wait)."""
+
+    class SignalledWhileRead(torch.Tensor):
+        def __bool__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return super().__bool__()
+
+    real, calls = torch.isfinite, {"n": 0}
+
+    def isfinite(x):
+        out = real(x)
+        if not sys._getframe(1).f_code.co_filename.endswith(os.path.join("train", "loop.py")):
+            return out  # (the objectives' own checks)
+        calls["n"] += 1
+        return out.as_subclass(SignalledWhileRead) if calls["n"] == 2 else out  # step 2's loss (no accumulation)
+
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    summary = train(small_cfg(tmp_path / "sig", synthetic_root, max_steps=6))
+    monkeypatch.undo()
+    assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 2, summary

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .model.multiway import block_forward
+from .model.multiway import block_forward, global_module_hooks, hooked
 from .ops._memo import TensorMemo
 
 _MARK = "_vlmo_fast_accelerated"
@@ -127,8 +127,10 @@ def _hook_reason(structure: List[Tuple[str, nn.Module, type, tuple]]) -> Optiona
     """The fused block reads its submodules' parameters instead of calling them: hooks on them would not run (the
     block's own hooks, on the first entry of its ``_structure``, do run: they are the caller's)."""
     for name, m, _, _ in structure[1:]:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"{name} has forward hooks, which the fused block would not run"
+        if hooked(m):
+            return f"{name} has forward or backward hooks, which the fused block would not run"
+    if global_module_hooks():
+        return "global module hooks are set, which the fused block would not run for its submodules"
     return None
 
 

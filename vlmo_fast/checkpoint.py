@@ -96,14 +96,15 @@ def _load_with_placeholders(path: str) -> object:
     classes runs; tensors and containers load as usual, so the state dict of a file whose other entries are such
     objects (a Lightning checkpoint's callbacks, a sacred config) is read."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    kind = _file_kind(path)
     if not names:
         raise CheckpointError("no refused global to stand in for")
     as_dict: set = set()
     for _ in range(len(names) + 1):
         stand_ins = [(_placeholder(name, name in as_dict), name) for name in names]
         try:
-            with torch.serialization.safe_globals(stand_ins):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(stand_ins):  # mapped: a .ckpt's optimizer state is not read
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
         except pickle.UnpicklingError as exc:
             found = re.search(r"Can only SETITEMS? for dict.*?but got <class '([^']+)'>", str(exc), re.S)
             if found is None or found.group(1) not in names or found.group(1) in as_dict:
@@ -133,6 +134,7 @@ def _placeholder(name: str, as_dict: bool) -> type:
                 return f"<placeholder for {name}>"
 
     Placeholder.__module__, Placeholder.__qualname__, Placeholder.__name__ = module, qualname, qualname
+    Placeholder.placeholder_for = name
     return Placeholder
 
 
@@ -193,7 +195,9 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+        pickled = getattr(type(obj), "placeholder_for", None)
+        got = f"a pickled {pickled} object (not unpickled: save its state_dict())" if pickled else type(obj).__name__
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {got}")
     for key in ("state_dict", "module", "model"):
         if key in obj and isinstance(obj[key], Mapping):
             sd = dict(obj[key])
@@ -211,7 +215,8 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         sd = {k[len(prefix) :]: v for k, v in sd.items()}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{source}: these entries are not tensors: {bad[:10]}")
+        kinds = sorted({getattr(type(sd[k]), "placeholder_for", None) or type(sd[k]).__name__ for k in bad[:10]})
+        raise CheckpointError(f"{source}: these entries are not tensors: {bad[:10]} ({', '.join(kinds)})")
     return sd
 
 

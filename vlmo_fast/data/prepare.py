@@ -111,6 +111,7 @@ BATCH_ROWS = 2048
 READ_THREADS = 8  # threads reading (and verifying) image files ahead of the writer
 READ_AHEAD = 64  # rows read ahead at most (bounds the memory of the read-ahead)
 _EXAMPLES = 10  # missing/unreadable paths kept in a summary
+_EXISTS_SLICE = 4096  # image paths whose presence is checked at a time
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Log = Optional[Callable[[str], None]]
@@ -136,6 +137,7 @@ class PrepareSummary:
     notes: List[str] = field(default_factory=list)
     malformed: List[str] = field(default_factory=list)  # the first few malformed caption-list lines, and why
     _staging: Optional[str] = field(default=None, repr=False, compare=False)
+    _lock: Optional[int] = field(default=None, repr=False, compare=False)  # the staging folder's held lock
 
     @property
     def rows(self) -> int:
@@ -292,44 +294,59 @@ _STAGING_PREFIX = ".prepare-"
 def _staging(summary: PrepareSummary) -> str:
     """The run's hidden staging folder in OUT_ROOT: files are written there and moved into place together by
     ``_finish`` once the run has written something, so a failed or empty run never replaces earlier output. Its
-    name carries the host and process (``.prepare-<host>-<pid>-<random>``), so a later run can tell the folder of a
-    killed one (SIGKILL, or a SIGTERM outside ``prepare_main``), which nothing removed, from a live run's."""
+    name carries the host and process (``.prepare-<host>-<pid>-<random>``, for people) and it holds a lock the run
+    keeps, so a later run can tell the folder of a killed one (SIGKILL, or a SIGTERM outside ``prepare_main``), which
+    nothing removed, from a live run's."""
     if summary._staging is None:
         out_root = _out_root(summary.out_root)
         _remove_dead_staging(summary, out_root)
-        prefix = f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-"
-        summary._staging = tempfile.mkdtemp(prefix=prefix, dir=out_root)
+        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-", dir=out_root)
+        summary._lock = _hold(os.path.join(staging, _LOCK))
+        summary._staging = staging
     return summary._staging
 
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-_STAGING_RE = re.compile(re.escape(_STAGING_PREFIX) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[^/]+$")
+_LOCK = ".lock"  # in a staging folder: held (an OS file lock) by the run writing there, released when it ends
+
+
+def _hold(path: str) -> Optional[int]:
+    """An exclusive OS lock on ``path`` (made), held through the returned descriptor until it is closed or the
+    process ends, however it ends; None where the file system has no locks."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _remove_dead_staging(summary: PrepareSummary, out_root: str) -> None:
-    """Remove the staging folders in OUT_ROOT of runs of this host whose process is gone; name the others (another
-    host's, or of an older version, which cannot be checked) in a note."""
+    """Remove the staging folders in OUT_ROOT whose run is gone: no process holds the lock in them (a killed run's
+    lock went with it; this holds across hosts and PID namespaces where the file system has locks). A folder whose
+    lock cannot be taken is a live run's and is left alone; one without a lock file (an older version's, or being
+    made) is named in a note."""
     for name in sorted(os.listdir(out_root)):
         path = os.path.join(out_root, name)
         if not name.startswith(_STAGING_PREFIX) or not os.path.isdir(path):
             continue
-        found = _STAGING_RE.match(name)
-        if found is not None and found["host"] == _HOST and not _alive(int(found["pid"])):
+        if not os.path.isfile(os.path.join(path, _LOCK)):
+            summary.notes.append(f"{path} is the staging folder of another run (an older version's, or a killed "
+                                 f"run's): remove it if no prepare is writing there")
+            continue
+        fd = _hold(os.path.join(path, _LOCK))
+        if fd is None:  # a live run holds it (or the file system has no locks: left alone)
+            continue
+        try:
             shutil.rmtree(path, ignore_errors=True)
-            summary.notes.append(f"removed {name}, the staging folder of an earlier run that was killed")
-        elif found is None or found["host"] != _HOST:
-            summary.notes.append(f"{path} is the staging folder of another run (another host's, or a killed run's): "
-                                 f"remove it if no prepare is writing there")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
+        finally:
+            os.close(fd)
+        summary.notes.append(f"removed {name}, the staging folder of an earlier run that was killed")
 
 
 def _write(summary: PrepareSummary, path: str, rows: Iterable[Dict[str, Any]], schema: pa.Schema,
@@ -356,6 +373,9 @@ def _discard(summary: PrepareSummary) -> None:
     if summary._staging is not None:
         shutil.rmtree(summary._staging, ignore_errors=True)
         summary._staging = None
+    if summary._lock is not None:
+        os.close(summary._lock)
+        summary._lock = None
 
 
 def _finish(summary: PrepareSummary) -> PrepareSummary:
@@ -995,16 +1015,18 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     _out_root(out_root)
     # images not on disk are left out before the rows are spread over the files (else a partial download, in list
     # order, gave full first files and empty last ones); files that are there but unreadable are found when read
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        present = list(pool.map(os.path.isfile, groups, chunksize=1024))
     paths = []
-    for path, there in zip(list(groups), present):
-        if there:
-            paths.append(path)
-        else:
-            summary._bad(path, missing=True)
-            summary.skipped_rows += 1
-            del groups[path]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        listed = list(groups)
+        for start in range(0, len(listed), _EXISTS_SLICE):  # in slices: a future per path would hold GBs for GCC
+            part = listed[start:start + _EXISTS_SLICE]
+            for path, there in zip(part, pool.map(os.path.isfile, part)):
+                if there:
+                    paths.append(path)
+                else:
+                    summary._bad(path, missing=True)
+                    summary.skipped_rows += 1
+                    del groups[path]
 
     if fmt == "shards":
         return _write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES, verify,

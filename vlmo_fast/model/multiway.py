@@ -151,12 +151,24 @@ class Block(nn.Module):
 
 def _submodule_hooked(block: nn.Module) -> bool:
     """Whether a submodule of ``block`` (not the block itself: its hooks run either way) has forward or backward
-    hooks, which the fused path, reading parameters instead of calling modules, would not run."""
-    for m in block.modules():
-        if m is not block and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                               or m._backward_pre_hooks):
-            return True
-    return False
+    hooks, or global module hooks are set (``nn.modules.module.register_module_forward_hook`` and the like, which
+    run for every module called), which the fused path, reading parameters instead of calling modules, would not
+    run."""
+    return global_module_hooks() or any(hooked(m) for m in block.modules() if m is not block)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def global_module_hooks() -> bool:
+    """Whether module hooks are registered for every module (torch.nn.modules.module's global hook dicts)."""
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 class MultiWayTransformer(nn.Module):

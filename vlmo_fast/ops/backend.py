@@ -59,6 +59,8 @@ def register(op: str, backend: str, fn: Callable, unsupported: Callable[..., Opt
     impls = _REGISTRY.setdefault(op, {})
     impls[backend] = _Impl(backend, fn, unsupported, priority, tuple(auto_devices), auto_unsupported)
     ranked = sorted(impls.values(), key=lambda impl: impl.priority)
+    for key in [key for key in _AUTO_CANDIDATES if key[0] == op]:  # (a backend registered again may name fewer)
+        del _AUTO_CANDIDATES[key]
     for device in {d for impl in ranked for d in impl.auto_devices}:
         _AUTO_CANDIDATES[(op, device)] = [impl for impl in ranked if device in impl.auto_devices]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,18 +67,17 @@ def barrier() -> None:
 
 def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` of all ranks (a collective: every rank calls it)."""
+    return largest_over_ranks([value], device)[0]
+
+
+def largest_over_ranks(values: Sequence[int], device: torch.device) -> List[int]:
+    """The elementwise largest of host integers over all ranks: several flags in one collective (every rank calls
+    it); with one process, the values themselves (no device work)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    return largest_over_ranks(torch.full((1,), value, dtype=torch.int64, device=device))[0]
-
-
-def largest_over_ranks(values: torch.Tensor) -> List[int]:
-    """The elementwise largest of an integer tensor over all ranks, read to the host once: one collective and one
-    device read for several flags (a collective: every rank calls it)."""
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values.tolist()
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def from_main(value: Any) -> Any:
