@@ -741,3 +741,36 @@ def test_experts_without_some_parameters_and_double_backward_are_clear():
     with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with "
                                            "@once_differentiable"):
         g.sum().backward()
+
+
+def test_eager_calls_skip_the_custom_op_dispatch_and_compiled_graphs_hold_the_ops():
+    """Eager calls run the kernels' Python entry points directly (the custom-op dispatch costs about 8 us a call on
+    the host, which a small-batch or inference step is made of); a compiled graph holds the custom ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = vf.preset("vlmo_tiny_patch16", embed_dim=32, num_heads=2, image_size=32, max_text_len=8)
+    block = FastBlock(cfg, drop_path=0.0, with_vlffn=False).train()
+    block.backend = "triton"
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    table = torch.randn(relpos.num_table_rows(2), 2, requires_grad=True)
+    index = relpos.fusion_relative_position_index(8, 2)
+    with Seen() as seen:
+        block(x, None, "vl", (table, index)).sum().backward()
+    assert not [op for op in seen.ops if op.startswith("vlmo_fast.")], seen.ops
+    assert x.grad is not None and table.grad is not None
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(lambda t: block(t, None, "vl", (table, index)), backend=counter, fullgraph=True)(x)
+    code = "".join(m.code for g in counter.graphs for m in g.modules() if hasattr(m, "code"))  # (subgraphs too)
+    assert "vlmo_fast.rel_pos_attn_fwd" in code and "vlmo_fast.multiway_ln_fwd" in code, code

@@ -36,6 +36,7 @@ import re
 from typing import List, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from ._checks import HALF_DTYPES, int32_index
@@ -802,17 +803,38 @@ if triton is not None:
         # lse and out_lo take no gradient: without this, autograd would allocate zeros of their size every backward
         ctx.set_materialize_grads(False)
 
-    def _attn_backward(ctx, grad_out, grad_lse, grad_lo):
+    def _attn_grads(ctx, grad_out, backward):
+        """The gradients of (q, k, v, bias, table, index, keep, scale, store_lo) from ``backward`` (the custom op
+        or, in eager calls, ``_backward`` itself) on the tensors the forward saved."""
         q, k, v, out, lse, bias, table, index, keep, out_lo = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         need = (bias is not None and ctx.needs_input_grad[3]) or (table is not None and ctx.needs_input_grad[4])
-        grads = rel_pos_attn_bwd(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
+        grads = backward(grad_out, q, k, v, out, lse, bias, table, index, keep, ctx.scale, need, out_lo)
         dbias = grads[1] if len(grads) > 1 else None
         return (*unpack_qkv(grads[0]), dbias if bias is not None else None,
                 dbias if table is not None else None, None, None, None, None)
 
+    def _attn_backward(ctx, grad_out, grad_lse, grad_lo):
+        return _attn_grads(ctx, grad_out, rel_pos_attn_bwd)
+
     rel_pos_attn_fwd.register_autograd(_attn_backward, setup_context=_setup_context)
+
+    class RelPosAttentionFunction(torch.autograd.Function):
+        """Eager autograd around the same kernel calls as the custom ops, without the custom-op dispatch (about 8 us
+        a call on the host: what a small-batch or inference step is made of)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, bias, table, index, keep, scale, store_lo):
+            out, lse, out_lo = _forward(q, k, v, bias, table, index, keep, scale, store_lo)
+            ctx.save_for_backward(q, k, v, out, lse, bias, table, index, keep, out_lo)
+            ctx.scale = scale
+            return out
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad_out):
+            return _attn_grads(ctx, grad_out, lambda *args: [g for g in _backward(*args) if g is not None])
 
 
 def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torch.Tensor:
@@ -824,7 +846,9 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     official math's error on an H100, against 0.01x with the fp32 output). It costs one more output-sized tensor."""
     store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
-    return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)[0]
+    if torch.compiler.is_compiling():  # traced as the custom ops; eager calls skip their dispatch
+        return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)[0]
+    return RelPosAttentionFunction.apply(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)
 
 
 # The oldest Triton the whole test suite has passed with (torch 2.8's; 2.6's Triton 3.2 and 2.4's 3.0 fail in the

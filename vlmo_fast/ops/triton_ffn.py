@@ -28,6 +28,7 @@ either (NormLinear). Each kernel is a ``torch.library`` custom op (with a fake i
 autograd Function, so ``torch.compile`` traces it.
 """
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -219,12 +220,30 @@ def _programs(r: int, rows: int) -> Tuple[int, int]:
 
 if triton is not None:
 
+    def _custom_op(name: str):
+        """``torch.library.custom_op(name)`` (as ``.op``) whose calls run the implementation itself unless
+        torch.compile is tracing: the custom-op dispatch costs about 8 us a call on the host, a few ms per training
+        step over a model's layers and passes (these ops are called inside the autograd Functions below, which
+        compiled graphs trace through)."""
+
+        def wrap(fn):
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                return op(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+
+            call.op = op
+            return call
+
+        return wrap
+
     def _stream_args(x, y1, g1, s1):
         """The kernels' (Y1, G1, S1) pointers (x for the absent ones: never read) and their flags (see _stream)."""
         return ((y1 if y1 is not None else x, g1 if g1 is not None else x, s1 if s1 is not None else x),
                 dict(HAS_RES=y1 is not None, HAS_G1=g1 is not None, HAS_S1=s1 is not None))
 
-    @torch.library.custom_op("vlmo_fast::multiway_ln_fwd", mutates_args=())
+    @_custom_op("vlmo_fast::multiway_ln_fwd")
     def multiway_ln_fwd(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                         split: int, eps: float, out_dtype: torch.dtype, y1: Optional[torch.Tensor] = None,
                         g1: Optional[torch.Tensor] = None,
@@ -246,13 +265,13 @@ if triton is not None:
                                                   **flags)
         return y, mean, rstd
 
-    @multiway_ln_fwd.register_fake
+    @multiway_ln_fwd.op.register_fake
     def _(x, w0, b0, w1, b1, split, eps, out_dtype, y1=None, g1=None, s1=None):
         r = x.shape[0] * x.shape[1]
         return (x.new_empty(r, x.shape[2], dtype=out_dtype), x.new_empty(r, dtype=torch.float32),
                 x.new_empty(r, dtype=torch.float32))
 
-    @torch.library.custom_op("vlmo_fast::multiway_ln_bwd", mutates_args=())
+    @_custom_op("vlmo_fast::multiway_ln_bwd")
     def multiway_ln_bwd(x: torch.Tensor, dh: torch.Tensor, go: Optional[torch.Tensor], mean: torch.Tensor,
                         rstd: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, split: int,
                         y1: Optional[torch.Tensor] = None, g1: Optional[torch.Tensor] = None,
@@ -277,12 +296,12 @@ if triton is not None:
             dwp.zero_(), dbp.zero_()
         return dx, dwp.sum(0), dbp.sum(0)
 
-    @multiway_ln_bwd.register_fake
+    @multiway_ln_bwd.op.register_fake
     def _(x, dh, go, mean, rstd, w0, w1, split, y1=None, g1=None, s1=None):
         d = x.shape[2]
         return x.new_empty(x.shape), x.new_empty(2, d, dtype=torch.float32), x.new_empty(2, d, dtype=torch.float32)
 
-    @torch.library.custom_op("vlmo_fast::scaled_residual_fwd", mutates_args=())
+    @_custom_op("vlmo_fast::scaled_residual_fwd")
     def scaled_residual_fwd(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor], split: int, y1: Optional[torch.Tensor] = None,
                             g1: Optional[torch.Tensor] = None, s1: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -301,11 +320,11 @@ if triton is not None:
                     ROWS=rows, BLOCK_D=block_d, RNE=interpreting(), num_warps=4, **flags)
         return out
 
-    @scaled_residual_fwd.register_fake
+    @scaled_residual_fwd.op.register_fake
     def _(x, y, gamma, scale, split, y1=None, g1=None, s1=None):
         return x.new_empty(x.shape)
 
-    @torch.library.custom_op("vlmo_fast::scaled_residual_bwd", mutates_args=())
+    @_custom_op("vlmo_fast::scaled_residual_bwd")
     def scaled_residual_bwd(go: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor], split: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (dy expert-grouped (B·N, D) in y's dtype, dγ (D,) fp32 (zeros without γ))."""
@@ -324,7 +343,7 @@ if triton is not None:
                                            BLOCK_D=block_d, RNE=interpreting(), num_warps=4)
         return dy, dgp.sum(0)
 
-    @scaled_residual_bwd.register_fake
+    @scaled_residual_bwd.op.register_fake
     def _(go, y, gamma, scale, split):
         r = go.shape[0] * go.shape[1]
         return go.new_empty(r, go.shape[2], dtype=y.dtype), go.new_empty(go.shape[2], dtype=torch.float32)
