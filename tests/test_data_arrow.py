@@ -29,7 +29,7 @@ def _captions(n, offset=0):
     for i in range(n):
         row = [f"caption {j} of image {i + offset}" for j in range(1 + i % 3)]
         if i % 2 == 0:
-            row.append(row[0])  # a duplicate: dropped (remove_duplicate)
+            row.append(row[0])  # a duplicate: a sample of its own (VLMo keeps them: remove_duplicate=False)
         caps.append(row)
     return caps
 
@@ -45,7 +45,7 @@ def root(tmp_path_factory):
 
 
 def _expected_samples(caps):
-    return [(r, c) for r, row in enumerate(caps) for c in range(len(dict.fromkeys(row)))]
+    return [(r, c) for r, row in enumerate(caps) for c in range(len(row))]
 
 
 def test_files_have_official_names_and_columns(root):
@@ -67,7 +67,7 @@ def test_round_trip_one_sample_per_caption(root, tok):
         item = ds[j]
         row, cap = ds.index_mapper[j]
         assert item["img_index"] == row and item["cap_index"] == cap and item["raw_index"] == j
-        assert item["text"] == list(dict.fromkeys(caps[row]))[cap]
+        assert item["text"] == caps[row][cap]
         assert item["replica"] == (cap > 0)
         expected = (torch.from_numpy(_pixels(row)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
         torch.testing.assert_close(item["image"], expected, rtol=0, atol=1e-6)  # PNG lossless, no resize
@@ -354,8 +354,9 @@ def test_loader_sampling_and_throughput(root, tok):
                               rank=rank, seed=3, drop_last=False)
         set_epoch(loader, 0)
         seen.append([r for b in loader for r in b["raw_index"]])
-    # 13 samples over 2 ranks: 7 each (DistributedSampler pads by repeating one), together every sample
-    assert len(ds) == 13 and len(seen[0]) == len(seen[1]) == 7
+    # 17 samples (duplicate captions included) over 2 ranks: 9 each (DistributedSampler pads by repeating one),
+    # together every sample
+    assert len(ds) == 17 and len(seen[0]) == len(seen[1]) == 9
     assert set(seen[0]) | set(seen[1]) == set(range(len(ds)))
     loader = build_loader(ds, batch_size=2, collate=collate, train=True, distributed=True, world_size=2, rank=0,
                           seed=3)

@@ -16,9 +16,10 @@ columns hold encoded bytes (JPEG/PNG); the text column holds a list of strings p
 | nlvr2  | nlvr2_train                                   | nlvr2_dev, nlvr2_test1 (val and test)       | questions   |
 
 Indexing: one sample per caption/question, ``index_mapper[j] = (row, caption_idx)`` in row order; with
-``image_only=True`` (retrieval evaluation) one sample per row. Caption datasets drop duplicate captions of a row
-(official ``remove_duplicate=True``; VQA and NLVR2 keep them). Multi-dataset training is a plain ``ConcatDataset``,
-so datasets are drawn in proportion to their caption counts.
+``image_only=True`` (retrieval evaluation) one sample per row. A row's duplicate captions are kept, each a sample
+(VLMo's ``BaseDataset`` defaults to ``remove_duplicate=False``, which its coco, f30k, wikibk and nlvr2 classes keep;
+ViLT's default was True). Multi-dataset training is a plain ``ConcatDataset``, so datasets are drawn in proportion to
+their caption counts.
 
 Items (``__getitem__``, so decoding runs in the DataLoader workers): "image" (3, S, S) float in [-1, 1] (NLVR2:
 "image_0", "image_1"; wikibk none), "text", "text_ids", "text_masks", "special_tokens_mask" (1-D int64, exactly
@@ -40,8 +41,9 @@ Decisions that differ from the official code:
   the dataset keeps each caption's place in numpy arrays, which DataLoader workers share. Reference counting made a
   private copy of the official lists in every worker (about 125 MB per million captions per worker: 10 GB for 10
   million captions at 8 workers); ``all_texts`` is still there, built on demand.
-- Duplicate captions are removed keeping their first-seen order (official: ``list(set(...))``, whose order changes
-  with Python's hash seed, so caption indices were not reproducible across runs).
+- ``remove_duplicate=True`` (an option; VLMo's datasets keep duplicates) removes a row's duplicate captions keeping
+  their first-seen order (the official ``list(set(...))`` order changes with Python's hash seed, so caption indices
+  were not reproducible across runs).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class DatasetSpec:
     files: Mapping[str, Tuple[str, ...]]  # split -> file stems under data_root
     text_column: str
     image_keys: Tuple[str, ...]
-    remove_duplicate: bool = True
+    remove_duplicate: bool = False  # (official VLMo: False for every dataset)
     extra_columns: Tuple[str, ...] = ()  # read on every split
     label_columns: Tuple[str, ...] = ()  # read except on the test split (VQA test has no answers)
     kind: str = "caption"  # caption | text | vqa | nlvr2
@@ -97,10 +99,10 @@ DATASETS: Dict[str, DatasetSpec] = {
     "wikibk": DatasetSpec(_files([f"wikibk_train_{i}" for i in range(50)], ["wikibk_val_0"], ["wikibk_val_0"]),
                           "caption", (), kind="text"),
     "vqa": DatasetSpec(_files(["vqav2_train", "vqav2_trainable_val"], ["vqav2_rest_val"], ["vqav2_test"]),
-                       "questions", ("image",), remove_duplicate=False, extra_columns=("question_id",),
+                       "questions", ("image",), extra_columns=("question_id",),
                        label_columns=("answers", "answer_labels", "answer_scores"), kind="vqa"),
     "nlvr2": DatasetSpec(_files(["nlvr2_train"], ["nlvr2_dev", "nlvr2_test1"], ["nlvr2_dev", "nlvr2_test1"]),
-                         "questions", ("image_0", "image_1"), remove_duplicate=False, extra_columns=("answers",),
+                         "questions", ("image_0", "image_1"), extra_columns=("answers",),
                          kind="nlvr2"),
 }
 
@@ -266,7 +268,7 @@ class ArrowDataset(Dataset):
     def __init__(self, data_root: str, names: Sequence[str], image_size: int = 224, max_text_len: int = 40,
                  train: bool = False, tokenizer=None, text_column: str = "caption",
                  image_keys: Sequence[str] = ("image",), image_only: bool = False, text_only: bool = False,
-                 remove_duplicate: bool = True,
+                 remove_duplicate: bool = False,
                  required_columns: Sequence[str] = (), transform: Optional[Callable] = None, on_error: str = "drop",
                  dataset_name: str = "arrow", split: str = "train", kind: str = "caption"):
         if not os.path.isdir(data_root):

@@ -35,8 +35,8 @@ crop/flip parameters come from the same generator (torchvision drew them from to
 directly (tests).
 
 Two more deliberate deviations, both where ALBEF's numpy code wraps uint8 values around:
-- Sharpness: ALBEF casts an out-of-range float to uint8 (300 -> 44); here it is clipped to [0, 255] as PIL's
-  ImageEnhance does.
+- Sharpness: ALBEF casts an out-of-range float to uint8, wrapping both ways (300 -> 44, -44 -> 212); here it is
+  clipped to [0, 255] as PIL's ImageEnhance does.
 - AutoContrast: ALBEF takes each channel's minimum as a numpy uint8 scalar and negates it, which wraps (-5 -> 251),
   so every channel whose minimum is above 0 maps to 255 (the channel turns white; only channels that already reach
   0 are stretched). Here each channel is stretched from [min, max] to [0, 255], as PIL's ImageOps.autocontrast.
