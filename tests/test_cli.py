@@ -101,10 +101,10 @@ def test_finetune_help_shows_the_tasks_defaults_and_presets(capsys):
     assert "(default: irtr)" in flat(out) and "(default: coco)" in flat(out)
 
 
-@pytest.mark.parametrize("form", ["--preset", "--preset="])
+@pytest.mark.parametrize("form", ["--preset", "--preset=", "--pres"])
 def test_help_after_a_preset_shows_the_values_the_run_will_use(capsys, form):
     name = "task_finetune_vqa_base_image480"
-    args = ["vqa", form + name] if form.endswith("=") else ["vqa", form, name]
+    args = ["vqa", form + name] if form.endswith("=") else ["vqa", form, name]  # (--pres: argparse's abbreviation)
     code, out, _ = exit_code(lambda: ft.finetune_main(args + ["--help"]), capsys)
     text = flat(out)
     assert code == 0 and "peak learning rate (default: 3e-05)" in text and "(default: vlmo_base_patch16)" in text

@@ -515,11 +515,21 @@ def test_cuda_runs_on_the_current_stream():
 
 
 def test_double_backward_is_refused_not_wrong():
+    """A gradient penalty through the kernel: its gradient is not differentiable, an error, never a silent constant
+    (once_differentiable let it through when the incoming gradient did not require grad)."""
     s = torch.randn(1, 1, 3, 3, requires_grad=True)
     p = ops.masked_softmax(s, backend="cuda")
     (g,) = torch.autograd.grad((p * torch.randn_like(p)).sum(), s, create_graph=True)
-    with pytest.raises(RuntimeError):  # the gradient is not differentiable: an error, never a silent zero
-        g.sum().backward()
+    with pytest.raises(RuntimeError, match="a second derivative through a fused kernel op is not implemented"):
+        (g * s).sum().backward()
+    table = torch.randn(5, 2, requires_grad=True)
+    index = torch.randint(0, 5, (3, 3))
+    for out, leaf in ((ops.rel_pos_bias_gather(table, index, backend="cuda"), table),
+                      (ops.multiway_layernorm(s.reshape(1, 3, 3), [torch.ones(3, requires_grad=True)],
+                                              [torch.zeros(3)], backend="cuda"), s)):
+        (g,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="a second derivative through a fused kernel op"):
+            (g * g).sum().backward()
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda-emu"], indirect=True)

@@ -690,18 +690,48 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(coco_raw, tmp_p
     (leftover / "coco_caption_karpathy_test.arrow").write_bytes(b"partial")
     live = out / f".prepare-{prep._HOST}-{dead.pid}-live"  # a run still writing, its pid from another namespace
     live.mkdir()
-    held = prep._hold(str(live / prep._LOCK))
-    assert held is not None
+    held, why = prep._lock(str(live / prep._LOCK), create=True)
+    assert held is not None, why
+    making = out / f".prepare-new-{prep._HOST}-{dead.pid}-made"  # a run making its folder: not yet locked
+    making.mkdir()
+    (making / prep._LOCK).write_text("")
     old = out / ".prepare-q1w2e3"  # an older version's: no lock file, cannot be checked
     old.mkdir()
     try:
         summary = prepare_coco(str(raw), str(out), splits=["test"])
     finally:
         os.close(held)
-    assert not leftover.exists() and live.is_dir() and old.is_dir()
+    assert not leftover.exists() and live.is_dir() and old.is_dir() and making.is_dir()
     assert any(leftover.name in note and "killed" in note for note in summary.notes)
-    assert any(str(old) in note for note in summary.notes) and not any(live.name in n for n in summary.notes)
-    assert sorted(p for p in os.listdir(out) if p.startswith(".prepare-")) == sorted([live.name, old.name])
+    assert any(str(old) in note for note in summary.notes)
+    assert not any(live.name in n or making.name in n for n in summary.notes)
+    assert sorted(p for p in os.listdir(out) if p.startswith(".prepare-")) == sorted([live.name, making.name,
+                                                                                      old.name])
+    # the run's own folder was made under the "new" name, locked, renamed, and removed at the end
+    assert not [n for n in os.listdir(out) if n.startswith(f".prepare-{prep._HOST}-{os.getpid()}-")]
+
+
+def test_the_staging_scan_survives_folders_that_vanish_or_cannot_be_locked(tmp_path, monkeypatch):
+    out = tmp_path / "arrows"
+    gone = out / ".prepare-h-1-gone"
+    gone.mkdir(parents=True)
+    (gone / prep._LOCK).write_text("")
+    real = prep._lock
+
+    def vanishing(path, create):  # the folder removed between the listing and the lock (by its run or a scan)
+        if gone.name in path:
+            import shutil as sh
+            sh.rmtree(gone)
+        return real(path, create)
+
+    monkeypatch.setattr(prep, "_lock", vanishing)
+    summary = prep.PrepareSummary("coco", str(out))
+    prep._remove_dead_staging(summary, str(out))
+    assert summary.notes == [] and not gone.exists()
+    monkeypatch.setattr(prep, "_lock", lambda path, create: (None, "No locks available"))  # (no flock there)
+    (out / ".prepare-h-2-x").mkdir()
+    prep._remove_dead_staging(summary, str(out))
+    assert (out / ".prepare-h-2-x").is_dir() and "cannot be checked (No locks available)" in summary.notes[0]
 
 
 def test_sigterm_to_the_command_removes_its_staging_folder(coco_raw, tmp_path, monkeypatch):

@@ -516,6 +516,16 @@ def test_meta_tensors_with_a_table_give_the_output_shape():
     assert out.shape == (2, 2, 5, 8) and out.device.type == "meta"
 
 
+def test_a_gradient_penalty_through_the_kernel_is_an_error_not_a_wrong_value():
+    q = torch.randn(1, 2, 5, 8, device=DEV, requires_grad=True)
+    table = torch.randn(7, 2, device=DEV, requires_grad=True)
+    index = torch.randint(0, 7, (5, 5), device=DEV)
+    out = ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, backend="triton")
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="a second derivative through a fused kernel op is not implemented"):
+        ((g * q).sum() + (g * g).sum()).backward()
+
+
 def test_model_with_triton_backend_matches_reference():
     cfg = vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=6, depth=2, vlffn_start_layer_index=1,
                     drop_path_rate=0.0)

@@ -738,9 +738,13 @@ def test_experts_without_some_parameters_and_double_backward_are_clear():
     out = ops.multiway_ffn(xg, [e], backend="triton")
     upstream = torch.ones_like(out, requires_grad=True)
     (g,) = torch.autograd.grad(out, xg, upstream, create_graph=True)
-    with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with "
-                                           "@once_differentiable"):
+    with pytest.raises(RuntimeError, match="a second derivative through a fused kernel op is not implemented"):
         g.sum().backward()
+    # a gradient penalty: the incoming gradient (of out.sum()) needs none, the inputs do; once_differentiable gave
+    # the gradient as a constant here, so the penalty's gradient was silently wrong
+    (g,) = torch.autograd.grad(ops.multiway_ffn(xg, [e], backend="triton").sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="a second derivative through a fused kernel op is not implemented"):
+        ((g * xg).sum() + (g * g).sum()).backward()
 
 
 def test_eager_calls_skip_the_custom_op_dispatch_and_compiled_graphs_hold_the_ops():

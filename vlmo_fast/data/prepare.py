@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import errno
 import io
 import itertools
 import json
@@ -300,47 +301,60 @@ def _staging(summary: PrepareSummary) -> str:
     if summary._staging is None:
         out_root = _out_root(summary.out_root)
         _remove_dead_staging(summary, out_root)
-        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{_HOST}-{os.getpid()}-", dir=out_root)
-        summary._lock = _hold(os.path.join(staging, _LOCK))
-        summary._staging = staging
+        # made under a name scans pass over, locked, then renamed (atomically, the lock going with the file): a scan
+        # never sees a run's folder before its lock is held
+        made = tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{_HOST}-{os.getpid()}-", dir=out_root)
+        fd, why = _lock(os.path.join(made, _LOCK), create=True)
+        staging = os.path.join(out_root, _STAGING_PREFIX + os.path.basename(made)[len(_NEW_PREFIX):])
+        os.rename(made, staging)
+        if fd is None:
+            summary.notes.append(f"no file lock in {out_root} ({why}): were this run killed, a later run could not "
+                                 f"tell its staging folder from a live run's and would leave it for you to remove")
+        summary._lock, summary._staging = fd, staging
     return summary._staging
 
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_NEW_PREFIX = _STAGING_PREFIX + "new-"  # a staging folder being made (not yet locked): scans pass over it
 _LOCK = ".lock"  # in a staging folder: held (an OS file lock) by the run writing there, released when it ends
+_BUSY = "held by a live run"
 
 
-def _hold(path: str) -> Optional[int]:
-    """An exclusive OS lock on ``path`` (made), held through the returned descriptor until it is closed or the
-    process ends, however it ends; None where the file system has no locks."""
+def _lock(path: str, create: bool) -> Tuple[Optional[int], Optional[str]]:
+    """(a descriptor holding an exclusive OS lock on ``path`` until closed or the process ends, however it ends,
+    None), or (None, why not: ``_BUSY`` when another process holds it, else the error, e.g. no locks on this file
+    system)."""
     try:
         import fcntl
     except ImportError:  # (Windows)
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return None, "no fcntl on this system"
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return None
-    return fd
+        busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        return None, _BUSY if busy else (exc.strerror or str(exc))
+    return fd, None
 
 
 def _remove_dead_staging(summary: PrepareSummary, out_root: str) -> None:
     """Remove the staging folders in OUT_ROOT whose run is gone: no process holds the lock in them (a killed run's
-    lock went with it; this holds across hosts and PID namespaces where the file system has locks). A folder whose
-    lock cannot be taken is a live run's and is left alone; one without a lock file (an older version's, or being
-    made) is named in a note."""
+    lock went with it; this holds across hosts and PID namespaces where the file system has locks). A live run's
+    folder is left alone; one whose lock cannot be checked (no lock file: an older version's; a file system without
+    locks) is named in a note."""
     for name in sorted(os.listdir(out_root)):
         path = os.path.join(out_root, name)
-        if not name.startswith(_STAGING_PREFIX) or not os.path.isdir(path):
+        if not name.startswith(_STAGING_PREFIX) or name.startswith(_NEW_PREFIX) or not os.path.isdir(path):
             continue
-        if not os.path.isfile(os.path.join(path, _LOCK)):
-            summary.notes.append(f"{path} is the staging folder of another run (an older version's, or a killed "
-                                 f"run's): remove it if no prepare is writing there")
-            continue
-        fd = _hold(os.path.join(path, _LOCK))
-        if fd is None:  # a live run holds it (or the file system has no locks: left alone)
+        fd, why = _lock(os.path.join(path, _LOCK), create=False)
+        if fd is None:
+            if why != _BUSY and os.path.isdir(path):  # (a folder removed meanwhile, by its run or a scan: gone)
+                summary.notes.append(f"{path} is the staging folder of another run, whose lock cannot be checked "
+                                     f"({why}): remove it if no prepare is writing there")
             continue
         try:
             shutil.rmtree(path, ignore_errors=True)

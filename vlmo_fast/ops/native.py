@@ -25,10 +25,10 @@ import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _native
 from . import backend as _backend
+from ._autograd import first_order_only
 from ._checks import check_bias_index, int32_index
 from ._memo import TensorMemo
 
@@ -356,7 +356,7 @@ class MaskedSoftmaxFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dp):
         return _softmax_grads(ctx, dp, _softmax_backward)
 
@@ -554,7 +554,7 @@ class MultiwayLayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         return _layernorm_grads(ctx, dy, _layernorm_backward)
 
@@ -688,7 +688,7 @@ class RelPosBiasGatherFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         return _gather_grads(ctx, grad, _gather_backward)
 

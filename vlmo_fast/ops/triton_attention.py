@@ -36,9 +36,9 @@ import re
 from typing import List, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
+from ._autograd import first_order_only
 from ._checks import HALF_DTYPES, int32_index
 from .attention import unpack_qkv
 from ._memo import TensorMemo
@@ -832,7 +832,7 @@ if triton is not None:
             return out
 
         @staticmethod
-        @once_differentiable
+        @first_order_only
         def backward(ctx, grad_out):
             return _attn_grads(ctx, grad_out, lambda *args: [g for g in _backward(*args) if g is not None])
 

@@ -33,9 +33,9 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
+from ._autograd import first_order_only
 from .triton_attention import interpreting, launch_device, triton, triton_unsupported
 
 if triton is not None:
@@ -371,7 +371,7 @@ class ScaledResidual(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, go):
         y, gamma, scale = ctx.saved_tensors
         b, n, d = go.shape
@@ -411,7 +411,7 @@ class MultiwayFFN(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, go):
         x0, y1, gamma1, scale1, y, gamma, scale, z0, z1, *params = ctx.saved_tensors
         experts = [params[i : i + 6] for i in range(0, len(params), 6)]
@@ -476,7 +476,7 @@ class NormLinear(torch.autograd.Function):
         return out.view(b, n, weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, go):
         x, norm_w, norm_b, weight, bias = ctx.saved_tensors
         b, n, d = x.shape

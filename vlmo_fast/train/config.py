@@ -482,10 +482,13 @@ def _preset_named(argv: Sequence[str], allowed: Sequence[str]) -> Optional[str]:
     """The --preset a command line names (the last, as argparse reads it), when it is one of ``allowed``."""
     name = None
     for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
+        flag, eq, value = arg.partition("=")
+        if len(flag) < len("--pres") or not "--preset".startswith(flag):  # (argparse takes --pres, --prese: unique)
+            continue
+        if eq:
+            name = value
+        elif i + 1 < len(argv):
             name = argv[i + 1]
-        elif arg.startswith("--preset="):
-            name = arg.split("=", 1)[1]
     return name if name in allowed else None
 
 

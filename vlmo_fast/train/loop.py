@@ -735,9 +735,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
                     samples_since += len(batch.get("text_ids", ())) * info.world_size
                     del out, loss  # not kept through the next micro-step's forward, where memory peaks
-                # the step's one read of the device (the backward is queued by now: the host waits here for most of
-                # a GPU step), then the signal flag, read after that wait, and, with several processes, one collective
-                # for both: whether any rank's loss was non-finite, and the signal any rank received
+                # the step's read of the device (the backward is queued by now: the host waits here for most of a GPU
+                # step), then the signal flag, read after that wait; with several processes one collective for both
+                # (and its read): whether any rank's loss was non-finite, and the signal any rank received
                 bad, signum = largest_over_ranks([not bool(finite), int(flag.get("signal", 0))], info.device)
                 if bad:
                     optimizer.zero_grad(set_to_none=True)
