@@ -23,8 +23,9 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
 A run writes its files into a hidden staging folder of ``out_root`` and moves them into place together at the end,
 so a failed run, or one that found none of its images, leaves earlier output as it was. The command removes its
 folder on an error, Ctrl-C or SIGTERM; the folder of a run killed otherwise (SIGKILL, the OOM killer) is removed by
-the next run into ``out_root`` (each folder holds an OS file lock while its run lives). A run of web captions removes the files (or shards) of its name and
-split that an earlier run wrote beyond its own. Image files are read by a few threads ahead of the writer, in order.
+the next run into ``out_root`` (each folder holds an OS file lock while its run lives). A run of web captions
+removes the files (or shards) of its name and split that an earlier run wrote beyond its own. Image files are read
+by a few threads ahead of the writer, in order.
 
 Raw layouts (what the official ``write_*.py`` of ViLT/VLMo read, under their ``root``)::
 
