@@ -650,7 +650,7 @@ def test_fused_block_keeps_under_half_the_activations_of_the_official_block():
                 + 3 * n * d * bf16  # q, k, v
                 + n * d * bf16  # the attention output (the projection's input)
                 + n * d * bf16  # what rounding it lost (the bias gradient's row sums)
-                + heads * n * fp32  # the attention's row log-sum-exp
+                + 2 * heads * n * fp32  # the attention's row statistics (max and 1/sum)
                 + n * d * bf16  # the projection's output (γ1's gradient, and the recomputed residual)
                 + n * 4 * d * bf16  # fc1's output (GELU recomputed from it)
                 + n * d * bf16  # fc2's output (γ2's gradient)

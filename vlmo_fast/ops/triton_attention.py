@@ -216,8 +216,12 @@ if triton is not None:
         if STORE_LO:  # what rounding to O's dtype lost (O + OLO = the fp32 result to ~2^-16 of it; same layout)
             tl.store(OLO + o_offs, cast_for(out - rounded.to(tl.float32), OLO, UPCAST),
                      mask=(offs_m[:, None] < N) & d_ok)
-        lse = tl.where(dead, float("inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
-        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+        # the row statistics for the backward's P = exp2(s - m) / l: m and 1/l, not one log-sum-exp m + log2 l,
+        # whose fp32 rounding (an ulp of |m|, 8e-6 at m = 87) gave the dominant entries of P an absolute error that
+        # far exceeded the eager softmax's (exp(0) = 1 there) in fp32 gradients at large logits
+        pairs = (pid_bh.to(tl.int64) * N + offs_m)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (B, H, N, 2) pairs
+        tl.store(LSE + pairs, tl.join(tl.where(dead, float("inf"), m_i), tl.where(dead, 0.0, 1.0 / l_i)),
+                 mask=(offs_m < N)[:, None])
 
     @triton.jit
     def _bwd_delta(O, OLO, DO, DELTA, so_b, so_h, so_n, so_d, sdo_b, sdo_h, sdo_n, sdo_d, H, N, D,
@@ -239,11 +243,14 @@ if triton is not None:
 
     @triton.jit
     def _row_stats(LSE, DELTA, stats, offs_m, N):
-        """lse and delta of the query rows offs_m of one (batch row, head); stats = its offset in the (B, H, N)
-        statistics."""
-        lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
-        delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
-        return lse, delta
+        """(row max m, 1 / row sum l, delta) of the query rows offs_m of one (batch row, head), for
+        P = exp2(s - m) / l; stats = its offset in the (B, H, N) statistics (LSE holds (m, 1/l) pairs: one 8-byte
+        load a row)."""
+        ok = offs_m < N
+        pair = tl.load(LSE + (stats + offs_m)[:, None] * 2 + tl.arange(0, 2)[None, :], mask=ok[:, None], other=0.0)
+        m, inv_l = tl.split(pair)
+        delta = tl.load(DELTA + stats + offs_m, mask=ok, other=0.0)
+        return tl.where(ok, m, float("inf")), inv_l, delta
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, TABLE, INDEX, KEEP,
@@ -277,12 +284,12 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
             do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
-            lse, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
+            m, inv_l, delta = _row_stats(LSE, DELTA, stats, offs_m, N)
             st = _logits(_dot(k, tl.trans(q), IEEE), offs_m[None, :], offs_n[:, None], N, h, scale_log2,
                          BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h, INDEX, si_m, si_n, LT, W, L0, KEEP, skp_n,
                          BIAS_MODE, False, True)
             st = tl.where(key_ok[:, None], st, float("-inf"))
-            pt = tl.math.exp2(st - lse[None, :])
+            pt = tl.math.exp2(st - m[None, :]) * inv_l[None, :]
             dv += _dot(pt.to(do.dtype), do, IEEE)
             dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
             dk += _dot(dst.to(q.dtype), q, IEEE)
@@ -322,13 +329,13 @@ if triton is not None:
                 b = b32 + tl.zeros([], tl.int64)
                 q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
                 do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
-                lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
+                m, inv_l, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
                 k = _tile(K, b, h, offs_n, offs_d, sk_b, sk_h, sk_n, sk_d, N, D, UPCAST)
                 v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
                 # the same sum, in the same order, as _scores with the bias: (scale·q kᵀ)·log2 e + bias·log2 e
                 s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r, st_h,
                             INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, 0, HAS_MASK, IEEE) + bias
-                p = tl.math.exp2(s - lse[:, None])
+                p = tl.math.exp2(s - m[:, None]) * inv_l[:, None]
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                 dq = _dot(ds.to(k.dtype), k, IEEE)
                 tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
@@ -342,7 +349,7 @@ if triton is not None:
                 b = b32 + tl.zeros([], tl.int64)  # 64-bit offsets (b32 is a Python int in the interpreter)
                 q = _tile(Q, b, h, offs_m, offs_d, sq_b, sq_h, sq_n, sq_d, N, D, UPCAST)
                 do = _tile(DO, b, h, offs_m, offs_d, sdo_b, sdo_h, sdo_n, sdo_d, N, D, UPCAST)
-                lse, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
+                m, inv_l, delta = _row_stats(LSE, DELTA, (b * H + h) * N, offs_m, N)
                 keep_row = KEEP + b * skp_b
                 dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 for start_n in range(0, N, BLOCK_N):
@@ -351,7 +358,7 @@ if triton is not None:
                     v = _tile(V, b, h, offs_n, offs_d, sv_b, sv_h, sv_n, sv_d, N, D, UPCAST)
                     s = _scores(q, k, offs_m, offs_n, N, h, scale_log2, BIAS, sb_h, sb_m, sb_n, NB, TABLE, st_r,
                                 st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
-                    p = tl.math.exp2(s - lse[:, None])
+                    p = tl.math.exp2(s - m[:, None]) * inv_l[:, None]
                     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                     dq += _dot(ds.to(k.dtype), k, IEEE)
                     if NEED_DBIAS:
@@ -676,7 +683,7 @@ def _forward(q, k, v, bias, table, index, keep, scale, store_lo=False):
     b, h, n, d = q.shape
     # (B, N, H, D) storage: the caller's transpose(1, 2).reshape(B, N, H·D) is then free
     out = torch.empty(b, n, h, d, device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, h, n, 2, device=q.device, dtype=torch.float32)  # (row max m, 1/l) pairs (see _fwd)
     out_lo = torch.empty_like(out) if store_lo else q.new_empty(0)
     if n == 0 or b == 0:
         return out, lse, out_lo
@@ -777,7 +784,8 @@ if triton is not None:
     def _(q, k, v, bias, table, index, keep, scale, store_lo):
         b, h, n, d = q.shape
         out = q.new_empty(b, n, h, d).permute(0, 2, 1, 3)
-        return out, q.new_empty(b, h, n, dtype=torch.float32), torch.empty_like(out) if store_lo else q.new_empty(0)
+        stats = q.new_empty(b, h, n, 2, dtype=torch.float32)
+        return out, stats, torch.empty_like(out) if store_lo else q.new_empty(0)
 
     @torch.library.custom_op("vlmo_fast::rel_pos_attn_bwd", mutates_args=())
     def rel_pos_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
