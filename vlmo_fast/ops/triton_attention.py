@@ -220,8 +220,8 @@ if triton is not None:
         # whose fp32 rounding (an ulp of |m|, 8e-6 at m = 87) gave the dominant entries of P an absolute error that
         # far exceeded the eager softmax's (exp(0) = 1 there) in fp32 gradients at large logits
         pairs = (pid_bh.to(tl.int64) * N + offs_m)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (B, H, N, 2) pairs
-        tl.store(LSE + pairs, tl.join(tl.where(dead, float("inf"), m_i), tl.where(dead, 0.0, 1.0 / l_i)),
-                 mask=(offs_m < N)[:, None])
+        inv_l = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, l_i))  # (no 1/0 computed for a dead row)
+        tl.store(LSE + pairs, tl.join(tl.where(dead, float("inf"), m_i), inv_l), mask=(offs_m < N)[:, None])
 
     @triton.jit
     def _bwd_delta(O, OLO, DO, DELTA, so_b, so_h, so_n, so_d, sdo_b, sdo_h, sdo_n, sdo_d, H, N, D,
