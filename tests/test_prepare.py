@@ -690,7 +690,7 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(coco_raw, tmp_p
     (leftover / "coco_caption_karpathy_test.arrow").write_bytes(b"partial")
     live = out / f".prepare-{prep._HOST}-{dead.pid}-live"  # a run still writing, its pid from another namespace
     live.mkdir()
-    held, why = prep._lock(str(live / prep._LOCK), create=True)
+    held, why = prep.try_lock(str(live / prep._LOCK))
     assert held is not None, why
     making = out / f".prepare-new-{prep._HOST}-{dead.pid}-made"  # a run making its folder: not yet locked
     making.mkdir()
@@ -716,19 +716,19 @@ def test_the_staging_scan_survives_folders_that_vanish_or_cannot_be_locked(tmp_p
     gone = out / ".prepare-h-1-gone"
     gone.mkdir(parents=True)
     (gone / prep._LOCK).write_text("")
-    real = prep._lock
+    real = prep.try_lock
 
-    def vanishing(path, create):  # the folder removed between the listing and the lock (by its run or a scan)
+    def vanishing(path, create=True):  # the folder removed between the listing and the lock (by its run or a scan)
         if gone.name in path:
             import shutil as sh
             sh.rmtree(gone)
         return real(path, create)
 
-    monkeypatch.setattr(prep, "_lock", vanishing)
+    monkeypatch.setattr(prep, "try_lock", vanishing)
     summary = prep.PrepareSummary("coco", str(out))
     prep._remove_dead_staging(summary, str(out))
     assert summary.notes == [] and not gone.exists()
-    monkeypatch.setattr(prep, "_lock", lambda path, create: (None, "No locks available"))  # (no flock there)
+    monkeypatch.setattr(prep, "try_lock", lambda path, create=True: (None, "No locks available"))  # (no flock there)
     (out / ".prepare-h-2-x").mkdir()
     prep._remove_dead_staging(summary, str(out))
     assert (out / ".prepare-h-2-x").is_dir() and "cannot be checked (No locks available)" in summary.notes[0]

@@ -75,7 +75,7 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
     kind = _file_kind(path)
     if kind in ("zip", "pickle"):
         try:  # e.g. a Lightning .ckpt of the official code: its callbacks and hyper-parameters are objects of classes
-            return _load_with_placeholders(path)  # (pytorch_lightning, sacred) that the safe unpickler refuses
+            return _load_with_placeholders(path, kind)  # (pytorch_lightning, sacred) that the safe unpickler refuses
         except Exception:  # noqa: BLE001 - the first reason is the one to give
             pass
     if kind == "truncated zip":
@@ -89,14 +89,14 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
         f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors.")
 
 
-def _load_with_placeholders(path: str) -> object:
+def _load_with_placeholders(path: str, kind: str) -> object:
     """``torch.load(weights_only=True)`` with every global the safe unpickler refuses (listed from the file's
     opcodes, nothing executed) standing for an inert placeholder: an object that keeps its arguments and state as
     data, or a plain dict for a dict subclass (which the unpickler fills only as a dict). No code of the file's
     classes runs; tensors and containers load as usual, so the state dict of a file whose other entries are such
-    objects (a Lightning checkpoint's callbacks, a sacred config) is read."""
+    objects (a Lightning checkpoint's callbacks, a sacred config) is read. ``kind``: ``_file_kind(path)`` (a zip is
+    mapped)."""
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    kind = _file_kind(path)
     if not names:
         raise CheckpointError("no refused global to stand in for")
     as_dict: set = set()

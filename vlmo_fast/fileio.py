@@ -8,7 +8,7 @@ import errno
 import json
 import os
 import tempfile
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 _UMASK = os.umask(0)  # read once at import: setting it later would race with other threads creating files
 os.umask(_UMASK)
@@ -110,3 +110,29 @@ def atomic_write_json(path: str, value: object, indent: Optional[int] = None) ->
             json.dump(value, f, indent=indent)
 
     atomic_write(path, write)
+
+
+LOCK_BUSY = "held by another process"
+NO_LOCKS = "no file locks on this system (no fcntl)"
+
+
+def try_lock(path: str, create: bool = True) -> Tuple[Optional[int], Optional[str]]:
+    """An exclusive OS file lock (``flock``) on ``path``, taken without waiting: (its descriptor, None), holding the
+    lock until it is closed or the process ends however it ends, or (None, why not): ``LOCK_BUSY`` when another
+    process holds it, ``NO_LOCKS`` where the OS has none (Windows), else the OS error (e.g. a file system without
+    locks, a missing file when not ``create``)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None, NO_LOCKS
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        return None, LOCK_BUSY if busy else (exc.strerror or str(exc))
+    return fd, None

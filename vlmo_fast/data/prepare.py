@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
-import errno
 import io
 import itertools
 import json
@@ -97,6 +96,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..fileio import LOCK_BUSY, try_lock
 from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, nlvr2_label, read_arrow, write_arrow_batches
 from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
 
@@ -305,7 +305,7 @@ def _staging(summary: PrepareSummary) -> str:
         # made under a name scans pass over, locked, then renamed (atomically, the lock going with the file): a scan
         # never sees a run's folder before its lock is held
         made = tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{_HOST}-{os.getpid()}-", dir=out_root)
-        fd, why = _lock(os.path.join(made, _LOCK), create=True)
+        fd, why = try_lock(os.path.join(made, _LOCK))
         staging = os.path.join(out_root, _STAGING_PREFIX + os.path.basename(made)[len(_NEW_PREFIX):])
         os.rename(made, staging)
         if fd is None:
@@ -318,28 +318,6 @@ def _staging(summary: PrepareSummary) -> str:
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _NEW_PREFIX = _STAGING_PREFIX + "new-"  # a staging folder being made (not yet locked): scans pass over it
 _LOCK = ".lock"  # in a staging folder: held (an OS file lock) by the run writing there, released when it ends
-_BUSY = "held by a live run"
-
-
-def _lock(path: str, create: bool) -> Tuple[Optional[int], Optional[str]]:
-    """(a descriptor holding an exclusive OS lock on ``path`` until closed or the process ends, however it ends,
-    None), or (None, why not: ``_BUSY`` when another process holds it, else the error, e.g. no locks on this file
-    system)."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows)
-        return None, "no fcntl on this system"
-    try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    except OSError as exc:
-        return None, exc.strerror or str(exc)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-        return None, _BUSY if busy else (exc.strerror or str(exc))
-    return fd, None
 
 
 def _remove_dead_staging(summary: PrepareSummary, out_root: str) -> None:
@@ -351,9 +329,9 @@ def _remove_dead_staging(summary: PrepareSummary, out_root: str) -> None:
         path = os.path.join(out_root, name)
         if not name.startswith(_STAGING_PREFIX) or name.startswith(_NEW_PREFIX) or not os.path.isdir(path):
             continue
-        fd, why = _lock(os.path.join(path, _LOCK), create=False)
+        fd, why = try_lock(os.path.join(path, _LOCK), create=False)
         if fd is None:
-            if why != _BUSY and os.path.isdir(path):  # (a folder removed meanwhile, by its run or a scan: gone)
+            if why != LOCK_BUSY and os.path.isdir(path):  # (a folder removed meanwhile, by its run or a scan: gone)
                 summary.notes.append(f"{path} is the staging folder of another run, whose lock cannot be checked "
                                      f"({why}): remove it if no prepare is writing there")
             continue

@@ -632,7 +632,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         values["samples_per_s"] = rate
         if flops_per_sample and peak_tflops:
             values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-        values["bad_samples"] = bad_before + int(round(means[-1] * info.world_size))
+        values["bad_samples"] = bad_from_mean(means[-1])
         values["skipped_steps"] = skipped
         values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
         history.append(values)
@@ -676,9 +676,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     bad_in_a_row, skipped, bad_samples = 0, int(counts.get("skipped_steps", 0)), 0
     bad_before = int(counts.get("bad_samples", 0))
 
+    def bad_from_mean(mean: float) -> int:  # the run's unreadable samples from this process's mean over the ranks
+        return bad_before + int(round(mean * info.world_size))
+
     def bad_samples_total() -> int:  # every rank's unreadable samples (a collective: every rank calls it)
-        mine = torch.full((), float(bad_samples), dtype=torch.float64, device=info.device)
-        return bad_before + int(round(float(mean_over_ranks(mine)) * info.world_size))
+        return bad_from_mean(float(mean_over_ranks(torch.full((), float(bad_samples), dtype=torch.float64,
+                                                              device=info.device))))
 
     def signalled() -> int:  # the signal any rank received, 0 for none (a collective: every rank stops together)
         return max_over_ranks(int(flag.get("signal", 0)), info.device)

@@ -8,7 +8,6 @@ optimizer, scheduler and grad-scaler states, the step, the data position, the RN
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import os
 import random
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load, verify_checksums
-from ..fileio import TMP_PREFIX
+from ..fileio import LOCK_BUSY, NO_LOCKS, TMP_PREFIX, try_lock
 from .config import input_stage
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -133,35 +132,29 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
     with the holder's pid, host and start time. The lock is an OS file lock (``flock``), released when the process
     ends however it ends, so a killed run leaves no stale lock. Where the OS or the file system has no such locks
     (Windows; Lustre without ``-o flock``), the run goes on without one, with a warning."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if not enabled or fcntl is None:
+    if not enabled:
         yield
         return
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
-    fd, owner = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
+    fd, why = try_lock(path)
+    if why == LOCK_BUSY:
+        with open(path, "rb") as f:
+            holder = f.read(4096).decode("utf-8", "replace").strip() or "another process"
+        with input_stage():
+            raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for it to end, "
+                             f"or give another --out-dir")
+    if fd is None:
+        if why != NO_LOCKS:
+            warnings.warn(f"{path}: no file lock on this file system ({why}); a second run in {out_dir} would not be "
+                          f"refused")
+        yield
+        return
+    owner = os.getpid()
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {owner} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _LOCK_FDS.append(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                warnings.warn(f"{path}: no file lock on this file system ({exc.strerror or exc}); a second run in "
-                              f"{out_dir} would not be refused")
-                locked = False
-            else:
-                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
-                with input_stage():
-                    raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for "
-                                     f"it to end, or give another --out-dir") from None
-        if locked:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            _LOCK_FDS.append(fd)
         yield
     finally:
         if os.getpid() == owner:  # (a forked child leaving this block: its copy was closed at the fork)
