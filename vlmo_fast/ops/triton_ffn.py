@@ -91,11 +91,12 @@ if triton is not None:
         # corrected two-pass: the centred residual sum repairs the rounded first mean, so a constant row gets
         # x - mean = 0 exactly (y = b, as eager) instead of a residue that rstd ~ 1/sqrt(eps) blows up
         mean0 = tl.sum(x, 1) / D
-        xc = tl.where(ok, x - mean0[:, None], 0.0)
-        dm = tl.sum(xc, 1) / D
-        mean = mean0 + dm
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(xc * xc, 1) / D - dm * dm, 0.0) + eps)
+        mean = mean0 + tl.sum(tl.where(ok, x - mean0[:, None], 0.0), 1) / D
+        # the variance from the final mean (a constant row's is exactly 0). The shortcut mean(c²) - dm², c centred on
+        # the first mean, is contracted to an FMA on the GPU (enable_fp_fusion) and leaves a residue there: the CUDA
+        # kernel's rstd was off by up to 0.3% for constant rows at eps = 1e-12 on the H100 (csrc/cuda)
         xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
         _, first, grouped = _row_info(rows, N, SPLIT, B)
         w = tl.where(first[:, None], tl.load(W0 + cols, mask=col_ok, other=0.0)[None, :],
                      tl.load(W1 + cols, mask=col_ok, other=0.0)[None, :]).to(tl.float32)
