@@ -296,6 +296,7 @@ class Row:
     status: str = "ok"  # ok | oom | error: ... | skipped: ... | mismatch: ...
     note: str = ""
     max_rel_err: Optional[float] = None  # against the baseline's result, when the case checks agreement
+    case_wall_s: Optional[float] = None  # the case's wall time: agreement runs (compiles, autotuning), timing, memory
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:
@@ -362,6 +363,35 @@ def git_commit() -> str:
         return "unknown"
 
 
+SOURCE_PARTS = ("vlmo_fast", "csrc", "benchmarks", "CMakeLists.txt", "setup.py", "pyproject.toml")
+
+
+def source_hash(root: Optional[str] = None) -> str:
+    """sha256 (first 16 hex digits) of the source that runs: every .py/.cpp/.cu/.h/.cuh/.txt/.toml file under
+    SOURCE_PARTS of the project root, by relative path and content, in sorted order (results are left out). The GPU
+    machine's copy of the tree may carry stale git metadata; this names the code itself, and
+    ``python benchmarks/harness.py --source-hash`` prints it for a checkout, to match a result with its commit."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    suffixes = (".py", ".cpp", ".cu", ".h", ".cuh", ".txt", ".toml")
+    files = []
+    for part in SOURCE_PARTS:
+        path = os.path.join(root, part)
+        if os.path.isfile(path):
+            files.append(part)
+            continue
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in ("results", "__pycache__") and not d.startswith("."))
+            files += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(suffixes)]
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def run_meta(device: torch.device, ceilings: Dict[str, float], sizes: str) -> Dict[str, Any]:
     try:
         import triton
@@ -382,6 +412,7 @@ def run_meta(device: torch.device, ceilings: Dict[str, float], sizes: str) -> Di
         "vlmo_fast": vlmo_fast.__version__,
         "build": {k: v for k, v in vlmo_fast.build_info().items() if k in ("native", "cuda", "cuda_archs", "openmp")},
         "commit": git_commit(),
+        "source_sha256": source_hash(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sizes": sizes,
         "ceilings": ceilings,
@@ -410,6 +441,16 @@ def write_results(meta: Dict[str, Any], rows: List[Row], out_dir: str, plot: boo
         if plot_speedups(meta, rows, png):
             paths["png"] = png
     return paths
+
+
+def load_results(path: str) -> Dict[str, Any]:
+    """A results JSON written by write_results: {"meta": ..., "rows": [Row, ...]} (fields a newer Row has and the
+    file lacks take their defaults)."""
+    with open(path) as f:
+        data = json.load(f)
+    if "meta" not in data or "rows" not in data:
+        raise ValueError(f"{path}: not a vlmo_fast benchmark result (no meta/rows)")
+    return {"meta": data["meta"], "rows": [Row(**r) for r in data["rows"]]}
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -484,3 +525,12 @@ def plot_speedups(meta: Dict[str, Any], rows: List[Row], path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--source-hash"]:
+        print(source_hash())
+    else:
+        raise SystemExit("usage: python benchmarks/harness.py --source-hash")

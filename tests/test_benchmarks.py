@@ -521,6 +521,9 @@ def test_summary_gives_the_time_of_our_kernel_variants_against_the_default():
             row("vlmo_fast[deterministic]", 1.08), row("vlmo_fast[staged]", 0.5, "mismatch: 1e-2")]
     assert summary.summary_rows({"meta": {"device_type": "cuda"}, "rows": rows})[0]["status"] == (
         "deterministic: 1.08x the time")
+    # on a CPU the PyTorch path is what the C++ kernels replace (#5: each must be faster): its time is shown too
+    assert summary.summary_rows({"meta": {"device_type": "cpu"}, "rows": rows})[0]["status"] == (
+        "torch: 3.00x the time; deterministic: 1.08x the time")
 
 
 def test_the_agreement_run_stops_at_the_budget_and_each_case_reaches_the_disk(tmp_path, monkeypatch):
@@ -593,3 +596,116 @@ def test_reports_carry_notes_and_the_run_commit_and_loader_devices_match(tmp_pat
     assert summary._loader_device({"device": cpu}) == cpu
     assert summary._loader_device({"device": harness.cpu_model(), "cpu_count": os.cpu_count()}) == cpu  # older files
     assert summary._loader_device({"gpu": "NVIDIA H100 80GB HBM3", "device": cpu}) == "NVIDIA H100 80GB HBM3"
+
+
+def test_a_broken_cuda_context_continues_the_run_in_a_fresh_process(tmp_path, monkeypatch):
+    """After an op, a CUDA context broken by a sticky error (an illegal address) would fail every later call in the
+    process: the run writes its rows and starts again for the ops left (exec of run.py --continue-from), which keeps
+    the rows, the date (file name) and the ceilings, and lists what happened."""
+    calls = []
+    monkeypatch.setattr(bench_run, "context_ok", lambda dev: bool(calls))  # broken until the restart
+    monkeypatch.setattr(bench_run, "restart", lambda *a: calls.append(a))
+    first = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm,optimizer", "--out", str(tmp_path),
+                            "--no-plot", "--deadline", str(time.time() + 600)])
+    assert first.get("restarted") and len(calls) == 1
+    args, size_name, dtypes, results, left, deadline = calls[0]
+    assert left == ["layernorm", "optimizer"] and results == first["paths"]["json"] and deadline < time.time() + 601
+    saved = json.loads(open(results).read())
+    assert {r["op"] for r in saved["rows"]} == {"softmax"} and saved["meta"]["complete"] is False
+    assert saved["meta"]["skipped"] == ["softmax: a sticky CUDA error broke the process's context after it"]
+    # what restart runs in the fresh process
+    second = bench_run.main(["--sizes", size_name, "--dtypes", ",".join(dtypes), "--out", str(tmp_path), "--no-plot",
+                             "--continue-from", results, "--resume-order", "|".join(left)])
+    assert second["paths"]["json"] == results  # the same run, the same file
+    final = json.loads(open(results).read())
+    assert [r["op"] for r in final["rows"]][:1] == ["softmax"]
+    assert {r["op"] for r in final["rows"]} == {"softmax", "layernorm", "optimizer"}
+    assert final["meta"]["complete"] is True and final["meta"]["date"] == saved["meta"]["date"]
+    assert final["meta"]["ceilings"] == saved["meta"]["ceilings"]
+    assert final["meta"]["skipped"] == saved["meta"]["skipped"]
+    assert all(r["case_wall_s"] is not None and r["case_wall_s"] >= 0 for r in final["rows"])
+
+
+def test_compile_baselines_under_a_budget_only_where_a_target_compares(monkeypatch):
+    monkeypatch.setattr(harness, "device_name", lambda dev: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")
+    free = bench_run.Bench(cuda, {}, 1, float("inf"), compile_baselines=True)
+    assert all(free.compile_for(op) for op in ("attention", "softmax", "layernorm", "step", "model"))
+    budgeted = bench_run.Bench(cuda, {}, 1, 300.0, compile_baselines=True)
+    assert budgeted.compile_for("block") and budgeted.compile_for("attention")
+    assert not budgeted.compile_for("softmax") and not budgeted.compile_for("attention (other sizes)")
+    assert budgeted.notes == ["softmax: compile(official) left out under --budget-s (no target compares with it)",
+                              "attention (other sizes): compile(official) left out under --budget-s (no target "
+                              "compares with it)"]
+    assert not bench_run.Bench(cuda, {}, 1, 300.0, compile_baselines=False).compile_for("block")
+    assert not _tiny_bench().compile_for("block")  # CPU: never
+    # an absolute deadline alone makes the run budgeted; with both, the earlier wins
+    assert bench_run.Bench(cuda, {}, 1, float("inf"), True, deadline=time.time() + 50).budgeted
+    assert bench_run.Bench(cuda, {}, 1, 10.0, True, deadline=time.time() + 50).deadline < time.time() + 11
+
+
+def test_flex_steps_down_its_tiles_on_a_shared_memory_shortage_and_keeps_them(monkeypatch):
+    monkeypatch.setattr(bench_run.Flex, "tiles_index", 0)
+    flex = object.__new__(bench_run.Flex)  # no FlexAttention needed: only the retry logic
+    seen = []
+
+    def call():
+        seen.append(flex.kernel_options)
+        if len(seen) < 3:
+            raise RuntimeError("out of resource: shared memory, Required: 237568, Hardware limit: 232448")
+        return "ok"
+
+    assert flex.retrying(call)() == "ok"
+    assert seen[0] is None and seen[1]["num_stages"] == 2 and seen[1]["BLOCK_M"] == 128 and seen[2]["BLOCK_M"] == 64
+    later = object.__new__(bench_run.Flex)  # the next case starts from the tiles that worked
+    assert later.kernel_options == seen[2] and "too much shared memory" in later.note
+
+    def always():
+        raise RuntimeError("out of resource: shared memory")
+
+    with pytest.raises(RuntimeError, match="out of resource"):  # past the smallest tiles: the error is the row's
+        later.retrying(always)()
+    assert bench_run.Flex.tiles_index == len(bench_run.Flex.TILES) - 1
+
+    def other():
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(bench_run.Flex, "tiles_index", 0)
+    with pytest.raises(RuntimeError, match="something else"):
+        later.retrying(other)()
+    assert bench_run.Flex.tiles_index == 0
+
+
+def test_summary_never_rounds_up_to_a_target_and_names_the_target_rivals():
+    import summary
+
+    def row(impl, ms, **kw):
+        return dict(dict(op="attention", case={"N": 237}, dtype="bf16", mode="fwd+bwd", impl=impl,
+                         baseline="official", ms=ms, speedup=9.996 / ms, status="ok"), **kw)
+
+    rows = [row("official", 9.996), row("vlmo_fast", 1.0, tflops=199.96, frac_ceiling=0.7996),
+            row("sdpa", 1.996), row("flex", 2.5, note="kernel_options={'BLOCK_M': 64} (the default tiles need too much "
+                                                         "shared memory)")]
+    data = {"meta": {"device": "NVIDIA H100", "date": "2026-12-07T00:00:00Z", "commit": "abc", "torch": "2.x",
+                     "sizes": "full", "device_type": "cuda", "source_sha256": "0123"}, "rows": rows}
+    s = summary.summary_rows(data)[0]
+    assert s["best_other"] == "sdpa" and s["rate"] == "199.9 TFLOP/s"
+    assert "vs flex 2.50x" in s["status"] and "flex: kernel_options=" in s["status"]
+    line = [x for x in summary.summary_markdown(data).splitlines() if x.startswith("| attention")][0]
+    assert "| 9.99x |" in line and "| 1.99x |" in line and "| 79 |" in line  # not 10.00x/2.00x/80
+    assert "(source 0123)" in summary.summary_markdown(data)
+
+
+def test_source_hash_names_the_code(tmp_path):
+    for part in ("vlmo_fast", "csrc", "benchmarks/results"):
+        os.makedirs(tmp_path / part)
+    (tmp_path / "vlmo_fast" / "a.py").write_text("x = 1\n")
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel\n")
+    (tmp_path / "setup.py").write_text("pass\n")
+    h = harness.source_hash(str(tmp_path))
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}")  # results are not the code
+    (tmp_path / "vlmo_fast" / "b.so").write_text("binary")  # nor build outputs
+    assert harness.source_hash(str(tmp_path)) == h
+    (tmp_path / "csrc" / "k.cu").write_text("// kernel, changed\n")
+    assert harness.source_hash(str(tmp_path)) != h
+    assert re.fullmatch(r"[0-9a-f]{16}", harness.source_hash())
