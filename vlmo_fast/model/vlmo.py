@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import VLMoConfig
-from ..ops._memo import TensorMemo
+from ..ops._memo import TensorMemo, tracing
 from ..ops.backend import check_backend
 from . import relpos
 from .embeddings import TextEmbeddings
@@ -210,7 +210,9 @@ class VLMo(nn.Module):
         for name, t in (("text_ids", text_ids), ("text_masks", text_masks)):
             if t.device != self.device:
                 raise ValueError(f"{name} must be on the model's device {self.device}, got {t.device}")
-        if text_ids.numel() and not torch.compiler.is_compiling():  # value checks would break a compiled graph
+        # value checks would break a compiled graph, and cannot read a batched tensor under torch.func transforms
+        # (the embedding lookup still refuses an out-of-range id there)
+        if text_ids.numel() and not tracing():
             # once per tensor (a training step passes the same text_ids to several encoder calls): on a GPU each
             # check is a device sync
             vocab = self.config.vocab_size
@@ -292,7 +294,7 @@ class VLMo(nn.Module):
     def _text_hidden(self, text_ids, text_masks, vlffn: bool):
         keep = self._check_text(text_ids, text_masks, exact=self.config.use_rel_pos)
         # no key masked: skip the masking work (decided on CPU only: on GPU reading the mask would be a sync)
-        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
+        if keep.device.type == "cpu" and not tracing() and bool(keep.all()):
             keep = None
         return self._unimodal(self.embed_text(text_ids), keep, "text", "text_relative_position_index", vlffn)
 

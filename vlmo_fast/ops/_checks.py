@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._memo import TensorMemo
+from ._memo import TensorMemo, tracing
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -97,7 +97,7 @@ def check_bias_index(
     check_tensor(name, index, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_shape(name, index, (n, n), shape_note)
     # a value check would break a compiled graph (the kernels check their copies) and a meta tensor has no values
-    if not values or torch.compiler.is_compiling() or index.device.type == "meta":
+    if not values or tracing() or index.device.type == "meta":
         return
     table = "bias_table" if name == "bias_index" else "table"
     _CHECKED_INDEX.get(index, (num_rows,), lambda: check_index_range(index, num_rows, name, table))

@@ -12,6 +12,13 @@ from typing import Any, Callable, Dict, Hashable, Tuple
 import torch
 
 
+def tracing() -> bool:
+    """True while torch.compile traces or a torch.func transform (vmap, grad, ...) runs: a tensor's values cannot be
+    read on the host then (a graph break; a batched tensor has no single value), so value checks and the shortcuts
+    decided by reading values are skipped."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
@@ -28,7 +35,7 @@ class TensorMemo:
         return TensorMemo, (self._size,)
 
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
-        if torch.compiler.is_compiling() or t.is_inference():
+        if tracing() or t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
             return compute()
         key = (t._version,) + extra
         hit = self._entries.get(id(t))

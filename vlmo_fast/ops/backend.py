@@ -8,6 +8,9 @@ which also carries the C++ CPU kernels) register themselves per op with a predic
   PyTorch path. If the op has the backend but cannot take these inputs, a ``ValueError`` says why (an explicit
   request is never silently ignored).
 - ``"auto"``: the first registered backend, in priority order, that takes the inputs; else PyTorch.
+
+Under ``torch.func`` transforms (vmap, grad, jacrev, ...) "auto" runs the PyTorch path and an explicit kernel
+backend is refused: the kernels' autograd Functions have no vmap rules.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ def _select(op: str, backend: str, *args, **kwargs) -> Optional[_Impl]:
     impls = _REGISTRY.get(op, {})
     if backend == "torch":
         return None
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.vmap / grad / jacrev: the kernels' autograd Functions take plain tensors (no vmap rule); the
+        # PyTorch path is composed of ops that every transform knows
+        if backend == "auto" or backend not in impls:
+            return None
+        raise ValueError(f"{op}: backend={backend!r} does not run under torch.func transforms (vmap, grad, jacrev, "
+                         "...); use backend='auto' or 'torch' there")
     if backend == "auto":
         # This runs for every op call of every layer: the candidates per device are looked up, and the cheap "auto"
         # policy (e.g. a size threshold) is asked before the full support check.

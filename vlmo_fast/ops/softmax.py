@@ -14,7 +14,7 @@ import torch
 
 from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_bias_index, check_scale, check_shape, check_tensor, key_padding_keep
-from ._memo import TensorMemo
+from ._memo import TensorMemo, tracing
 from .relpos_gather import gather_bias
 
 
@@ -100,7 +100,7 @@ def _mask_parts(keep: torch.Tensor):
 def _compute_mask_parts(keep: torch.Tensor):
     dead = ~keep.any(dim=1)
     hide = ~(keep | dead[:, None])[:, None, None, :]
-    if keep.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
+    if keep.device.type == "cpu" and not tracing() and not bool(dead.any()):
         dead = None
     return hide, dead
 
