@@ -1,6 +1,7 @@
 """The training loop: official optimizer groups and schedule, BEiT conversion, convergence parity with the official
 math, 2-process equivalence, exact resume, faults (NaN losses, SIGTERM, corrupt images, bad data roots), CLI."""
 
+import contextlib
 import copy
 import io
 import csv
@@ -809,8 +810,13 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
         return real(ret)
 
     monkeypatch.setattr(objectives, "total_loss", flaky)
-    summary = train(small_cfg(tmp_path / "nan", synthetic_root, max_steps=10, max_bad_steps=3, log_every=2))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        summary = train(small_cfg(tmp_path / "nan", synthetic_root, max_steps=10, max_bad_steps=3, log_every=2))
     assert summary["skipped_steps"] == 4 and summary["stop_reason"].startswith("3 non-finite losses")
+    # numbered as the log rows number steps (from 1), with the values that step had
+    notices = [line for line in printed.getvalue().splitlines() if ": non-finite loss (" in line]
+    assert [line.split(":")[0] for line in notices] == ["step 2", "step 4", "step 5", "step 6"], notices
+    assert all("'itm_loss': nan" in line for line in notices), notices
     assert summary["last_checkpoint"] and os.path.isfile(summary["last_checkpoint"])
     # the steps are logged in pairs, each pair with one skipped step (2 and 4), up to the 6th that stops the run:
     # the logged averages leave the skipped steps' NaN out
@@ -1277,6 +1283,53 @@ def test_fsdp2_matches_ddp_and_resumes(tmp_path, synthetic_root):
         assert [int(r["step"]) for r in csv.DictReader(f) if r.get("val/itc_i2t_acc")] == [2]
 
 
+def _first_update_skipped_run(rank, world, out_dir, root, fsdp, save_every, nan_first=True):
+    real, calls = objectives.total_loss, {"n": 0}
+
+    def first_is_nan_on_rank_1(ret):  # every rank skips the step (the check is a collective)
+        calls["n"] += 1
+        return real(ret) * float("nan") if calls["n"] == 1 and rank == 1 and nan_first else real(ret)
+
+    objectives.total_loss = first_is_nan_on_rank_1
+    try:
+        cfg = small_cfg(out_dir, root, max_steps=3, per_device_batch_size=4, tasks=["itc", "mlm"], fsdp=fsdp,
+                        save_every=save_every, keep_last=5)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            result = losses(train(cfg))
+        if rank == 0 and nan_first:  # the notice names the rank whose loss was not finite, its values, the step
+            notice = [line for line in printed.getvalue().splitlines() if ": non-finite loss (" in line]
+            assert notice == [notice[0]] and notice[0].startswith("step 1: non-finite loss (rank 1: {"), notice
+            assert "rank 0" not in notice[0], notice
+        return result
+    finally:
+        objectives.total_loss = real
+
+
+def test_a_checkpoint_before_the_first_update_leaves_the_fsdp_run_alone(tmp_path, synthetic_root):
+    """Under FSDP2 the optimizer state is saved and loaded through torch's state-dict helpers, which first give an
+    optimizer without state one by stepping it with zero gradients. A checkpoint written while every step so far
+    was skipped as non-finite (a periodic save, a signal, the save before a --max-bad-steps stop) thus made the run's
+    first real update a second one: later losses differed from the same run without the save (and from DDP), and a
+    DDP checkpoint of that moment resumed under FSDP2 differently. Saved as it is (no state), and loaded so."""
+    from vlmo_fast.train.distributed import fsdp2_unavailable
+
+    if fsdp2_unavailable() is not None:
+        pytest.skip(fsdp2_unavailable())
+    ddp = run_distributed(_first_update_skipped_run, 2, str(tmp_path / "ddp"), synthetic_root, False, 1)[0]
+    fsdp_saving = run_distributed(_first_update_skipped_run, 2, str(tmp_path / "fsdp"), synthetic_root, True, 1)[0]
+    fsdp_plain = run_distributed(_first_update_skipped_run, 2, str(tmp_path / "plain"), synthetic_root, True, 1000)[0]
+    assert fsdp_plain == pytest.approx(ddp, rel=1e-5)
+    assert fsdp_saving == pytest.approx(ddp, rel=1e-5)
+    saved = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000001.pt", weights_only=True)["optimizer"]
+    assert saved["state"] == {}
+    # the DDP checkpoint of that moment, resumed under FSDP2, continues as DDP did
+    resumed_dir = tmp_path / "ddp_to_fsdp"
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copy(tmp_path / "ddp" / "checkpoints" / "step_00000001.pt", resumed_dir / "checkpoints")
+    resumed = run_distributed(_first_update_skipped_run, 2, str(resumed_dir), synthetic_root, True, 1000, False)[0]
+    assert resumed == pytest.approx(ddp[1:], rel=1e-5)
+
+
 class _Indices(torch.utils.data.Dataset):
     def __init__(self, n):
         self.n = n
@@ -1513,6 +1566,52 @@ def test_max_epochs_counts_the_partial_batch(tmp_path):
     cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=bs, per_device_batch_size=bs)
     summary = train(cfg)
     assert summary["steps"] == -(-n // bs) == n // bs + 1 and summary["stop_reason"] == "max_steps"
+
+
+def test_an_epoch_run_resumed_with_another_layout_says_its_length_changed(tmp_path):
+    """An epoch-based run's step count comes from its batches per epoch, and an epoch's last partial batch is kept
+    whole or split by the accumulation: resumed with another per-device batch (or world size), the same options
+    give another max_steps, and the learning-rate schedule follows it. The log said only 'per_device_batch_size
+    8 -> 4'; it names the new length now."""
+    from vlmo_fast.train.data_setup import train_stream
+    from vlmo_fast.train.distributed import DistInfo
+
+    root = str(tmp_path / "data")
+    vdata.write_synthetic(root, n_train=4, n_val=4, n_test=4, image_size=64, seed=3)
+    cfg = small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, per_device_batch_size=4)
+    model_config = vf.preset(cfg.arch, image_size=cfg.image_size, max_text_len=cfg.max_text_len)
+    n = len(train_stream(cfg, model_config, DistInfo(0, 1, 0, torch.device("cpu"))).sampler)
+    bs = next(b for b in range(4, 16, 2) if 0 < n % b <= b // 2)  # whole: ceil(n/b) steps; split: one fewer
+    whole, split = -(-n // bs), -(-n // (bs // 2)) // 2
+    assert whole == split + 1
+    first = train(small_cfg(tmp_path / "run", root, max_steps=None, max_epochs=1, batch_size=bs,
+                            per_device_batch_size=bs, save_every=1, keep_last=100))
+    assert first["steps"] == whole
+    resumed_dir = tmp_path / "resumed"
+    os.makedirs(resumed_dir / "checkpoints")
+    shutil.copy(tmp_path / "run" / "checkpoints" / "step_00000001.pt", resumed_dir / "checkpoints")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        summary = train(small_cfg(resumed_dir, root, max_steps=None, max_epochs=1, batch_size=bs,
+                                  per_device_batch_size=bs // 2, save_every=1, keep_last=100))
+    assert summary["steps"] == split
+    assert (f"per_device_batch_size {bs} -> {bs // 2}, max_steps (from max_epochs 1 with this layout) {whole} -> "
+            f"{split}: the learning-rate schedule follows the new length") in printed.getvalue()
+
+
+def test_the_signal_notice_names_its_rank_when_there_are_several(capsys):
+    """torchrun passes a SIGTERM on to every rank, and each printed the same notice."""
+    from vlmo_fast.train.distributed import DistInfo
+
+    for info, prefix in ((DistInfo(1, 2, 1, torch.device("cpu")), "rank 1: "), (None, "")):
+        flag = {}
+        previous = train_loop._install_signal_handlers(flag, info)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            train_loop._restore_signal_handlers(previous)
+        assert flag == {"signal": signal.SIGTERM}
+        assert capsys.readouterr().out == (f"{prefix}signal {int(signal.SIGTERM)}: stopping at the end of this step "
+                                           "or evaluation, with a checkpoint\n")
 
 
 def _signal_to_rank1_in_evaluation_run(rank, world, out_dir, root):

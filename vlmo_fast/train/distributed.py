@@ -157,8 +157,13 @@ def sync_replicated_grads(model: nn.Module) -> None:
 
 
 def optimizer_state(model: nn.Module, optimizer, fsdp: bool):
-    """The optimizer state to save: gathered to full tensors under FSDP2 (every rank must call it)."""
-    if not fsdp:
+    """The optimizer state to save: gathered to full tensors under FSDP2 (every rank must call it).
+
+    An optimizer without state yet (no update so far: every step skipped as non-finite) is saved as it is: torch's
+    FSDP2 state-dict helpers would first create its state by stepping it with zero gradients, which makes the run's
+    first real update a second one (its bias correction and step count one ahead) just because a checkpoint was
+    written."""
+    if not fsdp or not optimizer.state:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -168,8 +173,10 @@ def optimizer_state(model: nn.Module, optimizer, fsdp: bool):
 def load_optimizer_state(model: nn.Module, optimizer, state, fsdp: bool) -> None:
     """Load a saved optimizer state: torch's (parameters by position, as a DDP or one-process run saves it) or
     FSDP2's full state (parameters by name); either into either kind of run."""
-    if not fsdp:
-        optimizer.load_state_dict(state)  # by position in the groups: a state keyed by name loads as well
+    if not fsdp or not state["state"]:
+        # by position in the groups: a state keyed by name loads as well. A state without entries (saved before any
+        # update) leaves the optimizer without state, as it was: FSDP2's loader would create it with a zero step
+        optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -178,6 +185,12 @@ def load_optimizer_state(model: nn.Module, optimizer, state, fsdp: bool) -> None
     # strict=False: parameters that never received a gradient (e.g. the unused absolute text positions of the
     # relative-position models) have no state to restore
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    # the loader made every parameter's state first (a zero-gradient step); those without a saved state must have
+    # none, as in the run that saved it (AdamW skips a parameter without gradient and state alike)
+    saved = set(state["state"])
+    for name, p in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
 
 
 def _keyed_by_name(model: nn.Module, optimizer, state):

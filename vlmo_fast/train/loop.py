@@ -38,8 +38,8 @@ from ..model import VLMo
 from . import data_setup
 from .config import TrainConfig, check_data_choice, input_stage
 from .distributed import DistInfo, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
-    init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, optimizer_state, \
-    sync_replicated_grads, wrap_model
+    gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, \
+    optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
 from .state import (best_so_far, checkpoint_path, load_training_checkpoint, newest_readable_checkpoint,
@@ -430,12 +430,15 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _install_signal_handlers(flag: Dict[str, Any]):
+def _install_signal_handlers(flag: Dict[str, Any], info: Optional[DistInfo] = None):
     previous = {}
+    # torchrun passes a SIGTERM on to every rank: one notice each, so each says whose it is
+    who = f"rank {info.rank}: " if info is not None and info.world_size > 1 else ""
 
     def handler(signum, frame):
         if "signal" not in flag:
-            print(f"signal {signum}: stopping at the end of this step or evaluation, with a checkpoint", flush=True)
+            print(f"{who}signal {signum}: stopping at the end of this step or evaluation, with a checkpoint",
+                  flush=True)
         flag["signal"] = signum
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -546,6 +549,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
+            planned = state.get("max_steps")
+            if planned is not None and planned != max_steps and not any(c.startswith("max_") for c in changed):
+                # the same options, another layout (world size, per-device batch: an epoch's last partial batch
+                # is dropped or padded differently): the epochs give another step count, and the schedule with it
+                changed.append(f"max_steps (from max_epochs {cfg.max_epochs} with this layout) {planned} -> "
+                               f"{max_steps}: the learning-rate schedule follows the new length")
             plain_module(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
             scheduler.load_state_dict(state["scheduler"])
@@ -595,6 +604,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
             "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
+            "max_steps": max_steps,  # as resolved (from --max-epochs: by this run's layout)
         }
 
     # the step a run resumes from is saved already when it resumes from this folder's own checkpoint of it (from
@@ -671,7 +681,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         barrier()
 
     flag: Dict[str, Any] = {}
-    previous = _install_signal_handlers(flag)
+    previous = _install_signal_handlers(flag, info)
     # counted since the run began (a resumed run continues the counts of its checkpoint); bad samples per rank
     bad_in_a_row, skipped, bad_samples = 0, int(counts.get("skipped_steps", 0)), 0
     bad_before = int(counts.get("bad_samples", 0))
@@ -746,8 +756,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_a_row += 1
                     skipped += 1
-                    shown = {k: round(float(v), 4) for k, v in parts.items()}
-                    logger.write(f"step {step}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
+                    # every rank is here (the flag was reduced): one more collective, on this rare path only, so the
+                    # notice shows the values of the rank(s) that went non-finite, not rank 0's finite ones
+                    mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()})
+                    seen = gather_objects(mine) if info.world_size > 1 else [mine]
+                    where = [r for r, (nonfinite, _) in enumerate(seen) if nonfinite]
+                    shown = "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1]) for r in where)
+                    logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
+                                 f"({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.max_bad_steps:
                         stop_reason = f"{bad_in_a_row} non-finite losses in a row"
                         raise StopTraining(stop_reason)
