@@ -75,14 +75,59 @@ def test_recall_matches_brute_force():
 
 
 class _OracleITM(torch.nn.Module):
-    """An ITM head that knows the truth: the match logit is 1 exactly for an image and one of its captions."""
+    """An ITM head that knows the truth: the match logit is 10 for an image and one of its captions, else -10 (it
+    outweighs any dual-encoder score of unit features, which the official re-rank adds to it)."""
 
     def infer(self, batch):
         return {"cls_feats": torch.stack([batch["image"][0][:, 0, 0, 0], batch["text_ids"][:, 0].float()], 1)}
 
     def itm_score(self, cls):
-        match = (cls[:, 0] == cls[:, 1]).float()
+        match = (cls[:, 0] == cls[:, 1]).float() * 20 - 10
         return torch.stack([-match, match], 1)
+
+
+class _TableITM(torch.nn.Module):
+    """ITM match logits from a table: logit[image, caption] (the image's pixels carry its row, the caption's first
+    token its column)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def infer(self, batch):
+        return {"cls_feats": torch.stack([batch["image"][0][:, 0, 0, 0], batch["text_ids"][:, 0].float()], 1)}
+
+    def itm_score(self, cls):
+        logit = self.table[cls[:, 0].long(), cls[:, 1].long()]
+        return torch.stack([-logit, logit], 1)
+
+
+@pytest.mark.parametrize("k", [1, 4, 12])
+def test_itm_reranking_scores_as_the_official_code(k):
+    """The official compute_irtr_recall_with_rerank ranks by ITM logit + dual-encoder score in each query's top
+    k_test and by dual-encoder score - 100 elsewhere (it sorted the top k by the logit alone: with logits of the
+    features' scale, the two orders differ). Brute force over the full score matrices, logits of both scales."""
+    gen = torch.Generator().manual_seed(k)
+    img = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen), dim=-1)
+    ids = torch.arange(9).repeat_interleave(3)[:25]
+    txt = torch.nn.functional.normalize(img[ids] + 1.2 * torch.randn(25, 8, generator=gen), dim=-1)
+    images = [{"image": torch.full((3, 2, 2), float(i))} for i in range(9)]
+    texts = [{"text_ids": torch.tensor([t, 5]), "text_masks": torch.ones(2, dtype=torch.long)} for t in range(25)]
+    for scale in (0.3, 3.0):
+        table = scale * torch.randn(9, 25, generator=gen)
+        got = rerank_recall(_TableITM(table), img, txt, ids, torch.arange(9), images, texts, k=k, batch_size=5)
+        sims = img @ txt.t()
+        i2t = sims - 100.0
+        top = sims.topk(k, dim=1).indices
+        i2t.scatter_(1, top, (table + sims).gather(1, top))
+        t2i = sims.t() - 100.0
+        top = sims.t().topk(min(k, 9), dim=1).indices
+        t2i.scatter_(1, top, (table.t() + sims.t()).gather(1, top))
+        for K in (1, 5, 10):
+            tr = (ids[i2t.topk(K, dim=1).indices] == torch.arange(9)[:, None]).any(1).float().mean()
+            ir = (t2i.topk(min(K, 9), dim=1).indices == ids[:, None]).any(1).float().mean()
+            assert got[f"tr_r{K}"] == pytest.approx(float(tr)), (scale, K)
+            assert got[f"ir_r{K}"] == pytest.approx(float(ir)), (scale, K)
 
 
 @pytest.mark.parametrize("k", [3, 10, 40])
@@ -137,7 +182,7 @@ class _PixelModel(torch.nn.Module):
         return {"cls_feats": torch.stack([((red - 10) / 20).round(), number], 1)}
 
     def itm_score(self, cls):
-        match = (cls[:, 0] == cls[:, 1]).float()
+        match = (cls[:, 0] == cls[:, 1]).float() * 20 - 10  # outweighs the dual-encoder score added to it
         return torch.stack([-match, match], 1)
 
 
@@ -255,6 +300,14 @@ def test_evaluate_vqa_weights_batches_by_size_and_pairs_each_question_with_its_a
                   "vqa_labels": [[], []], "vqa_scores": [[], []]}
     assert evaluate_vqa(_FixedVQA(), [unlabelled], torch.device("cpu")) == {"vqa_score": None,
                                                                            "predictions": [(9, 1), (8, 3)]}
+    # a val split where some questions have no answer in the label set: each counts with 0 (the official VQAScore),
+    # whatever batch it falls in (a batch of only such questions was left out of the mean: 0.55 with them in a
+    # batch of their own, 0.367 mixed in; 0.367 both ways now)
+    none = dict(unlabelled, qid=[21, 22])
+    for batches in ([first, second, none], [first, dict(second, qid=[5, 21, 22],
+                                                        logits=torch.cat([second["logits"], none["logits"]]),
+                                                        vqa_labels=[[3], [], []], vqa_scores=[[0.9], [], []])]):
+        assert evaluate_vqa(_FixedVQA(), batches, torch.device("cpu"))["vqa_score"] == pytest.approx(2.2 / 6)
 
 
 class _FixedNLVR2(torch.nn.Module):

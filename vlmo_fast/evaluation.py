@@ -136,9 +136,10 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
                   image_ids: torch.Tensor, image_dataset, text_dataset, k: int = 32, device=None, autocast_dtype=None,
                   batch_size: int = 64, ks: Sequence[int] = (1, 5, 10), image_index: Optional[torch.Tensor] = None,
                   text_index: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Recall after re-ranking each query's top ``k`` dual-encoder candidates by the ITM head's match logit; the
-    candidates after the top ``k`` keep their dual-encoder order, so R@K for K > k is still meaningful (it counts a
-    positive that the dual encoder ranks in its top K).
+    """Recall after re-ranking each query's top ``k`` dual-encoder candidates with the ITM head, scored as the official
+    ``compute_irtr_recall_with_rerank``: a top-``k`` candidate by its match logit plus its dual-encoder score, every
+    other by its dual-encoder score less 100 (so they follow, in dual-encoder order: R@K for K > k still counts a
+    positive that the dual encoder ranks in its top K). Ties keep the dual-encoder order.
 
     Needs a model with ``itm_score`` (a pretraining checkpoint) and map-style datasets giving one item per image
     (``image``) and per caption (``text_ids``, ``text_masks``). ``image_index[i]`` / ``text_index[t]``: the dataset
@@ -178,11 +179,11 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
                 out.append(model.itm_score(model.infer(batch)["cls_feats"])[:, 1].float().cpu())
         return torch.cat(out)
 
-    # every query's dual-encoder top max(k, K) (rows: images for TR, captions for IR); its first k are re-ordered
-    # by the ITM logit of (image, caption), ties keeping the dual-encoder order
+    # every query's dual-encoder top max(k, K) with its scores (rows: images for TR, captions for IR); its first k
+    # are re-scored with the ITM logit of (image, caption)
     n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
-    i2t = _top_indices(image_feats, text_feats, min(max(k, kmax), n_txt))
-    t2i = _top_indices(text_feats, image_feats, min(max(k, kmax), n_img))
+    i2t_sim, i2t = _top(image_feats, text_feats, min(max(k, kmax), n_txt))
+    t2i_sim, t2i = _top(text_feats, image_feats, min(max(k, kmax), n_img))
     # a pair as one number, image * n_txt + caption: the distinct pairs, sorted, are in image order, so each image
     # is decoded once (it was once per pair: a caption's k candidates each decoded theirs), and a pair both
     # directions rank is scored once
@@ -191,27 +192,27 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     keys = torch.unique(torch.cat([key_tr.flatten(), key_ir.flatten()]))
     logits = itm_scores((keys // n_txt).tolist(), (keys % n_txt).tolist())
 
-    def recalls(ranked: torch.Tensor, keys_of_top: torch.Tensor,
+    def recalls(ranked: torch.Tensor, sims: torch.Tensor, keys_of_top: torch.Tensor,
                 hit_of: Callable[[torch.Tensor], torch.Tensor]) -> Dict[int, int]:
-        order = logits[torch.searchsorted(keys, keys_of_top)].sort(dim=1, descending=True, stable=True).indices
-        top = ranked[:, :k].gather(1, order)
-        hits = hit_of(torch.cat([top, ranked[:, k:]], dim=1)[:, :kmax])
+        score = torch.cat([logits[torch.searchsorted(keys, keys_of_top)] + sims[:, :k], sims[:, k:] - 100.0], dim=1)
+        order = score.sort(dim=1, descending=True, stable=True).indices
+        hits = hit_of(ranked.gather(1, order)[:, :kmax])
         return {kk: int(hits[:, :kk].any(1).sum()) for kk in ks}
 
     ids_txt, ids_img = text_image_ids.cpu(), image_ids.cpu()
-    tr = recalls(i2t, key_tr, lambda ranked: ids_txt[ranked] == ids_img[:, None])
-    ir = recalls(t2i, key_ir, lambda ranked: ids_img[ranked] == ids_txt[:, None])
+    tr = recalls(i2t, i2t_sim, key_tr, lambda ranked: ids_txt[ranked] == ids_img[:, None])
+    ir = recalls(t2i, t2i_sim, key_ir, lambda ranked: ids_img[ranked] == ids_txt[:, None])
     out = {f"tr_r{kk}": tr[kk] / image_feats.shape[0] for kk in ks}
     out.update({f"ir_r{kk}": ir[kk] / text_feats.shape[0] for kk in ks})
     out["r_mean"] = sum(out.values()) / len(out)
     return out
 
 
-def _top_indices(queries: torch.Tensor, gallery: torch.Tensor, m: int, block: int = 1024) -> torch.Tensor:
-    """(Q, m) CPU indices of each query's m best-scoring gallery rows, in blocks of queries (a 25K x 5K score
-    matrix would be 500 MB at once)."""
-    return torch.cat([(queries[s : s + block] @ gallery.t()).topk(m, dim=1).indices.cpu()
-                      for s in range(0, queries.shape[0], block)])
+def _top(queries: torch.Tensor, gallery: torch.Tensor, m: int, block: int = 1024):
+    """(Q, m) fp32 scores and indices (on the CPU) of each query's m best-scoring gallery rows, best first, in blocks
+    of queries (a 25K x 5K score matrix would be 500 MB at once)."""
+    parts = [(queries[s : s + block] @ gallery.t()).float().topk(m, dim=1) for s in range(0, queries.shape[0], block)]
+    return torch.cat([p.values.cpu() for p in parts]), torch.cat([p.indices.cpu() for p in parts])
 
 
 def _item(dataset, index: int) -> dict:
@@ -235,11 +236,12 @@ def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_dtype=None,
                  stats: Optional[dict] = None) -> Dict[str, object]:
-    """VQA score over the batches (when they carry targets) and the argmax label per question id; unreadable
-    samples are left out (counted in ``stats["bad_samples"]``)."""
+    """VQA score over the questions and the argmax label per question id; unreadable samples are left out (counted
+    in ``stats["bad_samples"]``). Every question counts, as in the official VQAScore, one without an answer in the
+    label set with score 0; a split where no question has any (the test split) has no score (None)."""
     from .objectives import vqa_targets
 
-    total, n, predictions = 0.0, 0, []
+    total, n, labelled, predictions = 0.0, 0, False, []
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
@@ -247,11 +249,12 @@ def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_
             logits = model.vqa_classifier(model.infer(batch)["cls_feats"]).float()
         predictions += list(zip([int(q) for q in batch["qid"]], logits.argmax(1).tolist()))
         labels = batch.get("vqa_labels")
-        if labels is not None and any(len(x) for x in labels):
+        if labels is not None:  # (whether a batch had any answer must not decide whether it counts)
+            labelled |= any(len(x) for x in labels)
             targets = vqa_targets(labels, batch["vqa_scores"], logits.shape[1], logits.device)
             total += vqa_score(logits, targets) * logits.shape[0]
             n += logits.shape[0]
-    return {"vqa_score": total / n if n else None, "predictions": predictions}
+    return {"vqa_score": total / n if n and labelled else None, "predictions": predictions}
 
 
 def build_id2answer(tables) -> Dict[int, str]:

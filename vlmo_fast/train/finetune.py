@@ -131,7 +131,9 @@ def _evaluate_parser(task: str) -> argparse.ArgumentParser:
                    help="DataLoader workers decoding the images (0: in the main process; default: min(8, CPUs), "
                         "the official 8)")
     if task == "irtr":
-        p.add_argument("--rerank-k", type=_count, default=0, help="re-rank the top k by the ITM head (0: off)")
+        p.add_argument("--rerank-k", type=_count, default=0,
+                       help="re-rank each query's top k by ITM logit + dual-encoder score, as the official "
+                            "compute_irtr_recall_with_rerank (its k_test: 32; 0: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help={
