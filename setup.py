@@ -36,7 +36,8 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         # A cache from an earlier build can point at tools that no longer exist (pip's isolated build environments
-        # are temporary): configure afresh every time; the compiled objects are still reused.
+        # are temporary): configure afresh every time. The compiled objects are reused when the build folder persists
+        # (an editable or --no-build-isolation rebuild); a plain `pip install .` builds in a new one each time.
         (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         cuda = os.environ.get("VLMO_FAST_CUDA", "auto").lower()
         if cuda not in ("auto", "0", "1"):

@@ -404,7 +404,7 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                                      {k_: wrap(k_, make(f)) for k_, f in impls.items()}, flops=fl, check=True)
                 for r in rows:
                     if r.impl == "flex" and flex.note:
-                        r.note = flex.note
+                        r.note = flex.note + (f"; {r.note}" if r.note else "")
 
 
 def compiled(fn):
@@ -1073,14 +1073,13 @@ def context_ok(dev: torch.device) -> bool:
 
 
 def restart(args: argparse.Namespace, size_name: str, dtypes: List[str], results: str, ops_left: List[str],
-            deadline: float) -> None:
+            deadline: float, device: str = "cuda") -> None:
     """Run the ops left in a fresh process (the same options, the same deadline), continuing the results file: this
     process is replaced (exec: its broken context and the GPU memory it holds are released; the PID stays, so the
     GPU suite's time limit still applies)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size_name, "--dtypes", ",".join(dtypes),
            "--out", args.out, "--continue-from", results, "--resume-order", "|".join(ops_left)]
-    if args.device:
-        cmd += ["--device", args.device]
+    cmd += ["--device", args.device or device]  # the same device (auto could choose another in a fresh process)
     if args.reps:
         cmd += ["--reps", str(args.reps)]
     if math.isfinite(deadline):
@@ -1173,7 +1172,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                       args.out, plot=False)
         if broken and order[i + 1:]:
             print(f"!!! the CUDA context is broken after {op}: continuing in a fresh process", flush=True)
-            restart(args, size_name, dtypes, paths["json"], order[i + 1:], bench.deadline)
+            restart(args, size_name, dtypes, paths["json"], order[i + 1:], bench.deadline, str(dev))
             return {"meta": meta, "rows": bench.rows, "paths": paths, "restarted": True}
     meta["skipped"] += bench.notes
     paths = harness.write_results(dict(meta, complete=True), bench.rows, args.out, plot=not args.no_plot)

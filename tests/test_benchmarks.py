@@ -608,8 +608,8 @@ def test_a_broken_cuda_context_continues_the_run_in_a_fresh_process(tmp_path, mo
     first = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm,optimizer", "--out", str(tmp_path),
                             "--no-plot", "--deadline", str(time.time() + 600)])
     assert first.get("restarted") and len(calls) == 1
-    args, size_name, dtypes, results, left, deadline = calls[0]
-    assert left == ["layernorm", "optimizer"] and results == first["paths"]["json"] and deadline < time.time() + 601
+    args, size_name, dtypes, results, left, deadline, device = calls[0]
+    assert device == "cpu" and left == ["layernorm", "optimizer"] and results == first["paths"]["json"] and deadline < time.time() + 601
     saved = json.loads(open(results).read())
     assert {r["op"] for r in saved["rows"]} == {"softmax"} and saved["meta"]["complete"] is False
     assert saved["meta"]["skipped"] == ["softmax: a sticky CUDA error broke the process's context after it"]
@@ -709,3 +709,17 @@ def test_source_hash_names_the_code(tmp_path):
     (tmp_path / "csrc" / "k.cu").write_text("// kernel, changed\n")
     assert harness.source_hash(str(tmp_path)) != h
     assert re.fullmatch(r"[0-9a-f]{16}", harness.source_hash())
+
+
+def test_the_official_step_is_skipped_where_its_scaled_peak_does_not_fit(monkeypatch):
+    """At the target batch the official step is skipped when its peak at the checked batch, scaled to this one,
+    exceeds the free memory (a known OOM on an 80 GB H100 that cost time and fragmented memory)."""
+    checked = [harness.Row(op="step", impl="official", mode="step", case={"B": 64}, dtype="bf16", peak_mem_mb=50000.0),
+               harness.Row(op="step", impl="vlmo_fast", mode="step", case={"B": 64}, dtype="bf16", peak_mem_mb=20000.0)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (79 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda")
+    why = bench_run._predicted_not_to_fit(cuda, checked, "official", 128)
+    assert why.startswith("would not fit: about 98 GB by its peak at B=64 scaled to B=128, 79 GB free")
+    assert bench_run._predicted_not_to_fit(cuda, checked, "vlmo_fast", 128) == ""
+    assert bench_run._predicted_not_to_fit(torch.device("cpu"), checked, "official", 128) == ""
+    assert bench_run._predicted_not_to_fit(cuda, [], "official", 128) == ""  # nothing to scale: try it

@@ -4,6 +4,7 @@ must compile in CI), importable without a driver."""
 import shutil
 
 import pytest
+import torch
 
 import vlmo_fast
 
@@ -71,3 +72,32 @@ def test_ops_import_and_fall_back_without_the_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_cuda_kernels_that_cannot_run_here_are_declined_with_the_reason(monkeypatch):
+    """The extension's CUDA code runs only where its static runtime meets a new enough driver and the GPU's
+    architecture was compiled (sm_80/sm_90 + compute_90 PTX by default): otherwise "auto" takes PyTorch and an
+    explicit backend="cuda" names the reason, instead of a launch failure (e.g. a T4, sm_75, or a driver older than
+    the nvcc that built it)."""
+    from vlmo_fast.ops import native
+
+    default = "80-real,90-real,90-virtual"
+    assert native.arch_mismatch((8, 0), default) is None and native.arch_mismatch((8, 6), default) is None
+    assert native.arch_mismatch((9, 0), default) is None and native.arch_mismatch((12, 0), default) is None  # PTX
+    assert "sm_75" in native.arch_mismatch((7, 5), default) and "VLMO_FAST_CUDA_ARCHS" in native.arch_mismatch(
+        (7, 5), default)
+    assert native.arch_mismatch((10, 0), "80-real;90-real") is not None  # machine code only: no newer major
+    assert native.arch_mismatch((8, 9), "86-real") is None and native.arch_mismatch((8, 0), "86-real") is not None
+
+    class FakeC:
+        def __init__(self, status):
+            self.status = status
+
+        def build_info(self):
+            return {"cuda_device_status": self.status, "cuda_archs": default}
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(native, "_C", FakeC("cudaErrorInsufficientDriver: CUDA driver version is insufficient"))
+    assert "driver" in native._cuda_unusable.__wrapped__(0)
+    monkeypatch.setattr(native, "_C", FakeC("ok"))
+    assert "sm_75" in native._cuda_unusable.__wrapped__(0)

@@ -87,8 +87,8 @@ def test_cpu_rows_far_from_zero_beat_eager(b, n, d, split):
     """Every row at 100 + N(0, 1), fp32. Eager's error is then dominated by the fp32 rounding of the saved mean (up
     to half an ulp of 100, 4e-6), which shifts every x̂ of a row alike. The C++ kernel measures that rounding residue
     (mean_D(x - μ), exact near μ) in the forward and again in the backward, so its y and dx errors are a fraction of
-    eager's (below 0.12x over 12 seeds; the kernel without the residue was at 0.35-0.45x), and dγ/dβ, summed in
-    chunks of rows, stay within twice eager's error with no absolute slack."""
+    eager's (at most 0.05x and 0.12x over 12 seeds; the kernel without the residue reached 0.41x and 0.35x), and
+    dγ/dβ stay within twice eager's error with no absolute slack."""
     experts = 1 if split is None else 2
     names = ["dx", "dw0", "dw1", "db0", "db1"] if experts == 2 else ["dx", "dw0", "db0"]
     for seed in range(4):
@@ -98,10 +98,27 @@ def test_cpu_rows_far_from_zero_beat_eager(b, n, d, split):
         y, grads, gy = run(x, w, bb, split, "cuda")
         ye, grads_e, _ = run(x, w, bb, split, "torch", gy=gy)
         yr, grads_r = reference(x, w, bb, split, gy)
-        assert max_err(y, yr) <= 0.25 * max_err(ye, yr), seed
-        assert max_err(grads[0], grads_r[0]) <= 0.25 * max_err(grads_e[0], grads_r[0]), seed
+        assert max_err(y, yr) <= 0.15 * max_err(ye, yr), seed
+        assert max_err(grads[0], grads_r[0]) <= 0.15 * max_err(grads_e[0], grads_r[0]), seed
         for name, got, eager, ref in zip(names, grads, grads_e, grads_r):
             assert_rule(name, got, eager, ref, 0.0)
+
+
+def test_cpu_weight_gradients_over_many_rows_are_summed_in_chunks():
+    """dβ = Σ_rows dy over 32768 rows on one thread: a running fp32 sum's error grows with the row count (eager's
+    too); the C++ kernel sums chunks of 16 rows first, so its error stays well below eager's (0.12x at 65536 rows,
+    where the running sum had eager's error)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(128, 256, 64, generator=torch.Generator().manual_seed(4))
+        w, bb = params(1, 64, "cpu")
+        _, grads, gy = run(x, w, bb, None, "cuda")
+        _, grads_e, _ = run(x, w, bb, None, "torch", gy=gy)
+        db_ref = gy.double().sum(dim=(0, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert max_err(grads[2], db_ref) <= 0.5 * max_err(grads_e[2], db_ref)
 
 
 @pytest.mark.parametrize("device", devices(), indirect=True)

@@ -1592,10 +1592,11 @@ def test_an_epoch_run_resumed_with_another_layout_says_its_length_changed(tmp_pa
     shutil.copy(tmp_path / "run" / "checkpoints" / "step_00000001.pt", resumed_dir / "checkpoints")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         summary = train(small_cfg(resumed_dir, root, max_steps=None, max_epochs=1, batch_size=bs,
-                                  per_device_batch_size=bs // 2, save_every=1, keep_last=100))
+                                  per_device_batch_size=bs // 2, save_every=1, keep_last=100, max_bad_steps=7))
     assert summary["steps"] == split
-    assert (f"per_device_batch_size {bs} -> {bs // 2}, max_steps (from max_epochs 1 with this layout) {whole} -> "
-            f"{split}: the learning-rate schedule follows the new length") in printed.getvalue()
+    assert (f"max_steps (from max_epochs 1 with this layout) {whole} -> {split}: the learning-rate schedule follows "
+            "the new length") in printed.getvalue()  # (also when another max_* option changed)
+    assert f"per_device_batch_size {bs} -> {bs // 2}" in printed.getvalue()
 
 
 def test_the_signal_notice_names_its_rank_when_there_are_several(capsys):

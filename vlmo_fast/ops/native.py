@@ -108,12 +108,44 @@ def _runs_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def arch_mismatch(capability: Tuple[int, int], archs: str) -> Optional[str]:
+    """Why CUDA code compiled for ``archs`` (CMake's form, e.g. "80-real,90-real,90-virtual") cannot run on a device
+    of compute ``capability``, or None: machine code for sm_XY runs on sm_XZ with Z >= Y; PTX for compute_XY is
+    compiled by the driver for any device of capability XY or higher."""
+    major, minor = capability
+    for arch in (a.strip() for a in archs.replace(";", ",").split(",") if a.strip()):
+        number, _, kind = arch.partition("-")
+        if not number.isdigit():
+            continue
+        m, n = divmod(int(number), 10)
+        if kind != "virtual" and m == major and n <= minor:
+            return None
+        if kind != "real" and (m, n) <= (major, minor):
+            return None
+    return (f"vlmo_fast._C's CUDA kernels were compiled for {archs}; this GPU is sm_{major}{minor} (rebuild with "
+            f"VLMO_FAST_CUDA_ARCHS including {major}{minor})")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unusable(index: int) -> Optional[str]:
+    """Why the compiled CUDA kernels cannot run on CUDA device ``index`` here, or None (asked once per device): the
+    extension's static CUDA runtime needs a driver at least as new as it, and code for the device's architecture."""
+    info = _C.build_info()
+    status = info.get("cuda_device_status", "ok")
+    if status != "ok":
+        return f"vlmo_fast._C's CUDA runtime cannot use this machine's driver ({status})"
+    return arch_mismatch(torch.cuda.get_device_capability(index), str(info.get("cuda_archs", "")))
+
+
 def _native_missing(device: torch.device) -> Optional[str]:
     if _C is None:
         return f"the native extension vlmo_fast._C is not built ({_native._IMPORT_ERROR})"
     if _runs_cuda(device):
         if not _CUDA_COMPILED:
             return "vlmo_fast._C was built without its CUDA kernels (no nvcc at build time)"
+        # (the tests' CUDA emulator runs the CUDA branch on CPU tensors, and names a CUDA device without one)
+        if device.type == "cuda" and torch.cuda.is_available():
+            return _cuda_unusable(torch.cuda.current_device() if device.index is None else device.index)
     elif device.type != "cpu":
         return f"no native kernels for device type {device.type!r} (cpu and cuda only)"
     return None

@@ -550,7 +550,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
             planned = state.get("max_steps")
-            if planned is not None and planned != max_steps and not any(c.startswith("max_") for c in changed):
+            if planned is not None and planned != max_steps and not any(
+                    c.split(" ")[0] in ("max_steps", "max_epochs") for c in changed):
                 # the same options, another layout (world size, per-device batch: an epoch's last partial batch
                 # is dropped or padded differently): the epochs give another step count, and the schedule with it
                 changed.append(f"max_steps (from max_epochs {cfg.max_epochs} with this layout) {planned} -> "
