@@ -211,7 +211,8 @@ class VLMo(nn.Module):
             if t.device != self.device:
                 raise ValueError(f"{name} must be on the model's device {self.device}, got {t.device}")
         # value checks would break a compiled graph, and cannot read a batched tensor under torch.func transforms
-        # (the embedding lookup still refuses an out-of-range id there)
+        # (there an out-of-range id still fails in the embedding lookup: an IndexError on CPU, a device-side assert
+        # on CUDA)
         if text_ids.numel() and not tracing():
             # once per tensor (a training step passes the same text_ids to several encoder calls): on a GPU each
             # check is a device sync
