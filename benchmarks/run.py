@@ -225,10 +225,15 @@ class Bench:
             r.case_wall_s = wall
             if base is not None and r.ms is not None:
                 r.speedup = base.ms / r.ms
+        return self.record(rows)
+
+    def record(self, rows: List[Row]) -> List[Row]:
+        """Keep finished rows, print them, and put the results so far on disk (a run killed later, at the suite's
+        hard limit, keeps them)."""
         self.rows.extend(rows)
         for r in rows:
             print(_row_line(r), flush=True)
-        if self.after_case is not None:  # a run killed later (the suite's hard limit) keeps this case's rows
+        if self.after_case is not None:
             self.after_case()
         return rows
 
@@ -731,9 +736,7 @@ def bench_step_alone(bench: Bench, cfg, b: int, dtype_name: str, dtype, arch: st
         if too_big:  # an out-of-memory attempt costs the budget's time and fragments memory before our row
             row = Row(op="step", impl=name, mode="step", case=dict(B=b, arch=arch, tasks="mlm+itc+itm"),
                       dtype=dtype_name, baseline="official", status=f"skipped: {too_big}")
-            print(_row_line(row), flush=True)
-            bench.rows.append(row)
-            rows[name] = row
+            rows[name] = bench.record([row])[0]
             continue
         torch.manual_seed(0)
         model = make(cfg).to(dev).train()
@@ -943,10 +946,7 @@ def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
         base = rows[0].ms
         for r in rows:
             r.speedup = base / r.ms if base and r.ms else None
-            print(_row_line(r), flush=True)
-        bench.rows.extend(rows)
-        if bench.after_case is not None:  # on disk before the end-to-end run (a dataset to write, then to read)
-            bench.after_case()
+        bench.record(rows)  # on disk before the end-to-end run (a dataset to write, then to read)
         bench_retrieval_end_to_end(bench, models["vlmo_fast"], cfg, n_img, n_txt, bs, dtype_name, dtype)
         del models
         if dev.type == "cuda":
@@ -1018,10 +1018,7 @@ def bench_retrieval_end_to_end(bench: Bench, model, cfg, n_img: int, n_txt: int,
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     row.case_wall_s = time.time() - started
-    print(_row_line(row), flush=True)
-    bench.rows.append(row)
-    if bench.after_case is not None:
-        bench.after_case()
+    bench.record([row])
 
 
 # ---- main --------------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         # multiple of the default's
         # (on a CPU the PyTorch path too: #5's "every CPU kernel faster than the torch CPU path it replaces")
         cpu = data.get("meta", {}).get("device_type") == "cpu"
-        variants = [f"{r['impl'][len('vlmo_fast['):-1]}: {_up(r['ms'] / ours['ms'], 2)}x the time" for r in rows
+        variants = [f"{r['impl'][len('vlmo_fast['):-1]}: {_down(r['ms'] / ours['ms'], 2, up=True)}x the time" for r in rows
                     if r["impl"].startswith("vlmo_fast[") and (cpu or r["impl"] != "vlmo_fast[torch]") and r["ms"]
                     and ours["ms"] and r.get("status", "ok") == "ok"]
         if variants:
@@ -162,18 +162,12 @@ def _f(x, spec, suffix=""):
     return "" if x is None else format(x, spec) + suffix
 
 
-def _down(x: float, digits: int) -> str:
+def _down(x: float, digits: int, up: bool = False) -> str:
     """x with ``digits`` decimals, rounded toward zero: a ratio, rate or fraction read against a target (2x, 80%,
-    200 TFLOP/s) never shows as reached when it is not (1.996 -> "1.99", not "2.00")."""
+    200 TFLOP/s) never shows as reached when it is not (1.996 -> "1.99", not "2.00"). ``up``: rounded up instead, for
+    a ratio where lower is better (a variant's time against the default, #4's "under 10%")."""
     q = 10**digits
-    return f"{math.floor(x * q + 1e-9) / q:.{digits}f}"
-
-
-def _up(x: float, digits: int) -> str:
-    """x with ``digits`` decimals, rounded up: a ratio where lower is better (a variant's time against the default,
-    #4's "under 10%") never shows as better than it is."""
-    q = 10**digits
-    return f"{math.ceil(x * q - 1e-9) / q:.{digits}f}"
+    return f"{(math.ceil(x * q - 1e-9) if up else math.floor(x * q + 1e-9)) / q:.{digits}f}"
 
 
 def _d(x, digits, suffix=""):

@@ -12,11 +12,16 @@ from typing import Any, Callable, Dict, Hashable, Tuple
 import torch
 
 
+def func_transforms_active() -> bool:
+    """True while a torch.func transform (vmap, grad, jacrev, ...) runs."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def tracing() -> bool:
-    """True while torch.compile traces or a torch.func transform (vmap, grad, ...) runs: a tensor's values cannot be
-    read on the host then (a graph break; a batched tensor has no single value), so value checks and the shortcuts
-    decided by reading values are skipped."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    """True while torch.compile traces or a torch.func transform runs: a tensor's values cannot be read on the host
+    then (a graph break; a batched tensor has no single value), so value checks and the shortcuts decided by reading
+    values are skipped."""
+    return torch.compiler.is_compiling() or func_transforms_active()
 
 
 class TensorMemo:

@@ -14,6 +14,7 @@ import torch
 
 from . import backend as _backend
 from ._checks import FLOAT_DTYPES, check_scale, check_tensor
+from ._memo import func_transforms_active
 from .softmax import check_bias_args, softmax_checked
 
 
@@ -92,7 +93,7 @@ def split_qkv(qkv: torch.Tensor, heads: int):
     layout: two copies of the projection's gradient per layer. Here the backward takes them as they are when they
     already lie packed, as the Triton attention's backward writes them, and copies once otherwise. Under torch.func
     transforms (vmap, grad, ...), which the Function has no rule for, the plain views."""
-    if torch._C._are_functorch_transforms_active():
+    if func_transforms_active():
         b, n, c3 = qkv.shape
         return unpack_qkv(qkv.view(b, n, 3, heads, c3 // (3 * heads)))
     return _SplitQKV.apply(qkv, heads)

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._memo import func_transforms_active
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
@@ -105,7 +107,7 @@ def _select(op: str, backend: str, *args, **kwargs) -> Optional[_Impl]:
     impls = _REGISTRY.get(op, {})
     if backend == "torch":
         return None
-    if torch._C._are_functorch_transforms_active():
+    if func_transforms_active():
         # torch.func.vmap / grad / jacrev: the kernels' autograd Functions take plain tensors (no vmap rule); the
         # PyTorch path is composed of ops that every transform knows
         if backend == "auto" or backend not in impls:

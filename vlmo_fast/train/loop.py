@@ -760,7 +760,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     # every rank is here (the flag was reduced): one more collective, on this rare path only, so the
                     # notice shows the values of the rank(s) that went non-finite, not rank 0's finite ones
                     mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()})
-                    seen = gather_objects(mine) if info.world_size > 1 else [mine]
+                    seen = gather_objects(mine)
                     where = [r for r, (nonfinite, _) in enumerate(seen) if nonfinite]
                     shown = "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1]) for r in where)
                     logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
