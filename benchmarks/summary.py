@@ -111,6 +111,8 @@ def summary_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         others = [r for r in rivals if r["ms"] is not None and r.get("status", "ok") == "ok"]
         best = min(others, key=lambda r: r["ms"]) if others else None
         status = ours["status"]
+        if ours.get("from_run"):
+            status = ("" if status == "ok" else status + "; ") + f"from the run of {ours['from_run']}"
         missing = [f"{r['impl']} ({(r.get('status') or 'no time').split(':')[0]})" for r in rivals if r not in others]
         if missing:  # so that "best other" is never read as "the best of all" when a competitor had no valid row
             status = ("" if status == "ok" else status + "; ") + "not compared: " + ", ".join(missing)
@@ -181,15 +183,30 @@ def _peak(s: Dict[str, Any]) -> str:
     return _f(s["peak_mb"], ".0f") + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
+def _cut(meta: Dict[str, Any]) -> List[str]:
+    """What a run's budget or a broken CUDA context left out (as opposed to what its options left out)."""
+    return [n for n in meta.get("skipped", []) if "time budget" in n or "CUDA error" in n]
+
+
+def _partial(meta: Dict[str, Any]) -> bool:
+    return meta.get("complete") is False or bool(_cut(meta))
+
+
+def _run_label(meta: Dict[str, Any]) -> str:
+    return f"{meta['date'][:10]}, commit {meta['commit']}"
+
+
 def summary_markdown(data: Dict[str, Any]) -> str:
     m = data["meta"]
-    cut = [n for n in m.get("skipped", []) if "time budget" in n or "CUDA error" in n]
+    filled = data.get("filled_from") or []
     lines = [
         f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`"
         + (f" (source {m['source_sha256']})" if m.get("source_sha256") else "")
         + f", torch {m['torch']}, sizes `{m['sizes']}`"
         + (" (partial: the run stopped before its end)" if m.get("complete") is False
-           else " (partial: see Left out)" if cut else ""),
+           else " (partial: see Left out)" if _cut(m) else "")
+        + ("" if not filled else "; the cases it did not reach are from earlier runs on this device ("
+           + "; ".join(filled) + "), each marked with its run"),
         "",
         "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | "
         "MFU vs GEMM | MFU vs datasheet | samples/s | call peak MB (x official) |",
@@ -245,16 +262,44 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
 
 
 def readme_table(folder: str) -> str:
-    """The newest committed result per device, summarised (files git does not track are left out)."""
-    per_device: Dict[str, Dict[str, Any]] = {}
+    """Per device, the newest committed result, summarised (with the cases a cut-short run missed from the runs
+    before it: ``merged``); files git does not track are left out."""
+    runs: Dict[str, List[Dict[str, Any]]] = {}
     for data in results_in(folder, committed_only=True):
-        dev = data["meta"]["device"]
-        if dev not in per_device or data["meta"]["date"] > per_device[dev]["meta"]["date"]:
-            per_device[dev] = data
-    if not per_device:
+        runs.setdefault(data["meta"]["device"], []).append(data)
+    if not runs:
         return "No committed benchmark results yet.\n"
-    parts = [summary_markdown(d) for _, d in sorted(per_device.items(), key=lambda kv: kv[1]["meta"]["device_type"])]
-    return "\n".join(parts)
+    tables = sorted((merged(r) for r in runs.values()), key=lambda d: (d["meta"]["device_type"], d["meta"]["device"]))
+    return "\n".join(summary_markdown(d) for d in tables)
+
+
+def _group(row: Dict[str, Any]) -> tuple:
+    return row["op"], _case(row), row["dtype"], row["mode"]
+
+
+def merged(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The newest of one device's runs; when a budget or a CUDA error cut it short, the cases it did not reach are
+    taken whole (every implementation of the case, so that each ratio stays within one run) from the newest earlier
+    run of the same sizes that has them, each of their rows marked with its run. A complete newest run stands alone:
+    cases it no longer has are gone from the benchmark, not missing."""
+    runs = sorted(runs, key=lambda d: d["meta"]["date"], reverse=True)
+    newest = runs[0]
+    if not _partial(newest["meta"]):
+        return newest
+    rows = list(newest["rows"])
+    have = {_group(r) for r in rows}
+    filled = []
+    for old in runs[1:]:
+        if old["meta"].get("sizes") != newest["meta"].get("sizes"):
+            continue
+        took = {_group(r) for r in old["rows"]} - have
+        if not took:
+            continue
+        label = _run_label(old["meta"])
+        rows += [dict(r, from_run=label) for r in old["rows"] if _group(r) in took]
+        have |= took
+        filled.append(label)
+    return dict(newest, rows=rows, filled_from=filled)
 
 
 def update_readme(readme: str, folder: str) -> None:

@@ -216,6 +216,40 @@ def test_loader_line_compares_the_loader_with_the_step(tmp_path):
         "(bf16, B=128).")
 
 
+def test_readme_table_fills_a_cut_run_from_the_run_before(tmp_path):
+    """A run a budget cut short keeps its own rows, and the cases it did not reach come whole (every implementation,
+    so each ratio is within one run) from the newest earlier run of the same device and sizes, each marked with its
+    run; a complete newest run stands alone."""
+    import summary
+
+    def row(op, impl, ms):
+        return dict(op=op, impl=impl, mode="fwd", case={"B": 2}, dtype="bf16", status="ok", ms=ms,
+                    speedup=None if impl == "official" else 10.0 / ms, baseline="official")
+
+    def run(date, commit, rows, sizes="full", **meta):
+        return {"meta": dict(dict(device="GPU X", device_type="cuda", date=date, commit=commit, torch="2.13",
+                                  sizes=sizes, skipped=[]), **meta), "rows": rows}
+
+    old = run("2026-01-01T00:00:00Z", "aaa", [row("softmax", "official", 10.0), row("softmax", "vlmo_fast", 5.0),
+                                              row("block", "official", 10.0), row("block", "vlmo_fast", 4.0)])
+    other_sizes = run("2026-01-15T00:00:00Z", "ccc", [row("step", "official", 10.0), row("step", "vlmo_fast", 1.0)],
+                      sizes="quick")
+    cut = run("2026-02-01T00:00:00Z", "bbb", [row("softmax", "official", 10.0), row("softmax", "vlmo_fast", 2.0)],
+              skipped=["block: not run (time budget)"])
+    data = summary.merged([old, other_sizes, cut])
+    rows = {r["op"]: r for r in summary.summary_rows(data)}
+    assert set(rows) == {"softmax", "block"}  # not the step of another size set
+    assert rows["softmax"]["ms"] == 2.0 and rows["softmax"]["status"] == "ok"
+    assert rows["block"]["vs_official"] == 2.5 and "from the run of 2026-01-01, commit aaa" in rows["block"]["status"]
+    text = summary.summary_markdown(data)
+    assert "commit `bbb`" in text and "earlier runs on this device (2026-01-01, commit aaa)" in text
+    # a complete run replaces the table whole
+    done = run("2026-03-01T00:00:00Z", "ddd", [row("softmax", "official", 10.0), row("softmax", "vlmo_fast", 2.0)],
+               complete=True)
+    assert summary.merged([old, cut, done]) is done
+    assert "earlier runs" not in summary.summary_markdown(done)
+
+
 def test_cpu_timing_interleaves_the_implementations():
     """On CPU the implementations take turns (A, B, A, B, ... after each one's warm-up), so drift during a case hits
     both alike; an implementation that fails part-way is reported as failed and the others keep their timings."""
