@@ -480,7 +480,8 @@ def markdown_report(meta: Dict[str, Any], rows: List[Row]) -> str:
         f"# vlmo_fast benchmarks: {meta['device']}",
         "",
         f"- date {meta['date']}, commit `{meta['commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
-        f"sizes `{meta['sizes']}`",
+        f"sizes `{meta['sizes']}`" + ("" if meta.get("backend", "auto") == "auto"
+                                     else f", vlmo_fast backend `{meta['backend']}`"),
         f"- measured ceilings: copy {c['copy_gbs']:.0f} GB/s (bytes read+written; the better of a copy and an "
         f"in-place add, so % ceiling errs low), GEMM "
         + ", ".join(f"{rate:.1f} TFLOP/s ({name}, {(c.get('gemm_n_by_dtype') or {}).get(name, c['gemm_n'])}^3)"

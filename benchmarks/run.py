@@ -6,9 +6,10 @@
 
 Implementations compared (where the device allows):
   official          the official math, eager (vlmo_fast.reference / the same expressions), under autocast on GPU
-  vlmo_fast         vlmo_fast.ops / vlmo_fast.VLMo with backend="auto" (the fastest available kernels)
+  vlmo_fast         vlmo_fast.ops / vlmo_fast.VLMo with backend="auto" (the fastest available kernels), or the
+                    --backend given (e.g. triton on CPU under TRITON_INTERPRET=1: the GPU's kernels in a dry run)
   vlmo_fast[torch]  the same with backend="torch" (the PyTorch path of the op seam)
-  vlmo_fast[deterministic]  attention (GPU): the Triton kernels at the fixed configurations PyTorch's deterministic
+  vlmo_fast[deterministic]  attention (GPU, or --backend triton): the Triton kernels at the fixed configurations PyTorch's deterministic
                     mode runs them at, instead of the autotuner's timed choice
   sdpa              F.scaled_dot_product_attention with the gathered bias + padding as a float mask
   flex              FlexAttention with the learnable table captured in score_mod (GPU)
@@ -92,6 +93,8 @@ CONVENTIONS = {
                             "first attention case only: no other target compares with it, and each compile costs "
                             "10-30 s of the budget",
 }
+# the vlmo_fast rows' backend (--backend; set by main)
+OUR_BACKEND = "auto"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Sizes per preset: VLMo-base shapes; "quick" keeps CPU runs to minutes, "tiny" to seconds (dry runs, tests).
@@ -372,7 +375,8 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                 with ac():
                     return official_attention(q, k, v, table, index, keep, scale)
 
-            def ours(backend="auto"):
+            def ours(backend=None):
+                backend = backend or OUR_BACKEND
                 return lambda: ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index,
                                                      key_padding_mask=keep, scale=scale, backend=backend)
 
@@ -382,11 +386,12 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
 
             impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
                                           "sdpa": sdpa}
-            if dev.type == "cuda":
+            if dev.type == "cuda" or OUR_BACKEND == "triton":
                 # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
                 # results across runs and ranks cost against the autotuner's choice (#4: the default if under 10%).
                 # The mode's other costs (e.g. torch.empty filled with NaN) are PyTorch's and not in these rows.
                 impls["vlmo_fast[deterministic]"] = ours()
+            if dev.type == "cuda":
                 flex = make_flex(q, k, v, table, index, keep, scale)
                 if flex is not None:
                     impls["flex"] = flex
@@ -535,7 +540,8 @@ def bench_softmax(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str]) ->
         case = dict(BH=b * h, N=n)
         impls = {
             "official": lambda: official_softmax(scores, bias, keep),
-            "vlmo_fast": lambda: ops.masked_softmax(scores, scale=1.0, bias=bias, key_padding_mask=keep),
+            "vlmo_fast": lambda: ops.masked_softmax(scores, scale=1.0, bias=bias, key_padding_mask=keep,
+                                                    backend=OUR_BACKEND),
             "vlmo_fast[torch]": lambda: ops.masked_softmax(scores, scale=1.0, bias=bias, key_padding_mask=keep,
                                                            backend="torch"),
         }
@@ -575,7 +581,7 @@ def bench_layernorm(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
         case = dict(rows=b * n, D=d, split=f"{split}/{n}")
         impls = {
             "official": lambda: official_multiway_layernorm(x, split, norms[0], norms[1]),
-            "vlmo_fast": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6),
+            "vlmo_fast": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6, backend=OUR_BACKEND),
             "vlmo_fast[torch]": lambda: ops.multiway_layernorm(x, ws, bs, split=split, eps=1e-6, backend="torch"),
         }
         if bench.compile_for("layernorm"):
@@ -613,9 +619,9 @@ def bench_block(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
             with autocast(dev, dtype):
                 return block(x, mask=keep.long(), modality_type="vl", relative_position_bias=bias())
 
-        def run_fast(backend="auto"):
+        def run_fast(backend=None):
             def run():
-                fast.backend = backend
+                fast.backend = backend or OUR_BACKEND
                 with autocast(dev, dtype):
                     return fast(x, keep, "vl", (table[:, :h], index))
             return run
@@ -669,7 +675,7 @@ def bench_model(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], conf
                 return
             impls = {
                 "official": lambda p=path: _infer(ref, p, batch, dev, dtype),
-                "vlmo_fast": lambda p=path: _infer(fast.set_backend("auto"), p, batch, dev, dtype),
+                "vlmo_fast": lambda p=path: _infer(fast.set_backend(OUR_BACKEND), p, batch, dev, dtype),
             }
             if path == "infer" and bench.compile_for("model"):
                 infer_c = compiled(ref.infer)
@@ -708,7 +714,7 @@ def bench_step(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], confi
         batch = make_batch(cfg, b, dev)
         impls = {}
         official = ReferenceVLMo(cfg).to(dev).train()
-        fast = vf.VLMo(cfg).to(dev).train()
+        fast = vf.VLMo(cfg).to(dev).train().set_backend(OUR_BACKEND)
         fast.load_state_dict(official.state_dict())  # the same weights: the check compares one step
         impls["official"] = make_step(official, batch, dev, dtype)
         impls["vlmo_fast"] = make_step(fast, batch, dev, dtype)
@@ -740,6 +746,8 @@ def bench_step_alone(bench: Bench, cfg, b: int, dtype_name: str, dtype, arch: st
             continue
         torch.manual_seed(0)
         model = make(cfg).to(dev).train()
+        if name == "vlmo_fast":
+            model.set_backend(OUR_BACKEND)
         batch = make_batch(cfg, b, dev)
         rows[name] = bench.measure("step", dict(B=b, arch=arch, tasks="mlm+itc+itm"), dtype_name, "step",
                                    {name: make_step(model, batch, dev, dtype)}, baseline="official",
@@ -847,7 +855,7 @@ def bench_optimizer(bench: Bench, sizes: Dict[str, Any], config) -> None:
         return
     cfg = config if sizes["optimizer_depth"] is None else config.replace(
         depth=sizes["optimizer_depth"], vlffn_start_layer_index=sizes["optimizer_depth"] - 1)
-    model = vf.VLMo(cfg.replace(loss_names=vf.loss_names(mlm=1, itc=1, itm=1))).to(dev)
+    model = vf.VLMo(cfg.replace(loss_names=vf.loss_names(mlm=1, itc=1, itm=1))).to(dev).set_backend(OUR_BACKEND)
     gen = torch.Generator(device=dev).manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-3
@@ -889,7 +897,8 @@ def bench_retrieval(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
         dtype = DTYPES[dtype_name]
         if bench.budget_spent():
             return
-        models = {"official": ReferenceVLMo(cfg).to(dev).eval(), "vlmo_fast": vf.VLMo(cfg).to(dev).eval()}
+        models = {"official": ReferenceVLMo(cfg).to(dev).eval(),
+                  "vlmo_fast": vf.VLMo(cfg).to(dev).eval().set_backend(OUR_BACKEND)}
         models["official"].load_state_dict(models["vlmo_fast"].state_dict())
         gen = torch.Generator().manual_seed(0)
         text_ids = torch.randint(1000, 30000, (n_txt, cfg.max_text_len), generator=gen)
@@ -1043,6 +1052,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a results JSON of this run to continue (its rows and meta), running the ops of --resume-order: "
                         "what the run does itself in a fresh process when a sticky CUDA error broke its context")
     p.add_argument("--resume-order", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"],
+                   help="the vlmo_fast rows' backend (default auto: the fastest available); triton on CPU needs "
+                        "TRITON_INTERPRET=1 (slow: tiny sizes), and runs the GPU's kernels with the bench's arguments")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (GPU)")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"),
                    help="output folder (default: $OUT, else benchmarks/results)")
@@ -1076,7 +1088,7 @@ def restart(args: argparse.Namespace, size_name: str, dtypes: List[str], results
     GPU suite's time limit still applies)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size_name, "--dtypes", ",".join(dtypes),
            "--out", args.out, "--continue-from", results, "--resume-order", "|".join(ops_left)]
-    cmd += ["--device", args.device or device]  # the same device (auto could choose another in a fresh process)
+    cmd += ["--device", args.device or device, "--backend", args.backend]  # the same device (auto could choose another in a fresh process)
     if args.reps:
         cmd += ["--reps", str(args.reps)]
     if math.isfinite(deadline):
@@ -1091,7 +1103,9 @@ def restart(args: argparse.Namespace, size_name: str, dtypes: List[str], results
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    global OUR_BACKEND
     args = parse_args(argv)
+    OUR_BACKEND = args.backend
     dev = resolve_device(args.device or "auto")
     size_name = args.sizes if args.sizes != "auto" else ("full" if dev.type == "cuda" else "quick")
     sizes = SIZES[size_name]
@@ -1133,7 +1147,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if "attention (other sizes)" in runners:
         at = order.index(OTHER_SIZES_BEFORE) if OTHER_SIZES_BEFORE in order else len(order)
         order.insert(at, "attention (other sizes)")
-    meta = dict(harness.run_meta(dev, ceilings, size_name), conventions=CONVENTIONS, skipped=[])
+    meta = dict(harness.run_meta(dev, ceilings, size_name), conventions=CONVENTIONS, skipped=[], backend=args.backend)
     if previous:
         meta = dict(previous["meta"], complete=False)
         meta.pop("running", None)

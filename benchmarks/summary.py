@@ -203,6 +203,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
         f"**{m['device']}**, {m['date'][:10]}, commit `{m['commit']}`"
         + (f" (source {m['source_sha256']})" if m.get("source_sha256") else "")
         + f", torch {m['torch']}, sizes `{m['sizes']}`"
+        + ("" if m.get("backend", "auto") == "auto" else f", vlmo_fast backend `{m['backend']}`")
         + (" (partial: the run stopped before its end)" if m.get("complete") is False
            else " (partial: see Left out)" if _cut(m) else "")
         + ("" if not filled else "; the cases it did not reach are from earlier runs on this device ("
@@ -280,7 +281,7 @@ def _group(row: Dict[str, Any]) -> tuple:
 def merged(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """The newest of one device's runs; when a budget or a CUDA error cut it short, the cases it did not reach are
     taken whole (every implementation of the case, so that each ratio stays within one run) from the newest earlier
-    run of the same sizes that has them, each of their rows marked with its run. A complete newest run stands alone:
+    run of the same sizes (and vlmo_fast backend) that has them, each of their rows marked with its run. A complete newest run stands alone:
     cases it no longer has are gone from the benchmark, not missing."""
     runs = sorted(runs, key=lambda d: d["meta"]["date"], reverse=True)
     newest = runs[0]
@@ -290,7 +291,7 @@ def merged(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     have = {_group(r) for r in rows}
     filled = []
     for old in runs[1:]:
-        if old["meta"].get("sizes") != newest["meta"].get("sizes"):
+        if any(old["meta"].get(k, "auto") != newest["meta"].get(k, "auto") for k in ("sizes", "backend")):
             continue
         took = {_group(r) for r in old["rows"]} - have
         if not took:

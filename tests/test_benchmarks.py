@@ -313,6 +313,29 @@ def test_json_schema_and_outputs(tmp_path):
     assert "vs official" in text and "| layernorm |" in text
 
 
+def test_triton_rows_dry_run_under_the_interpreter(tmp_path):
+    """The rows a GPU run times with the Triton kernels (the attention with the bench's strided table slice and
+    padding, its pinned-configuration variant, the block's fused FFN), run end to end on CPU under Triton's
+    interpreter with --backend triton: every row agrees with the official math, and the backend that ran is
+    recorded."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--sizes", "tiny", "--ops",
+                           "attention,block", "--backend", "triton", "--reps", "1", "--out", str(tmp_path),
+                           "--no-plot"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    assert data["meta"]["backend"] == "triton" and data["meta"]["complete"] is True
+    rows = {(r["op"], r["mode"], r["impl"]): r for r in data["rows"]}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in data["rows"]), [r["status"] for r in data["rows"]]
+    for mode in ("fwd", "fwd+bwd"):
+        for impl in ("vlmo_fast", "vlmo_fast[deterministic]"):
+            assert rows[("attention", mode, impl)]["note"] == "ran attention=triton"
+    assert "attention=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
+    assert "multiway_ffn=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
+    assert "vlmo_fast backend `triton`" in open(str(path)[:-5] + ".md").read()
+
+
 def test_bad_options():
     with pytest.raises(SystemExit):
         bench_run.main(["--ops", "nonsense", "--sizes", "tiny"])
