@@ -108,6 +108,30 @@ def test_every_sample_once_across_ranks_and_workers(shards, tok, world_size, num
     assert sorted(keys) == [f"{i:06d}" for i in range(23)]
 
 
+def test_uneven_shard_shares_rotate_over_epochs(tok, tmp_path):
+    """23 shards for 9 readers: in each epoch every shard goes to one reader, 5 readers read 3 shards and 4 read 2;
+    which ones rotates, so that over 9 epochs every reader reads the same number (it was always the lowest readers:
+    3 ranks x 3 workers got 9, 8 and 6 shards' samples a pass, every pass). A repeating stream warns about it."""
+    urls = [str(tmp_path / f"s{i:02d}.tar") for i in range(23)]
+    for u in urls:
+        pathlib.Path(u).touch()  # (the assignment reads no shard)
+    ds = WebDataset(urls, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok)
+    totals = np.zeros(9, dtype=int)
+    for epoch in range(9):
+        got = [ds.assignment(epoch, rank, 3, wid, 3) for rank in range(3) for wid in range(3)]
+        assert all(stride == 1 and offset == 0 for _, stride, offset in got)
+        assert sorted(u for shards_, _, _ in got for u in shards_) == urls
+        counts = np.array([len(shards_) for shards_, _, _ in got])
+        assert sorted(counts) == [2] * 4 + [3] * 5
+        totals += counts
+    assert (totals == 23).all()
+    write_synthetic_shards(str(tmp_path / "w"), 5, samples_per_shard=1, image_size=SIZE)
+    five = sorted(str(p) for p in (tmp_path / "w").glob("*.tar"))
+    with pytest.warns(UserWarning, match="1 readers read 3 shards a pass and the others 2"):
+        next(iter(WebDataset(five, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok, repeat=True,
+                             world_size=2, rank=0)))
+
+
 def test_shuffle_is_seeded_and_changes_with_epoch(shards, tok):
     def order(epoch, seed=0):
         ds = WebDataset(shards, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok, shuffle_buffer=8,

@@ -1895,3 +1895,25 @@ def test_a_signal_during_the_steps_device_read_stops_the_run_at_that_step(tmp_pa
     summary = train(small_cfg(tmp_path / "sig", synthetic_root, max_steps=6))
     monkeypatch.undo()
     assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 2, summary
+
+
+def test_per_sample_seeding_touches_only_the_cpu_generator_and_never_repeats(monkeypatch):
+    """A sample's and a batch's seeds go to the CPU generator alone, the state the fork restores:
+    torch.manual_seed also reseeded the GPU's generator (dropout, DropPath and ITM negatives on a GPU) at every item
+    of a loader without workers. The seeds of (epoch, index) never coincide with another's, also past a million
+    samples (an affine mix repeated (e, i + M) as (e + 1, i))."""
+    from vlmo_fast.train.data_setup import SeededCollate, SeededSamples, _sample_seed
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: reseeded.append(s))
+    data = SeededSamples([{"x": 1}, {"x": 2}], seed=3)
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    reseeded.clear()
+    items = [data[(0, 0)], data[(1, 1)]]
+    SeededCollate(lambda its: its)(items)
+    assert torch.equal(torch.rand(3), before) and reseeded == []  # the main stream untouched, no GPU reseed
+    m = 1000003
+    seeds = {_sample_seed(0, e, i) for e in range(3) for i in (0, 1, m, m + 1, 2 * m)}
+    assert len(seeds) == 15 and all(0 <= s < 2**62 for s in seeds)

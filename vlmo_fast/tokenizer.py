@@ -78,9 +78,11 @@ class BertTokenizer:
             raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 ([CLS] and [SEP]), got {max_length!r}")
-        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-        masks = torch.zeros_like(ids)
-        special = torch.ones_like(ids)
+        out = {"input_ids": torch.zeros(len(texts), max_length, dtype=torch.long),
+               "attention_mask": torch.zeros(len(texts), max_length, dtype=torch.long),
+               "special_tokens_mask": torch.ones(len(texts), max_length, dtype=torch.long)}
+        # filled through numpy views (a torch.tensor per row cost more than the tokenizer itself for short texts)
+        ids, masks, special = (t.numpy() for t in out.values())
         for row, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{row}] must be a str, got {type(text).__name__}")
@@ -89,7 +91,7 @@ class BertTokenizer:
             except TypeError as exc:  # e.g. a lone surrogate, which no UTF-8 encoder takes
                 raise ValueError(f"texts[{row}] cannot be tokenized (not encodable as UTF-8?): {exc}") from exc
             seq = [CLS_ID] + pieces + [SEP_ID]
-            ids[row, : len(seq)] = torch.tensor(seq)
+            ids[row, : len(seq)] = seq
             masks[row, : len(seq)] = 1
             special[row, 1 : len(seq) - 1] = 0
-        return {"input_ids": ids, "attention_mask": masks, "special_tokens_mask": special}
+        return out

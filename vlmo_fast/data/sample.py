@@ -9,6 +9,7 @@ import io
 import logging
 from typing import Dict
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,7 +25,13 @@ def decode_image(data) -> Image.Image:
         raise ValueError(f"expected encoded image bytes, got the string {data[:20]!r}")
     img = Image.open(io.BytesIO(bytes(data)))
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # (convert copies even an RGB image)
+
+
+def mixed_seed(*words: int) -> int:
+    """A seed in [0, 2**62) from integer words (e.g. seed, epoch, index), hashed by numpy's SeedSequence: distinct
+    words give unrelated seeds (an affine mix such as seed·M² + epoch·M + index repeats once an index reaches M)."""
+    return int(np.random.SeedSequence([int(w) % 2**64 for w in words]).generate_state(1, np.uint64)[0] % 2**62)
 
 
 def encode_text(tokenizer, text: str, max_text_len: int) -> Dict[str, torch.Tensor]:

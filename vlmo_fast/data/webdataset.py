@@ -14,7 +14,9 @@ image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz
 - shards are split across distributed ranks and DataLoader workers (global worker ``rank * workers + worker_id``
   takes every ``world * workers``-th shard of the epoch's shard order, shuffled identically everywhere when
   training); with fewer shards than global workers every worker reads all shards and keeps every
-  ``world * workers``-th sample instead, so no sample is lost or repeated;
+  ``world * workers``-th sample instead; either way a pass over all readers yields every sample once. When the
+  shard count is not a multiple of the readers, some read one shard more; which ones rotates each epoch (a warning
+  says so: with ``repeat`` a reader with fewer samples repeats them sooner);
 - samples are shuffled within a buffer (``shuffle_buffer``) when training;
 - items are the same dictionaries as the arrow datasets ("image", "text", "text_ids", "text_masks",
   "special_tokens_mask") plus "key", "url" and "_seed"; the official transforms and tokenisation apply;
@@ -61,7 +63,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_path
-from .sample import BadSampleLog, decode_image, encode_text
+from .sample import BadSampleLog, decode_image, encode_text, mixed_seed
 from .transforms import build_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "jpe", "ppm", "pgm", "pbm", "pnm")
@@ -265,14 +267,19 @@ class WebDataset(IterableDataset):
 
     def assignment(self, epoch: int, rank: int, world_size: int, worker_id: int, num_workers: int
                    ) -> Tuple[List[str], int, int]:
-        """(shards, sample stride, sample offset) that global worker ``rank * num_workers + worker_id`` reads."""
+        """(shards, sample stride, sample offset) that global worker ``rank * num_workers + worker_id`` reads.
+
+        With S shards for T readers, S mod T readers read one shard more than the others in a pass; which readers
+        rotates by S mod T places each epoch, so that over epochs every reader has the same share (with ``repeat``
+        each reader makes its passes at the pace of the batches it feeds: a reader with fewer samples repeats
+        them sooner)."""
         shards = list(self.urls)
         if self.train:
             np.random.default_rng([self.seed, epoch]).shuffle(shards)
         total = world_size * num_workers
         gid = rank * num_workers + worker_id
         if len(shards) >= total:
-            return shards[gid::total], 1, 0
+            return shards[(gid + epoch * len(shards)) % total::total], 1, 0
         return shards, total, gid
 
     def _raw_stream(self, shards: Sequence[str], stride: int, offset: int) -> Iterator[Optional[Dict[str, Any]]]:
@@ -294,7 +301,7 @@ class WebDataset(IterableDataset):
             return None
         try:
             with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's RNG: this sample's seed
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # (the CPU generator alone, which the fork restores)
                 text = _caption(raw, np.random.default_rng(seed) if self.train else None)
                 image = self.transform(decode_image(_image_bytes(raw)))
             # tokenized here too: a caption the tokenizer refuses (e.g. a JSON "\ud800" escape, a lone surrogate)
@@ -316,9 +323,17 @@ class WebDataset(IterableDataset):
         num_workers = info.num_workers if info is not None else 1
         reader = self.reader()
         rank, world_size = _world(self.rank, self.world_size)
-        if len(self.urls) < world_size * num_workers and self._passes == 0 and reader == 0 and self.epoch == 0:
-            warnings.warn(f"WebDataset: {len(self.urls)} shards for {world_size * num_workers} readers "
-                          f"(ranks x workers): every reader scans all shards; use more shards for speed")
+        total = world_size * num_workers
+        if self._passes == 0 and rank == 0 and reader == 0 and self.epoch == 0:
+            if len(self.urls) < total:
+                warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): every "
+                              f"reader scans all shards; use more shards for speed")
+            elif self.repeat and len(self.urls) % total:
+                few = len(self.urls) // total
+                warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): "
+                              f"{len(self.urls) % total} readers read {few + 1} shards a pass and the others {few} "
+                              f"(which ones rotates each epoch), and a reader with fewer repeats its samples sooner; "
+                              f"a shard count divisible by {total} gives every reader the same share")
         if self._skip and len(self._skip) != num_workers:
             raise ValueError(f"set_position gave {len(self._skip)} skip counts for a DataLoader with {num_workers} "
                              f"readers (num_workers, or 1 without workers)")
@@ -367,8 +382,7 @@ class WebDataset(IterableDataset):
 
 def sample_seed(seed: int, epoch: int, reader: int, place: int) -> int:
     """The seed of the ``place``-th item reader ``reader`` (global: rank x workers + worker) yields in ``epoch``."""
-    words = [int(v) % 2**64 for v in (seed, epoch, reader, place)] + [2]  # SeedSequence takes non-negative words
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] % 2**62)
+    return mixed_seed(seed, epoch, reader, place, 2)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------

@@ -19,15 +19,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .. import data as vdata
 from ..data.arrow import changed_files
+from ..data.sample import mixed_seed
 from ..config import VLMoConfig
 from .config import TrainConfig, input_error
 from .distributed import DistInfo, barrier, gather_objects
 
-_MIX = 1000003  # mixing constants for per-sample seeds
-
-
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * _MIX * _MIX + epoch * _MIX + index) % (2**62)
+    return mixed_seed(seed, epoch, index, 1)
 
 
 class SeededSamples(Dataset):
@@ -44,7 +42,8 @@ class SeededSamples(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         s = _sample_seed(self.seed, epoch, index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            # the CPU generator alone (what the fork restores): torch.manual_seed would also reseed the GPU's
+            torch.default_generator.manual_seed(s)
             item = self.dataset[index]
         if item is not None:
             item = dict(item)
@@ -62,7 +61,7 @@ class SeededCollate:
         seeds = [it.pop("_seed") for it in items if it is not None and "_seed" in it]
         with torch.random.fork_rng(devices=[]):
             if seeds:
-                torch.manual_seed(seeds[0])
+                torch.default_generator.manual_seed(seeds[0])
             return self.collate(items)
 
 
