@@ -1049,8 +1049,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="absolute end of the budget in seconds since the epoch (`date +%%s` + budget: a caller's clock "
                         "that started before this process); with --budget-s, the earlier of the two")
     p.add_argument("--continue-from", default=None,
-                   help="a results JSON of this run to continue (its rows and meta), running the ops of --resume-order: "
-                        "what the run does itself in a fresh process when a sticky CUDA error broke its context")
+                   help="a results JSON of this run to continue (its rows and meta) with the ops it had left: what "
+                        "the run does itself in a fresh process when a sticky CUDA error broke its context")
     p.add_argument("--resume-order", default=None, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"],
                    help="the vlmo_fast rows' backend (default auto: the fastest available); triton on CPU needs "

@@ -327,7 +327,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if path is None:
         print(f"no result files in {args.path}")
         return 1
-    data = load(path)
+    try:
+        data = load(path)
+    except (OSError, ValueError) as exc:  # a missing file, not JSON, or not a benchmark result
+        print(f"summary.py: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
     print(summary_markdown(data))
     line = loader_line(os.path.dirname(os.path.abspath(path)), data)
     if line:

@@ -122,6 +122,10 @@ def test_transformer_and_single_block_and_unsupported_cases():
     assert vf.accelerate(nn.Linear(3, 3)).left_alone[0][1].startswith("no official Block")
     with pytest.raises(TypeError):
         vf.accelerate("not a module")
+    fast = vf.VLMo(vf.preset("vlmo_tiny_patch16"))  # an easy mistake: one clear error, not a reason per block
+    for m in (fast, fast.transformer, fast.transformer.blocks[0]):
+        with pytest.raises(TypeError, match=f"vlmo_fast's own {type(m).__name__}, which runs the fused kernels"):
+            vf.accelerate(m)
     plus = ReferenceVLMo(vf.preset("vlmo_base_plus_patch16", depth=2, vlffn_start_layer_index=1, embed_dim=32,
                                    num_heads=2, image_size=32, max_text_len=8))
     rep = vf.accelerate(plus, gather_bias_in_kernel=True)

@@ -250,6 +250,17 @@ def test_readme_table_fills_a_cut_run_from_the_run_before(tmp_path):
     assert "earlier runs" not in summary.summary_markdown(done)
 
 
+def test_the_readme_table_is_what_its_generator_writes():
+    """The README's table is `python benchmarks/summary.py --readme README.md` over the committed results: rerun it
+    after committing results or changing the summary (it had drifted: rounded-up ratios the summary no longer
+    writes)."""
+    import summary
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    table = text.split(summary.BEGIN, 1)[1].split(summary.END, 1)[0]
+    assert table == "\n" + summary.readme_table(os.path.join(ROOT, "benchmarks", "results"))
+
+
 def test_cpu_timing_interleaves_the_implementations():
     """On CPU the implementations take turns (A, B, A, B, ... after each one's warm-up), so drift during a case hits
     both alike; an implementation that fails part-way is reported as failed and the others keep their timings."""

@@ -325,6 +325,11 @@ def test_files_are_read_by_their_content_and_damage_is_named(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"xmlns junk")
     with pytest.raises(CheckpointError, match=r"junk.pt: it is not a checkpoint"):
         read_state_dict(tmp_path / "junk.pt")
+    data = (tmp_path / "weights.bin").read_bytes()  # safetensors cut in its tensors, and in its header
+    for cut, what in ((len(data) // 2, "its tensors need"), (20, "its header is")):
+        (tmp_path / "cut.safetensors").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"cut.safetensors: the file is truncated .*{what}"):
+            read_state_dict(tmp_path / "cut.safetensors")
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

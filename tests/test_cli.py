@@ -77,8 +77,14 @@ def test_help_shows_each_default_once():
     for text in texts:
         assert "(default: None)" not in text and "the preset's) (default" not in text
     pretrain = texts[0]
-    assert "image side in pixels (default: the preset's) --max-text-len" in pretrain
-    assert "text length (default: the preset's) --drop-path-rate" in pretrain
+    assert "image side in pixels (default: the --arch preset's, 64 for vlmo_tiny_patch16) --max-text-len" in pretrain
+    assert "text length (default: the --arch preset's, 12 for vlmo_tiny_patch16) --drop-path-rate" in pretrain
+    # with a --preset: the values it sets, where the text gives a general default too
+    irtr = flat(build_parser("vlmo-fast finetune irtr", "test",
+                             argv=["--preset", "task_finetune_irtr_coco_base_image384"]).format_help())
+    assert "image side in pixels (default: 384) --max-text-len" in irtr
+    assert "text length (default: the --arch preset's, 40 for vlmo_base_patch16) --drop-path-rate" in irtr
+    assert "without it) (--preset task_finetune_irtr_coco_base_image384: 0.2) --vqa-label-size" in irtr
     assert "without it) --vqa-label-size" in pretrain and "(none: off) --precision" in pretrain
     assert "(default: 3129, the official vocabulary's) --backend" in pretrain
     assert "(default: 300)" in pretrain  # a real default is still shown
@@ -143,6 +149,18 @@ def test_finetune_refuses_a_conflicting_task(tmp_path, capsys):
     assert code == 2 and f"--config {toml} sets tasks mlm,itc" in err and "`vlmo-fast pretrain`" in err
     code, _, err = exit_code(lambda: cli.main(["pretrain", "--tasks", "nlvr2"]), capsys)
     assert code == 2 and "vlmo-fast finetune nlvr2" in err
+
+
+@pytest.mark.parametrize("tasks,text", [("itm", "enable itc with itm"), ("mlm,itm", "enable itc with itm"),
+                                        ("textmlm,itc", "textmlm is the text-only stage"),
+                                        ("mlm,textmlm", "textmlm is the text-only stage")])
+def test_task_combinations_that_cannot_train_are_refused_before_the_run(tmp_path, capsys, tasks, text):
+    """They used to start (writing the synthetic data, config.json and log.csv) and fail in the first step with a
+    traceback (textmlm with itc: a message about vlffn_start_layer_index)."""
+    out = tmp_path / "run"
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--tasks", tasks, "--out-dir", str(out)]), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])
@@ -474,10 +492,12 @@ def test_evaluate_model_sizes_and_out_folders(tmp_path, capsys, synthetic_root, 
     """--image-size 0 (or a text length past the table) was a traceback; --out in a folder not there yet failed
     with a traceback after the whole evaluation (the VQA submission made its folder: now every output does)."""
     base = ["evaluate", "irtr", "--load-path", training_checkpoint, "--data-root", synthetic_root, "--device", "cpu"]
-    for extra, message in [(["--image-size", "0"], "VLMoConfig.image_size must be a positive int, got 0"),
-                           (["--max-text-len", "300"], "VLMoConfig.max_text_len (300) must be <= ")]:
-        code, _, err = exit_code(lambda: cli.main(base + extra), capsys)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    code, _, err = exit_code(lambda: cli.main(base + ["--max-text-len", "300"]), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "VLMoConfig.max_text_len (300) must be <= " in err
+    # counts below 1 are refused by the option's name, with argparse's usage line
+    for flag in ("--image-size", "--max-text-len", "--batch-size"):
+        code, _, err = exit_code(lambda: cli.main(base + [flag, "0"]), capsys)
+        assert code == 2 and err.strip().splitlines()[-1].endswith(f"argument {flag}: expected an int >= 1, got '0'")
     out = tmp_path / "new" / "folder" / "metrics.json"
     assert cli.main(base + ["--out", str(out)]) == 0
     assert json.loads(out.read_text())["tr_r1"] >= 0
@@ -518,6 +538,15 @@ def test_export_of_a_training_checkpoint(tmp_path, capsys, training_checkpoint):
     assert "from a training checkpoint" in capsys.readouterr().out
     _same_tensors(torch.load(training_checkpoint, weights_only=True)["model"],
                   {k: v for k, v in read_state_dict(out).items() if "relative_position_index" not in k})
+    # the recorded run's training-only notices (here: warmup beyond max_steps) are not the export's to give
+    state = torch.load(training_checkpoint, weights_only=True)
+    state["config"]["warmup_steps"] = 300
+    torch.save(state, tmp_path / "long_warmup.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["export", str(tmp_path / "long_warmup.pt"), str(tmp_path / "quiet.pt")]) == 0
 
 
 def test_export_refuses_bad_names_and_has_help(tmp_path, capsys):

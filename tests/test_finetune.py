@@ -416,7 +416,7 @@ def _write_nlvr2(root):
         vdata.write_arrow(os.path.join(root, f"{name}.arrow"), rows)
 
 
-def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
+def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path, capsys):
     """The VQA and NLVR2 pipelines run through the commands on tiny official-format arrow files: training steps,
     the VQA score on val and a test submission with the answer strings, NLVR2 dev/test accuracies."""
     root = str(tmp_path / "data")
@@ -426,6 +426,7 @@ def test_vqa_and_nlvr2_finetune_and_evaluate_end_to_end(tmp_path):
     common = ["--data-root", root, "--arch", "vlmo_tiny_patch16", "--per-device-batch-size", "4", "--batch-size", "4",
               "--max-steps", "2", "--num-workers", "0", "--tensorboard", "false", "--log-every", "1"]
     assert finetune_main(["vqa", "--out-dir", str(tmp_path / "vqa")] + common) == 0
+    assert "no --load-path: fine-tuning starts from randomly initialised weights" in capsys.readouterr().out
     summary = json.loads((tmp_path / "vqa" / "summary.json").read_text())
     assert 0.0 <= summary["metrics"]["val/vqa_score"] <= 1.0
     sub = tmp_path / "submission.json"

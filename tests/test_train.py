@@ -825,6 +825,40 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["itm_loss"]) for h in history), history
 
 
+def test_a_batch_without_masked_tokens_is_named_in_the_notice(tmp_path, synthetic_root, monkeypatch):
+    """Short captions in a small batch can leave the MLM without any target (as in the official masking): its loss
+    is NaN and the step is skipped; the notice says why rather than reading as a divergence."""
+    from vlmo_fast.train import data_setup
+
+    real = data_setup.train_stream
+
+    def stream_with_an_unmasked_second_batch(*args, **kwargs):
+        inner = real(*args, **kwargs)
+
+        class Stream:
+            n = 0
+
+            def __next__(self):
+                batch = next(inner)
+                Stream.n += 1
+                if Stream.n == 2:
+                    batch["text_labels_mlm"] = torch.full_like(batch["text_labels_mlm"], -100)
+                    batch["text_ids_mlm"] = batch["text_ids"].clone()
+                return batch
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+        return Stream()
+
+    monkeypatch.setattr(data_setup, "train_stream", stream_with_an_unmasked_second_batch)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3))
+    notices = [line for line in printed.getvalue().splitlines() if ": non-finite loss (" in line]
+    assert summary["skipped_steps"] == 1 and len(notices) == 1, notices
+    assert notices[0].startswith("step 2:") and "'mlm_loss': nan" in notices[0] and "no masked token" in notices[0]
+
+
 def test_a_skipped_first_update_does_not_warn_about_the_scheduler(tmp_path, synthetic_root, monkeypatch):
     import warnings
 
@@ -1917,3 +1951,29 @@ def test_per_sample_seeding_touches_only_the_cpu_generator_and_never_repeats(mon
     m = 1000003
     seeds = {_sample_seed(0, e, i) for e in range(3) for i in (0, 1, m, m + 1, 2 * m)}
     assert len(seeds) == 15 and all(0 <= s < 2**62 for s in seeds)
+
+
+def test_a_resume_refuses_a_new_load_path(tmp_path):
+    """Resuming a run loads its weights over a new --load-path: a fine-tuning run started again in the same folder
+    from another checkpoint continued (or, finished, reported "already complete" for) the old one, saying only
+    "changed options: load_path". The same file spelled another way, or no --load-path, continues the run."""
+    from vlmo_fast.train.loop import resume_changes
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    saved = TrainConfig(tasks=["irtr"], datasets=["coco"], load_path=str(a), max_steps=5).to_dict()
+    run = lambda **kw: resume_changes(TrainConfig(tasks=["irtr"], datasets=["coco"], max_steps=9, **kw),  # noqa
+                                      saved, "ckpt.pt")
+    with pytest.raises(ValueError, match=r"--load-path .*b\.pt: that run started from .*a\.pt.*another --out-dir"):
+        run(load_path=str(b))
+    assert run(load_path=str(a)) == run(load_path=str(tmp_path / "." / "a.pt")) == run() == ["max_steps 5 -> 9"]
+    scratch = dict(saved, load_path=None)
+    with pytest.raises(ValueError, match="started from its initialisation"):
+        resume_changes(TrainConfig(tasks=["irtr"], datasets=["coco"], max_steps=9, load_path=str(a)), scratch, "c")
+
+
+def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path, synthetic_root):
+    with pytest.warns(UserWarning, match="fsdp: one process .* nothing is sharded"):
+        summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=1, warmup_steps=0, fsdp=True))
+    assert summary["steps"] == 1

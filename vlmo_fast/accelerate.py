@@ -292,6 +292,12 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
     check_backend(backend)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    from .model import multiway, vlmo
+
+    fused = (multiway.MultiWayTransformer, multiway.Block)
+    if isinstance(module, fused) or (isinstance(module, vlmo.VLMo) and isinstance(module.transformer, fused)):
+        raise TypeError(f"module is vlmo_fast's own {type(module).__name__}, which runs the fused kernels already "
+                        f"(its backend: .set_backend(...)); accelerate is for the official code's modules")
     report = AccelerationReport()
     blocks = _find_blocks(module)
     if not blocks:

@@ -53,6 +53,10 @@ def read_state_dict(path: PathLike) -> StateDict:
         try:
             tensors = load_file(path, device="cpu")
         except Exception as exc:  # a damaged header or body
+            short = _safetensors_shortfall(path)
+            if short:
+                raise CheckpointError(f"cannot read {path}: the file is truncated (an interrupted copy or "
+                                      f"download?): {short}") from exc
             raise CheckpointError(f"cannot read {path} as safetensors: {first_line(exc)}") from exc
         return unwrap_state_dict(tensors, source=path)
     return unwrap_state_dict(torch_load(path), source=path)
@@ -136,6 +140,23 @@ def _placeholder(name: str, as_dict: bool) -> type:
     Placeholder.__module__, Placeholder.__qualname__, Placeholder.__name__ = module, qualname, qualname
     Placeholder.placeholder_for = name
     return Placeholder
+
+
+def _safetensors_shortfall(path: str) -> Optional[str]:
+    """How a safetensors file is shorter than its header says (its header cut, or tensor data missing), else None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return f"its header is {n} bytes, the file {size} bytes in all"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if size < 8 + n + end:
+        return f"its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
 
 
 def is_safetensors(path: str) -> bool:

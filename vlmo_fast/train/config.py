@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..config import LOSS_NAMES, PRESETS, dataclass_from_dict
+from ..config import LOSS_NAMES, PRESETS, dataclass_from_dict, preset as model_preset
 
 _STEP200K = dict(max_steps=200000, warmup_steps=2500)
 FINETUNE_TASKS = ("irtr", "vqa", "nlvr2")  # ``vlmo-fast finetune TASK``; every other objective is pretraining
@@ -86,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"tasks: unknown {sorted(unknown)}; expected a subset of {list(LOSS_NAMES)}")
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
+        # combinations that would start (writing the data and logs) and fail in the first step
+        if "itm" in self.tasks and "itc" not in self.tasks:
+            raise ValueError("tasks: itm samples its hard negatives from the ITC logits: enable itc with itm")
+        if "textmlm" in self.tasks and len(set(self.tasks)) > 1:
+            raise ValueError(f"tasks: textmlm is the text-only stage (text data, the vision side frozen) and trains "
+                             f"alone, got {list(self.tasks)}")
         if not self.datasets:
             raise ValueError("datasets: at least one dataset is needed")
         if self.arch not in PRESETS:
@@ -323,8 +329,8 @@ def _names(text: str) -> List[str]:
 HELP = {
     "arch": f"model preset: {', '.join(PRESETS)}",
     "tasks": "comma-separated objectives (mlm,itc,itm | textmlm | irtr | vqa | nlvr2)",
-    "image_size": "image side in pixels (default: the preset's)",
-    "max_text_len": "text length (default: the preset's)",
+    "image_size": "image side in pixels",
+    "max_text_len": "text length",
     "vqa_label_size": "VQA answer classes, the classifier's outputs: the answer vocabulary `prepare vqa` wrote "
                       "(default: 3129, the official vocabulary's)",
     "drop_path_rate": "stochastic depth rate, also the BERT embedding dropout as official (default: 0.1, or 0 for "
@@ -472,8 +478,14 @@ def build_parser(prog: str, description: str, defaults: Optional[Mapping[str, An
         else:
             kind = str
         text = HELP.get(f.name, "")
-        if default is not None and "default" not in text:
+        if default is None and f.name in ("image_size", "max_text_len"):
+            arch = shown["arch"]
+            text += (f" (default: the --arch preset's, {getattr(model_preset(arch), f.name)} for {arch})"
+                     if arch in PRESETS else " (default: the --arch preset's)")
+        elif default is not None and "default" not in text:
             text += f" (default: {_shown(default)})"
+        elif preset is not None and f.name in PRESETS_TRAIN[preset]:  # the text gives the general default
+            text += f" (--preset {preset}: {_shown(default)})"
         p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text, **extra)
     return p
 

@@ -90,15 +90,19 @@ def finetune_main(argv: Optional[List[str]] = None) -> int:
     return exit_status(summary)
 
 
-def _count(text: str) -> int:
-    """An int >= 0 (argparse reports the message as an error of the option)."""
+def _count(text: str, least: int = 0) -> int:
+    """An int >= ``least`` (argparse reports the message as an error of the option)."""
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an int >= {least}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _count(text, 1)
 
 
 def _evaluate_parser(task: str) -> argparse.ArgumentParser:
@@ -121,12 +125,12 @@ def _evaluate_parser(task: str) -> argparse.ArgumentParser:
                        help="val: the VQA score; test: a submission file (answers unknown)")
     p.add_argument("--arch", default=None, choices=PRESETS, help="model preset (default: the checkpoint's when it "
                                                                  "records one, else vlmo_base_patch16)")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the checkpoint's when "
+    p.add_argument("--image-size", type=_positive, default=None, help="image size (default: the checkpoint's when "
                                                                 "recorded, else the size its position parameters "
                                                                 "were trained at, e.g. 384 for a 2606-row table)")
-    p.add_argument("--max-text-len", type=int, default=None, help="text length (default: the checkpoint's when "
+    p.add_argument("--max-text-len", type=_positive, default=None, help="text length (default: the checkpoint's when "
                                                                   "recorded, else the preset's)")
-    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--batch-size", type=_positive, default=32, help="evaluation batch size")
     p.add_argument("--num-workers", type=_count, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers decoding the images (0: in the main process; default: min(8, CPUs), "
                         "the official 8)")
@@ -222,7 +226,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         lacking = sorted({h.rstrip(".") for h in heads for k in report.missing_keys if k.startswith(h)})
         if lacking:
             hint = (" (a retrieval fine-tuned checkpoint has no ITM head: evaluate it without --rerank-k)"
-                    if lacking == ["itm_score"] else f" (not a {task} checkpoint?)")
+                    if lacking == ["itm_score"] else f" (not a checkpoint fine-tuned for {task}?)")
             raise CheckpointError(f"{args.load_path}: the checkpoint has no {', '.join(lacking)} weights, which "
                                   f"evaluate {task} needs{hint}")
     del state

@@ -36,7 +36,7 @@ from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
-from .config import TrainConfig, check_data_choice, input_stage
+from .config import FINETUNE_TASKS, TrainConfig, check_data_choice, input_stage
 from .distributed import DistInfo, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
     gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, \
     optimizer_state, sync_replicated_grads, wrap_model
@@ -124,8 +124,26 @@ def resume_changes(cfg: TrainConfig, saved: Dict[str, Any], path: str) -> List[s
         if clash:
             raise ValueError(f"cannot resume {path}: it belongs to another run ({'; '.join(clash)}). Give this run "
                              f"another --out-dir (and --load-path to start from that checkpoint's weights)")
-    skip = set(RUN_IDENTITY) | {"resume", "out_dir"}
+        if now.get("load_path") and not _same_file(now["load_path"], saved.get("load_path")):
+            # resuming loads that run's weights over the new starting point: the new --load-path would be ignored
+            raise ValueError(f"cannot resume {path} with --load-path {now['load_path']}: that run started from "
+                             f"{saved.get('load_path') or 'its initialisation (no --load-path)'}, and resuming it "
+                             f"would replace the new starting weights. Give this run another --out-dir (or "
+                             f"--resume none to start over in this one), or leave out --load-path to continue that run")
+    skip = set(RUN_IDENTITY) | {"resume", "out_dir", "load_path"}
     return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in skip and k in saved and saved[k] != v]
+
+
+def _same_file(a: str, b: Optional[str]) -> bool:
+    """The same path as given, or the same file (another spelling of it, from another working directory)."""
+    if b is None:
+        return False
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -514,6 +532,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             model.set_grad_checkpointing(True)
         if cfg.compile:
             model.compile()
+        if cfg.fsdp and not info.enabled:
+            warnings.warn("fsdp: one process (not under torchrun), so nothing is sharded: the run trains the plain "
+                          "model")
         wrapped = wrap_model(model, info, fsdp=cfg.fsdp,
                              find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
 
@@ -590,6 +611,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                          f"(--max-steps none runs by epochs)")
         if init_report:
             logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
+        elif not resume_path and set(cfg.tasks) & set(FINETUNE_TASKS):
+            logger.write("no --load-path: fine-tuning starts from randomly initialised weights, not a pretrained "
+                         "VLMo (give one with --load-path: an official .pt, a vlmo_fast checkpoint or export)")
         if resume_path:
             logger.write(f"resumed from {resume_path} at step {step}"
                          + (f" with changed options: {', '.join(changed)}" if changed else ""))
@@ -728,9 +752,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
                 parts: Dict[str, torch.Tensor] = {}
                 finite = torch.ones((), dtype=torch.bool, device=info.device)
+                unmasked = False  # a micro-batch without any MLM target (its MLM loss is 0/0), read on the host
                 for micro in range(accum):
                     batch = next(stream)
                     bad_samples += int(batch.pop("bad_samples", 0) or 0)
+                    labels = batch.get("text_labels_mlm") if {"mlm", "textmlm"} & set(cfg.tasks) else None
+                    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
+                        unmasked = True
                     batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
                     sync = contextlib.nullcontext()
                     if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
@@ -759,10 +787,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     skipped += 1
                     # every rank is here (the flag was reduced): one more collective, on this rare path only, so the
                     # notice shows the values of the rank(s) that went non-finite, not rank 0's finite ones
-                    mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()})
+                    mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()}, unmasked)
                     seen = gather_objects(mine)
-                    where = [r for r, (nonfinite, _) in enumerate(seen) if nonfinite]
-                    shown = "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1]) for r in where)
+                    where = [r for r, (nonfinite, _, _) in enumerate(seen) if nonfinite]
+                    shown = "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1])
+                                      + (" (a micro-batch with no masked token: its MLM loss, a mean over none, is "
+                                         "NaN; the official masking allows it for short captions, as in small "
+                                         "per-device batches)" if seen[r][2] else "") for r in where)
                     logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
                                  f"({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.max_bad_steps:
@@ -893,7 +924,10 @@ def export(checkpoint_path: str, out_path: str) -> None:
     tensors the official loader expects (see ``save_checkpoint``)."""
     state = load_training_checkpoint(checkpoint_path)
     try:
-        model = build_model(TrainConfig.from_dict(state["config"]))
+        with warnings.catch_warnings():  # its training-only notices (e.g. warmup beyond max_steps) say nothing here
+            warnings.simplefilter("ignore")
+            recorded = TrainConfig.from_dict(state["config"])
+        model = build_model(recorded)
         model.load_state_dict(state["model"])
     except (ValueError, TypeError, RuntimeError) as exc:  # a config this version no longer builds: the weights still
         warnings.warn(f"{checkpoint_path}: exporting the state dict as saved, without the relative-position index "
