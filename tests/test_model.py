@@ -387,3 +387,32 @@ def test_torch_func_transforms_run_the_pytorch_path(monkeypatch):
     x = torch.randn(2, 2, 5, 8)
     with pytest.raises(ValueError, match="torch.func transforms"):
         torch.func.vmap(lambda t: vf.ops.multiway_layernorm(t, [torch.ones(8)], [torch.zeros(8)], backend="cuda"))(x)
+
+
+def test_a_float64_reference_computes_in_float64():
+    """The official .float() on attention scores and logits (the reference's and the objectives') rounded a float64
+    model, the tests' truth, to fp32: its error was the size of an fp32 run's. float64 now stays float64 there, and
+    the fast model in float64 matches it to rounding."""
+    from vlmo_fast import objectives
+
+    cfg, fast, ref = make_pair()
+    fast, ref = fast.double().set_backend("torch"), ref.double()
+    batch = make_batch(cfg)
+    batch["image"] = [batch["image"][0].double()]
+    batch["text_labels_mlm"][:, 2] = batch["text_ids"][:, 2]
+    tasks = ["mlm", "itc", "itm"]
+    torch.manual_seed(0)
+    got = objectives.compute_tasks(fast, batch, tasks)
+    torch.manual_seed(0)
+    want = objectives.compute_tasks(ref, batch, tasks)
+    for key in ("mlm_loss", "itc_loss", "itm_loss"):
+        assert want[key].dtype == torch.float64 and got[key].dtype == torch.float64, key
+        assert (got[key] - want[key]).abs() <= 1e-12 * want[key].abs().clamp_min(1.0), key
+    assert objectives.total_loss(want).dtype == torch.float64
+    # the features too (the reference's attention scores were fp32): the two float64 models agree to rounding
+    fast.eval(), ref.eval()
+    for name in ("infer", "infer_text_ft", "infer_image_ft"):
+        a, b = getattr(fast, name)(batch), getattr(ref, name)(batch)
+        for key in ("text_feats", "image_feats", "cls_feats"):
+            if a.get(key) is not None:
+                assert (a[key] - b[key]).abs().max() <= 1e-12 * b[key].abs().max(), (name, key)

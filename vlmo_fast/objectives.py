@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .model.vlmo import mark_ids_checked
+from .ops._checks import fp32_or_wider
 
 PRETRAIN_ORDER = ("mlm", "textmlm", "itc", "irtr", "itm", "vqa", "nlvr2")
 
@@ -69,7 +70,7 @@ def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, wit
     # op on it would skip its backward hook); the copy is (global batch)^2 floats
     logits_t2i = logits_i2t.t().contiguous()
     target = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
-    loss = (F.cross_entropy(logits_i2t.float(), target) + F.cross_entropy(logits_t2i.float(), target)) / 2
+    loss = (F.cross_entropy(fp32_or_wider(logits_i2t), target) + F.cross_entropy(fp32_or_wider(logits_t2i), target)) / 2
     return loss, logits_i2t, logits_t2i, target
 
 
@@ -79,7 +80,7 @@ def _mlm(model, infer: Dict[str, Any], weight: float) -> Dict[str, torch.Tensor]
     labels = infer["text_labels"]
     if labels is None:
         raise ValueError("batch is missing 'text_labels_mlm' (the MLM targets, -100 where unmasked)")
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(fp32_or_wider(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=-100)
     return {"mlm_loss": loss * weight, "mlm_logits": logits, "mlm_labels": labels, "mlm_ids": infer["text_ids"]}
 
 
@@ -123,7 +124,7 @@ def sample_hard_negatives(sim: torch.Tensor, generator: Optional[torch.Generator
     thus reaches the skip rather than failing in ``multinomial`` (on CUDA a device-side assert that ends the
     process). Decided on the device, without a sync."""
     with torch.no_grad():
-        weights = F.softmax(sim.float(), dim=1)
+        weights = F.softmax(fp32_or_wider(sim), dim=1)
         weights.fill_diagonal_(0)
         usable = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
         weights = torch.where(usable, weights, torch.ones_like(weights))
@@ -159,7 +160,7 @@ def compute_itm_hardneg(
     labels = torch.zeros(3 * bsz, dtype=torch.long, device=cls.device)  # made there: no blocking host copy
     labels[:bsz] = 1
     logits = model.itm_score(cls)
-    return {"itm_loss": F.cross_entropy(logits.float(), labels), "itm_logits": logits, "itm_labels": labels}
+    return {"itm_loss": F.cross_entropy(fp32_or_wider(logits), labels), "itm_logits": logits, "itm_labels": labels}
 
 
 def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:
@@ -207,7 +208,8 @@ def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
     infer = model.infer(batch)
     logits = model.vqa_classifier(infer["cls_feats"])
     targets = vqa_targets(batch["vqa_labels"], batch["vqa_scores"], logits.shape[1], logits.device)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+    wide = fp32_or_wider(logits)
+    loss = F.binary_cross_entropy_with_logits(wide, targets.to(wide.dtype)) * targets.shape[1]
     return {"vqa_loss": loss, "vqa_logits": logits, "vqa_targets": targets, "vqa_labels": batch["vqa_labels"],
             "vqa_scores": batch["vqa_scores"]}
 
@@ -226,7 +228,7 @@ def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         raise ValueError(f"batch['answers'] must hold one label per sample, shape ({cls1.shape[0]},); got "
                          f"{tuple(labels.shape)}")
     labels = _to_device(labels, logits.device)
-    return {"nlvr2_loss": F.cross_entropy(logits.float(), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
+    return {"nlvr2_loss": F.cross_entropy(fp32_or_wider(logits), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
 
 
 # the heads each objective uses (spec §1.3: they exist when the config's loss_names turn on their tasks)
@@ -291,4 +293,4 @@ def total_loss(ret: Mapping[str, Any]) -> torch.Tensor:
     losses = [v for k, v in ret.items() if "loss" in k]
     if not losses:
         raise ValueError("no loss in the objectives' output")
-    return torch.stack([l.float() for l in losses]).sum()
+    return torch.stack([fp32_or_wider(l) for l in losses]).sum()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import VLMoConfig
 from .model.vlmo import VLMo
+from .ops._checks import fp32_or_wider
 from .ops.droppath import drop_path as _drop_path
 
 
@@ -65,7 +66,7 @@ class Attention(nn.Module):
         qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * self.scale
-        attn = q.float() @ k.float().transpose(-2, -1)
+        attn = fp32_or_wider(q) @ fp32_or_wider(k).transpose(-2, -1)  # official: q.float() @ k.float()ᵀ
         if relative_position_bias is not None:
             attn = attn + relative_position_bias.unsqueeze(0)
         if mask is not None:

@@ -14,6 +14,12 @@ INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """The official ``t.float()`` (logits, losses, attention scores in fp32), except that float64 stays float64: a
+    float64 model, the tests' truth, would otherwise be rounded to fp32 there."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def check_tensor(
     name: str,
     t: object,

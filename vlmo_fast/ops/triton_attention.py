@@ -96,6 +96,17 @@ if triton is not None:
         return x.to(PTR.dtype.element_ty)
 
     @triton.jit
+    def _operand(x, like, UPCAST: tl.constexpr):
+        """fp32 x (P, dS) as ``like``'s dtype for a product with it: rounded to fp16/bf16 as the GPU's tensor-core
+        products take it. Under UPCAST (the interpreter's bf16, whose operands are held in fp32) x is rounded to
+        bf16 precision on its bits, nearest even, and kept in fp32, so CPU checks see the GPU's rounding."""
+        if UPCAST:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(like.dtype)
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         """a @ b with fp32 accumulation; IEEE fp32 products (no TF32) for fp32 inputs."""
         if IEEE:
@@ -206,7 +217,7 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, IEEE)
             m_i = m_new
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
@@ -290,9 +301,9 @@ if triton is not None:
                          BIAS_MODE, False, True)
             st = tl.where(key_ok[:, None], st, float("-inf"))
             pt = tl.math.exp2(st - m[None, :]) * inv_l[None, :]
-            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dv += _dot(_operand(pt, do, UPCAST), do, IEEE)
             dst = pt * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+            dk += _dot(_operand(dst, q, UPCAST), q, IEEE)
         tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :] * sdk_d,
                  cast_for(dk * scale, DK, UPCAST), mask=kv_ok)
         tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :] * sdv_d,
@@ -337,7 +348,7 @@ if triton is not None:
                             INDEX, si_m, si_n, LT, W, L0, KEEP + b * skp_b, skp_n, 0, HAS_MASK, IEEE) + bias
                 p = tl.math.exp2(s - m[:, None]) * inv_l[:, None]
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-                dq = _dot(ds.to(k.dtype), k, IEEE)
+                dq = _dot(_operand(ds, k, UPCAST), k, IEEE)
                 tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :] * sdq_d,
                          cast_for(dq * scale, DQ, UPCAST), mask=q_ok)
                 if NEED_DBIAS:
@@ -360,7 +371,7 @@ if triton is not None:
                                 st_h, INDEX, si_m, si_n, LT, W, L0, keep_row, skp_n, BIAS_MODE, HAS_MASK, IEEE)
                     p = tl.math.exp2(s - m[:, None]) * inv_l[:, None]
                     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-                    dq += _dot(ds.to(k.dtype), k, IEEE)
+                    dq += _dot(_operand(ds, k, UPCAST), k, IEEE)
                     if NEED_DBIAS:
                         # only this program touches these elements: the batch rows add in a fixed order. The tile
                         # lies inside the padded (NP, NP) buffer; past row/column N, ds is 0 (p = 0 there).
@@ -602,9 +613,11 @@ def _bias_args(bias, table, index, structured: bool = True):
 
 
 def _flags(q: torch.Tensor) -> Tuple[bool, bool]:
-    """(UPCAST, IEEE): bf16 arithmetic is wrong in the CPU interpreter, so operands are upcast there; fp32 inputs
-    use IEEE fp32 dots (no TF32) so fp32 results match the fp32 reference."""
-    upcast = interpreting() and q.dtype in HALF_DTYPES
+    """(UPCAST, IEEE): bf16 arithmetic is wrong in the CPU interpreter, so bf16 operands are upcast there, P and dS
+    rounded to bf16 precision all the same (``_operand``); fp16 is not upcast (the interpreter rounds P and dS to
+    fp16 and accumulates their products in fp32, as the GPU does): CPU checks see the GPU's rounding. fp32 inputs use
+    IEEE fp32 dots (no TF32) so fp32 results match the fp32 reference."""
+    upcast = interpreting() and q.dtype == torch.bfloat16
     return upcast, q.dtype == torch.float32
 
 
