@@ -386,11 +386,11 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
 
             impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
                                           "sdpa": sdpa}
-            if dev.type == "cuda" or OUR_BACKEND == "triton":
+            if OUR_BACKEND == "triton" or (dev.type == "cuda" and OUR_BACKEND == "auto"):
                 # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
                 # results across runs and ranks cost against the autotuner's choice (#4: the default if under 10%).
                 # The mode's other costs (e.g. torch.empty filled with NaN) are PyTorch's and not in these rows.
-                impls["vlmo_fast[deterministic]"] = ours()
+                impls["vlmo_fast[deterministic]"] = ours("triton")
             if dev.type == "cuda":
                 flex = make_flex(q, k, v, table, index, keep, scale)
                 if flex is not None:

@@ -22,8 +22,12 @@ BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 def load(path: str) -> Dict[str, Any]:
     with open(path) as f:
         data = json.load(f)
-    if "meta" not in data or "rows" not in data:
+    meta = data.get("meta") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not a vlmo_fast benchmark result (no meta/rows)")
+    missing = [k for k in ("device", "date", "commit", "torch", "sizes") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: a benchmark result without {', '.join(missing)} in its meta")
     return data
 
 
@@ -289,11 +293,13 @@ def merged(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         return newest
     rows = list(newest["rows"])
     have = {_group(r) for r in rows}
+    # an op that raised in the newest run (its one error row, mode "-") is not filled: its failure is the news
+    crashed = {r["op"] for r in rows if r.get("mode") == "-" and str(r.get("status", "")).startswith("error")}
     filled = []
     for old in runs[1:]:
         if any(old["meta"].get(k, "auto") != newest["meta"].get(k, "auto") for k in ("sizes", "backend")):
             continue
-        took = {_group(r) for r in old["rows"]} - have
+        took = {g for g in (_group(r) for r in old["rows"]) if g[0] not in crashed} - have
         if not took:
             continue
         label = _run_label(old["meta"])

@@ -243,6 +243,11 @@ def test_readme_table_fills_a_cut_run_from_the_run_before(tmp_path):
     assert rows["block"]["vs_official"] == 2.5 and "from the run of 2026-01-01, commit aaa" in rows["block"]["status"]
     text = summary.summary_markdown(data)
     assert "commit `bbb`" in text and "earlier runs on this device (2026-01-01, commit aaa)" in text
+    # an op that raised in the newest run keeps its error row alone (its failure is the news, not old timings)
+    crash = dict(row("block", "vlmo_fast", 1.0), mode="-", case={}, dtype="-", status="error: RuntimeError: x")
+    broke = run("2026-02-02T00:00:00Z", "eee", cut["rows"] + [crash], skipped=["step: not run (time budget)"])
+    rows = summary.summary_rows(summary.merged([old, broke]))
+    assert [(r["op"], r["mode"]) for r in rows] == [("softmax", "fwd"), ("block", "-")]
     # a complete run replaces the table whole
     done = run("2026-03-01T00:00:00Z", "ddd", [row("softmax", "official", 10.0), row("softmax", "vlmo_fast", 2.0)],
                complete=True)

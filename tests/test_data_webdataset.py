@@ -128,8 +128,8 @@ def test_uneven_shard_shares_rotate_over_epochs(tok, tmp_path):
     write_synthetic_shards(str(tmp_path / "w"), 5, samples_per_shard=1, image_size=SIZE)
     five = sorted(str(p) for p in (tmp_path / "w").glob("*.tar"))
     with pytest.warns(UserWarning, match="1 readers read 3 shards a pass and the others 2"):
-        next(iter(WebDataset(five, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok, repeat=True,
-                             world_size=2, rank=0)))
+        next(iter(WebDataset(five, image_size=SIZE, max_text_len=8, train=True, tokenizer=tok, world_size=2,
+                             rank=0)))
 
 
 def test_shuffle_is_seeded_and_changes_with_epoch(shards, tok):
@@ -356,6 +356,10 @@ def test_a_shard_stream_on_another_layout_restarts_its_epoch_and_says_why(uneven
     old.restore({"epoch": 1, "batch": 0})  # a checkpoint of an older version
     assert old.resume_note.endswith("the checkpoint has no position in them (an older version's)")
     assert old.epoch == 1 and old.taken == [0, 0]
+    # a position from before the readers' shares rotated: the readers of epoch 1 have other shards now
+    old = _stream(uneven_shards, tok, 2)
+    old.restore(dict(state, layout=dict(state["layout"], position="places")))
+    assert old.resume_note.endswith("another position format (an older version's)") and old.taken == [0, 0]
 
 
 def test_set_position_checks_its_arguments(uneven_shards, tok):

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1953,27 +1954,52 @@ def test_per_sample_seeding_touches_only_the_cpu_generator_and_never_repeats(mon
     assert len(seeds) == 15 and all(0 <= s < 2**62 for s in seeds)
 
 
-def test_a_resume_refuses_a_new_load_path(tmp_path):
+def test_a_resume_refuses_a_new_load_path(tmp_path, synthetic_root):
     """Resuming a run loads its weights over a new --load-path: a fine-tuning run started again in the same folder
     from another checkpoint continued (or, finished, reported "already complete" for) the old one, saying only
     "changed options: load_path". The same file spelled another way, or no --load-path, continues the run."""
-    from vlmo_fast.train.loop import resume_changes
+    from vlmo_fast.train.loop import load_path_clash, resume_changes
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     a.write_bytes(b"a")
     b.write_bytes(b"b")
     saved = TrainConfig(tasks=["irtr"], datasets=["coco"], load_path=str(a), max_steps=5).to_dict()
-    run = lambda **kw: resume_changes(TrainConfig(tasks=["irtr"], datasets=["coco"], max_steps=9, **kw),  # noqa
-                                      saved, "ckpt.pt")
-    with pytest.raises(ValueError, match=r"--load-path .*b\.pt: that run started from .*a\.pt.*another --out-dir"):
-        run(load_path=str(b))
-    assert run(load_path=str(a)) == run(load_path=str(tmp_path / "." / "a.pt")) == run() == ["max_steps 5 -> 9"]
-    scratch = dict(saved, load_path=None)
-    with pytest.raises(ValueError, match="started from its initialisation"):
-        resume_changes(TrainConfig(tasks=["irtr"], datasets=["coco"], max_steps=9, load_path=str(a)), scratch, "c")
+    cfg = lambda **kw: TrainConfig(tasks=["irtr"], datasets=["coco"], max_steps=9, **kw)  # noqa: E731
+    assert re.search(r"--load-path .*b\.pt: that run started from .*a\.pt.*another --out-dir",
+                     load_path_clash(cfg(load_path=str(b)), saved, "ckpt.pt"))
+    for same in (dict(load_path=str(a)), dict(load_path=str(tmp_path / "." / "a.pt")), {}):
+        assert load_path_clash(cfg(**same), saved, "ckpt.pt") is None
+        assert resume_changes(cfg(**same), saved, "ckpt.pt") == ["max_steps 5 -> 9"]  # not a "changed option"
+    assert "started from its initialisation" in load_path_clash(cfg(load_path=str(a)), dict(saved, load_path=None),
+                                                                "c")
+    # through a run: refused before anything is trained or written
+    root = tmp_path / "run"
+    train(small_cfg(root, synthetic_root, max_steps=1, warmup_steps=0))
+    vf.save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)), str(b) + ".pt")
+    with pytest.raises(ValueError, match="that run started from its initialisation"):
+        train(small_cfg(root, synthetic_root, max_steps=2, warmup_steps=0, load_path=str(b) + ".pt"))
 
 
 def test_fsdp_in_one_process_says_it_shards_nothing(tmp_path, synthetic_root):
     with pytest.warns(UserWarning, match="fsdp: one process .* nothing is sharded"):
         summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=1, warmup_steps=0, fsdp=True))
     assert summary["steps"] == 1
+
+
+def test_a_position_saved_with_older_per_sample_seeds_says_the_draws_differ(synthetic_root):
+    """The map-style stream's per-sample seeds changed rule (hashed, no longer an affine mix): a checkpoint of the
+    older rule resumes at its place, with a note that the augmentation and masking draws are not the saved run's."""
+    from vlmo_fast.train.data_setup import TrainStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    ds = vdata.build_dataset(synthetic_root, ["coco"], "train", image_size=32, max_text_len=12)
+    make = lambda: TrainStream(ds, vdata.build_collate(), 4, 0, 0, DistInfo(0, 1, 0, torch.device("cpu")))  # noqa
+    saved = make()
+    next(saved)
+    state = saved.state()
+    now = make()
+    now.restore(state)
+    assert now.resume_note is None and now.consumed == 4
+    older = make()
+    older.restore({k: v for k, v in state.items() if k != "seeds"})
+    assert older.consumed == 4 and "other augmentation and MLM-masking draws" in older.resume_note

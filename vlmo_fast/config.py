@@ -13,6 +13,12 @@ import numpy as np
 LOSS_NAMES = ("itm", "itc", "mlm", "textmlm", "vqa", "nlvr2", "irtr")
 
 
+def check_itm_has_itc(tasks, name: str = "tasks") -> None:
+    """ITM samples its hard negatives from the ITC logits (the official code requires itc with itm)."""
+    if "itm" in tasks and "itc" not in tasks:
+        raise ValueError(f"{name}: itm samples its hard negatives from the ITC logits: enable itc with itm")
+
+
 def loss_names(**on: int) -> Dict[str, int]:
     """A full `loss_names` dictionary with every task off except the ones given, e.g. ``loss_names(itm=1, itc=1)``;
     values are switches (any number > 0 is on, stored as 1)."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import check_itm_has_itc
 from .model.vlmo import mark_ids_checked
 from .ops._checks import fp32_or_wider
 
@@ -256,8 +257,7 @@ def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_
     unknown = tasks - set(PRETRAIN_ORDER)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; expected a subset of {list(PRETRAIN_ORDER)}")
-    if "itm" in tasks and "itc" not in tasks:
-        raise ValueError("itm samples its hard negatives from the ITC logits: enable itc with itm")
+    check_itm_has_itc(tasks)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict, got {type(batch).__name__}")
     for task in sorted(tasks, key=PRETRAIN_ORDER.index):

@@ -16,7 +16,7 @@ image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz
   training); with fewer shards than global workers every worker reads all shards and keeps every
   ``world * workers``-th sample instead; either way a pass over all readers yields every sample once. When the
   shard count is not a multiple of the readers, some read one shard more; which ones rotates each epoch (a warning
-  says so: with ``repeat`` a reader with fewer samples repeats them sooner);
+  says so: a process, or with ``repeat`` a reader, with fewer samples repeats them sooner);
 - samples are shuffled within a buffer (``shuffle_buffer``) when training;
 - items are the same dictionaries as the arrow datasets ("image", "text", "text_ids", "text_masks",
   "special_tokens_mask") plus "key", "url" and "_seed"; the official transforms and tokenisation apply;
@@ -328,12 +328,13 @@ class WebDataset(IterableDataset):
             if len(self.urls) < total:
                 warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): every "
                               f"reader scans all shards; use more shards for speed")
-            elif self.repeat and len(self.urls) % total:
+            elif len(self.urls) % total:
                 few = len(self.urls) // total
                 warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): "
                               f"{len(self.urls) % total} readers read {few + 1} shards a pass and the others {few} "
-                              f"(which ones rotates each epoch), and a reader with fewer repeats its samples sooner; "
-                              f"a shard count divisible by {total} gives every reader the same share")
+                              f"(which ones rotates each epoch); a process whose readers have fewer starts its next "
+                              f"pass sooner, so its samples are seen more often until that evens out; a shard count "
+                              f"divisible by {total} gives every reader the same share")
         if self._skip and len(self._skip) != num_workers:
             raise ValueError(f"set_position gave {len(self._skip)} skip counts for a DataLoader with {num_workers} "
                              f"readers (num_workers, or 1 without workers)")

@@ -90,10 +90,16 @@ if triton is not None:
         bits first (NaN kept; values past the largest bf16 round to inf as on the GPU)."""
         if EMULATE_RNE:
             if PTR.dtype.element_ty == tl.bfloat16:
-                bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+                x = _bf16_rne(x)
         return x.to(PTR.dtype.element_ty)
+
+    @triton.jit
+    def _bf16_rne(x):
+        """x rounded to bf16 precision, nearest even, on its fp32 bits and kept in fp32 (NaN kept; values past the
+        largest bf16 go to inf, as a GPU's conversion does)."""
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
     @triton.jit
     def _operand(x, like, UPCAST: tl.constexpr):
@@ -101,9 +107,7 @@ if triton is not None:
         products take it. Under UPCAST (the interpreter's bf16, whose operands are held in fp32) x is rounded to
         bf16 precision on its bits, nearest even, and kept in fp32, so CPU checks see the GPU's rounding."""
         if UPCAST:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+            return _bf16_rne(x)
         return x.to(like.dtype)
 
     @triton.jit

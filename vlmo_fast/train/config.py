@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..config import LOSS_NAMES, PRESETS, dataclass_from_dict, preset as model_preset
+from ..config import LOSS_NAMES, PRESETS, check_itm_has_itc, dataclass_from_dict, preset as model_preset
 
 _STEP200K = dict(max_steps=200000, warmup_steps=2500)
 FINETUNE_TASKS = ("irtr", "vqa", "nlvr2")  # ``vlmo-fast finetune TASK``; every other objective is pretraining
@@ -87,8 +87,7 @@ class TrainConfig:
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
         # combinations that would start (writing the data and logs) and fail in the first step
-        if "itm" in self.tasks and "itc" not in self.tasks:
-            raise ValueError("tasks: itm samples its hard negatives from the ITC logits: enable itc with itm")
+        check_itm_has_itc(self.tasks)
         if "textmlm" in self.tasks and len(set(self.tasks)) > 1:
             raise ValueError(f"tasks: textmlm is the text-only stage (text data, the vision side frozen) and trains "
                              f"alone, got {list(self.tasks)}")
@@ -431,6 +430,8 @@ def _preset_type(allowed: Sequence[str]) -> Callable[[str], str]:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "none"  # as the options spell it
     if isinstance(value, bool):
         return "true" if value else "false"
     return ",".join(value) if isinstance(value, list) else str(value)

@@ -24,6 +24,9 @@ from ..config import VLMoConfig
 from .config import TrainConfig, input_error
 from .distributed import DistInfo, barrier, gather_objects
 
+SAMPLE_SEEDS = 2  # the version of _sample_seed's rule (1: an affine mix, before it was hashed), kept in the position
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return mixed_seed(seed, epoch, index, 1)
 
@@ -143,6 +146,7 @@ class TrainStream:
         self.batches_per_epoch = len(self.loader)  # official max_epochs steps: len(train_loader) * epochs // accum
         self.world = info.world_size
         self.epoch, self.batch, self.consumed = 0, 0, 0  # consumed: the epoch's samples so far, over all ranks
+        self.resume_note: Optional[str] = None
         self._it: Optional[Iterator] = None
         # a batch left with fewer readable samples is skipped (one process: ITM needs a second sample for its
         # negatives); the unreadable samples of skipped batches are added to the next batch's count
@@ -205,7 +209,7 @@ class TrainStream:
             return batch
 
     def state(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "samples": self.consumed}
+        return {"epoch": self.epoch, "batch": self.batch, "samples": self.consumed, "seeds": SAMPLE_SEEDS}
 
     def restore(self, state: Dict[str, int]) -> None:
         """Continue where ``state`` left off. The position is the epoch's samples consumed over all ranks, so a run
@@ -220,6 +224,9 @@ class TrainStream:
             self.epoch, self.batch, consumed = self.epoch + 1, 0, 0
         self.consumed = consumed - consumed % self.world
         self._it = None
+        if state.get("seeds") != SAMPLE_SEEDS:
+            self.resume_note = ("the samples continue where they were, with other augmentation and MLM-masking draws "
+                                "than the saved run would have made (its per-sample seeds are an older version's)")
 
 
 class _ReaderTag:
@@ -274,7 +281,9 @@ class IterableStream:
         self._it = None
         # what a saved position is valid for
         self.layout = {"world": info.world_size, "readers": self.readers, "batch_size": batch_size,
-                       "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls), "position": "places"}
+                       "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls),
+                       # "places": readers took the shards of their place in every epoch (an older version's)
+                       "position": "places/rotating"}
         self._fresh_epoch, self._batches_this_epoch = True, 0
         # unreadable samples counted on batches left out, reported with the next batch (within one __next__ call,
         # so never part of a saved position)

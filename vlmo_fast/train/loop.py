@@ -124,14 +124,21 @@ def resume_changes(cfg: TrainConfig, saved: Dict[str, Any], path: str) -> List[s
         if clash:
             raise ValueError(f"cannot resume {path}: it belongs to another run ({'; '.join(clash)}). Give this run "
                              f"another --out-dir (and --load-path to start from that checkpoint's weights)")
-        if now.get("load_path") and not _same_file(now["load_path"], saved.get("load_path")):
-            # resuming loads that run's weights over the new starting point: the new --load-path would be ignored
-            raise ValueError(f"cannot resume {path} with --load-path {now['load_path']}: that run started from "
-                             f"{saved.get('load_path') or 'its initialisation (no --load-path)'}, and resuming it "
-                             f"would replace the new starting weights. Give this run another --out-dir (or "
-                             f"--resume none to start over in this one), or leave out --load-path to continue that run")
     skip = set(RUN_IDENTITY) | {"resume", "out_dir", "load_path"}
     return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in skip and k in saved and saved[k] != v]
+
+
+def load_path_clash(cfg: TrainConfig, saved: Dict[str, Any], path: str) -> Optional[str]:
+    """Why a checkpoint to resume does not go with this run's --load-path (resuming loads that run's weights over
+    the new starting point, which would be ignored), or None. Asked on rank 0 alone (it looks at files, which another
+    node may not see alike) and shared."""
+    ours, theirs = cfg.load_path, (saved or {}).get("load_path")
+    if not saved or not ours or _same_file(ours, theirs):
+        return None
+    return (f"cannot resume {path} with --load-path {ours}: that run started from "
+            f"{theirs or 'its initialisation (no --load-path)'}, and resuming it would replace the new starting "
+            f"weights. Give this run another --out-dir (or --resume none to start over in this one), or leave out "
+            f"--load-path to continue that run")
 
 
 def _same_file(a: str, b: Optional[str]) -> bool:
@@ -570,6 +577,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
+            clash = from_main(load_path_clash(cfg, state.get("config", {}), resume_path) if info.is_main else None)
+            if clash:
+                raise ValueError(clash)
             planned = state.get("max_steps")
             if planned is not None and planned != max_steps and not any(
                     c.split(" ")[0] in ("max_steps", "max_epochs") for c in changed):
