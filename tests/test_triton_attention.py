@@ -158,9 +158,9 @@ def test_low_precision_within_twice_eager_error(dtype, form):
 def test_bias_gradient_uses_the_unrounded_output(dtype):
     """delta = Σ_d dO·O from the output rounded to fp16/bf16 errs alike for every score of a row, and the bias
     gradient sums whole rows: the H100 run failed the 2x rule on it (fp16, N = 941). The forward keeps what the
-    rounding lost when the bias needs a gradient. With P and dS rounded to fp16/bf16 as on the GPU (the interpreter
-    emulates it), that rounding is of the same order, so the low part does not always help: both stay within the 2x
-    rule here (seeds 0-3: at most 1.5x the official math's error), and the GPU's numerics test decides."""
+    rounding lost when the bias needs a gradient, and what rounding P for the P·V product lost (the interpreter rounds
+    P as the GPU does): without the second part the low part did not help, and the kernel reached 3.8x the official
+    math's error at N = 237 on some seeds. The table gradient is now far more exact than the official math's."""
     b, h, n, d = 2, 2, 237, 64
     index, rows = relpos.fusion_relative_position_index(40, 14).to(DEV), relpos.num_table_rows(14)
     q, k, v = (torch.randn(b, h, n, d, device=DEV).to(dtype).requires_grad_() for _ in range(3))
@@ -177,8 +177,7 @@ def test_bias_gradient_uses_the_unrounded_output(dtype):
         out, _, lo = ta.rel_pos_attn_fwd(q, k, v, None, table, index, keep, d**-0.5, store_lo)
         assert lo.shape == (out.shape if store_lo else (0,))
         errors[store_lo] = (torch.autograd.grad(out, table, g)[0].double() - want).abs().max()
-    assert errors[True] <= 2 * err_eager and errors[False] <= 2 * err_eager, (errors, err_eager)
-    assert errors[True] != errors[False]  # the backward reads the low part
+    assert errors[True] <= 0.1 * errors[False] and errors[True] <= 0.1 * err_eager, (errors, err_eager)
     # the public op keeps the low part exactly when the bias needs a gradient
     calls = []
     real = ta._forward

@@ -209,6 +209,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # (STORE_LO only: else never updated, and removed)
         keep_row = KEEP + b * skp_b
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -221,16 +222,22 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(_operand(p, v, UPCAST), v, IEEE)
+            pr = _operand(p, v, UPCAST)
+            acc = acc * alpha[:, None] + _dot(pr, v, IEEE)
+            if STORE_LO:  # what rounding P for the product lost, through a product of its own: (P - P̃) V
+                acc_lo = acc_lo * alpha[:, None] + _dot(_operand(p - pr.to(tl.float32), v, UPCAST), v, IEEE)
             m_i = m_new
         dead = l_i == 0.0
         out = acc / tl.where(dead, 1.0, l_i)[:, None]
         o_offs = b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
         rounded = cast_for(out, O, UPCAST)
         tl.store(O + o_offs, rounded, mask=(offs_m[:, None] < N) & d_ok)
-        if STORE_LO:  # what rounding to O's dtype lost (O + OLO = the fp32 result to ~2^-16 of it; same layout)
-            tl.store(OLO + o_offs, cast_for(out - rounded.to(tl.float32), OLO, UPCAST),
-                     mask=(offs_m[:, None] < N) & d_ok)
+        if STORE_LO:
+            # what O lost to its rounding and to the rounding of P for the product: O + OLO = (P V)/l of the fp32 P
+            # to ~2^-20 of it, so that the backward's row sums dO·(O + OLO) are those of the P it recomputes (the
+            # bias gradient sums dS = P (dP - rowsum) over whole rows: a row-wide error there does not average out)
+            lo = out - rounded.to(tl.float32) + acc_lo / tl.where(dead, 1.0, l_i)[:, None]
+            tl.store(OLO + o_offs, cast_for(lo, OLO, UPCAST), mask=(offs_m[:, None] < N) & d_ok)
         # the row statistics for the backward's P = exp2(s - m) / l: m and 1/l, not one log-sum-exp m + log2 l,
         # whose fp32 rounding (an ulp of |m|, 8e-6 at m = 87) gave the dominant entries of P an absolute error that
         # far exceeded the eager softmax's (exp(0) = 1 there) in fp32 gradients at large logits
@@ -865,10 +872,13 @@ if triton is not None:
 def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torch.Tensor:
     """Backend entry point (arguments validated by ``vlmo_fast.ops.rel_pos_attention``).
 
-    When the bias will get a gradient and q is fp16/bf16, the forward also keeps what rounding the output lost: the
-    backward's row sums delta = Σ_d dO·O then use the fp32 output. From the rounded output, their error enters every
-    score gradient of the row alike and adds up in the bias gradient over whole rows (fp16, N = 941: twice the
-    official math's error on an H100, against 0.01x with the fp32 output). It costs one more output-sized tensor."""
+    When the bias will get a gradient and q is fp16/bf16, the forward also keeps what the output lost to its own
+    rounding and to the rounding of P for the P·V product (through one more product, of P's rounding residual with
+    V): the backward's row sums delta = Σ_d dO·O then match the fp32 P it recomputes. From the rounded output (and
+    P), their error enters every score gradient of the row alike and adds up in the bias gradient over whole rows:
+    fp16, N = 941, twice the official math's error on an H100; with GPU-like rounding in the interpreter, up to 3.8x
+    at N = 237, against at most 0.01x with the kept part. It costs one more output-sized tensor and, in that forward,
+    a third product per tile."""
     store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
     if torch.compiler.is_compiling():  # traced as the custom ops; eager calls skip their dispatch
