@@ -11,6 +11,8 @@ Implementations compared (where the device allows):
   vlmo_fast[torch]  the same with backend="torch" (the PyTorch path of the op seam)
   vlmo_fast[deterministic]  attention (GPU, or --backend triton): the Triton kernels at the fixed configurations PyTorch's deterministic
                     mode runs them at, instead of the autotuner's timed choice
+  vlmo_fast[no low part]  attention in fp16/bf16 (the same): without the forward's kept low part of O, which the
+                    table gradient's accuracy needs; its time against vlmo_fast's is that part's cost
   sdpa              F.scaled_dot_product_attention with the gathered bias + padding as a float mask
   flex              FlexAttention with the learnable table captured in score_mod (GPU)
   compile(official) torch.compile of the official math (GPU)
@@ -401,9 +403,15 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                                                                         keep, scale)
             flex = impls.get("flex")
 
+            if "vlmo_fast[deterministic]" in impls and dtype in (torch.float16, torch.bfloat16):
+                # what keeping O's low part costs (the table gradient's accuracy needs it): the same kernels without
+                impls["vlmo_fast[no low part]"] = ours("triton")
+
             def wrap(name, fn):
                 if name == "vlmo_fast[deterministic]":
                     return _with_pinned_configs(fn)
+                if name == "vlmo_fast[no low part]":
+                    return _without_low_part(fn)
                 return flex.retrying(fn) if name == "flex" else fn
 
             leaves = [q, k, v, full_table]
@@ -451,6 +459,18 @@ def _with_pinned_configs(fn):
             return fn()
         finally:
             triton_attention.PIN_CONFIGS = before
+
+    return run
+
+
+def _without_low_part(fn):
+    """fn with the attention's forward not keeping O's low part (triton_attention.KEEP_LOW_PART): its cost."""
+    def run():
+        triton_attention.KEEP_LOW_PART = False
+        try:
+            return fn()
+        finally:
+            triton_attention.KEEP_LOW_PART = True
 
     return run
 

@@ -350,6 +350,18 @@ def test_triton_rows_dry_run_under_the_interpreter(tmp_path):
     assert "attention=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
     assert "multiway_ffn=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
     assert "vlmo_fast backend `triton`" in open(str(path)[:-5] + ".md").read()
+    # in half precision also the variant without the forward's kept low part (its cost), restoring the switch
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--sizes", "tiny", "--ops",
+                           "attention", "--dtypes", "fp16", "--backend", "triton", "--reps", "1", "--out",
+                           str(tmp_path / "fp16"), "--no-plot"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = (tmp_path / "fp16").glob("*.json")
+    rows = {(r["mode"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[(mode, "vlmo_fast[no low part]")]["status"] == "ok" and rows[(mode, "vlmo_fast")]["status"] == "ok"
+    assert bench_run.triton_attention.KEEP_LOW_PART is True
+    assert bench_run._without_low_part(lambda: bench_run.triton_attention.KEEP_LOW_PART)() is False
+    assert bench_run.triton_attention.KEEP_LOW_PART is True
 
 
 def test_bad_options():

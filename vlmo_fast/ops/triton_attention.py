@@ -479,6 +479,9 @@ DETERMINISTIC_CONFIGS = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (3
 # None: the fixed configurations exactly when PyTorch's deterministic mode is on; True / False: always / never (the
 # benchmark's vlmo_fast[deterministic] rows time them against the autotuner's choice).
 PIN_CONFIGS: Optional[bool] = None
+# Whether a half-precision forward whose bias trains keeps O's low part (see attention_triton). False only to measure
+# its cost (benchmarks/run.py's vlmo_fast[no low part] row): without it the bias gradient breaks the 2x rule.
+KEEP_LOW_PART = True
 
 
 def configs_pinned() -> bool:
@@ -879,7 +882,7 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     fp16, N = 941, twice the official math's error on an H100; with GPU-like rounding in the interpreter, up to 3.8x
     at N = 237, against at most 0.01x with the kept part. It costs one more output-sized tensor and, in that forward,
     a third product per tile."""
-    store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled()
+    store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled() and KEEP_LOW_PART
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
     if torch.compiler.is_compiling():  # traced as the custom ops; eager calls skip their dispatch
         return rel_pos_attn_fwd(q, k, v, bias, bias_table, bias_index, keep, scale, store_lo)[0]
