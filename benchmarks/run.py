@@ -9,8 +9,8 @@ Implementations compared (where the device allows):
   vlmo_fast         vlmo_fast.ops / vlmo_fast.VLMo with backend="auto" (the fastest available kernels), or the
                     --backend given (e.g. triton on CPU under TRITON_INTERPRET=1: the GPU's kernels in a dry run)
   vlmo_fast[torch]  the same with backend="torch" (the PyTorch path of the op seam)
-  vlmo_fast[deterministic]  attention (GPU, or --backend triton): the Triton kernels at the fixed configurations PyTorch's deterministic
-                    mode runs them at, instead of the autotuner's timed choice
+  vlmo_fast[deterministic]  attention (GPU, or --backend triton): the Triton kernels at the fixed configurations
+                    PyTorch's deterministic mode runs them at, instead of the autotuner's timed choice
   vlmo_fast[no low part]  attention in fp16/bf16 (the same): without the forward's kept low part of O, which the
                     table gradient's accuracy needs; its time against vlmo_fast's is that part's cost
   sdpa              F.scaled_dot_product_attention with the gathered bias + padding as a float mask

@@ -71,7 +71,8 @@ def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, wit
     # op on it would skip its backward hook); the copy is (global batch)^2 floats
     logits_t2i = logits_i2t.t().contiguous()
     target = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
-    loss = (F.cross_entropy(fp32_or_wider(logits_i2t), target) + F.cross_entropy(fp32_or_wider(logits_t2i), target)) / 2
+    loss = (F.cross_entropy(fp32_or_wider(logits_i2t), target)
+            + F.cross_entropy(fp32_or_wider(logits_t2i), target)) / 2
     return loss, logits_i2t, logits_t2i, target
 
 
@@ -229,7 +230,8 @@ def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         raise ValueError(f"batch['answers'] must hold one label per sample, shape ({cls1.shape[0]},); got "
                          f"{tuple(labels.shape)}")
     labels = _to_device(labels, logits.device)
-    return {"nlvr2_loss": F.cross_entropy(fp32_or_wider(logits), labels), "nlvr2_logits": logits, "nlvr2_labels": labels}
+    return {"nlvr2_loss": F.cross_entropy(fp32_or_wider(logits), labels), "nlvr2_logits": logits,
+            "nlvr2_labels": labels}
 
 
 # the heads each objective uses (spec §1.3: they exist when the config's loss_names turn on their tasks)

@@ -758,6 +758,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     raise StopTraining(stop_reason)
             elif eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
                 eval_pending, saved_step = False, None
+            mlm_on = bool({"mlm", "textmlm"} & set(cfg.tasks))  # (asked once, not per micro-step)
             while step < max_steps:
                 # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
                 parts: Dict[str, torch.Tensor] = {}
@@ -766,7 +767,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 for micro in range(accum):
                     batch = next(stream)
                     bad_samples += int(batch.pop("bad_samples", 0) or 0)
-                    labels = batch.get("text_labels_mlm") if {"mlm", "textmlm"} & set(cfg.tasks) else None
+                    labels = batch.get("text_labels_mlm") if mlm_on else None
                     if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
                         unmasked = True
                     batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
