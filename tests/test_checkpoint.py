@@ -560,3 +560,119 @@ def test_a_whole_pickled_model_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"got a pickled vlmo_fast\.model\.vlmo\.VLMo object \(not unpickled: "
                                               r"save its state_dict\(\)\)"):
         read_state_dict(path)
+
+
+def test_an_official_like_module_without_a_config_resizes_its_table_on_load(tmp_path):
+    """Official code (accelerated or not) has no vlmo_fast ``config``: the window comes from its patch embedding (and
+    L0 from its hparams, else the official 196), as the official loader reads it, and gives what a vlmo_fast model
+    loads. A module whose grid cannot be told is a CheckpointError saying so, not an AttributeError."""
+    from vlmo_fast.reference import ReferenceVLMo
+
+    class OfficialLike(torch.nn.Module):
+        def __init__(self, cfg, hparams=True):
+            super().__init__()
+            ref = ReferenceVLMo(cfg)
+            for name, child in ref.named_children():
+                setattr(self, name, child)
+            self.relative_position_bias_table = ref.relative_position_bias_table
+            if hparams:
+                self.hparams = {"config": {"image_size": cfg.image_size, "max_text_len_of_initckpt": 196}}
+
+    kw = dict(loss_names=loss_names(irtr=1))
+    src = tiny(image_size=224, **kw)
+    save_checkpoint(src, tmp_path / "m224.pt")
+    cfg = vf.preset("vlmo_tiny_patch16", image_size=384, **kw)
+    fast = vf.VLMo(cfg)
+    load_checkpoint(fast, tmp_path / "m224.pt")
+    for hparams in (True, False):
+        official = OfficialLike(cfg, hparams)
+        vf.accelerate(official)
+        report = load_checkpoint(official, tmp_path / "m224.pt", strict=False)
+        assert any("relative_position_bias_table" in a for a in report.adapted)
+        assert torch.equal(official.relative_position_bias_table, fast.relative_position_bias_table)
+    official = OfficialLike(cfg)
+    del official.transformer.patch_embed.patch_shape
+    official.relative_position_bias_table = torch.nn.Parameter(torch.zeros(1000, cfg.num_heads * cfg.depth))  # none
+    # fits: (2W-1)² = 1000 - 2·196 - 5 has no solution
+    with pytest.raises(CheckpointError, match="cannot tell the model's patch grid from its 1000-row table"):
+        load_checkpoint(official, tmp_path / "m224.pt", strict=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_is_resampled_from_its_values_not_rounded_again(dtype):
+    """The resized table and pos_embed of an fp16/bf16 checkpoint loaded into an fp32 model: the resampling of its
+    (exact in fp32) values, rounded once to fp32, not rounded to the checkpoint's dtype first."""
+    kw = dict(loss_names=loss_names(irtr=1))
+    src = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny(image_size=224, **kw).state_dict().items()}
+    want = {k: v.float() if v.is_floating_point() else v for k, v in src.items()}
+    for model in (lambda: vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=384, **kw)),):
+        a, b = model(), model()
+        load_checkpoint(a, src), load_checkpoint(b, want)
+        assert a.relative_position_bias_table.dtype == torch.float32
+        assert torch.equal(a.relative_position_bias_table, b.relative_position_bias_table)
+    cfg = dict(depth=2, vlffn_start_layer_index=1, embed_dim=32, num_heads=2, max_text_len=12)
+    plus = vf.VLMo(vf.preset("vlmo_base_plus_patch16", image_size=64, **cfg)).state_dict()
+    dst = vf.VLMo(vf.preset("vlmo_base_plus_patch16", image_size=96, **cfg))
+    half = adapt_state_dict({k: v.to(dtype) for k, v in plus.items()}, dst)[0]["transformer.pos_embed"]
+    full = adapt_state_dict({k: v.to(dtype).float() for k, v in plus.items()}, dst)[0]["transformer.pos_embed"]
+    assert half.dtype == torch.float32 and torch.equal(half, full)
+
+
+def test_a_file_damaged_inside_a_tensor_is_named_on_every_read(tmp_path):
+    """torch.save stores a CRC-32 per record that a load never reads: a flipped byte in a tensor's data loaded as a
+    wrong weight. Every reader of weights checks them (load_checkpoint, and what evaluate, export and --load-path
+    read). The records are named archive/..., not after the temporary file of the atomic write."""
+    import zipfile
+
+    from vlmo_fast.train.finetune import read_checkpoint
+
+    m = tiny()
+    path = tmp_path / "m.pt"
+    save_checkpoint(m, path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    assert all(name.startswith("archive/") for name in names), names
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    for read in (read_state_dict, lambda p: load_checkpoint(tiny(), p), lambda p: read_checkpoint(str(p))):
+        with pytest.raises(CheckpointError, match=f"m.pt is damaged: its record {info.filename} does not match"):
+            read(path)
+
+
+def test_writes_of_model_files_are_durable(tmp_path, monkeypatch):
+    """save_checkpoint (vf.save_checkpoint, ``vlmo-fast export``) syncs the file and its folder before it returns,
+    as training checkpoints do: after a power loss the name holds the whole new file or the old one."""
+    from vlmo_fast import fileio
+
+    synced = []
+    real = fileio._fsync
+    monkeypatch.setattr(fileio, "_fsync", lambda p, directory=False: (synced.append(directory), real(p, directory)))
+    for name in ("m.pt", "m.safetensors"):
+        synced.clear()
+        save_checkpoint({"w": torch.ones(3)}, tmp_path / name)
+        assert synced == [False, True], name
+
+
+def test_tied_tensors_are_written_to_safetensors(tmp_path):
+    """Entries that share memory (a decoder tied to the word embeddings in user code, views of one buffer):
+    safetensors refuses shared memory; each is written whole, and reads back equal."""
+    w = torch.randn(4, 3)
+    sd = {"a": w, "tied": w, "view": w.view(-1)[:6].view(2, 3), "other": torch.randn(2)}
+    save_checkpoint(sd, tmp_path / "t.safetensors")
+    back = read_state_dict(tmp_path / "t.safetensors")
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_a_folder_or_a_cut_legacy_file_is_named_as_such(tmp_path):
+    folder = tmp_path / "deepspeed.ckpt"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="deepspeed.ckpt is a folder, not a file"):
+        read_state_dict(folder)
+    torch.save(tiny().state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.pt").read_bytes()
+    for cut in (len(data) // 2, 200):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"cut.pt: the file is truncated \(a torch file of the legacy"):
+            read_state_dict(tmp_path / "cut.pt")

@@ -530,6 +530,13 @@ def test_export_accepts_model_files(tmp_path, capsys):
     _same_tensors(read_state_dict(src), read_state_dict(tmp_path / "again.safetensors"))
     assert cli.main(["export", str(src), str(tmp_path / "copy.safetensors")]) == 0
     assert read_metadata(tmp_path / "copy.safetensors")["vlmo_fast_config"]["image_size"] == 32  # metadata kept
+    # weights beside their config (no optimizer, step, ...) are a model file, as evaluate and --load-path read them
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp_path / "with_config.pt")
+    assert cli.main(["export", str(tmp_path / "with_config.pt"), str(tmp_path / "plain.pt")]) == 0
+    assert "from a model file" in capsys.readouterr().out
+    _same_tensors(model.state_dict(), read_state_dict(tmp_path / "plain.pt"))
+    state, recorded, training = ft.read_checkpoint(str(tmp_path / "with_config.pt"))
+    assert not training and recorded == {"arch": "vlmo_tiny_patch16", "image_size": 32, "max_text_len": 12}
 
 
 def test_export_of_a_training_checkpoint(tmp_path, capsys, training_checkpoint):
@@ -561,6 +568,23 @@ def test_export_refuses_bad_names_and_has_help(tmp_path, capsys):
 
 
 # ---- 11. top-level and task-level help ----------------------------------------------------------------------------
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vlmo_fast", "export", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "usage: vlmo-fast export" in done.stdout, done.stderr
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_as_one(tmp_path, capsys):
+    (tmp_path / "ds.ckpt").mkdir()
+    code, _, err = exit_code(lambda: cli.main(["export", str(tmp_path / "ds.ckpt"), str(tmp_path / "o.pt")]), capsys)
+    assert code == 2 and "ds.ckpt is a folder, not a file" in err
+    code, _, err = exit_code(lambda: cli.main(["pretrain", "--load-path", str(tmp_path / "ds.ckpt")]), capsys)
+    assert code == 2 and f"--load-path: {tmp_path / 'ds.ckpt'} is a folder; expected a checkpoint file" in err
 
 
 def test_top_level_help_lists_the_commands(capsys):

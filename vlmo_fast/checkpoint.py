@@ -45,8 +45,7 @@ def read_state_dict(path: PathLike) -> StateDict:
         path = os.fsdecode(path)  # str, bytes or PathLike
     except TypeError:
         raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}") from None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    require_file(path)
     if is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -59,7 +58,17 @@ def read_state_dict(path: PathLike) -> StateDict:
                                       f"download?): {short}") from exc
             raise CheckpointError(f"cannot read {path} as safetensors: {first_line(exc)}") from exc
         return unwrap_state_dict(tensors, source=path)
+    verify_checksums(path)  # (a load reads no checksum: a file damaged inside a tensor would load)
     return unwrap_state_dict(torch_load(path), source=path)
+
+
+def require_file(path: str, what: str = "checkpoint") -> None:
+    """A FileNotFoundError, or a CheckpointError for a folder, unless ``path`` is a file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a folder, not a file (a DeepSpeed checkpoint folder? Its "
+                              f"zero_to_fp32.py writes the weights as one file)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
 
 
 def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
@@ -85,12 +94,22 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
     if kind == "truncated zip":
         raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated or damaged (a torch "
                               f"zip file without its end record; an interrupted copy or download?)")
+    if kind == "pickle" and (isinstance(error, EOFError) or "unexpected EOF" in str(error)):
+        raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: the file is truncated (a torch file of the "
+                              f"legacy format that ends early; an interrupted copy or download?)")
     if kind is None:
         raise CheckpointError(f"cannot read {what or 'checkpoint'} {path}: it is not a checkpoint (neither a torch "
                               f"file nor safetensors)")
     raise CheckpointError(
         f"cannot read {what or 'checkpoint'} {path} with torch.load(weights_only=True): {first_line(error)}. "
         f"vlmo_fast never unpickles arbitrary objects; a checkpoint must be a plain state dict or safetensors.")
+
+
+def torch_save(obj: object, path: str) -> None:
+    """``torch.save`` through an open file: the zip's records are named ``archive/...`` (torch's name for a file
+    object), not after the temporary name an atomic write gives the file."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _load_with_placeholders(path: str, kind: str) -> object:
@@ -262,15 +281,16 @@ class LoadReport:
 
 
 def _resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Bicubic resize of the patch part of an absolute (1, 1+P, D) position embedding; the CLS entry is kept."""
+    """Bicubic resize of the patch part of an absolute (1, 1+P, D) position embedding; the CLS entry is kept. In fp32
+    at least; the caller rounds to the model's dtype."""
     src = int(round((pos.shape[1] - 1) ** 0.5))
     dst = int(round((num_tokens - 1) ** 0.5))
     if src * src != pos.shape[1] - 1 or dst * dst != num_tokens - 1:
         raise CheckpointError(f"transformer.pos_embed: cannot map {pos.shape[1]} positions to {num_tokens}")
-    grid = pos[:, 1:].reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
+    wide = torch.promote_types(pos.dtype, torch.float32)  # fp32 at least (fp16/bf16 values are exact in it)
+    grid = pos[:, 1:].reshape(1, src, src, -1).permute(0, 3, 1, 2).to(wide)
     grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)
-    return torch.cat([pos[:, :1], grid], dim=1)
+    return torch.cat([pos[:, :1].to(wide), grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
 OFFICIAL_L0 = 196  # max_text_len_of_initckpt of every official config (spec §2)
@@ -312,14 +332,15 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     if key in sd and key in target and sd[key].shape[0] != target[key].shape[0]:
         want = target[key].shape[0]
         src = sd[key]
-        sd[key] = src[:want] if src.shape[0] >= want else torch.cat([src, target[key][src.shape[0] :].to(src)], 0)
+        src = src.to(target[key].dtype)
+        sd[key] = src[:want] if src.shape[0] >= want else torch.cat([src, target[key][src.shape[0] :]], 0)
         sd["text_embeddings.position_ids"] = torch.arange(want).unsqueeze(0)
         report.adapted.append(f"{key}: {src.shape[0]} -> {want} rows")
 
     key = "transformer.pos_embed"
     if key in sd and key in target and sd[key].shape != target[key].shape:
         old = sd[key].shape
-        sd[key] = _resize_pos_embed(sd[key], target[key].shape[1])
+        sd[key] = _resize_pos_embed(sd[key], target[key].shape[1]).to(target[key].dtype)
         report.adapted.append(f"{key}: {tuple(old)} -> {tuple(sd[key].shape)} (bicubic)")
 
     key = "relative_position_bias_table"
@@ -330,8 +351,7 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
                 f"{key}: the checkpoint has {src.shape[1]} columns (heads x layers), the model {want.shape[1]}: "
                 f"a different architecture"
             )
-        window = model.config.window_size
-        l0 = model.config.max_text_len_of_initckpt
+        window, l0 = _table_geometry(model, want.shape[0])
         # resize_table takes the rows after the patch offsets (image CLS, text, cross-modal: 3 + 2 L0 + 2) to be the
         # model's: a checkpoint made with another L0 (196 in every official one) would have text rows resampled as
         # patch offsets. The rows tell the layouts apart unless both fit.
@@ -345,8 +365,8 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
             # both layouts fit the row count: read as the model's (a checkpoint of this configuration), said
             assumed = (f"; read as made with the model's max_text_len_of_initckpt={l0}, though its rows also fit "
                        f"the official {OFFICIAL_L0}")
-        try:
-            sd[key] = relpos.resize_table(src, want.shape[0], window)
+        try:  # resampled from the checkpoint's values in float64, rounded once, to the model's dtype
+            sd[key] = relpos.resize_table(src.double(), want.shape[0], window).to(want.dtype)
         except ValueError as exc:
             raise CheckpointError(f"{key}: {exc}") from exc
         report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid{assumed})")
@@ -356,6 +376,30 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
         sd[key] = torch.cat([sd[key], sd[key][1:2]], dim=0)
         report.adapted.append(f"{key}: 2 -> 3 rows (NLVR2: row 2 starts as row 1)")
     return sd, report
+
+
+def _table_geometry(model: nn.Module, rows: int) -> tuple:
+    """(W, L0) of ``model``'s relative-position table of ``rows`` rows: from a vlmo_fast config, else (a module laid
+    out as the official one, e.g. accelerated official code) from its patch embedding's grid and its
+    ``hparams["config"]["max_text_len_of_initckpt"]`` (the official 196 when it has none), checked against the rows."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "window_size") and hasattr(config, "max_text_len_of_initckpt"):
+        return config.window_size, config.max_text_len_of_initckpt
+    hparams = getattr(model, "hparams", None)
+    official = hparams.get("config") if isinstance(hparams, Mapping) else getattr(hparams, "config", None)
+    l0 = official.get("max_text_len_of_initckpt", OFFICIAL_L0) if isinstance(official, Mapping) else OFFICIAL_L0
+    shape = getattr(getattr(getattr(model, "transformer", None), "patch_embed", None), "patch_shape", None)
+    if shape is not None:
+        window = int(shape[0])
+    else:  # solve (2W-1)² = R - 2 L0 - 5
+        side = math.isqrt(max(rows - 2 * l0 - 5, 0))
+        window = (side + 1) // 2
+    if not isinstance(l0, int) or relpos.num_table_rows(window, l0) != rows:
+        raise CheckpointError(
+            f"relative_position_bias_table: cannot tell the model's patch grid from its {rows}-row table (no vlmo_fast "
+            f"config; patch grid {shape}, max_text_len_of_initckpt {l0!r}): load into a vlmo_fast model, or give "
+            f"the model a transformer.patch_embed.patch_shape")
+    return window, l0
 
 
 def _other_architecture(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -475,12 +519,25 @@ def save_checkpoint(
     if safetensors:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in sd.items()})
         meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), durable=True)
     else:
         tensors = {k: v.detach().cpu() for k, v in sd.items()}
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch_save(tensors, tmp), durable=True)
+
+
+def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Each tensor whose memory another entry shares (tied weights, views of one buffer) copied: safetensors
+    refuses shared memory, and a file of tensors holds each one whole anyway."""
+    seen: set = set()
+    out = {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if storage in seen else value
+        if storage is not None:
+            seen.add(storage)
+    return out
 
 
 def read_metadata(path: PathLike) -> Dict[str, object]:

@@ -620,10 +620,13 @@ def check_environment(cfg: TrainConfig) -> None:
                              f"set has images and captions only)")
     elif not os.path.isdir(cfg.data_root):
         raise FileNotFoundError(f"--data-root: no such folder: {cfg.data_root}")
-    if cfg.load_path is not None and not os.path.isfile(cfg.load_path):
-        raise FileNotFoundError(f"--load-path: no such file: {cfg.load_path}")
-    if cfg.resume not in ("auto", "none", "") and not os.path.isfile(cfg.resume):
-        raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
+    resume = None if cfg.resume in ("auto", "none", "") else cfg.resume
+    for flag, path in (("--load-path", cfg.load_path), ("--resume", resume)):
+        if path is None or os.path.isfile(path):
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"{flag}: {path} is a folder; expected a checkpoint file")
+        raise FileNotFoundError(f"{flag}: no such {'file' if flag == '--load-path' else 'checkpoint'}: {path}")
 
 
 _INPUT_ERROR = "vlmo_fast_input_error"

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import data as vdata
-from ..checkpoint import (CheckpointError, is_safetensors, load_checkpoint, read_metadata, read_state_dict, torch_load,
-                          trained_image_size, unwrap_state_dict)
+from ..checkpoint import (CheckpointError, is_safetensors, load_checkpoint, read_metadata, read_state_dict,
+                          require_file, torch_load, trained_image_size, unwrap_state_dict, verify_checksums)
 from ..config import PRESETS, preset
 from ..evaluation import (build_id2answer, encode, evaluate_nlvr2, evaluate_vqa, recall_at_k, rerank_recall,
                           vqa_submission)
@@ -26,6 +26,7 @@ from .config import FINETUNE_TASKS, HelpFormatter, Parser, TrainConfig, build_pa
     check_environment, command_config, load_toml, presets_for, resolve_device, user_errors
 from ..fileio import atomic_write_json, check_writable_file
 from .data_setup import eval_loader
+from .state import TRAINING_KEYS
 from .loop import build_model, exit_status, resolve_precision, train
 
 TASKS = FINETUNE_TASKS
@@ -153,8 +154,7 @@ def read_checkpoint(path: str):
     """(model state, {arch, image_size, max_text_len} as recorded, is a training checkpoint) of a checkpoint file,
     read once. vlmo_fast records the model's settings in a training checkpoint ("config": TrainConfig fields) and
     in the safetensors files it writes ("vlmo_fast_config" metadata: VLMoConfig fields); other files record none."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    require_file(path)
     if is_safetensors(path):
         cfg = read_metadata(path).get("vlmo_fast_config")
         recorded = {}
@@ -162,11 +162,14 @@ def read_checkpoint(path: str):
             recorded = {"arch": cfg.get("model_arch"), "image_size": cfg.get("image_size"),
                         "max_text_len": cfg.get("max_text_len")}
         return read_state_dict(path), recorded, False
-    obj = torch_load(path, mmap=True)  # mapped: a training checkpoint's optimizer state is never read from disk
-    training = isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("config"), dict)
+    verify_checksums(path)  # (reads the file once; a load reads no checksum)
+    obj = torch_load(path, mmap=True)  # mapped: a training checkpoint's optimizer state is never held in memory
+    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
     recorded = {}
-    if training:
-        recorded = {k: obj["config"].get(k) for k in ("arch", "image_size", "max_text_len")}
+    if isinstance(config, dict):  # a TrainConfig's fields ("arch"), or a VLMoConfig's ("model_arch") beside weights
+        recorded = {"arch": config.get("arch", config.get("model_arch")), "image_size": config.get("image_size"),
+                    "max_text_len": config.get("max_text_len")}
+    training = isinstance(config, dict) and all(k in obj for k in TRAINING_KEYS)
     return unwrap_state_dict(obj, source=path), recorded, training
 
 

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, first_line, torch_load, verify_checksums
+from ..checkpoint import (CheckpointError, atomic_write, first_line, require_file, torch_load, torch_save,
+                          verify_checksums)
 from ..fileio import LOCK_BUSY, NO_LOCKS, TMP_PREFIX, try_lock
 from .config import input_stage
 
@@ -167,7 +168,7 @@ def save_training_checkpoint(out_dir: str, step: int, payload: Dict[str, Any], k
     """Write ``step_<step>.pt`` atomically and durably, then delete all but the newest ``keep_last`` checkpoints."""
     path = checkpoint_path(out_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
+    atomic_write(path, lambda tmp: torch_save(payload, tmp), durable=True)
     if keep_last > 0:
         for old in list_checkpoints(out_dir)[:-keep_last]:
             os.unlink(old)
@@ -186,7 +187,7 @@ def save_best_checkpoint(out_dir: str, payload: Dict[str, Any], the_metric: floa
     ``val/the_metric`` that chose it; keep-last and resume=auto never touch it."""
     path = best_checkpoint_path(out_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(dict(payload, the_metric=float(the_metric)), tmp), durable=True)
+    atomic_write(path, lambda tmp: torch_save(dict(payload, the_metric=float(the_metric)), tmp), durable=True)
     return path
 
 
@@ -214,8 +215,7 @@ def load_training_checkpoint(path: str, verify: bool = False) -> Dict[str, Any]:
     """A training checkpoint (``save_training_checkpoint``'s payload); a file of weights alone (an exported or
     official checkpoint) is a CheckpointError saying how to start from it instead. ``verify``: every record checked
     against its checksum first (a resume: one read of the file, where a damaged one would train on garbage)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training checkpoint not found: {path}")
+    require_file(path, "training checkpoint")
     if verify:
         verify_checksums(path)
     # mapped, not read: a caller that needs only the model (export) never reads the optimizer state from disk
