@@ -17,6 +17,16 @@ image or caption names them). Shard files end in .tar, or .tar.gz, .tgz, .tar.bz
   ``world * workers``-th sample instead; either way a pass over all readers yields every sample once. When the
   shard count is not a multiple of the readers, some read one shard more; which ones rotates each epoch (a warning
   says so: a process, or with ``repeat`` a reader, with fewer samples repeats them sooner);
+- with a shard index that lists every shard given as it is now (``<prefix>.shards.json`` beside them: each shard's
+  sample count, size, modification time and a digest of its first and last 16 KiB; ``write_shards`` and
+  ``prepare`` write one, ``write_shard_index`` one for shards of other tools), the readers split each epoch's
+  samples instead: every reader gets N // T of the N samples or one more (which ones rotates each epoch), taking
+  whole shards in the epoch's order and a shard's sample range where a reader's share ends (``split_samples``: at
+  most T - 1 shards split an epoch). The cost: a reader whose range starts inside a shard reads through the samples
+  before it, undecoded (their headers only in an uncompressed tar, which is seeked over; a compressed one is
+  decompressed through them), and the smaller piece of a split shard goes first to keep that short. An index that
+  is stale (a shard's size, or its time and edge bytes, changed), misses a shard, or does not read is named in a
+  warning, and the readers take whole shards as without one;
 - samples are shuffled within a buffer (``shuffle_buffer``) when training;
 - items are the same dictionaries as the arrow datasets ("image", "text", "text_ids", "text_masks",
   "special_tokens_mask") plus "key", "url" and "_seed"; the official transforms and tokenisation apply;
@@ -47,12 +57,15 @@ first, a stream resumes in the very order it had (``vlmo_fast.train.data_setup.I
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import glob
+import hashlib
 import io
 import itertools
 import json
 import os
 import re
+import sys
 import tarfile
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -62,7 +75,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_json
 from .sample import BadSampleLog, decode_image, encode_text, mixed_seed
 from .transforms import build_transform
 
@@ -99,13 +112,18 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
         return [p for i in range(int(lo), int(hi) + 1)
                 for p in expand_urls(urls[: match.start()] + str(i).zfill(width) + urls[match.end():])]
     if any(ch in urls for ch in "*?["):
-        found = sorted(glob.glob(urls))
+        found = sorted(p for p in glob.glob(urls) if not _is_index_name(p))  # (``dir/*``: the shards, not their index)
         if not found:
             raise FileNotFoundError(f"no shards match {urls}")
         return found
     if not os.path.isfile(urls):
         raise FileNotFoundError(f"shard not found: {urls}")
     return [urls]
+
+
+def _is_index_name(path: str) -> bool:
+    name = os.path.basename(path)
+    return name == INDEX_SUFFIX or name.endswith("." + INDEX_SUFFIX)
 
 
 def split_key(name: str) -> Tuple[str, str]:
@@ -115,7 +133,7 @@ def split_key(name: str) -> Tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), ext.lower()
 
 
-def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
+def iter_tar(path: str, skip: int = 0) -> Iterator[Dict[str, Any]]:
     """Raw samples of one shard in order: {"__key__": key, "__url__": path, <ext>: bytes, ...}. A truncated or
     unreadable tar raises (``tarfile.TarError`` or ``OSError``/``EOFError``) at the point of damage; an uncompressed
     one cut at or inside a member's header too (tarfile takes that for the archive's end: the end-of-archive zero
@@ -124,10 +142,15 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
     A member whose extension the current sample already has starts a new sample of the same key (a re-downloaded
     sample appended to the shard). A sample whose key an earlier, non-adjacent sample of the shard had is marked
     "__split__" (its members are not consecutive: ``tar`` without ``--sort=name`` stores them in directory order);
-    link members are not followed, but noted in "__links__" (extension -> target), so the errors can say why."""
+    link members are not followed, but noted in "__links__" (extension -> target), so the errors can say why.
+
+    ``skip``: the first ``skip`` samples come with their members' data unread (None). An uncompressed shard is then
+    read by seeking over that data (its headers alone are read); a compressed one is decompressed through it."""
     current: Dict[str, Any] = {}
     ended = set()  # keys of the samples already yielded
-    with tarfile.open(path, "r|*") as tar:
+    begun = 0  # samples yielded so far: the current one's index in the shard
+    mode = "r:" if skip > 0 and not _is_compressed(path) else "r|*"  # (random access: tarfile seeks over data)
+    with tarfile.open(path, mode) as tar:
         for member in tar:
             if os.path.basename(member.name).startswith("."):
                 continue
@@ -138,14 +161,18 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
             if current and (key != previous or ext in current or ext in current.get("__links__", {})):
                 ended.add(previous)
                 yield current
+                begun += 1
                 current = {}
             if not current:
                 current = {"__key__": key, "__url__": path}
                 if (key != previous and key in ended) or (key == previous and apart):
                     current["__split__"] = True
             if member.isfile():
-                fobj = tar.extractfile(member)
-                current[ext] = fobj.read() if fobj is not None else b""
+                if begun < skip:
+                    current[ext] = None
+                else:
+                    fobj = tar.extractfile(member)
+                    current[ext] = fobj.read() if fobj is not None else b""
             else:
                 current.setdefault("__links__", {})[ext] = member.linkname
         end = tar.offset
@@ -156,18 +183,28 @@ def iter_tar(path: str) -> Iterator[Dict[str, Any]]:
                                 f"end-of-archive block)")
 
 
+def count_samples(path: str) -> int:
+    """The samples ``iter_tar`` yields from a whole shard (member data unread; raises as it does on a damaged one)."""
+    return sum(1 for _ in iter_tar(path, skip=sys.maxsize))
+
+
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
 def _ends_cleanly(path: str, offset: int) -> bool:
     """Whether an uncompressed tar has its end-of-archive zero block at ``offset`` (where tarfile stopped reading).
     Compressed shards are not checked here: their decompressor raises at a cut."""
+    if _is_compressed(path):
+        return True
     with open(path, "rb") as f:
-        if f.read(6).startswith(_COMPRESSED_MAGIC):
-            return True
         f.seek(offset)
         block = f.read(512)
     return len(block) == 512 and not any(block)
+
+
+def _is_compressed(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6).startswith(_COMPRESSED_MAGIC)
 
 
 def _caption(raw: Dict[str, Any], rng: Optional[np.random.Generator]) -> str:
@@ -224,10 +261,24 @@ class WebDataset(IterableDataset):
     def __init__(self, urls: Union[str, Sequence[str]], image_size: int = 224, max_text_len: int = 40,
                  train: bool = True, tokenizer=None, transform: Optional[Callable] = None, shuffle_buffer: int = 1000,
                  seed: int = 0, repeat: bool = False, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 drop_bad: bool = False):
+                 drop_bad: bool = False, use_index: bool = True):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise FileNotFoundError(f"no shards in {urls!r}")
+        # the shards' sample counts, from their index (None: readers take whole shards, as without an index)
+        self.counts: Optional[List[int]] = None
+        self.balance: Optional[str] = None  # what the readers' split depends on (a checkpoint's position too)
+        self._split: Optional[Tuple[Tuple[int, int], List[List[Tuple[int, int, Optional[int]]]]]] = None
+        if use_index:
+            counts, why = shard_counts(self.urls)
+            if why is not None:
+                if _world(rank, world_size)[0] == 0:
+                    warnings.warn(f"WebDataset: not using the shard index ({why}); readers read whole shards, as "
+                                  f"without one (write_shard_index writes it anew)")
+            elif counts is not None:
+                self.counts = counts
+                digest = hashlib.sha256(json.dumps(counts).encode("utf-8")).hexdigest()[:16]
+                self.balance = f"samples/v1:{digest}"
         self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
         self.transform = transform if transform is not None else build_transform(image_size, train)
         if tokenizer is None:
@@ -282,6 +333,49 @@ class WebDataset(IterableDataset):
             return shards[(gid + epoch * len(shards)) % total::total], 1, 0
         return shards, total, gid
 
+    def drop_index(self) -> None:
+        """Read whole shards, as without an index (e.g. when processes found different indexes)."""
+        self.counts, self.balance, self._split = None, None, None
+
+    def pieces(self, epoch: int, rank: int, world_size: int, worker_id: int, num_workers: int
+               ) -> List[Tuple[str, int, Optional[int]]]:
+        """With the shards' sample counts (a shard index): the (shard, first sample, end sample or None: to the
+        shard's end) ranges that global worker ``rank * num_workers + worker_id`` reads in ``epoch``, in order.
+
+        The epoch's shard order (shuffled identically everywhere when training) is cut into as many shares as
+        readers (``split_samples``): every reader reads N // T samples, or one more; reader g takes share
+        ``(g + epoch * N) % T``, so the shares with one more sample move to other readers each epoch."""
+        if self.counts is None:
+            raise ValueError("pieces: the shards have no sample counts (no shard index); see assignment")
+        order = list(range(len(self.urls)))
+        if self.train:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)  # (the permutation assignment gives the urls)
+        total = world_size * num_workers
+        key = (epoch, total)
+        if self._split is None or self._split[0] != key:
+            self._split = (key, split_samples([self.counts[i] for i in order], total))
+        place = (rank * num_workers + worker_id + epoch * sum(self.counts)) % total
+        return [(self.urls[order[j]], first, stop) for j, first, stop in self._split[1][place]]
+
+    def _piece_stream(self, pieces: Sequence[Tuple[str, int, Optional[int]]]) -> Iterator[Optional[Dict[str, Any]]]:
+        for url, first, stop in pieces:
+            seen = 0  # samples of the shard read, or passed over before ``first``
+            try:
+                with contextlib.closing(iter_tar(url, skip=first)) as samples:
+                    for raw in samples:
+                        seen += 1
+                        if seen > first:
+                            yield raw
+                        if stop is not None and seen >= stop:
+                            break
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                if seen >= first:  # the damage is in this reader's range: it counts it, as one bad sample
+                    self._log(f"in shard {url} after {seen} samples", exc)
+                    yield None
+                else:  # (the reader whose range holds the damage counts it)
+                    self._log(f"in shard {url} after {seen} samples, before sample {first} where this reader's "
+                              f"range begins", exc)
+
     def _raw_stream(self, shards: Sequence[str], stride: int, offset: int) -> Iterator[Optional[Dict[str, Any]]]:
         index = 0
         for url in shards:
@@ -325,7 +419,12 @@ class WebDataset(IterableDataset):
         rank, world_size = _world(self.rank, self.world_size)
         total = world_size * num_workers
         if self._passes == 0 and rank == 0 and reader == 0 and self.epoch == 0:
-            if len(self.urls) < total:
+            if self.counts is not None:
+                if len(self.urls) < total:
+                    warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): "
+                                  f"readers share shards by sample range, and one whose range starts inside a shard "
+                                  f"reads through the samples before it; use more shards for speed")
+            elif len(self.urls) < total:
                 warnings.warn(f"WebDataset: {len(self.urls)} shards for {total} readers (ranks x workers): every "
                               f"reader scans all shards; use more shards for speed")
             elif len(self.urls) % total:
@@ -343,11 +442,14 @@ class WebDataset(IterableDataset):
             first_pass = self._passes == 0
             epoch = self.epoch + self._passes
             self._passes += 1
-            shards, stride, offset = self.assignment(epoch, rank, world_size, reader, num_workers)
+            if self.counts is not None:
+                raws = self._piece_stream(self.pieces(epoch, rank, world_size, reader, num_workers))
+            else:
+                raws = self._raw_stream(*self.assignment(epoch, rank, world_size, reader, num_workers))
             gid = rank * num_workers + reader
             skip = self._skip[reader] if first_pass and self._skip else 0
             rng = np.random.default_rng([self.seed, epoch, gid, 1])
-            for place, raw in enumerate(self._shuffled(self._raw_stream(shards, stride, offset), rng)):
+            for place, raw in enumerate(self._shuffled(raws, rng)):
                 if place < skip:
                     continue
                 item = self._decode(raw, sample_seed(self.seed, epoch, gid, place))
@@ -386,6 +488,174 @@ def sample_seed(seed: int, epoch: int, reader: int, place: int) -> int:
     return mixed_seed(seed, epoch, reader, place, 2)
 
 
+# ---- the shard index --------------------------------------------------------------------------------------------
+
+INDEX_SUFFIX = "shards.json"
+INDEX_FORMAT = "vlmo_fast shard index"
+INDEX_VERSION = 1
+_EDGE_BYTES = 16 << 10  # the first and last bytes of a shard digested in its index entry
+
+
+def index_path(shard: str) -> str:
+    """The index file that would list ``shard``: ``<prefix>.shards.json`` beside it, the prefix being its file name
+    without the shard suffix and the trailing number (``web-train-000003.tar`` -> ``web-train.shards.json``,
+    ``00003.tar`` -> ``shards.json``)."""
+    folder, name = os.path.split(shard)
+    lower = name.lower()
+    stem = next((name[: -len(x)] for x in SHARD_SUFFIXES if lower.endswith(x)), name)
+    prefix = re.sub(r"[-_.]?\d+$", "", stem)
+    return os.path.join(folder, f"{prefix}.{INDEX_SUFFIX}" if prefix else INDEX_SUFFIX)
+
+
+def _edges(path: str) -> str:
+    """A digest of the shard's first and last ``_EDGE_BYTES`` (what tells a copy, with a new modification time,
+    from a rewritten file of the same size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE_BYTES))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - _EDGE_BYTES, 0))
+        h.update(f.read(_EDGE_BYTES))
+    return h.hexdigest()
+
+
+def _index_entry(path: str, samples: int) -> Dict[str, Any]:
+    st = os.stat(path)
+    return {"name": os.path.basename(path), "samples": int(samples), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "edges": _edges(path)}
+
+
+def write_shard_index(shards: Union[str, Sequence[str]], counts: Optional[Sequence[int]] = None) -> List[str]:
+    """Write the index of ``shards`` (paths, or what ``expand_urls`` takes): for each, its sample count (``counts``,
+    else counted as ``iter_tar`` reads the shard: headers only for an uncompressed one), size, modification time and
+    a digest of its first and last 16 KiB, in ``index_path``'s file (one per folder and prefix; written atomically,
+    replacing an earlier one). A ``WebDataset`` given shards that all have a current index entry splits each epoch's
+    samples evenly over its readers. For shards written by other tools (``write_shards`` writes its own index).
+    Returns the index paths."""
+    paths = expand_urls(shards)
+    if counts is not None and len(counts) != len(paths):
+        raise ValueError(f"write_shard_index: counts has {len(counts)} entries for {len(paths)} shards")
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for k, path in enumerate(paths):
+        n = count_samples(path) if counts is None else counts[k]
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"write_shard_index: the sample count of {path} must be an int >= 0, got {n!r}")
+        entries = groups.setdefault(index_path(path), [])
+        if any(e["name"] == os.path.basename(path) for e in entries):
+            raise ValueError(f"write_shard_index: {path} is listed twice")
+        entries.append(_index_entry(path, n))
+    for ipath, entries in groups.items():
+        atomic_write_json(ipath, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shards": entries}, indent=0)
+    return list(groups)
+
+
+def _read_index(path: str) -> Union[None, str, Dict[str, Dict[str, Any]]]:
+    """The entries of an index file by shard name; None where there is none; a str saying why it is unusable."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{path} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(value, dict) or value.get("format") != INDEX_FORMAT:
+        return f"{path} is not a {INDEX_FORMAT}"
+    if value.get("version") != INDEX_VERSION:
+        return f"{path} has version {value.get('version')!r}; this reader reads version {INDEX_VERSION}"
+    entries = value.get("shards")
+    fields = {"name": str, "samples": int, "bytes": int, "mtime_ns": int, "edges": str}
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) and not isinstance(e.get(k), bool)
+                                        for k, t in fields.items()) and e["samples"] >= 0 for e in entries):
+        return f"{path} is malformed (each of its 'shards' needs {', '.join(fields)}; samples >= 0)"
+    return {e["name"]: e for e in entries}
+
+
+def _changed(path: str, entry: Dict[str, Any]) -> Optional[str]:
+    """Why the shard at ``path`` is not the one its index entry describes, or None."""
+    try:
+        size, mtime = os.stat(path).st_size, os.stat(path).st_mtime_ns
+        if size != entry["bytes"]:
+            return f"{size} bytes, the index says {entry['bytes']}"
+        if mtime != entry["mtime_ns"] and _edges(path) != entry["edges"]:  # (a copy has a new time, same bytes)
+            return "another modification time, and its first or last 16 KiB differ"
+    except OSError as exc:
+        return f"it cannot be checked: {exc}"
+    return None
+
+
+def shard_counts(urls: Sequence[str]) -> Tuple[Optional[List[int]], Optional[str]]:
+    """(each shard's sample count, None) when every one of ``urls`` has a current entry in its index
+    (``index_path``); (None, None) when none has an index; otherwise (None, why the counts are not used)."""
+    indexes: Dict[str, Union[None, str, Dict[str, Dict[str, Any]]]] = {}
+    counts: List[int] = []
+    unindexed: List[str] = []
+    for url in urls:
+        ipath = index_path(url)
+        if ipath not in indexes:
+            indexes[ipath] = _read_index(ipath)
+        index = indexes[ipath]
+        if isinstance(index, str):
+            return None, index
+        if index is None:
+            unindexed.append(url)
+            continue
+        entry = index.get(os.path.basename(url))
+        if entry is None:
+            return None, f"{url} is not listed in {ipath}"
+        why = _changed(url, entry)
+        if why is not None:
+            return None, f"{url} changed since {ipath} was written ({why})"
+        counts.append(entry["samples"])
+    if len(unindexed) == len(urls):
+        return None, None
+    if unindexed:
+        return None, (f"{len(unindexed)} of the {len(urls)} shards have no index (e.g. {unindexed[0]}: no "
+                      f"{index_path(unindexed[0])})")
+    return counts, None
+
+
+def split_samples(counts: Sequence[int], places: int) -> List[List[Tuple[int, int, Optional[int]]]]:
+    """The samples of shards with ``counts`` (in reading order) split over ``places`` readers: place p gets
+    N // places samples, one more when p < N % places, as (shard number, first sample, end sample or None: the
+    shard's end) ranges in shard order.
+
+    The places take the sample sequence of the shards in order, each its share: whole shards, and a shard split by
+    sample range where a share ends (at most ``places - 1`` shards are split). A reader starting inside a shard
+    reads through the samples before its range without decoding them (a tar has no index), so the pieces of a split
+    shard go in order of size, the smallest first: the readers after it skip the least (a shard split in two costs
+    the smaller piece, read once more). A split shard's last piece runs to its end, and a shard the index counts as
+    empty is read whole: every sample is read once even if a count were wrong."""
+    total = sum(counts)
+    share, extra = divmod(total, places)
+
+    def end(p: int) -> int:  # where place p's share ends in the sample sequence
+        return (p + 1) * share + min(p + 1, extra)
+
+    out: List[List[Tuple[int, int, Optional[int]]]] = [[] for _ in range(places)]
+    place, pos = 0, 0
+    for j, n in enumerate(counts):
+        while place < places - 1 and end(place) <= pos:
+            place += 1
+        parts: List[Tuple[int, int]] = []  # (length, place)
+        lo, p = pos, place
+        while True:
+            while p < places - 1 and end(p) <= lo:
+                p += 1
+            take = min(pos + n, end(p)) - lo
+            parts.append((take, p))
+            lo += take
+            if lo >= pos + n:
+                break
+        parts.sort()  # smallest piece first (ties: the earlier place)
+        start = 0
+        for k, (length, p) in enumerate(parts):
+            out[p].append((j, start, None if k == len(parts) - 1 else start + length))
+            start += length
+        pos += n
+    return out
+
+
 # ---- writing -----------------------------------------------------------------------------------------------------
 
 
@@ -399,7 +669,9 @@ def write_shards(out_dir: str, samples: Iterable[Tuple[str, bytes, Union[str, Se
                  samples_per_shard: int = 1000, prefix: str = "shard", image_ext: str = "png",
                  caption_format: str = "txt") -> List[str]:
     """Write (key, encoded image, caption) samples as ``<out_dir>/<prefix>-000000.tar``, ... (each shard written to
-    a temporary file, then renamed). ``caption_format``: "txt" or "json" ({"caption": ...}). Returns the paths."""
+    a temporary file, then renamed), and their index ``<out_dir>/<prefix>.shards.json`` last (``write_shard_index``:
+    the samples a reader counts in each shard, so that readers split them evenly). ``caption_format``: "txt" or
+    "json" ({"caption": ...}). Returns the shard paths."""
     if caption_format not in ("txt", "json"):
         raise ValueError(f"caption_format must be 'txt' or 'json', got {caption_format!r}")
     if samples_per_shard < 1:
@@ -418,6 +690,8 @@ def write_shards(out_dir: str, samples: Iterable[Tuple[str, bytes, Union[str, Se
                 else:
                     _add(tar, f"{key}.json", json.dumps({"caption": caption}).encode("utf-8"))
         paths.append(path)
+    if paths:
+        write_shard_index(paths)  # (counted as read: headers only, the shards just written)
     return paths
 
 
