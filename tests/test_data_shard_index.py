@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from vlmo_fast.data import WebDataset, build_collate, encode_image, write_shards
 from vlmo_fast.data import webdataset as wds
@@ -245,3 +246,71 @@ def test_damage_in_a_split_shard_counts_once(tmp_path, tok, monkeypatch):
         bad += sum(it is None for it in items)
     assert sorted(keys) == [f"{i:06d}" for i in range(6)] and bad == 1
 
+
+def _stream(paths, tok, num_workers, batch_size=3, use_index=True):
+    from vlmo_fast.train.data_setup import IterableStream
+    from vlmo_fast.train.distributed import DistInfo
+
+    ds = _dataset(paths, tok, seed=3, use_index=use_index)
+    return IterableStream(ds, build_collate(tok, mlm=True), batch_size, num_workers,
+                          DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def _signature(batch):
+    return (tuple(batch["key"]), batch["image"][0].sum().item(), tuple(batch["text_ids_mlm"].flatten().tolist()),
+            batch["bad_samples"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_balanced_stream_resumes_exactly(indexed, tok, num_workers):
+    """The position (batches taken per reader, the reader due next, the epoch) resumes the very batches, masks and
+    augmentations mid-epoch, at its end and in the next, with the readers' ranges cut from the index."""
+    full_stream = _stream(indexed, tok, num_workers)
+    assert full_stream.layout["balance"] == full_stream.dataset.balance is not None
+    full = [_signature(next(full_stream)) for _ in range(22)]
+    assert full_stream.epoch == 1 and all(len(b[0]) == 3 for b in full)
+    for k in (1, 5, 9, 13, 14, 17):
+        first = _stream(indexed, tok, num_workers)
+        for _ in range(k):
+            next(first)
+        resumed = _stream(indexed, tok, num_workers)
+        resumed.restore(first.state())
+        assert "continue where they were" in resumed.resume_note
+        assert [_signature(next(resumed)) for _ in range(len(full) - k)] == full[k:], k
+
+
+def test_a_position_of_whole_shards_restarts_its_epoch_with_a_note(indexed, tok, monkeypatch):
+    """A checkpoint whose readers took whole shards (an older version's, or one saved without an index) restarts
+    its epoch where the readers now split the samples, and the other way round; without an index an older
+    checkpoint's position still holds."""
+    saved = _stream(indexed, tok, 2)
+    for _ in range(16):
+        next(saved)
+    state = saved.state()
+    assert state["epoch"] == 1 and any(state["ranks"][0]["taken"])
+    older = dict(state, layout={k: v for k, v in state["layout"].items() if k != "balance"})
+    now = _stream(indexed, tok, 2)
+    now.restore(older)
+    assert now.resume_note == ("the tar shards restart epoch 1 (samples of it are seen again): the readers now split "
+                               "each epoch's samples evenly by the shard index; the checkpoint's took whole shards "
+                               "(it was saved without an index, or by an older version)")
+    assert now.epoch == 1 and now.taken == [0, 0]
+    fresh = _stream(indexed, tok, 2)
+    fresh.epoch = 1
+    assert [_signature(next(now)) for _ in range(3)] == [_signature(next(fresh)) for _ in range(3)]
+    whole = _stream(indexed, tok, 2, use_index=False)
+    assert "balance" not in whole.layout
+    whole.restore(state)
+    assert whole.resume_note.endswith("the readers now take whole shards; the checkpoint's split the samples by a "
+                                      "shard index that is missing, changed or not used now")
+    whole = _stream(indexed, tok, 2, use_index=False)
+    whole.restore(older)
+    assert "continue where they were" in whole.resume_note and whole.taken == state["ranks"][0]["taken"]
+    # processes that found different indexes all read whole shards
+    from vlmo_fast.train import data_setup
+
+    monkeypatch.setattr(data_setup, "gather_objects", lambda value: [value, None])
+    with pytest.warns(UserWarning, match="the processes found different shard indexes \\(rank 0: samples/v1:\\w+, "
+                                         "rank 1: none;"):
+        split = _stream(indexed, tok, 2)
+    assert split.dataset.counts is None and "balance" not in split.layout

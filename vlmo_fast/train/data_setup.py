@@ -268,6 +268,13 @@ class IterableStream:
     reader) is an error, not an endless search."""
 
     def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
+        balances = gather_objects(dataset.balance)  # (a collective) every process must split the shards alike
+        if len(set(balances)) > 1:
+            if info.is_main:
+                found = ", ".join(f"rank {r}: {b or 'none'}" for r, b in enumerate(balances))
+                warnings.warn(f"WebDataset: the processes found different shard indexes ({found}; e.g. each its own "
+                              f"copy of the shards): every process reads whole shards, as without an index")
+            dataset.drop_index()
         dataset.drop_bad = True  # full batches; each item says where it is in its reader's output
         dataset.count_only_items = True  # a pass's last unreadable samples counted too (its collate skips the item)
         self.dataset = dataset
@@ -284,6 +291,9 @@ class IterableStream:
                        "seed": dataset.seed, "shards": _shard_list_digest(dataset.urls),
                        # "places": readers took the shards of their place in every epoch (an older version's)
                        "position": "places/rotating"}
+        if dataset.balance is not None:  # readers split each epoch's samples by the shard index's counts (without
+            # one, and before there were indexes, they take whole shards: a position of either stays valid there)
+            self.layout["balance"] = dataset.balance
         self._fresh_epoch, self._batches_this_epoch = True, 0
         # unreadable samples counted on batches left out, reported with the next batch (within one __next__ call,
         # so never part of a saved position)
@@ -343,8 +353,21 @@ class IterableStream:
         if saved is None:
             why = "the checkpoint has no position in them (an older version's)"
         else:
-            why = "another " + ", ".join(_LAYOUT_NAMES[k] for k in layout if saved.get(k) != layout[k])
+            others = [_LAYOUT_NAMES[k] for k in layout if k != "balance" and saved.get(k) != layout[k]]
+            why = ", ".join("another " + name for name in others)
+            if saved.get("balance") != layout.get("balance"):
+                why += ("; " if why else "") + _balance_change(saved.get("balance"), layout.get("balance"))
         self.resume_note = (f"the tar shards restart epoch {self.epoch} (samples of it are seen again): {why}")
+
+
+def _balance_change(saved: Optional[str], now: Optional[str]) -> str:
+    if saved is None:
+        return ("the readers now split each epoch's samples evenly by the shard index; the checkpoint's took whole "
+                "shards (it was saved without an index, or by an older version)")
+    if now is None:
+        return ("the readers now take whole shards; the checkpoint's split the samples by a shard index that is "
+                "missing, changed or not used now")
+    return "another shard index (other sample counts)"
 
 
 _LAYOUT_NAMES = {"world": "number of processes", "readers": "--num-workers", "batch_size": "per-process batch",
