@@ -520,6 +520,7 @@ def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_
     skipped, stale shards of an earlier run removed; the WebDataset reader reads them, and a pretraining run takes
     them with --datasets."""
     from vlmo_fast.data import WebDataset
+    from vlmo_fast.data.webdataset import shard_counts
     from vlmo_fast.train import main as pretrain_main
 
     raw, files, pairs = web_raw
@@ -528,7 +529,9 @@ def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_
     out = tmp_path / "shards"
     assert cli.main(["prepare", "captions", str(raw), str(out), "--pairs", str(tsv), "--format", "shards",
                      "--name", "web", "--shard-rows", "1"]) == 0
-    assert sorted(os.listdir(out)) == ["web-train-000000.tar", "web-train-000001.tar"]
+    assert sorted(os.listdir(out)) == ["web-train-000000.tar", "web-train-000001.tar", "web-train.shards.json"]
+    # the index moved in with the shards lists them as they are (the readers split its sample counts evenly)
+    assert shard_counts([str(out / "web-train-000000.tar"), str(out / "web-train-000001.tar")]) == ([1, 1], None)
     ds = WebDataset(str(out / "*.tar"), image_size=SIZE, max_text_len=12, tokenizer=tok, train=False)
     samples = [s for s in ds if s is not None]
     assert [s["text"] for s in samples] == ["a red car", "a blue sky"]  # eval: the first caption of each image
@@ -540,7 +543,10 @@ def test_captions_as_webdataset_shards_train_from_the_command_line(web_raw, tmp_
     # a rerun with larger shards replaces the old ones: no stale shard left for the glob to pick up
     assert cli.main(["prepare", "captions", str(raw), str(out), "--pairs", str(tsv), "--format", "shards",
                      "--name", "web"]) == 0
-    assert sorted(os.listdir(out)) == ["web-train-000000.tar"]
+    assert sorted(os.listdir(out)) == ["web-train-000000.tar", "web-train.shards.json"]
+    assert shard_counts([str(out / "web-train-000000.tar")]) == ([2], None)
+    assert [e["name"] for e in json.loads((out / "web-train.shards.json").read_text())["shards"]] == \
+        ["web-train-000000.tar"]
     summary = prepare_captions(str(tsv), str(tmp_path / "s2"), "web", fmt="shards", image_root=str(raw))
     assert list(summary.files.values()) == [2] and list(summary.samples.values()) == [3]
     assert summary.missing_images == 1 and summary.unreadable_images == 1

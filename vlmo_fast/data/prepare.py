@@ -17,7 +17,8 @@ Writers (each returns a ``PrepareSummary``: rows and samples per file, images mi
   (``vqa_answers``).
 - ``prepare_captions(pairs, out_root, name, split)``: (image path, caption) pairs of web caption data -> the official
   files of ``gcc`` (``conceptual_caption_{train,val}_<i>``) or ``sbu`` (``sbu_<i>``), or ``<name>_<split>_<i>`` for
-  your own data; with ``fmt="shards"`` WebDataset tar shards ``<name>-<split>-<i>.tar`` instead. ``read_pairs``
+  your own data; with ``fmt="shards"`` WebDataset tar shards ``<name>-<split>-<i>.tar`` instead (and their index
+  ``<name>-<split>.shards.json``, with which readers split an epoch's samples evenly). ``read_pairs``
   reads such pairs from a TSV, JSON-lines or JSON file.
 
 A run writes its files into a hidden staging folder of ``out_root`` and moves them into place together at the end,
@@ -371,10 +372,11 @@ def _discard(summary: PrepareSummary) -> None:
         summary._lock = None
 
 
-def _finish(summary: PrepareSummary) -> PrepareSummary:
-    """Move the staged files over OUT_ROOT's, or, when the run found none of its images (a wrong RAW_ROOT, or a
-    caption list with its columns the other way round, e.g. Google's GCC TSV: caption, URL), discard them and say
-    so rather than replace earlier output with empty files and exit 0."""
+def _finish(summary: PrepareSummary, also: Sequence[str] = ()) -> PrepareSummary:
+    """Move the staged files over OUT_ROOT's, then ``also`` (staged file names: a shard index, which lists the files
+    moved before it), or, when the run found none of its images (a wrong RAW_ROOT, or a caption list with its
+    columns the other way round, e.g. Google's GCC TSV: caption, URL), discard them and say so rather than replace
+    earlier output with empty files and exit 0."""
     malformed = summary.dropped.get(MALFORMED, 0)
     if summary.rows == 0 and (summary.missing_images or summary.unreadable_images or malformed):
         _discard(summary)
@@ -386,6 +388,8 @@ def _finish(summary: PrepareSummary) -> PrepareSummary:
     try:
         for path in summary.files:
             os.replace(os.path.join(summary._staging, os.path.basename(path)), path)
+        for name in also:
+            os.replace(os.path.join(summary._staging, name), os.path.join(summary.out_root, name))
     finally:
         _discard(summary)
     return summary
@@ -951,8 +955,9 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
                      log: Log = None, fmt: str = "arrow") -> PrepareSummary:
     """Write web caption data as the official arrow files of ``name`` (columns image, caption, image_id, split), or
     with ``fmt="shards"`` as WebDataset tar shards ``<name>-<split>-<i>.tar`` (``<key>.jpg`` + ``<key>.json`` with
-    the image's captions; ``shard_rows`` images each, default 5000) that training reads with
-    ``--datasets 'OUT_ROOT/<name>-<split>-*.tar'``: the way to train on data of your own from the command line.
+    the image's captions; ``shard_rows`` images each, default 5000), with their index ``<name>-<split>.shards.json``
+    (moved in after them), that training reads with ``--datasets 'OUT_ROOT/<name>-<split>-*.tar'``: the way to train
+    on data of your own from the command line.
     A pass over shards draws one of an image's captions per image (arrow files: one sample per caption).
 
     pairs: an iterable of (image path, caption), or the path of a caption list file (see ``read_pairs``). Captions
@@ -1067,7 +1072,7 @@ def _remove_earlier(summary: PrepareSummary, out_root: str, pattern: str, what: 
 
 def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]], out_root: str, name: str,
                           split: str, per_shard: int, verify: bool, log: Log) -> PrepareSummary:
-    from .webdataset import write_shards
+    from .webdataset import index_path, write_shards
 
     counts: List[int] = []  # captions of each sample written, in order
 
@@ -1091,7 +1096,8 @@ def _write_caption_shards(summary: PrepareSummary, groups: Dict[str, List[str]],
         summary.files[final], summary.samples[final] = len(part), sum(part)
         if log is not None:
             log(f"wrote {os.path.basename(path)}: {len(part)} images, {sum(part)} captions")
-    _finish(summary)
+    # the index (each shard's samples, size and time: kept by the move, so it stays current) after the shards
+    _finish(summary, also=[os.path.basename(index_path(p)) for p in staged[:1]])
     # shards of an earlier, longer run under the same name and split would be read by the same glob: remove them
     _remove_earlier(summary, out_root, re.escape(prefix) + r"-\d{6}\.tar$", "a shard")
     summary.notes.append(f"train on them with --datasets '{os.path.join(out_root, prefix + '-*.tar')}' (each pass "
