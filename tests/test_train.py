@@ -612,14 +612,16 @@ def _resumed_from_step_5(tmp_path, name, full_dir):
     return resumed_dir
 
 
-@pytest.mark.parametrize("world,workers", [(1, 2), (2, 2)])
-def test_a_run_on_tar_shards_resumes_exactly(tmp_path, capsys, world, workers):
+@pytest.mark.parametrize("world,workers,indexed", [(1, 2, False), (2, 2, False), (1, 2, True)])
+def test_a_run_on_tar_shards_resumes_exactly(tmp_path, capsys, recwarn, world, workers, indexed):
     """A run on tar shards resumed mid-epoch continues the uninterrupted run's trajectory, over the epoch's end: the
     checkpoint holds every rank's position in the shards (it used to restart the epoch's shards). 8 shards of 7 over
     world x 2 readers; step 5 is mid-epoch, a reader due next that is not the first. One image is unreadable: left
     out, it must neither shrink one rank's batch (two processes then failed in the all-gather) nor shift the resumed
-    positions."""
-    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=56, samples_per_shard=7, image_size=32)
+    positions. Indexed: 7 x 7 + 3 samples, the index written again after the change, so the readers split a shard
+    (26 samples each); without, the change left the index stale and the readers take whole shards."""
+    shards = vdata.write_synthetic_shards(str(tmp_path / "shards"), n=52 if indexed else 56, samples_per_shard=7,
+                                          image_size=32)
     with tarfile.open(shards[2]) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shards[2], "w") as tar:
@@ -628,6 +630,8 @@ def test_a_run_on_tar_shards_resumes_exactly(tmp_path, capsys, world, workers):
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     assert any(m.name.endswith(".png") for m, _ in members[4:5])
+    if indexed:
+        vdata.write_shard_index(shards)
     pattern = os.path.join(os.path.dirname(shards[0]), "*.tar")
     run = (lambda out: _shard_run(0, 1, str(out), pattern, 9, workers)) if world == 1 else \
         (lambda out: run_distributed(_shard_run, world, str(out), pattern, 9, workers)[0])
@@ -635,6 +639,8 @@ def test_a_run_on_tar_shards_resumes_exactly(tmp_path, capsys, world, workers):
     capsys.readouterr()
     resumed = run(_resumed_from_step_5(tmp_path, "resumed", tmp_path / "full"))
     assert resumed == pytest.approx(full[5:], rel=1e-6)
+    if world == 1:  # (the warnings of other processes are not seen here)
+        assert any("not using the shard index" in str(w.message) for w in recwarn) == (not indexed)
     if world == 1:
         assert "the tar shards continue where they were (epoch 0;" in capsys.readouterr().out
         # another layout restarts the epoch's shards, and says why

@@ -28,7 +28,8 @@ from .prepare import (PrepareSummary, prepare_captions, prepare_coco, prepare_f3
                       prepare_vg, prepare_vqa)
 from .synthetic import write_synthetic
 from .transforms import EvalTransform, RandomAugment, TrainTransform, build_transform
-from .webdataset import WebDataset, expand_urls, is_shard_name, write_shards, write_synthetic_shards
+from .webdataset import (WebDataset, expand_urls, is_shard_name, write_shard_index, write_shards,
+                         write_synthetic_shards)
 
 __all__ = [
     "DATASETS",
@@ -71,6 +72,7 @@ __all__ = [
     "whole_word_mask",
     "write_arrow",
     "write_arrow_batches",
+    "write_shard_index",
     "write_shards",
     "write_synthetic",
     "write_synthetic_shards",

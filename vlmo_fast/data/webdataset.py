@@ -574,7 +574,8 @@ def _read_index(path: str) -> Union[None, str, Dict[str, Dict[str, Any]]]:
 def _changed(path: str, entry: Dict[str, Any]) -> Optional[str]:
     """Why the shard at ``path`` is not the one its index entry describes, or None."""
     try:
-        size, mtime = os.stat(path).st_size, os.stat(path).st_mtime_ns
+        st = os.stat(path)
+        size, mtime = st.st_size, st.st_mtime_ns
         if size != entry["bytes"]:
             return f"{size} bytes, the index says {entry['bytes']}"
         if mtime != entry["mtime_ns"] and _edges(path) != entry["edges"]:  # (a copy has a new time, same bytes)
