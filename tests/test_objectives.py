@@ -108,6 +108,93 @@ def test_hard_negative_sampling_never_draws_the_positive_and_follows_softmax():
                        O.sample_hard_negatives(sim, torch.Generator().manual_seed(3)))
 
 
+def test_hard_negative_draws_are_the_official_ones():
+    """The positives zeroed through a mask draw exactly what zeroing the diagonal in place drew, for local rows
+    against a global batch (more columns than rows), from the same generator."""
+    sim = torch.randn(5, 12) * 3
+
+    def official(sim, g):
+        w = torch.softmax(sim.float(), dim=1)
+        w.fill_diagonal_(0)
+        return torch.multinomial(w, 1, generator=g).squeeze(1)
+
+    for seed in range(20):
+        assert torch.equal(O.sample_hard_negatives(sim, torch.Generator().manual_seed(seed)),
+                           official(sim, torch.Generator().manual_seed(seed)))
+
+
+def _graphs_compiled(model, batches, prepare=lambda b: b):
+    """Graphs Dynamo made (backend "eager": Inductor's guards, no code generation) for a training forward and
+    backward of ``model`` over ``batches``."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for batch in batches:
+        O.total_loss(compiled(prepare(batch))).backward()
+    found = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return found
+
+
+def _tiny_float(tasks, **kw):
+    cfg = vf.preset("vlmo_tiny_patch16", depth=2, vlffn_start_layer_index=1, image_size=32, drop_path_rate=0.0,
+                    loss_names=loss_names(**{t: 1 for t in tasks}), **kw)
+    model = vf.VLMo(cfg, backend="torch").train()
+    model.current_tasks = list(tasks)
+    return model
+
+
+def _tiny_batch(b, lt, extra=None):
+    ids = torch.randint(1000, 2000, (b, lt))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    return {"text_ids": ids, "text_masks": torch.ones(b, lt, dtype=torch.long), "text_ids_mlm": ids,
+            "text_labels_mlm": labels, "text_labels": torch.full_like(ids, -100), "image": [torch.randn(b, 3, 32, 32)],
+            **(extra or {})}
+
+
+def test_a_compiled_training_forward_does_not_recompile_per_batch_size_or_label_list():
+    """The pretraining forward under torch.compile: a batch of another size (an epoch's last one) gives one dynamic
+    graph, not a graph per size (hard-negative sampling zeroed the positives with fill_diagonal_, which specialised
+    on the size). VQA and NLVR2: their labels, Python lists in the batch, as tensors made before the forward
+    (``prepare_targets``, as the loop does), so a new step's labels compile nothing."""
+    model = _tiny_float(["mlm", "itc", "itm"])
+    lt = model.config.max_text_len
+    assert _graphs_compiled(model, [_tiny_batch(b, lt) for b in (4, 3, 2)]) <= 2
+    vqa = _tiny_float(["vqa"], vqav2_label_size=50)
+    steps = [_tiny_batch(3, lt, {"vqa_labels": [[i], [i + 1, 7], []], "vqa_scores": [[1.0], [0.3, 0.6], []]})
+             for i in range(3)]
+    prep = lambda b: O.prepare_targets(b, ["vqa"], 50, torch.device("cpu"))  # noqa: E731
+    assert _graphs_compiled(vqa, steps, prep) == 1
+    nlvr2 = _tiny_float(["nlvr2"])
+    steps = [dict(_tiny_batch(3, lt, {"answers": answers}), image_0=[torch.randn(3, 3, 32, 32)],
+                  image_1=[torch.randn(3, 3, 32, 32)]) for answers in ([0, 1, 1], [1, 0, 0], [1, 1, 0])]
+    prep = lambda b: O.prepare_targets(b, ["nlvr2"], 50, torch.device("cpu"))  # noqa: E731
+    assert _graphs_compiled(nlvr2, steps, prep) == 1
+
+
+def test_targets_made_before_the_forward_give_the_same_losses():
+    model, batch = model_and_batch(["vqa", "nlvr2"], b=2)
+    batch.update(vqa_labels=[[3, 7], [1]], vqa_scores=[[1.0, 0.3], [0.6]], image_0=batch["image"],
+                 image_1=[torch.randn_like(batch["image"][0])], answers=[1, 0])
+    prepared = O.prepare_targets(batch, ["vqa", "nlvr2"], 3129, torch.device("cpu"))
+    assert set(prepared) - set(batch) == {"vqa_targets", "nlvr2_labels"}
+    for compute in (O.compute_vqa, O.compute_nlvr2):
+        a, b = compute(model, batch), compute(model, prepared)
+        for key in a:
+            if "loss" in key:
+                assert torch.equal(a[key], b[key]), key
+    only_tensors = {k: v for k, v in prepared.items() if k not in ("vqa_labels", "vqa_scores", "answers")}
+    assert torch.equal(O.compute_tasks(model, only_tensors, ["vqa"])["vqa_loss"], O.compute_vqa(model, batch)["vqa_loss"])
+    with pytest.raises(ValueError, match=r"vqa_targets'\] must be \(B, labels\) = \(2, 3129\), got \(2, 5\)"):
+        O.compute_vqa(model, dict(prepared, vqa_targets=torch.zeros(2, 5)))
+    with pytest.raises(ValueError, match="vqa_labels: label 3129 of question 1"):
+        O.prepare_targets(dict(batch, vqa_labels=[[3], [3129]], vqa_scores=[[1.0], [0.3]]), ["vqa"], 3129,
+                          torch.device("cpu"))
+
+
 def test_hard_negative_sampling_survives_diverged_logits():
     """Rows with NaN/inf logits (a diverged step, skipped by the loop) sample uniformly off the diagonal instead of
     failing; finite rows draw exactly as before."""

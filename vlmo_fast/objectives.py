@@ -126,11 +126,13 @@ def sample_hard_negatives(sim: torch.Tensor, generator: Optional[torch.Generator
     thus reaches the skip rather than failing in ``multinomial`` (on CUDA a device-side assert that ends the
     process). Decided on the device, without a sync."""
     with torch.no_grad():
-        weights = F.softmax(fp32_or_wider(sim), dim=1)
-        weights.fill_diagonal_(0)
+        # the positives as a mask (fill_diagonal_ makes torch.compile specialise on the batch size: a recompile
+        # for every new size, e.g. an epoch's last batch)
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        positive = rows[:, None] == torch.arange(sim.shape[1], device=sim.device)[None, :]
+        weights = F.softmax(fp32_or_wider(sim), dim=1).masked_fill(positive, 0)
         usable = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
-        weights = torch.where(usable, weights, torch.ones_like(weights))
-        weights.fill_diagonal_(0)
+        weights = torch.where(usable, weights, torch.ones_like(weights)).masked_fill(positive, 0)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -205,15 +207,47 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def nlvr2_labels(answers: Any) -> torch.Tensor:
+    """NLVR2's 0/1 answers (1: the statement is true) as a LongTensor."""
+    try:
+        return torch.as_tensor(answers, dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"batch['answers'] must hold 0/1 labels (1: the statement is true), got {answers!r}") from exc
+
+
+def prepare_targets(batch: Mapping[str, Any], tasks: Iterable[str], vqa_label_size: int,
+                    device: torch.device) -> Dict[str, Any]:
+    """The batch with the targets that the collate gives as Python lists also as tensors on ``device``:
+    ``vqa_targets`` (dense soft scores, from ``vqa_labels``/``vqa_scores``) for vqa, ``nlvr2_labels`` (from
+    ``answers``) for nlvr2. Made before the model's forward, which then reads tensors only: a ``torch.compile``d
+    forward reading the lists guards on their lengths and values, a recompile at almost every step (then, past
+    the recompile limit, eager). The lists stay in the batch."""
+    out = dict(batch)
+    if "vqa" in tasks and "vqa_labels" in out and "vqa_targets" not in out:
+        out["vqa_targets"] = vqa_targets(out["vqa_labels"], out["vqa_scores"], vqa_label_size, device)
+    if "nlvr2" in tasks and "answers" in out and "nlvr2_labels" not in out:
+        out["nlvr2_labels"] = _to_device(nlvr2_labels(out["answers"]), device)
+    return out
+
+
 def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
-    """VQA: BCE-with-logits averaged over B x 3129, times 3129 (spec §5.5)."""
+    """VQA: BCE-with-logits averaged over B x 3129, times 3129 (spec §5.5). The targets: ``batch["vqa_targets"]``
+    when given (``prepare_targets``), else made from ``vqa_labels``/``vqa_scores`` (and these returned too, as
+    official)."""
     infer = model.infer(batch)
     logits = model.vqa_classifier(infer["cls_feats"])
-    targets = vqa_targets(batch["vqa_labels"], batch["vqa_scores"], logits.shape[1], logits.device)
+    extra = {}
+    targets = batch.get("vqa_targets")
+    if isinstance(targets, torch.Tensor):
+        if targets.shape != logits.shape:
+            raise ValueError(f"batch['vqa_targets'] must be (B, labels) = {tuple(logits.shape)}, got "
+                             f"{tuple(targets.shape)}")
+    else:
+        targets = vqa_targets(batch["vqa_labels"], batch["vqa_scores"], logits.shape[1], logits.device)
+        extra = {"vqa_labels": batch["vqa_labels"], "vqa_scores": batch["vqa_scores"]}
     wide = fp32_or_wider(logits)
     loss = F.binary_cross_entropy_with_logits(wide, targets.to(wide.dtype)) * targets.shape[1]
-    return {"vqa_loss": loss, "vqa_logits": logits, "vqa_targets": targets, "vqa_labels": batch["vqa_labels"],
-            "vqa_scores": batch["vqa_scores"]}
+    return {"vqa_loss": loss, "vqa_logits": logits, "vqa_targets": targets, **extra}
 
 
 def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -221,11 +255,9 @@ def compute_nlvr2(model, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     cls1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
     cls2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
     logits = model.nlvr2_classifier(torch.cat([cls1, cls2], dim=-1))
-    answers = batch["answers"]
-    try:
-        labels = torch.as_tensor(answers, dtype=torch.long)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"batch['answers'] must hold 0/1 labels (1: the statement is true), got {answers!r}") from exc
+    labels = batch.get("nlvr2_labels")  # (prepare_targets)
+    if not isinstance(labels, torch.Tensor):
+        labels = nlvr2_labels(batch["answers"])
     if labels.shape != cls1.shape[:1]:
         raise ValueError(f"batch['answers'] must hold one label per sample, shape ({cls1.shape[0]},); got "
                          f"{tuple(labels.shape)}")
@@ -248,6 +280,8 @@ TASK_HEADS = {
 # the batch keys each objective reads besides the text and image (the official collate's)
 TASK_KEYS = {"mlm": ("text_ids_mlm", "text_labels_mlm"), "textmlm": ("text_ids_mlm", "text_labels_mlm"),
              "vqa": ("vqa_labels", "vqa_scores"), "nlvr2": ("answers",)}
+# or these, as tensors (``prepare_targets``)
+TENSOR_KEYS = {"vqa": ("vqa_targets",), "nlvr2": ("nlvr2_labels",)}
 
 
 def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_with_grad: bool = False,
@@ -270,6 +304,8 @@ def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_
             raise ValueError(f"task {task!r} needs the model's {', '.join(missing)}, which a model has only when its "
                              f"config's loss_names turn {task} on (this model's: {on or 'none'})")
         missing = [k for k in TASK_KEYS.get(task, ()) if k not in batch]
+        if missing and task in TENSOR_KEYS and all(k in batch for k in TENSOR_KEYS[task]):
+            missing = []
         if missing:
             raise ValueError(f"task {task!r} needs the batch key(s) {missing} (present: {sorted(batch)})")
     ret: Dict[str, Any] = {}

@@ -771,6 +771,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
                         unmasked = True
                     batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
+                    # list-valued labels as tensors, outside a compiled forward (which would recompile on them)
+                    batch = objectives.prepare_targets(batch, cfg.tasks, model.config.vqav2_label_size, info.device)
                     sync = contextlib.nullcontext()
                     if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
                         sync = wrapped.no_sync()
