@@ -426,6 +426,41 @@ def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, syntheti
     vf.save_checkpoint(vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32, max_text_len=12)), weights)
     with pytest.raises(CheckpointError, match="is not a training checkpoint .*training starts from one given as "):
         train(small_cfg(tmp_path / "other", synthetic_root, max_steps=1, warmup_steps=0, resume=str(weights)))
+    # none loads: the run is not started over (retraining from step 0, its log rewritten, with exit status 0)
+    for name in ("step_00000002.pt", "step_00000004.pt"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds checkpoints but none loads \(skipped .*step_00000004.pt.*--resume none "
+                                         r"starts over there"):
+        train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
+    assert sorted(os.listdir(folder)) == ["step_00000002.pt", "step_00000004.pt", "superseded"]
+
+
+def test_a_torchrun_restart_resumes_its_newest_checkpoint_whatever_resume_said(tmp_path, synthetic_root, capsys,
+                                                                                monkeypatch):
+    """torchrun --max-restarts runs the same command again: with --resume none (or PATH) every restart went back
+    to the start (or PATH), setting the job's progress aside. A restart (TORCHELASTIC_RESTART_COUNT > 0) resumes the
+    job's newest checkpoint when it is past that starting point, and says so."""
+    run = tmp_path / "run"
+    full = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5, resume="none"))
+    os.unlink(run / "checkpoints" / "step_00000004.pt")  # killed after step 2's save
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    capsys.readouterr()
+    resumed = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5, resume="none"))
+    out = capsys.readouterr().out
+    assert "torchrun restart 1: resuming" in out and "step_00000002.pt at step 2" in out
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[2:], rel=1e-6)
+    # --resume PATH: resumed from the job's newer checkpoint; not from one at or before PATH's step
+    start = run / "checkpoints" / "step_00000002.pt"
+    shutil.copy(start, tmp_path / "start.pt")
+    capsys.readouterr()
+    again = train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=5,
+                            resume=str(tmp_path / "start.pt")))
+    assert "step_00000004.pt at step 4" in capsys.readouterr().out and again["steps"] == 6
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start: --resume PATH is PATH
+    capsys.readouterr()
+    train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=5, resume=str(tmp_path / "start.pt")))
+    out = capsys.readouterr().out
+    assert "start.pt at step 2" in out and "torchrun restart" not in out
 
 
 def test_a_resume_refuses_a_checkpoint_damaged_inside_its_data(tmp_path, synthetic_root, capsys):
@@ -825,11 +860,25 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
     assert [line.split(":")[0] for line in notices] == ["step 2", "step 4", "step 5", "step 6"], notices
     assert all("'itm_loss': nan" in line for line in notices), notices
     assert summary["last_checkpoint"] and os.path.isfile(summary["last_checkpoint"])
-    # the steps are logged in pairs, each pair with one skipped step (2 and 4), up to the 6th that stops the run:
-    # the logged averages leave the skipped steps' NaN out
+    # the steps are logged in pairs, each pair with one skipped step (2 and 4): the logged averages leave the skipped
+    # steps' NaN out; the 6th, which stops the run, ends a pair of skipped steps: its row shows the values it had
     history = summary["history"]
-    assert [h["skipped_steps"] for h in history] == [1, 2]
-    assert all(math.isfinite(h["loss"]) and math.isfinite(h["itm_loss"]) for h in history), history
+    assert [h["skipped_steps"] for h in history] == [1, 2, 4]
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["itm_loss"]) for h in history[:2]), history
+    assert math.isnan(history[2]["itm_loss"])
+    # the stopping step counts as every skipped step: the checkpoint holds step 6, its batch and its skip (it was
+    # step 5 with 6 batches read, or, with a periodic save at 6, that save's 5 batches and 3 skips); a resumed run
+    # thus trains on every batch after it, whatever --save-every was
+    assert summary["steps"] == 6 and summary["last_checkpoint"].endswith("step_00000006.pt")
+    states = []
+    for save_every in (100, 6):
+        calls["n"] = 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            run = train(small_cfg(tmp_path / f"nan{save_every}", synthetic_root, max_steps=10, max_bad_steps=3,
+                                  log_every=2, save_every=save_every))
+        state = torch.load(run["last_checkpoint"], weights_only=True)
+        states.append((state["step"], state["data"], state["counts"], state["scheduler"]))
+    assert states[0] == states[1] and states[0][0] == 6 and states[0][2]["skipped_steps"] == 4, states
 
 
 def test_a_batch_without_masked_tokens_is_named_in_the_notice(tmp_path, synthetic_root, monkeypatch):
@@ -1654,6 +1703,48 @@ def test_the_signal_notice_names_its_rank_when_there_are_several(capsys):
         assert flag == {"signal": signal.SIGTERM}
         assert capsys.readouterr().out == (f"{prefix}signal {int(signal.SIGTERM)}: stopping at the end of this step "
                                            "or evaluation, with a checkpoint\n")
+
+
+def test_a_hangup_stops_the_run_like_a_term_unless_it_is_ignored(capsys):
+    """The terminal of an ssh session closing sends SIGHUP (torchrun passes it on): it killed the workers without a
+    checkpoint. It is handled as SIGTERM, except where the caller ignores it (nohup), which stays so."""
+    previous_hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        flag = {}
+        previous = train_loop._install_signal_handlers(flag)
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+        finally:
+            train_loop._restore_signal_handlers(previous)
+        assert flag == {"signal": signal.SIGHUP} and "stopping at the end of this step" in capsys.readouterr().out
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        previous = train_loop._install_signal_handlers({})
+        try:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        finally:
+            train_loop._restore_signal_handlers(previous)
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+
+
+def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
+    """A full disk while appending a row of log.csv: the error named no file (checkpoints' writes do)."""
+    import builtins
+    import errno
+
+    logger = train_loop.Logger(str(tmp_path), True, 10, 0, False)
+    logger.log(1, {"loss": 1.0}, show=False)
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.csv") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(OSError, match=rf"writing {re.escape(str(tmp_path / 'log.csv'))}: No space left on device"):
+        logger.log(2, {"loss": 0.5}, show=False)
 
 
 def _signal_to_rank1_in_evaluation_run(rank, world, out_dir, root):

@@ -7,7 +7,7 @@ One optimizer step = ``batch_size / (per_device_batch_size · world_size)`` micr
 ``model(batch)`` running the official objectives of ``cfg.tasks`` (in the official order) under autocast, the
 unweighted sum of their "loss" entries backpropagated. Then clipping (optional), AdamW, the lr schedule. A non-finite
 loss on any rank skips the update everywhere; ``max_bad_steps`` in a row save a checkpoint and stop. SIGTERM/SIGINT
-save a checkpoint before exit. Checkpoints are atomic and resumable (same trajectory).
+(and SIGHUP unless ignored) save a checkpoint before exit. Checkpoints are atomic and resumable (same trajectory).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from .distributed import DistInfo, barrier, cleanup, fsdp2_unavailable, from_mai
     optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
-from .state import (best_so_far, checkpoint_path, load_training_checkpoint, newest_readable_checkpoint,
-                    out_dir_lock, rng_state, save_best_checkpoint, save_training_checkpoint,
-                    set_aside_later_checkpoints, set_rng_state)
+from .state import (best_so_far, checkpoint_path, checkpoint_step, load_training_checkpoint,
+                    newest_readable_checkpoint, out_dir_lock, rng_state, save_best_checkpoint,
+                    save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
 
 def needs_unused_parameter_search(tasks) -> bool:
@@ -56,6 +56,14 @@ def needs_unused_parameter_search(tasks) -> bool:
 
 class StopTraining(Exception):
     pass
+
+
+def elastic_restarts() -> int:
+    """How often torchrun has restarted this job's workers (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun)."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+    except ValueError:
+        return 0
 
 
 def build_model(cfg: TrainConfig) -> VLMo:
@@ -236,8 +244,13 @@ class Logger:
             self._fields += new
             self._rewrite()
         else:
-            with open(self.csv_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self._fields).writerow(row)
+            try:
+                with open(self.csv_path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self._fields).writerow(row)
+            except OSError as exc:  # (e.g. a full disk: the error alone names no file)
+                if exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, f"writing {self.csv_path}: {exc.strerror or exc}") from exc
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -466,7 +479,10 @@ def _install_signal_handlers(flag: Dict[str, Any], info: Optional[DistInfo] = No
                   flush=True)
         flag["signal"] = signum
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too (the terminal of an ssh session closing; torchrun passes it on), unless it is ignored (nohup)
+    hangup = getattr(signal, "SIGHUP", None)
+    hangup = [hangup] if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else []
+    for sig in [signal.SIGTERM, signal.SIGINT] + hangup:
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
@@ -565,15 +581,31 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
         step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
         resume_path, state, unreadable = None, None, []
-        if cfg.resume == "auto":  # rank 0 chooses (a rank that failed to read a file must not resume another)
-            if info.is_main:
-                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
-            resume_path = from_main(resume_path)
-            if not info.is_main and resume_path:
-                state = load_training_checkpoint(resume_path)
-        elif cfg.resume not in ("none", "", None):
+        if cfg.resume not in ("auto", "none", "", None):
             resume_path = cfg.resume
             state = load_training_checkpoint(resume_path, verify=info.is_main)
+        restarts = elastic_restarts()
+        if cfg.resume == "auto" or restarts:  # rank 0 chooses (a rank that failed to read a file must not resume
+            # another); a torchrun restart resumes its job's newest checkpoint whatever --resume said
+            start = int(state["step"]) if state is not None else 0
+            found, why_not = None, None
+            if info.is_main:
+                found, newest, unreadable = newest_readable_checkpoint(cfg.out_dir)
+                if found is None and unreadable and cfg.resume == "auto":
+                    why_not = (f"{cfg.out_dir} holds checkpoints but none loads ({'; '.join(unreadable)}): resuming "
+                               f"would start the run over. --resume none starts over there (setting them aside), "
+                               f"--resume PATH resumes another file")
+                elif found is not None and (cfg.resume == "auto" or checkpoint_step(found) > start):
+                    if cfg.resume != "auto":
+                        unreadable.append(f"torchrun restart {restarts}: resuming {found}, this job's newest "
+                                          f"checkpoint, not --resume {cfg.resume}")
+                    resume_path, state = found, newest
+            why_not = from_main(why_not)
+            if why_not:
+                raise ValueError(why_not)
+            resume_path = from_main(resume_path)
+            if not info.is_main and resume_path and (state is None or resume_path != cfg.resume):
+                state = load_training_checkpoint(resume_path)
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
@@ -759,6 +791,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             elif eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
                 eval_pending, saved_step = False, None
             mlm_on = bool({"mlm", "textmlm"} & set(cfg.tasks))  # (asked once, not per micro-step)
+            stop_bad = None  # why repeated non-finite losses stop the run, once its step is counted
             while step < max_steps:
                 # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
                 parts: Dict[str, torch.Tensor] = {}
@@ -809,9 +842,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                                          "per-device batches)" if seen[r][2] else "") for r in where)
                     logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
                                  f"({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        stop_reason = f"{bad_in_a_row} non-finite losses in a row"
-                        raise StopTraining(stop_reason)
+                    if bad_in_a_row >= cfg.max_bad_steps:  # (after the step is counted, below)
+                        stop_bad = f"{bad_in_a_row} non-finite losses in a row"
                 else:
                     bad_in_a_row = 0
                     for k, v in parts.items():
@@ -836,6 +868,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 logger.advance()
                 if step % cfg.log_every == 0 or step == max_steps:
                     log_training(parts)
+                if stop_bad:  # counted as every skipped step (its batches, the schedule): the save holds this step
+                    stop_reason = stop_bad
+                    raise StopTraining(stop_reason)
                 paused_here = False  # an evaluation or a save: a signal during it stops the run at this step
                 if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
                     periodic_evaluation()
