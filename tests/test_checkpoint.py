@@ -676,3 +676,15 @@ def test_a_folder_or_a_cut_legacy_file_is_named_as_such(tmp_path):
         (tmp_path / "cut.pt").write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match=r"cut.pt: the file is truncated \(a torch file of the legacy"):
             read_state_dict(tmp_path / "cut.pt")
+
+
+def test_a_file_saved_without_checksums_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) (faster saves) stores CRC 0: not taken for damage."""
+    sd = tiny().state_dict()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(sd, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    back = read_state_dict(tmp_path / "nocrc.pt")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())

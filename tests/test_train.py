@@ -439,7 +439,8 @@ def test_a_torchrun_restart_resumes_its_newest_checkpoint_whatever_resume_said(t
                                                                                 monkeypatch):
     """torchrun --max-restarts runs the same command again: with --resume none (or PATH) every restart went back
     to the start (or PATH), setting the job's progress aside. A restart (TORCHELASTIC_RESTART_COUNT > 0) resumes the
-    job's newest checkpoint when it is past that starting point, and says so."""
+    job's newest checkpoint (one written since the job began), and says so; PATH may be gone by then (--keep-last);
+    an earlier run's checkpoints left in the folder are not the job's."""
     run = tmp_path / "run"
     full = train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5, resume="none"))
     os.unlink(run / "checkpoints" / "step_00000004.pt")  # killed after step 2's save
@@ -449,18 +450,28 @@ def test_a_torchrun_restart_resumes_its_newest_checkpoint_whatever_resume_said(t
     out = capsys.readouterr().out
     assert "torchrun restart 1: resuming" in out and "step_00000002.pt at step 2" in out
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(losses(full)[2:], rel=1e-6)
-    # --resume PATH: resumed from the job's newer checkpoint; not from one at or before PATH's step
-    start = run / "checkpoints" / "step_00000002.pt"
-    shutil.copy(start, tmp_path / "start.pt")
+    # --resume PATH, which --keep-last 1 deleted once the job saved a later step
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    path = run / "checkpoints" / "step_00000002.pt"
+    train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=1, resume=str(path)))
+    assert not path.exists()
+    os.unlink(run / "checkpoints" / "step_00000006.pt")
+    shutil.copy(run / "checkpoints" / "superseded" / "step_00000004.pt", run / "checkpoints")  # the job's step 4
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     capsys.readouterr()
-    again = train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=5,
-                            resume=str(tmp_path / "start.pt")))
+    again = train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=1, resume=str(path)))
     assert "step_00000004.pt at step 4" in capsys.readouterr().out and again["steps"] == 6
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start: --resume PATH is PATH
+    # the first attempt failed before saving anything: the folder's checkpoints are an earlier run's, not resumed
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(train_loop.data_setup, "train_stream", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=1, resume="none"))
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     capsys.readouterr()
-    train(small_cfg(run, synthetic_root, max_steps=6, save_every=2, keep_last=5, resume=str(tmp_path / "start.pt")))
+    fresh = train(small_cfg(run, synthetic_root, max_steps=2, save_every=2, keep_last=1, resume="none"))
     out = capsys.readouterr().out
-    assert "start.pt at step 2" in out and "torchrun restart" not in out
+    assert "torchrun restart" not in out and "resumed from" not in out and fresh["steps"] == 2
 
 
 def test_a_resume_refuses_a_checkpoint_damaged_inside_its_data(tmp_path, synthetic_root, capsys):
@@ -1726,6 +1737,42 @@ def test_a_hangup_stops_the_run_like_a_term_unless_it_is_ignored(capsys):
             train_loop._restore_signal_handlers(previous)
     finally:
         signal.signal(signal.SIGHUP, previous_hup)
+
+
+def test_a_hangup_from_a_closed_terminal_leaves_the_run_able_to_write(tmp_path):
+    """After the terminal closes, a write to it fails (EIO): the notice, then the logger's lines, raised in the run
+    and ended it without a checkpoint. On SIGHUP the run points its terminal output at /dev/null (as nohup does)."""
+    import pty
+    import subprocess
+
+    result = tmp_path / "result.txt"
+    script = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+        "from vlmo_fast.train import loop\n"
+        "flag = {}\n"
+        "loop._install_signal_handlers(flag)\n"
+        "print('ready', flush=True)\n"
+        "for _ in range(600):\n"
+        "    time.sleep(0.05)\n"
+        "    if flag: break\n"
+        "try:\n"
+        "    print('a line after the hang-up', flush=True); sys.stderr.write('and on stderr\\n'); sys.stderr.flush()\n"
+        "    got = 'wrote'\n"
+        "except OSError as exc:\n"
+        "    got = repr(exc)\n"
+        f"open({str(result)!r}, 'w').write(f'{{flag}} {{got}}')\n")
+    master, slave = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                             start_new_session=True)
+    os.close(slave)
+    seen = b""
+    while b"ready" not in seen:
+        seen += os.read(master, 100)
+    os.close(master)  # the terminal goes away
+    child.send_signal(signal.SIGHUP)
+    assert child.wait(timeout=60) == 0
+    assert result.read_text() == f"{{'signal': {int(signal.SIGHUP)}}} wrote"
 
 
 def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):

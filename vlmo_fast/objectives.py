@@ -232,11 +232,10 @@ def prepare_targets(batch: Mapping[str, Any], tasks: Iterable[str], vqa_label_si
 
 def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
     """VQA: BCE-with-logits averaged over B x 3129, times 3129 (spec §5.5). The targets: ``batch["vqa_targets"]``
-    when given (``prepare_targets``), else made from ``vqa_labels``/``vqa_scores`` (and these returned too, as
-    official)."""
+    when given (``prepare_targets``), else made from ``vqa_labels``/``vqa_scores`` (returned too, as official,
+    when the batch has them)."""
     infer = model.infer(batch)
     logits = model.vqa_classifier(infer["cls_feats"])
-    extra = {}
     targets = batch.get("vqa_targets")
     if isinstance(targets, torch.Tensor):
         if targets.shape != logits.shape:
@@ -244,7 +243,7 @@ def compute_vqa(model, batch: Mapping[str, Any]) -> Dict[str, Any]:
                              f"{tuple(targets.shape)}")
     else:
         targets = vqa_targets(batch["vqa_labels"], batch["vqa_scores"], logits.shape[1], logits.device)
-        extra = {"vqa_labels": batch["vqa_labels"], "vqa_scores": batch["vqa_scores"]}
+    extra = {k: batch[k] for k in ("vqa_labels", "vqa_scores") if k in batch}
     wide = fp32_or_wider(logits)
     loss = F.binary_cross_entropy_with_logits(wide, targets.to(wide.dtype)) * targets.shape[1]
     return {"vqa_loss": loss, "vqa_logits": logits, "vqa_targets": targets, **extra}

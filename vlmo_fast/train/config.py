@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..config import LOSS_NAMES, PRESETS, check_itm_has_itc, dataclass_from_dict, preset as model_preset
+from .distributed import elastic_restarts
 
 _STEP200K = dict(max_steps=200000, warmup_steps=2500)
 FINETUNE_TASKS = ("irtr", "vqa", "nlvr2")  # ``vlmo-fast finetune TASK``; every other objective is pretraining
@@ -620,7 +621,8 @@ def check_environment(cfg: TrainConfig) -> None:
                              f"set has images and captions only)")
     elif not os.path.isdir(cfg.data_root):
         raise FileNotFoundError(f"--data-root: no such folder: {cfg.data_root}")
-    resume = None if cfg.resume in ("auto", "none", "") else cfg.resume
+    # (a torchrun restart resumes the job's newest checkpoint: PATH may be gone, e.g. deleted by --keep-last)
+    resume = None if cfg.resume in ("auto", "none", "") or elastic_restarts() else cfg.resume
     for flag, path in (("--load-path", cfg.load_path), ("--resume", resume)):
         if path is None or os.path.isfile(path):
             continue

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -37,12 +38,12 @@ from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
 from . import data_setup
 from .config import FINETUNE_TASKS, TrainConfig, check_data_choice, input_stage
-from .distributed import DistInfo, barrier, cleanup, fsdp2_unavailable, from_main, full_state_dict, \
-    gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, \
+from .distributed import DistInfo, barrier, cleanup, elastic_restarts, fsdp2_unavailable, from_main, \
+    full_state_dict, gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, \
     optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
-from .state import (best_so_far, checkpoint_path, checkpoint_step, load_training_checkpoint,
+from .state import (best_so_far, checkpoint_path, job_checkpoints, load_training_checkpoint, mark_job_start,
                     newest_readable_checkpoint, out_dir_lock, rng_state, save_best_checkpoint,
                     save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
@@ -56,14 +57,6 @@ def needs_unused_parameter_search(tasks) -> bool:
 
 class StopTraining(Exception):
     pass
-
-
-def elastic_restarts() -> int:
-    """How often torchrun has restarted this job's workers (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun)."""
-    try:
-        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
-    except ValueError:
-        return 0
 
 
 def build_model(cfg: TrainConfig) -> VLMo:
@@ -473,21 +466,41 @@ def _install_signal_handlers(flag: Dict[str, Any], info: Optional[DistInfo] = No
     # torchrun passes a SIGTERM on to every rank: one notice each, so each says whose it is
     who = f"rank {info.rank}: " if info is not None and info.world_size > 1 else ""
 
+    hangup = getattr(signal, "SIGHUP", None)
+
     def handler(signum, frame):
-        if "signal" not in flag:
-            print(f"{who}signal {signum}: stopping at the end of this step or evaluation, with a checkpoint",
-                  flush=True)
+        first = "signal" not in flag
         flag["signal"] = signum
+        if signum == hangup:  # the terminal is gone: a write to it would fail (EIO) and end the run unsaved
+            _detach_from_terminal()
+        if first:
+            try:
+                print(f"{who}signal {signum}: stopping at the end of this step or evaluation, with a checkpoint",
+                      flush=True)
+            except OSError:
+                pass
 
     # SIGHUP too (the terminal of an ssh session closing; torchrun passes it on), unless it is ignored (nohup)
-    hangup = getattr(signal, "SIGHUP", None)
-    hangup = [hangup] if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else []
-    for sig in [signal.SIGTERM, signal.SIGINT] + hangup:
+    hangups = [hangup] if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else []
+    for sig in [signal.SIGTERM, signal.SIGINT] + hangups:
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
             pass
     return previous
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr, where they are a terminal, at /dev/null (as nohup does): after a hang-up, writes to
+    the terminal fail, and the run still has its checkpoint to save and its log file to write."""
+    for fd in (1, 2):
+        try:  # (a character device, not isatty: a hung-up terminal fails isatty's query)
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass
 
 
 def _restore_signal_handlers(previous) -> None:
@@ -541,6 +554,8 @@ def _deterministic_algorithms(on: bool):
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
+    if info.is_main and not elastic_restarts():  # first, before anything can fail: what a torchrun restart resumes
+        mark_job_start(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     amp = resolve_precision(cfg, info.device)
     with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
@@ -581,30 +596,36 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
         step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
         resume_path, state, unreadable = None, None, []
-        if cfg.resume not in ("auto", "none", "", None):
+        restarts = elastic_restarts()
+        if restarts and cfg.resume != "auto":
+            # a torchrun restart runs the job's command again: it resumes the job's newest checkpoint (one written
+            # after the job began), not --resume none or PATH again; rank 0 chooses (a rank that failed to read a
+            # file must not resume another)
+            newest = None
+            if info.is_main:
+                resume_path, newest, unreadable = newest_readable_checkpoint(cfg.out_dir, job_checkpoints(cfg.out_dir))
+                if resume_path:
+                    unreadable.append(f"torchrun restart {restarts}: resuming {resume_path}, the job's newest "
+                                      f"checkpoint, not --resume {cfg.resume}")
+            resume_path = from_main(resume_path)
+            if resume_path:
+                state = newest if info.is_main else load_training_checkpoint(resume_path)
+        if resume_path is None and cfg.resume not in ("auto", "none", "", None):
             resume_path = cfg.resume
             state = load_training_checkpoint(resume_path, verify=info.is_main)
-        restarts = elastic_restarts()
-        if cfg.resume == "auto" or restarts:  # rank 0 chooses (a rank that failed to read a file must not resume
-            # another); a torchrun restart resumes its job's newest checkpoint whatever --resume said
-            start = int(state["step"]) if state is not None else 0
-            found, why_not = None, None
+        elif cfg.resume == "auto":
+            why_not = None
             if info.is_main:
-                found, newest, unreadable = newest_readable_checkpoint(cfg.out_dir)
-                if found is None and unreadable and cfg.resume == "auto":
+                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
+                if resume_path is None and unreadable:
                     why_not = (f"{cfg.out_dir} holds checkpoints but none loads ({'; '.join(unreadable)}): resuming "
                                f"would start the run over. --resume none starts over there (setting them aside), "
                                f"--resume PATH resumes another file")
-                elif found is not None and (cfg.resume == "auto" or checkpoint_step(found) > start):
-                    if cfg.resume != "auto":
-                        unreadable.append(f"torchrun restart {restarts}: resuming {found}, this job's newest "
-                                          f"checkpoint, not --resume {cfg.resume}")
-                    resume_path, state = found, newest
             why_not = from_main(why_not)
             if why_not:
                 raise ValueError(why_not)
             resume_path = from_main(resume_path)
-            if not info.is_main and resume_path and (state is None or resume_path != cfg.resume):
+            if not info.is_main and resume_path:
                 state = load_training_checkpoint(resume_path)
         changed: List[str] = []
         if resume_path:

@@ -66,11 +66,31 @@ def list_checkpoints(out_dir: str) -> List[str]:
     return sorted(files, key=checkpoint_step)
 
 
-def newest_readable_checkpoint(out_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
-    """(path, state) of the newest training checkpoint of ``out_dir`` that loads, and a note for each newer one
-    that does not (e.g. truncated by a crash of the machine): resume=auto falls back past them."""
+JOB_MARK = ".job_start"
+
+
+def mark_job_start(out_dir: str) -> None:
+    """Note when a job (a command, not a torchrun restart of it) began in ``out_dir``: ``job_checkpoints``."""
+    atomic_write(os.path.join(out_dir, JOB_MARK), lambda tmp: open(tmp, "w").close())
+
+
+def job_checkpoints(out_dir: str) -> List[str]:
+    """The checkpoints of ``out_dir`` written since its job began (``mark_job_start``): a torchrun restart resumes
+    these, not an earlier run's left in the folder (it sets those aside only once it has started training)."""
+    try:
+        began = os.stat(os.path.join(out_dir, JOB_MARK)).st_mtime_ns
+    except OSError:
+        return []
+    return [p for p in list_checkpoints(out_dir) if os.stat(p).st_mtime_ns >= began]  # (>=: coarse clocks)
+
+
+def newest_readable_checkpoint(out_dir: str, among: Optional[List[str]] = None
+                               ) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
+    """(path, state) of the newest training checkpoint of ``out_dir`` (or of ``among``, in step order) that loads,
+    and a note for each newer one that does not (e.g. truncated by a crash of the machine): resume=auto falls back
+    past them."""
     notes: List[str] = []
-    for path in reversed(list_checkpoints(out_dir)):
+    for path in reversed(list_checkpoints(out_dir) if among is None else among):
         try:
             return path, load_training_checkpoint(path, verify=True), notes
         except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
