@@ -223,8 +223,18 @@ def test_shards_of_other_tools_are_indexed_as_the_reader_counts_them(tmp_path, t
     assert ds.counts == [4, 4]
     with pytest.raises(ValueError, match="write_shard_index: counts has 1 entries for 2 shards"):
         write_shard_index(paths, counts=[3])
+    # shards indexed apart (a shard added later) join the index: the earlier entries stay, a missing file's go
+    os.unlink(tmp_path / "shards.json")
+    shutil.copy(tmp_path / "00000.tar", tmp_path / "00002.tar")
+    write_shard_index(paths[0]), write_shard_index(paths[1]), write_shard_index(str(tmp_path / "00002.tar"))
+    assert _dataset(paths + [str(tmp_path / "00002.tar")], tok, train=False).counts == [4, 4, 4]
+    os.unlink(tmp_path / "00002.tar")
+    write_shard_index(paths[0])
+    listed = json.loads((tmp_path / "shards.json").read_text())["shards"]
+    assert sorted(e["name"] for e in listed) == ["00000.tar", "00001.tar.gz"]
 
 
+@pytest.mark.filterwarnings("ignore:WebDataset. 1 shards for 3 readers")  # (few shards, on purpose)
 def test_damage_in_a_split_shard_counts_once(tmp_path, tok, monkeypatch):
     """A shard damaged in place after it was indexed (same size and time): the reader whose range holds the damage
     counts it once; the ones after it lose their range, each sample before the damage is read once."""

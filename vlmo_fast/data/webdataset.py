@@ -529,9 +529,9 @@ def write_shard_index(shards: Union[str, Sequence[str]], counts: Optional[Sequen
     """Write the index of ``shards`` (paths, or what ``expand_urls`` takes): for each, its sample count (``counts``,
     else counted as ``iter_tar`` reads the shard: headers only for an uncompressed one), size, modification time and
     a digest of its first and last 16 KiB, in ``index_path``'s file (one per folder and prefix; written atomically,
-    replacing an earlier one). A ``WebDataset`` given shards that all have a current index entry splits each epoch's
-    samples evenly over its readers. For shards written by other tools (``write_shards`` writes its own index).
-    Returns the index paths."""
+    keeping an earlier one's entries of other shards that are still there: shards indexed apart, e.g. added later).
+    A ``WebDataset`` given shards that all have a current index entry splits each epoch's samples evenly over its
+    readers. For shards written by other tools (``write_shards`` writes its own index). Returns the index paths."""
     paths = expand_urls(shards)
     if counts is not None and len(counts) != len(paths):
         raise ValueError(f"write_shard_index: counts has {len(counts)} entries for {len(paths)} shards")
@@ -545,6 +545,12 @@ def write_shard_index(shards: Union[str, Sequence[str]], counts: Optional[Sequen
             raise ValueError(f"write_shard_index: {path} is listed twice")
         entries.append(_index_entry(path, n))
     for ipath, entries in groups.items():
+        earlier = _read_index(ipath)  # the entries of other shards there stay (indexed apart, e.g. added later)
+        if isinstance(earlier, dict):
+            names = {e["name"] for e in entries}
+            folder = os.path.dirname(ipath)
+            entries = [e for n, e in earlier.items() if n not in names and os.path.isfile(os.path.join(folder, n))
+                       ] + entries
         atomic_write_json(ipath, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shards": entries}, indent=0)
     return list(groups)
 
