@@ -187,7 +187,8 @@ def test_targets_made_before_the_forward_give_the_same_losses():
             if "loss" in key:
                 assert torch.equal(a[key], b[key]), key
     only_tensors = {k: v for k, v in prepared.items() if k not in ("vqa_labels", "vqa_scores", "answers")}
-    assert torch.equal(O.compute_tasks(model, only_tensors, ["vqa"])["vqa_loss"], O.compute_vqa(model, batch)["vqa_loss"])
+    assert torch.equal(O.compute_tasks(model, only_tensors, ["vqa"])["vqa_loss"],
+                       O.compute_vqa(model, batch)["vqa_loss"])
     with pytest.raises(ValueError, match=r"vqa_targets'\] must be \(B, labels\) = \(2, 3129\), got \(2, 5\)"):
         O.compute_vqa(model, dict(prepared, vqa_targets=torch.zeros(2, 5)))
     with pytest.raises(ValueError, match="vqa_labels: label 3129 of question 1"):

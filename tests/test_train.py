@@ -429,8 +429,8 @@ def test_resume_auto_falls_back_past_an_unreadable_checkpoint(tmp_path, syntheti
     # none loads: the run is not started over (retraining from step 0, its log rewritten, with exit status 0)
     for name in ("step_00000002.pt", "step_00000004.pt"):
         (folder / name).write_bytes(b"")
-    with pytest.raises(ValueError, match=r"holds checkpoints but none loads \(skipped .*step_00000004.pt.*--resume none "
-                                         r"starts over there"):
+    none_loads = r"holds checkpoints but none loads \(skipped .*step_00000004.pt.*--resume none starts over there"
+    with pytest.raises(ValueError, match=none_loads):
         train(small_cfg(run, synthetic_root, max_steps=4, save_every=2, keep_last=5))
     assert sorted(os.listdir(folder)) == ["step_00000002.pt", "step_00000004.pt", "superseded"]
 

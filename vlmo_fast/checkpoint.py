@@ -219,7 +219,8 @@ def verify_checksums(path: str) -> None:
     except zipfile.BadZipFile as exc:
         found = re.search(r"Bad CRC-32 for file '([^']*)'", str(exc))
         if found:
-            raise CheckpointError(f"{path} is damaged: its record {found.group(1)} does not match its checksum") from exc
+            raise CheckpointError(f"{path} is damaged: its record {found.group(1)} does not match its "
+                                  f"checksum") from exc
         raise CheckpointError(f"{path} is damaged: {first_line(exc)}") from exc
     except (OSError, EOFError, zlib.error, NotImplementedError) as exc:
         raise CheckpointError(f"{path} is damaged: {first_line(exc)}") from exc

@@ -39,8 +39,8 @@ from ..model import VLMo
 from . import data_setup
 from .config import FINETUNE_TASKS, TrainConfig, check_data_choice, input_stage
 from .distributed import DistInfo, barrier, cleanup, elastic_restarts, fsdp2_unavailable, from_main, \
-    full_state_dict, gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, mean_over_ranks, \
-    optimizer_state, sync_replicated_grads, wrap_model
+    full_state_dict, gather_objects, init_distributed, largest_over_ranks, load_optimizer_state, max_over_ranks, \
+    mean_over_ranks, optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
 from .state import (best_so_far, checkpoint_path, job_checkpoints, load_training_checkpoint, mark_job_start,
