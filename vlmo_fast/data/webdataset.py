@@ -267,7 +267,6 @@ class WebDataset(IterableDataset):
             raise FileNotFoundError(f"no shards in {urls!r}")
         # the shards' sample counts, from their index (None: readers take whole shards, as without an index)
         self.counts: Optional[List[int]] = None
-        self.balance: Optional[str] = None  # what the readers' split depends on (a checkpoint's position too)
         self._split: Optional[Tuple[Tuple[int, int], List[List[Tuple[int, int, Optional[int]]]]]] = None
         if use_index:
             counts, why = shard_counts(self.urls)
@@ -275,10 +274,8 @@ class WebDataset(IterableDataset):
                 if _world(rank, world_size)[0] == 0:
                     warnings.warn(f"WebDataset: not using the shard index ({why}); readers read whole shards, as "
                                   f"without one (write_shard_index writes it anew)")
-            elif counts is not None:
+            else:
                 self.counts = counts
-                digest = hashlib.sha256(json.dumps(counts).encode("utf-8")).hexdigest()[:16]
-                self.balance = f"samples/v1:{digest}"
         self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
         self.transform = transform if transform is not None else build_transform(image_size, train)
         if tokenizer is None:
@@ -324,18 +321,30 @@ class WebDataset(IterableDataset):
         rotates by S mod T places each epoch, so that over epochs every reader has the same share (with ``repeat``
         each reader makes its passes at the pace of the batches it feeds: a reader with fewer samples repeats
         them sooner)."""
-        shards = list(self.urls)
-        if self.train:
-            np.random.default_rng([self.seed, epoch]).shuffle(shards)
+        shards = [self.urls[i] for i in self._epoch_order(epoch)]
         total = world_size * num_workers
         gid = rank * num_workers + worker_id
         if len(shards) >= total:
             return shards[(gid + epoch * len(shards)) % total::total], 1, 0
         return shards, total, gid
 
+    @property
+    def balance(self) -> Optional[str]:
+        """What the readers' split depends on (a checkpoint's position too): the index's counts, or None without."""
+        if self.counts is None:
+            return None
+        return "samples/v1:" + hashlib.sha256(json.dumps(self.counts).encode("utf-8")).hexdigest()[:16]
+
     def drop_index(self) -> None:
         """Read whole shards, as without an index (e.g. when processes found different indexes)."""
-        self.counts, self.balance, self._split = None, None, None
+        self.counts, self._split = None, None
+
+    def _epoch_order(self, epoch: int) -> List[int]:
+        """The shards' reading order in ``epoch``: shuffled identically in every process when training."""
+        order = list(range(len(self.urls)))
+        if self.train:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
 
     def pieces(self, epoch: int, rank: int, world_size: int, worker_id: int, num_workers: int
                ) -> List[Tuple[str, int, Optional[int]]]:
@@ -347,9 +356,7 @@ class WebDataset(IterableDataset):
         ``(g + epoch * N) % T``, so the shares with one more sample move to other readers each epoch."""
         if self.counts is None:
             raise ValueError("pieces: the shards have no sample counts (no shard index); see assignment")
-        order = list(range(len(self.urls)))
-        if self.train:
-            np.random.default_rng([self.seed, epoch]).shuffle(order)  # (the permutation assignment gives the urls)
+        order = self._epoch_order(epoch)
         total = world_size * num_workers
         key = (epoch, total)
         if self._split is None or self._split[0] != key:

@@ -597,27 +597,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
         resume_path, state, unreadable = None, None, []
         restarts = elastic_restarts()
-        if restarts and cfg.resume != "auto":
-            # a torchrun restart runs the job's command again: it resumes the job's newest checkpoint (one written
-            # after the job began), not --resume none or PATH again; rank 0 chooses (a rank that failed to read a
-            # file must not resume another)
-            newest = None
-            if info.is_main:
-                resume_path, newest, unreadable = newest_readable_checkpoint(cfg.out_dir, job_checkpoints(cfg.out_dir))
-                if resume_path:
-                    unreadable.append(f"torchrun restart {restarts}: resuming {resume_path}, the job's newest "
-                                      f"checkpoint, not --resume {cfg.resume}")
-            resume_path = from_main(resume_path)
-            if resume_path:
-                state = newest if info.is_main else load_training_checkpoint(resume_path)
-        if resume_path is None and cfg.resume not in ("auto", "none", "", None):
-            resume_path = cfg.resume
-            state = load_training_checkpoint(resume_path, verify=info.is_main)
-        elif cfg.resume == "auto":
+        # resume=auto: the folder's newest checkpoint that loads; a torchrun restart of another --resume: the job's
+        # (one written since its command began), not --resume none or PATH again. Rank 0 chooses (a rank that
+        # failed to read a file must not resume another).
+        job_only = bool(restarts) and cfg.resume != "auto"
+        if job_only or cfg.resume == "auto":
             why_not = None
             if info.is_main:
-                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir)
-                if resume_path is None and unreadable:
+                among = job_checkpoints(cfg.out_dir) if job_only else None
+                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir, among)
+                if resume_path and job_only:
+                    unreadable.append(f"torchrun restart {restarts}: resuming {resume_path}, the job's newest "
+                                      f"checkpoint, not --resume {cfg.resume}")
+                elif resume_path is None and unreadable and not job_only:
                     why_not = (f"{cfg.out_dir} holds checkpoints but none loads ({'; '.join(unreadable)}): resuming "
                                f"would start the run over. --resume none starts over there (setting them aside), "
                                f"--resume PATH resumes another file")
@@ -627,6 +619,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             resume_path = from_main(resume_path)
             if not info.is_main and resume_path:
                 state = load_training_checkpoint(resume_path)
+        if resume_path is None and cfg.resume not in ("auto", "none", "", None):
+            resume_path = cfg.resume
+            state = load_training_checkpoint(resume_path, verify=info.is_main)
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)

@@ -71,7 +71,7 @@ JOB_MARK = ".job_start"
 
 def mark_job_start(out_dir: str) -> None:
     """Note when a job (a command, not a torchrun restart of it) began in ``out_dir``: ``job_checkpoints``."""
-    atomic_write(os.path.join(out_dir, JOB_MARK), lambda tmp: open(tmp, "w").close())
+    atomic_write(os.path.join(out_dir, JOB_MARK), lambda tmp: None)  # (an empty file: its time is the mark)
 
 
 def job_checkpoints(out_dir: str) -> List[str]:
