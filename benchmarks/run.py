@@ -216,7 +216,7 @@ class Bench:
                             row.mfu_datasheet = row.tflops / self.datasheet
             row.max_rel_err = errors.get(name)
             if self.ran.get(name):  # what the op seam picked: a kernel, or a fall-back to the PyTorch path
-                ran = "ran " + ", ".join(f"{op_}={b}" for op_, b in sorted(self.ran[name].items()))
+                ran = "ran " + ", ".join(f"{op_}={self.backend_label(b)}" for op_, b in sorted(self.ran[name].items()))
                 row.note = ran + (f"; {row.note}" if row.note else "")
             if row.max_rel_err is not None and row.max_rel_err > AGREEMENT_TOL[dtype] and row.status == "ok":
                 row.status = f"mismatch: max rel err {row.max_rel_err:.1e} vs {baseline} (> {AGREEMENT_TOL[dtype]:.0e})"
@@ -242,6 +242,11 @@ class Bench:
             self.after_case()
         return rows
 
+
+    def backend_label(self, backend: str) -> str:
+        """The note's name for a backend: the native extension's kernels ("cuda" in the op seam) are its C++ ones
+        on a CPU."""
+        return "native-cpu" if backend == "cuda" and self.device.type == "cpu" else backend
 
     def agreement(self, impls: Dict[str, Callable[[], Any]], baseline: str,
                   seed: Optional[int] = None) -> Dict[str, float]:
