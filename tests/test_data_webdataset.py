@@ -209,6 +209,46 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     assert bad == 4  # bad image + missing caption + untokenizable caption + truncated shard
 
 
+def test_big_sparse_or_unused_members_are_never_read_whole(tmp_path, tok, monkeypatch, caplog):
+    """A member is read whole into memory: one claiming gigabytes (a gzip bomb, or a sparse member whose holes cost
+    a few bytes of tar) must make its sample a bad one, not kill the worker; members the sample is not made of are
+    not read at all."""
+    import shutil
+    import subprocess
+
+    from vlmo_fast.data import webdataset as wds
+
+    img = encode_image(_pixels(0))
+    with tarfile.open(str(tmp_path / "a.tar"), "w") as tar:
+        for name, data in (("ok.png", img), ("ok.txt", b"fine"), ("ok.bin", b"x" * 5000),
+                           ("big.png", img + b"\0" * 4000), ("big.txt", b"too big")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 4000)
+    raws = list(iter_tar(str(tmp_path / "a.tar")))
+    assert raws[0]["bin"] is None and raws[0]["png"] == img  # (not one of READ_EXTS)
+    assert raws[1]["png"] is None and raws[1]["__bad__"] == [f"big.png is {len(img) + 4000} bytes (a member is read "
+                                                             f"whole, up to 0 MiB)"]
+    ds = WebDataset([str(tmp_path / "a.tar")], image_size=SIZE, max_text_len=8, train=False, tokenizer=tok)
+    keys, bad = _keys(ds, tok=tok)
+    assert keys == ["ok"] and bad == 1 and "skipping unreadable sample big in" in caplog.text
+    assert f"ValueError: big.png is {len(img) + 4000} bytes" in caplog.text
+    tar_bin = shutil.which("tar")
+    if tar_bin is None:  # (GNU tar writes the sparse member; the size limit above holds without it)
+        return
+    folder = tmp_path / "sparse"
+    folder.mkdir()
+    (folder / "s.txt").write_text("holes")
+    with open(folder / "s.png", "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB of holes: a tar of a few KiB
+    subprocess.run([tar_bin, "--sparse", "-cf", str(tmp_path / "s.tar"), "s.png", "s.txt"], cwd=folder, check=True)
+    assert os.path.getsize(tmp_path / "s.tar") < 1 << 20
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1 << 31)  # (the sparse member is refused whatever its size)
+    (raw,) = list(iter_tar(str(tmp_path / "s.tar")))
+    assert raw["png"] is None and raw["__bad__"] == ["s.png is a sparse file (a member is read whole, up to 2048 MiB)"]
+
+
 def test_expand_urls_and_missing_shards(shards, tmp_path):
     folder = os.path.dirname(shards[0])
     assert expand_urls(folder) == shards

@@ -129,6 +129,37 @@ def test_coco_input_errors_name_the_path(coco_raw, tmp_path):
         prepare_coco(str(raw), str(out))
 
 
+@pytest.mark.parametrize("field, value", [("filename", "../../secret.jpg"), ("filename", "/etc/hostname"),
+                                          ("filepath", "/etc"), ("filepath", "val2014/../.."),
+                                          ("filename", "..\\..\\secret.jpg")])
+def test_annotation_names_outside_raw_root_are_refused(coco_raw, tmp_path, field, value):
+    """A hostile (or broken) annotation file naming files outside RAW_ROOT must not have prepare copy them (a private
+    key, /etc/...) into arrow files that people publish."""
+    raw, _, _ = coco_raw
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"private")
+    bad = raw / "karpathy" / "dataset_coco.json"
+    entries = json.loads(bad.read_text())["images"]
+    entries[2][field] = value
+    bad.write_text(json.dumps({"images": entries}))
+    out = tmp_path / "arrows"
+    with pytest.raises(ValueError, match=rf"images\[2\] {field} .* is not a relative name inside RAW_ROOT"):
+        prepare_coco(str(raw), str(out))
+    assert not out.exists()
+
+
+def test_nlvr2_names_outside_the_image_folder_are_refused(nlvr2_raw, tmp_path):
+    raw, _ = nlvr2_raw
+    train = raw / "nlvr2" / "data" / "train.json"
+    for rec, match in (({"identifier": "train-10-0-0", "sentence": "s", "label": "True", "directory": "../../x"},
+                        "directory '../../x' is not a folder name inside images/train"),
+                       ({"identifier": "../../x/train-10-0-0", "sentence": "s", "label": "True", "directory": 3},
+                        "identifier .* is not of the form")):
+        _jsonl(str(train), [rec])
+        with pytest.raises(ValueError, match=rf"train.json:1: {match}"):
+            prepare_nlvr2(str(raw), str(tmp_path / "arrows"), splits=["train"])
+
+
 def test_f30k_drops_other_splits_as_official(tmp_path, tok):
     raw = tmp_path / "f30k"
     files = {}

@@ -1192,6 +1192,29 @@ def test_a_forked_child_leaving_the_lock_closes_nothing_of_its_own(tmp_path):
         lock.__exit__(None, None, None)
 
 
+def test_a_lock_file_planted_as_a_link_or_fifo_is_refused_and_its_target_untouched(tmp_path):
+    """``<out_dir>/.lock`` is truncated and written by the run holding it: a symbolic link planted there (a shared
+    runs folder, a run folder someone sent) must not make the run overwrite the file it points to, or create one."""
+    from vlmo_fast.train.state import out_dir_lock
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    for target in (victim, tmp_path / "new.txt"):
+        run = tmp_path / f"run_{target.stem}"
+        run.mkdir()
+        (run / ".lock").symlink_to(target)
+        with pytest.raises(ValueError, match=r"\.lock is not a regular file \(a symbolic link.*remove it"):
+            with out_dir_lock(str(run)):
+                pass
+    assert victim.read_text() == "precious" and not (tmp_path / "new.txt").exists()
+    fifo = tmp_path / "run_fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".lock")
+    with pytest.raises(ValueError, match="not a regular file"):  # (and does not wait for a writer)
+        with out_dir_lock(str(fifo)):
+            pass
+
+
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     import errno
     import fcntl

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -114,21 +115,28 @@ def atomic_write_json(path: str, value: object, indent: Optional[int] = None) ->
 
 LOCK_BUSY = "held by another process"
 NO_LOCKS = "no file locks on this system (no fcntl)"
+NOT_A_FILE = "not a regular file (a symbolic link, a folder or a device): a lock never opens it, let alone writes it"
 
 
 def try_lock(path: str, create: bool = True) -> Tuple[Optional[int], Optional[str]]:
     """An exclusive OS file lock (``flock``) on ``path``, taken without waiting: (its descriptor, None), holding the
     lock until it is closed or the process ends however it ends, or (None, why not): ``LOCK_BUSY`` when another
-    process holds it, ``NO_LOCKS`` where the OS has none (Windows), else the OS error (e.g. a file system without
-    locks, a missing file when not ``create``)."""
+    process holds it, ``NO_LOCKS`` where the OS has none (Windows), ``NOT_A_FILE`` for a symbolic link (never
+    followed: one planted there must not have its target truncated by the lock's holder) or another non-regular
+    file, else the OS error (e.g. a file system without locks, a missing file when not ``create``)."""
     try:
         import fcntl
     except ImportError:
         return None, NO_LOCKS
     try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno in (errno.EISDIR, errno.ENXIO) and os.path.lexists(path)):
+            return None, NOT_A_FILE
         return None, exc.strerror or str(exc)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device (O_NONBLOCK: opening one does not wait)
+        os.close(fd)
+        return None, NOT_A_FILE
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

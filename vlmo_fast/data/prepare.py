@@ -417,6 +417,13 @@ def _load_json(path: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _inside_name(name: str) -> bool:
+    """Whether an annotation's file or folder name stays under the folder it is joined to: relative, with no ".."
+    part (a hostile annotation file must not have prepare copy, say, ~/.ssh/id_rsa into a published arrow file)."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and "\0" not in name and not os.path.isabs(name) and ".." not in parts
+
+
 def _karpathy_images(path: str, need_filepath: bool) -> List[Mapping[str, Any]]:
     data = _load_json(path)
     images = data.get("images") if isinstance(data, dict) else None
@@ -426,6 +433,10 @@ def _karpathy_images(path: str, need_filepath: bool) -> List[Mapping[str, Any]]:
     for i, entry in enumerate(images):
         if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in keys):
             raise ValueError(f"{path}: images[{i}] must be an object with string fields {list(keys)}")
+        for k in keys[:-1]:
+            if not _inside_name(entry[k]):
+                raise ValueError(f"{path}: images[{i}] {k} {entry[k]!r} is not a relative name inside RAW_ROOT "
+                                 "(absolute, or with a '..' part)")
         sentences = entry.get("sentences")
         if not isinstance(sentences, list) or any(not isinstance(s, dict) or not isinstance(s.get("raw"), str)
                                                   for s in sentences):
@@ -512,10 +523,14 @@ def _nlvr2_lines(path: str, train: bool) -> List[Dict[str, Any]]:
             if not isinstance(rec, dict) or not isinstance(rec.get("identifier"), str) \
                     or not isinstance(rec.get("sentence"), str) or "label" not in rec:
                 raise ValueError(f"{where}: expected an object with 'identifier' (str), 'sentence' (str), 'label'")
-            if rec["identifier"].count("-") < 1:
+            if rec["identifier"].count("-") < 1 or "/" in rec["identifier"] or "\\" in rec["identifier"] \
+                    or not _inside_name(rec["identifier"]):
                 raise ValueError(f"{where}: identifier {rec['identifier']!r} is not of the form <pair>-<n>")
             if train and "directory" not in rec:
                 raise ValueError(f"{where}: a train record needs 'directory' (its image folder under images/train)")
+            if train and not _inside_name(str(rec["directory"])):
+                raise ValueError(f"{where}: directory {rec['directory']!r} is not a folder name inside images/train "
+                                 "(absolute, or with a '..' part)")
             rec["label"] = nlvr2_label(rec["label"], f"{where}: label")
             records.append(rec)
     return records

@@ -80,6 +80,10 @@ from .sample import BadSampleLog, decode_image, encode_text, mixed_seed
 from .transforms import build_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "jpe", "ppm", "pgm", "pbm", "pnm")
+READ_EXTS = frozenset(IMAGE_EXTS + ("txt", "json"))  # what a sample is made of: other members' data are never read
+# a member read whole into memory is at most this big; a larger one (or a sparse one: tar's holes can claim any size
+# in a few bytes) makes its sample a bad one, never an out-of-memory kill
+MAX_MEMBER_BYTES = 256 << 20
 # a shard's file name ends in one of these (any case): plain tar, or tar compressed as tarfile's "r|*" reads it
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
@@ -145,7 +149,9 @@ def iter_tar(path: str, skip: int = 0) -> Iterator[Dict[str, Any]]:
     link members are not followed, but noted in "__links__" (extension -> target), so the errors can say why.
 
     ``skip``: the first ``skip`` samples come with their members' data unread (None). An uncompressed shard is then
-    read by seeking over that data (its headers alone are read); a compressed one is decompressed through it."""
+    read by seeking over that data (its headers alone are read); a compressed one is decompressed through it. The
+    data of members whose extension is not in ``READ_EXTS`` is not read either (None), nor that of a member over
+    ``MAX_MEMBER_BYTES`` or a sparse one, which "__bad__" then names."""
     current: Dict[str, Any] = {}
     ended = set()  # keys of the samples already yielded
     begun = 0  # samples yielded so far: the current one's index in the shard
@@ -168,8 +174,13 @@ def iter_tar(path: str, skip: int = 0) -> Iterator[Dict[str, Any]]:
                 if (key != previous and key in ended) or (key == previous and apart):
                     current["__split__"] = True
             if member.isfile():
-                if begun < skip:
+                if begun < skip or ext not in READ_EXTS:
                     current[ext] = None
+                elif member.issparse() or member.size > MAX_MEMBER_BYTES:
+                    current[ext] = None
+                    what = "a sparse file" if member.issparse() else f"{member.size} bytes"
+                    current.setdefault("__bad__", []).append(
+                        f"{key}.{ext} is {what} (a member is read whole, up to {MAX_MEMBER_BYTES >> 20} MiB)")
                 else:
                     fobj = tar.extractfile(member)
                     current[ext] = fobj.read() if fobj is not None else b""
@@ -403,6 +414,8 @@ class WebDataset(IterableDataset):
         try:
             with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's RNG: this sample's seed
                 torch.default_generator.manual_seed(seed)  # (the CPU generator alone, which the fork restores)
+                if raw.get("__bad__"):
+                    raise ValueError("; ".join(raw["__bad__"]))
                 text = _caption(raw, np.random.default_rng(seed) if self.train else None)
                 image = self.transform(decode_image(_image_bytes(raw)))
             # tokenized here too: a caption the tokenizer refuses (e.g. a JSON "\ud800" escape, a lone surrogate)

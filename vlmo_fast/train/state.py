@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import (CheckpointError, atomic_write, first_line, require_file, torch_load, torch_save,
                           verify_checksums)
-from ..fileio import LOCK_BUSY, NO_LOCKS, TMP_PREFIX, try_lock
+from ..fileio import LOCK_BUSY, NO_LOCKS, NOT_A_FILE, TMP_PREFIX, try_lock
 from .config import input_stage
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -165,6 +165,9 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
         with input_stage():
             raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for it to end, "
                              f"or give another --out-dir")
+    if why == NOT_A_FILE:
+        with input_stage():
+            raise ValueError(f"{path} is {why}: remove it (a run's lock file is a plain file it makes itself)")
     if fd is None:
         if why != NO_LOCKS:
             warnings.warn(f"{path}: no file lock on this file system ({why}); a second run in {out_dir} would not be "
