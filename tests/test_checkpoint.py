@@ -641,6 +641,26 @@ def test_a_file_damaged_inside_a_tensor_is_named_on_every_read(tmp_path):
             read(path)
 
 
+def test_a_torch_file_rezipped_with_compression_reads_its_weights_on_every_path(tmp_path):
+    """torch writes its records stored; another tool re-zipping the file may deflate them. A mapped load took the
+    compressed bytes for the tensors' data (wrong weights, silently: the CRCs are of the uncompressed data), on the
+    paths that map (evaluate, export, --resume); they read such a file without mapping."""
+    import zipfile
+
+    from vlmo_fast.checkpoint import torch_load
+    from vlmo_fast.train.finetune import read_checkpoint
+
+    sd = {"w": torch.randn(64, 64), "b": torch.arange(100.0)}
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": sd, "config": {"model_arch": "vlmo_base_patch16"}}, plain)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    for got in (torch_load(str(packed), mmap=True)["model"], read_checkpoint(str(packed))[0], read_state_dict(packed)):
+        assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+
+
 def test_writes_of_model_files_are_durable(tmp_path, monkeypatch):
     """save_checkpoint (vf.save_checkpoint, ``vlmo-fast export``) syncs the file and its folder before it returns,
     as training checkpoints do: after a power loss the name holds the whole new file or the old one."""

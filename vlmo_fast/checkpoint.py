@@ -75,7 +75,9 @@ def torch_load(path: str, mmap: bool = False, what: str = "") -> object:
     """``torch.load(weights_only=True)`` on the CPU, or a one-line ``CheckpointError`` naming the file. With ``mmap``
     the file is mapped, not read (a caller needing only the model never reads a training checkpoint's optimizer
     state), falling back to a plain read for the legacy non-zip format, which cannot be mapped; an error is then the
-    plain read's."""
+    plain read's, and for a zip with compressed records (torch writes them stored; a file re-zipped by another
+    tool may deflate them), whose mapped bytes would be taken for the tensors' data."""
+    mmap = mmap and _all_records_stored(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # not a torch file, truncated, or objects the safe unpickler refuses
@@ -112,6 +114,15 @@ def torch_save(obj: object, path: str) -> None:
         torch.save(obj, f)
 
 
+def _all_records_stored(path: str) -> bool:
+    """Whether no record of a torch zip file is compressed (so its tensors can be mapped); True for other files."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return True  # (not a zip, or a damaged one: the load says why)
+
+
 def _load_with_placeholders(path: str, kind: str) -> object:
     """``torch.load(weights_only=True)`` with every global the safe unpickler refuses (listed from the file's
     opcodes, nothing executed) standing for an inert placeholder: an object that keeps its arguments and state as
@@ -127,7 +138,8 @@ def _load_with_placeholders(path: str, kind: str) -> object:
         stand_ins = [(_placeholder(name, name in as_dict), name) for name in names]
         try:
             with torch.serialization.safe_globals(stand_ins):  # mapped: a .ckpt's optimizer state is not read
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+                return torch.load(path, map_location="cpu", weights_only=True,
+                                  mmap=kind == "zip" and _all_records_stored(path))
         except pickle.UnpicklingError as exc:
             found = re.search(r"Can only SETITEMS? for dict.*?but got <class '([^']+)'>", str(exc), re.S)
             if found is None or found.group(1) not in names or found.group(1) in as_dict:
