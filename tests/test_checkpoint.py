@@ -67,6 +67,16 @@ def test_save_writes_official_layout_atomically(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as any file written under that umask
+    path.chmod(0o600)  # a rewrite keeps the file's mode (as torch.save writing into it would)
+    save_checkpoint(m, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0o077)  # the umask now, not the one at import
+    try:
+        save_checkpoint(m, tmp_path / "private.pt")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "private.pt").unlink()
     # a failing write leaves the previous file intact and no temporary file
     before = path.read_bytes()
     with pytest.raises(Exception):

@@ -510,6 +510,51 @@ def test_bad_toml_syntax_is_a_configuration_error(tmp_path, capsys):
     assert code == 2 and f"{toml}: not valid TOML" in err and "Traceback" not in err
 
 
+def test_config_files_nested_too_deeply_or_not_utf8_are_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("# caf\xe9\nmax_steps = 3\n".encode("latin-1"))
+    for path, why in ((deep, "not a config file (tables or arrays nested too deeply"), (latin, "not valid TOML")):
+        code, _, err = exit_code(lambda: cli.main(["pretrain", "--config", str(path)]), capsys)
+        assert code == 2 and f"{path}: {why}" in err and "Traceback" not in err, err
+
+
+def test_a_checkpoints_recorded_settings_are_checked_before_a_model_is_built(tmp_path, capsys, synthetic_root,
+                                                                             training_checkpoint):
+    """The settings a checkpoint records choose the model evaluate and export build: a hostile or damaged file's
+    (an image size of 65536 allocates tens of GB; a string) is refused naming the file, never built."""
+    import json as json_
+
+    from safetensors.torch import save_file
+
+    weights = vf.VLMo(vf.preset("vlmo_tiny_patch16", image_size=32)).state_dict()
+    for value, why in ((65536, "recorded image_size 65536 is not a size from 1 to 1024"),
+                       ("../../x", "recorded image_size '../../x' is not a size from 1 to 1024")):
+        path = tmp_path / "lying.safetensors"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={
+            "vlmo_fast_config": json_.dumps({"model_arch": "vlmo_tiny_patch16", "image_size": value})})
+        code, _, err = exit_code(lambda: ft.evaluate_main(["irtr", "--load-path", str(path), "--data-root",
+                                                           synthetic_root, "--device", "cpu"]), capsys)
+        assert code == 2 and err.strip().splitlines() == [f"vlmo-fast evaluate irtr: error: {path}: its {why}"], err
+    # metadata nested past the JSON parser's depth is no recorded config (kept as the string it is)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "deep.safetensors"),
+              metadata={"vlmo_fast_config": "[" * 100000 + "]" * 100000})
+    assert isinstance(read_metadata(tmp_path / "deep.safetensors")["vlmo_fast_config"], str)
+    # export rebuilds a training checkpoint's model from its config: the command refuses a lying one; the Python
+    # function exports its state dict as saved, with a warning
+    from vlmo_fast.train.loop import export
+
+    state = torch.load(training_checkpoint, weights_only=True)
+    state["config"]["image_size"] = 65536
+    torch.save(state, tmp_path / "lying.pt")
+    code, _, err = exit_code(lambda: cli.main(["export", str(tmp_path / "lying.pt"), str(tmp_path / "out.pt")]), capsys)
+    assert code == 2 and err.strip().endswith("lying.pt: its recorded image_size 65536 is not a size from 1 to 1024")
+    with pytest.warns(UserWarning, match="recorded image_size 65536 is not a size"):
+        export(str(tmp_path / "lying.pt"), str(tmp_path / "out.pt"))
+    _same_tensors(state["model"], read_state_dict(tmp_path / "out.pt"))
+
+
 # ---- 10. export ---------------------------------------------------------------------------------------------------
 
 

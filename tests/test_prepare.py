@@ -3,6 +3,7 @@ written, read back through the arrow datasets, and compared with the files on di
 split routing, grouping); missing images are skipped and counted; missing or malformed inputs raise clear errors;
 the `vlmo-fast prepare` command writes the files and ends configuration errors in one line with exit status 2."""
 
+import io
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlmo_fast import cli
 from vlmo_fast.data import build_dataset, make_dataset, read_arrow, write_arrow_batches
@@ -126,6 +127,9 @@ def test_coco_input_errors_name_the_path(coco_raw, tmp_path):
         prepare_coco(str(raw), str(out))
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="'images' list"):
+        prepare_coco(str(raw), str(out))
+    bad.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="not an annotation file \\(JSON nested too deeply"):
         prepare_coco(str(raw), str(out))
 
 
@@ -439,6 +443,27 @@ def test_verify_decodes_the_image(web_raw, tmp_path):
     assert checked.rows == 1 and checked.unreadable_images == 1 and checked.examples == [str(raw / "cut.jpg")]
     unchecked = prepare_captions(pairs, str(tmp_path / "u"), "mine", image_root=str(raw), verify=False)
     assert unchecked.rows == 2 and unchecked.unreadable_images == 0
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "TGA"])
+def test_only_dataset_image_formats_are_decoded(web_raw, tmp_path, fmt):
+    """Image bytes are opened as JPEG, PNG, WebP, BMP, GIF, TIFF or PPM only: PIL would hand PostScript (EPS) from a
+    downloaded file to Ghostscript, and open other formats no dataset uses."""
+    from vlmo_fast.data.sample import decode_image
+
+    raw, files, _ = web_raw
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format=fmt)
+    (raw / "odd.img").write_bytes(buf.getvalue())
+    with pytest.raises(UnidentifiedImageError, match=r"not an image of a format read here \(JPEG, PNG, WEBP"):
+        decode_image(buf.getvalue())
+    checked = prepare_captions([("a/0.jpg", "whole"), ("odd.img", fmt)], str(tmp_path / "v"), "mine",
+                               image_root=str(raw), verify=True)
+    assert checked.rows == 1 and checked.unreadable_images == 1
+    for other in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format=other)
+        assert decode_image(buf.getvalue()).size == (8, 8), other
 
 
 # ---- the streaming writer ----------------------------------------------------------------------------------------

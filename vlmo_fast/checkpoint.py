@@ -183,7 +183,7 @@ def _safetensors_shortfall(path: str) -> Optional[str]:
                 return f"its header is {n} bytes, the file {size} bytes in all"
             header = json.loads(f.read(n))
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         return None
     if size < 8 + n + end:
         return f"its tensors need {8 + n + end} bytes, the file has {size}"
@@ -580,7 +580,7 @@ def read_metadata(path: PathLike) -> Dict[str, object]:
     for k, v in meta.items():  # other tools store plain strings (e.g. {"format": "pt"}): kept as they are
         try:
             out[k] = json.loads(v)
-        except ValueError:
+        except (ValueError, RecursionError):  # (not JSON, or nested past the parser's depth)
             out[k] = v
     return out
 

@@ -11,8 +11,32 @@ import stat
 import tempfile
 from typing import Callable, Iterator, Optional, Tuple
 
-_UMASK = os.umask(0)  # read once at import: setting it later would race with other threads creating files
+_UMASK = os.umask(0)  # read once at import, where /proc cannot tell it (setting it races with other threads)
 os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process's umask now (Linux: read from /proc, never set), else the one at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
+def _mode_for(path: str) -> int:
+    """The mode a file written over ``path`` gets: the mode of the regular file there (a rewrite keeps a chmod, as
+    writing into the file would), else a new file's under the current umask (as ``open`` would give it)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
 
 
 TMP_PREFIX = ".tmp-"  # temporary files beside their target; one left behind is a write a killed process began
@@ -50,7 +74,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600)
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes the file private (0600)
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)

@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
-import io
 import itertools
 import json
 import math
@@ -100,6 +99,7 @@ import pyarrow.compute as pc
 from ..fileio import LOCK_BUSY, try_lock
 from .arrow import CAPTION_SCHEMA, DATASETS, dataset_files, nlvr2_label, read_arrow, write_arrow_batches
 from .vqa_answers import OFFICIAL_VOCAB_SIZE, answer_vocabulary, question_targets
+from .sample import open_image
 
 COCO_SPLITS = ("train", "restval", "val", "test")
 F30K_SPLITS = ("train", "val", "test")
@@ -225,9 +225,7 @@ def _decode_check(data: bytes) -> None:
     """Raise unless the image decodes, as training decodes it: ``Image.verify`` reads only the headers, so a partly
     downloaded JPEG (the usual broken file of a web crawl) passed it. A JPEG is decoded at 1/8 scale (libjpeg's
     draft mode still reads every byte of the compressed data, and finds a truncated file as the full decode does)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         img.draft(None, (1, 1))
         img.load()
 
@@ -413,8 +411,10 @@ def _load_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not an annotation file (JSON nested too deeply to read)") from None
 
 
 def _inside_name(name: str) -> bool:
@@ -518,7 +518,7 @@ def _nlvr2_lines(path: str, train: bool) -> List[Dict[str, Any]]:
             where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise ValueError(f"{where}: not a JSON line ({exc}); expected NLVR2's JSON-lines format") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("identifier"), str) \
                     or not isinstance(rec.get("sentence"), str) or "label" not in rec:
@@ -919,7 +919,7 @@ def read_pairs(path: str, malformed: Optional[Callable[[str, str], None]] = None
             else:
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError as exc:
+                except (json.JSONDecodeError, RecursionError) as exc:
                     bad(where, f"not a JSON line ({exc})")
                     continue
                 yield from _pair_items(item, where, bad)

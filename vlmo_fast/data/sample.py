@@ -11,7 +11,7 @@ from typing import Dict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger("vlmo_fast.data")
 
@@ -19,11 +19,27 @@ logger = logging.getLogger("vlmo_fast.data")
 TEXT_KEYS = ("text_ids", "text_masks", "special_tokens_mask")
 
 
+# the formats an image of a dataset is decoded from (JPEG's reader opens a phone camera's MPO too); PIL would also
+# hand PostScript to Ghostscript, or open a dozen other formats a downloaded file could claim to be
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` of encoded bytes in one of ``IMAGE_FORMATS``; other bytes raise ``PIL.UnidentifiedImageError``
+    saying which formats are read."""
+    Image.init()  # (registers every plugin once: Image.open alone registers only the common few, not WebP's)
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"not an image of a format read here ({', '.join(IMAGE_FORMATS)}; "
+                                     f"{len(data)} bytes starting {bytes(data[:8])!r})") from None
+
+
 def decode_image(data) -> Image.Image:
     """Encoded bytes (JPEG/PNG/...) -> RGB PIL image, fully decoded (so a truncated file raises here)."""
     if isinstance(data, str):
         raise ValueError(f"expected encoded image bytes, got the string {data[:20]!r}")
-    img = Image.open(io.BytesIO(bytes(data)))
+    img = open_image(bytes(data))
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")  # (convert copies even an RGB image)
 

@@ -582,7 +582,7 @@ def _read_index(path: str) -> Union[None, str, Dict[str, Dict[str, Any]]]:
             value = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return f"{path} is unreadable ({type(exc).__name__}: {exc})"
     if not isinstance(value, dict) or value.get("format") != INDEX_FORMAT:
         return f"{path} is not a {INDEX_FORMAT}"

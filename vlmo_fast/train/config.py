@@ -278,8 +278,10 @@ def load_toml(path: str) -> Dict[str, Any]:
     with open(path, "rb") as f:
         try:
             data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # (the latter: a file that is not UTF-8)
             raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a config file (tables or arrays nested too deeply to read)") from None
     if "train" not in data:
         return data
     outside = sorted(k for k in data if k != "train")

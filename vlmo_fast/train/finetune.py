@@ -161,7 +161,7 @@ def read_checkpoint(path: str):
         if isinstance(cfg, dict):
             recorded = {"arch": cfg.get("model_arch"), "image_size": cfg.get("image_size"),
                         "max_text_len": cfg.get("max_text_len")}
-        return read_state_dict(path), recorded, False
+        return read_state_dict(path), check_recorded(recorded, path), False
     verify_checksums(path)  # (reads the file once; a load reads no checksum)
     obj = torch_load(path, mmap=True)  # mapped: a training checkpoint's optimizer state is never held in memory
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
@@ -170,7 +170,26 @@ def read_checkpoint(path: str):
         recorded = {"arch": config.get("arch", config.get("model_arch")), "image_size": config.get("image_size"),
                     "max_text_len": config.get("max_text_len")}
     training = isinstance(config, dict) and all(k in obj for k in TRAINING_KEYS)
-    return unwrap_state_dict(obj, source=path), recorded, training
+    return unwrap_state_dict(obj, source=path), check_recorded(recorded, path), training
+
+
+RECORDED_MAX = 1024  # the largest image size and text length a checkpoint's recorded settings may give
+
+
+def check_recorded(recorded: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """The model settings a checkpoint records ({arch, image_size, max_text_len}, each possibly None), or a
+    CheckpointError naming the file: a value no vlmo_fast run writes (a wrong type, an unknown arch, a size past
+    ``RECORDED_MAX``, e.g. an image size of 65536 whose model would allocate tens of GB) is a damaged or hostile
+    file's, never built."""
+    arch = recorded.get("arch")
+    if arch is not None and arch not in PRESETS:
+        raise CheckpointError(f"{path}: its recorded arch {arch!r} is none of {list(PRESETS)}")
+    for key in ("image_size", "max_text_len"):
+        value = recorded.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= RECORDED_MAX):
+            raise CheckpointError(f"{path}: its recorded {key} {value!r} is not a size from 1 to {RECORDED_MAX}")
+    return recorded
 
 
 def vqa_classes(state) -> Optional[int]:

@@ -991,6 +991,10 @@ def export(checkpoint_path: str, out_path: str) -> None:
         with warnings.catch_warnings():  # its training-only notices (e.g. warmup beyond max_steps) say nothing here
             warnings.simplefilter("ignore")
             recorded = TrainConfig.from_dict(state["config"])
+        from .finetune import check_recorded  # (finetune builds on this module)
+
+        check_recorded({"arch": recorded.arch, "image_size": recorded.image_size,
+                        "max_text_len": recorded.max_text_len}, checkpoint_path)
         model = build_model(recorded)
         model.load_state_dict(state["model"])
     except (ValueError, TypeError, RuntimeError) as exc:  # a config this version no longer builds: the weights still
