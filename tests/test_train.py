@@ -852,6 +852,98 @@ def test_two_process_pretraining_with_every_objective(tmp_path, synthetic_root):
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
 
 
+def test_processes_that_do_not_share_the_output_folder_or_the_data_fail_together(tmp_path, synthetic_root):
+    """Several nodes: rank 0 alone writes checkpoints, every rank reads the one it resumes, and each rank builds its
+    sample order from its own data. A node-local --out-dir resumed a stale file of the same name there (the ranks
+    then trained on from different weights) or failed only at the resume; a node's partial copy of the data made
+    the ranks skip samples and then hang. Each is refused at start, on every rank."""
+    import shutil
+
+    from vlmo_fast import data as vdata
+
+    # (1) --out-dir on each node's own disk
+    local = run_distributed(_local_out_dir_run, 2, str(tmp_path / "local"), synthetic_root)
+    assert all("--out-dir" in r and "is not the same folder for every process: rank 1 on" in r for r in local), local
+    assert "cannot read what rank 0" in local[0] and "file system every node shares" in local[1]
+    # (2) --resume PATH naming another file, or none, on rank 1 (a relative path, another working directory)
+    a = train(small_cfg(tmp_path / "a", synthetic_root, max_steps=1, warmup_steps=0))["last_checkpoint"]
+    b = train(small_cfg(tmp_path / "b", synthetic_root, max_steps=1, warmup_steps=0, seed=9))["last_checkpoint"]
+    for other, why in ((b, "read another file there than rank 0 on"),
+                       (str(tmp_path / "gone.pt"), r"cannot read it \(rank 1 on .*: FileNotFoundError: training "
+                                                   r"checkpoint file not found: .*gone.pt\)")):
+        got = run_distributed(_resume_run, 2, str(tmp_path / "shared"), synthetic_root, [a, other])
+        for rank, r in enumerate(got):
+            assert re.match(rf"CheckpointError: resuming {re.escape([a, other][rank])}: {why}.* the path must name "
+                            rf"the same file for every process", r), r
+    # (3) a node whose copy of the data is partial
+    partial = str(tmp_path / "partial")
+    shutil.copytree(synthetic_root, partial)
+    vdata.write_synthetic(partial, n_train=96, n_val=32, n_test=32, image_size=64, seed=3, overwrite=True)
+    got = run_distributed(_data_run, 2, str(tmp_path / "data"), [synthetic_root, partial])
+    assert all(r.startswith("ValueError: the processes found different training samples (rank 0: ") and
+               "every process must read the same data files" in r for r in got), got
+
+
+def test_partial_or_slurm_launch_environments_are_refused(tmp_path, synthetic_root, monkeypatch):
+    """RANK without WORLD_SIZE trained as a lone non-main rank that wrote nothing and exited 0; srun starting several
+    tasks without torchrun gave as many independent one-process runs into one folder; a world without MASTER_ADDR
+    ended in torch's traceback."""
+    from vlmo_fast.train.distributed import launch_environment
+
+    assert launch_environment({}) == (1, 0, 0)
+    assert launch_environment({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) == (1, 0, 0)  # srun -n 1
+    assert launch_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == (1, 0, 0)  # an sbatch script's one python
+    full = dict(WORLD_SIZE="4", RANK="3", LOCAL_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29500",
+                SLURM_STEP_NUM_TASKS="2")  # (torchrun under srun: the workers have torchrun's variables)
+    assert launch_environment(full) == (4, 3, 1)
+    for env, message in (({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: launch with torchrun"),
+                         ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+                         ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"},
+                          "srun started 2 tasks \\(SLURM_STEP_NUM_TASKS\\) without torchrun: each would train alone"),
+                         (dict(full, MASTER_ADDR=""), "WORLD_SIZE=4 but MASTER_ADDR is not set"),
+                         (dict(full, RANK="4"), "expected 0 <= RANK < WORLD_SIZE"),
+                         (dict(full, RANK="one"), "RANK='one' is not an integer")):
+        with pytest.raises(ValueError, match=message):
+            launch_environment(env)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="RANK=1 is set but WORLD_SIZE is not"):
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=1, warmup_steps=0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, synthetic_root, capsys):
+    """The global batch is the same, but each step's objectives see a micro-batch of per-process batch x processes
+    samples (the ITC/ITM negatives): the log says so, where the loss curve would otherwise jump unexplained."""
+    run_distributed(_data_run, 2, str(tmp_path / "run"), [synthetic_root] * 2)
+    capsys.readouterr()
+    train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0, per_device_batch_size=4))
+    assert ("with changed options: max_steps 1 -> 2, processes 2 -> 1: micro-batches of 4 samples, not 8 (the "
+            "ITC/ITM negatives of a step's objectives come from its micro-batch), gradient accumulation 2"
+            in capsys.readouterr().out)
+
+
+def _local_out_dir_run(rank, world, base, root):
+    return _train_error(small_cfg(os.path.join(base, f"node{rank}"), root, max_steps=1, warmup_steps=0,
+                                  per_device_batch_size=4))
+
+
+def _resume_run(rank, world, out, root, resumes):
+    return _train_error(small_cfg(out, root, max_steps=2, per_device_batch_size=4, resume=resumes[rank]))
+
+
+def _data_run(rank, world, out, roots):
+    return _train_error(small_cfg(out, roots[rank], max_steps=1, warmup_steps=0, per_device_batch_size=4))
+
+
+def _train_error(cfg):
+    try:
+        train(cfg)
+    except ValueError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "trained"
+
+
 def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypatch):
     real = objectives.total_loss
     calls = {"n": 0}

@@ -126,6 +126,7 @@ class TrainStream:
 
     def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo,
                  drop_last: bool = False, min_size: int = 1):
+        same_on_every_rank(len(dataset), "training samples", "the same data files (e.g. each node's copy of them)")
         if len(dataset) < batch_size * info.world_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
                              f"({batch_size} x {info.world_size})")
@@ -247,6 +248,16 @@ class _ReaderTag:
         return batch
 
 
+def same_on_every_rank(value: Any, what: str, needs: str) -> None:
+    """A ValueError on every rank unless all have the same ``value`` (a collective: every rank calls it). The ranks
+    each build their own sample order and epoch length from their data: different data (a node's copy that is
+    partial or stale) would have them skip and repeat samples, or stop at different steps and hang."""
+    seen = gather_objects(value)
+    if len(set(map(repr, seen))) > 1:
+        found = "; ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+        raise ValueError(f"the processes found different {what} ({found}): every process must read {needs}")
+
+
 def _shard_list_digest(urls: List[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode("utf-8")).hexdigest()
 
@@ -268,6 +279,8 @@ class IterableStream:
     reader) is an error, not an endless search."""
 
     def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
+        same_on_every_rank(f"{len(dataset.urls)} shards, list digest {_shard_list_digest(dataset.urls)[:12]}",
+                           "tar shards", "the same shard list (e.g. each node's copy of all the shards)")
         balances = gather_objects(dataset.balance)  # (a collective) every process must split the shards alike
         if len(set(balances)) > 1:
             if info.is_main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,10 +44,53 @@ def elastic_restarts() -> int:
         return 0
 
 
+TORCHRUN_UNDER_SRUN = ("srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=<GPUs per node> "
+                      "--rdzv-backend=c10d --rdzv-endpoint=<first node>:29500 -m vlmo_fast.train ...")
+
+
+def launch_environment(env: Optional[Mapping[str, str]] = None) -> Tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun (or another launcher setting its variables) gave them, or (1, 0,
+    0) outside one; a ValueError for a partial or inconsistent launch, which would otherwise run as something else
+    than asked: RANK without WORLD_SIZE trained as a lone non-main rank that writes nothing, and Slurm's srun starting
+    several tasks without torchrun gave as many independent one-process runs into the same folder."""
+    env = os.environ if env is None else env
+
+    def number(name: str, default: Optional[int] = None) -> int:
+        text = env.get(name, "")
+        if text.strip() == "" and default is not None:
+            return default
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not an integer (set by the launcher, e.g. torchrun)") from None
+
+    given = [name for name in ("WORLD_SIZE", "RANK") if env.get(name, "").strip()]
+    if len(given) == 1:
+        other = "RANK" if given == ["WORLD_SIZE"] else "WORLD_SIZE"
+        raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: launch with torchrun, which sets "
+                         f"WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process")
+    if not given:
+        tasks = env.get("SLURM_STEP_NUM_TASKS", "").strip()
+        if tasks.isdigit() and int(tasks) > 1:
+            raise ValueError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS) without torchrun: each would train "
+                             f"alone, into the same folder. Start one torchrun per node, e.g. {TORCHRUN_UNDER_SRUN}")
+        return 1, 0, number("LOCAL_RANK", 0)
+    world, rank, local_rank = number("WORLD_SIZE"), number("RANK"), number("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}: expected 0 <= RANK < WORLD_SIZE "
+                         f"and LOCAL_RANK >= 0")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(name, "").strip()]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                         f"set: launch with torchrun, which sets them (the address and port of rank 0's machine)")
+    return world, rank, local_rank
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():  # a process group the caller made (the Python API)
+        world, rank, local_rank = dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0") or 0)
+    else:
+        world, rank, local_rank = launch_environment()
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
         single = world == 1 and ":" in device  # an explicit cuda:N for a one-process run

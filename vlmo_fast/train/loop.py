@@ -43,9 +43,9 @@ from .distributed import DistInfo, barrier, cleanup, elastic_restarts, fsdp2_una
     mean_over_ranks, optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
-from .state import (best_so_far, checkpoint_path, job_checkpoints, load_training_checkpoint, mark_job_start,
-                    newest_readable_checkpoint, out_dir_lock, rng_state, save_best_checkpoint,
-                    save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
+from .state import (best_so_far, check_shared_out_dir, checkpoint_path, job_checkpoints, load_on_every_rank,
+                    load_training_checkpoint, mark_job_start, newest_readable_checkpoint, out_dir_lock, rng_state,
+                    save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
 
 
 def needs_unused_parameter_search(tasks) -> bool:
@@ -517,7 +517,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise ValueError(f"fsdp: {reason}")
         check_data_choice(cfg)  # (also made by the commands, before any other check)
     with _deterministic_algorithms(cfg.deterministic):
-        info = init_distributed(cfg.device)
+        with input_stage():  # (a partial or inconsistent launch environment)
+            info = init_distributed(cfg.device)
         with out_dir_lock(cfg.out_dir, info.is_main):
             summary = _train(cfg, info)
         # not after an error: the barrier would wait for ranks waiting for this one in another collective (the job
@@ -556,6 +557,8 @@ def _deterministic_algorithms(on: bool):
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if info.is_main and not elastic_restarts():  # first, before anything can fail: what a torchrun restart resumes
         mark_job_start(cfg.out_dir)
+    with input_stage():
+        check_shared_out_dir(cfg.out_dir, info)
     torch.manual_seed(cfg.seed)
     amp = resolve_precision(cfg, info.device)
     with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
@@ -617,17 +620,24 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             if why_not:
                 raise ValueError(why_not)
             resume_path = from_main(resume_path)
-            if not info.is_main and resume_path:
-                state = load_training_checkpoint(resume_path)
+            if resume_path:
+                state = load_on_every_rank(resume_path, info, state)
         if resume_path is None and cfg.resume not in ("auto", "none", "", None):
             resume_path = cfg.resume
-            state = load_training_checkpoint(resume_path, verify=info.is_main)
+            state = load_on_every_rank(resume_path, info)
         changed: List[str] = []
         if resume_path:
             changed = resume_changes(cfg, state.get("config", {}), resume_path)
             clash = from_main(load_path_clash(cfg, state.get("config", {}), resume_path) if info.is_main else None)
             if clash:
                 raise ValueError(clash)
+            saved_world = state.get("world_size")  # (older checkpoints do not record it)
+            if saved_world is not None and saved_world != info.world_size:
+                before = cfg.per_device_batch_size * saved_world
+                changed.append(f"processes {saved_world} -> {info.world_size}" + (
+                    f": micro-batches of {per_step} samples, not {before} (the ITC/ITM negatives of a step's "
+                    f"objectives come from its micro-batch), gradient accumulation {accum}" if before != per_step
+                    else ""))
             planned = state.get("max_steps")
             if planned is not None and planned != max_steps and not any(
                     c.split(" ")[0] in ("max_steps", "max_epochs") for c in changed):
@@ -688,6 +698,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
             "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
             "max_steps": max_steps,  # as resolved (from --max-epochs: by this run's layout)
+            "world_size": info.world_size,
         }
 
     # the step a run resumes from is saved already when it resumes from this folder's own checkpoint of it (from

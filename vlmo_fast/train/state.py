@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import random
 import re
 import socket
 import time
 import warnings
+import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +26,7 @@ from ..checkpoint import (CheckpointError, atomic_write, first_line, require_fil
                           verify_checksums)
 from ..fileio import LOCK_BUSY, NO_LOCKS, NOT_A_FILE, TMP_PREFIX, try_lock
 from .config import input_stage
+from .distributed import DistInfo, barrier, from_main, gather_objects
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
@@ -72,6 +75,80 @@ JOB_MARK = ".job_start"
 def mark_job_start(out_dir: str) -> None:
     """Note when a job (a command, not a torchrun restart of it) began in ``out_dir``: ``job_checkpoints``."""
     atomic_write(os.path.join(out_dir, JOB_MARK), lambda tmp: None)  # (an empty file: its time is the mark)
+
+
+SHARED_MARK = ".ranks_see"  # rank 0 writes a token here at every start; every rank must read it back
+
+
+def check_shared_out_dir(out_dir: str, info: DistInfo) -> None:
+    """A ValueError on every rank unless every rank sees ``out_dir`` as rank 0 does (a collective: every rank calls
+    it; nothing to check in a one-process run). Rank 0 alone writes checkpoints, and every rank reads the one it
+    resumes (and the synthetic dataset rank 0 writes there): an output folder on a node's local disk would fail at
+    the first resume, or resume a stale file of the same name there."""
+    if not info.enabled:
+        return
+    token = from_main(f"{socket.gethostname()} pid {os.getpid()} {time.time_ns()} {random.random()}"
+                      if info.is_main else None)
+    path = os.path.join(out_dir, SHARED_MARK)
+    if info.is_main:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(token)
+
+        atomic_write(path, write)
+    barrier()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            sees = f.read() == token
+    except OSError:
+        sees = False
+    seen = gather_objects((sees, socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(f"--out-dir {out_dir} is not the same folder for every process: {', '.join(blind)} cannot "
+                         f"read what rank 0 ({seen[0][1]}) wrote there. Every process reads the checkpoint it resumes "
+                         f"from it: put it on a file system every node shares, at the same path")
+
+
+def checkpoint_digest(path: str) -> str:
+    """What a torch (zip) file holds, from its directory alone: each record's name, size and CRC-32 (ranks reading
+    "the same" checkpoint compare these; no data is read)."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(i.filename, i.file_size, i.CRC) for i in archive.infolist()]
+    return hashlib.sha256(repr(records).encode("utf-8")).hexdigest()[:16]
+
+
+def load_on_every_rank(path: str, info: DistInfo, loaded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The training checkpoint at ``path`` as every rank reads it (``loaded``: the state this rank read already), or
+    the same error on every rank (a collective in a run of several processes): unless every rank read the very file
+    rank 0 read (rank 0 checks its checksums), the ranks would train on from different states, which DDP never
+    reconciles, or one would fail alone while the others wait."""
+    state, error = loaded, None
+    if state is None:
+        try:
+            state = load_training_checkpoint(path, verify=info.is_main)
+        except (ValueError, OSError) as exc:  # (CheckpointError is a ValueError; a missing file an OSError)
+            error = exc
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return state
+    try:
+        digest = checkpoint_digest(path) if error is None else None
+    except (OSError, zipfile.BadZipFile) as exc:
+        digest, error = None, exc
+    seen = gather_objects((socket.gethostname(), None if error is None else first_line(error), digest))
+    if error is not None and info.is_main:
+        raise error
+    failed = [f"rank {r} on {host}: {why}" for r, (host, why, _) in enumerate(seen) if why is not None]
+    other = [f"rank {r} on {host}" for r, (host, why, d) in enumerate(seen) if why is None and d != seen[0][2]]
+    if failed or other:
+        what = (f"cannot read it ({'; '.join(failed)})" if failed else
+                f"read another file there than rank 0 on {seen[0][0]} ({', '.join(other)})")
+        raise CheckpointError(f"resuming {path}: {what}. Every process reads the checkpoint it resumes: the path must "
+                              f"name the same file for every process (an output folder every node shares; an "
+                              f"absolute path)")
+    return state
 
 
 def job_checkpoints(out_dir: str) -> List[str]:
