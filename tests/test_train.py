@@ -924,6 +924,9 @@ def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, syn
 
 
 def _local_out_dir_run(rank, world, base, root):
+    from vlmo_fast.train import state
+
+    state.SHARED_WAIT_S = 0.5  # (how long a rank waits for the token rank 0 wrote: a network file system's caches)
     return _train_error(small_cfg(os.path.join(base, f"node{rank}"), root, max_steps=1, warmup_steps=0,
                                   per_device_batch_size=4))
 

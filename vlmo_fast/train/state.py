@@ -78,6 +78,7 @@ def mark_job_start(out_dir: str) -> None:
 
 
 SHARED_MARK = ".ranks_see"  # rank 0 writes a token here at every start; every rank must read it back
+SHARED_WAIT_S = 60.0  # how long a rank looks for the token (an NFS client may cache a name's lookup for ~30 s)
 
 
 def check_shared_out_dir(out_dir: str, info: DistInfo) -> None:
@@ -97,11 +98,17 @@ def check_shared_out_dir(out_dir: str, info: DistInfo) -> None:
 
         atomic_write(path, write)
     barrier()
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            sees = f.read() == token
-    except OSError:
-        sees = False
+    sees, deadline, pause = False, time.monotonic() + SHARED_WAIT_S, 0.1
+    while True:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                sees = f.read() == token
+        except OSError:
+            pass
+        if sees or time.monotonic() >= deadline:
+            break
+        time.sleep(pause)  # (a network file system's caches: the file, or its new contents, may show up late)
+        pause = min(2 * pause, 2.0)
     seen = gather_objects((sees, socket.gethostname()))
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
     if blind:
