@@ -660,7 +660,11 @@ def test_a_torch_file_rezipped_with_compression_reads_its_weights_on_every_path(
     from vlmo_fast.checkpoint import torch_load
     from vlmo_fast.train.finetune import read_checkpoint
 
-    sd = {"w": torch.randn(64, 64), "b": torch.arange(100.0)}
+    # incompressible data: deflate keeps the records' sizes, so a mapped load reads the compressed bytes as tensor
+    # data without noticing (compressible ones come out shorter, and the map failed, then fell back to a plain read)
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=g),
+          "b": torch.randint(-2**31, 2**31 - 1, (4096,), dtype=torch.int32, generator=g)}
     plain = tmp_path / "plain.pt"
     torch.save({"model": sd, "config": {"model_arch": "vlmo_base_patch16"}}, plain)
     packed = tmp_path / "packed.pt"

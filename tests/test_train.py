@@ -875,6 +875,9 @@ def test_processes_that_do_not_share_the_output_folder_or_the_data_fail_together
         for rank, r in enumerate(got):
             assert re.match(rf"CheckpointError: resuming {re.escape([a, other][rank])}: {why}.* the path must name "
                             rf"the same file for every process", r), r
+    gone = str(tmp_path / "gone.pt")  # a wrong path, on every rank: the plain error, as in a one-process run
+    got = run_distributed(_resume_run, 2, str(tmp_path / "shared"), synthetic_root, [gone, gone])
+    assert got == [f"FileNotFoundError: training checkpoint file not found: {gone}"] * 2, got
     # (3) a node whose copy of the data is partial
     partial = str(tmp_path / "partial")
     shutil.copytree(synthetic_root, partial)
@@ -896,10 +899,16 @@ def test_partial_or_slurm_launch_environments_are_refused(tmp_path, synthetic_ro
     full = dict(WORLD_SIZE="4", RANK="3", LOCAL_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29500",
                 SLURM_STEP_NUM_TASKS="2")  # (torchrun under srun: the workers have torchrun's variables)
     assert launch_environment(full) == (4, 3, 1)
+    assert launch_environment({"WORLD_SIZE": "1"}) == launch_environment({"RANK": "0"}) == (1, 0, 0)  # one process
+    # srun starting several tasks without torchrun: each trains alone (a sweep, each with its --out-dir), said once
+    with pytest.warns(UserWarning, match=r"srun started 2 tasks \(SLURM_STEP_NUM_TASKS\) without torchrun: each "
+                                         r"trains alone.*start one torchrun per node"):
+        assert launch_environment({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}) == (1, 0, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert launch_environment({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}) == (1, 0, 0)
     for env, message in (({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: launch with torchrun"),
                          ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
-                         ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"},
-                          "srun started 2 tasks \\(SLURM_STEP_NUM_TASKS\\) without torchrun: each would train alone"),
                          (dict(full, MASTER_ADDR=""), "WORLD_SIZE=4 but MASTER_ADDR is not set"),
                          (dict(full, RANK="4"), "expected 0 <= RANK < WORLD_SIZE"),
                          (dict(full, RANK="one"), "RANK='one' is not an integer")):
@@ -915,12 +924,30 @@ def test_partial_or_slurm_launch_environments_are_refused(tmp_path, synthetic_ro
 def test_a_resume_on_another_number_of_processes_says_what_changes(tmp_path, synthetic_root, capsys):
     """The global batch is the same, but each step's objectives see a micro-batch of per-process batch x processes
     samples (the ITC/ITM negatives): the log says so, where the loss curve would otherwise jump unexplained."""
-    run_distributed(_data_run, 2, str(tmp_path / "run"), [synthetic_root] * 2)
+    for name in ("run", "same"):
+        run_distributed(_data_run, 2, str(tmp_path / name), [synthetic_root] * 2)
     capsys.readouterr()
     train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, warmup_steps=0, per_device_batch_size=4))
     assert ("with changed options: max_steps 1 -> 2, processes 2 -> 1: micro-batches of 4 samples, not 8 (the "
             "ITC/ITM negatives of a step's objectives come from its micro-batch), gradient accumulation 2"
             in capsys.readouterr().out)
+    train(small_cfg(tmp_path / "same", synthetic_root, max_steps=2, warmup_steps=0, per_device_batch_size=8))
+    assert ("with changed options: per_device_batch_size 4 -> 8, max_steps 1 -> 2, processes 2 -> 1\n"
+            in capsys.readouterr().out)  # (micro-batches of 8 samples, as before)
+
+
+def _own_group_run(rank, world, out, root):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # the caller's own group (the Python API): train uses it and leaves it
+    summary = train(small_cfg(out, root, max_steps=1, warmup_steps=0, per_device_batch_size=4))
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    dist.barrier()
+    return summary["steps"]
+
+
+def test_train_uses_a_process_group_the_caller_made_and_leaves_it(tmp_path, synthetic_root):
+    assert run_distributed(_own_group_run, 2, str(tmp_path / "own"), synthetic_root) == [1, 1]
 
 
 def _local_out_dir_run(rank, world, base, root):
@@ -942,7 +969,7 @@ def _data_run(rank, world, out, roots):
 def _train_error(cfg):
     try:
         train(cfg)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return "trained"
 

@@ -9,6 +9,7 @@ LOCAL_RANK; a single process takes the one ``device`` names (``cuda:N``).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
@@ -26,6 +27,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # the process group was made here (``cleanup`` leaves a caller's group alone)
 
     @property
     def is_main(self) -> bool:
@@ -66,14 +68,18 @@ def launch_environment(env: Optional[Mapping[str, str]] = None) -> Tuple[int, in
 
     given = [name for name in ("WORLD_SIZE", "RANK") if env.get(name, "").strip()]
     if len(given) == 1:
-        other = "RANK" if given == ["WORLD_SIZE"] else "WORLD_SIZE"
-        raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: launch with torchrun, which sets "
-                         f"WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process")
+        alone = number(given[0])
+        if alone > (1 if given == ["WORLD_SIZE"] else 0):  # (WORLD_SIZE=1 or RANK=0 alone: one process, as said)
+            other = "RANK" if given == ["WORLD_SIZE"] else "WORLD_SIZE"
+            raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: launch with torchrun, which "
+                             f"sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process")
+        return 1, 0, number("LOCAL_RANK", 0)
     if not given:
         tasks = env.get("SLURM_STEP_NUM_TASKS", "").strip()
-        if tasks.isdigit() and int(tasks) > 1:
-            raise ValueError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS) without torchrun: each would train "
-                             f"alone, into the same folder. Start one torchrun per node, e.g. {TORCHRUN_UNDER_SRUN}")
+        if tasks.isdigit() and int(tasks) > 1 and env.get("SLURM_PROCID", "0").strip() in ("", "0"):
+            warnings.warn(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS) without torchrun: each trains alone, "
+                          f"as a one-process run (a sweep with an --out-dir per task). For one run over all of them, "
+                          f"start one torchrun per node, e.g. {TORCHRUN_UNDER_SRUN}")
         return 1, 0, number("LOCAL_RANK", 0)
     world, rank, local_rank = number("WORLD_SIZE"), number("RANK"), number("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world or local_rank < 0:
@@ -87,11 +93,15 @@ def launch_environment(env: Optional[Mapping[str, str]] = None) -> Tuple[int, in
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    if dist.is_available() and dist.is_initialized():  # a process group the caller made (the Python API)
-        world, rank, local_rank = dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0") or 0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    caller_group = dist.is_available() and dist.is_initialized()  # a process group the caller made (the Python API)
+    if caller_group:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = os.environ.get("LOCAL_RANK", "").strip()
+        # without LOCAL_RANK (mp.spawn and init_process_group(rank=...)), the GPU the caller chose
+        local_rank = int(local) if local else (torch.cuda.current_device() if use_cuda else 0)
     else:
         world, rank, local_rank = launch_environment()
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
         single = world == 1 and ":" in device  # an explicit cuda:N for a one-process run
         dev = torch.device(device if single else f"cuda:{local_rank}")
@@ -99,14 +109,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu" if device == "auto" else device)
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not caller_group
+    if owns:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, owns_group=owns)
 
 
-def cleanup() -> None:
-    """Leave the process group after a barrier (a run that ended normally only: see ``train``)."""
-    if dist.is_available() and dist.is_initialized():
+def cleanup(info: Optional[DistInfo] = None) -> None:
+    """Leave the process group after a barrier (a run that ended normally only: see ``train``), unless it is a
+    group the caller made (``info.owns_group`` false), which the caller goes on using."""
+    if dist.is_available() and dist.is_initialized() and (info is None or info.owns_group):
         dist.barrier()
         dist.destroy_process_group()
 

@@ -161,7 +161,7 @@ def read_checkpoint(path: str):
         if isinstance(cfg, dict):
             recorded = {"arch": cfg.get("model_arch"), "image_size": cfg.get("image_size"),
                         "max_text_len": cfg.get("max_text_len")}
-        return read_state_dict(path), check_recorded(recorded, path), False
+        return read_state_dict(path), recorded, False
     verify_checksums(path)  # (reads the file once; a load reads no checksum)
     obj = torch_load(path, mmap=True)  # mapped: a training checkpoint's optimizer state is never held in memory
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
@@ -170,25 +170,26 @@ def read_checkpoint(path: str):
         recorded = {"arch": config.get("arch", config.get("model_arch")), "image_size": config.get("image_size"),
                     "max_text_len": config.get("max_text_len")}
     training = isinstance(config, dict) and all(k in obj for k in TRAINING_KEYS)
-    return unwrap_state_dict(obj, source=path), check_recorded(recorded, path), training
+    return unwrap_state_dict(obj, source=path), recorded, training
 
 
-RECORDED_MAX = 1024  # the largest image size and text length a checkpoint's recorded settings may give
+RECORDED_MAX = 2048  # the largest image size and text length taken from a checkpoint's record without being asked
 
 
 def check_recorded(recorded: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """The model settings a checkpoint records ({arch, image_size, max_text_len}, each possibly None), or a
-    CheckpointError naming the file: a value no vlmo_fast run writes (a wrong type, an unknown arch, a size past
-    ``RECORDED_MAX``, e.g. an image size of 65536 whose model would allocate tens of GB) is a damaged or hostile
-    file's, never built."""
+    """The model settings a checkpoint records ({arch, image_size, max_text_len}, each possibly None) that a model is
+    about to be built from, or a CheckpointError naming the file: a value no vlmo_fast run would build from unasked
+    (a wrong type, an unknown arch, a size past ``RECORDED_MAX``: 65536 px allocates tens of GB) is a damaged or
+    hostile file's. The matching option (``--arch``, ``--image-size``, ``--max-text-len``) replaces it."""
     arch = recorded.get("arch")
     if arch is not None and arch not in PRESETS:
-        raise CheckpointError(f"{path}: its recorded arch {arch!r} is none of {list(PRESETS)}")
+        raise CheckpointError(f"{path}: its recorded arch {arch!r} is none of {list(PRESETS)} (give --arch)")
     for key in ("image_size", "max_text_len"):
         value = recorded.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not 1 <= value <= RECORDED_MAX):
-            raise CheckpointError(f"{path}: its recorded {key} {value!r} is not a size from 1 to {RECORDED_MAX}")
+            raise CheckpointError(f"{path}: its recorded {key} {value!r} is not a size from 1 to {RECORDED_MAX} "
+                                  f"(give --{key.replace('_', '-')} to build the model anyway)")
     return recorded
 
 
@@ -218,6 +219,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         check_environment(TrainConfig(tasks=[task], datasets=[dataset_name], data_root=args.data_root,
                                       device=args.device))
         state, recorded, _ = read_checkpoint(args.load_path)
+        recorded = check_recorded({"arch": None if args.arch else recorded.get("arch"),
+                                   "image_size": None if args.image_size is not None else recorded.get("image_size"),
+                                   "max_text_len": (None if args.max_text_len is not None
+                                                    else recorded.get("max_text_len"))}, args.load_path)
         # an explicit option wins, then what the checkpoint records, then (image size) what its position parameters
         # were trained at, then the preset's (base) defaults
         arch = args.arch or recorded.get("arch") or "vlmo_base_patch16"

@@ -524,7 +524,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         # not after an error: the barrier would wait for ranks waiting for this one in another collective (the job
         # hung until the group's timeout, its error unprinted; NCCL's shutdown can block the same way); the error
         # ends the process and torchrun stops the others
-        cleanup()
+        cleanup(info)
         return summary
 
 
@@ -633,7 +633,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 raise ValueError(clash)
             saved_world = state.get("world_size")  # (older checkpoints do not record it)
             if saved_world is not None and saved_world != info.world_size:
-                before = cfg.per_device_batch_size * saved_world
+                before = state.get("config", {}).get("per_device_batch_size", cfg.per_device_batch_size) * saved_world
                 changed.append(f"processes {saved_world} -> {info.world_size}" + (
                     f": micro-batches of {per_step} samples, not {before} (the ITC/ITM negatives of a step's "
                     f"objectives come from its micro-batch), gradient accumulation {accum}" if before != per_step

@@ -145,7 +145,7 @@ def load_on_every_rank(path: str, info: DistInfo, loaded: Optional[Dict[str, Any
     except (OSError, zipfile.BadZipFile) as exc:
         digest, error = None, exc
     seen = gather_objects((socket.gethostname(), None if error is None else first_line(error), digest))
-    if error is not None and info.is_main:
+    if error is not None and len({why for _, why, _ in seen}) == 1:  # every rank failed alike (e.g. a wrong path)
         raise error
     failed = [f"rank {r} on {host}: {why}" for r, (host, why, _) in enumerate(seen) if why is not None]
     other = [f"rank {r} on {host}" for r, (host, why, d) in enumerate(seen) if why is None and d != seen[0][2]]
@@ -246,9 +246,13 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
     if why == LOCK_BUSY:
         with open(path, "rb") as f:
             holder = f.read(4096).decode("utf-8", "replace").strip() or "another process"
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip()
+        hint = (f" (srun started {tasks} tasks without torchrun, each a run of its own: start one torchrun per node "
+                f"for one run over them)" if tasks.isdigit() and int(tasks) > 1 and "WORLD_SIZE" not in os.environ
+                else "")
         with input_stage():
             raise ValueError(f"{out_dir} is in use by another run ({holder}; {path} is locked): wait for it to end, "
-                             f"or give another --out-dir")
+                             f"or give another --out-dir{hint}")
     if why == NOT_A_FILE:
         with input_stage():
             raise ValueError(f"{path} is {why}: remove it (a run's lock file is a plain file it makes itself)")
