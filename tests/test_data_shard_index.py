@@ -320,7 +320,20 @@ def test_a_position_of_whole_shards_restarts_its_epoch_with_a_note(indexed, tok,
     from vlmo_fast.train import data_setup
 
     monkeypatch.setattr(data_setup, "gather_objects", lambda value: [value, None])
+    monkeypatch.setattr(data_setup, "same_on_every_rank", lambda *args: None)  # (the same shard list, the index not)
     with pytest.warns(UserWarning, match="the processes found different shard indexes \\(rank 0: samples/v1:\\w+, "
                                          "rank 1: none;"):
         split = _stream(indexed, tok, 2)
     assert split.dataset.counts is None and "balance" not in split.layout
+
+
+def test_processes_given_different_shard_lists_are_refused(indexed, tok, monkeypatch):
+    """Each process splits the epoch over its own shard list: a node whose copy lacks shards made the ranks read some
+    shards twice and others never, without a word. The processes compare their lists at start."""
+    from vlmo_fast.train import data_setup
+
+    monkeypatch.setattr(data_setup, "gather_objects", lambda value: [value, "7 shards, list digest 0123456789ab"])
+    with pytest.raises(ValueError, match=r"the processes found different tar shards \(rank 0: 9 shards, list digest "
+                                         r"\w{12}; rank 1: 7 shards, list digest 0123456789ab\): every process must "
+                                         r"read the same shard list"):
+        _stream(indexed, tok, 0)
