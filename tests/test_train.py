@@ -7,6 +7,7 @@ import io
 import csv
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -1103,6 +1104,101 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkey
     assert summary["stop_reason"] == f"signal {int(signal.SIGTERM)}" and summary["steps"] == 3
     assert os.path.basename(summary["last_checkpoint"]) == "step_00000003.pt"
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_a_signal_while_a_worker_is_stuck_saves_the_step_and_exits(tmp_path, synthetic_root, monkeypatch, capsys):
+    """A worker stuck in a read (a hung network file system) held a one-process run at its wait for a batch: the
+    scheduler's SIGTERM was noted, never acted on, and nothing was saved before its SIGKILL. The run now stops at the
+    wait and saves where the step began (here inside a gradient accumulation: the position and RNG states of the
+    step's start), so the resumed run continues the very trajectory of an uninterrupted one."""
+    from vlmo_fast.train import data_setup
+
+    real, real_next = data_setup.SeededSamples.__getitem__, data_setup.TrainStream.__next__
+    count, waiting = {"n": 0, "batches": 0}, tmp_path / "waiting"
+
+    def stuck(self, key):  # (in the worker: its own copy of the count)
+        count["n"] += 1
+        if count["n"] == 21:  # the first sample of step 3's second micro-batch
+            for _ in range(600):  # until the main process waits for this batch
+                if waiting.exists():
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(3600)
+        return real(self, key)
+
+    def awaited(self):  # (in the main process)
+        count["batches"] += 1
+        if count["batches"] == 6:
+            waiting.touch()
+        return real_next(self)
+
+    kw = dict(max_steps=4, warmup_steps=0, batch_size=8, per_device_batch_size=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(data_setup.SeededSamples, "__getitem__", stuck)
+        patch.setattr(data_setup.TrainStream, "__next__", awaited)
+        t0 = time.time()
+        stopped = train(small_cfg(tmp_path / "stuck", synthetic_root, num_workers=1, **kw))
+    assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and time.time() - t0 < 120
+    assert "signal 15 while waiting for step 3's batch 2 of 2: stopping at step 2" in capsys.readouterr().out
+    assert not [c for c in multiprocessing.active_children() if c.is_alive()]  # the stuck worker is gone
+    resumed = train(small_cfg(tmp_path / "stuck", synthetic_root, num_workers=1, **kw))
+    whole = train(small_cfg(tmp_path / "whole", synthetic_root, num_workers=1, **kw))
+    assert losses(stopped) + losses(resumed) == pytest.approx(losses(whole), rel=1e-6)
+
+
+def test_a_stuck_worker_ends_the_run_after_the_data_timeout(tmp_path, synthetic_root, monkeypatch):
+    """With several processes a rank cannot stop at its wait (the others wait in the step's collectives): a batch
+    that does not come within --data-timeout ends the run with an error naming the stall, where it hung forever."""
+    from vlmo_fast.train import data_setup
+
+    real = data_setup.SeededSamples.__getitem__
+    count = {"n": 0}
+
+    def slow(self, key):
+        count["n"] += 1
+        if count["n"] == 9:
+            time.sleep(3600)
+        return real(self, key)
+
+    monkeypatch.setattr(data_setup.SeededSamples, "__getitem__", slow)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=r"no training batch came from the 1 data workers in 3 s \(--data-timeout\): "
+                                           r"a worker is stuck"):
+        train(small_cfg(tmp_path / "slow", synthetic_root, max_steps=4, warmup_steps=0, num_workers=1,
+                        per_device_batch_size=4, batch_size=4, data_timeout=3.0))
+    assert time.time() - t0 < 120 and not [c for c in multiprocessing.active_children() if c.is_alive()]
+
+
+def test_an_output_folder_that_cannot_be_written_and_a_summary_that_cannot_be_saved(tmp_path, synthetic_root,
+                                                                                   monkeypatch):
+    """--out-dir that cannot be made (or written) is a one-line configuration error, where it was a traceback; a full
+    disk at the summary, once the run's checkpoint is saved, warns instead of turning a finished run's exit status
+    into 1."""
+    import errno
+
+    from vlmo_fast.train import loop
+    from vlmo_fast.train.loop import exit_status
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out-dir .*file/run cannot be made: Not a directory"):
+        train(small_cfg(tmp_path / "file" / "run", synthetic_root, max_steps=1, warmup_steps=0))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=r"--out-dir .*ro is not writable"):
+        train(small_cfg(tmp_path / "ro", synthetic_root, max_steps=1, warmup_steps=0))
+    monkeypatch.undo()
+    real = loop.atomic_write_json
+
+    def full(path, *args, **kwargs):
+        if path.endswith("summary.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "atomic_write_json", full)
+    with pytest.warns(UserWarning, match=r"summary.json not written: .*No space left on device"):
+        summary = train(small_cfg(tmp_path / "full", synthetic_root, max_steps=1, warmup_steps=0))
+    assert exit_status(summary) == 0 and os.path.isfile(summary["last_checkpoint"])
 
 
 def _saves_by_step(monkeypatch, signal_at=None):

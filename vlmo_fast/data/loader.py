@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import multiprocessing
 import multiprocessing.util  # noqa: F401 - its exit handler registered first: _kill_workers_at_exit runs before it
 import random
 import signal
@@ -65,6 +66,18 @@ def _kill_workers_at_exit() -> None:
             for worker in getattr(obj, "_workers", ()):
                 if worker.is_alive():  # did not stop in time (SIGTERM, torch's last resort, is ignored)
                     worker.kill()
+    # and workers whose iterator is gone but which did not stop (stuck in a read when it was shut down: they ignore
+    # torch's terminate()): multiprocessing's exit handler terminates daemonic children as well, and then waits for
+    # them forever. It is done here first, and what still lives a moment later is killed (a started process keeps no
+    # record of its target: which daemonic children are DataLoader workers cannot be told)
+    daemonic = [child for child in multiprocessing.active_children() if child.daemon and child.is_alive()]
+    for child in daemonic:
+        child.terminate()
+    deadline = time.monotonic() + 2.0
+    for child in daemonic:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
 
 
 atexit.register(_kill_workers_at_exit)

@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 1
     deterministic: bool = False  # PyTorch's deterministic mode for the run (warn_only): bit-identical reruns
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated; then save and stop
+    data_timeout: float = 1800.0  # seconds a training batch may take from the data workers (0: no limit)
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -112,6 +113,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for name, meaning in (("keep_last", "0 keeps every checkpoint"), ("eval_every", "0: only at the end"),
+                              ("data_timeout", "0: no limit"),
                               ("eval_batches", "0: the whole val split"),
                               ("num_workers", "0: load in the main process")):
             if getattr(self, name) < 0:
@@ -374,6 +376,8 @@ HELP = {
                      "implementation), cuBLAS's fixed workspace, vlmo_fast's kernels at fixed tile configurations; "
                      "costs some speed",
     "max_bad_steps": "consecutive non-finite losses before stopping",
+    "data_timeout": "seconds a training batch may take from the data workers (--num-workers > 0) before the run stops "
+                    "with an error naming the stall, e.g. a read hung on a network file system (0: no limit)",
     "device": "auto, cpu, cuda or cuda:N",
 }
 

@@ -102,12 +102,44 @@ class EpochSampler(Sampler):
                 yield self.epoch, index
 
 
-def _shut_down(it) -> None:
-    """Stop a DataLoader iterator's workers and unregister them from torch's SIGCHLD check."""
+def _shut_down(it, kill_first: bool = False) -> None:
+    """Stop a DataLoader iterator's workers and unregister them from torch's SIGCHLD check; a worker that did not
+    stop (stuck in a read: it ignores SIGTERM, torch's last resort) is killed, or the process could not exit.
+    ``kill_first``: one is known to be stuck; torch's shutdown would wait for each in turn before giving up."""
+    if kill_first:
+        _kill_workers(it)
     try:
         getattr(it, "_shutdown_workers", lambda: None)()
     except Exception:  # noqa: BLE001 - half shut down already: nothing more to do
         pass
+    _kill_workers(it)
+
+
+def _kill_workers(it) -> None:
+    for worker in getattr(it, "_workers", ()):
+        try:
+            if worker.is_alive():
+                worker.kill()
+        except (OSError, ValueError, AssertionError):  # (gone meanwhile, or a process object closed)
+            pass
+
+
+def abandon(stream) -> None:
+    """Stop a training stream's workers now (a run stopped while it waited for a batch: one may be stuck)."""
+    it, stream._it = getattr(stream, "_it", None), None
+    _shut_down(it, kill_first=True)
+
+
+def _stalled(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "DataLoader timed out" in str(exc)
+
+
+def _raise_if_stalled(exc: BaseException, loader: DataLoader) -> None:
+    """torch's "DataLoader timed out" as what it means here."""
+    if _stalled(exc):
+        raise RuntimeError(f"no training batch came from the {loader.num_workers} data workers in {loader.timeout:g} s "
+                           f"(--data-timeout): a worker is stuck, e.g. in a read from a hung file system, or "
+                           f"too slow; the last checkpoint is where a resumed run starts") from exc
 
 
 def _check_arrow_files(dataset: Dataset, cause: Optional[BaseException] = None) -> None:
@@ -125,7 +157,7 @@ class TrainStream:
     """Endless iterator of training batches over epochs, with a resumable position (epoch, batches consumed)."""
 
     def __init__(self, dataset: Dataset, collate, batch_size: int, num_workers: int, seed: int, info: DistInfo,
-                 drop_last: bool = False, min_size: int = 1):
+                 drop_last: bool = False, min_size: int = 1, timeout: float = 0.0):
         same_on_every_rank(len(dataset), "training samples", "the same data files (e.g. each node's copy of them)")
         if len(dataset) < batch_size * info.world_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one global micro-batch "
@@ -138,7 +170,8 @@ class TrainStream:
         drop_last = drop_last or (self.sampler.per_rank % batch_size) * info.world_size == 1
         kwargs: Dict[str, Any] = {}
         if num_workers > 0:
-            kwargs.update(persistent_workers=True, worker_init_fn=vdata.seed_worker, prefetch_factor=4)
+            kwargs.update(persistent_workers=True, worker_init_fn=vdata.seed_worker, prefetch_factor=4,
+                          timeout=timeout)
         # its own generator: creating an iterator (at start, after resume) must not draw from the global stream
         self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=drop_last,
@@ -189,8 +222,9 @@ class TrainStream:
                 # The iterator goes first: torch's SIGCHLD handler raises in this thread for each of its workers
                 # that dies by a signal, also later, e.g. while the traceback of this error is being printed
                 it, self._it = self._it, None
-                _shut_down(it)
+                _shut_down(it, kill_first=_stalled(exc))
                 _check_arrow_files(self.dataset, exc)
+                _raise_if_stalled(exc, self.loader)
                 if isinstance(exc, vdata.UnreadableData):  # the data's fault: one line (from a worker, the type
                     # comes back with the worker's traceback in its message: its last line is the error's)
                     raise input_error(ValueError(str(exc).strip().splitlines()[-1].split("UnreadableData: ")[-1])) \
@@ -278,7 +312,8 @@ class IterableStream:
     count rides on the next batch); a whole epoch that gives no batch (no readable sample, or fewer than a batch per
     reader) is an error, not an endless search."""
 
-    def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False):
+    def __init__(self, dataset, collate, batch_size: int, num_workers: int, info: DistInfo, pin_memory: bool = False,
+                 timeout: float = 0.0):
         same_on_every_rank(f"{len(dataset.urls)} shards, list digest {_shard_list_digest(dataset.urls)[:12]}",
                            "tar shards", "the same shard list (e.g. each node's copy of all the shards)")
         balances = gather_objects(dataset.balance)  # (a collective) every process must split the shards alike
@@ -293,7 +328,8 @@ class IterableStream:
         self.dataset = dataset
         self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
                                  num_workers=num_workers, generator=torch.Generator().manual_seed(0),
-                                 pin_memory=pin_memory, worker_init_fn=vdata.seed_worker if num_workers > 0 else None)
+                                 pin_memory=pin_memory, worker_init_fn=vdata.seed_worker if num_workers > 0 else None,
+                                 timeout=timeout if num_workers > 0 else 0)
         self.batch_size, self.readers, self.info = batch_size, max(num_workers, 1), info
         self.batches_per_epoch = 0
         self.epoch, self.taken, self.next_reader = 0, [0] * self.readers, 0
@@ -324,6 +360,11 @@ class IterableStream:
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
+            except RuntimeError as exc:
+                it, self._it = self._it, None
+                _shut_down(it, kill_first=_stalled(exc))
+                _raise_if_stalled(exc, self.loader)
+                raise
             except StopIteration:
                 if self._fresh_epoch and not self._batches_this_epoch:
                     raise input_error(ValueError(
@@ -496,7 +537,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
                               train=True, transform=transform, seed=cfg.seed, rank=info.rank,
                               world_size=info.world_size)  # (IterableStream sets drop_bad)
         return IterableStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, info,
-                              pin_memory=info.device.type == "cuda")
+                              pin_memory=info.device.type == "cuda", timeout=cfg.data_timeout)
     # the official augmentation at 64 px (crops removing whole cells, flips swapping left and right, colour ops)
     # destroys what the synthetic captions describe, so the built-in set trains with the eval transform
     augment = cfg.augment if cfg.augment is not None else cfg.data_root is not None
@@ -510,7 +551,7 @@ def train_stream(cfg: TrainConfig, model_config: VLMoConfig, info: DistInfo):
     # with dropped unreadable samples (one process) a batch can shrink to one sample: no negative for ITM
     min_size = 2 if "itm" in cfg.tasks and on_error == "drop" else 1
     return TrainStream(ds, collate, cfg.per_device_batch_size, cfg.num_workers, cfg.seed, info, cfg.drop_last,
-                       min_size)
+                       min_size, timeout=cfg.data_timeout)
 
 
 def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int,

@@ -59,6 +59,12 @@ class StopTraining(Exception):
     pass
 
 
+class SignalWhileWaiting(BaseException):
+    """Raised by the signal handler in a one-process run while it waits for a batch (``flag["waiting"]``): a worker
+    stuck in a read (a hung file system) would otherwise hold the run at that wait, unsaved, until the scheduler's
+    SIGKILL. A BaseException, so that no ``except Exception`` on the way out (DataLoader's included) takes it."""
+
+
 def build_model(cfg: TrainConfig) -> VLMo:
     dpr = cfg.drop_path_rate
     if dpr is None:
@@ -479,6 +485,9 @@ def _install_signal_handlers(flag: Dict[str, Any], info: Optional[DistInfo] = No
                       flush=True)
             except OSError:
                 pass
+        if flag.get("waiting"):
+            flag["waiting"] = False
+            raise SignalWhileWaiting(signum)
 
     # SIGHUP too (the terminal of an ssh session closing; torchrun passes it on), unless it is ignored (nohup)
     hangups = [hangup] if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL else []
@@ -690,11 +699,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
+    step_start: Optional[tuple] = None  # (data position, RNG states) where the current step began, while it reads
+
     def payload(tag: str) -> Dict[str, Any]:  # a collective (FSDP's full state, the bad-sample count)
         return {
             "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "data": stream.state(), "rng": rng_state(), "config": cfg.to_dict(), "tag": tag,
+            # (a one-process run stopped inside a step's accumulation saves where the step began)
+            "data": step_start[0] if step_start else stream.state(),
+            "rng": step_start[1] if step_start else rng_state(),
+            "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
             "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
             "max_steps": max_steps,  # as resolved (from --max-epochs: by this run's layout)
@@ -803,6 +817,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     t_start = t_last = time.time()
     samples_since = 0
     stop_reason = "max_steps"
+    # one process: a signal while a batch is awaited stops the run there (with several, the other ranks wait in the
+    # step's collectives, which this rank could not join without its batch)
+    interruptible = not info.enabled
     model.train()
     try:  # the handlers stay until the end (final save and evaluation included), and go on any error
         try:
@@ -825,7 +842,23 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 finite = torch.ones((), dtype=torch.bool, device=info.device)
                 unmasked = False  # a micro-batch without any MLM target (its MLM loss is 0/0), read on the host
                 for micro in range(accum):
-                    batch = next(stream)
+                    if interruptible:  # (a signal while the batch is awaited stops the run at the last step)
+                        if micro == 0 and accum > 1:
+                            step_start = (stream.state(), rng_state())
+                        flag["waiting"] = True
+                        try:
+                            batch = next(stream)
+                        except SignalWhileWaiting as exc:
+                            data_setup.abandon(stream)
+                            optimizer.zero_grad(set_to_none=True)  # (this step's micro-batches so far)
+                            stop_reason = f"signal {exc.args[0]}"
+                            logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch "
+                                         f"{micro + 1} of {accum}: stopping at step {step}")
+                            raise StopTraining(stop_reason) from None
+                        finally:
+                            flag["waiting"] = False
+                    else:
+                        batch = next(stream)
                     bad_samples += int(batch.pop("bad_samples", 0) or 0)
                     labels = batch.get("text_labels_mlm") if mlm_on else None
                     if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
@@ -850,6 +883,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
                     samples_since += len(batch.get("text_ids", ())) * info.world_size
                     del out, loss  # not kept through the next micro-step's forward, where memory peaks
+                step_start = None  # (its micro-batches are all in: a stop from here on saves the step's end)
                 # the step's read of the device (the backward is queued by now: the host waits here for most of a GPU
                 # step), then the signal flag, read after that wait; with several processes one collective for both
                 # (and its read): whether any rank's loss was non-finite, and the signal any rank received
@@ -943,8 +977,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if info.is_main:
         if metrics:  # an evaluation row (none: no row holding the step alone)
             logger.log(step, metrics, show=False)
-        atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
-                          {k: v for k, v in summary.items() if k != "history"}, indent=1)
+        try:  # (the run's work is saved by now: a full disk here warns instead of turning its exit status into 1)
+            atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
+                              {k: v for k, v in summary.items() if k != "history"}, indent=1)
+        except OSError as exc:
+            warnings.warn(f"{os.path.join(cfg.out_dir, 'summary.json')} not written: {exc}")
         done = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
         if "loss" in summary["final"]:
             done.append(f"loss {summary['final']['loss']:.4f}")

@@ -240,7 +240,15 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
     if not enabled:
         yield
         return
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        writable = os.access(out_dir, os.W_OK | os.X_OK)
+    except OSError as exc:
+        with input_stage():
+            raise ValueError(f"--out-dir {out_dir} cannot be made: {exc.strerror or exc}") from None
+    if not writable:  # (a read-only file system or folder: the first write would have failed with a traceback)
+        with input_stage():
+            raise ValueError(f"--out-dir {out_dir} is not writable (a read-only file system or folder?)")
     path = os.path.join(out_dir, ".lock")
     fd, why = try_lock(path)
     if why == LOCK_BUSY:
@@ -263,8 +271,13 @@ def out_dir_lock(out_dir: str, enabled: bool = True):
         yield
         return
     owner = os.getpid()
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {owner} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {owner} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    except OSError as exc:  # (e.g. a full disk)
+        os.close(fd)
+        with input_stage():
+            raise ValueError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     _LOCK_FDS.append(fd)
     try:
         yield
