@@ -1148,6 +1148,84 @@ def test_a_signal_while_a_worker_is_stuck_saves_the_step_and_exits(tmp_path, syn
     assert losses(stopped) + losses(resumed) == pytest.approx(losses(whole), rel=1e-6)
 
 
+def _stuck_at(n):
+    from vlmo_fast.train import data_setup
+
+    real, count = data_setup.SeededSamples.__getitem__, {"n": 0}
+
+    def stuck(self, key):  # (in the worker: its own copy of the count)
+        count["n"] += 1
+        if count["n"] == n:
+            time.sleep(3600)
+        return real(self, key)
+    return stuck
+
+
+@pytest.mark.parametrize("where", ["signal during the step's forward", "signal as the stream counts its batch"])
+def test_a_signal_noted_before_a_wait_stops_there_and_saves_the_step(tmp_path, synthetic_root, monkeypatch, where):
+    """A signal that came during a step's forward, with its next micro-batch stuck in a worker: the run waited for it
+    (nothing saved before the scheduler's SIGKILL). And one that came inside the stream's next, after the stream had
+    counted the batch it never returned (accumulation 1, no workers): the saved position skipped that batch. The run
+    stops before the wait, and saves the position and RNG states of the step's start."""
+    from vlmo_fast import objectives
+    from vlmo_fast.train import data_setup
+
+    kw = dict(max_steps=4, warmup_steps=0, data_timeout=120.0)
+    if where.startswith("signal during"):
+        kw.update(batch_size=8, per_device_batch_size=4, num_workers=1)
+        real_loss, calls = objectives.total_loss, {"n": 0}
+
+        def loss(ret):
+            calls["n"] += 1
+            if calls["n"] == 5:  # step 3's first micro-batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_loss(ret)
+        patches = [(data_setup.SeededSamples, "__getitem__", _stuck_at(21)), (objectives, "total_loss", loss)]
+    else:
+        kw.update(batch_size=4, per_device_batch_size=4, num_workers=0)
+        real_next, calls = data_setup.TrainStream.__next__, {"n": 0}
+
+        def counted(self):
+            batch = real_next(self)
+            calls["n"] += 1
+            if calls["n"] == 3:  # the stream has counted step 3's batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+        patches = [(data_setup.TrainStream, "__next__", counted)]
+    with monkeypatch.context() as patch:
+        for target, name, value in patches:
+            patch.setattr(target, name, value)
+        t0 = time.time()
+        stopped = train(small_cfg(tmp_path / "run", synthetic_root, **kw))
+    assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and time.time() - t0 < 100
+    resumed = train(small_cfg(tmp_path / "run", synthetic_root, **kw))
+    whole = train(small_cfg(tmp_path / "whole", synthetic_root, **kw))
+    assert losses(stopped) + losses(resumed) == pytest.approx(losses(whole), rel=1e-6)
+
+
+def test_only_the_data_workers_are_killed_at_exit(monkeypatch):
+    """At exit a worker stuck in a read (it ignores SIGTERM) is killed, where multiprocessing would wait for it
+    forever; a daemonic process of the program's own is left to multiprocessing's exit handler (its SIGTERM, and the
+    time its cleanup takes)."""
+    import multiprocessing as mp_
+
+    from vlmo_fast.data import loader
+
+    ctx = mp_.get_context("fork")
+    ours, theirs = ctx.Process(target=time.sleep, args=(60,), daemon=True), ctx.Process(target=time.sleep, args=(60,),
+                                                                                          daemon=True)
+    ours.start(), theirs.start()
+    monkeypatch.setattr(loader, "_WORKERS", {ours})
+    before = signal.getsignal(signal.SIGCHLD)
+    try:
+        loader._kill_workers_at_exit()
+        ours.join(10)
+        assert not ours.is_alive() and theirs.is_alive()
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+        theirs.kill(), theirs.join(10)
+
+
 def test_a_stuck_worker_ends_the_run_after_the_data_timeout(tmp_path, synthetic_root, monkeypatch):
     """With several processes a rank cannot stop at its wait (the others wait in the step's collectives): a batch
     that does not come within --data-timeout ends the run with an error naming the stall, where it hung forever."""
@@ -1158,6 +1236,8 @@ def test_a_stuck_worker_ends_the_run_after_the_data_timeout(tmp_path, synthetic_
 
     def slow(self, key):
         count["n"] += 1
+        if count["n"] == 1:  # the first batch may take longer (workers starting, a resumed tar stream reading on)
+            time.sleep(5)
         if count["n"] == 9:
             time.sleep(3600)
         return real(self, key)

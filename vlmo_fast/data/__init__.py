@@ -22,7 +22,7 @@ from .arrow import (DATASETS, ArrowDataset, UnreadableData, build_dataset, check
                     dataset_files, encode_image, make_caption_arrow, make_caption_dataset, make_dataset, read_arrow,
                     write_arrow, write_arrow_batches)
 from .collate import Collator, build_collate, is_empty_batch
-from .loader import batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
+from .loader import TrackedDataLoader, batch_size_of, build_loader, measure_loader, seed_worker, set_epoch
 from .masking import plain_mask, whole_word_budget, whole_word_mask
 from .prepare import (PrepareSummary, prepare_captions, prepare_coco, prepare_f30k, prepare_nlvr2, prepare_text,
                       prepare_vg, prepare_vqa)
@@ -67,6 +67,7 @@ __all__ = [
     "prepare_vqa",
     "read_arrow",
     "seed_worker",
+    "TrackedDataLoader",
     "set_epoch",
     "whole_word_budget",
     "whole_word_mask",

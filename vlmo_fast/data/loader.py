@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import atexit
 import gc
-import multiprocessing
 import multiprocessing.util  # noqa: F401 - its exit handler registered first: _kill_workers_at_exit runs before it
 import random
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -67,20 +67,26 @@ def _kill_workers_at_exit() -> None:
                 if worker.is_alive():  # did not stop in time (SIGTERM, torch's last resort, is ignored)
                     worker.kill()
     # and workers whose iterator is gone but which did not stop (stuck in a read when it was shut down: they ignore
-    # torch's terminate()): multiprocessing's exit handler terminates daemonic children as well, and then waits for
-    # them forever. It is done here first, and what still lives a moment later is killed (a started process keeps no
-    # record of its target: which daemonic children are DataLoader workers cannot be told)
-    daemonic = [child for child in multiprocessing.active_children() if child.daemon and child.is_alive()]
-    for child in daemonic:
-        child.terminate()
-    deadline = time.monotonic() + 2.0
-    for child in daemonic:
-        child.join(timeout=max(0.0, deadline - time.monotonic()))
-        if child.is_alive():
-            child.kill()
+    # torch's terminate()), which multiprocessing's exit handler would wait for forever
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
 
 
 atexit.register(_kill_workers_at_exit)
+
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # the worker processes of TrackedDataLoader iterators
+
+
+class TrackedDataLoader(DataLoader):
+    """A DataLoader whose worker processes are recorded, so that ones left stuck in a read (they ignore SIGTERM) are
+    killed at exit rather than waited for; a daemonic process of the program's own is left to multiprocessing."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        for worker in getattr(it, "_workers", ()):
+            _WORKERS.add(worker)
+        return it
 
 
 def build_loader(dataset: Dataset, batch_size: int, collate: Callable, train: bool, num_workers: int = 0,
@@ -115,9 +121,10 @@ def build_loader(dataset: Dataset, batch_size: int, collate: Callable, train: bo
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
     generator = torch.Generator().manual_seed(seed)  # the workers' base seeds
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=drop_last, generator=generator, **kwargs)
+    return TrackedDataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                             num_workers=num_workers,
+                             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                             drop_last=drop_last, generator=generator, **kwargs)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

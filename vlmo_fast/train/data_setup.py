@@ -124,10 +124,24 @@ def _kill_workers(it) -> None:
             pass
 
 
-def abandon(stream) -> None:
-    """Stop a training stream's workers now (a run stopped while it waited for a batch: one may be stuck)."""
+def abandon(stream, stuck: bool = True) -> None:
+    """Stop a training stream's workers now (``stuck``: a run stopped while it waited for a batch, so one may be
+    stuck; killed first, not waited for), e.g. at the end of a run."""
     it, stream._it = getattr(stream, "_it", None), None
-    _shut_down(it, kill_first=True)
+    _shut_down(it, kill_first=stuck)
+
+
+def _first_batch_unlimited(it) -> None:
+    """No --data-timeout for the first batch of a new or reset iterator: its workers start, and a resumed tar
+    stream's readers read through what they had yielded of the epoch (at night on a network file system, gigabytes)
+    before it; the limit holds from the next batch (``_limited``)."""
+    if getattr(it, "_timeout", 0):
+        it._vlmo_timeout, it._timeout = it._timeout, 0
+
+
+def _limited(it) -> None:
+    if getattr(it, "_vlmo_timeout", None):
+        it._timeout, it._vlmo_timeout = it._vlmo_timeout, None
 
 
 def _stalled(exc: BaseException) -> bool:
@@ -173,10 +187,11 @@ class TrainStream:
             kwargs.update(persistent_workers=True, worker_init_fn=vdata.seed_worker, prefetch_factor=4,
                           timeout=timeout)
         # its own generator: creating an iterator (at start, after resume) must not draw from the global stream
-        self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
-                                 collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=drop_last,
-                                 pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-                                 **kwargs)
+        self.loader = vdata.TrackedDataLoader(
+            SeededSamples(dataset, seed), batch_size=batch_size, sampler=self.sampler,
+            collate_fn=SeededCollate(collate), num_workers=num_workers, drop_last=drop_last,
+            pin_memory=info.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed), **kwargs)
         self.batches_per_epoch = len(self.loader)  # official max_epochs steps: len(train_loader) * epochs // accum
         self.world = info.world_size
         self.epoch, self.batch, self.consumed = 0, 0, 0  # consumed: the epoch's samples so far, over all ranks
@@ -196,11 +211,13 @@ class TrainStream:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.consumed)
                 self._it = iter(self.loader)
+                _first_batch_unlimited(self._it)
                 self._whole_epoch, self._given, self._readable = self.consumed == 0, 0, 0
             if self.loader.num_workers == 0:  # a SIGBUS would end this process itself, with no message at all
                 _check_arrow_files(self.dataset)
             try:
                 batch = next(self._it)
+                _limited(self._it)
             except StopIteration:
                 # (with enough readable samples for a batch, another epoch's order may group them: searched on, for
                 # a few epochs: with 2 readable samples among 86K it would take thousands)
@@ -326,10 +343,10 @@ class IterableStream:
         dataset.drop_bad = True  # full batches; each item says where it is in its reader's output
         dataset.count_only_items = True  # a pass's last unreadable samples counted too (its collate skips the item)
         self.dataset = dataset
-        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate),
-                                 num_workers=num_workers, generator=torch.Generator().manual_seed(0),
-                                 pin_memory=pin_memory, worker_init_fn=vdata.seed_worker if num_workers > 0 else None,
-                                 timeout=timeout if num_workers > 0 else 0)
+        self.loader = vdata.TrackedDataLoader(
+            dataset, batch_size=batch_size, collate_fn=_ReaderTag(collate), num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0), pin_memory=pin_memory,
+            worker_init_fn=vdata.seed_worker if num_workers > 0 else None, timeout=timeout if num_workers > 0 else 0)
         self.batch_size, self.readers, self.info = batch_size, max(num_workers, 1), info
         self.batches_per_epoch = 0
         self.epoch, self.taken, self.next_reader = 0, [0] * self.readers, 0
@@ -358,8 +375,10 @@ class IterableStream:
                 self._batches_this_epoch = 0
                 self.dataset.set_position(self.epoch, list(self.taken), self.next_reader)
                 self._it = iter(self.loader)
+                _first_batch_unlimited(self._it)
             try:
                 batch = next(self._it)
+                _limited(self._it)
             except RuntimeError as exc:
                 it, self._it = self._it, None
                 _shut_down(it, kill_first=_stalled(exc))
@@ -563,9 +582,9 @@ def eval_loader(ds: Dataset, batch_size: int, collate, num_workers: int,
     the global RNG (its workers' base seed) would move it on the evaluating rank only, so a resumed run, whose ranks
     restore rank 0's RNG state, and an FSDP run (every rank evaluates) would leave the trajectory."""
     order = dict(batch_size=batch_size, shuffle=False) if batches is None else dict(batch_sampler=batches)
-    return DataLoader(ds, collate_fn=collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator(), worker_init_fn=vdata.seed_worker if num_workers > 0 else None,
-                      **order)
+    return vdata.TrackedDataLoader(ds, collate_fn=collate, num_workers=num_workers,
+                                   pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                                   worker_init_fn=vdata.seed_worker if num_workers > 0 else None, **order)
 
 
 def _eval_source(cfg: TrainConfig, split: str) -> Tuple[str, List[str]]:

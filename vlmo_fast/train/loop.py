@@ -843,10 +843,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 unmasked = False  # a micro-batch without any MLM target (its MLM loss is 0/0), read on the host
                 for micro in range(accum):
                     if interruptible:  # (a signal while the batch is awaited stops the run at the last step)
-                        if micro == 0 and accum > 1:
-                            step_start = (stream.state(), rng_state())
-                        flag["waiting"] = True
+                        if micro == 0:  # (the stream's position moves before a batch comes: a stop in between
+                            step_start = (stream.state(), rng_state())  # saves this one)
                         try:
+                            if flag.get("signal"):  # noted during this step: a worker may be stuck on this batch
+                                raise SignalWhileWaiting(flag["signal"])
+                            flag["waiting"] = True
                             batch = next(stream)
                         except SignalWhileWaiting as exc:
                             data_setup.abandon(stream)
@@ -965,6 +967,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             stop_reason = f"signal {signum}"
     finally:
         _restore_signal_handlers(previous)
+    data_setup.abandon(stream, stuck=False)  # its workers stop now (a stuck one is killed), not whenever it is freed
     elapsed = elapsed_before + time.time() - t_start
     bad_total = bad_samples_total()
     summary = {
