@@ -63,14 +63,20 @@ def _kill_workers_at_exit() -> None:
                 obj._shutdown_workers()  # as when the iterator is freed: the workers are told to stop, and joined
             except Exception:  # noqa: BLE001 - an iterator half set up, or half shut down: the kill below does it
                 pass
-            for worker in getattr(obj, "_workers", ()):
-                if worker.is_alive():  # did not stop in time (SIGTERM, torch's last resort, is ignored)
-                    worker.kill()
+            kill_workers(getattr(obj, "_workers", ()))  # did not stop in time (torch's SIGTERM is ignored)
     # and workers whose iterator is gone but which did not stop (stuck in a read when it was shut down: they ignore
     # torch's terminate()), which multiprocessing's exit handler would wait for forever
-    for worker in list(_WORKERS):
-        if worker.is_alive():
-            worker.kill()
+    kill_workers(list(_WORKERS))
+
+
+def kill_workers(workers) -> None:
+    """SIGKILL the worker processes still alive among ``workers`` (one gone meanwhile, or closed, is passed over)."""
+    for worker in workers:
+        try:
+            if worker.is_alive():
+                worker.kill()
+        except (OSError, ValueError, AssertionError):
+            pass
 
 
 atexit.register(_kill_workers_at_exit)

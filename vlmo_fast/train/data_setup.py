@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .. import data as vdata
 from ..data.arrow import changed_files
+from ..data.loader import kill_workers
 from ..data.sample import mixed_seed
 from ..config import VLMoConfig
 from .config import TrainConfig, input_error
@@ -107,21 +108,12 @@ def _shut_down(it, kill_first: bool = False) -> None:
     stop (stuck in a read: it ignores SIGTERM, torch's last resort) is killed, or the process could not exit.
     ``kill_first``: one is known to be stuck; torch's shutdown would wait for each in turn before giving up."""
     if kill_first:
-        _kill_workers(it)
+        kill_workers(getattr(it, "_workers", ()))
     try:
         getattr(it, "_shutdown_workers", lambda: None)()
     except Exception:  # noqa: BLE001 - half shut down already: nothing more to do
         pass
-    _kill_workers(it)
-
-
-def _kill_workers(it) -> None:
-    for worker in getattr(it, "_workers", ()):
-        try:
-            if worker.is_alive():
-                worker.kill()
-        except (OSError, ValueError, AssertionError):  # (gone meanwhile, or a process object closed)
-            pass
+    kill_workers(getattr(it, "_workers", ()))
 
 
 def abandon(stream, stuck: bool = True) -> None:

@@ -32,12 +32,12 @@ CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 
 
 def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state, py_state = np.random.get_state(), random.getstate()  # (read once: a one-process run reads every step)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": list(random.getstate()[1]) + [random.getstate()[0], str(random.getstate()[2])],
+        "python": list(py_state[1]) + [py_state[0], str(py_state[2])],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
