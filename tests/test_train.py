@@ -1166,9 +1166,12 @@ def test_a_signal_noted_before_a_wait_stops_there_and_saves_the_step(tmp_path, s
     """A signal that came during a step's forward, with its next micro-batch stuck in a worker: the run waited for it
     (nothing saved before the scheduler's SIGKILL). And one that came inside the stream's next, after the stream had
     counted the batch it never returned (accumulation 1, no workers): the saved position skipped that batch. The run
-    stops before the wait, and saves the position and RNG states of the step's start."""
+    stops before the wait, and saves the position, RNG states and bad-sample count of the step's start (the resumed
+    run reads the step's first micro-batch again: its unreadable images had been counted twice)."""
     from vlmo_fast import objectives
     from vlmo_fast.train import data_setup
+
+    root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt", every=3)
 
     kw = dict(max_steps=4, warmup_steps=0, data_timeout=120.0)
     if where.startswith("signal during"):
@@ -1196,11 +1199,12 @@ def test_a_signal_noted_before_a_wait_stops_there_and_saves_the_step(tmp_path, s
         for target, name, value in patches:
             patch.setattr(target, name, value)
         t0 = time.time()
-        stopped = train(small_cfg(tmp_path / "run", synthetic_root, **kw))
+        stopped = train(small_cfg(tmp_path / "run", root, **kw))
     assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and time.time() - t0 < 100
-    resumed = train(small_cfg(tmp_path / "run", synthetic_root, **kw))
-    whole = train(small_cfg(tmp_path / "whole", synthetic_root, **kw))
+    resumed = train(small_cfg(tmp_path / "run", root, **kw))
+    whole = train(small_cfg(tmp_path / "whole", root, **kw))
     assert losses(stopped) + losses(resumed) == pytest.approx(losses(whole), rel=1e-6)
+    assert stopped["bad_samples"] > 0 and resumed["bad_samples"] == whole["bad_samples"]
 
 
 def test_only_the_data_workers_are_killed_at_exit(monkeypatch):
@@ -1580,21 +1584,26 @@ def test_a_signal_at_a_periodic_save_saves_the_step_once(tmp_path, synthetic_roo
     assert saves == {3: 1} and os.path.basename(summary["last_checkpoint"]) == "step_00000003.pt"
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
-    root = tmp_path / "corrupt"
+def _with_corrupt_images(synthetic_root, root, every=7):
+    """A copy of the synthetic set whose every ``every``-th training image is not an image."""
     shutil.copytree(synthetic_root, root)
     path = root / "coco_caption_karpathy_train.arrow"
     table = vdata.read_arrow(str(path))
     images = table.column("image").to_pylist()
-    for i in range(0, len(images), 7):
+    for i in range(0, len(images), every):
         images[i] = b"not an image"
     vdata.write_arrow(str(path), table.set_column(table.schema.get_field_index("image"), "image",
                                                   pa.array(images, type=pa.binary())))
-    summary = train(small_cfg(tmp_path / "run", str(root), max_steps=4))
+    return str(root)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
+    root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt")
+    summary = train(small_cfg(tmp_path / "run", root, max_steps=4))
     assert summary["stop_reason"] == "max_steps" and summary["bad_samples"] > 0
     # a resumed run continues the counts: the same as a run that was not interrupted
-    full = train(small_cfg(tmp_path / "full", str(root), max_steps=6))
-    resumed = train(small_cfg(tmp_path / "run", str(root), max_steps=6))
+    full = train(small_cfg(tmp_path / "full", root, max_steps=6))
+    resumed = train(small_cfg(tmp_path / "run", root, max_steps=6))
     assert resumed["bad_samples"] == full["bad_samples"] > summary["bad_samples"]
 
 

@@ -699,7 +699,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
-    step_start: Optional[tuple] = None  # (data position, RNG states) where the current step began, while it reads
+    # (data position, RNG states, bad samples counted) where the current step began, while it reads
+    step_start: Optional[tuple] = None
 
     def payload(tag: str) -> Dict[str, Any]:  # a collective (FSDP's full state, the bad-sample count)
         return {
@@ -844,7 +845,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 for micro in range(accum):
                     if interruptible:  # (a signal while the batch is awaited stops the run at the last step)
                         if micro == 0:  # (the stream's position moves before a batch comes: a stop in between
-                            step_start = (stream.state(), rng_state())  # saves this one)
+                            step_start = (stream.state(), rng_state(), bad_samples)  # saves this one)
                         try:
                             if flag.get("signal"):  # noted during this step: a worker may be stuck on this batch
                                 raise SignalWhileWaiting(flag["signal"])
@@ -853,6 +854,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                         except SignalWhileWaiting as exc:
                             data_setup.abandon(stream)
                             optimizer.zero_grad(set_to_none=True)  # (this step's micro-batches so far)
+                            bad_samples = step_start[2]  # (their bad samples: the resumed run reads them again)
                             stop_reason = f"signal {exc.args[0]}"
                             logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch "
                                          f"{micro + 1} of {accum}: stopping at step {step}")
