@@ -68,7 +68,8 @@ def stage_costs(ds, tokenizer, image_size: int, max_text_len: int, samples: int,
 
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="arrow folder (default: generate the synthetic set)")
+    parser.add_argument("--data-root", default=None,
+                        help="arrow folder (default: generate a set in a temporary folder, see --images)")
     parser.add_argument("--datasets", nargs="+", default=["coco"])
     parser.add_argument("--workers", nargs="+", type=int, default=[0, os.cpu_count() or 1])
     parser.add_argument("--batch-size", type=int, default=64)

@@ -10,8 +10,12 @@ package. For every recognised ``Block`` the instance's ``forward`` is replaced b
 same submodules, so the Parameter objects, their order and the state-dict keys do not change: optimizer state, DDP
 buckets and hooks stay valid. The official forward paths pass a materialised (H, N, N) bias to every block; the
 dense-bias form of the attention kernel takes it. With ``gather_bias_in_kernel=True`` the top module's
-``get_rel_pos_bias`` is also replaced so blocks receive (table slice, index) instead and the bias is gathered inside
-the attention kernel (no (H·L, N, N) tensor per forward).
+``get_rel_pos_bias`` is also replaced so blocks receive (table slice, index) instead, and the attention op gathers
+each layer's bias from the table itself (no (H·L, N, N) tensor per forward; the table's gradient is reduced by the
+kernels: see ``vlmo_fast.ops.triton_attention.TABLE_BIAS`` for where the gather runs).
+
+``backend`` is the ops backend the accelerated blocks use ("auto", "torch", "triton" or "cuda"; see
+``vlmo_fast.ops``).
 """
 
 from __future__ import annotations
@@ -260,7 +264,7 @@ _INDEX_COPIES = "_vlmo_fast_index_copies"
 
 
 def _accelerated_get_rel_pos_bias(self, relative_position_index):
-    """Per layer, the (table column slice, index) the accelerated blocks gather from in the kernel. The official
+    """Per layer, the (table column slice, index) the accelerated blocks' attention gathers its bias from. The official
     module keeps its index tensors on the CPU (plain attributes, not buffers): a fresh device copy per forward would
     also defeat the kernels' per-index caches (range check, index structure), so each index's device copy is kept
     while the same tensor, unchanged, is passed again (traced as a plain .to() under torch.compile)."""
@@ -334,7 +338,7 @@ def accelerate(module: nn.Module, backend: str = "auto", gather_bias_in_kernel: 
             module.get_rel_pos_bias = _bind_get_rel_pos_bias(module)
             module.__dict__[_REPLICATE] = _Bound(_replicate_for_data_parallel, module)
             setattr(module, _MARK, True)
-            report.bias_gather = "gathered inside the attention kernel (get_rel_pos_bias replaced)"
+            report.bias_gather = "gathered from the table by the attention op (get_rel_pos_bias replaced)"
     return report
 
 

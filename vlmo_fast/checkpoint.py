@@ -517,11 +517,15 @@ def save_checkpoint(
     path: PathLike,
     metadata: Optional[Mapping[str, object]] = None,
 ) -> None:
-    """Write the official state-dict layout atomically: safetensors for ``*.safetensors``, else a plain
-    ``torch.save`` dict of tensors that ``torch.load(weights_only=True)`` (and the official loader) reads.
+    """Write the official state-dict layout atomically and durably (synced to disk before it replaces ``path``):
+    safetensors for ``*.safetensors``, else a plain ``torch.save`` dict of tensors that
+    ``torch.load(weights_only=True)`` (and the official loader) reads.
 
     From a model, the file also carries its three relative-position index tensors, as the released official
-    checkpoints do: the official loader pops them without a default when it changes the resolution (Q9)."""
+    checkpoints do: the official loader pops them without a default when it changes the resolution (Q9).
+    ``metadata`` (JSON-serialisable values; a ``.safetensors`` path only, else a ``ValueError``) is stored in the
+    safetensors header; without it a vlmo_fast model's file records ``{"vlmo_fast_config": config}``, from which
+    ``vlmo-fast evaluate`` reads the architecture, image size and text length."""
     path = os.fspath(path)
     safetensors = path.endswith(".safetensors")
     if metadata is not None and not safetensors:

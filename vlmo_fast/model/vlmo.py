@@ -74,6 +74,14 @@ def mark_ids_checked(text_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class VLMo(nn.Module):
+    """The VLMo model with the official parameter names and state-dict layout (spec §1), built from a
+    ``VLMoConfig`` (``vlmo_fast.preset("vlmo_base_patch16")`` etc.).
+
+    ``backend`` picks the op implementations ("auto": the fastest available for each op and the tensors' device;
+    "torch", "triton", "cuda"; ``set_backend`` changes it later). The forward paths of the official module take the
+    official batch dictionary: ``infer``, ``infer_text``, ``infer_image``, their ``_ft`` forms and ``infer_text_mlm``;
+    ``forward`` runs the objectives of ``current_tasks`` (or ``infer`` when there are none)."""
+
     def __init__(self, config: VLMoConfig, backend: str = "auto"):
         super().__init__()
         if not isinstance(config, VLMoConfig):

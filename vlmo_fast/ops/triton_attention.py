@@ -2,11 +2,12 @@
 
     out[b, h] = softmax(scale · q kᵀ + bias[h] + mask[b]) v,   bias[h, i, j] = table[index[i, j], h]  (or dense)
 
-Never materialises the (B, H, N, N) scores or the per-layer bias: the bias is gathered from the table inside the
-kernel, the padding mask is applied to keys, and a row whose keys are all masked outputs zeros.
+Never materialises the (B, H, N, N) scores; a (table, index) bias is gathered once per call into an (H, N, N) bias
+the batch shares (TABLE_BIAS = "dense", measured faster on an H100) or, with TABLE_BIAS = "in-kernel", by each score
+inside the kernel. The padding mask is applied to keys, and a row whose keys are all masked outputs zeros.
 
 Kernels (one program per tile; scores in base-2 units, statistics in fp32):
-  _fwd          grid (query blocks, B·H): online softmax over key blocks; writes out and the row log-sum-exp.
+  _fwd          grid (query blocks, B·H): online softmax over key blocks; writes out and each row's max and 1/sum.
   _bwd_delta    grid (query blocks, B·H): delta = rowsum(dO ∘ O).
   _bwd_dkdv     grid (key blocks, B·H): loops over query blocks, recomputes Pᵀ, accumulates dK and dV.
   _bwd_dq       grid (query blocks, H, G; G = B without a bias gradient): loops over the batch rows of group g
