@@ -13,6 +13,7 @@ from vlmo_fast.reference import ReferenceVLMo
 
 from attn_ref import eager_attention, reference_attention
 from attn_ref import padding as _padding
+from numerics import rounding_error
 
 on_gpu = torch.cuda.is_available()
 # Without CUDA the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); with CUDA the
@@ -72,17 +73,12 @@ def check_close(got, want, rtol=2e-5, name=""):
 def check_twice_eager(names, got, eager, want, floor=0.0):
     """The numerics rule: each result's max error against float64 at most twice the eager math's in the same precision
     (same inputs), plus ``floor`` (a float, or a callable of the reference giving one), plus, for an fp16/bf16 result,
-    the error of the reference itself rounded to that precision (FlashAttention's tests add the like, twice over: no
-    result in that precision can do better, and a single max over a few thousand elements otherwise fails on the
-    seed where eager's largest error happens to sit below half an ulp of the largest values: bf16 dq at 2.17x eager's
-    max error with 0.78x its RMS error)."""
+    the error of the reference itself rounded to that precision (tests/numerics.py)."""
     for name, a, e, r in zip(names, got, eager, want):
         assert torch.isfinite(a).all(), name
         err = (a.double() - r.double()).abs().max().item()
         err_eager = (e.double() - r.double()).abs().max().item()
-        tiny = floor(r) if callable(floor) else floor
-        if a.dtype in (torch.float16, torch.bfloat16):
-            tiny += (r.to(a.dtype).double() - r.double()).abs().max().item()
+        tiny = (floor(r) if callable(floor) else floor) + rounding_error(r, a.dtype)
         assert err <= 2 * err_eager + tiny, f"{name}: {err:.3e} vs eager {err_eager:.3e} (floor {tiny:.1e})"
 
 

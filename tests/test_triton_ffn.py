@@ -17,6 +17,7 @@ from vlmo_fast.model import relpos
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile"))
 from profiling import saved_bytes_per_sample  # noqa: E402  (what benchmarks/profile/activation_memory.py counts)
+from numerics import rounding_error  # noqa: E402
 
 D, HID = 32, 128
 
@@ -70,14 +71,16 @@ def leaves_of(x, experts, gamma):
 def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what="", ref_leaves=None):
     """``out`` and its gradients of ``leaves`` (output gradient ``g``) within twice the error of ``eager`` (the
     official math run the same way), both against the float64 ``ref``. Slack: 1e-6, or with ``rel_slack`` (fp32
-    runs) 1e-6 of the result's size. ``ref_leaves``: float64 copies of the leaves that ``ref`` was computed from
-    (for half-precision leaves, whose own gradients would round the reference's)."""
+    runs) 1e-6 of the result's size, plus for an fp16/bf16 result the reference's own rounding to it
+    (tests/numerics.py). ``ref_leaves``: float64 copies of the leaves that ``ref`` was computed from (for
+    half-precision leaves, whose own gradients would round the reference's)."""
     got = torch.autograd.grad(out, leaves, g.to(out.dtype))
     base = torch.autograd.grad(eager, leaves, g.to(eager.dtype))
     want = torch.autograd.grad(ref, leaves if ref_leaves is None else ref_leaves, g.double())
     for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
         err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
         slack = 1e-6 * r.abs().max().clamp_min(1.0) if rel_slack else 1e-6
+        slack = slack + rounding_error(r, a.dtype)
         assert err <= 2 * err_eager + slack, f"{what}tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
 
 
