@@ -1230,6 +1230,80 @@ def test_only_the_data_workers_are_killed_at_exit(monkeypatch):
         theirs.kill(), theirs.join(10)
 
 
+def _killed_when_awaited(monkeypatch, flag, sample, batch):
+    """The data worker kills itself (the OOM killer's SIGKILL) at its ``sample``-th sample once the main process
+    awaits its ``batch``-th batch (prefetching would otherwise decide the step it dies in)."""
+    from vlmo_fast.train import data_setup
+
+    real, real_next, count = data_setup.SeededSamples.__getitem__, data_setup.TrainStream.__next__, {"n": 0, "b": 0}
+
+    def killed(self, key):  # (in the worker: its own copy of the count)
+        count["n"] += 1
+        if count["n"] == sample:
+            for _ in range(600):
+                if flag.exists():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, key)
+
+    def awaited(self):  # (in the main process)
+        count["b"] += 1
+        if count["b"] == batch:
+            flag.touch()
+        return real_next(self)
+    monkeypatch.setattr(data_setup.SeededSamples, "__getitem__", killed)
+    monkeypatch.setattr(data_setup.TrainStream, "__next__", awaited)
+
+
+@pytest.mark.parametrize("cause", ["a data worker killed", "an error in the forward"])
+def test_an_error_inside_a_step_saves_where_the_step_began(tmp_path, synthetic_root, monkeypatch, capsys, cause):
+    """A one-process run whose data worker the OOM killer ended, or whose forward raised (out of memory, a bad
+    batch), in the middle of a step's gradient accumulation: the error ended the run without a save, so a resumed run
+    started from the last periodic checkpoint, maybe hours back. The model and optimizer are still those of the
+    step's start there: that step is saved (data position, RNG states, bad-sample count), the error still ends the
+    run, and the resumed run continues the very trajectory of an uninterrupted one."""
+    from vlmo_fast import objectives
+
+    root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt", every=3)
+    kw = dict(max_steps=4, warmup_steps=0, batch_size=8, per_device_batch_size=4, num_workers=1)
+    real_loss, calls = objectives.total_loss, {"n": 0}
+
+    def loss(ret):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 3's second micro-batch
+            raise MemoryError("fake: out of memory")
+        return real_loss(ret)
+    raised = RuntimeError if cause == "a data worker killed" else MemoryError
+    with monkeypatch.context() as patch:
+        if cause == "a data worker killed":  # step 3's second micro-batch (its first sample: the 21st)
+            _killed_when_awaited(patch, tmp_path / "awaited", sample=21, batch=6)
+        else:
+            patch.setattr(objectives, "total_loss", loss)
+        with pytest.raises(raised):
+            train(small_cfg(tmp_path / "run", root, **kw))
+    out = capsys.readouterr().out
+    assert f"{raised.__name__} in step 3: saved step 2, where it began, to " in out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000002.pt"]
+    assert not [c for c in multiprocessing.active_children() if c.is_alive()]  # the stream's workers are gone
+    resumed = train(small_cfg(tmp_path / "run", root, **kw))
+    whole = train(small_cfg(tmp_path / "whole", root, **kw))
+    assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-6)
+    assert resumed["bad_samples"] == whole["bad_samples"]
+
+
+def test_an_error_before_any_step_or_with_the_step_saved_saves_nothing(tmp_path, synthetic_root, monkeypatch):
+    """No checkpoint of step 0 (nothing trained) for an error in the first step."""
+    from vlmo_fast import objectives
+
+    def loss(ret):
+        raise ValueError("fake: a bad batch")
+    monkeypatch.setattr(objectives, "total_loss", loss)
+    with pytest.raises(ValueError, match="a bad batch"):
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
 def test_a_stuck_worker_ends_the_run_after_the_data_timeout(tmp_path, synthetic_root, monkeypatch):
     """With several processes a rank cannot stop at its wait (the others wait in the step's collectives): a batch
     that does not come within --data-timeout ends the run with an error naming the stall, where it hung forever."""

@@ -732,6 +732,20 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         paused += time.time() - t0
         return path
 
+    def save_before_error(exc: BaseException) -> None:
+        """A one-process run's error inside a step: its workers stopped, where the step began saved (a failed
+        save is reported, never in the error's place)."""
+        what = f"{type(exc).__name__} in step {step + 1}"
+        optimizer.zero_grad(set_to_none=True)
+        data_setup.abandon(stream)
+        try:
+            path = save(f"error: {what}")
+        except Exception as save_exc:  # (out of memory or disk: the error that stopped the run is the one raised)
+            logger.write(f"{what}: the checkpoint of step {step} could not be saved ({type(save_exc).__name__}: "
+                         f"{save_exc})")
+        else:
+            logger.write(f"{what}: saved step {step}, where it began, to {path} (--resume auto continues there)")
+
     def log_training(last: Optional[Dict[str, torch.Tensor]]) -> None:
         """A training row: the means since the previous row (``last``, the latest step's values, when every step
         since was skipped) over the ranks (collectives: every rank calls it), the lr, the rate, the counts."""
@@ -955,6 +969,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 log_training(None)
             if saved_step != step:  # (a periodic save of this step holds it already)
                 last_ckpt = save(stop_reason)
+        except Exception as exc:
+            # one process, inside a step's micro-batches (a data worker killed, out of memory, a bad batch): the
+            # model and optimizer are still those of the step's start, so that is saved before the error goes on
+            # (not the last periodic checkpoint's hours ago); the error is the run's outcome either way
+            if step_start is not None and step > 0 and saved_step != step:
+                bad_samples = step_start[2]
+                save_before_error(exc)
+            raise
         # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the signal
         # (its summary then is not a finished run's, so a resumed run evaluates again)
         metrics = {}
