@@ -713,3 +713,23 @@ def test_exit_status_of_a_stopped_run(tmp_path, synthetic_root, monkeypatch, cap
                     + argv[:-4] + ["--final-eval", "false"]) == 0
     assert "max_epochs 3 is not used: max_steps 1 ends the run (--max-steps none runs by epochs)" \
         in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["evaluate", "pretrain", "python -m vlmo_fast.train"])
+def test_ctrl_c_ends_a_command_in_one_line_with_status_130(monkeypatch, capsys, command):
+    """Ctrl-C in evaluate (or in a training run before its own signal handling, which saves and exits 130) printed a
+    traceback of wherever the command was, e.g. 40 lines ending inside the model's forward."""
+    from vlmo_fast import train as train_package
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+    if command == "evaluate":
+        monkeypatch.setattr(ft, "evaluate_main", interrupted)
+        run = lambda: cli.main(["evaluate", "irtr"])  # noqa: E731
+    else:
+        monkeypatch.setattr(train_package, "train", interrupted)
+        run = (lambda: cli.main(["pretrain"])) if command == "pretrain" else (  # noqa: E731
+            lambda: train_package.main([], prog="python -m vlmo_fast.train"))
+    code, out, err = exit_code(run, capsys)
+    prog = {"evaluate": "vlmo-fast", "pretrain": "vlmo-fast pretrain"}.get(command, command)
+    assert code == 130 and err.strip().splitlines()[-1] == f"{prog}: interrupted" and "Traceback" not in out + err

@@ -33,9 +33,9 @@ EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .train.config import one_line_warnings
+    from .train.config import one_line_interrupt, one_line_warnings
 
-    with one_line_warnings():
+    with one_line_warnings(), one_line_interrupt("vlmo-fast"):
         return _main(list(sys.argv[1:] if argv is None else argv))
 
 

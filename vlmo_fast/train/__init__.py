@@ -12,7 +12,8 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
     """``vlmo-fast pretrain`` and ``python -m vlmo_fast.train``: configuration errors end in one line (exit 2)."""
     import sys
 
-    from .config import FINETUNE_TASKS, build_parser, command_config, one_line_warnings, presets_for, user_errors
+    from .config import (FINETUNE_TASKS, build_parser, command_config, one_line_interrupt, one_line_warnings,
+                         presets_for, user_errors)
 
     def check(cfg, args) -> None:
         tasks = [t for t in cfg.tasks if t in FINETUNE_TASKS]
@@ -24,7 +25,7 @@ def main(argv=None, prog: str = "vlmo-fast pretrain") -> int:
     parser = build_parser(prog, "Pretrain VLMo: MLM + ITC + ITM on image-text data, or the text-only MLM stage "
                           "(--preset task_textmlm_base). With no options it trains the tiny model on the built-in "
                           "synthetic dataset on this machine.", presets=presets, argv=argv)
-    with one_line_warnings():
+    with one_line_warnings(), one_line_interrupt(prog):
         cfg = command_config(parser, argv, presets=presets, check=check)
         with user_errors(parser, marked_only=True):  # unreadable data or checkpoints: one line, not a traceback
             summary = train(cfg)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -669,6 +670,17 @@ def one_line_warnings():
         yield
     finally:
         warnings.formatwarning = previous
+
+
+@contextlib.contextmanager
+def one_line_interrupt(prog: str):
+    """Ctrl-C outside the training loop's own handling (which saves and exits 130): one line and the shell's status
+    for SIGINT, 128 + 2, instead of a traceback of wherever the command was (an evaluation's forward, a file read)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        raise SystemExit(130) from None
 
 
 @contextlib.contextmanager
