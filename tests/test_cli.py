@@ -14,7 +14,7 @@ from vlmo_fast import cli, demo
 from vlmo_fast.checkpoint import read_metadata, read_state_dict, save_checkpoint
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import finetune as ft
-from vlmo_fast.train.config import PRESETS_TRAIN, build_parser, config_from_args, presets_for
+from vlmo_fast.train.config import PRESETS_TRAIN, build_parser, config_from_args, one_line_interrupt, presets_for
 
 BOOL_OPTIONS = ("compile", "fsdp", "augment", "final_eval", "tensorboard", "whole_word_masking", "gather_with_grad",
                 "activation_checkpointing", "deterministic")
@@ -716,9 +716,13 @@ def test_exit_status_of_a_stopped_run(tmp_path, synthetic_root, monkeypatch, cap
 
 
 @pytest.mark.parametrize("command", ["evaluate", "pretrain", "python -m vlmo_fast.train"])
-def test_ctrl_c_ends_a_command_in_one_line_with_status_130(monkeypatch, capsys, command):
+def test_ctrl_c_ends_a_command_with_one_line_and_sigint(monkeypatch, capsys, command):
     """Ctrl-C in evaluate (or in a training run before its own signal handling, which saves and exits 130) printed a
-    traceback of wherever the command was, e.g. 40 lines ending inside the model's forward."""
+    traceback of wherever the command was, e.g. 40 lines ending inside the model's forward. Now one line; the
+    KeyboardInterrupt goes on (Python then ends the process by SIGINT, which stops a shell loop of commands), with
+    the traceback hook quiet for it alone."""
+    import sys
+
     from vlmo_fast import train as train_package
 
     def interrupted(*_args, **_kw):
@@ -730,6 +734,24 @@ def test_ctrl_c_ends_a_command_in_one_line_with_status_130(monkeypatch, capsys, 
         monkeypatch.setattr(train_package, "train", interrupted)
         run = (lambda: cli.main(["pretrain"])) if command == "pretrain" else (  # noqa: E731
             lambda: train_package.main([], prog="python -m vlmo_fast.train"))
-    code, out, err = exit_code(run, capsys)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # (restored after the test)
+    raised = None
+    try:
+        run()
+    except (KeyboardInterrupt, SystemExit) as exc:  # (a KeyboardInterrupt let out would stop pytest itself)
+        raised = exc
+    out, err = capsys.readouterr()
     prog = {"evaluate": "vlmo-fast", "pretrain": "vlmo-fast pretrain"}.get(command, command)
-    assert code == 130 and err.strip().splitlines()[-1] == f"{prog}: interrupted" and "Traceback" not in out + err
+    assert isinstance(raised, KeyboardInterrupt) and err.strip().splitlines() == [f"{prog}: interrupted"]
+    assert "Traceback" not in out
+    sys.excepthook(KeyboardInterrupt, raised, None)  # what Python calls with it at the top: prints nothing
+    assert capsys.readouterr().err == ""
+    # any other error still reaches the hook that was there before
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, *_: seen.append(kind))
+    with pytest.raises(KeyboardInterrupt):
+        with one_line_interrupt("x"):
+            raise KeyboardInterrupt
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    sys.excepthook(ValueError, ValueError("shown"), None)
+    assert seen == [ValueError]

@@ -1261,8 +1261,9 @@ def test_an_error_inside_a_step_saves_where_the_step_began(tmp_path, synthetic_r
     """A one-process run whose data worker the OOM killer ended, or whose forward raised (out of memory, a bad
     batch), in the middle of a step's gradient accumulation: the error ended the run without a save, so a resumed run
     started from the last periodic checkpoint, maybe hours back. The model and optimizer are still those of the
-    step's start there: that step is saved (data position, RNG states, bad-sample count), the error still ends the
-    run, and the resumed run continues the very trajectory of an uninterrupted one."""
+    step's start there: the steps since the last log row are logged, that step is saved (data position, RNG states,
+    bad-sample count), the error still ends the run, and the resumed run continues the very trajectory of an
+    uninterrupted one."""
     from vlmo_fast import objectives
 
     root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt", every=3)
@@ -1271,37 +1272,53 @@ def test_an_error_inside_a_step_saves_where_the_step_began(tmp_path, synthetic_r
 
     def loss(ret):
         calls["n"] += 1
-        if calls["n"] == 6:  # step 3's second micro-batch
+        if calls["n"] == 8:  # step 4's second micro-batch
             raise MemoryError("fake: out of memory")
         return real_loss(ret)
     raised = RuntimeError if cause == "a data worker killed" else MemoryError
     with monkeypatch.context() as patch:
-        if cause == "a data worker killed":  # step 3's second micro-batch (its first sample: the 21st)
-            _killed_when_awaited(patch, tmp_path / "awaited", sample=21, batch=6)
+        if cause == "a data worker killed":  # step 4's second micro-batch (its first sample: the 29th)
+            _killed_when_awaited(patch, tmp_path / "awaited", sample=29, batch=8)
         else:
             patch.setattr(objectives, "total_loss", loss)
         with pytest.raises(raised):
-            train(small_cfg(tmp_path / "run", root, **kw))
+            train(small_cfg(tmp_path / "run", root, log_every=2, **kw))
     out = capsys.readouterr().out
-    assert f"{raised.__name__} in step 3: saved step 2, where it began, to " in out
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000002.pt"]
+    assert f"{raised.__name__} in step 4: saved step 3, where it began, to " in out
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_00000003.pt"]
     assert not [c for c in multiprocessing.active_children() if c.is_alive()]  # the stream's workers are gone
-    resumed = train(small_cfg(tmp_path / "run", root, **kw))
-    whole = train(small_cfg(tmp_path / "whole", root, **kw))
-    assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-6)
+    resumed = train(small_cfg(tmp_path / "run", root, log_every=2, **kw))
+    whole = train(small_cfg(tmp_path / "whole", root, log_every=1, **kw))
+    each = losses(whole)
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
+    # step 3 logged at the error (a row of its own), step 4 by the resumed run
+    assert rows == pytest.approx({2: (each[0] + each[1]) / 2, 3: each[2], 4: each[3]}, rel=1e-5)
+    assert losses(resumed) == pytest.approx(each[3:], rel=1e-6)
     assert resumed["bad_samples"] == whole["bad_samples"]
 
 
-def test_an_error_before_any_step_or_with_the_step_saved_saves_nothing(tmp_path, synthetic_root, monkeypatch):
-    """No checkpoint of step 0 (nothing trained) for an error in the first step."""
+def test_an_error_before_any_step_or_with_the_step_saved_saves_nothing(tmp_path, synthetic_root, monkeypatch, capsys):
+    """No checkpoint of step 0 (nothing trained) for an error in the first step, and no second save of a step a
+    periodic save holds already."""
     from vlmo_fast import objectives
 
+    real_loss, calls = objectives.total_loss, {"n": 0, "at": 1}
+
     def loss(ret):
-        raise ValueError("fake: a bad batch")
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            raise ValueError("fake: a bad batch")
+        return real_loss(ret)
     monkeypatch.setattr(objectives, "total_loss", loss)
     with pytest.raises(ValueError, match="a bad batch"):
-        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3))
-    assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+        train(small_cfg(tmp_path / "first", synthetic_root, max_steps=3))
+    assert not os.path.exists(tmp_path / "first" / "checkpoints") or not os.listdir(tmp_path / "first" / "checkpoints")
+    calls.update(n=0, at=3)  # step 3, with step 2 saved by --save-every 2
+    with pytest.raises(ValueError, match="a bad batch"):
+        train(small_cfg(tmp_path / "saved", synthetic_root, max_steps=4, save_every=2))
+    assert sorted(os.listdir(tmp_path / "saved" / "checkpoints")) == ["step_00000002.pt"]
+    assert "where it began" not in capsys.readouterr().out
 
 
 def test_a_stuck_worker_ends_the_run_after_the_data_timeout(tmp_path, synthetic_root, monkeypatch):

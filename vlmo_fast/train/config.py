@@ -674,13 +674,25 @@ def one_line_warnings():
 
 @contextlib.contextmanager
 def one_line_interrupt(prog: str):
-    """Ctrl-C outside the training loop's own handling (which saves and exits 130): one line and the shell's status
-    for SIGINT, 128 + 2, instead of a traceback of wherever the command was (an evaluation's forward, a file read)."""
+    """Ctrl-C outside the training loop's own handling (which saves and exits 130): one line instead of a traceback
+    of wherever the command was (an evaluation's forward, a file read). The KeyboardInterrupt goes on, with the
+    traceback hook told to print nothing for it, so that Python still ends the process by SIGINT once its exit
+    handlers ran: a shell script (a loop over ``vlmo-fast prepare`` runs) stops at Ctrl-C only when its command died
+    by SIGINT, not when it exited 130."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "_vlmo_reported", False):  # (by a command inside this one: vlmo-fast pretrain)
+            raise
+        exc._vlmo_reported = True
         sys.stderr.write(f"{prog}: interrupted\n")
-        raise SystemExit(130) from None
+        previous = sys.excepthook
+
+        def quiet_interrupt(kind, value, tb):
+            if not issubclass(kind, KeyboardInterrupt):
+                previous(kind, value, tb)
+        sys.excepthook = quiet_interrupt
+        raise
 
 
 @contextlib.contextmanager

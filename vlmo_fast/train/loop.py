@@ -733,12 +733,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         return path
 
     def save_before_error(exc: BaseException) -> None:
-        """A one-process run's error inside a step: its workers stopped, where the step began saved (a failed
-        save is reported, never in the error's place)."""
+        """A one-process run's error inside a step: its workers stopped, the steps since the last log row logged
+        (now or never: a resumed run starts after them), where the step began saved (a failed log or save is
+        reported, never in the error's place)."""
         what = f"{type(exc).__name__} in step {step + 1}"
         optimizer.zero_grad(set_to_none=True)
         data_setup.abandon(stream)
         try:
+            if window_steps:
+                log_training(None)
             path = save(f"error: {what}")
         except Exception as save_exc:  # (out of memory or disk: the error that stopped the run is the one raised)
             logger.write(f"{what}: the checkpoint of step {step} could not be saved ({type(save_exc).__name__}: "
