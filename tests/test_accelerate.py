@@ -547,3 +547,30 @@ def test_a_data_parallel_replica_runs_its_own_weights(gather):
     assert model.transformer.blocks[0].forward.module is model.transformer.blocks[0]  # the original is untouched
     vf.deaccelerate(model)
     assert "_replicate_for_data_parallel" not in model.transformer.blocks[0].__dict__
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_an_accelerated_model_and_its_replicas_are_freed_when_dropped(gather):
+    """The bound forwards held their module strongly from its own __dict__ (and each block's structure record held
+    the block): a dropped accelerated model, and every DataParallel replica made at each forward, lived on until a
+    full garbage collection, which in a long run may come late (measured: 14 of 30 dropped models and 236 MiB, five
+    steps' worth of replicas). Plain reference counting frees them now."""
+    import gc
+    import weakref
+
+    model = official_model()
+    vf.accelerate(model, gather_bias_in_kernel=gather)
+    b = batch(model.config)
+    model.eval()
+    replica = _replicate_as_data_parallel(model, lambda p: p.detach().clone())
+    replica.infer(b)
+    model.infer(b)
+    alive = [weakref.ref(m) for m in (model, replica, model.transformer.blocks[0], replica.transformer.blocks[0])]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, replica
+        assert [ref() is None for ref in alive] == [True] * 4
+    finally:
+        if enabled:
+            gc.enable()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -168,15 +169,20 @@ _BACKEND = "_vlmo_fast_backend"
 _CHECKED = "_vlmo_fast_checked"  # (structure, structural reason) of the block's last structural check
 
 
-def _structure(blk: nn.Module) -> List[Tuple[str, nn.Module, type, tuple]]:
+def _structure(blk: nn.Module) -> List[Tuple[str, Optional[nn.Module], type, tuple]]:
     """Per module of the block (itself first): its name, the module, its class and its children. A submodule
     replaced (a LoRA-style Linear injected, an activation swapped), added, deleted or given another class changes
     it, whether or not anything was registered."""
-    return [(name, m, type(m), tuple(m._modules.values())) for name, m in blk.named_modules()]
+    # (the block itself as None: a reference to it from its own __dict__ would be a reference cycle)
+    return [(name, None if m is blk else m, type(m), tuple(m._modules.values())) for name, m in blk.named_modules()]
 
 
-def _unchanged(structure: List[Tuple[str, nn.Module, type, tuple]]) -> bool:
-    return all(type(m) is kind and tuple(m._modules.values()) == children for _, m, kind, children in structure)
+def _unchanged(structure: List[Tuple[str, Optional[nn.Module], type, tuple]], blk: nn.Module) -> bool:
+    for _, m, kind, children in structure:
+        m = blk if m is None else m
+        if type(m) is not kind or tuple(m._modules.values()) != children:
+            return False
+    return True
 
 
 def _changed_since(blk: nn.Module) -> Optional[str]:
@@ -187,7 +193,7 @@ def _changed_since(blk: nn.Module) -> Optional[str]:
     dropout and hooks are read at each call, so a block goes back to the fused path when they go. (A changed DropPath
     rate is simply read at each call.)"""
     structure, reason = blk.__dict__[_CHECKED]
-    if not _unchanged(structure):
+    if not _unchanged(structure, blk):
         structure = _structure(blk)
         reason = _structural_reason(blk)
         blk.__dict__[_CHECKED] = (structure, reason)
@@ -233,10 +239,14 @@ class _Bound:
     deep copy (EMA, model averaging) binds it to the copy, which then runs its own weights."""
 
     def __init__(self, fn, module: nn.Module):
-        self.fn, self.module = fn, module
+        self.fn, self._module = fn, weakref.ref(module)  # weak: the module's __dict__ holds this (no cycle)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
 
     def __call__(self, *args, **kwargs):
-        return self.fn(self.module, *args, **kwargs)
+        return self.fn(self._module(), *args, **kwargs)
 
     def __reduce__(self):
         return _Bound, (self.fn, self.module)
