@@ -687,11 +687,13 @@ def one_line_interrupt(prog: str):
         exc._vlmo_reported = True
         sys.stderr.write(f"{prog}: interrupted\n")
         previous = sys.excepthook
+        if not getattr(previous, "_vlmo_quiet_interrupt", False):  # (once: a caller may catch it and go on)
 
-        def quiet_interrupt(kind, value, tb):
-            if not issubclass(kind, KeyboardInterrupt):
-                previous(kind, value, tb)
-        sys.excepthook = quiet_interrupt
+            def quiet_interrupt(kind, value, tb):
+                if not issubclass(kind, KeyboardInterrupt):
+                    previous(kind, value, tb)
+            quiet_interrupt._vlmo_quiet_interrupt = True
+            sys.excepthook = quiet_interrupt
         raise
 
 
