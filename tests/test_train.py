@@ -1688,6 +1688,26 @@ def _with_corrupt_images(synthetic_root, root, every=7):
     return str(root)
 
 
+@pytest.mark.parametrize("optimizer", ["official", "torch"])
+def test_a_resumed_run_does_not_keep_its_checkpoint_mapped(tmp_path, synthetic_root, monkeypatch, optimizer):
+    """The resumed checkpoint is read mapped; the loop kept the loaded state, and on the CPU the optimizer kept its
+    moments as the loaded tensors themselves: the file stayed mapped (its pages, and its disk space once keep-last
+    removed it) for the whole run."""
+    from vlmo_fast import objectives
+
+    kw = dict(save_every=2, keep_last=1, optimizer=optimizer)
+    train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, **kw))
+    real_loss, mapped = objectives.total_loss, []
+
+    def loss(ret):
+        with open("/proc/self/maps") as f:
+            mapped.extend(line.split()[-1] for line in f if "step_000000" in line)
+        return real_loss(ret)
+    monkeypatch.setattr(objectives, "total_loss", loss)
+    resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=5, **kw))
+    assert resumed["steps"] == 5 and mapped == []
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
     root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt")
     summary = train(small_cfg(tmp_path / "run", root, max_steps=4))

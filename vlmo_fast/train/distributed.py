@@ -240,6 +240,10 @@ def load_optimizer_state(model: nn.Module, optimizer, state, fsdp: bool) -> None
         # by position in the groups: a state keyed by name loads as well. A state without entries (saved before any
         # update) leaves the optimizer without state, as it was: FSDP2's loader would create it with a zero step
         optimizer.load_state_dict(state)
+        for values in optimizer.state.values():  # (on the CPU torch keeps the loaded tensors themselves: from a
+            for key, value in values.items():    # mapped checkpoint, its pages for the whole run)
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                    values[key] = value.clone()
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -667,6 +667,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             elapsed_before = float(state.get("elapsed_s", 0.0))
             stream.restore(state["data"])
             set_rng_state(state["rng"])
+            # the file is mapped (torch_load(mmap=True)): kept, it would hold its pages, and its disk space once
+            # keep-last removes it, for the whole run
+            state = None
 
     finished = _finished_summary(cfg, step) if resume_path and step >= max_steps else None
     if finished is not None:
