@@ -1708,6 +1708,37 @@ def test_a_resumed_run_does_not_keep_its_checkpoint_mapped(tmp_path, synthetic_r
     assert resumed["steps"] == 5 and mapped == []
 
 
+@pytest.mark.parametrize("where", ["in an evaluation", "inside a step"])
+def test_a_run_that_fails_leaves_no_data_workers_or_threads(tmp_path, synthetic_root, monkeypatch, where):
+    """A run that raised kept its stream's workers (and their queues' feeder threads) until the process ended: a
+    sweep calling train() again, or keeping the error (whose traceback holds the run's frame), collected them."""
+    import threading
+
+    from vlmo_fast import objectives
+    from vlmo_fast.train import loop
+
+    before = set(threading.enumerate())
+
+    def failing(*_args, **_kw):
+        raise RuntimeError("fake failure")
+    if where == "in an evaluation":
+        monkeypatch.setattr(loop, "evaluate", failing)
+    else:
+        real_loss, calls = objectives.total_loss, {"n": 0}
+
+        def loss(ret):
+            calls["n"] += 1
+            return failing() if calls["n"] == 3 else real_loss(ret)
+        monkeypatch.setattr(objectives, "total_loss", loss)
+    with pytest.raises(RuntimeError, match="fake failure") as info:
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=4, eval_every=2, eval_batches=1, num_workers=2))
+    kept = info.value  # (as a sweep that records its errors would)
+    assert not [c for c in multiprocessing.active_children() if c.is_alive()]
+    for t in set(threading.enumerate()) - before:
+        t.join(timeout=10)
+    assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()] and kept.__traceback__
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path, synthetic_root):
     root = _with_corrupt_images(synthetic_root, tmp_path / "corrupt")
     summary = train(small_cfg(tmp_path / "run", root, max_steps=4))

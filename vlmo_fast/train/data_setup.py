@@ -121,6 +121,9 @@ def abandon(stream, stuck: bool = True) -> None:
     stuck; killed first, not waited for), e.g. at the end of a run."""
     it, stream._it = getattr(stream, "_it", None), None
     _shut_down(it, kill_first=stuck)
+    loader = getattr(stream, "loader", None)
+    if getattr(loader, "_iterator", None) is it:  # (persistent workers: the loader keeps it, and its queues' threads)
+        loader._iterator = None
 
 
 def _first_batch_unlimited(it) -> None:

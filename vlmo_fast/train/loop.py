@@ -293,6 +293,7 @@ class Logger:
                 print(text, flush=True)
             if self._tb is not None:
                 self._tb.close()
+                self._tb = None
 
 
 @torch.no_grad()
@@ -995,6 +996,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         signum = signalled()
         if signum and stop_reason == "max_steps":
             stop_reason = f"signal {signum}"
+    except BaseException:
+        # the run ends with an error: its data workers and the TensorBoard writer's thread end with it (a caller
+        # that goes on, e.g. a sweep calling train() again, kept them, and a kept traceback keeps this frame)
+        data_setup.abandon(stream)
+        logger.close()
+        raise
     finally:
         _restore_signal_handlers(previous)
     data_setup.abandon(stream, stuck=False)  # its workers stop now (a stuck one is killed), not whenever it is freed
