@@ -23,7 +23,7 @@ import stat
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -57,6 +57,14 @@ def needs_unused_parameter_search(tasks) -> bool:
 
 class StopTraining(Exception):
     pass
+
+
+class StepStart(NamedTuple):
+    """Where a one-process run's current step began, kept while it reads its micro-batches: a stop or an error
+    before its update saves this."""
+    data: Dict[str, Any]  # the stream's position
+    rng: Dict[str, Any]
+    bad_samples: int  # counted so far (the step's micro-batches, read again by a resumed run, count again)
 
 
 class SignalWhileWaiting(BaseException):
@@ -703,16 +711,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
     peak_tflops = _peak_tflops(info.device)
 
-    # (data position, RNG states, bad samples counted) where the current step began, while it reads
-    step_start: Optional[tuple] = None
+    step_start: Optional[StepStart] = None
 
     def payload(tag: str) -> Dict[str, Any]:  # a collective (FSDP's full state, the bad-sample count)
         return {
             "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
             # (a one-process run stopped inside a step's accumulation saves where the step began)
-            "data": step_start[0] if step_start else stream.state(),
-            "rng": step_start[1] if step_start else rng_state(),
+            "data": step_start.data if step_start else stream.state(),
+            "rng": step_start.rng if step_start else rng_state(),
             "config": cfg.to_dict(), "tag": tag,
             "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
             "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
@@ -736,13 +743,20 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         paused += time.time() - t0
         return path
 
-    def save_before_error(exc: BaseException) -> None:
-        """A one-process run's error inside a step: its workers stopped, the steps since the last log row logged
-        (now or never: a resumed run starts after them), where the step began saved (a failed log or save is
-        reported, never in the error's place)."""
-        what = f"{type(exc).__name__} in step {step + 1}"
-        optimizer.zero_grad(set_to_none=True)
+    def back_to_step_start() -> None:
+        """A one-process run stopping inside a step: its workers stopped (one may be stuck), the gradients and the
+        bad-sample count of its micro-batches so far dropped (a resumed run reads them again)."""
+        nonlocal bad_samples
         data_setup.abandon(stream)
+        optimizer.zero_grad(set_to_none=True)
+        bad_samples = step_start.bad_samples
+
+    def save_before_error(exc: BaseException) -> None:
+        """A one-process run's error inside a step: back to the step's start, the steps since the last log row
+        logged (now or never: a resumed run starts after them), and that saved (a failed log or save is reported,
+        never in the error's place)."""
+        what = f"{type(exc).__name__} in step {step + 1}"
+        back_to_step_start()
         try:
             if window_steps:
                 log_training(None)
@@ -866,16 +880,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 for micro in range(accum):
                     if interruptible:  # (a signal while the batch is awaited stops the run at the last step)
                         if micro == 0:  # (the stream's position moves before a batch comes: a stop in between
-                            step_start = (stream.state(), rng_state(), bad_samples)  # saves this one)
+                            step_start = StepStart(stream.state(), rng_state(), bad_samples)  # saves this one)
                         try:
                             if flag.get("signal"):  # noted during this step: a worker may be stuck on this batch
                                 raise SignalWhileWaiting(flag["signal"])
                             flag["waiting"] = True
                             batch = next(stream)
                         except SignalWhileWaiting as exc:
-                            data_setup.abandon(stream)
-                            optimizer.zero_grad(set_to_none=True)  # (this step's micro-batches so far)
-                            bad_samples = step_start[2]  # (their bad samples: the resumed run reads them again)
+                            back_to_step_start()
                             stop_reason = f"signal {exc.args[0]}"
                             logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch "
                                          f"{micro + 1} of {accum}: stopping at step {step}")
@@ -981,7 +993,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             # model and optimizer are still those of the step's start, so that is saved before the error goes on
             # (not the last periodic checkpoint's hours ago); the error is the run's outcome either way
             if step_start is not None and step > 0 and saved_step != step:
-                bad_samples = step_start[2]
                 save_before_error(exc)
             raise
         # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the signal
