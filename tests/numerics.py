@@ -21,3 +21,14 @@ def rounding_error(ref: torch.Tensor, dtype: torch.dtype) -> float:
         return 0.0
     ref = ref.detach().double()
     return (ref.to(dtype).double() - ref).abs().max().item()
+
+
+def assert_twice_eager(name: str, got: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, slack: float = 0.0):
+    """The numerics rule for one result: its max error against the float64 ``ref`` at most twice ``eager``'s (the
+    same math run the official way, in the same precision), plus ``slack`` and the reference's own rounding to
+    ``got``'s precision."""
+    ref = ref.detach().double()
+    err = (got.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_eager = (eager.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
+    tiny = float(slack) + rounding_error(ref, got.dtype)
+    assert err <= 2 * err_eager + tiny, f"{name}: {err:.3e} vs eager {err_eager:.3e} (slack {tiny:.1e})"

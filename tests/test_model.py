@@ -12,7 +12,7 @@ from vlmo_fast.ops import backend as ops_backend
 from vlmo_fast.ops import native
 from vlmo_fast.reference import ReferenceVLMo
 
-from numerics import rounding_error
+from numerics import assert_twice_eager
 
 PATHS = ("infer", "infer_text", "infer_image", "infer_text_ft", "infer_image_ft", "infer_text_mlm")
 ALL_TASKS = loss_names(itm=1, itc=1, mlm=1)
@@ -94,9 +94,7 @@ def assert_within_twice_eager(got, eager, want, floor):
     assert set(got) == set(eager) == set(want)
     for key, r in want.items():
         if isinstance(r, torch.Tensor) and r.is_floating_point():
-            err, err_eager = (got[key].double() - r).abs().max(), (eager[key].double() - r).abs().max()
-            tiny = floor + rounding_error(r, got[key].dtype)
-            assert err <= 2 * err_eager + tiny, f"{key}: {err:.3e} vs eager {err_eager:.3e}"
+            assert_twice_eager(key, got[key], eager[key], r, floor)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1106,38 +1106,46 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, synthetic_root, monkey
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
+def _in_worker_when_awaited(monkeypatch, flag, sample, batch, act):
+    """The data worker runs ``act`` at its ``sample``-th sample once the main process awaits its ``batch``-th batch
+    (prefetching would otherwise decide the step it happens in)."""
+    from vlmo_fast.train import data_setup
+
+    real, real_next, count = data_setup.SeededSamples.__getitem__, data_setup.TrainStream.__next__, {"n": 0, "b": 0}
+
+    def in_worker(self, key):  # (in the worker: its own copy of the count)
+        count["n"] += 1
+        if count["n"] == sample:
+            for _ in range(600):
+                if flag.exists():
+                    break
+                time.sleep(0.1)
+            act()
+        return real(self, key)
+
+    def awaited(self):  # (in the main process)
+        count["b"] += 1
+        if count["b"] == batch:
+            flag.touch()
+        return real_next(self)
+    monkeypatch.setattr(data_setup.SeededSamples, "__getitem__", in_worker)
+    monkeypatch.setattr(data_setup.TrainStream, "__next__", awaited)
+
+
 def test_a_signal_while_a_worker_is_stuck_saves_the_step_and_exits(tmp_path, synthetic_root, monkeypatch, capsys):
     """A worker stuck in a read (a hung network file system) held a one-process run at its wait for a batch: the
     scheduler's SIGTERM was noted, never acted on, and nothing was saved before its SIGKILL. The run now stops at the
     wait and saves where the step began (here inside a gradient accumulation: the position and RNG states of the
     step's start), so the resumed run continues the very trajectory of an uninterrupted one."""
-    from vlmo_fast.train import data_setup
-
-    real, real_next = data_setup.SeededSamples.__getitem__, data_setup.TrainStream.__next__
-    count, waiting = {"n": 0, "batches": 0}, tmp_path / "waiting"
-
-    def stuck(self, key):  # (in the worker: its own copy of the count)
-        count["n"] += 1
-        if count["n"] == 21:  # the first sample of step 3's second micro-batch
-            for _ in range(600):  # until the main process waits for this batch
-                if waiting.exists():
-                    break
-                time.sleep(0.1)
-            time.sleep(0.5)
-            os.kill(os.getppid(), signal.SIGTERM)
-            time.sleep(3600)
-        return real(self, key)
-
-    def awaited(self):  # (in the main process)
-        count["batches"] += 1
-        if count["batches"] == 6:
-            waiting.touch()
-        return real_next(self)
+    def signal_and_hang():  # (in the worker, once the main process waits for its batch)
+        time.sleep(0.5)
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(3600)
 
     kw = dict(max_steps=4, warmup_steps=0, batch_size=8, per_device_batch_size=4)
     with monkeypatch.context() as patch:
-        patch.setattr(data_setup.SeededSamples, "__getitem__", stuck)
-        patch.setattr(data_setup.TrainStream, "__next__", awaited)
+        # the first sample of step 3's second micro-batch
+        _in_worker_when_awaited(patch, tmp_path / "waiting", sample=21, batch=6, act=signal_and_hang)
         t0 = time.time()
         stopped = train(small_cfg(tmp_path / "stuck", synthetic_root, num_workers=1, **kw))
     assert stopped["stop_reason"] == "signal 15" and stopped["steps"] == 2 and time.time() - t0 < 120
@@ -1230,32 +1238,6 @@ def test_only_the_data_workers_are_killed_at_exit(monkeypatch):
         theirs.kill(), theirs.join(10)
 
 
-def _killed_when_awaited(monkeypatch, flag, sample, batch):
-    """The data worker kills itself (the OOM killer's SIGKILL) at its ``sample``-th sample once the main process
-    awaits its ``batch``-th batch (prefetching would otherwise decide the step it dies in)."""
-    from vlmo_fast.train import data_setup
-
-    real, real_next, count = data_setup.SeededSamples.__getitem__, data_setup.TrainStream.__next__, {"n": 0, "b": 0}
-
-    def killed(self, key):  # (in the worker: its own copy of the count)
-        count["n"] += 1
-        if count["n"] == sample:
-            for _ in range(600):
-                if flag.exists():
-                    break
-                time.sleep(0.1)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, key)
-
-    def awaited(self):  # (in the main process)
-        count["b"] += 1
-        if count["b"] == batch:
-            flag.touch()
-        return real_next(self)
-    monkeypatch.setattr(data_setup.SeededSamples, "__getitem__", killed)
-    monkeypatch.setattr(data_setup.TrainStream, "__next__", awaited)
-
-
 @pytest.mark.parametrize("cause", ["a data worker killed", "an error in the forward"])
 def test_an_error_inside_a_step_saves_where_the_step_began(tmp_path, synthetic_root, monkeypatch, capsys, cause):
     """A one-process run whose data worker the OOM killer ended, or whose forward raised (out of memory, a bad
@@ -1278,7 +1260,8 @@ def test_an_error_inside_a_step_saves_where_the_step_began(tmp_path, synthetic_r
     raised = RuntimeError if cause == "a data worker killed" else MemoryError
     with monkeypatch.context() as patch:
         if cause == "a data worker killed":  # step 4's second micro-batch (its first sample: the 29th)
-            _killed_when_awaited(patch, tmp_path / "awaited", sample=29, batch=8)
+            _in_worker_when_awaited(patch, tmp_path / "awaited", sample=29, batch=8,
+                                    act=lambda: os.kill(os.getpid(), signal.SIGKILL))  # (the OOM killer's)
         else:
             patch.setattr(objectives, "total_loss", loss)
         with pytest.raises(raised):

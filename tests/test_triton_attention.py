@@ -13,7 +13,7 @@ from vlmo_fast.reference import ReferenceVLMo
 
 from attn_ref import eager_attention, reference_attention
 from attn_ref import padding as _padding
-from numerics import rounding_error
+from numerics import assert_twice_eager
 
 on_gpu = torch.cuda.is_available()
 # Without CUDA the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); with CUDA the
@@ -76,10 +76,7 @@ def check_twice_eager(names, got, eager, want, floor=0.0):
     the error of the reference itself rounded to that precision (tests/numerics.py)."""
     for name, a, e, r in zip(names, got, eager, want):
         assert torch.isfinite(a).all(), name
-        err = (a.double() - r.double()).abs().max().item()
-        err_eager = (e.double() - r.double()).abs().max().item()
-        tiny = (floor(r) if callable(floor) else floor) + rounding_error(r, a.dtype)
-        assert err <= 2 * err_eager + tiny, f"{name}: {err:.3e} vs eager {err_eager:.3e} (floor {tiny:.1e})"
+        assert_twice_eager(name, a, e, r, floor(r) if callable(floor) else floor)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from vlmo_fast.model import relpos
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile"))
 from profiling import saved_bytes_per_sample  # noqa: E402  (what benchmarks/profile/activation_memory.py counts)
-from numerics import rounding_error  # noqa: E402
+from numerics import assert_twice_eager  # noqa: E402
 
 D, HID = 32, 128
 
@@ -78,10 +78,8 @@ def assert_within_twice_eager(out, eager, ref, leaves, g, rel_slack=False, what=
     base = torch.autograd.grad(eager, leaves, g.to(eager.dtype))
     want = torch.autograd.grad(ref, leaves if ref_leaves is None else ref_leaves, g.double())
     for i, (a, r, e) in enumerate(zip((out,) + got, (ref,) + want, (eager,) + base)):
-        err, err_eager = (a.double() - r).abs().max(), (e.double() - r).abs().max()
         slack = 1e-6 * r.abs().max().clamp_min(1.0) if rel_slack else 1e-6
-        slack = slack + rounding_error(r, a.dtype)
-        assert err <= 2 * err_eager + slack, f"{what}tensor {i}: {err:.2e} vs eager {err_eager:.2e}"
+        assert_twice_eager(f"{what}tensor {i}", a, e, r, slack)
 
 
 @pytest.mark.parametrize("n,split,two", [(237, 40, True), (40, None, False), (197, None, False), (13, 0, True),
