@@ -1489,7 +1489,10 @@ def test_a_resumed_run_purges_tensorboards_later_steps_and_continues_its_clock(t
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
-    assert float(rows[2]["elapsed_s"]) >= float(rows[1]["elapsed_s"])
+    # the resumed clock starts from the checkpoint's time (taken as the save began: row 3, logged after that save,
+    # also counts the save itself, which the resumed run does not, so the two rows compare by timing luck)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003.pt", weights_only=True)["elapsed_s"]
+    assert float(rows[2]["elapsed_s"]) >= round(saved, 1)
 
 
 def test_samples_per_second_leaves_out_evaluation_and_save_time(tmp_path, synthetic_root, monkeypatch):
