@@ -2233,25 +2233,6 @@ def test_a_hangup_from_a_closed_terminal_leaves_the_run_able_to_write(tmp_path):
     assert result.read_text() == f"{{'signal': {int(signal.SIGHUP)}}} wrote"
 
 
-def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
-    """A full disk while appending a row of log.csv: the error named no file (checkpoints' writes do)."""
-    import builtins
-    import errno
-
-    logger = train_loop.Logger(str(tmp_path), True, 10, 0, False)
-    logger.log(1, {"loss": 1.0}, show=False)
-    real_open = builtins.open
-
-    def full(path, mode="r", *args, **kwargs):
-        if str(path).endswith("log.csv") and "a" in mode:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", full)
-    with pytest.raises(OSError, match=rf"writing {re.escape(str(tmp_path / 'log.csv'))}: No space left on device"):
-        logger.log(2, {"loss": 0.5}, show=False)
-
-
 def _signal_to_rank1_in_evaluation_run(rank, world, out_dir, root):
     real = train_loop.encode
 

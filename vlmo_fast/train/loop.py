@@ -13,14 +13,11 @@ loss on any rank skips the update everywhere; ``max_bad_steps`` in a row save a 
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
 import json
-import math
 import os
 import signal
 import stat
-import sys
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
@@ -28,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 import torch
 
 from .. import objectives
-from ..checkpoint import atomic_write, load_checkpoint, plain_module, read_state_dict, save_checkpoint, \
+from ..checkpoint import load_checkpoint, plain_module, read_state_dict, save_checkpoint, \
     text_stage_state
 from ..config import PRESETS, loss_names, preset
 from ..data import is_empty_batch
@@ -43,6 +40,7 @@ from .distributed import DistInfo, barrier, cleanup, elastic_restarts, fsdp2_una
     mean_over_ranks, optimizer_state, sync_replicated_grads, wrap_model
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters, freeze_for_textmlm, \
     reapply_configuration, resolve_warmup
+from .runlog import Logger
 from .state import (best_so_far, check_shared_out_dir, checkpoint_path, job_checkpoints, load_on_every_rank,
                     load_training_checkpoint, mark_job_start, newest_readable_checkpoint, out_dir_lock, rng_state,
                     save_best_checkpoint, save_training_checkpoint, set_aside_later_checkpoints, set_rng_state)
@@ -174,134 +172,6 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.
     if p == "auto":
         p = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
-
-
-def _number(value: Any) -> Any:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
-
-
-class Logger:
-    """Progress bar (or, when the output is not a terminal, one plain line per logged step), CSV and TensorBoard on
-    rank 0; a no-op elsewhere.
-
-    ``log.csv`` has one column per value ever logged (training rows and evaluation rows, which carry different
-    values, share the header; a value a row lacks is empty); it is rewritten when a new column appears. A resumed run
-    keeps the rows up to the step it resumes from and drops the later ones, which the resumed run logs again (so does
-    TensorBoard: its events after that step are purged)."""
-
-    def __init__(self, out_dir: str, enabled: bool, total: int, start: int, tensorboard: bool):
-        self.enabled = enabled
-        self.bar = None
-        if not enabled:
-            return
-        self.total = total
-        os.makedirs(out_dir, exist_ok=True)
-        self.csv_path = os.path.join(out_dir, "log.csv")
-        self._rows: List[Dict[str, Any]] = []
-        if os.path.isfile(self.csv_path):
-            with open(self.csv_path, newline="") as f:
-                self._rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
-        self._fields: List[str] = ["step"]
-        for row in self._rows:
-            self._fields += [k for k in row if k not in self._fields]
-        self._rewrite()
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # a resumed run logs the steps after ``start`` again (a fresh start in a used folder: all of them),
-                # so the events a killed or earlier run wrote for them go
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1)
-            except Exception:  # tensorboard not installed: CSV only
-                self._tb = None
-        if sys.stderr.isatty():  # a scheduler's log file gets plain lines: a bar there is one endless line of redraws
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-
-    def _rewrite(self) -> None:
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self._fields)
-                writer.writeheader()
-                writer.writerows(self._rows)
-
-        atomic_write(self.csv_path, write)
-
-    def log(self, step: int, values: Dict[str, Any], show: bool = True) -> None:
-        """A row of ``log.csv`` (and TensorBoard); ``show``: also on the bar, or as a line of its own."""
-        if not self.enabled:
-            return
-        row = {"step": step, **values}
-        # a row of the same step and values replaces it (an evaluation that a roll-back runs again); rows are in step
-        # order and none is later than this step, so that step's rows are the last ones
-        first = len(self._rows)
-        while first and str(self._rows[first - 1].get("step")) == str(step):
-            first -= 1
-        filled = lambda r: {k for k, v in r.items() if v not in ("", None)}  # noqa: E731 - (CSV rows: all columns)
-        kept = [r for r in self._rows[first:] if filled(r) != filled(row)]
-        replaced = len(kept) < len(self._rows) - first
-        self._rows[first:] = kept + [row]
-        new = [k for k in row if k not in self._fields]
-        if new or replaced:
-            self._fields += new
-            self._rewrite()
-        else:
-            try:
-                with open(self.csv_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=self._fields).writerow(row)
-            except OSError as exc:  # (e.g. a full disk: the error alone names no file)
-                if exc.filename is not None:
-                    raise
-                raise OSError(exc.errno, f"writing {self.csv_path}: {exc.strerror or exc}") from exc
-        if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k.replace(".", "/"), v, step)
-        if not show:
-            return
-        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()
-                 if k in ("loss", "lr", "samples_per_s", "mfu") or k.endswith(("_loss", "_acc"))}
-        if self.bar is not None:
-            self.bar.set_postfix(shown, refresh=False)
-        else:
-            print(f"step {step}/{self.total}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-
-    def last_training_row(self) -> Dict[str, float]:
-        """The latest row with a loss (a training row), numbers as numbers: a resumed run's rows include those
-        before it resumed."""
-        for row in reversed(self._rows if self.enabled else []):
-            if row.get("loss") not in ("", None):
-                return {k: _number(v) for k, v in row.items() if k != "step" and v not in ("", None)}
-        return {}
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self, text: Optional[str] = None) -> None:
-        """Close the bar, then print ``text`` (the run's last line, under the bar rather than above it)."""
-        if self.enabled:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            if text:
-                print(text, flush=True)
-            if self._tb is not None:
-                self._tb.close()
-                self._tb = None
 
 
 @torch.no_grad()
@@ -527,7 +397,8 @@ def _restore_signal_handlers(previous) -> None:
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train as configured; returns a summary (steps, losses, metrics, timings, the last checkpoint)."""
+    """Train as configured; returns a summary (steps, losses, metrics, timings, the last checkpoint, and ``history``:
+    this run's training rows, kept in memory, about 0.8 KB each; ``log.csv`` holds the rows of every run)."""
     # checked when a run starts, not in the config: export rebuilds models from FSDP runs' configs on any torch
     reason = fsdp2_unavailable() if cfg.fsdp else None
     with input_stage():
