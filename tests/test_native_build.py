@@ -101,3 +101,29 @@ def test_cuda_kernels_that_cannot_run_here_are_declined_with_the_reason(monkeypa
     assert "driver" in native._cuda_unusable.__wrapped__(0)
     monkeypatch.setattr(native, "_C", FakeC("ok"))
     assert "sm_75" in native._cuda_unusable.__wrapped__(0)
+
+
+def test_the_source_distribution_holds_what_the_build_needs(tmp_path):
+    """A wheel built from the sdist (python -m build, pip install vlmo_fast-*.tar.gz) compiles csrc/ through
+    CMakeLists.txt: the sdist held neither (setuptools packs only the Python packages and tests by default)."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "setup.py").is_file():
+        pytest.skip("not run from a source tree")
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(
+        ".git", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "results", ".gpu_carry"))
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=tree,
+                   check=True, capture_output=True)
+    (archive,) = (tmp_path / "dist").glob("vlmo_fast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "benchmarks/run.py",
+              "benchmarks/gpu_suite.sh"}
+    needed |= {str(p.relative_to(root)) for p in (root / "csrc").rglob("*") if p.is_file()}
+    assert any(n.startswith("csrc/cuda/") for n in needed) and "csrc/bindings.cpp" in needed
+    assert needed <= packed, sorted(needed - packed)
