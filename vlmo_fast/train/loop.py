@@ -20,7 +20,7 @@ import signal
 import stat
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -443,6 +443,76 @@ def _deterministic_algorithms(on: bool):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def _choose_resume(cfg: TrainConfig, info: DistInfo) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
+    """The checkpoint the run resumes from, its state (loaded on every rank), and notes on the checkpoints it passed
+    over; (None, None, notes) for a fresh start. A folder whose checkpoints all fail to load is refused."""
+    resume_path, state, unreadable = None, None, []
+    restarts = elastic_restarts()
+    # resume=auto: the folder's newest checkpoint that loads; a torchrun restart of another --resume: the job's
+    # (one written since its command began), not --resume none or PATH again. Rank 0 chooses (a rank that
+    # failed to read a file must not resume another).
+    job_only = bool(restarts) and cfg.resume != "auto"
+    if job_only or cfg.resume == "auto":
+        why_not = None
+        if info.is_main:
+            among = job_checkpoints(cfg.out_dir) if job_only else None
+            resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir, among)
+            if resume_path and job_only:
+                unreadable.append(f"torchrun restart {restarts}: resuming {resume_path}, the job's newest "
+                                  f"checkpoint, not --resume {cfg.resume}")
+            elif resume_path is None and unreadable and not job_only:
+                why_not = (f"{cfg.out_dir} holds checkpoints but none loads ({'; '.join(unreadable)}): resuming "
+                           f"would start the run over. --resume none starts over there (setting them aside), "
+                           f"--resume PATH resumes another file")
+        why_not = from_main(why_not)
+        if why_not:
+            raise ValueError(why_not)
+        resume_path = from_main(resume_path)
+        if resume_path:
+            state = load_on_every_rank(resume_path, info, state)
+    if resume_path is None and cfg.resume not in ("auto", "none", "", None):
+        resume_path = cfg.resume
+        state = load_on_every_rank(resume_path, info)
+    return resume_path, state, unreadable
+
+
+def _changes_on_resume(cfg: TrainConfig, info: DistInfo, state: Dict[str, Any], path: str, per_step: int, accum: int,
+                       max_steps: int) -> List[str]:
+    """What differs from the resumed run (reported when it resumes): its options (``resume_changes``), the number of
+    processes, the step count the epochs give; a ``--load-path`` clash raises."""
+    changed = resume_changes(cfg, state.get("config", {}), path)
+    clash = from_main(load_path_clash(cfg, state.get("config", {}), path) if info.is_main else None)
+    if clash:
+        raise ValueError(clash)
+    saved_world = state.get("world_size")  # (older checkpoints do not record it)
+    if saved_world is not None and saved_world != info.world_size:
+        before = state.get("config", {}).get("per_device_batch_size", cfg.per_device_batch_size) * saved_world
+        changed.append(f"processes {saved_world} -> {info.world_size}" + (
+            f": micro-batches of {per_step} samples, not {before} (the ITC/ITM negatives of a step's "
+            f"objectives come from its micro-batch), gradient accumulation {accum}" if before != per_step
+            else ""))
+    planned = state.get("max_steps")
+    if planned is not None and planned != max_steps and not any(
+            c.split(" ")[0] in ("max_steps", "max_epochs") for c in changed):
+        # the same options, another layout (world size, per-device batch: an epoch's last partial batch
+        # is dropped or padded differently): the epochs give another step count, and the schedule with it
+        changed.append(f"max_steps (from max_epochs {cfg.max_epochs} with this layout) {planned} -> "
+                       f"{max_steps}: the learning-rate schedule follows the new length")
+    return changed
+
+
+def _nonfinite_values(info: DistInfo, finite: torch.Tensor, parts: Dict[str, torch.Tensor], unmasked: bool) -> str:
+    """A skipped step's values on the rank(s) whose loss went non-finite, not rank 0's finite ones: one more
+    collective (every rank calls it: the flag was reduced), on this rare path only."""
+    mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()}, unmasked)
+    seen = gather_objects(mine)
+    where = [r for r, (nonfinite, _, _) in enumerate(seen) if nonfinite]
+    return "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1])
+                     + (" (a micro-batch with no masked token: its MLM loss, a mean over none, is NaN; the official "
+                        "masking allows it for short captions, as in small per-device batches)" if seen[r][2] else "")
+                     for r in where)
+
+
 def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if info.is_main and not elastic_restarts():  # first, before anything can fail: what a torchrun restart resumes
         mark_job_start(cfg.out_dir)
@@ -487,53 +557,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
 
         step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
-        resume_path, state, unreadable = None, None, []
-        restarts = elastic_restarts()
-        # resume=auto: the folder's newest checkpoint that loads; a torchrun restart of another --resume: the job's
-        # (one written since its command began), not --resume none or PATH again. Rank 0 chooses (a rank that
-        # failed to read a file must not resume another).
-        job_only = bool(restarts) and cfg.resume != "auto"
-        if job_only or cfg.resume == "auto":
-            why_not = None
-            if info.is_main:
-                among = job_checkpoints(cfg.out_dir) if job_only else None
-                resume_path, state, unreadable = newest_readable_checkpoint(cfg.out_dir, among)
-                if resume_path and job_only:
-                    unreadable.append(f"torchrun restart {restarts}: resuming {resume_path}, the job's newest "
-                                      f"checkpoint, not --resume {cfg.resume}")
-                elif resume_path is None and unreadable and not job_only:
-                    why_not = (f"{cfg.out_dir} holds checkpoints but none loads ({'; '.join(unreadable)}): resuming "
-                               f"would start the run over. --resume none starts over there (setting them aside), "
-                               f"--resume PATH resumes another file")
-            why_not = from_main(why_not)
-            if why_not:
-                raise ValueError(why_not)
-            resume_path = from_main(resume_path)
-            if resume_path:
-                state = load_on_every_rank(resume_path, info, state)
-        if resume_path is None and cfg.resume not in ("auto", "none", "", None):
-            resume_path = cfg.resume
-            state = load_on_every_rank(resume_path, info)
+        resume_path, state, unreadable = _choose_resume(cfg, info)
         changed: List[str] = []
         if resume_path:
-            changed = resume_changes(cfg, state.get("config", {}), resume_path)
-            clash = from_main(load_path_clash(cfg, state.get("config", {}), resume_path) if info.is_main else None)
-            if clash:
-                raise ValueError(clash)
-            saved_world = state.get("world_size")  # (older checkpoints do not record it)
-            if saved_world is not None and saved_world != info.world_size:
-                before = state.get("config", {}).get("per_device_batch_size", cfg.per_device_batch_size) * saved_world
-                changed.append(f"processes {saved_world} -> {info.world_size}" + (
-                    f": micro-batches of {per_step} samples, not {before} (the ITC/ITM negatives of a step's "
-                    f"objectives come from its micro-batch), gradient accumulation {accum}" if before != per_step
-                    else ""))
-            planned = state.get("max_steps")
-            if planned is not None and planned != max_steps and not any(
-                    c.split(" ")[0] in ("max_steps", "max_epochs") for c in changed):
-                # the same options, another layout (world size, per-device batch: an epoch's last partial batch
-                # is dropped or padded differently): the epochs give another step count, and the schedule with it
-                changed.append(f"max_steps (from max_epochs {cfg.max_epochs} with this layout) {planned} -> "
-                               f"{max_steps}: the learning-rate schedule follows the new length")
+            changed = _changes_on_resume(cfg, info, state, resume_path, per_step, accum, max_steps)
             plain_module(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
             load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
             scheduler.load_state_dict(state["scheduler"])
@@ -800,15 +827,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_a_row += 1
                     skipped += 1
-                    # every rank is here (the flag was reduced): one more collective, on this rare path only, so the
-                    # notice shows the values of the rank(s) that went non-finite, not rank 0's finite ones
-                    mine = (not bool(finite), {k: round(float(v), 4) for k, v in parts.items()}, unmasked)
-                    seen = gather_objects(mine)
-                    where = [r for r, (nonfinite, _, _) in enumerate(seen) if nonfinite]
-                    shown = "; ".join((f"rank {r}: " if info.world_size > 1 else "") + str(seen[r][1])
-                                      + (" (a micro-batch with no masked token: its MLM loss, a mean over none, is "
-                                         "NaN; the official masking allows it for short captions, as in small "
-                                         "per-device batches)" if seen[r][2] else "") for r in where)
+                    shown = _nonfinite_values(info, finite, parts, unmasked)
                     logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
                                  f"({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.max_bad_steps:  # (after the step is counted, below)
