@@ -28,10 +28,11 @@ class Model:
 
     def log(self, step, values):
         row = {"step": step, **values}
+        filled = lambda r: {k for k, v in r.items() if v not in ("", None)}  # noqa: E731
         first = len(self.rows)
         while first and self.rows[first - 1]["step"] == step:
             first -= 1
-        self.rows[first:] = [r for r in self.rows[first:] if set(r) != set(row)] + [row]
+        self.rows[first:] = [r for r in self.rows[first:] if filled(r) != filled(row)] + [row]
         self.fields += [k for k in row if k not in self.fields]
 
     def resume(self, start):
@@ -40,7 +41,7 @@ class Model:
             self.fields = ["step"]
 
     def csv(self):
-        return self.fields, [[str(r[k]) if k in r else "" for k in self.fields] for r in self.rows]
+        return self.fields, [["" if r.get(k) is None else str(r[k]) for k in self.fields] for r in self.rows]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -59,7 +60,8 @@ def test_log_csv_matches_a_whole_in_memory_log(tmp_path, seed):
             logger = Logger(str(tmp_path), True, 1000, step, False)
         elif action < 0.2 and step:  # an evaluation of the latest step (again, or another set of values)
             keys = rng.sample(columns[3:], rng.randint(1, 3))
-            values = {k: round(rng.random(), 4) for k in keys}
+            values = {k: round(rng.random(), 4) if rng.random() < 0.8 else rng.choice([None, "", "a, \"b\"\nc"])
+                      for k in keys}
             model.log(step, values)
             logger.log(step, values, show=False)
         else:  # a training row of a later step, now and then with a column not seen before
@@ -70,7 +72,8 @@ def test_log_csv_matches_a_whole_in_memory_log(tmp_path, seed):
             logger.log(step, values, show=False)
         assert read(tmp_path / "log.csv") == model.csv()
         training = [r for r in model.rows if "loss" in r]
-        assert logger.last_training_row() == ({k: float(v) for k, v in training[-1].items() if k != "step"}
+        assert logger.last_training_row() == ({k: v if isinstance(v, str) else float(v)
+                                               for k, v in training[-1].items() if k != "step" and v not in ("", None)}
                                               if training else {})
 
 
@@ -130,6 +133,38 @@ def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", full)
     with pytest.raises(OSError, match=rf"writing {re.escape(str(tmp_path / 'log.csv'))}: No space left on device"):
         logger.log(2, {"loss": 0.5}, show=False)
+
+
+def test_a_failed_write_or_a_removed_file_does_not_garble_the_rows_after_it(tmp_path, monkeypatch):
+    """The rewrite copies the file's rows of earlier steps (not a count of rows, which a failed append leaves
+    wrong) and writes the latest step's from memory; a log.csv removed during the run starts again with a header."""
+    logger = Logger(str(tmp_path), True, 10, 0, False)
+    logger.log(1, {"loss": 1.0}, show=False)
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.csv") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", full)
+        with pytest.raises(OSError):
+            logger.log(2, {"loss": 0.5}, show=False)
+    assert logger.last_training_row() == {"loss": 0.5}
+    logger.log(3, {"loss": 0.25}, show=False)
+    logger.log(3, {"val/the_metric": 0.9}, show=False)  # a new column: the file rewritten
+    assert read(tmp_path / "log.csv") == (["step", "loss", "val/the_metric"],
+                                          [["1", "1.0", ""], ["3", "0.25", ""], ["3", "", "0.9"]])
+
+    (tmp_path / "log.csv").unlink()
+    logger.log(4, {"loss": 0.125}, show=False)
+    logger.log(5, {"loss": 0.0625}, show=False)
+    assert read(tmp_path / "log.csv") == (["step", "loss", "val/the_metric"], [["4", "0.125", ""], ["5", "0.0625", ""]])
+    (tmp_path / "log.csv").unlink()
+    logger.log(5, {"val/the_metric": 0.95, "val/tr_r1": 0.5}, show=False)  # a rewrite of a removed file
+    assert read(tmp_path / "log.csv") == (["step", "loss", "val/the_metric", "val/tr_r1"],
+                                          [["5", "0.0625", "", ""], ["5", "", "0.95", "0.5"]])
 
 
 def test_other_ranks_log_nothing(tmp_path):

@@ -51,8 +51,7 @@ class Logger:
         os.makedirs(out_dir, exist_ok=True)
         self.csv_path = os.path.join(out_dir, "log.csv")
         self._fields: List[str] = ["step"]
-        self._before_tail = 0  # rows in the file before the latest step's
-        self._tail: List[Dict[str, Any]] = []  # the latest step's rows, as written
+        self._tail: List[Dict[str, Any]] = []  # the latest step's rows, as logged
         self._last_training: Dict[str, Any] = {}
         self._keep_rows_to(start)
         if tensorboard:
@@ -97,7 +96,6 @@ class Logger:
     def _join_tail(self, row: Dict[str, Any]) -> None:
         """``row`` joins the latest step's rows; a row of a later step leaves them behind, in the file."""
         if self._tail and str(self._tail[0]["step"]) != str(row["step"]):
-            self._before_tail += len(self._tail)
             self._tail = []
         self._tail.append(row)
 
@@ -116,13 +114,23 @@ class Logger:
         atomic_write(self.csv_path, write)
 
     def _rewrite(self) -> None:
-        """``log.csv`` under the current header: the file's rows before the latest step's, streamed, then the latest
-        step's rows from memory."""
-        with open(self.csv_path, newline="") as source:
+        """``log.csv`` under the current header: the file's rows of earlier steps than the latest, streamed (their
+        columns are a prefix of the header: new ones are added at the end), then the latest step's rows from memory
+        (whether or not their writes succeeded). A file removed or replaced meanwhile loses its rows, not the run."""
+        latest = ([r.get(k, "") for k in self._fields] for r in self._tail)
+        step = int(self._tail[0]["step"])
+        try:
+            source = open(self.csv_path, newline="")
+        except FileNotFoundError:
+            self._write(latest)
+            return
+        with source:
             reader = csv.reader(source)
-            next(reader, None)
-            latest = ([r.get(k, "") for k in self._fields] for r in self._tail)
-            self._write(itertools.chain(itertools.islice(reader, self._before_tail), latest))
+            header = next(reader, None) or []
+            at = header.index("step") if "step" in header else None
+            earlier = (values for values in reader
+                       if at is not None and at < len(values) and values[at].isdigit() and int(values[at]) < step)
+            self._write(itertools.chain(earlier, latest))
 
     def log(self, step: int, values: Dict[str, Any], show: bool = True) -> None:
         """A row of ``log.csv`` (and TensorBoard); ``show``: also on the bar, or as a line of its own."""
@@ -135,6 +143,8 @@ class Logger:
         kept = [r for r in self._tail[:-1] if _filled(r) != _filled(row)]
         replaced = len(kept) < len(self._tail) - 1
         self._tail = kept + [row]
+        if _is_training_row(row):
+            self._last_training = row
         new = [k for k in row if k not in self._fields]
         if new or replaced:
             self._fields += new
@@ -142,13 +152,14 @@ class Logger:
         else:
             try:
                 with open(self.csv_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=self._fields).writerow(row)
+                    writer = csv.DictWriter(f, fieldnames=self._fields)
+                    if not f.tell():  # (removed meanwhile: a file of its own)
+                        writer.writeheader()
+                    writer.writerow(row)
             except OSError as exc:  # (e.g. a full disk: the error alone names no file)
                 if exc.filename is not None:
                     raise
                 raise OSError(exc.errno, f"writing {self.csv_path}: {exc.strerror or exc}") from exc
-        if _is_training_row(row):
-            self._last_training = row
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
