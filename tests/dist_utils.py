@@ -2,12 +2,18 @@
 
 import os
 import pickle
+import signal
 import socket
 import sys
 import tempfile
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# a rank stuck in a collective (a test's deadlock) would wait for the group's 30-minute timeout, and the test session
+# with it: the rank ends by SIGALRM instead, failing its test (a test may set a shorter alarm itself)
+HANG_LIMIT_S = 600
 
 
 def _free_port() -> int:
@@ -19,6 +25,10 @@ def _free_port() -> int:
 def _worker(rank, world, port, out_dir, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    signal.alarm(HANG_LIMIT_S)
+    # one intra-op thread per rank: two ranks of two threads each on a two-core machine wait for parked threads in
+    # every op (a tiny step 5x slower when another process is busy), which eats into the tests' time limits
+    torch.set_num_threads(1)
     result = fn(rank, world, *args)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
