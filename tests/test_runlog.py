@@ -119,10 +119,8 @@ def test_memory_does_not_grow_with_the_log(tmp_path):
     assert rows[0][-1] == "" and rows[-1][0] == "22001" and rows[-1][-1] == "1.0"
 
 
-def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
-    """A full disk while appending a row of log.csv: the error named no file (checkpoints' writes do)."""
-    logger = Logger(str(tmp_path), True, 10, 0, False)
-    logger.log(1, {"loss": 1.0}, show=False)
+def disk_full_for_appends(monkeypatch):
+    """Appending to log.csv fails as on a full disk (an OSError that names no file)."""
     real_open = builtins.open
 
     def full(path, mode="r", *args, **kwargs):
@@ -131,6 +129,13 @@ def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", full)
+
+
+def test_a_log_row_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
+    """A full disk while appending a row of log.csv: the error named no file (checkpoints' writes do)."""
+    logger = Logger(str(tmp_path), True, 10, 0, False)
+    logger.log(1, {"loss": 1.0}, show=False)
+    disk_full_for_appends(monkeypatch)
     with pytest.raises(OSError, match=rf"writing {re.escape(str(tmp_path / 'log.csv'))}: No space left on device"):
         logger.log(2, {"loss": 0.5}, show=False)
 
@@ -140,15 +145,8 @@ def test_a_failed_write_or_a_removed_file_does_not_garble_the_rows_after_it(tmp_
     wrong) and writes the latest step's from memory; a log.csv removed during the run starts again with a header."""
     logger = Logger(str(tmp_path), True, 10, 0, False)
     logger.log(1, {"loss": 1.0}, show=False)
-    real_open = builtins.open
-
-    def full(path, mode="r", *args, **kwargs):
-        if str(path).endswith("log.csv") and "a" in mode:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(builtins, "open", full)
+        disk_full_for_appends(patch)
         with pytest.raises(OSError):
             logger.log(2, {"loss": 0.5}, show=False)
     assert logger.last_training_row() == {"loss": 0.5}
