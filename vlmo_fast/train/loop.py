@@ -754,6 +754,94 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     # one process: a signal while a batch is awaited stops the run there (with several, the other ranks wait in the
     # step's collectives, which this rank could not join without its batch)
     interruptible = not info.enabled
+    mlm_on = bool({"mlm", "textmlm"} & set(cfg.tasks))  # (asked once, not per micro-step)
+
+    def next_batch(micro: int) -> Dict[str, Any]:
+        """The step's next micro-batch. One process: a signal while it is awaited (or noted during this step: a worker
+        may be stuck on this batch) stops the run at the last step."""
+        nonlocal step_start, stop_reason
+        if not interruptible:
+            return next(stream)
+        if micro == 0:  # (the stream's position moves before a batch comes: a stop in between saves this one)
+            step_start = StepStart(stream.state(), rng_state(), bad_samples)
+        try:
+            if flag.get("signal"):
+                raise SignalWhileWaiting(flag["signal"])
+            flag["waiting"] = True
+            return next(stream)
+        except SignalWhileWaiting as exc:
+            back_to_step_start()
+            stop_reason = f"signal {exc.args[0]}"
+            logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch {micro + 1} of {accum}: "
+                         f"stopping at step {step}")
+            raise StopTraining(stop_reason) from None
+        finally:
+            flag["waiting"] = False
+
+    def forward_backward():
+        """The step's micro-batches, forward and backward (gradients accumulated): their loss parts and accuracies
+        (means over the micro-batches) and whether every loss was finite, all on the device (read at log time: a host
+        read per micro-step would stall the GPU), and whether a micro-batch had no MLM target (its MLM loss is 0/0;
+        read on the host)."""
+        nonlocal bad_samples, samples_since
+        parts: Dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=info.device)
+        unmasked = False
+        for micro in range(accum):
+            batch = next_batch(micro)
+            bad_samples += int(batch.pop("bad_samples", 0) or 0)
+            labels = batch.get("text_labels_mlm") if mlm_on else None
+            if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
+                unmasked = True
+            batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
+            # list-valued labels as tensors, outside a compiled forward (which would recompile on them)
+            batch = objectives.prepare_targets(batch, cfg.tasks, model.config.vqav2_label_size, info.device)
+            sync = contextlib.nullcontext()
+            if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                sync = wrapped.no_sync()
+            with sync:
+                with _autocast(info.device, amp):
+                    out = wrapped(batch)
+                    loss = objectives.total_loss(out)
+                finite = finite & torch.isfinite(loss.detach())
+                scaler.scale(loss / accum).backward()
+            for k, v in out.items():
+                if "loss" in k:
+                    parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
+            for name, logits, labels in _accuracy_inputs(out):
+                parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
+            # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
+            samples_since += len(batch.get("text_ids", ())) * info.world_size
+            del out, loss  # not kept through the next micro-step's forward, where memory peaks
+        return parts, finite, unmasked
+
+    def skip_update(parts: Dict[str, torch.Tensor], finite: torch.Tensor, unmasked: bool) -> Optional[str]:
+        """A step with a non-finite loss on some rank: its gradients dropped and noted; why the run stops (too many in
+        a row: it stops after the step is counted), or None."""
+        nonlocal bad_in_a_row, skipped
+        optimizer.zero_grad(set_to_none=True)
+        bad_in_a_row += 1
+        skipped += 1
+        shown = _nonfinite_values(info, finite, parts, unmasked)
+        logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
+        return f"{bad_in_a_row} non-finite losses in a row" if bad_in_a_row >= cfg.max_bad_steps else None
+
+    def update(parts: Dict[str, torch.Tensor]) -> None:
+        """A finite step: its values into the log's window, then the update (replicated gradients synchronized,
+        clipped, scaled)."""
+        nonlocal bad_in_a_row, window_steps
+        bad_in_a_row = 0
+        for k, v in parts.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
+        sync_replicated_grads(model)
+        if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
     model.train()
     try:  # the handlers stay until the end (final save and evaluation included), and go on any error
         try:
@@ -768,82 +856,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     raise StopTraining(stop_reason)
             elif eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
                 eval_pending, saved_step = False, None
-            mlm_on = bool({"mlm", "textmlm"} & set(cfg.tasks))  # (asked once, not per micro-step)
             stop_bad = None  # why repeated non-finite losses stop the run, once its step is counted
             while step < max_steps:
-                # per-step values stay on the device (read at log time): a host read per micro-step would stall the GPU
-                parts: Dict[str, torch.Tensor] = {}
-                finite = torch.ones((), dtype=torch.bool, device=info.device)
-                unmasked = False  # a micro-batch without any MLM target (its MLM loss is 0/0), read on the host
-                for micro in range(accum):
-                    if interruptible:  # (a signal while the batch is awaited stops the run at the last step)
-                        if micro == 0:  # (the stream's position moves before a batch comes: a stop in between
-                            step_start = StepStart(stream.state(), rng_state(), bad_samples)  # saves this one)
-                        try:
-                            if flag.get("signal"):  # noted during this step: a worker may be stuck on this batch
-                                raise SignalWhileWaiting(flag["signal"])
-                            flag["waiting"] = True
-                            batch = next(stream)
-                        except SignalWhileWaiting as exc:
-                            back_to_step_start()
-                            stop_reason = f"signal {exc.args[0]}"
-                            logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch "
-                                         f"{micro + 1} of {accum}: stopping at step {step}")
-                            raise StopTraining(stop_reason) from None
-                        finally:
-                            flag["waiting"] = False
-                    else:
-                        batch = next(stream)
-                    bad_samples += int(batch.pop("bad_samples", 0) or 0)
-                    labels = batch.get("text_labels_mlm") if mlm_on else None
-                    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
-                        unmasked = True
-                    batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
-                    # list-valued labels as tensors, outside a compiled forward (which would recompile on them)
-                    batch = objectives.prepare_targets(batch, cfg.tasks, model.config.vqav2_label_size, info.device)
-                    sync = contextlib.nullcontext()
-                    if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-                        sync = wrapped.no_sync()
-                    with sync:
-                        with _autocast(info.device, amp):
-                            out = wrapped(batch)
-                            loss = objectives.total_loss(out)
-                        finite = finite & torch.isfinite(loss.detach())
-                        scaler.scale(loss / accum).backward()
-                    for k, v in out.items():
-                        if "loss" in k:
-                            parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
-                    for name, logits, labels in _accuracy_inputs(out):
-                        parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
-                    # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
-                    samples_since += len(batch.get("text_ids", ())) * info.world_size
-                    del out, loss  # not kept through the next micro-step's forward, where memory peaks
+                parts, finite, unmasked = forward_backward()
                 step_start = None  # (its micro-batches are all in: a stop from here on saves the step's end)
                 # the step's read of the device (the backward is queued by now: the host waits here for most of a GPU
                 # step), then the signal flag, read after that wait; with several processes one collective for both
                 # (and its read): whether any rank's loss was non-finite, and the signal any rank received
                 bad, signum = largest_over_ranks([not bool(finite), int(flag.get("signal", 0))], info.device)
                 if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_in_a_row += 1
-                    skipped += 1
-                    shown = _nonfinite_values(info, finite, parts, unmasked)
-                    logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped "
-                                 f"({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= cfg.max_bad_steps:  # (after the step is counted, below)
-                        stop_bad = f"{bad_in_a_row} non-finite losses in a row"
+                    stop_bad = skip_update(parts, finite, unmasked)
                 else:
-                    bad_in_a_row = 0
-                    for k, v in parts.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
-                    sync_replicated_grads(model)
-                    if cfg.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    update(parts)
                 step_lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule moves on to the next now)
                 if scheduler_stepped:
                     scheduler.step()
