@@ -572,6 +572,10 @@ def test_an_fp16_run_resumes_from_a_run_that_kept_no_loss_scaler(tmp_path, synth
     assert first["stop_reason"] == "max_steps"
     resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3, save_every=3, precision="fp16"))
     assert resumed["stop_reason"] == "max_steps" and len(resumed["history"]) == 1
+    # an fp16 run logs its loss scale (the GradScaler's updates it skipped show there); the fp32 run had none
+    assert "loss_scale" not in first["history"][-1] and resumed["history"][0]["loss_scale"] > 0
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        assert [r["loss_scale"] for r in csv.DictReader(f)][-1] == str(resumed["history"][0]["loss_scale"])
 
 
 def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):

@@ -686,6 +686,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
         values["bad_samples"] = bad_from_mean(means[-1])
         values["skipped_steps"] = skipped
+        if scaler.is_enabled():  # fp16: the GradScaler's scale (halved at each update it skipped for inf/NaN gradients)
+            values["loss_scale"] = scaler.get_scale()
         values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
         history.append(values)
         logger.log(step, values)
