@@ -572,10 +572,28 @@ def test_an_fp16_run_resumes_from_a_run_that_kept_no_loss_scaler(tmp_path, synth
     assert first["stop_reason"] == "max_steps"
     resumed = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3, save_every=3, precision="fp16"))
     assert resumed["stop_reason"] == "max_steps" and len(resumed["history"]) == 1
-    # an fp16 run logs its loss scale (the GradScaler's updates it skipped show there); the fp32 run had none
-    assert "loss_scale" not in first["history"][-1] and resumed["history"][0]["loss_scale"] > 0
+    # an fp16 run logs the GradScaler's scale, log.csv too (a new column after the fp32 rows); the fp32 run had none
+    assert "grad_scale" not in first["history"][-1] and resumed["history"][0]["grad_scale"] == 2.0 ** 16
     with open(tmp_path / "run" / "log.csv", newline="") as f:
-        assert [r["loss_scale"] for r in csv.DictReader(f)][-1] == str(resumed["history"][0]["loss_scale"])
+        assert [r["grad_scale"] for r in csv.DictReader(f)] == ["", "", "65536.0"]
+
+
+def test_an_fp16_run_logs_the_grad_scale_the_scaler_halves_at_an_update_it_skips(tmp_path, synthetic_root,
+                                                                                  monkeypatch):
+    """A finite loss with an inf gradient: the GradScaler skips the update and halves its scale, which no column
+    showed (the loop's own skipped_steps counts non-finite losses)."""
+    real, calls = train_loop.sync_replicated_grads, []
+
+    def inf_gradient_at_step_2(model):
+        real(model)
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    monkeypatch.setattr(train_loop, "sync_replicated_grads", inf_gradient_at_step_2)
+    summary = train(small_cfg(tmp_path / "run", synthetic_root, max_steps=3, log_every=1, precision="fp16"))
+    assert [h["grad_scale"] for h in summary["history"]] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 15]
+    assert summary["skipped_steps"] == 0 and all(math.isfinite(h["loss"]) for h in summary["history"])
 
 
 def test_training_on_tar_shards_has_no_evaluation_to_fail(tmp_path, capsys):
@@ -1503,6 +1521,19 @@ def test_a_resumed_run_purges_tensorboards_later_steps_and_continues_its_clock(t
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
     assert float(rows[2]["elapsed_s"]) >= round(saved, 1)
+
+
+def test_training_accuracies_count_argmax_hits_over_the_labelled_positions():
+    """mlm_acc over the masked tokens (labels -100 elsewhere), the others over every row; 0 when nothing is labelled;
+    an objective whose outputs are absent gives no accuracy."""
+    logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]]])
+    out = {"mlm_logits": logits, "mlm_labels": torch.tensor([[1, 1, -100], [-100, 1, 0]]),
+           "itm_logits": torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]), "itm_labels": torch.tensor([1, 1, 0]),
+           "itc_i2t_logits": torch.eye(3)}  # (no itc_labels: no itc_acc)
+    accuracies = {name: float(acc) for name, acc in train_loop._accuracies(out)}
+    assert accuracies == pytest.approx({"mlm_acc": 3 / 4, "itm_acc": 2 / 3})
+    unmasked = {**out, "mlm_labels": torch.full((2, 3), -100)}
+    assert dict(train_loop._accuracies(unmasked))["mlm_acc"].item() == 0.0
 
 
 def test_samples_per_second_leaves_out_evaluation_and_save_time(tmp_path, synthetic_root, monkeypatch):

@@ -322,24 +322,21 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     return {f"val/{task}_{way}_acc": correct[way] / total for way in correct} if total else {}
 
 
-def _accuracy_inputs(out: Dict[str, Any]):
-    """(name, logits, labels) of the training accuracies the objectives' outputs allow (logged with the losses)."""
+def _accuracies(out: Dict[str, Any]):
+    """(name, accuracy) of the training accuracies the objectives' outputs allow (logged with the losses): each the
+    fraction of argmax hits over the labels that are not -100 (0 when none is), as a device tensor (no host sync in
+    the training step: the loop reads it at log time). Nothing of ``out`` outlives the loop over them (a loop variable
+    of the caller's would keep the MLM logits, B x L x vocab, through the next micro-step's forward)."""
     for name, logits_key, labels_key in (("itc_acc", "itc_i2t_logits", "itc_labels"),
                                          ("itm_acc", "itm_logits", "itm_labels"),
                                          ("irtr_acc", "irtr_i2t_logits", "irtr_labels"),
-                                         ("nlvr2_acc", "nlvr2_logits", "nlvr2_labels")):
+                                         ("nlvr2_acc", "nlvr2_logits", "nlvr2_labels"),
+                                         ("mlm_acc", "mlm_logits", "mlm_labels")):  # (MLM: over the masked tokens)
         if logits_key in out and labels_key in out:
-            yield name, out[logits_key], out[labels_key]
-    if "mlm_logits" in out:
-        yield "mlm_acc", out["mlm_logits"], out["mlm_labels"]  # over the masked positions (labels != -100)
-
-
-def _accuracy_on_device(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The fraction of argmax hits over the labels that are not -100 (0 when none is), as a device tensor: no
-    host sync in the training step (the loop reads it at log time)."""
-    counted = labels != -100
-    hits = ((logits.argmax(-1) == labels) & counted).sum()
-    return hits.float() / counted.sum().clamp_min(1).float()
+            labels = out[labels_key]
+            counted = labels != -100
+            hits = ((out[logits_key].detach().argmax(-1) == labels) & counted).sum()
+            yield name, hits.float() / counted.sum().clamp_min(1).float()
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -687,7 +684,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         values["bad_samples"] = bad_from_mean(means[-1])
         values["skipped_steps"] = skipped
         if scaler.is_enabled():  # fp16: the GradScaler's scale (halved at each update it skipped for inf/NaN gradients)
-            values["loss_scale"] = scaler.get_scale()
+            values["grad_scale"] = scaler.get_scale()
         values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
         history.append(values)
         logger.log(step, values)
@@ -780,7 +777,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         finally:
             flag["waiting"] = False
 
-    def forward_backward():
+    def forward_backward() -> Tuple[Dict[str, torch.Tensor], torch.Tensor, bool]:
         """The step's micro-batches, forward and backward (gradients accumulated): their loss parts and accuracies
         (means over the micro-batches) and whether every loss was finite, all on the device (read at log time: a host
         read per micro-step would stall the GPU), and whether a micro-batch had no MLM target (its MLM loss is 0/0;
@@ -810,8 +807,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
             for k, v in out.items():
                 if "loss" in k:
                     parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
-            for name, logits, labels in _accuracy_inputs(out):
-                parts[name] = parts.get(name, 0.0) + _accuracy_on_device(logits.detach(), labels) / accum
+            for name, accuracy in _accuracies(out):
+                parts[name] = parts.get(name, 0.0) + accuracy / accum
             # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
             samples_since += len(batch.get("text_ids", ())) * info.world_size
             del out, loss  # not kept through the next micro-step's forward, where memory peaks
@@ -830,7 +827,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
 
     def update(parts: Dict[str, torch.Tensor]) -> None:
         """A finite step: its values into the log's window, then the update (replicated gradients synchronized,
-        clipped, scaled)."""
+        clipped with --grad-clip, unscaled by the fp16 GradScaler)."""
         nonlocal bad_in_a_row, window_steps
         bad_in_a_row = 0
         for k, v in parts.items():
