@@ -1536,6 +1536,29 @@ def test_training_accuracies_count_argmax_hits_over_the_labelled_positions():
     assert dict(train_loop._accuracies(unmasked))["mlm_acc"].item() == 0.0
 
 
+def test_a_micro_steps_outputs_are_freed_before_the_next_forward(tmp_path, synthetic_root, monkeypatch):
+    """Under gradient accumulation no output of a micro-step (the MLM logits: B x L x vocab) stays alive into the
+    next micro-step's forward, where memory peaks: the accuracy loop's variables used to hold them (and across the
+    step's end, through evaluations, saves and the next step's first forward)."""
+    import weakref
+
+    made, alive_at_a_forward = [], []
+    real_total_loss, real_to_device = objectives.total_loss, train_loop.to_device
+
+    def total_loss(out):
+        made.append(weakref.ref(out["mlm_logits"]))
+        return real_total_loss(out)
+
+    def to_device(*args, **kwargs):  # (each micro-batch goes to the device right before its forward)
+        alive_at_a_forward.extend(i for i, ref in enumerate(made) if ref() is not None)
+        return real_to_device(*args, **kwargs)
+
+    monkeypatch.setattr(objectives, "total_loss", total_loss)
+    monkeypatch.setattr(train_loop, "to_device", to_device)
+    train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, batch_size=8, per_device_batch_size=4))
+    assert len(made) == 4 and alive_at_a_forward == []
+
+
 def test_samples_per_second_leaves_out_evaluation_and_save_time(tmp_path, synthetic_root, monkeypatch):
     """The rate after a periodic evaluation or save counted its time as training time (and MFU with it)."""
     import time as real_time

@@ -804,9 +804,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     loss = objectives.total_loss(out)
                 finite = finite & torch.isfinite(loss.detach())
                 scaler.scale(loss / accum).backward()
-            for k, v in out.items():
-                if "loss" in k:
-                    parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
+            for k in [k for k in out if "loss" in k]:  # (no loop variable left holding one of the outputs)
+                parts[k] = parts.get(k, 0.0) + out[k].detach().float() / accum
             for name, accuracy in _accuracies(out):
                 parts[name] = parts.get(name, 0.0) + accuracy / accum
             # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
