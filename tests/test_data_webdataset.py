@@ -323,6 +323,7 @@ def _signature(batch):
             batch["bad_samples"])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # (3 workers on a 2-core machine: on purpose)
 @pytest.mark.parametrize("num_workers", [0, 2, 3])
 def test_a_resumed_shard_stream_yields_the_very_batches_it_would_have(uneven_shards, tok, num_workers):
     """The stream's position (per reader: batches taken; the reader due next; the epoch) resumes the same batches,
