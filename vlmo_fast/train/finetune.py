@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -200,16 +200,11 @@ def vqa_classes(state) -> Optional[int]:
     return int(weight.shape[0]) if getattr(weight, "ndim", 0) == 2 else None
 
 
-def evaluate_main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    task = _task(argv, "evaluate", "Evaluate a VLMo checkpoint: retrieval recall, the VQA score or a VQAv2 test "
-                                   "submission, the NLVR2 accuracy.")
-    parser = _evaluate_parser(task)
-    args = parser.parse_args(argv[1:])
-    rerank_k = getattr(args, "rerank_k", 0)
-    split = getattr(args, "split", "val")
-    dataset_name = getattr(args, "dataset", task)
-    work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
+def _model_to_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser, task: str, rerank_k: int, split: str,
+                       dataset_name: str, work_dir: str) -> Tuple[torch.nn.Module, TrainConfig, Any, torch.device]:
+    """evaluate's model: (model, its TrainConfig, the checkpoint's load report, the device), built as the checkpoint
+    records (an option wins) and loaded from it. The output, the data and the device are checked first, before the
+    checkpoint is read; a checkpoint without the task's heads is refused (they would keep their random weights)."""
     with user_errors(parser):
         # the output, the data and the device first, before the checkpoint is read
         if task == "vqa" and split == "test":
@@ -256,7 +251,20 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                     if lacking == ["itm_score"] else f" (not a checkpoint fine-tuned for {task}?)")
             raise CheckpointError(f"{args.load_path}: the checkpoint has no {', '.join(lacking)} weights, which "
                                   f"evaluate {task} needs{hint}")
-    del state
+    return model, cfg, report, device
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = _task(argv, "evaluate", "Evaluate a VLMo checkpoint: retrieval recall, the VQA score or a VQAv2 test "
+                                   "submission, the NLVR2 accuracy.")
+    parser = _evaluate_parser(task)
+    args = parser.parse_args(argv[1:])
+    rerank_k = getattr(args, "rerank_k", 0)
+    split = getattr(args, "split", "val")
+    dataset_name = getattr(args, "dataset", task)
+    work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
+    model, cfg, report, device = _model_to_evaluate(args, parser, task, rerank_k, split, dataset_name, work_dir)
     model.to(device).eval()
     amp = resolve_precision(cfg, device)
     root = args.data_root or os.path.join(work_dir, "synthetic")
