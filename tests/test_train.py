@@ -1536,14 +1536,21 @@ def test_training_accuracies_count_argmax_hits_over_the_labelled_positions():
     assert dict(train_loop._accuracies(unmasked))["mlm_acc"].item() == 0.0
 
 
-def test_a_micro_steps_outputs_are_freed_before_the_next_forward(tmp_path, synthetic_root, monkeypatch):
-    """Under gradient accumulation no output of a micro-step (the MLM logits: B x L x vocab) stays alive into the
-    next micro-step's forward, where memory peaks: the accuracy loop's variables used to hold them (and across the
-    step's end, through evaluations, saves and the next step's first forward)."""
+def test_a_micro_steps_outputs_are_freed_before_its_backward_and_the_next_forward(tmp_path, synthetic_root,
+                                                                                   monkeypatch):
+    """No output of a micro-step (the MLM logits: B x L x vocab, fp32) stays alive into its backward, or into the
+    next micro-step's forward: the step's memory peaks there. The accuracy loop's variables used to hold them across
+    micro-steps (and across the step's end, through evaluations, saves and the next step's first forward), and the
+    outputs lived through the backward."""
     import weakref
 
-    made, alive_at_a_forward = [], []
+    made, alive_at_a_forward, alive_at_a_backward = [], [], []
     real_total_loss, real_to_device = objectives.total_loss, train_loop.to_device
+    real_scale = torch.amp.GradScaler.scale
+
+    def scale(self, outputs):  # (called on each micro-step's loss right before its backward)
+        alive_at_a_backward.extend(i for i, ref in enumerate(made) if ref() is not None)
+        return real_scale(self, outputs)
 
     def total_loss(out):
         made.append(weakref.ref(out["mlm_logits"]))
@@ -1555,8 +1562,9 @@ def test_a_micro_steps_outputs_are_freed_before_the_next_forward(tmp_path, synth
 
     monkeypatch.setattr(objectives, "total_loss", total_loss)
     monkeypatch.setattr(train_loop, "to_device", to_device)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
     train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, batch_size=8, per_device_batch_size=4))
-    assert len(made) == 4 and alive_at_a_forward == []
+    assert len(made) == 4 and alive_at_a_forward == [] and alive_at_a_backward == []
 
 
 def test_samples_per_second_leaves_out_evaluation_and_save_time(tmp_path, synthetic_root, monkeypatch):

@@ -48,12 +48,14 @@ def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image_
         for k in ks:
             top = scores.topk(min(k, n_txt), dim=1).indices  # caption indices
             tr_hits[k] += int((text_image_ids[top] == image_ids[s : s + block, None]).any(dim=1).sum())
+        scores = top = None  # (not kept while the next block is computed)
     ir_hits = {k: 0 for k in ks}
     for s in range(0, n_txt, block):
         scores = image_feats @ text_feats[s : s + block].t()  # (I, b)
         for k in ks:
             top = scores.topk(min(k, n_img), dim=0).indices  # image indices
             ir_hits[k] += int((image_ids[top] == text_image_ids[None, s : s + block]).any(dim=0).sum())
+        scores = top = None
     out = {f"tr_r{k}": tr_hits[k] / n_img for k in ks}
     out.update({f"ir_r{k}": ir_hits[k] / n_txt for k in ks})
     out["r_mean"] = sum(out.values()) / len(out)

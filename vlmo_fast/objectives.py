@@ -147,20 +147,23 @@ def compute_itm_hardneg(
     from the temperature-scaled ITC logits of the local rows against the global batch (spec §5.4)."""
     bsz = batch["text_ids"].shape[0]
     pos = model.infer(batch)
+    pos_cls = pos["cls_feats"]
     with torch.no_grad():
         all_ids = gather_local_first(pos["text_ids"])
         all_masks = gather_local_first(pos["text_masks"])
         all_images = gather_local_first(pos["image"])
+    del pos  # its sequence features are not needed through the negatives' forwards, where memory peaks
     neg_image_idx = sample_hard_negatives(sim_t2i[:bsz], generator)  # for each local text, an image
     neg_text_idx = sample_hard_negatives(sim_i2t[:bsz], generator)  # for each local image, a text
     neg_images = {"image": [all_images[neg_image_idx]], "text_ids": batch["text_ids"],
                   "text_labels": batch.get("text_labels"), "text_masks": batch["text_masks"]}
+    del all_images  # every rank's images (fp32): only the sampled rows go on
     neg_texts = {"image": batch["image"], "text_ids": all_ids[neg_text_idx],
                  "text_labels": batch.get("text_labels"), "text_masks": all_masks[neg_text_idx]}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None:  # rows of ids the model checked: not read back from the device (a sync)
         mark_ids_checked(neg_texts["text_ids"], vocab)
-    cls = torch.cat([pos["cls_feats"], model.infer(neg_images)["cls_feats"], model.infer(neg_texts)["cls_feats"]])
+    cls = torch.cat([pos_cls, model.infer(neg_images)["cls_feats"], model.infer(neg_texts)["cls_feats"]])
     labels = torch.zeros(3 * bsz, dtype=torch.long, device=cls.device)  # made there: no blocking host copy
     labels[:bsz] = 1
     logits = model.itm_score(cls)

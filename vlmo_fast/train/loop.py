@@ -253,6 +253,7 @@ def _evaluate(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Optional[torch
             keep = torch.isin(txt_img_ids, img_ids)
             metrics.update({f"{split}/{k}": v for k, v in
                             recall_at_k(img_feats, txt_feats[keep], txt_img_ids[keep], img_ids).items()})
+            del img_feats, txt_feats, keep  # (not kept through the evaluations that follow)
             _count_unreadable(metrics, split, stats)
     if "vqa" in cfg.tasks:
         stats = {}
@@ -319,6 +320,7 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
         for way in correct:
             correct[way] += int((out[f"{task}_{way}_logits"].argmax(-1) == labels).sum())
         total += labels.numel()
+        del out, labels  # (not kept through the next batch's forward)
     return {f"val/{task}_{way}_acc": correct[way] / total for way in correct} if total else {}
 
 
@@ -803,14 +805,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                     out = wrapped(batch)
                     loss = objectives.total_loss(out)
                 finite = finite & torch.isfinite(loss.detach())
+                for k in [k for k in out if "loss" in k]:  # (no loop variable left holding one of the outputs)
+                    parts[k] = parts.get(k, 0.0) + out[k].detach().float() / accum
+                for name, accuracy in _accuracies(out):
+                    parts[name] = parts.get(name, 0.0) + accuracy / accum
+                # the outputs go before the backward, whose start is the step's memory peak: the backward needs none
+                # of them (the MLM logits, B x L x vocab, are fp32 after the head's bias: 0.6 GB at batch 128)
+                del out
                 scaler.scale(loss / accum).backward()
-            for k in [k for k in out if "loss" in k]:  # (no loop variable left holding one of the outputs)
-                parts[k] = parts.get(k, 0.0) + out[k].detach().float() / accum
-            for name, accuracy in _accuracies(out):
-                parts[name] = parts.get(name, 0.0) + accuracy / accum
             # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
             samples_since += len(batch.get("text_ids", ())) * info.world_size
-            del out, loss  # not kept through the next micro-step's forward, where memory peaks
+            del loss  # not kept through the next micro-step's forward
         return parts, finite, unmasked
 
     def skip_update(parts: Dict[str, torch.Tensor], finite: torch.Tensor, unmasked: bool) -> Optional[str]:
