@@ -108,6 +108,17 @@ def deterministic_mode():
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, the previous count afterwards: a summation order that depends on the
+    thread count, or timings that must not wait for a parked thread (with two threads on a two-core machine whose
+    other core is busy, a 0.03 ms op took 8-12 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small built-in synthetic set (coco-style arrow files), written once for the training and CLI tests."""

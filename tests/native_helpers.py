@@ -14,9 +14,14 @@ import torch
 from numerics import assert_twice_eager
 
 
-def max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+def check_result(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """The result has the reference's shape and finite values."""
     assert got.shape == ref.shape, (got.shape, ref.shape)
     assert torch.isfinite(got).all(), "non-finite values in the kernel result"
+
+
+def max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    check_result(got, ref)
     return (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
 
 
@@ -24,7 +29,8 @@ def assert_rule(name: str, got: torch.Tensor, eager: torch.Tensor, ref: torch.Te
     """err(kernel) <= 2 * err(eager) + atol, with atol relative to the reference's magnitude, plus the reference's
     own rounding to the kernel result's dtype (fp16/bf16)."""
     scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    max_err(got, ref), max_err(eager, ref)  # (their checks: the shapes agree, the values are finite)
+    check_result(got, ref)
+    check_result(eager, ref)
     assert_twice_eager(name, got, eager, ref, atol * scale)
 
 

@@ -57,16 +57,6 @@ def _speedup(rows, impl, mode="fwd"):
     return next(r.speedup for r in rows if r.impl == impl and r.mode == mode)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: with two on a two-core machine whose other core is busy, every op of a tiny size waits
-    for a parked thread (8-12 ms for a 0.03 ms softmax under CI-like load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rows_come_from_timing_the_named_implementation(monkeypatch, one_thread):
     """Slow down one implementation and only its row (and the ratios against it) move: each row's time is the time
     of the implementation it names, and each speedup is the official row's time over the row's own."""

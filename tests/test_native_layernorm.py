@@ -104,20 +104,15 @@ def test_cpu_rows_far_from_zero_beat_eager(b, n, d, split):
             assert_rule(name, got, eager, ref, 0.0)
 
 
-def test_cpu_weight_gradients_over_many_rows_are_summed_in_chunks():
+def test_cpu_weight_gradients_over_many_rows_are_summed_in_chunks(one_thread):
     """dβ = Σ_rows dy over 32768 rows on one thread: a running fp32 sum's error grows with the row count (eager's
     too); the C++ kernel sums chunks of 16 rows first, so its error stays well below eager's (0.12x at 65536 rows,
     where the running sum had eager's error)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.randn(128, 256, 64, generator=torch.Generator().manual_seed(4))
-        w, bb = params(1, 64, "cpu")
-        _, grads, gy = run(x, w, bb, None, "cuda")
-        _, grads_e, _ = run(x, w, bb, None, "torch", gy=gy)
-        db_ref = gy.double().sum(dim=(0, 1))
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.randn(128, 256, 64, generator=torch.Generator().manual_seed(4))
+    w, bb = params(1, 64, "cpu")
+    _, grads, gy = run(x, w, bb, None, "cuda")
+    _, grads_e, _ = run(x, w, bb, None, "torch", gy=gy)
+    db_ref = gy.double().sum(dim=(0, 1))
     assert max_err(grads[2], db_ref) <= 0.5 * max_err(grads_e[2], db_ref)
 
 
