@@ -140,6 +140,28 @@ def test_masked_softmax_matches_float64():
     assert ops.masked_softmax(scores.half(), out_dtype=torch.float32).dtype == torch.float32
 
 
+def test_split_qkv_takes_plain_views_where_no_gradient_is_taken(monkeypatch):
+    """split_qkv's autograd Function only shapes the backward: without a gradient (inference, no_grad, a qkv that
+    needs none) the same q, k, v come back as plain views of the packed projection, and the Function is not run."""
+    from vlmo_fast.ops import attention as attention_module
+
+    b, n, h, d = 2, 7, 3, 4
+    qkv = torch.randn(b, n, 3 * h * d)
+    want = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    calls = []
+    real = attention_module._SplitQKV.apply
+    monkeypatch.setattr(attention_module._SplitQKV, "apply", lambda *a: calls.append(1) or real(*a))
+    leaf = qkv.clone().requires_grad_()
+    for packed, grad in ((qkv, True), (leaf, False)):
+        with torch.set_grad_enabled(grad):
+            got = attention_module.split_qkv(packed, h)
+        for a, e in zip(got, want):
+            assert torch.equal(a, e) and a.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert calls == []
+    got = attention_module.split_qkv(leaf, h)  # a gradient to take: the Function
+    assert calls == [1] and all(t.requires_grad for t in got)
+
+
 def test_multiway_layernorm_matches_torch():
     x = torch.randn(2, 237, 48, dtype=torch.float64)
     w = [torch.randn(48, dtype=torch.float64) for _ in range(2)]

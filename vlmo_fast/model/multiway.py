@@ -154,7 +154,20 @@ def _submodule_hooked(block: nn.Module) -> bool:
     hooks, or global module hooks are set (``nn.modules.module.register_module_forward_hook`` and the like, which
     run for every module called), which the fused path, reading parameters instead of calling modules, would not
     run."""
-    return global_module_hooks() or any(hooked(m) for m in block.modules() if m is not block)
+    if global_module_hooks():
+        return True
+    # A plain walk of the module tree: this runs for every block call, and ``modules()`` (a generator building each
+    # submodule's dotted name) cost as much as the rest of a small block's Python.
+    seen, stack = {id(block)}, list(block._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        if hooked(m):
+            return True
+        seen.add(id(m))
+        stack.extend(m._modules.values())
+    return False
 
 
 def hooked(module: nn.Module) -> bool:

@@ -92,8 +92,9 @@ def split_qkv(qkv: torch.Tensor, heads: int):
     Autograd's own split (reshape, permute, unbind) stacks the three gradients and copies them into the packed
     layout: two copies of the projection's gradient per layer. Here the backward takes them as they are when they
     already lie packed, as the Triton attention's backward writes them, and copies once otherwise. Under torch.func
-    transforms (vmap, grad, ...), which the Function has no rule for, the plain views."""
-    if func_transforms_active():
+    transforms (vmap, grad, ...), which the Function has no rule for, and where no gradient is taken (the Function's
+    Python would cost for nothing), the plain views."""
+    if func_transforms_active() or not (qkv.requires_grad and torch.is_grad_enabled()):
         b, n, c3 = qkv.shape
         return unpack_qkv(qkv.view(b, n, 3, heads, c3 // (3 * heads)))
     return _SplitQKV.apply(qkv, heads)
