@@ -518,10 +518,31 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     with input_stage():
         check_shared_out_dir(cfg.out_dir, info)
     torch.manual_seed(cfg.seed)
-    amp = resolve_precision(cfg, info.device)
-    with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
-        model = build_model(cfg)
-        init_report = initialise_from(model, cfg.load_path) if cfg.load_path else None
+    run = _Run(cfg, info)
+    finished = run.finished()
+    if finished is not None:
+        return finished
+    run.start()
+    return run.train()
+
+
+class _Run:
+    """One training run of ``_train``: built from its inputs (``__init__``: the model, the data, the optimizer, a
+    resumed state), started (``start``: the log, the run's notes), trained (``train``: the steps, evaluations and
+    checkpoints, until max_steps, a signal or repeated non-finite losses), summarised."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.amp = resolve_precision(cfg, info.device)
+        with input_stage():  # the model, its initial weights, the data and a resumed state: the inputs
+            self._build_model()
+            self._build_data_and_optimizer()
+            self._resume()
+
+    def _build_model(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.model = model = build_model(cfg)
+        self.init_report = initialise_from(model, cfg.load_path) if cfg.load_path else None
         if "textmlm" in cfg.tasks:
             freeze_for_textmlm(model)
         model.to(info.device)
@@ -534,274 +555,303 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
         if cfg.fsdp and not info.enabled:
             warnings.warn("fsdp: one process (not under torchrun), so nothing is sharded: the run trains the plain "
                           "model")
-        wrapped = wrap_model(model, info, fsdp=cfg.fsdp,
-                             find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
+        self.wrapped = wrap_model(model, info, fsdp=cfg.fsdp,
+                                  find_unused_parameters=needs_unused_parameter_search(cfg.tasks))
 
-        per_step = cfg.per_device_batch_size * info.world_size
+    def _build_data_and_optimizer(self) -> None:
+        cfg, info, model = self.cfg, self.info, self.model
+        self.per_step = per_step = cfg.per_device_batch_size * info.world_size
         if cfg.batch_size % per_step:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of per_device_batch_size x world size "
                              f"({cfg.per_device_batch_size} x {info.world_size})")
-        accum = cfg.batch_size // per_step
-        stream = data_setup.train_stream(cfg, model.config, info)
+        self.accum = accum = cfg.batch_size // per_step
+        self.stream = stream = data_setup.train_stream(cfg, model.config, info)
         data_setup.check_eval_files(cfg, model.config.vqav2_label_size)
         max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * stream.batches_per_epoch // accum
+        self.max_steps = max_steps
         warmup = resolve_warmup(cfg.warmup_steps, max_steps)
         if cfg.max_steps is None and warmup > max_steps and info.is_main:  # (TrainConfig warns when it knows both)
             warnings.warn(f"warmup_steps ({warmup}) exceeds the {max_steps} steps of {cfg.max_epochs} epoch(s): the "
                           f"learning rate never reaches its peak; give fewer steps or a fraction (e.g. "
                           f"--warmup-steps 0.1)")
-        optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
-        scheduler = build_scheduler(optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
-        configured = configured_hyperparameters(optimizer)
-        scaler = torch.amp.GradScaler(info.device.type, enabled=amp == torch.float16)
+        self.optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lr_mult, kind=cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, warmup, max_steps, cfg.schedule, cfg.end_lr)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
 
-        step, counts, eval_pending, elapsed_before = 0, {}, False, 0.0
-        resume_path, state, unreadable = _choose_resume(cfg, info)
-        changed: List[str] = []
-        if resume_path:
-            changed = _changes_on_resume(cfg, info, state, resume_path, per_step, accum, max_steps)
-            plain_module(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
-            load_optimizer_state(model, optimizer, state["optimizer"], cfg.fsdp)
-            scheduler.load_state_dict(state["scheduler"])
-            reapply_configuration(optimizer, scheduler, configured)
-            if state.get("scaler"):  # a bf16/fp32 run saved no scaler state: a resumed fp16 run starts a fresh one
-                scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            counts = dict(state.get("counts", {}))
-            # older checkpoints record neither: no evaluation pending, the time unknown (0)
-            eval_pending = bool(state.get("eval_pending", False))
-            elapsed_before = float(state.get("elapsed_s", 0.0))
-            stream.restore(state["data"])
-            set_rng_state(state["rng"])
-            # the file is mapped (torch_load(mmap=True)): kept, it would hold its pages, and its disk space once
-            # keep-last removes it, for the whole run
-            state = None
+    def _resume(self) -> None:
+        """The state of the checkpoint the run resumes from, if any (``_choose_resume``), loaded into the model,
+        optimizer, schedule, scaler, data stream and RNGs; the step, counts and time it records."""
+        cfg, info = self.cfg, self.info
+        configured = configured_hyperparameters(self.optimizer)
+        self.step, self.counts, self.eval_pending, self.elapsed_before = 0, {}, False, 0.0
+        self.resume_path, state, self.unreadable = _choose_resume(cfg, info)
+        self.changed: List[str] = []
+        if not self.resume_path:
+            return
+        self.changed = _changes_on_resume(cfg, info, state, self.resume_path, self.per_step, self.accum,
+                                          self.max_steps)
+        model = self.model
+        plain_module(model).load_state_dict(state["model"]) if not cfg.fsdp else _fsdp_load(model, state["model"])
+        load_optimizer_state(model, self.optimizer, state["optimizer"], cfg.fsdp)
+        self.scheduler.load_state_dict(state["scheduler"])
+        reapply_configuration(self.optimizer, self.scheduler, configured)
+        if state.get("scaler"):  # a bf16/fp32 run saved no scaler state: a resumed fp16 run starts a fresh one
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.counts = dict(state.get("counts", {}))
+        # older checkpoints record neither: no evaluation pending, the time unknown (0)
+        self.eval_pending = bool(state.get("eval_pending", False))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.stream.restore(state["data"])
+        set_rng_state(state["rng"])
+        # the file is mapped (torch_load(mmap=True)): kept, it would hold its pages, and its disk space once keep-last
+        # removes it, for the whole run (``state`` is this method's only reference)
 
-    finished = _finished_summary(cfg, step) if resume_path and step >= max_steps else None
-    if finished is not None:
-        if info.is_main:
+    def finished(self) -> Optional[Dict[str, Any]]:
+        """The summary of a resumed run that had already finished (nothing to train), else None."""
+        cfg, step = self.cfg, self.step
+        finished = _finished_summary(cfg, step) if self.resume_path and step >= self.max_steps else None
+        if finished is None:
+            return None
+        if self.info.is_main:
             more = "--max-steps" if cfg.max_steps is not None else "--max-epochs"
-            print(f"already complete: {resume_path} is at step {step} of {max_steps}; nothing to train (a larger "
-                  f"{more} continues this run, another --out-dir starts a new one)", flush=True)
-        return dict(finished, already_complete=True, last_checkpoint=resume_path, history=[])
-    set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
-    best, best_notes = best_so_far(cfg.out_dir, step) if info.is_main else (None, [])
-    logger = Logger(cfg.out_dir, info.is_main, max_steps, step, cfg.tensorboard)
-    if info.is_main:
-        atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
-                          {"train": cfg.to_dict(), "model": model.config.to_dict()}, indent=1)
-        for note in unreadable + set_aside + best_notes:
-            logger.write(f"checkpoints: {note}")
-        if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
-            logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
-                         f"(--max-steps none runs by epochs)")
-        if init_report:
-            logger.write(f"initialised from {cfg.load_path}:\n{init_report}")
-        elif not resume_path and set(cfg.tasks) & set(FINETUNE_TASKS):
-            logger.write("no --load-path: fine-tuning starts from randomly initialised weights, not a pretrained "
-                         "VLMo (give one with --load-path: an official .pt, a vlmo_fast checkpoint or export)")
-        if resume_path:
-            logger.write(f"resumed from {resume_path} at step {step}"
-                         + (f" with changed options: {', '.join(changed)}" if changed else ""))
-            if getattr(stream, "resume_note", None):
-                logger.write(stream.resume_note)
-    flops_per_sample = pretrain_step_flops(model.config, 1) if set(cfg.tasks) == {"mlm", "itc", "itm"} else None
-    peak_tflops = _peak_tflops(info.device)
+            print(f"already complete: {self.resume_path} is at step {step} of {self.max_steps}; nothing to train (a "
+                  f"larger {more} continues this run, another --out-dir starts a new one)", flush=True)
+        return dict(finished, already_complete=True, last_checkpoint=self.resume_path, history=[])
 
-    step_start: Optional[StepStart] = None
+    def start(self) -> None:
+        """The run's log (its first notes: checkpoints set aside or unreadable, options not used, the initial
+        weights, a resume), its config.json, and the counters the steps keep."""
+        cfg, info, step = self.cfg, self.info, self.step
+        set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
+        self.best, best_notes = best_so_far(cfg.out_dir, step) if info.is_main else (None, [])
+        self.logger = logger = Logger(cfg.out_dir, info.is_main, self.max_steps, step, cfg.tensorboard)
+        if info.is_main:
+            atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
+                              {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1)
+            for note in self.unreadable + set_aside + best_notes:
+                logger.write(f"checkpoints: {note}")
+            if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
+                logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
+                             f"(--max-steps none runs by epochs)")
+            if self.init_report:
+                logger.write(f"initialised from {cfg.load_path}:\n{self.init_report}")
+            elif not self.resume_path and set(cfg.tasks) & set(FINETUNE_TASKS):
+                logger.write("no --load-path: fine-tuning starts from randomly initialised weights, not a pretrained "
+                             "VLMo (give one with --load-path: an official .pt, a vlmo_fast checkpoint or export)")
+            if self.resume_path:
+                logger.write(f"resumed from {self.resume_path} at step {step}"
+                             + (f" with changed options: {', '.join(self.changed)}" if self.changed else ""))
+                if getattr(self.stream, "resume_note", None):
+                    logger.write(self.stream.resume_note)
+        tasks = set(cfg.tasks)
+        self.flops_per_sample = pretrain_step_flops(self.model.config, 1) if tasks == {"mlm", "itc", "itm"} else None
+        self.peak_tflops = _peak_tflops(info.device)
 
-    def payload(tag: str) -> Dict[str, Any]:  # a collective (FSDP's full state, the bad-sample count)
+        self.step_start: Optional[StepStart] = None
+        # the step a run resumes from is saved already when it resumes from this folder's own checkpoint of it (from
+        # another file, e.g. best.pt or another folder's, resume=auto here would not find it)
+        own = self.resume_path and os.path.abspath(self.resume_path) == os.path.abspath(checkpoint_path(cfg.out_dir,
+                                                                                                       step))
+        self.saved_step = step if own else None
+        self.paused = 0.0  # seconds since the last log line spent evaluating and saving: not training time (samples/s)
+        self.flag: Dict[str, Any] = {}  # the signal handlers' notes: the signal received, whether a batch is awaited
+        # counted since the run began (a resumed run continues the counts of its checkpoint); bad samples per rank
+        self.bad_in_a_row, self.skipped, self.bad_samples = 0, int(self.counts.get("skipped_steps", 0)), 0
+        self.bad_before = int(self.counts.get("bad_samples", 0))
+        self.scheduler_stepped = False
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the latest step, as logged
+        self.last_ckpt = self.resume_path  # the run's latest checkpoint, until it saves one
+        self.history: List[Dict[str, float]] = []
+        self.can_evaluate = data_setup.has_val_split(cfg)
+        self.periodic_eval = bool(cfg.eval_every) and self.can_evaluate
+        # losses and accuracies are logged as means over the updates since the previous log line (one batch's
+        # accuracy is too noisy to read); skipped (non-finite) steps are not averaged in
+        self.window: Dict[str, float] = {}
+        self.window_steps = 0
+        self.samples_since = 0
+        self.stop_reason = "max_steps"
+        # one process: a signal while a batch is awaited stops the run there (with several, the other ranks wait in the
+        # step's collectives, which this rank could not join without its batch)
+        self.interruptible = not info.enabled
+        self.mlm_on = bool({"mlm", "textmlm"} & tasks)  # (asked once, not per micro-step)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def payload(self, tag: str) -> Dict[str, Any]:
+        """The checkpoint's state (a collective: FSDP's full state, the bad-sample count)."""
+        cfg, start = self.cfg, self.step_start
         return {
-            "model": full_state_dict(wrapped, cfg.fsdp), "optimizer": optimizer_state(model, optimizer, cfg.fsdp),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "model": full_state_dict(self.wrapped, cfg.fsdp),
+            "optimizer": optimizer_state(self.model, self.optimizer, cfg.fsdp),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
             # (a one-process run stopped inside a step's accumulation saves where the step began)
-            "data": step_start.data if step_start else stream.state(),
-            "rng": step_start.rng if step_start else rng_state(),
+            "data": start.data if start else self.stream.state(),
+            "rng": start.rng if start else rng_state(),
             "config": cfg.to_dict(), "tag": tag,
-            "counts": {"skipped_steps": skipped, "bad_samples": bad_samples_total()},
-            "eval_pending": eval_pending, "elapsed_s": elapsed_before + time.time() - t_start,
-            "max_steps": max_steps,  # as resolved (from --max-epochs: by this run's layout)
-            "world_size": info.world_size,
+            "counts": {"skipped_steps": self.skipped, "bad_samples": self.bad_samples_total()},
+            "eval_pending": self.eval_pending, "elapsed_s": self.elapsed_before + time.time() - self.t_start,
+            "max_steps": self.max_steps,  # as resolved (from --max-epochs: by this run's layout)
+            "world_size": self.info.world_size,
         }
 
-    # the step a run resumes from is saved already when it resumes from this folder's own checkpoint of it (from
-    # another file, e.g. best.pt or another folder's, resume=auto here would not find it)
-    own = resume_path and os.path.abspath(resume_path) == os.path.abspath(checkpoint_path(cfg.out_dir, step))
-    saved_step = step if own else None
-    paused = 0.0  # seconds since the last log line spent evaluating and saving: not training time (samples/s)
-
-    def save(tag: str) -> Optional[str]:
-        nonlocal saved_step, paused
+    def save(self, tag: str) -> Optional[str]:
         t0 = time.time()
-        state = payload(tag)
-        path = save_training_checkpoint(cfg.out_dir, step, state, cfg.keep_last) if info.is_main else None
+        state = self.payload(tag)
+        path = save_training_checkpoint(self.cfg.out_dir, self.step, state, self.cfg.keep_last) \
+            if self.info.is_main else None
         barrier()
-        saved_step = step
-        paused += time.time() - t0
+        self.saved_step = self.step
+        self.paused += time.time() - t0
         return path
 
-    def back_to_step_start() -> None:
+    def back_to_step_start(self) -> None:
         """A one-process run stopping inside a step: its workers stopped (one may be stuck), the gradients and the
         bad-sample count of its micro-batches so far dropped (a resumed run reads them again)."""
-        nonlocal bad_samples
-        data_setup.abandon(stream)
-        optimizer.zero_grad(set_to_none=True)
-        bad_samples = step_start.bad_samples
+        data_setup.abandon(self.stream)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_samples = self.step_start.bad_samples
 
-    def save_before_error(exc: BaseException) -> None:
+    def save_before_error(self, exc: BaseException) -> None:
         """A one-process run's error inside a step: back to the step's start, the steps since the last log row
         logged (now or never: a resumed run starts after them), and that saved (a failed log or save is reported,
         never in the error's place)."""
-        what = f"{type(exc).__name__} in step {step + 1}"
-        back_to_step_start()
+        what = f"{type(exc).__name__} in step {self.step + 1}"
+        self.back_to_step_start()
         try:
-            if window_steps:
-                log_training(None)
-            path = save(f"error: {what}")
+            if self.window_steps:
+                self.log_training(None)
+            path = self.save(f"error: {what}")
         except Exception as save_exc:  # (out of memory or disk: the error that stopped the run is the one raised)
-            logger.write(f"{what}: the checkpoint of step {step} could not be saved ({type(save_exc).__name__}: "
-                         f"{save_exc})")
+            self.logger.write(f"{what}: the checkpoint of step {self.step} could not be saved "
+                              f"({type(save_exc).__name__}: {save_exc})")
         else:
-            logger.write(f"{what}: saved step {step}, where it began, to {path} (--resume auto continues there)")
+            self.logger.write(f"{what}: saved step {self.step}, where it began, to {path} (--resume auto continues "
+                              f"there)")
 
-    def log_training(last: Optional[Dict[str, torch.Tensor]]) -> None:
-        """A training row: the means since the previous row (``last``, the latest step's values, when every step
-        since was skipped) over the ranks (collectives: every rank calls it), the lr, the rate, the counts."""
-        nonlocal window, window_steps, t_last, samples_since, paused
-        now = time.time()
-        rate = samples_since / max(now - t_last - paused, 1e-9)
-        t_last, samples_since, paused = now, 0, 0.0
-        logged = {k: v / window_steps for k, v in window.items()} if window_steps else (last or {})
-        window, window_steps = {}, 0
-        # the values and the unreadable-sample count, averaged over the ranks in one collective and read at once
-        mine = [torch.as_tensor(v, device=info.device).to(torch.float64) for v in logged.values()]
-        means = mean_over_ranks(torch.stack(mine + [torch.full((), float(bad_samples), dtype=torch.float64,
-                                                                device=info.device)])).tolist()
-        values = dict(zip(logged, means[:-1]))
-        values["loss"] = sum(v for k, v in values.items() if "loss" in k)
-        values["lr"] = step_lr
-        values["samples_per_s"] = rate
-        if flops_per_sample and peak_tflops:
-            values["mfu"] = rate * flops_per_sample / (peak_tflops * 1e12) / info.world_size
-        values["bad_samples"] = bad_from_mean(means[-1])
-        values["skipped_steps"] = skipped
-        if scaler.is_enabled():  # fp16: the GradScaler's scale (halved at each update it skipped for inf/NaN gradients)
-            values["grad_scale"] = scaler.get_scale()
-        values["elapsed_s"] = round(elapsed_before + now - t_start, 1)  # the run's, over its resumes
-        history.append(values)
-        logger.log(step, values)
-
-    def periodic_evaluation() -> None:
-        """The evaluation every ``eval_every`` steps; one a signal stops stays pending (``eval_pending`` in the
-        checkpoint of this step), so the resumed run runs it before it trains on."""
-        nonlocal eval_pending, paused
-        t0 = time.time()
-        eval_pending = True
-        metrics = evaluate(model, cfg, info, amp, cfg.eval_batches or None, stop=flag)
-        if metrics:
-            logger.log(step, metrics, show=False)
-            logger.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        # stopped: rank 0 (which reports) has no metrics and a rank had the signal (under FSDP a signal to another
-        # rank stops every rank's evaluation: rank 0's own flag is not enough); every rank takes its word
-        sig = signalled()
-        eval_pending = bool(from_main(info.is_main and not metrics and bool(sig)))
-        if not cfg.eval_batches:
-            keep_if_best(metrics)
-        paused += time.time() - t0
-
-    def keep_if_best(metrics: Dict[str, float]) -> None:
+    def keep_if_best(self, metrics: Dict[str, float]) -> None:
         """best.pt := this step's state when this evaluation of the whole val split beats the run's best
         ``val/the_metric`` (the official checkpoint monitor). Evaluations of a few batches choose nothing: their
         values are not comparable (retrieval recall is higher in a smaller gallery)."""
-        nonlocal best
         value = metrics.get("val/the_metric")
+        best = self.best
         if not from_main(value is not None and (best is None or value > best["the_metric"])):
             return
-        state = payload("best")
-        if info.is_main:
-            best = {"step": step, "the_metric": value, "path": save_best_checkpoint(cfg.out_dir, state, value)}
-            logger.write(f"step {step}: val/the_metric {value:.4f}, the run's best: {best['path']}")
+        state = self.payload("best")
+        if self.info.is_main:
+            self.best = {"step": self.step, "the_metric": value,
+                         "path": save_best_checkpoint(self.cfg.out_dir, state, value)}
+            self.logger.write(f"step {self.step}: val/the_metric {value:.4f}, the run's best: {self.best['path']}")
         barrier()
 
-    flag: Dict[str, Any] = {}
-    previous = _install_signal_handlers(flag, info)
-    # counted since the run began (a resumed run continues the counts of its checkpoint); bad samples per rank
-    bad_in_a_row, skipped, bad_samples = 0, int(counts.get("skipped_steps", 0)), 0
-    bad_before = int(counts.get("bad_samples", 0))
+    # ---- the log, evaluations, counts across ranks ----------------------------------------------------------------
 
-    def bad_from_mean(mean: float) -> int:  # the run's unreadable samples from this process's mean over the ranks
-        return bad_before + int(round(mean * info.world_size))
+    def log_training(self, last: Optional[Dict[str, torch.Tensor]]) -> None:
+        """A training row: the means since the previous row (``last``, the latest step's values, when every step
+        since was skipped) over the ranks (collectives: every rank calls it), the lr, the rate, the counts."""
+        info = self.info
+        now = time.time()
+        rate = self.samples_since / max(now - self.t_last - self.paused, 1e-9)
+        self.t_last, self.samples_since, self.paused = now, 0, 0.0
+        window, steps = self.window, self.window_steps
+        logged = {k: v / steps for k, v in window.items()} if steps else (last or {})
+        self.window, self.window_steps = {}, 0
+        # the values and the unreadable-sample count, averaged over the ranks in one collective and read at once
+        mine = [torch.as_tensor(v, device=info.device).to(torch.float64) for v in logged.values()]
+        means = mean_over_ranks(torch.stack(mine + [torch.full((), float(self.bad_samples), dtype=torch.float64,
+                                                                device=info.device)])).tolist()
+        values = dict(zip(logged, means[:-1]))
+        values["loss"] = sum(v for k, v in values.items() if "loss" in k)
+        values["lr"] = self.step_lr
+        values["samples_per_s"] = rate
+        if self.flops_per_sample and self.peak_tflops:
+            values["mfu"] = rate * self.flops_per_sample / (self.peak_tflops * 1e12) / info.world_size
+        values["bad_samples"] = self.bad_from_mean(means[-1])
+        values["skipped_steps"] = self.skipped
+        if self.scaler.is_enabled():  # fp16: the GradScaler's scale (halved at each update it skipped for inf/NaN)
+            values["grad_scale"] = self.scaler.get_scale()
+        values["elapsed_s"] = round(self.elapsed_before + now - self.t_start, 1)  # the run's, over its resumes
+        self.history.append(values)
+        self.logger.log(self.step, values)
 
-    def bad_samples_total() -> int:  # every rank's unreadable samples (a collective: every rank calls it)
-        return bad_from_mean(float(mean_over_ranks(torch.full((), float(bad_samples), dtype=torch.float64,
-                                                              device=info.device))))
+    def periodic_evaluation(self) -> None:
+        """The evaluation every ``eval_every`` steps; one a signal stops stays pending (``eval_pending`` in the
+        checkpoint of this step), so the resumed run runs it before it trains on."""
+        cfg, info = self.cfg, self.info
+        t0 = time.time()
+        self.eval_pending = True
+        metrics = evaluate(self.model, cfg, info, self.amp, cfg.eval_batches or None, stop=self.flag)
+        if metrics:
+            self.logger.log(self.step, metrics, show=False)
+            self.logger.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        # stopped: rank 0 (which reports) has no metrics and a rank had the signal (under FSDP a signal to another
+        # rank stops every rank's evaluation: rank 0's own flag is not enough); every rank takes its word
+        sig = self.signalled()
+        self.eval_pending = bool(from_main(info.is_main and not metrics and bool(sig)))
+        if not cfg.eval_batches:
+            self.keep_if_best(metrics)
+        self.paused += time.time() - t0
 
-    def signalled() -> int:  # the signal any rank received, 0 for none (a collective: every rank stops together)
-        return max_over_ranks(int(flag.get("signal", 0)), info.device)
+    def bad_from_mean(self, mean: float) -> int:
+        """The run's unreadable samples from this process's mean over the ranks."""
+        return self.bad_before + int(round(mean * self.info.world_size))
 
-    scheduler_stepped = False
-    step_lr = optimizer.param_groups[0]["lr"]  # the lr of the latest step, as logged
-    last_ckpt = resume_path  # the run's latest checkpoint, until it saves one
-    history: List[Dict[str, float]] = []
-    can_evaluate = data_setup.has_val_split(cfg)
-    periodic_eval = bool(cfg.eval_every) and can_evaluate
-    # losses and accuracies are logged as means over the updates since the previous log line (one batch's
-    # accuracy is too noisy to read); skipped (non-finite) steps are not averaged in
-    window: Dict[str, float] = {}
-    window_steps = 0
-    t_start = t_last = time.time()
-    samples_since = 0
-    stop_reason = "max_steps"
-    # one process: a signal while a batch is awaited stops the run there (with several, the other ranks wait in the
-    # step's collectives, which this rank could not join without its batch)
-    interruptible = not info.enabled
-    mlm_on = bool({"mlm", "textmlm"} & set(cfg.tasks))  # (asked once, not per micro-step)
+    def bad_samples_total(self) -> int:
+        """Every rank's unreadable samples (a collective: every rank calls it)."""
+        return self.bad_from_mean(float(mean_over_ranks(torch.full((), float(self.bad_samples), dtype=torch.float64,
+                                                                   device=self.info.device))))
 
-    def next_batch(micro: int) -> Dict[str, Any]:
+    def signalled(self) -> int:
+        """The signal any rank received, 0 for none (a collective: every rank stops together)."""
+        return max_over_ranks(int(self.flag.get("signal", 0)), self.info.device)
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+
+    def next_batch(self, micro: int) -> Dict[str, Any]:
         """The step's next micro-batch. One process: a signal while it is awaited (or noted during this step: a worker
         may be stuck on this batch) stops the run at the last step."""
-        nonlocal step_start, stop_reason
-        if not interruptible:
-            return next(stream)
+        flag = self.flag
+        if not self.interruptible:
+            return next(self.stream)
         if micro == 0:  # (the stream's position moves before a batch comes: a stop in between saves this one)
-            step_start = StepStart(stream.state(), rng_state(), bad_samples)
+            self.step_start = StepStart(self.stream.state(), rng_state(), self.bad_samples)
         try:
             if flag.get("signal"):
                 raise SignalWhileWaiting(flag["signal"])
             flag["waiting"] = True
-            return next(stream)
+            return next(self.stream)
         except SignalWhileWaiting as exc:
-            back_to_step_start()
-            stop_reason = f"signal {exc.args[0]}"
-            logger.write(f"signal {exc.args[0]} while waiting for step {step + 1}'s batch {micro + 1} of {accum}: "
-                         f"stopping at step {step}")
-            raise StopTraining(stop_reason) from None
+            self.back_to_step_start()
+            self.stop_reason = f"signal {exc.args[0]}"
+            self.logger.write(f"signal {exc.args[0]} while waiting for step {self.step + 1}'s batch {micro + 1} of "
+                              f"{self.accum}: stopping at step {self.step}")
+            raise StopTraining(self.stop_reason) from None
         finally:
             flag["waiting"] = False
 
-    def forward_backward() -> Tuple[Dict[str, torch.Tensor], torch.Tensor, bool]:
+    def forward_backward(self) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, bool]:
         """The step's micro-batches, forward and backward (gradients accumulated): their loss parts and accuracies
         (means over the micro-batches) and whether every loss was finite, all on the device (read at log time: a host
         read per micro-step would stall the GPU), and whether a micro-batch had no MLM target (its MLM loss is 0/0;
         read on the host)."""
-        nonlocal bad_samples, samples_since
+        info, model, wrapped, accum = self.info, self.model, self.wrapped, self.accum
         parts: Dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=info.device)
         unmasked = False
         for micro in range(accum):
-            batch = next_batch(micro)
-            bad_samples += int(batch.pop("bad_samples", 0) or 0)
-            labels = batch.get("text_labels_mlm") if mlm_on else None
+            batch = self.next_batch(micro)
+            self.bad_samples += int(batch.pop("bad_samples", 0) or 0)
+            labels = batch.get("text_labels_mlm") if self.mlm_on else None
             if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and not (labels != -100).any():
                 unmasked = True
             batch = to_device(batch, info.device, model.config.vocab_size)  # ids checked on the host
             # list-valued labels as tensors, outside a compiled forward (which would recompile on them)
-            batch = objectives.prepare_targets(batch, cfg.tasks, model.config.vqav2_label_size, info.device)
+            batch = objectives.prepare_targets(batch, self.cfg.tasks, model.config.vqav2_label_size, info.device)
             sync = contextlib.nullcontext()
             if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
                 sync = wrapped.no_sync()
             with sync:
-                with _autocast(info.device, amp):
+                with _autocast(info.device, self.amp):
                     out = wrapped(batch)
                     loss = objectives.total_loss(out)
                 finite = finite & torch.isfinite(loss.detach())
@@ -812,153 +862,179 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 # the outputs go before the backward, whose start is the step's memory peak: the backward needs none
                 # of them (the MLM logits, B x L x vocab, are fp32 after the head's bias: 0.6 GB at batch 128)
                 del out
-                scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
             # the rows this micro-batch really had (an epoch's final batch, dropped bad samples), on every rank
-            samples_since += len(batch.get("text_ids", ())) * info.world_size
+            self.samples_since += len(batch.get("text_ids", ())) * info.world_size
             del loss  # not kept through the next micro-step's forward
         return parts, finite, unmasked
 
-    def skip_update(parts: Dict[str, torch.Tensor], finite: torch.Tensor, unmasked: bool) -> Optional[str]:
+    def skip_update(self, parts: Dict[str, torch.Tensor], finite: torch.Tensor, unmasked: bool) -> Optional[str]:
         """A step with a non-finite loss on some rank: its gradients dropped and noted; why the run stops (too many in
         a row: it stops after the step is counted), or None."""
-        nonlocal bad_in_a_row, skipped
-        optimizer.zero_grad(set_to_none=True)
-        bad_in_a_row += 1
-        skipped += 1
-        shown = _nonfinite_values(info, finite, parts, unmasked)
-        logger.write(f"step {step + 1}: non-finite loss ({shown}); update skipped ({bad_in_a_row} in a row)")
-        return f"{bad_in_a_row} non-finite losses in a row" if bad_in_a_row >= cfg.max_bad_steps else None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        shown = _nonfinite_values(self.info, finite, parts, unmasked)
+        self.logger.write(f"step {self.step + 1}: non-finite loss ({shown}); update skipped ({self.bad_in_a_row} in "
+                          f"a row)")
+        return f"{self.bad_in_a_row} non-finite losses in a row" if self.bad_in_a_row >= self.cfg.max_bad_steps \
+            else None
 
-    def update(parts: Dict[str, torch.Tensor]) -> None:
+    def update(self, parts: Dict[str, torch.Tensor]) -> None:
         """A finite step: its values into the log's window, then the update (replicated gradients synchronized,
         clipped with --grad-clip, unscaled by the fp16 GradScaler)."""
-        nonlocal bad_in_a_row, window_steps
-        bad_in_a_row = 0
+        self.bad_in_a_row = 0
         for k, v in parts.items():
-            window[k] = window.get(k, 0.0) + v
-        window_steps += 1
-        sync_replicated_grads(model)
-        if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.window_steps += 1
+        sync_replicated_grads(self.model)
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    try:  # the handlers stay until the end (final save and evaluation included), and go on any error
-        try:
-            if eval_pending and periodic_eval and step < max_steps:
-                logger.write(f"step {step}: running the evaluation a signal stopped")
-                periodic_evaluation()
-                if not eval_pending:  # done: a stop now saves this step again, recording it
-                    saved_step = None
-                signum = signalled()
-                if signum:
-                    stop_reason = f"signal {signum}"
-                    raise StopTraining(stop_reason)
-            elif eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
-                eval_pending, saved_step = False, None
-            stop_bad = None  # why repeated non-finite losses stop the run, once its step is counted
-            while step < max_steps:
-                parts, finite, unmasked = forward_backward()
-                step_start = None  # (its micro-batches are all in: a stop from here on saves the step's end)
-                # the step's read of the device (the backward is queued by now: the host waits here for most of a GPU
-                # step), then the signal flag, read after that wait; with several processes one collective for both
-                # (and its read): whether any rank's loss was non-finite, and the signal any rank received
-                bad, signum = largest_over_ranks([not bool(finite), int(flag.get("signal", 0))], info.device)
-                if bad:
-                    stop_bad = skip_update(parts, finite, unmasked)
+    def step_schedule(self) -> None:
+        """The lr schedule moves on to the next step (the step's lr kept for its log row)."""
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler_stepped:
+            self.scheduler.step()
+            return
+        # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
+        with warnings.catch_warnings():  # (not around every step: that would reset warnings shown once)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        self.scheduler_stepped = True
+
+    # ---- the run --------------------------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        raise StopTraining(reason)
+
+    def resume_pending_evaluation(self) -> None:
+        """The evaluation a signal stopped, run before training on (or dropped where none would run now)."""
+        if self.eval_pending and self.periodic_eval and self.step < self.max_steps:
+            self.logger.write(f"step {self.step}: running the evaluation a signal stopped")
+            self.periodic_evaluation()
+            if not self.eval_pending:  # done: a stop now saves this step again, recording it
+                self.saved_step = None
+            signum = self.signalled()
+            if signum:
+                self.stop(f"signal {signum}")
+        elif self.eval_pending:  # not re-run (periodic evaluation off now, or at max_steps, which has the final one)
+            self.eval_pending, self.saved_step = False, None
+
+    def train_steps(self) -> None:
+        """Steps until max_steps (then the final save), or a ``StopTraining``: a signal, repeated non-finite
+        losses."""
+        cfg, info = self.cfg, self.info
+        self.resume_pending_evaluation()
+        while self.step < self.max_steps:
+            parts, finite, unmasked = self.forward_backward()
+            self.step_start = None  # (its micro-batches are all in: a stop from here on saves the step's end)
+            # the step's read of the device (the backward is queued by now: the host waits here for most of a GPU
+            # step), then the signal flag, read after that wait; with several processes one collective for both
+            # (and its read): whether any rank's loss was non-finite, and the signal any rank received
+            bad, signum = largest_over_ranks([not bool(finite), int(self.flag.get("signal", 0))], info.device)
+            stop_bad = self.skip_update(parts, finite, unmasked) if bad else None
+            if not bad:
+                self.update(parts)
+            self.step_schedule()
+            self.step += 1
+            self.logger.advance()
+            if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+                self.log_training(parts)
+            if stop_bad:  # counted as every skipped step (its batches, the schedule): the save holds this step
+                self.stop(stop_bad)
+            paused_here = False  # an evaluation or a save: a signal during it stops the run at this step
+            if self.periodic_eval and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
+                self.periodic_evaluation()
+                paused_here = True
+            if self.step % cfg.save_every == 0 and self.step < self.max_steps:
+                self.last_ckpt = self.save("periodic")
+                paused_here = True
+            if paused_here:
+                signum = max(signum, self.signalled())
+            if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
+                self.stop(f"signal {signum}")
+        self.last_ckpt = self.save("final")
+
+    def train(self) -> Dict[str, Any]:
+        """The steps, the final evaluation, the summary (signal handlers installed throughout)."""
+        cfg, info = self.cfg, self.info
+        previous = _install_signal_handlers(self.flag, info)
+        self.t_start = self.t_last = time.time()
+        self.model.train()
+        try:  # the handlers stay until the end (final save and evaluation included), and go on any error
+            try:
+                self.train_steps()
+            except StopTraining:
+                if self.window_steps:  # the steps since the last row: logged now, or never (a resumed run starts
+                    self.log_training(None)  # after them)
+                if self.saved_step != self.step:  # (a periodic save of this step holds it already)
+                    self.last_ckpt = self.save(self.stop_reason)
+            except Exception as exc:
+                # one process, inside a step's micro-batches (a data worker killed, out of memory, a bad batch): the
+                # model and optimizer are still those of the step's start, so that is saved before the error goes on
+                # (not the last periodic checkpoint's hours ago); the error is the run's outcome either way
+                if self.step_start is not None and self.step > 0 and self.saved_step != self.step:
+                    self.save_before_error(exc)
+                raise
+            # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the
+            # signal (its summary then is not a finished run's, so a resumed run evaluates again)
+            metrics = {}
+            if self.stop_reason == "max_steps" and cfg.final_eval:
+                if self.can_evaluate:
+                    metrics = evaluate(self.model, cfg, info, self.amp, None, final=True, stop=self.flag)
+                    self.keep_if_best(metrics)
                 else:
-                    update(parts)
-                step_lr = optimizer.param_groups[0]["lr"]  # this step's (the schedule moves on to the next now)
-                if scheduler_stepped:
-                    scheduler.step()
-                else:  # torch checks the first call only: a skipped first update is deliberate, not the misuse it means
-                    with warnings.catch_warnings():  # (not around every step: that would reset warnings shown once)
-                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                        scheduler.step()
-                    scheduler_stepped = True
-                step += 1
-                logger.advance()
-                if step % cfg.log_every == 0 or step == max_steps:
-                    log_training(parts)
-                if stop_bad:  # counted as every skipped step (its batches, the schedule): the save holds this step
-                    stop_reason = stop_bad
-                    raise StopTraining(stop_reason)
-                paused_here = False  # an evaluation or a save: a signal during it stops the run at this step
-                if periodic_eval and step % cfg.eval_every == 0 and step < max_steps:
-                    periodic_evaluation()
-                    paused_here = True
-                if step % cfg.save_every == 0 and step < max_steps:
-                    last_ckpt = save("periodic")
-                    paused_here = True
-                if paused_here:
-                    signum = max(signum, signalled())
-                if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
-                    stop_reason = f"signal {signum}"
-                    raise StopTraining(stop_reason)
-            if step >= max_steps:
-                last_ckpt = save("final")
-        except StopTraining:
-            if window_steps:  # the steps since the last row: logged now, or never (a resumed run starts after them)
-                log_training(None)
-            if saved_step != step:  # (a periodic save of this step holds it already)
-                last_ckpt = save(stop_reason)
-        except Exception as exc:
-            # one process, inside a step's micro-batches (a data worker killed, out of memory, a bad batch): the
-            # model and optimizer are still those of the step's start, so that is saved before the error goes on
-            # (not the last periodic checkpoint's hours ago); the error is the run's outcome either way
-            if step_start is not None and step > 0 and saved_step != step:
-                save_before_error(exc)
+                    self.logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
+            signum = self.signalled()
+            if signum and self.stop_reason == "max_steps":
+                self.stop_reason = f"signal {signum}"
+        except BaseException:
+            # the run ends with an error: its data workers and the TensorBoard writer's thread end with it (a caller
+            # that goes on, e.g. a sweep calling train() again, kept them, and a kept traceback keeps this frame)
+            data_setup.abandon(self.stream)
+            self.logger.close()
             raise
-        # the handlers stay through the final evaluation: a signal stops it, and the run ends as stopped by the signal
-        # (its summary then is not a finished run's, so a resumed run evaluates again)
-        metrics = {}
-        if stop_reason == "max_steps" and cfg.final_eval:
-            if can_evaluate:
-                metrics = evaluate(model, cfg, info, amp, None, final=True, stop=flag)
-                keep_if_best(metrics)
-            else:
-                logger.write(f"no final evaluation: {data_setup.no_eval_reason(cfg)}")
-        signum = signalled()
-        if signum and stop_reason == "max_steps":
-            stop_reason = f"signal {signum}"
-    except BaseException:
-        # the run ends with an error: its data workers and the TensorBoard writer's thread end with it (a caller
-        # that goes on, e.g. a sweep calling train() again, kept them, and a kept traceback keeps this frame)
-        data_setup.abandon(stream)
-        logger.close()
-        raise
-    finally:
-        _restore_signal_handlers(previous)
-    data_setup.abandon(stream, stuck=False)  # its workers stop now (a stuck one is killed), not whenever it is freed
-    elapsed = elapsed_before + time.time() - t_start
-    bad_total = bad_samples_total()
-    summary = {
-        "steps": step, "stop_reason": stop_reason, "elapsed_s": elapsed, "skipped_steps": skipped,
-        "bad_samples": bad_total, "last_checkpoint": last_ckpt,
-        "final": history[-1] if history else logger.last_training_row(),
-        "metrics": metrics, "best": best, "history": history,
-    }
-    last_line = None
-    if info.is_main:
-        if metrics:  # an evaluation row (none: no row holding the step alone)
-            logger.log(step, metrics, show=False)
-        try:  # (the run's work is saved by now: a full disk here warns instead of turning its exit status into 1)
-            atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
-                              {k: v for k, v in summary.items() if k != "history"}, indent=1)
-        except OSError as exc:
-            warnings.warn(f"{os.path.join(cfg.out_dir, 'summary.json')} not written: {exc}")
-        done = [f"done: {step} steps in {elapsed:.1f}s ({stop_reason})"]
-        if "loss" in summary["final"]:
-            done.append(f"loss {summary['final']['loss']:.4f}")
-        if metrics:
-            done.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        done.append(f"skipped steps {skipped}, bad samples {bad_total}; checkpoint {last_ckpt}")
-        last_line = "; ".join(done)
-    logger.close(last_line)
-    return summary
+        finally:
+            _restore_signal_handlers(previous)
+        data_setup.abandon(self.stream, stuck=False)  # its workers stop now (a stuck one is killed), not when freed
+        return self.summarise(metrics)
+
+    def summarise(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+        """The run's summary (returned, and written to summary.json), its last log lines."""
+        cfg, info, step, logger = self.cfg, self.info, self.step, self.logger
+        elapsed = self.elapsed_before + time.time() - self.t_start
+        bad_total = self.bad_samples_total()
+        history = self.history
+        summary = {
+            "steps": step, "stop_reason": self.stop_reason, "elapsed_s": elapsed, "skipped_steps": self.skipped,
+            "bad_samples": bad_total, "last_checkpoint": self.last_ckpt,
+            "final": history[-1] if history else logger.last_training_row(),
+            "metrics": metrics, "best": self.best, "history": history,
+        }
+        last_line = None
+        if info.is_main:
+            if metrics:  # an evaluation row (none: no row holding the step alone)
+                logger.log(step, metrics, show=False)
+            try:  # (the run's work is saved by now: a full disk here warns instead of turning its exit status into 1)
+                atomic_write_json(os.path.join(cfg.out_dir, "summary.json"),
+                                  {k: v for k, v in summary.items() if k != "history"}, indent=1)
+            except OSError as exc:
+                warnings.warn(f"{os.path.join(cfg.out_dir, 'summary.json')} not written: {exc}")
+            done = [f"done: {step} steps in {elapsed:.1f}s ({self.stop_reason})"]
+            if "loss" in summary["final"]:
+                done.append(f"loss {summary['final']['loss']:.4f}")
+            if metrics:
+                done.append(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            done.append(f"skipped steps {self.skipped}, bad samples {bad_total}; checkpoint {self.last_ckpt}")
+            last_line = "; ".join(done)
+        logger.close(last_line)
+        return summary
 
 
 def exit_status(summary: Dict[str, Any]) -> int:
