@@ -985,22 +985,7 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     (gcc train 30, val 1; sbu 9), so ``make_dataset(name, out_root, split)`` reads them all; for other names files of
     100,000 rows (the official writers' size). Missing or unreadable images (``verify``: the image must decode) are
     skipped and counted."""
-    if name in DATASETS and name not in ("gcc", "sbu"):
-        raise ValueError(f"prepare_captions: {name!r} is an official dataset that is not web caption data; expected "
-                         "gcc, sbu or a name of your own (coco, f30k and nlvr2 have their own prepare_* writers)")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"prepare_captions: name must be gcc, sbu or a file-name-safe name of your own, got {name!r}")
-    if fmt not in ("arrow", "shards"):
-        raise ValueError(f"prepare_captions: fmt must be 'arrow' or 'shards', got {fmt!r}")
-    # official arrow files exist for these splits only; shards are found by their glob, any name and split will do
-    allowed = {"gcc": ("train", "val"), "sbu": ("train",)}.get(name) if fmt == "arrow" else None
-    if allowed is not None and split not in allowed:
-        raise ValueError(f"prepare_captions: {name} has official files for split(s) {list(allowed)} only, got "
-                         f"{split!r}")
-    if allowed is None and not _NAME_RE.match(split):
-        raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
-    if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
-        raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
+    allowed = _check_caption_args(name, split, fmt, shard_rows)
     if isinstance(pairs, (str, os.PathLike)) and image_root is None:
         image_root = os.path.dirname(os.path.abspath(pairs))
     summary = PrepareSummary(name, out_root)
@@ -1008,56 +993,15 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
         pairs = read_pairs(os.fspath(pairs), lambda where, why: _malformed(summary, where, why))
     if image_root is not None:
         _need_dir(image_root, "the image folder (image_root) that relative image paths are read from")
-
-    # pass 1: group the captions by image (strings only; the images are read while writing)
-    groups: Dict[str, List[str]] = {}
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)) \
-                or not isinstance(pair[1], str):
-            raise ValueError(f"prepare_captions: pair {i} must be (image path, caption str), got {pair!r}")
-        if not pair[1].strip():
-            summary._drop("empty captions")
-            continue
-        path = os.fspath(pair[0])
-        if image_root is not None and not os.path.isabs(path):
-            path = os.path.join(image_root, path)
-        groups.setdefault(os.path.normpath(path), []).append(pair[1])
-    if not groups:
-        why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.malformed)
-        raise ValueError(f"prepare_captions: no (image, caption) pair to write{f' ({why})' if why else ''}")
+    groups = _group_captions(pairs, image_root, summary)
     _out_root(out_root)
-    # images not on disk are left out before the rows are spread over the files (else a partial download, in list
-    # order, gave full first files and empty last ones); files that are there but unreadable are found when read
-    paths = []
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        listed = list(groups)
-        for start in range(0, len(listed), _EXISTS_SLICE):  # in slices: a future per path would hold GBs for GCC
-            part = listed[start:start + _EXISTS_SLICE]
-            for path, there in zip(part, pool.map(os.path.isfile, part)):
-                if there:
-                    paths.append(path)
-                else:
-                    summary._bad(path, missing=True)
-                    summary.skipped_rows += 1
-                    del groups[path]
+    paths = _images_on_disk(groups, summary)
 
     if fmt == "shards":
         return _write_caption_shards(summary, groups, out_root, name, split, shard_rows or SHARD_SAMPLES, verify,
                                      log)
-    official = len(dataset_files(name, split)) if name in ("gcc", "sbu") else None
-    if shard_rows is None and official is not None:
-        n_files = official
-        bounds = [len(paths) * k // n_files for k in range(n_files + 1)]
-    else:
-        size = shard_rows or OFFICIAL_SHARD_ROWS
-        n_files = max(1, math.ceil(len(paths) / size))
-        bounds = [min(k * size, len(paths)) for k in range(n_files + 1)]
-        if official is not None and n_files != official:
-            summary.notes.append(
-                f"{n_files} file(s) written where {name} {split} officially has {official}: training reads "
-                + ("the ones there (with a warning naming the rest)" if n_files < official else
-                   f"the official {official} only (make_dataset({name!r}, root, {split!r}, names=[...]) reads all)"))
-    stems = caption_stems(name, split, n_files)
+    bounds = _caption_file_bounds(name, split, len(paths), shard_rows, summary)
+    stems = caption_stems(name, split, len(bounds) - 1)
     if allowed is None:
         summary.notes.append(f"read these files with make_dataset('gcc', root, 'train', names={stems[:3]}"
                              f"{'...' if len(stems) > 3 else ''})")
@@ -1074,6 +1018,86 @@ def prepare_captions(pairs: Union[str, Iterable[Tuple[str, str]]], out_root: str
     stem = caption_stems(name, split, 1)[0].rsplit("_", 1)[0]
     _remove_earlier(summary, out_root, re.escape(stem) + r"_\d+\.arrow$", "a file")
     return summary
+
+
+def _check_caption_args(name: str, split: str, fmt: str, shard_rows: Optional[int]) -> Optional[Tuple[str, ...]]:
+    """prepare_captions' argument checks; the splits the name has official arrow files for (None: any split)."""
+    if name in DATASETS and name not in ("gcc", "sbu"):
+        raise ValueError(f"prepare_captions: {name!r} is an official dataset that is not web caption data; expected "
+                         "gcc, sbu or a name of your own (coco, f30k and nlvr2 have their own prepare_* writers)")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"prepare_captions: name must be gcc, sbu or a file-name-safe name of your own, got {name!r}")
+    if fmt not in ("arrow", "shards"):
+        raise ValueError(f"prepare_captions: fmt must be 'arrow' or 'shards', got {fmt!r}")
+    # official arrow files exist for these splits only; shards are found by their glob, any name and split will do
+    allowed = {"gcc": ("train", "val"), "sbu": ("train",)}.get(name) if fmt == "arrow" else None
+    if allowed is not None and split not in allowed:
+        raise ValueError(f"prepare_captions: {name} has official files for split(s) {list(allowed)} only, got "
+                         f"{split!r}")
+    if allowed is None and not _NAME_RE.match(split):
+        raise ValueError(f"prepare_captions: split must be a file-name-safe word, got {split!r}")
+    if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
+        raise ValueError(f"prepare_captions: shard_rows must be a positive int, got {shard_rows!r}")
+    return allowed
+
+
+def _group_captions(pairs: Iterable[Tuple[str, str]], image_root: Optional[str],
+                    summary: PrepareSummary) -> Dict[str, List[str]]:
+    """The captions by image path (strings only; the images are read while writing), in order of first appearance;
+    empty captions dropped and counted."""
+    groups: Dict[str, List[str]] = {}
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], (str, os.PathLike)) \
+                or not isinstance(pair[1], str):
+            raise ValueError(f"prepare_captions: pair {i} must be (image path, caption str), got {pair!r}")
+        if not pair[1].strip():
+            summary._drop("empty captions")
+            continue
+        path = os.fspath(pair[0])
+        if image_root is not None and not os.path.isabs(path):
+            path = os.path.join(image_root, path)
+        groups.setdefault(os.path.normpath(path), []).append(pair[1])
+    if not groups:
+        why = "; ".join([f"dropped {n} {reason}" for reason, n in summary.dropped.items()] + summary.malformed)
+        raise ValueError(f"prepare_captions: no (image, caption) pair to write{f' ({why})' if why else ''}")
+    return groups
+
+
+def _images_on_disk(groups: Dict[str, List[str]], summary: PrepareSummary) -> List[str]:
+    """The image paths that are files, in order; the others are counted as missing and leave ``groups``.
+
+    Done before the rows are spread over the files (else a partial download, in list order, gave full first files
+    and empty last ones); files that are there but unreadable are found when read."""
+    paths = []
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        listed = list(groups)
+        for start in range(0, len(listed), _EXISTS_SLICE):  # in slices: a future per path would hold GBs for GCC
+            part = listed[start:start + _EXISTS_SLICE]
+            for path, there in zip(part, pool.map(os.path.isfile, part)):
+                if there:
+                    paths.append(path)
+                else:
+                    summary._bad(path, missing=True)
+                    summary.skipped_rows += 1
+                    del groups[path]
+    return paths
+
+
+def _caption_file_bounds(name: str, split: str, rows: int, shard_rows: Optional[int],
+                         summary: PrepareSummary) -> List[int]:
+    """Where each arrow file's rows begin and end: for gcc/sbu without ``shard_rows`` spread over exactly the official
+    number of files, else files of ``shard_rows`` (default the official writers' 100,000) rows."""
+    official = len(dataset_files(name, split)) if name in ("gcc", "sbu") else None
+    if shard_rows is None and official is not None:
+        return [rows * k // official for k in range(official + 1)]
+    size = shard_rows or OFFICIAL_SHARD_ROWS
+    n_files = max(1, math.ceil(rows / size))
+    if official is not None and n_files != official:
+        summary.notes.append(
+            f"{n_files} file(s) written where {name} {split} officially has {official}: training reads "
+            + ("the ones there (with a warning naming the rest)" if n_files < official else
+               f"the official {official} only (make_dataset({name!r}, root, {split!r}, names=[...]) reads all)"))
+    return [min(k * size, rows) for k in range(n_files + 1)]
 
 
 def _remove_earlier(summary: PrepareSummary, out_root: str, pattern: str, what: str) -> None:
