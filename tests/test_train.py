@@ -1523,6 +1523,32 @@ def test_a_resumed_run_purges_tensorboards_later_steps_and_continues_its_clock(t
     assert float(rows[2]["elapsed_s"]) >= round(saved, 1)
 
 
+def test_a_run_that_fails_while_starting_closes_its_log(tmp_path, synthetic_root, monkeypatch):
+    """An error between the log's creation and the first step (here config.json cannot be written: a full disk)
+    closes the log: TensorBoard's writer (a thread) and the progress bar ended only with the steps' error handling,
+    so a caller that goes on (a sweep) kept them."""
+    import sys
+    import types
+
+    class Writer(_FakeWriter):
+        closed = []
+
+        def close(self):
+            Writer.closed.append(self)
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(train_loop, "atomic_write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, tensorboard=True))
+    assert len(Writer.closed) == 1 and Writer.closed[0] is Writer.made[-1]
+
+
 def test_training_accuracies_count_argmax_hits_over_the_labelled_positions():
     """mlm_acc over the masked tokens (labels -100 elsewhere), the others over every row; 0 when nothing is labelled;
     an objective whose outputs are absent gives no accuracy."""

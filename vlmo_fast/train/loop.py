@@ -625,25 +625,39 @@ class _Run:
         cfg, info, step = self.cfg, self.info, self.step
         set_aside = set_aside_later_checkpoints(cfg.out_dir, step) if info.is_main else []
         self.best, best_notes = best_so_far(cfg.out_dir, step) if info.is_main else (None, [])
-        self.logger = logger = Logger(cfg.out_dir, info.is_main, self.max_steps, step, cfg.tensorboard)
-        if info.is_main:
-            atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
-                              {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1)
-            for note in self.unreadable + set_aside + best_notes:
-                logger.write(f"checkpoints: {note}")
-            if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
-                logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
-                             f"(--max-steps none runs by epochs)")
-            if self.init_report:
-                logger.write(f"initialised from {cfg.load_path}:\n{self.init_report}")
-            elif not self.resume_path and set(cfg.tasks) & set(FINETUNE_TASKS):
-                logger.write("no --load-path: fine-tuning starts from randomly initialised weights, not a pretrained "
-                             "VLMo (give one with --load-path: an official .pt, a vlmo_fast checkpoint or export)")
-            if self.resume_path:
-                logger.write(f"resumed from {self.resume_path} at step {step}"
-                             + (f" with changed options: {', '.join(self.changed)}" if self.changed else ""))
-                if getattr(self.stream, "resume_note", None):
-                    logger.write(self.stream.resume_note)
+        self.logger = Logger(cfg.out_dir, info.is_main, self.max_steps, step, cfg.tensorboard)
+        try:
+            if info.is_main:
+                self._write_start(self.unreadable + set_aside + best_notes)
+            self._start_counters()
+        except BaseException:  # (e.g. a full disk) the progress bar and TensorBoard's writer thread end here too
+            self.logger.close()
+            raise
+
+    def _write_start(self, checkpoint_notes: List[str]) -> None:
+        """config.json, then the run's first log lines."""
+        cfg, logger = self.cfg, self.logger
+        atomic_write_json(os.path.join(cfg.out_dir, "config.json"),
+                          {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1)
+        for note in checkpoint_notes:
+            logger.write(f"checkpoints: {note}")
+        if cfg.max_steps is not None and cfg.max_epochs is not None:  # as official, max_steps wins
+            logger.write(f"max_epochs {cfg.max_epochs} is not used: max_steps {cfg.max_steps} ends the run "
+                         f"(--max-steps none runs by epochs)")
+        if self.init_report:
+            logger.write(f"initialised from {cfg.load_path}:\n{self.init_report}")
+        elif not self.resume_path and set(cfg.tasks) & set(FINETUNE_TASKS):
+            logger.write("no --load-path: fine-tuning starts from randomly initialised weights, not a pretrained "
+                         "VLMo (give one with --load-path: an official .pt, a vlmo_fast checkpoint or export)")
+        if self.resume_path:
+            logger.write(f"resumed from {self.resume_path} at step {self.step}"
+                         + (f" with changed options: {', '.join(self.changed)}" if self.changed else ""))
+            if getattr(self.stream, "resume_note", None):
+                logger.write(self.stream.resume_note)
+
+    def _start_counters(self) -> None:
+        """The counters, flags and clocks' companions the steps keep (the clocks start in ``train``)."""
+        cfg, info, step = self.cfg, self.info, self.step
         tasks = set(cfg.tasks)
         self.flops_per_sample = pretrain_step_flops(self.model.config, 1) if tasks == {"mlm", "itc", "itm"} else None
         self.peak_tflops = _peak_tflops(info.device)
@@ -959,7 +973,8 @@ class _Run:
                 signum = max(signum, self.signalled())
             if signum:  # every rank stops, with the signal's number (exit status 128 + N on each)
                 self.stop(f"signal {signum}")
-        self.last_ckpt = self.save("final")
+        if self.step >= self.max_steps:  # (the loop has no break: always, today)
+            self.last_ckpt = self.save("final")
 
     def train(self) -> Dict[str, Any]:
         """The steps, the final evaluation, the summary (signal handlers installed throughout)."""
