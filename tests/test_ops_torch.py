@@ -242,6 +242,69 @@ def test_index_is_rechecked_after_in_place_change():
         ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index)
 
 
+def test_tensor_memo_survives_another_threads_entries_while_it_drops_freed_ones():
+    """The memos (checked indices, mask parts) are shared by every thread running forwards: an entry added by another
+    thread while one drops the freed tensors' entries made that one raise "dictionary changed size during
+    iteration". Here the other thread's insertion is made from inside that pass, deterministically."""
+    from vlmo_fast.ops._memo import TensorMemo
+
+    memo = TensorMemo(size=2)
+    alive = [torch.zeros(1) for _ in range(3)]
+    for i, t in enumerate(alive):
+        assert memo.get(t, (), lambda i=i: i) == i
+    other = torch.zeros(1)
+
+    class RefAddingAnEntry:  # the weak reference the pass calls, as if another thread ran meanwhile
+        def __call__(self):
+            memo._entries[id(other)] = (lambda: other, (other._version,), "other")
+            return None  # this entry's tensor is gone
+
+    memo._entries[-1] = (RefAddingAnEntry(), (0,), "gone")
+    t = torch.zeros(1)
+    assert memo.get(t, (), lambda: "new") == "new"  # past the size: the pass runs (and raised here)
+    assert memo.get(t, (), lambda: "recomputed") == "new"  # remembered
+    assert -1 not in memo._entries
+
+
+def test_forwards_from_several_threads_give_each_its_own_outputs():
+    """A server may run forwards of one model in several threads (under no_grad, where the memos are used): each
+    gets the outputs a lone forward of its batch gives."""
+    import threading
+
+    import vlmo_fast as vf
+
+    torch.manual_seed(0)
+    model = vf.VLMo(vf.preset("vlmo_tiny_patch16")).eval()
+    cfg = model.config
+    batches = []
+    for i in range(4):
+        ids = torch.randint(1000, 2000, (2, cfg.max_text_len))
+        masks = torch.ones_like(ids)
+        masks[:, 5 + 3 * i:] = 0
+        batches.append({"text_ids": ids, "text_masks": masks,
+                        "image": [torch.randn(2, 3, cfg.image_size, cfg.image_size)]})
+    with torch.no_grad():
+        want = [model.infer(b)["cls_feats"] for b in batches]
+    got, errors = {}, []
+
+    def serve(i):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    got.setdefault(i, []).append(model.infer(batches[i])["cls_feats"])
+        except Exception as exc:  # (an error in a thread would otherwise only be printed)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(4):
+        assert len(got[i]) == 5 and all(torch.allclose(out, want[i], atol=1e-6) for out in got[i])
+
+
 def test_layernorm_and_ffn_bad_inputs():
     x = torch.randn(2, 10, 8)
     w = torch.ones(8)

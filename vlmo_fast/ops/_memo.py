@@ -30,7 +30,8 @@ class TensorMemo:
     Bounded: past ``size`` tensors the entries of freed tensors are dropped, and all when that is not enough. While
     ``torch.compile`` traces, ``compute()`` simply runs (traced into the graph): reading the version counter there
     would break the graph. Nor is anything remembered for an inference tensor (made under ``torch.inference_mode``),
-    which has no version counter to see a change."""
+    which has no version counter to see a change. Safe to share between threads (e.g. a server running forwards in
+    several): a lost entry is only computed again."""
 
     def __init__(self, size: int = 64):
         self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
@@ -48,7 +49,9 @@ class TensorMemo:
             return hit[2]
         value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
         if len(self._entries) > self._size:  # the entries of freed tensors go first, then (still full) all
-            self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+            # from a snapshot (one C call): another thread's forward may add an entry meanwhile, and iterating the dict
+            # itself then raised "dictionary changed size during iteration" (inference served from several threads)
+            self._entries = {k: e for k, e in list(self._entries.items()) if e[0]() is not None}
             if len(self._entries) > self._size:
                 self._entries.clear()
         try:
