@@ -918,3 +918,56 @@ def test_split_qkv_gradient_is_the_packed_one_and_free_after_the_triton_backward
     assert len(seen) == 1 and (seen[0] is not None) == (backend == "triton")
     if backend == "triton":
         assert seen[0].shape == qkv.shape and seen[0].is_contiguous()
+
+
+def test_triton_launches_from_several_threads_take_turns(monkeypatch):
+    """Triton's autotuner keeps the call it runs on the shared kernel object (its arguments, reset when the call
+    ends), and a kernel's first launch can see it compiled before its binary is loaded: launches from several
+    threads (inference served from a thread pool) failed while another tuned or loaded. Every launch of these ops
+    now holds one lock: here each launch lingers, and no two overlap; each thread gets its lone call's output."""
+    import threading
+    import time
+
+    from vlmo_fast.ops import triton_ffn
+
+    inside, overlaps = [0], []
+    real = ta._launch
+
+    def lingering(*args, **kwargs):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.05)  # (a thread switch here let another thread's launch run)
+        real(*args, **kwargs)
+        inside[0] -= 1
+
+    monkeypatch.setattr(ta, "_launch", lingering)
+    b, h, n, d = 2, 2, 13, 8
+    index, rows = fusion_index(n)
+    inputs = [(torch.randn(b, h, n, d, device=DEV), torch.randn(rows, h, device=DEV)) for _ in range(3)]
+
+    def attend(q, table):
+        return ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, key_padding_mask=padding(b, n),
+                                     backend="triton")
+
+    with torch.no_grad():
+        want = [attend(q, table) for q, table in inputs]
+        got, errors = {}, []
+
+        def serve(i):
+            try:
+                got[i] = attend(*inputs[i])
+                x = torch.randn(2, 5, 8, device=DEV)
+                got[(i, "residual")] = (ops.scaled_residual(x, x, backend="triton"), x + x)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=serve, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and max(overlaps) == 1 and len(overlaps) == 6  # (three lone calls, then three threads)
+    for i in range(3):
+        torch.testing.assert_close(got[i], want[i])
+        torch.testing.assert_close(*got[(i, "residual")])
+    assert triton_ffn.launch_device is ta.launch_device  # the FFN's launches take the same lock

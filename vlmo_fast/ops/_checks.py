@@ -123,8 +123,11 @@ def int32_index(index: torch.Tensor, num_rows: int) -> torch.Tensor:
     the caller's tensor, so a later write to that tensor can make the kernels' copy stale, never out of range.
     """
     wide = index.to(torch.int64, copy=True)
+    # narrowed before the check, whose host read waits for it: the copy is remembered, and a thread on another CUDA
+    # stream may launch a kernel reading it as soon as it is returned
+    narrow = wide.to(torch.int32).contiguous()
     check_index_range(wide, num_rows)
-    return wide.to(torch.int32).contiguous()
+    return narrow
 
 
 def key_padding_keep(key_padding_mask: torch.Tensor, batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -34,6 +34,7 @@ import functools
 import inspect
 import os
 import re
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -682,12 +683,23 @@ STRUCTURED_INDEX = True
 TABLE_BIAS = "dense"
 
 
+# Held around every Triton launch of these ops. Triton's autotuner keeps the arguments of the call it runs on the
+# kernel object (Autotuner.nargs, None again when the call ends), and a kernel's first launch can find it compiled
+# before its binary is loaded: a launch from another thread meanwhile (inference served from several threads) failed
+# with a TypeError (triton-lang/triton#11494). With the lock a thread waits while another tunes a new shape.
+_LAUNCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
 def launch_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device, not on its arguments': a context making ``t``'s device current
-    when it is not (tensors on cuda:1 while cuda:0 is current)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    """The context of a Triton launch for ``t``: ``t``'s device made current when it is not (Triton launches on the
+    current CUDA device, not on its arguments': tensors on cuda:1 while cuda:0 is current), and the launch lock."""
+    with _LAUNCH_LOCK:
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                yield
+        else:
+            yield
 
 
 def launch_index(t: torch.Tensor) -> int:
