@@ -512,6 +512,32 @@ def test_a_model_built_on_meta_loads_with_its_index_buffers(tmp_path):
     assert all(torch.equal(getattr(wrapper[0], name), getattr(src, name)) for name in names)
 
 
+def test_a_base_plus_model_built_on_meta_gets_its_text_position_ids(tmp_path):
+    """base_plus adds absolute text positions through the ``position_ids`` buffer (0, 1, ...). After ``to_empty()``
+    it held garbage, and a checkpoint without it (newer transformers do not save it) kept that garbage: the text
+    read wrong position rows, or past the table. It is made again as the relative indices are."""
+    src = tiny(use_rel_pos=False, use_abs_pos_emb=True).eval()
+    assert src.relative_position_bias_table is None and src.text_embeddings.use_abs_pos
+    state = {k: v for k, v in src.state_dict().items() if k != "text_embeddings.position_ids"}
+    torch.save(state, tmp_path / "no_ids.pt")
+    ids = torch.randint(1000, 2000, (2, src.config.max_text_len))
+    masks = torch.ones_like(ids)
+    with torch.device("meta"):
+        m = vf.VLMo(src.config)
+    m = m.to_empty(device="cpu").eval()
+    assert torch.equal(m.text_embeddings.position_ids, src.text_embeddings.position_ids)  # made again
+    m.text_embeddings.position_ids.fill_(-12345)  # what uninitialised memory may hold
+    load_checkpoint(m, tmp_path / "no_ids.pt")
+    assert torch.equal(m.text_embeddings.position_ids, src.text_embeddings.position_ids)
+    with torch.no_grad():
+        assert torch.equal(m.text_embedding(ids, masks), src.text_embedding(ids, masks))
+    with torch.device("meta"):  # loaded with assign=True from a state without them: they were left on meta
+        m = vf.VLMo(src.config)
+    m.load_state_dict(state, strict=False, assign=True)
+    assert m.text_embeddings.position_ids.device.type == "cpu"
+    assert torch.equal(m.text_embeddings.position_ids, src.text_embeddings.position_ids)
+
+
 def test_a_lightning_checkpoint_of_the_official_code_loads_without_its_classes(tmp_path):
     """A .ckpt saved by the official (Lightning) training holds, besides the state dict, callbacks keyed by their
     class, a sacred config and Lightning's AttributeDict: the safe unpickler refused the whole file. Those objects now

@@ -151,10 +151,12 @@ class VLMo(nn.Module):
         return out
 
     def reset_index_buffers(self) -> None:
-        """Make the relative-position index buffers again, on the table's device. They are not in the state dict
-        (derived from the config, as official), so a model built on the meta device and materialised holds garbage
+        """Make the relative-position index buffers again, on the table's device, and the text position ids. The
+        indices are not in the state dict (derived from the config, as official), and a checkpoint may lack the ids
+        (newer transformers do not save them), so a model built on the meta device and materialised holds garbage
         there (or, loaded with ``assign=True``, meta tensors) until this runs; every move of the model's tensors
         (``to_empty()`` included) and every ``load_state_dict()`` calls it."""
+        self.text_embeddings.reset_position_ids()
         if self.relative_position_bias_table is None:
             return
         device = self.relative_position_bias_table.device
