@@ -14,6 +14,7 @@ from vlmo_fast.reference import ReferenceVLMo
 from attn_ref import eager_attention, reference_attention
 from attn_ref import padding as _padding
 from numerics import assert_twice_eager
+from threads import run_in_threads
 
 on_gpu = torch.cuda.is_available()
 # Without CUDA the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); with CUDA the
@@ -925,7 +926,6 @@ def test_triton_launches_from_several_threads_take_turns(monkeypatch):
     ends), and a kernel's first launch can see it compiled before its binary is loaded: launches from several
     threads (inference served from a thread pool) failed while another tuned or loaded. Every launch of these ops
     now holds one lock: here each launch lingers, and no two overlap; each thread gets its lone call's output."""
-    import threading
     import time
 
     from vlmo_fast.ops import triton_ffn
@@ -951,21 +951,14 @@ def test_triton_launches_from_several_threads_take_turns(monkeypatch):
 
     with torch.no_grad():
         want = [attend(q, table) for q, table in inputs]
-        got, errors = {}, []
+        got = {}
 
         def serve(i):
-            try:
-                got[i] = attend(*inputs[i])
-                x = torch.randn(2, 5, 8, device=DEV)
-                got[(i, "residual")] = (ops.scaled_residual(x, x, backend="triton"), x + x)
-            except Exception as exc:
-                errors.append(exc)
+            got[i] = attend(*inputs[i])
+            x = torch.randn(2, 5, 8, device=DEV)
+            got[(i, "residual")] = (ops.scaled_residual(x, x, backend="triton"), x + x)
 
-        threads = [threading.Thread(target=serve, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_in_threads(serve, 3)
     assert errors == [] and max(overlaps) == 1 and len(overlaps) == 6  # (three lone calls, then three threads)
     for i in range(3):
         torch.testing.assert_close(got[i], want[i])
