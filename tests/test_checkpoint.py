@@ -748,3 +748,24 @@ def test_a_file_saved_without_checksums_loads(tmp_path):
         torch.serialization.set_crc32_options(True)
     back = read_state_dict(tmp_path / "nocrc.pt")
     assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_the_umask_is_read_without_setting_it_where_linux_tells_it(tmp_path, monkeypatch):
+    """Written files get the mode a plain open() would give (the umask applied). Reading the umask by setting it, as
+    vlmo_fast's import did, races with other threads' file creation (a file made meanwhile gets none); on Linux it is
+    read from /proc, at import and at each write, and only elsewhere read once by setting it."""
+    from vlmo_fast import fileio
+
+    real = os.umask
+    before = real(0o027)
+    try:
+        calls = []
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+        assert fileio._proc_umask() == 0o027  # (the CI machines are Linux)
+        assert fileio._import_umask() == 0o027 and calls == []  # what the import runs: nothing set
+        save_checkpoint(tiny(), tmp_path / "m.safetensors")
+        assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o640 and calls == []
+        monkeypatch.setattr(fileio, "_proc_umask", lambda: None)  # no /proc: set once, and restored
+        assert fileio._import_umask() == 0o027 and calls == [0, 0o027]
+    finally:
+        real(before)

@@ -11,12 +11,9 @@ import stat
 import tempfile
 from typing import Callable, Iterator, Optional, Tuple
 
-_UMASK = os.umask(0)  # read once at import, where /proc cannot tell it (setting it races with other threads)
-os.umask(_UMASK)
 
-
-def _umask() -> int:
-    """The process's umask now (Linux: read from /proc, never set), else the one at import."""
+def _proc_umask() -> Optional[int]:
+    """The process's umask as Linux's /proc tells it (without setting it), or None where it cannot."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -24,7 +21,27 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return _UMASK
+    return None
+
+
+def _import_umask() -> int:
+    found = _proc_umask()
+    if found is not None:
+        return found
+    # no /proc (not Linux, or a kernel before 4.7): read by setting it, once. Setting it races with other threads'
+    # file creation (a file made meanwhile gets no umask), so never where /proc can tell it
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _import_umask()
+
+
+def _umask() -> int:
+    """The process's umask now (Linux: read from /proc, never set), else the one at import."""
+    found = _proc_umask()
+    return _UMASK if found is None else found
 
 
 def _mode_for(path: str) -> int:
