@@ -25,21 +25,6 @@ class TextEmbeddings(nn.Module):
         # persistent, as in transformers 4.8.1: part of the official state dict
         self.register_buffer("position_ids", torch.arange(max_len).unsqueeze(0))
 
-    def reset_position_ids(self) -> None:
-        """``position_ids`` := 0, 1, ..., on the position table's device: the values every checkpoint holds, made
-        again (by ``VLMo.reset_index_buffers``) where the model was materialised from the meta device (garbage) or
-        loaded from a file without them (base_plus reads them)."""
-        device = self.position_embeddings.weight.device
-        if device.type == "meta":
-            return
-        with torch.device("cpu"), torch.no_grad():
-            want = torch.arange(self.position_embeddings.num_embeddings).unsqueeze(0)
-            ids = self.position_ids
-            if ids.device == device and ids.shape == want.shape and ids.dtype == want.dtype:
-                ids.copy_(want)
-            else:  # still on meta (load_state_dict(assign=True) of a file without them), or elsewhere
-                self.register_buffer("position_ids", want.to(device))
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         if self.use_abs_pos:

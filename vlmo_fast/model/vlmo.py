@@ -38,6 +38,17 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 _CHECKED_IDS = TensorMemo(16)  # text_ids tensors whose values passed the range check
 
 
+def _remake_buffer(module: nn.Module, name: str, value: torch.Tensor, device: torch.device, persistent: bool) -> None:
+    """``module.<name>`` := ``value`` on ``device`` (not meta): copied in place where the buffer already has that
+    device, shape and dtype, else registered anew (still on meta: ``load_state_dict(assign=True)`` moves only what it
+    loads)."""
+    buffer = getattr(module, name)
+    if buffer.device == device and buffer.shape == value.shape and buffer.dtype == value.dtype:
+        buffer.copy_(value)
+    else:
+        module.register_buffer(name, value.to(device), persistent=persistent)
+
+
 def _reset_index_buffers_after_load(module: "VLMo", incompatible_keys) -> None:
     module.reset_index_buffers()
 
@@ -156,19 +167,14 @@ class VLMo(nn.Module):
         (newer transformers do not save them), so a model built on the meta device and materialised holds garbage
         there (or, loaded with ``assign=True``, meta tensors) until this runs; every move of the model's tensors
         (``to_empty()`` included) and every ``load_state_dict()`` calls it."""
-        self.text_embeddings.reset_position_ids()
-        if self.relative_position_bias_table is None:
-            return
-        device = self.relative_position_bias_table.device
-        if device.type == "meta":
-            return
-        with torch.device("cpu"), torch.no_grad():
-            for name, index in self._index_buffers().items():
-                buffer = getattr(self, name)
-                if buffer.device == device and buffer.shape == index.shape and buffer.dtype == index.dtype:
-                    buffer.copy_(index)
-                else:  # still on meta (load_state_dict(assign=True) moves only what it loads), or elsewhere
-                    self.register_buffer(name, index.to(device), persistent=False)
+        positions, table = self.text_embeddings.position_embeddings, self.relative_position_bias_table
+        with torch.device("cpu"), torch.no_grad():  # (made on the CPU whatever the default device)
+            if positions.weight.device.type != "meta":
+                _remake_buffer(self.text_embeddings, "position_ids", torch.arange(positions.num_embeddings)[None],
+                               positions.weight.device, persistent=True)
+            if table is not None and table.device.type != "meta":
+                for name, index in self._index_buffers().items():
+                    _remake_buffer(self, name, index, table.device, persistent=False)
 
     # ---- configuration -----------------------------------------------------------------------------------------
     def set_backend(self, backend: str) -> "VLMo":
