@@ -5,6 +5,7 @@ import contextlib
 import copy
 import io
 import csv
+import errno
 import json
 import math
 import multiprocessing
@@ -1361,9 +1362,6 @@ def test_an_output_folder_that_cannot_be_written_and_a_summary_that_cannot_be_sa
     """--out-dir that cannot be made (or written) is a one-line configuration error, where it was a traceback; a full
     disk at the summary, once the run's checkpoint is saved, warns instead of turning a finished run's exit status
     into 1."""
-    import errno
-
-    from vlmo_fast.train import loop
     from vlmo_fast.train.loop import exit_status
 
     (tmp_path / "file").write_text("x")
@@ -1373,17 +1371,22 @@ def test_an_output_folder_that_cannot_be_written_and_a_summary_that_cannot_be_sa
     with pytest.raises(ValueError, match=r"--out-dir .*ro is not writable"):
         train(small_cfg(tmp_path / "ro", synthetic_root, max_steps=1, warmup_steps=0))
     monkeypatch.undo()
-    real = loop.atomic_write_json
-
-    def full(path, *args, **kwargs):
-        if path.endswith("summary.json"):
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "atomic_write_json", full)
+    json_write_fails(monkeypatch, "summary.json")
     with pytest.warns(UserWarning, match=r"summary.json not written: .*No space left on device"):
         summary = train(small_cfg(tmp_path / "full", synthetic_root, max_steps=1, warmup_steps=0))
     assert exit_status(summary) == 0 and os.path.isfile(summary["last_checkpoint"])
+
+
+def json_write_fails(monkeypatch, name: str) -> None:
+    """The loop's writes of the JSON file ``name`` (config.json, summary.json) fail as on a full disk."""
+    real = train_loop.atomic_write_json
+
+    def full(path, *args, **kwargs):
+        if path.endswith(name):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "atomic_write_json", full)
 
 
 def _saves_by_step(monkeypatch, signal_at=None):
@@ -1540,10 +1543,7 @@ def test_a_run_that_fails_while_starting_closes_its_log(tmp_path, synthetic_root
     fake.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
 
-    def full_disk(path, *args, **kwargs):
-        raise OSError(28, "No space left on device", path)
-
-    monkeypatch.setattr(train_loop, "atomic_write_json", full_disk)
+    json_write_fails(monkeypatch, "config.json")
     with pytest.raises(OSError, match="No space left"):
         train(small_cfg(tmp_path / "run", synthetic_root, max_steps=2, tensorboard=True))
     assert len(Writer.closed) == 1 and Writer.closed[0] is Writer.made[-1]
