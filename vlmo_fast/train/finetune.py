@@ -254,6 +254,100 @@ def _model_to_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser
     return model, cfg, report, device
 
 
+class _Evaluation:
+    """One ``vlmo-fast evaluate TASK`` pass over the data: ``run()`` gives the metrics, over the readable samples
+    (``bad`` counts the others); ``unanswered`` counts the VQA test questions the submission lacks."""
+
+    def __init__(self, args: argparse.Namespace, parser: argparse.ArgumentParser, task: str, model: torch.nn.Module,
+                 cfg: TrainConfig, device: torch.device, split: str, dataset_name: str, work_dir: str):
+        self.args, self.parser, self.task, self.model, self.device = args, parser, task, model, device
+        self.split, self.dataset_name = split, dataset_name
+        self.amp = resolve_precision(cfg, device)
+        self.root = args.data_root or os.path.join(work_dir, "synthetic")
+        if args.data_root is None:
+            vdata.write_synthetic(self.root, image_size=64, seed=0)
+        self.collate = vdata.build_collate(mlm=False)
+        self.bad = 0
+        self.unanswered = 0
+
+    def run(self) -> Dict[str, Any]:
+        return {"irtr": self.irtr, "vqa": self.vqa, "nlvr2": self.nlvr2}[self.task]()
+
+    def loader(self, ds):
+        return eval_loader(ds, self.args.batch_size, self.collate, self.args.num_workers)
+
+    def dataset(self, names: List[str], split: str, **extra):
+        mc = self.model.config
+        with user_errors(self.parser):  # unreadable files or missing columns: one line
+            return vdata.build_dataset(self.root, names, split, image_size=mc.image_size,
+                                       max_text_len=mc.max_text_len, train=False, **extra)
+
+    def nothing_readable(self, what: str) -> None:  # no metric to report: an error, not a report without it
+        with user_errors(self.parser):
+            raise ValueError(f"{what}: no readable sample to evaluate ({self.bad} unreadable; see the log above)")
+
+    def irtr(self) -> Dict[str, Any]:
+        name, split, rerank_k = self.dataset_name, self.split, getattr(self.args, "rerank_k", 0)
+        images = self.dataset([name], split, image_only=True)
+        texts = self.dataset([name], split, text_only=True)
+        img_stats: Dict[str, Any] = {}
+        txt_stats: Dict[str, Any] = {}
+        img_feats, img_ids = encode(self.model, self.loader(images), self.device, "image", self.amp, img_stats)
+        txt_feats, txt_ids = encode(self.model, self.loader(texts), self.device, "text", self.amp, txt_stats)
+        self.bad = img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0)
+        keep = torch.isin(txt_ids, img_ids)  # an unreadable image's captions are left out with it
+        txt_feats, txt_ids, txt_index = txt_feats[keep], txt_ids[keep], txt_stats["raw_index"][keep.cpu()]
+        if not len(img_ids) or not len(txt_ids):
+            self.nothing_readable(f"{name} {split} " + ("images" if not len(img_ids) else "captions"))
+        metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
+        if rerank_k:  # (the captions' tokens from the text-only set: no image decoded for them)
+            metrics["rerank"] = rerank_recall(self.model, img_feats, txt_feats, txt_ids, img_ids, images, texts,
+                                              k=rerank_k, device=self.device, autocast_dtype=self.amp,
+                                              batch_size=self.args.batch_size, image_index=img_stats["raw_index"],
+                                              text_index=txt_index)
+        return metrics
+
+    def vqa(self) -> Dict[str, Any]:
+        test = self.split == "test"
+        if test:  # checked before the test pass (448K questions at 480 px): its answers need them
+            id2answer = self.vqa_answers()
+        ds = self.dataset(["vqa"], self.split)
+        with user_errors(self.parser):
+            vdata.check_vqa_labels(ds, self.model.config.vqav2_label_size)
+        stats: Dict[str, int] = {}
+        result = evaluate_vqa(self.model, self.loader(ds), self.device, self.amp, stats)
+        self.bad = stats.get("bad_samples", 0)
+        metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
+        if not result["predictions"]:
+            self.nothing_readable(f"vqa {self.split}")
+        if test:
+            vqa_submission(result["predictions"], id2answer, self.args.out)
+            metrics["submission"] = self.args.out
+            self.unanswered = len(ds) - len(result["predictions"])
+        return metrics
+
+    def vqa_answers(self) -> Dict[int, str]:
+        """The answer of each class, as official, from the train and val files (their answers and labels)."""
+        paths = [os.path.join(self.root, f"{n}.arrow")
+                 for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")]
+        with user_errors(self.parser):
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"{', '.join(missing)}: needed for the answer strings of the classes "
+                                        f"(the test file has no answers)")
+            return build_id2answer([vdata.read_arrow(p) for p in paths])
+
+    def nlvr2(self) -> Dict[str, Any]:
+        ds = self.dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
+        stats: Dict[str, int] = {}
+        metrics = evaluate_nlvr2(self.model, self.loader(ds), self.device, self.amp, stats)
+        self.bad = stats.get("bad_samples", 0)
+        for part, file in (("dev", "nlvr2_dev"), ("test", "nlvr2_test1")):
+            if f"{part}_acc" not in metrics:  # (both files exist: dataset() checked)
+                self.nothing_readable(file)
+        return metrics
+
+
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     task = _task(argv, "evaluate", "Evaluate a VLMo checkpoint: retrieval recall, the VQA score or a VQAv2 test "
@@ -266,87 +360,22 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     work_dir = getattr(args, "work_dir", "runs/vlmo_fast")
     model, cfg, report, device = _model_to_evaluate(args, parser, task, rerank_k, split, dataset_name, work_dir)
     model.to(device).eval()
-    amp = resolve_precision(cfg, device)
-    root = args.data_root or os.path.join(work_dir, "synthetic")
-    if args.data_root is None:
-        vdata.write_synthetic(root, image_size=64, seed=0)
+    evaluation = _Evaluation(args, parser, task, model, cfg, device, split, dataset_name, work_dir)
+    metrics = evaluation.run()
+    if evaluation.bad:  # left out: the recalls, score or accuracies are over the readable samples
+        metrics["unreadable_samples"] = evaluation.bad
     mc = model.config
-    kw = dict(image_size=mc.image_size, max_text_len=mc.max_text_len, train=False)
-    collate = vdata.build_collate(mlm=False)
-
-    def loader(ds):
-        return eval_loader(ds, args.batch_size, collate, args.num_workers)
-
-    def dataset(names, split, **extra):
-        with user_errors(parser):  # unreadable files or missing columns: one line
-            return vdata.build_dataset(root, names, split, **kw, **extra)
-
-    def nothing_readable(what: str, unreadable: int):  # no metric to report: an error, not a report without it
-        with user_errors(parser):
-            raise ValueError(f"{what}: no readable sample to evaluate ({unreadable} unreadable; see the log above)")
-
-    if task == "irtr":
-        images = dataset([dataset_name], split, image_only=True)
-        texts = dataset([dataset_name], split, text_only=True)
-        img_stats: Dict[str, Any] = {}
-        txt_stats: Dict[str, Any] = {}
-        img_feats, img_ids = encode(model, loader(images), device, "image", amp, img_stats)
-        txt_feats, txt_ids = encode(model, loader(texts), device, "text", amp, txt_stats)
-        keep = torch.isin(txt_ids, img_ids)  # an unreadable image's captions are left out with it
-        txt_feats, txt_ids, txt_index = txt_feats[keep], txt_ids[keep], txt_stats["raw_index"][keep.cpu()]
-        if not len(img_ids) or not len(txt_ids):
-            nothing_readable(f"{dataset_name} {split} " + ("images" if not len(img_ids) else "captions"),
-                             img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0))
-        metrics: Dict[str, Any] = recall_at_k(img_feats, txt_feats, txt_ids, img_ids)
-        if rerank_k:  # (the captions' tokens from the text-only set: no image decoded for them)
-            metrics["rerank"] = rerank_recall(model, img_feats, txt_feats, txt_ids, img_ids, images, texts,
-                                              k=rerank_k, device=device, autocast_dtype=amp, batch_size=args.batch_size,
-                                              image_index=img_stats["raw_index"], text_index=txt_index)
-        bad = img_stats.get("bad_samples", 0) + txt_stats.get("bad_samples", 0)
-    elif task == "vqa":
-        if split == "test":  # checked before the test pass (448K questions at 480 px): its answers need them
-            # the answer of each class, as official, from the train and val files (their answers and labels)
-            paths = [os.path.join(root, f"{n}.arrow")
-                     for n in vdata.dataset_files("vqa", "train") + vdata.dataset_files("vqa", "val")]
-            with user_errors(parser):
-                missing = [p for p in paths if not os.path.isfile(p)]
-                if missing:
-                    raise FileNotFoundError(f"{', '.join(missing)}: needed for the answer strings of the classes "
-                                            f"(the test file has no answers)")
-                id2answer = build_id2answer([vdata.read_arrow(p) for p in paths])
-        ds = dataset(["vqa"], split)
-        with user_errors(parser):
-            vdata.check_vqa_labels(ds, mc.vqav2_label_size)
-        stats: Dict[str, int] = {}
-        result = evaluate_vqa(model, loader(ds), device, amp, stats)
-        metrics = {"vqa_score": result["vqa_score"], "questions": len(result["predictions"])}
-        bad = stats.get("bad_samples", 0)
-        if not result["predictions"]:
-            nothing_readable(f"vqa {split}", bad)
-        if split == "test":
-            vqa_submission(result["predictions"], id2answer, args.out)
-            metrics["submission"] = args.out
-    else:
-        ds = dataset(["nlvr2"], "val")  # dev + test1, told apart by table_name
-        stats = {}
-        metrics = evaluate_nlvr2(model, loader(ds), device, amp, stats)
-        bad = stats.get("bad_samples", 0)
-        for part, file in (("dev", "nlvr2_dev"), ("test", "nlvr2_test1")):
-            if f"{part}_acc" not in metrics:  # (both files exist: dataset() checked)
-                nothing_readable(file, bad)
-    if bad:  # left out: the recalls, score or accuracies are over the readable samples
-        metrics["unreadable_samples"] = bad
     metrics["checkpoint"] = args.load_path
     metrics["model"] = {"arch": cfg.arch, "image_size": mc.image_size, "max_text_len": mc.max_text_len}
     metrics["load_report"] = str(report)
-    text = json.dumps(metrics, indent=1)
-    print(text)
-    if args.out and not (task == "vqa" and split == "test"):
+    print(json.dumps(metrics, indent=1))
+    submission = task == "vqa" and split == "test"
+    if args.out and not submission:
         atomic_write_json(args.out, metrics, indent=1)
-    if task == "vqa" and split == "test" and len(result["predictions"]) < len(ds):
+    if evaluation.unanswered:
         # written all the same (to inspect), but the evaluation server takes complete files only
-        print(f"{parser.prog}: error: the submission {args.out} lacks the {len(ds) - len(result['predictions'])} "
-              f"questions whose images could not be read (see the log above): the VQA server refuses an incomplete "
-              f"file", file=sys.stderr)
+        print(f"{parser.prog}: error: the submission {args.out} lacks the {evaluation.unanswered} questions whose "
+              f"images could not be read (see the log above): the VQA server refuses an incomplete file",
+              file=sys.stderr)
         return 1
     return 0
