@@ -8,6 +8,7 @@ in its top K (TR@K) and for each caption whether its image is in its top K (IR@K
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -88,8 +89,7 @@ def encode(model, batches: Iterable[dict], device: torch.device, kind: str, auto
     fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-        with ctx:
+        with _autocast(device, autocast_dtype):
             f = fn(batch)["cls_feats"]
         feats.append(f.float())
         ids.append(torch.as_tensor(batch["img_index"]).reshape(-1))
@@ -105,12 +105,8 @@ def _vocab_size(model) -> Optional[int]:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def to_device(batch: dict, device: torch.device, vocab_size: Optional[int] = None) -> dict:
@@ -158,29 +154,6 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
         raise ValueError(f"image_index and text_index must have one entry per feature row ({image_feats.shape[0]}, "
                          f"{text_feats.shape[0]}), got {len(image_index)} and {len(text_index)}")
 
-    decoded: Dict[int, torch.Tensor] = {}  # the image of the last pair scored (pairs come in image order)
-    tokens: Dict[int, dict] = {}  # every caption's tokens, read once
-
-    def itm_scores(rows_i: List[int], rows_t: List[int]) -> torch.Tensor:  # pairs sorted by image -> match logits
-        out = []
-        for s in range(0, len(rows_i), batch_size):
-            chunk_i, chunk_t = rows_i[s : s + batch_size], rows_t[s : s + batch_size]
-            images = {i: decoded[i] if i in decoded else _item(image_dataset, image_index[i])["image"]
-                      for i in dict.fromkeys(chunk_i)}
-            decoded.clear()
-            decoded[chunk_i[-1]] = images[chunk_i[-1]]  # its pairs may go on in the next chunk
-            for t in chunk_t:
-                if t not in tokens:
-                    item = _item(text_dataset, text_index[t])
-                    tokens[t] = {"text_ids": item["text_ids"], "text_masks": item["text_masks"]}
-            batch = {"text_ids": torch.stack([tokens[t]["text_ids"] for t in chunk_t]).to(device),
-                     "text_masks": torch.stack([tokens[t]["text_masks"] for t in chunk_t]).to(device),
-                     "image": [torch.stack([images[i] for i in chunk_i]).to(device)]}
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-            with ctx:
-                out.append(model.itm_score(model.infer(batch)["cls_feats"])[:, 1].float().cpu())
-        return torch.cat(out)
-
     # every query's dual-encoder top max(k, K) with its scores (rows: images for TR, captions for IR); its first k
     # are re-scored with the ITM logit of (image, caption)
     n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
@@ -192,7 +165,8 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     key_tr = torch.arange(n_img)[:, None] * n_txt + i2t[:, :k]
     key_ir = t2i[:, :k] * n_txt + torch.arange(n_txt)[:, None]
     keys = torch.unique(torch.cat([key_tr.flatten(), key_ir.flatten()]))
-    logits = itm_scores((keys // n_txt).tolist(), (keys % n_txt).tolist())
+    scorer = _PairScorer(model, image_dataset, text_dataset, image_index, text_index, device, autocast_dtype, batch_size)
+    logits = scorer((keys // n_txt).tolist(), (keys % n_txt).tolist())
 
     def recalls(ranked: torch.Tensor, sims: torch.Tensor, keys_of_top: torch.Tensor,
                 hit_of: Callable[[torch.Tensor], torch.Tensor]) -> Dict[int, int]:
@@ -208,6 +182,37 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     out.update({f"ir_r{kk}": ir[kk] / text_feats.shape[0] for kk in ks})
     out["r_mean"] = sum(out.values()) / len(out)
     return out
+
+
+class _PairScorer:
+    """The ITM match logits of (image row, caption row) pairs given in image order: each image is decoded once (the
+    last of a chunk is kept, its pairs may go on in the next chunk), each caption's tokens are read once."""
+
+    def __init__(self, model, image_dataset, text_dataset, image_index: List[int], text_index: List[int],
+                 device: torch.device, autocast_dtype, batch_size: int):
+        self.model, self.image_dataset, self.text_dataset = model, image_dataset, text_dataset
+        self.image_index, self.text_index = image_index, text_index
+        self.device, self.autocast_dtype, self.batch_size = device, autocast_dtype, batch_size
+        self.decoded: Dict[int, torch.Tensor] = {}  # the image of the last pair scored
+        self.tokens: Dict[int, dict] = {}  # every caption's tokens, read once
+
+    def __call__(self, rows_i: List[int], rows_t: List[int]) -> torch.Tensor:
+        bs = self.batch_size
+        return torch.cat([self.chunk(rows_i[s : s + bs], rows_t[s : s + bs]) for s in range(0, len(rows_i), bs)])
+
+    def chunk(self, rows_i: List[int], rows_t: List[int]) -> torch.Tensor:
+        images = {i: self.decoded[i] if i in self.decoded else _item(self.image_dataset, self.image_index[i])["image"]
+                  for i in dict.fromkeys(rows_i)}
+        self.decoded = {rows_i[-1]: images[rows_i[-1]]}
+        for t in rows_t:
+            if t not in self.tokens:
+                item = _item(self.text_dataset, self.text_index[t])
+                self.tokens[t] = {"text_ids": item["text_ids"], "text_masks": item["text_masks"]}
+        batch = {"text_ids": torch.stack([self.tokens[t]["text_ids"] for t in rows_t]).to(self.device),
+                 "text_masks": torch.stack([self.tokens[t]["text_masks"] for t in rows_t]).to(self.device),
+                 "image": [torch.stack([images[i] for i in rows_i]).to(self.device)]}
+        with _autocast(self.device, self.autocast_dtype):
+            return self.model.itm_score(self.model.infer(batch)["cls_feats"])[:, 1].float().cpu()
 
 
 def _top(queries: torch.Tensor, gallery: torch.Tensor, m: int, block: int = 1024):
@@ -246,8 +251,7 @@ def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_
     total, n, labelled, predictions = 0.0, 0, False, []
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-        with ctx:
+        with _autocast(device, autocast_dtype):
             logits = model.vqa_classifier(model.infer(batch)["cls_feats"]).float()
         predictions += list(zip([int(q) for q in batch["qid"]], logits.argmax(1).tolist()))
         labels = batch.get("vqa_labels")
@@ -289,8 +293,7 @@ def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocas
     count = {"dev": 0, "test": 0}
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-        with ctx:
+        with _autocast(device, autocast_dtype):
             c1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
             c2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
             pred = model.nlvr2_classifier(torch.cat([c1, c2], -1)).argmax(-1).cpu()
