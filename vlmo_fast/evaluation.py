@@ -89,7 +89,7 @@ def encode(model, batches: Iterable[dict], device: torch.device, kind: str, auto
     fn = model.infer_image_ft if kind == "image" else model.infer_text_ft
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             f = fn(batch)["cls_feats"]
         feats.append(f.float())
         ids.append(torch.as_tensor(batch["img_index"]).reshape(-1))
@@ -105,8 +105,9 @@ def _vocab_size(model) -> Optional[int]:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; no autocast where ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def to_device(batch: dict, device: torch.device, vocab_size: Optional[int] = None) -> dict:
@@ -165,7 +166,8 @@ def rerank_recall(model, image_feats: torch.Tensor, text_feats: torch.Tensor, te
     key_tr = torch.arange(n_img)[:, None] * n_txt + i2t[:, :k]
     key_ir = t2i[:, :k] * n_txt + torch.arange(n_txt)[:, None]
     keys = torch.unique(torch.cat([key_tr.flatten(), key_ir.flatten()]))
-    scorer = _PairScorer(model, image_dataset, text_dataset, image_index, text_index, device, autocast_dtype, batch_size)
+    scorer = _PairScorer(model, image_dataset, text_dataset, image_index, text_index, device, autocast_dtype,
+                         batch_size)
     logits = scorer((keys // n_txt).tolist(), (keys % n_txt).tolist())
 
     def recalls(ranked: torch.Tensor, sims: torch.Tensor, keys_of_top: torch.Tensor,
@@ -211,7 +213,7 @@ class _PairScorer:
         batch = {"text_ids": torch.stack([self.tokens[t]["text_ids"] for t in rows_t]).to(self.device),
                  "text_masks": torch.stack([self.tokens[t]["text_masks"] for t in rows_t]).to(self.device),
                  "image": [torch.stack([images[i] for i in rows_i]).to(self.device)]}
-        with _autocast(self.device, self.autocast_dtype):
+        with autocast(self.device, self.autocast_dtype):
             return self.model.itm_score(self.model.infer(batch)["cls_feats"])[:, 1].float().cpu()
 
 
@@ -251,7 +253,7 @@ def evaluate_vqa(model, batches: Iterable[dict], device: torch.device, autocast_
     total, n, labelled, predictions = 0.0, 0, False, []
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             logits = model.vqa_classifier(model.infer(batch)["cls_feats"]).float()
         predictions += list(zip([int(q) for q in batch["qid"]], logits.argmax(1).tolist()))
         labels = batch.get("vqa_labels")
@@ -293,7 +295,7 @@ def evaluate_nlvr2(model, batches: Iterable[dict], device: torch.device, autocas
     count = {"dev": 0, "test": 0}
     for batch in readable(batches, stats):
         batch = to_device(batch, device, _vocab_size(model))
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             c1 = model.infer(batch, image_token_type_idx=1)["cls_feats"]
             c2 = model.infer(batch, image_token_type_idx=2)["cls_feats"]
             pred = model.nlvr2_classifier(torch.cat([c1, c2], -1)).argmax(-1).cpu()

@@ -29,7 +29,7 @@ from ..checkpoint import load_checkpoint, plain_module, read_state_dict, save_ch
     text_stage_state
 from ..config import PRESETS, loss_names, preset
 from ..data import is_empty_batch
-from ..evaluation import encode, evaluate_nlvr2, evaluate_vqa, readable, recall_at_k, the_metric, to_device
+from ..evaluation import autocast, encode, evaluate_nlvr2, evaluate_vqa, readable, recall_at_k, the_metric, to_device
 from ..fileio import atomic_write_json
 from ..flops import datasheet_peak, pretrain_step_flops
 from ..model import VLMo
@@ -314,7 +314,7 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     batches = data_setup.val_batches(cfg, model.config, world_size=info.world_size)
     for batch in readable(_batches(batches, check, max_batches)):
         batch = to_device(batch, info.device, model.config.vocab_size)
-        with _autocast(info.device, amp), objectives.local_only():
+        with autocast(info.device, amp), objectives.local_only():
             out = compute(model, batch)
         labels = out[f"{task}_labels"]
         for way in correct:
@@ -339,10 +339,6 @@ def _accuracies(out: Dict[str, Any]):
             counted = labels != -100
             hits = ((out[logits_key].detach().argmax(-1) == labels) & counted).sum()
             yield name, hits.float() / counted.sum().clamp_min(1).float()
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _install_signal_handlers(flag: Dict[str, Any], info: Optional[DistInfo] = None):
@@ -865,7 +861,7 @@ class _Run:
             if micro < accum - 1 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
                 sync = wrapped.no_sync()
             with sync:
-                with _autocast(info.device, self.amp):
+                with autocast(info.device, self.amp):
                     out = wrapped(batch)
                     loss = objectives.total_loss(out)
                 finite = finite & torch.isfinite(loss.detach())
