@@ -643,6 +643,9 @@ def _vqa_annotations(raw_root: str, split: str) -> List[Tuple[int, str, List[str
     return out
 
 
+_Targets = Dict[int, Tuple[List[int], List[float]]]  # question id -> (its classes, their soft scores)
+
+
 def _split_val(summary: PrepareSummary, out_root: str, val_path: str, rest: int, log: Log) -> None:
     """vqav2_trainable_val (the staged val file but its last ``rest`` rows) and vqav2_rest_val (those rows), written
     from the memory-mapped file without copying the images through Python."""
@@ -685,68 +688,87 @@ def prepare_vqa(raw_root: str, out_root: str, splits: Optional[Sequence[str]] = 
         raise TypeError(f"prepare_vqa: seed must be an int, got {type(seed).__name__}")
     if not isinstance(rest_val_images, int) or isinstance(rest_val_images, bool) or rest_val_images < 1:
         raise ValueError(f"prepare_vqa: rest_val_images must be an int >= 1, got {rest_val_images!r}")
-    questions = {}
-    for split in chosen:
-        name = f"v2_OpenEnded_mscoco_{_VQA_YEAR[split]}_questions.json"
-        questions[split] = _vqa_records(_vqa_json(raw_root, name, f"the VQAv2 {split} questions {name}"),
-                                        "questions", {"image_id": int, "question_id": int, "question": str})
-        _need_dir(os.path.join(raw_root, _VQA_IMAGE_DIR[split]),
-                  f"the COCO images of VQAv2 {split} ({_VQA_IMAGE_DIR[split]}/COCO_{_VQA_IMAGE_DIR[split]}_<id>.jpg)")
+    questions = {split: _vqa_questions(raw_root, split) for split in chosen}
     summary = PrepareSummary("vqa", _out_root(out_root))
-    targets: Dict[str, Dict[int, Tuple[List[int], List[float]]]] = {}
+    targets: Dict[str, _Targets] = {}
     vocab: List[str] = []
     if "train" in chosen or "val" in chosen:
-        annotated = {split: _vqa_annotations(raw_root, split) for split in ("train", "val")}
-        vocab = answer_vocabulary(major for split in ("train", "val") for _, major, _ in annotated[split])
-        label_of = {answer: i for i, answer in enumerate(vocab)}
-        for split in ("train", "val"):
-            targets[split] = {qid: question_targets(answers, label_of) for qid, _, answers in annotated.pop(split)}
-        note = f"answer vocabulary: {len(vocab)} answers seen at least 9 times in train + val"
-        summary.notes.append(note + (" (as the official files)" if len(vocab) == OFFICIAL_VOCAB_SIZE else
-                                     f"; the official files have {OFFICIAL_VOCAB_SIZE}, so a released VQA checkpoint's "
-                                     "classifier does not fit these classes"))
-
-    def image_rows(split: str) -> List[Tuple[int, List[Mapping[str, Any]]]]:
-        """(image id, its questions) in a seeded random order; for train/val only questions with a class."""
-        per_image: Dict[int, List[Mapping[str, Any]]] = {}
-        for q in questions[split]:
-            if split in targets:
-                labels = targets[split].get(q["question_id"])
-                if labels is None:
-                    summary._drop(f"VQAv2 {split} questions without an annotation")
-                    continue
-                if not labels[0]:
-                    summary._drop(f"VQAv2 {split} questions with no answer among the classes (as official)")
-                    continue
-            per_image.setdefault(q["image_id"], []).append(q)
-        rows = list(per_image.items())
-        random.Random(f"vqav2-{split}-{seed}").shuffle(rows)
-        return rows
-
-    def vqa_rows(split: str) -> Iterator[Dict[str, Any]]:
-        folder = os.path.join(raw_root, _VQA_IMAGE_DIR[split])
-
-        def files(item: Tuple[int, Any]) -> List[Tuple[str, ...]]:
-            return [(os.path.join(folder, f"COCO_{_VQA_IMAGE_DIR[split]}_{item[0]:012d}.jpg"),
-                     os.path.join(folder, f"{item[0]:012d}.jpg"))]
-
-        def skipped(item: Tuple[int, List[Any]]) -> None:
-            summary._drop(f"VQAv2 {split} questions of images that are missing or unreadable", len(item[1]))
-
-        for (iid, qs), (image,) in _found(image_rows(split), files, summary, verify, skipped):
-            labelled = [targets[split][q["question_id"]] for q in qs] if split in targets else []
-            yield {"image": image, "questions": [q["question"] for q in qs],
-                   "answers": [[vocab[i] for i in labels] for labels, _ in labelled],
-                   "answer_labels": [labels for labels, _ in labelled],
-                   "answer_scores": [scores for _, scores in labelled],
-                   "image_id": iid, "question_id": [q["question_id"] for q in qs], "split": split}
-
+        targets, vocab = _vqa_targets(raw_root, summary)
     for split in chosen:
         path = os.path.join(out_root, f"vqav2_{split}.arrow")
-        _write(summary, path, vqa_rows(split), VQA_SCHEMA, ("image",), "questions", log)
+        rows = _vqa_rows(raw_root, split, questions[split], targets.get(split), vocab, seed, summary, verify)
+        _write(summary, path, rows, VQA_SCHEMA, ("image",), "questions", log)
         if split == "val":  # as official: the written val file cut into trainable_val and its last rows, rest_val
             _split_val(summary, out_root, path, rest_val_images, log)
     return _finish(summary)
+
+
+def _vqa_questions(raw_root: str, split: str) -> List[Mapping[str, Any]]:
+    """The questions of ``split``, its image folder checked."""
+    name = f"v2_OpenEnded_mscoco_{_VQA_YEAR[split]}_questions.json"
+    questions = _vqa_records(_vqa_json(raw_root, name, f"the VQAv2 {split} questions {name}"),
+                             "questions", {"image_id": int, "question_id": int, "question": str})
+    _need_dir(os.path.join(raw_root, _VQA_IMAGE_DIR[split]),
+              f"the COCO images of VQAv2 {split} ({_VQA_IMAGE_DIR[split]}/COCO_{_VQA_IMAGE_DIR[split]}_<id>.jpg)")
+    return questions
+
+
+def _vqa_targets(raw_root: str, summary: PrepareSummary) -> Tuple[Dict[str, _Targets], List[str]]:
+    """The targets of the train and val questions, and the answer of each class (the vocabulary is counted over
+    both annotation files)."""
+    annotated = {split: _vqa_annotations(raw_root, split) for split in ("train", "val")}
+    vocab = answer_vocabulary(major for split in ("train", "val") for _, major, _ in annotated[split])
+    label_of = {answer: i for i, answer in enumerate(vocab)}
+    targets = {split: {qid: question_targets(answers, label_of) for qid, _, answers in annotated.pop(split)}
+               for split in ("train", "val")}
+    note = f"answer vocabulary: {len(vocab)} answers seen at least 9 times in train + val"
+    summary.notes.append(note + (" (as the official files)" if len(vocab) == OFFICIAL_VOCAB_SIZE else
+                                 f"; the official files have {OFFICIAL_VOCAB_SIZE}, so a released VQA checkpoint's "
+                                 "classifier does not fit these classes"))
+    return targets, vocab
+
+
+def _vqa_image_rows(questions: List[Mapping[str, Any]], targets: Optional[_Targets], split: str, seed: int,
+                    summary: PrepareSummary) -> List[Tuple[int, List[Mapping[str, Any]]]]:
+    """(image id, its questions) in a seeded random order; with ``targets`` (train/val) only questions with a
+    class."""
+    per_image: Dict[int, List[Mapping[str, Any]]] = {}
+    for q in questions:
+        if targets is not None:
+            labels = targets.get(q["question_id"])
+            if labels is None:
+                summary._drop(f"VQAv2 {split} questions without an annotation")
+                continue
+            if not labels[0]:
+                summary._drop(f"VQAv2 {split} questions with no answer among the classes (as official)")
+                continue
+        per_image.setdefault(q["image_id"], []).append(q)
+    rows = list(per_image.items())
+    random.Random(f"vqav2-{split}-{seed}").shuffle(rows)
+    return rows
+
+
+def _vqa_rows(raw_root: str, split: str, questions: List[Mapping[str, Any]], targets: Optional[_Targets],
+              vocab: List[str], seed: int, summary: PrepareSummary, verify: bool) -> Iterator[Dict[str, Any]]:
+    """The file's rows (made as the file is written): each image found on disk with its questions and (train/val)
+    their classes, scores and answers."""
+    folder = os.path.join(raw_root, _VQA_IMAGE_DIR[split])
+
+    def files(item: Tuple[int, Any]) -> List[Tuple[str, ...]]:
+        return [(os.path.join(folder, f"COCO_{_VQA_IMAGE_DIR[split]}_{item[0]:012d}.jpg"),
+                 os.path.join(folder, f"{item[0]:012d}.jpg"))]
+
+    def skipped(item: Tuple[int, List[Any]]) -> None:
+        summary._drop(f"VQAv2 {split} questions of images that are missing or unreadable", len(item[1]))
+
+    image_rows = _vqa_image_rows(questions, targets, split, seed, summary)
+    for (iid, qs), (image,) in _found(image_rows, files, summary, verify, skipped):
+        labelled = [targets[q["question_id"]] for q in qs] if targets is not None else []
+        yield {"image": image, "questions": [q["question"] for q in qs],
+               "answers": [[vocab[i] for i in labels] for labels, _ in labelled],
+               "answer_labels": [labels for labels, _ in labelled],
+               "answer_scores": [scores for _, scores in labelled],
+               "image_id": iid, "question_id": [q["question_id"] for q in qs], "split": split}
 
 
 # ---- Visual Genome (region descriptions) --------------------------------------------------------------------------
