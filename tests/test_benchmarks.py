@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_budget_and_failures_are_recorded_in_the_results(tmp_path, monkeypatch):
     assert result["rows"] == []
     assert result["meta"]["skipped"] == ["softmax: not run (time budget)", "layernorm: not run (time budget)"]
     assert "Left out: softmax: not run (time budget)" in summary.summary_markdown(
-        json.loads(open(result["paths"]["json"]).read()))
+        json.loads(Path(result["paths"]["json"]).read_text()))
 
     def boom(*args, **kwargs):
         raise RuntimeError("softmax suite crashed")
@@ -258,7 +259,7 @@ def test_the_readme_table_is_what_its_generator_writes():
     writes)."""
     import summary
 
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = Path(os.path.join(ROOT, "README.md")).read_text()
     table = text.split(summary.BEGIN, 1)[1].split(summary.END, 1)[0]
     assert table == "\n" + summary.readme_table(os.path.join(ROOT, "benchmarks", "results"))
 
@@ -300,7 +301,7 @@ def test_cpu_bursts_skip_the_first_call_of_each_turn():
 
 def test_json_schema_and_outputs(tmp_path):
     result = bench_run.main(["--sizes", "tiny", "--ops", "softmax,layernorm", "--out", str(tmp_path), "--no-plot"])
-    data = json.loads(open(result["paths"]["json"]).read())
+    data = json.loads(Path(result["paths"]["json"]).read_text())
     meta = data["meta"]
     for key in ("schema", "device", "torch", "triton", "commit", "date", "sizes", "ceilings", "build"):
         assert key in meta, key
@@ -318,7 +319,7 @@ def test_json_schema_and_outputs(tmp_path):
             assert isinstance(row[key], typ), key
         assert row["status"] == "ok" and row["ms"] > 0 and row["gbs"] > 0 and row["speedup"] > 0
         assert row["baseline"] == "official"
-    md = open(result["paths"]["md"]).read()
+    md = Path(result["paths"]["md"]).read_text()
     assert meta["device"] in md and "| softmax |" in md
     import summary
 
@@ -346,7 +347,7 @@ def test_triton_rows_dry_run_under_the_interpreter(tmp_path):
             assert rows[("attention", mode, impl)]["note"] == "ran attention=triton"
     assert "attention=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
     assert "multiway_ffn=triton" in rows[("block", "fwd+bwd", "vlmo_fast")]["note"]
-    assert "vlmo_fast backend `triton`" in open(str(path)[:-5] + ".md").read()
+    assert "vlmo_fast backend `triton`" in Path(str(path)[:-5] + ".md").read_text()
     # in half precision also the variant without the forward's kept low part (its cost), restoring the switch
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--sizes", "tiny", "--ops",
                            "attention", "--dtypes", "fp16", "--backend", "triton", "--reps", "1", "--out",
@@ -380,18 +381,18 @@ def test_gpu_suite_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = os.listdir(tmp_path)
     assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
-    assert "vs official" in open(tmp_path / "summary.md").read()
+    assert "vs official" in (tmp_path / "summary.md").read_text()
     assert '"native": true' in proc.stdout
     # the profile step ran its whole script (its last part: the two CUDA softmax kernel kinds, or why not)
-    profile = open(tmp_path / "attention_forms.txt").read()
+    profile = (tmp_path / "attention_forms.txt").read_text()
     assert "DQ_PROGRAMS_PER_SM=16" in profile
     assert "masked_softmax[staged]" in profile or "no CUDA kernels compiled" in profile
-    assert "Multiway block forward+backward" in open(tmp_path / "block_kernels.txt").read()
+    assert "Multiway block forward+backward" in (tmp_path / "block_kernels.txt").read_text()
     # the installed build ran, not the source tree the script was started in (on every Python: no `python -P`)
     source = [line.split(" ", 2)[2] for line in proc.stdout.splitlines() if line.startswith("vlmo_fast from ")]
     assert source and not os.path.realpath(source[0]).startswith(os.path.realpath(ROOT) + os.sep), source
     rows = [r for f in files if f.endswith(".json") and not f.startswith("data_loader")
-            for r in json.loads(open(tmp_path / f).read()).get("rows", [])]
+            for r in json.loads((tmp_path / f).read_text()).get("rows", [])]
     assert {r["op"] for r in rows} == set(bench_run.ALL_OPS)  # every op ran in the dry run
     # the step is checked too: one step's loss and gradients from the same weights and random state agree with the
     # official's; at the target's batch each model runs alone, and the speedup compares the two rows
@@ -555,13 +556,13 @@ def test_results_on_disk_name_the_op_running(tmp_path, monkeypatch):
 
     def layernorm(*args, **kwargs):
         files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-        meta = json.loads(open(tmp_path / files[0]).read())["meta"]
+        meta = json.loads((tmp_path / files[0]).read_text())["meta"]
         seen.append((meta["running"], meta["complete"]))
 
     monkeypatch.setattr(bench_run, "bench_layernorm", layernorm)
     result = bench_run.main(["--sizes", "tiny", "--ops", "layernorm", "--out", str(tmp_path), "--no-plot"])
     assert seen == [("layernorm", False)]
-    assert "running" not in json.loads(open(result["paths"]["json"]).read())["meta"]
+    assert "running" not in json.loads(Path(result["paths"]["json"]).read_text())["meta"]
 
 
 def test_summary_reports_peak_memory_against_the_official_math():
@@ -692,14 +693,14 @@ def test_a_broken_cuda_context_continues_the_run_in_a_fresh_process(tmp_path, mo
     assert first.get("restarted") and len(calls) == 1
     args, size_name, dtypes, results, left, deadline, device = calls[0]
     assert device == "cpu" and left == ["layernorm", "optimizer"] and results == first["paths"]["json"] and deadline < time.time() + 601
-    saved = json.loads(open(results).read())
+    saved = json.loads(Path(results).read_text())
     assert {r["op"] for r in saved["rows"]} == {"softmax"} and saved["meta"]["complete"] is False
     assert saved["meta"]["skipped"] == ["softmax: a sticky CUDA error broke the process's context after it"]
     # what restart runs in the fresh process
     second = bench_run.main(["--sizes", size_name, "--dtypes", ",".join(dtypes), "--out", str(tmp_path), "--no-plot",
                              "--continue-from", results, "--resume-order", "|".join(left)])
     assert second["paths"]["json"] == results  # the same run, the same file
-    final = json.loads(open(results).read())
+    final = json.loads(Path(results).read_text())
     assert [r["op"] for r in final["rows"]][:1] == ["softmax"]
     assert {r["op"] for r in final["rows"]} == {"softmax", "layernorm", "optimizer"}
     assert final["meta"]["complete"] is True and final["meta"]["date"] == saved["meta"]["date"]

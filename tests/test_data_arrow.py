@@ -4,6 +4,7 @@ extras, multi-dataset concat, and the loader."""
 import os
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -123,7 +124,7 @@ def test_unreadable_or_corrupt_file_names_the_file(tmp_path, tok):
     assert name in str(err.value)
     # a caption whose string offsets point far past the character data, as a flipped byte makes them
     write_arrow(name, {"image": [encode_image(_pixels(0))] * 2, "caption": [["abc"], ["def"]]})
-    data = open(name, "rb").read()
+    data = Path(name).read_bytes()
     offsets = np.array([0, 3, 6], dtype=np.int32).tobytes()  # the caption strings' offsets buffer
     assert data.count(offsets) == 1
     with open(name, "wb") as f:

@@ -8,6 +8,7 @@ import os
 import shutil
 import tarfile
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_the_writer_indexes_its_shards(indexed):
     assert [os.path.basename(index_path(p)) for p in indexed] == ["a.shards.json"] * 5 + ["b.shards.json"] * 3 + \
         ["c.shards.json"]
     assert shard_counts(indexed) == ([5, 5, 5, 5, 3, 4, 4, 1, 11], None)
-    index = json.loads(open(index_path(indexed[0])).read())
+    index = json.loads(Path(index_path(indexed[0])).read_text())
     assert index["format"] == "vlmo_fast shard index" and index["version"] == 1
     assert [(e["name"], e["samples"], e["bytes"]) for e in index["shards"]] == \
         [(os.path.basename(p), n, os.path.getsize(p)) for p, n in zip(indexed[:5], [5, 5, 5, 5, 3])]
@@ -175,7 +176,7 @@ def test_stale_partial_or_broken_indexes_are_named_and_whole_shards_read(tmp_pat
         info = tarfile.TarInfo("000005.cls")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"3"))
-    assert os.path.getsize(paths[1]) == json.loads(open(index_path(paths[1])).read())["shards"][1]["bytes"]
+    assert os.path.getsize(paths[1]) == json.loads(Path(index_path(paths[1])).read_text())["shards"][1]["bytes"]
     check(paths, f"{paths[1]} changed since .* \\(another modification time, and its first or last 16 KiB differ")
     fresh = _write(str(tmp_path / "f"))
     # a shard of the same prefix that the index does not list; shards of which only some have an index

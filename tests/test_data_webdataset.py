@@ -25,6 +25,11 @@ def _pixels(i):
     return np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
 
 
+def tar_names(path):
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
 def _samples(n, start=0):
     return [(f"{i:06d}", encode_image(_pixels(i)), f"caption number {i}") for i in range(start, start + n)]
 
@@ -281,7 +286,7 @@ def test_write_shards_streams_atomically(tmp_path):
     png = encode_image(np.zeros((4, 4, 3), np.uint8))
     paths = write_shards(str(tmp_path / "a"), ((f"k{i}", png, f"c{i}") for i in range(5)), samples_per_shard=2)
     assert [os.path.basename(p) for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert [len(tarfile.open(p).getnames()) for p in paths] == [4, 4, 2]
+    assert [len(tar_names(p)) for p in paths] == [4, 4, 2]
     umask = os.umask(0)
     os.umask(umask)
     assert all(os.stat(p).st_mode & 0o777 == 0o666 & ~umask for p in paths)
@@ -479,9 +484,9 @@ def test_a_shard_cut_at_a_header_is_damaged_not_finished(tmp_path, tok):
     path = write_shards(str(tmp_path), _samples(6), samples_per_shard=6)[0]
     with tarfile.open(path) as tar:
         third = tar.getmembers()[4].offset  # the header of the third sample's first member
-    data = open(path, "rb").read()
+    data = pathlib.Path(path).read_bytes()
     for cut in (third, third + 100):
-        open(path, "wb").write(data[:cut])
+        pathlib.Path(path).write_bytes(data[:cut])
         assert _read([path], tok) == [("000000", "caption number 0"), ("000001", "caption number 1"), None]
     with pytest.raises(tarfile.ReadError, match="truncated: the file ends at or inside a member's header"):
         list(iter_tar(path))

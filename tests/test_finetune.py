@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -271,7 +272,8 @@ def test_vqa_score_and_submission(tmp_path):
     id2answer = build_id2answer([table])
     assert id2answer == {0: "yes", 1: "no", 2: "two"}
     path = vqa_submission([(11, 2), (12, 0)], id2answer, str(tmp_path / "sub.json"))
-    assert json.loads(open(path).read()) == [{"question_id": 11, "answer": "two"}, {"question_id": 12, "answer": "yes"}]
+    assert json.loads(Path(path).read_text()) == [{"question_id": 11, "answer": "two"},
+                                                  {"question_id": 12, "answer": "yes"}]
 
 
 class _FixedVQA(torch.nn.Module):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -315,11 +316,11 @@ def test_no_image_found_is_an_error_not_empty_files(web_raw, tmp_path):
     assert os.listdir(out) == []  # no empty official files, no staging folder left
     # a good run's files survive a later run that finds nothing: the empty files never replace them
     good = prepare_captions(pairs, str(out), "gcc", image_root=str(raw))
-    before = {f: open(out / f, "rb").read() for f in os.listdir(out)}
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     assert good.rows == 2 and len(before) == 30
     with pytest.raises(FileNotFoundError, match="none of the images"):
         prepare_captions(str(tsv), str(out), "gcc", image_root=str(raw))
-    assert {f: open(out / f, "rb").read() for f in os.listdir(out)} == before
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_captions_shard_rows_and_gcc_val(web_raw, tmp_path, tok):
@@ -566,7 +567,7 @@ def test_prepared_files_fine_tune_and_evaluate(coco_raw, nlvr2_raw, tmp_path):
         evaluate_main([task, "--load-path", os.path.join(run, "checkpoints", "step_00000002.pt"), "--data-root", out,
                        "--out", metrics, "--device", "cpu", "--num-workers", "0"]
                       + (["--split", "test"] if task == "irtr" else []))
-        evaluated[task] = json.loads(open(metrics).read())
+        evaluated[task] = json.loads(Path(metrics).read_text())
     assert set(evaluated["irtr"]) >= {"tr_r1", "ir_r1", "r_mean"} and 0 <= evaluated["irtr"]["r_mean"] <= 1
     assert set(evaluated["nlvr2"]) >= {"dev_acc", "test_acc"}
 
