@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -66,7 +66,7 @@ def stage_costs(ds, tokenizer, image_size: int, max_text_len: int, samples: int,
             "samples": n, "collate_batch_size": len(items)}
 
 
-def main(argv: List[str] = None) -> int:
+def parse_args(argv: List[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None,
                         help="arrow folder (default: generate a set in a temporary folder, see --images)")
@@ -88,44 +88,45 @@ def main(argv: List[str] = None) -> int:
     args = parser.parse_args(argv)
     if args.data_root is not None and not os.path.isdir(args.data_root):
         parser.error(f"--data-root: no such folder: {args.data_root}")
+    return args
 
-    torch.manual_seed(0)
-    load_before = os.getloadavg()[0]  # other processes on the machine share the cores: recorded with the result
-    tmp = None
-    root = args.data_root
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="vlmo_data_bench_")
-        root = tmp
-        t = time.perf_counter()
-        if args.images == "coco":
-            harness.write_coco_like(root, "train", args.n_train, 5 * args.n_train)
-        else:
-            write_synthetic(root, n_train=args.n_train, n_val=8, n_test=8)
-        print(f"generated {args.n_train} {args.images} images in {time.perf_counter() - t:.2f} s under {root}")
-    try:
-        tokenizer = BertTokenizer()
-        ds = build_dataset(root, args.datasets, "train", image_size=args.image_size, max_text_len=args.max_text_len,
-                           train=True, tokenizer=tokenizer)
-        warmups = {w: args.warmup if args.warmup is not None else 2 * w + 2 for w in args.workers}
-        needed = (args.batches + max(warmups.values())) * args.batch_size
-        if len(ds) < needed:
-            print(f"note: {len(ds)} samples < {needed} needed; the loader will run out early", file=sys.stderr)
-        stages = stage_costs(ds, tokenizer, args.image_size, args.max_text_len, 200, args.batch_size)
-        rows = []
-        for workers in args.workers:
-            loader = build_loader(ds, batch_size=args.batch_size, collate=build_collate(tokenizer), train=True,
-                                  num_workers=workers, seed=0, drop_last=True)
-            sps = measure_loader(loader, args.batches, warmup=warmups[workers])
-            del loader
-            rows.append({"workers": workers, "samples_per_s": round(sps, 1),
-                         "ms_per_batch": round(args.batch_size / sps * 1e3, 2), "batch_size": args.batch_size,
-                         "image_size": args.image_size, "max_text_len": args.max_text_len,
-                         "batches": args.batches, "warmup_batches": warmups[workers]})
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+def generate(args: argparse.Namespace, root: str) -> None:
+    """The set to read without --data-root: COCO-like JPEGs or the built-in synthetic PNGs."""
+    t = time.perf_counter()
+    if args.images == "coco":
+        harness.write_coco_like(root, "train", args.n_train, 5 * args.n_train)
+    else:
+        write_synthetic(root, n_train=args.n_train, n_val=8, n_test=8)
+    print(f"generated {args.n_train} {args.images} images in {time.perf_counter() - t:.2f} s under {root}")
+
+
+def measure(args: argparse.Namespace, root: str) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
+    """One row per worker setting (samples/s through the loader), and the main-process stage costs."""
+    tokenizer = BertTokenizer()
+    ds = build_dataset(root, args.datasets, "train", image_size=args.image_size, max_text_len=args.max_text_len,
+                       train=True, tokenizer=tokenizer)
+    warmups = {w: args.warmup if args.warmup is not None else 2 * w + 2 for w in args.workers}
+    needed = (args.batches + max(warmups.values())) * args.batch_size
+    if len(ds) < needed:
+        print(f"note: {len(ds)} samples < {needed} needed; the loader will run out early", file=sys.stderr)
+    stages = stage_costs(ds, tokenizer, args.image_size, args.max_text_len, 200, args.batch_size)
+    rows = []
+    for workers in args.workers:
+        loader = build_loader(ds, batch_size=args.batch_size, collate=build_collate(tokenizer), train=True,
+                              num_workers=workers, seed=0, drop_last=True)
+        sps = measure_loader(loader, args.batches, warmup=warmups[workers])
+        del loader
+        rows.append({"workers": workers, "samples_per_s": round(sps, 1),
+                     "ms_per_batch": round(args.batch_size / sps * 1e3, 2), "batch_size": args.batch_size,
+                     "image_size": args.image_size, "max_text_len": args.max_text_len,
+                     "batches": args.batches, "warmup_batches": warmups[workers]})
+    return rows, stages
+
+
+def report(args: argparse.Namespace, rows: List[Dict[str, Any]], stages: Dict[str, float],
+           load_before: float) -> Dict[str, Any]:
+    """The result record (with the machine, its load and the commit), printed as a table."""
     result = {
         "benchmark": "data_loader",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -133,7 +134,7 @@ def main(argv: List[str] = None) -> int:
         "device": harness.device_name(torch.device("cpu")),  # the string run.py records for a CPU run
         "cpu_count": os.cpu_count(),
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "gpu": gpu,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": harness.git_commit(),
@@ -150,8 +151,13 @@ def main(argv: List[str] = None) -> int:
     for r in rows:
         print(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['ms_per_batch']:>9.2f}")
     print("main-process stage costs:", json.dumps(result["stages"]))
-    out = args.out
-    if out is None or os.path.isdir(out):  # a folder (e.g. the GPU suite's $OUT): the default file name inside it
+    return result
+
+
+def write(result: Dict[str, Any], out: str = None) -> str:
+    """``result`` as JSON at ``out``; a folder (e.g. the GPU suite's $OUT) or None (benchmarks/results): the default
+    file name inside it."""
+    if out is None or os.path.isdir(out):
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         out = os.path.join(folder, f"data_loader_{platform.node() or 'host'}_{stamp}.json")
@@ -159,6 +165,23 @@ def main(argv: List[str] = None) -> int:
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
+    return out
+
+
+def main(argv: List[str] = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    load_before = os.getloadavg()[0]  # other processes on the machine share the cores: recorded with the result
+    if args.data_root is not None:
+        rows, stages = measure(args, args.data_root)
+    else:
+        root = tempfile.mkdtemp(prefix="vlmo_data_bench_")
+        try:
+            generate(args, root)
+            rows, stages = measure(args, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    write(report(args, rows, stages, load_before), args.out)
     return 0
 
 
