@@ -49,7 +49,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -1127,13 +1127,9 @@ def restart(args: argparse.Namespace, size_name: str, dtypes: List[str], results
     os.execv(sys.executable, cmd)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    global OUR_BACKEND
-    args = parse_args(argv)
-    OUR_BACKEND = args.backend
-    dev = resolve_device(args.device or "auto")
+def selection(args: argparse.Namespace, dev: torch.device) -> Tuple[str, List[str], List[str]]:
+    """The size preset's name, the dtypes and the ops the options ask for (unknown ones: an error)."""
     size_name = args.sizes if args.sizes != "auto" else ("full" if dev.type == "cuda" else "quick")
-    sizes = SIZES[size_name]
     dtypes = (args.dtypes or ("bf16" if dev.type == "cuda" else "fp32")).split(",")
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
@@ -1142,6 +1138,57 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     bad = [o for o in selected if o not in ALL_OPS]
     if bad:
         raise SystemExit(f"--ops: unknown {bad}; expected a subset of {list(ALL_OPS)}")
+    return size_name, dtypes, selected
+
+
+def op_runners(bench: Bench, sizes: Dict[str, Any], dtypes: List[str],
+               selected: List[str]) -> Tuple[Dict[str, Callable[[], None]], List[str]]:
+    """Each op's benchmark by name, and the selected ops in the order they run (the attention's other sizes as an op
+    of their own, before OTHER_SIZES_BEFORE)."""
+    config = vf.preset(sizes["arch"])
+    runners = {
+        "attention": lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][:1]),
+        "softmax": lambda: bench_softmax(bench, sizes, dtypes),
+        "layernorm": lambda: bench_layernorm(bench, sizes, dtypes, config),
+        "block": lambda: bench_block(bench, sizes, dtypes, config),
+        "model": lambda: bench_model(bench, sizes, dtypes, config),
+        "step": lambda: bench_step(bench, sizes, dtypes, config),
+        "optimizer": lambda: bench_optimizer(bench, sizes, config),
+        "retrieval": lambda: bench_retrieval(bench, sizes, dtypes, config),
+    }
+    order = [op for op in ALL_OPS if op in selected]
+    if "attention" in selected and len(sizes["attention"]) > 1:
+        runners["attention (other sizes)"] = lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][1:],
+                                                                     "attention (other sizes)")
+        at = order.index(OTHER_SIZES_BEFORE) if OTHER_SIZES_BEFORE in order else len(order)
+        order.insert(at, "attention (other sizes)")
+    return runners, order
+
+
+def run_op(bench: Bench, op: str, runner: Callable[[], None], meta: Dict[str, Any]) -> None:
+    """One op's rows; its failure becomes an error row (it must not cost the others theirs)."""
+    bench.cut_short = False
+    if bench.out_of_time():
+        meta["skipped"].append(f"{op}: not run (time budget)")
+        return
+    try:
+        runner()
+    except Exception as exc:  # noqa: BLE001 - one op's failure must not cost the others their rows
+        traceback.print_exc()
+        bench.rows.append(Row(op=op.split(" ")[0], impl="vlmo_fast", mode="-", case={}, dtype="-",
+                              baseline="official", status=f"error: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"))
+    if bench.cut_short:
+        meta["skipped"].append(f"{op}: cut short (time budget)")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    global OUR_BACKEND
+    args = parse_args(argv)
+    OUR_BACKEND = args.backend
+    dev = resolve_device(args.device or "auto")
+    size_name, dtypes, selected = selection(args, dev)
+    sizes = SIZES[size_name]
     torch.manual_seed(0)
     previous = harness.load_results(args.continue_from) if args.continue_from else None
     print(f"vlmo_fast benchmarks on {harness.device_name(dev)}: sizes={size_name} dtypes={dtypes} ops={selected}"
@@ -1154,24 +1201,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
           + ", ".join(f"{rate:.2f} TFLOP/s ({name})" for name, rate in ceilings["gemm_tflops_by_dtype"].items()))
     bench = Bench(dev, ceilings, args.reps or sizes["reps"], args.budget_s, compile_baselines=not args.no_compile,
                   deadline=args.deadline)
-    config = vf.preset(sizes["arch"])
-    runners = {
-        "attention": lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][:1]),
-        "softmax": lambda: bench_softmax(bench, sizes, dtypes),
-        "layernorm": lambda: bench_layernorm(bench, sizes, dtypes, config),
-        "block": lambda: bench_block(bench, sizes, dtypes, config),
-        "model": lambda: bench_model(bench, sizes, dtypes, config),
-        "step": lambda: bench_step(bench, sizes, dtypes, config),
-        "optimizer": lambda: bench_optimizer(bench, sizes, config),
-        "retrieval": lambda: bench_retrieval(bench, sizes, dtypes, config),
-    }
-    if "attention" in selected and len(sizes["attention"]) > 1:
-        runners["attention (other sizes)"] = lambda: bench_attention(bench, sizes, dtypes, sizes["attention"][1:],
-                                                                     "attention (other sizes)")
-    order = [op for op in ALL_OPS if op in selected]
-    if "attention (other sizes)" in runners:
-        at = order.index(OTHER_SIZES_BEFORE) if OTHER_SIZES_BEFORE in order else len(order)
-        order.insert(at, "attention (other sizes)")
+    runners, order = op_runners(bench, sizes, dtypes, selected)
     meta = dict(harness.run_meta(dev, ceilings, size_name), conventions=CONVENTIONS, skipped=[], backend=args.backend)
     if previous:
         meta = dict(previous["meta"], complete=False)
@@ -1185,21 +1215,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                                      plot=False)
     for i, op in enumerate(order):
         running["running"] = op
-        bench.cut_short = False
         # on disk before the op starts: a run killed during it (the suite's hard limit) still says where it stopped
         harness.write_results(dict(meta, complete=False, running=op), bench.rows, args.out, plot=False)
-        if bench.out_of_time():
-            meta["skipped"].append(f"{op}: not run (time budget)")
-        else:
-            try:
-                runners[op]()
-            except Exception as exc:  # noqa: BLE001 - one op's failure must not cost the others their rows
-                traceback.print_exc()
-                bench.rows.append(Row(op=op.split(" ")[0], impl="vlmo_fast", mode="-", case={}, dtype="-",
-                                      baseline="official", status=f"error: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"))
-            if bench.cut_short:
-                meta["skipped"].append(f"{op}: cut short (time budget)")
+        run_op(bench, op, runners[op], meta)
         broken = not context_ok(dev)
         if broken:
             meta["skipped"].append(f"{op}: a sticky CUDA error broke the process's context after it")
