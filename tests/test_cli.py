@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlmo_fast as vf
-from vlmo_fast import cli, demo
+from vlmo_fast import build_info, cli, demo
 from vlmo_fast.checkpoint import read_metadata, read_state_dict, save_checkpoint
 from vlmo_fast.train import TrainConfig, train
 from vlmo_fast.train import finetune as ft
@@ -256,6 +256,16 @@ def test_evaluate_takes_the_model_settings_the_checkpoint_records(tmp_path, monk
     cfg = _evaluate_cfg(monkeypatch, ["irtr", "--load-path", str(absolute), "--arch", "vlmo_base_plus_patch16"]
                         + common)
     assert cfg.image_size == 384
+
+
+def test_version_and_info_name_the_versions(capsys):
+    """`vlmo-fast --version` (what a bug report asks for first) and `vlmo-fast info` name vlmo_fast's version."""
+    code, out, _ = exit_code(lambda: cli.main(["--version"]), capsys)
+    triton = build_info()["triton"] or "not installed"
+    assert code == 0 and out.strip() == f"vlmo-fast {vf.__version__} (torch {torch.__version__}, triton {triton})"
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vlmo_fast"] == vf.__version__ and info["torch"] == torch.__version__
 
 
 def test_evaluate_help_is_per_task(capsys):

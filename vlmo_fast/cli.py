@@ -49,6 +49,8 @@ def _main(argv: List[str]) -> int:
                     + "".join(f"  {name:<10}{text}\n" for name, text in COMMANDS))
     parser.add_argument("command", metavar="COMMAND", choices=[name for name, _ in COMMANDS],
                         help="one of the commands above")
+    parser.add_argument("--version", action=_Version,
+                        help="print the versions of vlmo_fast, torch and Triton, and exit")
     command = parser.parse_args(argv[:1]).command
     rest = argv[1:]
     if command == "info":
@@ -74,12 +76,29 @@ def _main(argv: List[str]) -> int:
     return demo.main(rest, prog="vlmo-fast demo")
 
 
+class _Version(argparse.Action):
+    """--version: vlmo_fast's, torch's and Triton's (read when asked: no Triton import at every command)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        from ._native import build_info
+
+        info = build_info()
+        print(f"vlmo-fast {__version__} (torch {info['torch']}, triton {info['triton'] or 'not installed'})")
+        parser.exit()
+
+
 def _info(argv: List[str]) -> int:
     argparse.ArgumentParser(prog="vlmo-fast info", description="What this installation can run, as JSON: native "
                             "kernels, CUDA architectures, Triton, the device.").parse_args(argv)
     from ._native import build_info
 
-    print(json.dumps(build_info(), indent=2))
+    from . import __version__
+
+    print(json.dumps({"vlmo_fast": __version__, **build_info()}, indent=2))
     return 0
 
 
