@@ -258,11 +258,14 @@ def test_evaluate_takes_the_model_settings_the_checkpoint_records(tmp_path, monk
     assert cfg.image_size == 384
 
 
-def test_version_and_info_name_the_versions(capsys):
+def test_version_and_info_name_the_versions(capsys, monkeypatch):
     """`vlmo-fast --version` (what a bug report asks for first) and `vlmo-fast info` name vlmo_fast's version."""
     code, out, _ = exit_code(lambda: cli.main(["--version"]), capsys)
     triton = build_info()["triton"] or "not installed"
     assert code == 0 and out.strip() == f"vlmo-fast {vf.__version__} (torch {torch.__version__}, triton {triton})"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: once per machine, as help
+    assert exit_code(lambda: cli.main(["--version"]), capsys) == (0, "", "")
+    monkeypatch.delenv("LOCAL_RANK")
     assert cli.main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vlmo_fast"] == vf.__version__ and info["torch"] == torch.__version__

@@ -77,18 +77,29 @@ def _main(argv: List[str]) -> int:
 
 
 class _Version(argparse.Action):
-    """--version: vlmo_fast's, torch's and Triton's (read when asked: no Triton import at every command)."""
+    """--version: vlmo_fast's, torch's and Triton's, as their packages record them (nothing imported, no device
+    touched); printed once per machine under torchrun, as help is."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from . import __version__
-        from ._native import build_info
-
-        info = build_info()
-        print(f"vlmo-fast {__version__} (torch {info['torch']}, triton {info['triton'] or 'not installed'})")
+        parser._print_message(version_line() + "\n", sys.stdout)
         parser.exit()
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from . import __version__
+
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = "not installed"
+    return f"vlmo-fast {__version__} (torch {torch.__version__}, triton {triton})"
 
 
 def _info(argv: List[str]) -> int:
