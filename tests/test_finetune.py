@@ -719,7 +719,8 @@ def test_val_batch_accuracies_are_counted_per_sample_on_the_val_split(tmp_path, 
     assert len(set(sizes)) > 1, sizes  # the synthetic val split ends with a partial batch
     labels = {}
 
-    def fake_irtr(model, batch):  # right on the first two rows of every batch, wrong on the others
+    def fake_irtr(model, batch, local):  # right on the first two rows of every batch, wrong on the others
+        assert local  # this rank's batch only: no all-gather in validation
         n = len(batch["text_ids"])
         logits = torch.zeros(n, n)
         logits[torch.arange(n), torch.arange(n).roll(1)] = 1.0
@@ -814,7 +815,7 @@ def test_val_accuracies_are_not_capped_by_caption_order(synthetic_root):
 
     info = loop.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
-    def ties_within_an_image(model, batch):  # the same image's captions score alike: the first of them wins
+    def ties_within_an_image(model, batch, local):  # the same image's captions score alike: the first of them wins
         ids = torch.as_tensor(batch["img_index"])
         logits = (ids[:, None] == ids[None, :]).float()
         return {"irtr_labels": torch.arange(len(ids)), "irtr_i2t_logits": logits, "irtr_t2i_logits": logits.t()}

@@ -319,6 +319,13 @@ def _gather_and_itm_on_rank(rank, world):
     drawn = [pairs(O.compute_itm_hardneg(model, batch, i2t, i2t.t(), torch.Generator().manual_seed(s)))
              for s in range(60)]
     out["drawn"] = drawn
+    # (c) local=True (an evaluation on one rank): no gather, the negatives come from this rank's rows alone
+    out["local_gather"] = O.gather_local_first(t, local=True) is t
+    local_sim = torch.full((bsz, bsz), -50.0)
+    for b in range(bsz):
+        local_sim[b, (b + 1) % bsz] = 50.0
+    out["local_itm"] = pairs(O.compute_itm_hardneg(model, batch, local_sim, local_sim, torch.Generator().manual_seed(0),
+                                                   local=True))
     dist.destroy_process_group()
     return out
 
@@ -338,6 +345,11 @@ def test_gather_and_itm_hard_negatives_in_two_processes():
         assert pos == [(i, i) for i in own]
         assert neg_image == [(own[b], others[b]) for b in range(bsz)]  # text b with the other rank's image b
         assert neg_text == [(own[(b + 1) % bsz], own[b]) for b in range(bsz)]  # image b with local text b + 1
+        assert out["local_gather"]
+        pos, neg_image, neg_text = out["local_itm"]
+        assert pos == [(i, i) for i in own]
+        assert neg_image == [(own[b], own[(b + 1) % bsz]) for b in range(bsz)]
+        assert neg_text == [(own[(b + 1) % bsz], own[b]) for b in range(bsz)]
         images = [i for _, ni, _ in out["drawn"] for _, i in ni]
         texts = [t for _, _, nt in out["drawn"] for t, _ in nt]
         for _, ni, nt in out["drawn"]:

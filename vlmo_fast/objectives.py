@@ -5,12 +5,11 @@ unweighted sum of every entry whose key contains "loss" (the weights are inside:
 Distributed behaviour follows the official code: features are all-gathered without gradient and concatenated local
 first, then the other ranks in rank order, so positives sit on the diagonal of the local rows; every rank computes
 the full global loss. ``gather_with_grad=True`` sends gradients through the gather instead (an option). Without an
-initialised process group everything is local.
+initialised process group, or with ``local=True``, everything is local.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
@@ -24,32 +23,19 @@ from .ops._checks import fp32_or_wider
 PRETRAIN_ORDER = ("mlm", "textmlm", "itc", "irtr", "itm", "vqa", "nlvr2")
 
 
-_LOCAL_ONLY = [False]
-
-
-@contextlib.contextmanager
-def local_only():
-    """Compute the objectives on this process's batch only (no all-gather), e.g. for evaluation on one rank."""
-    previous = _LOCAL_ONLY[0]
-    _LOCAL_ONLY[0] = True
-    try:
-        yield
-    finally:
-        _LOCAL_ONLY[0] = previous
-
-
 def _world() -> tuple:
-    if not _LOCAL_ONLY[0] and dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
 
 
-def gather_local_first(t: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+def gather_local_first(t: torch.Tensor, with_grad: bool = False, local: bool = False) -> torch.Tensor:
     """All-gather ``t`` over the process group as ``cat([local, rank 0, ..., rank R-1 without self])``.
 
     Without gradient (official) the gathered copies are constants and only the local block carries gradient.
+    ``local``: ``t`` itself, no gather (this process's batch only, e.g. an evaluation on one rank).
     """
-    world, rank = _world()
+    world, rank = (1, 0) if local else _world()
     if world == 1:
         return t
     if with_grad:
@@ -63,9 +49,9 @@ def gather_local_first(t: torch.Tensor, with_grad: bool = False) -> torch.Tensor
     return torch.cat([parts[rank]] + parts[:rank] + parts[rank + 1 :])
 
 
-def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, with_grad: bool):
-    all_image = gather_local_first(image, with_grad)
-    all_text = gather_local_first(text, with_grad)
+def _clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, with_grad: bool, local: bool):
+    all_image = gather_local_first(image, with_grad, local)
+    all_text = gather_local_first(text, with_grad, local)
     logits_i2t = scale * all_image @ all_text.t()
     # its own copy, not a view: the logits are returned by the model's forward, where FSDP2 warns of a view (an in-place
     # op on it would skip its backward hook); the copy is (global batch)^2 floats
@@ -96,15 +82,16 @@ def compute_textonly_mlm(model, batch: Mapping[str, Any]) -> Dict[str, torch.Ten
     return _mlm(model, model.infer_text_mlm(batch, mask_text=True), 1.0)
 
 
-def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:
+def compute_itc(model, batch: Mapping[str, Any], gather_with_grad: bool = False,
+                local: bool = False) -> Dict[str, torch.Tensor]:
     """Image-text contrastive loss on the expert and the VL-FFN features, averaged (spec §5.3)."""
     image = model.infer_image(batch)
     text = model.infer_text(batch)
     scale = model.logit_scale.exp()
     vl_scale = model.logit_vl_scale.exp()
-    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad)
+    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad, local)
     vl_loss, vl_i2t, vl_t2i, _ = _clip_loss(image["cls_vlffn_feats"], text["cls_vlffn_feats"], vl_scale,
-                                           gather_with_grad)
+                                           gather_with_grad, local)
     return {
         "itc_loss": (loss + vl_loss) * 0.5,
         "itc_i2t_logits": i2t,
@@ -142,6 +129,7 @@ def compute_itm_hardneg(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
     generator: Optional[torch.Generator] = None,
+    local: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Image-text matching with one hard negative image per text and one hard negative text per image, sampled
     from the temperature-scaled ITC logits of the local rows against the global batch (spec §5.4)."""
@@ -149,9 +137,9 @@ def compute_itm_hardneg(
     pos = model.infer(batch)
     pos_cls = pos["cls_feats"]
     with torch.no_grad():
-        all_ids = gather_local_first(pos["text_ids"])
-        all_masks = gather_local_first(pos["text_masks"])
-        all_images = gather_local_first(pos["image"])
+        all_ids = gather_local_first(pos["text_ids"], local=local)
+        all_masks = gather_local_first(pos["text_masks"], local=local)
+        all_images = gather_local_first(pos["image"], local=local)
     del pos  # its sequence features are not needed through the negatives' forwards, where memory peaks
     neg_image_idx = sample_hard_negatives(sim_t2i[:bsz], generator)  # for each local text, an image
     neg_text_idx = sample_hard_negatives(sim_i2t[:bsz], generator)  # for each local image, a text
@@ -170,12 +158,13 @@ def compute_itm_hardneg(
     return {"itm_loss": F.cross_entropy(fp32_or_wider(logits), labels), "itm_logits": logits, "itm_labels": labels}
 
 
-def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False) -> Dict[str, torch.Tensor]:
+def compute_irtr(model, batch: Mapping[str, Any], gather_with_grad: bool = False,
+                 local: bool = False) -> Dict[str, torch.Tensor]:
     """Retrieval fine-tuning: the expert half of ITC on the ``_ft`` paths (spec §5.7)."""
     image = model.infer_image_ft(batch)
     text = model.infer_text_ft(batch)
     scale = model.logit_scale.exp()
-    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad)
+    loss, i2t, t2i, target = _clip_loss(image["cls_feats"], text["cls_feats"], scale, gather_with_grad, local)
     return {"irtr_loss": loss, "irtr_i2t_logits": i2t, "irtr_t2i_logits": t2i, "irtr_labels": target,
             "irtr_logit_scale": scale}
 
@@ -287,8 +276,9 @@ TENSOR_KEYS = {"vqa": ("vqa_targets",), "nlvr2": ("nlvr2_labels",)}
 
 
 def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_with_grad: bool = False,
-                  generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
-    """Run ``tasks`` in the official order (mlm, textmlm, itc, irtr, itm, vqa, nlvr2); ITM uses the ITC logits."""
+                  generator: Optional[torch.Generator] = None, local: bool = False) -> Dict[str, Any]:
+    """Run ``tasks`` in the official order (mlm, textmlm, itc, irtr, itm, vqa, nlvr2); ITM uses the ITC logits.
+    ``local``: on this process's batch only, without the all-gathers (e.g. an evaluation on one rank)."""
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
     tasks = set(tasks)
@@ -316,11 +306,12 @@ def compute_tasks(model, batch: Mapping[str, Any], tasks: Iterable[str], gather_
     if "textmlm" in tasks:
         ret.update(compute_textonly_mlm(model, batch))
     if "itc" in tasks:
-        ret.update(compute_itc(model, batch, gather_with_grad))
+        ret.update(compute_itc(model, batch, gather_with_grad, local))
     if "irtr" in tasks:
-        ret.update(compute_irtr(model, batch, gather_with_grad))
+        ret.update(compute_irtr(model, batch, gather_with_grad, local))
     if "itm" in tasks:
-        ret.update(compute_itm_hardneg(model, batch, ret["itc_i2t_logits"], ret["itc_t2i_logits"], generator))
+        ret.update(compute_itm_hardneg(model, batch, ret["itc_i2t_logits"], ret["itc_t2i_logits"], generator,
+                                       local))
     if "vqa" in tasks:
         ret.update(compute_vqa(model, batch))
     if "nlvr2" in tasks:

@@ -314,8 +314,8 @@ def _val_batch_accuracies(model: VLMo, cfg: TrainConfig, info: DistInfo, amp: Op
     batches = data_setup.val_batches(cfg, model.config, world_size=info.world_size)
     for batch in readable(_batches(batches, check, max_batches)):
         batch = to_device(batch, info.device, model.config.vocab_size)
-        with autocast(info.device, amp), objectives.local_only():
-            out = compute(model, batch)
+        with autocast(info.device, amp):
+            out = compute(model, batch, local=True)
         labels = out[f"{task}_labels"]
         for way in correct:
             correct[way] += int((out[f"{task}_{way}_logits"].argmax(-1) == labels).sum())
