@@ -346,58 +346,77 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
             raise CheckpointError(f"{key}: the checkpoint's {tuple(sd[key].shape)} cannot be adapted to the model's "
                                   f"{tuple(target[key].shape)}")
 
-    key = "text_embeddings.position_ids"  # an arange buffer that newer transformers versions do not save (spec §1.3)
+    _adapt_text_positions(sd, target, report)
+    _adapt_image_positions(sd, target, report)
+    _adapt_relpos_table(sd, target, model, report)
+    _adapt_token_types(sd, target, report)
+    return sd, report
+
+
+def _adapt_text_positions(sd: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport) -> None:
+    """base_plus's absolute text positions: the ids buffer that newer transformers versions do not save (spec §1.3),
+    and the table cut or extended (with the model's rows) to the model's text length."""
+    key = "text_embeddings.position_ids"
     if key in target and key not in sd and any(k.startswith("text_embeddings.") for k in sd):
         sd[key] = target[key].clone()
-
     key = "text_embeddings.position_embeddings.weight"
     if key in sd and key in target and sd[key].shape[0] != target[key].shape[0]:
         want = target[key].shape[0]
-        src = sd[key]
-        src = src.to(target[key].dtype)
+        src = sd[key].to(target[key].dtype)
         sd[key] = src[:want] if src.shape[0] >= want else torch.cat([src, target[key][src.shape[0] :]], 0)
         sd["text_embeddings.position_ids"] = torch.arange(want).unsqueeze(0)
         report.adapted.append(f"{key}: {src.shape[0]} -> {want} rows")
 
+
+def _adapt_image_positions(sd: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                           report: LoadReport) -> None:
+    """The patch position embeddings resized (bicubic) to the model's image size."""
     key = "transformer.pos_embed"
     if key in sd and key in target and sd[key].shape != target[key].shape:
         old = sd[key].shape
         sd[key] = _resize_pos_embed(sd[key], target[key].shape[1]).to(target[key].dtype)
         report.adapted.append(f"{key}: {tuple(old)} -> {tuple(sd[key].shape)} (bicubic)")
 
-    key = "relative_position_bias_table"
-    if key in sd and key in target and sd[key].shape != target[key].shape:
-        src, want = sd[key], target[key]
-        if src.shape[1] != want.shape[1]:
-            raise CheckpointError(
-                f"{key}: the checkpoint has {src.shape[1]} columns (heads x layers), the model {want.shape[1]}: "
-                f"a different architecture"
-            )
-        window, l0 = _table_geometry(model, want.shape[0])
-        # resize_table takes the rows after the patch offsets (image CLS, text, cross-modal: 3 + 2 L0 + 2) to be the
-        # model's: a checkpoint made with another L0 (196 in every official one) would have text rows resampled as
-        # patch offsets. The rows tell the layouts apart unless both fit.
-        assumed = ""
-        if l0 != OFFICIAL_L0 and _odd_square(src.shape[0] - (2 * OFFICIAL_L0 + 5)):
-            if not _odd_square(src.shape[0] - (2 * l0 + 5)):
-                raise CheckpointError(
-                    f"{key}: the checkpoint's {src.shape[0]} rows fit a table made with max_text_len_of_initckpt="
-                    f"{OFFICIAL_L0} (the official value), not one made with the model's {l0} (its text rows would be "
-                    f"resampled as image rows): build the model with max_text_len_of_initckpt={OFFICIAL_L0}")
-            # both layouts fit the row count: read as the model's (a checkpoint of this configuration), said
-            assumed = (f"; read as made with the model's max_text_len_of_initckpt={l0}, though its rows also fit "
-                       f"the official {OFFICIAL_L0}")
-        try:  # resampled from the checkpoint's values in float64, rounded once, to the model's dtype
-            sd[key] = relpos.resize_table(src.double(), want.shape[0], window).to(want.dtype)
-        except ValueError as exc:
-            raise CheckpointError(f"{key}: {exc}") from exc
-        report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid{assumed})")
 
+def _adapt_relpos_table(sd: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module,
+                        report: LoadReport) -> None:
+    """The relative-position table resampled (bicubic, on BEiT's grid) to the model's image window."""
+    key = "relative_position_bias_table"
+    if not (key in sd and key in target and sd[key].shape != target[key].shape):
+        return
+    src, want = sd[key], target[key]
+    if src.shape[1] != want.shape[1]:
+        raise CheckpointError(
+            f"{key}: the checkpoint has {src.shape[1]} columns (heads x layers), the model {want.shape[1]}: "
+            f"a different architecture"
+        )
+    window, l0 = _table_geometry(model, want.shape[0])
+    # resize_table takes the rows after the patch offsets (image CLS, text, cross-modal: 3 + 2 L0 + 2) to be the
+    # model's: a checkpoint made with another L0 (196 in every official one) would have text rows resampled as
+    # patch offsets. The rows tell the layouts apart unless both fit.
+    assumed = ""
+    if l0 != OFFICIAL_L0 and _odd_square(src.shape[0] - (2 * OFFICIAL_L0 + 5)):
+        if not _odd_square(src.shape[0] - (2 * l0 + 5)):
+            raise CheckpointError(
+                f"{key}: the checkpoint's {src.shape[0]} rows fit a table made with max_text_len_of_initckpt="
+                f"{OFFICIAL_L0} (the official value), not one made with the model's {l0} (its text rows would be "
+                f"resampled as image rows): build the model with max_text_len_of_initckpt={OFFICIAL_L0}")
+        # both layouts fit the row count: read as the model's (a checkpoint of this configuration), said
+        assumed = (f"; read as made with the model's max_text_len_of_initckpt={l0}, though its rows also fit "
+                   f"the official {OFFICIAL_L0}")
+    try:  # resampled from the checkpoint's values in float64, rounded once, to the model's dtype
+        sd[key] = relpos.resize_table(src.double(), want.shape[0], window).to(want.dtype)
+    except ValueError as exc:
+        raise CheckpointError(f"{key}: {exc}") from exc
+    report.adapted.append(f"{key}: {tuple(src.shape)} -> {tuple(sd[key].shape)} (bicubic, BEiT grid{assumed})")
+
+
+def _adapt_token_types(sd: Dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], report: LoadReport) -> None:
+    """NLVR2's third token type (the second image), started as the image type."""
     key = "token_type_embeddings.weight"
     if key in sd and key in target and sd[key].shape[0] == 2 and target[key].shape[0] == 3:
         sd[key] = torch.cat([sd[key], sd[key][1:2]], dim=0)
         report.adapted.append(f"{key}: 2 -> 3 rows (NLVR2: row 2 starts as row 1)")
-    return sd, report
 
 
 def _table_geometry(model: nn.Module, rows: int) -> tuple:
