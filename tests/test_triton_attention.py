@@ -964,3 +964,35 @@ def test_triton_launches_from_several_threads_take_turns(monkeypatch):
         torch.testing.assert_close(got[i], want[i])
         torch.testing.assert_close(*got[(i, "residual")])
     assert triton_ffn.launch_device is ta.launch_device  # the FFN's launches take the same lock
+
+
+@pytest.mark.gpu
+def test_gpu_threads_tuning_new_shapes_at_once_all_succeed():
+    """The race the launch lock closes, on the GPU's own autotuner (the test above holds it to one config under the
+    interpreter): threads that each meet a length of their own at once (a server's pool meeting new lengths), so
+    that each launch tunes while the others wait, all get their lone call's output and gradients."""
+    b, h, d = 2, 4, 64
+    cases = []
+    for n in (37, 53, 71, 97):
+        index, rows = fusion_index(n)
+        cases.append((torch.randn(b, h, n, d, device=DEV, dtype=torch.bfloat16), torch.randn(rows, h, device=DEV),
+                      index, padding(b, n)))
+
+    def attend(i):
+        q, table, index, keep = (t.detach().requires_grad_(t.is_floating_point()) for t in cases[i])
+        out = ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                    backend="triton")
+        grads = torch.autograd.grad(out.float().square().sum(), [q, table])
+        torch.cuda.synchronize()
+        return (out.detach(),) + grads
+
+    got = {}
+
+    def serve(i):
+        got[i] = attend(i)
+
+    errors = run_in_threads(serve, len(cases))
+    assert errors == []
+    for i in range(len(cases)):
+        for a, e in zip(got[i], attend(i)):  # alone, now that every length is tuned
+            torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
