@@ -8,6 +8,7 @@ import torch
 import vlmo_fast as vf
 from vlmo_fast._native import native_available
 from vlmo_fast.config import loss_names
+from vlmo_fast.model import multiway
 from vlmo_fast.ops import backend as ops_backend
 from vlmo_fast.ops import native
 from vlmo_fast.reference import ReferenceVLMo
@@ -178,6 +179,38 @@ def test_training_mode_same_random_stream_and_gradients(device, backend):
     # drop path really dropped something: a different seed changes the output
     torch.manual_seed(99)
     assert not torch.allclose(fast.infer(batch)["cls_feats"], fast.infer(batch)["cls_feats"])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(backend, monkeypatch):
+    """set_grad_checkpointing (--activation-checkpointing) recomputes each block in the backward: with DropPath and
+    dropout drawing, and the pretraining objectives (ITM's negatives drawn from the global RNG between the forwards),
+    the recomputation must replay the very draws, so the losses and every gradient are those of the plain run."""
+    cfg, fast, _ = make_pair(drop_path_rate=0.5, loss_names=ALL_TASKS)
+    fast.set_backend(backend).train()
+    fast.current_tasks = ["mlm", "itc", "itm"]
+    batch = make_batch(cfg, b=4)
+    batch["text_labels_mlm"][:, 2] = batch["text_ids"][:, 2]
+    calls = []
+    real = multiway.checkpoint
+    monkeypatch.setattr(multiway, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = []
+    for on in (False, True):
+        fast.set_grad_checkpointing(on)
+        torch.manual_seed(7)
+        out = fast(batch)
+        loss = vf.objectives.total_loss(out)
+        fast.zero_grad()
+        loss.backward()
+        results.append(({k: v.detach() for k, v in out.items() if "loss" in k},
+                         {n: p.grad.clone() for n, p in fast.named_parameters() if p.grad is not None}))
+    (plain_losses, plain), (ckpt_losses, ckpt) = results
+    assert len(calls) >= 6 * cfg.depth  # every block of the six passes (4 fusion, text, image) was recomputed
+    assert plain_losses.keys() == {"mlm_loss", "itc_loss", "itm_loss"}
+    assert all(torch.equal(plain_losses[k], ckpt_losses[k]) for k in plain_losses)
+    assert plain.keys() == ckpt.keys() and len(plain) > 50
+    for name in plain:
+        assert torch.equal(plain[name], ckpt[name]), name
 
 
 def test_eval_is_deterministic():
