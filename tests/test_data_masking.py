@@ -179,3 +179,25 @@ def test_collate_whole_word_masking_option(tok):
         else:  # P(one piece of two) = 2 x 0.15 x 0.85 = 0.255; P(both) = 0.0225
             assert 0.18 * rows < part < 0.33 * rows and whole < 0.06 * rows, (whole, part)
             assert abs(sel[:, real].float().mean().item() - 0.15) < 0.03
+
+
+@pytest.mark.parametrize("mlm_prob", [0.3, 0.05])
+def test_collate_masks_at_the_given_mlm_prob(tok, mlm_prob):
+    """--mlm-prob reaches both collators: whole-word masking selects round(mlm_prob x padded length) tokens of rows
+    of single-piece words, the plain collator each real token with probability mlm_prob."""
+    words = ["red", "blue", "circle", "square", "left", "top", "and", "a"]
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(400):
+        enc = _encode(tok, " ".join(rng.choice(words, size=40)), 40)
+        items.append({"text_ids": enc["input_ids"][0], "text_masks": enc["attention_mask"][0],
+                      "special_tokens_mask": enc["special_tokens_mask"][0]})
+    real = torch.stack([i["special_tokens_mask"] for i in items]) == 0
+    for wwm in (True, False):
+        batch = build_collate(tok, whole_word_masking=wwm, mlm_prob=mlm_prob,
+                              generator=torch.Generator().manual_seed(4))(items)
+        sel = batch["text_labels_mlm"] != -100
+        if wwm:
+            assert (sel.sum(1) == M.whole_word_budget(40, mlm_prob)).all()
+        else:
+            assert abs(sel[real].float().mean().item() - mlm_prob) < 0.015
