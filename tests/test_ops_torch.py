@@ -257,14 +257,47 @@ def test_tensor_memo_survives_another_threads_entries_while_it_drops_freed_ones(
 
     class RefAddingAnEntry:  # the weak reference the pass calls, as if another thread ran meanwhile
         def __call__(self):
-            memo._entries[id(other)] = (lambda: other, (other._version,), "other")
+            memo._entries[(id(other), None)] = (lambda: other, (other._version, None), "other")
             return None  # this entry's tensor is gone
 
-    memo._entries[-1] = (RefAddingAnEntry(), (0,), "gone")
+    memo._entries[(-1, None)] = (RefAddingAnEntry(), (0, None), "gone")
     t = torch.zeros(1)
     assert memo.get(t, (), lambda: "new") == "new"  # past the size: the pass runs (and raised here)
     assert memo.get(t, (), lambda: "recomputed") == "new"  # remembered
-    assert -1 not in memo._entries
+    assert (-1, None) not in memo._entries
+
+
+def test_tensor_memo_keeps_a_cuda_tensors_values_per_stream(monkeypatch):
+    """A value made on one CUDA stream (an int32 index copy, mask parts) may still be being written when another
+    stream reads it, and its memory goes back to the first stream's pool when freed: each stream gets its own
+    (here the stream a CUDA tensor would be on is played by stream_key)."""
+    from vlmo_fast.ops import _memo
+
+    assert _memo.stream_key(torch.zeros(1)) is None  # off CUDA: one value per tensor, as before
+    stream = ["A"]
+    monkeypatch.setattr(_memo, "stream_key", lambda t: stream[0])
+    memo = _memo.TensorMemo()
+    t = torch.zeros(1)
+    assert memo.get(t, (), lambda: "made on A") == "made on A"
+    stream[0] = "B"
+    assert memo.get(t, (), lambda: "made on B") == "made on B"
+    assert memo.get(t, (), lambda: "again") == "made on B"
+    stream[0] = "A"
+    assert memo.get(t, (), lambda: "again") == "made on A"
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_memo_values_are_per_stream():
+    from vlmo_fast.ops._memo import TensorMemo
+
+    memo = TensorMemo()
+    t = torch.zeros(1, device="cuda")
+    on_default = memo.get(t, (), lambda: object())
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        on_side = memo.get(t, (), lambda: object())
+        assert memo.get(t, (), lambda: None) is on_side
+    assert on_side is not on_default and memo.get(t, (), lambda: None) is on_default
 
 
 def test_forwards_from_several_threads_give_each_its_own_outputs():

@@ -24,6 +24,16 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or func_transforms_active()
 
 
+def stream_key(t: torch.Tensor):
+    """The CUDA stream a CUDA tensor's derived value is made and used on (None off CUDA): a value is remembered per
+    stream, since one made on stream A may still be being written when stream B reads it, and its memory, once
+    freed, goes back to A's pool while B may still read it."""
+    if not t.is_cuda:
+        return None
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (a fast read; CUDA builds of torch have it)
+    return raw(t.device.index) if raw is not None else torch.cuda.current_stream(t.device).cuda_stream
+
+
 class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
@@ -31,10 +41,11 @@ class TensorMemo:
     ``torch.compile`` traces, ``compute()`` simply runs (traced into the graph): reading the version counter there
     would break the graph. Nor is anything remembered for an inference tensor (made under ``torch.inference_mode``),
     which has no version counter to see a change. Safe to share between threads (e.g. a server running forwards in
-    several): a lost entry is only computed again."""
+    several): a lost entry is only computed again. A CUDA tensor's values are kept per CUDA stream (``stream_key``).
+    """
 
     def __init__(self, size: int = 64):
-        self._entries: Dict[int, Tuple[Any, Tuple, Any]] = {}
+        self._entries: Dict[Tuple[int, Any], Tuple[Any, Tuple, Any]] = {}
         self._size = size
 
     def __reduce__(self):  # a copy or a pickle (of a module holding one) starts empty: it is a cache
@@ -43,8 +54,8 @@ class TensorMemo:
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
         if tracing() or t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
             return compute()
-        key = (t._version,) + extra
-        hit = self._entries.get(id(t))
+        key = (t._version, stream_key(t)) + extra
+        hit = self._entries.get((id(t), key[1]))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
         value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
@@ -55,7 +66,7 @@ class TensorMemo:
             if len(self._entries) > self._size:
                 self._entries.clear()
         try:
-            self._entries[id(t)] = (weakref.ref(t), key, value)
+            self._entries[(id(t), key[1])] = (weakref.ref(t), key, value)
         except TypeError:  # not weak-referenceable: simply recomputed next time
             pass
         return value
