@@ -284,6 +284,15 @@ def test_tensor_memo_keeps_a_cuda_tensors_values_per_stream(monkeypatch):
     assert memo.get(t, (), lambda: "again") == "made on B"
     stream[0] = "A"
     assert memo.get(t, (), lambda: "again") == "made on A"
+    facts = _memo.TensorMemo(per_stream=False)  # a check that passed holds on every stream
+    assert facts.get(t, (), lambda: "checked") == "checked"
+    stream[0] = "B"
+    assert facts.get(t, (), lambda: "checked again") == "checked"
+    # a device copy of a CPU tensor: its stream is the destination's (stream_of), here played for a "device" tensor
+    seen = []
+    monkeypatch.setattr(_memo, "stream_key", lambda t: seen.append(t) or stream[0])
+    device_table, stream[0] = torch.zeros(2), "C"
+    assert memo.get(t, (), lambda: "copy", stream_of=device_table) == "copy" and seen[-1] is device_table
 
 
 @pytest.mark.gpu

@@ -281,7 +281,8 @@ def _accelerated_get_rel_pos_bias(self, relative_position_index):
     table = self.relative_position_bias_table
     h = table.shape[1] // self.num_layers
     src = relative_position_index
-    index = self.__dict__[_INDEX_COPIES].get(src, (table.device,), lambda: _device_copy(src, table.device))
+    index = self.__dict__[_INDEX_COPIES].get(src, (table.device,), lambda: _device_copy(src, table.device),
+                                             stream_of=table)  # (a copy per CUDA stream of the table's device)
     return [TableBias(table[:, i * h : (i + 1) * h], index) for i in range(self.num_layers)]
 
 

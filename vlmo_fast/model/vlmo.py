@@ -35,7 +35,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-_CHECKED_IDS = TensorMemo(16)  # text_ids tensors whose values passed the range check
+_CHECKED_IDS = TensorMemo(16, per_stream=False)  # text_ids tensors whose values passed the range check
 
 
 def _remake_buffer(module: nn.Module, name: str, value: torch.Tensor, device: torch.device, persistent: bool) -> None:

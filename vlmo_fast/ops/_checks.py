@@ -79,7 +79,7 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
-_CHECKED_INDEX = TensorMemo(256)  # bias indices that passed the range check
+_CHECKED_INDEX = TensorMemo(256, per_stream=False)  # bias indices that passed the range check
 
 
 def check_bias_index(

@@ -7,7 +7,7 @@ the index, every step): their range check, int32 copy, CSR layout or mask parts 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -41,20 +41,26 @@ class TensorMemo:
     ``torch.compile`` traces, ``compute()`` simply runs (traced into the graph): reading the version counter there
     would break the graph. Nor is anything remembered for an inference tensor (made under ``torch.inference_mode``),
     which has no version counter to see a change. Safe to share between threads (e.g. a server running forwards in
-    several): a lost entry is only computed again. A CUDA tensor's values are kept per CUDA stream (``stream_key``).
+    several): a lost entry is only computed again. A CUDA tensor's values are kept per CUDA stream (``stream_key``),
+    unless ``per_stream=False`` (values that hold no device memory, e.g. the fact that a check passed).
     """
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 64, per_stream: bool = True):
         self._entries: Dict[Tuple[int, Any], Tuple[Any, Tuple, Any]] = {}
         self._size = size
+        self._per_stream = per_stream
 
     def __reduce__(self):  # a copy or a pickle (of a module holding one) starts empty: it is a cache
-        return TensorMemo, (self._size,)
+        return TensorMemo, (self._size, self._per_stream)
 
-    def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
+    def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any],
+            stream_of: Optional[torch.Tensor] = None) -> Any:
+        """``compute()``'s value for ``t`` and ``extra``; ``stream_of``: the tensor whose device's stream the value is
+        made on, when it is not ``t``'s (a device copy of a CPU tensor)."""
         if tracing() or t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
             return compute()
-        key = (t._version, stream_key(t)) + extra
+        stream = stream_key(t if stream_of is None else stream_of) if self._per_stream else None
+        key = (t._version, stream) + extra
         hit = self._entries.get((id(t), key[1]))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
