@@ -183,8 +183,9 @@ def test_collate_whole_word_masking_option(tok):
 
 @pytest.mark.parametrize("mlm_prob", [0.3, 0.05])
 def test_collate_masks_at_the_given_mlm_prob(tok, mlm_prob):
-    """--mlm-prob reaches both collators: whole-word masking selects round(mlm_prob x padded length) tokens of rows
-    of single-piece words, the plain collator each real token with probability mlm_prob."""
+    """mlm_prob reaches both collators (--mlm-prob reaches the training collate: test_train): whole-word masking
+    selects round(mlm_prob x padded length) tokens of rows of single-piece words, the plain collator each real token
+    with probability mlm_prob."""
     words = ["red", "blue", "circle", "square", "left", "top", "and", "a"]
     rng = np.random.default_rng(0)
     items = []

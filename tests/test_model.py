@@ -183,9 +183,9 @@ def test_training_mode_same_random_stream_and_gradients(device, backend):
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(backend, monkeypatch):
-    """set_grad_checkpointing (--activation-checkpointing) recomputes each block in the backward: with DropPath and
-    dropout drawing, and the pretraining objectives (ITM's negatives drawn from the global RNG between the forwards),
-    the recomputation must replay the very draws, so the losses and every gradient are those of the plain run."""
+    """set_grad_checkpointing (--activation-checkpointing) recomputes each block in the backward: under the
+    pretraining objectives, with DropPath drawing in the blocks and ITM's negatives drawn from the global RNG between
+    the forwards, the recomputation must replay the very draws, so the losses and every gradient are the plain run's."""
     cfg, fast, _ = make_pair(drop_path_rate=0.5, loss_names=ALL_TASKS)
     fast.set_backend(backend).train()
     fast.current_tasks = ["mlm", "itc", "itm"]

@@ -281,6 +281,21 @@ class _PairModel:
         return cls
 
 
+class _ItcModel:
+    """ITC's inputs: unit features per sample (fixed per rank), the logit scales at 1."""
+
+    logit_scale = logit_vl_scale = torch.zeros(())
+
+    def __init__(self, rank, bsz):
+        self.feats = torch.nn.functional.normalize(torch.randn(bsz, 8, generator=torch.Generator().manual_seed(rank)),
+                                                   dim=1)
+
+    def infer_image(self, batch):
+        return {"cls_feats": self.feats, "cls_vlffn_feats": self.feats}
+
+    infer_text = infer_image
+
+
 def _gather_and_itm_on_rank(rank, world):
     """Run in each of 2 gloo processes: the gather order and ITM's hard negatives with per-rank results."""
     import torch.distributed as dist
@@ -319,13 +334,26 @@ def _gather_and_itm_on_rank(rank, world):
     drawn = [pairs(O.compute_itm_hardneg(model, batch, i2t, i2t.t(), torch.Generator().manual_seed(s)))
              for s in range(60)]
     out["drawn"] = drawn
-    # (c) local=True (an evaluation on one rank): no gather, the negatives come from this rank's rows alone
+    # (c) local=True (an evaluation on one rank): no collective at all, the negatives from this rank's rows alone;
+    # the same calls without it gather
     out["local_gather"] = O.gather_local_first(t, local=True) is t
     local_sim = torch.full((bsz, bsz), -50.0)
     for b in range(bsz):
         local_sim[b, (b + 1) % bsz] = 50.0
-    out["local_itm"] = pairs(O.compute_itm_hardneg(model, batch, local_sim, local_sim, torch.Generator().manual_seed(0),
-                                                   local=True))
+    gathers = []
+    real_gather = dist.all_gather
+    dist.all_gather = lambda *a, **k: gathers.append(1) or real_gather(*a, **k)
+    try:
+        out["local_itm"] = pairs(O.compute_itm_hardneg(model, batch, local_sim, local_sim,
+                                                       torch.Generator().manual_seed(0), local=True))
+        itc = _ItcModel(rank, bsz)
+        out["local_itc"] = O.compute_itc(itc, batch, local=True)["itc_i2t_logits"].shape
+        out["local_gathers"] = len(gathers)
+        out["itc"] = O.compute_itc(itc, batch)["itc_i2t_logits"].shape
+        O.compute_itm_hardneg(model, batch, local_sim, local_sim, torch.Generator().manual_seed(0))
+        out["gathers"] = len(gathers)
+    finally:
+        dist.all_gather = real_gather
     dist.destroy_process_group()
     return out
 
@@ -345,7 +373,8 @@ def test_gather_and_itm_hard_negatives_in_two_processes():
         assert pos == [(i, i) for i in own]
         assert neg_image == [(own[b], others[b]) for b in range(bsz)]  # text b with the other rank's image b
         assert neg_text == [(own[(b + 1) % bsz], own[b]) for b in range(bsz)]  # image b with local text b + 1
-        assert out["local_gather"]
+        assert out["local_gather"] and out["local_gathers"] == 0 and out["gathers"] == 4 + 3
+        assert out["local_itc"] == (bsz, bsz) and out["itc"] == (2 * bsz, 2 * bsz)  # the global loss: every row
         pos, neg_image, neg_text = out["local_itm"]
         assert pos == [(i, i) for i in own]
         assert neg_image == [(own[b], own[(b + 1) % bsz]) for b in range(bsz)]

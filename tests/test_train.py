@@ -1043,6 +1043,19 @@ def test_non_finite_losses_skip_and_then_stop(tmp_path, synthetic_root, monkeypa
     assert states[0] == states[1] and states[0][0] == 6 and states[0][2]["skipped_steps"] == 4, states
 
 
+@pytest.mark.parametrize("wwm", [True, False])
+def test_the_masking_options_reach_the_training_collate(tmp_path, synthetic_root, wwm):
+    """--mlm-prob and --whole-word-masking are the training stream's collate's (the collators are tested with them
+    in test_data_masking)."""
+    from vlmo_fast.train import data_setup
+
+    cfg = small_cfg(tmp_path, synthetic_root, mlm_prob=0.3, whole_word_masking=wwm)
+    model_config = vf.preset(cfg.arch, image_size=cfg.image_size, max_text_len=cfg.max_text_len)
+    info = train_loop.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    collate = data_setup.train_stream(cfg, model_config, info).loader.collate_fn.collate
+    assert collate.mlm_prob == 0.3 and collate.mlm == ("whole_word" if wwm else "plain")
+
+
 def test_a_batch_without_masked_tokens_is_named_in_the_notice(tmp_path, synthetic_root, monkeypatch):
     """Short captions in a small batch can leave the MLM without any target (as in the official masking): its loss
     is NaN and the step is skipped; the notice says why rather than reading as a divergence."""
