@@ -233,7 +233,7 @@ def _ddp_step(rank, world, accelerated):
     out = ddp(local)
     loss = vf.objectives.total_loss(out)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_ddp_training_step_matches_the_original():

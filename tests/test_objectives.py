@@ -309,7 +309,14 @@ def _gather_and_itm_on_rank(rank, world):
     gathered.sum().backward()
     out["gather"] = gathered.detach()[:, 0].tolist()
     out["grad"] = t.grad[:, 0].tolist()  # the official gather: only the local block carries gradient
-    out["gather_with_grad"] = O.gather_local_first(t, with_grad=True).detach()[:, 0].tolist()
+    t.grad = None
+    gathered = O.gather_local_first(t, with_grad=True)
+    out["gather_with_grad"] = gathered.detach()[:, 0].tolist()
+    # each rank weighs position j of its gathered rows by (rank + 1)(j + 1): a block's gradient sums its own rank's
+    # weights and the other rank's at the block's place there
+    weights = (rank + 1) * torch.arange(1, 2 * bsz + 1, dtype=torch.float64)
+    (gathered * weights[:, None]).sum().backward()
+    out["grad_with_grad"] = t.grad[:, 0].tolist()
     batch = {"text_ids": (100 + ids).unsqueeze(1).repeat(1, 4), "text_masks": torch.ones(bsz, 4, dtype=torch.long),
              "image": [ids.double().view(bsz, 1, 1, 1).expand(bsz, 3, 2, 2).contiguous()]}
     model = _PairModel()
@@ -369,6 +376,8 @@ def test_gather_and_itm_hard_negatives_in_two_processes():
         others = list(range((1 - rank) * bsz, (2 - rank) * bsz))
         assert out["gather"] == own + others and out["gather_with_grad"] == own + others
         assert out["grad"] == [1.0] * bsz
+        other = 1 - rank  # on the other rank this rank's block comes after its own (rows bsz..2 bsz - 1)
+        assert out["grad_with_grad"] == [(rank + 1) * (b + 1) + (other + 1) * (bsz + b + 1) for b in range(bsz)]
         pos, neg_image, neg_text = out["targeted"]
         assert pos == [(i, i) for i in own]
         assert neg_image == [(own[b], others[b]) for b in range(bsz)]  # text b with the other rank's image b

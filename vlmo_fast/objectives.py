@@ -29,6 +29,25 @@ def _world() -> tuple:
     return 1, 0
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Every rank's ``t``; backward: each copy's gradient, summed over the ranks, back to the rank it came from (the
+    gradient of the sum of every rank's loss). torch.distributed.nn.functional.all_gather did this; it is deprecated
+    (torch 2.13 warns)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor):
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        summed = torch.stack(grads)
+        dist.all_reduce(summed)
+        return summed[ctx.rank]
+
+
 def gather_local_first(t: torch.Tensor, with_grad: bool = False, local: bool = False) -> torch.Tensor:
     """All-gather ``t`` over the process group as ``cat([local, rank 0, ..., rank R-1 without self])``.
 
@@ -39,9 +58,7 @@ def gather_local_first(t: torch.Tensor, with_grad: bool = False, local: bool = F
     if world == 1:
         return t
     if with_grad:
-        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
-        parts = list(all_gather_with_grad(t))
+        parts = list(_AllGatherWithGrad.apply(t))
     else:
         parts = [torch.zeros_like(t) for _ in range(world)]
         dist.all_gather(parts, t.detach().contiguous())
