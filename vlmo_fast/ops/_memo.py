@@ -61,7 +61,7 @@ class TensorMemo:
             return compute()
         stream = stream_key(t if stream_of is None else stream_of) if self._per_stream else None
         key = (t._version, stream) + extra
-        hit = self._entries.get((id(t), key[1]))
+        hit = self._entries.get((id(t), stream))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
         value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
@@ -72,7 +72,7 @@ class TensorMemo:
             if len(self._entries) > self._size:
                 self._entries.clear()
         try:
-            self._entries[(id(t), key[1])] = (weakref.ref(t), key, value)
+            self._entries[(id(t), stream)] = (weakref.ref(t), key, value)
         except TypeError:  # not weak-referenceable: simply recomputed next time
             pass
         return value
