@@ -32,6 +32,7 @@ import torch
 from vlmo_fast.data import build_collate, build_dataset, build_loader, measure_loader, write_synthetic
 from vlmo_fast.data.sample import decode_image, encode_text
 from vlmo_fast.data.transforms import TrainTransform
+from vlmo_fast.fileio import atomic_write_json
 from vlmo_fast.tokenizer import BertTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -162,8 +163,7 @@ def write(result: Dict[str, Any], out: str = None) -> str:
         folder = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         out = os.path.join(folder, f"data_loader_{platform.node() or 'host'}_{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(out, result, indent=1)  # (a reader, or a kill, never finds half a file)
     print(f"wrote {out}")
     return out
 

@@ -105,9 +105,8 @@ def version_line() -> str:
 def _info(argv: List[str]) -> int:
     argparse.ArgumentParser(prog="vlmo-fast info", description="What this installation can run, as JSON: native "
                             "kernels, CUDA architectures, Triton, the device.").parse_args(argv)
-    from ._native import build_info
-
     from . import __version__
+    from ._native import build_info
 
     print(json.dumps({"vlmo_fast": __version__, **build_info()}, indent=2))
     return 0

@@ -210,9 +210,9 @@ class _PairScorer:
             if t not in self.tokens:
                 item = _item(self.text_dataset, self.text_index[t])
                 self.tokens[t] = {"text_ids": item["text_ids"], "text_masks": item["text_masks"]}
-        batch = {"text_ids": torch.stack([self.tokens[t]["text_ids"] for t in rows_t]).to(self.device),
-                 "text_masks": torch.stack([self.tokens[t]["text_masks"] for t in rows_t]).to(self.device),
-                 "image": [torch.stack([images[i] for i in rows_i]).to(self.device)]}
+        batch = to_device({"text_ids": torch.stack([self.tokens[t]["text_ids"] for t in rows_t]),
+                           "text_masks": torch.stack([self.tokens[t]["text_masks"] for t in rows_t]),
+                           "image": [torch.stack([images[i] for i in rows_i])]}, self.device, _vocab_size(self.model))
         with autocast(self.device, self.autocast_dtype):
             return self.model.itm_score(self.model.infer(batch)["cls_feats"])[:, 1].float().cpu()
 

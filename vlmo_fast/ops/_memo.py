@@ -24,14 +24,16 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or func_transforms_active()
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (a fast read; CUDA builds of torch have it)
+
+
 def stream_key(t: torch.Tensor):
     """The CUDA stream a CUDA tensor's derived value is made and used on (None off CUDA): a value is remembered per
     stream, since one made on stream A may still be being written when stream B reads it, and its memory, once
     freed, goes back to A's pool while B may still read it."""
     if not t.is_cuda:
         return None
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # (a fast read; CUDA builds of torch have it)
-    return raw(t.device.index) if raw is not None else torch.cuda.current_stream(t.device).cuda_stream
+    return _RAW_STREAM(t.device.index) if _RAW_STREAM is not None else torch.cuda.current_stream(t.device).cuda_stream
 
 
 class TensorMemo:
