@@ -334,7 +334,7 @@ def test_triton_rows_dry_run_under_the_interpreter(tmp_path):
     recorded."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--sizes", "tiny", "--ops",
-                           "attention,block", "--backend", "triton", "--reps", "1", "--out", str(tmp_path),
+                           "attention,block", "--backend", "triton", "--device", "cpu", "--reps", "1", "--out", str(tmp_path),
                            "--no-plot"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
@@ -350,7 +350,7 @@ def test_triton_rows_dry_run_under_the_interpreter(tmp_path):
     assert "vlmo_fast backend `triton`" in Path(str(path)[:-5] + ".md").read_text()
     # in half precision also the variant without the forward's kept low part (its cost), restoring the switch
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--sizes", "tiny", "--ops",
-                           "attention", "--dtypes", "fp16", "--backend", "triton", "--reps", "1", "--out",
+                           "attention", "--dtypes", "fp16", "--backend", "triton", "--device", "cpu", "--reps", "1", "--out",
                            str(tmp_path / "fp16"), "--no-plot"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = (tmp_path / "fp16").glob("*.json")
@@ -728,35 +728,51 @@ def test_compile_baselines_under_a_budget_only_where_a_target_compares(monkeypat
 
 
 def test_flex_steps_down_its_tiles_on_a_shared_memory_shortage_and_keeps_them(monkeypatch):
-    monkeypatch.setattr(bench_run.Flex, "tiles_index", 0)
-    flex = object.__new__(bench_run.Flex)  # no FlexAttention needed: only the retry logic
-    seen = []
+    monkeypatch.setattr(bench_run.Flex, "tiles_index", {False: 0, True: 0})
+    last = len(bench_run.Flex.TILES) - 1
 
-    def call():
-        seen.append(flex.kernel_options)
-        if len(seen) < 3:
-            raise RuntimeError("out of resource: shared memory, Required: 237568, Hardware limit: 232448")
-        return "ok"
+    def stand_in(failures, message="out of resource: shared memory, Required: 237568, Hardware limit: 232448"):
+        """A Flex whose call (as Flex.__call__: the grad mode noted, the tiles read for it) fails ``failures`` times."""
+        flex = object.__new__(bench_run.Flex)  # no FlexAttention needed: only the retry logic
+        seen = []
 
-    assert flex.retrying(call)() == "ok"
+        def call():
+            flex.last_grad = torch.is_grad_enabled()
+            seen.append(flex.kernel_options(flex.last_grad))
+            if len(seen) <= failures:
+                raise RuntimeError(message)
+            return "ok"
+
+        return flex, flex.retrying(call), seen
+
+    # the forward fails twice: it steps down twice, and forward and backward start from the forward's tiles
+    flex, forward, seen = stand_in(2)
+    with torch.no_grad():
+        assert forward() == "ok"
     assert seen[0] is None and seen[1]["num_stages"] == 2 and seen[1]["BLOCK_M"] == 128 and seen[2]["BLOCK_M"] == 64
     later = object.__new__(bench_run.Flex)  # the next case starts from the tiles that worked
-    assert later.kernel_options == seen[2] and "too much shared memory" in later.note
+    assert later.kernel_options(False) == later.kernel_options(True) == seen[2]
+    assert "too much shared memory" in later.note("fwd") and later.note("fwd+bwd") == later.note("fwd")
 
-    def always():
-        raise RuntimeError("out of resource: shared memory")
+    # only the backward's tiles too large: a forward alone keeps the defaults
+    monkeypatch.setattr(bench_run.Flex, "tiles_index", {False: 0, True: 0})
+    flex, forward_backward, seen = stand_in(1)
+    assert forward_backward() == "ok" and seen[0] is None and seen[1]["BLOCK_M"] == 128
+    assert flex.kernel_options(False) is None and flex.note("fwd") == ""
+    assert flex.kernel_options(True) == seen[1] and "too much shared memory" in flex.note("fwd+bwd")
 
-    with pytest.raises(RuntimeError, match="out of resource"):  # past the smallest tiles: the error is the row's
-        later.retrying(always)()
-    assert bench_run.Flex.tiles_index == len(bench_run.Flex.TILES) - 1
+    # past the smallest tiles: the error is the row's
+    flex, always, _ = stand_in(99)
+    with pytest.raises(RuntimeError, match="out of resource"):
+        always()
+    assert bench_run.Flex.tiles_index == {False: 0, True: last}
 
-    def other():
-        raise RuntimeError("something else")
-
-    monkeypatch.setattr(bench_run.Flex, "tiles_index", 0)
+    # another error is not retried
+    monkeypatch.setattr(bench_run.Flex, "tiles_index", {False: 0, True: 0})
+    flex, other, seen = stand_in(1, "something else")
     with pytest.raises(RuntimeError, match="something else"):
-        later.retrying(other)()
-    assert bench_run.Flex.tiles_index == 0
+        other()
+    assert len(seen) == 1 and bench_run.Flex.tiles_index == {False: 0, True: 0}
 
 
 def test_summary_never_rounds_up_to_a_target_and_names_the_target_rivals():

@@ -313,7 +313,7 @@ def test_staged_slices_at_every_alignment(device, dtype, n):
     keep = padding(b, n, device)
     dense = torch.randn(h, n, n, device=device)
     kw = dict(bias=dense.data_ptr(), table=0, table_s0=0, table_s1=0, table_rows=0, index=0, keep=keep.data_ptr(),
-              **native._launch_args(torch.device(device)))
+              **native._launch_args(keep.device))
 
     def view(buf, offset):
         return buf[offset : offset + numel].view(b, h, n, n)

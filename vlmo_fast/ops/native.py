@@ -156,7 +156,8 @@ def _launch_args(device: torch.device) -> dict:
     if err is not None:
         raise RuntimeError(err)
     if _runs_cuda(device):
-        return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
+        index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
+        return {"device": index, "stream": torch.cuda.current_stream(index).cuda_stream}
     return {"num_threads": torch.get_num_threads()}
 
 
