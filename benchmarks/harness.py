@@ -58,9 +58,10 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
             fn()
             torch.cuda.synchronize(device)
             est_ms = (time.perf_counter() - t0) * 1e3
-            # do_bench times rep/estimate calls: a window of at least MIN_TIMED_CALLS calls, so that a long call (a
-            # whole training step) still gets a median and quantiles of several samples, not one
-            window = max(100.0, reps * 10.0, MIN_TIMED_CALLS * est_ms)
+            # do_bench times int(rep / its estimate) calls, the estimate including the L2 flush before each: a window
+            # of at least MIN_TIMED_CALLS + 1 calls, so that a long call (a whole training step) still gets a median
+            # and quantiles of MIN_TIMED_CALLS samples or more, not one
+            window = max(100.0, reps * 10.0, (MIN_TIMED_CALLS + 1) * est_ms)
             ms = triton.testing.do_bench(fn, warmup=max(25.0, est_ms), rep=window, quantiles=[0.5, 0.2, 0.8])
             return Timing(ms[0], ms[1], ms[2], max(1, int(window / max(est_ms, 1e-3))))
         except ImportError:
@@ -73,7 +74,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         return _summary(times)
     for _ in range(warmup):
@@ -159,16 +160,16 @@ def _summary(times: List[float]) -> Timing:
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
-    """Peak device memory allocated by one call beyond what was allocated before it (CUDA only)."""
+    """Peak device memory allocated by one call beyond what was allocated before it, in MiB (CUDA only)."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 # ---- ceilings ------------------------------------------------------------------------------------------------

@@ -387,11 +387,15 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                 return lambda: ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index,
                                                      key_padding_mask=keep, scale=scale, backend=backend)
 
+            def ours_torch():  # under autocast as the official row and the model (outside it: fp32 logits)
+                with ac():
+                    return ours("torch")()
+
             def sdpa():
                 mask = table.t()[:, index].unsqueeze(0).masked_fill(~keep[:, None, None, :], float("-inf"))
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype), scale=scale)
 
-            impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
+            impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours_torch,
                                           "sdpa": sdpa}
             if OUR_BACKEND == "triton" or (dev.type == "cuda" and OUR_BACKEND == "auto"):
                 # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
@@ -426,8 +430,8 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                 rows = bench.measure("attention", case, dtype_name, mode,
                                      {k_: wrap(k_, make(f)) for k_, f in impls.items()}, flops=fl, check=True)
                 for r in rows:
-                    if r.impl == "flex" and flex.note:
-                        r.note = flex.note + (f"; {r.note}" if r.note else "")
+                    if r.impl == "flex" and flex.note(mode):
+                        r.note = flex.note(mode) + (f"; {r.note}" if r.note else "")
 
 
 def compiled(fn):
@@ -492,7 +496,9 @@ class Flex:
     """FlexAttention with the learnable table in score_mod and the padding in a block mask. Its default tiles, with
     this score_mod, need more shared memory than an H100 has (the first H100 run: 336 KB asked, 227 KB there); a call
     that fails for that retries with the next of TILES, and the tiles that worked are kept for the later cases (a
-    class attribute: each case builds its own Flex). The row's note names them, and the summary shows the note."""
+    class attribute: each case builds its own Flex), per mode: a forward alone keeps the larger tiles when only the
+    backward's need the smaller ones (forward and backward start from the forward's). The row's note names them, and
+    the summary shows the note."""
 
     TILES = (
         None,  # FlexAttention's defaults
@@ -503,7 +509,8 @@ class Flex:
         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
          "num_stages": 1},
     )
-    tiles_index = 0  # the first of TILES not known to fail on this device (this process)
+    # the first of TILES not known to fail on this device (this process), by whether the call records a backward
+    tiles_index = {False: 0, True: 0}
 
     def __init__(self, q, k, v, table, index, keep, scale):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -514,15 +521,21 @@ class Flex:
         self.scale = scale
         self.score_mod = lambda score, bi, hi, qi, ki: score + table[index[qi, ki], hi]
         self.block_mask = create_block_mask(lambda bi, hi, qi, ki: keep[bi, ki], b, None, n, n, device=q.device)
+        self.last_grad = False
 
-    @property
-    def kernel_options(self) -> Optional[Dict[str, Any]]:
-        tiles = self.TILES[Flex.tiles_index]
+    @staticmethod
+    def _index(grad: bool) -> int:
+        tried = Flex.tiles_index
+        return max(tried[False], tried[True]) if grad else tried[False]  # a backward needs the forward's kernel too
+
+    def kernel_options(self, grad: bool) -> Optional[Dict[str, Any]]:
+        tiles = self.TILES[self._index(grad)]
         return None if tiles is None else dict(tiles)
 
     def __call__(self):
+        self.last_grad = torch.is_grad_enabled()
         return self.flex(*self.args, score_mod=self.score_mod, block_mask=self.block_mask, scale=self.scale,
-                         kernel_options=self.kernel_options)
+                         kernel_options=self.kernel_options(self.last_grad))
 
     def retrying(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run():
@@ -530,15 +543,15 @@ class Flex:
                 try:
                     return fn()
                 except Exception as exc:  # noqa: BLE001 - only a shared-memory shortage is retried
-                    if "out of resource" not in str(exc) or Flex.tiles_index + 1 >= len(self.TILES):
+                    tried = self._index(self.last_grad)
+                    if "out of resource" not in str(exc) or tried + 1 >= len(self.TILES):
                         raise
-                    Flex.tiles_index += 1  # new kernel options: compiled anew
+                    Flex.tiles_index[self.last_grad] = tried + 1  # new kernel options: compiled anew
 
         return run
 
-    @property
-    def note(self) -> str:
-        options = self.kernel_options
+    def note(self, mode: str) -> str:
+        options = self.kernel_options(mode != "fwd")
         return "" if options is None else f"kernel_options={options} (the default tiles need too much shared memory)"
 
 
@@ -1187,6 +1200,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     OUR_BACKEND = args.backend
     dev = resolve_device(args.device or "auto")
+    if dev.type == "cuda":  # the timers (do_bench's events and syncs) and memory stats use the current device
+        torch.cuda.set_device(dev)
     size_name, dtypes, selected = selection(args, dev)
     sizes = SIZES[size_name]
     torch.manual_seed(0)

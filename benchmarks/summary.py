@@ -181,7 +181,7 @@ def _d(x, digits, suffix=""):
 
 
 def _peak(s: Dict[str, Any]) -> str:
-    """vlmo_fast's peak memory (MB beyond what was allocated before the call; GPU runs) and its ratio to the official
+    """vlmo_fast's peak memory (MiB beyond what was allocated before the call; GPU runs) and its ratio to the official
     math's."""
     ratio = s["peak_vs_official"]
     return _f(s["peak_mb"], ".0f") + ("" if ratio is None else f" ({ratio:.2f}x)")
