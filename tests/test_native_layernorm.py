@@ -156,6 +156,23 @@ def test_vectorized_tiers_and_misaligned_rows(device, dtype, offset):
             assert_rule(f"{name} d={d}", got, eager, ref, 1e-5)
 
 
+@pytest.mark.parametrize("device", devices(), indirect=True)
+def test_every_backend_returns_the_dtype_of_layer_norm_under_autocast(device):
+    """Under autocast a half-precision x comes out in F.layer_norm's dtype on every backend: fp32 on CUDA (layer_norm
+    is among CUDA autocast's fp32 ops, as for the official nn.LayerNorm), x's own on CPU; the values agree."""
+    x = torch.randn(2, 9, 64, device=device).to(torch.bfloat16)
+    w, bb = params(2, 64, device)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        want = F.layer_norm(x, (64,), w[1], bb[1], 1e-6)
+        outs = {backend: ops.multiway_layernorm(x, w, bb, split=4, backend=backend)
+                for backend in ("cuda", "torch", "auto")}
+    assert want.dtype == (torch.float32 if x.is_cuda else torch.bfloat16)
+    for backend, y in outs.items():
+        assert y.dtype == want.dtype, backend
+        assert max_err(y[:, 4:], want[:, 4:]) < 2e-2 * want.abs().max().item(), backend
+        assert max_err(y, outs["torch"]) < 2e-2 * want.abs().max().item(), backend
+
+
 def test_non_contiguous_x_and_missing_affine():
     x = torch.randn(30, 3, 64).transpose(0, 1)  # (3, 30, 64), not contiguous
     w, b0 = torch.randn(64), torch.randn(64)

@@ -65,6 +65,8 @@ def multiway_layernorm(
         x: (B, N, D).
         weight, bias: sequences of one or two (D,) tensors: expert 0 (text), expert 1 (image).
         split: with two experts, rows [0, split) use expert 0 and rows [split, N) expert 1.
+
+    Returns x's dtype, except under CUDA autocast, where a half-precision x gives fp32 as nn.LayerNorm does.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     d = x.shape[-1]
@@ -73,6 +75,10 @@ def multiway_layernorm(
     check_experts("weight", x, weight, (d,), split, role="norm")
     check_experts("bias", x, bias, (d,), split, role="norm")
     split, eps = (None if split is None else int(split)), check_eps(eps)
+    if x.dtype in HALF_DTYPES and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # CUDA autocast runs layer_norm in fp32 (nn.LayerNorm returns fp32 there; CPU autocast leaves it alone):
+        # every backend normalises and returns fp32, as the PyTorch path's F.layer_norm does
+        x = x.float()
     impl = _backend.select("multiway_layernorm", backend, x, weight, bias, split)
     if impl is not None:
         return impl(x, tuple(weight), tuple(bias), split, eps)
