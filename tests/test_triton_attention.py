@@ -154,6 +154,31 @@ def test_low_precision_within_twice_eager_error(dtype, form):
     assert torch.all(got[0][2] == 0) and torch.all(got[1][2] == 0) and torch.all(got[2][2] == 0)
 
 
+def test_fp32_inputs_under_autocast_give_the_autocast_dtype_like_the_torch_path():
+    """Under autocast the official math's products (and the PyTorch path's) run in the autocast dtype and give it:
+    fp32 q, k, v through the kernels give bf16 too, within twice the error of that path against float64, with fp32
+    gradients for every leaf."""
+    b, h, n, d = 2, 2, 45, 32
+    q, k, v = (t.requires_grad_() for t in qkv_views(b, h, n, d))
+    index, rows = fusion_index(n)
+    table = torch.randn(rows, h, device=DEV, requires_grad=True)
+    keep = padding(b, n, full_row=1)
+    leaves = [q, k, v, table]
+    g = torch.randn(b, h, n, d, device=DEV)
+    results = {}
+    for backend in ("triton", "torch"):
+        with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+            out = ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index, key_padding_mask=keep,
+                                        backend=backend)
+        assert out.dtype == torch.bfloat16, backend
+        results[backend] = (out,) + grads(out, leaves, g.to(out.dtype))
+        assert [t.dtype for t in results[backend][1:]] == [torch.float32] * 4, backend
+    l64 = leaves64(q, k, v, table)
+    ref = reference_attention(*l64[:3], l64[3].t()[:, index], keep)
+    want = (ref,) + grads(ref, l64, g.to(torch.bfloat16).double())
+    check_twice_eager(["out", "dq", "dk", "dv", "dtable"], results["triton"], results["torch"], want, 1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bias_gradient_uses_the_unrounded_output(dtype):
     """delta = Σ_d dO·O from the output rounded to fp16/bf16 errs alike for every score of a row, and the bias

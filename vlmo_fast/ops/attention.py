@@ -126,7 +126,8 @@ def rel_pos_attention(
         scale: softmax scale; default ``D ** -0.5``.
         backend: "auto" | "torch" | "triton" | "cuda".
     Returns:
-        (B, H, N, D) in the dtype of v.
+        (B, H, N, D) in the dtype of v; under autocast in the autocast dtype, where both products run, as in the
+        official math.
 
     Gradients flow to q, k, v, the dense bias, and the table (summed over the batch and scattered into its rows).
     """

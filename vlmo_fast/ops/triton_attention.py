@@ -894,7 +894,15 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     P), their error enters every score gradient of the row alike and adds up in the bias gradient over whole rows:
     fp16, N = 941, twice the official math's error on an H100; with GPU-like rounding in the interpreter, up to 3.8x
     at N = 237, against at most 0.01x with the kept part. It costs one more output-sized tensor and, in that forward,
-    a third product per tile."""
+    a third product per tile.
+
+    Under autocast, q, k and v are cast to its dtype first: the official math's two products (and the PyTorch path's)
+    run in it there and give it, so fp32 inputs give the autocast dtype on every backend (their gradients come back
+    in fp32 through the casts)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        if q.dtype != dtype:
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled() and KEEP_LOW_PART
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
     if torch.compiler.is_compiling():  # traced as the custom ops; eager calls skip their dispatch
