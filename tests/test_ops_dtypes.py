@@ -1,0 +1,78 @@
+"""Every backend of every op gives the PyTorch path's output dtype, with and without autocast, for fp32 and bf16 inputs
+and parameters: a caller swapping backends (or "auto" picking another on another device) never sees a new dtype.
+
+On CPU the Triton kernels run in the interpreter (conftest); on a GPU (gpu-marked) the CUDA autocast rules apply,
+which differ from CPU's (LayerNorm is an fp32 op there)."""
+
+import contextlib
+
+import pytest
+import torch
+
+from vlmo_fast import ops
+
+D, HID, B, N = 16, 32, 2, 7
+BACKENDS = ("torch", "triton", "cuda", "auto")
+
+
+def expert(dtype, device):
+    parts = (torch.ones(D), torch.zeros(D), 0.1 * torch.randn(HID, D), torch.zeros(HID), 0.1 * torch.randn(D, HID),
+             torch.zeros(D))
+    return ops.FFNExpert(*(t.to(device, dtype) for t in parts))
+
+
+def call(name, backend, x, pdt):
+    """The op ``name`` on x (B, N, D) with its parameters in ``pdt``."""
+    dev = x.device
+    ones, zeros = torch.ones(D, dtype=pdt, device=dev), torch.zeros(D, dtype=pdt, device=dev)
+    if name == "multiway_ffn":
+        return ops.multiway_ffn(x, [expert(pdt, dev), expert(pdt, dev)], split=3, gamma=ones, backend=backend)
+    if name == "norm_linear":
+        return ops.norm_linear(x, ones, zeros, torch.randn(HID, D, dtype=pdt, device=dev),
+                               torch.zeros(HID, dtype=pdt, device=dev), backend=backend)
+    if name == "scaled_residual":
+        return ops.scaled_residual(x, 2 * x, ones, backend=backend)
+    if name == "masked_softmax":
+        scores = x.flatten()[: 2 * N * N].reshape(1, 2, N, N)
+        return ops.masked_softmax(scores, bias=torch.randn(2, N, N, dtype=pdt, device=dev), backend=backend)
+    if name == "multiway_layernorm":
+        return ops.multiway_layernorm(x, [ones, ones], [zeros, zeros], split=3, backend=backend)
+    if name == "rel_pos_attention":
+        q = x.reshape(B, 1, N, D)
+        return ops.rel_pos_attention(q, q, q, bias_table=torch.randn(5, 1, dtype=pdt, device=dev),
+                                     bias_index=torch.randint(0, 5, (N, N), device=dev), backend=backend)
+    assert name == "rel_pos_bias_gather"
+    return ops.rel_pos_bias_gather(torch.randn(5, 2, dtype=pdt, device=dev), torch.randint(0, 5, (4, 4), device=dev),
+                                   backend=backend)
+
+
+OPS = ("multiway_ffn", "norm_linear", "scaled_residual", "masked_softmax", "multiway_layernorm", "rel_pos_attention",
+       "rel_pos_bias_gather")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", OPS)
+def test_every_backend_gives_the_torch_paths_dtype(device, name):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ran = 0
+    for autocast in (None, torch.bfloat16):
+        for xdt in (torch.float32, torch.bfloat16):
+            for pdt in {torch.float32, xdt}:
+                got = {}
+                for backend in BACKENDS:
+                    x = torch.randn(B, N, D, device=device).to(xdt)
+                    ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
+                    try:
+                        with ctx:
+                            got[backend] = call(name, backend, x, pdt).dtype
+                    except ValueError as exc:  # a backend that cannot take these inputs says so
+                        assert "cannot run these inputs" in str(exc), exc
+                    except TypeError as exc:  # a dtype mix the op refuses: refused on every backend
+                        got[backend] = TypeError
+                        assert backend == "torch" or got.get("torch") is TypeError, (backend, exc)
+                where = f"autocast={autocast} x={xdt} params={pdt}"
+                assert "torch" in got, where  # the PyTorch path takes every input
+                assert all(dt == got["torch"] for dt in got.values()), (where, got)
+                ran += len(got) - 1
+    assert ran >= 12  # other backends than the PyTorch path were compared, not only refused
