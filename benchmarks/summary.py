@@ -263,7 +263,8 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
     return (f"Data loader: {best['samples_per_s']:.0f} samples/s with {best['workers']} workers "
             f"({best['image_size']} px, batch {best['batch_size']}) = {_down(ratio, 2)}x "
             f"the training step's {step['samples_per_s']:.0f} samples/s ({step['dtype']}, "
-            + " ".join(f"{k}={v}" for k, v in step["case"].items()) + ").")
+            + " ".join(f"{k}={v}" for k, v in step["case"].items()) + "); the loader timed alone, its workers "
+            "on every core with no step beside them: a ceiling.")
 
 
 def readme_table(folder: str) -> str:

@@ -211,7 +211,7 @@ def test_loader_line_compares_the_loader_with_the_step(tmp_path):
                 {"workers": 0, "samples_per_s": 50.0, "image_size": 224, "batch_size": 64}]}))
     assert summary.loader_line(str(tmp_path), data) == (
         "Data loader: 1000 samples/s with 16 workers (224 px, batch 64) = 2.50x the training step's 400 samples/s "
-        "(bf16, B=128).")
+        "(bf16, B=128); the loader timed alone, its workers on every core with no step beside them: a ceiling.")
 
 
 def test_readme_table_fills_a_cut_run_from_the_run_before(tmp_path):
