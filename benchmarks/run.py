@@ -384,18 +384,19 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
 
             def ours(backend=None):
                 backend = backend or OUR_BACKEND
-                return lambda: ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index,
+
+                def run():  # under autocast, as the official row and the model (outside it the PyTorch path's
+                    with ac():  # logits would be fp32)
+                        return ops.rel_pos_attention(q, k, v, bias_table=table, bias_index=index,
                                                      key_padding_mask=keep, scale=scale, backend=backend)
 
-            def ours_torch():  # under autocast as the official row and the model (outside it: fp32 logits)
-                with ac():
-                    return ours("torch")()
+                return run
 
             def sdpa():
                 mask = table.t()[:, index].unsqueeze(0).masked_fill(~keep[:, None, None, :], float("-inf"))
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(dtype), scale=scale)
 
-            impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours_torch,
+            impls: Dict[str, Callable] = {"official": official, "vlmo_fast": ours(), "vlmo_fast[torch]": ours("torch"),
                                           "sdpa": sdpa}
             if OUR_BACKEND == "triton" or (dev.type == "cuda" and OUR_BACKEND == "auto"):
                 # the Triton kernels at the fixed configurations of PyTorch's deterministic mode: what bit-identical
@@ -432,6 +433,16 @@ def bench_attention(bench: Bench, sizes: Dict[str, Any], dtypes: Iterable[str], 
                 for r in rows:
                     if r.impl == "flex" and flex.note(mode):
                         r.note = flex.note(mode) + (f"; {r.note}" if r.note else "")
+
+
+def make_current(dev: torch.device) -> torch.device:
+    """A CUDA ``dev`` with its index ("cuda" alone: the current device's), made the current device: do_bench's events
+    and syncs and the memory statistics read the current one."""
+    if dev.type != "cuda":
+        return dev
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def compiled(fn):
@@ -1199,9 +1210,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     global OUR_BACKEND
     args = parse_args(argv)
     OUR_BACKEND = args.backend
-    dev = resolve_device(args.device or "auto")
-    if dev.type == "cuda":  # the timers (do_bench's events and syncs) and memory stats use the current device
-        torch.cuda.set_device(dev)
+    dev = make_current(resolve_device(args.device or "auto"))
     size_name, dtypes, selected = selection(args, dev)
     sizes = SIZES[size_name]
     torch.manual_seed(0)

@@ -211,7 +211,7 @@ def test_loader_line_compares_the_loader_with_the_step(tmp_path):
                 {"workers": 0, "samples_per_s": 50.0, "image_size": 224, "batch_size": 64}]}))
     assert summary.loader_line(str(tmp_path), data) == (
         "Data loader: 1000 samples/s with 16 workers (224 px, batch 64) = 2.50x the training step's 400 samples/s "
-        "(bf16, B=128); the loader timed alone, its workers on every core with no step beside them: a ceiling.")
+        "(bf16, B=128); the loader timed alone, no training step sharing the CPU: a ceiling.")
 
 
 def test_readme_table_fills_a_cut_run_from_the_run_before(tmp_path):
@@ -725,6 +725,18 @@ def test_compile_baselines_under_a_budget_only_where_a_target_compares(monkeypat
     # an absolute deadline alone makes the run budgeted; with both, the earlier wins
     assert bench_run.Bench(cuda, {}, 1, float("inf"), True, deadline=time.time() + 50).budgeted
     assert bench_run.Bench(cuda, {}, 1, 10.0, True, deadline=time.time() + 50).deadline < time.time() + 11
+
+
+def test_the_benchmarks_device_is_made_current_with_its_index(monkeypatch):
+    """--device cuda:N makes N the current device (do_bench's timers and the memory statistics read it); "cuda" alone
+    (and auto) is the current device, named with its index, as torch.cuda.set_device requires."""
+    current, made = [3], []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append(d))
+    assert bench_run.make_current(torch.device("cuda")) == torch.device("cuda", 3)
+    assert bench_run.make_current(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert made == [torch.device("cuda", 3), torch.device("cuda", 1)] and all(d.index is not None for d in made)
+    assert bench_run.make_current(torch.device("cpu")) == torch.device("cpu") and len(made) == 2
 
 
 def test_flex_steps_down_its_tiles_on_a_shared_memory_shortage_and_keeps_them(monkeypatch):
