@@ -139,3 +139,10 @@ def key_padding_keep(key_padding_mask: torch.Tensor, batch: int, n: int, device:
     if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
         raise TypeError(f"key_padding_mask must be bool or integer (1 = keep), got {key_padding_mask.dtype}")
     return key_padding_mask != 0
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products (GEMMs) on x run in: the autocast dtype when autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

@@ -41,7 +41,7 @@ import torch
 
 from . import backend as _backend
 from ._autograd import first_order_only
-from ._checks import HALF_DTYPES, int32_index
+from ._checks import HALF_DTYPES, compute_dtype, int32_index
 from .attention import unpack_qkv
 from ._memo import TensorMemo
 
@@ -899,10 +899,9 @@ def attention_triton(q, k, v, scale, bias, bias_table, bias_index, keep) -> torc
     Under autocast, q, k and v are cast to its dtype first: the official math's two products (and the PyTorch path's)
     run in it there and give it, so fp32 inputs give the autocast dtype on every backend (their gradients come back
     in fp32 through the casts)."""
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        if q.dtype != dtype:
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    dtype = compute_dtype(q)
+    if q.dtype != dtype:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     store_lo = (q.dtype in HALF_DTYPES and torch.is_grad_enabled() and KEEP_LOW_PART
                 and any(t is not None and t.requires_grad for t in (bias, bias_table)))
     if torch.compiler.is_compiling():  # traced as the custom ops; eager calls skip their dispatch

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from ._autograd import first_order_only
+from ._checks import compute_dtype
 from .triton_attention import interpreting, launch_device, triton, triton_unsupported
 
 if triton is not None:
@@ -351,13 +352,6 @@ if triton is not None:
 
 
 # ---- autograd -------------------------------------------------------------------------------------------------
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: the autocast dtype when autocast is on for x's device, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class ScaledResidual(torch.autograd.Function):
