@@ -59,8 +59,9 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: 
             torch.cuda.synchronize(device)
             est_ms = (time.perf_counter() - t0) * 1e3
             # do_bench times int(rep / its estimate) calls, the estimate including the L2 flush before each: a window
-            # of at least MIN_TIMED_CALLS + 1 calls, so that a long call (a whole training step) still gets a median
-            # and quantiles of MIN_TIMED_CALLS samples or more, not one
+            # of MIN_TIMED_CALLS + 1 calls, so that a long call (a whole training step, where the flush is a small
+            # part of the estimate) still gets a median and quantiles of about MIN_TIMED_CALLS samples, not one (the
+            # count recorded is this estimate's)
             window = max(100.0, reps * 10.0, (MIN_TIMED_CALLS + 1) * est_ms)
             ms = triton.testing.do_bench(fn, warmup=max(25.0, est_ms), rep=window, quantiles=[0.5, 0.2, 0.8])
             return Timing(ms[0], ms[1], ms[2], max(1, int(window / max(est_ms, 1e-3))))
@@ -459,7 +460,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def markdown_table(rows: List[Row]) -> str:
-    head = ("| op | case | dtype | mode | impl | ms | speedup | TFLOP/s | GB/s | % ceiling | peak MB | samples/s | MFU | "
+    head = ("| op | case | dtype | mode | impl | ms | speedup | TFLOP/s | GB/s | % ceiling | peak MiB | samples/s | MFU | "
             "status | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:

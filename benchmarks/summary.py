@@ -214,7 +214,7 @@ def summary_markdown(data: Dict[str, Any]) -> str:
            + "; ".join(filled) + "), each marked with its run"),
         "",
         "| op | case | dtype | mode | vlmo_fast ms | vs official | best other | vs it | rate | % ceiling | "
-        "MFU vs GEMM | MFU vs datasheet | samples/s | call peak MB (x official) |",
+        "MFU vs GEMM | MFU vs datasheet | samples/s | call peak MiB (x official) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary_rows(data):
@@ -263,8 +263,8 @@ def loader_line(folder: str, data: Dict[str, Any]) -> Optional[str]:
     return (f"Data loader: {best['samples_per_s']:.0f} samples/s with {best['workers']} workers "
             f"({best['image_size']} px, batch {best['batch_size']}) = {_down(ratio, 2)}x "
             f"the training step's {step['samples_per_s']:.0f} samples/s ({step['dtype']}, "
-            + " ".join(f"{k}={v}" for k, v in step["case"].items()) + "); the loader timed alone, its workers "
-            "on every core with no step beside them: a ceiling.")
+            + " ".join(f"{k}={v}" for k, v in step["case"].items()) + "); the loader timed alone, no training "
+            "step sharing the CPU: a ceiling.")
 
 
 def readme_table(folder: str) -> str:

@@ -159,7 +159,8 @@ def test_vectorized_tiers_and_misaligned_rows(device, dtype, offset):
 @pytest.mark.parametrize("device", devices(), indirect=True)
 def test_every_backend_returns_the_dtype_of_layer_norm_under_autocast(device):
     """Under autocast a half-precision x comes out in F.layer_norm's dtype on every backend: fp32 on CUDA (layer_norm
-    is among CUDA autocast's fp32 ops, as for the official nn.LayerNorm), x's own on CPU; the values agree."""
+    is among CUDA autocast's fp32 ops, as for the official nn.LayerNorm), x's own on CPU; the values agree. (Only the
+    GPU case meets the CUDA rule: the emulated kernels take CPU tensors, under CPU autocast.)"""
     x = torch.randn(2, 9, 64, device=device).to(torch.bfloat16)
     w, bb = params(2, 64, device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):

@@ -298,6 +298,15 @@ def test_every_output_element_is_written(device, form):
         assert torch.all(dgrad[50:] == 0)
 
 
+@pytest.mark.gpu
+def test_launch_arguments_of_an_index_less_cuda_device_name_the_current_device():
+    if not torch.cuda.is_available() or native._native_missing(torch.device("cuda")):
+        pytest.skip("needs CUDA and the CUDA kernels")
+    args = native._launch_args(torch.device("cuda"))
+    assert args["device"] == torch.cuda.current_device()
+    assert args["stream"] == torch.cuda.current_stream().cuda_stream
+
+
 @pytest.mark.parametrize("device", ["cuda-emu+staged", pytest.param("cuda+staged", marks=pytest.mark.gpu)],
                          indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
