@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -383,6 +384,9 @@ def test_gpu_suite_dry_run(tmp_path):
     assert any(f.endswith(".json") for f in files) and "summary.md" in files and "environment.txt" in files
     assert "vs official" in (tmp_path / "summary.md").read_text()
     assert '"native": true' in proc.stdout
+    # the gpu tests in the suite's order: the attention kernel's first, the CUDA-graph captures last
+    cases = [c.get("classname") for c in ElementTree.parse(tmp_path / "gpu_tests.xml").iter("testcase")]
+    assert cases[0].endswith("test_triton_attention") and cases[-1].endswith("test_cuda_graphs"), cases[:1] + cases[-1:]
     # the profile step ran its whole script (its last part: the two CUDA softmax kernel kinds, or why not)
     profile = (tmp_path / "attention_forms.txt").read_text()
     assert "DQ_PROGRAMS_PER_SM=16" in profile
