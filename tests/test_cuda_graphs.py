@@ -59,20 +59,22 @@ def test_model_forward_replays_in_a_cuda_graph_under_autocast():
     model = vf.VLMo(cfg).cuda().eval()
     lt, size = cfg.max_text_len, cfg.image_size
 
-    def batch(b=3):
-        ids = torch.randint(1000, 30000, (b, lt), device="cuda")
-        masks = torch.ones(b, lt, dtype=torch.long, device="cuda")
-        masks[1, 5:] = 0
-        return {"text_ids": ids, "text_masks": masks, "image": [torch.randn(b, 3, size, size, device="cuda")]}
+    def batch(lengths):
+        ids = torch.randint(1000, 30000, (len(lengths), lt), device="cuda")
+        masks = torch.ones(len(lengths), lt, dtype=torch.long, device="cuda")
+        for row, n in enumerate(lengths):
+            masks[row, n:] = 0
+        image = torch.randn(len(lengths), 3, size, size, device="cuda")
+        return {"text_ids": ids, "text_masks": masks, "image": [image]}
 
     def forward(static):
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # (as CUDA graphs with AMP need)
             out = model.infer(static)
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
-    static = batch()
+    static = batch([lt, 5, 2])
     graph, out = capture(forward, static)
-    fresh = batch()
+    fresh = batch([3, lt, 7])  # other padding: the mask's derived values are recomputed on every replay
     for key in ("text_ids", "text_masks"):
         static[key].copy_(fresh[key])
     static["image"][0].copy_(fresh["image"][0])

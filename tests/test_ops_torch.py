@@ -295,6 +295,34 @@ def test_tensor_memo_keeps_a_cuda_tensors_values_per_stream(monkeypatch):
     assert memo.get(t, (), lambda: "copy", stream_of=device_table) == "copy" and seen[-1] is device_table
 
 
+def test_tensor_memo_lends_another_streams_value_to_a_cuda_graph_capture(monkeypatch):
+    """A capture runs on a stream of its own and may not sync with the host (computing an index copy does): with no
+    value of its own, the capturing stream takes the one another stream made for the same tensor, version and extra
+    key, and keeps it; a changed tensor, another extra key or no value anywhere computes as usual. Only memos that
+    lend do (the indices'): a mask's parts are computed inside the capture, so that each replay recomputes them."""
+    from vlmo_fast.ops import _memo
+
+    stream, capture = ["warm-up"], [False]
+    monkeypatch.setattr(_memo, "stream_key", lambda t: stream[0])
+    monkeypatch.setattr(_memo, "capturing", lambda t: capture[0])
+    memo, masks = _memo.TensorMemo(lend_to_capture=True), _memo.TensorMemo()
+    t, other = torch.zeros(1), torch.zeros(1)
+    assert memo.get(t, (7,), lambda: "made in the warm-up") == "made in the warm-up"
+    assert masks.get(t, (7,), lambda: "made in the warm-up") == "made in the warm-up"
+    stream[0], capture[0] = "capture", True
+    assert memo.get(t, (7,), lambda: "a host sync in a capture") == "made in the warm-up"
+    assert masks.get(t, (7,), lambda: "captured") == "captured"
+    capture[0] = False
+    assert memo.get(t, (7,), lambda: "again") == "made in the warm-up"  # kept as the capture stream's own
+    stream[0], capture[0] = "second capture", True
+    assert memo.get(t, (8,), lambda: "other extra key") == "other extra key"
+    assert memo.get(other, (7,), lambda: "no value anywhere") == "no value anywhere"
+    t.add_(1)  # a new version: the old values are stale
+    assert memo.get(t, (7,), lambda: "recomputed") == "recomputed"
+    stream[0], capture[0] = "warm-up", False  # not capturing: each stream makes its own, as before
+    assert memo.get(t, (7,), lambda: "warm-up's own") == "warm-up's own"
+
+
 @pytest.mark.gpu
 def test_gpu_tensor_memo_values_are_per_stream():
     from vlmo_fast.ops._memo import TensorMemo

@@ -36,6 +36,11 @@ def stream_key(t: torch.Tensor):
     return _RAW_STREAM(t.device.index) if _RAW_STREAM is not None else torch.cuda.current_stream(t.device).cuda_stream
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (only asked for a CUDA tensor)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class TensorMemo:
     """Remembers ``compute()`` per tensor, by identity (through a weak reference, so it never keeps a tensor alive)
     and version counter (so an in-place change is seen), plus an extra key for other inputs of the computation.
@@ -45,15 +50,24 @@ class TensorMemo:
     which has no version counter to see a change. Safe to share between threads (e.g. a server running forwards in
     several): a lost entry is only computed again. A CUDA tensor's values are kept per CUDA stream (``stream_key``),
     unless ``per_stream=False`` (values that hold no device memory, e.g. the fact that a check passed).
+
+    CUDA graphs: a capture runs on a stream of its own, after a warm-up on another, and may make no host sync.
+    ``lend_to_capture=True`` is for values whose computation needs one (an index copy's range check, a copy from
+    the host) and whose tensor a graph treats as fixed (a model's relative-position index): a stream being captured
+    with no value of its own takes the one another stream made for the same tensor (torch.cuda.graph synchronizes
+    the device before capturing, so that value is complete) and keeps it. A graph reads that value on every replay:
+    the tensor must stay alive and unchanged while the graph is used. Values of tensors that change from replay to
+    replay (a key padding mask's parts) are computed inside the capture instead, so each replay recomputes them.
     """
 
-    def __init__(self, size: int = 64, per_stream: bool = True):
+    def __init__(self, size: int = 64, per_stream: bool = True, lend_to_capture: bool = False):
         self._entries: Dict[Tuple[int, Any], Tuple[Any, Tuple, Any]] = {}
         self._size = size
         self._per_stream = per_stream
+        self._lend = lend_to_capture
 
     def __reduce__(self):  # a copy or a pickle (of a module holding one) starts empty: it is a cache
-        return TensorMemo, (self._size, self._per_stream)
+        return TensorMemo, (self._size, self._per_stream, self._lend)
 
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any],
             stream_of: Optional[torch.Tensor] = None) -> Any:
@@ -61,12 +75,14 @@ class TensorMemo:
         made on, when it is not ``t``'s (a device copy of a CPU tensor)."""
         if tracing() or t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
             return compute()
-        stream = stream_key(t if stream_of is None else stream_of) if self._per_stream else None
+        on = t if stream_of is None else stream_of
+        stream = stream_key(on) if self._per_stream else None
         key = (t._version, stream) + extra
         hit = self._entries.get((id(t), stream))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
-        value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
+        made = self._made_elsewhere(t, key) if self._lend and stream is not None and capturing(on) else None
+        value = made[0] if made is not None else compute()  # an exception (e.g. a failed check): nothing remembered
         if len(self._entries) > self._size:  # the entries of freed tensors go first, then (still full) all
             # from a snapshot (one C call): another thread's forward may add an entry meanwhile, and iterating the dict
             # itself then raised "dictionary changed size during iteration" (inference served from several threads)
@@ -78,3 +94,10 @@ class TensorMemo:
         except TypeError:  # not weak-referenceable: simply recomputed next time
             pass
         return value
+
+    def _made_elsewhere(self, t: torch.Tensor, key: Tuple) -> Optional[Tuple[Any]]:
+        """(the value) another stream made for ``t`` with the same version and extra key, or None."""
+        for (ident, _), (ref, other, value) in list(self._entries.items()):
+            if ident == id(t) and ref() is t and other[:1] + other[2:] == key[:1] + key[2:]:
+                return (value,)
+        return None
