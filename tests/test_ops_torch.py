@@ -298,8 +298,9 @@ def test_tensor_memo_keeps_a_cuda_tensors_values_per_stream(monkeypatch):
 def test_tensor_memo_lends_another_streams_value_to_a_cuda_graph_capture(monkeypatch):
     """A capture runs on a stream of its own and may not sync with the host (computing an index copy does): with no
     value of its own, the capturing stream takes the one another stream made for the same tensor, version and extra
-    key, and keeps it; a changed tensor, another extra key or no value anywhere computes as usual. Only memos that
-    lend do (the indices'): a mask's parts are computed inside the capture, so that each replay recomputes them."""
+    key, and keeps it; with none (a tensor no warm-up used, a changed one, another extra key) it says a warm-up is
+    needed, where computing would end the capture with a CUDA error. Only memos that lend do this (the indices'): a
+    mask's parts are computed inside the capture, so that each replay recomputes them."""
     from vlmo_fast.ops import _memo
 
     stream, capture = ["warm-up"], [False]
@@ -315,12 +316,16 @@ def test_tensor_memo_lends_another_streams_value_to_a_cuda_graph_capture(monkeyp
     capture[0] = False
     assert memo.get(t, (7,), lambda: "again") == "made in the warm-up"  # kept as the capture stream's own
     stream[0], capture[0] = "second capture", True
-    assert memo.get(t, (8,), lambda: "other extra key") == "other extra key"
-    assert memo.get(other, (7,), lambda: "no value anywhere") == "no value anywhere"
+    assert memo.get(t, (7,), lambda: "a host sync in a capture") == "made in the warm-up"
+    for tensor, extra in ((t, (8,)), (other, (7,))):
+        with pytest.raises(RuntimeError, match="run the captured code once first, outside the capture"):
+            memo.get(tensor, extra, lambda: "a host sync in a capture")
+    assert masks.get(other, (7,), lambda: "captured") == "captured"
     t.add_(1)  # a new version: the old values are stale
+    with pytest.raises(RuntimeError, match="warm-up"):
+        memo.get(t, (7,), lambda: "a host sync in a capture")
+    stream[0], capture[0] = "warm-up", False  # not capturing: computed as usual
     assert memo.get(t, (7,), lambda: "recomputed") == "recomputed"
-    stream[0], capture[0] = "warm-up", False  # not capturing: each stream makes its own, as before
-    assert memo.get(t, (7,), lambda: "warm-up's own") == "warm-up's own"
 
 
 @pytest.mark.gpu

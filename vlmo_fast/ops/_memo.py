@@ -81,7 +81,14 @@ class TensorMemo:
         hit = self._entries.get((id(t), stream))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
-        made = self._made_elsewhere(t, key) if self._lend and stream is not None and capturing(on) else None
+        made = None
+        if self._lend and stream is not None and capturing(on):
+            made = self._made_elsewhere(t, key)
+            if made is None:  # computing it would sync with the host, which ends the capture with a CUDA error
+                raise RuntimeError(
+                    "vlmo_fast: a CUDA graph capture met an index tensor (or a new version of one) that no call "
+                    "before it used: run the captured code once first, outside the capture (the warm-up that "
+                    "torch.cuda.graph asks for), so that the index's checked device copy exists")
         value = made[0] if made is not None else compute()  # an exception (e.g. a failed check): nothing remembered
         if len(self._entries) > self._size:  # the entries of freed tensors go first, then (still full) all
             # from a snapshot (one C call): another thread's forward may add an entry meanwhile, and iterating the dict
