@@ -83,3 +83,17 @@ def test_model_forward_replays_in_a_cuda_graph_under_autocast():
         want = forward(fresh)
     torch.cuda.synchronize()
     assert_same(out, want, "infer", 2e-2)
+
+
+def test_an_index_no_warm_up_used_is_a_clear_error_inside_a_capture():
+    """Checking and copying an index reads the host, which a capture may not: an index first met inside the capture
+    is a clear error (before any illegal call, so the capture ends cleanly), not a CUDA error."""
+    q = torch.randn(B, 1, N, D, device="cuda")
+    table, index = torch.randn(5, 1, device="cuda"), torch.randint(0, 5, (N, N), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="outside the capture"):
+        with torch.no_grad(), torch.cuda.graph(graph):
+            vf.ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, backend="triton")
+    torch.cuda.synchronize()  # the device is still usable
+    out = vf.ops.rel_pos_attention(q, q, q, bias_table=table, bias_index=index, backend="triton")
+    assert torch.isfinite(out).all()

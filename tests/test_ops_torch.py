@@ -295,37 +295,62 @@ def test_tensor_memo_keeps_a_cuda_tensors_values_per_stream(monkeypatch):
     assert memo.get(t, (), lambda: "copy", stream_of=device_table) == "copy" and seen[-1] is device_table
 
 
-def test_tensor_memo_lends_another_streams_value_to_a_cuda_graph_capture(monkeypatch):
-    """A capture runs on a stream of its own and may not sync with the host (computing an index copy does): with no
-    value of its own, the capturing stream takes the one another stream made for the same tensor, version and extra
-    key, and keeps it; with none (a tensor no warm-up used, a changed one, another extra key) it says a warm-up is
-    needed, where computing would end the capture with a CUDA error. Only memos that lend do this (the indices'): a
-    mask's parts are computed inside the capture, so that each replay recomputes them."""
+def test_tensor_memo_inside_a_cuda_graph_capture(monkeypatch):
+    """A capture runs on a stream of its own and may not read the host (the stream and the capture are played here):
+    - "reuse" (index copies): the value a call before the capture made, on any stream, for the same tensor, version
+      and extra key, kept for good (the graph reads it on every replay); none (no warm-up, a changed tensor, another
+      key, an inference tensor) is a clear error, where computing would end the capture with a CUDA error;
+    - "skip" (range checks): a value made before, or nothing (the check would see only the capture's values);
+    - None (mask parts): computed inside the capture and never kept, so each replay recomputes it and no other graph
+      or stream reads this graph's buffers."""
+    import gc
+    import weakref
+
     from vlmo_fast.ops import _memo
 
     stream, capture = ["warm-up"], [False]
     monkeypatch.setattr(_memo, "stream_key", lambda t: stream[0])
     monkeypatch.setattr(_memo, "capturing", lambda t: capture[0])
-    memo, masks = _memo.TensorMemo(lend_to_capture=True), _memo.TensorMemo()
+    reuse, skip, masks = (_memo.TensorMemo(4, capture="reuse"), _memo.TensorMemo(per_stream=False, capture="skip"),
+                          _memo.TensorMemo())
+
+    class Value:  # (weak-referenceable, to see what keeps it alive)
+        pass
+
     t, other = torch.zeros(1), torch.zeros(1)
-    assert memo.get(t, (7,), lambda: "made in the warm-up") == "made in the warm-up"
-    assert masks.get(t, (7,), lambda: "made in the warm-up") == "made in the warm-up"
+    made = Value()
+    assert reuse.get(t, (7,), lambda value=made: value) is made
+    assert skip.get(t, (7,), lambda: "checked") == "checked"
+    assert masks.get(t, (7,), lambda: "warm-up's parts") == "warm-up's parts"
+
+    def host_read():
+        raise AssertionError("computed inside a capture")
+
     stream[0], capture[0] = "capture", True
-    assert memo.get(t, (7,), lambda: "a host sync in a capture") == "made in the warm-up"
+    assert reuse.get(t, (7,), host_read) is made
+    assert skip.get(t, (7,), host_read) == "checked" and skip.get(other, (7,), host_read) is None
     assert masks.get(t, (7,), lambda: "captured") == "captured"
-    capture[0] = False
-    assert memo.get(t, (7,), lambda: "again") == "made in the warm-up"  # kept as the capture stream's own
-    stream[0], capture[0] = "second capture", True
-    assert memo.get(t, (7,), lambda: "a host sync in a capture") == "made in the warm-up"
+    assert masks.get(t, (7,), lambda: "captured again") == "captured again"  # never kept from a capture
     for tensor, extra in ((t, (8,)), (other, (7,))):
         with pytest.raises(RuntimeError, match="run the captured code once first, outside the capture"):
-            memo.get(tensor, extra, lambda: "a host sync in a capture")
-    assert masks.get(other, (7,), lambda: "captured") == "captured"
-    t.add_(1)  # a new version: the old values are stale
+            reuse.get(tensor, extra, host_read)
+    with torch.inference_mode():
+        frozen = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        reuse.get(frozen, (7,), host_read)
+    t.add_(1)  # a new version: what was made before is stale
     with pytest.raises(RuntimeError, match="warm-up"):
-        memo.get(t, (7,), lambda: "a host sync in a capture")
-    stream[0], capture[0] = "warm-up", False  # not capturing: computed as usual
-    assert memo.get(t, (7,), lambda: "recomputed") == "recomputed"
+        reuse.get(t, (7,), host_read)
+    stream[0], capture[0] = "capture", False  # that stream outside a capture: its own values, as before
+    assert masks.get(t, (7,), lambda: "eager") == "eager"
+    # what the graph read stays alive when the memo drops everything (full of live tensors) and the caller lets go
+    alive = weakref.ref(made)
+    keep = [torch.zeros(1) for _ in range(8)]
+    for i, k in enumerate(keep):
+        reuse.get(k, (i,), Value)
+    del made
+    gc.collect()
+    assert alive() is not None and all(reuse._entries.get((id(t), s)) is None for s in ("warm-up", "capture"))
 
 
 @pytest.mark.gpu

@@ -265,7 +265,7 @@ def _replicate_for_data_parallel(self):
         if isinstance(value, _Bound) and value.module is self:
             replica.__dict__[name] = _Bound(value.fn, replica)
     if _INDEX_COPIES in replica.__dict__:
-        replica.__dict__[_INDEX_COPIES] = TensorMemo(8, lend_to_capture=True)  # (fixed indices; see TensorMemo)
+        replica.__dict__[_INDEX_COPIES] = TensorMemo(8, capture="reuse")  # (fixed indices; see TensorMemo)
     return replica
 
 
@@ -296,7 +296,7 @@ def _device_copy(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _bind_get_rel_pos_bias(module: nn.Module):
-    module.__dict__[_INDEX_COPIES] = TensorMemo(8, lend_to_capture=True)  # (fixed indices; see TensorMemo)
+    module.__dict__[_INDEX_COPIES] = TensorMemo(8, capture="reuse")  # (fixed indices; see TensorMemo)
     return _Bound(_accelerated_get_rel_pos_bias, module)
 
 

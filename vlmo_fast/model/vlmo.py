@@ -35,7 +35,9 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-_CHECKED_IDS = TensorMemo(16, per_stream=False)  # text_ids tensors whose values passed the range check
+# text_ids tensors whose values passed the range check (not run in a CUDA-graph capture: it would check only the
+# capture's values, not a replay's)
+_CHECKED_IDS = TensorMemo(16, per_stream=False, capture="skip")
 
 
 def _remake_buffer(module: nn.Module, name: str, value: torch.Tensor, device: torch.device, persistent: bool) -> None:

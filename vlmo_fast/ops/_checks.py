@@ -79,7 +79,9 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
-_CHECKED_INDEX = TensorMemo(256, per_stream=False)  # bias indices that passed the range check
+# bias indices that passed the range check (not run in a CUDA-graph capture: the kernels read checked copies made
+# before it)
+_CHECKED_INDEX = TensorMemo(256, per_stream=False, capture="skip")
 
 
 def check_bias_index(

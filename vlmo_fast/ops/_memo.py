@@ -51,45 +51,49 @@ class TensorMemo:
     several): a lost entry is only computed again. A CUDA tensor's values are kept per CUDA stream (``stream_key``),
     unless ``per_stream=False`` (values that hold no device memory, e.g. the fact that a check passed).
 
-    CUDA graphs: a capture runs on a stream of its own, after a warm-up on another, and may make no host sync.
-    ``lend_to_capture=True`` is for values whose computation needs one (an index copy's range check, a copy from
-    the host) and whose tensor a graph treats as fixed (a model's relative-position index): a stream being captured
-    with no value of its own takes the one another stream made for the same tensor (torch.cuda.graph synchronizes
-    the device before capturing, so that value is complete) and keeps it. A graph reads that value on every replay:
-    the tensor must stay alive and unchanged while the graph is used. Values of tensors that change from replay to
-    replay (a key padding mask's parts) are computed inside the capture instead, so each replay recomputes them.
+    CUDA graphs (``capture``): a capture runs on a stream of its own, after a warm-up, and may not read the host.
+      - None: the value is device work, computed inside the capture and never kept from it, so each replay
+        recomputes it for the new values of its tensor (a key padding mask's parts), and no other graph or stream
+        reads this graph's buffers.
+      - "reuse": computing reads the host (an index copy's range check, a copy from the host), and a graph treats the
+        tensor as fixed (a model's relative-position index): the capture takes the value a call before it made for
+        the same tensor and version, on any stream (torch.cuda.graph synchronizes the device before capturing, so it
+        is complete), and that value is then kept for good, since the graph reads it on every replay. With none
+        (a tensor no warm-up used, or changed since) it is a clear error, where computing would end the capture with
+        a CUDA error. The tensor must stay unchanged while the graph is used.
+      - "skip": a check that reads the host (index or id ranges): a capture does not run it, since it would check
+        only the values at capture time, not those of later replays.
     """
 
-    def __init__(self, size: int = 64, per_stream: bool = True, lend_to_capture: bool = False):
+    def __init__(self, size: int = 64, per_stream: bool = True, capture: Optional[str] = None):
+        if capture not in (None, "reuse", "skip"):
+            raise ValueError(f"capture must be None, 'reuse' or 'skip', got {capture!r}")
         self._entries: Dict[Tuple[int, Any], Tuple[Any, Tuple, Any]] = {}
         self._size = size
         self._per_stream = per_stream
-        self._lend = lend_to_capture
+        self._capture = capture
+        self._graphs_read: Dict[int, Any] = {}  # values a capture took: never dropped (by id, so each once)
 
     def __reduce__(self):  # a copy or a pickle (of a module holding one) starts empty: it is a cache
-        return TensorMemo, (self._size, self._per_stream, self._lend)
+        return TensorMemo, (self._size, self._per_stream, self._capture)
 
     def get(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any],
             stream_of: Optional[torch.Tensor] = None) -> Any:
         """``compute()``'s value for ``t`` and ``extra``; ``stream_of``: the tensor whose device's stream the value is
         made on, when it is not ``t``'s (a device copy of a CPU tensor)."""
-        if tracing() or t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
+        if tracing():
             return compute()
         on = t if stream_of is None else stream_of
+        if capturing(on):
+            return self._in_capture(t, extra, compute)
+        if t.is_inference():  # (under torch.func transforms t may be a batched wrapper)
+            return compute()
         stream = stream_key(on) if self._per_stream else None
         key = (t._version, stream) + extra
         hit = self._entries.get((id(t), stream))
         if hit is not None and hit[0]() is t and hit[1] == key:
             return hit[2]
-        made = None
-        if self._lend and stream is not None and capturing(on):
-            made = self._made_elsewhere(t, key)
-            if made is None:  # computing it would sync with the host, which ends the capture with a CUDA error
-                raise RuntimeError(
-                    "vlmo_fast: a CUDA graph capture met an index tensor (or a new version of one) that no call "
-                    "before it used: run the captured code once first, outside the capture (the warm-up that "
-                    "torch.cuda.graph asks for), so that the index's checked device copy exists")
-        value = made[0] if made is not None else compute()  # an exception (e.g. a failed check): nothing remembered
+        value = compute()  # an exception (e.g. a failed check) leaves nothing remembered
         if len(self._entries) > self._size:  # the entries of freed tensors go first, then (still full) all
             # from a snapshot (one C call): another thread's forward may add an entry meanwhile, and iterating the dict
             # itself then raised "dictionary changed size during iteration" (inference served from several threads)
@@ -102,9 +106,20 @@ class TensorMemo:
             pass
         return value
 
-    def _made_elsewhere(self, t: torch.Tensor, key: Tuple) -> Optional[Tuple[Any]]:
-        """(the value) another stream made for ``t`` with the same version and extra key, or None."""
-        for (ident, _), (ref, other, value) in list(self._entries.items()):
-            if ident == id(t) and ref() is t and other[:1] + other[2:] == key[:1] + key[2:]:
-                return (value,)
-        return None
+    def _in_capture(self, t: torch.Tensor, extra: Tuple[Hashable, ...], compute: Callable[[], Any]) -> Any:
+        """The value inside a CUDA-graph capture (see ``capture`` above)."""
+        if self._capture is None:
+            return compute()
+        if not t.is_inference():
+            for ref, key, value in [e for (ident, _), e in list(self._entries.items()) if ident == id(t)]:
+                if ref() is t and key[0] == t._version and key[2:] == extra:
+                    if self._capture == "reuse":
+                        self._graphs_read[id(value)] = value
+                    return value
+        if self._capture == "skip":
+            return None
+        why = ("it is an inference tensor (made under torch.inference_mode), whose changes cannot be seen, so nothing "
+               "is kept for it: make it outside inference mode" if t.is_inference() else
+               "run the captured code once first, outside the capture (the warm-up torch.cuda.graph asks for)")
+        raise RuntimeError("vlmo_fast: a CUDA graph capture met an index tensor (or a new version of one) whose "
+                           f"checked device copy no call before it made, which needs the host: {why}")

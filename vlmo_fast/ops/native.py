@@ -88,7 +88,7 @@ def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-_INDEX32 = TensorMemo(lend_to_capture=True)  # int32 contiguous copies of bias indices
+_INDEX32 = TensorMemo(capture="reuse")  # int32 contiguous copies of bias indices
 
 
 def _index_int32(index: torch.Tensor, rows: int, n: int, device: torch.device) -> torch.Tensor:

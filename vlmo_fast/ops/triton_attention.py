@@ -532,7 +532,7 @@ if triton is not None:
 
 # ---- host side ---------------------------------------------------------------------------------------------------
 
-_INDEX_DATA = TensorMemo(lend_to_capture=True)  # per index tensor and table size: int32 copy, CSR, structure
+_INDEX_DATA = TensorMemo(capture="reuse")  # per index tensor and table size: int32 copy, CSR, structure
 
 
 def _structure(index: torch.Tensor, rows: int) -> Optional[Tuple[int, int, int]]:
